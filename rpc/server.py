@@ -1,0 +1,102 @@
+"""Starting a tinylm gRPC server the same way for every service.
+
+Every server gets the standard health service (SERVING for each of its services) and server reflection,
+binds loopback unless told otherwise, and may add TLS and a bearer token (DESIGN.md, "gRPC conventions").
+"""
+
+from __future__ import annotations
+
+import hmac
+from concurrent import futures
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+__all__ = ["RunningServer", "serve"]
+
+AddServicer = Callable[[Any, grpc.Server], None]
+
+
+@dataclass
+class RunningServer:
+    """A started server; `stop()` drains in-flight calls for up to `grace` seconds."""
+
+    server: grpc.Server
+    port: int
+    address: str
+    health: health.HealthServicer
+
+    def stop(self, grace: float | None = 1.0) -> None:
+        self.health.enter_graceful_shutdown()
+        self.server.stop(grace).wait()
+
+    def wait(self) -> None:
+        self.server.wait_for_termination()
+
+
+class _BearerTokenInterceptor(grpc.ServerInterceptor):
+    """Rejects calls without `authorization: Bearer <token>` (health checks stay open for load balancers)."""
+
+    def __init__(self, token: str) -> None:
+        self._expected = f"Bearer {token}".encode()
+
+        def deny(request, context):
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token in `authorization` metadata")
+
+        self._deny = grpc.unary_unary_rpc_method_handler(deny)
+        self._deny_stream = grpc.unary_stream_rpc_method_handler(deny)
+
+    def intercept_service(self, continuation, handler_call_details):
+        if handler_call_details.method.startswith("/grpc.health.v1.Health/"):
+            return continuation(handler_call_details)
+        given = dict(handler_call_details.invocation_metadata or ()).get("authorization", "")
+        if hmac.compare_digest(given.encode(), self._expected):
+            return continuation(handler_call_details)
+        handler = continuation(handler_call_details)
+        if handler is not None and handler.response_streaming:
+            return self._deny_stream
+        return self._deny
+
+
+def serve(
+    add_servicers: Sequence[tuple[AddServicer, Any]],
+    service_names: Sequence[str],
+    *,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    tls_cert: bytes | None = None,
+    tls_key: bytes | None = None,
+    token: str | None = None,
+    max_workers: int = 16,
+) -> RunningServer:
+    """Starts a server with the given servicers; port 0 picks a free one. Returns once it listens.
+
+    `add_servicers` pairs each generated `add_XServicer_to_server` with its servicer; `service_names` are the full
+    names (`tinylm.v1.InferenceService`) that health and reflection report.
+    """
+    if (tls_cert is None) != (tls_key is None):
+        raise ValueError("tls_cert and tls_key: give both (TLS) or neither (plaintext)")
+    interceptors = [_BearerTokenInterceptor(token)] if token else []
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), interceptors=interceptors)
+    for add, servicer in add_servicers:
+        add(servicer, server)
+
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    for name in [*service_names, ""]:
+        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    reflection.enable_server_reflection([*service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
+
+    target = f"{host}:{port}"
+    if tls_cert is not None:
+        bound = server.add_secure_port(target, grpc.ssl_server_credentials([(tls_key, tls_cert)]))
+    else:
+        bound = server.add_insecure_port(target)
+    if bound == 0:
+        raise OSError(f"could not bind gRPC server to {target}")
+    server.start()
+    shown_host = f"[{host}]" if ":" in host else host
+    return RunningServer(server=server, port=bound, address=f"{shown_host}:{bound}", health=health_servicer)
