@@ -6,10 +6,13 @@ cd "$ROOT"
 say() { echo "tinylm setup: $*" >&2; }
 
 # 1. System packages: Bazel 4 (Debian's bazel-bootstrap) and redis-server.
-APT_PACKAGES=(bazel-bootstrap redis-server)
+# Node.js and npm run the second, non-Python gRPC client of the end-to-end tests.
+APT_PACKAGES=(bazel-bootstrap redis-server nodejs npm)
 missing=()
 command -v bazel >/dev/null 2>&1 || missing+=(bazel-bootstrap)
 command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
+command -v node >/dev/null 2>&1 || missing+=(nodejs)
+command -v npm >/dev/null 2>&1 || missing+=(npm)
 if [ ${#missing[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
     say "installing ${missing[*]} with apt-get"
@@ -42,4 +45,12 @@ if [ "$(cat .venv/.tinylm-protos 2>/dev/null)" != "$proto_sum" ] || ! ls protos/
   rm -f protos/*_pb2.py protos/*_pb2_grpc.py
   .venv/bin/python -m grpc_tools.protoc -I. --python_out=. --grpc_python_out=. protos/*.proto
   echo "$proto_sum" > .venv/.tinylm-protos
+fi
+
+# 4. The Node gRPC client's packages, pinned by its package-lock.json.
+lock_sum="$(sha256sum tests/node_client/package-lock.json | cut -c1-16)"
+if [ "$(cat tests/node_client/node_modules/.tinylm-npm 2>/dev/null)" != "$lock_sum" ]; then
+  say "installing the Node test client's packages (npm ci)"
+  (cd tests/node_client && npm ci --no-audit --no-fund --silent)
+  echo "$lock_sum" > tests/node_client/node_modules/.tinylm-npm
 fi
