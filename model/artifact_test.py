@@ -1,0 +1,127 @@
+"""Tests of artifact save/load: bit-identical logits, verification, pickle refusal, the store."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+from model.artifact import (
+    ArtifactError,
+    ArtifactNotFound,
+    ArtifactStore,
+    load_artifact,
+    save_artifact,
+)
+from model.config import ModelConfig
+from model.tokenizers import CharTokenizer
+from model.transformer import GPT
+
+TEXT = "to be, or not to be: that is the question.\n"
+
+
+def _model(seed: int = 0, **kw) -> GPT:
+    torch.manual_seed(seed)
+    base = dict(vocab_size=20, n_layer=2, n_head=4, n_kv_head=2, n_embd=32, block_size=16, norm="rmsnorm", pos="rope", mlp="swiglu", bias=False)
+    return GPT(ModelConfig(**{**base, **kw})).eval()
+
+
+@pytest.fixture
+def tok() -> CharTokenizer:
+    return CharTokenizer.from_corpus(TEXT)
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_save_load_bit_identical(tmp_path, tok, tie):
+    model = _model(tie_weights=tie)
+    model_id = save_artifact(tmp_path, model, tok, name="unit", preset="custom", metrics={"val_loss": 1.5})
+    path = tmp_path / model_id
+    assert sorted(p.name for p in path.iterdir()) == ["config.json", "manifest.json", "model.safetensors", "tokenizer.json"]
+    art = load_artifact(path)
+    idx = torch.tensor([tok.encode(TEXT[:16])])
+    with torch.no_grad():
+        assert torch.equal(model(idx)[0], art.model(idx)[0])
+    assert art.config == model.config and art.tokenizer.encode(TEXT) == tok.encode(TEXT)
+    assert (art.model.lm_head.weight is art.model.tok_emb.weight) == tie
+    m = art.manifest
+    assert m["id"] == model_id and m["name"] == "unit" and m["preset"] == "custom"
+    assert m["metrics"] == {"val_loss": 1.5} and m["parent_id"] is None and m["created_at"]
+    assert set(m["files"]) == {"config.json", "tokenizer.json", "model.safetensors"}
+    assert not art.model.training
+
+
+def test_content_addressed_and_idempotent(tmp_path, tok):
+    a = save_artifact(tmp_path, _model(0), tok, name="a", preset="p", metrics={})
+    b = save_artifact(tmp_path, _model(0), tok, name="again", preset="p", metrics={})
+    c = save_artifact(tmp_path, _model(1), tok, name="c", preset="p", metrics={}, parent_id=a)
+    assert a == b != c
+    assert len(a) == 16
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temp folders left
+    assert json.loads((tmp_path / c / "manifest.json").read_text())["parent_id"] == a
+
+
+def test_tampered_file_refused(tmp_path, tok):
+    path = tmp_path / save_artifact(tmp_path, _model(), tok, name="x", preset="p", metrics={})
+    cfg = json.loads((path / "config.json").read_text())
+    cfg["dropout"] = 0.5
+    (path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ArtifactError, match=r"config.json has sha256 .* but the manifest says"):
+        load_artifact(path)
+
+
+def test_tampered_weights_refused(tmp_path, tok):
+    path = tmp_path / save_artifact(tmp_path, _model(), tok, name="x", preset="p", metrics={})
+    data = bytearray((path / "model.safetensors").read_bytes())
+    data[-1] ^= 1
+    (path / "model.safetensors").write_bytes(bytes(data))
+    with pytest.raises(ArtifactError, match="model.safetensors has sha256"):
+        load_artifact(path)
+
+
+def test_pickle_refused(tmp_path):
+    ckpt = tmp_path / "ckpt.pt"
+    torch.save({"w": torch.zeros(2)}, ckpt)
+    with pytest.raises(ArtifactError, match="refusing to load .*ckpt.pt: pickle"):
+        load_artifact(ckpt)
+    with pytest.raises(ArtifactError, match=r"holds pickle weights \['ckpt.pt'\]"):
+        load_artifact(tmp_path)
+
+
+def test_extra_exporter_files_ignored(tmp_path, tok):
+    model_id = save_artifact(tmp_path, _model(), tok, name="x", preset="p", metrics={})
+    path = tmp_path / model_id
+    (path / "onnx").mkdir()
+    (path / "onnx" / "fp32.onnx").write_bytes(b"\x00" * 10)
+    (path / "parity.json").write_text("{}")
+    assert load_artifact(path / "model.safetensors").manifest["id"] == model_id
+
+
+def test_refuses_non_plain_model(tmp_path, tok):
+    model = _model()
+    model.extra = torch.nn.Linear(2, 2)
+    with pytest.raises(ArtifactError, match="plain float GPT"):
+        save_artifact(tmp_path, model, tok, name="x", preset="p", metrics={})
+    with pytest.raises(ArtifactError, match="smaller than the tokenizer"):
+        save_artifact(tmp_path, _model(vocab_size=5), tok, name="x", preset="p", metrics={})
+
+
+def test_store_list_resolve_remove(tmp_path, tok):
+    store = ArtifactStore(tmp_path / "store")
+    assert store.list() == []
+    with pytest.raises(ArtifactNotFound):
+        store.newest()
+    a = save_artifact(store.root, _model(0), tok, name="first", preset="p", metrics={})
+    b = save_artifact(store.root, _model(1), tok, name="second", preset="p", metrics={})
+    os.utime(store.root / b, (2e9, 2e9))  # same-second saves: newest falls back to mtime
+    assert {i.id for i in store.list()} == {a, b}
+    assert store.newest().id == b
+    assert store.resolve(a[:6]) == store.root / a
+    assert store.resolve("second") == store.root / b
+    assert store.load("first").manifest["id"] == a
+    with pytest.raises(ArtifactNotFound, match=f"no artifact matches 'nope'.*{a} \\(first\\)"):
+        store.resolve("nope")
+    assert store.remove(a[:8]) == a
+    assert [i.id for i in store.list()] == [b]
+    assert not (store.root / a).exists()

@@ -1,0 +1,67 @@
+"""A preallocated key/value cache addressed by slot, for incremental decoding and continuous batching.
+
+One slot holds one sequence's keys and values for every layer. A decode step passes, per row, the slot
+it uses and the position its new tokens start at, so rows at different lengths advance together; the
+serving engine hands slots out and takes them back (it tracks each slot's length, the cache does not).
+The buffers are plain tensors, allocated once, so a decode step is shape-stable (CUDA-graph friendly).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from model.config import ModelConfig
+
+__all__ = ["KVCache"]
+
+
+class KVCache(nn.Module):
+    """Buffers `k`, `v` of shape (n_slots, n_layer, n_kv_head, max_len, head_dim).
+
+    Not part of the model's state dict (non-persistent buffers), so it never reaches a checkpoint.
+    `max_len` defaults to, and may not exceed, `config.block_size`.
+    """
+
+    def __init__(
+        self,
+        n_slots: int,
+        config: ModelConfig,
+        max_len: int | None = None,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        max_len = config.block_size if max_len is None else max_len
+        if isinstance(n_slots, bool) or not isinstance(n_slots, int) or n_slots < 1:
+            raise ValueError(f"n_slots must be an integer >= 1, got {n_slots!r}")
+        if isinstance(max_len, bool) or not isinstance(max_len, int) or not 1 <= max_len <= config.block_size:
+            raise ValueError(f"max_len must be an integer in [1, {config.block_size}] (block_size), got {max_len!r}")
+        self.n_slots = n_slots
+        self.n_layer = config.n_layer
+        self.max_len = max_len
+        shape = (n_slots, config.n_layer, config.n_kv_head, max_len, config.head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def reset(self, slots: torch.Tensor | list[int] | None = None) -> None:
+        """Zero the given slots (all when None). Not needed for correctness, since attention never reads
+        past a row's position, but it keeps a freed slot from leaking a previous request's state."""
+        if slots is None:
+            self.k.zero_()
+            self.v.zero_()
+            return
+        idx = torch.as_tensor(slots, dtype=torch.long, device=self.k.device)
+        self.k[idx] = 0
+        self.v[idx] = 0
+
+    def write(self, layer: int, slot_idx: torch.Tensor, pos_idx: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store new keys/values of one layer. slot_idx, pos_idx (N,) long; k, v (N, n_kv_head, head_dim)."""
+        k_layer = self.k[:, layer]  # (n_slots, Hkv, max_len, D), a view
+        v_layer = self.v[:, layer]
+        k_layer[slot_idx, :, pos_idx] = k.to(self.k.dtype)
+        v_layer[slot_idx, :, pos_idx] = v.to(self.v.dtype)
+
+    def read(self, layer: int, slots: torch.Tensor, kv_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of one layer for the given slots: two (B, n_kv_head, kv_len, head_dim) tensors."""
+        return self.k[slots, layer, :, :kv_len], self.v[slots, layer, :, :kv_len]

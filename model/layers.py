@@ -1,0 +1,114 @@
+"""The primitive ops of the transformer, in plain PyTorch, and the small modules around them.
+
+Every hot op the model runs goes through a function here (`attention`, `rms_norm`, `layer_norm`,
+`swiglu`, `gelu`, `apply_rope`), so routing one to a `kernels/` wrapper (Triton/CUDA with a fallback)
+is a change in this one file. Nothing here touches a GPU at import time.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+__all__ = [
+    "attention",
+    "rms_norm",
+    "layer_norm",
+    "swiglu",
+    "gelu",
+    "rope_cos_sin",
+    "apply_rope",
+    "RMSNorm",
+    "LayerNorm",
+]
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool = False,
+    mask: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+) -> torch.Tensor:
+    """Scaled dot-product attention with grouped K/V heads.
+
+    q (B, H, T, D); k, v (B, Hkv, S, D) with H % Hkv == 0 (MHA: Hkv = H, GQA, MQA: Hkv = 1).
+    `causal`: query t sees keys 0..t (requires S == T). `mask`: bool, broadcastable to (B, H, T, S),
+    True = may attend. Returns (B, H, T, D).
+    """
+    n_head, n_kv_head = q.shape[1], k.shape[1]
+    assert n_head % n_kv_head == 0, f"n_head={n_head} is not a multiple of n_kv_head={n_kv_head}"
+    if n_kv_head != n_head:
+        # Repeat each K/V head for its group of query heads (explicit, so every backend and
+        # exporter sees a plain MHA graph).
+        k = k.repeat_interleave(n_head // n_kv_head, dim=1)  # (B, H, S, D)
+        v = v.repeat_interleave(n_head // n_kv_head, dim=1)  # (B, H, S, D)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=causal)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x / rms(x) * weight over the last dimension. x (..., C), weight (C,)."""
+    return F.rms_norm(x, (x.shape[-1],), weight, eps)
+
+
+def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """(x - mean) / std * weight + bias over the last dimension. x (..., C), weight/bias (C,)."""
+    return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """SiLU(gate) * up, the gated unit of a SwiGLU MLP. gate, up (..., hidden)."""
+    return F.silu(gate) * up
+
+
+def gelu(x: torch.Tensor) -> torch.Tensor:
+    """Exact (erf) GELU, as in nanoGPT/GPT-2 training."""
+    return F.gelu(x)
+
+
+def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotary tables for integer `positions` (...,): returns cos, sin of shape (..., head_dim).
+
+    Computed in float32 on the fly (cheap next to attention, exact at any dtype of the model, and free
+    of buffers that `model.to(bfloat16)` would round). Uses the "rotate half" layout (GPT-NeoX / HF Llama):
+    dimension i pairs with i + head_dim/2.
+    """
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim))
+    angles = positions.to(torch.float32)[..., None] * inv_freq  # (..., head_dim/2)
+    angles = torch.cat((angles, angles), dim=-1)  # (..., head_dim)
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x (B, H, T, D) by position; cos/sin broadcastable to it, e.g. (1 or B, 1, T, D)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm with a learned scale (no bias, as in Llama)."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return rms_norm(x, self.weight, self.eps)
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm with an optional bias (PyTorch's has no bias=False before 2.1; nanoGPT does the same)."""
+
+    def __init__(self, dim: int, eps: float, bias: bool) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.bias = nn.Parameter(torch.zeros(dim)) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return layer_norm(x, self.weight, self.bias, self.eps)

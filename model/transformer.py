@@ -1,0 +1,270 @@
+"""A decoder-only transformer: GPT-2 (nanoGPT) and Llama flavours from one `ModelConfig`.
+
+Token embedding (+ learned positions) -> n_layer pre-norm blocks (attention, MLP) -> final norm -> LM head.
+`forward` runs a full sequence (training, evaluation); `forward_cached` runs new tokens against a
+`KVCache` (prefill and decode, many sequences at different positions in one batch).
+Parameter names follow HF Llama's inside a block (q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj,
+down_proj), which LoRA targets and the exporters rely on.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from model.config import ModelConfig
+from model.kv_cache import KVCache
+from model.layers import LayerNorm, RMSNorm, apply_rope, attention, gelu, rope_cos_sin, swiglu
+
+__all__ = ["GPT", "Block", "Attention", "MLP"]
+
+
+@dataclass
+class _CacheStep:
+    """What every layer needs to read and write the KV cache during one `forward_cached` call."""
+
+    cache: KVCache
+    slots: torch.Tensor  # (B,) slot of each row
+    write_slots: torch.Tensor  # (N,) slot of each valid new token (N = B*T, or fewer with padding)
+    write_pos: torch.Tensor  # (N,) its position
+    write_sel: torch.Tensor | None  # (B*T,) bool: which new tokens are valid; None = all
+    kv_len: int  # attend over cache positions [0, kv_len)
+    mask: torch.Tensor  # (B, 1, T, kv_len) bool: key position <= query position
+
+
+Rope = tuple[torch.Tensor, torch.Tensor] | None  # cos, sin (B or 1, 1, T, head_dim), or None without RoPE
+
+
+def _norm(config: ModelConfig) -> nn.Module:
+    if config.norm == "rmsnorm":
+        return RMSNorm(config.n_embd, config.norm_eps)
+    return LayerNorm(config.n_embd, config.norm_eps, bias=config.bias)
+
+
+class Attention(nn.Module):
+    """Multi-head attention with n_kv_head key/value heads (MHA, GQA or MQA) and optional RoPE."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
+        self.q_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.k_proj = nn.Linear(config.n_embd, config.kv_dim, bias=config.bias)
+        self.v_proj = nn.Linear(config.n_embd, config.kv_dim, bias=config.bias)
+        self.o_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = config.dropout
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor, rope: Rope, layer: int = 0, step: _CacheStep | None = None) -> torch.Tensor:
+        B, T, C = x.shape
+        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
+        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        dropout_p = self.dropout if self.training else 0.0
+        if step is None:
+            y = attention(q, k, v, causal=True, dropout_p=dropout_p)  # (B, H, T, D)
+        else:
+            k_new = k.transpose(1, 2).reshape(B * T, self.n_kv_head, self.head_dim)  # (B*T, Hkv, D)
+            v_new = v.transpose(1, 2).reshape(B * T, self.n_kv_head, self.head_dim)
+            if step.write_sel is not None:
+                k_new, v_new = k_new[step.write_sel], v_new[step.write_sel]  # (N, Hkv, D)
+            step.cache.write(layer, step.write_slots, step.write_pos, k_new, v_new)
+            k_all, v_all = step.cache.read(layer, step.slots, step.kv_len)  # (B, Hkv, S, D)
+            y = attention(q, k_all.to(q.dtype), v_all.to(q.dtype), mask=step.mask, dropout_p=dropout_p)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
+        return self.resid_dropout(self.o_proj(y))
+
+
+class MLP(nn.Module):
+    """SwiGLU (gate_proj, up_proj, down_proj) or GELU (up_proj, down_proj) feed-forward."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        hidden = config.hidden_dim
+        self.gated = config.mlp == "swiglu"
+        if self.gated:
+            self.gate_proj = nn.Linear(config.n_embd, hidden, bias=config.bias)
+        self.up_proj = nn.Linear(config.n_embd, hidden, bias=config.bias)
+        self.down_proj = nn.Linear(hidden, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gated:
+            h = swiglu(self.gate_proj(x), self.up_proj(x))  # (B, T, hidden)
+        else:
+            h = gelu(self.up_proj(x))  # (B, T, hidden)
+        return self.dropout(self.down_proj(h))
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.norm_1 = _norm(config)
+        self.attn = Attention(config)
+        self.norm_2 = _norm(config)
+        self.mlp = MLP(config)
+
+    def forward(self, x: torch.Tensor, rope: Rope, layer: int = 0, step: _CacheStep | None = None) -> torch.Tensor:
+        x = x + self.attn(self.norm_1(x), rope, layer, step)
+        return x + self.mlp(self.norm_2(x))
+
+
+class GPT(nn.Module):
+    """The language model. `config` is kept as an attribute; weights are initialised as in nanoGPT."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.tok_emb = nn.Embedding(config.vocab_size, config.n_embd)
+        self.pos_emb = nn.Embedding(config.block_size, config.n_embd) if config.pos == "learned" else None
+        self.drop = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.norm_f = _norm(config)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        if config.tie_weights:
+            self.lm_head.weight = self.tok_emb.weight
+        self.apply(self._init_weights)
+        # GPT-2: scale the init of the projections into the residual stream by 1/sqrt(2 * n_layer).
+        for name, p in self.named_parameters():
+            if name.endswith(("o_proj.weight", "down_proj.weight")):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def num_params(self, non_embedding: bool = False) -> int:
+        """Number of (unique) parameters; `non_embedding` leaves out the position embedding, as nanoGPT
+        reports (the token embedding counts, since it is also the LM head when tied)."""
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding and self.pos_emb is not None:
+            n -= self.pos_emb.weight.numel()
+        return n
+
+    def _embed(self, idx: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Token (+ learned position) embedding. idx (B, T); positions (B or 1, T). Returns (B, T, C)."""
+        x = self.tok_emb(idx)
+        if self.pos_emb is not None:
+            # Padding rows may run past the table; their outputs are never used.
+            x = x + self.pos_emb(positions.clamp(max=self.config.block_size - 1))
+        return self.drop(x)
+
+    def _rope(self, positions: torch.Tensor, dtype: torch.dtype) -> Rope:
+        """cos, sin of shape (B or 1, 1, T, head_dim) for positions (B or 1, T), or None without RoPE."""
+        if self.config.pos != "rope":
+            return None
+        cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, dtype)
+        return cos.unsqueeze(1), sin.unsqueeze(1)
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """idx (B, T) long -> logits (B, T, V), and the mean cross-entropy against targets (B, T)
+        when given (targets of -1 are ignored)."""
+        B, T = idx.shape
+        assert T <= self.config.block_size, f"sequence length {T} exceeds block_size {self.config.block_size}"
+        positions = torch.arange(T, device=idx.device)[None]  # (1, T)
+        x = self._embed(idx, positions)  # (B, T, C)
+        rope = self._rope(positions, x.dtype)
+        for block in self.blocks:
+            x = block(x, rope)
+        logits = self.lm_head(self.norm_f(x))  # (B, T, V)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.view(B * T, -1), targets.reshape(B * T), ignore_index=-1)
+        return logits, loss
+
+    def forward_cached(
+        self,
+        idx: torch.Tensor,
+        cache: KVCache,
+        slots: torch.Tensor,
+        positions: torch.Tensor,
+        lengths: torch.Tensor | None = None,
+        *,
+        kv_len: int | None = None,
+        last_only: bool = False,
+    ) -> torch.Tensor:
+        """Run new tokens against the KV cache and return their logits.
+
+        idx (B, T) long: new tokens, right-padded when rows have different counts.
+        slots (B,) long: the cache slot of each row. positions (B,) long: where each row's new tokens
+        start (its current length). lengths (B,) long or None: valid new tokens per row (None: all T).
+        K/V are written at [slot, layer, :, pos:pos+len]; row b's token t attends to cache positions
+        0..positions[b]+t. `kv_len` (optional, >= max(positions + lengths)) bounds the attention span
+        below `cache.max_len`. Returns logits (B, T, V), or (B, V) at each row's last valid token when
+        `last_only`. Logits at padded positions are meaningless.
+
+        Argument checks cost one host sync; they are skipped under torch.compile and CUDA-graph capture.
+        `lengths` selects the tokens to write with a boolean mask (data-dependent shapes): leave it None
+        for a decode step that is to be captured in a CUDA graph.
+        """
+        B, T = idx.shape
+        kv_len = cache.max_len if kv_len is None else kv_len
+        if not (torch.compiler.is_compiling() or _capturing(idx)):
+            _check_cached_args(idx, cache, slots, positions, lengths, kv_len)
+        offsets = torch.arange(T, device=idx.device)  # (T,)
+        pos = positions[:, None] + offsets  # (B, T) absolute position of each new token
+        write_slots = slots[:, None].expand(B, T).reshape(-1)  # (B*T,)
+        write_pos = pos.reshape(-1)
+        write_sel = None
+        if lengths is not None:
+            write_sel = (offsets[None, :] < lengths[:, None]).reshape(-1)  # (B*T,)
+            write_slots, write_pos = write_slots[write_sel], write_pos[write_sel]
+        key_pos = torch.arange(kv_len, device=idx.device)  # (S,)
+        mask = (key_pos[None, None, :] <= pos[:, :, None]).unsqueeze(1)  # (B, 1, T, S)
+        step = _CacheStep(cache, slots, write_slots, write_pos, write_sel, kv_len, mask)
+
+        x = self._embed(idx, pos)  # (B, T, C)
+        rope = self._rope(pos, x.dtype)
+        for layer, block in enumerate(self.blocks):
+            x = block(x, rope, layer, step)
+        if last_only:
+            last = (lengths - 1) if lengths is not None else torch.full_like(positions, T - 1)
+            x = x[torch.arange(B, device=idx.device), last][:, None]  # (B, 1, C)
+            return self.lm_head(self.norm_f(x))[:, 0]  # (B, V)
+        return self.lm_head(self.norm_f(x))  # (B, T, V)
+
+
+def _capturing(t: torch.Tensor) -> bool:
+    """True while a CUDA graph is being captured (host-side checks would sync and break capture)."""
+    return t.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
+def _check_cached_args(
+    idx: torch.Tensor,
+    cache: KVCache,
+    slots: torch.Tensor,
+    positions: torch.Tensor,
+    lengths: torch.Tensor | None,
+    kv_len: int,
+) -> None:
+    """Fail fast on shapes and ranges (skipped under torch.compile and CUDA-graph capture)."""
+    B, T = idx.shape
+    assert idx.dtype == torch.long, f"idx must be int64, got {idx.dtype}"
+    assert slots.shape == (B,) and positions.shape == (B,), (
+        f"slots and positions must have shape ({B},), got {tuple(slots.shape)} and {tuple(positions.shape)}"
+    )
+    assert 1 <= kv_len <= cache.max_len, f"kv_len must be in [1, {cache.max_len}], got {kv_len}"
+    counts = torch.full_like(positions, T) if lengths is None else lengths
+    assert counts.shape == (B,), f"lengths must have shape ({B},), got {tuple(counts.shape)}"
+    if B == 0:
+        return
+    # One host sync for all range checks.
+    s_min, s_max, p_min, c_min, c_max, end = torch.stack(
+        [slots.min(), slots.max(), positions.min(), counts.min(), counts.max(), (positions + counts).max()]
+    ).tolist()
+    assert s_min >= 0 and s_max < cache.n_slots, f"slots must be in [0, {cache.n_slots}), got [{s_min}, {s_max}]"
+    assert p_min >= 0, f"positions must be >= 0, got {p_min}"
+    assert c_min >= 1 and c_max <= T, f"lengths must be in [1, {T}], got [{c_min}, {c_max}]"
+    assert end <= kv_len, f"positions + lengths reach {end}, beyond kv_len={kv_len} (cache max_len {cache.max_len})"
