@@ -1,0 +1,118 @@
+"""Benchmark every kernel on the GPU in one run: `python -m kernels.bench` (or `bazel run //kernels:bench`).
+
+Measures the ceilings (device copy GB/s, bf16 8192^3 matmul TFLOP/s), then runs the `bench_cases()` of every module
+in `BENCH_MODULES` (our kernel beside the best PyTorch alternatives at the same shape), and writes
+`bench_svc/results/kernels-<gpu-slug>.{csv,json,png}`; the short table is printed last. Needs a CUDA GPU.
+To add a kernel: write `<kernel>_bench.py` with `bench_cases() -> list[BenchCase]` and add its module below.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib
+import logging
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from kernels.bench_common import BenchCase, Measurement, measure, measure_ceilings, summarize
+from kernels.bench_report import RunInfo, format_table, gpu_slug, write_results
+
+__all__ = ["BENCH_MODULES", "main"]
+
+log = logging.getLogger("kernels.bench")
+
+# The registry: each module exposes bench_cases() -> list[BenchCase]. Order is the order of the table.
+BENCH_MODULES: tuple[str, ...] = (
+    # training kernels
+    "kernels.flash_attention_bench",
+    "kernels.fused_add_norm_bench",
+    "kernels.rmsnorm_cuda.rmsnorm_cuda_bench",
+    "kernels.swiglu_bench",
+    "kernels.fused_linear_ce_bench",
+    # inference kernels
+    "kernels.inference_bench",
+)
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+NO_GPU_EXIT_CODE = 2
+
+
+def _git_commit() -> str:
+    """The checked-out commit (with '-dirty' if the tree has changes), or 'unknown' outside a git checkout."""
+    try:
+        sha = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain"], cwd=REPO_ROOT, capture_output=True, text=True, check=True
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return sha + ("-dirty" if dirty else "")
+
+
+def _collect_cases(modules: tuple[str, ...], only: str | None) -> list[BenchCase]:
+    cases = []
+    for name in modules:
+        cases.extend(importlib.import_module(name).bench_cases())
+    if only:
+        cases = [c for c in cases if only in c.kernel]
+    return cases
+
+
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m kernels.bench", description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--out-dir", type=Path, default=REPO_ROOT / "bench_svc" / "results", help="where the CSV/JSON/PNG go"
+    )
+    parser.add_argument("--only", default=None, help="run only the cases whose kernel name contains this")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the whole benchmark; returns the process exit code."""
+    args = _parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if not torch.cuda.is_available():
+        print(
+            "kernels.bench needs a CUDA GPU: torch.cuda.is_available() is False on this machine. "
+            "Run it on the GPU machine (kernels/gpu_check.sh); the CPU tests are `python -m pytest kernels -q`.",
+            file=sys.stderr,
+        )
+        return NO_GPU_EXIT_CODE
+    gpu = torch.cuda.get_device_name()
+    info = RunInfo(
+        gpu=gpu,
+        commit=_git_commit(),
+        command=shlex.join([sys.executable, "-m", "kernels.bench", *(sys.argv[1:] if argv is None else argv)]),
+        timestamp=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        torch_version=torch.__version__,
+    )
+    log.info("measuring ceilings on %s", gpu)
+    ceilings = measure_ceilings()
+    log.info("ceilings: copy %.0f GB/s, bf16 matmul %.0f TFLOP/s", ceilings.copy_gbps, ceilings.matmul_tflops)
+    cases = _collect_cases(BENCH_MODULES, args.only)
+    done: list[BenchCase] = []
+    measurements: list[Measurement] = []
+    for case in cases:
+        log.info("%s | %s | %s", case.kernel, case.shape, case.impl)
+        try:
+            measurements.append(measure(case))
+        except Exception:  # one broken case must not lose the rest of the run
+            log.exception("case failed: %s %s %s", case.kernel, case.shape, case.impl)
+            continue
+        done.append(case)
+    results = summarize(done, measurements, ceilings)
+    paths = write_results(results, ceilings, info, args.out_dir, f"kernels-{gpu_slug(gpu)}")
+    log.info("wrote %s", ", ".join(str(p) for p in paths))
+    print(format_table(results, ceilings))
+    return 0 if len(done) == len(cases) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,57 @@
+"""The benchmark entry point: every registered module gives cases without touching a GPU; without CUDA the
+command exits non-zero and says why."""
+
+import importlib
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from kernels import bench
+from kernels.bench import BENCH_MODULES, NO_GPU_EXIT_CODE, main
+from kernels.bench_common import BenchCase, Ceilings, Measurement
+
+REPO_ROOT = Path(__file__).absolute().parent.parent
+
+
+def test_every_registered_module_gives_cases():
+    for name in BENCH_MODULES:
+        cases = importlib.import_module(name).bench_cases()
+        assert cases, f"{name}.bench_cases() returned nothing"
+        assert all(isinstance(c, BenchCase) for c in cases)
+        groups = {(c.kernel, c.shape) for c in cases}
+        for group in groups:  # every measured shape has ours and at least one alternative beside it
+            impls = [c for c in cases if (c.kernel, c.shape) == group]
+            assert any(c.ours for c in impls) and any(not c.ours for c in impls), (name, group)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message given without a GPU")
+def test_main_without_gpu_says_it_needs_one(capsys, tmp_path):
+    assert main(["--out-dir", str(tmp_path)]) == NO_GPU_EXIT_CODE
+    assert "needs a CUDA GPU" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message given without a GPU")
+def test_module_entry_point_exits_non_zero():
+    proc = subprocess.run([sys.executable, "-m", "kernels.bench"], cwd=REPO_ROOT, capture_output=True, text=True)
+    assert proc.returncode == NO_GPU_EXIT_CODE
+    assert "needs a CUDA GPU" in proc.stderr
+
+
+def test_main_end_to_end_with_stand_in_timings(monkeypatch, tmp_path, capsys):
+    """The whole run on CPU with the GPU parts replaced: cases collected, measured, written, table printed last."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *args: "Stand-in GPU 80GB")
+    monkeypatch.setattr(bench, "measure_ceilings", lambda: Ceilings(copy_gbps=3000.0, matmul_tflops=700.0))
+    monkeypatch.setattr(bench, "measure", lambda case: Measurement(ms=1.0 if case.ours else 1.5))
+    monkeypatch.setattr(bench, "BENCH_MODULES", ("kernels.swiglu_bench",))
+    assert main(["--out-dir", str(tmp_path), "--only", "swiglu fwd+bwd"]) == 0
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["kernels-stand-in-gpu-80gb.csv", "kernels-stand-in-gpu-80gb.json", "kernels-stand-in-gpu-80gb.png"]
+    out = capsys.readouterr().out.strip().splitlines()
+    assert out[-1].startswith("* ours")
+    ours = [line for line in out if "triton *" in line]
+    assert len(ours) == 1 and "swiglu fwd+bwd" in ours[0] and " 1.50 " in ours[0]

@@ -1,0 +1,233 @@
+"""Decode attention: one query token per sequence over a slot-addressed KV cache (FlashDecoding).
+
+During decoding each sequence in flight adds one token; its query attends to the `lengths[b]` keys
+cached in its slot. The work is reading the cache, so the kernel is judged in GB/s of K/V bytes read.
+
+    q        (B, H, D)                               one query token per sequence
+    k_cache  (n_slots, n_kv_heads, max_len, D)       one layer's cache; any strides (the model's
+    v_cache  (n_slots, n_kv_heads, max_len, D)       KVCache buffer is (n_slots, n_layer, n_kv_heads,
+                                                     max_len, D), so `buf[:, layer]` is passed as is)
+    slots    (B,) long     the cache slot of each sequence
+    lengths  (B,) long     valid keys per sequence, the current token included (1..max_len; not
+                           checked on the GPU, where checking would wait for the device)
+    returns  (B, H, D)     in q's dtype
+
+GQA / MQA: H is a multiple of n_kv_heads; one program serves all the query heads of one KV head, so each
+K/V tile is read once for the whole group (the group's queries are the rows of one `tl.dot`).
+
+Split-K (FlashDecoding): with few (sequence, KV head) pairs in flight, one program per pair would leave
+most SMs idle on a long context, so the sequence is cut into splits, each program writes a partial output
+with its log-sum-exp, and a second kernel merges the splits. The number of splits depends only on shapes
+(never on `lengths`), so a call does not sync with the host and can be captured in a CUDA graph; splits
+past a sequence's length exit at once.
+
+Pieces: `decode_attention_reference` (gather + masked softmax in PyTorch, the truth),
+`decode_attention_triton` (the kernels), `decode_attention` (the wrapper: `impl="auto"` takes Triton on
+CUDA and the reference otherwise; "triton" / "reference" force one, as in kernels/dispatch.py).
+
+Targets (`kernels/inference_bench.py`, batch 64 x ctx 1024 and batch 1 x ctx 8192, 6 heads, D 64, bf16):
+>= 70% of measured copy bandwidth on K/V bytes read, and faster than SDPA with a padded mask on the same cache.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.dispatch import Impl, num_sms, use_triton
+from kernels.wo_matmul import dot_args
+
+__all__ = [
+    "decode_attention",
+    "decode_attention_reference",
+    "decode_attention_triton",
+]
+
+BLOCK_N = 64  # keys per inner-loop step
+MIN_KEYS_PER_SPLIT = 128  # shorter splits would spend more on the merge than they save
+MAX_SPLITS = 64
+TARGET_PROGRAMS_PER_SM = 4  # split until the grid has about this many programs per SM
+_LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _decode_attention_split_kernel(
+    q_ptr, k_ptr, v_ptr, slots_ptr, lengths_ptr, out_ptr, lse_ptr,
+    qk_scale, keys_per_split,
+    stride_qb, stride_qh, stride_qd,
+    stride_ks, stride_kh, stride_kn, stride_kd,
+    stride_vs, stride_vh, stride_vn, stride_vd,
+    stride_ob, stride_oh, stride_os, stride_od,  # out: (B, H, D) or, when split, partials (B, H, S, D)
+    stride_lb, stride_lh, stride_ls,  # lse: (B, H, S), base-2 log-sum-exp of each split
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    SPLIT: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """One program: sequence b, KV head kvh, keys [split * keys_per_split, ...) of that sequence."""
+    pid_b = tl.program_id(0)
+    pid_kvh = tl.program_id(1)
+    pid_s = tl.program_id(2)
+    slot = tl.load(slots_ptr + pid_b)
+    length = tl.load(lengths_ptr + pid_b).to(tl.int32)
+    start = pid_s * keys_per_split
+    end = tl.minimum(start + keys_per_split, length)
+
+    offs_h = tl.arange(0, BLOCK_H)  # rows: the query heads of this KV head's group (padded)
+    offs_d = tl.arange(0, BLOCK_D)
+    heads = pid_kvh * GROUP + offs_h
+    h_mask = offs_h < GROUP
+    d_mask = offs_d < HEAD_DIM
+    q = tl.load(q_ptr + pid_b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :] * stride_qd,
+                mask=h_mask[:, None] & d_mask[None, :], other=0.0).to(DOT_DTYPE)  # (BH, BD)
+
+    k_base = k_ptr + slot * stride_ks + pid_kvh * stride_kh
+    v_base = v_ptr + slot * stride_vs + pid_kvh * stride_vh
+    m_i = tl.full((BLOCK_H,), float("-inf"), dtype=tl.float32)  # running max (base-2 units)
+    l_i = tl.zeros((BLOCK_H,), dtype=tl.float32)  # running softmax denominator
+    acc = tl.zeros((BLOCK_H, BLOCK_D), dtype=tl.float32)
+    for n0 in range(start, end, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < end
+        k = tl.load(k_base + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd,
+                    mask=d_mask[:, None] & n_mask[None, :], other=0.0)  # (BD, BN)
+        s = tl.dot(q, k.to(DOT_DTYPE), input_precision=DOT_PRECISION) * qk_scale  # (BH, BN)
+        s = tl.where(n_mask[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])  # (BH, BN)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
+                    mask=n_mask[:, None] & d_mask[None, :], other=0.0)  # (BN, BD)
+        acc = acc * alpha[:, None] + tl.dot(p.to(DOT_DTYPE), v.to(DOT_DTYPE), input_precision=DOT_PRECISION)
+        m_i = m_new
+
+    # An empty split (start >= length) keeps l_i == 0: it writes zeros and lse = -inf, weight 0 in the merge.
+    nonempty = l_i > 0
+    out = acc / tl.where(nonempty, l_i, 1.0)[:, None]
+    o_mask = h_mask[:, None] & d_mask[None, :]
+    o_ptrs = (out_ptr + pid_b * stride_ob + heads[:, None] * stride_oh + pid_s * stride_os
+              + offs_d[None, :] * stride_od)
+    tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=o_mask)
+    if SPLIT:
+        lse = tl.where(nonempty, m_i + tl.log2(tl.where(nonempty, l_i, 1.0)), float("-inf"))
+        tl.store(lse_ptr + pid_b * stride_lb + heads * stride_lh + pid_s * stride_ls, lse, mask=h_mask)
+
+
+@triton.jit
+def _decode_attention_merge_kernel(
+    part_ptr, lse_ptr, out_ptr, num_splits,
+    stride_pb, stride_ph, stride_ps, stride_pd,  # partials (B, H, S, D) fp32
+    stride_lb, stride_lh, stride_ls,  # lse (B, H, S) fp32
+    stride_ob, stride_oh, stride_od,  # out (B, H, D)
+    HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """One program per (b, h): weight each split's normalised output by exp2(lse - max lse)."""
+    pid_b = tl.program_id(0)
+    pid_h = tl.program_id(1)
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, BLOCK_D)
+    s_mask = offs_s < num_splits
+    d_mask = offs_d < HEAD_DIM
+    lse = tl.load(lse_ptr + pid_b * stride_lb + pid_h * stride_lh + offs_s * stride_ls,
+                  mask=s_mask, other=float("-inf"))  # (BS,)
+    w = tl.exp2(lse - tl.max(lse, axis=0))  # split 0 always holds a key, so the max is finite
+    part = tl.load(part_ptr + pid_b * stride_pb + pid_h * stride_ph + offs_s[:, None] * stride_ps
+                   + offs_d[None, :] * stride_pd, mask=s_mask[:, None] & d_mask[None, :], other=0.0)  # (BS, BD)
+    out = tl.sum(part * w[:, None], axis=0) / tl.sum(w, axis=0)  # (BD,)
+    tl.store(out_ptr + pid_b * stride_ob + pid_h * stride_oh + offs_d * stride_od,
+             out.to(out_ptr.dtype.element_ty), mask=d_mask)
+
+
+def _check_inputs(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                  slots: torch.Tensor, lengths: torch.Tensor) -> None:
+    if q.dim() != 3:
+        raise ValueError(f"q must have shape (B, H, D), got {tuple(q.shape)}")
+    b, h, d = q.shape
+    if k_cache.dim() != 4 or k_cache.shape[3] != d or k_cache.shape != v_cache.shape:
+        raise ValueError(
+            f"k_cache and v_cache must both have shape (n_slots, n_kv_heads, max_len, D={d}), "
+            f"got {tuple(k_cache.shape)} and {tuple(v_cache.shape)}"
+        )
+    if h % k_cache.shape[1] != 0:
+        raise ValueError(f"q heads H={h} must be a multiple of n_kv_heads={k_cache.shape[1]}")
+    for name, t in (("slots", slots), ("lengths", lengths)):
+        if t.shape != (b,) or t.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"{name} must be an integer tensor of shape (B,)=({b},), got {t.dtype} {tuple(t.shape)}")
+
+
+def _default_scale(scale: float | None, head_dim: int) -> float:
+    return 1.0 / math.sqrt(head_dim) if scale is None else scale
+
+
+def decode_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                               slots: torch.Tensor, lengths: torch.Tensor,
+                               scale: float | None = None) -> torch.Tensor:
+    """Gather each sequence's cache, mask keys at or past its length, softmax in fp32: (B, H, D)."""
+    _check_inputs(q, k_cache, v_cache, slots, lengths)
+    b, h, d = q.shape
+    n_kv, max_len = k_cache.shape[1], k_cache.shape[2]
+    k = k_cache[slots].float().repeat_interleave(h // n_kv, dim=1)  # (B, H, L, D)
+    v = v_cache[slots].float().repeat_interleave(h // n_kv, dim=1)  # (B, H, L, D)
+    scores = torch.einsum("bhd,bhld->bhl", q.float(), k) * _default_scale(scale, d)  # (B, H, L)
+    valid = torch.arange(max_len, device=q.device)[None, :] < lengths[:, None]  # (B, L)
+    scores = scores.masked_fill(~valid[:, None, :], float("-inf"))
+    return torch.einsum("bhl,bhld->bhd", scores.softmax(dim=-1), v).to(q.dtype)
+
+
+def _pick_num_splits(batch: int, n_kv: int, max_len: int, num_sms: int) -> int:
+    """Splits that fill about TARGET_PROGRAMS_PER_SM programs per SM, each at least MIN_KEYS_PER_SPLIT long."""
+    wanted = triton.cdiv(TARGET_PROGRAMS_PER_SM * num_sms, batch * n_kv)
+    return max(1, min(wanted, triton.cdiv(max_len, MIN_KEYS_PER_SPLIT), MAX_SPLITS))
+
+
+def decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                            slots: torch.Tensor, lengths: torch.Tensor, scale: float | None = None, *,
+                            num_splits: int | None = None) -> torch.Tensor:
+    """The Triton kernels; `num_splits` overrides the heuristic (1 = no split, no merge kernel)."""
+    _check_inputs(q, k_cache, v_cache, slots, lengths)
+    b, h, d = q.shape
+    n_kv, max_len = k_cache.shape[1], k_cache.shape[2]
+    group = h // n_kv
+    if num_splits is None:
+        num_splits = _pick_num_splits(b, n_kv, max_len, num_sms(q.device))
+    keys_per_split = triton.cdiv(triton.cdiv(max_len, num_splits), BLOCK_N) * BLOCK_N
+    num_splits = triton.cdiv(max_len, keys_per_split)  # rounding up the split may leave fewer splits
+    split = num_splits > 1
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)  # (B, H, D)
+    if split:
+        part = torch.empty((b, h, num_splits, d), device=q.device, dtype=torch.float32)
+        lse = torch.empty((b, h, num_splits), device=q.device, dtype=torch.float32)
+        dst, lse_strides = part, lse.stride()
+    else:
+        lse = out  # unused: SPLIT=False never touches it
+        dst = out.unsqueeze(2)  # (B, H, 1, D)
+        lse_strides = (0, 0, 0)
+    block_d = triton.next_power_of_2(d)
+    _decode_attention_split_kernel[(b, n_kv, num_splits)](
+        q, k_cache, v_cache, slots, lengths, dst, lse,
+        _default_scale(scale, d) * _LOG2E, keys_per_split,
+        *q.stride(), *k_cache.stride(), *v_cache.stride(), *dst.stride(), *lse_strides,
+        GROUP=group, HEAD_DIM=d, BLOCK_H=max(16, triton.next_power_of_2(group)), BLOCK_N=BLOCK_N,
+        BLOCK_D=block_d, SPLIT=split, **dot_args(q), num_warps=4, num_stages=2,
+    )
+    if split:
+        _decode_attention_merge_kernel[(b, h)](
+            part, lse, out, num_splits, *part.stride(), *lse.stride(), *out.stride(),
+            HEAD_DIM=d, BLOCK_S=triton.next_power_of_2(num_splits), BLOCK_D=block_d, num_warps=4,
+        )
+    return out
+
+
+def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                     slots: torch.Tensor, lengths: torch.Tensor, scale: float | None = None, *,
+                     impl: Impl = "auto") -> torch.Tensor:
+    """Attention of q (B, H, D) over each sequence's cached keys -> (B, H, D).
+
+    impl="auto": Triton when every tensor is on CUDA, the reference otherwise (kernels/dispatch.py).
+    """
+    if use_triton(impl, q, k_cache, v_cache, slots, lengths):
+        return decode_attention_triton(q, k_cache, v_cache, slots, lengths, scale)
+    return decode_attention_reference(q, k_cache, v_cache, slots, lengths, scale)

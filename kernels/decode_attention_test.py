@@ -1,0 +1,107 @@
+"""Tests for decode attention over a slot-addressed KV cache: Triton (interpreter on CPU) against the reference."""
+
+import pytest
+import torch
+
+from kernels.decode_attention import (
+    decode_attention,
+    decode_attention_reference,
+    decode_attention_triton,
+)
+
+needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (real shapes in bf16)")
+
+N_LAYER = 3  # the model's cache holds every layer; the kernel gets one layer's strided view
+
+
+def _case(batch, n_head, n_kv, head_dim, max_len, seed, device="cpu", dtype=torch.float32):
+    """q (B, H, D); one layer's (n_slots, n_kv, max_len, D) views of (n_slots, N_LAYER, ...) buffers;
+    distinct slots; lengths in 1..max_len with both ends present."""
+    g = torch.Generator().manual_seed(seed)
+    n_slots = batch + 2
+    shape = (n_slots, N_LAYER, n_kv, max_len, head_dim)
+    k_buf = torch.randn(shape, generator=g).to(device=device, dtype=dtype)
+    v_buf = torch.randn(shape, generator=g).to(device=device, dtype=dtype)
+    q = torch.randn(batch, n_head, head_dim, generator=g).to(device=device, dtype=dtype)
+    slots = torch.randperm(n_slots, generator=g)[:batch].to(device)
+    lengths = torch.randint(1, max_len + 1, (batch,), generator=g)
+    lengths[0] = 1
+    lengths[-1] = max_len
+    return q, k_buf[:, 1], v_buf[:, 1], slots, lengths.to(device)
+
+
+@pytest.mark.parametrize(
+    "batch,n_head,n_kv,head_dim",
+    [(3, 4, 2, 16), (2, 4, 1, 32), (3, 3, 3, 24)],  # GQA, MQA, MHA with a head size that is not a power of 2
+    ids=["gqa", "mqa", "mha-d24"],
+)
+@pytest.mark.parametrize("num_splits", [1, 3], ids=["no-split", "split"])
+def test_triton_matches_reference(batch, n_head, n_kv, head_dim, num_splits):
+    q, k, v, slots, lengths = _case(batch, n_head, n_kv, head_dim, max_len=300, seed=batch * n_head + num_splits)
+    assert not k.is_contiguous()  # the layer view of the model's buffer is read in place
+    got = decode_attention_triton(q, k, v, slots, lengths, num_splits=num_splits)
+    torch.testing.assert_close(got, decode_attention_reference(q, k, v, slots, lengths), atol=1e-5, rtol=1e-5)
+
+
+def test_split_past_every_length_is_ignored():
+    # Six splits of 64 keys over max_len 384, but no sequence reaches past the third split.
+    q, k, v, slots, lengths = _case(2, 4, 2, 16, max_len=384, seed=1)
+    lengths = torch.tensor([70, 150])
+    got = decode_attention_triton(q, k, v, slots, lengths, num_splits=6)
+    torch.testing.assert_close(got, decode_attention_reference(q, k, v, slots, lengths), atol=1e-5, rtol=1e-5)
+
+
+def test_keys_past_length_do_not_matter():
+    q, k, v, slots, lengths = _case(2, 2, 2, 16, max_len=128, seed=2)
+    before = decode_attention_triton(q, k, v, slots, lengths, num_splits=2)
+    valid = torch.arange(128)[None, :] < lengths[:, None]  # (B, L)
+    garbage = ~valid[:, None, :, None]  # (B, 1, L, 1): positions past each sequence's length
+    k[slots] = torch.where(garbage, 1e4, k[slots])
+    v[slots] = torch.where(garbage, -1e4, v[slots])
+    torch.testing.assert_close(decode_attention_triton(q, k, v, slots, lengths, num_splits=2), before)
+
+
+def test_custom_scale_and_bf16():
+    q, k, v, slots, lengths = _case(2, 4, 2, 32, max_len=96, seed=3, dtype=torch.bfloat16)
+    got = decode_attention_triton(q, k, v, slots, lengths, scale=0.3, num_splits=2)
+    assert got.dtype == torch.bfloat16 and got.shape == q.shape
+    ref = decode_attention_reference(q.float(), k.float(), v.float(), slots, lengths, scale=0.3)
+    torch.testing.assert_close(got.float(), ref, atol=2e-2, rtol=2e-2)
+
+
+def test_wrapper_uses_reference_on_cpu():
+    q, k, v, slots, lengths = _case(2, 4, 2, 16, max_len=64, seed=4)
+    torch.testing.assert_close(
+        decode_attention(q, k, v, slots, lengths), decode_attention_reference(q, k, v, slots, lengths)
+    )
+
+
+def test_wrapper_forced_to_triton_picks_splits_itself():
+    # On CPU the heuristic sees 4 "SMs": 2 sequences x 2 KV heads get split 4 ways over 512 keys.
+    q, k, v, slots, lengths = _case(2, 4, 2, 16, max_len=512, seed=6)
+    got = decode_attention(q, k, v, slots, lengths, impl="triton")
+    torch.testing.assert_close(got, decode_attention_reference(q, k, v, slots, lengths), atol=1e-5, rtol=1e-5)
+
+
+def test_bad_shapes_raise_value_errors():
+    q, k, v, slots, lengths = _case(2, 4, 2, 16, max_len=64, seed=5)
+    with pytest.raises(ValueError, match="multiple of n_kv_heads=2"):
+        decode_attention_triton(q[:, :3], k, v, slots, lengths)
+    with pytest.raises(ValueError, match=r"k_cache and v_cache must both have shape"):
+        decode_attention_triton(q, k, v[..., :8], slots, lengths)
+    with pytest.raises(ValueError, match=r"lengths must be an integer tensor of shape \(B,\)"):
+        decode_attention_triton(q, k, v, slots, lengths[:1])
+
+
+@needs_gpu
+@pytest.mark.parametrize(
+    "batch,n_head,n_kv,ctx",
+    [(64, 6, 6, 1024), (1, 6, 6, 8192), (8, 12, 4, 1024)],  # the bench shapes and the `large` preset's GQA
+)
+def test_gpu_real_shapes_bf16(batch, n_head, n_kv, ctx):
+    q, k, v, slots, lengths = _case(batch, n_head, n_kv, 64, ctx, seed=ctx, device="cuda", dtype=torch.bfloat16)
+    ref = decode_attention_reference(q, k, v, slots, lengths).float()
+    torch.testing.assert_close(decode_attention(q, k, v, slots, lengths).float(), ref, atol=2e-2, rtol=2e-2)
+    for num_splits in (1, 8):
+        got = decode_attention_triton(q, k, v, slots, lengths, num_splits=num_splits).float()
+        torch.testing.assert_close(got, ref, atol=2e-2, rtol=2e-2)

@@ -1,0 +1,47 @@
+"""Which implementation a kernel wrapper runs: the fast Triton kernel, or the PyTorch reference.
+
+"auto" takes Triton when every tensor is on a CUDA device and the reference otherwise (CPU training, tests).
+"triton" forces the kernel, which on CPU tensors needs Triton's interpreter (TRITON_INTERPRET=1, set by
+kernels/conftest.py before triton is imported); "reference" forces the plain PyTorch version.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Literal
+
+import torch
+
+__all__ = ["IMPLS", "Impl", "num_sms", "use_triton"]
+
+Impl = Literal["auto", "triton", "reference"]
+IMPLS: tuple[str, ...] = ("auto", "triton", "reference")
+
+
+def use_triton(impl: Impl, *tensors: torch.Tensor, supported: bool = True) -> bool:
+    """True when the wrapper should launch its Triton kernel for these tensors.
+
+    `supported` says whether the kernel handles these inputs (dtype, head dim, ...): "auto" then falls back,
+    "triton" raises.
+    """
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    if impl == "reference":
+        return False
+    if impl == "triton":
+        if not supported:
+            raise ValueError("impl='triton' but the Triton kernel does not support these inputs (see its docstring)")
+        return True
+    return supported and all(t.is_cuda for t in tensors)
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def num_sms(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (for persistent grids); a small fixed number on CPU."""
+    if device.type != "cuda":
+        return 4  # the interpreter runs programs one after another: fewer programs, fewer partial sums
+    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())

@@ -1,0 +1,103 @@
+"""Flash attention (Triton, forward and backward) against the PyTorch reference on fresh random inputs."""
+
+import math
+
+import pytest
+import torch
+
+from kernels.flash_attention import flash_attention, reference
+
+GPU = torch.cuda.is_available()
+# (B, H, H_kv, T, D): GQA, MHA and MQA; T not a multiple of the blocks in some, to cover the bounds masks.
+SHAPES = (
+    [(2, 8, 2, 256, 64), (1, 4, 4, 200, 32), (1, 4, 1, 333, 128), (2, 6, 6, 1024, 64)]
+    if GPU
+    else [(2, 4, 2, 32, 32), (1, 2, 2, 24, 16), (1, 4, 1, 40, 32)]
+)
+DTYPES = [torch.bfloat16, torch.float32] if GPU else [torch.float32]  # fp16: its own test below
+GRAD_TOL_SCALE = 2.0  # gradients go through two more low-precision matmuls than the output
+
+
+def _inputs(B, H, H_kv, T, D, dtype, device, seed=0):
+    g = torch.Generator(device=device).manual_seed(seed)
+    make = lambda *s: torch.randn(*s, generator=g, device=device, dtype=dtype).requires_grad_()
+    return make(B, H, T, D), make(B, H_kv, T, D), make(B, H_kv, T, D)
+
+
+def _fwd_bwd(fn, q, k, v, do, **kw):
+    out = fn(q, k, v, **kw)
+    return (out, *torch.autograd.grad(out, (q, k, v), do))
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}H{}Hkv{}T{}D{}".format(*s))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_matches_reference(shape, causal, dtype, device, assert_close):
+    q, k, v = _inputs(*shape, dtype, device)
+    do = torch.randn_like(q)
+    fast = _fwd_bwd(flash_attention, q, k, v, do, causal=causal, impl="triton")
+    # The reference runs in fp32 on fp32 copies: the truth the low-precision kernel is compared with.
+    q32, k32, v32 = (t.detach().float().requires_grad_() for t in (q, k, v))
+    ref = _fwd_bwd(reference, q32, k32, v32, do.float(), causal=causal)
+    assert fast[0].dtype == dtype and fast[0].shape == q.shape
+    assert_close(fast[0], ref[0])
+    for got, want in zip(fast[1:], ref[1:]):
+        assert got.shape == want.shape
+        assert_close(got, want, scale=GRAD_TOL_SCALE)
+
+
+def test_fp16_through_interpreter_or_gpu(device, assert_close):
+    q, k, v = _inputs(1, 4, 2, 32, 32, torch.float16, device, seed=1)
+    do = torch.randn_like(q)
+    fast = _fwd_bwd(flash_attention, q, k, v, do, impl="triton")
+    q32, k32, v32 = (t.detach().float().requires_grad_() for t in (q, k, v))
+    ref = _fwd_bwd(reference, q32, k32, v32, do.float())
+    for got, want in zip(fast, ref):
+        assert_close(got, want, scale=GRAD_TOL_SCALE)
+
+
+def test_strided_views_of_a_fused_qkv(device, assert_close):
+    """q, k, v sliced out of one (B, T, 3, H, D) projection: strided, not contiguous; grads reach the parent."""
+    B, T, H, D = 2, 24, 4, 32
+    qkv = torch.randn(B, T, 3, H, D, device=device, requires_grad=True)
+    q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))
+    assert not q.is_contiguous()
+    out = flash_attention(q, k, v, impl="triton")
+    do = torch.randn_like(out)
+    (grad,) = torch.autograd.grad(out, qkv, do)
+    out_ref = reference(q, k, v)
+    (grad_ref,) = torch.autograd.grad(out_ref, qkv, do)
+    assert_close(out, out_ref)
+    assert_close(grad, grad_ref, scale=GRAD_TOL_SCALE)
+
+
+def test_explicit_scale_and_default_scale(device, assert_close):
+    q, k, v = _inputs(1, 2, 2, 16, 16, torch.float32, device, seed=2)
+    with torch.no_grad():
+        default = flash_attention(q, k, v, impl="triton")
+        explicit = flash_attention(q, k, v, scale=1.0 / math.sqrt(16), impl="triton")
+        other = flash_attention(q, k, v, scale=0.5, impl="triton")
+        assert_close(other, reference(q, k, v, scale=0.5))
+    torch.testing.assert_close(default, explicit)
+    assert (other - default).abs().max() > 1e-3  # the scale is not ignored
+
+
+def test_auto_on_cpu_is_the_reference():
+    q, k, v = _inputs(1, 2, 1, 8, 16, torch.float32, "cpu", seed=3)
+    torch.testing.assert_close(flash_attention(q, k, v), reference(q, k, v), atol=0, rtol=0)
+    # Unsupported head dims fall back under "auto" and are refused when Triton is forced.
+    q, k, v = _inputs(1, 2, 1, 8, 24, torch.float32, "cpu", seed=3)
+    torch.testing.assert_close(flash_attention(q, k, v), reference(q, k, v), atol=0, rtol=0)
+    with pytest.raises(ValueError, match="does not support"):
+        flash_attention(q, k, v, impl="triton")
+
+
+def test_bad_inputs_are_refused():
+    q, k, v = _inputs(1, 6, 4, 8, 16, torch.float32, "cpu")
+    with pytest.raises(ValueError, match="must divide"):
+        flash_attention(q, k, v)
+    q, k, v = _inputs(1, 4, 2, 8, 16, torch.float32, "cpu")
+    with pytest.raises(ValueError, match="impl"):
+        flash_attention(q, k, v, impl="cuda")
+    with pytest.raises(ValueError, match="T=8"):
+        flash_attention(q, k[:, :, :4], v[:, :, :4])

@@ -1,0 +1,134 @@
+"""The Triton kernels compile for an H100 (sm_90) here, without a GPU: Triton's own compiler and ptxas build each
+kernel ahead of time, so an error that only the compiled path would meet (the interpreter is lenient about types)
+fails on CPU machines too. Also checks shared memory and register spills.
+
+The build runs in a subprocess without TRITON_INTERPRET (conftest.py sets it for this process, and triton.jit
+decides at import between the interpreter and the compiler).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).absolute().parent.parent
+SM90_SHARED_BYTES = 232448  # 227 KiB per block
+SUBPROCESS_TIMEOUT_S = 600
+
+
+def _build(kernel, signature: dict[str, str], constexprs: dict, num_warps: int, num_stages: int) -> dict:
+    """Compile one specialisation for sm_90; returns shared bytes, registers and spill (stack) bytes."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    fn = kernel
+    while not isinstance(fn, triton.runtime.jit.JITFunction):  # unwrap heuristics / autotune
+        fn = fn.fn
+    sig = {name: "constexpr" if name in constexprs else signature.get(name, "i32") for name in fn.arg_names}
+    compiled = triton.compile(
+        ASTSource(fn=fn, signature=sig, constexprs=constexprs),
+        target=GPUTarget("cuda", 90, 32),
+        options=dict(num_warps=num_warps, num_stages=num_stages),
+    )
+    cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(compiled.asm["cubin"])
+        f.flush()
+        usage = subprocess.run([str(cuobjdump), "--dump-resource-usage", f.name], capture_output=True, text=True)
+    match = re.search(r"REG:(\d+).*STACK:(\d+)", usage.stdout)
+    regs, stack = (int(match.group(1)), int(match.group(2))) if match else (-1, -1)
+    return {"shared": compiled.metadata.shared, "regs": regs, "stack": stack}
+
+
+def _specs() -> list[tuple[str, object, dict, dict, int, int]]:
+    """(name, kernel, signature, constexprs, num_warps, num_stages): one build per kernel variant we ship."""
+    from kernels import flash_attention as fa
+    from kernels import fused_add_norm as fan
+    from kernels import fused_linear_ce as ce
+    from kernels import swiglu as sw
+
+    bf16 = lambda *names: {n: "*bf16" for n in names}
+    fp32 = lambda *names: {n: "*fp32" for n in names}
+    scalars = {"qk_scale": "fp32", "sm_scale": "fp32", "eps": "fp32"}
+    specs = []
+    attention = [
+        ("attn fwd", fa._attn_fwd, fa.FWD_CONFIGS, {**bf16("Q", "K", "V", "O"), **fp32("LSE")}),
+        ("attn dkdv", fa._attn_bwd_dkdv, fa.DKDV_CONFIGS, {**bf16("Q", "K", "V", "DO", "DK", "DV"), **fp32("LSE", "DELTA")}),
+        ("attn dq", fa._attn_bwd_dq, fa.DQ_CONFIGS, {**bf16("Q", "K", "V", "DO", "DQ"), **fp32("LSE", "DELTA")}),
+    ]
+    for name, kernel, configs, sig in attention:
+        # the first config and the first 8-warp one (all of them take minutes) at D=64, causal, even T
+        for cfg in configs[:1] + [c for c in configs if c.num_warps == 8][:1]:
+            const = dict(HEAD_DIM=64, CAUSAL=True, EVEN_T=True, **cfg.kwargs)
+            specs.append((f"{name} {cfg}", kernel, {**sig, **scalars}, const, cfg.num_warps, cfg.num_stages))
+        cfg = configs[0]  # the other branches: not causal, uneven T, fp16
+        sig16 = {k: v.replace("bf16", "fp16") for k, v in sig.items()}
+        const = dict(HEAD_DIM=32, CAUSAL=False, EVEN_T=False, **cfg.kwargs)
+        specs.append((f"{name} fp16 uneven {cfg}", kernel, {**sig16, **scalars}, const, cfg.num_warps, cfg.num_stages))
+    specs.append(("attn preprocess", fa._bwd_preprocess, {**bf16("O", "DO"), **fp32("DELTA")},
+                  dict(HEAD_DIM=64, BLOCK_M=fa.PREPROCESS_BLOCK_M), 4, 3))
+    for cols in (384, fan.MAX_FUSED_COLS):
+        rows, block_c, warps = fan._blocks(cols)
+        blocks = dict(BLOCK_ROWS=rows, BLOCK_C=block_c)
+        specs.append((f"add_layer_norm fwd C{cols}", fan._add_norm_fwd,
+                      {**bf16("X", "RES", "W", "B", "Y", "RES_OUT"), **fp32("MEAN", "RSTD"), **scalars},
+                      dict(IS_RMS=False, HAS_RESIDUAL=True, HAS_BIAS=True, **blocks), warps, 3))
+        specs.append((f"add_rms_norm bwd C{cols}", fan._add_norm_bwd,
+                      {**bf16("DY", "DRES_OUT", "S", "W", "DS"), **fp32("RSTD", "DW_PARTIAL")},
+                      dict(IS_RMS=True, HAS_DRES=True, HAS_BIAS=False, MEAN=None, DB_PARTIAL=None, **blocks), warps, 3))
+    specs.append(("swiglu fwd", sw._swiglu_fwd, bf16("GATE", "UP", "OUT"), dict(BLOCK=sw.BLOCK_SIZE), sw.NUM_WARPS, 3))
+    specs.append(("swiglu bwd", sw._swiglu_bwd, bf16("DOUT", "GATE", "UP", "DGATE", "DUP"), dict(BLOCK=sw.BLOCK_SIZE),
+                  sw.NUM_WARPS, 3))
+    specs.append(("linear+ce loss", ce._ce_loss_and_grad_inplace,
+                  {**bf16("LOGITS"), "TARGETS": "*i64", **fp32("LOSS", "SCALE")}, dict(BLOCK=ce.BLOCK_V), ce.NUM_WARPS, 3))
+    return specs
+
+
+def _build_all() -> None:
+    """Subprocess entry: prints one JSON line per build."""
+    for name, kernel, sig, const, warps, stages in _specs():
+        try:
+            result = _build(kernel, sig, const, warps, stages)
+        except Exception as err:  # reported, not raised: the test lists every failure
+            result = {"error": f"{type(err).__name__}: {err}"[:2000]}
+        print(json.dumps({"name": name, **result}), flush=True)
+
+
+def _nvidia_backend_available() -> bool:
+    try:
+        from triton.backends import backends
+    except ImportError:
+        return False
+    return "nvidia" in backends
+
+
+@pytest.mark.skipif(not _nvidia_backend_available(), reason="this triton has no NVIDIA backend to compile with")
+def test_kernels_compile_for_sm90():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), env.get("PYTHONPATH", "")])
+    if "TEST_TMPDIR" in env:  # under Bazel: a writable compile cache inside the test's own tmp
+        env.setdefault("TRITON_CACHE_DIR", os.path.join(env["TEST_TMPDIR"], "triton-cache"))
+    proc = subprocess.run(
+        [sys.executable, "-c", "from kernels.sm90_compile_test import _build_all; _build_all()"],
+        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT_S,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    builds = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert len(builds) == len(_specs()), proc.stdout[-2000:]
+    errors = [f"{b['name']}: {b['error']}" for b in builds if "error" in b]
+    assert not errors, "\n".join(errors)
+    too_big = [b["name"] for b in builds if b["shared"] > SM90_SHARED_BYTES]
+    assert not too_big, too_big
+    # Each attention kernel keeps at least one config that does not spill registers at D=64.
+    for kernel in ("attn fwd", "attn dkdv", "attn dq"):
+        assert any(b["name"].startswith(kernel + " ") and b["stack"] == 0 for b in builds), kernel
+    spilling = [b["name"] for b in builds if not b["name"].startswith("attn") and b["stack"] != 0]
+    assert not spilling, spilling  # the norm, swiglu and loss kernels never spill
