@@ -1,0 +1,327 @@
+"""The training benchmark: shakespeare-char to val loss <= 1.47 with our trainer, and the same model in eager PyTorch.
+
+    python -m trainer.bench                       # on a CUDA machine; writes bench_svc/results/train-<gpu>.*
+    python -m trainer.bench --cpu-smoke --out DIR # a seconds-long run of the same code path on a CPU
+
+For each variant ("tinylm": torch.compile + the preset's bf16 autocast + fused AdamW; "eager": the same model,
+data, seed and schedule without torch.compile) it records the time from launch (model build, compilation and
+evaluations included) to the first evaluation at or below the target val loss, the best val loss within the first
+60 s, tokens/s and MFU (median over steps after warm-up), and the val-loss curve. A run stops at the target or at
+its time budget. With two or more GPUs it also measures DDP tokens/s of the `medium` preset on 2 GPUs vs 1
+(torchrun, the same `trainer.main` code path). Results: CSV + JSON (GPU, commit, command) and a PNG.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import datetime
+import io
+import json
+import logging
+import os
+import shlex
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kernels.bench_report import RunInfo, gpu_slug
+from trainer.config import TrainConfig, load_config
+from trainer.corpus import resolve_corpus
+from trainer.data import prepare_data
+from trainer.distributed import destroy_process_group, dist_from_env
+from trainer.train import train
+
+__all__ = ["VariantResult", "run_variant", "main"]
+
+log = logging.getLogger("trainer.bench")
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+NO_GPU_EXIT_CODE = 2
+TARGET_VAL_LOSS = 1.47  # nanoGPT's shakespeare-char reaches ~1.47 after 5000 iterations
+WINDOW_S = 60.0  # "best val loss within the first minute"
+WARMUP_STEPS = 10  # steps left out of tokens/s (compilation, allocator warm-up)
+CSV_COLUMNS = (
+    "variant", "gpu", "n_gpus", "preset", "compile", "dtype", "reached_target", "time_to_target_s", "target_val_loss",
+    "best_val_loss", "best_val_loss_60s", "tokens_per_s", "mfu", "steps", "wall_s", "commit", "command",
+)  # fmt: skip
+
+
+@dataclass
+class VariantResult:
+    """One benchmarked run. Times are seconds from the variant's launch (before its model is built)."""
+
+    variant: str
+    preset: str
+    compile: bool
+    dtype: str
+    n_gpus: int = 1
+    target_val_loss: float = TARGET_VAL_LOSS
+    reached_target: bool = False
+    time_to_target_s: float | None = None
+    best_val_loss: float | None = None
+    best_val_loss_60s: float | None = None
+    tokens_per_s: float | None = None
+    mfu: float | None = None
+    steps: int = 0
+    wall_s: float = 0.0
+    curve: list[dict[str, float]] = field(default_factory=list)  # {t, step, val_loss, train_loss} per evaluation
+
+
+def run_variant(
+    name: str,
+    config: TrainConfig,
+    corpus: Path,
+    workdir: Path,
+    *,
+    target: float,
+    budget_s: float,
+    warmup_steps: int = WARMUP_STEPS,
+) -> VariantResult:
+    """Train `config` until the val loss reaches `target`, `budget_s` passes or max_steps; measure as it goes."""
+    out = VariantResult(variant=name, preset=config.preset, compile=config.compile, dtype=config.dtype, target_val_loss=target)
+    tokens_per_s: list[float] = []
+    mfus: list[float] = []
+    launch = time.perf_counter()
+
+    def on_progress(step: int, metrics: dict[str, float]) -> None:
+        now = time.perf_counter() - launch
+        if "tokens_per_s" in metrics and step > warmup_steps and "val_loss" not in metrics:
+            tokens_per_s.append(metrics["tokens_per_s"])
+            if "mfu" in metrics:
+                mfus.append(metrics["mfu"])
+        if "val_loss" in metrics:
+            out.curve.append({"t": now, "step": step, "val_loss": metrics["val_loss"], "train_loss": metrics["train_loss"]})
+            if metrics["val_loss"] <= target and not out.reached_target:
+                out.reached_target, out.time_to_target_s = True, now
+
+    def should_stop() -> bool:
+        return out.reached_target or time.perf_counter() - launch > budget_s
+
+    result = train(
+        config,
+        corpus,
+        store_root=workdir / "store",
+        run_dir=workdir / name,
+        data_dir=workdir / "data",
+        progress_callback=on_progress,
+        should_stop=should_stop,
+    )
+    out.wall_s = time.perf_counter() - launch
+    out.steps = result.steps
+    vals = [c["val_loss"] for c in out.curve]
+    early = [c["val_loss"] for c in out.curve if c["t"] <= WINDOW_S]
+    out.best_val_loss = min(vals) if vals else None
+    out.best_val_loss_60s = min(early) if early else None
+    out.tokens_per_s = statistics.median(tokens_per_s) if tokens_per_s else None
+    out.mfu = statistics.median(mfus) if mfus else None
+    return out
+
+
+def _variants(args: argparse.Namespace) -> list[tuple[str, TrainConfig]]:
+    if args.cpu_smoke:
+        base = load_config("tiny").replace(
+            device="cpu", max_steps=args.max_steps or 40, batch_size=8, block_size=64, eval_interval=10,
+            eval_iters=4, log_interval=1, warmup=5, compile=False, tensorboard=False,
+        )  # fmt: skip
+        return [("tinylm", base), ("eager", base)]
+    base = load_config("shakespeare-char").replace(log_interval=1, eval_interval=args.eval_interval, tensorboard=False)
+    if args.max_steps:
+        base = base.replace(max_steps=args.max_steps)
+    return [("tinylm", base.replace(compile=True)), ("eager", base.replace(compile=False))]
+
+
+def _ddp_scaling(args: argparse.Namespace, workdir: Path) -> list[VariantResult]:
+    """tokens/s of `medium` on 1 and 2 GPUs through torchrun; [] with fewer than 2 GPUs."""
+    if args.cpu_smoke or torch.cuda.device_count() < 2:
+        log.info("DDP scaling skipped: needs 2 CUDA GPUs (have %d)", torch.cuda.device_count() if not args.cpu_smoke else 0)
+        return []
+    results = []
+    for n in (1, 2):
+        out_json = workdir / f"ddp-{n}.json"
+        cmd = [
+            sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
+            "-m", "trainer.bench", "--ddp-worker", str(out_json), "--ddp-steps", str(args.ddp_steps),
+            "--workdir", str(workdir / f"ddp-{n}"),
+        ]  # fmt: skip
+        log.info("running %s", shlex.join(cmd))
+        subprocess.run(cmd, check=True, cwd=REPO_ROOT, env=dict(os.environ, PYTHONPATH=str(REPO_ROOT)))
+        results.append(VariantResult(**json.loads(out_json.read_text())))
+    return results
+
+
+def _ddp_worker(args: argparse.Namespace) -> int:
+    """One torchrun rank: a short `medium` run; rank 0 writes its VariantResult as JSON."""
+    info = dist_from_env(os.environ)
+    config = load_config("medium").replace(
+        max_steps=args.ddp_steps, eval_interval=args.ddp_steps, eval_iters=2, log_interval=1, tensorboard=False
+    )
+    workdir = Path(args.workdir)
+    corpus = resolve_corpus(os.environ.get("TINYLM_CORPUS"), workdir / "data")
+    rates: list[float] = []
+
+    def on_progress(step: int, metrics: dict[str, float]) -> None:
+        if step > WARMUP_STEPS and "val_loss" not in metrics:
+            rates.append(metrics["tokens_per_s"])
+
+    launch = time.perf_counter()
+    result = train(
+        config, corpus, store_root=workdir / "store", run_dir=workdir / "run", data_dir=workdir / "data", info=info,
+        progress_callback=on_progress,
+    )  # fmt: skip
+    if info.is_main:
+        out = VariantResult(
+            variant=f"ddp-{info.world_size}gpu", preset="medium", compile=config.compile, dtype=config.dtype,
+            n_gpus=info.world_size, steps=result.steps, wall_s=time.perf_counter() - launch,
+            tokens_per_s=statistics.median(rates) if rates else None, best_val_loss=result.metrics.get("val_loss"),
+        )  # fmt: skip
+        Path(args.ddp_worker).write_text(json.dumps(dataclasses.asdict(out)))
+    destroy_process_group(info)
+    return 0
+
+
+def _commit() -> str:
+    try:
+        return subprocess.run(
+            ["git", "describe", "--always", "--dirty", "--abbrev=40"], cwd=REPO_ROOT, capture_output=True, text=True,
+            check=True,
+        ).stdout.strip()  # fmt: skip
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def _write_text(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w", newline="") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def write_results(
+    results: list[VariantResult], info: RunInfo, out_dir: Path, budget_s: float, *, suffix: str = ""
+) -> list[Path]:
+    """train-<gpu><suffix>.csv (a row per variant), .json (all of it, curves too), .png (when matplotlib is there)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = out_dir / f"train-{gpu_slug(info.gpu)}{suffix}"
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=CSV_COLUMNS, extrasaction="ignore")
+    writer.writeheader()
+    for r in results:
+        writer.writerow({**dataclasses.asdict(r), "gpu": info.gpu, "commit": info.commit, "command": info.command})
+    _write_text(stem.with_suffix(".csv"), buf.getvalue())
+    doc = {"info": dataclasses.asdict(info), "budget_s": budget_s, "window_s": WINDOW_S,
+           "results": [dataclasses.asdict(r) for r in results]}  # fmt: skip
+    _write_text(stem.with_suffix(".json"), json.dumps(doc, indent=2))
+    paths = [stem.with_suffix(".csv"), stem.with_suffix(".json")]
+    png = _plot(results, info, stem.with_suffix(".png"))
+    return paths + ([png] if png else [])
+
+
+def _plot(results: list[VariantResult], info: RunInfo, path: Path) -> Path | None:
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        log.warning("matplotlib is not installed; no PNG")
+        return None
+    fig = Figure(figsize=(12, 5))
+    FigureCanvasAgg(fig)
+    curves, rates = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
+    for r in results:
+        if r.curve:
+            curves.plot([c["t"] for c in r.curve], [c["val_loss"] for c in r.curve], "o-", label=r.variant)
+    target = results[0].target_val_loss if results else TARGET_VAL_LOSS
+    curves.axhline(target, color="k", ls="--", lw=0.8, label=f"target {target}")
+    curves.axvline(WINDOW_S, color="gray", ls=":", lw=0.8, label=f"{WINDOW_S:.0f} s")
+    curves.set(xlabel="seconds from launch", ylabel="val loss (nats/char)", title="time to target")
+    curves.grid(alpha=0.3)
+    curves.legend()
+    measured = [r for r in results if r.tokens_per_s]
+    rates.barh([r.variant for r in measured], [r.tokens_per_s for r in measured])
+    rates.set(xlabel="tokens / s (median after warm-up)", title="throughput")
+    fig.suptitle(f"training, {info.gpu}, {info.commit[:12]}")
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    return path
+
+
+def format_table(results: list[VariantResult]) -> str:
+    def fmt(v: Any, spec: str) -> str:
+        return "-" if v is None else format(v, spec)
+
+    lines = [f"{'variant':<12} {'target s':>9} {'best60s':>8} {'best':>7} {'tok/s':>11} {'MFU':>6} {'steps':>6}"]
+    for r in results:
+        mfu = None if r.mfu is None else 100 * r.mfu
+        lines.append(
+            f"{r.variant:<12} {fmt(r.time_to_target_s, '.1f'):>9} {fmt(r.best_val_loss_60s, '.4f'):>8} "
+            f"{fmt(r.best_val_loss, '.4f'):>7} {fmt(r.tokens_per_s, ',.0f'):>11} {fmt(mfu, '.1f'):>6} {r.steps:>6}"
+        )
+    return "\n".join(lines)
+
+
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m trainer.bench", description=__doc__.splitlines()[0])
+    p.add_argument("--out", type=Path, default=REPO_ROOT / "bench_svc" / "results", help="results folder")
+    p.add_argument("--workdir", type=Path, help="scratch folder for runs and data (default: a temporary one)")
+    p.add_argument("--target", type=float, default=None, help=f"target val loss (default {TARGET_VAL_LOSS}; smoke 3.0)")
+    p.add_argument("--budget-s", type=float, default=240.0, help="longest a variant may run, in seconds")
+    p.add_argument("--max-steps", type=int, default=0, help="override the preset's max_steps (0: keep)")
+    p.add_argument("--eval-interval", type=int, default=250, help="steps between evaluations (nanoGPT: 250)")
+    p.add_argument("--ddp-steps", type=int, default=60, help="steps of each DDP scaling run")
+    p.add_argument("--part", choices=("all", "speed", "ddp"), default="all",
+                   help="speed: the two shakespeare-char variants; ddp: the medium 1-vs-2-GPU scaling (default both)")
+    p.add_argument("--cpu-smoke", action="store_true", help="a tiny CPU run of the same code path (for tests)")
+    p.add_argument("--ddp-worker", help=argparse.SUPPRESS)  # internal: one torchrun rank, writes JSON here
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
+    if args.ddp_worker:
+        return _ddp_worker(args)
+    if not torch.cuda.is_available() and not args.cpu_smoke:
+        print(
+            "trainer.bench needs a CUDA GPU (torch.cuda.is_available() is False here); "
+            "use --cpu-smoke for a tiny CPU run of the same code path.",
+            file=sys.stderr,
+        )
+        return NO_GPU_EXIT_CODE
+    target = args.target if args.target is not None else (3.0 if args.cpu_smoke else TARGET_VAL_LOSS)
+    gpu = "cpu" if args.cpu_smoke else torch.cuda.get_device_name()
+    info = RunInfo(
+        gpu=gpu,
+        commit=_commit(),
+        command=shlex.join([sys.executable, "-m", "trainer.bench", *(sys.argv[1:] if argv is None else argv)]),
+        timestamp=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        torch_version=torch.__version__,
+    )
+    with tempfile.TemporaryDirectory(prefix="tinylm-train-bench-") as tmp:
+        workdir = args.workdir or Path(tmp)
+        corpus = resolve_corpus(os.environ.get("TINYLM_CORPUS"), workdir / "data")
+        results = []
+        for name, config in _variants(args) if args.part != "ddp" else []:
+            prepare_data(corpus, config.tokenizer, workdir / "data", bpe_vocab=config.bpe_vocab)  # not timed
+            log.info("variant %s: %s", name, config)
+            warmup = 2 if args.cpu_smoke else WARMUP_STEPS
+            results.append(
+                run_variant(name, config, corpus, workdir, target=target, budget_s=args.budget_s, warmup_steps=warmup)
+            )
+        if args.part != "speed":
+            results += _ddp_scaling(args, workdir)
+    suffix = "" if args.part == "all" else f"-{args.part}"  # a partial run never overwrites a whole one
+    paths = write_results(results, info, args.out, args.budget_s, suffix=suffix)
+    log.info("wrote %s", ", ".join(str(p) for p in paths))
+    print(format_table(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

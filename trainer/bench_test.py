@@ -1,0 +1,41 @@
+"""The training benchmark refuses a CPU-only machine, and its --cpu-smoke mode runs the whole path end to end."""
+
+import csv
+import json
+
+import pytest
+import torch
+
+from trainer import bench
+from trainer.testing import write_small_corpus
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_refuses_without_cuda(capsys, tmp_path):
+    assert bench.main(["--out", str(tmp_path)]) == bench.NO_GPU_EXIT_CODE
+    assert "needs a CUDA GPU" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
+
+
+def test_cpu_smoke_writes_csv_json_png(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("TINYLM_CORPUS", str(write_small_corpus(tmp_path / "c.txt")))
+    out = tmp_path / "results"
+    code = bench.main(["--cpu-smoke", "--out", str(out), "--workdir", str(tmp_path / "w"), "--max-steps", "20",
+                       "--target", "2.0"])  # fmt: skip
+    assert code == 0
+    rows = list(csv.DictReader((out / "train-cpu.csv").open()))
+    assert [r["variant"] for r in rows] == ["tinylm", "eager"]
+    assert all(r["gpu"] == "cpu" and r["command"].endswith("--target 2.0") and r["commit"] for r in rows)
+    doc = json.loads((out / "train-cpu.json").read_text())
+    for result in doc["results"]:
+        assert result["curve"] and result["tokens_per_s"] > 0 and result["mfu"] is None
+        vals = [c["val_loss"] for c in result["curve"]]
+        assert result["best_val_loss"] == min(vals)
+        if result["reached_target"]:
+            assert vals[-1] <= 2.0 and result["time_to_target_s"] == result["curve"][-1]["t"]
+        else:
+            assert min(vals) > 2.0 and result["steps"] == 20
+    # Same seed, same data, same eager model: the two smoke variants train identically.
+    assert doc["results"][0]["curve"][0]["val_loss"] == doc["results"][1]["curve"][0]["val_loss"]
+    assert (out / "train-cpu.png").stat().st_size > 1000
+    assert "tinylm" in capsys.readouterr().out

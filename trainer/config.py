@@ -1,0 +1,311 @@
+"""How to train: one frozen, validated dataclass, per-preset defaults, YAML files and `key=value` overrides.
+
+`batch_size` counts sequences per optimizer step across every rank and micro-step (as the TrainSpec proto
+says); `grad_accum` is the number of micro-steps per optimizer step over all ranks together, as nanoGPT's
+`gradient_accumulation_steps` (each of W ranks runs grad_accum / W of them). A bad value raises
+`ConfigError` (a ValueError) naming the key and the allowed values or range.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from model.presets import PRESETS as MODEL_PRESETS
+
+__all__ = [
+    "ConfigError",
+    "TrainConfig",
+    "TRAIN_PRESETS",
+    "TOKENIZERS",
+    "DTYPES",
+    "DECAYS",
+    "load_config",
+    "parse_overrides",
+    "micro_batch_plan",
+]
+
+TOKENIZERS = ("char", "byte", "bpe")
+DTYPES = ("float32", "bfloat16", "float16")
+DECAYS = ("cosine", "linear", "constant")
+
+# Inclusive numeric ranges; an upper bound only stops the obvious typo (an extra zero or three).
+_INT_RANGES: dict[str, tuple[int, int]] = {
+    "max_steps": (1, 10_000_000),
+    "batch_size": (1, 1 << 20),
+    "block_size": (0, 1 << 20),  # 0: the model preset's block_size
+    "grad_accum": (1, 1 << 16),
+    "warmup": (0, 10_000_000),
+    "decay_steps": (0, 10_000_000),  # 0: max_steps
+    "eval_interval": (1, 10_000_000),
+    "eval_iters": (1, 100_000),
+    "log_interval": (1, 10_000_000),
+    "seed": (0, 2**63 - 1),
+    "early_stop_patience": (0, 1_000_000),  # evaluations without a better val loss; 0: never stop early
+    "bpe_vocab": (256, 1 << 20),
+}
+_FLOAT_RANGES: dict[str, tuple[float, float]] = {
+    "lr": (0.0, 10.0),  # > 0
+    "min_lr": (0.0, 10.0),
+    "weight_decay": (0.0, 10.0),
+    "grad_clip": (0.0, 1e6),  # 0: no clipping
+    "dropout": (0.0, 0.99),
+}
+_CHOICES: dict[str, tuple[str, ...]] = {"tokenizer": TOKENIZERS, "dtype": DTYPES, "decay": DECAYS}
+_BOOLS = ("compile", "resume", "tensorboard")
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+
+
+class ConfigError(ValueError):
+    """A config value is out of range or unknown; `key` names it."""
+
+    def __init__(self, key: str, message: str):
+        super().__init__(message)
+        self.key = key
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything one training run needs besides the corpus and where to put results."""
+
+    preset: str = "tiny"  # model preset (model.presets)
+    name: str = ""  # artifact name; empty: the preset's name
+    tokenizer: str = "char"
+    bpe_vocab: int = 4096  # target vocabulary of a BPE tokenizer trained on the corpus
+    max_steps: int = 1000
+    batch_size: int = 16  # sequences per optimizer step, all ranks and micro-steps together
+    block_size: int = 0  # context length; 0: the model preset's
+    grad_accum: int = 1  # micro-steps per optimizer step, all ranks together
+    lr: float = 1e-3
+    min_lr: float = 1e-4
+    warmup: int = 100
+    decay: str = "cosine"
+    decay_steps: int = 0  # steps over which lr decays to min_lr; 0: max_steps
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.99)
+    grad_clip: float = 1.0
+    dropout: float | None = None  # None: the model preset's
+    eval_interval: int = 250
+    eval_iters: int = 20
+    log_interval: int = 10
+    dtype: str = "float32"
+    compile: bool = False
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
+    seed: int = 1337
+    early_stop_patience: int = 0
+    log_dir: str = ""  # run folder (logs, resume state, best checkpoint); empty: the caller picks one
+    resume: bool = False  # continue from the resume state in the run folder, when there is one
+    tensorboard: bool = True
+
+    def __post_init__(self) -> None:
+        if self.preset not in MODEL_PRESETS:
+            raise ConfigError("preset", f"preset must be one of {sorted(MODEL_PRESETS)}, got {self.preset!r}")
+        for key, (lo, hi) in _INT_RANGES.items():
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+                raise ConfigError(key, f"{key} must be an integer in [{lo}, {hi}], got {value!r}")
+        for key, (lo, hi) in _FLOAT_RANGES.items():
+            value = getattr(self, key)
+            if key == "dropout" and value is None:
+                continue
+            if not _is_number(value) or not lo <= value <= hi or (key == "lr" and value == 0):
+                left = "(" if key == "lr" else "["
+                raise ConfigError(key, f"{key} must be a number in {left}{lo}, {hi}], got {value!r}")
+            object.__setattr__(self, key, float(value))
+        for key, choices in _CHOICES.items():
+            if getattr(self, key) not in choices:
+                raise ConfigError(key, f"{key} must be one of {list(choices)}, got {getattr(self, key)!r}")
+        for key in _BOOLS:
+            if not isinstance(getattr(self, key), bool):
+                raise ConfigError(key, f"{key} must be true or false, got {getattr(self, key)!r}")
+        betas = self.betas
+        if (
+            not isinstance(betas, (tuple, list))
+            or len(betas) != 2
+            or not all(_is_number(b) and 0.0 <= b < 1.0 for b in betas)
+        ):
+            raise ConfigError("betas", f"betas must be two numbers in [0, 1), like 0.9,0.99, got {betas!r}")
+        object.__setattr__(self, "betas", (float(betas[0]), float(betas[1])))
+        if self.min_lr > self.lr:
+            raise ConfigError("min_lr", f"min_lr must be in [0, lr={self.lr}], got {self.min_lr}")
+        if self.batch_size % self.grad_accum != 0:
+            raise ConfigError(
+                "grad_accum", f"grad_accum must divide batch_size={self.batch_size}, got {self.grad_accum}"
+            )
+        if not isinstance(self.device, str) or not _valid_device(self.device):
+            raise ConfigError("device", f"device must be auto, cpu, cuda, cuda:N or mps, got {self.device!r}")
+        for key in ("name", "log_dir"):
+            if not isinstance(getattr(self, key), str):
+                raise ConfigError(key, f"{key} must be a string, got {getattr(self, key)!r}")
+
+    @property
+    def model_name(self) -> str:
+        """The artifact's human name."""
+        return self.name or self.preset
+
+    @property
+    def lr_decay_steps(self) -> int:
+        """Steps over which the learning rate decays (decay_steps, or max_steps when 0)."""
+        return self.decay_steps or self.max_steps
+
+    def replace(self, **changes: Any) -> "TrainConfig":
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict of every field (JSON/YAML safe; betas as a list)."""
+        d = dataclasses.asdict(self)
+        d["betas"] = list(self.betas)
+        return d
+
+    def to_yaml(self, path: str | Path) -> None:
+        """Write the config as a flat YAML mapping."""
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _valid_device(device: str) -> bool:
+    if device in ("auto", "cpu", "cuda", "mps"):
+        return True
+    return device.startswith("cuda:") and device[5:].isdigit()
+
+
+_NANOGPT_CHAR = dict(
+    tokenizer="char", max_steps=5000, batch_size=64, block_size=256, lr=1e-3, min_lr=1e-4, warmup=100,
+    betas=(0.9, 0.99), weight_decay=0.1, grad_clip=1.0, dropout=0.2, eval_interval=250, eval_iters=200,
+    dtype="bfloat16", compile=True,
+)  # fmt: skip
+
+TRAIN_PRESETS: dict[str, TrainConfig] = {
+    # Seconds on a CPU: a 4-layer 128-wide Llama-style model on characters.
+    "tiny": TrainConfig(
+        preset="tiny", tokenizer="char", max_steps=1000, batch_size=16, block_size=64, lr=3e-3, min_lr=3e-4,
+        warmup=20, eval_interval=100, eval_iters=20, dtype="float32", compile=False,
+    ),
+    # nanoGPT's config/train_shakespeare_char.py, step for step.
+    "shakespeare-char": TrainConfig(preset="shakespeare-char", **_NANOGPT_CHAR),
+    "small": TrainConfig(
+        preset="small", tokenizer="bpe", bpe_vocab=4096, max_steps=5000, batch_size=64, block_size=256,
+        lr=1e-3, min_lr=1e-4, warmup=100, eval_interval=250, eval_iters=100, dtype="bfloat16", compile=True,
+    ),
+    "medium": TrainConfig(
+        preset="medium", tokenizer="bpe", bpe_vocab=8192, max_steps=5000, batch_size=64, grad_accum=2,
+        block_size=512, lr=6e-4, min_lr=6e-5, warmup=200, betas=(0.9, 0.95), eval_interval=250, eval_iters=100,
+        dtype="bfloat16", compile=True,
+    ),
+    "large": TrainConfig(
+        preset="large", tokenizer="bpe", bpe_vocab=16384, max_steps=10000, batch_size=64, grad_accum=4,
+        block_size=1024, lr=3e-4, min_lr=3e-5, warmup=500, betas=(0.9, 0.95), eval_interval=500, eval_iters=100,
+        dtype="bfloat16", compile=True,
+    ),
+    # nanoGPT's GPT-2 124M recipe (batch 480 x 1024 as 40 micro-batches of 12), shortened to a corpus-sized run.
+    "gpt2-124m": TrainConfig(
+        preset="gpt2-124m", tokenizer="bpe", bpe_vocab=50257, max_steps=5000, batch_size=480, grad_accum=40,
+        block_size=1024, lr=6e-4, min_lr=6e-5, warmup=200, betas=(0.9, 0.95), eval_interval=250, eval_iters=200,
+        dtype="bfloat16", compile=True,
+    ),
+}  # fmt: skip
+
+_FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}
+
+
+def _coerce(key: str, raw: Any, current: Any) -> Any:
+    """Turn a YAML or command-line value into the type of field `key` (whose current value is `current`)."""
+    if key not in _FIELDS:
+        raise ConfigError(key, f"unknown config key {key!r}; allowed: {sorted(_FIELDS)}")
+    if not isinstance(raw, str):
+        return tuple(raw) if key == "betas" and isinstance(raw, list) else raw
+    text = raw.strip()
+    try:
+        if key == "betas":
+            return tuple(float(b) for b in text.strip("()[]").split(","))
+        if key == "dropout":
+            return None if text.lower() in ("", "none", "null") else float(text)
+        if key in _BOOLS:
+            if text.lower() in _TRUE + _FALSE:
+                return text.lower() in _TRUE
+            raise ValueError(text)
+        if isinstance(current, bool) or not isinstance(current, (int, float)):
+            return text
+        if isinstance(current, int):
+            value = float(text)
+            return int(value) if value.is_integer() else value  # 5e3 -> 5000; 2.5 fails validation
+        return float(text)
+    except ValueError:
+        raise _unparsable(key, raw) from None
+
+
+def _unparsable(key: str, raw: Any) -> ConfigError:
+    """The same message validation gives, for a value that does not even parse."""
+    if key in _INT_RANGES:
+        lo, hi = _INT_RANGES[key]
+        return ConfigError(key, f"{key} must be an integer in [{lo}, {hi}], got {raw!r}")
+    if key in _FLOAT_RANGES:
+        lo, hi = _FLOAT_RANGES[key]
+        return ConfigError(key, f"{key} must be a number in [{lo}, {hi}], got {raw!r}")
+    if key in _BOOLS:
+        return ConfigError(key, f"{key} must be true or false, got {raw!r}")
+    return ConfigError(key, f"{key} must be two numbers in [0, 1), like 0.9,0.99, got {raw!r}")
+
+
+def parse_overrides(items: list[str]) -> dict[str, str]:
+    """`["lr=3e-4", "compile=false"]` -> `{"lr": "3e-4", "compile": "false"}`; keys are checked later."""
+    out: dict[str, str] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(item, f"override {item!r} must look like key=value; keys: {sorted(_FIELDS)}")
+        out[key.strip()] = value
+    return out
+
+
+def load_config(
+    preset: str | None = None,
+    yaml_path: str | Path | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> TrainConfig:
+    """The preset's TrainConfig, then a YAML file's keys, then `overrides`, validated once at the end.
+
+    The preset comes from `preset`, else the YAML's `preset` key, else the overrides' `preset`, else "tiny".
+    """
+    values: dict[str, Any] = {}
+    if yaml_path is not None:
+        loaded = yaml.safe_load(Path(yaml_path).read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError("config", f"config file {str(yaml_path)!r} must hold a mapping of key: value")
+        values.update(loaded)
+    values.update(overrides or {})
+    name = preset or values.get("preset") or "tiny"
+    if name not in TRAIN_PRESETS:
+        raise ConfigError("preset", f"preset must be one of {sorted(TRAIN_PRESETS)}, got {name!r}")
+    base = TRAIN_PRESETS[name]
+    changes = {key: _coerce(key, raw, getattr(base, key, None)) for key, raw in values.items()}
+    changes["preset"] = name
+    try:
+        return base.replace(**changes)
+    except TypeError as err:  # a YAML value of the wrong shape (a mapping where a number goes)
+        raise ConfigError("config", f"bad config value: {err}") from err
+
+
+def micro_batch_plan(batch_size: int, grad_accum: int, world_size: int) -> tuple[int, int]:
+    """(sequences per micro-batch on one rank, micro-steps per optimizer step on one rank).
+
+    Ranks split the micro-steps (grad_accum // world_size each, at least one); the batch must divide evenly.
+    """
+    accum = max(1, grad_accum // world_size)
+    if grad_accum >= world_size and grad_accum % world_size != 0:
+        raise ConfigError("grad_accum", f"grad_accum={grad_accum} must be a multiple of the world size {world_size}")
+    if batch_size % (accum * world_size) != 0:
+        raise ConfigError(
+            "batch_size",
+            f"batch_size={batch_size} must be a multiple of world_size x micro-steps = {world_size} x {accum}",
+        )
+    return batch_size // (accum * world_size), accum

@@ -1,0 +1,80 @@
+import pytest
+
+from trainer.config import TRAIN_PRESETS, ConfigError, TrainConfig, load_config, micro_batch_plan, parse_overrides
+from model.presets import PRESETS
+
+
+def test_every_model_preset_has_a_train_preset():
+    assert set(TRAIN_PRESETS) == set(PRESETS)
+    for name, cfg in TRAIN_PRESETS.items():
+        assert cfg.preset == name
+
+
+def test_shakespeare_char_is_nanogpts_recipe():
+    c = TRAIN_PRESETS["shakespeare-char"]
+    assert (c.batch_size, c.block_size, c.lr, c.max_steps, c.warmup, c.min_lr) == (64, 256, 1e-3, 5000, 100, 1e-4)
+    assert (c.betas, c.eval_interval, c.eval_iters, c.dropout, c.weight_decay, c.grad_clip) == (
+        (0.9, 0.99), 250, 200, 0.2, 0.1, 1.0
+    )
+    assert c.tokenizer == "char"
+
+
+def test_overrides_are_coerced_to_field_types():
+    cfg = load_config("tiny", overrides=parse_overrides(
+        ["lr=3e-4", "max_steps=5e3", "compile=true", "betas=0.8,0.95", "dropout=0.1", "device=cpu"]
+    ))
+    assert cfg.lr == 3e-4 and cfg.max_steps == 5000 and cfg.compile is True
+    assert cfg.betas == (0.8, 0.95) and cfg.dropout == 0.1 and cfg.device == "cpu"
+    assert cfg.preset == "tiny" and cfg.batch_size == TRAIN_PRESETS["tiny"].batch_size
+
+
+@pytest.mark.parametrize(
+    "item, key, words",
+    [
+        ("nope=1", "nope", "unknown config key"),
+        ("lr=-1", "lr", "(0.0, 10.0]"),
+        ("lr=abc", "lr", "lr must be a number"),
+        ("max_steps=0", "max_steps", "[1, "),
+        ("max_steps=2.5", "max_steps", "integer"),
+        ("dtype=int8", "dtype", "['float32', 'bfloat16', 'float16']"),
+        ("tokenizer=word", "tokenizer", "['char', 'byte', 'bpe']"),
+        ("compile=maybe", "compile", "true or false"),
+        ("betas=0.9", "betas", "two numbers"),
+        ("device=tpu", "device", "cuda:N"),
+        ("min_lr=1", "min_lr", "lr="),
+        ("grad_accum=3", "grad_accum", "divide batch_size"),
+    ],
+)
+def test_bad_values_name_the_key_and_range(item, key, words):
+    with pytest.raises(ConfigError) as info:
+        load_config("tiny", overrides=parse_overrides([item]))
+    assert info.value.key == key
+    assert key in str(info.value) and words in str(info.value)
+
+
+def test_unknown_preset_and_malformed_override():
+    with pytest.raises(ConfigError, match="preset must be one of"):
+        load_config("huge")
+    with pytest.raises(ConfigError, match="key=value"):
+        parse_overrides(["lr"])
+
+
+def test_yaml_then_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    TrainConfig(preset="small", lr=2e-3, max_steps=7).to_yaml(path)
+    cfg = load_config(None, path, {"max_steps": "9"})
+    assert (cfg.preset, cfg.lr, cfg.max_steps) == ("small", 2e-3, 9)
+    path.write_text("preset: tiny\nlr: 1e-3\nwarmup: 3\n")  # PyYAML reads 1e-3 as a string
+    cfg = load_config(None, path)
+    assert (cfg.preset, cfg.lr, cfg.warmup) == ("tiny", 1e-3, 3)
+
+
+def test_micro_batch_plan():
+    assert micro_batch_plan(64, 1, 1) == (64, 1)
+    assert micro_batch_plan(64, 1, 2) == (32, 1)
+    assert micro_batch_plan(480, 40, 8) == (12, 5)
+    assert micro_batch_plan(480, 40, 1) == (12, 40)
+    with pytest.raises(ConfigError, match="world size"):
+        micro_batch_plan(480, 40, 3)
+    with pytest.raises(ConfigError, match="batch_size"):
+        micro_batch_plan(10, 1, 4)

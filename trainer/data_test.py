@@ -1,0 +1,58 @@
+import numpy as np
+import pytest
+import torch
+
+from trainer.data import WindowSampler, get_batch, prepare_data
+
+
+@pytest.fixture()
+def corpus(tmp_path):
+    path = tmp_path / "corpus.txt"
+    path.write_text("First Citizen:\nBefore we proceed any further, hear me speak.\n" * 50)
+    return path
+
+
+@pytest.mark.parametrize("kind", ["char", "byte", "bpe"])
+def test_prepare_splits_last_tenth_and_round_trips(corpus, tmp_path, kind):
+    data = prepare_data(corpus, kind, tmp_path / "cache", bpe_vocab=300)
+    text = corpus.read_text()
+    ids = np.concatenate([np.asarray(data.train), np.asarray(data.val)])
+    assert data.tokenizer.decode(ids.tolist()) == text
+    assert len(data.val) == int(len(ids) * 0.1)
+    assert isinstance(data.train, np.memmap) and data.train.dtype == np.uint16
+    assert int(ids.max()) < data.vocab_size
+
+
+def test_prepare_is_cached_and_keyed_by_content(corpus, tmp_path):
+    first = prepare_data(corpus, "char", tmp_path / "cache")
+    again = prepare_data(corpus, "char", tmp_path / "cache")
+    assert first.folder == again.folder
+    corpus.write_text(corpus.read_text() + "More text.\n")
+    changed = prepare_data(corpus, "char", tmp_path / "cache")
+    assert changed.folder != first.folder
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == sorted([first.folder.name, changed.folder.name])
+
+
+def test_sampler_state_resumes_the_same_sequence():
+    a = WindowSampler(1000, 16, seed=7)
+    a.next_offsets(4)
+    state = a.state_dict()
+    expected = [a.next_offsets(4) for _ in range(3)]
+    b = WindowSampler(1000, 16, seed=99)
+    b.load_state_dict(state)
+    got = [b.next_offsets(4) for _ in range(3)]
+    assert all((e == g).all() for e, g in zip(expected, got))
+    assert b.batches_drawn == 4
+    assert all(0 <= o <= 1000 - 16 for o in np.concatenate(got))
+
+
+def test_sampler_rejects_a_split_shorter_than_a_block():
+    with pytest.raises(ValueError, match="block_size"):
+        WindowSampler(10, 16, seed=0)
+
+
+def test_get_batch_shifts_targets_by_one():
+    data = np.arange(100, dtype=np.uint16)
+    x, y = get_batch(data, np.array([0, 50]), 8, torch.device("cpu"))
+    assert x.shape == y.shape == (2, 8) and x.dtype == torch.int64
+    assert x[1, 0] == 50 and torch.equal(y, x + 1)

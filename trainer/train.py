@@ -1,0 +1,367 @@
+"""The training loop, nanoGPT's train.py as a library: `train(config, corpus, ...) -> TrainResult`.
+
+One optimizer step = `accum` micro-steps of `micro` sequences on each of W ranks (trainer.config.micro_batch_plan):
+forward under autocast, backward (DDP syncs gradients on the last micro-step only), unscale, clip (the norm
+before clipping is logged every step), AdamW step with the scheduled learning rate. Every `eval_interval`
+steps: train/val loss and perplexity on fixed windows, the best weights kept in `<run_dir>/best/`, the exact
+resume state written to `<run_dir>/resume/`, early stopping checked. At the end the best weights become an
+artifact in the store. `should_stop()` is polled before every step: the run then saves its resume state and
+returns; the best checkpoint so far stays in the run folder.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_model, save_model
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from model.artifact import save_artifact
+from model.presets import get_preset
+from model.transformer import GPT
+from trainer import distributed as dist
+from trainer.config import TrainConfig, micro_batch_plan
+from trainer.data import TokenData, WindowSampler, get_batch, prepare_data
+from trainer.distributed import SINGLE, DistInfo
+from trainer.lr_schedule import learning_rate
+from trainer.mfu import Throughput, peak_flops
+from trainer.resume_state import capture_rng, has_resume_state, load_resume_state, save_resume_state
+from trainer.run_log import RunLog, plot_curve
+
+__all__ = ["TrainResult", "ProgressCallback", "train", "resolve_device", "build_model", "make_optimizer"]
+
+log = logging.getLogger(__name__)
+
+ProgressCallback = Callable[[int, dict[str, float]], None]
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class TrainResult:
+    """What a run produced. `stopped` is "completed", "early_stop" or "cancelled"."""
+
+    run_dir: Path
+    stopped: str
+    steps: int  # optimizer steps done, counting those before a resume
+    model_id: str | None = None  # artifact id (None when cancelled or nothing was evaluated)
+    metrics: dict[str, float] = field(default_factory=dict)  # best val loss, perplexity, tokens, time
+    losses: list[float] = field(default_factory=list)  # training loss of each step this process ran
+    grad_norms: list[float] = field(default_factory=list)  # gradient norm before clipping, each step
+
+
+def resolve_device(name: str, info: DistInfo = SINGLE) -> torch.device:
+    """`auto` -> the GPU of this rank when there is one, else CPU."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        name = f"cuda:{info.local_rank}"
+    return torch.device(name)
+
+
+def build_model(config: TrainConfig, vocab_size: int) -> GPT:
+    """The preset's model at the tokenizer's vocabulary, with the run's block size and dropout."""
+    overrides: dict[str, Any] = {"vocab_size": vocab_size}
+    if config.block_size:
+        overrides["block_size"] = config.block_size
+    if config.dropout is not None:
+        overrides["dropout"] = config.dropout
+    return GPT(get_preset(config.preset, **overrides))
+
+
+def make_optimizer(model: torch.nn.Module, config: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices (embeddings, linears) only, as nanoGPT; fused kernels on CUDA."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": config.weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    fused = device.type == "cuda"
+    return torch.optim.AdamW(groups, lr=config.lr, betas=config.betas, fused=fused)
+
+
+@dataclass
+class _Run:
+    """The pieces of one run that every helper below needs."""
+
+    config: TrainConfig
+    info: DistInfo
+    device: torch.device
+    data: TokenData
+    model: GPT  # the plain module: state dicts, checkpoints, artifact
+    fwd: torch.nn.Module  # what the step calls: compiled and/or DDP-wrapped `model`
+    optimizer: torch.optim.AdamW
+    scaler: torch.amp.GradScaler
+    sampler: WindowSampler
+    micro: int
+    accum: int
+    run_dir: Path
+    step: int = 0
+    best_val: float = math.inf
+    best_step: int = 0
+    bad_evals: int = 0
+    tokens_seen: int = 0
+    elapsed_s: float = 0.0  # training time before this process, from the resume state
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        dtype = _DTYPES[self.config.dtype]
+        if dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=dtype)
+
+
+def train(
+    config: TrainConfig,
+    corpus: Path,
+    *,
+    store_root: Path,
+    run_dir: Path,
+    data_dir: Path,
+    info: DistInfo = SINGLE,
+    progress_callback: ProgressCallback | None = None,
+    should_stop: Callable[[], bool] | None = None,
+    show_progress: bool = False,
+    parent_id: str | None = None,
+) -> TrainResult:
+    """Train `config` on `corpus`; the best weights become an artifact under `store_root` (rank 0 writes files).
+
+    `progress_callback(step, metrics)` is called on rank 0 every `log_interval` steps and after every evaluation;
+    `should_stop()` is polled before each step. `data_dir` caches the tokenized corpus.
+    """
+    device = resolve_device(config.device, info)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    dist.init_process_group(info, device)
+    run = _setup(config, corpus, run_dir, data_dir, info, device)
+    result = TrainResult(run_dir=Path(run_dir), stopped="completed", steps=run.step)
+    run_log = RunLog(run.run_dir, resume_step=run.step, tensorboard=config.tensorboard) if info.is_main else None
+    meter = Throughput(run.model.config, peak_flops(device, config.dtype), world_size=info.world_size)
+    bar = _progress_bar(config.max_steps, run.step, show_progress and info.is_main)
+    start = time.perf_counter()
+    try:
+        while run.step < config.max_steps:
+            if dist.any_true(bool(should_stop and should_stop()), info, device):
+                result.stopped = "cancelled"
+                break
+            t0 = time.perf_counter()
+            loss, grad_norm, lr = _train_step(run)
+            dt = time.perf_counter() - t0
+            run.step += 1
+            run.tokens_seen += config.batch_size * run.model.config.block_size
+            result.losses.append(loss)
+            result.grad_norms.append(grad_norm)
+            metrics = {"loss": loss, "lr": lr, "grad_norm": grad_norm, **meter.update(config.batch_size, dt)}
+            metrics["elapsed_s"] = run.elapsed_s + time.perf_counter() - start
+            metrics["eta_s"] = meter.eta_s(config.max_steps - run.step)
+            if bar is not None:
+                bar.set_postfix_str(meter.describe(loss), refresh=False)
+                bar.update(1)
+            if run.step % config.log_interval == 0 or run.step == config.max_steps:
+                if run_log is not None:
+                    run_log.write(run.step, "train", metrics)
+                if progress_callback is not None and info.is_main:
+                    progress_callback(run.step, metrics)
+            if run.step % config.eval_interval == 0 or run.step == config.max_steps:
+                if _evaluate_and_checkpoint(run, run_log, progress_callback, metrics):
+                    result.stopped = "early_stop"
+                    break
+        run.elapsed_s += time.perf_counter() - start
+        if result.stopped == "cancelled" and run.step > 0:
+            _save_resume(run)  # the step boundary is consistent: resuming continues exactly here
+        result.steps = run.step
+        result.metrics = _final_metrics(run)
+        if info.is_main and result.stopped != "cancelled" and (run.run_dir / "best").is_dir():
+            result.model_id = _publish(run, store_root, parent_id, result.metrics)
+    finally:
+        if bar is not None:
+            bar.close()
+        if run_log is not None:
+            run_log.close()
+            plot_curve(run_log.path, run.run_dir / "curve.png", title=f"{config.model_name} ({config.preset})")
+    return result
+
+
+def _setup(
+    config: TrainConfig, corpus: Path, run_dir: Path, data_dir: Path, info: DistInfo, device: torch.device
+) -> _Run:
+    """Data, model, optimizer, sampler; restored from the resume state when `config.resume` and there is one."""
+    if info.is_main:  # rank 0 tokenizes; the others then find it in the cache
+        data = prepare_data(corpus, config.tokenizer, data_dir, bpe_vocab=config.bpe_vocab)
+    dist.barrier(info)
+    if not info.is_main:
+        data = prepare_data(corpus, config.tokenizer, data_dir, bpe_vocab=config.bpe_vocab)
+    torch.manual_seed(config.seed)  # the same initial weights on every rank
+    model = build_model(config, data.vocab_size).to(device)
+    block = model.config.block_size
+    optimizer = make_optimizer(model, config, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=config.dtype == "float16")
+    micro, accum = micro_batch_plan(config.batch_size, config.grad_accum, info.world_size)
+    sampler = WindowSampler(len(data.train), block, config.seed)
+    WindowSampler(len(data.val), block, config.seed)  # fail now, not at the first evaluation, if val is too short
+    run = _Run(config, info, device, data, model, model, optimizer, scaler, sampler, micro, accum, Path(run_dir))
+    run.run_dir.mkdir(parents=True, exist_ok=True)
+    if config.resume and has_resume_state(run.run_dir):
+        _restore(run)
+        log.info("resumed %s at step %d", run.run_dir, run.step)
+    else:
+        torch.manual_seed(config.seed + info.rank)  # dropout differs between ranks, as nanoGPT's seed offset
+        np.random.seed((config.seed + info.rank) % 2**32)
+    fwd: torch.nn.Module = torch.compile(model) if config.compile else model
+    if info.enabled:
+        fwd = DDP(fwd, device_ids=[device.index] if device.type == "cuda" else None)
+    run.fwd = fwd
+    return run
+
+
+def _train_step(run: _Run) -> tuple[float, float, float]:
+    """One optimizer step; returns (mean loss over the global batch, grad norm before clipping, lr)."""
+    config, info = run.config, run.info
+    lr = learning_rate(run.step, config)
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr
+    offsets = run.sampler.next_offsets(config.batch_size)  # (batch_size,) the same on every rank
+    block = run.model.config.block_size
+    loss_sum = torch.zeros((), device=run.device)
+    for m in range(run.accum):
+        first = (m * info.world_size + info.rank) * run.micro
+        x, y = get_batch(run.data.train, offsets[first : first + run.micro], block, run.device)  # (micro, T)
+        if isinstance(run.fwd, DDP):
+            run.fwd.require_backward_grad_sync = m == run.accum - 1  # all-reduce once, on the last micro-step
+        with run.autocast():
+            _, loss = run.fwd(x, y)
+            loss = loss / run.accum  # the mean over the micro-steps, as one big batch would give
+        run.scaler.scale(loss).backward()
+        loss_sum += loss.detach()
+    run.scaler.unscale_(run.optimizer)
+    max_norm = config.grad_clip if config.grad_clip > 0 else math.inf
+    grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), max_norm)  # returns the norm before clipping
+    run.scaler.step(run.optimizer)
+    run.scaler.update()
+    run.optimizer.zero_grad(set_to_none=True)
+    return float(dist.all_mean(loss_sum, info)), float(grad_norm), lr
+
+
+@torch.no_grad()
+def estimate_loss(run: _Run) -> dict[str, float]:
+    """Mean loss over `eval_iters` batches of each split, on the same windows every time (a fixed generator)."""
+    config, info = run.config, run.info
+    block = run.model.config.block_size
+    evaluator = run.fwd.module if isinstance(run.fwd, DDP) else run.fwd
+    run.model.eval()
+    out = {}
+    for split, tokens in (("train", run.data.train), ("val", run.data.val)):
+        rng = np.random.Generator(np.random.PCG64([config.seed, 1]))
+        high = len(tokens) - block
+        losses = torch.zeros(config.eval_iters, device=run.device)
+        for k in range(config.eval_iters):
+            offsets = rng.integers(0, high, size=run.micro * info.world_size, dtype=np.int64)
+            x, y = get_batch(tokens, offsets[info.rank * run.micro : (info.rank + 1) * run.micro], block, run.device)
+            with run.autocast():
+                _, loss = evaluator(x, y)
+            losses[k] = loss.float()
+        out[f"{split}_loss"] = float(dist.all_mean(losses.mean(), info))
+    run.model.train()
+    out["val_ppl"] = math.exp(min(out["val_loss"], 50.0))
+    return out
+
+
+def _evaluate_and_checkpoint(
+    run: _Run, run_log: RunLog | None, callback: ProgressCallback | None, step_metrics: dict[str, float]
+) -> bool:
+    """Evaluate; keep the best weights; save the resume state. Returns True when early stopping says stop."""
+    metrics = estimate_loss(run)
+    metrics["elapsed_s"] = step_metrics["elapsed_s"]
+    improved = metrics["val_loss"] < run.best_val
+    if improved:
+        run.best_val, run.best_step, run.bad_evals = metrics["val_loss"], run.step, 0
+        if run.info.is_main:
+            best = run.run_dir / "best"
+            best.mkdir(exist_ok=True)
+            tmp = best / "model.safetensors.tmp"
+            save_model(run.model, str(tmp))
+            tmp.replace(best / "model.safetensors")
+    else:
+        run.bad_evals += 1
+    metrics["best_val_loss"] = run.best_val
+    log.info("step %d: train %.4f, val %.4f%s", run.step, metrics["train_loss"], metrics["val_loss"],
+             " (best)" if improved else "")  # fmt: skip
+    if run_log is not None:
+        run_log.write(run.step, "eval", metrics)
+    if callback is not None and run.info.is_main:
+        callback(run.step, {**step_metrics, **metrics})  # the step's numbers too, so one event tells it all
+    _save_resume(run, elapsed_s=step_metrics["elapsed_s"])
+    patience = run.config.early_stop_patience
+    return bool(patience and run.bad_evals >= patience)
+
+
+def _save_resume(run: _Run, elapsed_s: float | None = None) -> None:
+    rngs = dist.gather(capture_rng(run.device), run.info)
+    if run.info.is_main:
+        state = {
+            "step": run.step,
+            "best_val": run.best_val if math.isfinite(run.best_val) else None,
+            "best_step": run.best_step,
+            "bad_evals": run.bad_evals,
+            "tokens_seen": run.tokens_seen,
+            "elapsed_s": run.elapsed_s if elapsed_s is None else elapsed_s,
+            "world_size": run.info.world_size,
+            "sampler": run.sampler.state_dict(),
+            "config": run.config.to_dict(),
+        }
+        save_resume_state(run.run_dir, run.model, run.optimizer, run.scaler, state, rngs)
+    dist.barrier(run.info)
+
+
+def _restore(run: _Run) -> None:
+    state = load_resume_state(
+        run.run_dir, run.model, run.optimizer, run.scaler, rank=run.info.rank, device=run.device
+    )
+    run.step = int(state["step"])
+    run.best_val = math.inf if state["best_val"] is None else float(state["best_val"])
+    run.best_step, run.bad_evals = int(state["best_step"]), int(state["bad_evals"])
+    run.tokens_seen, run.elapsed_s = int(state["tokens_seen"]), float(state["elapsed_s"])
+    run.sampler.load_state_dict(state["sampler"])
+    if state["world_size"] != run.info.world_size:
+        log.warning("resuming a %d-rank run on %d ranks: dropout RNG restarts", state["world_size"], run.info.world_size)
+
+
+def _final_metrics(run: _Run) -> dict[str, float]:
+    metrics = {"steps": float(run.step), "tokens": float(run.tokens_seen), "train_time_s": run.elapsed_s}
+    if math.isfinite(run.best_val):
+        metrics.update(val_loss=run.best_val, val_ppl=math.exp(min(run.best_val, 50.0)), best_step=float(run.best_step))
+    return metrics
+
+
+def _publish(run: _Run, store_root: Path, parent_id: str | None, metrics: dict[str, float]) -> str:
+    """The best weights as an artifact (the live model's weights are swapped for them; training is over)."""
+    load_model(run.model, str(run.run_dir / "best" / "model.safetensors"), device=str(run.device))
+    model = run.model.to("cpu").float().eval()
+    return save_artifact(
+        Path(store_root),
+        model,
+        run.data.tokenizer,
+        name=run.config.model_name,
+        preset=run.config.preset,
+        metrics=metrics,
+        parent_id=parent_id,
+    )
+
+
+def _progress_bar(total: int, initial: int, enabled: bool) -> Any:
+    if not enabled:
+        return None
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True)

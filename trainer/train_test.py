@@ -1,0 +1,64 @@
+import math
+
+import torch
+from safetensors.torch import load_file
+
+from trainer.testing import fast_config
+from trainer.run_log import read_log
+from trainer.train import train
+
+
+def test_resume_reproduces_the_uninterrupted_run_exactly(small_corpus, tmp_path):
+    cfg = fast_config(dropout=0.1, resume=True)  # dropout: the torch RNG must resume too
+    full = train(cfg, small_corpus, store_root=tmp_path / "s", run_dir=tmp_path / "a", data_dir=tmp_path / "d")
+
+    calls = []
+    first = train(cfg, small_corpus, store_root=tmp_path / "s", run_dir=tmp_path / "b", data_dir=tmp_path / "d",
+                  should_stop=lambda: calls.append(1) or len(calls) > 6)  # fmt: skip
+    assert first.stopped == "cancelled" and first.steps == 6 and first.model_id is None
+    second = train(cfg, small_corpus, store_root=tmp_path / "s", run_dir=tmp_path / "b", data_dir=tmp_path / "d")
+    assert second.stopped == "completed" and second.steps == 12
+    assert first.losses + second.losses == full.losses  # bit for bit
+    assert first.grad_norms + second.grad_norms == full.grad_norms
+    assert second.model_id == full.model_id  # content-addressed: the same best weights
+    a, b = load_file(tmp_path / "a/resume/model.safetensors"), load_file(tmp_path / "b/resume/model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    steps = [int(r["step"]) for r in read_log(tmp_path / "b/log.csv") if r["kind"] == "train"]
+    assert steps == list(range(1, 13))
+
+
+def test_cancel_stops_at_the_next_step_and_keeps_the_best_checkpoint(small_corpus, dirs):
+    stop = []
+    seen = []
+
+    def on_progress(step, metrics):
+        seen.append(step)
+        if step == 5:
+            stop.append(True)
+
+    result = train(fast_config(), small_corpus, progress_callback=on_progress, should_stop=lambda: bool(stop), **dirs)
+    assert result.stopped == "cancelled" and result.steps == 5 and result.model_id is None
+    assert max(seen) == 5
+    assert (dirs["run_dir"] / "best" / "model.safetensors").is_file()  # from the evaluation at step 4
+    assert (dirs["run_dir"] / "resume" / "state.json").is_file()
+    assert not dirs["store_root"].exists() or not any(dirs["store_root"].iterdir())
+
+
+def test_early_stopping_when_val_loss_stops_improving(small_corpus, dirs):
+    cfg = fast_config(lr=5.0, min_lr=0.0, warmup=0, grad_clip=0.0, max_steps=40, eval_interval=2,
+                      early_stop_patience=2)  # fmt: skip
+    result = train(cfg, small_corpus, **dirs)
+    assert result.stopped == "early_stop" and result.steps < 40
+    assert result.model_id is not None
+    assert result.metrics["best_step"] <= result.steps - 4
+
+
+def test_progress_metrics_and_reduced_precision(small_corpus, dirs):
+    got = {}
+    result = train(fast_config(dtype="bfloat16", max_steps=4), small_corpus,
+                   progress_callback=got.__setitem__, **dirs)  # fmt: skip
+    assert all(math.isfinite(x) for x in result.losses)
+    assert {"loss", "lr", "grad_norm", "tokens_per_s", "eta_s", "elapsed_s"} <= set(got[1])
+    assert "mfu" not in got[1]  # no peak FLOPs known on a CPU
+    assert {"val_loss", "train_loss", "val_ppl", "loss"} <= set(got[4])  # the eval call carries both
+    assert got[4]["val_ppl"] == math.exp(got[4]["val_loss"])
