@@ -1,17 +1,27 @@
-"""The primitive ops of the transformer, in plain PyTorch, and the small modules around them.
+"""The primitive ops of the transformer and the small modules around them.
 
 Every hot op the model runs goes through a function here (`attention`, `rms_norm`, `layer_norm`,
-`swiglu`, `gelu`, `apply_rope`), so routing one to a `kernels/` wrapper (Triton/CUDA with a fallback)
-is a change in this one file. Nothing here touches a GPU at import time.
+`swiglu`, `gelu`, `apply_rope`). On CUDA tensors they run our `kernels/` (Triton flash attention, fused
+norms, SwiGLU); on CPU, and inside `torch.compile` (where Inductor fuses them itself), plain PyTorch.
+`use_kernels(False)` turns the kernels off for a scope, which is how the kernels-on/off benchmark compares them.
+Nothing here touches a GPU at import time.
 """
 
 from __future__ import annotations
+
+import contextlib
+import contextvars
+from typing import Iterator
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from kernels import flash_attention as fa
+from kernels import fused_add_norm, swiglu as swiglu_kernel
+
 __all__ = [
+    "use_kernels",
     "attention",
     "rms_norm",
     "layer_norm",
@@ -22,6 +32,29 @@ __all__ = [
     "RMSNorm",
     "LayerNorm",
 ]
+
+
+_KERNELS_ON: contextvars.ContextVar[bool] = contextvars.ContextVar("tinylm_kernels_on", default=True)
+
+
+@contextlib.contextmanager
+def use_kernels(enabled: bool) -> Iterator[None]:
+    """Within this scope, run (or not) the `kernels/` versions of the ops on CUDA tensors."""
+    token = _KERNELS_ON.set(enabled)
+    try:
+        yield
+    finally:
+        _KERNELS_ON.reset(token)
+
+
+def _kernel_impl(t: torch.Tensor) -> str | None:
+    """The `impl` to run our kernel with for tensor `t`, or None for plain PyTorch.
+
+    Our kernels serve CUDA tensors in eager mode; under torch.compile, Inductor's own fusion runs instead.
+    """
+    if t.is_cuda and _KERNELS_ON.get() and not torch.compiler.is_compiling():
+        return "auto"
+    return None
 
 
 def attention(
@@ -41,6 +74,10 @@ def attention(
     """
     n_head, n_kv_head = q.shape[1], k.shape[1]
     assert n_head % n_kv_head == 0, f"n_head={n_head} is not a multiple of n_kv_head={n_kv_head}"
+    flash_ok = mask is None and dropout_p == 0.0 and k.shape[2] == q.shape[2] and q.shape[-1] in fa.SUPPORTED_HEAD_DIMS
+    impl = _kernel_impl(q)
+    if impl and flash_ok and q.dtype in fa.SUPPORTED_DTYPES:
+        return fa.flash_attention(q, k, v, causal=causal, impl=impl)  # GQA natively: no repeated K/V heads
     if n_kv_head != n_head:
         # Repeat each K/V head for its group of query heads (explicit, so every backend and
         # exporter sees a plain MHA graph).
@@ -51,16 +88,25 @@ def attention(
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """x / rms(x) * weight over the last dimension. x (..., C), weight (C,)."""
+    impl = _kernel_impl(x)
+    if impl:
+        return fused_add_norm.rms_norm(x, weight, eps, impl=impl)
     return F.rms_norm(x, (x.shape[-1],), weight, eps)
 
 
 def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float) -> torch.Tensor:
     """(x - mean) / std * weight + bias over the last dimension. x (..., C), weight/bias (C,)."""
+    impl = _kernel_impl(x)
+    if impl:
+        return fused_add_norm.layer_norm(x, weight, bias, eps, impl=impl)
     return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
 
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """SiLU(gate) * up, the gated unit of a SwiGLU MLP. gate, up (..., hidden)."""
+    impl = _kernel_impl(gate)
+    if impl:
+        return swiglu_kernel.swiglu(gate, up, impl=impl)
     return F.silu(gate) * up
 
 

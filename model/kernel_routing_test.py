@@ -1,0 +1,51 @@
+"""model.layers routes the transformer's ops to kernels/: with the kernels forced on (Triton's interpreter on CPU),
+the model gives the logits and gradients of the plain PyTorch path, for both the Llama and the GPT-2 flavour."""
+
+import pytest
+import torch
+
+from model import layers
+from model.presets import get_preset
+from model.transformer import GPT
+
+FLAVOURS = {
+    "llama-gqa": dict(norm="rmsnorm", pos="rope", mlp="swiglu", bias=False, n_head=4, n_kv_head=2),
+    "gpt2": dict(norm="layernorm", pos="learned", mlp="gelu", bias=True, n_head=2, n_kv_head=2),
+}
+
+
+@pytest.mark.parametrize("flavour", sorted(FLAVOURS))
+def test_kernel_path_matches_pytorch_path(flavour, monkeypatch):
+    torch.manual_seed(0)
+    config = get_preset("tiny", n_layer=1, n_embd=64, block_size=16, vocab_size=32, dropout=0.0, **FLAVOURS[flavour])
+    model = GPT(config)
+    idx = torch.randint(0, config.vocab_size, (2, 16))
+    targets = torch.randint(0, config.vocab_size, (2, 16))
+
+    def run() -> tuple[torch.Tensor, list[torch.Tensor]]:
+        model.zero_grad()
+        logits, loss = model(idx, targets)
+        loss.backward()
+        return logits.detach(), [p.grad.clone() for p in model.parameters()]
+
+    with layers.use_kernels(False):
+        ref_logits, ref_grads = run()
+    calls = []
+    monkeypatch.setattr(layers, "_kernel_impl", lambda t: calls.append(t.shape) or ("triton" if layers._KERNELS_ON.get() else None))
+    kernel_logits, kernel_grads = run()
+
+    assert len(calls) >= 3, "attention, norms and the MLP unit should each ask for a kernel"
+    torch.testing.assert_close(kernel_logits, ref_logits, atol=2e-4, rtol=2e-4)
+    for got, want in zip(kernel_grads, ref_grads):
+        torch.testing.assert_close(got, want, atol=5e-4, rtol=5e-3)
+
+
+def test_use_kernels_false_keeps_pytorch(monkeypatch):
+    seen = []
+    monkeypatch.setattr(layers, "_kernel_impl", lambda t: seen.append(layers._KERNELS_ON.get()) or None)
+    x = torch.randn(3, 8)
+    with layers.use_kernels(False):
+        out = layers.rms_norm(x, torch.ones(8), 1e-6)
+    assert seen == [False]
+    torch.testing.assert_close(out, torch.nn.functional.rms_norm(x, (8,), torch.ones(8), 1e-6))
+    assert layers._KERNELS_ON.get() is True  # the scope ends with the block
