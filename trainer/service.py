@@ -19,6 +19,7 @@ from jobs.errors import JobNotFound, QueueUnavailable
 from jobs.kinds import FINAL_STATES
 from jobs.queue import JobQueue
 from model.artifact import ArtifactInfo, ArtifactStore
+from model.onnx_contract import ONNX_DIR, VARIANT_FILES
 from protos import common_pb2, jobs_pb2, trainer_pb2, trainer_pb2_grpc
 from rpc.errors import invalid_argument, not_found
 from trainer.spec import SpecError, config_from_spec
@@ -31,9 +32,7 @@ SERVICE_NAME = "tinylm.v1.TrainerService"
 _WATCH_CHUNK_S = 5.0  # longest a watch waits before checking that its caller is still there
 # Files an exporter adds to an artifact -> the format name ModelInfo.formats reports.
 _FORMAT_FILES = {
-    "onnx-fp32": "onnx/fp32.onnx",
-    "onnx-int8": "onnx/int8.onnx",
-    "onnx-int4": "onnx/int4.onnx",
+    **{f"onnx-{variant}": f"{ONNX_DIR}/{name}" for variant, name in VARIANT_FILES.items()},
     "coreml": "coreml",
     "hf": "hf",
 }

@@ -1,0 +1,112 @@
+"""A trained tiny model exported to every format: the gates hold, the files follow the contract, the source is
+untouched, re-exports merge. (Failures that must leave nothing behind are in errors_test.py.)"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import onnx
+import torch
+
+from model import onnx_contract as contract
+from exporter.conftest import source_hashes
+from exporter.export import PARITY_FILE, export_artifact
+from exporter.onnx_runner import OnnxDecoder
+from model.artifact import load_artifact, verify_artifact
+
+
+def test_every_gate_passes_on_a_trained_model(exported):
+    report = exported.report
+    assert report["passed"] and report["status"] == "passed" and report["gated"]
+    assert set(report["variants"]) == {"onnx-fp32", "onnx-fp16", "onnx-int8", "onnx-int4", "coreml", "hf"}
+    v = report["variants"]
+    assert v["onnx-fp32"]["max_abs_logits"] <= 1e-4
+    assert v["onnx-int8"]["greedy_agreement"] >= 0.95 and v["onnx-int8"]["val_loss_delta"] <= 0.02
+    assert v["onnx-int4"]["val_loss_delta"] <= 0.06
+    # The gates are meaningful: quantization moves the logits measurably, and the model has learned something.
+    assert v["onnx-int4"]["max_abs_logits"] > v["onnx-int8"]["max_abs_logits"] > 1e-3
+    assert report["reference"]["val_loss"] < 3.0 and report["reference"]["eval_source"] == "corpus held-out tail"
+    assert report["reference"]["decode_steps"] == 64
+    # Smaller files, in the expected order.
+    sizes = {k: v[k]["bytes"] for k in ("onnx-fp32", "onnx-fp16", "onnx-int8", "onnx-int4")}
+    assert sizes["onnx-fp32"] > sizes["onnx-fp16"] > sizes["onnx-int8"] > sizes["onnx-int4"]
+
+
+def test_source_files_untouched_and_artifact_still_verifies(exported):
+    assert source_hashes(exported.path) == exported.hashes_before
+    verify_artifact(exported.path)
+    assert not [p for p in exported.path.iterdir() if p.name.startswith(".")], "staging folders left behind"
+
+
+def test_parity_json_and_meta_describe_the_files(exported):
+    on_disk = json.loads((exported.path / PARITY_FILE).read_text())
+    assert on_disk["variants"].keys() == exported.report["variants"].keys()
+    for entry in on_disk["variants"].values():
+        assert all((exported.path / f).exists() for f in entry["files"])
+    meta = contract.read_meta(exported.path)
+    config = load_artifact(exported.path).config
+    assert meta["inputs"] == contract.input_names(config.n_layer)
+    assert meta["outputs"] == contract.output_names(config.n_layer)
+    assert (meta["n_layer"], meta["n_kv_head"], meta["head_dim"], meta["vocab_size"]) == (
+        config.n_layer, config.n_kv_head, config.head_dim, config.vocab_size,
+    )  # fmt: skip
+    assert set(meta["files"]) == set(contract.VARIANT_FILES)
+    for variant, entry in meta["files"].items():
+        path = exported.path / contract.ONNX_DIR / entry["file"]
+        assert entry["file"] == contract.VARIANT_FILES[variant] and entry["gate"] == "passed"
+        assert entry["bytes"] == path.stat().st_size and entry["io_dtype"] == "float32"
+        onnx.checker.check_model(str(path))
+
+
+def test_quantized_graphs_use_the_quantized_ops(exported):
+    def ops(variant):
+        proto = onnx.load(str(exported.path / contract.ONNX_DIR / contract.VARIANT_FILES[variant]))
+        return {n.op_type for n in proto.graph.node}
+
+    assert "MatMulInteger" in ops("int8")
+    assert {"MatMulNBits", "GatherBlockQuantized"} <= ops("int4")
+    # The tied LM head is quantized too: no float MatMul with a constant weight is left.
+    proto = onnx.load(str(exported.path / contract.ONNX_DIR / contract.VARIANT_FILES["int4"]))
+    constants = {i.name for i in proto.graph.initializer}
+    assert not [n for n in proto.graph.node if n.op_type == "MatMul" and n.input[1] in constants]
+
+
+def test_onnx_greedy_decode_through_the_cache_matches_torch_generation(exported):
+    """Free-running greedy decoding with the fp32 file reproduces the PyTorch tokens exactly."""
+    art = load_artifact(exported.path)
+    decoder = OnnxDecoder(exported.path / contract.ONNX_DIR / contract.VARIANT_FILES["fp32"], threads=1)
+    prompt = np.asarray([art.tokenizer.encode("ROMEO:\nWhat light")], dtype=np.int64)
+    logits, past = decoder.prefill(prompt)
+    got = [int(logits[0, -1].argmax())]
+    for _ in range(20):
+        logits, past = decoder.step(np.asarray([[got[-1]]]), past)
+        got.append(int(logits[0, -1].argmax()))
+    ids = torch.from_numpy(prompt)
+    with torch.no_grad():
+        for _ in range(21):
+            ids = torch.cat([ids, art.model(ids)[0][:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert got == ids[0, prompt.shape[1] :].tolist()
+    assert past[0].shape == (1, art.config.n_kv_head, prompt.shape[1] + 20, art.config.head_dim)
+
+
+def test_coreml_packages_and_hf_folder(exported):
+    coreml = exported.report["variants"]["coreml"]
+    assert len(coreml["packages"]) == 6 and coreml["max_abs_logits"] <= 1e-4
+    stateful = coreml["packages"]["model-stateful-int4"]
+    assert stateful["states"]["key_cache"][0] == 4 and stateful["quantized_weight_ops"] > 0
+    hf = exported.report["variants"]["hf"]
+    assert hf["architecture"] == "LlamaForCausalLM"
+    assert (exported.path / "hf" / "config.json").is_file() and (exported.path / "hf" / "model.safetensors").is_file()
+
+
+def test_reexport_of_a_subset_keeps_the_other_files(exported, tmp_path):
+    path = tmp_path / exported.path.name
+    shutil.copytree(exported.path, path)
+    int8_before = (path / "onnx" / "model-int8.onnx").read_bytes()
+    report = export_artifact(path, ["hf"], eval_text=None)
+    assert set(report["variants"]) == {"hf"} and report["reference"]["eval_source"].startswith("model samples")
+    merged = json.loads((path / PARITY_FILE).read_text())
+    assert set(merged["variants"]) == set(exported.report["variants"])
+    assert (path / "onnx" / "model-int8.onnx").read_bytes() == int8_before

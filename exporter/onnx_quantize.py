@@ -1,0 +1,100 @@
+"""INT8 and INT4 ONNX files from the fp32 graph, with ONNX Runtime's own quantizers.
+
+- INT8: `quantize_dynamic` (weights int8 per output channel, activations uint8 per tensor at run time,
+  `MatMulInteger`), as Optimum's ORTQuantizer does for CPU.
+- INT4: `MatMulNBitsQuantizer`, symmetric blocks of 32 along K (`MatMulNBits`), and the token embedding's
+  Gather too (`GatherBlockQuantized`, which needs opset >= 21). accuracy_level 4 lets the kernel compute
+  with int8 activations, the fast CPU path.
+A tied LM head reaches the graph as Transpose(embedding); the quantizers only take constant weights, so the
+transpose is folded into a constant first (the head is the largest MatMul of a small-vocab model and the
+largest by far at vocab 50k).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+
+import onnx
+from onnx import numpy_helper
+
+__all__ = ["INT4_BLOCK_SIZE", "fold_constant_transposes", "quantize_int8", "quantize_int4"]
+
+INT4_BLOCK_SIZE = 32
+
+
+def fold_constant_transposes(proto: onnx.ModelProto) -> int:
+    """Replace Transpose(initializer) nodes by a transposed initializer, in place; returns how many."""
+    inits = {i.name: i for i in proto.graph.initializer}
+    folded = []
+    for node in proto.graph.node:
+        if node.op_type != "Transpose" or node.input[0] not in inits:
+            continue
+        array = numpy_helper.to_array(inits[node.input[0]])
+        perm = next((list(a.ints) for a in node.attribute if a.name == "perm"), None)
+        transposed = array.transpose(perm) if perm else array.T
+        proto.graph.initializer.append(numpy_helper.from_array(transposed.copy(), node.output[0]))
+        folded.append(node)
+    for node in folded:
+        proto.graph.node.remove(node)
+    return len(folded)
+
+
+class _DropPreprocessingAdvice(logging.Filter):
+    """quantize_dynamic logs advice to run ORT's pre-processing on the root logger at every call."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Please consider to run pre-processing")
+
+
+@contextlib.contextmanager
+def _quiet_quantizer() -> Iterator[None]:
+    """The quantizers log every node at INFO, and advice at WARNING; keep that noise out of the CLI."""
+    for name in ("onnxruntime.quantization.matmul_nbits_quantizer", "onnxruntime.quantization"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    advice = _DropPreprocessingAdvice()
+    logging.getLogger().addFilter(advice)
+    try:
+        yield
+    finally:
+        logging.getLogger().removeFilter(advice)
+
+
+def quantize_int8(src: Path, dst: Path) -> None:
+    """Dynamic INT8 quantization of every constant-weight MatMul of `src` into `dst`."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    proto = onnx.load(str(src))
+    fold_constant_transposes(proto)
+    with _quiet_quantizer():
+        quantize_dynamic(
+            proto,
+            str(dst),
+            op_types_to_quantize=["MatMul"],
+            per_channel=True,
+            weight_type=QuantType.QInt8,
+            extra_options={"MatMulConstBOnly": True},
+        )
+    onnx.checker.check_model(str(dst))
+
+
+def quantize_int4(src: Path, dst: Path, block_size: int = INT4_BLOCK_SIZE) -> None:
+    """Weight-only INT4 (symmetric, `block_size` blocks) of every constant MatMul and the embedding Gather."""
+    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
+
+    proto = onnx.load(str(src))
+    fold_constant_transposes(proto)
+    config = DefaultWeightOnlyQuantConfig(
+        block_size=block_size,
+        is_symmetric=True,
+        accuracy_level=4,
+        op_types_to_quantize=("MatMul", "Gather"),
+        quant_axes=(("MatMul", 0), ("Gather", 1)),
+    )
+    quantizer = MatMulNBitsQuantizer(proto, algo_config=config)
+    with _quiet_quantizer():
+        quantizer.process()
+    quantizer.model.save_model_to_file(str(dst), use_external_data_format=False)
+    onnx.checker.check_model(str(dst))

@@ -1,0 +1,439 @@
+"""Serving benchmark: the engine's decode latency and throughput, streaming gRPC under load, and Hugging Face
+`generate` on a GPT-2-shaped model of the same size as the baseline, all measured in one run.
+
+    python -m inference_svc.bench --device cuda            # GPU: bf16 + CUDA graphs, 256 sequences, 64 streams
+    python -m inference_svc.bench --device cpu             # CPU: torch fp32 and ONNX Runtime INT8, small loads
+
+Rows (one per measurement, same columns everywhere):
+- `engine batch 1`: one request at a time; ms/token is the mean gap between its tokens (decode only).
+- `engine N concurrent`: N requests submitted at once (prompt lengths 8..39, so sequences sit at different
+  positions as they do in a live server); tokens/s is all generated tokens over the wall time.
+- `grpc N streams`: a server process (`python -m inference_svc serve`) and N streaming clients in separate
+  client processes, each sending requests back to back; TTFT and inter-token gaps are measured by the clients.
+- `hf generate`: transformers' GPT2LMHeadModel with the same width, depth, heads, vocabulary and context, same
+  dtype and device, `generate(do_sample=False)` for the same number of new tokens.
+The model is shakespeare-char with random weights unless --model names an artifact (speed does not depend
+on the weights). Results: `<out>/inference-<cpu|gpu>.{csv,json,png}` with the device, commit and command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import json
+import multiprocessing
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from inference_svc.engine import Engine
+from inference_svc.params import Request
+from inference_svc.runner import ModelRunner, TorchRunner
+from model.artifact import load_artifact, save_artifact
+from model.presets import get_preset
+from model.sampling import SamplingParams
+from model.tokenizers import CharTokenizer
+from model.transformer import GPT
+
+__all__ = ["Row", "main", "engine_latency", "engine_throughput", "grpc_load", "hf_generate"]
+
+ROOT = Path(__file__).resolve().parent.parent
+PRESET = "shakespeare-char"
+PROMPT_LENGTHS = range(8, 40)  # cycled over concurrent requests
+# Targets from issue 10 (GPU, shakespeare-char).
+TARGET_MS_PER_TOKEN = 0.25
+TARGET_ENGINE_TOKENS_PER_S = 300_000
+TARGET_GRPC_TOKENS_PER_S = 50_000
+
+
+@dataclass(frozen=True)
+class Row:
+    backend: str  # "torch cuda bf16 graphs", "torch cpu fp32", "onnx int8 cpu", "hf generate cuda bf16"
+    scenario: str  # "engine batch 1", "engine 256 concurrent", "grpc 64 streams", "hf generate batch 1"
+    concurrency: int
+    new_tokens: int  # per request
+    ms_per_token: float | None  # batch 1: mean gap between tokens of one request
+    tokens_per_s: float  # all generated tokens / wall time
+    ttft_p50_ms: float | None = None
+    ttft_p95_ms: float | None = None
+    itl_p50_ms: float | None = None  # inter-token latency
+    itl_p95_ms: float | None = None
+    target: str = ""  # the issue's target for this row, if any
+    meets_target: bool | None = None
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How big each measurement is (GPU sizes by default; --device cpu scales them down)."""
+
+    new_tokens: int
+    latency_repeats: int
+    concurrency: int
+    grpc_streams: int
+    grpc_requests_per_stream: int
+    grpc_client_processes: int
+
+
+GPU_PLAN = Plan(new_tokens=200, latency_repeats=5, concurrency=256, grpc_streams=64, grpc_requests_per_stream=8, grpc_client_processes=8)
+CPU_PLAN = Plan(new_tokens=48, latency_repeats=3, concurrency=16, grpc_streams=8, grpc_requests_per_stream=2, grpc_client_processes=2)
+
+
+def _pct(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]
+
+
+def _prompts(n: int, vocab_size: int, equal: bool = False) -> list[tuple[int, ...]]:
+    """n random prompts of lengths 8, 9, ... 39, 8, ... (or all of length 16)."""
+    gen = torch.Generator().manual_seed(0)
+    lengths = [16 if equal else PROMPT_LENGTHS[i % len(PROMPT_LENGTHS)] for i in range(n)]
+    return [tuple(torch.randint(0, vocab_size, (t,), generator=gen).tolist()) for t in lengths]
+
+
+def _greedy(new_tokens: int) -> SamplingParams:
+    return SamplingParams(max_new_tokens=new_tokens, temperature=0.0)
+
+
+# Engine ------------------------------------------------------------------------------------------------
+
+
+def engine_latency(engine: Engine, prompt: tuple[int, ...], new_tokens: int, repeats: int) -> tuple[float, float]:
+    """Median over `repeats` single requests of (mean inter-token ms, TTFT ms)."""
+    engine.submit(Request(prompt, _greedy(4))).result()  # warm-up
+    itl, ttft = [], []
+    for _ in range(repeats):
+        final = engine.submit(Request(prompt, _greedy(new_tokens))).result()
+        itl.append(final.timings.mean_inter_token_ms)
+        ttft.append(final.timings.ttft_ms)
+    return statistics.median(itl), statistics.median(ttft)
+
+
+def engine_throughput(engine: Engine, prompts: list[tuple[int, ...]], new_tokens: int) -> dict[str, float | None]:
+    """Submit every prompt at once; tokens/s over the wall time, with TTFT and inter-token percentiles."""
+    engine.submit(Request(prompts[0], _greedy(2))).result()  # warm-up
+    start = time.perf_counter()
+    handles = [engine.submit(Request(p, _greedy(new_tokens))) for p in prompts]
+    finals = [h.result() for h in handles]
+    wall = time.perf_counter() - start
+    gaps = [b - a for f in finals for a, b in zip(f.timings.token_ms, f.timings.token_ms[1:])]
+    ttft = [f.timings.ttft_ms for f in finals]
+    return {
+        "tokens_per_s": sum(len(f.token_ids) for f in finals) / wall,
+        "ttft_p50_ms": _pct(ttft, 50),
+        "ttft_p95_ms": _pct(ttft, 95),
+        "itl_p50_ms": _pct(gaps, 50),
+        "itl_p95_ms": _pct(gaps, 95),
+    }
+
+
+def _engine_rows(backend: str, runner: ModelRunner, tokenizer, plan: Plan, on_gpu: bool, equal_too: bool = False) -> list[Row]:
+    """Batch-1 latency and N-concurrent throughput (and, with `equal_too`, N prompts of one length: the case
+    where the ORT runner can put every sequence in one call)."""
+    prompts = _prompts(plan.concurrency, runner.vocab_size)
+    with Engine(runner, tokenizer, max_queue=plan.concurrency) as engine:
+        ms, ttft = engine_latency(engine, prompts[8], plan.new_tokens, plan.latency_repeats)
+        batch = engine_throughput(engine, prompts, plan.new_tokens)
+        equal = engine_throughput(engine, _prompts(plan.concurrency, runner.vocab_size, equal=True), plan.new_tokens) if equal_too else None
+    extra = [Row(backend, f"engine {plan.concurrency} concurrent, equal prompts", plan.concurrency, plan.new_tokens, None, **equal)] if equal else []
+    return extra + [
+        Row(backend, "engine batch 1", 1, plan.new_tokens, ms, 1e3 / ms, ttft, ttft, ms, ms,
+            f"<= {TARGET_MS_PER_TOKEN} ms/token" if on_gpu else "", ms <= TARGET_MS_PER_TOKEN if on_gpu else None),
+        Row(backend, f"engine {plan.concurrency} concurrent", plan.concurrency, plan.new_tokens, None, **batch,
+            target=f">= {TARGET_ENGINE_TOKENS_PER_S} tok/s" if on_gpu else "",
+            meets_target=batch["tokens_per_s"] >= TARGET_ENGINE_TOKENS_PER_S if on_gpu else None),
+    ]
+
+
+# gRPC ----------------------------------------------------------------------------------------------------
+
+
+def _stream_client(address: str, n_threads: int, n_requests: int, prompt: str, new_tokens: int) -> list[dict[str, Any]]:
+    """One client process: `n_threads` streams, each sending `n_requests` requests back to back."""
+    from protos import inference_pb2, inference_pb2_grpc
+    from rpc.client import channel
+
+    params = inference_pb2.SamplingParameters(max_new_tokens=new_tokens, temperature=0.0, has_temperature=True)
+    records: list[dict[str, Any]] = []
+    lock = threading.Lock()
+
+    def stream(ch) -> None:
+        stub = inference_pb2_grpc.InferenceServiceStub(ch)
+        for _ in range(n_requests):
+            t0 = last = time.perf_counter()
+            ttft, gaps, n = None, [], 0
+            for reply in stub.Generate(inference_pb2.GenerateRequest(prompt=prompt, params=params), timeout=600):
+                now = time.perf_counter()
+                k = len(reply.token_ids)
+                if k and ttft is None:
+                    ttft = (now - t0) * 1e3
+                elif k:
+                    gaps += [(now - last) * 1e3 / k] * k  # a merged message spreads its gap over its tokens
+                if k:
+                    last, n = now, n + k
+            with lock:
+                records.append({"start": t0, "end": time.perf_counter(), "tokens": n, "ttft_ms": ttft, "gaps_ms": gaps})
+
+    with channel(address) as ch:
+        threads = [threading.Thread(target=stream, args=(ch,)) for _ in range(n_threads)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    return records
+
+
+def grpc_load(address: str, streams: int, requests_per_stream: int, prompt: str, new_tokens: int, processes: int) -> dict[str, float | None]:
+    """`streams` concurrent streaming clients spread over `processes` client processes."""
+    _stream_client(address, 1, 1, prompt, 4)  # warm-up: connection, first request
+    per_proc = [streams // processes + (i < streams % processes) for i in range(processes)]
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Pool(processes) as pool:
+        parts = pool.starmap(_stream_client, [(address, n, requests_per_stream, prompt, new_tokens) for n in per_proc if n])
+    records = [r for part in parts for r in part]
+    wall = max(r["end"] for r in records) - min(r["start"] for r in records)  # perf_counter is system-wide on Linux
+    gaps = [g for r in records for g in r["gaps_ms"]]
+    ttft = [r["ttft_ms"] for r in records if r["ttft_ms"] is not None]
+    return {
+        "tokens_per_s": sum(r["tokens"] for r in records) / wall,
+        "ttft_p50_ms": _pct(ttft, 50),
+        "ttft_p95_ms": _pct(ttft, 95),
+        "itl_p50_ms": _pct(gaps, 50),
+        "itl_p95_ms": _pct(gaps, 95),
+    }
+
+
+def _start_server(model_path: Path, device: str, max_slots: int, threads: int) -> tuple[subprocess.Popen, str]:
+    argv = [sys.executable, "-m", "inference_svc", "serve", "--model", str(model_path), "--port", "0", "--device", device,
+            "--max-slots", str(max_slots), "--max-queue", str(4 * max_slots), "--threads", str(threads)]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TINYLM_TOKEN": ""}
+    proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    line = proc.stdout.readline()
+    match = re.search(r" on (\S+)$", line.strip())
+    if not match:
+        proc.kill()
+        raise RuntimeError(f"inference server did not start: {line!r}")
+    return proc, match.group(1)
+
+
+def _grpc_row(backend: str, model_path: Path, tokenizer, device: str, plan: Plan, on_gpu: bool, threads: int) -> Row:
+    prompt = tokenizer.decode(list(_prompts(1, tokenizer.vocab_size)[0]))
+    proc, address = _start_server(model_path, device, max_slots=plan.grpc_streams, threads=threads)
+    try:
+        load = grpc_load(address, plan.grpc_streams, plan.grpc_requests_per_stream, prompt, plan.new_tokens, plan.grpc_client_processes)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+    return Row(backend, f"grpc {plan.grpc_streams} streams", plan.grpc_streams, plan.new_tokens, None, **load,
+               target=f">= {TARGET_GRPC_TOKENS_PER_S} tok/s" if on_gpu else "",
+               meets_target=load["tokens_per_s"] >= TARGET_GRPC_TOKENS_PER_S if on_gpu else None)
+
+
+# Hugging Face baseline ---------------------------------------------------------------------------------
+
+
+def hf_generate(config, device: torch.device, dtype: torch.dtype, batch: int, prompt_len: int, new_tokens: int, repeats: int) -> float | None:
+    """Seconds per `generate` call (median) of a random GPT2LMHeadModel shaped like `config`; None without transformers."""
+    try:
+        from transformers import GPT2Config, GPT2LMHeadModel
+    except ImportError:
+        return None
+    hf_config = GPT2Config(
+        vocab_size=config.vocab_size, n_positions=config.block_size, n_embd=config.n_embd, n_layer=config.n_layer,
+        n_head=config.n_head, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+    )
+    model = GPT2LMHeadModel(hf_config).to(device=device, dtype=dtype).eval()
+    ids = torch.randint(0, config.vocab_size, (batch, prompt_len), device=device)
+    kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+    times = []
+    with torch.inference_mode():
+        model.generate(ids, **{**kwargs, "max_new_tokens": 4, "min_new_tokens": 4})  # warm-up
+        for _ in range(repeats):
+            _sync(device)
+            t0 = time.perf_counter()
+            model.generate(ids, **kwargs)
+            _sync(device)
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _hf_rows(config, device: torch.device, dtype: torch.dtype, plan: Plan) -> list[Row]:
+    backend = f"hf generate {device.type} {str(dtype).removeprefix('torch.')}"
+    rows = []
+    for batch in (1, plan.concurrency):
+        s = hf_generate(config, device, dtype, batch, 16, plan.new_tokens, plan.latency_repeats if batch == 1 else 1)
+        if s is None:
+            return []
+        ms = s * 1e3 / plan.new_tokens if batch == 1 else None
+        rows.append(Row(backend, f"hf generate batch {batch}", batch, plan.new_tokens, ms, batch * plan.new_tokens / s))
+    return rows
+
+
+# Model, artifacts, results --------------------------------------------------------------------------------
+
+
+def _model_artifact(model_ref: str, store: Path) -> Path:
+    """--model's folder, or a random-init shakespeare-char saved into `store`."""
+    if model_ref:
+        return Path(model_ref)
+    text = "".join(chr(c) for c in range(32, 32 + 65))  # 65 characters, the Tiny Shakespeare vocabulary's size
+    tokenizer = CharTokenizer.from_corpus(text)
+    torch.manual_seed(0)
+    model = GPT(get_preset(PRESET, vocab_size=tokenizer.vocab_size, dropout=0.0))
+    return store / save_artifact(store, model, tokenizer, name="bench-shakespeare-char", preset=PRESET)
+
+
+def _export_int8(path: Path, threads: int) -> Path:
+    """The artifact's onnx/model-int8.onnx, exported by the exporter's own CLI when missing."""
+    if not (path / "onnx" / "model-int8.onnx").is_file():
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        argv = [sys.executable, "-m", "exporter.main", str(path), "--formats", "int8", "--no-gate", "-q", "--threads", str(threads)]
+        subprocess.run(argv, cwd=ROOT, env=env, check=True, stdout=subprocess.DEVNULL)
+    return path
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    name = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                 if line.lower().startswith("model name")), platform.processor() or "unknown")
+    return f"cpu: {name} x{os.cpu_count()}"
+
+
+def _git_commit() -> str:
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return sha + ("+dirty" if dirty.strip() else "")
+
+
+def write_results(out: Path, stem: str, header: dict[str, Any], rows: list[Row]) -> list[Path]:
+    """`<out>/<stem>.csv` (header as `# key: value` lines), `.json` and `.png` (tokens/s and ms/token)."""
+    out.mkdir(parents=True, exist_ok=True)
+    columns = [f.name for f in fields(Row)]
+    with open(out / f"{stem}.csv", "w", newline="") as f:
+        for key, value in header.items():
+            f.write(f"# {key}: {value}\n")
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(asdict(r) for r in rows)
+    (out / f"{stem}.json").write_text(json.dumps({"header": header, "rows": [asdict(r) for r in rows]}, indent=2) + "\n")
+    _plot(out / f"{stem}.png", header, rows)
+    return [out / f"{stem}.{ext}" for ext in ("csv", "json", "png")]
+
+
+def _plot(path: Path, header: dict[str, Any], rows: list[Row]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [f"{r.backend}\n{r.scenario}" for r in rows]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(14, 0.55 * len(rows) + 2.5))
+    left.barh(labels, [r.tokens_per_s for r in rows], color="tab:blue")
+    left.set_xscale("log")
+    left.set_xlabel("generated tokens / s (log)")
+    latency = [(lab, r.ms_per_token) for lab, r in zip(labels, rows) if r.ms_per_token is not None]
+    right.barh([lab for lab, _ in latency], [ms for _, ms in latency], color="tab:orange")
+    right.set_xlabel("decode ms / token at batch 1")
+    for ax in (left, right):
+        ax.invert_yaxis()
+        ax.tick_params(axis="y", labelsize=7)
+    fig.suptitle(f"tinylm inference, {PRESET} — {header['device']} @ {header['git_commit'][:12]}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m inference_svc.bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
+    p.add_argument("--model", default="", help="artifact folder to serve (default: random-init shakespeare-char)")
+    p.add_argument("--out", type=Path, default=ROOT / "bench_svc" / "results", help="results folder")
+    p.add_argument("--skip", default="", help="comma-separated parts to skip: engine,grpc,onnx,hf")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads for torch and ONNX Runtime (0: their default); "
+                   "1 gives steadier figures on a shared, oversubscribed machine")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    on_gpu = device.type == "cuda"
+    plan = GPU_PLAN if on_gpu else CPU_PLAN
+    skip = set(filter(None, args.skip.split(",")))
+    started = time.perf_counter()
+
+    with tempfile.TemporaryDirectory() as store:
+        path = _model_artifact(args.model, Path(store))
+        artifact = load_artifact(path, device=device)
+        dtype = torch.bfloat16 if on_gpu else torch.float32
+        kind = f"torch {device.type} {str(dtype).removeprefix('torch.')}" + (" graphs" if on_gpu else "")
+        rows: list[Row] = []
+        if "engine" not in skip:
+            runner = TorchRunner(artifact.model, n_slots=plan.concurrency, device=device, dtype=dtype)
+            rows += _engine_rows(kind, runner, artifact.tokenizer, plan, on_gpu)
+            del runner
+        if "grpc" not in skip:
+            rows.append(_grpc_row(kind, path, artifact.tokenizer, args.device, plan, on_gpu, args.threads))
+        if "onnx" not in skip:
+            from inference_svc.ort_runner import OrtRunner
+
+            ort = OrtRunner(_export_int8(path, args.threads), n_slots=CPU_PLAN.concurrency, variant="int8", threads=args.threads)
+            rows += _engine_rows("onnx int8 cpu", ort, artifact.tokenizer, CPU_PLAN, on_gpu=False, equal_too=True)
+        if "hf" not in skip:
+            rows += _hf_rows(artifact.config, device, dtype, plan)
+
+    header = {
+        "device": _device_name(device),
+        "git_commit": _git_commit(),
+        "command": _command(argv),
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "model": f"{PRESET} ({artifact.model.num_params() / 1e6:.2f}M params, {'random init' if not args.model else args.model})",
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "load_average": " ".join(f"{x:.2f}" for x in os.getloadavg()),
+        "wall_s": round(time.perf_counter() - started, 1),
+    }
+    paths = write_results(args.out, f"inference-{'gpu' if on_gpu else 'cpu'}", header, rows)
+    _print_table(rows)
+    print("wrote " + ", ".join(str(p) for p in paths))
+    return 0
+
+
+def _command(argv: list[str] | None) -> str:
+    """The command line as run from the repository root (interpreter relative to it, PYTHONPATH if set)."""
+    python = os.path.relpath(sys.executable, ROOT) if sys.executable.startswith(str(ROOT)) else sys.executable
+    env = f"PYTHONPATH={os.environ['PYTHONPATH']} " if os.environ.get("PYTHONPATH") else ""
+    return env + " ".join([python, "-m", "inference_svc.bench", *(argv if argv is not None else sys.argv[1:])])
+
+
+def _print_table(rows: list[Row]) -> None:
+    fmt = lambda v: "-" if v is None else f"{v:,.3f}" if isinstance(v, float) and v < 100 else f"{v:,.0f}"  # noqa: E731
+    print(f"{'backend':<26} {'scenario':<24} {'ms/tok':>8} {'tok/s':>10} {'ttft p50/p95 ms':>18} {'itl p50/p95 ms':>16}  target")
+    for r in rows:
+        ok = "" if r.meets_target is None else (" ok" if r.meets_target else " MISSED")
+        print(f"{r.backend:<26} {r.scenario:<24} {fmt(r.ms_per_token):>8} {fmt(r.tokens_per_s):>10} "
+              f"{fmt(r.ttft_p50_ms) + '/' + fmt(r.ttft_p95_ms):>18} {fmt(r.itl_p50_ms) + '/' + fmt(r.itl_p95_ms):>16}  {r.target}{ok}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

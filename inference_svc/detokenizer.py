@@ -1,0 +1,51 @@
+"""Streaming detokenization: turn generated token ids into text chunks as they come.
+
+Two things must never reach a caller early:
+- half a UTF-8 character (a byte-level token can end mid-character): `model.tokenizers.IncrementalDecoder`
+  holds incomplete trailing bytes back until the character completes;
+- text that may turn out to be the start of a stop sequence: `model.stop_strings.StopStringMatcher` holds
+  back the longest suffix that is a prefix of a stop string until the next token decides it, so a stop
+  split across tokens (or chunks) is still found and never shown. The reference generator uses the same
+  matcher, so both cut the output at the same place.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+from model.stop_strings import StopStringMatcher
+from model.tokenizers import IncrementalDecoder, Tokenizer
+
+__all__ = ["StreamingDetokenizer"]
+
+
+class StreamingDetokenizer:
+    """Feeds token ids in, hands text out; `stopped` once a stop string appears (it is cut, not shown)."""
+
+    def __init__(self, tokenizer: Tokenizer, stop: Sequence[str] = ()) -> None:
+        self._utf8 = IncrementalDecoder(tokenizer)
+        self._stops = StopStringMatcher(tuple(stop)) if stop else None  # None: nothing to hold back
+        self.text = ""  # all text handed out so far
+
+    @property
+    def stopped(self) -> bool:
+        return self._stops is not None and self._stops.stopped
+
+    def add(self, token_ids: Sequence[int]) -> str:
+        """Decode new tokens; returns the text that is now safe to show (possibly empty)."""
+        if self.stopped or not token_ids:
+            return ""
+        text = self._utf8.push(token_ids)
+        return self._emit(text if self._stops is None else self._stops.push(text))
+
+    def flush(self) -> str:
+        """The generation ended without a stop: hand out everything held (a dangling partial character
+        becomes U+FFFD, as a full decode would show it)."""
+        if self.stopped:
+            return ""
+        tail = self._utf8.flush()
+        return self._emit(tail if self._stops is None else self._stops.push(tail) + self._stops.flush())
+
+    def _emit(self, text: str) -> str:
+        self.text += text
+        return text

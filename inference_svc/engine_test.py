@@ -1,0 +1,179 @@
+"""The engine against the reference generator (model.generate): continuous batching must not change a
+single token, and every slot comes back whatever happens to a request."""
+
+from __future__ import annotations
+
+import gc
+import random
+
+import pytest
+
+from inference_svc.engine import Engine, FinishReason, QueueFull
+from inference_svc.params import make_request
+from inference_svc.runner import TorchRunner
+from inference_svc.sequence import Sequence
+from model.generate import generate, generate_tokens
+from model.sampling import SamplingParams
+
+PROMPTS = ["to be", "or not to be: that", "t", "whether 'tis nobler in the", "the question. ", "suffer!", "is", "mind to"]
+PARAMS = [
+    SamplingParams(max_new_tokens=12, temperature=0.0),
+    SamplingParams(max_new_tokens=30, temperature=0.8, top_k=5, seed=1),
+    SamplingParams(max_new_tokens=7, temperature=1.0, top_p=0.9, seed=2),
+    SamplingParams(max_new_tokens=25, temperature=0.0, repetition_penalty=1.5),
+    SamplingParams(max_new_tokens=18, temperature=1.2, top_k=8, top_p=0.8, repetition_penalty=1.3, seed=3),
+    SamplingParams(max_new_tokens=40, temperature=0.7, seed=4),
+    SamplingParams(max_new_tokens=3, temperature=0.0),
+    SamplingParams(max_new_tokens=22, temperature=1.0, seed=5),
+]
+
+
+@pytest.fixture
+def engine(tiny):
+    runner = TorchRunner(tiny.model, n_slots=4)
+    with Engine(runner, tiny.tokenizer, max_queue=2000) as eng:
+        yield eng
+
+
+def _request(tiny, prompt, params, **kw):
+    return make_request(prompt, params, tokenizer=tiny.tokenizer, context_len=tiny.model.config.block_size, **kw)
+
+
+def _collect(handle):
+    chunks = list(handle)
+    assert sum(c.final for c in chunks) == 1 and chunks[-1].final
+    return chunks
+
+
+def test_concurrent_requests_admitted_at_different_times_match_the_reference(tiny, engine):
+    cases = list(zip(PROMPTS, PARAMS)) * 2  # 16 requests for 4 slots: most wait, then join mid-flight
+    handles = [engine.submit(_request(tiny, p, s)) for p, s in cases[:3]]
+    early = [handles[1].next_chunk() for _ in range(3)]  # request 1 is decoding when the next ones arrive
+    handles += [engine.submit(_request(tiny, p, s)) for p, s in cases[3:9]]
+    early += [handles[5].next_chunk()]
+    handles += [engine.submit(_request(tiny, p, s)) for p, s in cases[9:]]
+
+    for i, ((prompt, params), handle) in enumerate(zip(cases, handles)):
+        chunks = ([c for c in early[:3]] if i == 1 else [early[3]] if i == 5 else []) + _collect(handle)
+        ids = [t for c in chunks for t in c.token_ids]
+        assert ids == generate_tokens(tiny.model, tiny.tokenizer.encode(prompt), params), f"request {i}"
+        assert "".join(c.text for c in chunks) == generate(tiny.model, tiny.tokenizer, prompt, params)
+        final = chunks[-1]
+        assert final.finish_reason is FinishReason.LENGTH and final.error == ""
+        assert final.usage.prompt_tokens == len(prompt) and final.usage.completion_tokens == params.max_new_tokens
+        assert all(len(c.token_ids) == 1 for c in chunks)  # one token per chunk, the last one on the final
+        t = final.timings
+        assert len(t.token_ms) == params.max_new_tokens and list(t.token_ms) == sorted(t.token_ms)
+        assert t.queue_ms <= t.ttft_ms == t.token_ms[0] <= t.total_ms
+    assert engine.stats().free_slots == 4
+
+
+def test_stop_sequences_end_the_stream_without_showing_the_stop(tiny, engine):
+    prompt = "to be"
+    full = generate(tiny.model, tiny.tokenizer, prompt, SamplingParams(max_new_tokens=40, temperature=0.0))
+    stop = full[12:15]
+    cut = full.find(stop)
+    params = SamplingParams(max_new_tokens=40, temperature=0.0, stop=("never-there", stop))
+    chunks = _collect(engine.submit(_request(tiny, prompt, params)))
+    text = "".join(c.text for c in chunks)
+    assert text == full[:cut] == generate(tiny.model, tiny.tokenizer, prompt, params)
+    assert chunks[-1].finish_reason is FinishReason.STOP
+    # Character tokens: generation ends at the token that completes the stop string.
+    assert chunks[-1].usage.completion_tokens == cut + len(stop)
+    assert all(c.text == "" for c in chunks[cut:])  # the stop's own tokens show nothing
+
+    unmatched = SamplingParams(max_new_tokens=40, temperature=0.0, stop=("never-there",))
+    chunks = _collect(engine.submit(_request(tiny, prompt, unmatched)))
+    assert "".join(c.text for c in chunks) == full and chunks[-1].finish_reason is FinishReason.LENGTH
+
+
+def test_context_length_ends_with_length(tiny, engine):
+    block = tiny.model.config.block_size
+    prompt = (PROMPTS[3] * 10)[: block - 3]
+    params = SamplingParams(max_new_tokens=10, temperature=0.0)
+    chunks = _collect(engine.submit(_request(tiny, prompt, params)))
+    ids = [t for c in chunks for t in c.token_ids]
+    # Prompt positions 0..block-4, then 3 fed-back tokens fill the cache: 4 tokens in all.
+    assert len(ids) == 4 and chunks[-1].finish_reason is FinishReason.LENGTH
+    assert ids == generate_tokens(tiny.model, tiny.tokenizer.encode(prompt), params)[:4]
+    full = _collect(engine.submit(_request(tiny, (PROMPTS[1] * 20)[:block], params)))
+    assert full[-1].usage.completion_tokens == 1 and full[-1].finish_reason is FinishReason.LENGTH
+
+
+def test_cancel_frees_the_slot_by_the_next_step(tiny):
+    with Engine(TorchRunner(tiny.model, n_slots=1), tiny.tokenizer, max_queue=4) as engine:
+        running = engine.submit(_request(tiny, "to be", SamplingParams(max_new_tokens=120, temperature=0.0)))
+        first = running.next_chunk()
+        waiting = engine.submit(_request(tiny, "or not", SamplingParams(max_new_tokens=5), request_id="w"))
+        assert not first.final and engine.stats().queued == 1
+        assert engine.cancel("w") and running.cancel()
+        for handle in (running, waiting):
+            final = _collect(handle)[-1]
+            assert final.finish_reason is FinishReason.CANCELLED
+        assert final.usage.completion_tokens == 0
+        # The slot was back before the final chunk was sent.
+        stats = engine.stats()
+        assert (stats.free_slots, stats.queued, stats.running, stats.in_flight) == (1, 0, 0, 0)
+        assert not engine.cancel("w")  # finished requests are not in flight any more
+
+
+def test_full_queue_and_duplicate_ids_are_refused(tiny):
+    with Engine(TorchRunner(tiny.model, n_slots=1), tiny.tokenizer, max_queue=2) as engine:
+        long = SamplingParams(max_new_tokens=120, temperature=0.0)
+        running = engine.submit(_request(tiny, "to be", long, request_id="a"))
+        running.next_chunk()
+        queued = [engine.submit(_request(tiny, "or", long, request_id=rid)) for rid in ("b", "c")]
+        with pytest.raises(QueueFull, match="full"):
+            engine.submit(_request(tiny, "or", long))
+        with pytest.raises(ValueError, match="'a' is already in flight"):
+            engine.submit(_request(tiny, "or", long, request_id="a"))
+        for handle in (running, *queued):
+            handle.cancel()
+            assert _collect(handle)[-1].finish_reason is FinishReason.CANCELLED
+        assert engine.stats().free_slots == 1
+
+
+def test_close_cancels_what_is_in_flight(tiny):
+    engine = Engine(TorchRunner(tiny.model, n_slots=2), tiny.tokenizer)
+    handle = engine.submit(_request(tiny, "to be", SamplingParams(max_new_tokens=120, temperature=0.0)))
+    handle.next_chunk()
+    engine.close()
+    final = _collect(handle)[-1]
+    assert final.finish_reason is FinishReason.CANCELLED and "shut down" in final.error
+    with pytest.raises(RuntimeError, match="closed"):
+        engine.submit(_request(tiny, "to be", SamplingParams(max_new_tokens=1)))
+
+
+def test_a_thousand_requests_with_random_cancellations_leak_nothing(tiny):
+    rng = random.Random(7)
+    with Engine(TorchRunner(tiny.model, n_slots=8), tiny.tokenizer, max_queue=1000) as engine:
+        handles, cancel_at = [], {}
+        for i in range(1000):
+            params = SamplingParams(
+                max_new_tokens=rng.randint(1, 6),
+                temperature=rng.choice([0.0, 1.0]),
+                seed=rng.choice([None, i]),
+                stop=rng.choice([(), ("e",)]),
+            )
+            handles.append(engine.submit(_request(tiny, rng.choice(PROMPTS), params)))
+            roll = rng.random()
+            if roll < 0.15:
+                handles[-1].cancel()  # most likely still waiting
+            elif roll < 0.3:
+                cancel_at[i] = True  # cancelled once it has streamed something
+        reasons = []
+        for i, handle in enumerate(handles):
+            first = handle.next_chunk()
+            if cancel_at.get(i) and not first.final:
+                handle.cancel()
+            chunks = [first, *_collect(handle)] if not first.final else [first]
+            reasons.append(chunks[-1].finish_reason)
+            assert sum(c.final for c in chunks) == 1
+        assert set(reasons) <= {FinishReason.LENGTH, FinishReason.STOP, FinishReason.CANCELLED}
+        assert reasons.count(FinishReason.CANCELLED) >= 100
+        stats = engine.stats()
+        assert (stats.free_slots, stats.queued, stats.running, stats.in_flight) == (8, 0, 0, 0)
+        assert engine.scheduler.pool.n_used == 0
+    del handles, first, chunks
+    gc.collect()
+    assert not [o for o in gc.get_objects() if type(o) is Sequence]

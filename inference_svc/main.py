@@ -1,0 +1,118 @@
+"""`./tinylm serve`: load an artifact, start the engine and serve `InferenceService` until SIGINT/SIGTERM.
+
+    ./tinylm serve [--model ID|NAME|PATH] [--backend torch|onnx] [--onnx-file fp32|fp16|int8|int4]
+                   [--host 127.0.0.1] [--port 50053] [--tls-cert F --tls-key F] [--token T]
+
+With no --model it serves the newest artifact in the store ($TINYLM_HOME/artifacts, default
+~/.tinylm/artifacts). Also `python -m inference_svc` and `bazel run //inference_svc -- ...`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import threading
+from pathlib import Path
+
+import torch
+
+from inference_svc.engine import Engine
+from inference_svc.runner import ModelRunner, TorchRunner
+from inference_svc.service import SERVICE_NAME, InferenceService, ServedModel
+from model.artifact import ArtifactError, ArtifactStore, load_artifact, verify_artifact
+from model.tokenizers import Tokenizer, load_tokenizer
+from protos import inference_pb2_grpc
+from rpc.server import serve
+
+__all__ = ["main", "build_parser", "artifact_path"]
+
+log = logging.getLogger("inference_svc")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="tinylm serve", description="Serve a model over streaming gRPC (InferenceService).")
+    p.add_argument("--model", default="", help="artifact id (or unique prefix), name, or folder; default: the newest in the store")
+    p.add_argument("--backend", choices=["torch", "onnx"], default="torch", help="model runner (default torch)")
+    p.add_argument("--onnx-file", default="fp32", choices=["fp32", "fp16", "int8", "int4"], help="ONNX variant for --backend onnx")
+    p.add_argument("--device", default="auto", help="torch device: auto (cuda when available), cpu, cuda, cuda:1")
+    p.add_argument("--max-slots", type=int, default=0, help="concurrent sequences (KV-cache slots); default 256 on CUDA, 16 on CPU")
+    p.add_argument("--max-queue", type=int, default=1024, help="requests waiting for a slot before RESOURCE_EXHAUSTED")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads for torch and ONNX Runtime (0: their default)")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (loopback by default)")
+    p.add_argument("--port", type=int, default=50053, help="port (0 picks a free one)")
+    p.add_argument("--tls-cert", type=Path, help="PEM certificate chain (with --tls-key): serve TLS")
+    p.add_argument("--tls-key", type=Path, help="PEM private key")
+    p.add_argument("--token", default=os.environ.get("TINYLM_TOKEN", ""), help="require `authorization: Bearer TOKEN` (env TINYLM_TOKEN)")
+    return p
+
+
+def artifact_path(ref: str, store_root: Path) -> Path:
+    """The artifact folder `ref` names (a folder, an id prefix or a name), or the store's newest when empty."""
+    if ref and Path(ref).expanduser().is_dir():
+        return Path(ref).expanduser()
+    store = ArtifactStore(store_root)
+    return store.resolve(ref) if ref else store.newest().path
+
+
+def _runner(args: argparse.Namespace, path: Path) -> tuple[ModelRunner, Tokenizer, dict]:
+    if args.backend == "onnx":
+        from inference_svc.ort_runner import OrtRunner  # onnxruntime only when asked for
+
+        manifest = verify_artifact(path)
+        slots = args.max_slots or 16
+        return OrtRunner(path, slots, variant=args.onnx_file, threads=args.threads), load_tokenizer(path), manifest
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else "cpu" if args.device == "auto" else args.device)
+    artifact = load_artifact(path, device=device)
+    slots = args.max_slots or (256 if device.type == "cuda" else 16)
+    return TorchRunner(artifact.model, slots, device=device), artifact.tokenizer, artifact.manifest
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["serve"]:  # `python -m inference_svc serve ...`, as the stack launcher calls it
+        argv = argv[1:]
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if (args.tls_cert is None) != (args.tls_key is None):
+        print("tinylm serve: give both --tls-cert and --tls-key, or neither", file=sys.stderr)
+        return 2
+    store_root = Path(os.environ.get("TINYLM_HOME") or Path.home() / ".tinylm").expanduser() / "artifacts"
+    try:
+        path = artifact_path(args.model, store_root)
+        runner, tokenizer, manifest = _runner(args, path)
+    except (ArtifactError, FileNotFoundError) as err:
+        print(f"tinylm serve: {err}", file=sys.stderr)
+        if not args.model:
+            print("make a model first: ./tinylm train --preset shakespeare-char (or pass --model PATH)", file=sys.stderr)
+        return 1
+
+    engine = Engine(runner, tokenizer, max_queue=args.max_queue)
+    model = ServedModel(id=manifest["id"], name=str(manifest.get("name", "")), path=path, manifest=manifest)
+    running = serve(
+        [(inference_pb2_grpc.add_InferenceServiceServicer_to_server, InferenceService(engine, model))],
+        [SERVICE_NAME],
+        host=args.host,
+        port=args.port,
+        tls_cert=args.tls_cert.read_bytes() if args.tls_cert else None,
+        tls_key=args.tls_key.read_bytes() if args.tls_key else None,
+        token=args.token or None,
+        max_workers=engine.max_slots + 32,  # a streaming call holds a worker thread for its whole life
+    )
+    print(f"serving {model.id} ({model.name}) with {args.backend} on {running.address}", flush=True)
+
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+    running.stop(grace=2.0)
+    engine.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

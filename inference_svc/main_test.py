@@ -1,0 +1,61 @@
+"""`python -m inference_svc serve`: finds the model, serves it (with a bearer token), stops on SIGTERM."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import grpc
+import pytest
+
+from protos import inference_pb2, inference_pb2_grpc
+from rpc.client import channel
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _env(home: Path) -> dict[str, str]:
+    return {**os.environ, "TINYLM_HOME": str(home), "PYTHONPATH": str(ROOT), "TINYLM_TOKEN": ""}
+
+
+def test_no_model_in_the_store_says_how_to_make_one(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "inference_svc", "--port", "0"], env=_env(tmp_path), capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 1
+    assert "no artifacts in" in proc.stderr and "./tinylm train" in proc.stderr
+
+
+def test_serves_the_newest_artifact_with_a_token_until_sigterm(tiny, tmp_path):
+    (tmp_path / "artifacts").symlink_to(tiny.store, target_is_directory=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "inference_svc", "serve", "--port", "0", "--token", "s3cret", "--max-slots", "2"],
+        env=_env(tmp_path),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        cwd=ROOT,
+    )
+    try:
+        line = proc.stdout.readline()
+        match = re.search(r"serving (\w+) \(tiny-test\) with torch on (\S+)", line)
+        assert match and match.group(1) == tiny.model_id, line
+        address = match.group(2)
+        request = inference_pb2.GenerateRequest(prompt="to be", params=inference_pb2.SamplingParameters(max_new_tokens=5))
+        with channel(address, token="s3cret") as ch:
+            responses = list(inference_pb2_grpc.InferenceServiceStub(ch).Generate(request, timeout=60))
+        assert sum(len(r.token_ids) for r in responses) == 5
+        assert responses[-1].finish_reason == inference_pb2.FINISH_REASON_LENGTH
+        with channel(address) as ch, pytest.raises(grpc.RpcError) as err:
+            list(inference_pb2_grpc.InferenceServiceStub(ch).Generate(request, timeout=60))
+        assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

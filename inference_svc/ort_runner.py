@@ -1,0 +1,151 @@
+"""The ONNX Runtime backend: runs an exported decoder (`<artifact>/onnx/model*.onnx`) behind the same
+`ModelRunner` calls as the torch backend.
+
+The exported graph has an explicit KV cache (the exporter's contract): inputs `input_ids` (batch, seq) and
+per layer `past_key_i` / `past_value_i` (batch, n_kv_head, past, head_dim); outputs `logits` and
+`present_key_i` / `present_value_i` (batch, n_kv_head, past + seq, head_dim). All rows of one call share one
+past length, so this runner keeps each sequence's arrays itself and batches only sequences of equal length
+(prompts of equal length in a prefill, sequences at the same position in a decode); the rest run in
+their own calls. Names and shapes are read at run time from `<artifact>/onnx/meta.json`, the artifact's
+`config.json` and the graph, never from the exporter's code.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from model.config import ModelConfig
+
+__all__ = ["OrtRunner", "onnx_file", "ONNX_VARIANTS"]
+
+log = logging.getLogger(__name__)
+
+ONNX_DIR, META_FILE = "onnx", "meta.json"
+ONNX_VARIANTS = ("fp32", "fp16", "int8", "int4")
+
+
+def _read_meta(artifact_dir: Path) -> dict[str, Any]:
+    path = artifact_dir / ONNX_DIR / META_FILE
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def onnx_file(artifact_dir: str | Path, variant: str = "fp32") -> Path:
+    """The ONNX file of `variant` in an artifact: meta.json's entry for it, else `model.onnx` (fp32) or
+    `model-<variant>.onnx`. FileNotFoundError lists what is there."""
+    artifact_dir = Path(artifact_dir)
+    folder = artifact_dir / ONNX_DIR
+    entry = _read_meta(artifact_dir).get("files", {}).get(variant)
+    name = entry.get("file") if isinstance(entry, dict) else entry if isinstance(entry, str) else None
+    candidates = [name] if name else ["model.onnx" if variant == "fp32" else f"model-{variant}.onnx", f"model_{variant}.onnx"]
+    for candidate in candidates:
+        if (folder / candidate).is_file():
+            return folder / candidate
+    have = sorted(p.name for p in folder.glob("model*.onnx")) if folder.is_dir() else []
+    raise FileNotFoundError(
+        f"no ONNX file for variant {variant!r} in {folder} (found: {have or 'none'}); "
+        f"export it first: ./tinylm export --model {artifact_dir.name}"
+    )
+
+
+class OrtRunner:
+    """An ORT CPU session plus per-slot KV arrays for up to n_slots sequences.
+
+    Pass the artifact folder (config.json gives the shapes) and the variant (fp32, fp16, int8, int4);
+    `threads` 0 lets ORT choose its intra-op threads.
+    """
+
+    def __init__(self, artifact_dir: str | Path, n_slots: int, *, variant: str = "fp32", threads: int = 0) -> None:
+        import onnxruntime as ort
+
+        artifact_dir = Path(artifact_dir)
+        config = ModelConfig.from_dict(json.loads((artifact_dir / "config.json").read_text()))
+        meta = _read_meta(artifact_dir)
+        self.path = onnx_file(artifact_dir, variant)
+        if meta.get("files", {}).get(variant, {}).get("gate") == "failed":
+            log.warning("%s failed its parity gate at export time; serving it anyway, as asked", self.path)
+        self.n_slots = n_slots
+        self.n_layer, self.n_kv_head, self.head_dim = config.n_layer, config.n_kv_head, config.head_dim
+        self.vocab_size = config.vocab_size
+        self.max_len = config.block_size
+        self.device = torch.device("cpu")
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        options.log_severity_level = 3
+        self.session = ort.InferenceSession(str(self.path), options, providers=["CPUExecutionProvider"])
+        self._inputs, self._outputs = self._io_names(meta)
+        self._kv: dict[int, list[np.ndarray]] = {}  # slot -> [k_0, v_0, k_1, v_1, ...], each (1, Hkv, past, D)
+        self._past: dict[int, int] = {}  # slot -> past length
+
+    def _io_names(self, meta: dict[str, Any]) -> tuple[list[str], list[str]]:
+        """[input_ids, past_key_0, past_value_0, ...] and [logits, present_key_0, present_value_0, ...]:
+        meta.json's lists when it has them, else the contract's names; checked against the graph."""
+        layers = range(self.n_layer)
+        inputs = meta.get("inputs") or ["input_ids"] + [f"past_{kv}_{i}" for i in layers for kv in ("key", "value")]
+        outputs = meta.get("outputs") or ["logits"] + [f"present_{kv}_{i}" for i in layers for kv in ("key", "value")]
+        inputs = [i["name"] if isinstance(i, dict) else i for i in inputs]
+        outputs = [o["name"] if isinstance(o, dict) else o for o in outputs]
+        graph_in = {i.name for i in self.session.get_inputs()}
+        graph_out = {o.name for o in self.session.get_outputs()}
+        if set(inputs) != graph_in or set(outputs) != graph_out or len(inputs) != 1 + 2 * self.n_layer:
+            raise ValueError(
+                f"{self.path} does not follow the KV-cache contract for {self.n_layer} layers: "
+                f"graph inputs {sorted(graph_in)}, outputs {sorted(graph_out)}"
+            )
+        return inputs, outputs
+
+    @property
+    def n_live(self) -> int:
+        """Sequences whose KV arrays this runner holds (0 when idle: the leak check)."""
+        return len(self._kv)
+
+    def prefill(self, slots: Sequence[int], prompts: Sequence[Sequence[int]]) -> torch.Tensor:
+        """Prompts of equal length run together from an empty past; returns logits (B, V)."""
+        groups: dict[int, list[int]] = defaultdict(list)
+        for row, prompt in enumerate(prompts):
+            groups[len(prompt)].append(row)
+        out = np.empty((len(slots), self.vocab_size), dtype=np.float32)
+        for rows in groups.values():
+            ids = np.array([prompts[r] for r in rows], dtype=np.int64)  # (g, T)
+            empty = np.zeros((len(rows), self.n_kv_head, 0, self.head_dim), dtype=np.float32)
+            out[rows] = self._run([slots[r] for r in rows], ids, [empty] * (2 * self.n_layer))
+        return torch.from_numpy(out)
+
+    def decode(self, slots: Sequence[int], tokens: Sequence[int], positions: Sequence[int]) -> torch.Tensor:
+        """Sequences at the same position run together; returns logits (B, V)."""
+        groups: dict[int, list[int]] = defaultdict(list)
+        for row, (slot, pos) in enumerate(zip(slots, positions)):
+            assert self._past.get(slot) == pos, f"slot {slot} holds {self._past.get(slot)} tokens, asked to decode at {pos}"
+            groups[pos].append(row)
+        out = np.empty((len(slots), self.vocab_size), dtype=np.float32)
+        for rows in groups.values():
+            group_slots = [slots[r] for r in rows]
+            ids = np.array([[tokens[r]] for r in rows], dtype=np.int64)  # (g, 1)
+            if len(rows) == 1:
+                past = self._kv[group_slots[0]]
+            else:
+                past = [np.concatenate([self._kv[s][j] for s in group_slots]) for j in range(2 * self.n_layer)]
+            out[rows] = self._run(group_slots, ids, past)
+        return torch.from_numpy(out)
+
+    def _run(self, slots: list[int], ids: np.ndarray, past: list[np.ndarray]) -> np.ndarray:
+        """One ORT call; stores each row's present arrays under its slot; returns last-token logits (g, V)."""
+        feed = {self._inputs[0]: ids, **dict(zip(self._inputs[1:], past))}
+        logits, *present = self.session.run(self._outputs, feed)  # (g, T, V), 2 * n_layer x (g, Hkv, P+T, D)
+        for row, slot in enumerate(slots):
+            self._kv[slot] = [p[row : row + 1] for p in present]
+            self._past[slot] = present[0].shape[2]
+        return logits[:, -1]
+
+    def release(self, slot: int) -> None:
+        """Drop the slot's arrays."""
+        self._kv.pop(slot, None)
+        self._past.pop(slot, None)

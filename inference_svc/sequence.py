@@ -1,0 +1,61 @@
+"""One request's life inside the engine: its tokens, its KV-cache slot, its sampler state and its timings.
+
+The scheduler moves a `Sequence` WAITING -> RUNNING -> FINISHED; the engine appends tokens and reads
+the timings. Everything here is touched only by the engine thread, except `cancelled`, which a caller
+thread may set (a plain bool store, read once per engine step).
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from inference_svc.detokenizer import StreamingDetokenizer
+from inference_svc.params import Request
+
+__all__ = ["Sequence", "SequenceStatus"]
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = "waiting"  # queued for a free slot
+    RUNNING = "running"  # holds a slot; prefilled once `n_cached > 0`
+    FINISHED = "finished"  # slot given back
+
+
+@dataclass(eq=False)
+class Sequence:
+    """Mutable state of one request (identity-compared: two sequences are never equal)."""
+
+    request: Request
+    detokenizer: StreamingDetokenizer
+    generator: torch.Generator | None  # the request's own RNG (None for greedy)
+    sink: Any  # where the engine puts this request's chunks (a queue.Queue)
+    status: SequenceStatus = SequenceStatus.WAITING
+    slot: int | None = None
+    output_ids: list[int] = field(default_factory=list)
+    n_cached: int = 0  # tokens whose keys/values are in the cache (prompt after prefill, then +1 per decode)
+    cancelled: bool = False
+    arrived_at: float = field(default_factory=time.perf_counter)
+    admitted_at: float | None = None
+    token_times: list[float] = field(default_factory=list)  # perf_counter() of each generated token
+    prompt_len: int = field(init=False)  # read every step: a plain attribute, not a property
+
+    def __post_init__(self) -> None:
+        self.prompt_len = len(self.request.prompt_ids)
+
+    @property
+    def request_id(self) -> str:
+        return self.request.request_id
+
+    @property
+    def length(self) -> int:
+        """Prompt plus generated tokens."""
+        return self.prompt_len + len(self.output_ids)
+
+    @property
+    def last_token(self) -> int:
+        return self.output_ids[-1] if self.output_ids else self.request.prompt_ids[-1]

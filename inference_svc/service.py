@@ -1,0 +1,219 @@
+"""`InferenceService` (protos/inference.proto): the gRPC face of one `Engine` serving one model.
+
+Validation and translation only: a request becomes an `inference_svc.params.Request` (bad fields ->
+INVALID_ARGUMENT naming them), the engine does the work, chunks go back as they come. A full queue is
+RESOURCE_EXHAUSTED; a model other than the served one is NOT_FOUND; a caller that cancels, disconnects or
+runs past its deadline has its request cancelled (its KV-cache slot is free by the next engine step).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Iterator
+
+import grpc
+
+from inference_svc.engine import Chunk, Engine, FinishReason, QueueFull, RequestHandle
+from inference_svc.params import Request, RequestError, request_from_proto
+from protos import common_pb2, inference_pb2, inference_pb2_grpc
+from rpc import errors
+
+__all__ = ["InferenceService", "ServedModel", "SERVICE_NAME", "MAX_BATCH"]
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = "tinylm.v1.InferenceService"
+MAX_BATCH = 1024
+MIN_ID_PREFIX = 6
+_POLL_S = 0.1  # how often a streaming call checks that its caller is still there
+
+_FINISH = {
+    FinishReason.LENGTH: inference_pb2.FINISH_REASON_LENGTH,
+    FinishReason.STOP: inference_pb2.FINISH_REASON_STOP,
+    FinishReason.CANCELLED: inference_pb2.FINISH_REASON_CANCELLED,
+    FinishReason.ERROR: inference_pb2.FINISH_REASON_ERROR,
+}
+# Exported files that ListModels reports as formats.
+_FORMAT_FILES = {
+    "onnx-fp32": "onnx/model.onnx",
+    "onnx-fp16": "onnx/model-fp16.onnx",
+    "onnx-int8": "onnx/model-int8.onnx",
+    "onnx-int4": "onnx/model-int4.onnx",
+    "coreml": "coreml",
+    "hf": "hf",
+}
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    """What ListModels says about the served artifact (from its manifest)."""
+
+    id: str
+    name: str = ""
+    path: Path | None = None
+    manifest: dict[str, Any] = field(default_factory=dict)
+
+    def to_proto(self) -> common_pb2.ModelInfo:
+        m = self.manifest
+        created = m.get("created_at", "")
+        metrics = {k: float(v) for k, v in (m.get("metrics") or {}).items() if isinstance(v, (int, float))}
+        path = self.path.resolve() if self.path else None
+        return common_pb2.ModelInfo(
+            id=self.id,
+            name=self.name,
+            preset=str(m.get("preset", "")),
+            n_params=int(m.get("num_params", 0)),
+            parent_id=m.get("parent_id") or "",
+            path=str(path or ""),
+            created_unix=datetime.fromisoformat(created).timestamp() if created else 0.0,
+            formats=[f for f, rel in _FORMAT_FILES.items() if path and (path / rel).exists()],
+            metrics=metrics,
+        )
+
+
+class InferenceService(inference_pb2_grpc.InferenceServiceServicer):
+    """Serves `engine`'s model, described by `model`."""
+
+    def __init__(self, engine: Engine, model: ServedModel) -> None:
+        self.engine = engine
+        self.model = model
+        self.tokenizer = engine.tokenizer
+        self.context_len = engine.runner.max_len
+
+    # RPCs ---------------------------------------------------------------------------------------------
+
+    def Generate(self, request: inference_pb2.GenerateRequest, context: grpc.ServicerContext) -> Iterator[inference_pb2.GenerateResponse]:
+        self._check_model(request.model, context, "model")
+        handle = self._submit(self._request(request, context, ""), context, "")
+        if not context.add_callback(handle.cancel):  # the call already ended (cancelled, deadline)
+            handle.cancel()
+        while True:
+            chunk = _next_merged(handle, _POLL_S)
+            if chunk is None:
+                if not context.is_active():
+                    handle.cancel()
+                    return
+                continue
+            yield _response(chunk)
+            if chunk.final:
+                return
+
+    def GenerateBatch(self, request: inference_pb2.GenerateBatchRequest, context: grpc.ServicerContext) -> inference_pb2.GenerateBatchResponse:
+        n = len(request.requests)
+        if not 1 <= n <= MAX_BATCH:
+            errors.invalid_argument(context, "requests", f"must hold 1 to {MAX_BATCH} requests, got {n}")
+        reqs = []
+        for i, r in enumerate(request.requests):
+            self._check_model(r.model, context, f"requests[{i}].model")
+            reqs.append(self._request(r, context, f"requests[{i}]."))
+        handles: list[RequestHandle] = []
+        context.add_callback(lambda: [h.cancel() for h in handles])
+        try:
+            for i, req in enumerate(reqs):
+                handles.append(self._submit(req, context, f"requests[{i}]."))
+        finally:
+            if len(handles) < len(reqs):  # the rest was refused: give back what was queued
+                for h in handles:
+                    h.cancel()
+        results = []
+        for h in handles:
+            chunk = h.result()
+            results.append(
+                inference_pb2.GenerateResult(
+                    request_id=chunk.request_id,
+                    token_ids=chunk.token_ids,
+                    text=chunk.text,
+                    finish_reason=_FINISH[chunk.finish_reason],
+                    usage=_usage(chunk),
+                    timings=_timings(chunk),
+                )
+            )
+        return inference_pb2.GenerateBatchResponse(results=results)
+
+    def ListModels(self, request: common_pb2.ListModelsRequest, context: grpc.ServicerContext) -> common_pb2.ListModelsResponse:
+        models = [self.model.to_proto()] if self.model.name.startswith(request.name_prefix) else []
+        return common_pb2.ListModelsResponse(models=models)
+
+    def Tokenize(self, request: inference_pb2.TokenizeRequest, context: grpc.ServicerContext) -> inference_pb2.TokenizeResponse:
+        self._check_model(request.model, context, "model")
+        try:
+            ids = self.tokenizer.encode(request.text)
+        except ValueError as err:
+            errors.invalid_argument(context, "text", str(err))
+        pieces = [self.tokenizer.decode_bytes([i]).decode("utf-8", errors="replace") for i in ids]
+        return inference_pb2.TokenizeResponse(token_ids=ids, pieces=pieces)
+
+    # Helpers ------------------------------------------------------------------------------------------
+
+    def _check_model(self, ref: common_pb2.ModelRef, context: grpc.ServicerContext, field_name: str) -> None:
+        """An empty ref means the served model; anything else must name it: an id prefix of at least 6
+        characters, or the name (in `name`, or in `id` as clients that take "id or name" send it)."""
+        if ref.id:
+            if ref.id == self.model.name or (len(ref.id) >= MIN_ID_PREFIX and self.model.id.startswith(ref.id)):
+                return
+            if len(ref.id) < MIN_ID_PREFIX:
+                errors.invalid_argument(context, f"{field_name}.id", f"must be at least {MIN_ID_PREFIX} hex characters, got {ref.id!r}")
+            errors.not_found(context, f"model {ref.id!r} not found; this server serves {self.model.id} ({self.model.name})")
+        elif ref.name and ref.name != self.model.name:
+            errors.not_found(context, f"model named {ref.name!r} not found; this server serves {self.model.name!r} ({self.model.id})")
+
+    def _request(self, msg: inference_pb2.GenerateRequest, context: grpc.ServicerContext, prefix: str) -> Request:
+        try:
+            return request_from_proto(msg, tokenizer=self.tokenizer, context_len=self.context_len, prefix=prefix)
+        except RequestError as err:
+            errors.invalid_argument(context, err.field, err.reason)
+
+    def _submit(self, req: Request, context: grpc.ServicerContext, prefix: str) -> RequestHandle:
+        try:
+            return self.engine.submit(req)
+        except QueueFull as err:
+            errors.resource_exhausted(context, str(err))
+        except ValueError as err:  # a request_id already in flight
+            errors.invalid_argument(context, f"{prefix}request_id", str(err))
+        except RuntimeError as err:  # the engine is shutting down
+            context.abort(grpc.StatusCode.UNAVAILABLE, str(err))
+
+
+def _next_merged(handle: RequestHandle, timeout: float) -> Chunk | None:
+    """The next chunk, merged with every chunk already waiting behind it (one message for a burst of
+    tokens when the caller reads slower than the engine writes)."""
+    first = handle.next_chunk(timeout)
+    if first is None or first.final:
+        return first
+    ids, text, last = list(first.token_ids), [first.text], first
+    while not last.final:
+        more = handle.next_chunk(0)
+        if more is None:
+            break
+        ids.extend(more.token_ids)
+        text.append(more.text)
+        last = more
+    return Chunk(last.request_id, tuple(ids), "".join(text), last.finish_reason, last.usage, last.timings, last.error)
+
+
+def _usage(chunk: Chunk) -> common_pb2.Usage | None:
+    if chunk.usage is None:
+        return None
+    return common_pb2.Usage(prompt_tokens=chunk.usage.prompt_tokens, completion_tokens=chunk.usage.completion_tokens)
+
+
+def _timings(chunk: Chunk) -> common_pb2.Timings | None:
+    t = chunk.timings
+    if t is None:
+        return None
+    return common_pb2.Timings(ttft_ms=t.ttft_ms, mean_inter_token_ms=t.mean_inter_token_ms, total_ms=t.total_ms, queue_ms=t.queue_ms)
+
+
+def _response(chunk: Chunk) -> inference_pb2.GenerateResponse:
+    return inference_pb2.GenerateResponse(
+        request_id=chunk.request_id,
+        token_ids=chunk.token_ids,
+        text=chunk.text,
+        finish_reason=_FINISH[chunk.finish_reason] if chunk.final else inference_pb2.FINISH_REASON_UNSPECIFIED,
+        usage=_usage(chunk),
+        timings=_timings(chunk),
+        error=chunk.error,
+    )

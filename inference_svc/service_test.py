@@ -1,0 +1,247 @@
+"""InferenceService over real gRPC on loopback: streams equal the reference generator, errors follow the
+house conventions, and a caller that cancels, disconnects or runs out of time gives its slot back."""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from inference_svc.engine import Engine
+from inference_svc.runner import TorchRunner
+from inference_svc.service import SERVICE_NAME, InferenceService, ServedModel
+from model.artifact import load_artifact
+from model.generate import generate, generate_tokens
+from model.sampling import SamplingParams
+from protos import common_pb2, inference_pb2, inference_pb2_grpc
+from rpc.client import channel
+from rpc.server import serve
+
+LONG = inference_pb2.SamplingParameters(max_new_tokens=120, temperature=0.0, has_temperature=True)
+SHORT = inference_pb2.SamplingParameters(max_new_tokens=3)
+
+
+@pytest.fixture
+def start(tiny):
+    """start(max_slots, max_queue) -> (stub, engine, channel); everything is stopped at teardown."""
+    opened = []
+
+    def _start(max_slots: int = 4, max_queue: int = 64):
+        engine = Engine(TorchRunner(tiny.model, n_slots=max_slots), tiny.tokenizer, max_queue=max_queue)
+        manifest = load_artifact(tiny.path).manifest
+        service = InferenceService(engine, ServedModel(id=tiny.model_id, name="tiny-test", path=tiny.path, manifest=manifest))
+        running = serve([(inference_pb2_grpc.add_InferenceServiceServicer_to_server, service)], [SERVICE_NAME], max_workers=32)
+        ch = channel(running.address)
+        opened.append((ch, running, engine))
+        return inference_pb2_grpc.InferenceServiceStub(ch), engine, ch
+
+    yield _start
+    for ch, running, engine in opened:
+        ch.close()
+        running.stop(0)
+        engine.close()
+
+
+def _wait_until(predicate, timeout: float = 20.0) -> bool:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if predicate():
+            return True
+        time.sleep(0.01)
+    return predicate()
+
+
+def _idle(engine) -> bool:
+    s = engine.stats()
+    return s.free_slots == s.max_slots and s.queued == s.running == s.in_flight == 0
+
+
+def _cancelled_not_finished(engine, n: int = 1) -> bool:
+    """The slot came back because the request was cancelled, not because it ran to its end."""
+    finished = engine.stats().finished
+    return finished["cancelled"] == n and finished["length"] == finished["stop"] == finished["error"] == 0
+
+
+def _wire(p: SamplingParams) -> inference_pb2.SamplingParameters:
+    return inference_pb2.SamplingParameters(
+        max_new_tokens=p.max_new_tokens,
+        temperature=p.temperature,
+        has_temperature=True,
+        top_k=p.top_k,
+        top_p=p.top_p,
+        repetition_penalty=p.repetition_penalty,
+        seed=p.seed or 0,
+        has_seed=p.seed is not None,
+        stop=list(p.stop),
+    )
+
+
+CASES = [
+    ("to be", SamplingParams(max_new_tokens=20, temperature=0.0)),
+    ("or not to be: that", SamplingParams(max_new_tokens=35, temperature=0.9, top_k=6, seed=11)),
+    ("t", SamplingParams(max_new_tokens=9, temperature=1.0, top_p=0.85, repetition_penalty=1.2, seed=12)),
+    ("whether 'tis", SamplingParams(max_new_tokens=28, temperature=0.0, repetition_penalty=1.4)),
+    ("the question", SamplingParams(max_new_tokens=16, temperature=0.6, seed=13)),
+    ("suffer", SamplingParams(max_new_tokens=40, temperature=1.0, seed=14)),
+]
+
+
+def test_concurrent_streams_equal_the_reference(tiny, start):
+    stub, engine, _ = start(max_slots=3)
+
+    def one(i):
+        prompt, params = CASES[i % len(CASES)]
+        time.sleep(0.005 * i)  # arrivals spread over the first steps
+        req = inference_pb2.GenerateRequest(prompt=prompt, params=_wire(params), request_id=f"r{i}")
+        return list(stub.Generate(req, timeout=60))
+
+    with ThreadPoolExecutor(8) as pool:
+        streams = list(pool.map(one, range(12)))
+    for i, responses in enumerate(streams):
+        prompt, params = CASES[i % len(CASES)]
+        assert all(r.request_id == f"r{i}" for r in responses)
+        ids = [t for r in responses for t in r.token_ids]
+        assert ids == generate_tokens(tiny.model, tiny.tokenizer.encode(prompt), params)
+        assert "".join(r.text for r in responses) == generate(tiny.model, tiny.tokenizer, prompt, params)
+        final = responses[-1]
+        assert [r.finish_reason for r in responses[:-1]] == [inference_pb2.FINISH_REASON_UNSPECIFIED] * (len(responses) - 1)
+        assert final.finish_reason == inference_pb2.FINISH_REASON_LENGTH and final.error == ""
+        assert (final.usage.prompt_tokens, final.usage.completion_tokens) == (len(prompt), params.max_new_tokens)
+        assert final.timings.ttft_ms <= final.timings.total_ms
+    assert _idle(engine)
+
+
+def test_stop_sequence_and_defaults_over_the_wire(tiny, start):
+    stub, _, _ = start()
+    full = generate(tiny.model, tiny.tokenizer, "to be", SamplingParams(max_new_tokens=30, temperature=0.0))
+    stop = full[8:10]
+    params = inference_pb2.SamplingParameters(max_new_tokens=30, has_temperature=True, stop=[stop])
+    responses = list(stub.Generate(inference_pb2.GenerateRequest(prompt="to be", params=params), timeout=30))
+    assert "".join(r.text for r in responses) == full[: full.find(stop)]
+    assert responses[-1].finish_reason == inference_pb2.FINISH_REASON_STOP
+    assert len(responses[-1].request_id) == 32  # made by the server
+    # No params at all: temperature 1, max_new_tokens 64 (within the context of 128).
+    responses = list(stub.Generate(inference_pb2.GenerateRequest(prompt="to be"), timeout=30))
+    assert responses[-1].usage.completion_tokens == 64
+
+
+def test_generate_batch_answers_in_request_order(tiny, start):
+    stub, engine, _ = start(max_slots=2)
+    reqs = [inference_pb2.GenerateRequest(prompt=p, params=_wire(s), request_id=f"b{i}") for i, (p, s) in enumerate(CASES)]
+    reply = stub.GenerateBatch(inference_pb2.GenerateBatchRequest(requests=reqs), timeout=60)
+    assert [r.request_id for r in reply.results] == [f"b{i}" for i in range(len(CASES))]
+    for result, (prompt, params) in zip(reply.results, CASES):
+        assert list(result.token_ids) == generate_tokens(tiny.model, tiny.tokenizer.encode(prompt), params)
+        assert result.text == generate(tiny.model, tiny.tokenizer, prompt, params)
+        assert result.finish_reason == inference_pb2.FINISH_REASON_LENGTH
+    assert _idle(engine)
+
+
+@pytest.mark.parametrize(
+    "request_kw, field",
+    [
+        (dict(prompt="to be", params=inference_pb2.SamplingParameters(top_p=1.5)), "params.top_p"),
+        (dict(prompt="to be", params=inference_pb2.SamplingParameters(temperature=-1, has_temperature=True)), "params.temperature"),
+        (dict(prompt="to be", params=inference_pb2.SamplingParameters(max_new_tokens=129)), "params.max_new_tokens"),
+        (dict(prompt="to be", params=inference_pb2.SamplingParameters(stop=list("abcdefghi"))), "params.stop"),
+        (dict(prompt="to be", params=inference_pb2.SamplingParameters(top_k=-1)), "params.top_k"),
+        (dict(prompt="to be", params=inference_pb2.SamplingParameters(repetition_penalty=-2)), "params.repetition_penalty"),
+        (dict(prompt=""), "prompt"),
+        (dict(prompt="ZZZ"), "prompt"),
+        (dict(prompt="to be " * 30), "prompt"),
+        (dict(prompt="to be", truncation=7), "truncation"),
+        (dict(prompt="to be", model=common_pb2.ModelRef(id="abc")), "model.id"),
+    ],
+)
+def test_bad_requests_are_invalid_argument_naming_the_field(start, request_kw, field):
+    stub, _, _ = start()
+    with pytest.raises(grpc.RpcError) as err:
+        list(stub.Generate(inference_pb2.GenerateRequest(**request_kw), timeout=10))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert err.value.details().startswith(field + ":"), err.value.details()
+
+
+def test_batch_errors_name_the_request_and_unknown_models_are_not_found(tiny, start):
+    stub, engine, _ = start()
+    good = inference_pb2.GenerateRequest(prompt="to be")
+    bad = inference_pb2.GenerateRequest(prompt="to be", params=inference_pb2.SamplingParameters(seed=-1, has_seed=True))
+    with pytest.raises(grpc.RpcError) as err:
+        stub.GenerateBatch(inference_pb2.GenerateBatchRequest(requests=[good, bad]), timeout=10)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and err.value.details().startswith("requests[1].params.seed:")
+    with pytest.raises(grpc.RpcError) as err:
+        stub.GenerateBatch(inference_pb2.GenerateBatchRequest(), timeout=10)
+    assert err.value.details().startswith("requests:")
+    twins = [inference_pb2.GenerateRequest(prompt="to be", request_id="same")] * 2
+    with pytest.raises(grpc.RpcError) as err:
+        stub.GenerateBatch(inference_pb2.GenerateBatchRequest(requests=twins), timeout=10)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and err.value.details().startswith("requests[1].request_id:")
+    for ref in (common_pb2.ModelRef(id="ffffffffff"), common_pb2.ModelRef(name="other")):
+        with pytest.raises(grpc.RpcError) as err:
+            list(stub.Generate(inference_pb2.GenerateRequest(prompt="to be", model=ref), timeout=10))
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND and tiny.model_id in err.value.details()
+    for ref in (common_pb2.ModelRef(id=tiny.model_id[:8]), common_pb2.ModelRef(id="tiny-test"), common_pb2.ModelRef(name="tiny-test")):
+        ok = list(stub.Generate(inference_pb2.GenerateRequest(prompt="to", model=ref, params=SHORT), timeout=30))
+        assert ok[-1].finish_reason == inference_pb2.FINISH_REASON_LENGTH
+    assert _idle(engine)
+
+
+def test_list_models_tokenize_and_health(tiny, start):
+    stub, _, ch = start()
+    (info,) = stub.ListModels(common_pb2.ListModelsRequest(), timeout=10).models
+    assert (info.id, info.name, info.preset) == (tiny.model_id, "tiny-test", "tiny")
+    assert info.n_params == tiny.model.num_params() and info.metrics["val_loss"] == 3.5
+    assert info.path == str(tiny.path.resolve()) and info.created_unix > 0 and list(info.formats) == []
+    assert not stub.ListModels(common_pb2.ListModelsRequest(name_prefix="nope"), timeout=10).models
+    reply = stub.Tokenize(inference_pb2.TokenizeRequest(text="to be"), timeout=10)
+    assert list(reply.token_ids) == tiny.tokenizer.encode("to be") and list(reply.pieces) == list("to be")
+    with pytest.raises(grpc.RpcError) as err:
+        stub.Tokenize(inference_pb2.TokenizeRequest(text="Q"), timeout=10)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and err.value.details().startswith("text:")
+    health = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=10)
+    assert health.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_client_cancel_frees_the_slot(start):
+    stub, engine, _ = start(max_slots=1)
+    call = stub.Generate(inference_pb2.GenerateRequest(prompt="to be", params=LONG), timeout=30)
+    first = next(call)
+    assert first.finish_reason == inference_pb2.FINISH_REASON_UNSPECIFIED and engine.stats().running == 1
+    call.cancel()
+    assert _wait_until(lambda: _idle(engine))
+    assert _cancelled_not_finished(engine)
+
+
+def test_client_disconnect_frees_the_slot(start):
+    stub, engine, ch = start(max_slots=1)
+    call = stub.Generate(inference_pb2.GenerateRequest(prompt="to be", params=LONG), timeout=30)
+    next(call)
+    ch.close()
+    assert _wait_until(lambda: _idle(engine))
+    assert _cancelled_not_finished(engine)
+
+
+def test_deadline_is_honoured_and_frees_the_slot(start):
+    stub, engine, _ = start(max_slots=1)
+    with pytest.raises(grpc.RpcError) as err:
+        list(stub.Generate(inference_pb2.GenerateRequest(prompt="to be", params=LONG), timeout=0.05))
+    assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert _wait_until(lambda: _idle(engine))
+    assert _cancelled_not_finished(engine)
+
+
+def test_full_queue_is_resource_exhausted(start):
+    stub, engine, _ = start(max_slots=1, max_queue=1)
+    running = stub.Generate(inference_pb2.GenerateRequest(prompt="to be", params=LONG), timeout=30)
+    next(running)
+    queued = stub.Generate(inference_pb2.GenerateRequest(prompt="or", params=LONG), timeout=30)
+    assert _wait_until(lambda: engine.stats().queued == 1)
+    with pytest.raises(grpc.RpcError) as err:
+        list(stub.Generate(inference_pb2.GenerateRequest(prompt="not", params=LONG), timeout=10))
+    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "full" in err.value.details()
+    running.cancel()
+    queued.cancel()
+    assert _wait_until(lambda: _idle(engine))
+    assert _cancelled_not_finished(engine, 2)

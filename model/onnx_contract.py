@@ -1,0 +1,88 @@
+"""The ONNX contract between the exporter and every runtime that loads its files (the ORT serving backend).
+
+One graph per file with an explicit KV cache, as Optimum exports decoders with past_key_values:
+
+    inputs   input_ids          int64  (batch, seq)
+             past_key_{i}       float  (batch, n_kv_head, past, head_dim)    for each layer i
+             past_value_{i}     float  (batch, n_kv_head, past, head_dim)
+    outputs  logits             float  (batch, seq, vocab)
+             present_key_{i}    float  (batch, n_kv_head, past + seq, head_dim)
+             present_value_{i}  float  (batch, n_kv_head, past + seq, head_dim)
+
+Token t of every row sits at position past + t (all rows share one past length); past = 0 (arrays of
+shape (batch, n_kv_head, 0, head_dim)) is the prefill. Every file keeps float32 inputs and outputs; only
+the weights differ (see `meta.json`: per file its weight dtype, size and parity gate).
+This module has no dependencies beyond the standard library, so a runtime can import it alone.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "CONTRACT_VERSION",
+    "ONNX_DIR",
+    "META_FILE",
+    "VARIANT_FILES",
+    "INPUT_IDS",
+    "LOGITS",
+    "IO_DTYPE",
+    "AXIS_BATCH",
+    "AXIS_SEQ",
+    "AXIS_PAST",
+    "past_key_name",
+    "past_value_name",
+    "present_key_name",
+    "present_value_name",
+    "input_names",
+    "output_names",
+    "read_meta",
+]
+
+CONTRACT_VERSION = 1
+ONNX_DIR = "onnx"  # inside the artifact folder
+META_FILE = "meta.json"  # inside ONNX_DIR
+# Variant -> file name inside ONNX_DIR.
+VARIANT_FILES: dict[str, str] = {
+    "fp32": "model.onnx",
+    "fp16": "model-fp16.onnx",
+    "int8": "model-int8.onnx",
+    "int4": "model-int4.onnx",
+}
+INPUT_IDS = "input_ids"
+LOGITS = "logits"
+IO_DTYPE = "float32"  # dtype of past_*, present_* and logits in every variant
+AXIS_BATCH, AXIS_SEQ, AXIS_PAST = "batch", "seq", "past"
+
+
+def past_key_name(layer: int) -> str:
+    return f"past_key_{layer}"
+
+
+def past_value_name(layer: int) -> str:
+    return f"past_value_{layer}"
+
+
+def present_key_name(layer: int) -> str:
+    return f"present_key_{layer}"
+
+
+def present_value_name(layer: int) -> str:
+    return f"present_value_{layer}"
+
+
+def input_names(n_layer: int) -> list[str]:
+    """input_ids, then past_key_i, past_value_i for each layer, in graph order."""
+    return [INPUT_IDS] + [n for i in range(n_layer) for n in (past_key_name(i), past_value_name(i))]
+
+
+def output_names(n_layer: int) -> list[str]:
+    """logits, then present_key_i, present_value_i for each layer, in graph order."""
+    return [LOGITS] + [n for i in range(n_layer) for n in (present_key_name(i), present_value_name(i))]
+
+
+def read_meta(artifact_dir: str | Path) -> dict[str, Any]:
+    """`<artifact>/onnx/meta.json` as a dict: n_layer, n_kv_head, head_dim, vocab_size, block_size, files."""
+    return json.loads((Path(artifact_dir) / ONNX_DIR / META_FILE).read_text())

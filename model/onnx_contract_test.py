@@ -1,0 +1,30 @@
+"""The contract module: names in graph order, file names, and no dependencies beyond the standard library."""
+
+from __future__ import annotations
+
+import ast
+import sys
+from pathlib import Path
+
+from model import onnx_contract as contract
+
+
+def test_names_in_graph_order():
+    assert contract.input_names(2) == ["input_ids", "past_key_0", "past_value_0", "past_key_1", "past_value_1"]
+    assert contract.output_names(1) == ["logits", "present_key_0", "present_value_0"]
+    assert contract.VARIANT_FILES == {
+        "fp32": "model.onnx", "fp16": "model-fp16.onnx", "int8": "model-int8.onnx", "int4": "model-int4.onnx",
+    }  # fmt: skip
+
+
+def test_imports_only_the_standard_library():
+    tree = ast.parse(Path(contract.__file__).read_text())
+    modules = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    modules |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+    assert modules - {"__future__"} <= set(sys.stdlib_module_names)
+
+
+def test_read_meta(tmp_path):
+    (tmp_path / "onnx").mkdir()
+    (tmp_path / "onnx" / "meta.json").write_text('{"n_layer": 3}')
+    assert contract.read_meta(tmp_path) == {"n_layer": 3}
