@@ -23,7 +23,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tools.settings import Settings
 
-__all__ = ["SERVICES", "main", "start_stack", "stop_stack", "read_state"]
+__all__ = ["SERVICES", "add_service", "main", "read_state", "start_stack", "stop_stack"]
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -107,39 +107,48 @@ def start_stack(settings: Settings, *, only: list[str] | None = None, model: str
     existing = read_state(settings)
     if existing and any(_alive(p["pid"]) for p in existing["processes"].values()):
         raise RuntimeError(f"a stack is already running (state in {settings.stack_dir / 'state.json'}); run ./tinylm down first")
-    stack_dir = settings.stack_dir
-    (stack_dir / "logs").mkdir(parents=True, exist_ok=True)
+    (settings.stack_dir / "logs").mkdir(parents=True, exist_ok=True)
     state: dict = {"processes": {}, "started_unix": time.time()}
     try:
         if settings.redis_url:
             state["redis_url"] = settings.redis_url
         else:
-            state["redis_url"], pid = _start_redis(stack_dir)
-            state["processes"]["redis"] = {"pid": pid, "log": str(stack_dir / "logs" / "redis.log")}
-        env = {**os.environ, "TINYLM_HOME": str(settings.home), "TINYLM_REDIS_URL": state["redis_url"],
-               "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-        for spec in SERVICES:
-            if only and spec.name not in only:
-                continue
-            port = free_port()
-            log = stack_dir / "logs" / f"{spec.name}.log"
-            argv = [sys.executable, "-m", spec.module, "serve", "--host", "127.0.0.1", "--port", str(port)]
-            if spec.needs_redis:
-                argv += ["--redis-url", state["redis_url"]]
-            if spec.name == "inference" and model:
-                argv += ["--model", model]
-            with open(log, "ab") as out:
-                proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-            address = f"127.0.0.1:{port}"
-            state["processes"][spec.name] = {"pid": proc.pid, "address": address, "log": str(log), "grpc": spec.grpc_name}
-            _write_state(settings, state)
-            _wait_healthy(address, spec.grpc_name, proc, log, timeout_s)
-    except BaseException:
+            state["redis_url"], pid = _start_redis(settings.stack_dir)
+            state["processes"]["redis"] = {"pid": pid, "log": str(settings.stack_dir / "logs" / "redis.log")}
         _write_state(settings, state)
+        for spec in SERVICES:
+            if not only or spec.name in only:
+                add_service(settings, spec.name, model=model, timeout_s=timeout_s)
+    except BaseException:
         stop_stack(settings)
         raise
+    return read_state(settings)
+
+
+def add_service(settings: Settings, name: str, *, model: str | None = None, timeout_s: float = 120) -> str:
+    """Starts one service into the running stack (the inference service once a model exists, say); returns its address."""
+    spec = next((s for s in SERVICES if s.name == name), None)
+    if spec is None:
+        raise ValueError(f"unknown service {name!r}; allowed: {', '.join(s.name for s in SERVICES)}")
+    state = read_state(settings)
+    if state is None:
+        raise RuntimeError("no stack is running; ./tinylm up starts one")
+    port = free_port()
+    log = settings.stack_dir / "logs" / f"{spec.name}.log"
+    argv = [sys.executable, "-m", spec.module, "serve", "--host", "127.0.0.1", "--port", str(port)]
+    if spec.needs_redis:
+        argv += ["--redis-url", state["redis_url"]]
+    if spec.name == "inference" and model:
+        argv += ["--model", model]
+    env = {**os.environ, "TINYLM_HOME": str(settings.home), "TINYLM_REDIS_URL": state["redis_url"],
+           "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    with open(log, "ab") as out:
+        proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    address = f"127.0.0.1:{port}"
+    state["processes"][spec.name] = {"pid": proc.pid, "address": address, "log": str(log), "grpc": spec.grpc_name}
     _write_state(settings, state)
-    return state
+    _wait_healthy(address, spec.grpc_name, proc, log, timeout_s)
+    return address
 
 
 def _write_state(settings: Settings, state: dict) -> None:

@@ -1,0 +1,232 @@
+"""The one writer of benchmark results: `<out>/<suite>-<device-slug>.{csv,json,png}`.
+
+Every file starts with the same header block (STYLE.md 13): the device the numbers were measured on, the git
+commit of the code that measured them (`+dirty` when the tree had changes), the exact command, the time, and the
+anchor: the named baseline measured in the same run that the other rows are read against. The CSV carries the
+header as `# key: value` comment lines above the column row; the JSON as a `header` object beside `rows`.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime
+import json
+import os
+import platform
+import re
+import subprocess
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+__all__ = [
+    "Anchor",
+    "Panel",
+    "PlotSpec",
+    "RunHeader",
+    "cpu_device_name",
+    "device_name",
+    "device_slug",
+    "git_commit",
+    "make_header",
+    "read_result",
+    "write_results",
+]
+
+Row = Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class Anchor:
+    """The baseline of a table, measured in the same run: `name` says what it is, `value` its figure."""
+
+    name: str
+    value: float | None = None
+    unit: str = ""
+
+    def __str__(self) -> str:
+        if self.value is None:
+            return self.name
+        return f"{self.name} = {self.value:.4g} {self.unit}".rstrip()
+
+
+@dataclass(frozen=True)
+class RunHeader:
+    """Where, with what code and how a result was measured."""
+
+    device: str  # "NVIDIA H100 80GB HBM3" or "cpu: AMD EPYC x2"
+    git_commit: str  # sha, "+dirty" when the tree had changes, or "unknown"
+    command: tuple[str, ...]  # the exact argv
+    created: str  # ISO 8601 with time zone
+    anchor: Anchor
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["command"] = list(self.command)
+        return out
+
+
+@dataclass(frozen=True)
+class Panel:
+    """One subplot: `series` pairs a row column with its legend label, drawn against the plot's x column."""
+
+    y_label: str
+    series: tuple[tuple[str, str], ...]
+    log_y: bool = False
+
+
+@dataclass(frozen=True)
+class PlotSpec:
+    """A line plot of some columns of the rows against one column, in one or more side-by-side panels."""
+
+    title: str
+    x: str
+    x_label: str
+    panels: tuple[Panel, ...]
+    log_x: bool = False
+
+
+def cpu_device_name() -> str:
+    """"cpu: <model name> x<logical cores>", from /proc/cpuinfo where there is one."""
+    name = ""
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        for line in cpuinfo.read_text(errors="replace").splitlines():
+            if line.lower().startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    name = name or platform.processor() or platform.machine() or "unknown"
+    return f"cpu: {name} x{os.cpu_count() or 1}"
+
+
+def device_name(device: str = "cpu") -> str:
+    """The name of the device a measurement ran on: the GPU's name for a CUDA device, else the CPU's."""
+    if device.startswith("cuda"):
+        import torch  # only where a GPU is asked for; torch is not needed to write results
+
+        return torch.cuda.get_device_name(torch.device(device))
+    return cpu_device_name()
+
+
+def device_slug(device: str) -> str:
+    """A file-name-safe form of a device name: "cpu: AMD EPYC x2" -> "cpu-amd-epyc-x2"."""
+    slug = re.sub(r"[^a-z0-9]+", "-", device.lower()).strip("-")
+    return slug or "unknown"
+
+
+def git_commit(repo: Path) -> str:
+    """`git rev-parse HEAD` of `repo`, with "+dirty" when `git status --porcelain` lists anything; "unknown" outside git."""
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, check=True).stdout
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain"], cwd=repo, capture_output=True, text=True, check=True
+        ).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return sha.strip() + ("+dirty" if dirty.strip() else "")
+
+
+def make_header(
+    device: str, repo: Path, command: Sequence[str], anchor: Anchor, *, commit: str | None = None
+) -> RunHeader:
+    """A header stamped now, with `commit` (the run's, taken once at its start), else the commit of `repo` now."""
+    created = datetime.datetime.now(datetime.timezone.utc).astimezone().isoformat(timespec="seconds")
+    commit = commit or git_commit(repo)
+    return RunHeader(device=device, git_commit=commit, command=tuple(command), created=created, anchor=anchor)
+
+
+def write_results(
+    out_dir: Path,
+    suite: str,
+    header: RunHeader,
+    rows: Sequence[Row],
+    *,
+    summary: Mapping[str, Any] | None = None,
+    plot: PlotSpec | None = None,
+) -> list[Path]:
+    """Writes `<suite>-<slug>.csv` and `.json` (and `.png` when `plot` is given and there are rows); returns the paths.
+
+    Every row must have the same keys (the CSV columns, in the first row's order). Writes are atomic (temp + rename).
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    columns = list(rows[0].keys()) if rows else []
+    for i, row in enumerate(rows):
+        if list(row.keys()) != columns:
+            raise ValueError(f"rows[{i}] has columns {list(row.keys())}, expected {columns}")
+    stem = out_dir / f"{suite}-{device_slug(header.device)}"
+    paths = [_write_csv(stem.with_suffix(".csv"), header, columns, rows)]
+    png = stem.with_suffix(".png") if plot is not None and rows else None
+    document = {
+        "suite": suite,
+        "header": header.to_dict(),
+        "summary": dict(summary or {}),
+        "columns": columns,
+        "rows": [dict(r) for r in rows],
+        "plot": png.name if png else None,
+    }
+    paths.append(_atomic_write(stem.with_suffix(".json"), json.dumps(document, indent=2, default=_jsonable) + "\n"))
+    if png is not None:
+        paths.append(_write_png(png, header, rows, plot))
+    return paths
+
+
+def read_result(path: Path) -> dict[str, Any]:
+    """A result JSON as written by `write_results`."""
+    return json.loads(Path(path).read_text())
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, Path):
+        return str(value)
+    if hasattr(value, "item"):  # numpy / torch scalars
+        return value.item()
+    raise TypeError(f"not JSON-serialisable: {type(value).__name__}")
+
+
+def _atomic_write(path: Path, text: str) -> Path:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+    return path
+
+
+def _write_csv(path: Path, header: RunHeader, columns: list[str], rows: Sequence[Row]) -> Path:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with tmp.open("w", newline="") as f:
+        for key, value in header.to_dict().items():
+            shown = " ".join(value) if key == "command" else (str(header.anchor) if key == "anchor" else value)
+            f.write(f"# {key}: {shown}\n")
+        writer = csv.DictWriter(f, fieldnames=columns)
+        if columns:
+            writer.writeheader()
+            writer.writerows(rows)
+    tmp.replace(path)
+    return path
+
+
+def _write_png(path: Path, header: RunHeader, rows: Sequence[Row], plot: PlotSpec) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure  # no pyplot: no global figure state, safe in threads
+
+    fig = Figure(figsize=(max(7.0, 5.5 * len(plot.panels)), 4.2), layout="constrained")
+    axes = fig.subplots(1, len(plot.panels), squeeze=False)[0]
+    xs = [row[plot.x] for row in rows]
+    for ax, panel in zip(axes, plot.panels):
+        for column, label in panel.series:
+            ax.plot(xs, [row[column] for row in rows], marker="o", label=label)
+        ax.set_xlabel(plot.x_label)
+        ax.set_ylabel(panel.y_label)
+        if plot.log_x:
+            ax.set_xscale("log", base=2)
+            ax.set_xticks(xs, [f"{x:g}" for x in xs])
+        if panel.log_y:
+            ax.set_yscale("log")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"{plot.title}\n{header.device} @ {header.git_commit[:12]}", fontsize=9)
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    tmp.replace(path)
+    return path

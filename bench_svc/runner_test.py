@@ -1,0 +1,52 @@
+"""A run of several suites: GPU suites say they need CUDA on a CPU machine, and report.md shows every suite."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from bench_svc.registry import DEFAULT_SUITES, SUITES, needing_a_model, parse_suites
+from bench_svc.results_io import read_result
+from bench_svc.runner import run_suites
+from bench_svc.suite import SuiteCancelled
+
+
+def test_parse_suites_orders_dedupes_and_defaults():
+    assert parse_suites(["memory", "kvcache", "memory"]) == ["kvcache", "memory"]
+    assert parse_suites([]) == parse_suites([""]) == list(DEFAULT_SUITES)
+    with pytest.raises(ValueError) as err:
+        parse_suites(["kvcache", "warp-drive"])
+    assert "warp-drive" in str(err.value) and all(name in str(err.value) for name in SUITES)
+
+
+def test_which_suites_need_a_model():
+    assert needing_a_model(["kvcache", "memory", "kernels", "export"]) == []
+    assert needing_a_model(["export", "inference"]) == ["inference"]
+    assert needing_a_model(["inference"], inference_address="127.0.0.1:5") == []
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks what a machine without a GPU reports")
+def test_gpu_suites_are_skipped_on_cpu_and_the_report_shows_every_suite(tiny_ctx):
+    messages = []
+    ctx = dataclasses.replace(tiny_ctx, progress=lambda m, f, x: messages.append((m, f)))
+    outcome = run_suites(["memory", "kernels", "training"], ctx)
+
+    status = {r.suite: r.status for r in outcome.results}
+    assert status["memory"] == "ok"
+    assert status["kernels"].startswith("skipped: needs CUDA") and status["training"].startswith("skipped: needs CUDA")
+    assert outcome.results[1].files == () and outcome.device.startswith("cpu: ")
+
+    summary = read_result(next(f for f in outcome.files if f.name.startswith("summary-") and f.suffix == ".json"))
+    assert [r["suite"] for r in summary["rows"]] == ["memory", "kernels", "training"]
+    memory = read_result(next(f for f in outcome.files if f.name.startswith("memory-") and f.suffix == ".json"))
+    assert memory["header"]["git_commit"] == summary["header"]["git_commit"] == outcome.commit  # taken once per run
+    text = outcome.report.read_text()
+    assert "## memory" in text and "skipped: needs CUDA" in text and outcome.commit in text
+    assert outcome.report in outcome.files
+    fractions = [f for _, f in messages if f >= 0]
+    assert fractions == sorted(fractions) and fractions[-1] == 1.0
+
+
+def test_a_cancelled_run_stops(tiny_ctx):
+    with pytest.raises(SuiteCancelled):
+        run_suites(["memory"], dataclasses.replace(tiny_ctx, cancelled=lambda: True))
