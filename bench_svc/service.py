@@ -8,7 +8,6 @@ RESOURCE_EXHAUSTED. The work itself is done by the bench worker (bench_svc/worke
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 from typing import Iterator
 
@@ -17,12 +16,13 @@ import grpc
 from bench_svc.loopback import check_loopback
 from bench_svc.model_source import resolve_model
 from bench_svc.registry import needing_a_model, parse_suites
-from jobs.errors import JobNotFound, QueueUnavailable
-from jobs.kinds import FINAL_STATES, state_name
+from jobs.errors import QueueUnavailable
+from jobs.kinds import state_name
 from jobs.queue import JobQueue
 from model.artifact import ArtifactError
 from protos import bench_pb2, bench_pb2_grpc, jobs_pb2
 from rpc.errors import invalid_argument, not_found, resource_exhausted
+from rpc.job_calls import job_status, queue_errors, watch_events
 
 __all__ = ["SERVICE_NAME", "BenchService"]
 
@@ -75,33 +75,12 @@ class BenchService(bench_pb2_grpc.BenchServiceServicer):
             context.abort(grpc.StatusCode.UNAVAILABLE, str(err))
 
     def _bench_status(self, job_id: str, context: grpc.ServicerContext) -> jobs_pb2.JobStatus:
-        if not job_id:
-            invalid_argument(context, "job_id", "must name a bench job")
-        try:
-            status = self.queue.get(job_id)
-        except JobNotFound:
-            not_found(context, f"bench job {job_id!r} not found")
-        except QueueUnavailable as err:
-            context.abort(grpc.StatusCode.UNAVAILABLE, str(err))
-        if status.job.kind != jobs_pb2.JOB_KIND_BENCH:
-            not_found(context, f"job {job_id!r} is not a bench job")
-        return status
+        return job_status(self.queue, job_id, "bench", context)
 
     def WatchBench(self, request, context: grpc.ServicerContext) -> Iterator[jobs_pb2.JobEvent]:
         """Events until a final state; without from_start, only events from now on (and always the final one)."""
         self._bench_status(request.job_id, context)
-        since = 0.0 if request.from_start else time.time()
-        remaining = context.time_remaining()
-        try:
-            for event in self.queue.watch(request.job_id, timeout=remaining):
-                if not context.is_active():
-                    return
-                if event.time_unix >= since or event.state in FINAL_STATES:
-                    yield event
-        except TimeoutError:
-            context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, f"bench job {request.job_id} did not finish before the deadline")
-        except QueueUnavailable as err:
-            context.abort(grpc.StatusCode.UNAVAILABLE, str(err))
+        yield from watch_events(self.queue, request.job_id, context, from_start=request.from_start)
 
     def GetReport(self, request: bench_pb2.GetReportRequest, context: grpc.ServicerContext) -> bench_pb2.BenchReport:
         if request.job_id:
@@ -109,10 +88,8 @@ class BenchService(bench_pb2_grpc.BenchServiceServicer):
             if status.state != jobs_pb2.JOB_STATE_SUCCEEDED:
                 not_found(context, f"bench job {request.job_id} has no report: it is {state_name(status.state)}")
         else:
-            try:
+            with queue_errors(context):
                 done = self.queue.list("bench", "succeeded", limit=1)
-            except QueueUnavailable as err:
-                context.abort(grpc.StatusCode.UNAVAILABLE, str(err))
             if not done:
                 not_found(context, "no bench job has finished yet")
             status = done[0]

@@ -6,9 +6,7 @@ goes to Redis through `jobs.queue.JobQueue`; an export worker (exporter/worker.p
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,19 +14,17 @@ import grpc
 
 from exporter.errors import ExportError
 from exporter.formats import parse_formats
-from jobs.errors import JobNotFound, QueueUnavailable
-from jobs.kinds import FINAL_STATES
 from jobs.queue import JobQueue
 from model.artifact import ArtifactError, ArtifactStore
 from protos import exporter_pb2, exporter_pb2_grpc, jobs_pb2, trainer_pb2
 from rpc.errors import invalid_argument, not_found, resource_exhausted
+from rpc.job_calls import job_status, queue_errors, watch_events
 
 __all__ = ["SERVICE_NAME", "ExporterService"]
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = "tinylm.v1.ExporterService"
-_WATCH_CHUNK_S = 5.0  # longest a watch blocks before checking that its caller is still there
 
 
 class ExporterService(exporter_pb2_grpc.ExporterServiceServicer):
@@ -64,7 +60,7 @@ class ExporterService(exporter_pb2_grpc.ExporterServiceServicer):
         self, request: exporter_pb2.StartExportRequest, context: grpc.ServicerContext
     ) -> exporter_pb2.StartExportResponse:
         spec = self._validated_spec(request.spec, context)
-        with _queue_errors(context):
+        with queue_errors(context):
             waiting = self.queue.list("export", "queued", limit=self.max_queued)
             if len(waiting) >= self.max_queued:
                 resource_exhausted(context, f"the export queue is full ({self.max_queued} jobs waiting); try again later")
@@ -76,50 +72,11 @@ class ExporterService(exporter_pb2_grpc.ExporterServiceServicer):
     def WatchExport(self, request: trainer_pb2.WatchRequest, context: grpc.ServicerContext) -> Iterator[jobs_pb2.JobEvent]:
         """Events until a final state; without from_start, only those from now on (and always the final one)."""
         self._export_job(request.job_id, context)
-        since = 0.0 if request.from_start else time.time()
-        left = context.time_remaining()
-        deadline = None if left is None else time.monotonic() + left
-        sent: set[str] = set()
-        # Short chunks: a caller that goes away frees this thread within one chunk even while the job is quiet.
-        while context.is_active():
-            chunk = _WATCH_CHUNK_S if deadline is None else min(_WATCH_CHUNK_S, deadline - time.monotonic())
-            if chunk <= 0:
-                context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, f"export job {request.job_id} still running at the deadline")
-            with _queue_errors(context):
-                try:
-                    for event in self.queue.watch(request.job_id, timeout=chunk):
-                        final = event.state in FINAL_STATES
-                        if event.event_id not in sent and (final or event.time_unix >= since):
-                            sent.add(event.event_id)
-                            yield event
-                        if final or not context.is_active():
-                            return
-                except TimeoutError:
-                    continue
+        yield from watch_events(self.queue, request.job_id, context, from_start=request.from_start)
 
     def GetExport(self, request: trainer_pb2.GetJobRequest, context: grpc.ServicerContext) -> jobs_pb2.JobStatus:
         return self._export_job(request.job_id, context)
 
     def _export_job(self, job_id: str, context: grpc.ServicerContext) -> jobs_pb2.JobStatus:
         """Status of export job `job_id`; aborts INVALID_ARGUMENT (empty id) or NOT_FOUND (no such export job)."""
-        if not job_id:
-            invalid_argument(context, "job_id", "must be the id StartExport returned, got ''")
-        with _queue_errors(context):
-            try:
-                status = self.queue.get(job_id)
-            except JobNotFound:
-                not_found(context, f"no export job with id {job_id!r}")
-        if status.job.kind != jobs_pb2.JOB_KIND_EXPORT:
-            not_found(context, f"job {job_id!r} is not an export job")
-        return status
-
-
-@contextlib.contextmanager
-def _queue_errors(context: grpc.ServicerContext) -> Iterator[None]:
-    """An unreachable Redis is UNAVAILABLE; a job that vanished mid-call is NOT_FOUND."""
-    try:
-        yield
-    except QueueUnavailable as err:
-        context.abort(grpc.StatusCode.UNAVAILABLE, str(err))
-    except JobNotFound as err:
-        not_found(context, str(err))
+        return job_status(self.queue, job_id, "export", context)

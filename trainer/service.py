@@ -6,22 +6,19 @@ worker runs), the job goes to Redis through `jobs.queue.JobQueue`, and a worker 
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import time
 from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
 
 import grpc
 
-from jobs.errors import JobNotFound, QueueUnavailable
-from jobs.kinds import FINAL_STATES
 from jobs.queue import JobQueue
 from model.artifact import ArtifactInfo, ArtifactStore
 from model.onnx_contract import ONNX_DIR, VARIANT_FILES
 from protos import common_pb2, jobs_pb2, trainer_pb2, trainer_pb2_grpc
-from rpc.errors import invalid_argument, not_found
+from rpc.errors import invalid_argument
+from rpc.job_calls import job_status, queue_errors, watch_events
 from trainer.spec import SpecError, config_from_spec
 
 __all__ = ["TrainerService", "SERVICE_NAME", "model_info"]
@@ -29,7 +26,6 @@ __all__ = ["TrainerService", "SERVICE_NAME", "model_info"]
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = "tinylm.v1.TrainerService"
-_WATCH_CHUNK_S = 5.0  # longest a watch waits before checking that its caller is still there
 # Files an exporter adds to an artifact -> the format name ModelInfo.formats reports.
 _FORMAT_FILES = {
     **{f"onnx-{variant}": f"{ONNX_DIR}/{name}" for variant, name in VARIANT_FILES.items()},
@@ -55,7 +51,7 @@ class TrainerService(trainer_pb2_grpc.TrainerServiceServicer):
             invalid_argument(context, f"spec.{err.field}", err.reason)
         if spec.corpus_path and not Path(spec.corpus_path).is_file():
             invalid_argument(context, "spec.corpus_path", f"{spec.corpus_path!r} does not exist on the trainer")
-        with _queue_errors(context):
+        with queue_errors(context):
             job_id = self.queue.submit("train", spec, idempotency_key=request.idempotency_key)
             status = self.queue.get(job_id)
         log.info("enqueued train job %s (preset %s)", job_id, spec.preset)
@@ -63,37 +59,14 @@ class TrainerService(trainer_pb2_grpc.TrainerServiceServicer):
 
     def WatchTraining(self, request: trainer_pb2.WatchRequest, context: grpc.ServicerContext) -> Iterator[jobs_pb2.JobEvent]:
         self._train_job(request.job_id, context)
-        since = 0.0 if request.from_start else time.time()
-        left = context.time_remaining()
-        deadline = None if left is None else time.monotonic() + left
-        last = (-1, -1)
-        # Watch in short chunks, so a caller that goes away frees this thread within one chunk even when the
-        # job is quiet; each chunk replays the job's events, and those already sent are skipped by id.
-        while context.is_active():
-            chunk = _WATCH_CHUNK_S if deadline is None else min(_WATCH_CHUNK_S, deadline - time.monotonic())
-            if chunk <= 0:
-                context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, f"job {request.job_id} still running at the deadline")
-            with _queue_errors(context):
-                try:
-                    for event in self.queue.watch(request.job_id, timeout=chunk):
-                        key = _entry_key(event.event_id)
-                        if key is not None and key <= last:
-                            continue
-                        last = key or last
-                        final = event.state in FINAL_STATES
-                        if final or event.time_unix >= since:
-                            yield event
-                        if final or not context.is_active():
-                            return
-                except TimeoutError:
-                    continue
+        yield from watch_events(self.queue, request.job_id, context, from_start=request.from_start)
 
     def GetTraining(self, request: trainer_pb2.GetJobRequest, context: grpc.ServicerContext) -> jobs_pb2.JobStatus:
         return self._train_job(request.job_id, context)
 
     def CancelTraining(self, request: trainer_pb2.CancelJobRequest, context: grpc.ServicerContext) -> jobs_pb2.JobStatus:
         self._train_job(request.job_id, context)
-        with _queue_errors(context):
+        with queue_errors(context):
             return self.queue.cancel(request.job_id)
 
     def ListModels(
@@ -104,33 +77,9 @@ class TrainerService(trainer_pb2_grpc.TrainerServiceServicer):
 
     def _train_job(self, job_id: str, context: grpc.ServicerContext) -> jobs_pb2.JobStatus:
         """The status of train job `job_id`; aborts INVALID_ARGUMENT (empty id) or NOT_FOUND (no such train job)."""
-        if not job_id:
-            invalid_argument(context, "job_id", "must be the id StartTraining returned, got ''")
-        with _queue_errors(context):
-            try:
-                status = self.queue.get(job_id)
-            except JobNotFound:
-                not_found(context, f"no train job with id {job_id!r}")
-        if status.job.kind != jobs_pb2.JOB_KIND_TRAIN:
-            not_found(context, f"job {job_id!r} is not a train job")
-        return status
+        return job_status(self.queue, job_id, "train", context)
 
 
-@contextlib.contextmanager
-def _queue_errors(context: grpc.ServicerContext) -> Iterator[None]:
-    """Maps an unreachable Redis to UNAVAILABLE and a job that vanished mid-call to NOT_FOUND."""
-    try:
-        yield
-    except QueueUnavailable as error:
-        context.abort(grpc.StatusCode.UNAVAILABLE, str(error))
-    except JobNotFound as error:
-        not_found(context, str(error))
-
-
-def _entry_key(event_id: str) -> tuple[int, int] | None:
-    """A Redis stream entry id ("1700000000000-3") as a comparable pair; None for a synthetic event."""
-    ms, sep, seq = event_id.partition("-")
-    return (int(ms), int(seq)) if sep and ms.isdigit() and seq.isdigit() else None
 
 
 def model_info(info: ArtifactInfo) -> common_pb2.ModelInfo:
