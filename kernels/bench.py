@@ -36,6 +36,7 @@ BENCH_MODULES: tuple[str, ...] = (
     "kernels.fused_linear_ce_bench",
     # inference kernels
     "kernels.inference_bench",
+    "kernels.fused_ffn_bench",
 )
 
 REPO_ROOT = Path(__file__).resolve().parent.parent

@@ -114,9 +114,13 @@ def run(args: argparse.Namespace) -> int:
             _say("3/4 serve the model and stream a generation")
             address = stack.add_service(settings, "inference", model=model_id)
             print(f"  inference {address}")
+            # The engine ends a sequence at the context length: ask for no more than fits after the prompt.
+            context = json.loads((settings.artifacts / model_id / "config.json").read_text())["block_size"]
             with channel(address) as i_ch:
                 stub = inference_pb2_grpc.InferenceServiceStub(i_ch)
-                params = inference_pb2.SamplingParameters(max_new_tokens=args.tokens, temperature=0.8, has_temperature=True,
+                prompt_ids = stub.Tokenize(inference_pb2.TokenizeRequest(text=args.prompt)).token_ids
+                tokens = max(1, min(args.tokens, context - len(prompt_ids)))
+                params = inference_pb2.SamplingParameters(max_new_tokens=tokens, temperature=0.8, has_temperature=True,
                                                           top_k=40, seed=1337, has_seed=True)
                 request = inference_pb2.GenerateRequest(model=common_pb2.ModelRef(id=model_id), prompt=args.prompt, params=params)
                 print("-" * 60 + "\n" + args.prompt, end="", flush=True)
