@@ -251,6 +251,10 @@ def test_a_slow_duplicate_cannot_store_twice_and_pipelines_enqueue_the_child_onc
     fast = Worker(queue, "noop", parent_handler, "fast", **{**FAST, "visibility_timeout_s": 0.2})
     slow_runner = threading.Thread(target=slow.run_once)
     slow_runner.start()
+    deadline = time.monotonic() + 30
+    while queue.get(parent).worker != "slow":  # slow must hold the job before fast may take it over
+        assert time.monotonic() < deadline, "slow never claimed the job"
+        time.sleep(0.01)
     _run_until(fast, lambda: queue.get(parent).state == jobs_pb2.JOB_STATE_SUCCEEDED)
     release_slow.set()
     slow_runner.join()

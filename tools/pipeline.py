@@ -157,14 +157,18 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _print_parity(report: dict) -> None:
-    formats = report.get("formats") or report.get("results") or {}
-    if isinstance(formats, dict):
-        for name, row in formats.items():
-            gate = row.get("gate", row.get("passed"))
-            print(f"  {name:<14} {json.dumps({k: v for k, v in row.items() if not isinstance(v, (dict, list))})[:150]}"
-                  f"{'' if gate is None else ''}")
-    else:
-        print("  " + json.dumps(report)[:400])
+    """One line per exported variant: size, logit error, greedy agreement, val-loss delta, gate."""
+    print(f"  {'variant':<16}{'MB':>7}{'max|dlogits|':>14}{'greedy':>8}{'dval_loss':>11}  gate")
+    for name, row in (report.get("variants") or {}).items():
+        gate = "pass" if row.get("passed") else "FAIL"
+        gate = gate if row.get("gates") else "-"
+        cells = [
+            f"{row.get('bytes', 0) / 1e6:7.2f}",
+            f"{row['max_abs_logits']:14.2e}" if row.get("max_abs_logits") is not None else f"{'-':>14}",
+            f"{100 * row['greedy_agreement']:7.1f}%" if row.get("greedy_agreement") is not None else f"{'-':>8}",
+            f"{row['val_loss_delta']:+11.4f}" if row.get("val_loss_delta") is not None else f"{'-':>11}",
+        ]
+        print(f"  {name:<16}{''.join(cells)}  {gate}")
 
 
 def main(argv: list[str]) -> int:
@@ -172,7 +176,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--preset", default="", help="model preset (default: tiny on CPU, shakespeare-char on a GPU)")
     p.add_argument("--max-steps", type=int, default=0, help="training steps (default: 600 on CPU, the preset's on a GPU)")
     p.add_argument("--formats", default="onnx,int8,int4,coreml,hf", help="export formats")
-    p.add_argument("--bench-suites", default="kvcache,memory,export", help="bench suites of the chained bench job")
+    p.add_argument("--bench-suites", default="kvcache,memory", help="bench suites of the chained bench job")
     p.add_argument("--prompt", default="ROMEO:", help="prompt of the streamed generation")
     p.add_argument("--tokens", type=int, default=200, help="tokens to generate")
     p.add_argument("--keep-up", action="store_true", help="leave the stack running afterwards")
