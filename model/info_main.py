@@ -25,6 +25,9 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["info"]:  # `./tinylm model info --preset NAME`: the CLI hands over everything after `model`
+        argv = argv[1:]
     args = _parser().parse_args(argv)
     overrides = {} if args.vocab_size is None else {"vocab_size": args.vocab_size}
     try:

@@ -75,3 +75,10 @@ def test_format_and_cli(capsys):
     assert "parameters" in capsys.readouterr().out
     assert main(["--preset", "tiny", "--seq-len", "999"]) == 2
     assert "seq_len must be" in capsys.readouterr().err
+
+
+def test_cli_accepts_the_info_word(capsys):
+    # `./tinylm model info --preset NAME` hands `info --preset NAME` to this main.
+    assert main(["info", "--preset", "shakespeare-char", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["preset"] == "shakespeare-char" and 10.6e6 < out["params"]["total"] < 10.8e6
