@@ -28,7 +28,7 @@ VERBS: dict[str, Verb] = {
     "serve": Verb("inference_svc.main", "serve a model over streaming gRPC", 10),
     "generate": Verb("tools.generate", "stream a generation to the terminal (--interactive for a prompt loop)", 10),
     "bench": Verb("bench_svc.main", "run benchmark suites and write results and report.md", 11),
-    "jobs": Verb("jobs.cli", "list | show | watch | cancel | retry-dead jobs on the Redis queue", 7),
+    "jobs": Verb("tools.jobs_verb", "list | show | watch | cancel | retry-dead jobs on the Redis queue", 7),
     "models": Verb("tools.models", "list, show and remove artifacts in the local store", 4),
     "model": Verb("model.info_main", "model info --preset NAME: parameters, FLOPs per token, memory", 4),
     "up": Verb("tools.stack", "start Redis and the four services locally", 11),

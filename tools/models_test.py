@@ -37,3 +37,4 @@ def test_list_show_rm(store, capsys):
 def test_missing_model_is_an_error_naming_it(store, capsys):
     assert models.main(["show", "nosuchmodel"]) == 1
     assert "nosuchmodel" in capsys.readouterr().err
+
