@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from model.config import ModelConfig
 from model.kv_cache import KVCache
@@ -117,11 +118,17 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
-    """The language model. `config` is kept as an attribute; weights are initialised as in nanoGPT."""
+    """The language model. `config` is kept as an attribute; weights are initialised as in nanoGPT.
+
+    `gradient_checkpointing` (a run-time switch, not part of the config, so artifacts never record it): when
+    True, a training forward keeps only each block's input and recomputes the block's activations in backward
+    (less memory, about one more forward of compute).
+    """
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
+        self.gradient_checkpointing = False
         self.tok_emb = nn.Embedding(config.vocab_size, config.n_embd)
         self.pos_emb = nn.Embedding(config.block_size, config.n_embd) if config.pos == "learned" else None
         self.drop = nn.Dropout(config.dropout)
@@ -144,6 +151,14 @@ class GPT(nn.Module):
                 nn.init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def set_dropout(self, p: float) -> None:
+        """Set the dropout probability of every dropout in the model (embedding, residual, MLP and attention
+        weights) for the following forwards; `config.dropout` keeps the value the model was built with."""
+        assert 0.0 <= p < 1.0, f"dropout must be in [0, 1), got {p}"
+        self.drop.p = p
+        for block in self.blocks:
+            block.attn.dropout = block.attn.resid_dropout.p = block.mlp.dropout.p = p
 
     def num_params(self, non_embedding: bool = False) -> int:
         """Number of (unique) parameters; `non_embedding` leaves out the position embedding, as nanoGPT
@@ -176,8 +191,10 @@ class GPT(nn.Module):
         positions = torch.arange(T, device=idx.device)[None]  # (1, T)
         x = self._embed(idx, positions)  # (B, T, C)
         rope = self._rope(positions, x.dtype)
+        recompute = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for block in self.blocks:
-            x = block(x, rope)
+            # Non-reentrant checkpointing restores the RNG state for the recomputation: the same dropout masks.
+            x = checkpoint(block, x, rope, use_reentrant=False) if recompute else block(x, rope)
         logits = self.lm_head(self.norm_f(x))  # (B, T, V)
         loss = None
         if targets is not None:

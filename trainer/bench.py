@@ -14,10 +14,7 @@ its time budget. With two or more GPUs it also measures DDP tokens/s of the `med
 from __future__ import annotations
 
 import argparse
-import csv
 import dataclasses
-import datetime
-import io
 import json
 import logging
 import os
@@ -29,11 +26,11 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from kernels.bench_report import RunInfo, gpu_slug
+from trainer.bench_output import REPO_ROOT, fmt, new_figure, run_info, write_csv_json
 from trainer.config import TrainConfig, load_config
 from trainer.corpus import resolve_corpus
 from trainer.data import prepare_data
@@ -44,7 +41,6 @@ __all__ = ["VariantResult", "run_variant", "main"]
 
 log = logging.getLogger("trainer.bench")
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 NO_GPU_EXIT_CODE = 2
 TARGET_VAL_LOSS = 1.47  # nanoGPT's shakespeare-char reaches ~1.47 after 5000 iterations
 WINDOW_S = 60.0  # "best val loss within the first minute"
@@ -130,13 +126,13 @@ def _variants(args: argparse.Namespace) -> list[tuple[str, TrainConfig]]:
     if args.cpu_smoke:
         base = load_config("tiny").replace(
             device="cpu", max_steps=args.max_steps or 40, batch_size=8, block_size=64, eval_interval=10,
-            eval_iters=4, log_interval=1, warmup=5, compile=False, tensorboard=False,
+            eval_iters=4, log_interval=1, warmup=5, compile_mode="none", tensorboard=False,
         )  # fmt: skip
         return [("tinylm", base), ("eager", base)]
     base = load_config("shakespeare-char").replace(log_interval=1, eval_interval=args.eval_interval, tensorboard=False)
     if args.max_steps:
         base = base.replace(max_steps=args.max_steps)
-    return [("tinylm", base.replace(compile=True)), ("eager", base.replace(compile=False))]
+    return [("tinylm", base.replace(compile_mode="default")), ("eager", base.replace(compile_mode="none"))]
 
 
 def _ddp_scaling(args: argparse.Namespace, workdir: Path) -> list[VariantResult]:
@@ -188,52 +184,23 @@ def _ddp_worker(args: argparse.Namespace) -> int:
     return 0
 
 
-def _commit() -> str:
-    try:
-        return subprocess.run(
-            ["git", "describe", "--always", "--dirty", "--abbrev=40"], cwd=REPO_ROOT, capture_output=True, text=True,
-            check=True,
-        ).stdout.strip()  # fmt: skip
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
-def _write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w", newline="") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def write_results(
     results: list[VariantResult], info: RunInfo, out_dir: Path, budget_s: float, *, suffix: str = ""
 ) -> list[Path]:
     """train-<gpu><suffix>.csv (a row per variant), .json (all of it, curves too), .png (when matplotlib is there)."""
-    out_dir.mkdir(parents=True, exist_ok=True)
     stem = out_dir / f"train-{gpu_slug(info.gpu)}{suffix}"
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=CSV_COLUMNS, extrasaction="ignore")
-    writer.writeheader()
-    for r in results:
-        writer.writerow({**dataclasses.asdict(r), "gpu": info.gpu, "commit": info.commit, "command": info.command})
-    _write_text(stem.with_suffix(".csv"), buf.getvalue())
+    rows = [{**dataclasses.asdict(r), "gpu": info.gpu, "commit": info.commit, "command": info.command} for r in results]
     doc = {"info": dataclasses.asdict(info), "budget_s": budget_s, "window_s": WINDOW_S,
            "results": [dataclasses.asdict(r) for r in results]}  # fmt: skip
-    _write_text(stem.with_suffix(".json"), json.dumps(doc, indent=2))
-    paths = [stem.with_suffix(".csv"), stem.with_suffix(".json")]
+    paths = write_csv_json(stem, CSV_COLUMNS, rows, doc)
     png = _plot(results, info, stem.with_suffix(".png"))
     return paths + ([png] if png else [])
 
 
 def _plot(results: list[VariantResult], info: RunInfo, path: Path) -> Path | None:
-    try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-    except ImportError:
-        log.warning("matplotlib is not installed; no PNG")
+    fig = new_figure(12, 5)
+    if fig is None:
         return None
-    fig = Figure(figsize=(12, 5))
-    FigureCanvasAgg(fig)
     curves, rates = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
     for r in results:
         if r.curve:
@@ -253,9 +220,6 @@ def _plot(results: list[VariantResult], info: RunInfo, path: Path) -> Path | Non
 
 
 def format_table(results: list[VariantResult]) -> str:
-    def fmt(v: Any, spec: str) -> str:
-        return "-" if v is None else format(v, spec)
-
     lines = [f"{'variant':<12} {'target s':>9} {'best60s':>8} {'best':>7} {'tok/s':>11} {'MFU':>6} {'steps':>6}"]
     for r in results:
         mfu = None if r.mfu is None else 100 * r.mfu
@@ -295,14 +259,9 @@ def main(argv: list[str] | None = None) -> int:
         )
         return NO_GPU_EXIT_CODE
     target = args.target if args.target is not None else (3.0 if args.cpu_smoke else TARGET_VAL_LOSS)
-    gpu = "cpu" if args.cpu_smoke else torch.cuda.get_device_name()
-    info = RunInfo(
-        gpu=gpu,
-        commit=_commit(),
-        command=shlex.join([sys.executable, "-m", "trainer.bench", *(sys.argv[1:] if argv is None else argv)]),
-        timestamp=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        torch_version=torch.__version__,
-    )
+    info = run_info(torch.device("cpu" if args.cpu_smoke else "cuda"), "trainer.bench", argv)
+    if args.cpu_smoke:
+        info = dataclasses.replace(info, gpu="cpu")
     with tempfile.TemporaryDirectory(prefix="tinylm-train-bench-") as tmp:
         workdir = args.workdir or Path(tmp)
         corpus = resolve_corpus(os.environ.get("TINYLM_CORPUS"), workdir / "data")

@@ -4,6 +4,9 @@
 says); `grad_accum` is the number of micro-steps per optimizer step over all ranks together, as nanoGPT's
 `gradient_accumulation_steps` (each of W ranks runs grad_accum / W of them). A bad value raises
 `ConfigError` (a ValueError) naming the key and the allowed values or range.
+
+`compile_mode` picks torch.compile's mode ('none' runs eager). The older boolean `compile` is still accepted in
+YAML, overrides and `replace()` (true -> 'default', false -> 'none'), and `config.compile` reads as a bool.
 """
 
 from __future__ import annotations
@@ -25,6 +28,8 @@ __all__ = [
     "TOKENIZERS",
     "DTYPES",
     "DECAYS",
+    "COMPILE_MODES",
+    "ANNEALS",
     "load_config",
     "parse_overrides",
     "micro_batch_plan",
@@ -33,6 +38,8 @@ __all__ = [
 TOKENIZERS = ("char", "byte", "bpe")
 DTYPES = ("float32", "bfloat16", "float16")
 DECAYS = ("cosine", "linear", "constant")
+COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune")
+ANNEALS = ("linear", "cosine")
 
 # Inclusive numeric ranges; an upper bound only stops the obvious typo (an extra zero or three).
 _INT_RANGES: dict[str, tuple[int, int]] = {
@@ -47,6 +54,8 @@ _INT_RANGES: dict[str, tuple[int, int]] = {
     "log_interval": (1, 10_000_000),
     "seed": (0, 2**63 - 1),
     "early_stop_patience": (0, 1_000_000),  # evaluations without a better val loss; 0: never stop early
+    "dropout_anneal_steps": (0, 10_000_000),  # 0: max_steps
+    "dropout_anneal_levels": (0, 1000),  # 0: automatic; else >= 2
     "bpe_vocab": (256, 1 << 20),
 }
 _FLOAT_RANGES: dict[str, tuple[float, float]] = {
@@ -55,9 +64,14 @@ _FLOAT_RANGES: dict[str, tuple[float, float]] = {
     "weight_decay": (0.0, 10.0),
     "grad_clip": (0.0, 1e6),  # 0: no clipping
     "dropout": (0.0, 0.99),
+    "dropout_start": (0.0, 0.99),
+    "dropout_end": (0.0, 0.99),
 }
-_CHOICES: dict[str, tuple[str, ...]] = {"tokenizer": TOKENIZERS, "dtype": DTYPES, "decay": DECAYS}
-_BOOLS = ("compile", "resume", "tensorboard")
+_OPTIONAL = ("dropout", "dropout_start")  # None: "the preset's" / "no annealing"
+_CHOICES: dict[str, tuple[str, ...]] = {
+    "tokenizer": TOKENIZERS, "dtype": DTYPES, "decay": DECAYS, "compile_mode": COMPILE_MODES, "dropout_anneal": ANNEALS,
+}  # fmt: skip
+_BOOLS = ("grad_checkpointing", "resume", "tensorboard")
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 
 
@@ -90,11 +104,18 @@ class TrainConfig:
     betas: tuple[float, float] = (0.9, 0.99)
     grad_clip: float = 1.0
     dropout: float | None = None  # None: the model preset's
+    # Dropout annealing: from dropout_start to dropout_end over dropout_anneal_steps (trainer.dropout_schedule).
+    dropout_start: float | None = None  # None: no annealing (`dropout` throughout); else it replaces `dropout`
+    dropout_end: float = 0.0
+    dropout_anneal_steps: int = 0  # 0: max_steps
+    dropout_anneal: str = "linear"  # linear | cosine
+    dropout_anneal_levels: int = 0  # distinct p values; 0: every step's own in eager, 5 under torch.compile
     eval_interval: int = 250
     eval_iters: int = 20
     log_interval: int = 10
     dtype: str = "float32"
-    compile: bool = False
+    compile_mode: str = "none"  # none | default | reduce-overhead | max-autotune
+    grad_checkpointing: bool = False  # recompute each block's activations in backward (less memory)
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     seed: int = 1337
     early_stop_patience: int = 0
@@ -111,7 +132,7 @@ class TrainConfig:
                 raise ConfigError(key, f"{key} must be an integer in [{lo}, {hi}], got {value!r}")
         for key, (lo, hi) in _FLOAT_RANGES.items():
             value = getattr(self, key)
-            if key == "dropout" and value is None:
+            if key in _OPTIONAL and value is None:
                 continue
             if not _is_number(value) or not lo <= value <= hi or (key == "lr" and value == 0):
                 left = "(" if key == "lr" else "["
@@ -137,6 +158,10 @@ class TrainConfig:
             raise ConfigError(
                 "grad_accum", f"grad_accum must divide batch_size={self.batch_size}, got {self.grad_accum}"
             )
+        if self.dropout_anneal_levels == 1:
+            raise ConfigError(
+                "dropout_anneal_levels", "dropout_anneal_levels must be 0 (automatic) or an integer in [2, 1000], got 1"
+            )
         if not isinstance(self.device, str) or not _valid_device(self.device):
             raise ConfigError("device", f"device must be auto, cpu, cuda, cuda:N or mps, got {self.device!r}")
         for key in ("name", "log_dir"):
@@ -149,13 +174,23 @@ class TrainConfig:
         return self.name or self.preset
 
     @property
+    def compile(self) -> bool:
+        """Whether the model runs under torch.compile (any compile_mode but 'none')."""
+        return self.compile_mode != "none"
+
+    @property
+    def anneals_dropout(self) -> bool:
+        """Whether dropout follows the dropout_start -> dropout_end schedule."""
+        return self.dropout_start is not None
+
+    @property
     def lr_decay_steps(self) -> int:
         """Steps over which the learning rate decays (decay_steps, or max_steps when 0)."""
         return self.decay_steps or self.max_steps
 
     def replace(self, **changes: Any) -> "TrainConfig":
-        """A copy with some fields changed (validated again)."""
-        return dataclasses.replace(self, **changes)
+        """A copy with some fields changed (validated again); `compile=<bool>` sets compile_mode."""
+        return dataclasses.replace(self, **_compile_alias(changes))
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict of every field (JSON/YAML safe; betas as a list)."""
@@ -166,6 +201,24 @@ class TrainConfig:
     def to_yaml(self, path: str | Path) -> None:
         """Write the config as a flat YAML mapping."""
         Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+def _compile_alias(values: dict[str, Any]) -> dict[str, Any]:
+    """`compile: true|false` (the key before compile_mode existed) -> `compile_mode: default|none`."""
+    if "compile" not in values:
+        return values
+    values = dict(values)
+    raw = values.pop("compile")
+    text = raw.strip().lower() if isinstance(raw, str) else None
+    if not isinstance(raw, bool) and text not in _TRUE + _FALSE:
+        raise ConfigError("compile", f"compile must be true or false (or use compile_mode), got {raw!r}")
+    mode = "default" if raw is True or text in _TRUE else "none"
+    if values.get("compile_mode", mode) != mode:
+        raise ConfigError(
+            "compile", f"compile={raw!r} contradicts compile_mode={values['compile_mode']!r}; give compile_mode only"
+        )
+    values["compile_mode"] = mode
+    return values
 
 
 def _is_number(value: Any) -> bool:
@@ -181,36 +234,36 @@ def _valid_device(device: str) -> bool:
 _NANOGPT_CHAR = dict(
     tokenizer="char", max_steps=5000, batch_size=64, block_size=256, lr=1e-3, min_lr=1e-4, warmup=100,
     betas=(0.9, 0.99), weight_decay=0.1, grad_clip=1.0, dropout=0.2, eval_interval=250, eval_iters=200,
-    dtype="bfloat16", compile=True,
+    dtype="bfloat16", compile_mode="default",
 )  # fmt: skip
 
 TRAIN_PRESETS: dict[str, TrainConfig] = {
     # Seconds on a CPU: a 4-layer 128-wide Llama-style model on characters.
     "tiny": TrainConfig(
         preset="tiny", tokenizer="char", max_steps=1000, batch_size=16, block_size=64, lr=3e-3, min_lr=3e-4,
-        warmup=20, eval_interval=100, eval_iters=20, dtype="float32", compile=False,
+        warmup=20, eval_interval=100, eval_iters=20, dtype="float32", compile_mode="none",
     ),
     # nanoGPT's config/train_shakespeare_char.py, step for step.
     "shakespeare-char": TrainConfig(preset="shakespeare-char", **_NANOGPT_CHAR),
     "small": TrainConfig(
         preset="small", tokenizer="bpe", bpe_vocab=4096, max_steps=5000, batch_size=64, block_size=256,
-        lr=1e-3, min_lr=1e-4, warmup=100, eval_interval=250, eval_iters=100, dtype="bfloat16", compile=True,
+        lr=1e-3, min_lr=1e-4, warmup=100, eval_interval=250, eval_iters=100, dtype="bfloat16", compile_mode="default",
     ),
     "medium": TrainConfig(
         preset="medium", tokenizer="bpe", bpe_vocab=8192, max_steps=5000, batch_size=64, grad_accum=2,
         block_size=512, lr=6e-4, min_lr=6e-5, warmup=200, betas=(0.9, 0.95), eval_interval=250, eval_iters=100,
-        dtype="bfloat16", compile=True,
+        dtype="bfloat16", compile_mode="default",
     ),
     "large": TrainConfig(
         preset="large", tokenizer="bpe", bpe_vocab=16384, max_steps=10000, batch_size=64, grad_accum=4,
         block_size=1024, lr=3e-4, min_lr=3e-5, warmup=500, betas=(0.9, 0.95), eval_interval=500, eval_iters=100,
-        dtype="bfloat16", compile=True,
+        dtype="bfloat16", compile_mode="default",
     ),
     # nanoGPT's GPT-2 124M recipe (batch 480 x 1024 as 40 micro-batches of 12), shortened to a corpus-sized run.
     "gpt2-124m": TrainConfig(
         preset="gpt2-124m", tokenizer="bpe", bpe_vocab=50257, max_steps=5000, batch_size=480, grad_accum=40,
         block_size=1024, lr=6e-4, min_lr=6e-5, warmup=200, betas=(0.9, 0.95), eval_interval=250, eval_iters=200,
-        dtype="bfloat16", compile=True,
+        dtype="bfloat16", compile_mode="default",
     ),
 }  # fmt: skip
 
@@ -227,7 +280,7 @@ def _coerce(key: str, raw: Any, current: Any) -> Any:
     try:
         if key == "betas":
             return tuple(float(b) for b in text.strip("()[]").split(","))
-        if key == "dropout":
+        if key in _OPTIONAL:
             return None if text.lower() in ("", "none", "null") else float(text)
         if key in _BOOLS:
             if text.lower() in _TRUE + _FALSE:
@@ -257,7 +310,7 @@ def _unparsable(key: str, raw: Any) -> ConfigError:
 
 
 def parse_overrides(items: list[str]) -> dict[str, str]:
-    """`["lr=3e-4", "compile=false"]` -> `{"lr": "3e-4", "compile": "false"}`; keys are checked later."""
+    """`["lr=3e-4", "compile_mode=none"]` -> `{"lr": "3e-4", "compile_mode": "none"}`; keys are checked later."""
     out: dict[str, str] = {}
     for item in items:
         key, sep, value = item.partition("=")
@@ -281,8 +334,8 @@ def load_config(
         loaded = yaml.safe_load(Path(yaml_path).read_text()) or {}
         if not isinstance(loaded, dict):
             raise ConfigError("config", f"config file {str(yaml_path)!r} must hold a mapping of key: value")
-        values.update(loaded)
-    values.update(overrides or {})
+        values.update(_compile_alias(loaded))
+    values.update(_compile_alias(overrides or {}))
     name = preset or values.get("preset") or "tiny"
     if name not in TRAIN_PRESETS:
         raise ConfigError("preset", f"preset must be one of {sorted(TRAIN_PRESETS)}, got {name!r}")

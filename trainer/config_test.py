@@ -23,7 +23,7 @@ def test_overrides_are_coerced_to_field_types():
     cfg = load_config("tiny", overrides=parse_overrides(
         ["lr=3e-4", "max_steps=5e3", "compile=true", "betas=0.8,0.95", "dropout=0.1", "device=cpu"]
     ))
-    assert cfg.lr == 3e-4 and cfg.max_steps == 5000 and cfg.compile is True
+    assert cfg.lr == 3e-4 and cfg.max_steps == 5000 and cfg.compile is True and cfg.compile_mode == "default"
     assert cfg.betas == (0.8, 0.95) and cfg.dropout == 0.1 and cfg.device == "cpu"
     assert cfg.preset == "tiny" and cfg.batch_size == TRAIN_PRESETS["tiny"].batch_size
 
@@ -39,6 +39,8 @@ def test_overrides_are_coerced_to_field_types():
         ("dtype=int8", "dtype", "['float32', 'bfloat16', 'float16']"),
         ("tokenizer=word", "tokenizer", "['char', 'byte', 'bpe']"),
         ("compile=maybe", "compile", "true or false"),
+        ("compile_mode=fast", "compile_mode", "['none', 'default', 'reduce-overhead', 'max-autotune']"),
+        ("grad_checkpointing=2", "grad_checkpointing", "true or false"),
         ("betas=0.9", "betas", "two numbers"),
         ("device=tpu", "device", "cuda:N"),
         ("min_lr=1", "min_lr", "lr="),
@@ -78,3 +80,26 @@ def test_micro_batch_plan():
         micro_batch_plan(480, 40, 3)
     with pytest.raises(ConfigError, match="batch_size"):
         micro_batch_plan(10, 1, 4)
+
+
+def test_compile_mode_and_the_old_compile_flag(tmp_path):
+    assert TRAIN_PRESETS["tiny"].compile_mode == "none" and TRAIN_PRESETS["shakespeare-char"].compile_mode == "default"
+    for mode in ("none", "default", "reduce-overhead", "max-autotune"):
+        cfg = load_config("tiny", overrides={"compile_mode": mode})
+        assert cfg.compile_mode == mode and cfg.compile is (mode != "none")
+    assert load_config("shakespeare-char", overrides={"compile": "false"}).compile_mode == "none"
+    path = tmp_path / "old.yaml"
+    path.write_text("preset: tiny\ncompile: true\n")  # a file written before compile_mode existed
+    assert load_config(None, path).compile_mode == "default"
+    assert load_config(None, path, {"compile_mode": "max-autotune"}).compile_mode == "max-autotune"  # later wins
+    assert TRAIN_PRESETS["tiny"].replace(compile=True).compile_mode == "default"
+    assert "compile" not in TRAIN_PRESETS["tiny"].to_dict() and "compile_mode" in TRAIN_PRESETS["tiny"].to_dict()
+    with pytest.raises(ConfigError, match="contradicts compile_mode") as info:
+        load_config("tiny", overrides={"compile": "true", "compile_mode": "none"})
+    assert info.value.key == "compile"
+    assert load_config("tiny", overrides={"compile": "true", "compile_mode": "default"}).compile
+
+
+def test_grad_checkpointing_override():
+    assert load_config("tiny", overrides=parse_overrides(["grad_checkpointing=on"])).grad_checkpointing is True
+    assert TRAIN_PRESETS["tiny"].grad_checkpointing is False

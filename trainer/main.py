@@ -1,13 +1,14 @@
 """`./tinylm train` and `python -m trainer.main [serve]`: flags, environment variables and wiring only.
 
-    ./tinylm train --preset shakespeare-char [--config run.yaml] [key=value ...]
+    ./tinylm train --preset shakespeare-char [--config run.yaml] [--profile N] [key=value ...]
     torchrun --nproc_per_node=2 -m trainer.main --preset medium          # DDP: the same entry point
     python -m trainer.main serve [--port 50051] [--workers 1]            # TrainerService + train-queue worker
 
 Environment: TINYLM_HOME (default ~/.tinylm; artifacts in $TINYLM_HOME/artifacts, runs in runs/, the tokenized
 corpus cache in data/), TINYLM_CORPUS (the text to train on; default: Tiny Shakespeare, downloaded once with a
 sha256 check), TINYLM_REDIS_URL (serve), torchrun's RANK / LOCAL_RANK / WORLD_SIZE.
-Training prints the artifact id on stdout at the end; everything else goes to stderr. The first Ctrl-C stops
+Training prints the artifact id on stdout at the end; everything else goes to stderr (with --profile N, where
+the torch.profiler trace of N steps went). The first Ctrl-C stops
 at the next step and saves the resume state (`resume=true log_dir=<run folder>` continues); a second one aborts.
 """
 
@@ -42,8 +43,16 @@ def _train_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", help="artifact name (same as name=...)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("-q", "--quiet", action="store_true", help="log warnings only")
+    p.add_argument("--profile", type=_positive_int, default=0, metavar="N",
+                   help="write a torch.profiler trace of N steps (after 2 warm-up steps) to <run folder>/profile/")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="TrainConfig overrides, e.g. max_steps=2000")
     return p
+
+
+def _positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
+    return int(text)
 
 
 def _serve_parser() -> argparse.ArgumentParser:
@@ -113,12 +122,15 @@ def _train(argv: list[str], env: Mapping[str, str]) -> int:
             info=info,
             should_stop=stop.is_set,
             show_progress=not args.no_progress and sys.stderr.isatty(),
+            profile_steps=args.profile,
         )
     finally:
         signal.signal(signal.SIGINT, previous)
         dist.destroy_process_group(info)
     if not info.is_main:
         return EXIT_OK
+    if args.profile:
+        _report_profile(result.profile_trace, result.profiled_steps)
     if result.stopped == "cancelled":
         print(f"stopped at step {result.steps}; resume with: resume=true log_dir={run_dir}", file=sys.stderr)
         return EXIT_INTERRUPTED
@@ -127,6 +139,16 @@ def _train(argv: list[str], env: Mapping[str, str]) -> int:
     print(f"run folder: {run_dir}", file=sys.stderr)
     print(result.model_id)
     return EXIT_OK
+
+
+def _report_profile(trace: Path | None, steps: int) -> None:
+    if trace is None:
+        print("profiler: the run ended before any step was recorded; no trace", file=sys.stderr)
+        return
+    print(f"profiler trace ({steps} steps): {trace}\n"
+          f"  open it in chrome://tracing or https://ui.perfetto.dev, or `tensorboard --logdir {trace.parent}` "
+          f"(torch-tb-profiler plugin); top ops: {trace.parent / trace.name.split('.')[0]}.summary.txt",
+          file=sys.stderr)  # fmt: skip
 
 
 def _first_interrupt_stops(stop: threading.Event):

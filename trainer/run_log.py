@@ -18,7 +18,8 @@ __all__ = ["RunLog", "CSV_COLUMNS", "read_log", "plot_curve"]
 log = logging.getLogger(__name__)
 
 CSV_COLUMNS = (
-    "step", "kind", "elapsed_s", "lr", "loss", "grad_norm", "tokens_per_s", "mfu", "train_loss", "val_loss", "val_ppl",
+    "step", "kind", "elapsed_s", "lr", "loss", "grad_norm", "dropout", "tokens_per_s", "mfu", "train_loss", "val_loss",
+    "val_ppl",
 )  # fmt: skip
 
 

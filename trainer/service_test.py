@@ -68,7 +68,8 @@ def test_a_job_runs_end_to_end_and_streams_its_events(stack):
     steps = [e for e in events if e.message.startswith("step ")]
     assert len(steps) >= 6 and steps[-1].progress == 1.0
     assert any("val_loss" in e.metrics for e in steps) and all("loss" in e.metrics for e in steps)
-    assert steps[0].message.startswith("step 1/6 loss ")
+    assert all(e.metrics["grad_norm"] > 0 for e in steps)  # before clipping, every logged step
+    assert steps[0].message.startswith("step 1/6 loss ") and " | grad norm " in steps[0].message
 
     status = stub.GetTraining(trainer_pb2.GetJobRequest(job_id=started.job_id), timeout=10)
     result = json.loads(status.result_json)

@@ -2,7 +2,9 @@
 
 One optimizer step = `accum` micro-steps of `micro` sequences on each of W ranks (trainer.config.micro_batch_plan):
 forward under autocast, backward (DDP syncs gradients on the last micro-step only), unscale, clip (the norm
-before clipping is logged every step), AdamW step with the scheduled learning rate. Every `eval_interval`
+before clipping is logged every step), AdamW step with the scheduled learning rate and, when annealed, the
+scheduled dropout. The model may run under torch.compile (`compile_mode`) and recompute its blocks' activations
+in backward (`grad_checkpointing`); `profile_steps` records a torch.profiler trace. Every `eval_interval`
 steps: train/val loss and perplexity on fixed windows, the best weights kept in `<run_dir>/best/`, the exact
 resume state written to `<run_dir>/resume/`, early stopping checked. At the end the best weights become an
 artifact in the store. `should_stop()` is polled before every step: the run then saves its resume state and
@@ -32,10 +34,12 @@ from trainer import distributed as dist
 from trainer.config import TrainConfig, micro_batch_plan
 from trainer.data import TokenData, WindowSampler, get_batch, prepare_data
 from trainer.distributed import SINGLE, DistInfo
+from trainer.dropout_schedule import dropout_at, dropout_levels
 from trainer.lr_schedule import learning_rate
 from trainer.mfu import Throughput, peak_flops
 from trainer.resume_state import capture_rng, has_resume_state, load_resume_state, save_resume_state
 from trainer.run_log import RunLog, plot_curve
+from trainer.step_profiler import StepProfiler
 
 __all__ = ["TrainResult", "ProgressCallback", "train", "resolve_device", "build_model", "make_optimizer"]
 
@@ -56,6 +60,8 @@ class TrainResult:
     metrics: dict[str, float] = field(default_factory=dict)  # best val loss, perplexity, tokens, time
     losses: list[float] = field(default_factory=list)  # training loss of each step this process ran
     grad_norms: list[float] = field(default_factory=list)  # gradient norm before clipping, each step
+    profile_trace: Path | None = None  # the torch.profiler trace, when profile_steps asked for one
+    profiled_steps: int = 0  # steps the trace holds
 
 
 def resolve_device(name: str, info: DistInfo = SINGLE) -> torch.device:
@@ -68,13 +74,17 @@ def resolve_device(name: str, info: DistInfo = SINGLE) -> torch.device:
 
 
 def build_model(config: TrainConfig, vocab_size: int) -> GPT:
-    """The preset's model at the tokenizer's vocabulary, with the run's block size and dropout."""
+    """The preset's model at the tokenizer's vocabulary, with the run's block size and dropout (an annealed run's
+    model is built with its starting dropout); gradient checkpointing as the run asks."""
     overrides: dict[str, Any] = {"vocab_size": vocab_size}
     if config.block_size:
         overrides["block_size"] = config.block_size
-    if config.dropout is not None:
-        overrides["dropout"] = config.dropout
-    return GPT(get_preset(config.preset, **overrides))
+    dropout = config.dropout_start if config.anneals_dropout else config.dropout
+    if dropout is not None:
+        overrides["dropout"] = dropout
+    model = GPT(get_preset(config.preset, **overrides))
+    model.gradient_checkpointing = config.grad_checkpointing
+    return model
 
 
 def make_optimizer(model: torch.nn.Module, config: TrainConfig, device: torch.device) -> torch.optim.AdamW:
@@ -130,11 +140,13 @@ def train(
     should_stop: Callable[[], bool] | None = None,
     show_progress: bool = False,
     parent_id: str | None = None,
+    profile_steps: int = 0,
 ) -> TrainResult:
     """Train `config` on `corpus`; the best weights become an artifact under `store_root` (rank 0 writes files).
 
     `progress_callback(step, metrics)` is called on rank 0 every `log_interval` steps and after every evaluation;
-    `should_stop()` is polled before each step. `data_dir` caches the tokenized corpus.
+    `should_stop()` is polled before each step. `data_dir` caches the tokenized corpus. `profile_steps` > 0 writes
+    a torch.profiler trace of that many steps (after trainer.step_profiler's warm-up) under `<run_dir>/profile/`.
     """
     device = resolve_device(config.device, info)
     if device.type == "cuda":
@@ -147,24 +159,33 @@ def train(
     run_log = RunLog(run.run_dir, resume_step=run.step, tensorboard=config.tensorboard) if info.is_main else None
     meter = Throughput(run.model.config, peak_flops(device, config.dtype), world_size=info.world_size)
     bar = _progress_bar(config.max_steps, run.step, show_progress and info.is_main)
+    profiler = None
+    if profile_steps:
+        profiler = StepProfiler(run.run_dir / "profile", profile_steps, device=device, worker_name=f"rank{info.rank}")
+    scope = contextlib.ExitStack()  # closed when the loop ends, not after publishing
     start = time.perf_counter()
     try:
+        scope.enter_context(_recompile_room(config))
+        if profiler is not None:
+            scope.enter_context(profiler)
         while run.step < config.max_steps:
             if dist.any_true(bool(should_stop and should_stop()), info, device):
                 result.stopped = "cancelled"
                 break
             t0 = time.perf_counter()
-            loss, grad_norm, lr = _train_step(run)
+            step = _train_step(run)
             dt = time.perf_counter() - t0
+            if profiler is not None:
+                profiler.step()
             run.step += 1
             run.tokens_seen += config.batch_size * run.model.config.block_size
-            result.losses.append(loss)
-            result.grad_norms.append(grad_norm)
-            metrics = {"loss": loss, "lr": lr, "grad_norm": grad_norm, **meter.update(config.batch_size, dt)}
+            result.losses.append(step["loss"])
+            result.grad_norms.append(step["grad_norm"])
+            metrics = {**step, **meter.update(config.batch_size, dt)}
             metrics["elapsed_s"] = run.elapsed_s + time.perf_counter() - start
             metrics["eta_s"] = meter.eta_s(config.max_steps - run.step)
             if bar is not None:
-                bar.set_postfix_str(meter.describe(loss), refresh=False)
+                bar.set_postfix_str(meter.describe(step["loss"]), refresh=False)
                 bar.update(1)
             if run.step % config.log_interval == 0 or run.step == config.max_steps:
                 if run_log is not None:
@@ -175,20 +196,34 @@ def train(
                 if _evaluate_and_checkpoint(run, run_log, progress_callback, metrics):
                     result.stopped = "early_stop"
                     break
+        scope.close()  # writes the profiler trace
         run.elapsed_s += time.perf_counter() - start
         if result.stopped == "cancelled" and run.step > 0:
             _save_resume(run)  # the step boundary is consistent: resuming continues exactly here
         result.steps = run.step
         result.metrics = _final_metrics(run)
+        if profiler is not None:
+            result.profile_trace, result.profiled_steps = profiler.trace, profiler.recorded_steps
         if info.is_main and result.stopped != "cancelled" and (run.run_dir / "best").is_dir():
             result.model_id = _publish(run, store_root, parent_id, result.metrics)
     finally:
+        scope.close()
         if bar is not None:
             bar.close()
         if run_log is not None:
             run_log.close()
             plot_curve(run_log.path, run.run_dir / "curve.png", title=f"{config.model_name} ({config.preset})")
     return result
+
+
+def _recompile_room(config: TrainConfig) -> contextlib.AbstractContextManager:
+    """Under torch.compile, let dynamo keep a graph per annealed dropout level, in training and in eval mode."""
+    levels = dropout_levels(config) if config.anneals_dropout and config.compile else 0
+    if not levels:
+        return contextlib.nullcontext()
+    dynamo_config = torch._dynamo.config
+    name = "recompile_limit" if hasattr(dynamo_config, "recompile_limit") else "cache_size_limit"  # torch < 2.6
+    return dynamo_config.patch({name: max(getattr(dynamo_config, name), 2 * levels + 2)})
 
 
 def _setup(
@@ -216,19 +251,25 @@ def _setup(
     else:
         torch.manual_seed(config.seed + info.rank)  # dropout differs between ranks, as nanoGPT's seed offset
         np.random.seed((config.seed + info.rank) % 2**32)
-    fwd: torch.nn.Module = torch.compile(model) if config.compile else model
+    fwd: torch.nn.Module = model
+    if config.compile:
+        fwd = torch.compile(model, mode=None if config.compile_mode == "default" else config.compile_mode)
     if info.enabled:
         fwd = DDP(fwd, device_ids=[device.index] if device.type == "cuda" else None)
     run.fwd = fwd
     return run
 
 
-def _train_step(run: _Run) -> tuple[float, float, float]:
-    """One optimizer step; returns (mean loss over the global batch, grad norm before clipping, lr)."""
+def _train_step(run: _Run) -> dict[str, float]:
+    """One optimizer step; returns its loss (mean over the global batch), grad norm before clipping, lr, dropout."""
     config, info = run.config, run.info
     lr = learning_rate(run.step, config)
     for group in run.optimizer.param_groups:
         group["lr"] = lr
+    dropout = run.model.config.dropout
+    if config.anneals_dropout:
+        dropout = dropout_at(run.step, config)
+        run.model.set_dropout(dropout)
     offsets = run.sampler.next_offsets(config.batch_size)  # (batch_size,) the same on every rank
     block = run.model.config.block_size
     loss_sum = torch.zeros((), device=run.device)
@@ -237,18 +278,29 @@ def _train_step(run: _Run) -> tuple[float, float, float]:
         x, y = get_batch(run.data.train, offsets[first : first + run.micro], block, run.device)  # (micro, T)
         if isinstance(run.fwd, DDP):
             run.fwd.require_backward_grad_sync = m == run.accum - 1  # all-reduce once, on the last micro-step
-        with run.autocast():
-            _, loss = run.fwd(x, y)
+        with run.autocast(), torch.profiler.record_function("forward"):
+            _, loss = _forward(run, run.fwd, x, y)
             loss = loss / run.accum  # the mean over the micro-steps, as one big batch would give
-        run.scaler.scale(loss).backward()
+        with torch.profiler.record_function("backward"):
+            run.scaler.scale(loss).backward()
         loss_sum += loss.detach()
-    run.scaler.unscale_(run.optimizer)
-    max_norm = config.grad_clip if config.grad_clip > 0 else math.inf
-    grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), max_norm)  # returns the norm before clipping
-    run.scaler.step(run.optimizer)
-    run.scaler.update()
-    run.optimizer.zero_grad(set_to_none=True)
-    return float(dist.all_mean(loss_sum, info)), float(grad_norm), lr
+    with torch.profiler.record_function("optimizer"):
+        run.scaler.unscale_(run.optimizer)
+        max_norm = config.grad_clip if config.grad_clip > 0 else math.inf
+        grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), max_norm)  # the norm before clipping
+        run.scaler.step(run.optimizer)
+        run.scaler.update()
+        run.optimizer.zero_grad(set_to_none=True)
+    loss_mean = float(dist.all_mean(loss_sum, info))
+    return {"loss": loss_mean, "lr": lr, "grad_norm": float(grad_norm), "dropout": dropout}
+
+
+def _forward(run: _Run, module: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """module(x, y); under reduce-overhead, first tell CUDA-graph trees that a new iteration begins (so a replay
+    may reuse the previous one's output buffers, which the caller has consumed by then)."""
+    if run.config.compile_mode == "reduce-overhead":
+        torch.compiler.cudagraph_mark_step_begin()
+    return module(x, y)
 
 
 @torch.no_grad()
@@ -267,7 +319,7 @@ def estimate_loss(run: _Run) -> dict[str, float]:
             offsets = rng.integers(0, high, size=run.micro * info.world_size, dtype=np.int64)
             x, y = get_batch(tokens, offsets[info.rank * run.micro : (info.rank + 1) * run.micro], block, run.device)
             with run.autocast():
-                _, loss = evaluator(x, y)
+                _, loss = _forward(run, evaluator, x, y)
             losses[k] = loss.float()
         out[f"{split}_loss"] = float(dist.all_mean(losses.mean(), info))
     run.model.train()

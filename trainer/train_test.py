@@ -1,5 +1,6 @@
 import math
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -58,7 +59,32 @@ def test_progress_metrics_and_reduced_precision(small_corpus, dirs):
     result = train(fast_config(dtype="bfloat16", max_steps=4), small_corpus,
                    progress_callback=got.__setitem__, **dirs)  # fmt: skip
     assert all(math.isfinite(x) for x in result.losses)
-    assert {"loss", "lr", "grad_norm", "tokens_per_s", "eta_s", "elapsed_s"} <= set(got[1])
+    assert {"loss", "lr", "grad_norm", "dropout", "tokens_per_s", "eta_s", "elapsed_s"} <= set(got[1])
     assert "mfu" not in got[1]  # no peak FLOPs known on a CPU
     assert {"val_loss", "train_loss", "val_ppl", "loss"} <= set(got[4])  # the eval call carries both
     assert got[4]["val_ppl"] == math.exp(got[4]["val_loss"])
+
+
+def test_gradient_checkpointing_trains_the_same(small_corpus, tmp_path):
+    cfg = fast_config(max_steps=4, eval_interval=4, dropout=0.0)
+    runs = {}
+    for on in (False, True):
+        d = tmp_path / str(on)
+        runs[on] = train(cfg.replace(grad_checkpointing=on), small_corpus, store_root=d / "s", run_dir=d / "r",
+                         data_dir=tmp_path / "data")  # fmt: skip
+    assert runs[True].losses == pytest.approx(runs[False].losses, rel=1e-6, abs=1e-7)
+    assert runs[True].grad_norms == pytest.approx(runs[False].grad_norms, rel=1e-5)
+
+
+@pytest.mark.parametrize("mode, expected", [("default", None), ("reduce-overhead", "reduce-overhead"),
+                                            ("max-autotune", "max-autotune")])  # fmt: skip
+def test_compile_mode_reaches_torch_compile(small_corpus, dirs, monkeypatch, mode, expected):
+    modes = []
+
+    def fake_compile(model, mode=None):  # records the call; runs eager (a real compile takes a minute on CPU)
+        modes.append(mode)
+        return model
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    train(fast_config(max_steps=1, compile_mode=mode), small_corpus, **dirs)
+    assert modes == [expected]

@@ -50,10 +50,12 @@ class TrainerPaths:
 
 
 def progress_message(step: int, max_steps: int, metrics: dict[str, float]) -> str:
-    """The human line of a progress event: "step 120/2000 loss 1.9200 | val 1.95 | 52,000 tok/s"."""
+    """The human line of a progress event: "step 120/2000 loss 1.9200 | grad norm 0.412 | val 1.95 | 52,000 tok/s"."""
     text = f"step {step}/{max_steps}"
     if "loss" in metrics:
         text += f" loss {metrics['loss']:.4f}"
+    if "grad_norm" in metrics:
+        text += f" | grad norm {metrics['grad_norm']:.3g}"
     if "val_loss" in metrics:
         text += f" | val {metrics['val_loss']:.4f} (best {metrics.get('best_val_loss', metrics['val_loss']):.4f})"
     if "tokens_per_s" in metrics:
