@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import signal
 import sys
 import threading
 from pathlib import Path
@@ -122,7 +121,7 @@ def _serve(argv: list[str]) -> int:
     from bench_svc.worker import BenchWorkerConfig, make_worker, run_worker_thread
     from jobs.queue import JobQueue
     from protos import bench_pb2_grpc
-    from rpc.server import serve
+    from rpc.server import serve, serve_until_signalled
 
     parser = argparse.ArgumentParser(prog="python -m bench_svc.main serve", description="BenchService and its queue worker")
     parser.add_argument("--host", default="127.0.0.1", help="interface to bind (default loopback)")
@@ -160,13 +159,7 @@ def _serve(argv: list[str]) -> int:
     threads = [run_worker_thread(make_worker(JobQueue(args.redis_url), config), stop) for _ in range(args.workers)]
     log.info("BenchService on %s (redis %s, %d worker(s), results in %s)", running.address, args.redis_url,
              len(threads), config.results_root)
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
-    stop.wait()
-    log.info("stopping: draining calls, letting the running job finish")
-    running.stop(grace=5.0)
-    for thread in threads:
-        thread.join(timeout=30.0)
+    serve_until_signalled(running, threads, stop, drain_s=30.0)
     queue.close()
     return 0
 

@@ -16,7 +16,6 @@ import argparse
 import json
 import logging
 import os
-import signal
 import sys
 import threading
 from collections.abc import Mapping
@@ -141,7 +140,7 @@ def _serve(argv: list[str], env: Mapping[str, str]) -> int:
     from exporter.worker import ExporterPaths, run_workers
     from jobs.queue import JobQueue
     from protos import exporter_pb2_grpc
-    from rpc.server import serve
+    from rpc.server import serve, serve_until_signalled
 
     parser = _serve_parser()
     args = parser.parse_args(argv)
@@ -165,13 +164,7 @@ def _serve(argv: list[str], env: Mapping[str, str]) -> int:
     stop = threading.Event()
     workers = run_workers(JobQueue(redis_url), paths, args.workers, stop)
     print(f"ExporterService listening on {server.address} ({args.workers} worker(s), store {paths.store_root})", flush=True)
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
-    while not stop.wait(1.0):
-        pass
-    server.stop(grace=5)
-    for thread in workers:
-        thread.join(timeout=120)  # a running export finishes its current stage first
+    serve_until_signalled(server, workers, stop, drain_s=120.0)
     queue.close()
     return EXIT_OK
 

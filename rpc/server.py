@@ -7,6 +7,8 @@ binds loopback unless told otherwise, and may add TLS and a bearer token (DESIGN
 from __future__ import annotations
 
 import hmac
+import signal
+import threading
 from concurrent import futures
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
@@ -15,7 +17,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-__all__ = ["RunningServer", "serve"]
+__all__ = ["RunningServer", "serve", "serve_until_signalled"]
 
 AddServicer = Callable[[Any, grpc.Server], None]
 
@@ -100,3 +102,17 @@ def serve(
     server.start()
     shown_host = f"[{host}]" if ":" in host else host
     return RunningServer(server=server, port=bound, address=f"{shown_host}:{bound}", health=health_servicer)
+
+
+def serve_until_signalled(
+    running: RunningServer, workers: Sequence[threading.Thread], stop: threading.Event, *, drain_s: float
+) -> None:
+    """Blocks until SIGINT or SIGTERM (or until `stop` is set), then stops taking calls and waits up to `drain_s`
+    for each queue worker, which sees `stop` and finishes or hands back its current job."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    while not stop.wait(1.0):
+        pass
+    running.stop(grace=5.0)
+    for thread in workers:
+        thread.join(timeout=drain_s)

@@ -164,7 +164,7 @@ def _first_interrupt_stops(stop: threading.Event):
 def _serve(argv: list[str], env: Mapping[str, str]) -> int:
     from jobs.queue import JobQueue
     from protos import trainer_pb2_grpc
-    from rpc.server import serve
+    from rpc.server import serve, serve_until_signalled
     from trainer.service import SERVICE_NAME, TrainerService
     from trainer.worker import TrainerPaths, run_workers
 
@@ -191,13 +191,7 @@ def _serve(argv: list[str], env: Mapping[str, str]) -> int:
     stop = threading.Event()
     workers = run_workers(JobQueue(redis_url), paths, args.workers, stop)
     print(f"TrainerService listening on {server.address} ({args.workers} worker(s), home {paths.home})", flush=True)
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
-    while not stop.wait(1.0):
-        pass
-    server.stop(grace=5)
-    for thread in workers:
-        thread.join(timeout=60)  # a running job stops at its next check only when cancelled; else it finishes
+    serve_until_signalled(server, workers, stop, drain_s=60.0)
     queue.close()
     return EXIT_OK
 
