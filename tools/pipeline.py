@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 import time
 from pathlib import Path
@@ -181,6 +182,8 @@ def main(argv: list[str]) -> int:
     p.add_argument("--tokens", type=int, default=200, help="tokens to generate")
     p.add_argument("--keep-up", action="store_true", help="leave the stack running afterwards")
     args = p.parse_args(argv)
+    # SIGTERM (a CI timeout, `kill`) unwinds like Ctrl-C, so the stack this demo started is stopped on the way out.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:
         return run(args)
     except (RuntimeError, TimeoutError) as err:
