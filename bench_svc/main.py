@@ -121,7 +121,7 @@ def _serve(argv: list[str]) -> int:
     from bench_svc.worker import BenchWorkerConfig, make_worker, run_worker_thread
     from jobs.queue import JobQueue
     from protos import bench_pb2_grpc
-    from rpc.server import serve, serve_until_signalled
+    from rpc.server import serve_from_args, serve_until_signalled
 
     parser = argparse.ArgumentParser(prog="python -m bench_svc.main serve", description="BenchService and its queue worker")
     parser.add_argument("--host", default="127.0.0.1", help="interface to bind (default loopback)")
@@ -149,11 +149,9 @@ def _serve(argv: list[str]) -> int:
         device=_device(args.device), preset=args.preset,
     )
     servicer = BenchService(queue, config.artifacts_root, max_queued=args.max_queued)
-    running = serve(
-        [(bench_pb2_grpc.add_BenchServiceServicer_to_server, servicer)], [SERVICE_NAME], host=args.host, port=args.port,
-        tls_cert=args.tls_cert.read_bytes() if args.tls_cert else None,
-        tls_key=args.tls_key.read_bytes() if args.tls_key else None,
-        token=os.environ.get("TINYLM_TOKEN") or None,
+    running = serve_from_args(
+        [(bench_pb2_grpc.add_BenchServiceServicer_to_server, servicer)], [SERVICE_NAME], args,
+        token=os.environ.get("TINYLM_TOKEN"),
     )
     stop = threading.Event()
     threads = [run_worker_thread(make_worker(JobQueue(args.redis_url), config), stop) for _ in range(args.workers)]

@@ -140,7 +140,7 @@ def _serve(argv: list[str], env: Mapping[str, str]) -> int:
     from exporter.worker import ExporterPaths, run_workers
     from jobs.queue import JobQueue
     from protos import exporter_pb2_grpc
-    from rpc.server import serve, serve_until_signalled
+    from rpc.server import serve_from_args, serve_until_signalled
 
     parser = _serve_parser()
     args = parser.parse_args(argv)
@@ -152,14 +152,9 @@ def _serve(argv: list[str], env: Mapping[str, str]) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
     paths = ExporterPaths(store_root=tinylm_home(env) / "artifacts", corpus=_corpus(env))
     queue = JobQueue(redis_url)
-    server = serve(
+    server = serve_from_args(
         [(exporter_pb2_grpc.add_ExporterServiceServicer_to_server, ExporterService(queue, paths.store_root))],
-        [SERVICE_NAME],
-        host=args.host,
-        port=args.port,
-        tls_cert=args.tls_cert.read_bytes() if args.tls_cert else None,
-        tls_key=args.tls_key.read_bytes() if args.tls_key else None,
-        token=args.token or env.get("TINYLM_TOKEN") or None,
+        [SERVICE_NAME], args, token=args.token or env.get("TINYLM_TOKEN"),
     )
     stop = threading.Event()
     workers = run_workers(JobQueue(redis_url), paths, args.workers, stop)

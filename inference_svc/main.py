@@ -25,7 +25,7 @@ from inference_svc.service import SERVICE_NAME, InferenceService, ServedModel
 from model.artifact import ArtifactError, ArtifactStore, load_artifact, verify_artifact
 from model.tokenizers import Tokenizer, load_tokenizer
 from protos import inference_pb2_grpc
-from rpc.server import serve
+from rpc.server import serve_from_args
 
 __all__ = ["main", "build_parser", "artifact_path"]
 
@@ -93,14 +93,9 @@ def main(argv: list[str] | None = None) -> int:
 
     engine = Engine(runner, tokenizer, max_queue=args.max_queue)
     model = ServedModel(id=manifest["id"], name=str(manifest.get("name", "")), path=path, manifest=manifest)
-    running = serve(
+    running = serve_from_args(
         [(inference_pb2_grpc.add_InferenceServiceServicer_to_server, InferenceService(engine, model))],
-        [SERVICE_NAME],
-        host=args.host,
-        port=args.port,
-        tls_cert=args.tls_cert.read_bytes() if args.tls_cert else None,
-        tls_key=args.tls_key.read_bytes() if args.tls_key else None,
-        token=args.token or None,
+        [SERVICE_NAME], args, token=args.token,
         max_workers=engine.max_slots + 32,  # a streaming call holds a worker thread for its whole life
     )
     print(f"serving {model.id} ({model.name}) with {args.backend} on {running.address}", flush=True)

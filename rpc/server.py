@@ -17,7 +17,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-__all__ = ["RunningServer", "serve", "serve_until_signalled"]
+__all__ = ["RunningServer", "serve", "serve_from_args", "serve_until_signalled"]
 
 AddServicer = Callable[[Any, grpc.Server], None]
 
@@ -102,6 +102,28 @@ def serve(
     server.start()
     shown_host = f"[{host}]" if ":" in host else host
     return RunningServer(server=server, port=bound, address=f"{shown_host}:{bound}", health=health_servicer)
+
+
+def serve_from_args(
+    add_servicers: Sequence[tuple[AddServicer, Any]],
+    service_names: Sequence[str],
+    args: Any,
+    *,
+    token: str | None,
+    max_workers: int = 16,
+) -> RunningServer:
+    """`serve` with a service entry point's parsed flags: `args.host`, `args.port`, and `args.tls_cert` /
+    `args.tls_key` (paths, or None for plaintext)."""
+    return serve(
+        add_servicers,
+        service_names,
+        host=args.host,
+        port=args.port,
+        tls_cert=args.tls_cert.read_bytes() if args.tls_cert else None,
+        tls_key=args.tls_key.read_bytes() if args.tls_key else None,
+        token=token or None,
+        max_workers=max_workers,
+    )
 
 
 def serve_until_signalled(

@@ -164,7 +164,7 @@ def _first_interrupt_stops(stop: threading.Event):
 def _serve(argv: list[str], env: Mapping[str, str]) -> int:
     from jobs.queue import JobQueue
     from protos import trainer_pb2_grpc
-    from rpc.server import serve, serve_until_signalled
+    from rpc.server import serve_from_args, serve_until_signalled
     from trainer.service import SERVICE_NAME, TrainerService
     from trainer.worker import TrainerPaths, run_workers
 
@@ -179,14 +179,9 @@ def _serve(argv: list[str], env: Mapping[str, str]) -> int:
         return EXIT_USAGE
     paths = TrainerPaths(home=tinylm_home(env), default_corpus=env.get("TINYLM_CORPUS") or None)
     queue = JobQueue(redis_url)
-    server = serve(
+    server = serve_from_args(
         [(trainer_pb2_grpc.add_TrainerServiceServicer_to_server, TrainerService(queue, paths.store_root))],
-        [SERVICE_NAME],
-        host=args.host,
-        port=args.port,
-        tls_cert=args.tls_cert.read_bytes() if args.tls_cert else None,
-        tls_key=args.tls_key.read_bytes() if args.tls_key else None,
-        token=args.token or env.get("TINYLM_TOKEN") or None,
+        [SERVICE_NAME], args, token=args.token or env.get("TINYLM_TOKEN"),
     )
     stop = threading.Event()
     workers = run_workers(JobQueue(redis_url), paths, args.workers, stop)
