@@ -14,10 +14,11 @@ import json
 import os
 import platform
 import re
-import subprocess
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
+
+from kernels.provenance import git_commit
 
 __all__ = [
     "Anchor",
@@ -112,18 +113,6 @@ def device_slug(device: str) -> str:
     """A file-name-safe form of a device name: "cpu: AMD EPYC x2" -> "cpu-amd-epyc-x2"."""
     slug = re.sub(r"[^a-z0-9]+", "-", device.lower()).strip("-")
     return slug or "unknown"
-
-
-def git_commit(repo: Path) -> str:
-    """`git rev-parse HEAD` of `repo`, with "+dirty" when `git status --porcelain` lists anything; "unknown" outside git."""
-    try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, check=True).stdout
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain"], cwd=repo, capture_output=True, text=True, check=True
-        ).stdout
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return sha.strip() + ("+dirty" if dirty.strip() else "")
 
 
 def make_header(

@@ -16,7 +16,6 @@ import argparse
 import csv
 import json
 import platform
-import subprocess
 import sys
 import tempfile
 import time
@@ -25,6 +24,8 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
+
+from kernels.provenance import git_commit
 
 __all__ = ["bench_decode", "main"]
 
@@ -133,15 +134,6 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def _git_commit(repo: Path) -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, timeout=10)
-        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=repo, capture_output=True, text=True, timeout=10)
-        return out.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "") if out.returncode == 0 else "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
 def _plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
     import matplotlib
 
@@ -200,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     header = {
         "device": f"cpu: {_cpu_name()}",
         "threads": args.threads,
-        "commit": _git_commit(Path(__file__).resolve().parent.parent),
+        "commit": git_commit(),
         "command": " ".join(["python -m exporter.bench", *argv]),
         "versions": {"torch": torch.__version__, "onnxruntime": onnxruntime.__version__},
         "weights": "random init for presets (decode latency does not depend on the weight values)",

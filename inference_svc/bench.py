@@ -38,6 +38,7 @@ from typing import Any
 
 import torch
 
+from kernels.provenance import git_commit
 from inference_svc.engine import Engine
 from inference_svc.params import Request
 from inference_svc.runner import ModelRunner, TorchRunner
@@ -318,15 +319,6 @@ def _device_name(device: torch.device) -> str:
     return f"cpu: {name} x{os.cpu_count()}"
 
 
-def _git_commit() -> str:
-    try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return sha + ("+dirty" if dirty.strip() else "")
-
-
 def write_results(out: Path, stem: str, header: dict[str, Any], rows: list[Row]) -> list[Path]:
     """`<out>/<stem>.csv` (header as `# key: value` lines), `.json` and `.png` (tokens/s and ms/token)."""
     out.mkdir(parents=True, exist_ok=True)
@@ -404,7 +396,7 @@ def main(argv: list[str] | None = None) -> int:
 
     header = {
         "device": _device_name(device),
-        "git_commit": _git_commit(),
+        "git_commit": git_commit(),
         "command": _command(argv),
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "model": f"{PRESET} ({artifact.model.num_params() / 1e6:.2f}M params, {'random init' if not args.model else args.model})",

@@ -13,7 +13,6 @@ import datetime
 import importlib
 import logging
 import shlex
-import subprocess
 import sys
 from pathlib import Path
 
@@ -21,6 +20,7 @@ import torch
 
 from kernels.bench_common import BenchCase, Measurement, measure, measure_ceilings, summarize
 from kernels.bench_report import RunInfo, format_table, gpu_slug, write_results
+from kernels.provenance import git_commit
 
 __all__ = ["BENCH_MODULES", "main"]
 
@@ -43,27 +43,18 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 NO_GPU_EXIT_CODE = 2
 
 
-def _git_commit() -> str:
-    """The checked-out commit (with '-dirty' if the tree has changes), or 'unknown' outside a git checkout."""
-    try:
-        sha = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, check=True
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain"], cwd=REPO_ROOT, capture_output=True, text=True, check=True
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return sha + ("-dirty" if dirty else "")
-
-
-def _collect_cases(modules: tuple[str, ...], only: str | None) -> list[BenchCase]:
-    cases = []
+def _collect_cases(modules: tuple[str, ...], only: str | None) -> list[list[BenchCase]]:
+    """The cases of each module (in order), keeping those whose kernel name contains one of `only`'s comma-separated
+    words; modules left with no case are dropped."""
+    words = [w.strip() for w in (only or "").split(",") if w.strip()]
+    groups = []
     for name in modules:
-        cases.extend(importlib.import_module(name).bench_cases())
-    if only:
-        cases = [c for c in cases if only in c.kernel]
-    return cases
+        cases = importlib.import_module(name).bench_cases()
+        if words:
+            cases = [c for c in cases if any(w in c.kernel for w in words)]
+        if cases:
+            groups.append(cases)
+    return groups
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -71,7 +62,10 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--out-dir", type=Path, default=REPO_ROOT / "bench_svc" / "results", help="where the CSV/JSON/PNG go"
     )
-    parser.add_argument("--only", default=None, help="run only the cases whose kernel name contains this")
+    parser.add_argument(
+        "--only", default=None,
+        help="comma-separated words: run only the cases whose kernel name contains one (results: kernels-<gpu>-<words>)",
+    )
     return parser.parse_args(argv)
 
 
@@ -89,30 +83,38 @@ def main(argv: list[str] | None = None) -> int:
     gpu = torch.cuda.get_device_name()
     info = RunInfo(
         gpu=gpu,
-        commit=_git_commit(),
+        commit=git_commit(),
         command=shlex.join([sys.executable, "-m", "kernels.bench", *(sys.argv[1:] if argv is None else argv)]),
         timestamp=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         torch_version=torch.__version__,
     )
+    groups = _collect_cases(BENCH_MODULES, args.only)
+    if not groups:
+        print(f"kernels.bench: no case's kernel name contains any of --only {args.only!r}", file=sys.stderr)
+        return NO_GPU_EXIT_CODE
     log.info("measuring ceilings on %s", gpu)
     ceilings = measure_ceilings()
     log.info("ceilings: copy %.0f GB/s, bf16 matmul %.0f TFLOP/s", ceilings.copy_gbps, ceilings.matmul_tflops)
-    cases = _collect_cases(BENCH_MODULES, args.only)
+    stem = f"kernels-{gpu_slug(gpu)}" + (f"-{gpu_slug(args.only)}" if args.only else "")
     done: list[BenchCase] = []
     measurements: list[Measurement] = []
-    for case in cases:
-        log.info("%s | %s | %s", case.kernel, case.shape, case.impl)
-        try:
-            measurements.append(measure(case))
-        except Exception:  # one broken case must not lose the rest of the run
-            log.exception("case failed: %s %s %s", case.kernel, case.shape, case.impl)
-            continue
-        done.append(case)
-    results = summarize(done, measurements, ceilings)
-    paths = write_results(results, ceilings, info, args.out_dir, f"kernels-{gpu_slug(gpu)}")
+    failed = 0
+    for cases in groups:
+        for case in cases:
+            log.info("%s | %s | %s", case.kernel, case.shape, case.impl)
+            try:
+                measurements.append(measure(case))
+            except Exception:  # one broken case must not lose the rest of the run
+                log.exception("case failed: %s %s %s", case.kernel, case.shape, case.impl)
+                failed += 1
+                continue
+            done.append(case)
+        # written after each module, so a run stopped part-way keeps what it measured
+        results = summarize(done, measurements, ceilings)
+        paths = write_results(results, ceilings, info, args.out_dir, stem)
     log.info("wrote %s", ", ".join(str(p) for p in paths))
     print(format_table(results, ceilings))
-    return 0 if len(done) == len(cases) else 1
+    return 0 if failed == 0 else 1
 
 
 if __name__ == "__main__":

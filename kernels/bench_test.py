@@ -50,8 +50,35 @@ def test_main_end_to_end_with_stand_in_timings(monkeypatch, tmp_path, capsys):
     monkeypatch.setattr(bench, "BENCH_MODULES", ("kernels.swiglu_bench",))
     assert main(["--out-dir", str(tmp_path), "--only", "swiglu fwd+bwd"]) == 0
     names = sorted(p.name for p in tmp_path.iterdir())
-    assert names == ["kernels-stand-in-gpu-80gb.csv", "kernels-stand-in-gpu-80gb.json", "kernels-stand-in-gpu-80gb.png"]
+    stem = "kernels-stand-in-gpu-80gb-swiglu-fwd-bwd"  # a partial run never overwrites the whole run's files
+    assert names == [f"{stem}.csv", f"{stem}.json", f"{stem}.png"]
     out = capsys.readouterr().out.strip().splitlines()
     assert out[-1].startswith("* ours")
     ours = [line for line in out if "triton *" in line]
     assert len(ours) == 1 and "swiglu fwd+bwd" in ours[0] and " 1.50 " in ours[0]
+
+
+def test_a_failing_module_keeps_what_earlier_modules_measured(monkeypatch, tmp_path):
+    """Results are written after each module: a case that raises in a later module loses neither the earlier rows
+    nor the exit status (non-zero)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *args: "Stand-in GPU")
+    monkeypatch.setattr(bench, "measure_ceilings", lambda: Ceilings(copy_gbps=3000.0, matmul_tflops=700.0))
+
+    def measure(case):
+        if case.kernel.startswith("fused_ffn"):
+            raise RuntimeError("planted failure")
+        return Measurement(ms=1.0)
+
+    monkeypatch.setattr(bench, "measure", measure)
+    monkeypatch.setattr(bench, "BENCH_MODULES", ("kernels.swiglu_bench", "kernels.fused_ffn_bench"))
+    assert main(["--out-dir", str(tmp_path)]) == 1
+    rows = (tmp_path / "kernels-stand-in-gpu.csv").read_text()
+    assert "swiglu fwd+bwd" in rows and "fused_ffn" not in rows
+
+
+def test_only_matching_nothing_says_so(monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *args: "Stand-in GPU")
+    assert main(["--out-dir", str(tmp_path), "--only", "no-such-kernel"]) == NO_GPU_EXIT_CODE
+    assert "no-such-kernel" in capsys.readouterr().err and not list(tmp_path.iterdir())

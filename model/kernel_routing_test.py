@@ -49,3 +49,31 @@ def test_use_kernels_false_keeps_pytorch(monkeypatch):
     assert seen == [False]
     torch.testing.assert_close(out, torch.nn.functional.rms_norm(x, (8,), torch.ones(8), 1e-6))
     assert layers._KERNELS_ON.get() is True  # the scope ends with the block
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: the real kernels, compiled by Triton")
+@pytest.mark.parametrize("flavour", sorted(FLAVOURS))
+def test_kernel_path_on_gpu_matches_pytorch_in_bf16(flavour):
+    """On the GPU with bf16 autocast, the kernels' forward and backward match PyTorch's to bf16 rounding."""
+    torch.manual_seed(1)
+    config = get_preset("tiny", n_layer=2, n_embd=128, block_size=128, vocab_size=65, dropout=0.0, **FLAVOURS[flavour])
+    model = GPT(config).cuda()
+    idx = torch.randint(0, config.vocab_size, (4, 128), device="cuda")
+    targets = torch.randint(0, config.vocab_size, (4, 128), device="cuda")
+
+    def run() -> tuple[torch.Tensor, list[torch.Tensor]]:
+        model.zero_grad()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            logits, loss = model(idx, targets)
+        loss.backward()
+        return logits.float().detach(), [p.grad.float().clone() for p in model.parameters()]
+
+    with layers.use_kernels(False):
+        ref_logits, ref_grads = run()
+    logits, grads = run()
+    assert torch.isfinite(logits).all()
+    rel = (logits - ref_logits).norm() / ref_logits.norm()
+    assert rel < 2e-2, f"logits differ by {rel:.2e} relative"
+    for (name, _), got, want in zip(model.named_parameters(), grads, ref_grads):
+        rel = (got - want).norm() / want.norm().clamp_min(1e-12)
+        assert rel < 5e-2, f"grad of {name} differs by {rel:.2e} relative"

@@ -22,7 +22,6 @@ import math
 import os
 import platform
 import shlex
-import subprocess
 import statistics
 import sys
 import time
@@ -33,6 +32,7 @@ from typing import Any
 
 import torch
 
+from kernels.provenance import git_commit
 from model.artifact import load_artifact
 from model.generate import generate_tokens
 from model.presets import get_preset
@@ -228,15 +228,6 @@ def _device_name(device: torch.device) -> str:
     return f"cpu: {names[0] if names else platform.machine()} x{os.cpu_count()}"
 
 
-def _commit() -> str:
-    """HEAD's sha with '-dirty' when the tree has changes, or 'unknown' outside git."""
-    try:
-        return subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=40"], cwd=REPO_ROOT,
-                              capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def _write(out_dir: Path, stem: str, header: dict[str, Any], rows: list[dict[str, Any]],
            summary: dict[str, Any]) -> list[Path]:
     """`<stem>.csv` (header as `# key: value` lines), `.json` and a two-panel `.png` (speed-up, acceptance vs k)."""
@@ -300,7 +291,7 @@ def main(argv: list[str] | None = None) -> int:
     anchor = rows[0]
     header = {
         "device": _device_name(device),
-        "git_commit": _commit(),
+        "git_commit": git_commit(),
         "command": shlex.join([sys.executable, "-m", "model.speculative_bench", *(sys.argv[1:] if argv is None
                                                                                    else argv)]),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),

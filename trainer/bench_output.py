@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from kernels.bench_report import RunInfo, gpu_slug
+from kernels.provenance import git_commit
 
 __all__ = [
     "REPO_ROOT",
@@ -38,17 +39,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-
-
-def git_commit() -> str:
-    """The commit of the code measured (`-dirty` when the tree has changes), or "unknown" outside a checkout."""
-    try:
-        return subprocess.run(
-            ["git", "describe", "--always", "--dirty", "--abbrev=40"], cwd=REPO_ROOT, capture_output=True, text=True,
-            check=True,
-        ).stdout.strip()  # fmt: skip
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def device_label(device: torch.device) -> str:

@@ -1,0 +1,84 @@
+#!/usr/bin/env bash
+# Every GPU measurement of the project in one command, for a lent GPU machine whose copy of the tree has no .git,
+# no venv and no network: `tools/gpu_session.sh STEP[:SECONDS] ...`, each step under its own time limit, a failed
+# or timed-out step reported and the rest still run. Prepare here first with `tools/gpu_session.sh --bundle`: it
+# fills .gpu/ (git-ignored) with the commit being measured, the corpus ($TINYLM_CORPUS) and the generated protos;
+# wheels the machine lacks go in .whl/ (README "GPU runs"). On the machine, results land in bench_svc/results/ as
+# usual; with $OUT set (the device tool's output folder) the new result files are packed into $OUT/results.tgz and
+# the whole log is $OUT/session.log.
+#
+# Steps: kernels (CUDA build + every GPU test under kernels/, model/, inference_svc/ + python -m kernels.bench),
+#        speculative, train (trainer.bench --part speed), serve (inference_svc.bench --device cuda),
+#        compile (trainer.compile_bench), checkpointing (trainer.checkpointing_bench).
+set -uo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+BUNDLE="$ROOT/.gpu"
+
+if [ "${1:-}" = "--bundle" ]; then
+  [ -n "${TINYLM_CORPUS:-}" ] && [ -f "$TINYLM_CORPUS" ] || { echo "--bundle: set TINYLM_CORPUS to the corpus file" >&2; exit 2; }
+  [ -z "$(git status --porcelain --untracked-files=no)" ] || { echo "--bundle: commit first; the figures must name a commit" >&2; exit 2; }
+  rm -rf "$BUNDLE" && mkdir -p "$BUNDLE/protos"
+  git rev-parse HEAD >"$BUNDLE/COMMIT"
+  cp "$TINYLM_CORPUS" "$BUNDLE/corpus.txt"
+  cp protos/*_pb2*.py "$BUNDLE/protos/"
+  echo "bundled commit $(cat "$BUNDLE/COMMIT") in $BUNDLE ($(du -sh "$BUNDLE" | cut -f1))"
+  exit 0
+fi
+
+OUT="${OUT:-}"
+LOG="${OUT:+$OUT/session.log}"
+LOG="${LOG:-/dev/null}"
+exec > >(tee -a "$LOG") 2>&1
+export PYTHONUNBUFFERED=1 PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+PYTHON="${PYTHON:-python3}"
+if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
+  "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/tinylm-site .whl/*.whl \
+    && export PYTHONPATH="$PYTHONPATH:/tmp/tinylm-site"
+fi
+if [ -d "$BUNDLE" ]; then
+  export TINYLM_GIT_COMMIT="$(cat "$BUNDLE/COMMIT")" TINYLM_CORPUS="${TINYLM_CORPUS:-$BUNDLE/corpus.txt}"
+  cp -n "$BUNDLE"/protos/*.py protos/ 2>/dev/null || true
+fi
+export TINYLM_HOME="${TINYLM_HOME:-/tmp/tinylm-home}"
+"$PYTHON" -c 'import sys, torch, triton; print("python", sys.version.split()[0], "torch", torch.__version__, "triton",
+  triton.__version__, "gpu", torch.cuda.get_device_name() if torch.cuda.is_available() else None)'
+nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm,temperature.gpu --format=csv,noheader || true
+
+marker="$(mktemp)"
+declare -a summary=()
+run_step() {  # run_step NAME SECONDS CMD...
+  local name="$1" limit="$2"; shift 2
+  echo "== step $name (limit ${limit} s): $*"
+  local t0=$SECONDS
+  timeout --kill-after=10 "$limit" "$@"
+  local rc=$?
+  summary+=("$(printf '%-14s rc=%-4s %5d s' "$name" "$rc" $((SECONDS - t0)))")
+}
+
+for spec in "$@"; do
+  step="${spec%%:*}"; limit="${spec#*:}"; [ "$limit" = "$spec" ] && limit=300
+  case "$step" in
+    kernels)  # SECONDS bounds the tests and the whole benchmark each; the fused-FFN rows are taken first, alone
+      run_step build 120 env PYTHON="$PYTHON" kernels/rmsnorm_cuda/build.sh
+      run_step gpu-tests "$limit" "$PYTHON" -m pytest -q -rs -p no:cacheprovider --timeout=120 \
+        kernels model/kernel_routing_test.py inference_svc/runner_test.py
+      run_step ffn-bench 120 "$PYTHON" -m kernels.bench --only fused_ffn
+      run_step kernel-bench "$limit" "$PYTHON" -m kernels.bench ;;
+    speculative)
+      run_step speculative "$limit" "$PYTHON" -m model.speculative_bench --device cuda --target-steps 2000 \
+        --draft-steps 1000 --batch 32 --target-train-s 90 --draft-train-s 45 --prompts 4 --max-new-tokens 128 ;;
+    train) run_step train "$limit" "$PYTHON" -m trainer.bench --part speed --budget-s 120 ;;
+    serve) run_step serve "$limit" "$PYTHON" -m inference_svc.bench --device cuda ;;
+    compile) run_step compile "$limit" "$PYTHON" -m trainer.compile_bench --device cuda --timeout-s 120 ;;
+    checkpointing) run_step checkpointing "$limit" "$PYTHON" -m trainer.checkpointing_bench --device cuda ;;
+    *) echo "unknown step '$step' (kernels, speculative, train, serve, compile, checkpointing)"; summary+=("$step unknown") ;;
+  esac
+done
+
+if [ -n "$OUT" ]; then
+  find bench_svc/results -type f -newer "$marker" -print0 | tar czf "$OUT/results.tgz" --null -T -
+  tar tzf "$OUT/results.tgz"
+fi
+echo "== summary"
+printf '%s\n' "${summary[@]}"
