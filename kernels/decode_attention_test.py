@@ -11,10 +11,12 @@ from kernels.decode_attention import (
 
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (real shapes in bf16)")
 
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # Triton needs GPU tensors there
+FP32 = dict(atol=1e-5, rtol=1e-5)  # fp32 dots run in full fp32 (no TF32) on the GPU too
 N_LAYER = 3  # the model's cache holds every layer; the kernel gets one layer's strided view
 
 
-def _case(batch, n_head, n_kv, head_dim, max_len, seed, device="cpu", dtype=torch.float32):
+def _case(batch, n_head, n_kv, head_dim, max_len, seed, device=DEVICE, dtype=torch.float32):
     """q (B, H, D); one layer's (n_slots, n_kv, max_len, D) views of (n_slots, N_LAYER, ...) buffers;
     distinct slots; lengths in 1..max_len with both ends present."""
     g = torch.Generator().manual_seed(seed)
@@ -40,21 +42,21 @@ def test_triton_matches_reference(batch, n_head, n_kv, head_dim, num_splits):
     q, k, v, slots, lengths = _case(batch, n_head, n_kv, head_dim, max_len=300, seed=batch * n_head + num_splits)
     assert not k.is_contiguous()  # the layer view of the model's buffer is read in place
     got = decode_attention_triton(q, k, v, slots, lengths, num_splits=num_splits)
-    torch.testing.assert_close(got, decode_attention_reference(q, k, v, slots, lengths), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got, decode_attention_reference(q, k, v, slots, lengths), **FP32)
 
 
 def test_split_past_every_length_is_ignored():
     # Six splits of 64 keys over max_len 384, but no sequence reaches past the third split.
     q, k, v, slots, lengths = _case(2, 4, 2, 16, max_len=384, seed=1)
-    lengths = torch.tensor([70, 150])
+    lengths = torch.tensor([70, 150], device=q.device)
     got = decode_attention_triton(q, k, v, slots, lengths, num_splits=6)
-    torch.testing.assert_close(got, decode_attention_reference(q, k, v, slots, lengths), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got, decode_attention_reference(q, k, v, slots, lengths), **FP32)
 
 
 def test_keys_past_length_do_not_matter():
     q, k, v, slots, lengths = _case(2, 2, 2, 16, max_len=128, seed=2)
     before = decode_attention_triton(q, k, v, slots, lengths, num_splits=2)
-    valid = torch.arange(128)[None, :] < lengths[:, None]  # (B, L)
+    valid = torch.arange(128, device=q.device)[None, :] < lengths[:, None]  # (B, L)
     garbage = ~valid[:, None, :, None]  # (B, 1, L, 1): positions past each sequence's length
     k[slots] = torch.where(garbage, 1e4, k[slots])
     v[slots] = torch.where(garbage, -1e4, v[slots])
@@ -70,7 +72,7 @@ def test_custom_scale_and_bf16():
 
 
 def test_wrapper_uses_reference_on_cpu():
-    q, k, v, slots, lengths = _case(2, 4, 2, 16, max_len=64, seed=4)
+    q, k, v, slots, lengths = _case(2, 4, 2, 16, max_len=64, seed=4, device="cpu")
     torch.testing.assert_close(
         decode_attention(q, k, v, slots, lengths), decode_attention_reference(q, k, v, slots, lengths)
     )
@@ -80,7 +82,7 @@ def test_wrapper_forced_to_triton_picks_splits_itself():
     # On CPU the heuristic sees 4 "SMs": 2 sequences x 2 KV heads get split 4 ways over 512 keys.
     q, k, v, slots, lengths = _case(2, 4, 2, 16, max_len=512, seed=6)
     got = decode_attention(q, k, v, slots, lengths, impl="triton")
-    torch.testing.assert_close(got, decode_attention_reference(q, k, v, slots, lengths), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got, decode_attention_reference(q, k, v, slots, lengths), **FP32)
 
 
 def test_bad_shapes_raise_value_errors():

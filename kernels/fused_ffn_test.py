@@ -15,10 +15,11 @@ from kernels.fused_ffn import (
 from kernels.fused_ffn_bench import bench_cases
 
 GPU = torch.cuda.is_available()
+DEVICE = "cuda" if GPU else "cpu"  # Triton needs GPU tensors where there is a GPU
 needs_gpu = pytest.mark.skipif(not GPU, reason="needs a CUDA GPU (real widths in bf16; the CPU runs the interpreter)")
 
 
-def _inputs(m: int, c: int, h: int, seed: int, *, bias: bool = True, device: str = "cpu", dtype=torch.float32):
+def _inputs(m: int, c: int, h: int, seed: int, *, bias: bool = True, device: str = DEVICE, dtype=torch.float32):
     """x (M, C), w1 (H, C), b1 (H,), w2 (C, H), b2 (C,): weights scaled so activations are O(1) (both GELU tails)."""
     g = torch.Generator().manual_seed(seed)
     x = 2 * torch.randn(m, c, generator=g)
@@ -56,25 +57,25 @@ def test_gelu_variants_differ_and_match_their_torch_definitions():
     x, w1, b1, w2, b2 = args
     h = x @ w1.T + b1
     want_tanh = torch.nn.functional.gelu(h, approximate="tanh") @ w2.T + b2
-    torch.testing.assert_close(approx, want_tanh, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(approx, want_tanh, atol=1e-4, rtol=1e-4)  # fp32 dots are exact (no TF32)
 
 
 def test_strided_inputs(assert_close):
     x, w1, b1, w2, b2 = _inputs(6, 32, 48, seed=5)
-    x_wide = torch.cat([x, torch.randn(6, 8)], dim=1)[:, :32]  # row stride 40
+    x_wide = torch.cat([x, torch.randn(6, 8, device=x.device)], dim=1)[:, :32]  # row stride 40
     w2_t = w2.T.contiguous().T  # (C, H) with column-major strides
     assert not x_wide.is_contiguous() and not w2_t.is_contiguous()
     assert_close(fused_ffn_triton(x_wide, w1, b1, w2_t, b2, "silu"), reference(x, w1, b1, w2, b2, "silu"))
 
 
 def test_wrapper_leading_dims_and_cpu_fallback(assert_close):
-    x, w1, b1, w2, b2 = _inputs(6, 32, 64, seed=2)
+    x, w1, b1, w2, b2 = _inputs(6, 32, 64, seed=2, device="cpu")
     x3 = x.reshape(2, 3, 32)  # (B, T, C)
     auto = fused_ffn(x3, w1, b1, w2, b2, activation="relu")  # CPU tensors: the reference
     torch.testing.assert_close(auto, reference(x3, w1, b1, w2, b2, "relu"), atol=0, rtol=0)
-    forced = fused_ffn(x3, w1, b1, w2, b2, activation="relu", impl="triton")
+    forced = fused_ffn(*(t.to(DEVICE) for t in (x3, w1, b1, w2, b2)), activation="relu", impl="triton")
     assert forced.shape == (2, 3, 32)
-    assert_close(forced, auto)
+    assert_close(forced, auto.to(DEVICE))
 
 
 def test_bad_inputs_name_what_is_wrong():

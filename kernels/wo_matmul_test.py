@@ -13,10 +13,11 @@ from kernels.wo_matmul import (
     int8_matmul_triton,
 )
 
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # Triton needs GPU tensors where there is a GPU
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (real shapes in bf16)")
 
 
-def _inputs(m: int, n: int, k: int, seed: int, device: str = "cpu", dtype=torch.float32):
+def _inputs(m: int, n: int, k: int, seed: int, device: str = DEVICE, dtype=torch.float32):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(m, k, generator=g).to(device=device, dtype=dtype)
     w = (torch.randn(n, k, generator=g) / k**0.5).to(device)
@@ -67,7 +68,7 @@ def test_bf16_input_gives_bf16_output_close_to_reference():
 
 
 def test_wrappers_accept_leading_dims_and_fall_back_on_cpu():
-    x, w = _inputs(6, 16, 64, seed=3)
+    x, w = _inputs(6, 16, 64, seed=3, device="cpu")
     q, scale = pack_int8(w)
     packed, scales = pack_int4(w, 32)
     x3 = x.reshape(2, 3, 64)  # (B, T, K)
@@ -78,7 +79,7 @@ def test_wrappers_accept_leading_dims_and_fall_back_on_cpu():
     torch.testing.assert_close(y4.reshape(6, 16), int4_matmul_reference(x, packed, scales, 32))
 
 
-def test_wrappers_force_triton_on_cpu_through_the_interpreter():
+def test_wrappers_forced_to_triton():  # on CPU through the interpreter
     x, w = _inputs(4, 24, 256, seed=8)
     q, scale = pack_int8(w)
     packed, scales = pack_int4(w, 64)

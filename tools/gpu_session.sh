@@ -7,7 +7,7 @@
 # usual; with $OUT set (the device tool's output folder) the new result files are packed into $OUT/results.tgz and
 # the whole log is $OUT/session.log.
 #
-# Steps: kernels (CUDA build + every GPU test under kernels/, model/, inference_svc/ + python -m kernels.bench),
+# Steps: tests (CUDA build + every GPU test under kernels/, model/, inference_svc/), kernels (python -m kernels.bench),
 #        speculative, train (trainer.bench --part speed), serve (inference_svc.bench --device cuda),
 #        compile (trainer.compile_bench), checkpointing (trainer.checkpointing_bench).
 set -uo pipefail
@@ -56,13 +56,18 @@ run_step() {  # run_step NAME SECONDS CMD...
   summary+=("$(printf '%-14s rc=%-4s %5d s' "$name" "$rc" $((SECONDS - t0)))")
 }
 
+built=0
+build_ext() { [ "$built" = 1 ] || run_step build 120 env PYTHON="$PYTHON" kernels/rmsnorm_cuda/build.sh; built=1; }
+
 for spec in "$@"; do
   step="${spec%%:*}"; limit="${spec#*:}"; [ "$limit" = "$spec" ] && limit=300
   case "$step" in
-    kernels)  # SECONDS bounds the tests and the whole benchmark each; the fused-FFN rows are taken first, alone
-      run_step build 120 env PYTHON="$PYTHON" kernels/rmsnorm_cuda/build.sh
-      run_step gpu-tests "$limit" "$PYTHON" -m pytest -q -rs -p no:cacheprovider --timeout=120 \
-        kernels model/kernel_routing_test.py inference_svc/runner_test.py
+    tests)  # every GPU test, 8 processes (Triton compiles on the CPU); failures listed with short tracebacks
+      build_ext
+      run_step gpu-tests "$limit" "$PYTHON" -m pytest -q -rfEs --tb=short -p no:cacheprovider -n 8 --timeout=120 \
+        kernels model/kernel_routing_test.py inference_svc/runner_test.py ;;
+    kernels)  # the fused-FFN rows are taken first, alone; SECONDS bounds the whole benchmark
+      build_ext
       run_step ffn-bench 120 "$PYTHON" -m kernels.bench --only fused_ffn
       run_step kernel-bench "$limit" "$PYTHON" -m kernels.bench ;;
     speculative)
@@ -72,7 +77,7 @@ for spec in "$@"; do
     serve) run_step serve "$limit" "$PYTHON" -m inference_svc.bench --device cuda ;;
     compile) run_step compile "$limit" "$PYTHON" -m trainer.compile_bench --device cuda --timeout-s 120 ;;
     checkpointing) run_step checkpointing "$limit" "$PYTHON" -m trainer.checkpointing_bench --device cuda ;;
-    *) echo "unknown step '$step' (kernels, speculative, train, serve, compile, checkpointing)"; summary+=("$step unknown") ;;
+    *) echo "unknown step '$step' (tests, kernels, speculative, train, serve, compile, checkpointing)"; summary+=("$step unknown") ;;
   esac
 done
 
