@@ -220,13 +220,17 @@ def grpc_load(address: str, streams: int, requests_per_stream: int, prompt: str,
 def _start_server(model_path: Path, device: str, max_slots: int, threads: int) -> tuple[subprocess.Popen, str]:
     argv = [sys.executable, "-m", "inference_svc", "serve", "--model", str(model_path), "--port", "0", "--device", device,
             "--max-slots", str(max_slots), "--max-queue", str(4 * max_slots), "--threads", str(threads)]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "TINYLM_TOKEN": ""}
-    proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)  # keep the caller's too
+    env = {**os.environ, "PYTHONPATH": path, "TINYLM_TOKEN": ""}
+    errors = tempfile.TemporaryFile(mode="w+")  # the server's stderr, shown if it fails to start
+    proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=errors, text=True)
     line = proc.stdout.readline()
     match = re.search(r" on (\S+)$", line.strip())
     if not match:
         proc.kill()
-        raise RuntimeError(f"inference server did not start: {line!r}")
+        proc.wait()
+        errors.seek(0)
+        raise RuntimeError(f"inference server did not start: {line!r}; its stderr ends:\n{errors.read()[-3000:]}")
     return proc, match.group(1)
 
 

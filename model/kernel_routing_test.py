@@ -14,6 +14,7 @@ FLAVOURS = {
 }
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="forces Triton's CPU interpreter; with a GPU the bf16 GPU test runs the real kernels")
 @pytest.mark.parametrize("flavour", sorted(FLAVOURS))
 def test_kernel_path_matches_pytorch_path(flavour, monkeypatch):
     torch.manual_seed(0)
@@ -74,6 +75,9 @@ def test_kernel_path_on_gpu_matches_pytorch_in_bf16(flavour):
     assert torch.isfinite(logits).all()
     rel = (logits - ref_logits).norm() / ref_logits.norm()
     assert rel < 2e-2, f"logits differ by {rel:.2e} relative"
+    # Relative to each gradient, floored at 1% of the typical one: some are ~0 in exact arithmetic (a key bias
+    # shifts every score of a row alike), so their bf16 values are rounding noise on both paths.
+    floor = 1e-2 * torch.stack([w.norm() for w in ref_grads]).median()
     for (name, _), got, want in zip(model.named_parameters(), grads, ref_grads):
-        rel = (got - want).norm() / want.norm().clamp_min(1e-12)
+        rel = (got - want).norm() / torch.maximum(want.norm(), floor)
         assert rel < 5e-2, f"grad of {name} differs by {rel:.2e} relative"

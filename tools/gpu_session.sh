@@ -7,7 +7,7 @@
 # usual; with $OUT set (the device tool's output folder) the new result files are packed into $OUT/results.tgz and
 # the whole log is $OUT/session.log.
 #
-# Steps: tests (CUDA build + every GPU test under kernels/, model/, inference_svc/), kernels (python -m kernels.bench),
+# Steps: tests (CUDA build + every GPU test under kernels/, model/, inference_svc/; $GPU_TESTS narrows them), kernels (python -m kernels.bench),
 #        speculative, train (trainer.bench --part speed), serve (inference_svc.bench --device cuda),
 #        compile (trainer.compile_bench), checkpointing (trainer.checkpointing_bench).
 set -uo pipefail
@@ -65,14 +65,14 @@ for spec in "$@"; do
     tests)  # every GPU test, 8 processes (Triton compiles on the CPU); failures listed with short tracebacks
       build_ext
       run_step gpu-tests "$limit" "$PYTHON" -m pytest -q -rfEs --tb=short -p no:cacheprovider -n 8 --timeout=120 \
-        kernels model/kernel_routing_test.py inference_svc/runner_test.py ;;
+        ${GPU_TESTS:-kernels model/kernel_routing_test.py inference_svc/runner_test.py} ;;
     kernels)  # the fused-FFN rows are taken first, alone; SECONDS bounds the whole benchmark
       build_ext
       run_step ffn-bench 120 "$PYTHON" -m kernels.bench --only fused_ffn
       run_step kernel-bench "$limit" "$PYTHON" -m kernels.bench ;;
     speculative)
-      run_step speculative "$limit" "$PYTHON" -m model.speculative_bench --device cuda --target-steps 2000 \
-        --draft-steps 1000 --batch 32 --target-train-s 90 --draft-train-s 45 --prompts 4 --max-new-tokens 128 ;;
+      run_step speculative "$limit" "$PYTHON" -m model.speculative_bench --device cuda --target-steps 1500 \
+        --draft-steps 600 --batch 32 --target-train-s 60 --draft-train-s 30 --prompts 2 --max-new-tokens 96 --repeats 2 ;;
     train) run_step train "$limit" "$PYTHON" -m trainer.bench --part speed --budget-s 120 ;;
     serve) run_step serve "$limit" "$PYTHON" -m inference_svc.bench --device cuda ;;
     compile) run_step compile "$limit" "$PYTHON" -m trainer.compile_bench --device cuda --timeout-s 120 ;;
