@@ -217,11 +217,16 @@ def grpc_load(address: str, streams: int, requests_per_stream: int, prompt: str,
     }
 
 
+def _child_env(**extra: str) -> dict[str, str]:
+    """This process's environment for a child run from the repo root: ROOT first on PYTHONPATH, the caller's kept."""
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    return {**os.environ, "PYTHONPATH": path, **extra}
+
+
 def _start_server(model_path: Path, device: str, max_slots: int, threads: int) -> tuple[subprocess.Popen, str]:
     argv = [sys.executable, "-m", "inference_svc", "serve", "--model", str(model_path), "--port", "0", "--device", device,
             "--max-slots", str(max_slots), "--max-queue", str(4 * max_slots), "--threads", str(threads)]
-    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)  # keep the caller's too
-    env = {**os.environ, "PYTHONPATH": path, "TINYLM_TOKEN": ""}
+    env = _child_env(TINYLM_TOKEN="")
     errors = tempfile.TemporaryFile(mode="w+")  # the server's stderr, shown if it fails to start
     proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=errors, text=True)
     line = proc.stdout.readline()
@@ -309,7 +314,8 @@ def _model_artifact(model_ref: str, store: Path) -> Path:
 def _export_int8(path: Path, threads: int) -> Path:
     """The artifact's onnx/model-int8.onnx, exported by the exporter's own CLI when missing."""
     if not (path / "onnx" / "model-int8.onnx").is_file():
-        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        env = _child_env()
+        env.pop("TINYLM_CORPUS", None)  # random-init weights over a made-up vocabulary: no corpus to score against
         argv = [sys.executable, "-m", "exporter.main", str(path), "--formats", "int8", "--no-gate", "-q", "--threads", str(threads)]
         subprocess.run(argv, cwd=ROOT, env=env, check=True, stdout=subprocess.DEVNULL)
     return path
