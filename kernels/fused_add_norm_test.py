@@ -116,3 +116,25 @@ def test_bad_shapes_are_refused():
         add_rms_norm(x, torch.randn(4, 9), torch.randn(8))
     with pytest.raises(ValueError, match="bias must be"):
         add_layer_norm(x, x, torch.randn(8), torch.randn(3))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: training shapes on the real kernels")
+@pytest.mark.parametrize("is_rms", [True, False], ids=["rms", "layer"])
+@pytest.mark.parametrize("n_rows,n_cols", [(64 * 256, 384), (4 * 1024, 768)])
+def test_gpu_training_shapes_forward_and_backward(is_rms, n_rows, n_cols):
+    """The shapes the trainer runs (shakespeare-char 64x256 rows of 384; gpt2 rows of 768), fp32 residual stream
+    as under autocast: many row blocks, so the persistent backward sums many dweight partials."""
+    torch.manual_seed(n_cols)
+    x = torch.randn(n_rows, n_cols, device="cuda", requires_grad=True)
+    weight = (1 + 0.1 * torch.randn(n_cols, device="cuda")).requires_grad_()
+    bias = None if is_rms else (0.1 * torch.randn(n_cols, device="cuda")).requires_grad_()
+    dy = torch.randn(n_rows, n_cols, device="cuda")
+    y = rms_norm(x, weight, 1e-5) if is_rms else layer_norm(x, weight, bias, 1e-5)
+    ref_y, _ = reference(x.double(), None, weight.double(), None if bias is None else bias.double(), 1e-5, is_rms)
+    params = [x, weight] + ([] if bias is None else [bias])
+    grads = torch.autograd.grad(y, params, dy)
+    ref_grads = torch.autograd.grad(ref_y, params, dy.double())
+    assert (y.double() - ref_y).norm() / ref_y.norm() < 1e-5
+    for name, got, want in zip(("dx", "dweight", "dbias"), grads, ref_grads):
+        rel = (got.double() - want).norm() / want.norm()
+        assert rel < 1e-4, f"{name} differs by {rel:.2e} relative"
