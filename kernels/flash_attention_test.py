@@ -101,3 +101,27 @@ def test_bad_inputs_are_refused():
         flash_attention(q, k, v, impl="cuda")
     with pytest.raises(ValueError, match="T=8"):
         flash_attention(q, k[:, :, :4], v[:, :, :4])
+
+
+@pytest.mark.skipif(not GPU, reason="needs a CUDA GPU: the trainer's and the bench's shapes in bf16")
+@pytest.mark.parametrize("b,h,hkv,t", [(64, 6, 6, 256), (8, 6, 6, 256), (4, 12, 4, 1024), (1, 6, 6, 200)])
+@pytest.mark.parametrize("causal", [True, False])
+def test_gpu_real_shapes_bf16_forward_and_backward(b, h, hkv, t, causal):
+    """Real shapes (shakespeare-char's 6 heads at T 256, GQA at T 1024, a ragged T) against the fp32 reference."""
+    torch.manual_seed(t + b)
+    q = torch.randn(b, h, t, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    k = torch.randn(b, hkv, t, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    v = torch.randn(b, hkv, t, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    do = torch.randn(b, h, t, 64, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():  # the eval path (no autograd graph) first
+        out_eval = flash_attention(q, k, v, causal=causal)
+    out = flash_attention(q, k, v, causal=causal)
+    ref = reference(q.float(), k.float(), v.float(), causal=causal)
+    for name, got in (("eval out", out_eval), ("out", out)):
+        rel = (got.float() - ref).norm() / ref.norm()
+        assert rel < 1e-2, f"{name} differs by {rel:.2e} relative"
+    grads = torch.autograd.grad(out, (q, k, v), do)
+    ref_grads = torch.autograd.grad(ref, (q, k, v), do.float())
+    for name, got, want in zip("qkv", grads, ref_grads):
+        rel = (got.float() - want.float()).norm() / want.float().norm()
+        assert rel < 2e-2, f"d{name} differs by {rel:.2e} relative"
