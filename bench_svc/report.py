@@ -46,7 +46,7 @@ def _first(mapping: Mapping[str, Any], *keys: str, default: Any = "") -> Any:
 
 
 def _normalise(path: Path, doc: Mapping[str, Any]) -> ResultDoc:
-    head = doc.get("header") or doc.get("run") or doc.get("meta") or doc
+    head = doc.get("header") or doc.get("run") or doc.get("meta") or doc.get("info") or doc
     anchor = _first(head, "anchor") or _first(doc, "anchor", "ceilings", "baseline")
     device = _first(head, "device", "gpu")
     if device == "cpu" and head.get("processor"):  # a bare "cpu" with the processor named beside it
@@ -99,7 +99,11 @@ def _anchor_text(anchor: Mapping[str, Any]) -> str:
 
 
 def _table(rows: Sequence[Mapping[str, Any]]) -> list[str]:
-    columns = list(dict.fromkeys(k for row in rows for k in row))
+    # a list of records (a curve) belongs in the PNG and the JSON, not in a table cell
+    columns = list(dict.fromkeys(
+        k for row in rows for k, v in row.items()
+        if not (isinstance(v, (list, tuple)) and any(isinstance(x, Mapping) for x in v))
+    ))
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for row in rows[:MAX_ROWS]:
         lines.append("| " + " | ".join(_cell(row.get(c, "")) for c in columns) + " |")

@@ -40,3 +40,12 @@ def test_report_gathers_our_results_and_a_foreign_one(tmp_path):
 
 def test_an_empty_folder_says_so(tmp_path):
     assert "No results yet." in write_report(tmp_path / "new").read_text()
+
+
+def test_trainer_info_header_is_read_and_curves_stay_out_of_tables(tmp_path):
+    doc = {"info": {"gpu": "Stand-in GPU", "commit": "abc", "command": "python -m trainer.bench", "timestamp": "2026"},
+           "results": [{"variant": "eager", "steps": 10, "curve": [{"step": 5, "val_loss": 2.0}]}]}
+    (tmp_path / "train-stand-in.json").write_text(json.dumps(doc))
+    text = (write_report(tmp_path)).read_text()
+    assert "| Stand-in GPU | abc | python -m trainer.bench | 2026 |" in text
+    assert "| variant | steps |" in text and "val_loss" not in text

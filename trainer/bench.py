@@ -4,7 +4,7 @@
     python -m trainer.bench --cpu-smoke --out DIR # a seconds-long run of the same code path on a CPU
 
 For each variant ("tinylm": torch.compile + the preset's bf16 autocast + fused AdamW; "eager": the same model,
-data, seed and schedule without torch.compile) it records the time from launch (model build, compilation and
+data, seed and schedule without torch.compile, on our kernels; "eager-pytorch": eager with `kernels=false`) it records the time from launch (model build, compilation and
 evaluations included) to the first evaluation at or below the target val loss, the best val loss within the first
 60 s, tokens/s and MFU (median over steps after warm-up), and the val-loss curve. A run stops at the target or at
 its time budget. With two or more GPUs it also measures DDP tokens/s of the `medium` preset on 2 GPUs vs 1
@@ -132,7 +132,11 @@ def _variants(args: argparse.Namespace) -> list[tuple[str, TrainConfig]]:
     base = load_config("shakespeare-char").replace(log_interval=1, eval_interval=args.eval_interval, tensorboard=False)
     if args.max_steps:
         base = base.replace(max_steps=args.max_steps)
-    return [("tinylm", base.replace(compile_mode="default")), ("eager", base.replace(compile_mode="none"))]
+    return [
+        ("tinylm", base.replace(compile_mode="default")),
+        ("eager", base.replace(compile_mode="none")),  # eager PyTorch with our kernels
+        ("eager-pytorch", base.replace(compile_mode="none", kernels=False)),  # the anchor: nanoGPT's eager loop
+    ]
 
 
 def _ddp_scaling(args: argparse.Namespace, workdir: Path) -> list[VariantResult]:

@@ -116,6 +116,7 @@ class TrainConfig:
     dtype: str = "float32"
     compile_mode: str = "none"  # none | default | reduce-overhead | max-autotune
     grad_checkpointing: bool = False  # recompute each block's activations in backward (less memory)
+    kernels: bool = True  # eager on CUDA: run model.layers' ops on kernels/ (false: plain PyTorch, the A/B anchor)
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     seed: int = 1337
     early_stop_patience: int = 0

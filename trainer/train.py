@@ -28,6 +28,7 @@ from safetensors.torch import load_model, save_model
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from model.artifact import save_artifact
+from model.layers import use_kernels
 from model.presets import get_preset
 from model.transformer import GPT
 from trainer import distributed as dist
@@ -128,7 +129,13 @@ class _Run:
         return torch.autocast(device_type=self.device.type, dtype=dtype)
 
 
-def train(
+def train(config: TrainConfig, corpus: Path, **kwargs: Any) -> TrainResult:
+    """Train `config` on `corpus` (arguments of `_train`), with `kernels/` on or off as `config.kernels` says."""
+    with use_kernels(config.kernels):
+        return _train(config, corpus, **kwargs)
+
+
+def _train(
     config: TrainConfig,
     corpus: Path,
     *,

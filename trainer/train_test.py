@@ -88,3 +88,17 @@ def test_compile_mode_reaches_torch_compile(small_corpus, dirs, monkeypatch, mod
     monkeypatch.setattr(torch, "compile", fake_compile)
     train(fast_config(max_steps=1, compile_mode=mode), small_corpus, **dirs)
     assert modes == [expected]
+
+
+def test_kernels_switch_scopes_the_whole_run(monkeypatch, tmp_path):
+    """`kernels=false` turns model.layers' kernels off for the run (and only for it)."""
+    from model import layers
+    from trainer import train as train_module
+    from trainer.config import load_config
+
+    seen = []
+    monkeypatch.setattr(train_module, "_train", lambda config, corpus, **kw: seen.append(layers._KERNELS_ON.get()))
+    for on in (False, True):
+        train_module.train(load_config("tiny").replace(kernels=on), tmp_path / "corpus.txt", store_root=tmp_path)
+    assert seen == [False, True]
+    assert layers._KERNELS_ON.get() is True
