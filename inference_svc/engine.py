@@ -24,7 +24,8 @@ from inference_svc.params import Request
 from inference_svc.runner import ModelRunner
 from inference_svc.sampler import Sampler
 from inference_svc.scheduler import QueueFull, Scheduler
-from inference_svc.sequence import Sequence
+from inference_svc.sequence import Sequence, SequenceStatus
+from inference_svc.speculative import SpeculativeDecoder
 from model.tokenizers import Tokenizer
 
 __all__ = ["Chunk", "Engine", "EngineStats", "FinishReason", "QueueFull", "RequestHandle", "Timings", "Usage"]
@@ -83,6 +84,8 @@ class EngineStats:
     running: int
     in_flight: int  # handles not yet given their final chunk
     finished: dict[str, int]  # requests ended so far, by finish reason ("length", "stop", "cancelled", "error")
+    draft_proposed: int = 0  # speculative decoding: draft tokens proposed and accepted so far
+    draft_accepted: int = 0
 
 
 class RequestHandle:
@@ -126,7 +129,9 @@ class Engine:
     """Continuous batching over `runner` with up to `max_slots` running and `max_queue` waiting requests.
 
     The loop thread starts at construction; `close()` (or leaving a `with` block) stops it and cancels
-    whatever is still in flight.
+    whatever is still in flight. With a `draft` runner (a smaller model with the same tokenizer), decode steps
+    are speculative: the draft proposes `speculative_k` tokens per sequence and the target verifies them in one
+    step (inference_svc.speculative); the output keeps the target's distribution.
     """
 
     def __init__(
@@ -137,6 +142,8 @@ class Engine:
         max_queue: int = 1024,
         *,
         max_prefill_tokens: int = 8192,
+        draft: ModelRunner | None = None,
+        speculative_k: int = 4,
     ) -> None:
         max_slots = runner.n_slots if max_slots is None else max_slots
         if isinstance(max_slots, bool) or not isinstance(max_slots, int) or not 1 <= max_slots <= runner.n_slots:
@@ -146,6 +153,10 @@ class Engine:
         self.max_slots = max_slots
         self.scheduler = Scheduler(KVPool(max_slots), max_queue, max_prefill_tokens)
         self.sampler = Sampler(runner.device, vocab_size=tokenizer.vocab_size)
+        self.speculative = (
+            SpeculativeDecoder(runner, draft, speculative_k, vocab_size=tokenizer.vocab_size, max_slots=max_slots)
+            if draft is not None else None
+        )  # fmt: skip
         self._wake = threading.Condition()
         self._closing = False
         self._sinks: dict[str, queue.SimpleQueue[Chunk]] = {}
@@ -195,6 +206,8 @@ class Engine:
                 running=self.scheduler.n_running,
                 in_flight=len(self._sinks),
                 finished=dict(self._finished),
+                draft_proposed=self.speculative.stats.proposed if self.speculative else 0,
+                draft_accepted=self.speculative.stats.accepted if self.speculative else 0,
             )
 
     def close(self) -> None:
@@ -233,29 +246,43 @@ class Engine:
             self._finish(seq, FinishReason.CANCELLED)
         if out.prefill:
             self._run(out.prefill, prefill=True)
-        if out.decode:
-            self._run(out.decode, prefill=False)
+        decode = out.decode
+        if decode and self.speculative is not None:
+            rounds = [seq for seq in decode if self.speculative.eligible(seq)]
+            decode = [seq for seq in decode if not self.speculative.eligible(seq)]  # near the end of a context
+            if rounds:
+                self._run(rounds, speculative=True)
+        if decode:
+            self._run(decode)
 
-    def _run(self, seqs: list[Sequence], *, prefill: bool) -> None:
+    def _run(self, seqs: list[Sequence], *, prefill: bool = False, speculative: bool = False) -> None:
+        """Prefill the admitted, decode one token each, or run a speculative round (1..k+1 tokens each); stream
+        the new tokens."""
         slots = [seq.slot for seq in seqs]
         try:
-            if prefill:
-                for seq in seqs:
-                    seq.admitted_at = time.perf_counter()
-                logits = self.runner.prefill(slots, [seq.request.prompt_ids for seq in seqs])  # (B, V)
+            if speculative:
+                new_tokens = self.speculative.step(seqs)
             else:
-                tokens = [seq.last_token for seq in seqs]
-                logits = self.runner.decode(slots, tokens, [seq.length - 1 for seq in seqs])  # (B, V)
-            next_tokens = self.sampler.sample(logits, seqs)
+                if prefill:
+                    for seq in seqs:
+                        seq.admitted_at = time.perf_counter()
+                    logits = self.runner.prefill(slots, [seq.request.prompt_ids for seq in seqs])  # (B, V)
+                else:
+                    tokens = [seq.last_token for seq in seqs]
+                    logits = self.runner.decode(slots, tokens, [seq.length - 1 for seq in seqs])  # (B, V)
+                new_tokens = [[token] for token in self.sampler.sample(logits, seqs)]
         except Exception as err:  # a failed step fails its requests, not the server
             log.exception("engine step failed for %d sequences", len(seqs))
             for seq in seqs:
                 self._finish(seq, FinishReason.ERROR, error=f"{type(err).__name__}: {err}")
             return
         now = time.perf_counter()
-        for seq, token in zip(seqs, next_tokens):
+        for seq, tokens in zip(seqs, new_tokens):
             try:
-                self._append(seq, token, now)
+                for token in tokens:  # streamed one by one; a stop string or the length limit ends it early
+                    self._append(seq, token, now)
+                    if seq.status is SequenceStatus.FINISHED:
+                        break
             except Exception as err:  # e.g. the tokenizer refusing a token: fail this request only
                 log.exception("request %s failed on token %d", seq.request_id, token)
                 self._finish(seq, FinishReason.ERROR, error=f"{type(err).__name__}: {err}")
@@ -285,6 +312,8 @@ class Engine:
         self.scheduler.finish(seq)
         if slot is not None:
             self.runner.release(slot)
+            if self.speculative is not None:
+                self.speculative.draft.release(slot)
         end = time.perf_counter()
         with self._wake:
             self._sinks.pop(seq.request_id, None)

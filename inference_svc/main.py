@@ -40,6 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="torch device: auto (cuda when available), cpu, cuda, cuda:1")
     p.add_argument("--max-slots", type=int, default=0, help="concurrent sequences (KV-cache slots); default 256 on CUDA, 16 on CPU")
     p.add_argument("--max-queue", type=int, default=1024, help="requests waiting for a slot before RESOURCE_EXHAUSTED")
+    p.add_argument("--draft-model", default="", help="speculative decoding: a smaller artifact with the same tokenizer "
+                   "(id prefix, name or folder; torch backend only)")
+    p.add_argument("--speculative-k", type=int, default=4, help="draft tokens proposed per step (with --draft-model)")
     p.add_argument("--threads", type=int, default=0, help="CPU threads for torch and ONNX Runtime (0: their default)")
     p.add_argument("--host", default="127.0.0.1", help="bind address (loopback by default)")
     p.add_argument("--port", type=int, default=50053, help="port (0 picks a free one)")
@@ -64,10 +67,32 @@ def _runner(args: argparse.Namespace, path: Path) -> tuple[ModelRunner, Tokenize
         manifest = verify_artifact(path)
         slots = args.max_slots or 16
         return OrtRunner(path, slots, variant=args.onnx_file, threads=args.threads), load_tokenizer(path), manifest
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else "cpu" if args.device == "auto" else args.device)
+    device = _device(args)
     artifact = load_artifact(path, device=device)
-    slots = args.max_slots or (256 if device.type == "cuda" else 16)
-    return TorchRunner(artifact.model, slots, device=device), artifact.tokenizer, artifact.manifest
+    return TorchRunner(artifact.model, _slots(args, device), device=device), artifact.tokenizer, artifact.manifest
+
+
+def _device(args: argparse.Namespace) -> torch.device:
+    if args.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(args.device)
+
+
+def _slots(args: argparse.Namespace, device: torch.device) -> int:
+    return args.max_slots or (256 if device.type == "cuda" else 16)
+
+
+def _draft_runner(args: argparse.Namespace, store_root: Path, tokenizer: Tokenizer) -> TorchRunner | None:
+    """The --draft-model's runner, or None without one; refuses the ONNX backend and a different tokenizer."""
+    if not args.draft_model:
+        return None
+    if args.backend != "torch":
+        raise ValueError("--draft-model needs --backend torch (speculative decoding runs on torch runners)")
+    device = _device(args)
+    draft = load_artifact(artifact_path(args.draft_model, store_root), device=device)
+    if draft.tokenizer.to_json() != tokenizer.to_json():
+        raise ValueError("--draft-model must use the served model's tokenizer (same vocabulary, same ids)")
+    return TorchRunner(draft.model, _slots(args, device), device=device)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -85,13 +110,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         path = artifact_path(args.model, store_root)
         runner, tokenizer, manifest = _runner(args, path)
-    except (ArtifactError, FileNotFoundError) as err:
+        draft = _draft_runner(args, store_root, tokenizer)
+        engine = Engine(runner, tokenizer, max_queue=args.max_queue, draft=draft, speculative_k=args.speculative_k)
+    except (ArtifactError, FileNotFoundError, ValueError) as err:
         print(f"tinylm serve: {err}", file=sys.stderr)
         if not args.model:
             print("make a model first: ./tinylm train --preset shakespeare-char (or pass --model PATH)", file=sys.stderr)
         return 1
 
-    engine = Engine(runner, tokenizer, max_queue=args.max_queue)
     model = ServedModel(id=manifest["id"], name=str(manifest.get("name", "")), path=path, manifest=manifest)
     running = serve_from_args(
         [(inference_pb2_grpc.add_InferenceServiceServicer_to_server, InferenceService(engine, model))],

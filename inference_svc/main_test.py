@@ -30,10 +30,26 @@ def test_no_model_in_the_store_says_how_to_make_one(tmp_path):
     assert "no artifacts in" in proc.stderr and "./tinylm train" in proc.stderr
 
 
+def test_a_draft_with_another_tokenizer_is_refused(tiny, tmp_path, capsys):
+    from inference_svc.main import main
+    from model.artifact import save_artifact
+    from model.presets import get_preset
+    from model.tokenizers import CharTokenizer
+    from model.transformer import GPT
+
+    other = CharTokenizer.from_corpus("zyxwvutsrqponmlkjihgfedcba ,.!:'")
+    draft_id = save_artifact(tmp_path / "store", GPT(get_preset("tiny", vocab_size=other.vocab_size, n_layer=1)), other,
+                             name="other-tokenizer", preset="tiny")
+    code = main(["--model", str(tiny.path), "--draft-model", str(tmp_path / "store" / draft_id), "--port", "0"])
+    assert code == 1
+    assert "--draft-model must use the served model's tokenizer" in capsys.readouterr().err
+
+
 def test_serves_the_newest_artifact_with_a_token_until_sigterm(tiny, tmp_path):
     (tmp_path / "artifacts").symlink_to(tiny.store, target_is_directory=True)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "inference_svc", "serve", "--port", "0", "--token", "s3cret", "--max-slots", "2"],
+        [sys.executable, "-m", "inference_svc", "serve", "--port", "0", "--token", "s3cret", "--max-slots", "2",
+         "--draft-model", str(tiny.path), "--speculative-k", "2"],  # the model as its own draft: wiring only
         env=_env(tmp_path),
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,

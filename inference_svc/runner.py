@@ -92,16 +92,28 @@ class TorchRunner:
                 raise ValueError(f"cuda_graphs needs a CUDA device, got {device}")
             self._capture_decode_graphs()
 
-    @torch.inference_mode()
     def prefill(self, slots: Sequence[int], prompts: Sequence[Sequence[int]]) -> torch.Tensor:
         """Right-pad the prompts into one (B, T) batch and run it; returns float32 logits (B, V)."""
-        lengths = [len(p) for p in prompts]
+        return self.extend(slots, prompts, [0] * len(slots))
+
+    @torch.inference_mode()
+    def extend(
+        self, slots: Sequence[int], chunks: Sequence[Sequence[int]], starts: Sequence[int], *, all_logits: bool = False
+    ) -> torch.Tensor:
+        """Write each row's `chunks[b]` (at least one token) at positions starts[b].. of its slot, in one right-padded
+        batch. Returns float32 logits at each row's last token (B, V), or at every position (B, T, V) with
+        `all_logits` (the positions past a shorter row's chunk are meaningless). Prefill is extend from 0; the
+        speculative decoder feeds its draft and verifies with it."""
+        lengths = [len(c) for c in chunks]
         T = max(lengths)
-        rows = [list(p) + [0] * (T - len(p)) for p in prompts]
+        rows = [list(c) + [0] * (T - len(c)) for c in chunks]
         idx = torch.tensor(rows, dtype=torch.long).to(self.device, non_blocking=True)  # (B, T)
-        meta = torch.tensor([list(slots), [0] * len(slots), lengths], dtype=torch.long).to(self.device, non_blocking=True)
-        logits = self.model.forward_cached(idx, self.cache, meta[0], meta[1], meta[2], kv_len=T, last_only=True)
-        return logits.float()  # (B, V)
+        meta = torch.tensor([list(slots), list(starts), lengths], dtype=torch.long).to(self.device, non_blocking=True)
+        kv_len = max(s + n for s, n in zip(starts, lengths))
+        logits = self.model.forward_cached(
+            idx, self.cache, meta[0], meta[1], meta[2], kv_len=kv_len, last_only=not all_logits
+        )
+        return logits.float()  # (B, V) or (B, T, V)
 
     @torch.inference_mode()
     def decode(self, slots: Sequence[int], tokens: Sequence[int], positions: Sequence[int]) -> torch.Tensor:

@@ -38,6 +38,7 @@ class Sequence:
     slot: int | None = None
     output_ids: list[int] = field(default_factory=list)
     n_cached: int = 0  # tokens whose keys/values are in the cache (prompt after prefill, then +1 per decode)
+    draft_cached: int = 0  # the same in the speculative decoder's draft cache
     cancelled: bool = False
     arrived_at: float = field(default_factory=time.perf_counter)
     admitted_at: float | None = None

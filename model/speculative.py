@@ -25,7 +25,7 @@ from model.kv_cache import KVCache
 from model.sampling import SamplingParams, make_generator
 from model.transformer import GPT
 
-__all__ = ["MAX_DRAFT_TOKENS", "speculative_generate", "token_probabilities"]
+__all__ = ["MAX_DRAFT_TOKENS", "draw_token", "speculative_generate", "token_probabilities", "verify_drafts"]
 
 MAX_DRAFT_TOKENS = 32
 
@@ -102,14 +102,29 @@ def _window(model: GPT, context_len: int) -> _Window:
     return _Window(model, cache, start=max(0, context_len - model.config.block_size))
 
 
-def _draw(probs: torch.Tensor, generator: torch.Generator | None) -> int:
-    """One token from probs (V,)."""
+def draw_token(probs: torch.Tensor, generator: torch.Generator | None) -> int:
+    """One token id from probs (V,), with `generator` (None: the global RNG)."""
     return int(torch.multinomial(probs, 1, generator=generator)[0])
 
 
 def _uniform(generator: torch.Generator | None, device: torch.device) -> float:
     gen_device = generator.device if generator is not None else device
     return float(torch.rand((), generator=generator, device=gen_device))
+
+
+def verify_drafts(
+    drafts: Sequence[int], q_rows: Sequence[torch.Tensor], p_rows: torch.Tensor, generator: torch.Generator | None
+) -> tuple[int, int]:
+    """The rejection-sampling step of one round: draft token drafts[j] was drawn from q_rows[j] (V,); p_rows
+    (len(drafts) + 1, V) are the target's distributions at the same positions and one past them. Returns
+    (n_accepted, token): the first n_accepted drafts stand, then `token` (a resample from norm(max(0, p - q)) at
+    the first rejection, or the bonus token from the last row when all were accepted)."""
+    for j, (d, q) in enumerate(zip(drafts, q_rows)):
+        if _uniform(generator, p_rows.device) * float(q[d]) < float(p_rows[j, d]):  # u < p/q: accept
+            continue
+        residual = (p_rows[j] - q).clamp(min=0.0)
+        return j, draw_token(residual if float(residual.sum()) > 0 else p_rows[j], generator)
+    return len(drafts), draw_token(p_rows[len(drafts)], generator)  # all accepted: the bonus token
 
 
 def _check_args(target: GPT, draft: GPT, prompt_ids: Sequence[int], k: int) -> None:
@@ -161,21 +176,12 @@ def speculative_generate(
             logits = dft.feed(dft.pending(context) if j == 0 else drafts[-1:])[-1:]  # (1, V)
             q = token_probabilities(logits, params, [context + drafts] if penalise else None)[0]
             q_rows.append(q)
-            drafts.append(_draw(q, generator))
+            drafts.append(draw_token(q, generator))
         # Target: one step over the pending context tokens and the drafts: distributions of tokens n .. n + k_round.
         logits = tgt.feed(tgt.pending(context) + drafts)[-(k_round + 1) :]  # (k_round + 1, V)
         contexts = [context + drafts[:j] for j in range(k_round + 1)] if penalise else None
         p_rows = token_probabilities(logits, params, contexts)
-        n_ok = 0
-        for j, (d, q) in enumerate(zip(drafts, q_rows)):
-            if _uniform(generator, device) * float(q[d]) < float(p_rows[j, d]):  # u < p/q: accept
-                n_ok += 1
-                continue
-            residual = (p_rows[j] - q).clamp(min=0.0)
-            token = _draw(residual if float(residual.sum()) > 0 else p_rows[j], generator)
-            break
-        else:
-            token = _draw(p_rows[k_round], generator)  # all accepted: the bonus token
+        n_ok, token = verify_drafts(drafts, q_rows, p_rows, generator)
         proposed += k_round
         accepted += n_ok
         new = drafts[:n_ok] + [token]

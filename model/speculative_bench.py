@@ -41,7 +41,8 @@ from model.speculative import speculative_generate
 from model.tokenizers import CharTokenizer, Tokenizer
 from model.transformer import GPT
 
-__all__ = ["main"]
+__all__ = ["MODES", "build_parser", "device_name", "format_table", "held_out_prompts", "main", "make_header",
+           "result_row", "trained_models", "write_results"]
 
 log = logging.getLogger("model.speculative_bench")
 
@@ -52,8 +53,9 @@ PROMPT_CHARS = 32
 MODES = {"greedy": 0.0, "sample": 1.0}  # mode -> temperature
 
 
-def _parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m model.speculative_bench", description=__doc__.splitlines()[0])
+def build_parser(prog: str = "python -m model.speculative_bench", description: str = "") -> argparse.ArgumentParser:
+    """The options of the speculative benchmarks (this one and the engine's, inference_svc.speculative_bench)."""
+    p = argparse.ArgumentParser(prog=prog, description=description or __doc__.splitlines()[0])
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--corpus", default=os.environ.get("TINYLM_CORPUS"), help="training text (default: $TINYLM_CORPUS)")
     p.add_argument("--target-artifact", type=Path, help="a trained shakespeare-char artifact (skips its training)")
@@ -71,7 +73,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (batch-1 decoding gains little from more)")
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--out-dir", type=Path, default=REPO_ROOT / "bench_svc" / "results")
-    return p.parse_args(argv)
+    return p
 
 
 def _batches(data: torch.Tensor, batch: int, seq: int, generator: torch.Generator, device: torch.device):
@@ -113,7 +115,7 @@ def _train(model: GPT, data: torch.Tensor, steps: int, max_s: float, args: argpa
     return {"steps": step, "train_loss": sum(tail) / len(tail), "train_s": time.perf_counter() - start}
 
 
-def _trained_models(args: argparse.Namespace, text: str) -> tuple[GPT, GPT, Tokenizer, dict[str, Any]]:
+def trained_models(args: argparse.Namespace, text: str) -> tuple[GPT, GPT, Tokenizer, dict[str, Any]]:
     device = torch.device(args.device)
     if args.target_artifact and args.draft_artifact:
         target, draft = load_artifact(args.target_artifact, device), load_artifact(args.draft_artifact, device)
@@ -137,7 +139,7 @@ def _trained_models(args: argparse.Namespace, text: str) -> tuple[GPT, GPT, Toke
     return models[0], models[1], tokenizer, info
 
 
-def _prompts(text: str, tokenizer: Tokenizer, n: int) -> list[list[int]]:
+def held_out_prompts(text: str, tokenizer: Tokenizer, n: int) -> list[list[int]]:
     """The first PROMPT_CHARS characters of n speeches spread over the held-out tail of the corpus."""
     held_out = text[int(len(text) * (1 - VAL_FRACTION)) :]
     speeches = [s for s in held_out.split("\n\n")[1:] if len(s) >= PROMPT_CHARS]
@@ -187,50 +189,52 @@ def _measure(target: GPT, draft: GPT, prompts: list[list[int]],
     rows = []
     for mode in MODES:
         anchor_tokens = [t for t, _ in results[(mode, 0)]]
-        rows.append(_row(mode, 0, n_tokens, median[(mode, 0)], median[(mode, 0)], None, n_tokens, 0, None))
+        rows.append(result_row(mode, 0, "target alone", n_tokens, median[(mode, 0)], median[(mode, 0)], None, None,
+                               target_forwards=n_tokens, draft_forwards=0))
         for k in ks:
             runs = results[(mode, k)]
             stats = {name: sum(s[name] for _, s in runs) for name in ("proposed", "accepted", "target_forwards",
                                                                        "draft_forwards")}
             same = [t for t, _ in runs] == anchor_tokens if MODES[mode] == 0.0 else None
-            rows.append(_row(mode, k, n_tokens, median[(mode, k)], median[(mode, 0)],
-                             stats["accepted"] / max(stats["proposed"], 1), stats["target_forwards"],
-                             stats["draft_forwards"], same))
+            rows.append(result_row(mode, k, "speculative", n_tokens, median[(mode, k)], median[(mode, 0)],
+                                   stats["accepted"] / max(stats["proposed"], 1), same,
+                                   target_forwards=stats["target_forwards"], draft_forwards=stats["draft_forwards"]))
     costs = {"target_ms_per_token": 1e3 * median[("greedy", 0)] / n_tokens,
              "draft_ms_per_token": 1e3 * median[("draft alone", 0)] / n_tokens}
     costs["draft_to_target_cost"] = costs["draft_ms_per_token"] / costs["target_ms_per_token"]
     return rows, costs
 
 
-def _row(mode: str, k: int, tokens: int, seconds: float, anchor_s: float, acceptance: float | None,
-         target_forwards: int, draft_forwards: int, same: bool | None) -> dict[str, Any]:
+def result_row(mode: str, k: int, impl: str, tokens: int, seconds: float, anchor_s: float,
+               acceptance: float | None, same: bool | None, **counts: int | None) -> dict[str, Any]:
+    """One results row: throughput, speed-up over the anchor's seconds, acceptance, `counts` (forward calls)."""
     return {
         "mode": mode,
         "k": k,
-        "impl": "target alone" if k == 0 else "speculative",
+        "impl": impl,
         "tokens": tokens,
         "seconds": round(seconds, 4),
         "tokens_per_s": round(tokens / seconds, 2),
         "speedup_vs_target": round(anchor_s / seconds, 3),
         "acceptance_rate": None if acceptance is None else round(acceptance, 4),
-        "target_forwards": target_forwards,
-        "draft_forwards": draft_forwards,
+        **counts,
         "same_tokens_as_target": same,
     }
 
 
-def _device_name(device: torch.device) -> str:
+def device_name(device: torch.device) -> str:
     if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
+        return torch.cuda.getdevice_name(device)
     cpuinfo = Path("/proc/cpuinfo")
     lines = cpuinfo.read_text().splitlines() if cpuinfo.exists() else []
     names = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
     return f"cpu: {names[0] if names else platform.machine()} x{os.cpu_count()}"
 
 
-def _write(out_dir: Path, stem: str, header: dict[str, Any], rows: list[dict[str, Any]],
-           summary: dict[str, Any]) -> list[Path]:
-    """`<stem>.csv` (header as `# key: value` lines), `.json` and a two-panel `.png` (speed-up, acceptance vs k)."""
+def write_results(out_dir: Path, stem: str, header: dict[str, Any], rows: list[dict[str, Any]],
+                  summary: dict[str, Any], title: str) -> list[Path]:
+    """`<stem>.csv` (header as `# key: value` lines), `.json` and a two-panel `.png` (speed-up, acceptance vs k), one
+    line per row series (`series`, else `mode`)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     csv_path, json_path, png_path = (out_dir / f"{stem}{ext}" for ext in (".csv", ".json", ".png"))
     with open(csv_path, "w", newline="") as f:
@@ -245,36 +249,49 @@ def _write(out_dir: Path, stem: str, header: dict[str, Any], rows: list[dict[str
 
     fig = Figure(figsize=(10, 4), layout="constrained")
     ax_speed, ax_accept = fig.subplots(1, 2)
-    for mode in MODES:
-        spec = [r for r in rows if r["mode"] == mode and r["k"] > 0]
+    for series in dict.fromkeys(r.get("series", r["mode"]) for r in rows):
+        spec = [r for r in rows if r.get("series", r["mode"]) == series and r["k"] > 0]
         ks = [r["k"] for r in spec]
-        ax_speed.plot(ks, [r["speedup_vs_target"] for r in spec], marker="o", label=mode)
-        ax_accept.plot(ks, [r["acceptance_rate"] for r in spec], marker="o", label=mode)
+        ax_speed.plot(ks, [r["speedup_vs_target"] for r in spec], marker="o", label=series)
+        ax_accept.plot(ks, [r["acceptance_rate"] for r in spec], marker="o", label=series)
     ax_speed.axhline(1.0, color="black", linewidth=0.8)
     ax_speed.set(xlabel="draft tokens per round (k)", ylabel="speed-up vs target alone (x)")
     ax_accept.set(xlabel="draft tokens per round (k)", ylabel="acceptance rate", ylim=(0, 1))
     for ax in (ax_speed, ax_accept):
         ax.legend()
         ax.grid(True, alpha=0.3)
-    fig.suptitle(f"speculative decoding, {DRAFT_PRESET} draft for {TARGET_PRESET}, batch 1\n"
-                 f"{header['device']} @ {header['git_commit'][:12]}", fontsize=9)
+    fig.suptitle(f"{title}\n{header['device']} @ {header['git_commit'][:12]}", fontsize=9)
     fig.savefig(png_path, dpi=110)
     return [csv_path, json_path, png_path]
 
 
-def _table(rows: list[dict[str, Any]]) -> str:
-    lines = [f"{'mode':<7} {'k':>2} {'tok/s':>8} {'speed-up':>8} {'accept':>7} {'target fwd':>10} {'same':>5}"]
+def format_table(rows: list[dict[str, Any]]) -> str:
+    lines = [f"{'series':<18} {'k':>2} {'tok/s':>8} {'speed-up':>8} {'accept':>7} {'target fwd':>10} {'same':>5}"]
     for r in rows:
         accept = "-" if r["acceptance_rate"] is None else f"{r['acceptance_rate']:.2f}"
         same = "-" if r["same_tokens_as_target"] is None else str(r["same_tokens_as_target"])
-        lines.append(f"{r['mode']:<7} {r['k']:>2} {r['tokens_per_s']:>8.1f} {r['speedup_vs_target']:>7.2f}x "
-                     f"{accept:>7} {r['target_forwards']:>10} {same:>5}")
+        lines.append(f"{r.get('series', r['mode']):<18} {r['k']:>2} {r['tokens_per_s']:>8.1f} "
+                     f"{r['speedup_vs_target']:>7.2f}x {accept:>7} {str(r.get('target_forwards') or '-'):>10} {same:>5}")
     return "\n".join(lines)
+
+
+def make_header(args: argparse.Namespace, module: str, argv: list[str] | None, anchor: str) -> dict[str, Any]:
+    """The results header: device, commit, the command as typed, time, the anchor, corpus, torch and threads."""
+    return {
+        "device": device_name(torch.device(args.device)),
+        "git_commit": git_commit(),
+        "command": shlex.join([sys.executable, "-m", module, *(sys.argv[1:] if argv is None else argv)]),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "anchor": anchor,
+        "corpus": str(args.corpus) if not (args.target_artifact and args.draft_artifact) else "",
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
     """Train (or load) both models, measure, write the results; returns the exit code."""
-    args = _parse_args(argv)
+    args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if not args.corpus or not Path(args.corpus).is_file():
         print("model.speculative_bench needs the corpus: pass --corpus FILE or set TINYLM_CORPUS", file=sys.stderr)
@@ -284,28 +301,19 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     torch.set_num_threads(args.threads)
     text = Path(args.corpus).read_text(encoding="utf-8")
-    target, draft, tokenizer, training = _trained_models(args, text)
-    prompts = _prompts(text, tokenizer, args.prompts)
+    target, draft, tokenizer, training = trained_models(args, text)
+    prompts = held_out_prompts(text, tokenizer, args.prompts)
     rows, costs = _measure(target, draft, prompts, args)
     device = torch.device(args.device)
-    anchor = rows[0]
-    header = {
-        "device": _device_name(device),
-        "git_commit": git_commit(),
-        "command": shlex.join([sys.executable, "-m", "model.speculative_bench", *(sys.argv[1:] if argv is None
-                                                                                   else argv)]),
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "anchor": f"target alone (model.generate.generate_tokens, greedy) = {anchor['tokens_per_s']} tokens/s",
-        "corpus": str(args.corpus) if not (args.target_artifact and args.draft_artifact) else "",
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-    }
+    header = make_header(args, "model.speculative_bench", argv,
+                         f"target alone (model.generate.generate_tokens, greedy) = {rows[0]['tokens_per_s']} tokens/s")
     summary = {"training": training, "prompts": len(prompts), "max_new_tokens": args.max_new_tokens,
                "repeats": args.repeats, **costs,
                "best_speedup": max(r["speedup_vs_target"] for r in rows if r["k"] > 0)}
-    paths = _write(args.out_dir, f"speculative-{device.type}", header, rows, summary)
+    paths = write_results(args.out_dir, f"speculative-{device.type}", header, rows, summary,
+                          f"speculative decoding, {DRAFT_PRESET} draft for {TARGET_PRESET}, batch 1")
     log.info("wrote %s", ", ".join(str(p) for p in paths))
-    print(_table(rows))
+    print(format_table(rows))
     print(f"decoding alone: target {costs['target_ms_per_token']:.1f} ms/token, draft {costs['draft_ms_per_token']:.1f}"
           f" ms/token (draft/target cost {costs['draft_to_target_cost']:.2f})")
     return 0

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import math
 
 import pytest
 import torch
@@ -12,6 +11,7 @@ from model.config import ModelConfig
 from model.generate import generate_tokens
 from model.sampling import SamplingParams, make_generator, sample
 from model.speculative import speculative_generate, token_probabilities
+from model.testing import chi2_critical_999, chi2_statistic, single_thread
 from model.transformer import GPT
 
 _LLAMA = dict(norm="rmsnorm", pos="rope", mlp="swiglu", bias=False, tie_weights=False)
@@ -19,11 +19,8 @@ _LLAMA = dict(norm="rmsnorm", pos="rope", mlp="swiglu", bias=False, tie_weights=
 
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
-    """Tiny models step fastest on one thread, and do not stall on a loaded 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with single_thread():
+        yield
 
 
 def _gpt(seed: int, **kw) -> GPT:
@@ -114,36 +111,11 @@ def test_token_probabilities_is_what_sample_draws_from(params):
 # Chi-square 0.999 quantiles from standard tables (e.g. NIST/SEMATECH e-Handbook, table 1.3.6.7.4), to check the
 # Wilson-Hilferty approximation used for other degrees of freedom.
 _CHI2_999_TABLE = {7: 24.322, 15: 37.697, 30: 59.703, 60: 99.607}
-_Z_999 = 3.0902  # standard normal 0.999 quantile
-
-
-def _chi2_critical_999(df: int) -> float:
-    """Upper 0.1% point of chi-square(df), Wilson-Hilferty: df * (1 - 2/(9 df) + z sqrt(2/(9 df)))^3."""
-    h = 2.0 / (9.0 * df)
-    return df * (1.0 - h + _Z_999 * math.sqrt(h)) ** 3
 
 
 def test_chi2_critical_value_matches_the_table():
     for df, table in _CHI2_999_TABLE.items():
-        assert abs(_chi2_critical_999(df) - table) / table < 0.015, df
-
-
-def _chi2(counts: torch.Tensor, probs: torch.Tensor) -> tuple[float, int]:
-    """Pearson's statistic of `counts` against `probs` (same shape, flattened), pooling the cells whose expected
-    count is below 5 into one (so the chi-square approximation holds). Returns (statistic, degrees of freedom)."""
-    n = counts.sum()
-    expected, observed = (probs.flatten() * n).double(), counts.flatten().double()
-    small = expected < 5
-    expected = torch.cat([expected[~small], expected[small].sum()[None]])
-    observed = torch.cat([observed[~small], observed[small].sum()[None]])
-    if expected[-1] < 5:  # the pooled cell is still small: fold it into the smallest other cell
-        smallest = int(expected[:-1].argmin())
-        expected[smallest] += expected[-1]
-        observed[smallest] += observed[-1]
-        expected, observed = expected[:-1], observed[:-1]
-    keep = expected > 0
-    stat = float(((observed[keep] - expected[keep]) ** 2 / expected[keep]).sum())
-    return stat, int(keep.sum()) - 1
+        assert abs(chi2_critical_999(df) - table) / table < 0.015, df
 
 
 def _peaked(seed: int, vocab: int) -> GPT:
@@ -185,11 +157,11 @@ def test_sampling_matches_target_distribution_chi_square():
     p12, p3 = exact(target)
     q12, _ = exact(draft)
     for counts, probs, min_df in ((counts12, p12, 40), (counts3, p3, 7)):
-        stat, df = _chi2(counts, probs)
+        stat, df = chi2_statistic(counts, probs)
         assert df >= min_df  # most cells expect >= 5 samples: a real test, not one pooled cell
-        assert stat < _chi2_critical_999(df), (stat, df)
+        assert stat < chi2_critical_999(df), (stat, df)
     # Power: samples from the draft alone would give a statistic of about n * sum((q - p)^2 / p) + df.
-    assert n_samples * float(((q12 - p12) ** 2 / p12).sum()) > 10 * _chi2_critical_999(vocab * vocab - 1)
+    assert n_samples * float(((q12 - p12) ** 2 / p12).sum()) > 10 * chi2_critical_999(vocab * vocab - 1)
 
 
 def test_bad_arguments(target, drafts):

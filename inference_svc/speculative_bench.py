@@ -1,0 +1,141 @@
+"""Speculative decoding in the serving engine: tokens/s with a `tiny` draft for a `shakespeare-char` target, at
+batch 1 and with several requests in flight, against the same engine without a draft, in the same run.
+
+    python -m inference_svc.speculative_bench --corpus FILE [--device cuda] [--concurrency 1,8] [--k 1,2,4]
+
+Trains the two models as `model.speculative_bench` does (same options; or loads them with --target-artifact and
+--draft-artifact), then for each concurrency, sampling mode and k (0: no draft, the anchor) submits that many
+held-out prompts to an engine at once and times until every one has finished; repeats run interleaved and the
+median is reported. Greedy rows also check that the tokens equal the anchor's. Writes
+`bench_svc/results/speculative-engine-<cpu|cuda>.{csv,json,png}`; the short table is printed last.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from inference_svc.engine import Engine
+from inference_svc.params import Request
+from inference_svc.runner import TorchRunner
+from model.sampling import SamplingParams
+from model.speculative_bench import (
+    DRAFT_PRESET,
+    MODES,
+    TARGET_PRESET,
+    build_parser,
+    format_table,
+    held_out_prompts,
+    make_header,
+    result_row,
+    trained_models,
+    write_results,
+)
+
+__all__ = ["main"]
+
+log = logging.getLogger("inference_svc.speculative_bench")
+
+
+def _engines(target, draft, tokenizer, concurrency: int, ks: list[int], device: torch.device) -> dict[int, Engine]:
+    """One engine per k (0: no draft) with `concurrency` slots; the target and draft weights are shared."""
+    engines = {}
+    for k in [0, *ks]:
+        runner = TorchRunner(target, concurrency, device=device)
+        drafter = TorchRunner(draft, concurrency, device=device) if k else None
+        engines[k] = Engine(runner, tokenizer, max_queue=concurrency, draft=drafter, speculative_k=max(k, 1))
+    return engines
+
+
+def _round(engine: Engine, prompts: list[list[int]], params: list[SamplingParams]) -> tuple[float, list[list[int]]]:
+    """Submit every prompt at once; seconds until all have finished, and each one's tokens."""
+    start = time.perf_counter()
+    handles = [engine.submit(Request(prompt_ids=tuple(p), params=sp)) for p, sp in zip(prompts, params)]
+    tokens = [[t for chunk in h for t in chunk.token_ids] for h in handles]
+    return time.perf_counter() - start, tokens
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser("python -m inference_svc.speculative_bench", __doc__.splitlines()[0])
+    parser.add_argument("--concurrency", default="1,8", help="requests in flight at once, comma-separated")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if not (args.target_artifact and args.draft_artifact) and (not args.corpus or not Path(args.corpus).is_file()):
+        print("inference_svc.speculative_bench needs the corpus: pass --corpus FILE or set TINYLM_CORPUS",
+              file=sys.stderr)
+        return 2
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        print("--device cuda asked for, but torch.cuda.is_available() is False", file=sys.stderr)
+        return 2
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    text = Path(args.corpus).read_text(encoding="utf-8") if args.corpus else ""
+    target, draft, tokenizer, training = trained_models(args, text)
+    target, draft = copy.deepcopy(target).eval(), copy.deepcopy(draft).eval()  # runners may cast them (bf16 on CUDA)
+    ks = [int(k) for k in args.k.split(",")]
+    rows = []
+    for concurrency in [int(c) for c in args.concurrency.split(",")]:
+        prompts = held_out_prompts(text, tokenizer, concurrency) if text else [[0] * 8] * concurrency
+        prompts = (prompts * concurrency)[:concurrency]
+        engines = _engines(target, draft, tokenizer, concurrency, ks, device)
+        try:
+            rows += _measure(engines, prompts, concurrency, args)
+        finally:
+            for engine in engines.values():
+                engine.close()
+    anchor = next(r for r in rows if r["k"] == 0 and r["mode"] == "greedy")
+    header = make_header(args, "inference_svc.speculative_bench", argv,
+                         f"the engine without a draft, greedy, concurrency {anchor['concurrency']} = "
+                         f"{anchor['tokens_per_s']} tokens/s")
+    summary = {"training": training, "max_new_tokens": args.max_new_tokens, "repeats": args.repeats,
+               "best_speedup": max(r["speedup_vs_target"] for r in rows if r["k"] > 0)}
+    paths = write_results(args.out_dir, f"speculative-engine-{device.type}", header, rows, summary,
+                          f"speculative decoding in the engine, {DRAFT_PRESET} draft for {TARGET_PRESET}")
+    log.info("wrote %s", ", ".join(str(p) for p in paths))
+    print(format_table(rows))
+    return 0
+
+
+def _measure(engines: dict[int, Engine], prompts: list[list[int]], concurrency: int, args) -> list[dict[str, Any]]:
+    params = {mode: [SamplingParams(max_new_tokens=args.max_new_tokens, temperature=t, seed=args.seed + i)
+                     for i in range(len(prompts))] for mode, t in MODES.items()}
+    warm = [SamplingParams(max_new_tokens=4, temperature=0.0)] * len(prompts)
+    for engine in engines.values():
+        _round(engine, prompts, warm)
+    seconds: dict[tuple[str, int], list[float]] = {(m, k): [] for m in MODES for k in engines}
+    tokens: dict[tuple[str, int], list[list[int]]] = {}
+    accepted: dict[tuple[str, int], tuple[int, int]] = {key: (0, 0) for key in seconds}
+    for rep in range(args.repeats):
+        for (mode, k) in seconds:
+            before = engines[k].stats()
+            s, tokens[(mode, k)] = _round(engines[k], prompts, params[mode])
+            after = engines[k].stats()
+            seconds[(mode, k)].append(s)
+            prop, acc = accepted[(mode, k)]
+            accepted[(mode, k)] = (prop + after.draft_proposed - before.draft_proposed,
+                                   acc + after.draft_accepted - before.draft_accepted)
+        log.info("concurrency %d: timing round %d/%d done", concurrency, rep + 1, args.repeats)
+    rows = []
+    for (mode, k), times in seconds.items():
+        n_tokens = sum(len(t) for t in tokens[(mode, k)])
+        median, anchor = statistics.median(times), statistics.median(seconds[(mode, 0)])
+        proposed, ok = accepted[(mode, k)]
+        same = tokens[(mode, k)] == tokens[(mode, 0)] if MODES[mode] == 0.0 and k else None
+        rows.append({
+            "series": f"{mode}, {concurrency} in flight",
+            "concurrency": concurrency,
+            **result_row(mode, k, "engine, speculative" if k else "engine, no draft", n_tokens, median, anchor,
+                         ok / proposed if proposed else None, same),
+        })
+    return rows
+
+
+if __name__ == "__main__":
+    sys.exit(main())

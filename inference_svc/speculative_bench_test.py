@@ -1,0 +1,32 @@
+"""The engine's speculative benchmark end to end on CPU, on two small saved models (no training, no corpus)."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from inference_svc.speculative_bench import main
+from model.artifact import save_artifact
+from model.presets import get_preset
+from model.transformer import GPT
+
+
+def test_writes_rows_for_every_concurrency_mode_and_k(tiny, tmp_path, capsys):
+    torch.manual_seed(3)
+    draft = GPT(get_preset("tiny", vocab_size=tiny.tokenizer.vocab_size, n_layer=1, n_embd=64))
+    draft_id = save_artifact(tmp_path / "store", draft, tiny.tokenizer, name="draft", preset="tiny")
+    code = main(["--target-artifact", str(tiny.path), "--draft-artifact", str(tmp_path / "store" / draft_id),
+                 "--k", "1,3", "--concurrency", "1,2", "--max-new-tokens", "6", "--repeats", "1",
+                 "--out-dir", str(tmp_path / "out")])
+    assert code == 0
+    doc = json.loads((tmp_path / "out" / "speculative-engine-cpu.json").read_text())
+    rows = doc["rows"]
+    assert {(r["concurrency"], r["mode"], r["k"]) for r in rows} == {
+        (c, m, k) for c in (1, 2) for m in ("greedy", "sample") for k in (0, 1, 3)}
+    assert all(r["tokens"] == 6 * r["concurrency"] for r in rows)
+    assert all(r["same_tokens_as_target"] is True for r in rows if r["mode"] == "greedy" and r["k"])
+    assert all(0.0 <= r["acceptance_rate"] <= 1.0 for r in rows if r["k"])
+    assert "the engine without a draft" in doc["header"]["anchor"]
+    assert (tmp_path / "out" / "speculative-engine-cpu.png").stat().st_size > 0
+    assert capsys.readouterr().out.strip().splitlines()[0].startswith("series")
