@@ -25,6 +25,7 @@ import torch
 from inference_svc.engine import Engine
 from inference_svc.params import Request
 from inference_svc.runner import TorchRunner
+from kernels.provenance import git_commit
 from model.sampling import SamplingParams
 from model.speculative_bench import (
     DRAFT_PRESET,
@@ -66,6 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser("python -m inference_svc.speculative_bench", __doc__.splitlines()[0])
     parser.add_argument("--concurrency", default="1,8", help="requests in flight at once, comma-separated")
     args = parser.parse_args(argv)
+    commit = git_commit()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if not (args.target_artifact and args.draft_artifact) and (not args.corpus or not Path(args.corpus).is_file()):
         print("inference_svc.speculative_bench needs the corpus: pass --corpus FILE or set TINYLM_CORPUS",
@@ -93,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     anchor = next(r for r in rows if r["k"] == 0 and r["mode"] == "greedy")
     header = make_header(args, "inference_svc.speculative_bench", argv,
                          f"the engine without a draft, greedy, concurrency {anchor['concurrency']} = "
-                         f"{anchor['tokens_per_s']} tokens/s")
+                         f"{anchor['tokens_per_s']} tokens/s", commit)
     summary = {"training": training, "max_new_tokens": args.max_new_tokens, "repeats": args.repeats,
                "best_speedup": max(r["speedup_vs_target"] for r in rows if r["k"] > 0)}
     paths = write_results(args.out_dir, f"speculative-engine-{device.type}", header, rows, summary,

@@ -275,11 +275,13 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def make_header(args: argparse.Namespace, module: str, argv: list[str] | None, anchor: str) -> dict[str, Any]:
-    """The results header: device, commit, the command as typed, time, the anchor, corpus, torch and threads."""
+def make_header(args: argparse.Namespace, module: str, argv: list[str] | None, anchor: str, commit: str
+                ) -> dict[str, Any]:
+    """The results header: device, `commit` (taken when the run started: edits made while it ran are not its code),
+    the command as typed, time, the anchor, corpus, torch and threads."""
     return {
         "device": device_name(torch.device(args.device)),
-        "git_commit": git_commit(),
+        "git_commit": commit,
         "command": shlex.join([sys.executable, "-m", module, *(sys.argv[1:] if argv is None else argv)]),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "anchor": anchor,
@@ -292,6 +294,7 @@ def make_header(args: argparse.Namespace, module: str, argv: list[str] | None, a
 def main(argv: list[str] | None = None) -> int:
     """Train (or load) both models, measure, write the results; returns the exit code."""
     args = build_parser().parse_args(argv)
+    commit = git_commit()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if not args.corpus or not Path(args.corpus).is_file():
         print("model.speculative_bench needs the corpus: pass --corpus FILE or set TINYLM_CORPUS", file=sys.stderr)
@@ -306,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
     rows, costs = _measure(target, draft, prompts, args)
     device = torch.device(args.device)
     header = make_header(args, "model.speculative_bench", argv,
-                         f"target alone (model.generate.generate_tokens, greedy) = {rows[0]['tokens_per_s']} tokens/s")
+                         f"target alone (model.generate.generate_tokens, greedy) = {rows[0]['tokens_per_s']} tokens/s", commit)
     summary = {"training": training, "prompts": len(prompts), "max_new_tokens": args.max_new_tokens,
                "repeats": args.repeats, **costs,
                "best_speedup": max(r["speedup_vs_target"] for r in rows if r["k"] > 0)}
