@@ -84,7 +84,11 @@ def main(argv: list[str] | None = None) -> int:
     ks = [int(k) for k in args.k.split(",")]
     rows = []
     for concurrency in [int(c) for c in args.concurrency.split(",")]:
-        prompts = held_out_prompts(text, tokenizer, concurrency) if text else [[0] * 8] * concurrency
+        try:
+            prompts = held_out_prompts(text, tokenizer, concurrency) if text else [[0] * 8] * concurrency
+        except ValueError as err:  # loaded models whose tokenizer does not cover the corpus
+            print(f"inference_svc.speculative_bench: prompts from --corpus: {err}", file=sys.stderr)
+            return 2
         prompts = (prompts * concurrency)[:concurrency]
         engines = _engines(target, draft, tokenizer, concurrency, ks, device)
         try:

@@ -17,6 +17,7 @@ def test_writes_rows_for_every_concurrency_mode_and_k(tiny, tmp_path, capsys):
     draft = GPT(get_preset("tiny", vocab_size=tiny.tokenizer.vocab_size, n_layer=1, n_embd=64))
     draft_id = save_artifact(tmp_path / "store", draft, tiny.tokenizer, name="draft", preset="tiny")
     code = main(["--target-artifact", str(tiny.path), "--draft-artifact", str(tmp_path / "store" / draft_id),
+                 "--corpus", "",  # CI sets TINYLM_CORPUS, whose characters these models' tokenizer lacks
                  "--k", "1,3", "--concurrency", "1,2", "--max-new-tokens", "6", "--repeats", "1",
                  "--out-dir", str(tmp_path / "out")])
     assert code == 0
@@ -30,3 +31,12 @@ def test_writes_rows_for_every_concurrency_mode_and_k(tiny, tmp_path, capsys):
     assert "the engine without a draft" in doc["header"]["anchor"]
     assert (tmp_path / "out" / "speculative-engine-cpu.png").stat().st_size > 0
     assert capsys.readouterr().out.strip().splitlines()[0].startswith("series")
+
+
+def test_a_corpus_the_tokenizer_cannot_encode_is_refused(tiny, tmp_path, capsys):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n\n".join(["QUEEN:\n" + "Q" * 40] * 20))
+    code = main(["--target-artifact", str(tiny.path), "--draft-artifact", str(tiny.path), "--corpus", str(corpus),
+                 "--out-dir", str(tmp_path / "out")])
+    assert code == 2
+    assert "prompts from --corpus" in capsys.readouterr().err and not (tmp_path / "out").exists()
