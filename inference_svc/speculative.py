@@ -66,12 +66,23 @@ class SpeculativeDecoder:
         """Whether a full round fits both contexts: the target writes positions up to length - 1 + k."""
         return seq.length + self.k < self.max_len
 
-    def _probs(self, logits: torch.Tensor, seq: Sequence, contexts: list[list[int]]) -> torch.Tensor:
-        """The distributions seq's sampler draws from, one per row of logits (N, V): ids past the tokenizer's
-        vocabulary (a padded embedding) get no mass, as in the plain sampler."""
+    def _probs(self, logits: torch.Tensor, row_seqs: list[Sequence], row_contexts: list[list[int]]) -> torch.Tensor:
+        """The distributions each row's sampler draws from: logits (N, V), row i for row_seqs[i] after the tokens
+        row_contexts[i]. Rows whose requests share temperature / top-k / top-p and have no repetition penalty go
+        through one `token_probabilities` call; ids past the tokenizer's vocabulary (a padded embedding) get no
+        mass, as in the plain sampler."""
         logits = logits[:, : self.vocab_size]
-        params = seq.request.params
-        probs = token_probabilities(logits, params, contexts if params.repetition_penalty != 1.0 else None)
+        probs = torch.empty_like(logits, dtype=torch.float32)
+        groups: dict[tuple, list[int]] = {}
+        for i, seq in enumerate(row_seqs):
+            params = seq.request.params
+            if params.repetition_penalty != 1.0:  # depends on the row's own context: alone
+                probs[i] = token_probabilities(logits[i : i + 1], params, [row_contexts[i]])[0]
+            else:
+                groups.setdefault((params.temperature, params.top_k, params.top_p), []).append(i)
+        for rows in groups.values():
+            index = torch.tensor(rows, device=logits.device)
+            probs[index] = token_probabilities(logits[index], row_seqs[rows[0]].request.params)
         return probs
 
     @torch.inference_mode()
@@ -83,22 +94,25 @@ class SpeculativeDecoder:
         # Draft: catch each row's cache up with its context, then k - 1 one-token steps.
         logits = self.draft.extend(slots, [c[seq.draft_cached :] for c, seq in zip(contexts, seqs)],
                                    [seq.draft_cached for seq in seqs])  # (B, V)
+        penalised = [seq.request.params.repetition_penalty != 1.0 for seq in seqs]  # only these need contexts
         drafts: list[list[int]] = [[] for _ in seqs]
         q_rows: list[list[torch.Tensor]] = [[] for _ in seqs]
         for j in range(k):
+            q = self._probs(logits, seqs, [c + d if pen else [] for c, d, pen in zip(contexts, drafts, penalised)])
             for b, seq in enumerate(seqs):
-                q = self._probs(logits[b : b + 1], seq, [contexts[b] + drafts[b]])[0]
-                q_rows[b].append(q)
-                drafts[b].append(draw_token(q, seq.generator))
+                q_rows[b].append(q[b])
+                drafts[b].append(draw_token(q[b], seq.generator))
             if j < k - 1:
                 logits = self.draft.decode(slots, [d[-1] for d in drafts], [len(c) + j for c in contexts])
         # Target: every row's last token and its k drafts in one step; distributions at all k + 1 positions.
         target_logits = self.target.extend(slots, [[c[-1], *d] for c, d in zip(contexts, drafts)],
                                            [len(c) - 1 for c in contexts], all_logits=True)  # (B, k + 1, V)
+        p = self._probs(target_logits.flatten(0, 1), [seq for seq in seqs for _ in range(k + 1)],
+                        [c + d[:j] if pen else [] for c, d, pen in zip(contexts, drafts, penalised) for j in range(k + 1)]
+                        ).view(len(seqs), k + 1, -1)  # fmt: skip
         new_tokens = []
         for b, seq in enumerate(seqs):
-            p_rows = self._probs(target_logits[b], seq, [contexts[b] + drafts[b][:j] for j in range(k + 1)])
-            n_ok, token = verify_drafts(drafts[b], q_rows[b], p_rows, seq.generator)
+            n_ok, token = verify_drafts(drafts[b], q_rows[b], p[b], seq.generator)
             new_tokens.append(drafts[b][:n_ok] + [token])
             # the draft cache holds the context and drafts d1..d(k-1); what stands of them stays valid
             seq.draft_cached = len(contexts[b]) + min(n_ok, k - 1)

@@ -33,7 +33,7 @@ from typing import Any
 import torch
 
 from kernels.provenance import git_commit
-from model.artifact import load_artifact
+from model.artifact import load_artifact, save_artifact
 from model.generate import generate_tokens
 from model.presets import get_preset
 from model.sampling import SamplingParams
@@ -60,6 +60,8 @@ def build_parser(prog: str = "python -m model.speculative_bench", description: s
     p.add_argument("--corpus", default=os.environ.get("TINYLM_CORPUS"), help="training text (default: $TINYLM_CORPUS)")
     p.add_argument("--target-artifact", type=Path, help="a trained shakespeare-char artifact (skips its training)")
     p.add_argument("--draft-artifact", type=Path, help="a trained draft artifact with the same tokenizer")
+    p.add_argument("--save-models", type=Path, help="save the two trained models as artifacts in this store (for "
+                   "--target-artifact / --draft-artifact in later runs)")
     p.add_argument("--target-steps", type=int, default=600)
     p.add_argument("--draft-steps", type=int, default=300)
     p.add_argument("--target-train-s", type=float, default=150.0, help="wall-time cap of the target's training")
@@ -136,6 +138,11 @@ def trained_models(args: argparse.Namespace, text: str) -> tuple[GPT, GPT, Token
                  model.num_params() / 1e6, steps)
         info[role] = {"preset": preset, "params": model.num_params(), **_train(model, data, steps, max_s, args, lr)}
         models.append(model)
+        if args.save_models:
+            model_id = save_artifact(args.save_models, model, tokenizer, name=f"speculative-{role}", preset=preset,
+                                     metrics={"train_loss": info[role]["train_loss"]})
+            info[role]["artifact"] = str(args.save_models / model_id)
+            log.info("saved the %s as %s", role, args.save_models / model_id)
     return models[0], models[1], tokenizer, info
 
 
