@@ -125,3 +125,16 @@ def test_gpu_real_shapes_bf16_forward_and_backward(b, h, hkv, t, causal):
     for name, got, want in zip("qkv", grads, ref_grads):
         rel = (got.float() - want.float()).norm() / want.float().norm()
         assert rel < 2e-2, f"d{name} differs by {rel:.2e} relative"
+
+
+@pytest.mark.skipif(not GPU, reason="needs a CUDA GPU: the model's strided q, k, v at training shapes")
+@pytest.mark.parametrize("t", [256, 1024])
+def test_gpu_transposed_views_as_the_model_passes_them(t):
+    """The model hands attention (B, T, H, D) projections transposed to (B, H, T, D): T stride H*D, not D."""
+    torch.manual_seed(t)
+    b, h, d = 8, 6, 64
+    q, k, v = (torch.randn(b, t, h, d, device="cuda", dtype=torch.bfloat16).transpose(1, 2) for _ in range(3))
+    assert q.stride(2) == h * d
+    out = flash_attention(q, k, v, causal=True)
+    ref = reference(q.float(), k.float(), v.float(), causal=True)
+    assert (out.float() - ref).norm() / ref.norm() < 1e-2
