@@ -73,7 +73,8 @@ for spec in "$@"; do
     speculative)
       run_step speculative "$limit" "$PYTHON" -m model.speculative_bench --device cuda --target-steps 1500 \
         --draft-steps 600 --batch 32 --target-train-s 60 --draft-train-s 30 --prompts 2 --max-new-tokens 96 --repeats 2 ;;
-    train) run_step train "$limit" "$PYTHON" -m trainer.bench --part speed --budget-s "${TRAIN_BUDGET_S:-120}" ;;
+    train) run_step train "$limit" "$PYTHON" -m trainer.bench --part speed --budget-s "${TRAIN_BUDGET_S:-120}" \
+      ${TRAIN_VARIANTS:+--variants "$TRAIN_VARIANTS"} ;;
     serve) run_step serve "$limit" "$PYTHON" -m inference_svc.bench --device cuda ;;
     compile) run_step compile "$limit" "$PYTHON" -m trainer.compile_bench --device cuda --timeout-s 120 ;;
     checkpointing) run_step checkpointing "$limit" "$PYTHON" -m trainer.checkpointing_bench --device cuda ;;

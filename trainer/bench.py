@@ -123,6 +123,16 @@ def run_variant(
 
 
 def _variants(args: argparse.Namespace) -> list[tuple[str, TrainConfig]]:
+    """The variants `--variants` names, in its order (all when empty); an unknown name -> SystemExit naming them."""
+    variants = dict(_all_variants(args))
+    names = [v.strip() for v in args.variants.split(",") if v.strip()] or list(variants)
+    unknown = [n for n in names if n not in variants]
+    if unknown:
+        raise SystemExit(f"trainer.bench: unknown variant(s) {unknown}; choose from {list(variants)}")
+    return [(n, variants[n]) for n in names]
+
+
+def _all_variants(args: argparse.Namespace) -> list[tuple[str, TrainConfig]]:
     if args.cpu_smoke:
         base = load_config("tiny").replace(
             device="cpu", max_steps=args.max_steps or 40, batch_size=8, block_size=64, eval_interval=10,
@@ -245,6 +255,9 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--ddp-steps", type=int, default=60, help="steps of each DDP scaling run")
     p.add_argument("--part", choices=("all", "speed", "ddp"), default="all",
                    help="speed: the two shakespeare-char variants; ddp: the medium 1-vs-2-GPU scaling (default both)")
+    p.add_argument("--variants", default="",
+                   help="comma-separated variants to run, in this order (default all: tinylm, eager, eager-pytorch); "
+                        "one alone rules out state left by an earlier variant in the same process")
     p.add_argument("--cpu-smoke", action="store_true", help="a tiny CPU run of the same code path (for tests)")
     p.add_argument("--ddp-worker", help=argparse.SUPPRESS)  # internal: one torchrun rank, writes JSON here
     return p.parse_args(argv)

@@ -39,3 +39,13 @@ def test_cpu_smoke_writes_csv_json_png(tmp_path, monkeypatch, capsys):
     assert doc["results"][0]["curve"][0]["val_loss"] == doc["results"][1]["curve"][0]["val_loss"]
     assert (out / "train-cpu.png").stat().st_size > 1000
     assert "tinylm" in capsys.readouterr().out
+
+
+def test_variants_picks_and_orders_and_names_the_choices(capsys):
+    args = bench._parse_args(["--cpu-smoke", "--variants", "eager,tinylm"])
+    assert [name for name, _ in bench._variants(args)] == ["eager", "tinylm"]
+    args = bench._parse_args(["--variants", "eager-pytorch"])
+    ((name, config),) = bench._variants(args)
+    assert name == "eager-pytorch" and config.kernels is False and config.compile_mode == "none"
+    with pytest.raises(SystemExit, match=r"unknown variant\(s\) \['fast'\]; choose from \['tinylm', 'eager', 'eager-pytorch'\]"):
+        bench._variants(bench._parse_args(["--variants", "fast"]))
