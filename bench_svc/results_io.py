@@ -12,13 +12,12 @@ import csv
 import datetime
 import json
 import os
-import platform
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from kernels.provenance import git_commit
+from kernels.provenance import cpu_device_name, device_name, git_commit
 
 __all__ = [
     "Anchor",
@@ -85,28 +84,6 @@ class PlotSpec:
     x_label: str
     panels: tuple[Panel, ...]
     log_x: bool = False
-
-
-def cpu_device_name() -> str:
-    """"cpu: <model name> x<logical cores>", from /proc/cpuinfo where there is one."""
-    name = ""
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists():
-        for line in cpuinfo.read_text(errors="replace").splitlines():
-            if line.lower().startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-                break
-    name = name or platform.processor() or platform.machine() or "unknown"
-    return f"cpu: {name} x{os.cpu_count() or 1}"
-
-
-def device_name(device: str = "cpu") -> str:
-    """The name of the device a measurement ran on: the GPU's name for a CUDA device, else the CPU's."""
-    if device.startswith("cuda"):
-        import torch  # only where a GPU is asked for; torch is not needed to write results
-
-        return torch.cuda.get_device_name(torch.device(device))
-    return cpu_device_name()
 
 
 def device_slug(device: str) -> str:

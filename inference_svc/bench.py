@@ -24,7 +24,6 @@ import datetime
 import json
 import multiprocessing
 import os
-import platform
 import re
 import statistics
 import subprocess
@@ -38,10 +37,10 @@ from typing import Any
 
 import torch
 
-from kernels.provenance import git_commit
 from inference_svc.engine import Engine
 from inference_svc.params import Request
 from inference_svc.runner import ModelRunner, TorchRunner
+from kernels.provenance import device_name, git_commit
 from model.artifact import load_artifact, save_artifact
 from model.presets import get_preset
 from model.sampling import SamplingParams
@@ -321,14 +320,6 @@ def _export_int8(path: Path, threads: int) -> Path:
     return path
 
 
-def _device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    name = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                 if line.lower().startswith("model name")), platform.processor() or "unknown")
-    return f"cpu: {name} x{os.cpu_count()}"
-
-
 def write_results(out: Path, stem: str, header: dict[str, Any], rows: list[Row]) -> list[Path]:
     """`<out>/<stem>.csv` (header as `# key: value` lines), `.json` and `.png` (tokens/s and ms/token)."""
     out.mkdir(parents=True, exist_ok=True)
@@ -405,7 +396,7 @@ def main(argv: list[str] | None = None) -> int:
             rows += _hf_rows(artifact.config, device, dtype, plan)
 
     header = {
-        "device": _device_name(device),
+        "device": device_name(device),
         "git_commit": git_commit(),
         "command": _command(argv),
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

@@ -246,12 +246,13 @@ class Engine:
             self._finish(seq, FinishReason.CANCELLED)
         if out.prefill:
             self._run(out.prefill, prefill=True)
-        decode = out.decode
-        if decode and self.speculative is not None:
-            rounds = [seq for seq in decode if self.speculative.eligible(seq)]
-            decode = [seq for seq in decode if not self.speculative.eligible(seq)]  # near the end of a context
-            if rounds:
-                self._run(rounds, speculative=True)
+        decode, rounds = out.decode, []
+        if self.speculative is not None:  # sequences near the end of a context stay on plain steps
+            decode, rounds = [], decode
+            for seq in out.decode:
+                (rounds if self.speculative.eligible(seq) else decode).append(seq)
+        if rounds:
+            self._run(rounds, speculative=True)
         if decode:
             self._run(decode)
 

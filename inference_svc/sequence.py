@@ -57,6 +57,12 @@ class Sequence:
         """Prompt plus generated tokens."""
         return self.prompt_len + len(self.output_ids)
 
+    def tokens_from(self, start: int) -> list[int]:
+        """Prompt-plus-output tokens from position `start` on, without copying the part before it."""
+        if start >= self.prompt_len:
+            return self.output_ids[start - self.prompt_len :]
+        return [*self.request.prompt_ids[start:], *self.output_ids]
+
     @property
     def last_token(self) -> int:
         return self.output_ids[-1] if self.output_ids else self.request.prompt_ids[-1]

@@ -30,13 +30,8 @@ __all__ = ["SpeculativeDecoder", "SpeculativeStats"]
 
 @dataclass
 class SpeculativeStats:
-    rounds: int = 0  # sequence-rounds (one per sequence per speculative step)
-    proposed: int = 0
-    accepted: int = 0
-
-    @property
-    def acceptance_rate(self) -> float:
-        return self.accepted / self.proposed if self.proposed else 0.0
+    proposed: int = 0  # draft tokens proposed so far
+    accepted: int = 0  # of which the target kept
 
 
 class SpeculativeDecoder:
@@ -68,7 +63,7 @@ class SpeculativeDecoder:
 
     def _probs(self, logits: torch.Tensor, row_seqs: list[Sequence], row_contexts: list[list[int]]) -> torch.Tensor:
         """The distributions each row's sampler draws from: logits (N, V), row i for row_seqs[i] after the tokens
-        row_contexts[i]. Rows whose requests share temperature / top-k / top-p and have no repetition penalty go
+        row_contexts[i] (read only for rows with a repetition penalty). Rows whose requests share temperature / top-k / top-p and have no repetition penalty go
         through one `token_probabilities` call; ids past the tokenizer's vocabulary (a padded embedding) get no
         mass, as in the plain sampler."""
         logits = logits[:, : self.vocab_size]
@@ -90,33 +85,32 @@ class SpeculativeDecoder:
         """One round for every sequence (each `eligible`); returns the new tokens of each (1..k+1 of them)."""
         k = self.k
         slots = [seq.slot for seq in seqs]
-        contexts = [[*seq.request.prompt_ids, *seq.output_ids] for seq in seqs]
+        lengths = [seq.length for seq in seqs]
+        # The whole context only where the repetition penalty reads it (copying it each step is O(length)).
+        contexts = [seq.tokens_from(0) if seq.request.params.repetition_penalty != 1.0 else [] for seq in seqs]
         # Draft: catch each row's cache up with its context, then k - 1 one-token steps.
-        logits = self.draft.extend(slots, [c[seq.draft_cached :] for c, seq in zip(contexts, seqs)],
+        logits = self.draft.extend(slots, [seq.tokens_from(seq.draft_cached) for seq in seqs],
                                    [seq.draft_cached for seq in seqs])  # (B, V)
-        penalised = [seq.request.params.repetition_penalty != 1.0 for seq in seqs]  # only these need contexts
         drafts: list[list[int]] = [[] for _ in seqs]
         q_rows: list[list[torch.Tensor]] = [[] for _ in seqs]
         for j in range(k):
-            q = self._probs(logits, seqs, [c + d if pen else [] for c, d, pen in zip(contexts, drafts, penalised)])
+            q = self._probs(logits, seqs, [c + d for c, d in zip(contexts, drafts)])
             for b, seq in enumerate(seqs):
                 q_rows[b].append(q[b])
                 drafts[b].append(draw_token(q[b], seq.generator))
             if j < k - 1:
-                logits = self.draft.decode(slots, [d[-1] for d in drafts], [len(c) + j for c in contexts])
+                logits = self.draft.decode(slots, [d[-1] for d in drafts], [n + j for n in lengths])
         # Target: every row's last token and its k drafts in one step; distributions at all k + 1 positions.
-        target_logits = self.target.extend(slots, [[c[-1], *d] for c, d in zip(contexts, drafts)],
-                                           [len(c) - 1 for c in contexts], all_logits=True)  # (B, k + 1, V)
+        target_logits = self.target.extend(slots, [[seq.last_token, *d] for seq, d in zip(seqs, drafts)],
+                                           [n - 1 for n in lengths], all_logits=True)  # (B, k + 1, V)
         p = self._probs(target_logits.flatten(0, 1), [seq for seq in seqs for _ in range(k + 1)],
-                        [c + d[:j] if pen else [] for c, d, pen in zip(contexts, drafts, penalised) for j in range(k + 1)]
-                        ).view(len(seqs), k + 1, -1)  # fmt: skip
+                        [c + d[:j] for c, d in zip(contexts, drafts) for j in range(k + 1)]).view(len(seqs), k + 1, -1)
         new_tokens = []
         for b, seq in enumerate(seqs):
             n_ok, token = verify_drafts(drafts[b], q_rows[b], p[b], seq.generator)
             new_tokens.append(drafts[b][:n_ok] + [token])
             # the draft cache holds the context and drafts d1..d(k-1); what stands of them stays valid
-            seq.draft_cached = len(contexts[b]) + min(n_ok, k - 1)
-            self.stats.rounds += 1
+            seq.draft_cached = lengths[b] + min(n_ok, k - 1)
             self.stats.proposed += k
             self.stats.accepted += n_ok
         return new_tokens

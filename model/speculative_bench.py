@@ -20,7 +20,6 @@ import json
 import logging
 import math
 import os
-import platform
 import shlex
 import statistics
 import sys
@@ -32,7 +31,7 @@ from typing import Any
 
 import torch
 
-from kernels.provenance import git_commit
+from kernels.provenance import device_name, git_commit
 from model.artifact import load_artifact, save_artifact
 from model.generate import generate_tokens
 from model.presets import get_preset
@@ -41,7 +40,7 @@ from model.speculative import speculative_generate
 from model.tokenizers import CharTokenizer, Tokenizer
 from model.transformer import GPT
 
-__all__ = ["MODES", "build_parser", "device_name", "format_table", "held_out_prompts", "main", "make_header",
+__all__ = ["MODES", "build_parser", "format_table", "held_out_prompts", "main", "make_header",
            "result_row", "trained_models", "write_results"]
 
 log = logging.getLogger("model.speculative_bench")
@@ -227,15 +226,6 @@ def result_row(mode: str, k: int, impl: str, tokens: int, seconds: float, anchor
         **counts,
         "same_tokens_as_target": same,
     }
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.getdevice_name(device)
-    cpuinfo = Path("/proc/cpuinfo")
-    lines = cpuinfo.read_text().splitlines() if cpuinfo.exists() else []
-    names = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
-    return f"cpu: {names[0] if names else platform.machine()} x{os.cpu_count()}"
 
 
 def write_results(out_dir: Path, stem: str, header: dict[str, Any], rows: list[dict[str, Any]],
