@@ -9,7 +9,8 @@
 #
 # Steps: tests (CUDA build + every GPU test under kernels/, model/, inference_svc/; $GPU_TESTS narrows them), kernels (python -m kernels.bench),
 #        speculative, train (trainer.bench --part speed), serve (inference_svc.bench --device cuda),
-#        compile (trainer.compile_bench), checkpointing (trainer.checkpointing_bench).
+#        compile (trainer.compile_bench), checkpointing (trainer.checkpointing_bench),
+#        train-profile / train-carryover (tools.train_probe: step time split, state left between runs).
 set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -75,6 +76,8 @@ for spec in "$@"; do
         --draft-steps 600 --batch 32 --target-train-s 60 --draft-train-s 30 --prompts 2 --max-new-tokens 96 --repeats 2 ;;
     train) run_step train "$limit" "$PYTHON" -m trainer.bench --part speed --budget-s "${TRAIN_BUDGET_S:-120}" \
       ${TRAIN_VARIANTS:+--variants "$TRAIN_VARIANTS"} ;;
+    train-profile) run_step train-profile "$limit" "$PYTHON" -m tools.train_probe profile ${PROBE_VARIANTS:+--variants "$PROBE_VARIANTS"} ;;
+    train-carryover) run_step train-carryover "$limit" "$PYTHON" -m tools.train_probe carryover ;;
     serve) run_step serve "$limit" "$PYTHON" -m inference_svc.bench --device cuda ;;
     compile) run_step compile "$limit" "$PYTHON" -m trainer.compile_bench --device cuda --timeout-s 120 ;;
     checkpointing) run_step checkpointing "$limit" "$PYTHON" -m trainer.checkpointing_bench --device cuda ;;
