@@ -77,7 +77,8 @@ for spec in "$@"; do
     train) run_step train "$limit" "$PYTHON" -m trainer.bench --part speed --budget-s "${TRAIN_BUDGET_S:-120}" \
       ${TRAIN_VARIANTS:+--variants "$TRAIN_VARIANTS"} ;;
     train-profile) run_step train-profile "$limit" "$PYTHON" -m tools.train_probe profile ${PROBE_VARIANTS:+--variants "$PROBE_VARIANTS"} ;;
-    train-carryover) run_step train-carryover "$limit" "$PYTHON" -m tools.train_probe carryover ;;
+    train-carryover) run_step train-carryover "$limit" "$PYTHON" -m tools.train_probe carryover --steps "${PROBE_STEPS:-300}" --eval-interval 100 ;;
+    train-sdpa) run_step train-sdpa "$limit" "$PYTHON" -m tools.train_probe sdpa --steps "${PROBE_STEPS:-300}" --eval-interval 100 ;;
     serve) run_step serve "$limit" "$PYTHON" -m inference_svc.bench --device cuda ;;
     compile) run_step compile "$limit" "$PYTHON" -m trainer.compile_bench --device cuda --timeout-s 120 ;;
     checkpointing) run_step checkpointing "$limit" "$PYTHON" -m trainer.checkpointing_bench --device cuda ;;
@@ -86,6 +87,7 @@ for spec in "$@"; do
 done
 
 if [ -n "$OUT" ]; then
+  gzip -f "$OUT"/*.json 2>/dev/null || true
   find bench_svc/results -type f -newer "$marker" -print0 | tar czf "$OUT/results.tgz" --null -T -
   tar tzf "$OUT/results.tgz"
 fi

@@ -161,7 +161,14 @@ def profile(args: argparse.Namespace, workdir: Path, corpus: Path) -> None:
                     _train_step(run)
                     run.step += 1
                 torch.cuda.synchronize()
-        kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+        annotations = ("forward", "backward", "optimizer")
+        kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
+                   and not e.name.startswith(annotations) and "#" not in e.name]
+        cpu_top = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)[:12]
+        print(f"\n[{variant}] top host ops (self CPU ms/step): "
+              + ", ".join(f"{e.key[:40]} {e.self_cpu_time_total / 1e3 / n_prof:.2f}" for e in cpu_top))
+        if os.environ.get("OUT"):
+            prof.export_chrome_trace(str(Path(os.environ["OUT"]) / f"trace-{variant}.json"))
         busy_ms = sum(e.device_time for e in kernels) / 1e3 / n_prof
         by_name = Counter()
         for e in kernels:
@@ -177,9 +184,45 @@ def profile(args: argparse.Namespace, workdir: Path, corpus: Path) -> None:
         print(f"{v:<16} {w:>9.1f} {ms:>8.2f} {busy:>8.2f} {nk:>9.0f} {tok:>10,.0f}")
 
 
+def _sdpa_state() -> str:
+    b = torch.backends.cuda
+    order = torch._C._get_sdp_priority_order() if hasattr(torch._C, "_get_sdp_priority_order") else "?"
+    return (f"flash={b.flash_sdp_enabled()} cudnn={b.cudnn_sdp_enabled()} efficient={b.mem_efficient_sdp_enabled()} "
+            f"math={b.math_sdp_enabled()} priority={order}")
+
+
+def _sdpa_kernels() -> str:
+    """Which kernels eager SDPA with dropout runs, forward and backward, at the trainer's shape."""
+    q, k, v = (torch.randn(64, 6, 256, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        F.scaled_dot_product_attention(q, k, v, dropout_p=0.2, is_causal=True).sum().backward()
+        torch.cuda.synchronize()
+    names = {e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA}
+    return ", ".join(sorted(n[:50] for n in names if any(w in n.lower() for w in ("fmha", "flash", "cudnn", "attention", "sdpa"))))
+
+
+def sdpa(args: argparse.Namespace, workdir: Path, corpus: Path) -> None:
+    """SDPA's backend choice before and after a torch.compile run, and training with each backend forced."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    print("fresh:          ", _sdpa_state(), "|", _sdpa_kernels())
+    _run("tinylm", 5, 5, workdir, corpus)
+    print("after compile:  ", _sdpa_state(), "|", _sdpa_kernels())
+    rows = []
+    for name in args.backends.split(","):
+        backend = getattr(SDPBackend, name)
+        with sdpa_kernel([backend]):
+            r = _run("eager-pytorch", args.steps, args.eval_interval, workdir, corpus)
+        tail = r["losses"][-50:]
+        rows.append((name, sum(tail) / len(tail), r["evals"]))
+    print(f"\n{'backend':<20} {'train loss (last 50)':>20}  evals")
+    for name, loss, evals in rows:
+        print(f"{name:<20} {loss:>20.4f}  {evals}")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m tools.train_probe")
-    p.add_argument("what", choices=("profile", "carryover", "single"))
+    p.add_argument("what", choices=("profile", "carryover", "single", "sdpa"))
     p.add_argument("--variants", default="tinylm,eager-pytorch,eager")
     p.add_argument("--sequence", default="tinylm,eager,eager-pytorch")
     p.add_argument("--variant", default="eager")
@@ -187,12 +230,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=15)
     p.add_argument("--eval-interval", type=int, default=50)
     p.add_argument("--json")
+    p.add_argument("--backends", default="FLASH_ATTENTION,CUDNN_ATTENTION,EFFICIENT_ATTENTION")
     args = p.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(os.environ.get("PROBE_WORKDIR", tmp))
         corpus = resolve_corpus(os.environ.get("TINYLM_CORPUS"), workdir / "data")
         if args.what == "profile":
             profile(args, workdir, corpus)
+        elif args.what == "sdpa":
+            sdpa(args, workdir, corpus)
         elif args.what == "carryover":
             carryover(args, workdir, corpus)
         else:
