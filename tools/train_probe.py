@@ -162,6 +162,11 @@ def profile(args: argparse.Namespace, workdir: Path, corpus: Path) -> None:
                     run.step += 1
                 torch.cuda.synchronize()
         annotations = ("forward", "backward", "optimizer")
+        from torch._dynamo.utils import counters
+
+        print(f"\n[{variant}] dynamo: unique graphs {counters['stats'].get('unique_graphs', 0)}, graph breaks "
+              f"{sum(counters['graph_break'].values())} {dict(list(counters['graph_break'].items())[:3])}")
+        counters.clear()
         kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
                    and not e.name.startswith(annotations) and "#" not in e.name]
         cpu_top = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)[:12]

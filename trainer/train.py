@@ -17,7 +17,7 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,7 +33,7 @@ from model.presets import get_preset
 from model.transformer import GPT
 from trainer import distributed as dist
 from trainer.config import TrainConfig, micro_batch_plan
-from trainer.data import TokenData, WindowSampler, get_batch, prepare_data
+from trainer.data import BatchLoader, TokenData, WindowSampler, prepare_data
 from trainer.distributed import SINGLE, DistInfo
 from trainer.dropout_schedule import dropout_at, dropout_levels
 from trainer.lr_schedule import learning_rate
@@ -112,6 +112,8 @@ class _Run:
     optimizer: torch.optim.AdamW
     scaler: torch.amp.GradScaler
     sampler: WindowSampler
+    train_batches: BatchLoader
+    val_batches: BatchLoader
     micro: int
     accum: int
     run_dir: Path
@@ -131,8 +133,29 @@ class _Run:
 
 def train(config: TrainConfig, corpus: Path, **kwargs: Any) -> TrainResult:
     """Train `config` on `corpus` (arguments of `_train`), with `kernels/` on or off as `config.kernels` says."""
-    with use_kernels(config.kernels):
+    with use_kernels(config.kernels), _restores_backend_settings():
         return _train(config, corpus, **kwargs)
+
+
+@contextlib.contextmanager
+def _restores_backend_settings() -> Iterator[None]:
+    """Leave torch's process-wide backend settings as the run found them: a worker trains many jobs in one process,
+    and one run must not change how the next computes. (A torch.compile run in torch 2.11 reorders SDPA's backend
+    priorities to put cuDNN first; the run itself sets TF32.)"""
+    cuda = torch.backends.cuda
+    flags = (cuda.flash_sdp_enabled(), cuda.mem_efficient_sdp_enabled(), cuda.math_sdp_enabled(), cuda.cudnn_sdp_enabled())
+    priority = torch._C._get_sdp_priority_order() if hasattr(torch._C, "_get_sdp_priority_order") else None
+    tf32 = (cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    try:
+        yield
+    finally:
+        cuda.enable_flash_sdp(flags[0])
+        cuda.enable_mem_efficient_sdp(flags[1])
+        cuda.enable_math_sdp(flags[2])
+        cuda.enable_cudnn_sdp(flags[3])
+        if priority is not None:
+            torch._C._set_sdp_priority_order(priority)
+        cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
 
 
 def _train(
@@ -175,34 +198,39 @@ def _train(
         scope.enter_context(_recompile_room(config))
         if profiler is not None:
             scope.enter_context(profiler)
+        pending = _Pending()
         while run.step < config.max_steps:
-            if dist.any_true(bool(should_stop and should_stop()), info, device):
+            # Polled before every step; with several ranks only right after a log point, since agreeing on it is a
+            # collective (a host sync), which the loop makes only there.
+            if info.enabled:
+                stop = not pending.steps and dist.any_true(bool(should_stop and should_stop()), info, device)
+            else:
+                stop = bool(should_stop and should_stop())
+            if stop:
                 result.stopped = "cancelled"
                 break
-            t0 = time.perf_counter()
-            step = _train_step(run)
-            dt = time.perf_counter() - t0
+            out = _train_step(run)
             if profiler is not None:
                 profiler.step()
             run.step += 1
             run.tokens_seen += config.batch_size * run.model.config.block_size
-            result.losses.append(step["loss"])
-            result.grad_norms.append(step["grad_norm"])
-            metrics = {**step, **meter.update(config.batch_size, dt)}
-            metrics["elapsed_s"] = run.elapsed_s + time.perf_counter() - start
-            metrics["eta_s"] = meter.eta_s(config.max_steps - run.step)
-            if bar is not None:
-                bar.set_postfix_str(meter.describe(step["loss"]), refresh=False)
-                bar.update(1)
-            if run.step % config.log_interval == 0 or run.step == config.max_steps:
+            pending.add(out)
+            log_now = run.step % config.log_interval == 0 or run.step == config.max_steps
+            eval_now = run.step % config.eval_interval == 0 or run.step == config.max_steps
+            if not (log_now or eval_now):
+                continue
+            metrics = _log_point(run, result, pending, meter, bar, start)
+            if log_now:
                 if run_log is not None:
                     run_log.write(run.step, "train", metrics)
                 if progress_callback is not None and info.is_main:
                     progress_callback(run.step, metrics)
-            if run.step % config.eval_interval == 0 or run.step == config.max_steps:
+            if eval_now:
                 if _evaluate_and_checkpoint(run, run_log, progress_callback, metrics):
                     result.stopped = "early_stop"
                     break
+                pending.restart()
+        _log_point(run, result, pending, meter, bar, start)  # steps since the last log point (a cancel)
         scope.close()  # writes the profiler trace
         run.elapsed_s += time.perf_counter() - start
         if result.stopped == "cancelled" and run.step > 0:
@@ -221,6 +249,27 @@ def _train(
             run_log.close()
             plot_curve(run_log.path, run.run_dir / "curve.png", title=f"{config.model_name} ({config.preset})")
     return result
+
+
+def _log_point(
+    run: _Run, result: TrainResult, pending: _Pending, meter: Throughput, bar: Any, start: float
+) -> dict[str, float]:
+    """Read the pending steps' numbers (the loop's one host sync per log interval) into `result` and the meter;
+    the metrics of the latest step, as the callback and the run log see them."""
+    if not pending.steps:
+        return {}
+    last = pending.steps[-1]
+    losses, norms, dt = pending.flush()
+    result.losses += losses
+    result.grad_norms += norms
+    metrics = {"loss": losses[-1], "lr": last.lr, "grad_norm": norms[-1], "dropout": last.dropout}
+    metrics.update(meter.update(run.config.batch_size, dt))
+    metrics["elapsed_s"] = run.elapsed_s + time.perf_counter() - start
+    metrics["eta_s"] = meter.eta_s(run.config.max_steps - run.step)
+    if bar is not None:
+        bar.set_postfix_str(meter.describe(losses[-1]), refresh=False)
+        bar.update(len(losses))
+    return metrics
 
 
 def _recompile_room(config: TrainConfig) -> contextlib.AbstractContextManager:
@@ -250,7 +299,8 @@ def _setup(
     micro, accum = micro_batch_plan(config.batch_size, config.grad_accum, info.world_size)
     sampler = WindowSampler(len(data.train), block, config.seed)
     WindowSampler(len(data.val), block, config.seed)  # fail now, not at the first evaluation, if val is too short
-    run = _Run(config, info, device, data, model, model, optimizer, scaler, sampler, micro, accum, Path(run_dir))
+    run = _Run(config, info, device, data, model, model, optimizer, scaler, sampler, BatchLoader(data.train, block, device),
+               BatchLoader(data.val, block, device), micro, accum, Path(run_dir))
     run.run_dir.mkdir(parents=True, exist_ok=True)
     if config.resume and has_resume_state(run.run_dir):
         _restore(run)
@@ -267,8 +317,18 @@ def _setup(
     return run
 
 
-def _train_step(run: _Run) -> dict[str, float]:
-    """One optimizer step; returns its loss (mean over the global batch), grad norm before clipping, lr, dropout."""
+@dataclass
+class _StepOut:
+    """One optimizer step's numbers; loss and grad_norm stay on the device until the loop next syncs."""
+
+    loss: torch.Tensor  # () mean over the global batch
+    grad_norm: torch.Tensor  # () before clipping
+    lr: float
+    dropout: float
+
+
+def _train_step(run: _Run) -> _StepOut:
+    """One optimizer step. Nothing here waits for the GPU: the CPU runs on to the next step's launches."""
     config, info = run.config, run.info
     lr = learning_rate(run.step, config)
     for group in run.optimizer.param_groups:
@@ -278,11 +338,10 @@ def _train_step(run: _Run) -> dict[str, float]:
         dropout = dropout_at(run.step, config)
         run.model.set_dropout(dropout)
     offsets = run.sampler.next_offsets(config.batch_size)  # (batch_size,) the same on every rank
-    block = run.model.config.block_size
     loss_sum = torch.zeros((), device=run.device)
     for m in range(run.accum):
         first = (m * info.world_size + info.rank) * run.micro
-        x, y = get_batch(run.data.train, offsets[first : first + run.micro], block, run.device)  # (micro, T)
+        x, y = run.train_batches(offsets[first : first + run.micro])  # (micro, T)
         if isinstance(run.fwd, DDP):
             run.fwd.require_backward_grad_sync = m == run.accum - 1  # all-reduce once, on the last micro-step
         with run.autocast(), torch.profiler.record_function("forward"):
@@ -298,8 +357,33 @@ def _train_step(run: _Run) -> dict[str, float]:
         run.scaler.step(run.optimizer)
         run.scaler.update()
         run.optimizer.zero_grad(set_to_none=True)
-    loss_mean = float(dist.all_mean(loss_sum, info))
-    return {"loss": loss_mean, "lr": lr, "grad_norm": float(grad_norm), "dropout": dropout}
+    return _StepOut(dist.all_mean(loss_sum, info), grad_norm.detach(), lr, dropout)
+
+
+class _Pending:
+    """Steps run since the loop last synchronised with the GPU: their losses and norms wait on the device, and are
+    read in one copy at the next log point (nanoGPT reads its loss only every log_interval steps too)."""
+
+    def __init__(self) -> None:
+        self.steps: list[_StepOut] = []
+        self.t0 = time.perf_counter()
+
+    def add(self, out: _StepOut) -> None:
+        self.steps.append(out)
+
+    def flush(self) -> tuple[list[float], list[float], float]:
+        """(losses, grad norms, seconds per step since the last flush); one host sync."""
+        if not self.steps:
+            return [], [], 0.0
+        values = torch.stack([v for s in self.steps for v in (s.loss.float(), s.grad_norm.float())]).tolist()
+        dt = (time.perf_counter() - self.t0) / len(self.steps)
+        self.steps = []
+        self.restart()
+        return values[0::2], values[1::2], dt
+
+    def restart(self) -> None:
+        """Start the clock of the next interval (after an evaluation, so it is not counted as training time)."""
+        self.t0 = time.perf_counter()
 
 
 def _forward(run: _Run, module: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -318,13 +402,13 @@ def estimate_loss(run: _Run) -> dict[str, float]:
     evaluator = run.fwd.module if isinstance(run.fwd, DDP) else run.fwd
     run.model.eval()
     out = {}
-    for split, tokens in (("train", run.data.train), ("val", run.data.val)):
+    for split, tokens, batches in (("train", run.data.train, run.train_batches), ("val", run.data.val, run.val_batches)):
         rng = np.random.Generator(np.random.PCG64([config.seed, 1]))
         high = len(tokens) - block
         losses = torch.zeros(config.eval_iters, device=run.device)
         for k in range(config.eval_iters):
             offsets = rng.integers(0, high, size=run.micro * info.world_size, dtype=np.int64)
-            x, y = get_batch(tokens, offsets[info.rank * run.micro : (info.rank + 1) * run.micro], block, run.device)
+            x, y = batches(offsets[info.rank * run.micro : (info.rank + 1) * run.micro])
             with run.autocast():
                 _, loss = _forward(run, evaluator, x, y)
             losses[k] = loss.float()
