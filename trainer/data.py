@@ -156,10 +156,13 @@ class BatchLoader:
     `get_batch`'s. Splits over DEVICE_RESIDENT_MAX_BYTES, and CPU runs, take `get_batch` itself.
     """
 
-    def __init__(self, data: np.ndarray, block_size: int, device: torch.device) -> None:
+    def __init__(self, data: np.ndarray, block_size: int, device: torch.device, *, resident: bool | None = None) -> None:
+        """`resident`: keep the split on `device` (None: on a GPU, when it fits DEVICE_RESIDENT_MAX_BYTES)."""
         self.data, self.block_size, self.device = data, block_size, device
         self.tokens: torch.Tensor | None = None  # (N,) int64 on the device, when resident
-        if device.type == "cuda" and len(data) * 8 <= DEVICE_RESIDENT_MAX_BYTES:
+        if resident is None:
+            resident = device.type == "cuda" and len(data) * 8 <= DEVICE_RESIDENT_MAX_BYTES
+        if resident:
             self.tokens = torch.from_numpy(np.asarray(data, dtype=np.int64)).to(device)
             self.window = torch.arange(block_size + 1, device=device)  # (T+1,)
 
@@ -167,7 +170,8 @@ class BatchLoader:
         """x, y (B, T) int64 for windows starting at `offsets` (B,)."""
         if self.tokens is None:
             return get_batch(self.data, offsets, self.block_size, self.device)
-        starts = torch.from_numpy(np.ascontiguousarray(offsets, dtype=np.int64)).pin_memory()
-        starts = starts.to(self.device, non_blocking=True)  # (B,)
+        starts = torch.from_numpy(np.ascontiguousarray(offsets, dtype=np.int64))
+        if self.device.type == "cuda":
+            starts = starts.pin_memory().to(self.device, non_blocking=True)  # (B,)
         rows = self.tokens[starts[:, None] + self.window]  # (B, T+1)
         return rows[:, :-1], rows[:, 1:]

@@ -38,7 +38,7 @@ def tinylm_home(env: Mapping[str, str]) -> Path:
 
 def _train_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tinylm train", description="Train a model; prints the artifact id.")
-    p.add_argument("--preset", help="tiny, small, shakespeare-char, medium, large, gpt2-124m (default: tiny)")
+    p.add_argument("--preset", help="tiny, small, shakespeare-char, shakespeare-char-fast, medium, large, gpt2-124m (default: tiny)")
     p.add_argument("--config", type=Path, help="YAML file of TrainConfig keys (applied before key=value overrides)")
     p.add_argument("--name", help="artifact name (same as name=...)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
