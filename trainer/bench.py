@@ -220,6 +220,7 @@ def _startup(args: argparse.Namespace, workdir: Path) -> list[VariantResult]:
 def _startup_worker(args: argparse.Namespace) -> int:
     """One startup measurement: the seconds from the parent's launch time to this process's first step."""
     launch = float(os.environ["TINYLM_BENCH_LAUNCH"])
+    started = time.time() - launch  # interpreter start and imports
     workdir = Path(args.workdir)
     config = load_config("shakespeare-char").replace(max_steps=2, log_interval=1, eval_interval=1000, tensorboard=False)
     corpus = resolve_corpus(os.environ.get("TINYLM_CORPUS"), workdir / "data")
@@ -227,6 +228,8 @@ def _startup_worker(args: argparse.Namespace) -> int:
     train(config, corpus, store_root=workdir / "startup-store", run_dir=workdir / f"startup-{time.time_ns()}",
           data_dir=workdir / "data", progress_callback=lambda step, m: firsts.append(time.time() - launch))  # fmt: skip
     Path(args.startup_worker).write_text(json.dumps({"first_step_s": firsts[0]}))
+    log.info("start-up: %.1f s to main (interpreter, imports), %.1f s to the first step; compile phases:\n%s",
+             started, firsts[0], torch._dynamo.utils.compile_times(repr="str"))
     return 0
 
 
