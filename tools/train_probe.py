@@ -34,7 +34,7 @@ from trainer.train import _setup, _train_step, train
 
 VARIANTS = {
     "tinylm": dict(compile_mode="default"),
-    "eager": dict(compile_mode="none"),
+    "eager": dict(compile_mode="none", kernels=True),
     "eager-pytorch": dict(compile_mode="none", kernels=False),
     "reduce-overhead": dict(compile_mode="reduce-overhead"),
 }

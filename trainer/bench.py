@@ -179,7 +179,7 @@ def _all_variants(args: argparse.Namespace) -> list[tuple[str, TrainConfig]]:
         ("tinylm", base),  # the preset as it trains by default (reduce-overhead: CUDA graphs)
         ("tinylm-fast", fast),  # the shakespeare-char-fast preset: the same model, a schedule cut to the budget
         ("compile-default", base.replace(compile_mode="default")),  # torch.compile without CUDA graphs
-        ("eager", base.replace(compile_mode="none")),  # eager PyTorch with our kernels
+        ("eager", base.replace(compile_mode="none", kernels=True)),  # eager PyTorch with our kernels
         ("eager-pytorch", base.replace(compile_mode="none", kernels=False)),  # the anchor: nanoGPT's eager loop
     ]
 

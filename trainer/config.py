@@ -116,7 +116,10 @@ class TrainConfig:
     dtype: str = "float32"
     compile_mode: str = "none"  # none | default | reduce-overhead | max-autotune
     grad_checkpointing: bool = False  # recompute each block's activations in backward (less memory)
-    kernels: bool = True  # eager on CUDA: run model.layers' ops on kernels/ (false: plain PyTorch, the A/B anchor)
+    # Eager on CUDA: run model.layers' ops on kernels/. Off by default: eager shakespeare-char trained at 587k tokens/s
+    # with them and 714k without (H200, 2026-11-29, bench_svc/results/train-nvidia-h200.csv); under torch.compile
+    # (the presets' default) Inductor's own fusion runs either way.
+    kernels: bool = False
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     seed: int = 1337
     early_stop_patience: int = 0
