@@ -198,8 +198,22 @@ def _train(
         scope.enter_context(_recompile_room(config))
         if profiler is not None:
             scope.enter_context(profiler)
-        pending = _Pending()
+        pending = _Pending(device)
+
+        def report(wait: bool = False) -> dict[str, float]:
+            """Hand every interval that has reached the host to the run log and the callback; the latest metrics."""
+            metrics: dict[str, float] = {}
+            for interval in pending.received(wait):
+                metrics = _interval_metrics(run, result, interval, meter, bar, start)
+                if interval.step % config.log_interval == 0 or interval.step == config.max_steps:
+                    if run_log is not None:
+                        run_log.write(interval.step, "train", metrics)
+                    if progress_callback is not None and info.is_main:
+                        progress_callback(interval.step, metrics)
+            return metrics
+
         while run.step < config.max_steps:
+            report()
             # Polled before every step; with several ranks only right after a log point, since agreeing on it is a
             # collective (a host sync), which the loop makes only there.
             if info.enabled:
@@ -217,20 +231,16 @@ def _train(
             pending.add(out)
             log_now = run.step % config.log_interval == 0 or run.step == config.max_steps
             eval_now = run.step % config.eval_interval == 0 or run.step == config.max_steps
-            if not (log_now or eval_now):
-                continue
-            metrics = _log_point(run, result, pending, meter, bar, start)
-            if log_now:
-                if run_log is not None:
-                    run_log.write(run.step, "train", metrics)
-                if progress_callback is not None and info.is_main:
-                    progress_callback(run.step, metrics)
+            if log_now or eval_now:
+                pending.send(run.step)
             if eval_now:
+                metrics = report(wait=True)
                 if _evaluate_and_checkpoint(run, run_log, progress_callback, metrics):
                     result.stopped = "early_stop"
                     break
                 pending.restart()
-        _log_point(run, result, pending, meter, bar, start)  # steps since the last log point (a cancel)
+        pending.send(run.step)  # steps since the last log point (a cancel)
+        report(wait=True)
         scope.close()  # writes the profiler trace
         run.elapsed_s += time.perf_counter() - start
         if result.stopped == "cancelled" and run.step > 0:
@@ -251,21 +261,20 @@ def _train(
     return result
 
 
-def _log_point(
-    run: _Run, result: TrainResult, pending: _Pending, meter: Throughput, bar: Any, start: float
+def _interval_metrics(
+    run: _Run, result: TrainResult, interval: _Interval, meter: Throughput, bar: Any, start: float
 ) -> dict[str, float]:
-    """Read the pending steps' numbers (the loop's one host sync per log interval) into `result` and the meter;
-    the metrics of the latest step, as the callback and the run log see them."""
-    if not pending.steps:
-        return {}
-    last = pending.steps[-1]
-    losses, norms, dt = pending.flush()
+    """Record an interval's per-step numbers in `result` and the meter; the metrics of its last step, as the
+    callback and the run log see them."""
+    values = interval.values.tolist()
+    losses, norms = values[0::2], values[1::2]
     result.losses += losses
     result.grad_norms += norms
+    last = interval.last
     metrics = {"loss": losses[-1], "lr": last.lr, "grad_norm": norms[-1], "dropout": last.dropout}
-    metrics.update(meter.update(run.config.batch_size, dt))
+    metrics.update(meter.update(run.config.batch_size, interval.seconds_per_step or 0.0))
     metrics["elapsed_s"] = run.elapsed_s + time.perf_counter() - start
-    metrics["eta_s"] = meter.eta_s(run.config.max_steps - run.step)
+    metrics["eta_s"] = meter.eta_s(run.config.max_steps - interval.step)
     if bar is not None:
         bar.set_postfix_str(meter.describe(losses[-1]), refresh=False)
         bar.update(len(losses))
@@ -360,30 +369,71 @@ def _train_step(run: _Run) -> _StepOut:
     return _StepOut(dist.all_mean(loss_sum, info), grad_norm.detach(), lr, dropout)
 
 
-class _Pending:
-    """Steps run since the loop last synchronised with the GPU: their losses and norms wait on the device, and are
-    read in one copy at the next log point (nanoGPT reads its loss only every log_interval steps too)."""
+@dataclass
+class _Interval:
+    """The numbers of the steps up to a log point, on their way to the host."""
 
-    def __init__(self) -> None:
+    step: int  # the log point's step
+    last: _StepOut
+    values: torch.Tensor  # (2n,) loss, grad norm of each step; pinned host memory on a GPU
+    ready: Any  # a CUDA event recorded after the copy, or None (the values are already on the host)
+    seconds_per_step: float | None  # None: from the CUDA events once they have completed
+
+
+class _Pending:
+    """Steps run since the last log point: their losses and norms wait on the device. At a log point they go to the
+    host in one copy; on a GPU the copy is asynchronous (pinned memory and an event) and is read once the event has
+    completed, so the loop never drains the GPU's queue to report (nanoGPT reads its loss every log_interval steps;
+    here the read costs no wait). Evaluations and the end of the run wait for it."""
+
+    def __init__(self, device: torch.device) -> None:
         self.steps: list[_StepOut] = []
-        self.t0 = time.perf_counter()
+        self.cuda = device.type == "cuda"
+        self.in_flight: list[tuple[_Interval, Any, int]] = []  # interval, start event, steps
+        self.restart()
 
     def add(self, out: _StepOut) -> None:
         self.steps.append(out)
 
-    def flush(self) -> tuple[list[float], list[float], float]:
-        """(losses, grad norms, seconds per step since the last flush); one host sync."""
+    def send(self, step: int) -> None:
+        """Start reading the steps since the last log point (no wait on a GPU)."""
         if not self.steps:
-            return [], [], 0.0
-        values = torch.stack([v for s in self.steps for v in (s.loss.float(), s.grad_norm.float())]).tolist()
-        dt = (time.perf_counter() - self.t0) / len(self.steps)
+            return
+        values = torch.stack([v for s in self.steps for v in (s.loss.float(), s.grad_norm.float())])  # (2n,)
+        n, last = len(self.steps), self.steps[-1]
         self.steps = []
-        self.restart()
-        return values[0::2], values[1::2], dt
+        if not self.cuda:
+            dt = (time.perf_counter() - self.t0) / n
+            self.in_flight.append((_Interval(step, last, values, None, dt), None, n))
+            self.t0 = time.perf_counter()
+            return
+        host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
+        host.copy_(values, non_blocking=True)
+        end = torch.cuda.Event(enable_timing=True)
+        end.record()
+        self.in_flight.append((_Interval(step, last, host, end, None), self.start_event, n))
+        self.start_event = end
+
+    def received(self, wait: bool = False) -> list[_Interval]:
+        """The intervals whose numbers have reached the host (all of them when `wait`), oldest first."""
+        done = []
+        while self.in_flight:
+            interval, start, n = self.in_flight[0]
+            if interval.ready is not None:
+                if not (wait or interval.ready.query()):
+                    break
+                interval.ready.synchronize()
+                interval.seconds_per_step = start.elapsed_time(interval.ready) / 1e3 / n
+            done.append(self.in_flight.pop(0)[0])
+        return done
 
     def restart(self) -> None:
         """Start the clock of the next interval (after an evaluation, so it is not counted as training time)."""
         self.t0 = time.perf_counter()
+        self.start_event = None
+        if self.cuda:
+            self.start_event = torch.cuda.Event(enable_timing=True)
+            self.start_event.record()
 
 
 def _forward(run: _Run, module: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
