@@ -177,7 +177,9 @@ def _all_variants(args: argparse.Namespace) -> list[tuple[str, TrainConfig]]:
                                                         tensorboard=False)  # fmt: skip
     return [
         ("tinylm", base),  # the preset as it trains by default (reduce-overhead: CUDA graphs)
+        ("tinylm-graph", base.replace(compile_mode="none", step_graph=True)),  # the whole step as one CUDA graph
         ("tinylm-fast", fast),  # the shakespeare-char-fast preset: the same model, a schedule cut to the budget
+        ("tinylm-fast-graph", fast.replace(compile_mode="none", step_graph=True)),
         ("compile-default", base.replace(compile_mode="default")),  # torch.compile without CUDA graphs
         ("eager", base.replace(compile_mode="none", kernels=True)),  # eager PyTorch with our kernels
         ("eager-pytorch", base.replace(compile_mode="none", kernels=False)),  # the anchor: nanoGPT's eager loop
@@ -192,7 +194,7 @@ def _compare_with_anchor(results: list[VariantResult]) -> None:
     at = {c["step"]: c["val_loss"] for c in anchor.curve}
     for r in results:
         common = [abs(c["val_loss"] - at[c["step"]]) for c in r.curve if c["step"] in at]
-        if common and r.variant != ANCHOR and not r.variant.endswith("-fast"):  # another schedule: not comparable
+        if common and r.variant != ANCHOR and "-fast" not in r.variant:  # another schedule: not comparable
             r.max_eval_diff_vs_anchor = max(common)
 
 
@@ -203,18 +205,25 @@ def _startup(args: argparse.Namespace, workdir: Path) -> list[VariantResult]:
         return []
     cache = workdir / "compile-cache"
     results = []
-    for name in ("startup-cold", "startup-warm"):
+    for name in ("startup-cold", "startup-warm", "startup-graph"):
         out_json = workdir / f"{name}.json"
         env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), TORCHINDUCTOR_CACHE_DIR=str(cache),
                    TRITON_CACHE_DIR=str(cache / "triton"), TINYLM_BENCH_LAUNCH=repr(time.time()))  # fmt: skip
         cmd = [sys.executable, "-m", "trainer.bench", "--startup-worker", str(out_json), "--workdir", str(workdir)]
+        if name == "startup-graph":  # no torch.compile: the whole step captured as a CUDA graph
+            cmd.append("--startup-graph")
         subprocess.run(cmd, check=True, cwd=REPO_ROOT, env=env)
         first = json.loads(out_json.read_text())["first_step_s"]
         log.info("%s: %.1f s from launch to the first step", name, first)
-        config = load_config("shakespeare-char")
+        config = _startup_config(name == "startup-graph")
         results.append(VariantResult(variant=name, preset=config.preset, compile=config.compile, dtype=config.dtype,
                                      first_step_s=first))  # fmt: skip
     return results
+
+
+def _startup_config(graph: bool) -> TrainConfig:
+    config = load_config("shakespeare-char")
+    return config.replace(compile_mode="none", step_graph=True) if graph else config
 
 
 def _startup_worker(args: argparse.Namespace) -> int:
@@ -222,7 +231,8 @@ def _startup_worker(args: argparse.Namespace) -> int:
     launch = float(os.environ["TINYLM_BENCH_LAUNCH"])
     started = time.time() - launch  # interpreter start and imports
     workdir = Path(args.workdir)
-    config = load_config("shakespeare-char").replace(max_steps=2, log_interval=1, eval_interval=1000, tensorboard=False)
+    config = _startup_config(args.startup_graph).replace(max_steps=2, log_interval=1, eval_interval=1000,
+                                                         tensorboard=False)  # fmt: skip
     corpus = resolve_corpus(os.environ.get("TINYLM_CORPUS"), workdir / "data")
     firsts: list[float] = []
     train(config, corpus, store_root=workdir / "startup-store", run_dir=workdir / f"startup-{time.time_ns()}",
@@ -346,7 +356,9 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="comma-separated variants to run, in this order (default all: tinylm, eager, eager-pytorch); "
                         "one alone rules out state left by an earlier variant in the same process")
     p.add_argument("--cpu-smoke", action="store_true", help="a tiny CPU run of the same code path (for tests)")
-    p.add_argument("--startup-worker", help=argparse.SUPPRESS)  # internal: one startup measurement, writes JSON here
+    p.add_argument("--startup-worker", help=argparse.SUPPRESS)
+    p.add_argument("--startup-graph", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--tag", default="", help="file name tag: train-<gpu>[-part][-TAG].* (a partial run beside a whole)")  # internal: one startup measurement, writes JSON here
     p.add_argument("--ddp-worker", help=argparse.SUPPRESS)  # internal: one torchrun rank, writes JSON here
     return p.parse_args(argv)
 
@@ -385,7 +397,7 @@ def main(argv: list[str] | None = None) -> int:
             results += _startup(args, workdir)
         if args.part in ("all", "ddp"):
             results += _ddp_scaling(args, workdir)
-    suffix = "" if args.part == "all" else f"-{args.part}"  # a partial run never overwrites a whole one
+    suffix = ("" if args.part == "all" else f"-{args.part}") + (f"-{args.tag}" if args.tag else "")
     paths = write_results(results, info, args.out, args.budget_s, suffix=suffix)
     log.info("wrote %s", ", ".join(str(p) for p in paths))
     print(format_table(results))

@@ -52,6 +52,6 @@ def test_variants_picks_and_orders_and_names_the_choices(capsys):
     args = bench._parse_args(["--variants", "eager-pytorch"])
     ((name, config),) = bench._variants(args)
     assert name == "eager-pytorch" and config.kernels is False and config.compile_mode == "none"
-    with pytest.raises(SystemExit, match=r"unknown variant\(s\) \['fast'\]; choose from \['tinylm', 'tinylm-fast', 'compile-default', "
-                       r"'eager', 'eager-pytorch'\]"):
+    with pytest.raises(SystemExit, match=r"unknown variant\(s\) \['fast'\]; choose from \['tinylm', 'tinylm-graph', 'tinylm-fast', "
+                       r"'tinylm-fast-graph', 'compile-default', 'eager', 'eager-pytorch'\]"):
         bench._variants(bench._parse_args(["--variants", "fast"]))

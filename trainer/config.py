@@ -71,7 +71,7 @@ _OPTIONAL = ("dropout", "dropout_start")  # None: "the preset's" / "no annealing
 _CHOICES: dict[str, tuple[str, ...]] = {
     "tokenizer": TOKENIZERS, "dtype": DTYPES, "decay": DECAYS, "compile_mode": COMPILE_MODES, "dropout_anneal": ANNEALS,
 }  # fmt: skip
-_BOOLS = ("grad_checkpointing", "resume", "tensorboard")
+_BOOLS = ("grad_checkpointing", "resume", "tensorboard", "kernels", "step_graph")
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 
 
@@ -120,6 +120,9 @@ class TrainConfig:
     # with them and 714k without (H200, 2026-11-29, bench_svc/results/train-nvidia-h200.csv); under torch.compile
     # (the presets' default) Inductor's own fusion runs either way.
     kernels: bool = False
+    # Capture the whole step (forward, backward, clipping, AdamW) as one CUDA graph (trainer.step_graph): the eager
+    # model without torch.compile's start-up; needs CUDA, one process, grad_accum 1, no dropout annealing, no fp16.
+    step_graph: bool = False
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     seed: int = 1337
     early_stop_patience: int = 0

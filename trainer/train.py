@@ -32,7 +32,7 @@ from model.layers import use_kernels
 from model.presets import get_preset
 from model.transformer import GPT
 from trainer import distributed as dist
-from trainer.config import TrainConfig, micro_batch_plan
+from trainer.config import ConfigError, TrainConfig, micro_batch_plan
 from trainer.data import BatchLoader, TokenData, WindowSampler, prepare_data
 from trainer.distributed import SINGLE, DistInfo
 from trainer.dropout_schedule import dropout_at, dropout_levels
@@ -40,6 +40,7 @@ from trainer.lr_schedule import learning_rate
 from trainer.mfu import Throughput, peak_flops
 from trainer.resume_state import capture_rng, has_resume_state, load_resume_state, save_resume_state
 from trainer.run_log import RunLog, plot_curve
+from trainer.step_graph import StepGraph, check_step_graph
 from trainer.step_profiler import StepProfiler
 
 __all__ = ["TrainResult", "ProgressCallback", "train", "resolve_device", "build_model", "make_optimizer"]
@@ -117,6 +118,7 @@ class _Run:
     micro: int
     accum: int
     run_dir: Path
+    graph: StepGraph | None = None  # the captured whole step, when config.step_graph
     step: int = 0
     best_val: float = math.inf
     best_step: int = 0
@@ -317,6 +319,14 @@ def _setup(
     else:
         torch.manual_seed(config.seed + info.rank)  # dropout differs between ranks, as nanoGPT's seed offset
         np.random.seed((config.seed + info.rank) % 2**32)
+    if config.step_graph:
+        try:
+            check_step_graph(config, device, info.world_size, accum)
+        except ValueError as err:
+            raise ConfigError("step_graph", str(err)) from None
+        max_norm = config.grad_clip if config.grad_clip > 0 else math.inf
+        autocast = None if config.dtype == "float32" else _DTYPES[config.dtype]
+        run.graph = StepGraph(model, optimizer, autocast, max_norm)
     fwd: torch.nn.Module = model
     if config.compile:
         fwd = torch.compile(model, mode=None if config.compile_mode == "default" else config.compile_mode)
@@ -340,13 +350,18 @@ def _train_step(run: _Run) -> _StepOut:
     """One optimizer step. Nothing here waits for the GPU: the CPU runs on to the next step's launches."""
     config, info = run.config, run.info
     lr = learning_rate(run.step, config)
+    dropout = run.model.config.dropout
+    offsets = run.sampler.next_offsets(config.batch_size)  # (batch_size,) the same on every rank
+    if run.graph is not None:  # one process, one micro-step, dropout fixed (check_step_graph)
+        x, y = run.train_batches(offsets)
+        with torch.profiler.record_function("step_graph"):
+            loss, grad_norm = run.graph.step(x, y, lr)
+        return _StepOut(loss, grad_norm, lr, dropout)
     for group in run.optimizer.param_groups:
         group["lr"] = lr
-    dropout = run.model.config.dropout
     if config.anneals_dropout:
         dropout = dropout_at(run.step, config)
         run.model.set_dropout(dropout)
-    offsets = run.sampler.next_offsets(config.batch_size)  # (batch_size,) the same on every rank
     loss_sum = torch.zeros((), device=run.device)
     for m in range(run.accum):
         first = (m * info.world_size + info.rank) * run.micro

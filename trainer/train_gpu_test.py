@@ -10,6 +10,7 @@ repeats agree to about 2e-3 in eval loss; the divergence was 0.1-1.0.
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -99,3 +100,15 @@ def test_the_worker_trains_two_jobs_back_to_back_alike(tmp_path):
         ctx = JobContext(job, "w", lambda message, fraction, metrics: None, threading.Event(), threading.Event())
         results.append(handle(ctx).result["metrics"]["val_loss"])
     assert abs(results[0] - results[2]) < TOLERANCE and abs(results[0] - results[1]) < TOLERANCE, results
+
+
+def test_the_captured_step_trains_like_the_eager_loop(fresh, tmp_path):
+    """step_graph=true (forward, backward, clipping, AdamW as one CUDA graph) against the eager loop's evaluations."""
+    corpus = Path(os.environ["TINYLM_CORPUS"])
+    config = _config("eager").replace(step_graph=True)
+    got: list[float] = []
+    result = train(config, corpus, store_root=tmp_path / "store", run_dir=tmp_path / "graph", data_dir=tmp_path / "data",
+                   progress_callback=lambda step, m: "val_loss" in m and got.append(m["val_loss"]))  # fmt: skip
+    assert len(result.losses) == STEPS and all(math.isfinite(x) for x in result.losses)
+    diffs = [abs(a - b) for a, b in zip(got, fresh["eager"])]
+    assert len(got) == len(fresh["eager"]) and max(diffs) < TOLERANCE, (got, fresh["eager"])

@@ -119,3 +119,12 @@ def test_reading_metrics_once_per_log_interval_changes_no_number(small_corpus, t
         assert seen[5][step]["loss"] == runs[1].losses[step - 1] == seen[1][step]["loss"]
     logged = [int(r["step"]) for r in read_log(tmp_path / "r5/log.csv") if r["kind"] == "train"]
     assert logged == [5, 10, 12]
+
+
+def test_step_graph_is_refused_where_a_captured_step_cannot_run(small_corpus, dirs):
+    from trainer.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"step_graph=true needs: device must be a CUDA GPU, got cpu; "
+                                          r"dropout_start must be unset") as err:  # fmt: skip
+        train(fast_config(step_graph=True, dropout_start=0.2), small_corpus, **dirs)
+    assert err.value.key == "step_graph"
