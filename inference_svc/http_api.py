@@ -1,0 +1,180 @@
+"""The OpenAI-compatible HTTP face of one `Engine` (a Starlette ASGI app; http_server.py runs it on uvicorn).
+
+    POST /v1/completions   prompt, max_tokens, temperature, top_p, seed, stop, stream (+ top_k, repetition_penalty)
+    GET  /v1/models        the served model
+    GET  /health           200 while the engine takes requests
+    GET  /metrics          Prometheus text format (inference_svc/metrics.py)
+
+It shares the engine (and so the KV slots and the queue) with the gRPC service. A bad field answers 400 in
+OpenAI's error shape naming the field; a full queue 429; a stream whose client goes away cancels its request,
+which frees its slot by the next engine step. With a token, /v1/* needs `Authorization: Bearer TOKEN`;
+/health and /metrics stay open for load balancers and scrapers, as the gRPC health service does.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import uuid
+from typing import AsyncIterator
+
+import anyio
+from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.applications import Starlette
+from starlette.requests import Request as HttpRequest
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from inference_svc.engine import Chunk, Engine, FinishReason, QueueFull, RequestHandle
+from inference_svc.metrics import EngineMetrics
+from inference_svc.openai_protocol import (
+    chunk_object,
+    completion_object,
+    error_body,
+    models_object,
+    now_unix,
+    parse_completion,
+)
+from inference_svc.params import RequestError
+from inference_svc.service import MIN_ID_PREFIX, ServedModel
+
+__all__ = ["build_app"]
+
+log = logging.getLogger(__name__)
+
+_POLL_S = 0.25  # longest a waiting stream goes without looking at its client
+
+
+def build_app(engine: Engine, model: ServedModel, metrics: EngineMetrics | None = None, *, token: str | None = None) -> Starlette:
+    """The ASGI app serving `engine`'s `model`; `metrics` adds GET /metrics."""
+    api = _CompletionsAPI(engine, model, token)
+    routes = [
+        Route("/v1/completions", api.completions, methods=["POST"]),
+        Route("/v1/models", api.models, methods=["GET"]),
+        Route("/health", api.health, methods=["GET"]),
+    ]
+    if metrics is not None:
+        routes.append(Route("/metrics", lambda _: Response(metrics.render(), media_type=CONTENT_TYPE_LATEST), methods=["GET"]))
+    return Starlette(routes=routes)
+
+
+class _CompletionsAPI:
+    def __init__(self, engine: Engine, model: ServedModel, token: str | None) -> None:
+        self.engine = engine
+        self.model = model
+        self.model_name = model.name or model.id
+        self.created = now_unix()
+        self._expected = f"Bearer {token}".encode() if token else None
+        # One worker thread per request waiting on the engine: enough for every slot and every queued request.
+        self._limiter = anyio.CapacityLimiter(engine.max_slots + engine.scheduler.max_queue + 8)
+
+    async def health(self, request: HttpRequest) -> Response:
+        return JSONResponse({"status": "ok", "model": self.model_name})
+
+    async def models(self, request: HttpRequest) -> Response:
+        return self._unauthorized(request) or JSONResponse(models_object(self.model_name, self.created))
+
+    async def completions(self, request: HttpRequest) -> Response:
+        if (denied := self._unauthorized(request)) is not None:
+            return denied
+        try:
+            body = json.loads(await request.body())
+        except ValueError as err:
+            return _error(400, f"the body is not JSON: {err}")
+        try:
+            parsed = parse_completion(body, tokenizer=self.engine.tokenizer, context_len=self.engine.runner.max_len)
+        except RequestError as err:
+            return _error(400, f"{err.field}: {err.reason}" if err.field else err.reason, param=err.field)
+        if parsed.model and not self._serves(parsed.model):
+            return _error(404, f"model {parsed.model!r} not found; this server serves {self.model_name!r} ({self.model.id})",
+                          param="model", code="model_not_found")
+        try:
+            handle = self.engine.submit(parsed.request)
+        except QueueFull as err:
+            return _error(429, str(err), kind="rate_limit_exceeded", code="rate_limit_exceeded")
+        except ValueError as err:  # a prompt beyond the runner's context
+            return _error(400, str(err), param="prompt")
+        except RuntimeError as err:  # the engine is shutting down
+            return _error(503, str(err), kind="server_error")
+        cid = f"cmpl-{uuid.uuid4().hex}"
+        if parsed.stream:
+            return StreamingResponse(self._events(handle, cid), media_type="text/event-stream",
+                                     headers={"cache-control": "no-cache"})
+        return await self._whole(request, handle, cid)
+
+    # Helpers ------------------------------------------------------------------------------------------
+
+    async def _whole(self, request: HttpRequest, handle: RequestHandle, cid: str) -> Response:
+        """Wait for the end (cancelling if the client leaves meanwhile); one completion object."""
+        texts: list[str] = []
+        try:
+            while True:
+                chunk = await self._next_batch(handle)
+                if chunk is None:
+                    if await request.is_disconnected():
+                        return Response(status_code=499)
+                    continue
+                texts.append(chunk.text)
+                if chunk.final:
+                    break
+        finally:
+            handle.cancel()  # a no-op once the request ended
+        if chunk.finish_reason is FinishReason.ERROR:
+            return _error(500, chunk.error or "generation failed", kind="server_error")
+        if chunk.finish_reason is FinishReason.CANCELLED:
+            return _error(503, chunk.error or "the request was cancelled", kind="server_error")
+        return JSONResponse(completion_object(cid, now_unix(), self.model_name, chunk._replace(text="".join(texts))))
+
+    async def _events(self, handle: RequestHandle, cid: str) -> AsyncIterator[str]:
+        """Server-sent events: one per batch of tokens the engine made since the last, usage in the last, then [DONE].
+        Closing the generator (the client went away) cancels the request."""
+        created = now_unix()
+        try:
+            while True:
+                chunk = await self._next_batch(handle)
+                if chunk is None:
+                    continue
+                if chunk.finish_reason in (FinishReason.ERROR, FinishReason.CANCELLED):
+                    message = chunk.error or f"the request ended: {chunk.finish_reason.value}"
+                    yield _sse(error_body(message, kind="server_error"))
+                    break
+                yield _sse(chunk_object(cid, created, self.model_name, chunk.text, chunk if chunk.final else None))
+                if chunk.final:
+                    break
+            yield "data: [DONE]\n\n"
+        finally:
+            handle.cancel()
+
+    async def _next_batch(self, handle: RequestHandle) -> Chunk | None:
+        """The next chunk merged with every one already behind it, or None after `_POLL_S` without one."""
+        first = await anyio.to_thread.run_sync(handle.next_chunk, _POLL_S, limiter=self._limiter)
+        if first is None or first.final:
+            return first
+        texts, last = [first.text], first
+        while not last.final and (more := handle.next_chunk(0)) is not None:
+            texts.append(more.text)
+            last = more
+        return last._replace(text="".join(texts))  # (token ids are not sent over HTTP)
+
+    def _serves(self, ref: str) -> bool:
+        """The gRPC service's rule: the name, the id, or an id prefix of at least MIN_ID_PREFIX characters."""
+        return ref in (self.model.name, self.model.id) or (len(ref) >= MIN_ID_PREFIX and self.model.id.startswith(ref))
+
+    def _unauthorized(self, request: HttpRequest) -> Response | None:
+        if self._expected is None:
+            return None
+        given = request.headers.get("authorization", "").encode()
+        if hmac.compare_digest(given, self._expected):
+            return None
+        return _error(401, "missing or wrong bearer token in the Authorization header", kind="authentication_error",
+                      code="invalid_api_key")
+
+
+def _error(status: int, message: str, *, param: str | None = None, kind: str = "invalid_request_error",
+           code: str | None = None) -> JSONResponse:
+    return JSONResponse(error_body(message, param=param, kind=kind, code=code), status_code=status)
+
+
+def _sse(obj: dict) -> str:
+    return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n"
