@@ -1,0 +1,170 @@
+"""What the OpenAI-compatible HTTP API costs next to gRPC: one inference server, the same streaming load through both.
+
+    .venv/bin/python -m bench_svc.http_overhead [--concurrency 1,4,8] [--max-new-tokens 64] [--rounds 2] [--threads 1]
+
+It saves a random-init shakespeare-char artifact (speed does not depend on the weights' values), starts
+`python -m inference_svc.main serve --http-port` on loopback, and at each concurrency runs the gRPC load generator
+and its HTTP twin (bench_svc/http_load.py, the `openai` client streaming server-sent events) alternately for
+`--rounds` rounds (the order flipping each round), so drift on a shared machine falls on both alike. Per level: tokens/s (all tokens over all
+rounds' wall time) and TTFT p50/p95 of each, and HTTP's ratio to gRPC. Writes http-overhead-<device>.{csv,json,png}
+with the device, commit and command (bench_svc/results_io.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from bench_svc.http_load import run_http_level
+from bench_svc.load_generator import LoadLevel, LoadResult, percentile, run_level
+from bench_svc.local_server import INFERENCE_MODULE
+from bench_svc.results_io import Anchor, Panel, PlotSpec, device_name, git_commit, make_header, write_results
+from bench_svc.subprocess_suite import stop_process
+from model.artifact import save_artifact
+from model.presets import get_preset
+from model.tokenizers import CharTokenizer
+from model.transformer import GPT
+
+__all__ = ["NAME", "main"]
+
+NAME = "http-overhead"
+PRESET = "shakespeare-char"
+MODEL_NAME = "bench-shakespeare-char"
+TARGET_RATIO = 0.8  # HTTP within 20% of gRPC: tokens/s at least 0.8x, TTFT at most 1.25x
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _artifact(store: Path) -> Path:
+    text = "".join(chr(c) for c in range(32, 32 + 65))  # 65 characters, the Tiny Shakespeare vocabulary's size
+    tokenizer = CharTokenizer.from_corpus(text)
+    torch.manual_seed(0)
+    model = GPT(get_preset(PRESET, vocab_size=tokenizer.vocab_size, dropout=0.0))
+    return store / save_artifact(store, model, tokenizer, name=MODEL_NAME, preset=PRESET)
+
+
+@contextlib.contextmanager
+def _server(model: Path, max_slots: int, threads: int) -> Iterator[tuple[str, str]]:
+    """The inference service's own entry point with --http-port; yields (gRPC address, HTTP base URL)."""
+    argv = [sys.executable, "-m", INFERENCE_MODULE, "serve", "--model", str(model), "--host", "127.0.0.1", "--port", "0",
+            "--http-port", "0", "--max-slots", str(max_slots), "--threads", str(threads), "--device", "cpu"]
+    proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        grpc_line, http_line = proc.stdout.readline(), proc.stdout.readline()
+        address = re.search(r" on (\S+)$", grpc_line.strip())
+        url = re.search(r"http on (http://\S+) ", http_line)
+        if not (address and url):
+            raise RuntimeError(f"the server did not start: {grpc_line!r} {http_line!r}")
+        yield address.group(1), url.group(1)
+    finally:
+        stop_process(proc)
+
+
+def _side(results: list[LoadResult]) -> dict[str, float]:
+    """Tokens/s over all rounds (all tokens / all wall time) and TTFT percentiles over all requests."""
+    records = [r for res in results for r in res.records]
+    ok = [r for r in records if not r.error]
+    ttft = [r.ttft_s * 1e3 for r in ok if r.ttft_s is not None]
+    itl = [g * 1e3 for r in ok for g in r.inter_token_s]
+    wall = sum(res.wall_s for res in results)
+    return {
+        "requests": len(records),
+        "errors": len(records) - len(ok),
+        "tokens": sum(r.tokens for r in ok),
+        "tokens_per_s": sum(r.tokens for r in ok) / wall,
+        "ttft_p50_ms": percentile(ttft, 50),
+        "ttft_p95_ms": percentile(ttft, 95),
+        "itl_p50_ms": percentile(itl, 50),
+    }
+
+
+def measure(address: str, url: str, concurrency: int, max_new_tokens: int, rounds: int) -> dict[str, float]:
+    """One row: gRPC and HTTP alternately for `rounds` rounds at `concurrency` streams."""
+    level = LoadLevel(concurrency, requests=max(4 * concurrency, 8), max_new_tokens=max_new_tokens, time_budget_s=300.0)
+    grpc_runs: list[LoadResult] = []
+    http_runs: list[LoadResult] = []
+    for i in range(rounds):  # the order flips each round: neither side always runs on a warmer or quieter machine
+        for side in (("grpc", "http") if i % 2 == 0 else ("http", "grpc")):
+            if side == "grpc":
+                grpc_runs.append(run_level(address, level))
+            else:
+                http_runs.append(run_http_level(url, MODEL_NAME, level))
+    g, h = _side(grpc_runs), _side(http_runs)
+    row: dict[str, float] = {"concurrency": concurrency, "max_new_tokens": max_new_tokens, "requests_each": g["requests"]}
+    row.update({f"grpc_{k}": v for k, v in g.items() if k != "requests"})
+    row.update({f"http_{k}": v for k, v in h.items() if k != "requests"})
+    row["http_over_grpc_tokens_per_s"] = h["tokens_per_s"] / g["tokens_per_s"]
+    row["http_over_grpc_ttft_p50"] = h["ttft_p50_ms"] / g["ttft_p50_ms"]
+    row["meets_target"] = row["http_over_grpc_tokens_per_s"] >= TARGET_RATIO and row["http_over_grpc_ttft_p50"] <= 1 / TARGET_RATIO
+    return row
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m bench_svc.http_overhead", description=__doc__.split("\n")[0])
+    p.add_argument("--concurrency", default="1,4,8", help="comma-separated stream counts (default 1,4,8)")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--rounds", type=int, default=2, help="gRPC/HTTP alternations per level (default 2)")
+    p.add_argument("--threads", type=int, default=1, help="the server's torch threads (default 1: the client gets a core)")
+    p.add_argument("--max-slots", type=int, default=16)
+    p.add_argument("--out", type=Path, default=ROOT / "bench_svc" / "results")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    levels = [int(c) for c in args.concurrency.split(",") if c]
+    commit = git_commit(ROOT)  # taken at the start: the code that measured
+    load_before = os.getloadavg()
+    rows = []
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory() as tmp:
+        model = _artifact(Path(tmp))
+        with _server(model, args.max_slots, args.threads) as (address, url):
+            measure(address, url, 2, 8, 1)  # warm-up: both paths, both connections
+            for c in levels:
+                rows.append(measure(address, url, c, args.max_new_tokens, args.rounds))
+                r = rows[-1]
+                print(f"concurrency {c}: gRPC {r['grpc_tokens_per_s']:.0f} tok/s TTFT p50 {r['grpc_ttft_p50_ms']:.1f} ms | "
+                      f"HTTP {r['http_tokens_per_s']:.0f} tok/s TTFT p50 {r['http_ttft_p50_ms']:.1f} ms | "
+                      f"ratio {r['http_over_grpc_tokens_per_s']:.3f}", flush=True)
+    anchor = Anchor(f"gRPC Generate streaming, concurrency {levels[0]}", rows[0]["grpc_tokens_per_s"], "tok/s")
+    command = [".venv/bin/python", "-m", "bench_svc.http_overhead", *argv]
+    header = make_header(device_name("cpu"), ROOT, command, anchor, commit=commit)
+    summary = {
+        "model": f"{PRESET} (random init), char tokenizer, torch cpu float32",
+        "server_threads": args.threads,
+        "client": "bench_svc.load_generator (grpc) vs bench_svc.http_load (openai client, SSE), same requests",
+        "target": f"HTTP tokens/s >= {TARGET_RATIO} x gRPC and TTFT p50 <= {1 / TARGET_RATIO:.2f} x gRPC",
+        "worst_tokens_per_s_ratio": min(r["http_over_grpc_tokens_per_s"] for r in rows),
+        "worst_ttft_p50_ratio": max(r["http_over_grpc_ttft_p50"] for r in rows),
+        "meets_target": all(r["meets_target"] for r in rows),
+        "load_average_before": list(load_before),
+        "load_average_after": list(os.getloadavg()),
+        "wall_s": time.monotonic() - started,
+    }
+    plot = PlotSpec(
+        title="HTTP (OpenAI SSE) vs gRPC streaming, one server",
+        x="concurrency",
+        x_label="concurrent streams",
+        panels=(
+            Panel("tokens/s", (("grpc_tokens_per_s", "gRPC"), ("http_tokens_per_s", "HTTP"))),
+            Panel("TTFT p50 (ms)", (("grpc_ttft_p50_ms", "gRPC"), ("http_ttft_p50_ms", "HTTP"))),
+        ),
+    )
+    for path in write_results(args.out, NAME, header, rows, summary=summary, plot=plot):
+        print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
