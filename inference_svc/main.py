@@ -22,9 +22,6 @@ from pathlib import Path
 import torch
 
 from inference_svc.engine import Engine
-from inference_svc.http_api import build_app
-from inference_svc.http_server import serve_http
-from inference_svc.metrics import EngineMetrics
 from inference_svc.runner import ModelRunner, TorchRunner
 from inference_svc.service import SERVICE_NAME, InferenceService, ServedModel
 from model.artifact import ArtifactError, ArtifactStore, load_artifact, verify_artifact
@@ -133,7 +130,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(f"serving {model.id} ({model.name}) with {args.backend} on {running.address}", flush=True)
     http = None
-    if args.http_port is not None:
+    if args.http_port is not None:  # starlette, uvicorn and prometheus_client only when asked for (the GPU machine lacks them)
+        from inference_svc.http_api import build_app
+        from inference_svc.http_server import serve_http
+        from inference_svc.metrics import EngineMetrics
+
         metrics = EngineMetrics(engine, model.name or model.id)
         http = serve_http(build_app(engine, model, metrics, token=args.token or None), host=args.host, port=args.http_port)
         print(f"http on {http.url} (OpenAI-compatible {http.url}/v1, metrics {http.url}/metrics)", flush=True)
