@@ -4,10 +4,10 @@
 
 It saves a random-init shakespeare-char artifact (speed does not depend on the weights' values), starts
 `python -m inference_svc.main serve --http-port` on loopback, and at each concurrency runs the gRPC load generator
-and its HTTP twin (bench_svc/http_load.py, the `openai` client streaming server-sent events) back to back for
-`--rounds` rounds, the order flipping each round. Per level: tokens/s (all tokens over all rounds' wall time) and
-TTFT p50/p95 of each side, and HTTP's ratio to gRPC as the median of the rounds' ratios (a shared machine's load
-swings between rounds more than within one). Writes http-overhead-<device>.{csv,json,png} with the device, commit
+and its HTTP twin (bench_svc/http_load.py: server-sent events read by the `openai` client, and by a bare httpx2 +
+json client) back to back for `--rounds` rounds, the order rotating each round. Per level: tokens/s (all tokens
+over all rounds' wall time) and TTFT p50/p95 of each side, and each HTTP side's ratio to gRPC as the median of the
+rounds' ratios (a shared machine's load swings between rounds more than within one). Writes http-overhead-<device>.{csv,json,png} with the device, commit
 and command (bench_svc/results_io.py).
 """
 
@@ -44,6 +44,9 @@ PRESET = "shakespeare-char"
 MODEL_NAME = "bench-shakespeare-char"
 TARGET_RATIO = 0.8  # HTTP within 20% of gRPC: tokens/s at least 0.8x, TTFT at most 1.25x
 ROOT = Path(__file__).resolve().parent.parent
+SIDES = ("grpc", "http", "http_raw")  # http: the openai client; http_raw: httpx2 + json
+SIDE_CLIENT = {"http": "openai", "http_raw": "raw"}
+LABELS = {"grpc": "gRPC", "http": "HTTP, openai client", "http_raw": "HTTP, bare client"}
 
 
 def _artifact(store: Path) -> Path:
@@ -90,29 +93,31 @@ def _side(results: list[LoadResult]) -> dict[str, float]:
 
 
 def measure(address: str, url: str, concurrency: int, max_new_tokens: int, rounds: int) -> dict[str, float]:
-    """One row: gRPC and HTTP back to back for `rounds` rounds at `concurrency` streams.
+    """One row: gRPC, HTTP through the openai client and HTTP through a bare client, back to back, for `rounds`
+    rounds at `concurrency` streams (the order rotating each round).
 
-    The ratios are the median over rounds of HTTP's figure over the gRPC figure of the same round: on a machine
-    others share, a round's two runs see about the same load, while load swings between rounds."""
+    The ratios are the median over rounds of an HTTP figure over the gRPC figure of the same round: on a machine
+    others share, a round's runs see about the same load, while load swings between rounds."""
     level = LoadLevel(concurrency, requests=max(2 * concurrency, 4), max_new_tokens=max_new_tokens, time_budget_s=600.0,
                       request_timeout_s=600.0)
-    grpc_runs: list[LoadResult] = []
-    http_runs: list[LoadResult] = []
-    for i in range(rounds):  # the order flips each round: neither side always runs first
-        for side in (("grpc", "http") if i % 2 == 0 else ("http", "grpc")):
+    runs: dict[str, list[LoadResult]] = {side: [] for side in SIDES}
+    for i in range(rounds):
+        for side in SIDES[i % len(SIDES):] + SIDES[: i % len(SIDES)]:
             if side == "grpc":
-                grpc_runs.append(run_level(address, level))
+                runs[side].append(run_level(address, level))
             else:
-                http_runs.append(run_http_level(url, MODEL_NAME, level))
-    g, h = _side(grpc_runs), _side(http_runs)
-    pairs = [(_side([gr]), _side([hr])) for gr, hr in zip(grpc_runs, http_runs)]
+                runs[side].append(run_http_level(url, MODEL_NAME, level, client=SIDE_CLIENT[side]))
     row: dict[str, float] = {"concurrency": concurrency, "max_new_tokens": max_new_tokens, "rounds": rounds,
-                             "requests_each": g["requests"]}
-    row.update({f"grpc_{k}": v for k, v in g.items() if k != "requests"})
-    row.update({f"http_{k}": v for k, v in h.items() if k != "requests"})
-    row["http_over_grpc_tokens_per_s"] = statistics.median(hp["tokens_per_s"] / gp["tokens_per_s"] for gp, hp in pairs)
-    row["http_over_grpc_ttft_p50"] = statistics.median(hp["ttft_p50_ms"] / gp["ttft_p50_ms"] for gp, hp in pairs)
-    row["meets_target"] = row["http_over_grpc_tokens_per_s"] >= TARGET_RATIO and row["http_over_grpc_ttft_p50"] <= 1 / TARGET_RATIO
+                             "requests_each": sum(len(r.records) for r in runs["grpc"])}
+    for side in SIDES:
+        row.update({f"{side}_{k}": v for k, v in _side(runs[side]).items() if k != "requests"})
+    for side in SIDES[1:]:
+        pairs = [(_side([g]), _side([h])) for g, h in zip(runs["grpc"], runs[side])]
+        tps = statistics.median(h["tokens_per_s"] / g["tokens_per_s"] for g, h in pairs)
+        ttft = statistics.median(h["ttft_p50_ms"] / g["ttft_p50_ms"] for g, h in pairs)
+        row[f"{side}_over_grpc_tokens_per_s"] = tps
+        row[f"{side}_over_grpc_ttft_p50"] = ttft
+        row[f"{side}_meets_target"] = tps >= TARGET_RATIO and ttft <= 1 / TARGET_RATIO
     return row
 
 
@@ -142,20 +147,21 @@ def main(argv: list[str] | None = None) -> int:
             for c in levels:
                 rows.append(measure(address, url, c, args.max_new_tokens, args.rounds))
                 r = rows[-1]
-                print(f"concurrency {c}: gRPC {r['grpc_tokens_per_s']:.0f} tok/s TTFT p50 {r['grpc_ttft_p50_ms']:.1f} ms | "
-                      f"HTTP {r['http_tokens_per_s']:.0f} tok/s TTFT p50 {r['http_ttft_p50_ms']:.1f} ms | "
-                      f"ratio {r['http_over_grpc_tokens_per_s']:.3f}", flush=True)
+                print(f"concurrency {c}: " + " | ".join(
+                    f"{side} {r[side + '_tokens_per_s']:.0f} tok/s TTFT p50 {r[side + '_ttft_p50_ms']:.1f} ms" for side in SIDES)
+                    + f" | ratios {r['http_over_grpc_tokens_per_s']:.3f} {r['http_raw_over_grpc_tokens_per_s']:.3f}", flush=True)
     anchor = Anchor(f"gRPC Generate streaming, concurrency {levels[0]}", rows[0]["grpc_tokens_per_s"], "tok/s")
     command = [".venv/bin/python", "-m", "bench_svc.http_overhead", *argv]
     header = make_header(device_name("cpu"), ROOT, command, anchor, commit=commit)
     summary = {
         "model": f"{PRESET} (random init), char tokenizer, torch cpu float32",
         "server_threads": args.threads,
-        "client": "bench_svc.load_generator (grpc) vs bench_svc.http_load (openai client, SSE), same requests",
+        "clients": "grpc: bench_svc.load_generator; http: bench_svc.http_load with the openai client; http_raw: the same "
+                   "with httpx2 + json (the protocol without the openai client's parsing); same requests on one server",
         "target": f"HTTP tokens/s >= {TARGET_RATIO} x gRPC and TTFT p50 <= {1 / TARGET_RATIO:.2f} x gRPC",
-        "worst_tokens_per_s_ratio": min(r["http_over_grpc_tokens_per_s"] for r in rows),
-        "worst_ttft_p50_ratio": max(r["http_over_grpc_ttft_p50"] for r in rows),
-        "meets_target": all(r["meets_target"] for r in rows),
+        **{f"{side}_worst_tokens_per_s_ratio": min(r[f"{side}_over_grpc_tokens_per_s"] for r in rows) for side in SIDES[1:]},
+        **{f"{side}_worst_ttft_p50_ratio": max(r[f"{side}_over_grpc_ttft_p50"] for r in rows) for side in SIDES[1:]},
+        **{f"{side}_meets_target": all(r[f"{side}_meets_target"] for r in rows) for side in SIDES[1:]},
         "load_average_before": list(load_before),
         "load_average_after": list(os.getloadavg()),
         "wall_s": time.monotonic() - started,
@@ -165,13 +171,13 @@ def main(argv: list[str] | None = None) -> int:
         x="concurrency",
         x_label="concurrent streams",
         panels=(
-            Panel("tokens/s", (("grpc_tokens_per_s", "gRPC"), ("http_tokens_per_s", "HTTP"))),
-            Panel("TTFT p50 (ms)", (("grpc_ttft_p50_ms", "gRPC"), ("http_ttft_p50_ms", "HTTP"))),
+            Panel("tokens/s", tuple((f"{side}_tokens_per_s", LABELS[side]) for side in SIDES)),
+            Panel("TTFT p50 (ms)", tuple((f"{side}_ttft_p50_ms", LABELS[side]) for side in SIDES)),
         ),
     )
     for path in write_results(args.out, NAME, header, rows, summary=summary, plot=plot):
         print(path)
-    errors = sum(r["grpc_errors"] + r["http_errors"] for r in rows)
+    errors = sum(r[f"{side}_errors"] for r in rows for side in SIDES)
     if errors:  # their time counts in the wall time: the figures of that level are low
         print(f"{errors} requests failed (the errors columns say where)", file=sys.stderr)
     return 1 if errors else 0

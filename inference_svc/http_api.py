@@ -13,13 +13,14 @@ which frees its slot by the next engine step. With a token, /v1/* needs `Authori
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import logging
+import threading
 import uuid
 from typing import AsyncIterator
 
-import anyio
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.applications import Starlette
 from starlette.requests import Request as HttpRequest
@@ -43,7 +44,7 @@ __all__ = ["build_app"]
 
 log = logging.getLogger(__name__)
 
-_POLL_S = 0.25  # longest a waiting stream goes without looking at its client
+_POLL_S = 0.25  # longest a waiting non-streamed request goes without looking at its client
 
 
 def build_app(engine: Engine, model: ServedModel, metrics: EngineMetrics | None = None, *, token: str | None = None) -> Starlette:
@@ -66,8 +67,6 @@ class _CompletionsAPI:
         self.model_name = model.name or model.id
         self.created = now_unix()
         self._expected = f"Bearer {token}".encode() if token else None
-        # One worker thread per request waiting on the engine: enough for every slot and every queued request.
-        self._limiter = anyio.CapacityLimiter(engine.max_slots + engine.scheduler.max_queue + 8)
 
     async def health(self, request: HttpRequest) -> Response:
         return JSONResponse({"status": "ok", "model": self.model_name})
@@ -98,19 +97,20 @@ class _CompletionsAPI:
         except RuntimeError as err:  # the engine is shutting down
             return _error(503, str(err), kind="server_error")
         cid = f"cmpl-{uuid.uuid4().hex}"
+        chunks = _ChunkPump(handle, asyncio.get_running_loop())
         if parsed.stream:
-            return StreamingResponse(self._events(handle, cid), media_type="text/event-stream",
+            return StreamingResponse(self._events(handle, chunks, cid), media_type="text/event-stream",
                                      headers={"cache-control": "no-cache"})
-        return await self._whole(request, handle, cid)
+        return await self._whole(request, handle, chunks, cid)
 
     # Helpers ------------------------------------------------------------------------------------------
 
-    async def _whole(self, request: HttpRequest, handle: RequestHandle, cid: str) -> Response:
+    async def _whole(self, request: HttpRequest, handle: RequestHandle, chunks: "_ChunkPump", cid: str) -> Response:
         """Wait for the end (cancelling if the client leaves meanwhile); one completion object."""
         texts: list[str] = []
         try:
             while True:
-                chunk = await self._next_batch(handle)
+                chunk = await chunks.next_batch(_POLL_S)
                 if chunk is None:
                     if await request.is_disconnected():
                         return Response(status_code=499)
@@ -126,15 +126,13 @@ class _CompletionsAPI:
             return _error(503, chunk.error or "the request was cancelled", kind="server_error")
         return JSONResponse(completion_object(cid, now_unix(), self.model_name, chunk._replace(text="".join(texts))))
 
-    async def _events(self, handle: RequestHandle, cid: str) -> AsyncIterator[str]:
+    async def _events(self, handle: RequestHandle, chunks: "_ChunkPump", cid: str) -> AsyncIterator[str]:
         """Server-sent events: one per batch of tokens the engine made since the last, usage in the last, then [DONE].
         Closing the generator (the client went away) cancels the request."""
         created = now_unix()
         try:
             while True:
-                chunk = await self._next_batch(handle)
-                if chunk is None:
-                    continue
+                chunk = await chunks.next_batch()
                 if chunk.finish_reason in (FinishReason.ERROR, FinishReason.CANCELLED):
                     message = chunk.error or f"the request ended: {chunk.finish_reason.value}"
                     yield _sse(error_body(message, kind="server_error"))
@@ -145,17 +143,6 @@ class _CompletionsAPI:
             yield "data: [DONE]\n\n"
         finally:
             handle.cancel()
-
-    async def _next_batch(self, handle: RequestHandle) -> Chunk | None:
-        """The next chunk merged with every one already behind it, or None after `_POLL_S` without one."""
-        first = await anyio.to_thread.run_sync(handle.next_chunk, _POLL_S, limiter=self._limiter)
-        if first is None or first.final:
-            return first
-        texts, last = [first.text], first
-        while not last.final and (more := handle.next_chunk(0)) is not None:
-            texts.append(more.text)
-            last = more
-        return last._replace(text="".join(texts))  # (token ids are not sent over HTTP)
 
     def _serves(self, ref: str) -> bool:
         """The gRPC service's rule: the name, the id, or an id prefix of at least MIN_ID_PREFIX characters."""
@@ -169,6 +156,38 @@ class _CompletionsAPI:
             return None
         return _error(401, "missing or wrong bearer token in the Authorization header", kind="authentication_error",
                       code="invalid_api_key")
+
+
+class _ChunkPump:
+    """A request's chunks, moved from the engine's queue onto the event loop: one thread per request blocks on the
+    engine's queue (so the loop never does) and hands each chunk over with `call_soon_threadsafe`. The thread ends
+    with the final chunk, which the engine always sends (a cancelled request's included)."""
+
+    def __init__(self, handle: RequestHandle, loop: asyncio.AbstractEventLoop) -> None:
+        self._chunks: asyncio.Queue[Chunk] = asyncio.Queue()
+        self._handle = handle
+        self._loop = loop
+        threading.Thread(target=self._pump, name=f"tinylm-http-{handle.request_id[:8]}", daemon=True).start()
+
+    def _pump(self) -> None:
+        for chunk in self._handle:
+            try:
+                self._loop.call_soon_threadsafe(self._chunks.put_nowait, chunk)
+            except RuntimeError:  # the loop is closed: the server stopped
+                return
+
+    async def next_batch(self, timeout: float | None = None) -> Chunk | None:
+        """The next chunk merged with every one already behind it (one event for a burst of tokens), or None when
+        none came within `timeout` seconds."""
+        try:
+            first = await (self._chunks.get() if timeout is None else asyncio.wait_for(self._chunks.get(), timeout))
+        except asyncio.TimeoutError:
+            return None
+        texts, last = [first.text], first
+        while not last.final and not self._chunks.empty():
+            last = self._chunks.get_nowait()
+            texts.append(last.text)
+        return last._replace(text="".join(texts)) if len(texts) > 1 else last  # (token ids are not sent over HTTP)
 
 
 def _error(status: int, message: str, *, param: str | None = None, kind: str = "invalid_request_error",
