@@ -108,7 +108,7 @@ def run_http_level(
         send: Callable[[int], RequestRecord] = lambda n: _one(session, model, level, n, stop)  # noqa: E731
     else:
         headers = {"authorization": f"Bearer {token}"} if token else {}
-        session = httpx2.Client(base_url=base_url, headers=headers, limits=httpx2.Limits(max_connections=level.concurrency))
+        session = httpx2.Client(base_url=base_url, headers=headers)
         send = lambda n: _one_raw(session, model, level, n, stop)  # noqa: E731
     start = time.perf_counter()
 

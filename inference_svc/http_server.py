@@ -39,7 +39,9 @@ class RunningHttpServer:
 def serve_http(app, *, host: str = "127.0.0.1", port: int = 0, start_timeout_s: float = 30.0) -> RunningHttpServer:
     """Serves `app` on `host:port` (loopback by default); returns once it accepts connections."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # proto IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY only on such sockets' connections, and without it each
+    # server-sent event after the headers waits out the client's delayed ACK (~40 ms) under Nagle's algorithm.
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))
