@@ -2,7 +2,7 @@
 
     POST /v1/completions   prompt, max_tokens, temperature, top_p, seed, stop, stream (+ top_k, repetition_penalty)
     GET  /v1/models        the served model
-    GET  /health           200 while the engine takes requests
+    GET  /health           200 while the server is up (no token needed)
     GET  /metrics          Prometheus text format (inference_svc/metrics.py)
 
 It shares the engine (and so the KV slots and the queue) with the gRPC service. A bad field answers 400 in
@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
-import logging
 import threading
 import uuid
 from typing import AsyncIterator
@@ -41,8 +40,6 @@ from inference_svc.params import RequestError
 from inference_svc.service import MIN_ID_PREFIX, ServedModel
 
 __all__ = ["build_app"]
-
-log = logging.getLogger(__name__)
 
 _POLL_S = 0.25  # longest a waiting non-streamed request goes without looking at its client
 

@@ -7,9 +7,7 @@ from __future__ import annotations
 import json
 import time
 import urllib.request
-from urllib.error import HTTPError
 
-import grpc
 import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families

@@ -6,7 +6,6 @@ the first request; uvicorn's own signal handling stays off (it is not the main t
 
 from __future__ import annotations
 
-import logging
 import socket
 import threading
 import time
@@ -15,8 +14,6 @@ from dataclasses import dataclass
 import uvicorn
 
 __all__ = ["RunningHttpServer", "serve_http"]
-
-log = logging.getLogger(__name__)
 
 
 @dataclass

@@ -15,7 +15,7 @@ from inference_svc.engine import Chunk
 from inference_svc.params import DEFAULT_MAX_NEW_TOKENS, Request, RequestError, make_request, make_sampling_params
 from model.tokenizers import Tokenizer
 
-__all__ = ["Completion", "error_body", "parse_completion", "completion_object", "chunk_object", "models_object"]
+__all__ = ["Completion", "chunk_object", "completion_object", "error_body", "models_object", "now_unix", "parse_completion"]
 
 # Our field names (as params.py reports them) -> OpenAI's.
 _OPENAI_NAME = {
@@ -123,6 +123,7 @@ def models_object(model_id: str, created: int) -> dict:
 
 
 def now_unix() -> int:
+    """OpenAI's `created`: whole seconds since the epoch."""
     return int(time.time())
 
 
