@@ -81,7 +81,7 @@ for spec in "$@"; do
     pytest) run_step pytest "$limit" "$PYTHON" -m pytest -q -rfEs --tb=short -p no:cacheprovider ${GPU_TESTS:?set GPU_TESTS} ;;
     train-tests) run_step train-tests "$limit" "$PYTHON" -m pytest -q -rfEs --tb=short -p no:cacheprovider trainer/train_gpu_test.py ;;
     train-all) run_step train-all "$limit" "$PYTHON" -m trainer.bench --part all --budget-s "${TRAIN_BUDGET_S:-60}" \
-      ${TRAIN_VARIANTS:+--variants "$TRAIN_VARIANTS"} ;;
+      ${TRAIN_VARIANTS:+--variants "$TRAIN_VARIANTS"} ${TRAIN_TAG:+--tag "$TRAIN_TAG"} ${TRAIN_STARTUP:+--startup "$TRAIN_STARTUP"} ;;
     train-startup) run_step train-startup "$limit" "$PYTHON" -m trainer.bench --part startup ;;
     train-sdpa) run_step train-sdpa "$limit" "$PYTHON" -m tools.train_probe sdpa --steps "${PROBE_STEPS:-300}" --eval-interval 100 ;;
     serve) run_step serve "$limit" "$PYTHON" -m inference_svc.bench --device cuda ;;

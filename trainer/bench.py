@@ -205,7 +205,7 @@ def _startup(args: argparse.Namespace, workdir: Path) -> list[VariantResult]:
         return []
     cache = workdir / "compile-cache"
     results = []
-    for name in ("startup-cold", "startup-warm", "startup-graph"):
+    for name in (f"startup-{kind.strip()}" for kind in args.startup.split(",") if kind.strip()):
         out_json = workdir / f"{name}.json"
         env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), TORCHINDUCTOR_CACHE_DIR=str(cache),
                    TRITON_CACHE_DIR=str(cache / "triton"), TINYLM_BENCH_LAUNCH=repr(time.time()))  # fmt: skip
@@ -358,6 +358,8 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--cpu-smoke", action="store_true", help="a tiny CPU run of the same code path (for tests)")
     p.add_argument("--startup-worker", help=argparse.SUPPRESS)
     p.add_argument("--startup-graph", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--startup", default="cold,warm,graph",
+                   help="start-up runs: cold (empty compile cache), warm (the cache cold left), graph (no compile)")
     p.add_argument("--tag", default="", help="file name tag: train-<gpu>[-part][-TAG].* (a partial run beside a whole)")  # internal: one startup measurement, writes JSON here
     p.add_argument("--ddp-worker", help=argparse.SUPPRESS)  # internal: one torchrun rank, writes JSON here
     return p.parse_args(argv)
