@@ -22,7 +22,14 @@ import torch
 from inference_svc.engine import Engine
 from inference_svc.runner import ModelRunner, TorchRunner
 from inference_svc.service import SERVICE_NAME, InferenceService, ServedModel
-from model.artifact import PICKLE_SUFFIXES, ArtifactError, ArtifactStore, load_artifact, verify_artifact
+from model.artifact import (
+    PICKLE_SUFFIXES,
+    ArtifactError,
+    ArtifactStore,
+    check_tokenizer_fits,
+    load_artifact,
+    verify_artifact,
+)
 from model.tokenizers import Tokenizer, load_tokenizer
 from protos import inference_pb2_grpc
 from rpc.server import serve_from_args
@@ -71,7 +78,9 @@ def _runner(args: argparse.Namespace, path: Path) -> tuple[ModelRunner, Tokenize
 
         manifest = verify_artifact(path)
         slots = args.max_slots or 16
-        return OrtRunner(path, slots, variant=args.onnx_file, threads=args.threads), load_tokenizer(path), manifest
+        runner, tokenizer = OrtRunner(path, slots, variant=args.onnx_file, threads=args.threads), load_tokenizer(path)
+        check_tokenizer_fits(tokenizer, runner.vocab_size, path)
+        return runner, tokenizer, manifest
     device = _device(args)
     artifact = load_artifact(path, device=device)
     return TorchRunner(artifact.model, _slots(args, device), device=device), artifact.tokenizer, artifact.manifest

@@ -249,7 +249,7 @@ def load_artifact(path_or_dir: str | Path, device: str | torch.device = "cpu") -
         tokenizer = tokenizer_from_json((path / TOKENIZER_FILE).read_text(encoding="utf-8"))
     except ValueError as e:
         raise ArtifactError(f"artifact {path}: {e}") from None
-    check_tokenizer_fits(tokenizer, config, path)
+    check_tokenizer_fits(tokenizer, config.vocab_size, path)
     try:  # the hash only says the file is the one that was saved, not that it is valid safetensors
         state = load_file(str(path / WEIGHTS_FILE), device="cpu")
     except Exception as e:  # SafetensorError (truncated, empty, a pickle), OSError
@@ -268,13 +268,13 @@ def load_artifact(path_or_dir: str | Path, device: str | torch.device = "cpu") -
     return Artifact(model=model, tokenizer=tokenizer, config=config, manifest=manifest, path=path)
 
 
-def check_tokenizer_fits(tokenizer: Tokenizer, config: ModelConfig, path: Path) -> None:
+def check_tokenizer_fits(tokenizer: Tokenizer, model_vocab_size: int, path: Path) -> None:
     """A tokenizer with more ids than the model's embedding would load, then fail every request that reaches
-    an id past the embedding: refuse it at load time instead."""
-    if tokenizer.vocab_size > config.vocab_size:
+    an id past the embedding: refuse it at load time instead (torch and ONNX loads alike)."""
+    if tokenizer.vocab_size > model_vocab_size:
         raise ArtifactError(
             f"artifact {path}: {TOKENIZER_FILE} has {tokenizer.vocab_size} tokens but the model's vocabulary "
-            f"(config.json vocab_size) holds {config.vocab_size}; the tokenizer must not exceed the model"
+            f"(config.json vocab_size) holds {model_vocab_size}; the tokenizer must not exceed the model"
         )
 
 
