@@ -248,7 +248,7 @@ class Engine:
             self._run(out.prefill, prefill=True)
         decode, rounds = out.decode, []
         if self.speculative is not None:  # sequences near the end of a context stay on plain steps
-            decode, rounds = [], decode
+            decode, rounds = [], []
             for seq in out.decode:
                 (rounds if self.speculative.eligible(seq) else decode).append(seq)
         if rounds:
