@@ -35,7 +35,11 @@ def resolve_model(store_root: Path, ref: str) -> Path:
     if not ref:
         return ArtifactStore(store_root).newest().path
     as_path = Path(ref).expanduser()
-    if (as_path / "manifest.json").is_file():
+    try:
+        is_folder = (as_path / "manifest.json").is_file()
+    except (OSError, ValueError):  # a name too long for a path, a NUL byte: not a folder, so an id or a name
+        is_folder = False
+    if is_folder:
         return as_path.resolve()
     return ArtifactStore(store_root).resolve(ref)
 

@@ -50,3 +50,10 @@ def test_gpu_suites_are_skipped_on_cpu_and_the_report_shows_every_suite(tiny_ctx
 def test_a_cancelled_run_stops(tiny_ctx):
     with pytest.raises(SuiteCancelled):
         run_suites(["memory"], dataclasses.replace(tiny_ctx, cancelled=lambda: True))
+
+
+def test_the_job_queue_knows_the_same_suites():
+    """Services check nested bench specs (then_bench) against jobs.spec_checks.BENCH_SUITES at submit."""
+    from jobs.spec_checks import BENCH_SUITES
+
+    assert BENCH_SUITES == tuple(SUITES)

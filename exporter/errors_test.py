@@ -59,6 +59,23 @@ def test_corrupt_artifact_is_refused_and_left_alone(tmp_path, damage, words):
     assert listing(path) == before
 
 
+def test_a_tokenizer_larger_than_the_model_is_refused_before_export(tmp_path):
+    """Issue 22 finding 2: such an artifact (re-hashed) exported until an IndexError."""
+    from model.artifact import CONTENT_FILES, ID_LEN, _content_hash, _sha256
+    from model.tokenizers import ByteTokenizer
+
+    path = save_random(tmp_path, LLAMA_TINY)
+    (path / "tokenizer.json").write_text(ByteTokenizer().to_json())  # 256 ids for a small vocabulary
+    manifest = json.loads((path / "manifest.json").read_text())
+    manifest["files"] = {f: _sha256(path / f) for f in CONTENT_FILES}
+    manifest["id"] = _content_hash(manifest["files"])[:ID_LEN]
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    before = listing(path)
+    with pytest.raises(ExportError, match=r"model: .*tokenizer.json has 256 tokens but the model's vocabulary"):
+        export_artifact(path, ["onnx"], eval_text=TEXT)
+    assert listing(path) == before
+
+
 def test_hf_refuses_a_config_without_a_transformers_architecture(tmp_path):
     odd = GPT2_TINY.replace(norm="rmsnorm")  # GPT-2 layout with RMSNorm: neither Llama nor GPT-2
     path = save_random(tmp_path, odd)

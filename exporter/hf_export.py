@@ -62,6 +62,8 @@ def _llama(model: GPT) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         "attention_bias": c.bias,
         "mlp_bias": c.bias,
         "tie_word_embeddings": c.tie_weights,
+        "bos_token_id": None,  # LlamaConfig's defaults (1, 2) are ordinary tokens of a tinylm vocabulary
+        "eos_token_id": None,
         "torch_dtype": "float32",
     }
     names = {"tok_emb.": "model.embed_tokens.", "norm_f.": "model.norm.", "lm_head.": "lm_head."}

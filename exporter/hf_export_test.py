@@ -53,7 +53,10 @@ def test_every_weight_is_written_once_under_its_hf_name(config, tmp_path):
     prefix = "model.layers.0." if summary["architecture"] == "LlamaForCausalLM" else "transformer.h.0."
     assert any(name.startswith(prefix) for name in tensors)
     assert ("lm_head.weight" in tensors) == (not config.tie_weights)
-    assert json.loads((tmp_path / "config.json").read_text())["architectures"] == [summary["architecture"]]
+    hf_config = json.loads((tmp_path / "config.json").read_text())
+    assert hf_config["architectures"] == [summary["architecture"]]
+    # Issue 22 finding 7: unset in a Llama export, transformers fell back to ids 1 and 2 (ordinary tokens here).
+    assert hf_config["bos_token_id"] is None and hf_config["eos_token_id"] is None
 
 
 def test_gpt2_fuses_qkv_and_transposes_conv1d(tmp_path):

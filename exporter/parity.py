@@ -7,6 +7,8 @@ loss on held-out windows. Each exported variant is then measured against it:
 - greedy agreement: the variant decodes teacher-forced on the reference continuation through its own KV
   cache (present -> past), and we count the steps whose argmax equals the reference token (one early
   mismatch does not make every later step disagree, so the number measures per-step fidelity);
+- free-running agreement: the variant decodes greedily on its own (as served) for the same number of tokens, and
+  we count the positions equal to the reference continuation; one early slip costs every later token;
 - val loss on the held-out windows, and its delta to the PyTorch loss (positive = worse).
 Held-out text is the tail of the corpus (`HELD_OUT_FRACTION`, the trainer's validation split); without a
 corpus, text the model itself samples (seeded) stands in, and the report says so.
@@ -197,6 +199,7 @@ def measure_onnx(path: Path, ref: Reference, batch: int = _BATCH) -> dict[str, A
         decode_diff = max(decode_diff, _max_abs(logits[:, 0], ref.decode_logits[:, t]))
         agree += int((logits[:, 0].argmax(axis=-1) == ref.decode_tokens[:, t + 1]).sum())
     greedy_agreement = agree / (steps * ref.decode_tokens.shape[0])
+    free_running, divergence = _free_running(decoder, ref)
 
     chunks = [decoder.prefill(ref.eval_windows[i : i + batch, :-1])[0] for i in range(0, len(ref.eval_windows), batch)]
     val_loss = _log_softmax_nll(np.concatenate(chunks), ref.eval_windows[:, 1:])
@@ -209,9 +212,27 @@ def measure_onnx(path: Path, ref: Reference, batch: int = _BATCH) -> dict[str, A
         "max_abs_logits": max(diffs.values()),
         "max_abs_logits_by_source": diffs,
         "greedy_agreement": greedy_agreement,
+        "free_running_agreement": free_running,
+        "free_running_tokens": int(ref.decode_tokens.shape[1]),
+        "free_running_first_divergence": divergence,
         "val_loss": val_loss,
         "val_loss_delta": val_loss - ref.val_loss,
     }
+
+
+def _free_running(decoder: OnnxDecoder, ref: Reference) -> tuple[float, int | None]:
+    """The variant decodes greedily on its own from the decode prompts, as a server would, for as many tokens as
+    the reference continuation holds: the fraction of positions whose token equals the reference's, and the first
+    position where any row diverges (None: none did). Unlike teacher forcing, one early slip counts for every later
+    token, which is what a user of the quantised model sees."""
+    logits, past = decoder.prefill(ref.decode_prompts)
+    tokens = [logits[:, -1].argmax(axis=-1)]  # (b,)
+    for _ in range(ref.decode_tokens.shape[1] - 1):
+        logits, past = decoder.step(tokens[-1][:, None].astype(np.int64), past)  # (b, 1, V)
+        tokens.append(logits[:, 0].argmax(axis=-1))
+    same = np.stack(tokens, axis=1) == ref.decode_tokens  # (b, steps + 1)
+    diverged = np.flatnonzero(~same.all(axis=0))
+    return float(same.mean()), int(diverged[0]) if len(diverged) else None
 
 
 def measure_hf(hf_dir: Path, ref: Reference) -> dict[str, Any]:

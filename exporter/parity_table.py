@@ -6,7 +6,7 @@ from typing import Any
 
 __all__ = ["format_table"]
 
-_COLUMNS = ("variant", "size", "max|Δlogits|", "greedy agree", "val loss", "Δ val loss", "gate")
+_COLUMNS = ("variant", "size", "max|Δlogits|", "greedy agree", "free-running", "val loss", "Δ val loss", "gate")
 
 
 def _size(n: int) -> str:
@@ -33,12 +33,13 @@ def format_table(report: dict[str, Any]) -> str:
     """One row per variant, then the reference line and the verdict."""
     rows = [_COLUMNS]
     for name, v in report["variants"].items():
-        agreement = v.get("greedy_agreement")
+        agreement, free = v.get("greedy_agreement"), v.get("free_running_agreement")
         rows.append((
             name,
             _size(v.get("bytes", 0)),
             _num(v.get("max_abs_logits"), ".2e"),
             "-" if agreement is None else f"{agreement:.1%}",
+            "-" if free is None else f"{free:.1%}",
             _num(v.get("val_loss"), ".4f"),
             _num(v.get("val_loss_delta"), "+.4f"),
             v["skipped"] if "skipped" in v and not v.get("gates") else _gate(v),
@@ -50,7 +51,8 @@ def format_table(report: dict[str, Any]) -> str:
     lines.append("")
     lines.append(
         f"PyTorch fp32 val loss {ref['val_loss']:.4f} on {ref['eval_windows']} x {ref['eval_window_tokens']} tokens "
-        f"({ref['eval_source']}); greedy agreement over {ref['decode_steps']} decode steps"
+        f"({ref['eval_source']}); greedy agreement over {ref['decode_steps']} decode steps, teacher-forced and "
+        f"free-running (the variant's own greedy text, {ref['decode_steps'] + 1} tokens)"
     )
     verdict = "all gates passed" if report["passed"] else "GATE FAILED"
     if not report.get("gated", True):

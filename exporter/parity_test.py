@@ -63,6 +63,56 @@ def test_fp32_file_measures_near_zero_and_int4_does_not(setup):
     assert set(fp32["max_abs_logits_by_source"]) == {"random", "corpus", "decode"}
     int4 = measure_onnx(folder / "model-int4.onnx", ref)
     assert int4["max_abs_logits"] > 1e-4
+    for measured in (fp32, int4):  # issue 22 finding 6: free-running agreement is reported beside teacher-forced
+        assert 0.0 <= measured["free_running_agreement"] <= 1.0 and measured["free_running_tokens"] == 7
+    assert fp32["free_running_agreement"] == 1.0 and fp32["free_running_first_divergence"] is None
+
+
+class _ChainDecoder:
+    """A stand-in decoder whose next token is a function of the last one (logits one-hot on it): `slip` maps one
+    input token to a wrong successor, as a quantised model's slip on one context."""
+
+    def __init__(self, vocab: int, slip: dict[int, int] | None = None) -> None:
+        self.vocab, self.slip = vocab, slip or {}
+
+    def _next(self, token: int) -> int:
+        return self.slip.get(token, (token * 5 + 3) % self.vocab)
+
+    def _logits(self, last: np.ndarray) -> np.ndarray:
+        out = np.zeros((len(last), 1, self.vocab), dtype=np.float32)
+        out[np.arange(len(last)), 0, [self._next(int(t)) for t in last]] = 1.0
+        return out
+
+    def prefill(self, prompts: np.ndarray):
+        return self._logits(prompts[:, -1]), None
+
+    def step(self, tokens: np.ndarray, past):
+        return self._logits(tokens[:, 0]), None
+
+
+def test_free_running_agreement_catches_the_drift_teacher_forcing_hides():
+    """Issue 22 finding 6: an INT4 file agreed 0.968 teacher-forced, but its own greedy text left the reference's at
+    token 9. One slip on one context: teacher-forced agreement stays high, free-running collapses after the slip."""
+    from exporter.parity import _free_running
+
+    vocab, steps = 64, 49
+    exact = _ChainDecoder(vocab)
+    prompts = np.array([[1, 2]], dtype=np.int64)
+    tokens = [exact._next(2)]
+    for _ in range(steps):
+        tokens.append(exact._next(tokens[-1]))
+    ref = Reference(random_prompts=None, random_logits=None, corpus_prompts=None, corpus_logits=None,
+                    decode_prompts=prompts, decode_tokens=np.array([tokens]), decode_logits=None,
+                    eval_windows=None, val_loss=0.0, eval_source="test")  # fmt: skip
+    assert _free_running(exact, ref) == (1.0, None)
+    drifting = _ChainDecoder(vocab, slip={tokens[8]: (tokens[9] + 1) % vocab})
+    teacher_forced = np.mean([drifting._next(a) == b for a, b in zip(tokens[:-1], tokens[1:])])
+    free, divergence = _free_running(drifting, ref)
+    assert teacher_forced > 0.95 and divergence == 9 and free < 0.5
+    results = apply_gates("onnx-int4", {"val_loss_delta": 0.01, "free_running_agreement": free}, Gates())
+    assert [(g["metric"], g["passed"]) for g in results] == [("val_loss_delta", True), ("free_running_agreement", False)]
+    int8 = apply_gates("onnx-int8", {"greedy_agreement": teacher_forced, "free_running_agreement": free}, Gates())
+    assert [g["passed"] for g in int8] == [True, False]
 
 
 def test_gates_pass_fail_and_skip_unmeasured():
@@ -79,7 +129,8 @@ def test_gates_pass_fail_and_skip_unmeasured():
 
 
 def test_table_lists_every_variant_and_the_verdict():
-    entry = {"bytes": 2048, "max_abs_logits": 1e-6, "val_loss": 2.0, "val_loss_delta": 0.0, "greedy_agreement": 1.0}
+    entry = {"bytes": 2048, "max_abs_logits": 1e-6, "val_loss": 2.0, "val_loss_delta": 0.0, "greedy_agreement": 1.0,
+             "free_running_agreement": 0.36}
     report = {
         "model_id": "abc", "gated": False, "passed": False,
         "reference": {"val_loss": 2.0, "eval_windows": 4, "eval_window_tokens": 16, "eval_source": "x", "decode_steps": 6},
@@ -91,6 +142,7 @@ def test_table_lists_every_variant_and_the_verdict():
     table = format_table(report)
     assert "onnx-fp32" in table and "2.0 KB" in table and "FAIL val_loss_delta" in table
     assert "GATE FAILED (--no-gate: files kept, marked failed)" in table
+    assert "free-running" in table and "36.0%" in table and "100.0%" in table  # both agreements, side by side
 
 
 def test_held_out_text_is_the_tail():

@@ -15,6 +15,7 @@ import grpc
 from exporter.errors import ExportError
 from exporter.formats import parse_formats
 from jobs.queue import JobQueue
+from jobs.spec_checks import NestedSpecError, check_bench_spec
 from model.artifact import ArtifactError, ArtifactStore
 from protos import exporter_pb2, exporter_pb2_grpc, jobs_pb2, trainer_pb2
 from rpc.errors import invalid_argument, not_found, resource_exhausted
@@ -43,6 +44,10 @@ class ExporterService(exporter_pb2_grpc.ExporterServiceServicer):
             formats = parse_formats(list(spec.formats))
         except ExportError as err:
             invalid_argument(context, "spec.formats", str(err).removeprefix("formats: "))
+        try:
+            check_bench_spec(spec.then_bench, "spec.then_bench.")
+        except NestedSpecError as err:
+            invalid_argument(context, err.field, err.reason)
         if not spec.model_id:
             invalid_argument(context, "spec.model_id", "must name an artifact (an id, a unique id prefix, or a name)")
         try:

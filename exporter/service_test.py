@@ -85,6 +85,10 @@ def test_bad_requests(stack):
     with pytest.raises(grpc.RpcError) as err:
         _start(stub, "", "onnx")
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "spec.model_id" in err.value.details()
+    with pytest.raises(grpc.RpcError) as err:  # issue 22 finding 4: accepted, then the bench job failed
+        _start(stub, model_id, "onnx", then_bench=jobs_pb2.BenchSpec(suites=["nosuch"]))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert err.value.details().startswith("spec.then_bench.suites[0]:") and "kvcache" in err.value.details()
     with pytest.raises(grpc.RpcError) as err:
         _start(stub, "feedfacefeedface", "onnx")
     assert err.value.code() == grpc.StatusCode.NOT_FOUND and "svc-model" in err.value.details()

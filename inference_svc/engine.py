@@ -275,9 +275,13 @@ class Engine:
                     logits = self.runner.decode(slots, tokens, [seq.length - 1 for seq in seqs])  # (B, V)
                 new_tokens = [[token] for token in self.sampler.sample(logits, seqs)]
         except Exception as err:  # a failed step fails its requests, not the server
-            log.exception("engine step failed for %d sequences", len(seqs))
-            for seq in seqs:
-                self._finish(seq, FinishReason.ERROR, error=f"{type(err).__name__}: {err}")
+            if len(seqs) > 1:  # one bad request must not fail the rest: run each alone to find it
+                log.warning("engine step failed for %d sequences (%s); retrying each alone", len(seqs), err)
+                for seq in seqs:
+                    self._run([seq], prefill=prefill, speculative=speculative)
+                return
+            log.exception("request %s failed", seqs[0].request_id)
+            self._finish(seqs[0], FinishReason.ERROR, error=f"{type(err).__name__}: {err}")
             return
         now = time.perf_counter()
         for seq, tokens in zip(seqs, new_tokens):

@@ -24,7 +24,14 @@ import torch
 from inference_svc.engine import Engine
 from inference_svc.runner import ModelRunner, TorchRunner
 from inference_svc.service import SERVICE_NAME, InferenceService, ServedModel
-from model.artifact import ArtifactError, ArtifactStore, load_artifact, verify_artifact
+from model.artifact import (
+    PICKLE_SUFFIXES,
+    ArtifactError,
+    ArtifactStore,
+    check_tokenizer_fits,
+    load_artifact,
+    verify_artifact,
+)
 from model.tokenizers import Tokenizer, load_tokenizer
 from protos import inference_pb2_grpc
 from rpc.server import serve_from_args
@@ -60,6 +67,11 @@ def artifact_path(ref: str, store_root: Path) -> Path:
     """The artifact folder `ref` names (a folder, an id prefix or a name), or the store's newest when empty."""
     if ref and Path(ref).expanduser().is_dir():
         return Path(ref).expanduser()
+    if ref and Path(ref).suffix.lower() in PICKLE_SUFFIXES:
+        raise ArtifactError(
+            f"refusing to load {ref}: pickle files ({', '.join(PICKLE_SUFFIXES)}) can run arbitrary code; "
+            "serve an artifact folder (model.safetensors + manifest.json) made by ./tinylm train"
+        )
     store = ArtifactStore(store_root)
     return store.resolve(ref) if ref else store.newest().path
 
@@ -70,7 +82,9 @@ def _runner(args: argparse.Namespace, path: Path) -> tuple[ModelRunner, Tokenize
 
         manifest = verify_artifact(path)
         slots = args.max_slots or 16
-        return OrtRunner(path, slots, variant=args.onnx_file, threads=args.threads), load_tokenizer(path), manifest
+        runner, tokenizer = OrtRunner(path, slots, variant=args.onnx_file, threads=args.threads), load_tokenizer(path)
+        check_tokenizer_fits(tokenizer, runner.vocab_size, path)
+        return runner, tokenizer, manifest
     device = _device(args)
     artifact = load_artifact(path, device=device)
     return TorchRunner(artifact.model, _slots(args, device), device=device), artifact.tokenizer, artifact.manifest
@@ -110,6 +124,11 @@ def main(argv: list[str] | None = None) -> int:
     if (args.tls_cert is None) != (args.tls_key is None):
         print("tinylm serve: give both --tls-cert and --tls-key, or neither", file=sys.stderr)
         return 2
+    for flag, value, allowed in (("--max-slots", args.max_slots, ">= 1 (0: the default)"), ("--max-queue", args.max_queue, ">= 0"),
+                                 ("--speculative-k", args.speculative_k, ">= 1"), ("--threads", args.threads, ">= 0 (0: the default)")):  # fmt: skip
+        if value < (1 if flag == "--speculative-k" else 0):
+            print(f"tinylm serve: {flag} must be an integer {allowed}, got {value}", file=sys.stderr)
+            return 2
     store_root = Path(os.environ.get("TINYLM_HOME") or Path.home() / ".tinylm").expanduser() / "artifacts"
     try:
         path = artifact_path(args.model, store_root)

@@ -103,3 +103,58 @@ def test_serves_http_beside_grpc_with_the_same_token(tiny, tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def _copy(tiny, tmp_path) -> Path:
+    import shutil
+
+    return Path(shutil.copytree(tiny.path, tmp_path / tiny.model_id))
+
+
+@pytest.mark.parametrize(
+    "argv, words",
+    [
+        (["--max-slots", "-3"], "--max-slots must be an integer >= 1 (0: the default), got -3"),
+        (["--max-queue", "-1"], "--max-queue must be an integer >= 0, got -1"),
+        (["--speculative-k", "0"], "--speculative-k must be an integer >= 1, got 0"),
+    ],
+)
+def test_bad_flags_name_themselves(tiny, capsys, argv, words):
+    """Issue 22 finding 7: `--max-slots -3` reported "got -2"."""
+    from inference_svc.main import main
+
+    assert main(["--model", str(tiny.path), "--port", "0", *argv]) == 2
+    assert words in capsys.readouterr().err
+
+
+def test_a_pickle_model_path_is_refused_as_a_pickle(tmp_path, capsys):
+    """Issue 22 finding 7: `serve --model path/model.pt` said "no artifact matches"."""
+    from inference_svc.main import main
+
+    assert main(["--model", str(tmp_path / "model.pt"), "--port", "0"]) == 1
+    assert "pickle files" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("backend", ["torch", "onnx"])
+def test_bad_weights_are_one_line_and_exit_1(tiny, tmp_path, backend):
+    """Issue 22 finding 2: serve on invalid safetensors (re-hashed) or on a corrupt .onnx printed a traceback."""
+    path = _copy(tiny, tmp_path)
+    if backend == "torch":
+        from model.artifact import CONTENT_FILES, ID_LEN, _content_hash, _sha256
+
+        (path / "model.safetensors").write_bytes(b"\x80\x04not safetensors")
+        manifest = json.loads((path / "manifest.json").read_text())  # re-hashed: the hash check passes
+        manifest["files"] = {f: _sha256(path / f) for f in CONTENT_FILES}
+        manifest["id"] = _content_hash(manifest["files"])[:ID_LEN]
+        (path / "manifest.json").write_text(json.dumps(manifest))
+    else:
+        (path / "onnx").mkdir()
+        (path / "onnx" / "model.onnx").write_bytes(b"\x00garbage, not a protobuf" * 10)
+    proc = subprocess.run(
+        [sys.executable, "-m", "inference_svc", "--model", str(path), "--backend", backend, "--port", "0"],
+        env=_env(tmp_path), capture_output=True, text=True, timeout=120,
+    )
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert len(lines) == 1 and lines[0].startswith("tinylm serve: ")
+    assert ("model.safetensors is not a valid safetensors file" if backend == "torch" else "model.onnx is not a loadable ONNX model") in lines[0]

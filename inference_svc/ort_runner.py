@@ -80,7 +80,11 @@ class OrtRunner:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
         options.log_severity_level = 3
-        self.session = ort.InferenceSession(str(self.path), options, providers=["CPUExecutionProvider"])
+        try:
+            self.session = ort.InferenceSession(str(self.path), options, providers=["CPUExecutionProvider"])
+        except Exception as e:  # InvalidProtobuf, Fail, ...: a corrupt or truncated file
+            reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise ValueError(f"{self.path} is not a loadable ONNX model ({type(e).__name__}: {reason})") from None
         self._inputs, self._outputs = self._io_names(meta)
         self._kv: dict[int, list[np.ndarray]] = {}  # slot -> [k_0, v_0, k_1, v_1, ...], each (1, Hkv, past, D)
         self._past: dict[int, int] = {}  # slot -> past length

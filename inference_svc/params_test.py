@@ -36,15 +36,17 @@ def test_wire_defaults_and_has_flags():
     "params, field, words",
     [
         (dict(max_new_tokens=-1), "params.max_new_tokens", ">= 1"),
-        (dict(temperature=-0.5, has_temperature=True), "params.temperature", "[0, "),
+        (dict(temperature=-0.5, has_temperature=True), "params.temperature", "[0.01, "),
+        (dict(temperature=1e-40, has_temperature=True), "params.temperature", "[0.01, 100.0]"),
+        (dict(repetition_penalty=1e-40), "params.repetition_penalty", "[0.01, 10.0]"),
         (dict(top_k=-2), "params.top_k", ">= 0"),
         (dict(top_p=1.5), "params.top_p", "(0, 1]"),
         (dict(top_p=-0.1), "params.top_p", "(0, 1]"),
-        (dict(repetition_penalty=-1.0), "params.repetition_penalty", "(0, "),
+        (dict(repetition_penalty=-1.0), "params.repetition_penalty", "[0.01, "),
         (dict(seed=-3, has_seed=True), "params.seed", "2**63 - 1"),
         (dict(stop=["a"] * 9), "params.stop", "at most 8"),
         (dict(stop=["a", ""]), "params.stop", "1 to 256 characters"),
-        (dict(temperature=float("nan"), has_temperature=True), "params.temperature", "[0, "),
+        (dict(temperature=float("nan"), has_temperature=True), "params.temperature", "[0.01, "),
     ],
 )
 def test_bad_wire_params_name_the_field(params, field, words):

@@ -3,8 +3,8 @@ running set into a prefill batch (just admitted: run their prompts) and a decode
 
 As in vLLM's scheduler, admission happens between steps, not between batches: a request that arrives
 while others are mid-generation starts on the next step, and a finished or cancelled one gives its slot
-back at once. The waiting queue is bounded; a full queue refuses new work (`QueueFull`) rather than
-letting latency grow without limit.
+back at once. The waiting queue is bounded (requests that a free slot will take at the next step do not
+count); a full queue refuses new work (`QueueFull`) rather than letting latency grow without limit.
 """
 
 from __future__ import annotations
@@ -69,12 +69,15 @@ class Scheduler:
         return bool(self._waiting or self._running)
 
     def add(self, seq: Sequence) -> None:
-        """Queue a new sequence; QueueFull when `max_queue` are already waiting, ValueError on a duplicate id."""
+        """Queue a new sequence; QueueFull when every free slot is spoken for and `max_queue` more are already
+        waiting, ValueError on a duplicate id."""
         with self._lock:
             if seq.request_id in self._by_id:
                 raise ValueError(f"request_id {seq.request_id!r} is already in flight")
-            if len(self._waiting) >= self.max_queue:
-                raise QueueFull(f"the waiting queue is full ({self.max_queue} requests); retry later")
+            # Only requests that will still wait count against the bound: one that can take a free slot at the
+            # next step is never refused (max_queue 0 = no waiting, not no work).
+            if len(self._waiting) >= self.max_queue + self.pool.n_free:
+                raise QueueFull(f"the waiting queue is full ({self.max_queue} requests) and no slot is free; retry later")
             self._waiting.append(seq)
             self._by_id[seq.request_id] = seq
 

@@ -63,18 +63,37 @@ def test_abort_frees_waiting_and_running_on_the_next_schedule():
 
 def test_bounded_queue_duplicate_ids_and_drain():
     sched = Scheduler(KVPool(1), max_queue=2)
-    sched.add(_seq("a"))
+    sched.add(_seq("a"))  # takes the free slot at the next step: not counted as waiting
     sched.add(_seq("b"))
+    sched.add(_seq("c"))
     with pytest.raises(QueueFull, match="2 requests"):
-        sched.add(_seq("c"))
+        sched.add(_seq("d"))
     with pytest.raises(ValueError, match="already in flight"):
         sched.add(_seq("a"))
-    sched.schedule()  # a runs, b waits: the queue has room again
-    sched.add(_seq("c"))
+    sched.schedule()  # a runs, b and c wait: still full
+    with pytest.raises(QueueFull):
+        sched.add(_seq("d"))
+    sched.finish(sched.schedule().decode[0])  # a done: b takes its slot next step, so d fits
+    sched.add(_seq("d"))
     drained = sched.drain()
-    assert sorted(s.request_id for s in drained) == ["a", "b", "c"]
+    assert sorted(s.request_id for s in drained) == ["b", "c", "d"]
     assert all(s.status is SequenceStatus.FINISHED for s in drained)
     assert sched.pool.n_free == 1 and sched.n_running == sched.n_waiting == 0
+
+
+def test_a_request_that_can_take_a_free_slot_is_never_refused():
+    """Issue 22 finding 5: max_queue counts waiting requests only; max_queue 0 refused everything."""
+    sched = Scheduler(KVPool(2), max_queue=0)
+    sched.add(_seq("a"))
+    sched.add(_seq("b"))
+    with pytest.raises(QueueFull):
+        sched.add(_seq("c"))
+    assert sched.schedule().prefill == [sched._by_id["a"], sched._by_id["b"]]
+    sched = Scheduler(KVPool(2), max_queue=2)
+    for rid in "abcd":  # two slots + two waiting, all at once
+        sched.add(_seq(rid))
+    with pytest.raises(QueueFull):
+        sched.add(_seq("e"))
 
 
 @pytest.mark.parametrize("kw, words", [({"max_queue": -1}, "max_queue"), ({"max_prefill_tokens": 0}, "max_prefill_tokens")])

@@ -129,6 +129,7 @@ class InferenceService(inference_pb2_grpc.InferenceServiceServicer):
                     finish_reason=_FINISH[chunk.finish_reason],
                     usage=_usage(chunk),
                     timings=_timings(chunk),
+                    error=chunk.error,
                 )
             )
         return inference_pb2.GenerateBatchResponse(results=results)

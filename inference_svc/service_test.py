@@ -245,3 +245,42 @@ def test_full_queue_is_resource_exhausted(start):
     queued.cancel()
     assert _wait_until(lambda: _idle(engine))
     assert _cancelled_not_finished(engine, 2)
+
+
+def test_admission_counts_waiting_requests_only(start):
+    """Issue 22 finding 5: --max-queue 0 refused every request on an idle server, and with 2 slots and a queue
+    of 2, four simultaneous requests got a RESOURCE_EXHAUSTED."""
+    stub, engine, _ = start(max_slots=2, max_queue=0)
+    assert [r.finish_reason for r in stub.Generate(inference_pb2.GenerateRequest(prompt="to be", params=SHORT), timeout=30)][-1] == (
+        inference_pb2.FINISH_REASON_LENGTH
+    )
+    batch = stub.GenerateBatch(inference_pb2.GenerateBatchRequest(requests=[
+        inference_pb2.GenerateRequest(prompt=p, params=SHORT) for p in ("to", "be")
+    ]), timeout=30)  # fmt: skip
+    assert [r.finish_reason for r in batch.results] == [inference_pb2.FINISH_REASON_LENGTH] * 2
+    stub, engine, _ = start(max_slots=2, max_queue=2)
+    four = inference_pb2.GenerateBatchRequest(requests=[inference_pb2.GenerateRequest(prompt="to be", params=SHORT)] * 4)
+    assert [r.finish_reason for r in stub.GenerateBatch(four, timeout=30).results] == [inference_pb2.FINISH_REASON_LENGTH] * 4
+    with pytest.raises(grpc.RpcError) as err:  # 2 running + 2 waiting, then one more is too many
+        stub.GenerateBatch(inference_pb2.GenerateBatchRequest(requests=[inference_pb2.GenerateRequest(prompt="t", params=LONG)] * 5), timeout=30)
+    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert _wait_until(lambda: _idle(engine))
+
+
+def test_unhonourable_sampling_values_are_refused_and_results_carry_errors(start):
+    """Issue 22 finding 1: temperature 1e-40 passed validation, then failed every request of its engine step;
+    GenerateResult had no field saying why a request failed."""
+    stub, engine, _ = start()
+    good = inference_pb2.GenerateRequest(prompt="to be", params=SHORT)
+    for bad_params, field in [
+        (inference_pb2.SamplingParameters(max_new_tokens=3, temperature=1e-40, has_temperature=True), "temperature"),
+        (inference_pb2.SamplingParameters(max_new_tokens=3, repetition_penalty=1e-40), "repetition_penalty"),
+    ]:
+        bad = inference_pb2.GenerateRequest(prompt="to be", params=bad_params)
+        with pytest.raises(grpc.RpcError) as err:
+            stub.GenerateBatch(inference_pb2.GenerateBatchRequest(requests=[good, good, bad, good]), timeout=30)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert f"requests[2].params.{field}" in err.value.details() and "[0.01, " in err.value.details()
+    assert "error" in inference_pb2.GenerateResult.DESCRIPTOR.fields_by_name
+    results = stub.GenerateBatch(inference_pb2.GenerateBatchRequest(requests=[good] * 4), timeout=30).results
+    assert all(r.finish_reason == inference_pb2.FINISH_REASON_LENGTH and r.error == "" for r in results)

@@ -41,6 +41,7 @@ __all__ = [
     "save_artifact",
     "load_artifact",
     "verify_artifact",
+    "check_tokenizer_fits",
     "CONTENT_FILES",
 ]
 
@@ -248,15 +249,33 @@ def load_artifact(path_or_dir: str | Path, device: str | torch.device = "cpu") -
         tokenizer = tokenizer_from_json((path / TOKENIZER_FILE).read_text(encoding="utf-8"))
     except ValueError as e:
         raise ArtifactError(f"artifact {path}: {e}") from None
-    state = load_file(str(path / WEIGHTS_FILE), device="cpu")
+    check_tokenizer_fits(tokenizer, config.vocab_size, path)
+    try:  # the hash only says the file is the one that was saved, not that it is valid safetensors
+        state = load_file(str(path / WEIGHTS_FILE), device="cpu")
+    except Exception as e:  # SafetensorError (truncated, empty, a pickle), OSError
+        raise ArtifactError(f"artifact {path}: {WEIGHTS_FILE} is not a valid safetensors file ({type(e).__name__}: {e})") from None
     model = GPT(config)
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # shape mismatches
+        first = str(e).strip().splitlines()[-1].strip()
+        raise ArtifactError(f"artifact {path}: weights do not fit the config ({first})") from None
     if config.tie_weights:
         missing = [k for k in missing if k != "lm_head.weight"]
     if missing or unexpected:
         raise ArtifactError(f"artifact {path}: weights do not fit the config (missing {missing}, unexpected {unexpected})")
     model.to(device).eval()
     return Artifact(model=model, tokenizer=tokenizer, config=config, manifest=manifest, path=path)
+
+
+def check_tokenizer_fits(tokenizer: Tokenizer, model_vocab_size: int, path: Path) -> None:
+    """A tokenizer with more ids than the model's embedding would load, then fail every request that reaches
+    an id past the embedding: refuse it at load time instead (torch and ONNX loads alike)."""
+    if tokenizer.vocab_size > model_vocab_size:
+        raise ArtifactError(
+            f"artifact {path}: {TOKENIZER_FILE} has {tokenizer.vocab_size} tokens but the model's vocabulary "
+            f"(config.json vocab_size) holds {model_vocab_size}; the tokenizer must not exceed the model"
+        )
 
 
 class ArtifactStore:

@@ -125,3 +125,43 @@ def test_store_list_resolve_remove(tmp_path, tok):
     assert store.remove(a[:8]) == a
     assert [i.id for i in store.list()] == [b]
     assert not (store.root / a).exists()
+
+
+def _rehash(path) -> None:
+    """Make the manifest match the files again, as someone re-hashing a bad file would (the hash then passes)."""
+    from model.artifact import CONTENT_FILES, ID_LEN, _content_hash, _sha256
+
+    manifest = json.loads((path / "manifest.json").read_text())
+    manifest["files"] = {f: _sha256(path / f) for f in CONTENT_FILES}
+    manifest["id"] = _content_hash(manifest["files"])[:ID_LEN]
+    (path / "manifest.json").write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize("bad", ["truncated", "empty", "pickle"])
+def test_invalid_safetensors_under_the_right_hash_is_one_clear_error(tmp_path, tok, bad):
+    """Issue 22 finding 2: a raw SafetensorError escaped load_artifact (and `serve` printed a traceback)."""
+    path = tmp_path / save_artifact(tmp_path, _model(), tok, name="x", preset="p", metrics={})
+    weights = path / "model.safetensors"
+    if bad == "truncated":
+        weights.write_bytes(weights.read_bytes()[:100])
+    elif bad == "empty":
+        weights.write_bytes(b"")
+    else:
+        torch.save({"w": torch.zeros(2)}, weights)
+    _rehash(path)
+    with pytest.raises(ArtifactError, match=r"model.safetensors is not a valid safetensors file") as err:
+        load_artifact(path)
+    assert str(path) in str(err.value) and "\n" not in str(err.value)
+
+
+def test_tokenizer_larger_than_the_model_is_refused(tmp_path, tok):
+    """Issue 22 finding 2: such an artifact loaded and served, then every request failed."""
+    big = CharTokenizer.from_corpus(TEXT + "ABCDEFGHIJKLMNOPQRSTUVWXYZ")
+    path = tmp_path / save_artifact(tmp_path, _model(vocab_size=64), big, name="x", preset="p", metrics={})
+    (path / "config.json").write_text(json.dumps({**json.loads((path / "config.json").read_text()), "vocab_size": 20}))
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in _model(vocab_size=20).state_dict().items() if k != "lm_head.weight"}, str(path / "model.safetensors"))
+    _rehash(path)
+    with pytest.raises(ArtifactError, match=r"tokenizer.json has \d+ tokens but the model's vocabulary .* holds 20"):
+        load_artifact(path)

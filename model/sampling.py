@@ -19,7 +19,10 @@ MAX_STOP_STRINGS = 8
 MAX_STOP_LEN = 256
 MAX_NEW_TOKENS = 1 << 16
 MAX_TEMPERATURE = 100.0
+# Below these, logits / temperature (or * penalty) can overflow float32 to inf and the softmax to NaN.
+MIN_TEMPERATURE = 1e-2
 MAX_REPETITION_PENALTY = 10.0
+MIN_REPETITION_PENALTY = 1e-2
 MAX_SEED = (1 << 63) - 1
 
 
@@ -48,15 +51,22 @@ class SamplingParams:
     def __post_init__(self) -> None:
         if not _is_int(self.max_new_tokens) or not 1 <= self.max_new_tokens <= MAX_NEW_TOKENS:
             raise ValueError(f"max_new_tokens must be an integer in [1, {MAX_NEW_TOKENS}], got {self.max_new_tokens!r}")
-        if not _is_num(self.temperature) or not 0.0 <= self.temperature <= MAX_TEMPERATURE:
-            raise ValueError(f"temperature must be a number in [0, {MAX_TEMPERATURE}] (0 = greedy), got {self.temperature!r}")
+        if not _is_num(self.temperature) or not (
+            self.temperature == 0.0 or MIN_TEMPERATURE <= self.temperature <= MAX_TEMPERATURE
+        ):
+            raise ValueError(
+                f"temperature must be 0 (greedy) or a number in [{MIN_TEMPERATURE}, {MAX_TEMPERATURE}], "
+                f"got {self.temperature!r}"
+            )
         if not _is_int(self.top_k) or self.top_k < 0:
             raise ValueError(f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
         if not _is_num(self.top_p) or not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p must be a number in (0, 1] (1 = off), got {self.top_p!r}")
-        if not _is_num(self.repetition_penalty) or not 0.0 < self.repetition_penalty <= MAX_REPETITION_PENALTY:
+        if not _is_num(self.repetition_penalty) or not (
+            MIN_REPETITION_PENALTY <= self.repetition_penalty <= MAX_REPETITION_PENALTY
+        ):
             raise ValueError(
-                f"repetition_penalty must be a number in (0, {MAX_REPETITION_PENALTY}] (1 = off), "
+                f"repetition_penalty must be a number in [{MIN_REPETITION_PENALTY}, {MAX_REPETITION_PENALTY}] (1 = off), "
                 f"got {self.repetition_penalty!r}"
             )
         if self.seed is not None and (not _is_int(self.seed) or not 0 <= self.seed <= MAX_SEED):
@@ -142,6 +152,10 @@ def sample(
     u = _uniforms(generators, device)[:, None] * cdf[:, -1:]  # (B, 1)
     pick = torch.searchsorted(cdf, u, right=True)  # (B, 1) index into the sorted order
     last_kept = (probs > 0).sum(dim=-1, keepdim=True) - 1  # kept tokens are a prefix of the sorted order
-    pick = torch.minimum(pick, last_kept)  # guards u rounding up to the total
+    pick = torch.minimum(pick, last_kept.clamp(min=0))  # guards u rounding up to the total
     sampled = order.gather(1, pick)[:, 0]  # (B,)
-    return torch.where(greedy, greedy_tokens, sampled)
+    # Total over any logits: a row whose distribution is not a number (NaN/inf logits from the model, or an
+    # overflow) falls back to its greedy token instead of failing the batch.
+    total = cdf[:, -1]  # (B,)
+    degenerate = ~torch.isfinite(total) | (total <= 0)
+    return torch.where(greedy | degenerate, greedy_tokens, sampled)

@@ -12,12 +12,14 @@ from model.sampling import SamplingParams, make_generator, sample
     "kw, words",
     [
         ({"max_new_tokens": 0}, r"max_new_tokens must be an integer in \[1, 65536\]"),
-        ({"temperature": -0.1}, r"temperature must be a number in \[0, 100.0\]"),
-        ({"temperature": float("inf")}, "temperature must be a number"),
+        ({"temperature": -0.1}, r"temperature must be 0 \(greedy\) or a number in \[0.01, 100.0\]"),
+        ({"temperature": float("inf")}, "temperature must be 0 .greedy. or a number"),
+        ({"temperature": 1e-40}, r"temperature must be 0 \(greedy\) or a number in \[0.01, 100.0\]"),
         ({"top_k": -1}, "top_k must be an integer >= 0"),
         ({"top_p": 0.0}, r"top_p must be a number in \(0, 1\]"),
         ({"top_p": 1.5}, r"top_p must be a number in \(0, 1\]"),
-        ({"repetition_penalty": 0}, r"repetition_penalty must be a number in \(0, 10.0\]"),
+        ({"repetition_penalty": 0}, r"repetition_penalty must be a number in \[0.01, 10.0\]"),
+        ({"repetition_penalty": 1e-40}, r"repetition_penalty must be a number in \[0.01, 10.0\]"),
         ({"seed": -1}, "seed must be None or an integer"),
         ({"stop": ["a"] * 9}, "stop must be a list of at most 8 strings"),
         ({"stop": [""]}, "each stop string must have 1 to 256 characters"),
@@ -108,3 +110,18 @@ def test_bf16_logits_and_shape():
     assert out.shape == (4,) and out.dtype == torch.long
     top5 = logits.float().topk(5).indices
     assert all(int(out[b]) in top5[b].tolist() for b in range(4))
+
+
+def test_sampling_is_total_over_non_finite_logits():
+    """Issue 22 finding 1: a row whose distribution is NaN (inf logits from an overflow, or NaN from the model)
+    made the sampler index -1 and fail its whole batch; now that row falls back to its argmax."""
+    logits = torch.randn(4, 65)
+    logits[1] = float("nan")
+    logits[2, 7] = float("inf")
+    logits[3, :] = float("-inf")
+    params = [SamplingParams(temperature=1.0, seed=1), SamplingParams(temperature=0.7, top_p=0.9, seed=2)] * 2
+    tokens = sample(logits, params, [make_generator(p.seed) for p in params])
+    assert tokens.shape == (4,) and all(0 <= t < 65 for t in tokens.tolist())
+    assert tokens[2].item() == 7
+    alone = sample(logits[:1], params[:1], [make_generator(1)])
+    assert tokens[0].item() == alone[0].item()  # the good row is unaffected by the bad ones

@@ -8,6 +8,7 @@ The server is `--address`, else the local stack's inference service (`./tinylm u
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import sys
 from typing import Iterator, TextIO
@@ -49,19 +50,34 @@ def stream_generation(stub, request, out: TextIO) -> Iterator[inference_pb2.Gene
         raise
 
 
+def _reason(final: inference_pb2.GenerateResponse) -> str:
+    return inference_pb2.FinishReason.Name(final.finish_reason).removeprefix("FINISH_REASON_").lower()
+
+
 def _final_line(final: inference_pb2.GenerateResponse) -> str:
-    reason = inference_pb2.FinishReason.Name(final.finish_reason).removeprefix("FINISH_REASON_").lower()
     t = final.timings
-    return (f"[{final.usage.completion_tokens} tokens, {reason}, TTFT {t.ttft_ms:.1f} ms, "
-            f"{t.mean_inter_token_ms:.2f} ms/token]")
+    error = f", error: {final.error}" if final.error else ""
+    return (f"[{final.usage.completion_tokens} tokens, {_reason(final)}, TTFT {t.ttft_ms:.1f} ms, "
+            f"{t.mean_inter_token_ms:.2f} ms/token{error}]")
+
+
+def generation_json(chunks: list[inference_pb2.GenerateResponse]) -> dict:
+    """The one JSON object `generate --json` prints: the whole text, the finish reason by name, the error text."""
+    final = chunks[-1] if chunks else None
+    return {
+        "text": "".join(c.text for c in chunks),
+        "finish_reason": _reason(final) if final is not None else None,
+        "completion_tokens": final.usage.completion_tokens if final is not None else 0,
+        "error": final.error if final is not None else "the stream ended without a final chunk",
+    }
 
 
 def _one(stub, prompt: str, args: argparse.Namespace) -> int:
-    chunks = list(stream_generation(stub, build_request(prompt, args), sys.stdout))
+    # --json: machine output only (no streamed text before it on stdout).
+    chunks = list(stream_generation(stub, build_request(prompt, args), io.StringIO() if args.json else sys.stdout))
     final = chunks[-1] if chunks else None
     if args.json:
-        print(json.dumps({"text": "".join(c.text for c in chunks), "finish_reason": final and final.finish_reason,
-                          "completion_tokens": final and final.usage.completion_tokens}))
+        print(json.dumps(generation_json(chunks)))
     elif final is not None:
         print("\n" + _final_line(final), file=sys.stderr)
     return 1 if final is None or final.finish_reason == inference_pb2.FINISH_REASON_ERROR else 0

@@ -21,3 +21,33 @@ def test_greedy_seed_stops_and_model_are_carried():
     assert list(req.params.stop) == ["\n\n", "END"]
     assert req.model.id == "abc123" and req.params.top_k == 5
     assert inference_pb2.GenerateRequest.FromString(req.SerializeToString()) == req
+
+
+class _Stub:
+    def __init__(self, chunks):
+        self.chunks = chunks
+
+    def Generate(self, request):
+        return iter(self.chunks)
+
+
+def test_json_is_one_object_with_the_reason_by_name_and_the_error(capsys):
+    """Issue 22 finding 7: --json printed the streamed text before the JSON, the reason as a bare integer, and never
+    the error text."""
+    import json
+
+    from tools.generate import _one
+
+    chunks = [
+        inference_pb2.GenerateResponse(text="to "),
+        inference_pb2.GenerateResponse(text="be", finish_reason=inference_pb2.FINISH_REASON_ERROR, error="RuntimeError: boom",
+                                       usage={"completion_tokens": 2}),
+    ]
+    assert _one(_Stub(chunks), "x", parser().parse_args(["x", "--json"])) == 1
+    out = capsys.readouterr().out
+    assert out.count("\n") == 1
+    assert json.loads(out) == {"text": "to be", "finish_reason": "error", "completion_tokens": 2, "error": "RuntimeError: boom"}
+    chunks[-1].finish_reason, chunks[-1].error = inference_pb2.FINISH_REASON_LENGTH, ""
+    assert _one(_Stub(chunks), "x", parser().parse_args(["x"])) == 0
+    captured = capsys.readouterr()
+    assert captured.out == "to be" and "length" in captured.err

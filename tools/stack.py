@@ -81,7 +81,9 @@ def _wait_healthy(address: str, service: str, proc: subprocess.Popen, log: Path,
     raise TimeoutError(f"{service} at {address} not healthy after {timeout_s:.0f} s; see {log}")
 
 
-def _start_redis(stack_dir: Path) -> tuple[str, int]:
+def _start_redis(stack_dir: Path, timeout_s: float = 10) -> tuple[str, int]:
+    """redis-server on a free loopback port: (url, pid). One that does not answer in time is stopped, not left
+    running where no state file lists it."""
     port = free_port()
     data = stack_dir / "redis"
     data.mkdir(parents=True, exist_ok=True)
@@ -91,16 +93,21 @@ def _start_redis(stack_dir: Path) -> tuple[str, int]:
          "--appendonly", "yes", "--appendfsync", "everysec", "--logfile", str(log)],
         stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True,
     )
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5) as s:
-                s.sendall(b"PING\r\n")
-                if s.recv(16).startswith(b"+PONG"):
-                    return f"redis://127.0.0.1:{port}/0", proc.pid
-        except OSError:
-            time.sleep(0.1)
-    raise TimeoutError(f"redis-server did not answer on port {port}; see {log}")
+    deadline = time.monotonic() + timeout_s
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=0.5) as s:
+                    s.sendall(b"PING\r\n")
+                    if s.recv(16).startswith(b"+PONG"):
+                        return f"redis://127.0.0.1:{port}/0", proc.pid
+            except OSError:
+                time.sleep(0.1)
+    except BaseException:
+        _stop_group(proc.pid, grace_s=2)
+        raise
+    _stop_group(proc.pid, grace_s=2)
+    raise TimeoutError(f"redis-server did not answer on port {port} within {timeout_s:.0f} s; see {log}")
 
 
 def start_stack(settings: Settings, *, only: list[str] | None = None, model: str | None = None, timeout_s: float = 120) -> dict:
@@ -176,9 +183,18 @@ def stop_stack(settings: Settings, grace_s: float = 10) -> list[str]:
     names = [n for n in state["processes"] if n != "redis"] + (["redis"] if "redis" in state["processes"] else [])
     stopped = []
     for name in names:
-        pid = state["processes"][name]["pid"]
-        if not _alive(pid):
-            continue
+        if _stop_group(state["processes"][name]["pid"], grace_s):
+            stopped.append(name)
+    (settings.stack_dir / "state.json").unlink(missing_ok=True)
+    return stopped
+
+
+def _stop_group(pid: int, grace_s: float) -> bool:
+    """SIGTERM the process group `pid` leads, SIGKILL it after `grace_s`; False when it was not running. A process
+    that exits between the checks is not an error (one failure must not leave the rest running)."""
+    if not _alive(pid):
+        return False
+    try:
         os.killpg(pid, signal.SIGTERM)
         deadline = time.monotonic() + grace_s
         while _alive(pid) and time.monotonic() < deadline:
@@ -186,10 +202,10 @@ def stop_stack(settings: Settings, grace_s: float = 10) -> list[str]:
             time.sleep(0.1)
         if _alive(pid):
             os.killpg(pid, signal.SIGKILL)
-        _reap(pid)
-        stopped.append(name)
-    (settings.stack_dir / "state.json").unlink(missing_ok=True)
-    return stopped
+    except ProcessLookupError:
+        pass
+    _reap(pid)
+    return True
 
 
 def _reap(pid: int) -> None:
@@ -235,9 +251,12 @@ def main(argv: list[str]) -> int:
         unknown = sorted(set(only) - {s.name for s in SERVICES})
         if unknown:
             parser.error(f"--only: unknown service(s) {unknown}; allowed: {', '.join(s.name for s in SERVICES)}")
+        # A SIGTERM (or SIGHUP) mid-start unwinds like Ctrl-C, so start_stack stops what it already started.
+        for sig in (signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, lambda signum, _frame: sys.exit(128 + signum))
         try:
             state = start_stack(settings, only=only or None, model=args.model)
-        except (RuntimeError, TimeoutError) as err:
+        except (RuntimeError, TimeoutError, OSError, ValueError) as err:
             print(f"tinylm up: {err}", file=sys.stderr)
             return 1
         _print(state, args.json, f"stack is up; logs in {settings.stack_dir / 'logs'}; stop it with ./tinylm down")
@@ -247,8 +266,12 @@ def main(argv: list[str]) -> int:
         _print({"stopped": stopped}, args.json, "stopped: " + (", ".join(stopped) or "nothing was running"))
         return 0
     report = status(settings)
-    _print(report, args.json, "" if report["services"] else "no stack is running (./tinylm up starts one)")
-    return 0 if all(s.get("healthy", s["alive"]) for s in report["services"].values()) else 1
+    down = [name for name, s in report["services"].items() if not s.get("healthy", s["alive"])]
+    line = "no stack is running (./tinylm up starts one)" if not report["services"] else ""
+    if down:
+        line = f"not running or not healthy: {', '.join(down)}; see their logs, then ./tinylm down && ./tinylm up"
+    _print(report, args.json, line)
+    return 1 if down else 0
 
 
 def _print(data: dict, as_json: bool, line: str) -> None:
@@ -264,5 +287,7 @@ def _print(data: dict, as_json: bool, line: str) -> None:
             for key, label in (("api", "openai"), ("metrics", "metrics")):
                 if key in proc:
                     print(f"{'':<10} {label:<8} {proc[key]}")
+        elif proc.get("alive") is False:  # Redis has no gRPC address: say when it is gone
+            print(f"{name:<10} {'NOT RUNNING':<22} pid {proc['pid']:<8} log {proc['log']}")
     if line:
         print(line)

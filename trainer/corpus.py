@@ -6,6 +6,7 @@ its size and sha256 match, so a cache never holds a partial or wrong corpus.
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import os
 import tempfile
@@ -20,6 +21,7 @@ __all__ = [
     "TINY_SHAKESPEARE_BYTES",
     "CorpusError",
     "resolve_corpus",
+    "check_text",
     "download_verified",
 ]
 
@@ -42,13 +44,39 @@ def resolve_corpus(path: str | Path | None, cache_dir: Path, *, opener: Opener |
     """
     if path:
         p = Path(path).expanduser()
+        if p.is_dir():
+            raise CorpusError(f"corpus_path {str(p)!r} is a directory; give a UTF-8 text file")
         if not p.is_file():
-            raise CorpusError(f"corpus_path {str(p)!r} does not exist or is not a file")
+            raise CorpusError(f"corpus_path {str(p)!r} does not exist")
+        check_text(p)
         return p
     dest = Path(cache_dir) / "tinyshakespeare.txt"
     if dest.is_file() and dest.stat().st_size == TINY_SHAKESPEARE_BYTES and _sha256(dest) == TINY_SHAKESPEARE_SHA256:
         return dest
     return download_verified(TINY_SHAKESPEARE_URL, dest, TINY_SHAKESPEARE_SHA256, TINY_SHAKESPEARE_BYTES, opener=opener)
+
+
+def check_text(path: Path) -> None:
+    """Refuse a corpus that tokenizers cannot train on: an empty file, or one that is not UTF-8 text (checked
+    in chunks, so a large corpus is never held in memory twice)."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    n = 0
+    with path.open("rb") as f:
+        while chunk := f.read(_CHUNK):
+            try:
+                decoder.decode(chunk)
+            except UnicodeDecodeError as err:
+                raise CorpusError(
+                    f"corpus_path {str(path)!r} is not UTF-8 text: byte {n + err.start} ({chunk[err.start:err.start + 1]!r}) "
+                    "is invalid; give a plain text file"
+                ) from None
+            n += len(chunk)
+    try:
+        decoder.decode(b"", final=True)
+    except UnicodeDecodeError:
+        raise CorpusError(f"corpus_path {str(path)!r} is not UTF-8 text: it ends inside a character") from None
+    if n == 0:
+        raise CorpusError(f"corpus_path {str(path)!r} is empty; a corpus needs at least some text")
 
 
 def download_verified(url: str, dest: Path, sha256: str, size: int, *, opener: Opener | None = None) -> Path:
@@ -75,7 +103,10 @@ def download_verified(url: str, dest: Path, sha256: str, size: int, *, opener: O
     except BaseException as err:
         tmp.unlink(missing_ok=True)
         if isinstance(err, OSError):
-            raise CorpusError(f"could not download the corpus from {url}: {err}") from err
+            raise CorpusError(
+                f"could not download the corpus from {url}: {err}; without network, set TINYLM_CORPUS to a local "
+                "copy of the text (e.g. TINYLM_CORPUS=/path/to/tinyshakespeare.txt)"
+            ) from err
         raise
     return dest
 

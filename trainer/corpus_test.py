@@ -70,3 +70,37 @@ def test_corrupt_default_download_is_rejected(tmp_path):
     with pytest.raises(CorpusError):
         resolve_corpus(None, tmp_path, opener=lambda url: io.BytesIO(b"x" * TINY_SHAKESPEARE_BYTES))
     assert [p.name for p in tmp_path.iterdir()] == []
+
+
+@pytest.mark.parametrize(
+    "content, words",
+    [
+        (b"", "is empty"),
+        (b"to be\n\xff\xfe binary \x00\x81", r"is not UTF-8 text: byte 6 \(b'\\xff'\) is invalid"),
+        ("caf\u00e9".encode()[:-1], "ends inside a character"),
+    ],
+)
+def test_a_corpus_tokenizers_cannot_read_is_refused_by_name(tmp_path, content, words):
+    """Issue 22 finding 2: an empty corpus (ValueError) or a non-UTF-8 one (UnicodeDecodeError) was a traceback
+    from `train`, whatever the tokenizer."""
+    corpus = tmp_path / "corpus.bin"
+    corpus.write_bytes(content)
+    with pytest.raises(CorpusError, match=words) as err:
+        resolve_corpus(str(corpus), tmp_path / "cache")
+    assert "corpus.bin" in str(err.value)
+
+
+def test_a_directory_is_not_said_to_not_exist(tmp_path):
+    """Issue 22 finding 7: a directory as corpus_path was said to "not exist"."""
+    with pytest.raises(CorpusError, match="is a directory"):
+        resolve_corpus(str(tmp_path), tmp_path / "cache")
+
+
+def test_a_failed_download_suggests_tinylm_corpus(tmp_path):
+    """Issue 22 finding 7: without network the download failed without suggesting TINYLM_CORPUS."""
+
+    def offline(url):
+        raise OSError("network is unreachable")
+
+    with pytest.raises(CorpusError, match="set TINYLM_CORPUS"):
+        resolve_corpus(None, tmp_path / "cache", opener=offline)

@@ -104,7 +104,8 @@ def _train(argv: list[str], env: Mapping[str, str]) -> int:
     try:
         corpus = resolve_corpus(env.get("TINYLM_CORPUS"), home / "data")
     except CorpusError as err:
-        print(f"tinylm train: {err} (set TINYLM_CORPUS to a text file)", file=sys.stderr)
+        hint = "" if "TINYLM_CORPUS" in str(err) else " (set TINYLM_CORPUS to a text file)"
+        print(f"tinylm train: {err}{hint}", file=sys.stderr)
         return EXIT_FAILED
 
     device = resolve_device(config.device, info)

@@ -49,8 +49,9 @@ class TrainerService(trainer_pb2_grpc.TrainerServiceServicer):
             config_from_spec(spec)
         except SpecError as err:
             invalid_argument(context, f"spec.{err.field}", err.reason)
-        if spec.corpus_path and not Path(spec.corpus_path).is_file():
-            invalid_argument(context, "spec.corpus_path", f"{spec.corpus_path!r} does not exist on the trainer")
+        if spec.corpus_path and not _is_file(spec.corpus_path):
+            what = "is a directory; give a UTF-8 text file" if _is_dir(spec.corpus_path) else "does not exist on the trainer"
+            invalid_argument(context, "spec.corpus_path", f"{spec.corpus_path!r} {what}")
         with queue_errors(context):
             job_id = self.queue.submit("train", spec, idempotency_key=request.idempotency_key)
             status = self.queue.get(job_id)
@@ -101,3 +102,17 @@ def model_info(info: ArtifactInfo) -> common_pb2.ModelInfo:
         formats=[fmt for fmt, rel in _FORMAT_FILES.items() if (info.path / rel).exists()],
         metrics=metrics,
     )
+
+
+def _is_file(path: str) -> bool:
+    try:
+        return Path(path).is_file()
+    except (OSError, ValueError):  # too long for a path, or a NUL byte
+        return False
+
+
+def _is_dir(path: str) -> bool:
+    try:
+        return Path(path).is_dir()
+    except (OSError, ValueError):
+        return False

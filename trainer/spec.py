@@ -8,6 +8,7 @@ overridden from outside.
 
 from __future__ import annotations
 
+from jobs.spec_checks import NestedSpecError, check_bench_spec
 from protos import jobs_pb2
 from trainer.config import ConfigError, TrainConfig, load_config
 
@@ -56,6 +57,10 @@ def config_from_spec(spec: jobs_pb2.TrainSpec) -> TrainConfig:
     for index, fmt in enumerate(spec.then_export.formats):
         if fmt not in EXPORT_FORMATS:
             raise SpecError(f"then_export.formats[{index}]", f"must be one of {list(EXPORT_FORMATS)}, got {fmt!r}")
+    try:
+        check_bench_spec(spec.then_export.then_bench, "then_export.then_bench.")
+    except NestedSpecError as err:
+        raise SpecError(err.field, err.reason) from None
     values: dict[str, object] = {
         "tokenizer": spec.tokenizer or None,
         "max_steps": spec.max_steps or None,
