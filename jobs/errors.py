@@ -1,6 +1,6 @@
 """Errors the job queue raises to its callers and handlers."""
 
-__all__ = ["JobCancelled", "JobNotFound", "QueueUnavailable"]
+__all__ = ["JobCancelled", "JobNotFound", "PermanentJobError", "QueueUnavailable"]
 
 
 class JobNotFound(LookupError):
@@ -13,3 +13,8 @@ class QueueUnavailable(ConnectionError):
 
 class JobCancelled(Exception):
     """Raised inside a handler by `JobContext.check_cancelled()` when the job must stop."""
+
+
+class PermanentJobError(Exception):
+    """Raised by a handler for a failure no retry can fix (a bad spec, a missing or unreadable input): the job fails
+    and is dead-lettered at once instead of after `max_attempts` attempts."""

@@ -23,7 +23,7 @@ from google.protobuf.message import DecodeError
 
 from jobs.connection import unavailable_as_error
 from jobs.context import JobContext, JobResult
-from jobs.errors import JobCancelled, QueueUnavailable
+from jobs.errors import JobCancelled, PermanentJobError, QueueUnavailable
 from jobs.heartbeat import Heartbeat, Lease
 from jobs.kinds import KIND_NAMES, KindLike, parse_kind
 from jobs.queue import JobQueue
@@ -280,7 +280,8 @@ class Worker:
         except Exception as error:  # noqa: BLE001 - any handler error fails this attempt
             log.warning("%s: job %s attempt %d failed", self.consumer, lease.job_id, lease.attempt, exc_info=True)
             message = f"{type(error).__name__}: {error}"
-            self._persist(lambda: self._store_failure(lease, message), lease.job_id)
+            final = isinstance(error, PermanentJobError)  # no retry can fix it: dead-lettered now
+            self._persist(lambda: self._store_failure(lease, message, final=final), lease.job_id)
             return "failed"
         self._persist(lambda: self._store_success(ctx.job, lease, outcome), lease.job_id)
         return "succeeded"
@@ -356,14 +357,14 @@ class Worker:
         args = [lease.entry_id, lease.attempt, self.config.group, result_json, " ".join(child_ids)]
         return self._scripts.succeed(keys=self._job_keys(job.id), args=args)
 
-    def _store_failure(self, lease: Lease, message: str) -> bytes:
+    def _store_failure(self, lease: Lease, message: str, *, final: bool = False) -> bytes:
         keys = self._job_keys(lease.job_id) + [self._keys.dead(self.kind_name), self._keys.delayed(self.kind_name)]
         args = [
             lease.entry_id,
             lease.attempt,
             self.config.group,
             message,
-            self.config.max_attempts,
+            0 if final else self.config.max_attempts,  # 0: the script dead-letters whatever the attempt
             repr(self.config.backoff_s(lease.attempt)),
             lease.job_id,
         ]

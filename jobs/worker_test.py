@@ -8,7 +8,7 @@ from collections.abc import Callable
 import pytest
 
 from jobs.context import JobContext, JobResult
-from jobs.errors import JobCancelled
+from jobs.errors import JobCancelled, PermanentJobError
 from jobs.noop import noop_handler
 from jobs.queue import JobQueue
 from jobs.worker import Worker, WorkerConfig
@@ -303,3 +303,20 @@ def test_job_context_checks_its_arguments_and_flags() -> None:
         WorkerConfig(max_attempts=0)
     with pytest.raises(ValueError, match="ExportSpec"):
         JobResult({}, next_jobs=[("export", jobs_pb2.NoopSpec())])
+
+
+def test_a_permanent_error_fails_the_job_at_once_without_retries(queue: JobQueue) -> None:
+    def handler(ctx: JobContext) -> None:
+        calls.append(ctx.attempt)
+        raise PermanentJobError("corpus /nope does not exist")
+
+    calls: list[int] = []
+    job_id = queue.submit("noop", jobs_pb2.NoopSpec())
+    worker = Worker(queue, "noop", handler, "w1", max_attempts=3, **FAST)
+    _run_until(worker, _final(queue, job_id))
+    status = queue.get(job_id)
+    assert status.state == jobs_pb2.JOB_STATE_FAILED and calls == [1]
+    assert status.error == "PermanentJobError: corpus /nope does not exist"
+    [letter] = queue.dead_letters("noop")
+    assert (letter.job_id, letter.attempt) == (job_id, 1)
+    worker.close()

@@ -169,3 +169,21 @@ def test_cancel_stops_the_run_at_its_next_step(stack):
     assert (run_dir / "best" / "model.safetensors").is_file()  # the last good checkpoint is kept
     assert all(e.time_unix < cancelled_at + 30 for e in rest)
     assert not any(paths.store_root.glob("*/manifest.json"))  # a cancelled run publishes nothing
+
+
+def test_a_corpus_no_retry_can_fix_fails_the_train_job_permanently(tmp_path):
+    """Issue 22, finding 7: without the corpus a train job was retried three times; now it fails at once, saying why."""
+    import threading
+
+    from jobs.context import JobContext
+    from jobs.errors import PermanentJobError
+    from trainer.worker import TrainerPaths, make_train_handler
+
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    handle = make_train_handler(TrainerPaths(home=tmp_path))
+    job = jobs_pb2.Job(id="j", kind=jobs_pb2.JOB_KIND_TRAIN, attempt=1,
+                       train=jobs_pb2.TrainSpec(preset="tiny", corpus_path=str(empty)))  # fmt: skip
+    ctx = JobContext(job, "w", lambda message, fraction, metrics: None, threading.Event(), threading.Event())
+    with pytest.raises(PermanentJobError, match="empty.txt"):
+        handle(ctx)

@@ -16,11 +16,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from jobs.context import JobContext, JobResult
-from jobs.errors import JobCancelled
+from jobs.errors import JobCancelled, PermanentJobError
 from jobs.queue import JobQueue
 from jobs.worker import Handler, Worker
 from protos import jobs_pb2
-from trainer.corpus import resolve_corpus
+from trainer.corpus import CorpusError, resolve_corpus
 from trainer.spec import config_from_spec
 from trainer.train import train
 
@@ -72,7 +72,10 @@ def make_train_handler(paths: TrainerPaths) -> Handler:
         spec: jobs_pb2.TrainSpec = ctx.job.train
         run_dir = paths.runs / ctx.job.id
         config = config_from_spec(spec).replace(log_dir=str(run_dir), resume=True)
-        corpus = resolve_corpus(spec.corpus_path or paths.default_corpus, paths.data)
+        try:
+            corpus = resolve_corpus(spec.corpus_path or paths.default_corpus, paths.data)
+        except CorpusError as err:  # missing, unreadable or unreachable: a retry would fail the same way
+            raise PermanentJobError(str(err)) from err
         ctx.progress(f"training {config.model_name} ({config.preset}) for {config.max_steps} steps", 0.0)
 
         def on_progress(step: int, metrics: dict[str, float]) -> None:
