@@ -9,12 +9,12 @@ inference service's entry point.
 from __future__ import annotations
 
 import contextlib
-import os
 import threading
 import time
 
 from bench_svc.load_generator import LoadLevel, LoadResult, run_level
 from bench_svc.loopback import check_loopback
+from bench_svc.provenance import machine_load
 from bench_svc.local_server import INFERENCE_MODULE, inference_server
 from bench_svc.results_io import Anchor, Panel, PlotSpec, write_results
 from bench_svc.subprocess_suite import module_available
@@ -74,7 +74,7 @@ def run(ctx: SuiteContext) -> SuiteResult:
         with _server(ctx) as address:
             for level in plan:
                 result = _run_cancellable(ctx, address, level)
-                row = {"address": address, **result.summary(), "load_avg_1m": os.getloadavg()[0]}
+                row = {"address": address, **result.summary(), "load_1m": machine_load()}
                 rows.append(row)
                 progress.advance(
                     f"concurrency {level.concurrency}: {row['tokens_per_s']:.1f} tok/s, "

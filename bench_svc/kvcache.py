@@ -10,7 +10,6 @@ records torch's thread count and the machine's load average: on a shared CPU, cl
 
 from __future__ import annotations
 
-import os
 import statistics
 import time
 from typing import Callable
@@ -20,6 +19,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from bench_svc.model_source import load_bench_model
+from bench_svc.provenance import machine_load
 from bench_svc.results_io import Anchor, Panel, PlotSpec, write_results
 from bench_svc.suite import RateProgress, SuiteContext, SuiteResult
 from model.kv_cache import KVCache
@@ -110,7 +110,7 @@ def run(ctx: SuiteContext) -> SuiteResult:
     rows = []
     for L in lengths:
         prefix = torch.randint(0, bench.config.vocab_size, (1, L), generator=generator).to(device)  # (1, L)
-        row = {"model": bench.label, "batch": 1, "threads": torch.get_num_threads(), "load_avg_1m": os.getloadavg()[0]}
+        row = {"model": bench.label, "batch": 1, "threads": torch.get_num_threads(), "load_1m": machine_load()}
         row.update(_measure(bench.model, prefix, reps, sync))
         rows.append(row)
         progress.advance(
