@@ -71,8 +71,10 @@ def write_results(
     *,
     summary: Mapping[str, Any] | None = None,
     plot: PlotSpec | None = None,
+    stem: str | None = None,
 ) -> list[Path]:
     """Writes `<suite>-<slug>.csv` and `.json` (and `.png` when `plot` is given and there are rows); returns the paths.
+    `stem` names the files instead (a benchmark whose README figures name a fixed file, e.g. "jobs-cpu").
 
     Every row must have the same keys (the CSV columns, in the first row's order). Writes are atomic (temp + rename).
     """
@@ -81,7 +83,7 @@ def write_results(
     for i, row in enumerate(rows):
         if list(row.keys()) != columns:
             raise ValueError(f"rows[{i}] has columns {list(row.keys())}, expected {columns}")
-    stem = out_dir / f"{suite}-{device_slug(header.device)}"
+    stem = out_dir / (stem or f"{suite}-{device_slug(header.device)}")
     paths = [_write_csv(stem.with_suffix(".csv"), header, columns, rows)]
     png = stem.with_suffix(".png") if plot is not None and rows else None
     document = {
