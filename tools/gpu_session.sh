@@ -71,7 +71,7 @@ for spec in "$@"; do
       run_step ffn-bench 120 "$PYTHON" -m bench_svc.benches.kernels --only fused_ffn
       run_step kernel-bench "$limit" "$PYTHON" -m bench_svc.benches.kernels ;;
     speculative)
-      run_step speculative "$limit" "$PYTHON" -m model.speculative_bench --device cuda --target-steps 1500 \
+      run_step speculative "$limit" "$PYTHON" -m bench_svc.benches.speculative --device cuda --target-steps 1500 \
         --draft-steps 600 --batch 32 --target-train-s 60 --draft-train-s 30 --prompts 2 --max-new-tokens 96 --repeats 2 ;;
     train) run_step train "$limit" "$PYTHON" -m trainer.bench --part speed --budget-s "${TRAIN_BUDGET_S:-120}" \
       ${TRAIN_VARIANTS:+--variants "$TRAIN_VARIANTS"} ;;
