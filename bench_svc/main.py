@@ -119,6 +119,7 @@ def _serve(argv: list[str]) -> int:
     # The service's imports (Redis, gRPC) stay here: a local run needs neither, and the GPU machine has no redis-py.
     from bench_svc.service import SERVICE_NAME, BenchService
     from bench_svc.worker import BenchWorkerConfig, make_worker, run_worker_thread
+    from jobs.metrics import JobMetrics, serve_metrics
     from jobs.queue import JobQueue
     from protos import bench_pb2_grpc
     from rpc.server import serve_from_args, serve_until_signalled
@@ -135,6 +136,8 @@ def _serve(argv: list[str]) -> int:
     parser.add_argument("--tls-cert", type=Path, default=None)
     parser.add_argument("--tls-key", type=Path, default=None)
     parser.add_argument("--threads", type=int, default=0, help=THREADS_HELP)
+    parser.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus /metrics (queue depth, running "
+                        "jobs, dead letters, job durations) on this port of --host (0: a free one); off by default")
     args = parser.parse_args(argv)
     _set_threads(parser, args.threads)
     if not args.redis_url:
@@ -154,10 +157,18 @@ def _serve(argv: list[str]) -> int:
         token=os.environ.get("TINYLM_TOKEN"),
     )
     stop = threading.Event()
-    threads = [run_worker_thread(make_worker(JobQueue(args.redis_url), config), stop) for _ in range(args.workers)]
+    metrics = JobMetrics(queue) if args.metrics_port is not None else None
+    on_finished = metrics.observe if metrics else None
+    threads = [run_worker_thread(make_worker(JobQueue(args.redis_url), config, on_finished=on_finished), stop)
+               for _ in range(args.workers)]
     log.info("BenchService on %s (redis %s, %d worker(s), results in %s)", running.address, args.redis_url,
              len(threads), config.results_root)
+    metrics_server = serve_metrics(metrics.registry, args.host, args.metrics_port) if metrics else None
+    if metrics_server:
+        print(f"metrics on {metrics_server.url}", flush=True)
     serve_until_signalled(running, threads, stop, drain_s=30.0)
+    if metrics_server:
+        metrics_server.stop()
     queue.close()
     return 0
 

@@ -110,9 +110,13 @@ def make_handler(config: BenchWorkerConfig) -> Callable[[JobContext], dict[str, 
     return handle
 
 
-def make_worker(queue: JobQueue, config: BenchWorkerConfig, consumer_name: str = "") -> Worker:
+def make_worker(
+    queue: JobQueue, config: BenchWorkerConfig, consumer_name: str = "", *,
+    on_finished: Callable[[str, str, float], None] | None = None,
+) -> Worker:
     """A Worker on the bench stream. Bench jobs are long and measure a machine: one attempt at a time, two in all."""
-    return Worker(queue, "bench", make_handler(config), consumer_name, max_attempts=2, visibility_timeout_s=60.0)
+    return Worker(queue, "bench", make_handler(config), consumer_name, max_attempts=2, visibility_timeout_s=60.0,
+                  on_finished=on_finished)
 
 
 def run_worker_thread(worker: Worker, stop: threading.Event) -> threading.Thread:

@@ -54,6 +54,8 @@ def _serve_parser() -> argparse.ArgumentParser:
     p.add_argument("--token", help="require this bearer token (default $TINYLM_TOKEN, if set)")
     p.add_argument("--tls-cert", type=Path, help="PEM certificate (with --tls-key) for TLS")
     p.add_argument("--tls-key", type=Path, help="PEM private key")
+    p.add_argument("--metrics-port", type=int, default=None,
+                   help="serve Prometheus /metrics (queue depth, running jobs, dead letters, job durations) on this port of --host (0: a free one); off by default")
     return p
 
 
@@ -138,6 +140,7 @@ def _export(argv: list[str], env: Mapping[str, str]) -> int:
 def _serve(argv: list[str], env: Mapping[str, str]) -> int:
     from exporter.service import SERVICE_NAME, ExporterService
     from exporter.worker import ExporterPaths, run_workers
+    from jobs.metrics import JobMetrics, serve_metrics
     from jobs.queue import JobQueue
     from protos import exporter_pb2_grpc
     from rpc.server import serve_from_args, serve_until_signalled
@@ -157,9 +160,15 @@ def _serve(argv: list[str], env: Mapping[str, str]) -> int:
         [SERVICE_NAME], args, token=args.token or env.get("TINYLM_TOKEN"),
     )
     stop = threading.Event()
-    workers = run_workers(JobQueue(redis_url), paths, args.workers, stop)
+    metrics = JobMetrics(queue) if args.metrics_port is not None else None
+    workers = run_workers(JobQueue(redis_url), paths, args.workers, stop, on_finished=metrics.observe if metrics else None)
     print(f"ExporterService listening on {server.address} ({args.workers} worker(s), store {paths.store_root})", flush=True)
+    metrics_server = serve_metrics(metrics.registry, args.host, args.metrics_port) if metrics else None
+    if metrics_server:
+        print(f"metrics on {metrics_server.url}", flush=True)
     serve_until_signalled(server, workers, stop, drain_s=120.0)
+    if metrics_server:
+        metrics_server.stop()
     queue.close()
     return EXIT_OK
 

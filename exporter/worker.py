@@ -84,11 +84,13 @@ def make_worker(queue: JobQueue, paths: ExporterPaths, consumer_name: str = "", 
     return Worker(queue, "export", make_export_handler(paths), consumer_name, **worker_options)
 
 
-def run_workers(queue: JobQueue, paths: ExporterPaths, n: int, stop: threading.Event) -> list[threading.Thread]:
+def run_workers(
+    queue: JobQueue, paths: ExporterPaths, n: int, stop: threading.Event, **worker_options: Any
+) -> list[threading.Thread]:
     """Start `n` worker threads that run until `stop` is set."""
     threads = []
     for i in range(n):
-        worker = make_worker(queue, paths)
+        worker = make_worker(queue, paths, **worker_options)
         thread = threading.Thread(target=worker.run_forever, args=(stop,), name=f"export-worker-{i}", daemon=True)
         thread.start()
         threads.append(thread)

@@ -16,7 +16,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass, replace
-from typing import Iterator, NamedTuple
+from typing import Callable, Iterator, NamedTuple
 
 from inference_svc.detokenizer import StreamingDetokenizer
 from inference_svc.kv_pool import KVPool
@@ -161,6 +161,8 @@ class Engine:
         self._closing = False
         self._sinks: dict[str, queue.SimpleQueue[Chunk]] = {}
         self._finished = {reason.value: 0 for reason in FinishReason}
+        # Called on the engine thread with every final chunk, before its caller sees it (metrics); keep them cheap.
+        self.finish_listeners: list[Callable[[Chunk], None]] = []
         self._thread = threading.Thread(target=self._loop, name="tinylm-engine", daemon=True)
         self._thread.start()
 
@@ -248,7 +250,7 @@ class Engine:
             self._run(out.prefill, prefill=True)
         decode, rounds = out.decode, []
         if self.speculative is not None:  # sequences near the end of a context stay on plain steps
-            decode, rounds = [], decode
+            decode, rounds = [], []
             for seq in out.decode:
                 (rounds if self.speculative.eligible(seq) else decode).append(seq)
         if rounds:
@@ -319,17 +321,21 @@ class Engine:
         with self._wake:
             self._sinks.pop(seq.request_id, None)
             self._finished[reason.value] += 1
-        seq.sink.put(
-            Chunk(
-                seq.request_id,
-                token_ids,
-                text,
-                finish_reason=reason,
-                usage=Usage(seq.prompt_len, len(seq.output_ids)),
-                timings=_timings(seq, end),
-                error=error,
-            )
+        final = Chunk(
+            seq.request_id,
+            token_ids,
+            text,
+            finish_reason=reason,
+            usage=Usage(seq.prompt_len, len(seq.output_ids)),
+            timings=_timings(seq, end),
+            error=error,
         )
+        for listener in self.finish_listeners:
+            try:
+                listener(final)
+            except Exception:  # a metrics bug must not keep a caller from its final chunk
+                log.exception("finish listener failed")
+        seq.sink.put(final)
 
 
 def _timings(seq: Sequence, end: float) -> Timings:

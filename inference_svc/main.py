@@ -1,10 +1,12 @@
 """`./tinylm serve`: load an artifact, start the engine and serve `InferenceService` until SIGINT/SIGTERM.
 
     ./tinylm serve [--model ID|NAME|PATH] [--backend torch|onnx] [--onnx-file fp32|fp16|int8|int4]
-                   [--host 127.0.0.1] [--port 50053] [--tls-cert F --tls-key F] [--token T]
+                   [--host 127.0.0.1] [--port 50053] [--tls-cert F --tls-key F] [--token T] [--http-port 8000]
 
 With no --model it serves the newest artifact in the store ($TINYLM_HOME/artifacts, default
-~/.tinylm/artifacts). Also `python -m inference_svc` and `bazel run //inference_svc -- ...`.
+~/.tinylm/artifacts). With --http-port it also serves the OpenAI-compatible HTTP API (/v1/completions,
+/v1/models, /health) and Prometheus /metrics on the same engine (inference_svc/http_api.py).
+Also `python -m inference_svc` and `bazel run //inference_svc -- ...`.
 """
 
 from __future__ import annotations
@@ -49,6 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tls-cert", type=Path, help="PEM certificate chain (with --tls-key): serve TLS")
     p.add_argument("--tls-key", type=Path, help="PEM private key")
     p.add_argument("--token", default=os.environ.get("TINYLM_TOKEN", ""), help="require `authorization: Bearer TOKEN` (env TINYLM_TOKEN)")
+    p.add_argument("--http-port", type=int, default=None, help="also serve OpenAI-compatible HTTP (/v1/completions, /v1/models, "
+                   "/health) and Prometheus /metrics on this port of --host (0 picks a free one); off by default")
     return p
 
 
@@ -125,11 +129,22 @@ def main(argv: list[str] | None = None) -> int:
         max_workers=engine.max_slots + 32,  # a streaming call holds a worker thread for its whole life
     )
     print(f"serving {model.id} ({model.name}) with {args.backend} on {running.address}", flush=True)
+    http = None
+    if args.http_port is not None:  # starlette, uvicorn and prometheus_client only when asked for (the GPU machine lacks them)
+        from inference_svc.http_api import build_app
+        from inference_svc.http_server import serve_http
+        from inference_svc.metrics import EngineMetrics
+
+        metrics = EngineMetrics(engine, model.name or model.id)
+        http = serve_http(build_app(engine, model, metrics, token=args.token or None), host=args.host, port=args.http_port)
+        print(f"http on {http.url} (OpenAI-compatible {http.url}/v1, metrics {http.url}/metrics)", flush=True)
 
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     stop.wait()
+    if http is not None:
+        http.stop()
     running.stop(grace=2.0)
     engine.close()
     return 0

@@ -1,12 +1,15 @@
-"""`python -m inference_svc serve`: finds the model, serves it (with a bearer token), stops on SIGTERM."""
+"""`python -m inference_svc serve`: finds the model, serves it (with a bearer token, also over HTTP with --http-port), stops on SIGTERM."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
 import subprocess
 import sys
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import grpc
@@ -69,6 +72,31 @@ def test_serves_the_newest_artifact_with_a_token_until_sigterm(tiny, tmp_path):
         with channel(address) as ch, pytest.raises(grpc.RpcError) as err:
             list(inference_pb2_grpc.InferenceServiceStub(ch).Generate(request, timeout=60))
         assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_serves_http_beside_grpc_with_the_same_token(tiny, tmp_path):
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "inference_svc", "serve", "--model", str(tiny.path), "--port", "0", "--token", "s3cret",
+         "--max-slots", "2", "--http-port", "0"],
+        env=_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=ROOT,
+    )
+    try:
+        assert "serving" in proc.stdout.readline()
+        url = re.search(r"http on (http://\S+) ", proc.stdout.readline()).group(1)
+        body = json.dumps({"prompt": "to be", "max_tokens": 3}).encode()
+        post = urllib.request.Request(f"{url}/v1/completions", body, {"authorization": "Bearer s3cret"})
+        with urllib.request.urlopen(post, timeout=60) as reply:
+            assert json.loads(reply.read())["usage"]["completion_tokens"] == 3
+        post = urllib.request.Request(f"{url}/v1/completions", body)
+        with pytest.raises(urllib.error.HTTPError) as err:  # the gRPC token guards HTTP too
+            urllib.request.urlopen(post, timeout=60)
+        assert err.value.code == 401
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == 0
     finally:

@@ -19,6 +19,7 @@ __all__ = [
     "RequestError",
     "TRUNCATIONS",
     "make_request",
+    "make_sampling_params",
     "sampling_params_from_proto",
     "request_from_proto",
 ]
@@ -113,8 +114,14 @@ def sampling_params_from_proto(
         seed=msg.seed if (msg.has_seed or msg.seed != 0) else None,
         stop=tuple(msg.stop),
     )
+    return make_sampling_params(prefix=prefix, **kwargs)
+
+
+def make_sampling_params(*, prefix: str = "params", **values: object) -> SamplingParams:
+    """`SamplingParams(**values)`, its ValueError turned into a RequestError naming the field (`params.top_p`);
+    every front end (gRPC, HTTP) builds its parameters through here."""
     try:
-        return SamplingParams(**kwargs)
+        return SamplingParams(**values)
     except ValueError as err:
         text = str(err)
         name = next((f for f in _PARAM_FIELDS if text.startswith(f)), "")

@@ -105,6 +105,7 @@ class Worker:
         poll_s: float = 0.5,
         group: str = "workers",
         store_retry_s: float = 300.0,
+        on_finished: Optional[Callable[[str, str, float], None]] = None,
     ) -> None:
         self.queue = queue
         self.kind = parse_kind(kind)
@@ -129,6 +130,8 @@ class Worker:
         self._next_housekeeping = 0.0
         self._reclaim_cursor = b"0-0"
         self._heartbeat = Heartbeat(self._beat, self.config.heartbeat_interval_s)
+        # Called with (kind, "succeeded" | "failed" | "cancelled", seconds) after each attempt's outcome is stored (metrics).
+        self.on_finished = on_finished
 
     # -- the loop ------------------------------------------------------------------------------------------
 
@@ -256,24 +259,31 @@ class Worker:
         lease = Lease(entry_id=entry_id, job_id=job.id, attempt=job.attempt)
         ctx = JobContext(job, self.consumer, self._progress_sink(job), lease.cancel, lease.lost)
         self._heartbeat.track(lease)
+        began = time.monotonic()
         try:
-            self._run_handler(ctx, lease)
+            outcome = self._run_handler(ctx, lease)
         finally:
             self._heartbeat.untrack()
+        if self.on_finished is not None:
+            try:
+                self.on_finished(self.kind_name, outcome, time.monotonic() - began)
+            except Exception:  # noqa: BLE001 - a metrics bug must not stop the worker
+                log.exception("%s: on_finished failed", self.consumer)
 
-    def _run_handler(self, ctx: JobContext, lease: Lease) -> None:
+    def _run_handler(self, ctx: JobContext, lease: Lease) -> str:
         try:
             returned = self.handler(ctx)
             outcome = returned if isinstance(returned, JobResult) else JobResult(result=returned or {})
         except JobCancelled as cancelled:
             self._persist(lambda: self._store_cancelled(lease, str(cancelled)), lease.job_id)
-            return
+            return "cancelled"
         except Exception as error:  # noqa: BLE001 - any handler error fails this attempt
             log.warning("%s: job %s attempt %d failed", self.consumer, lease.job_id, lease.attempt, exc_info=True)
             message = f"{type(error).__name__}: {error}"
             self._persist(lambda: self._store_failure(lease, message), lease.job_id)
-            return
+            return "failed"
         self._persist(lambda: self._store_success(ctx.job, lease, outcome), lease.job_id)
+        return "succeeded"
 
     def _progress_sink(self, job: jobs_pb2.Job) -> Callable[[str, float, dict[str, float]], None]:
         def sink(message: str, fraction: float, metrics: dict[str, float]) -> None:

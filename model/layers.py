@@ -16,6 +16,7 @@ from typing import Iterator
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from kernels import flash_attention as fa
 from kernels import fused_add_norm, swiglu as swiglu_kernel
@@ -36,6 +37,13 @@ __all__ = [
 
 _KERNELS_ON: contextvars.ContextVar[bool] = contextvars.ContextVar("tinylm_kernels_on", default=True)
 
+# SDPA backends for attention with dropout: every one but cuDNN's. On torch 2.11 + CUDA 13 (H200, 2026-11-29), cuDNN's
+# attention trains the model's (transposed-view) q, k, v wrongly with dropout: with it alone enabled, shakespeare-char
+# stood at loss 2.79 after 300 steps where FlashAttention-2 and the memory-efficient kernel reached 2.05
+# (tools/train_probe.py sdpa). PyTorch prefers cuDNN on Hopper once a torch.compile run has reordered the backends'
+# priorities, which made an eager run after a compiled one in the same process diverge.
+DROPOUT_SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
 
 @contextlib.contextmanager
 def use_kernels(enabled: bool) -> Iterator[None]:
@@ -52,9 +60,9 @@ def _kernel_impl(t: torch.Tensor) -> str | None:
 
     Our kernels serve CUDA tensors in eager mode; under torch.compile, Inductor's own fusion runs instead.
     """
-    if t.is_cuda and _KERNELS_ON.get() and not torch.compiler.is_compiling():
-        return "auto"
-    return None
+    if torch.compiler.is_compiling():  # first: dynamo folds it to a constant, so nothing below is traced
+        return None
+    return "auto" if t.is_cuda and _KERNELS_ON.get() else None
 
 
 def attention(
@@ -87,6 +95,9 @@ def attention(
         # exporter sees a plain MHA graph).
         k = k.repeat_interleave(n_head // n_kv_head, dim=1)  # (B, H, S, D)
         v = v.repeat_interleave(n_head // n_kv_head, dim=1)  # (B, H, S, D)
+    if dropout_p > 0.0 and q.is_cuda:
+        with sdpa_kernel(DROPOUT_SDPA_BACKENDS):
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=causal)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=causal)
 
 

@@ -9,7 +9,8 @@
 #
 # Steps: tests (CUDA build + every GPU test under kernels/, model/, inference_svc/; $GPU_TESTS narrows them), kernels (python -m bench_svc.benches.kernels),
 #        speculative, train (trainer.bench --part speed), serve (inference_svc.bench --device cuda),
-#        compile (trainer.compile_bench), checkpointing (trainer.checkpointing_bench).
+#        compile (trainer.compile_bench), checkpointing (trainer.checkpointing_bench),
+#        train-profile / train-carryover (tools.train_probe: step time split, state left between runs).
 set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -75,6 +76,14 @@ for spec in "$@"; do
         --draft-steps 600 --batch 32 --target-train-s 60 --draft-train-s 30 --prompts 2 --max-new-tokens 96 --repeats 2 ;;
     train) run_step train "$limit" "$PYTHON" -m trainer.bench --part speed --budget-s "${TRAIN_BUDGET_S:-120}" \
       ${TRAIN_VARIANTS:+--variants "$TRAIN_VARIANTS"} ;;
+    train-profile) run_step train-profile "$limit" "$PYTHON" -m tools.train_probe profile ${PROBE_VARIANTS:+--variants "$PROBE_VARIANTS"} ;;
+    train-carryover) run_step train-carryover "$limit" "$PYTHON" -m tools.train_probe carryover --steps "${PROBE_STEPS:-300}" --eval-interval 100 ;;
+    pytest) run_step pytest "$limit" "$PYTHON" -m pytest -q -rfEs --tb=short -p no:cacheprovider ${GPU_TESTS:?set GPU_TESTS} ;;
+    train-tests) run_step train-tests "$limit" "$PYTHON" -m pytest -q -rfEs --tb=short -p no:cacheprovider trainer/train_gpu_test.py ;;
+    train-all) run_step train-all "$limit" "$PYTHON" -m trainer.bench --part all --budget-s "${TRAIN_BUDGET_S:-60}" \
+      ${TRAIN_VARIANTS:+--variants "$TRAIN_VARIANTS"} ${TRAIN_TAG:+--tag "$TRAIN_TAG"} ${TRAIN_STARTUP:+--startup "$TRAIN_STARTUP"} ;;
+    train-startup) run_step train-startup "$limit" "$PYTHON" -m trainer.bench --part startup ;;
+    train-sdpa) run_step train-sdpa "$limit" "$PYTHON" -m tools.train_probe sdpa --steps "${PROBE_STEPS:-300}" --eval-interval 100 ;;
     serve) run_step serve "$limit" "$PYTHON" -m inference_svc.bench --device cuda ;;
     compile) run_step compile "$limit" "$PYTHON" -m trainer.compile_bench --device cuda --timeout-s 120 ;;
     checkpointing) run_step checkpointing "$limit" "$PYTHON" -m trainer.checkpointing_bench --device cuda ;;
@@ -83,6 +92,7 @@ for spec in "$@"; do
 done
 
 if [ -n "$OUT" ]; then
+  gzip -f "$OUT"/*.json 2>/dev/null || true
   find bench_svc/results -type f -newer "$marker" -print0 | tar czf "$OUT/results.tgz" --null -T -
   tar tzf "$OUT/results.tgz"
 fi

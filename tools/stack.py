@@ -2,7 +2,8 @@
 
 `up` starts redis-server on a free loopback port (unless TINYLM_REDIS_URL names one) and the four services, each
 with its queue worker, as background processes; it waits until each answers its gRPC health check and prints the
-addresses. State (pids, ports, log files) lives in $TINYLM_HOME/stack/state.json; `down` stops what it lists.
+addresses and HTTP URLs (the inference service's OpenAI-compatible API, every service's Prometheus /metrics).
+State (pids, ports, log files) lives in $TINYLM_HOME/stack/state.json; `down` stops what it lists.
 """
 
 from __future__ import annotations
@@ -140,15 +141,24 @@ def add_service(settings: Settings, name: str, *, model: str | None = None, time
         argv += ["--redis-url", state["redis_url"]]
     if spec.name == "inference" and model:
         argv += ["--model", model]
+    http_port = free_port()  # the inference service's OpenAI-compatible API and /metrics; a job service's /metrics
+    argv += ["--http-port" if spec.name == "inference" else "--metrics-port", str(http_port)]
+    urls = _http_urls(spec.name, http_port)
     env = {**os.environ, "TINYLM_HOME": str(settings.home), "TINYLM_REDIS_URL": state["redis_url"],
            "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     with open(log, "ab") as out:
         proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     address = f"127.0.0.1:{port}"
-    state["processes"][spec.name] = {"pid": proc.pid, "address": address, "log": str(log), "grpc": spec.grpc_name}
+    state["processes"][spec.name] = {"pid": proc.pid, "address": address, "log": str(log), "grpc": spec.grpc_name, **urls}
     _write_state(settings, state)
     _wait_healthy(address, spec.grpc_name, proc, log, timeout_s)
     return address
+
+
+def _http_urls(name: str, port: int) -> dict[str, str]:
+    """The inference service serves the OpenAI-compatible API and /metrics on one port; a job service /metrics alone."""
+    base = f"http://127.0.0.1:{port}"
+    return {"api": f"{base}/v1", "metrics": f"{base}/metrics"} if name == "inference" else {"metrics": f"{base}/metrics"}
 
 
 def _write_state(settings: Settings, state: dict) -> None:
@@ -197,6 +207,7 @@ def status(settings: Settings) -> dict:
         if "address" in proc:
             row["address"] = proc["address"]
             row["healthy"] = row["alive"] and _healthy(proc["address"], proc["grpc"])
+            row.update({k: proc[k] for k in ("api", "metrics") if k in proc})
         out["services"][name] = row
     return out
 
@@ -250,5 +261,8 @@ def _print(data: dict, as_json: bool, line: str) -> None:
         if "address" in proc:
             health = "" if "healthy" not in proc else ("  healthy" if proc["healthy"] else "  NOT HEALTHY")
             print(f"{name:<10} {proc['address']:<22} pid {proc['pid']:<8} log {proc['log']}{health}")
+            for key, label in (("api", "openai"), ("metrics", "metrics")):
+                if key in proc:
+                    print(f"{'':<10} {label:<8} {proc[key]}")
     if line:
         print(line)

@@ -1,13 +1,18 @@
-"""The training benchmark: shakespeare-char to val loss <= 1.47 with our trainer, and the same model in eager PyTorch.
+"""The training benchmark: shakespeare-char to val loss <= 1.474 with our trainer, and the same model in eager PyTorch.
 
     python -m trainer.bench                       # on a CUDA machine; writes bench_svc/results/train-<gpu>.*
     python -m trainer.bench --cpu-smoke --out DIR # a seconds-long run of the same code path on a CPU
 
-For each variant ("tinylm": torch.compile + the preset's bf16 autocast + fused AdamW; "eager": the same model,
-data, seed and schedule without torch.compile, on our kernels; "eager-pytorch": eager with `kernels=false`) it records the time from launch (model build, compilation and
-evaluations included) to the first evaluation at or below the target val loss, the best val loss within the first
-60 s, tokens/s and MFU (median over steps after warm-up), and the val-loss curve. A run stops at the target or at
-its time budget. With two or more GPUs it also measures DDP tokens/s of the `medium` preset on 2 GPUs vs 1
+Variants, all on nanoGPT's shakespeare-char data, split, model and evaluation: "tinylm" (the preset as it trains:
+torch.compile with CUDA graphs, bf16 autocast, fused AdamW, no host sync between log points), "tinylm-fast" (the
+shakespeare-char-fast preset: the same with a schedule cut to the budget), "compile-default" (torch.compile without
+CUDA graphs), "eager" (no compile, our kernels), and the anchor "eager-pytorch" (no compile, plain PyTorch: nanoGPT's
+loop). For each it records the time from launch (model build, compilation and evaluations included) to the first
+evaluation at or below the target val loss, the first step's time from launch, the best val loss within the first
+60 s, the best weights' loss on the whole val split (every token scored once), the largest difference from the
+anchor's val loss at the same evaluations, tokens/s and MFU (median over log intervals after warm-up), and the
+val-loss curve. A run goes on to its time budget (or max_steps). `--part startup` measures launch to first step in a
+new process with an empty compile cache and again with the cache it left. With two or more GPUs it also measures DDP tokens/s of the `medium` preset on 2 GPUs vs 1
 (torchrun, the same `trainer.main` code path). Results: CSV + JSON (GPU, commit, command) and a PNG.
 """
 
@@ -28,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_model
 
 from kernels.bench_report import RunInfo, gpu_slug
 from trainer.bench_output import REPO_ROOT, fmt, new_figure, run_info, write_csv_json
@@ -35,20 +41,23 @@ from trainer.config import TrainConfig, load_config
 from trainer.corpus import resolve_corpus
 from trainer.data import prepare_data
 from trainer.distributed import destroy_process_group, dist_from_env
-from trainer.train import train
+from trainer.evaluate import split_loss
+from trainer.train import build_model, resolve_device, train
 
 __all__ = ["VariantResult", "run_variant", "main"]
 
 log = logging.getLogger("trainer.bench")
 
 NO_GPU_EXIT_CODE = 2
-TARGET_VAL_LOSS = 1.47  # nanoGPT's shakespeare-char reaches ~1.47 after 5000 iterations
+TARGET_VAL_LOSS = 1.474  # nanoGPT's own train.py on shakespeare-char: best 1.4733 (H200, step 1750, 85 s)
 WINDOW_S = 60.0  # "best val loss within the first minute"
 WARMUP_STEPS = 10  # steps left out of tokens/s (compilation, allocator warm-up)
 CSV_COLUMNS = (
     "variant", "gpu", "n_gpus", "preset", "compile", "dtype", "reached_target", "time_to_target_s", "target_val_loss",
-    "best_val_loss", "best_val_loss_60s", "tokens_per_s", "mfu", "steps", "wall_s", "commit", "command",
+    "best_val_loss", "best_val_loss_60s", "best_val_loss_full", "max_eval_diff_vs_anchor", "tokens_per_s", "mfu",
+    "steps", "wall_s", "first_step_s", "commit", "command",
 )  # fmt: skip
+ANCHOR = "eager-pytorch"  # nanoGPT's loop in plain PyTorch: the in-run anchor every variant's curve is compared with
 
 
 @dataclass
@@ -65,6 +74,9 @@ class VariantResult:
     time_to_target_s: float | None = None
     best_val_loss: float | None = None
     best_val_loss_60s: float | None = None
+    best_val_loss_full: float | None = None  # the best weights re-evaluated on the whole val split (trainer.evaluate)
+    max_eval_diff_vs_anchor: float | None = None  # largest |val loss - the anchor's| at the evaluations both made
+    first_step_s: float | None = None  # launch to the first step's loss (compilation included)
     tokens_per_s: float | None = None
     mfu: float | None = None
     steps: int = 0
@@ -90,6 +102,8 @@ def run_variant(
 
     def on_progress(step: int, metrics: dict[str, float]) -> None:
         now = time.perf_counter() - launch
+        if out.first_step_s is None:
+            out.first_step_s = now
         if "tokens_per_s" in metrics and step > warmup_steps and "val_loss" not in metrics:
             tokens_per_s.append(metrics["tokens_per_s"])
             if "mfu" in metrics:
@@ -99,8 +113,8 @@ def run_variant(
             if metrics["val_loss"] <= target and not out.reached_target:
                 out.reached_target, out.time_to_target_s = True, now
 
-    def should_stop() -> bool:
-        return out.reached_target or time.perf_counter() - launch > budget_s
+    def should_stop() -> bool:  # the run goes on past the target: the best loss within the window is measured too
+        return time.perf_counter() - launch > budget_s
 
     result = train(
         config,
@@ -119,7 +133,20 @@ def run_variant(
     out.best_val_loss_60s = min(early) if early else None
     out.tokens_per_s = statistics.median(tokens_per_s) if tokens_per_s else None
     out.mfu = statistics.median(mfus) if mfus else None
+    best = workdir / name / "best" / "model.safetensors"
+    if best.is_file():
+        out.best_val_loss_full = _whole_val_loss(config, corpus, workdir, best)
     return out
+
+
+def _whole_val_loss(config: TrainConfig, corpus: Path, workdir: Path, weights: Path) -> float:
+    """The saved best weights' loss on every token of the val split (not the sampled estimate)."""
+    data = prepare_data(corpus, config.tokenizer, workdir / "data", bpe_vocab=config.bpe_vocab)
+    device = resolve_device(config.device)
+    model = build_model(config, data.vocab_size).to(device)
+    load_model(model, str(weights), device=str(device))
+    dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(config.dtype, torch.float32)
+    return split_loss(model, data.val, model.config.block_size, device, dtype=dtype)
 
 
 def _variants(args: argparse.Namespace) -> list[tuple[str, TrainConfig]]:
@@ -138,15 +165,82 @@ def _all_variants(args: argparse.Namespace) -> list[tuple[str, TrainConfig]]:
             device="cpu", max_steps=args.max_steps or 40, batch_size=8, block_size=64, eval_interval=10,
             eval_iters=4, log_interval=1, warmup=5, compile_mode="none", tensorboard=False,
         )  # fmt: skip
-        return [("tinylm", base), ("eager", base)]
-    base = load_config("shakespeare-char").replace(log_interval=1, eval_interval=args.eval_interval, tensorboard=False)
+        # the smoke variants differ where the GPU ones do: compiled vs eager, and another schedule
+        return [("tinylm", base.replace(compile_mode="default")),
+                ("tinylm-fast", base.replace(lr=2 * base.lr, max_steps=(args.max_steps or 40) // 2)),
+                ("eager-pytorch", base.replace(kernels=False))]
+    # log_interval: the loop syncs with the GPU only there; tokens/s is measured over each interval
+    base = load_config("shakespeare-char").replace(log_interval=10, eval_interval=args.eval_interval, tensorboard=False)
     if args.max_steps:
         base = base.replace(max_steps=args.max_steps)
+    fast = load_config("shakespeare-char-fast").replace(log_interval=10, eval_interval=args.eval_interval,
+                                                        tensorboard=False)  # fmt: skip
     return [
-        ("tinylm", base.replace(compile_mode="default")),
-        ("eager", base.replace(compile_mode="none")),  # eager PyTorch with our kernels
+        ("tinylm", base),  # the preset as it trains by default (reduce-overhead: CUDA graphs)
+        ("tinylm-graph", base.replace(compile_mode="none", step_graph=True)),  # the whole step as one CUDA graph
+        ("tinylm-fast", fast),  # the shakespeare-char-fast preset: the same model, a schedule cut to the budget
+        ("tinylm-fast-graph", fast.replace(compile_mode="none", step_graph=True)),
+        ("compile-default", base.replace(compile_mode="default")),  # torch.compile without CUDA graphs
+        ("eager", base.replace(compile_mode="none", kernels=True)),  # eager PyTorch with our kernels
         ("eager-pytorch", base.replace(compile_mode="none", kernels=False)),  # the anchor: nanoGPT's eager loop
     ]
+
+
+def _compare_with_anchor(results: list[VariantResult]) -> None:
+    """max |val loss - the anchor's| over the evaluations both runs made, for every variant of the same schedule."""
+    anchor = next((r for r in results if r.variant == ANCHOR), None)
+    if anchor is None:
+        return
+    at = {c["step"]: c["val_loss"] for c in anchor.curve}
+    for r in results:
+        common = [abs(c["val_loss"] - at[c["step"]]) for c in r.curve if c["step"] in at]
+        if common and r.variant != ANCHOR and "-fast" not in r.variant:  # another schedule: not comparable
+            r.max_eval_diff_vs_anchor = max(common)
+
+
+def _startup(args: argparse.Namespace, workdir: Path) -> list[VariantResult]:
+    """Launch to first step of the default preset in a new process, twice: with an empty compile cache (cold), then
+    with the cache the first left (warm: Inductor's FX-graph and autotuning caches, Triton's kernels)."""
+    if args.cpu_smoke:
+        return []
+    cache = workdir / "compile-cache"
+    results = []
+    for name in (f"startup-{kind.strip()}" for kind in args.startup.split(",") if kind.strip()):
+        out_json = workdir / f"{name}.json"
+        env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), TORCHINDUCTOR_CACHE_DIR=str(cache),
+                   TRITON_CACHE_DIR=str(cache / "triton"), TINYLM_BENCH_LAUNCH=repr(time.time()))  # fmt: skip
+        cmd = [sys.executable, "-m", "trainer.bench", "--startup-worker", str(out_json), "--workdir", str(workdir)]
+        if name == "startup-graph":  # no torch.compile: the whole step captured as a CUDA graph
+            cmd.append("--startup-graph")
+        subprocess.run(cmd, check=True, cwd=REPO_ROOT, env=env)
+        first = json.loads(out_json.read_text())["first_step_s"]
+        log.info("%s: %.1f s from launch to the first step", name, first)
+        config = _startup_config(name == "startup-graph")
+        results.append(VariantResult(variant=name, preset=config.preset, compile=config.compile, dtype=config.dtype,
+                                     first_step_s=first))  # fmt: skip
+    return results
+
+
+def _startup_config(graph: bool) -> TrainConfig:
+    config = load_config("shakespeare-char")
+    return config.replace(compile_mode="none", step_graph=True) if graph else config
+
+
+def _startup_worker(args: argparse.Namespace) -> int:
+    """One startup measurement: the seconds from the parent's launch time to this process's first step."""
+    launch = float(os.environ["TINYLM_BENCH_LAUNCH"])
+    started = time.time() - launch  # interpreter start and imports
+    workdir = Path(args.workdir)
+    config = _startup_config(args.startup_graph).replace(max_steps=2, log_interval=1, eval_interval=1000,
+                                                         tensorboard=False)  # fmt: skip
+    corpus = resolve_corpus(os.environ.get("TINYLM_CORPUS"), workdir / "data")
+    firsts: list[float] = []
+    train(config, corpus, store_root=workdir / "startup-store", run_dir=workdir / f"startup-{time.time_ns()}",
+          data_dir=workdir / "data", progress_callback=lambda step, m: firsts.append(time.time() - launch))  # fmt: skip
+    Path(args.startup_worker).write_text(json.dumps({"first_step_s": firsts[0]}))
+    log.info("start-up: %.1f s to main (interpreter, imports), %.1f s to the first step; compile phases:\n%s",
+             started, firsts[0], torch._dynamo.utils.compile_times(repr="str"))
+    return 0
 
 
 def _ddp_scaling(args: argparse.Namespace, workdir: Path) -> list[VariantResult]:
@@ -234,12 +328,14 @@ def _plot(results: list[VariantResult], info: RunInfo, path: Path) -> Path | Non
 
 
 def format_table(results: list[VariantResult]) -> str:
-    lines = [f"{'variant':<12} {'target s':>9} {'best60s':>8} {'best':>7} {'tok/s':>11} {'MFU':>6} {'steps':>6}"]
+    lines = [f"{'variant':<16} {'1st step':>8} {'target s':>8} {'best60s':>8} {'best':>7} {'whole':>7} "
+             f"{'dAnchor':>7} {'tok/s':>11} {'MFU':>5} {'steps':>6}"]  # fmt: skip
     for r in results:
         mfu = None if r.mfu is None else 100 * r.mfu
         lines.append(
-            f"{r.variant:<12} {fmt(r.time_to_target_s, '.1f'):>9} {fmt(r.best_val_loss_60s, '.4f'):>8} "
-            f"{fmt(r.best_val_loss, '.4f'):>7} {fmt(r.tokens_per_s, ',.0f'):>11} {fmt(mfu, '.1f'):>6} {r.steps:>6}"
+            f"{r.variant:<16} {fmt(r.first_step_s, '.1f'):>8} {fmt(r.time_to_target_s, '.1f'):>8} "
+            f"{fmt(r.best_val_loss_60s, '.4f'):>8} {fmt(r.best_val_loss, '.4f'):>7} {fmt(r.best_val_loss_full, '.4f'):>7} "
+            f"{fmt(r.max_eval_diff_vs_anchor, '.4f'):>7} {fmt(r.tokens_per_s, ',.0f'):>11} {fmt(mfu, '.1f'):>5} {r.steps:>6}"
         )
     return "\n".join(lines)
 
@@ -253,12 +349,18 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-steps", type=int, default=0, help="override the preset's max_steps (0: keep)")
     p.add_argument("--eval-interval", type=int, default=250, help="steps between evaluations (nanoGPT: 250)")
     p.add_argument("--ddp-steps", type=int, default=60, help="steps of each DDP scaling run")
-    p.add_argument("--part", choices=("all", "speed", "ddp"), default="all",
-                   help="speed: the two shakespeare-char variants; ddp: the medium 1-vs-2-GPU scaling (default both)")
+    p.add_argument("--part", choices=("all", "speed", "startup", "ddp"), default="all",
+                   help="speed: the shakespeare-char variants; startup: cold vs warm compile to the first step; "
+                        "ddp: the medium 1-vs-2-GPU scaling (default all)")
     p.add_argument("--variants", default="",
                    help="comma-separated variants to run, in this order (default all: tinylm, eager, eager-pytorch); "
                         "one alone rules out state left by an earlier variant in the same process")
     p.add_argument("--cpu-smoke", action="store_true", help="a tiny CPU run of the same code path (for tests)")
+    p.add_argument("--startup-worker", help=argparse.SUPPRESS)
+    p.add_argument("--startup-graph", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--startup", default="cold,warm,graph",
+                   help="start-up runs: cold (empty compile cache), warm (the cache cold left), graph (no compile)")
+    p.add_argument("--tag", default="", help="file name tag: train-<gpu>[-part][-TAG].* (a partial run beside a whole)")  # internal: one startup measurement, writes JSON here
     p.add_argument("--ddp-worker", help=argparse.SUPPRESS)  # internal: one torchrun rank, writes JSON here
     return p.parse_args(argv)
 
@@ -268,6 +370,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
     if args.ddp_worker:
         return _ddp_worker(args)
+    if args.startup_worker:
+        return _startup_worker(args)
     if not torch.cuda.is_available() and not args.cpu_smoke:
         print(
             "trainer.bench needs a CUDA GPU (torch.cuda.is_available() is False here); "
@@ -283,16 +387,19 @@ def main(argv: list[str] | None = None) -> int:
         workdir = args.workdir or Path(tmp)
         corpus = resolve_corpus(os.environ.get("TINYLM_CORPUS"), workdir / "data")
         results = []
-        for name, config in _variants(args) if args.part != "ddp" else []:
+        for name, config in _variants(args) if args.part in ("all", "speed") else []:
             prepare_data(corpus, config.tokenizer, workdir / "data", bpe_vocab=config.bpe_vocab)  # not timed
             log.info("variant %s: %s", name, config)
             warmup = 2 if args.cpu_smoke else WARMUP_STEPS
             results.append(
                 run_variant(name, config, corpus, workdir, target=target, budget_s=args.budget_s, warmup_steps=warmup)
             )
-        if args.part != "speed":
+        _compare_with_anchor(results)
+        if args.part in ("all", "startup"):
+            results += _startup(args, workdir)
+        if args.part in ("all", "ddp"):
             results += _ddp_scaling(args, workdir)
-    suffix = "" if args.part == "all" else f"-{args.part}"  # a partial run never overwrites a whole one
+    suffix = ("" if args.part == "all" else f"-{args.part}") + (f"-{args.tag}" if args.tag else "")
     paths = write_results(results, info, args.out, args.budget_s, suffix=suffix)
     log.info("wrote %s", ", ".join(str(p) for p in paths))
     print(format_table(results))

@@ -24,7 +24,7 @@ def test_cpu_smoke_writes_csv_json_png(tmp_path, monkeypatch, capsys):
                        "--target", "2.0"])  # fmt: skip
     assert code == 0
     rows = list(csv.DictReader((out / "train-cpu.csv").open()))
-    assert [r["variant"] for r in rows] == ["tinylm", "eager"]
+    assert [r["variant"] for r in rows] == ["tinylm", "tinylm-fast", "eager-pytorch"]
     assert all(r["gpu"] == "cpu" and r["command"].endswith("--target 2.0") and r["commit"] for r in rows)
     doc = json.loads((out / "train-cpu.json").read_text())
     for result in doc["results"]:
@@ -34,18 +34,24 @@ def test_cpu_smoke_writes_csv_json_png(tmp_path, monkeypatch, capsys):
         if result["reached_target"]:
             assert vals[-1] <= 2.0 and result["time_to_target_s"] == result["curve"][-1]["t"]
         else:
-            assert min(vals) > 2.0 and result["steps"] == 20
-    # Same seed, same data, same eager model: the two smoke variants train identically.
-    assert doc["results"][0]["curve"][0]["val_loss"] == doc["results"][1]["curve"][0]["val_loss"]
+            assert min(vals) > 2.0
+        assert result["best_val_loss_full"] > 0  # the best weights scored on the whole val split
+    tinylm, fast, anchor = doc["results"]
+    assert tinylm["compile"] and not anchor["compile"] and anchor["steps"] == tinylm["steps"] == 20
+    # Compiled (fp32 on the CPU) and eager train the same model alike; the anchor comparison says by how much.
+    assert 0 <= tinylm["max_eval_diff_vs_anchor"] < 1e-3
+    assert abs(tinylm["curve"][0]["val_loss"] - anchor["curve"][0]["val_loss"]) < 1e-3
+    assert fast["steps"] == 10 and fast["curve"][0]["val_loss"] != anchor["curve"][0]["val_loss"]  # another lr
     assert (out / "train-cpu.png").stat().st_size > 1000
     assert "tinylm" in capsys.readouterr().out
 
 
 def test_variants_picks_and_orders_and_names_the_choices(capsys):
-    args = bench._parse_args(["--cpu-smoke", "--variants", "eager,tinylm"])
-    assert [name for name, _ in bench._variants(args)] == ["eager", "tinylm"]
+    args = bench._parse_args(["--cpu-smoke", "--variants", "eager-pytorch,tinylm"])
+    assert [name for name, _ in bench._variants(args)] == ["eager-pytorch", "tinylm"]
     args = bench._parse_args(["--variants", "eager-pytorch"])
     ((name, config),) = bench._variants(args)
     assert name == "eager-pytorch" and config.kernels is False and config.compile_mode == "none"
-    with pytest.raises(SystemExit, match=r"unknown variant\(s\) \['fast'\]; choose from \['tinylm', 'eager', 'eager-pytorch'\]"):
+    with pytest.raises(SystemExit, match=r"unknown variant\(s\) \['fast'\]; choose from \['tinylm', 'tinylm-graph', 'tinylm-fast', "
+                       r"'tinylm-fast-graph', 'compile-default', 'eager', 'eager-pytorch'\]"):
         bench._variants(bench._parse_args(["--variants", "fast"]))

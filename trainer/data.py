@@ -22,9 +22,10 @@ import torch
 
 from model.tokenizers import BPETokenizer, ByteTokenizer, CharTokenizer, load_tokenizer
 
-__all__ = ["TokenData", "prepare_data", "WindowSampler", "get_batch", "VAL_FRACTION"]
+__all__ = ["TokenData", "prepare_data", "WindowSampler", "get_batch", "BatchLoader", "VAL_FRACTION"]
 
 VAL_FRACTION = 0.1
+DEVICE_RESIDENT_MAX_BYTES = 1 << 30  # a split up to this size (as int64) lives on the GPU; larger ones stay on the host
 _FORMAT = 1  # bump when the cached layout changes
 
 
@@ -146,3 +147,31 @@ def get_batch(
         # pinned host memory lets the copy overlap with compute, as in nanoGPT
         return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
     return x.contiguous().to(device), y.contiguous().to(device)
+
+
+class BatchLoader:
+    """`get_batch` for one split, without a host sync: on a GPU the split lives in device memory (it is small: Tiny
+    Shakespeare is 8 MB as int64), so a batch costs one 8-bytes-per-row copy of the window starts from pinned memory
+    (`non_blocking`: the CPU never waits for the GPU to fetch it) and one gather on the device. The rows are exactly
+    `get_batch`'s. Splits over DEVICE_RESIDENT_MAX_BYTES, and CPU runs, take `get_batch` itself.
+    """
+
+    def __init__(self, data: np.ndarray, block_size: int, device: torch.device, *, resident: bool | None = None) -> None:
+        """`resident`: keep the split on `device` (None: on a GPU, when it fits DEVICE_RESIDENT_MAX_BYTES)."""
+        self.data, self.block_size, self.device = data, block_size, device
+        self.tokens: torch.Tensor | None = None  # (N,) int64 on the device, when resident
+        if resident is None:
+            resident = device.type == "cuda" and len(data) * 8 <= DEVICE_RESIDENT_MAX_BYTES
+        if resident:
+            self.tokens = torch.from_numpy(np.asarray(data, dtype=np.int64)).to(device)
+            self.window = torch.arange(block_size + 1, device=device)  # (T+1,)
+
+    def __call__(self, offsets: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """x, y (B, T) int64 for windows starting at `offsets` (B,)."""
+        if self.tokens is None:
+            return get_batch(self.data, offsets, self.block_size, self.device)
+        starts = torch.from_numpy(np.ascontiguousarray(offsets, dtype=np.int64))
+        if self.device.type == "cuda":
+            starts = starts.pin_memory().to(self.device, non_blocking=True)  # (B,)
+        rows = self.tokens[starts[:, None] + self.window]  # (B, T+1)
+        return rows[:, :-1], rows[:, 1:]

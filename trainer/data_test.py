@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from trainer.data import WindowSampler, get_batch, prepare_data
+from trainer.data import BatchLoader, WindowSampler, get_batch, prepare_data
 
 
 @pytest.fixture()
@@ -56,3 +56,14 @@ def test_get_batch_shifts_targets_by_one():
     x, y = get_batch(data, np.array([0, 50]), 8, torch.device("cpu"))
     assert x.shape == y.shape == (2, 8) and x.dtype == torch.int64
     assert x[1, 0] == 50 and torch.equal(y, x + 1)
+
+
+def test_batch_loader_gives_get_batchs_rows_in_the_samplers_order():
+    data = np.random.default_rng(3).integers(0, 60000, size=5000).astype(np.uint16)
+    sampler_a, sampler_b = WindowSampler(len(data), 32, seed=7), WindowSampler(len(data), 32, seed=7)
+    resident = BatchLoader(data, 32, torch.device("cpu"), resident=True)  # the GPU path's gather, on the CPU
+    assert resident.tokens is not None and BatchLoader(data, 32, torch.device("cpu")).tokens is None
+    for _ in range(5):
+        x, y = resident(sampler_a.next_offsets(8))
+        x_ref, y_ref = get_batch(data, sampler_b.next_offsets(8), 32, torch.device("cpu"))
+        assert x.dtype == torch.int64 and torch.equal(x, x_ref) and torch.equal(y, y_ref)

@@ -38,7 +38,7 @@ def tinylm_home(env: Mapping[str, str]) -> Path:
 
 def _train_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tinylm train", description="Train a model; prints the artifact id.")
-    p.add_argument("--preset", help="tiny, small, shakespeare-char, medium, large, gpt2-124m (default: tiny)")
+    p.add_argument("--preset", help="tiny, small, shakespeare-char, shakespeare-char-fast, medium, large, gpt2-124m (default: tiny)")
     p.add_argument("--config", type=Path, help="YAML file of TrainConfig keys (applied before key=value overrides)")
     p.add_argument("--name", help="artifact name (same as name=...)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -64,6 +64,8 @@ def _serve_parser() -> argparse.ArgumentParser:
     p.add_argument("--token", help="require this bearer token (default $TINYLM_TOKEN, if set)")
     p.add_argument("--tls-cert", type=Path, help="PEM certificate (with --tls-key) for TLS")
     p.add_argument("--tls-key", type=Path, help="PEM private key")
+    p.add_argument("--metrics-port", type=int, default=None,
+                   help="serve Prometheus /metrics (queue depth, running jobs, dead letters, job durations) on this port of --host (0: a free one); off by default")
     return p
 
 
@@ -162,6 +164,7 @@ def _first_interrupt_stops(stop: threading.Event):
 
 
 def _serve(argv: list[str], env: Mapping[str, str]) -> int:
+    from jobs.metrics import JobMetrics, serve_metrics
     from jobs.queue import JobQueue
     from protos import trainer_pb2_grpc
     from rpc.server import serve_from_args, serve_until_signalled
@@ -184,9 +187,15 @@ def _serve(argv: list[str], env: Mapping[str, str]) -> int:
         [SERVICE_NAME], args, token=args.token or env.get("TINYLM_TOKEN"),
     )
     stop = threading.Event()
-    workers = run_workers(JobQueue(redis_url), paths, args.workers, stop)
+    metrics = JobMetrics(queue) if args.metrics_port is not None else None
+    workers = run_workers(JobQueue(redis_url), paths, args.workers, stop, on_finished=metrics.observe if metrics else None)
     print(f"TrainerService listening on {server.address} ({args.workers} worker(s), home {paths.home})", flush=True)
+    metrics_server = serve_metrics(metrics.registry, args.host, args.metrics_port) if metrics else None
+    if metrics_server:
+        print(f"metrics on {metrics_server.url}", flush=True)
     serve_until_signalled(server, workers, stop, drain_s=60.0)
+    if metrics_server:
+        metrics_server.stop()
     queue.close()
     return EXIT_OK
 

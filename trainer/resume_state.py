@@ -52,6 +52,10 @@ def restore_rng(state: dict[str, Any], device: torch.device) -> None:
 
 
 def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, torch.Tensor) and obj.dim() == 0:  # a learning rate kept on the device (trainer.step_graph)
+        return obj.item()
+    if isinstance(obj, dict):
+        return {k: _jsonable(v) for k, v in obj.items()}
     if isinstance(obj, (tuple, list)):
         return [_jsonable(o) for o in obj]
     if isinstance(obj, np.ndarray):

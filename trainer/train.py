@@ -17,7 +17,7 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,14 +32,15 @@ from model.layers import use_kernels
 from model.presets import get_preset
 from model.transformer import GPT
 from trainer import distributed as dist
-from trainer.config import TrainConfig, micro_batch_plan
-from trainer.data import TokenData, WindowSampler, get_batch, prepare_data
+from trainer.config import ConfigError, TrainConfig, micro_batch_plan
+from trainer.data import BatchLoader, TokenData, WindowSampler, prepare_data
 from trainer.distributed import SINGLE, DistInfo
 from trainer.dropout_schedule import dropout_at, dropout_levels
 from trainer.lr_schedule import learning_rate
 from trainer.mfu import Throughput, peak_flops
 from trainer.resume_state import capture_rng, has_resume_state, load_resume_state, save_resume_state
 from trainer.run_log import RunLog, plot_curve
+from trainer.step_graph import StepGraph, check_step_graph
 from trainer.step_profiler import StepProfiler
 
 __all__ = ["TrainResult", "ProgressCallback", "train", "resolve_device", "build_model", "make_optimizer"]
@@ -112,9 +113,12 @@ class _Run:
     optimizer: torch.optim.AdamW
     scaler: torch.amp.GradScaler
     sampler: WindowSampler
+    train_batches: BatchLoader
+    val_batches: BatchLoader
     micro: int
     accum: int
     run_dir: Path
+    graph: StepGraph | None = None  # the captured whole step, when config.step_graph
     step: int = 0
     best_val: float = math.inf
     best_step: int = 0
@@ -131,8 +135,29 @@ class _Run:
 
 def train(config: TrainConfig, corpus: Path, **kwargs: Any) -> TrainResult:
     """Train `config` on `corpus` (arguments of `_train`), with `kernels/` on or off as `config.kernels` says."""
-    with use_kernels(config.kernels):
+    with use_kernels(config.kernels), _restores_backend_settings():
         return _train(config, corpus, **kwargs)
+
+
+@contextlib.contextmanager
+def _restores_backend_settings() -> Iterator[None]:
+    """Leave torch's process-wide backend settings as the run found them: a worker trains many jobs in one process,
+    and one run must not change how the next computes. (A torch.compile run in torch 2.11 reorders SDPA's backend
+    priorities to put cuDNN first; the run itself sets TF32.)"""
+    cuda = torch.backends.cuda
+    flags = (cuda.flash_sdp_enabled(), cuda.mem_efficient_sdp_enabled(), cuda.math_sdp_enabled(), cuda.cudnn_sdp_enabled())
+    priority = torch._C._get_sdp_priority_order() if hasattr(torch._C, "_get_sdp_priority_order") else None
+    tf32 = (cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    try:
+        yield
+    finally:
+        cuda.enable_flash_sdp(flags[0])
+        cuda.enable_mem_efficient_sdp(flags[1])
+        cuda.enable_math_sdp(flags[2])
+        cuda.enable_cudnn_sdp(flags[3])
+        if priority is not None:
+            torch._C._set_sdp_priority_order(priority)
+        cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
 
 
 def _train(
@@ -175,34 +200,49 @@ def _train(
         scope.enter_context(_recompile_room(config))
         if profiler is not None:
             scope.enter_context(profiler)
+        pending = _Pending(device)
+
+        def report(wait: bool = False) -> dict[str, float]:
+            """Hand every interval that has reached the host to the run log and the callback; the latest metrics."""
+            metrics: dict[str, float] = {}
+            for interval in pending.received(wait):
+                metrics = _interval_metrics(run, result, interval, meter, bar, start)
+                if interval.step % config.log_interval == 0 or interval.step == config.max_steps:
+                    if run_log is not None:
+                        run_log.write(interval.step, "train", metrics)
+                    if progress_callback is not None and info.is_main:
+                        progress_callback(interval.step, metrics)
+            return metrics
+
         while run.step < config.max_steps:
-            if dist.any_true(bool(should_stop and should_stop()), info, device):
+            report()
+            # Polled before every step; with several ranks only right after a log point, since agreeing on it is a
+            # collective (a host sync), which the loop makes only there.
+            if info.enabled:
+                stop = not pending.steps and dist.any_true(bool(should_stop and should_stop()), info, device)
+            else:
+                stop = bool(should_stop and should_stop())
+            if stop:
                 result.stopped = "cancelled"
                 break
-            t0 = time.perf_counter()
-            step = _train_step(run)
-            dt = time.perf_counter() - t0
+            out = _train_step(run)
             if profiler is not None:
                 profiler.step()
             run.step += 1
             run.tokens_seen += config.batch_size * run.model.config.block_size
-            result.losses.append(step["loss"])
-            result.grad_norms.append(step["grad_norm"])
-            metrics = {**step, **meter.update(config.batch_size, dt)}
-            metrics["elapsed_s"] = run.elapsed_s + time.perf_counter() - start
-            metrics["eta_s"] = meter.eta_s(config.max_steps - run.step)
-            if bar is not None:
-                bar.set_postfix_str(meter.describe(step["loss"]), refresh=False)
-                bar.update(1)
-            if run.step % config.log_interval == 0 or run.step == config.max_steps:
-                if run_log is not None:
-                    run_log.write(run.step, "train", metrics)
-                if progress_callback is not None and info.is_main:
-                    progress_callback(run.step, metrics)
-            if run.step % config.eval_interval == 0 or run.step == config.max_steps:
+            pending.add(out)
+            log_now = run.step % config.log_interval == 0 or run.step == config.max_steps
+            eval_now = run.step % config.eval_interval == 0 or run.step == config.max_steps
+            if log_now or eval_now:
+                pending.send(run.step)
+            if eval_now:
+                metrics = report(wait=True)
                 if _evaluate_and_checkpoint(run, run_log, progress_callback, metrics):
                     result.stopped = "early_stop"
                     break
+                pending.restart()
+        pending.send(run.step)  # steps since the last log point (a cancel)
+        report(wait=True)
         scope.close()  # writes the profiler trace
         run.elapsed_s += time.perf_counter() - start
         if result.stopped == "cancelled" and run.step > 0:
@@ -221,6 +261,26 @@ def _train(
             run_log.close()
             plot_curve(run_log.path, run.run_dir / "curve.png", title=f"{config.model_name} ({config.preset})")
     return result
+
+
+def _interval_metrics(
+    run: _Run, result: TrainResult, interval: _Interval, meter: Throughput, bar: Any, start: float
+) -> dict[str, float]:
+    """Record an interval's per-step numbers in `result` and the meter; the metrics of its last step, as the
+    callback and the run log see them."""
+    values = interval.values.tolist()
+    losses, norms = values[0::2], values[1::2]
+    result.losses += losses
+    result.grad_norms += norms
+    last = interval.last
+    metrics = {"loss": losses[-1], "lr": last.lr, "grad_norm": norms[-1], "dropout": last.dropout}
+    metrics.update(meter.update(run.config.batch_size, interval.seconds_per_step or 0.0))
+    metrics["elapsed_s"] = run.elapsed_s + time.perf_counter() - start
+    metrics["eta_s"] = meter.eta_s(run.config.max_steps - interval.step)
+    if bar is not None:
+        bar.set_postfix_str(meter.describe(losses[-1]), refresh=False)
+        bar.update(len(losses))
+    return metrics
 
 
 def _recompile_room(config: TrainConfig) -> contextlib.AbstractContextManager:
@@ -250,7 +310,8 @@ def _setup(
     micro, accum = micro_batch_plan(config.batch_size, config.grad_accum, info.world_size)
     sampler = WindowSampler(len(data.train), block, config.seed)
     WindowSampler(len(data.val), block, config.seed)  # fail now, not at the first evaluation, if val is too short
-    run = _Run(config, info, device, data, model, model, optimizer, scaler, sampler, micro, accum, Path(run_dir))
+    run = _Run(config, info, device, data, model, model, optimizer, scaler, sampler, BatchLoader(data.train, block, device),
+               BatchLoader(data.val, block, device), micro, accum, Path(run_dir))
     run.run_dir.mkdir(parents=True, exist_ok=True)
     if config.resume and has_resume_state(run.run_dir):
         _restore(run)
@@ -258,6 +319,14 @@ def _setup(
     else:
         torch.manual_seed(config.seed + info.rank)  # dropout differs between ranks, as nanoGPT's seed offset
         np.random.seed((config.seed + info.rank) % 2**32)
+    if config.step_graph:
+        try:
+            check_step_graph(config, device, info.world_size, accum)
+        except ValueError as err:
+            raise ConfigError("step_graph", str(err)) from None
+        max_norm = config.grad_clip if config.grad_clip > 0 else math.inf
+        autocast = None if config.dtype == "float32" else _DTYPES[config.dtype]
+        run.graph = StepGraph(model, optimizer, autocast, max_norm)
     fwd: torch.nn.Module = model
     if config.compile:
         fwd = torch.compile(model, mode=None if config.compile_mode == "default" else config.compile_mode)
@@ -267,22 +336,36 @@ def _setup(
     return run
 
 
-def _train_step(run: _Run) -> dict[str, float]:
-    """One optimizer step; returns its loss (mean over the global batch), grad norm before clipping, lr, dropout."""
+@dataclass
+class _StepOut:
+    """One optimizer step's numbers; loss and grad_norm stay on the device until the loop next syncs."""
+
+    loss: torch.Tensor  # () mean over the global batch
+    grad_norm: torch.Tensor  # () before clipping
+    lr: float
+    dropout: float
+
+
+def _train_step(run: _Run) -> _StepOut:
+    """One optimizer step. Nothing here waits for the GPU: the CPU runs on to the next step's launches."""
     config, info = run.config, run.info
     lr = learning_rate(run.step, config)
+    dropout = run.model.config.dropout
+    offsets = run.sampler.next_offsets(config.batch_size)  # (batch_size,) the same on every rank
+    if run.graph is not None:  # one process, one micro-step, dropout fixed (check_step_graph)
+        x, y = run.train_batches(offsets)
+        with torch.profiler.record_function("step_graph"):
+            loss, grad_norm = run.graph.step(x, y, lr)
+        return _StepOut(loss, grad_norm, lr, dropout)
     for group in run.optimizer.param_groups:
         group["lr"] = lr
-    dropout = run.model.config.dropout
     if config.anneals_dropout:
         dropout = dropout_at(run.step, config)
         run.model.set_dropout(dropout)
-    offsets = run.sampler.next_offsets(config.batch_size)  # (batch_size,) the same on every rank
-    block = run.model.config.block_size
     loss_sum = torch.zeros((), device=run.device)
     for m in range(run.accum):
         first = (m * info.world_size + info.rank) * run.micro
-        x, y = get_batch(run.data.train, offsets[first : first + run.micro], block, run.device)  # (micro, T)
+        x, y = run.train_batches(offsets[first : first + run.micro])  # (micro, T)
         if isinstance(run.fwd, DDP):
             run.fwd.require_backward_grad_sync = m == run.accum - 1  # all-reduce once, on the last micro-step
         with run.autocast(), torch.profiler.record_function("forward"):
@@ -298,8 +381,74 @@ def _train_step(run: _Run) -> dict[str, float]:
         run.scaler.step(run.optimizer)
         run.scaler.update()
         run.optimizer.zero_grad(set_to_none=True)
-    loss_mean = float(dist.all_mean(loss_sum, info))
-    return {"loss": loss_mean, "lr": lr, "grad_norm": float(grad_norm), "dropout": dropout}
+    return _StepOut(dist.all_mean(loss_sum, info), grad_norm.detach(), lr, dropout)
+
+
+@dataclass
+class _Interval:
+    """The numbers of the steps up to a log point, on their way to the host."""
+
+    step: int  # the log point's step
+    last: _StepOut
+    values: torch.Tensor  # (2n,) loss, grad norm of each step; pinned host memory on a GPU
+    ready: Any  # a CUDA event recorded after the copy, or None (the values are already on the host)
+    seconds_per_step: float | None  # None: from the CUDA events once they have completed
+
+
+class _Pending:
+    """Steps run since the last log point: their losses and norms wait on the device. At a log point they go to the
+    host in one copy; on a GPU the copy is asynchronous (pinned memory and an event) and is read once the event has
+    completed, so the loop never drains the GPU's queue to report (nanoGPT reads its loss every log_interval steps;
+    here the read costs no wait). Evaluations and the end of the run wait for it."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.steps: list[_StepOut] = []
+        self.cuda = device.type == "cuda"
+        self.in_flight: list[tuple[_Interval, Any, int]] = []  # interval, start event, steps
+        self.restart()
+
+    def add(self, out: _StepOut) -> None:
+        self.steps.append(out)
+
+    def send(self, step: int) -> None:
+        """Start reading the steps since the last log point (no wait on a GPU)."""
+        if not self.steps:
+            return
+        values = torch.stack([v for s in self.steps for v in (s.loss.float(), s.grad_norm.float())])  # (2n,)
+        n, last = len(self.steps), self.steps[-1]
+        self.steps = []
+        if not self.cuda:
+            dt = (time.perf_counter() - self.t0) / n
+            self.in_flight.append((_Interval(step, last, values, None, dt), None, n))
+            self.t0 = time.perf_counter()
+            return
+        host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
+        host.copy_(values, non_blocking=True)
+        end = torch.cuda.Event(enable_timing=True)
+        end.record()
+        self.in_flight.append((_Interval(step, last, host, end, None), self.start_event, n))
+        self.start_event = end
+
+    def received(self, wait: bool = False) -> list[_Interval]:
+        """The intervals whose numbers have reached the host (all of them when `wait`), oldest first."""
+        done = []
+        while self.in_flight:
+            interval, start, n = self.in_flight[0]
+            if interval.ready is not None:
+                if not (wait or interval.ready.query()):
+                    break
+                interval.ready.synchronize()
+                interval.seconds_per_step = start.elapsed_time(interval.ready) / 1e3 / n
+            done.append(self.in_flight.pop(0)[0])
+        return done
+
+    def restart(self) -> None:
+        """Start the clock of the next interval (after an evaluation, so it is not counted as training time)."""
+        self.t0 = time.perf_counter()
+        self.start_event = None
+        if self.cuda:
+            self.start_event = torch.cuda.Event(enable_timing=True)
+            self.start_event.record()
 
 
 def _forward(run: _Run, module: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -318,13 +467,13 @@ def estimate_loss(run: _Run) -> dict[str, float]:
     evaluator = run.fwd.module if isinstance(run.fwd, DDP) else run.fwd
     run.model.eval()
     out = {}
-    for split, tokens in (("train", run.data.train), ("val", run.data.val)):
+    for split, tokens, batches in (("train", run.data.train, run.train_batches), ("val", run.data.val, run.val_batches)):
         rng = np.random.Generator(np.random.PCG64([config.seed, 1]))
         high = len(tokens) - block
         losses = torch.zeros(config.eval_iters, device=run.device)
         for k in range(config.eval_iters):
             offsets = rng.integers(0, high, size=run.micro * info.world_size, dtype=np.int64)
-            x, y = get_batch(tokens, offsets[info.rank * run.micro : (info.rank + 1) * run.micro], block, run.device)
+            x, y = batches(offsets[info.rank * run.micro : (info.rank + 1) * run.micro])
             with run.autocast():
                 _, loss = _forward(run, evaluator, x, y)
             losses[k] = loss.float()

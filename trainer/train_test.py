@@ -102,3 +102,29 @@ def test_kernels_switch_scopes_the_whole_run(monkeypatch, tmp_path):
         train_module.train(load_config("tiny").replace(kernels=on), tmp_path / "corpus.txt", store_root=tmp_path)
     assert seen == [False, True]
     assert layers._KERNELS_ON.get() is True
+
+
+def test_reading_metrics_once_per_log_interval_changes_no_number(small_corpus, tmp_path):
+    """The loop syncs with the device only at log points; per-step losses and norms, and what the callback and the
+    run log see at a log point, are those of a loop that reads them every step."""
+    runs, seen = {}, {}
+    for interval in (1, 5):
+        got = seen[interval] = {}
+        runs[interval] = train(fast_config(dropout=0.1, log_interval=interval), small_corpus,
+                               store_root=tmp_path / f"s{interval}", run_dir=tmp_path / f"r{interval}",
+                               data_dir=tmp_path / "d", progress_callback=got.__setitem__)  # fmt: skip
+    assert runs[5].losses == runs[1].losses and runs[5].grad_norms == runs[1].grad_norms
+    assert len(runs[5].losses) == 12
+    for step in (5, 10, 12):  # log points (and the last step), with the loss of that step
+        assert seen[5][step]["loss"] == runs[1].losses[step - 1] == seen[1][step]["loss"]
+    logged = [int(r["step"]) for r in read_log(tmp_path / "r5/log.csv") if r["kind"] == "train"]
+    assert logged == [5, 10, 12]
+
+
+def test_step_graph_is_refused_where_a_captured_step_cannot_run(small_corpus, dirs):
+    from trainer.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"step_graph=true needs: device must be a CUDA GPU, got cpu; "
+                                          r"dropout_start must be unset") as err:  # fmt: skip
+        train(fast_config(step_graph=True, dropout_start=0.2), small_corpus, **dirs)
+    assert err.value.key == "step_graph"

@@ -117,7 +117,9 @@ def make_worker(queue: JobQueue, paths: TrainerPaths, consumer_name: str = "", *
     return Worker(queue, "train", make_train_handler(paths), consumer_name, **worker_options)
 
 
-def run_workers(queue: JobQueue, paths: TrainerPaths, n: int, stop: threading.Event) -> list[threading.Thread]:
+def run_workers(
+    queue: JobQueue, paths: TrainerPaths, n: int, stop: threading.Event, **worker_options: object
+) -> list[threading.Thread]:
     """Start `n` worker threads that run until `stop` is set.
 
     Training uses the process-wide torch RNG, so one worker per process keeps runs exactly reproducible;
@@ -125,7 +127,7 @@ def run_workers(queue: JobQueue, paths: TrainerPaths, n: int, stop: threading.Ev
     """
     threads = []
     for i in range(n):
-        worker = make_worker(queue, paths)
+        worker = make_worker(queue, paths, **worker_options)
         thread = threading.Thread(target=worker.run_forever, args=(stop,), name=f"train-worker-{i}", daemon=True)
         thread.start()
         threads.append(thread)
