@@ -6,6 +6,7 @@ tokens one chunk each, so the load generator's counting and timing can be checke
 
 from __future__ import annotations
 
+import os
 import sys
 import threading
 import time
@@ -13,6 +14,11 @@ from pathlib import Path
 
 import pytest
 import torch
+
+if not torch.cuda.is_available():
+    # Before anything imports triton (bench_svc.suite -> model -> kernels): Triton kernels then run through its CPU
+    # interpreter, in these tests and in any test pytest collects after them in the same run (kernels/, model/).
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from bench_svc.suite import SuiteContext
 from model.artifact import save_artifact

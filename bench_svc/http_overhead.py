@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
 import re
 import statistics
 import subprocess
@@ -30,6 +29,7 @@ import torch
 from bench_svc.http_load import run_http_level
 from bench_svc.load_generator import LoadLevel, LoadResult, percentile, run_level
 from bench_svc.local_server import INFERENCE_MODULE
+from bench_svc.provenance import machine_load
 from bench_svc.results_io import Anchor, Panel, PlotSpec, device_name, git_commit, make_header, write_results
 from bench_svc.subprocess_suite import stop_process
 from model.artifact import save_artifact
@@ -137,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     levels = [int(c) for c in args.concurrency.split(",") if c]
     commit = git_commit(ROOT)  # taken at the start: the code that measured
-    load_before = os.getloadavg()
+    load_before = machine_load()
     rows = []
     started = time.monotonic()
     with tempfile.TemporaryDirectory() as tmp:
@@ -162,8 +162,8 @@ def main(argv: list[str] | None = None) -> int:
         **{f"{side}_worst_tokens_per_s_ratio": min(r[f"{side}_over_grpc_tokens_per_s"] for r in rows) for side in SIDES[1:]},
         **{f"{side}_worst_ttft_p50_ratio": max(r[f"{side}_over_grpc_ttft_p50"] for r in rows) for side in SIDES[1:]},
         **{f"{side}_meets_target": all(r[f"{side}_meets_target"] for r in rows) for side in SIDES[1:]},
-        "load_average_before": list(load_before),
-        "load_average_after": list(os.getloadavg()),
+        "load_average_before": load_before,  # 1-minute; the header has it too, when the run ends
+        "load_average_after": machine_load(),
         "wall_s": time.monotonic() - started,
     }
     plot = PlotSpec(

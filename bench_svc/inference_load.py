@@ -9,15 +9,14 @@ inference service's entry point.
 from __future__ import annotations
 
 import contextlib
-import os
 import threading
 import time
 
 from bench_svc.load_generator import LoadLevel, LoadResult, run_level
 from bench_svc.loopback import check_loopback
-from bench_svc.local_server import INFERENCE_MODULE, inference_server
+from bench_svc.provenance import machine_load
+from bench_svc.local_server import inference_server
 from bench_svc.results_io import Anchor, Panel, PlotSpec, write_results
-from bench_svc.subprocess_suite import module_available
 from bench_svc.suite import RateProgress, SuiteContext, SuiteResult
 
 __all__ = ["NAME", "levels", "run"]
@@ -65,8 +64,6 @@ def _server(ctx: SuiteContext) -> contextlib.AbstractContextManager[str]:
 def run(ctx: SuiteContext) -> SuiteResult:
     """Runs every load level; writes inference-<device>.{csv,json,png}."""
     start = time.monotonic()
-    if not ctx.inference_address and not module_available(INFERENCE_MODULE):
-        return SuiteResult(NAME, f"skipped: no --address given and {INFERENCE_MODULE} is not available to start one")
     plan = levels(ctx.quick)
     progress = RateProgress(ctx, NAME, len(plan), unit="level")
     rows = []
@@ -74,7 +71,7 @@ def run(ctx: SuiteContext) -> SuiteResult:
         with _server(ctx) as address:
             for level in plan:
                 result = _run_cancellable(ctx, address, level)
-                row = {"address": address, **result.summary(), "load_avg_1m": os.getloadavg()[0]}
+                row = {"address": address, **result.summary(), "load_1m": machine_load()}
                 rows.append(row)
                 progress.advance(
                     f"concurrency {level.concurrency}: {row['tokens_per_s']:.1f} tok/s, "

@@ -5,9 +5,7 @@ import dataclasses
 import pytest
 
 from bench_svc import inference_load
-from bench_svc.local_server import INFERENCE_MODULE
 from bench_svc.results_io import read_result
-from bench_svc.subprocess_suite import module_available
 
 
 def test_levels_start_at_concurrency_one():
@@ -40,7 +38,6 @@ def test_a_remote_address_is_refused(tiny_ctx):
         inference_load.run(dataclasses.replace(tiny_ctx, inference_address="198.51.100.7:50051"))
 
 
-@pytest.mark.skipif(not module_available(INFERENCE_MODULE), reason=f"{INFERENCE_MODULE} is not in this checkout yet")
 def test_suite_against_a_real_inference_service(tiny_ctx, tiny_artifact):
     """No address: the suite starts the real InferenceService (its own entry point) on the artifact and loads it."""
     result = inference_load.run(dataclasses.replace(tiny_ctx, model_path=tiny_artifact))

@@ -1,4 +1,4 @@
-"""Suite `kernels`: every kernel against its PyTorch alternatives, by `python -m kernels.bench` on a CUDA GPU.
+"""Suite `kernels`: every kernel against its PyTorch alternatives, by `python -m bench_svc.benches.kernels` on a CUDA GPU.
 
 The kernels package owns its benchmark (ceilings, cases, fraction of peak); this suite runs it as a child process
 with the run's output folder and collects its kernels-<gpu>.{csv,json,png}. Without a CUDA GPU it is skipped.
@@ -12,7 +12,7 @@ from bench_svc.suite import SuiteContext, SuiteResult
 __all__ = ["NAME", "run"]
 
 NAME = "kernels"
-MODULE = "kernels.bench"
+MODULE = "bench_svc.benches.kernels"
 
 
 def run(ctx: SuiteContext) -> SuiteResult:

@@ -1,8 +1,8 @@
 """`report.md`: every result JSON in an output folder gathered into one Markdown page.
 
-Each result gets a section: a header table (device, commit, command, time, anchor), its key figures, its rows and
+Each result gets a section: a header table (device, commit, command, time, load, anchor), its key figures, its rows and
 its plot. Results written by `results_io` are read as they are; those written by another package's own benchmark
-(kernels.bench's `run` block, ...) are read by the usual key names, so one page shows a whole run.
+(the kernels benchmark's `run` block, ...) are read by the usual key names, so one page shows a whole run.
 `python -m bench_svc.report DIR` rewrites DIR/report.md.
 """
 
@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from bench_svc.provenance import LOAD_KEYS
 from bench_svc.registry import SUITES
 
 __all__ = ["REPORT_NAME", "ResultDoc", "gather", "render", "write_report"]
@@ -32,7 +33,7 @@ class ResultDoc:
 
     path: Path
     suite: str
-    header: Mapping[str, Any]  # device, git_commit, command, created, anchor
+    header: Mapping[str, Any]  # device, git_commit, command, created, load, anchor
     summary: Mapping[str, Any]
     rows: Sequence[Mapping[str, Any]]
     plot: Path | None
@@ -56,6 +57,7 @@ def _normalise(path: Path, doc: Mapping[str, Any]) -> ResultDoc:
         "git_commit": _first(head, "git_commit", "commit"),
         "command": _first(head, "command", "argv"),
         "created": _first(head, "created", "timestamp", "time"),
+        "load": _first(head, *LOAD_KEYS, default=""),
         "anchor": anchor or "(none stated)",
     }
     suite = str(_first(doc, "suite", default=path.stem.split("-", 1)[0]))

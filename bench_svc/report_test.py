@@ -15,7 +15,7 @@ def test_report_gathers_our_results_and_a_foreign_one(tmp_path):
                   plot=plot)
     write_results(tmp_path, "summary", HEADER, [{"suite": "kvcache", "status": "ok"},
                                                 {"suite": "kernels", "status": "skipped: needs CUDA"}])
-    # kernels.bench writes its own layout: a `run` block and `results`.
+    # the kernels benchmark writes its own layout: a `run` block and `results`.
     (tmp_path / "kernels-nvidia-h100.json").write_text(json.dumps({
         "run": {"gpu": "NVIDIA H100 80GB HBM3", "commit": "fedcba987654", "command": "python -m kernels.bench",
                 "timestamp": "2026-11-23T10:00:00Z"},

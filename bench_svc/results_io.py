@@ -1,23 +1,30 @@
 """The one writer of benchmark results: `<out>/<suite>-<device-slug>.{csv,json,png}`.
 
-Every file starts with the same header block (STYLE.md 13): the device the numbers were measured on, the git
-commit of the code that measured them (`+dirty` when the tree had changes), the exact command, the time, and the
-anchor: the named baseline measured in the same run that the other rows are read against. The CSV carries the
-header as `# key: value` comment lines above the column row; the JSON as a `header` object beside `rows`.
+Every file starts with the same header block (STYLE.md 13, made by `bench_svc.provenance`): the device the numbers
+were measured on, the git commit of the code that measured them (`+dirty` when the tree had changes), the exact
+command, the time, the machine's load average, and the anchor: the named baseline measured in the same run that
+the other rows are read against. The CSV carries the header as `# key: value` comment lines above the column row;
+the JSON as a `header` object beside `rows`.
 """
 
 from __future__ import annotations
 
 import csv
-import datetime
 import json
 import os
-import re
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from kernels.provenance import cpu_device_name, device_name, git_commit
+from bench_svc.provenance import (
+    Anchor,
+    RunHeader,
+    cpu_device_name,
+    device_name,
+    device_slug,
+    git_commit,
+    make_header,
+)
 
 __all__ = [
     "Anchor",
@@ -34,36 +41,6 @@ __all__ = [
 ]
 
 Row = Mapping[str, Any]
-
-
-@dataclass(frozen=True)
-class Anchor:
-    """The baseline of a table, measured in the same run: `name` says what it is, `value` its figure."""
-
-    name: str
-    value: float | None = None
-    unit: str = ""
-
-    def __str__(self) -> str:
-        if self.value is None:
-            return self.name
-        return f"{self.name} = {self.value:.4g} {self.unit}".rstrip()
-
-
-@dataclass(frozen=True)
-class RunHeader:
-    """Where, with what code and how a result was measured."""
-
-    device: str  # "NVIDIA H100 80GB HBM3" or "cpu: AMD EPYC x2"
-    git_commit: str  # sha, "+dirty" when the tree had changes, or "unknown"
-    command: tuple[str, ...]  # the exact argv
-    created: str  # ISO 8601 with time zone
-    anchor: Anchor
-
-    def to_dict(self) -> dict[str, Any]:
-        out = asdict(self)
-        out["command"] = list(self.command)
-        return out
 
 
 @dataclass(frozen=True)
@@ -86,21 +63,6 @@ class PlotSpec:
     log_x: bool = False
 
 
-def device_slug(device: str) -> str:
-    """A file-name-safe form of a device name: "cpu: AMD EPYC x2" -> "cpu-amd-epyc-x2"."""
-    slug = re.sub(r"[^a-z0-9]+", "-", device.lower()).strip("-")
-    return slug or "unknown"
-
-
-def make_header(
-    device: str, repo: Path, command: Sequence[str], anchor: Anchor, *, commit: str | None = None
-) -> RunHeader:
-    """A header stamped now, with `commit` (the run's, taken once at its start), else the commit of `repo` now."""
-    created = datetime.datetime.now(datetime.timezone.utc).astimezone().isoformat(timespec="seconds")
-    commit = commit or git_commit(repo)
-    return RunHeader(device=device, git_commit=commit, command=tuple(command), created=created, anchor=anchor)
-
-
 def write_results(
     out_dir: Path,
     suite: str,
@@ -109,8 +71,10 @@ def write_results(
     *,
     summary: Mapping[str, Any] | None = None,
     plot: PlotSpec | None = None,
+    stem: str | None = None,
 ) -> list[Path]:
     """Writes `<suite>-<slug>.csv` and `.json` (and `.png` when `plot` is given and there are rows); returns the paths.
+    `stem` names the files instead (a benchmark whose README figures name a fixed file, e.g. "jobs-cpu").
 
     Every row must have the same keys (the CSV columns, in the first row's order). Writes are atomic (temp + rename).
     """
@@ -119,7 +83,7 @@ def write_results(
     for i, row in enumerate(rows):
         if list(row.keys()) != columns:
             raise ValueError(f"rows[{i}] has columns {list(row.keys())}, expected {columns}")
-    stem = out_dir / f"{suite}-{device_slug(header.device)}"
+    stem = out_dir / (stem or f"{suite}-{device_slug(header.device)}")
     paths = [_write_csv(stem.with_suffix(".csv"), header, columns, rows)]
     png = stem.with_suffix(".png") if plot is not None and rows else None
     document = {
@@ -161,6 +125,8 @@ def _write_csv(path: Path, header: RunHeader, columns: list[str], rows: Sequence
     with tmp.open("w", newline="") as f:
         for key, value in header.to_dict().items():
             shown = " ".join(value) if key == "command" else (str(header.anchor) if key == "anchor" else value)
+            if shown is None:
+                continue
             f.write(f"# {key}: {shown}\n")
         writer = csv.DictWriter(f, fieldnames=columns)
         if columns:

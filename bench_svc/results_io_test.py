@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from bench_svc.provenance import LOAD_KEYS
 from bench_svc.results_io import (
     Anchor,
     Panel,
@@ -34,7 +35,8 @@ def test_writes_csv_json_png_with_the_header_block(tmp_path):
 
     doc = read_result(tmp_path / "demo-cpu-test-cpu-x2.json")
     header = doc["header"]
-    assert set(header) == {"device", "git_commit", "command", "created", "anchor"}
+    assert set(header) == {"device", "git_commit", "command", "created", "anchor", LOAD_KEYS[0]}
+    assert header[LOAD_KEYS[0]] is None or header[LOAD_KEYS[0]] >= 0.0  # the machine's load when the header was made
     assert header["device"] == "cpu: Test CPU x2"
     assert header["command"] == ["python", "-m", "bench_svc.main", "--quick"]
     assert header["anchor"] == {"name": "slow at n=2", "value": 6.5, "unit": "ops/s"}
@@ -44,7 +46,7 @@ def test_writes_csv_json_png_with_the_header_block(tmp_path):
 
     lines = (tmp_path / "demo-cpu-test-cpu-x2.csv").read_text().splitlines()
     comments = [line for line in lines if line.startswith("# ")]
-    assert [c.split(":", 1)[0] for c in comments] == ["# device", "# git_commit", "# command", "# created", "# anchor"]
+    assert [c.split(":", 1)[0] for c in comments][:5] == ["# device", "# git_commit", "# command", "# created", "# anchor"]
     assert "# anchor: slow at n=2 = 6.5 ops/s" in comments
     table = list(csv.DictReader(line for line in lines if not line.startswith("#")))
     assert [float(r["fast"]) for r in table] == [10.0, 20.0]

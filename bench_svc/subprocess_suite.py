@@ -1,4 +1,4 @@
-"""Running another package's own benchmark entry point (`python -m kernels.bench`, ...) as a suite.
+"""Running another package's own benchmark entry point (`python -m bench_svc.benches.kernels`, ...) as a suite.
 
 bench_svc never imports another service's internals: a suite that wraps one runs its entry point in a child
 process, forwards its output lines as progress, stops it when the run is cancelled or runs out of time, and

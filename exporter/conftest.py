@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import torch
 
-from exporter.ci_artifacts import train_tiny
+from tools.ci_artifacts import train_tiny
 from exporter.export import export_artifact
 from exporter.parity import held_out_text
 from model.artifact import save_artifact

@@ -1,39 +1,19 @@
-"""What one kernel benchmark case is, how the GPU times it, and how a run's numbers are summarised.
+"""What one kernel benchmark case is: the declaration every `*_bench.py` beside a kernel returns from
+`bench_cases() -> list[BenchCase]` (our kernel and the best PyTorch alternatives at the same shape: same `kernel`
+and `shape`, `ours=False`), and the helpers that build a case's call.
 
-Every `*_bench.py` beside a kernel exposes `bench_cases() -> list[BenchCase]`: our kernel and the best PyTorch
-alternatives at the same shape (same `kernel` and `shape`, `ours=False`). `kernels/bench.py` runs them all in one
-process after measuring the device ceilings, so every figure in a results file comes from the same GPU and run.
-Timing is CUDA events around single calls, L2 flushed before each, median of many (as `triton.testing.do_bench`).
+The kernels package only declares its cases (as the Triton tutorials keep a kernel's benchmark beside it); timing,
+ceilings, the summary and the result files belong to the harness, `bench_svc/benches/kernels.py`.
 """
 
 from __future__ import annotations
 
-import statistics
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
-__all__ = [
-    "BenchCase",
-    "BenchResult",
-    "Ceilings",
-    "Measurement",
-    "eager_and_compiled",
-    "forward_call",
-    "measure",
-    "measure_ceilings",
-    "summarize",
-    "time_ms",
-]
-
-L2_FLUSH_BYTES = 256 * 1024 * 1024  # larger than any GPU's L2 (H100: 50 MB), as triton.testing.do_bench
-WARMUP_CALLS = 3  # the first call may compile (Triton autotune, torch.compile)
-TARGET_TIMING_MS = 500.0  # total time spent on the timed calls of one case
-MIN_REPS = 25
-MAX_REPS = 1000
-COPY_CEILING_BYTES = 1024**3  # one 1 GiB tensor copied: read + write
-MATMUL_CEILING_N = 8192  # bf16 8192^3 matmul
+__all__ = ["BenchCase", "eager_and_compiled", "forward_call"]
 
 
 @dataclass(frozen=True)
@@ -55,63 +35,6 @@ class BenchCase:
                 raise ValueError(f"BenchCase.{name} must be a non-empty string")
         if self.flops < 0 or self.bytes_moved < 0:
             raise ValueError(f"BenchCase flops and bytes_moved must be >= 0, got {self.flops}, {self.bytes_moved}")
-
-
-@dataclass(frozen=True)
-class Ceilings:
-    """What this GPU does at best, measured in the same run as the kernels."""
-
-    copy_gbps: float  # device-to-device copy, read + write bytes per second / 1e9
-    matmul_tflops: float  # bf16 8192^3 torch.matmul
-
-
-@dataclass(frozen=True)
-class Measurement:
-    """The raw figures of one case: median milliseconds per call and, if asked for, peak extra memory."""
-
-    ms: float
-    peak_mem_mb: float | None = None
-
-
-@dataclass(frozen=True)
-class BenchResult:
-    """One row of the results table."""
-
-    kernel: str
-    shape: str
-    impl: str
-    ours: bool
-    ms: float
-    tflops: float | None
-    gbps: float | None
-    frac_of_ceiling: float | None  # TFLOP/s over the matmul ceiling, or GB/s over the copy ceiling
-    speedup_vs_best_alt: float | None  # best alternative's ms / ours (ours rows with an alternative only)
-    peak_mem_mb: float | None
-    mem_saving_vs_alt: float | None  # lowest alternative peak / ours (ours rows measured for memory only)
-
-
-def time_ms(fn: Callable[[], object]) -> float:
-    """Median milliseconds of one call of `fn` on the current CUDA device, L2 flushed before each call."""
-    flush = torch.empty(L2_FLUSH_BYTES // 4, dtype=torch.int32, device="cuda")
-    for _ in range(WARMUP_CALLS):
-        fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    fn()
-    end.record()
-    torch.cuda.synchronize()
-    estimate = max(start.elapsed_time(end), 1e-3)
-    reps = int(min(MAX_REPS, max(MIN_REPS, TARGET_TIMING_MS / estimate)))
-    starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
-    ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
-    for s, e in zip(starts, ends):
-        flush.zero_()
-        s.record()
-        fn()
-        e.record()
-    torch.cuda.synchronize()
-    return statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends))
 
 
 def forward_call(fn: Callable[..., object], inputs: tuple[torch.Tensor, ...], backward: bool) -> Callable[[], object]:
@@ -149,82 +72,3 @@ def eager_and_compiled(eager_fn: Callable[..., object]) -> dict[str, Callable[[]
         "eager": lambda: eager_fn,
         "torch.compile": lambda: torch.compile(eager_fn, dynamic=False),
     }
-
-
-def _peak_mem_mb(fn: Callable[[], object]) -> float:
-    """Peak memory (MiB) that one call allocates above what was allocated before it."""
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    before = torch.cuda.memory_allocated()
-    fn()
-    torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - before) / 2**20
-
-
-def measure(case: BenchCase) -> Measurement:
-    """Set the case up, time it and (if asked for) measure its peak memory; frees its inputs after."""
-    torch.cuda.empty_cache()
-    fn = case.setup()
-    ms = time_ms(fn)
-    peak = _peak_mem_mb(fn) if case.measure_memory else None
-    del fn
-    torch.cuda.empty_cache()
-    return Measurement(ms=ms, peak_mem_mb=peak)
-
-
-def measure_ceilings() -> Ceilings:
-    """Device copy bandwidth (1 GiB tensor copy) and bf16 8192^3 matmul throughput on the current GPU."""
-    src = torch.empty(COPY_CEILING_BYTES, dtype=torch.uint8, device="cuda").random_()
-    dst = torch.empty_like(src)
-    copy_ms = time_ms(lambda: dst.copy_(src))
-    del src, dst
-    n = MATMUL_CEILING_N
-    a = torch.randn(n, n, dtype=torch.bfloat16, device="cuda")
-    b = torch.randn(n, n, dtype=torch.bfloat16, device="cuda")
-    mm_ms = time_ms(lambda: a @ b)
-    return Ceilings(
-        copy_gbps=2 * COPY_CEILING_BYTES / (copy_ms * 1e-3) / 1e9,
-        matmul_tflops=2 * n**3 / (mm_ms * 1e-3) / 1e12,
-    )
-
-
-def summarize(
-    cases: list[BenchCase], measurements: list[Measurement], ceilings: Ceilings
-) -> list[BenchResult]:
-    """Turn raw timings into rows: throughput, fraction of ceiling, speed-up and memory saving vs alternatives."""
-    assert len(cases) == len(measurements), (len(cases), len(measurements))
-    groups: dict[tuple[str, str], list[tuple[BenchCase, Measurement]]] = {}
-    for case, m in zip(cases, measurements):
-        groups.setdefault((case.kernel, case.shape), []).append((case, m))
-    results = []
-    for case, m in zip(cases, measurements):
-        alts = [am for ac, am in groups[(case.kernel, case.shape)] if not ac.ours]
-        tflops = case.flops / (m.ms * 1e-3) / 1e12 if case.flops else None
-        gbps = case.bytes_moved / (m.ms * 1e-3) / 1e9 if case.bytes_moved else None
-        if tflops is not None:
-            frac = tflops / ceilings.matmul_tflops
-        elif gbps is not None:
-            frac = gbps / ceilings.copy_gbps
-        else:
-            frac = None
-        speedup = min(a.ms for a in alts) / m.ms if case.ours and alts else None
-        alt_mems = [a.peak_mem_mb for a in alts if a.peak_mem_mb is not None]
-        mem_saving = None
-        if case.ours and alt_mems and m.peak_mem_mb:
-            mem_saving = min(alt_mems) / m.peak_mem_mb
-        results.append(
-            BenchResult(
-                kernel=case.kernel,
-                shape=case.shape,
-                impl=case.impl,
-                ours=case.ours,
-                ms=m.ms,
-                tflops=tflops,
-                gbps=gbps,
-                frac_of_ceiling=frac,
-                speedup_vs_best_alt=speedup,
-                peak_mem_mb=m.peak_mem_mb,
-                mem_saving_vs_alt=mem_saving,
-            )
-        )
-    return results

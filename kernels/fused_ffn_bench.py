@@ -1,4 +1,4 @@
-"""Benchmark cases of the fused FFN, run by `python -m kernels.bench` (add "kernels.fused_ffn_bench" to BENCH_MODULES).
+"""Benchmark cases of the fused FFN, run by `python -m bench_svc.benches.kernels` (add "kernels.fused_ffn_bench" to BENCH_MODULES).
 
 At M <= 64 rows the FFN reads far more weight bytes than it does FLOPs per byte, so every case is judged in GB/s on
 the bytes it must move at least (W1, W2, biases, x in, y out) against the measured copy ceiling, beside the two

@@ -2,8 +2,8 @@
 # The kernels' whole GPU check in one go, for the GPU machine: build the CUDA RMSNorm extension for this Python,
 # run the kernel tests on the GPU, then the benchmark (bench_svc/results/kernels-<gpu>.{csv,json,png}; the short
 # table is printed last). Keeps going after a failed step and exits non-zero if any step failed.
-# Usage: kernels/gpu_check.sh [arguments for python -m kernels.bench]    Environment: PYTHON (default: the repo's
-# .venv/bin/python if there, else python3).
+# Usage: kernels/gpu_check.sh [arguments for python -m bench_svc.benches.kernels]
+# Environment: PYTHON (default: the repo's .venv/bin/python if there, else python3).
 set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -24,7 +24,7 @@ PYTHON="$PYTHON" kernels/rmsnorm_cuda/build.sh || failed+=(build)
 say "kernel tests on the GPU"
 "$PYTHON" -m pytest kernels -q -rs -p no:cacheprovider || failed+=(tests)
 say "benchmark"
-"$PYTHON" -m kernels.bench "$@" || failed+=(bench)
+"$PYTHON" -m bench_svc.benches.kernels "$@" || failed+=(bench)
 if [ ${#failed[@]} -gt 0 ]; then
   say "FAILED: ${failed[*]}"
   exit 1

@@ -1,4 +1,4 @@
-"""Benchmark cases of the inference kernels, run by `python -m kernels.bench` (`BENCH_MODULES` there).
+"""Benchmark cases of the inference kernels, run by `python -m bench_svc.benches.kernels` (`BENCH_MODULES` there).
 
 Both kernels are bound by memory, so they are judged in GB/s against the measured copy ceiling:
 - decode attention on the K/V bytes read, beside SDPA with a padded boolean mask over the same cache (given its

@@ -7,7 +7,7 @@
 # usual; with $OUT set (the device tool's output folder) the new result files are packed into $OUT/results.tgz and
 # the whole log is $OUT/session.log.
 #
-# Steps: tests (CUDA build + every GPU test under kernels/, model/, inference_svc/; $GPU_TESTS narrows them), kernels (python -m kernels.bench),
+# Steps: tests (CUDA build + every GPU test under kernels/, model/, inference_svc/; $GPU_TESTS narrows them), kernels (python -m bench_svc.benches.kernels),
 #        speculative, train (trainer.bench --part speed), serve (inference_svc.bench --device cuda),
 #        compile (trainer.compile_bench), checkpointing (trainer.checkpointing_bench),
 #        train-profile / train-carryover (tools.train_probe: step time split, state left between runs).
@@ -69,10 +69,10 @@ for spec in "$@"; do
         ${GPU_TESTS:-kernels model/kernel_routing_test.py inference_svc/runner_test.py} ;;
     kernels)  # the fused-FFN rows are taken first, alone; SECONDS bounds the whole benchmark
       build_ext
-      run_step ffn-bench 120 "$PYTHON" -m kernels.bench --only fused_ffn
-      run_step kernel-bench "$limit" "$PYTHON" -m kernels.bench ;;
+      run_step ffn-bench 120 "$PYTHON" -m bench_svc.benches.kernels --only fused_ffn
+      run_step kernel-bench "$limit" "$PYTHON" -m bench_svc.benches.kernels ;;
     speculative)
-      run_step speculative "$limit" "$PYTHON" -m model.speculative_bench --device cuda --target-steps 1500 \
+      run_step speculative "$limit" "$PYTHON" -m bench_svc.benches.speculative --device cuda --target-steps 1500 \
         --draft-steps 600 --batch 32 --target-train-s 60 --draft-train-s 30 --prompts 2 --max-new-tokens 96 --repeats 2 ;;
     train) run_step train "$limit" "$PYTHON" -m trainer.bench --part speed --budget-s "${TRAIN_BUDGET_S:-120}" \
       ${TRAIN_VARIANTS:+--variants "$TRAIN_VARIANTS"} ;;

@@ -1,21 +1,19 @@
 """CPU decode latency: PyTorch eager against ONNX Runtime fp32 / INT8 / INT4, with a KV cache, batch 1 and 8.
 
-    python -m exporter.bench [--presets shakespeare-char,medium] [--model ARTIFACT] [--out-dir bench_svc/results]
+    python -m bench_svc.benches.export_decode [--presets shakespeare-char,medium] [--model ARTIFACT]
+                                              [--out-dir bench_svc/results]
 
 Per preset (random-init weights: latency does not depend on weight values) the model is exported and
 quantized into a temp folder; each engine prefills a prompt, then runs `--steps` one-token decode steps
 feeding its own KV cache (PyTorch: `model.forward_cached` + `KVCache`, as the torch serving backend; ORT:
 present -> past, as the ORT backend). Reported: per-step latency p50/p95 (one token for every row of the
-batch) after warm-up steps. Torch and ORT get the same thread count. Writes export-cpu.csv, .json and .png
-with the CPU model, git commit and exact command.
+batch) after warm-up steps. Torch and ORT get the same thread count. Writes export-cpu.csv, .json (through the
+harness's writer: CPU model, git commit, exact command, time, load) and .png.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
-import json
-import platform
 import sys
 import tempfile
 import time
@@ -25,7 +23,8 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from kernels.provenance import git_commit
+from bench_svc.provenance import Anchor, cpu_device_name, make_header
+from bench_svc.results_io import write_results
 
 __all__ = ["bench_decode", "main"]
 
@@ -33,6 +32,8 @@ ENGINES = ("torch-eager", "ort-fp32", "ort-int8", "ort-int4")
 BATCHES = (1, 8)
 PROMPT_LEN = 32
 RESULT_STEM = "export-cpu"
+MODULE = "bench_svc.benches.export_decode"
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def _percentiles(samples_s: list[float]) -> dict[str, float]:
@@ -124,16 +125,6 @@ def bench_decode(model: Any, label: str, steps: int, warmup: int, threads: int, 
     return rows
 
 
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def _plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
     import matplotlib
 
@@ -158,10 +149,10 @@ def _plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    p = argparse.ArgumentParser(prog="python -m exporter.bench", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog=f"python -m {MODULE}", description=__doc__.split("\n\n")[0])
     p.add_argument("--presets", default="shakespeare-char,medium", help="model presets to time (random init)")
     p.add_argument("--model", type=Path, help="also time this artifact folder (its onnx/ files when present)")
-    p.add_argument("--out-dir", type=Path, default=Path("bench_svc/results"), help="where export-cpu.* go")
+    p.add_argument("--out-dir", type=Path, default=REPO_ROOT / "bench_svc" / "results", help="where export-cpu.* go")
     p.add_argument("--steps", type=int, default=48, help="timed decode steps per engine and batch")
     p.add_argument("--warmup", type=int, default=4, help="untimed decode steps first")
     p.add_argument("--threads", type=int, default=1, help="intra-op threads for torch and ORT alike")
@@ -189,26 +180,20 @@ def main(argv: list[str] | None = None) -> int:
     if args.model is not None:
         art = load_artifact(args.model)
         rows += bench_decode(art.model, art.manifest["id"], args.steps, args.warmup, args.threads, args.model / "onnx")
-    header = {
-        "device": f"cpu: {_cpu_name()}",
+    header = make_header(cpu_device_name(), REPO_ROOT, [sys.executable, "-m", MODULE, *argv],
+                         Anchor("torch-eager at the same model and batch (speedup_vs_torch_p50)"))
+    summary = {
         "threads": args.threads,
-        "commit": git_commit(),
-        "command": " ".join(["python -m exporter.bench", *argv]),
         "versions": {"torch": torch.__version__, "onnxruntime": onnxruntime.__version__},
         "weights": "random init for presets (decode latency does not depend on the weight values)",
         "metric": f"latency of one decode step (one new token per row) after a {PROMPT_LEN}-token prefill; "
                   f"{args.steps} timed steps after {args.warmup} warm-up steps",  # fmt: skip
         "seconds": round(time.time() - start, 1),
     }
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    (args.out_dir / f"{RESULT_STEM}.json").write_text(json.dumps({**header, "rows": rows}, indent=2) + "\n")
-    with open(args.out_dir / f"{RESULT_STEM}.csv", "w", newline="") as f:
-        f.write("".join(f"# {k}: {v}\n" for k, v in header.items()))
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    _plot(rows, args.out_dir / f"{RESULT_STEM}.png", f"{header['device']}, {args.threads} thread(s), commit {header['commit'][:12]}")
-    print(f"wrote {args.out_dir}/{RESULT_STEM}.csv|json|png ({header['seconds']} s)")
+    paths = write_results(args.out_dir, "export", header, rows, summary=summary, stem=RESULT_STEM)
+    png = args.out_dir / f"{RESULT_STEM}.png"
+    _plot(rows, png, f"{header.device}, {args.threads} thread(s), commit {header.git_commit[:12]}")
+    print(f"wrote {', '.join(str(p) for p in [*paths, png])} ({summary['seconds']} s)")
     return 0
 
 

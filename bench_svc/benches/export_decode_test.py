@@ -1,19 +1,21 @@
-"""The CPU decode benchmark writes its CSV/JSON/PNG with a header; every engine and batch gets a row."""
+"""The CPU decode benchmark writes its CSV/JSON/PNG with the harness's header; every engine and batch gets a row."""
 
 from __future__ import annotations
 
 import csv
 import json
 
-from exporter.bench import BATCHES, ENGINES, main
+from bench_svc.benches.export_decode import BATCHES, ENGINES, MODULE, main
 
 
 def test_bench_writes_rows_for_every_engine_and_batch(tmp_path, capsys):
     assert main(["--presets", "tiny", "--steps", "2", "--warmup", "0", "--out-dir", str(tmp_path)]) == 0
     result = json.loads((tmp_path / "export-cpu.json").read_text())
-    assert result["device"].startswith("cpu: ") and result["threads"] == 1
-    assert result["command"] == f"python -m exporter.bench --presets tiny --steps 2 --warmup 0 --out-dir {tmp_path}"
-    assert "random init" in result["weights"] and result["commit"]
+    header, summary = result["header"], result["summary"]
+    assert header["device"].startswith("cpu: ") and summary["threads"] == 1
+    assert header["command"][1:] == ["-m", MODULE, "--presets", "tiny", "--steps", "2", "--warmup", "0",
+                                     "--out-dir", str(tmp_path)]
+    assert "random init" in summary["weights"] and header["git_commit"]
     rows = result["rows"]
     assert {(r["engine"], r["batch"]) for r in rows} == {(e, b) for e in ENGINES for b in BATCHES}
     assert all(0 < r["p50_ms"] <= r["p95_ms"] for r in rows)

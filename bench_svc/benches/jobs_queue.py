@@ -1,4 +1,4 @@
-"""Queue throughput: no-op jobs per second with 1 and 4 worker processes (`python -m jobs.bench`).
+"""Queue throughput: no-op jobs per second with 1 and 4 worker processes (`python -m bench_svc.benches.jobs_queue`).
 
 Each run submits N no-op jobs, starts K worker processes, releases them together and times until every
 job is SUCCEEDED (the stream drained and nothing pending). It runs against a throwaway local
@@ -7,15 +7,11 @@ Writes bench_svc/results/jobs-cpu.{csv,json,png} and prints a table.
 """
 
 import argparse
-import csv
-import datetime
-import json
 import multiprocessing
 import os
 import platform
 import resource
 import statistics
-import subprocess
 import sys
 import time
 import uuid
@@ -24,6 +20,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
 
+from bench_svc.provenance import Anchor, cpu_device_name, machine_load, make_header
+from bench_svc.results_io import write_results
 from jobs.noop import noop_handler
 from jobs.queue import JobQueue
 from jobs.testing import RedisServer
@@ -32,6 +30,9 @@ from protos import jobs_pb2
 
 __all__ = ["Measurement", "main", "measure"]
 
+MODULE = "bench_svc.benches.jobs_queue"
+REPO_ROOT = Path(__file__).resolve().parents[2]
+RESULT_STEM = "jobs-cpu"
 _FORK = multiprocessing.get_context("fork")
 _TARGET_JOBS_PER_S = 1000.0  # with 4 workers on 2 cores
 _POLL_S = 0.002
@@ -52,7 +53,7 @@ class Measurement:
     submit_jobs_per_s: float
     worker_cpu_us_per_job: float  # user+sys of the worker processes while draining, per job
     redis_cpu_us_per_job: float  # user+sys of redis-server while draining, per job
-    load_1m: float  # the machine's 1-minute load average before the runs: other work competing for the cores
+    load_1m: float | None  # the machine's 1-minute load average before the runs: other work competing for the cores
 
     @property
     def cpu_bound_jobs_per_s_on_2_cores(self) -> float:
@@ -126,7 +127,7 @@ def _run(url: str, workers: int, jobs: int) -> _Run:
 
 def measure(url: str, persistence: str, workers: int, jobs: int, repeats: int) -> Measurement:
     """Median throughput of `repeats` runs of `jobs` no-op jobs drained by `workers` processes."""
-    load = os.getloadavg()[0]
+    load = machine_load()
     runs = [_run(url, workers, jobs) for _ in range(repeats)]
     rates = [jobs / run.seconds for run in runs]
     return Measurement(
@@ -145,40 +146,17 @@ def measure(url: str, persistence: str, workers: int, jobs: int, repeats: int) -
     )
 
 
-def _processor() -> str:
-    name = platform.processor()
-    if name and name not in ("x86_64", "aarch64"):
-        return name
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return name or platform.machine()
-
-
-def _commit() -> str:
-    try:
-        return subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True, cwd=Path(__file__).parent
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "uncommitted"
-
-
-def _write(results: list[Measurement], meta: dict, out_dir: Path) -> None:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    rows = [{**meta, **_row(m)} for m in results]
-    with open(out_dir / "jobs-cpu.csv", "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    anchor = {"name": "target with 4 workers on 2 cores", "value": _TARGET_JOBS_PER_S, "unit": "jobs/s"}
+def _write(results: list[Measurement], meta: dict, command: list[str], out_dir: Path) -> list[Path]:
+    """jobs-cpu.{csv,json} through the harness's writer (device, commit, command, time, load in the header), and the
+    bar chart beside them."""
+    header = make_header(cpu_device_name(), REPO_ROOT, command,
+                         Anchor("target with 4 workers on 2 cores", _TARGET_JOBS_PER_S, "jobs/s"))
     summary = {f"jobs_per_s_{m.workers}w_{m.persistence.replace(' ', '_')}": round(m.jobs_per_s, 1) for m in results}
-    doc = {**meta, "anchor": anchor, "summary": summary, "results": [_row(m) for m in results]}
-    (out_dir / "jobs-cpu.json").write_text(json.dumps(doc, indent=2) + "\n")
-    _plot(results, meta, out_dir / "jobs-cpu.png")
+    rows = [{**meta, **_row(m)} for m in results]
+    paths = write_results(out_dir, "jobs", header, rows, summary=summary, stem=RESULT_STEM)
+    png = out_dir / f"{RESULT_STEM}.png"
+    _plot(results, meta, png)
+    return [*paths, png]
 
 
 def _plot(results: list[Measurement], meta: dict, path: Path) -> None:
@@ -199,7 +177,7 @@ def _plot(results: list[Measurement], meta: dict, path: Path) -> None:
         ax.text(x, m.jobs_per_s_max + 0.02 * top, f"{m.jobs_per_s:,.0f}", ha="center", va="bottom")
     ax.set_ylim(0, 1.2 * top)
     ax.set_ylabel("no-op jobs / s (median, min-max)")
-    loads = ", ".join(f"{m.load_1m:.1f}" for m in results)
+    loads = ", ".join("?" if m.load_1m is None else f"{m.load_1m:.1f}" for m in results)
     ax.set_title(f"tinylm job queue: {meta['nproc']} CPU cores, redis {meta['redis_version']}\nload average {loads}")
     ax.legend(loc="upper right")
     fig.tight_layout()
@@ -220,22 +198,22 @@ def _print_table(results: list[Measurement]) -> None:
         print(
             f"{m.persistence:<17} {m.workers:>7} {m.jobs:>5} {m.jobs_per_s:>7,.0f} {m.jobs_per_s_min:>6,.0f} "
             f"{m.jobs_per_s_max:>6,.0f} {m.submit_jobs_per_s:>8,.0f} {m.worker_cpu_us_per_job:>13,.0f} "
-            f"{m.redis_cpu_us_per_job:>12,.0f} {m.load_1m:>5.1f} {m.cpu_bound_jobs_per_s_on_2_cores:>17,.0f}"
+            f"{m.redis_cpu_us_per_job:>12,.0f} {m.load_1m or 0.0:>5.1f} {m.cpu_bound_jobs_per_s_on_2_cores:>17,.0f}"
         )
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m jobs.bench", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog=f"python -m {MODULE}", description=__doc__.splitlines()[0])
     parser.add_argument("--jobs", type=int, default=5000, help="no-op jobs per run")
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 4], help="worker process counts")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--aof", action="store_true", help="also measure a server with AOF, appendfsync always")
     parser.add_argument("--redis-url", default=None, help="measure this Redis instead of a throwaway local one")
-    parser.add_argument("--out", type=Path, default=Path("bench_svc/results"))
+    parser.add_argument("--out", type=Path, default=REPO_ROOT / "bench_svc" / "results")
     args = parser.parse_args(argv)
     if args.jobs < 1 or args.repeats < 1 or min(args.workers) < 1:
         parser.error("--jobs, --repeats and --workers must be >= 1")
-    command = " ".join(["python", "-m", "jobs.bench", *(sys.argv[1:] if argv is None else argv)])
+    command = [sys.executable, "-m", MODULE, *(sys.argv[1:] if argv is None else argv)]
     results: list[Measurement] = []
     redis_version = "?"
     setups = [("given", args.redis_url)] if args.redis_url else [("no persistence", None)]
@@ -252,21 +230,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         finally:
             if server is not None:
                 server.close()
-    meta = {
-        "suite": "jobs",
-        "device": "cpu",
-        "processor": _processor(),
-        "nproc": os.cpu_count(),
-        "redis_version": redis_version,
-        "python": platform.python_version(),
-        "commit": _commit(),
-        "command": command,
-        "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-    }
-    _write(results, meta, args.out)
+    meta = {"nproc": os.cpu_count(), "redis_version": redis_version, "python": platform.python_version()}
+    paths = _write(results, meta, command, args.out)
     print()
     _print_table(results)
-    print(f"\nwrote {args.out}/jobs-cpu.csv, jobs-cpu.json, jobs-cpu.png")
+    print(f"\nwrote {', '.join(str(p) for p in paths)}")
     return 0
 
 

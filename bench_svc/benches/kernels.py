@@ -1,9 +1,10 @@
-"""Benchmark every kernel on the GPU in one run: `python -m kernels.bench` (or `bazel run //kernels:bench`).
+"""Every kernel on the GPU in one run: `python -m bench_svc.benches.kernels` (`bazel run //bench_svc/benches:kernels`).
 
 Measures the ceilings (device copy GB/s, bf16 8192^3 matmul TFLOP/s), then runs the `bench_cases()` of every module
 in `BENCH_MODULES` (our kernel beside the best PyTorch alternatives at the same shape), and writes
 `bench_svc/results/kernels-<gpu-slug>.{csv,json,png}`; the short table is printed last. Needs a CUDA GPU.
-To add a kernel: write `<kernel>_bench.py` with `bench_cases() -> list[BenchCase]` and add its module below.
+To add a kernel: write `kernels/<kernel>_bench.py` with `bench_cases() -> list[BenchCase]` (declared beside the
+kernel, `kernels/bench_common.py`) and add its module below. `./tinylm bench --suites kernels` runs this too.
 """
 
 from __future__ import annotations
@@ -18,13 +19,16 @@ from pathlib import Path
 
 import torch
 
-from kernels.bench_common import BenchCase, Measurement, measure, measure_ceilings, summarize
-from kernels.bench_report import RunInfo, format_table, gpu_slug, write_results
-from kernels.provenance import git_commit
+from bench_svc.benches.kernel_report import format_table, write_results
+from bench_svc.benches.kernel_timing import Measurement, measure, measure_ceilings, summarize
+from bench_svc.provenance import RunInfo, git_commit, gpu_slug
+from kernels.bench_common import BenchCase
 
 __all__ = ["BENCH_MODULES", "main"]
 
-log = logging.getLogger("kernels.bench")
+log = logging.getLogger("bench_svc.benches.kernels")
+
+MODULE = "bench_svc.benches.kernels"
 
 # The registry: each module exposes bench_cases() -> list[BenchCase]. Order is the order of the table.
 BENCH_MODULES: tuple[str, ...] = (
@@ -39,7 +43,7 @@ BENCH_MODULES: tuple[str, ...] = (
     "kernels.fused_ffn_bench",
 )
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 NO_GPU_EXIT_CODE = 2
 
 
@@ -58,7 +62,7 @@ def _collect_cases(modules: tuple[str, ...], only: str | None) -> list[list[Benc
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m kernels.bench", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog=f"python -m {MODULE}", description=__doc__.splitlines()[0])
     parser.add_argument(
         "--out-dir", type=Path, default=REPO_ROOT / "bench_svc" / "results", help="where the CSV/JSON/PNG go"
     )
@@ -75,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if not torch.cuda.is_available():
         print(
-            "kernels.bench needs a CUDA GPU: torch.cuda.is_available() is False on this machine. "
+            f"{MODULE} needs a CUDA GPU: torch.cuda.is_available() is False on this machine. "
             "Run it on the GPU machine (kernels/gpu_check.sh); the CPU tests are `python -m pytest kernels -q`.",
             file=sys.stderr,
         )
@@ -84,13 +88,13 @@ def main(argv: list[str] | None = None) -> int:
     info = RunInfo(
         gpu=gpu,
         commit=git_commit(),
-        command=shlex.join([sys.executable, "-m", "kernels.bench", *(sys.argv[1:] if argv is None else argv)]),
+        command=shlex.join([sys.executable, "-m", MODULE, *(sys.argv[1:] if argv is None else argv)]),
         timestamp=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         torch_version=torch.__version__,
     )
     groups = _collect_cases(BENCH_MODULES, args.only)
     if not groups:
-        print(f"kernels.bench: no case's kernel name contains any of --only {args.only!r}", file=sys.stderr)
+        print(f"{MODULE}: no case's kernel name contains any of --only {args.only!r}", file=sys.stderr)
         return NO_GPU_EXIT_CODE
     log.info("measuring ceilings on %s", gpu)
     ceilings = measure_ceilings()

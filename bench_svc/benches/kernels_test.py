@@ -9,11 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from kernels import bench
-from kernels.bench import BENCH_MODULES, NO_GPU_EXIT_CODE, main
-from kernels.bench_common import BenchCase, Ceilings, Measurement
+from bench_svc.benches import kernels as bench
+from bench_svc.benches.kernel_timing import Ceilings, Measurement
+from bench_svc.benches.kernels import BENCH_MODULES, MODULE, NO_GPU_EXIT_CODE, main
+from kernels.bench_common import BenchCase
 
-REPO_ROOT = Path(__file__).absolute().parent.parent
+REPO_ROOT = Path(__file__).absolute().parents[2]
 
 
 def test_every_registered_module_gives_cases():
@@ -36,7 +37,7 @@ def test_main_without_gpu_says_it_needs_one(capsys, tmp_path):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message given without a GPU")
 def test_module_entry_point_exits_non_zero():
-    proc = subprocess.run([sys.executable, "-m", "kernels.bench"], cwd=REPO_ROOT, capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-m", MODULE], cwd=REPO_ROOT, capture_output=True, text=True)
     assert proc.returncode == NO_GPU_EXIT_CODE
     assert "needs a CUDA GPU" in proc.stderr
 

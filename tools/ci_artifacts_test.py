@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from exporter.ci_artifacts import main
+from tools.ci_artifacts import main
 
 
 def test_missing_corpus_is_a_usage_error(tmp_path, capsys):

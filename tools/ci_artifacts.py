@@ -1,6 +1,6 @@
 """CI artifacts: train the `tiny` preset briefly on CPU, export every format, apply the gates.
 
-    python -m exporter.ci_artifacts OUTDIR --corpus tinyshakespeare.txt [--steps 150]
+    python -m tools.ci_artifacts OUTDIR --corpus tinyshakespeare.txt [--steps 150]
 
 Leaves in OUTDIR: `store/<model_id>/` (the artifact with onnx/, coreml/, hf/ and parity.json), a copy of
 `parity.json` at the top, and the training run folder. Exit status: 0 all gates passed, 1 a gate failed
@@ -42,7 +42,7 @@ def train_tiny(corpus: Path, out_dir: Path, steps: int = CI_STEPS, seed: int = 1
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m exporter.ci_artifacts", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m tools.ci_artifacts", description=__doc__.split("\n\n")[0])
     parser.add_argument("outdir", type=Path, help="folder for the artifact, its exports and parity.json")
     parser.add_argument("--corpus", type=Path, required=True, help="training text (CI passes $TINYLM_CORPUS)")
     parser.add_argument("--steps", type=int, default=CI_STEPS, help=f"training steps (default {CI_STEPS})")
