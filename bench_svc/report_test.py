@@ -43,9 +43,9 @@ def test_an_empty_folder_says_so(tmp_path):
 
 
 def test_trainer_info_header_is_read_and_curves_stay_out_of_tables(tmp_path):
-    doc = {"info": {"gpu": "Stand-in GPU", "commit": "abc", "command": "python -m trainer.bench", "timestamp": "2026"},
+    doc = {"info": {"gpu": "Stand-in GPU", "commit": "abc", "command": "python -m bench_svc.benches.training", "timestamp": "2026"},
            "results": [{"variant": "eager", "steps": 10, "curve": [{"step": 5, "val_loss": 2.0}]}]}
     (tmp_path / "train-stand-in.json").write_text(json.dumps(doc))
     text = (write_report(tmp_path)).read_text()
-    assert "| Stand-in GPU | abc | python -m trainer.bench | 2026 |" in text
+    assert "| Stand-in GPU | abc | python -m bench_svc.benches.training | 2026 |" in text
     assert "| variant | steps |" in text and "val_loss" not in text

@@ -1,7 +1,8 @@
-"""Suite `training`: training throughput and MFU on a CUDA GPU, by the trainer's own benchmark (`python -m trainer.bench`).
+"""Suite `training`: training throughput and MFU on a CUDA GPU, by `python -m bench_svc.benches.training`.
 
-The trainer owns its benchmark; this suite runs it as a child process with the run's output folder and collects
-the files it writes. Without a CUDA GPU it is skipped: CPU training figures would say nothing about the kernels.
+The benchmark trains through the trainer's internals; this suite runs it as a child process with the run's output
+folder and collects the files it writes. Without a CUDA GPU it is skipped: CPU training figures would say nothing
+about the kernels.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from bench_svc.suite import SuiteContext, SuiteResult
 __all__ = ["NAME", "run"]
 
 NAME = "training"
-MODULE = "trainer.bench"
+MODULE = "bench_svc.benches.training"
 QUICK_ARGS = ("--budget-s", "60")  # each variant stops after a minute, target reached or not
 
 

@@ -8,8 +8,8 @@
 # the whole log is $OUT/session.log.
 #
 # Steps: tests (CUDA build + every GPU test under kernels/, model/, inference_svc/; $GPU_TESTS narrows them), kernels (python -m bench_svc.benches.kernels),
-#        speculative, train (trainer.bench --part speed), serve (inference_svc.bench --device cuda),
-#        compile (trainer.compile_bench), checkpointing (trainer.checkpointing_bench),
+#        speculative, train (bench_svc.benches.training --part speed), serve (bench_svc.benches.inference_serving
+#        --device cuda), compile (bench_svc.benches.train_compile), checkpointing (bench_svc.benches.train_checkpointing),
 #        train-profile / train-carryover (tools.train_probe: step time split, state left between runs).
 set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -74,19 +74,19 @@ for spec in "$@"; do
     speculative)
       run_step speculative "$limit" "$PYTHON" -m bench_svc.benches.speculative --device cuda --target-steps 1500 \
         --draft-steps 600 --batch 32 --target-train-s 60 --draft-train-s 30 --prompts 2 --max-new-tokens 96 --repeats 2 ;;
-    train) run_step train "$limit" "$PYTHON" -m trainer.bench --part speed --budget-s "${TRAIN_BUDGET_S:-120}" \
+    train) run_step train "$limit" "$PYTHON" -m bench_svc.benches.training --part speed --budget-s "${TRAIN_BUDGET_S:-120}" \
       ${TRAIN_VARIANTS:+--variants "$TRAIN_VARIANTS"} ;;
     train-profile) run_step train-profile "$limit" "$PYTHON" -m tools.train_probe profile ${PROBE_VARIANTS:+--variants "$PROBE_VARIANTS"} ;;
     train-carryover) run_step train-carryover "$limit" "$PYTHON" -m tools.train_probe carryover --steps "${PROBE_STEPS:-300}" --eval-interval 100 ;;
     pytest) run_step pytest "$limit" "$PYTHON" -m pytest -q -rfEs --tb=short -p no:cacheprovider ${GPU_TESTS:?set GPU_TESTS} ;;
     train-tests) run_step train-tests "$limit" "$PYTHON" -m pytest -q -rfEs --tb=short -p no:cacheprovider trainer/train_gpu_test.py ;;
-    train-all) run_step train-all "$limit" "$PYTHON" -m trainer.bench --part all --budget-s "${TRAIN_BUDGET_S:-60}" \
+    train-all) run_step train-all "$limit" "$PYTHON" -m bench_svc.benches.training --part all --budget-s "${TRAIN_BUDGET_S:-60}" \
       ${TRAIN_VARIANTS:+--variants "$TRAIN_VARIANTS"} ${TRAIN_TAG:+--tag "$TRAIN_TAG"} ${TRAIN_STARTUP:+--startup "$TRAIN_STARTUP"} ;;
-    train-startup) run_step train-startup "$limit" "$PYTHON" -m trainer.bench --part startup ;;
+    train-startup) run_step train-startup "$limit" "$PYTHON" -m bench_svc.benches.training --part startup ;;
     train-sdpa) run_step train-sdpa "$limit" "$PYTHON" -m tools.train_probe sdpa --steps "${PROBE_STEPS:-300}" --eval-interval 100 ;;
-    serve) run_step serve "$limit" "$PYTHON" -m inference_svc.bench --device cuda ;;
-    compile) run_step compile "$limit" "$PYTHON" -m trainer.compile_bench --device cuda --timeout-s 120 ;;
-    checkpointing) run_step checkpointing "$limit" "$PYTHON" -m trainer.checkpointing_bench --device cuda ;;
+    serve) run_step serve "$limit" "$PYTHON" -m bench_svc.benches.inference_serving --device cuda ;;
+    compile) run_step compile "$limit" "$PYTHON" -m bench_svc.benches.train_compile --device cuda --timeout-s 120 ;;
+    checkpointing) run_step checkpointing "$limit" "$PYTHON" -m bench_svc.benches.train_checkpointing --device cuda ;;
     *) echo "unknown step '$step' (tests, kernels, speculative, train, serve, compile, checkpointing)"; summary+=("$step unknown") ;;
   esac
 done

@@ -53,7 +53,7 @@ MODES = {"greedy": 0.0, "sample": 1.0}  # mode -> temperature
 
 
 def build_parser(prog: str = f"python -m {MODULE}", description: str = "") -> argparse.ArgumentParser:
-    """The options of the speculative benchmarks (this one and the engine's, inference_svc.speculative_bench)."""
+    """The options of the speculative benchmarks (this one and the engine's, bench_svc.benches.speculative_engine)."""
     p = argparse.ArgumentParser(prog=prog, description=description or __doc__.splitlines()[0])
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--corpus", default=os.environ.get("TINYLM_CORPUS"), help="training text (default: $TINYLM_CORPUS)")

@@ -1,9 +1,9 @@
 """Speculative decoding in the serving engine: tokens/s with a `tiny` draft for a `shakespeare-char` target, at
 batch 1 and with several requests in flight, against the same engine without a draft, in the same run.
 
-    python -m inference_svc.speculative_bench --corpus FILE [--device cuda] [--concurrency 1,8] [--k 1,2,4]
+    python -m bench_svc.benches.speculative_engine --corpus FILE [--device cuda] [--concurrency 1,8] [--k 1,2,4]
 
-Trains the two models as `model.speculative_bench` does (same options; or loads them with --target-artifact and
+Trains the two models as `bench_svc.benches.speculative` does (same options; or loads them with --target-artifact and
 --draft-artifact), then for each concurrency, sampling mode and k (0: no draft, the anchor) submits that many
 held-out prompts to an engine at once and times until every one has finished; repeats run interleaved and the
 median is reported. Greedy rows also check that the tokens equal the anchor's. Writes
@@ -22,12 +22,7 @@ from typing import Any
 
 import torch
 
-from inference_svc.engine import Engine
-from inference_svc.params import Request
-from inference_svc.runner import TorchRunner
-from kernels.provenance import git_commit
-from model.sampling import SamplingParams
-from model.speculative_bench import (
+from bench_svc.benches.speculative import (
     DRAFT_PRESET,
     MODES,
     TARGET_PRESET,
@@ -39,10 +34,16 @@ from model.speculative_bench import (
     trained_models,
     write_results,
 )
+from bench_svc.provenance import git_commit
+from inference_svc.engine import Engine
+from inference_svc.params import Request
+from inference_svc.runner import TorchRunner
+from model.sampling import SamplingParams
 
 __all__ = ["main"]
 
-log = logging.getLogger("inference_svc.speculative_bench")
+MODULE = "bench_svc.benches.speculative_engine"
+log = logging.getLogger(MODULE)
 
 
 def _engines(target, draft, tokenizer, concurrency: int, ks: list[int], device: torch.device) -> dict[int, Engine]:
@@ -64,13 +65,13 @@ def _round(engine: Engine, prompts: list[list[int]], params: list[SamplingParams
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser("python -m inference_svc.speculative_bench", __doc__.splitlines()[0])
+    parser = build_parser(f"python -m {MODULE}", __doc__.splitlines()[0])
     parser.add_argument("--concurrency", default="1,8", help="requests in flight at once, comma-separated")
     args = parser.parse_args(argv)
     commit = git_commit()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if not (args.target_artifact and args.draft_artifact) and (not args.corpus or not Path(args.corpus).is_file()):
-        print("inference_svc.speculative_bench needs the corpus: pass --corpus FILE or set TINYLM_CORPUS",
+        print(f"{MODULE} needs the corpus: pass --corpus FILE or set TINYLM_CORPUS",
               file=sys.stderr)
         return 2
     if args.device.startswith("cuda") and not torch.cuda.is_available():
@@ -87,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             prompts = held_out_prompts(text, tokenizer, concurrency) if text else [[0] * 8] * concurrency
         except ValueError as err:  # loaded models whose tokenizer does not cover the corpus
-            print(f"inference_svc.speculative_bench: prompts from --corpus: {err}", file=sys.stderr)
+            print(f"{MODULE}: prompts from --corpus: {err}", file=sys.stderr)
             return 2
         prompts = (prompts * concurrency)[:concurrency]
         engines = _engines(target, draft, tokenizer, concurrency, ks, device)
@@ -97,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
             for engine in engines.values():
                 engine.close()
     anchor = next(r for r in rows if r["k"] == 0 and r["mode"] == "greedy")
-    header = make_header(args, "inference_svc.speculative_bench", argv,
+    header = make_header(args, MODULE, argv,
                          f"the engine without a draft, greedy, concurrency {anchor['concurrency']} = "
                          f"{anchor['tokens_per_s']} tokens/s", commit)
     summary = {"training": training, "max_new_tokens": args.max_new_tokens, "repeats": args.repeats,

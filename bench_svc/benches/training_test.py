@@ -6,13 +6,15 @@ import json
 import pytest
 import torch
 
-from trainer import bench
+from bench_svc.benches import training
 from trainer.testing import write_small_corpus
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # as the trainer's own tests run
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
 def test_refuses_without_cuda(capsys, tmp_path):
-    assert bench.main(["--out", str(tmp_path)]) == bench.NO_GPU_EXIT_CODE
+    assert training.main(["--out", str(tmp_path)]) == training.NO_GPU_EXIT_CODE
     assert "needs a CUDA GPU" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())
 
@@ -20,7 +22,7 @@ def test_refuses_without_cuda(capsys, tmp_path):
 def test_cpu_smoke_writes_csv_json_png(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("TINYLM_CORPUS", str(write_small_corpus(tmp_path / "c.txt")))
     out = tmp_path / "results"
-    code = bench.main(["--cpu-smoke", "--out", str(out), "--workdir", str(tmp_path / "w"), "--max-steps", "20",
+    code = training.main(["--cpu-smoke", "--out", str(out), "--workdir", str(tmp_path / "w"), "--max-steps", "20",
                        "--target", "2.0"])  # fmt: skip
     assert code == 0
     rows = list(csv.DictReader((out / "train-cpu.csv").open()))
@@ -47,11 +49,11 @@ def test_cpu_smoke_writes_csv_json_png(tmp_path, monkeypatch, capsys):
 
 
 def test_variants_picks_and_orders_and_names_the_choices(capsys):
-    args = bench._parse_args(["--cpu-smoke", "--variants", "eager-pytorch,tinylm"])
-    assert [name for name, _ in bench._variants(args)] == ["eager-pytorch", "tinylm"]
-    args = bench._parse_args(["--variants", "eager-pytorch"])
-    ((name, config),) = bench._variants(args)
+    args = training._parse_args(["--cpu-smoke", "--variants", "eager-pytorch,tinylm"])
+    assert [name for name, _ in training._variants(args)] == ["eager-pytorch", "tinylm"]
+    args = training._parse_args(["--variants", "eager-pytorch"])
+    ((name, config),) = training._variants(args)
     assert name == "eager-pytorch" and config.kernels is False and config.compile_mode == "none"
     with pytest.raises(SystemExit, match=r"unknown variant\(s\) \['fast'\]; choose from \['tinylm', 'tinylm-graph', 'tinylm-fast', "
                        r"'tinylm-fast-graph', 'compile-default', 'eager', 'eager-pytorch'\]"):
-        bench._variants(bench._parse_args(["--variants", "fast"]))
+        training._variants(training._parse_args(["--variants", "fast"]))

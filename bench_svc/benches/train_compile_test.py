@@ -5,14 +5,16 @@ import json
 
 import pytest
 
-from trainer import compile_bench
+from bench_svc.benches import train_compile
 from trainer.testing import write_small_corpus
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # as the trainer's own tests run
 
 
 @pytest.mark.parametrize("modes", ["fast", "default,turbo", ""])
 def test_bad_modes_are_refused(modes, capsys):
     with pytest.raises(SystemExit) as exit_:
-        compile_bench.main(["--modes", modes])
+        train_compile.main(["--modes", modes])
     assert exit_.value.code == 2
     assert "--modes must be a comma-separated list of ['none', 'default', 'reduce-overhead', 'max-autotune']" in (
         capsys.readouterr().err
@@ -24,7 +26,7 @@ def test_eager_anchor_run_writes_results(tmp_path, monkeypatch, capsys):
     out = tmp_path / "results"
     argv = ["--modes", "none", "--device", "cpu", "--batch-size", "2", "--block-size", "32", "--warmup-steps", "1",
             "--steps", "3", "--threads", "1", "--out", str(out)]  # fmt: skip
-    assert compile_bench.main(argv) == 0
+    assert train_compile.main(argv) == 0
     first, row = csv.DictReader((out / "compile-modes-cpu.csv").open())  # eager first and last
     assert first["mode"] == "none" and (first["order"], row["order"]) == ("1", "2")
     assert row["mode"] == "none" and row["status"] == "ok" and row["preset"] == "tiny"

@@ -1,4 +1,4 @@
-"""What every trainer benchmark records beside its numbers: the device, the git commit and the exact command, and
+"""What every training benchmark (training, train_compile, train_checkpointing) records beside its numbers: the device, the git commit and the exact command, and
 files written whole (temp + rename) so a reader never sees half a CSV."""
 
 from __future__ import annotations
@@ -19,12 +19,10 @@ from typing import Any
 
 import torch
 
-from kernels.bench_report import RunInfo, gpu_slug
-from kernels.provenance import git_commit
+from bench_svc.provenance import RunInfo, git_commit, gpu_slug
 
 __all__ = [
     "REPO_ROOT",
-    "git_commit",
     "device_label",
     "device_slug",
     "run_info",
@@ -38,7 +36,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def device_label(device: torch.device) -> str:

@@ -6,7 +6,7 @@ import json
 
 import torch
 
-from inference_svc.speculative_bench import main
+from bench_svc.benches.speculative_engine import main
 from model.artifact import save_artifact
 from model.presets import get_preset
 from model.transformer import GPT

@@ -1,7 +1,7 @@
 """Gradient checkpointing's trade: peak memory and step time of one shakespeare-char training step, off and on.
 
-    python -m trainer.checkpointing_bench          # CUDA: the preset's full batch (64 x 256, bf16); CPU: 16 x 256, fp32
-    python -m trainer.checkpointing_bench --batch-size 8 --out DIR
+    python -m bench_svc.benches.train_checkpointing          # CUDA: the preset's full batch (64 x 256, bf16); CPU: 16 x 256, fp32
+    python -m bench_svc.benches.train_checkpointing --batch-size 8 --out DIR
 
 Each variant runs in a process of its own (a fresh allocator, a fresh peak RSS): the trainer's model and AdamW
 (`build_model`, `make_optimizer`, eager, the preset's dropout), a batch of random tokens, one warm-up step (AdamW
@@ -30,16 +30,17 @@ from typing import Any
 
 import torch
 
-from kernels.bench_report import RunInfo
+from bench_svc.benches.train_report import REPO_ROOT, device_slug, new_figure, run_info, run_worker, write_results
+from bench_svc.provenance import RunInfo
 from model.presets import get_preset
 from model.profile import profile_model
-from trainer.bench_output import REPO_ROOT, device_slug, new_figure, run_info, run_worker, write_results
 from trainer.config import TrainConfig, load_config
 from trainer.train import build_model, make_optimizer, resolve_device
 
 __all__ = ["measure_step", "main"]
 
-log = logging.getLogger("trainer.checkpointing_bench")
+MODULE = "bench_svc.benches.train_checkpointing"
+log = logging.getLogger(MODULE)
 
 PRESET = "shakespeare-char"
 CPU_BATCH = 16  # the full 64 x 256 batch takes minutes a step on 2 CPU cores
@@ -156,7 +157,7 @@ def _run_variant(args: argparse.Namespace, on: bool, workdir: Path) -> dict[str,
     flags = ["--worker", "on" if on else "off", "--result", str(out), "--preset", args.preset, "--device", args.device,
              "--batch-size", str(args.batch_size), "--timed-steps", str(args.timed_steps), "--threads", str(args.threads)]
     flags += ["--dtype", args.dtype] if args.dtype else []  # fmt: skip
-    return run_worker("trainer.checkpointing_bench", flags, out)
+    return run_worker(MODULE, flags, out)
 
 
 def _plot(rows: list[dict[str, Any]], info: RunInfo, path: Path) -> Path | None:
@@ -197,7 +198,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m trainer.checkpointing_bench", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog=f"python -m {MODULE}", description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, default=REPO_ROOT / "bench_svc" / "results", help="results folder")
     p.add_argument("--preset", default=PRESET, help=f"train preset (default {PRESET})")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda (default auto)")
@@ -223,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
         args.result.write_text(json.dumps(measure_step(config, vocab, timed_steps=args.timed_steps)))
         return 0
     device = resolve_device(args.device)
-    info = run_info(device, "trainer.checkpointing_bench", argv)
+    info = run_info(device, MODULE, argv)
     with tempfile.TemporaryDirectory(prefix="tinylm-ckpt-bench-") as tmp:
         rows = []
         for on in (False, True):

@@ -3,14 +3,18 @@
 import csv
 import json
 
-from trainer import checkpointing_bench
+import pytest
+
+from bench_svc.benches import train_checkpointing
 from trainer.config import load_config
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # as the trainer's own tests run
 
 
 def test_checkpointing_lowers_the_measured_peak():
     base = load_config("tiny").replace(device="cpu", batch_size=8, block_size=64, dtype="float32")
-    off = checkpointing_bench.measure_step(base, 256, timed_steps=1)
-    on = checkpointing_bench.measure_step(base.replace(grad_checkpointing=True), 256, timed_steps=1)
+    off = train_checkpointing.measure_step(base, 256, timed_steps=1)
+    on = train_checkpointing.measure_step(base.replace(grad_checkpointing=True), 256, timed_steps=1)
     assert (off["variant"], on["variant"]) == ("off", "on")
     assert off["persistent_bytes"] == on["persistent_bytes"] > 0  # weights, AdamW state and batch: the same
     assert 0 < on["step_peak_bytes"] < off["step_peak_bytes"]
@@ -22,7 +26,7 @@ def test_main_writes_results(tmp_path, capsys):
     out = tmp_path / "results"
     argv = ["--preset", "tiny", "--device", "cpu", "--batch-size", "2", "--timed-steps", "1", "--threads", "1",
             "--out", str(out)]
-    assert checkpointing_bench.main(argv) == 0
+    assert train_checkpointing.main(argv) == 0
     rows = list(csv.DictReader((out / "checkpointing-cpu.csv").open()))
     assert [r["variant"] for r in rows] == ["off", "on"]
     assert all(r["device"].startswith("cpu") and r["commit"] and r["command"].endswith(str(out)) for r in rows)

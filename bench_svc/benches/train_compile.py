@@ -1,7 +1,7 @@
 """torch.compile modes for training: steps/s after warm-up and compile time of each, with eager as the anchor.
 
-    python -m trainer.compile_bench          # CUDA: shakespeare-char as its preset trains; CPU: tiny, 8 x 64, fp32
-    python -m trainer.compile_bench --modes none,default --steps 10 --threads 1 --out DIR
+    python -m bench_svc.benches.train_compile          # CUDA: shakespeare-char as its preset trains; CPU: tiny, 8 x 64, fp32
+    python -m bench_svc.benches.train_compile --modes none,default --steps 10 --threads 1 --out DIR
 
 Each mode ('none' is eager) trains in a process of its own through the trainer itself (`trainer.train.train` with
 `compile_mode=<mode>`), with empty Inductor and Triton caches, so compilation is measured cold. The first step
@@ -31,9 +31,9 @@ from typing import Any
 
 import torch
 
-from kernels.bench_report import RunInfo
+from bench_svc.benches.train_report import REPO_ROOT, device_slug, fmt, new_figure, run_info, run_worker, write_results
+from bench_svc.provenance import RunInfo
 from model.presets import get_preset
-from trainer.bench_output import REPO_ROOT, device_slug, fmt, new_figure, run_info, run_worker, write_results
 from trainer.config import COMPILE_MODES, DTYPES, TrainConfig, load_config
 from trainer.corpus import resolve_corpus
 from trainer.data import prepare_data
@@ -41,7 +41,8 @@ from trainer.train import resolve_device, train
 
 __all__ = ["measure_mode", "main"]
 
-log = logging.getLogger("trainer.compile_bench")
+MODULE = "bench_svc.benches.train_compile"
+log = logging.getLogger(MODULE)
 
 CPU_PRESET, CPU_BATCH = "tiny", 8  # seconds per mode on a CPU, compilation aside
 GPU_PRESET = "shakespeare-char"
@@ -121,7 +122,7 @@ def _run_mode(args: argparse.Namespace, mode: str, corpus: Path, workdir: Path) 
     env = {"TORCHINDUCTOR_CACHE_DIR": str(caches / "inductor"), "TRITON_CACHE_DIR": str(caches / "triton")}
     launch = time.perf_counter()
     try:
-        return run_worker("trainer.compile_bench", flags, out, env=env, timeout_s=args.timeout_s)
+        return run_worker(MODULE, flags, out, env=env, timeout_s=args.timeout_s)
     except subprocess.TimeoutExpired:
         status = f"timeout after {args.timeout_s:.0f} s"
     except subprocess.CalledProcessError as err:
@@ -177,7 +178,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m trainer.compile_bench", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog=f"python -m {MODULE}", description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, default=REPO_ROOT / "bench_svc" / "results", help="results folder")
     p.add_argument("--modes", default=",".join(COMPILE_MODES), help="comma-separated compile modes ('none': eager)")
     p.add_argument("--preset", help=f"train preset (default: {GPU_PRESET} on CUDA, {CPU_PRESET} on CPU)")
@@ -216,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
         args.result.write_text(json.dumps(row))
         return 0
     device = resolve_device(args.device)
-    info = run_info(device, "trainer.compile_bench", argv)
+    info = run_info(device, MODULE, argv)
     with tempfile.TemporaryDirectory(prefix="tinylm-compile-bench-") as tmp:
         workdir = args.workdir or Path(tmp)
         corpus = resolve_corpus(os.environ.get("TINYLM_CORPUS"), workdir / "data")

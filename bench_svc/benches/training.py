@@ -1,7 +1,7 @@
 """The training benchmark: shakespeare-char to val loss <= 1.474 with our trainer, and the same model in eager PyTorch.
 
-    python -m trainer.bench                       # on a CUDA machine; writes bench_svc/results/train-<gpu>.*
-    python -m trainer.bench --cpu-smoke --out DIR # a seconds-long run of the same code path on a CPU
+    python -m bench_svc.benches.training                       # on a CUDA machine; writes bench_svc/results/train-<gpu>.*
+    python -m bench_svc.benches.training --cpu-smoke --out DIR # a seconds-long run of the same code path on a CPU
 
 Variants, all on nanoGPT's shakespeare-char data, split, model and evaluation: "tinylm" (the preset as it trains:
 torch.compile with CUDA graphs, bf16 autocast, fused AdamW, no host sync between log points), "tinylm-fast" (the
@@ -35,8 +35,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_model
 
-from kernels.bench_report import RunInfo, gpu_slug
-from trainer.bench_output import REPO_ROOT, fmt, new_figure, run_info, write_csv_json
+from bench_svc.benches.train_report import REPO_ROOT, fmt, new_figure, run_info, write_csv_json
+from bench_svc.provenance import RunInfo, gpu_slug
 from trainer.config import TrainConfig, load_config
 from trainer.corpus import resolve_corpus
 from trainer.data import prepare_data
@@ -46,7 +46,8 @@ from trainer.train import build_model, resolve_device, train
 
 __all__ = ["VariantResult", "run_variant", "main"]
 
-log = logging.getLogger("trainer.bench")
+MODULE = "bench_svc.benches.training"
+log = logging.getLogger(MODULE)
 
 NO_GPU_EXIT_CODE = 2
 TARGET_VAL_LOSS = 1.474  # nanoGPT's own train.py on shakespeare-char: best 1.4733 (H200, step 1750, 85 s)
@@ -155,7 +156,7 @@ def _variants(args: argparse.Namespace) -> list[tuple[str, TrainConfig]]:
     names = [v.strip() for v in args.variants.split(",") if v.strip()] or list(variants)
     unknown = [n for n in names if n not in variants]
     if unknown:
-        raise SystemExit(f"trainer.bench: unknown variant(s) {unknown}; choose from {list(variants)}")
+        raise SystemExit(f"{MODULE}: unknown variant(s) {unknown}; choose from {list(variants)}")
     return [(n, variants[n]) for n in names]
 
 
@@ -209,7 +210,7 @@ def _startup(args: argparse.Namespace, workdir: Path) -> list[VariantResult]:
         out_json = workdir / f"{name}.json"
         env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), TORCHINDUCTOR_CACHE_DIR=str(cache),
                    TRITON_CACHE_DIR=str(cache / "triton"), TINYLM_BENCH_LAUNCH=repr(time.time()))  # fmt: skip
-        cmd = [sys.executable, "-m", "trainer.bench", "--startup-worker", str(out_json), "--workdir", str(workdir)]
+        cmd = [sys.executable, "-m", MODULE, "--startup-worker", str(out_json), "--workdir", str(workdir)]
         if name == "startup-graph":  # no torch.compile: the whole step captured as a CUDA graph
             cmd.append("--startup-graph")
         subprocess.run(cmd, check=True, cwd=REPO_ROOT, env=env)
@@ -253,7 +254,7 @@ def _ddp_scaling(args: argparse.Namespace, workdir: Path) -> list[VariantResult]
         out_json = workdir / f"ddp-{n}.json"
         cmd = [
             sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
-            "-m", "trainer.bench", "--ddp-worker", str(out_json), "--ddp-steps", str(args.ddp_steps),
+            "-m", MODULE, "--ddp-worker", str(out_json), "--ddp-steps", str(args.ddp_steps),
             "--workdir", str(workdir / f"ddp-{n}"),
         ]  # fmt: skip
         log.info("running %s", shlex.join(cmd))
@@ -341,7 +342,7 @@ def format_table(results: list[VariantResult]) -> str:
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m trainer.bench", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog=f"python -m {MODULE}", description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, default=REPO_ROOT / "bench_svc" / "results", help="results folder")
     p.add_argument("--workdir", type=Path, help="scratch folder for runs and data (default: a temporary one)")
     p.add_argument("--target", type=float, default=None, help=f"target val loss (default {TARGET_VAL_LOSS}; smoke 3.0)")
@@ -374,13 +375,13 @@ def main(argv: list[str] | None = None) -> int:
         return _startup_worker(args)
     if not torch.cuda.is_available() and not args.cpu_smoke:
         print(
-            "trainer.bench needs a CUDA GPU (torch.cuda.is_available() is False here); "
+            f"{MODULE} needs a CUDA GPU (torch.cuda.is_available() is False here); "
             "use --cpu-smoke for a tiny CPU run of the same code path.",
             file=sys.stderr,
         )
         return NO_GPU_EXIT_CODE
     target = args.target if args.target is not None else (3.0 if args.cpu_smoke else TARGET_VAL_LOSS)
-    info = run_info(torch.device("cpu" if args.cpu_smoke else "cuda"), "trainer.bench", argv)
+    info = run_info(torch.device("cpu" if args.cpu_smoke else "cuda"), MODULE, argv)
     if args.cpu_smoke:
         info = dataclasses.replace(info, gpu="cpu")
     with tempfile.TemporaryDirectory(prefix="tinylm-train-bench-") as tmp:
