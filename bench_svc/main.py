@@ -99,7 +99,7 @@ def _run_local(argv: list[str]) -> int:
     ctx = SuiteContext(
         out_dir=out_dir, repo_root=REPO_ROOT, command=("./tinylm", "bench", *argv), quick=args.quick,
         model_path=model_path, preset=args.preset, inference_address=args.address,
-        device=_device(args.device), python=sys.executable, progress=_print_progress,
+        device=_device(args.device), python=sys.executable, threads=args.threads, progress=_print_progress,
     )
     try:
         outcome = run_suites(names, ctx)

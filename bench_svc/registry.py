@@ -13,8 +13,13 @@ SUITES: dict[str, str] = {
     "kvcache": "bench_svc.kvcache",
     "memory": "bench_svc.memory",
     "inference": "bench_svc.inference_load",
+    "serving": "bench_svc.serving",
+    "http": "bench_svc.http_suite",
     "export": "bench_svc.export",
     "jobs": "bench_svc.jobs_throughput",
+    "speculative": "bench_svc.speculative",
+    "compile": "bench_svc.compile_modes",
+    "checkpointing": "bench_svc.checkpointing",
     "kernels": "bench_svc.kernels",
     "training": "bench_svc.training",
 }

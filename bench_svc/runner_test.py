@@ -57,3 +57,34 @@ def test_the_job_queue_knows_the_same_suites():
     from jobs.spec_checks import BENCH_SUITES
 
     assert BENCH_SUITES == tuple(SUITES)
+
+
+CHILD_SUITES = {  # suite -> the program it runs in a child process (the README's reproduce column names the suite)
+    "serving": "bench_svc.benches.inference_serving",
+    "http": "bench_svc.http_overhead",
+    "speculative": "bench_svc.benches.speculative",
+    "compile": "bench_svc.benches.train_compile",
+    "checkpointing": "bench_svc.benches.train_checkpointing",
+}
+
+
+@pytest.mark.parametrize("name", sorted(CHILD_SUITES))
+def test_a_child_process_suite_runs_its_program_with_the_runs_threads_and_folder(name, tiny_ctx, monkeypatch):
+    from bench_svc.registry import load_suite
+    from bench_svc.subprocess_suite import module_available
+    from bench_svc.suite import SuiteResult
+
+    suite = load_suite(name)
+    calls = []
+    monkeypatch.setattr(suite, "run_module", lambda ctx, s, module, args, **kw: calls.append((s, module, args)) or
+                        SuiteResult(s, "ok"))  # fmt: skip
+    for quick in (False, True):
+        assert suite.run(dataclasses.replace(tiny_ctx, threads=2, quick=quick)).ok
+    assert suite.NAME == name and all(s == name and m == CHILD_SUITES[name] for s, m, _ in calls)
+    assert module_available(CHILD_SUITES[name])
+    (_, _, full), (_, _, quick_args) = calls
+    for args in (full, quick_args):
+        assert str(tiny_ctx.out_dir) in args and args[args.index("--threads") + 1] == "2"
+    assert full != quick_args  # --quick makes it shorter
+    suite.run(tiny_ctx)  # threads 0: the program's own default
+    assert "--threads" not in calls[-1][2]

@@ -20,7 +20,7 @@ import torch
 
 from bench_svc.suite import SuiteCancelled, SuiteContext, SuiteResult
 
-__all__ = ["module_available", "run_gpu_module", "run_module", "stop_process"]
+__all__ = ["module_available", "run_gpu_module", "run_module", "stop_process", "thread_args"]
 
 TAIL_LINES = 20
 
@@ -31,6 +31,11 @@ def module_available(module: str) -> bool:
         return importlib.util.find_spec(module) is not None
     except (ImportError, ValueError):
         return False
+
+
+def thread_args(ctx: SuiteContext) -> list[str]:
+    """`--threads N` when the run asked for N threads (a child process does not inherit torch's setting), else []."""
+    return ["--threads", str(ctx.threads)] if ctx.threads else []
 
 
 def stop_process(proc: subprocess.Popen, grace_s: float = 10.0) -> None:

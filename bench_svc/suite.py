@@ -41,6 +41,7 @@ class SuiteContext:
     inference_address: str = ""  # host:port of an InferenceService for the inference suite
     device: str = "cpu"  # torch device of the in-process suites ("cpu", "cuda")
     python: str = "python3"  # interpreter of subprocess suites
+    threads: int = 0  # torch CPU threads asked for (--threads); subprocess suites pass it on; 0: their default
     commit: str = ""  # git commit of the code running, taken once at the start of the run; empty: look it up
     progress: ProgressFn = no_progress
     cancelled: Callable[[], bool] = field(default=lambda: False)

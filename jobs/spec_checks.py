@@ -10,7 +10,10 @@ from protos import jobs_pb2
 __all__ = ["BENCH_SUITES", "NestedSpecError", "check_bench_spec"]
 
 # The suites bench_svc.registry.SUITES knows, in its order (bench_svc/runner_test.py checks they agree).
-BENCH_SUITES: tuple[str, ...] = ("kvcache", "memory", "inference", "export", "jobs", "kernels", "training")
+BENCH_SUITES: tuple[str, ...] = (
+    "kvcache", "memory", "inference", "serving", "http", "export", "jobs", "speculative", "compile", "checkpointing",
+    "kernels", "training",
+)  # fmt: skip
 
 
 class NestedSpecError(ValueError):
