@@ -141,8 +141,7 @@ class TrainConfig:
     tensorboard: bool = True
 
     def __post_init__(self) -> None:
-        if self.preset not in MODEL_PRESETS:
-            raise ConfigError("preset", f"preset must be one of {sorted(MODEL_PRESETS)}, got {self.preset!r}")
+        check_choice("preset", self.preset, sorted(MODEL_PRESETS), error=ConfigError)
         for key, (lo, hi) in _INT_RANGES.items():
             check_int(key, getattr(self, key), lo, hi, error=ConfigError)
         for key, (lo, hi) in _FLOAT_RANGES.items():
@@ -350,8 +349,7 @@ def load_config(
         values.update(_compile_alias(loaded))
     values.update(_compile_alias(overrides or {}))
     name = preset or values.get("preset") or "tiny"
-    if name not in TRAIN_PRESETS:
-        raise ConfigError("preset", f"preset must be one of {sorted(TRAIN_PRESETS)}, got {name!r}")
+    check_choice("preset", name, sorted(TRAIN_PRESETS), error=ConfigError)
     base = TRAIN_PRESETS[name]
     changes = {key: _coerce(key, raw, getattr(base, key, None)) for key, raw in values.items()}
     changes["preset"] = base.preset  # the model preset (a training preset such as shakespeare-char-fast names its own)
