@@ -12,7 +12,7 @@ import random
 from collections import Counter
 from dataclasses import dataclass
 
-from model.field_checks import check_choice, check_int
+from model.field_checks import check_choice, check_int, check_number
 
 __all__ = ["Speech", "SpeakerTask", "UNITS", "parse_speeches", "speaker_task"]
 
@@ -60,8 +60,7 @@ def speaker_task(
 ) -> SpeakerTask:
     """The top `n_speakers` speakers (by number of speeches; ties by name) as classes, split by speech."""
     check_int("n_speakers", n_speakers, 2)
-    if not 0.0 < held_out_fraction < 1.0:
-        raise ValueError(f"held_out_fraction must be in (0, 1), got {held_out_fraction!r}")
+    check_number("held_out_fraction", held_out_fraction, 0, 1, lo_open=True, hi_open=True)
     check_choice("unit", unit, UNITS)
     speeches = parse_speeches(corpus)
     counts = Counter(s.speaker for s in speeches)
