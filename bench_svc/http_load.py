@@ -20,6 +20,7 @@ import openai
 
 from bench_svc.load_generator import PROMPTS, LoadLevel, LoadResult, RequestRecord
 from bench_svc.loopback import check_loopback
+from model.field_checks import check_choice
 
 __all__ = ["CLIENTS", "run_http_level"]
 
@@ -96,8 +97,7 @@ def run_http_level(
 ) -> LoadResult:
     """Runs one load level against the OpenAI-compatible server at `base_url` (http://127.0.0.1:PORT, loopback only)
     with `client` "openai" (the openai package) or "raw" (httpx2 + json)."""
-    if client not in CLIENTS:
-        raise ValueError(f"client must be one of {CLIENTS}, got {client!r}")
+    check_choice("client", client, CLIENTS)
     check_loopback(base_url.removeprefix("http://").split("/")[0])
     stop = stop or threading.Event()
     counter = itertools.count()

@@ -19,6 +19,7 @@ from typing import Sequence
 import grpc
 
 from bench_svc.loopback import check_loopback
+from model.field_checks import check_int, check_number
 from protos import inference_pb2, inference_pb2_grpc
 from rpc.client import channel
 
@@ -39,14 +40,11 @@ class LoadLevel:
     model_id: str = ""  # empty: the server's default model
 
     def __post_init__(self) -> None:
-        if self.concurrency < 1:
-            raise ValueError(f"concurrency must be >= 1, got {self.concurrency}")
-        if self.requests < self.concurrency:
-            raise ValueError(f"requests must be >= concurrency ({self.concurrency}), got {self.requests}")
-        if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if not (self.time_budget_s > 0 and self.request_timeout_s > 0):
-            raise ValueError("time_budget_s and request_timeout_s must be > 0")
+        check_int("concurrency", self.concurrency, 1)
+        check_int("requests", self.requests, self.concurrency, note=" (concurrency)")
+        check_int("max_new_tokens", self.max_new_tokens, 1)
+        check_number("time_budget_s", self.time_budget_s, 0, lo_open=True)
+        check_number("request_timeout_s", self.request_timeout_s, 0, lo_open=True)
 
 
 @dataclass

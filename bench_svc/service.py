@@ -20,6 +20,7 @@ from jobs.errors import QueueUnavailable
 from jobs.kinds import state_name
 from jobs.queue import JobQueue
 from model.artifact import ArtifactError
+from model.field_checks import check_int
 from protos import bench_pb2, bench_pb2_grpc, jobs_pb2
 from rpc.errors import invalid_argument, not_found, resource_exhausted
 from rpc.job_calls import job_status, queue_errors, watch_events
@@ -33,8 +34,7 @@ class BenchService(bench_pb2_grpc.BenchServiceServicer):
     """Bench jobs on `queue`; models are looked up in `artifacts_root`; at most `max_queued` bench jobs wait."""
 
     def __init__(self, queue: JobQueue, artifacts_root: Path, *, max_queued: int = 16) -> None:
-        if max_queued < 1:
-            raise ValueError(f"max_queued must be >= 1, got {max_queued}")
+        check_int("max_queued", max_queued, 1)
         self.queue = queue
         self.artifacts_root = Path(artifacts_root)
         self.max_queued = max_queued

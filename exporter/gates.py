@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from model.field_checks import check_number
+
 __all__ = ["Gates", "apply_gates"]
 
 
@@ -27,11 +29,9 @@ class Gates:
 
     def __post_init__(self) -> None:
         for name in ("fp32_max_abs_logits", "int8_val_loss_delta", "int4_val_loss_delta"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+            check_number(name, getattr(self, name), 0, lo_open=True)
         for name in ("int8_greedy_agreement", "int8_free_running_agreement", "int4_free_running_agreement"):
-            if not 0 < getattr(self, name) <= 1:
-                raise ValueError(f"{name} must be in (0, 1], got {getattr(self, name)}")
+            check_number(name, getattr(self, name), 0, 1, lo_open=True)
 
     def limits(self, variant: str) -> list[tuple[str, str, float]]:
         """(metric, "<=" or ">=", limit) for a variant name of the parity report."""

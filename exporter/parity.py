@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from exporter.onnx_runner import OnnxDecoder
+from model.field_checks import check_int
 from model.kv_cache import KVCache
 from model.transformer import GPT
 
@@ -49,9 +50,7 @@ class ParitySettings:
 
     def __post_init__(self) -> None:
         for name in ("n_prompts", "prompt_len", "decode_prompts", "decode_prompt_len", "decode_steps", "eval_window", "eval_tokens"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+            check_int(name, getattr(self, name), 1)
 
 
 def held_out_text(corpus_text: str) -> str:

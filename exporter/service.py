@@ -17,6 +17,7 @@ from exporter.formats import parse_formats
 from jobs.queue import JobQueue
 from jobs.spec_checks import NestedSpecError, check_bench_spec
 from model.artifact import ArtifactError, ArtifactStore
+from model.field_checks import check_int
 from protos import exporter_pb2, exporter_pb2_grpc, jobs_pb2, trainer_pb2
 from rpc.errors import invalid_argument, not_found, resource_exhausted
 from rpc.job_calls import job_status, queue_errors, watch_events
@@ -32,8 +33,7 @@ class ExporterService(exporter_pb2_grpc.ExporterServiceServicer):
     """gRPC front of the export queue; models are looked up in `store_root`; at most `max_queued` jobs wait."""
 
     def __init__(self, queue: JobQueue, store_root: Path, *, max_queued: int = 16) -> None:
-        if max_queued < 1:
-            raise ValueError(f"max_queued must be >= 1, got {max_queued}")
+        check_int("max_queued", max_queued, 1)
         self.queue = queue
         self.store = ArtifactStore(store_root)
         self.max_queued = max_queued

@@ -26,6 +26,7 @@ from inference_svc.sampler import Sampler
 from inference_svc.scheduler import QueueFull, Scheduler
 from inference_svc.sequence import Sequence, SequenceStatus
 from inference_svc.speculative import SpeculativeDecoder
+from model.field_checks import check_int
 from model.tokenizers import Tokenizer
 
 __all__ = ["Chunk", "Engine", "EngineStats", "FinishReason", "QueueFull", "RequestHandle", "Timings", "Usage"]
@@ -146,8 +147,7 @@ class Engine:
         speculative_k: int = 4,
     ) -> None:
         max_slots = runner.n_slots if max_slots is None else max_slots
-        if isinstance(max_slots, bool) or not isinstance(max_slots, int) or not 1 <= max_slots <= runner.n_slots:
-            raise ValueError(f"max_slots must be an integer in [1, {runner.n_slots}] (the runner's slots), got {max_slots!r}")
+        check_int("max_slots", max_slots, 1, runner.n_slots, note=" (the runner's slots)")
         self.runner = runner
         self.tokenizer = tokenizer
         self.max_slots = max_slots

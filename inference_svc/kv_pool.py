@@ -7,6 +7,8 @@ never handed out twice, and a leak (a slot never given back) shows up in `n_free
 
 from __future__ import annotations
 
+from model.field_checks import check_int
+
 __all__ = ["KVPool", "PoolError"]
 
 
@@ -19,8 +21,7 @@ class KVPool:
     working set in the first slots of the cache."""
 
     def __init__(self, n_slots: int) -> None:
-        if isinstance(n_slots, bool) or not isinstance(n_slots, int) or n_slots < 1:
-            raise ValueError(f"n_slots must be an integer >= 1, got {n_slots!r}")
+        check_int("n_slots", n_slots, 1)
         self.n_slots = n_slots
         self._free = list(range(n_slots - 1, -1, -1))  # a stack: pop() gives the lowest slot
         self._used: set[int] = set()

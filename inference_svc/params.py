@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
+from model.field_checks import FieldError, is_int
 from model.sampling import SamplingParams
 from model.tokenizers import Tokenizer
 from protos import inference_pb2
@@ -27,8 +28,6 @@ __all__ = [
 TRUNCATIONS = ("none", "left")
 MAX_REQUEST_ID_LEN = 256
 DEFAULT_MAX_NEW_TOKENS = SamplingParams().max_new_tokens
-# The order matters: a SamplingParams message starts with the field it is about ("top_p must be ...").
-_PARAM_FIELDS = ("max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty", "seed", "stop", "each stop")
 
 
 class RequestError(ValueError):
@@ -76,7 +75,7 @@ def make_request(
             raise RequestError("prompt", str(err)) from None
     else:
         ids = list(prompt)
-        bad = [i for i in ids if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < tokenizer.vocab_size]
+        bad = [i for i in ids if not is_int(i) or not 0 <= i < tokenizer.vocab_size]
         if bad:
             raise RequestError("prompt", f"token ids must be in [0, {tokenizer.vocab_size}), got {bad[:5]}")
     if not ids:
@@ -118,15 +117,14 @@ def sampling_params_from_proto(
 
 
 def make_sampling_params(*, prefix: str = "params", **values: object) -> SamplingParams:
-    """`SamplingParams(**values)`, its ValueError turned into a RequestError naming the field (`params.top_p`);
+    """`SamplingParams(**values)`, its FieldError turned into a RequestError naming the field (`params.top_p`);
     every front end (gRPC, HTTP) builds its parameters through here."""
     try:
         return SamplingParams(**values)
+    except FieldError as err:
+        raise RequestError(f"{prefix}.{err.field}", str(err)) from None
     except ValueError as err:
-        text = str(err)
-        name = next((f for f in _PARAM_FIELDS if text.startswith(f)), "")
-        name = "stop" if name == "each stop" else name
-        raise RequestError(f"{prefix}.{name}" if name else prefix, text) from None
+        raise RequestError(prefix, str(err)) from None
 
 
 def request_from_proto(

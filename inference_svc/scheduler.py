@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 from inference_svc.kv_pool import KVPool
 from inference_svc.sequence import Sequence, SequenceStatus
+from model.field_checks import check_int
 
 __all__ = ["QueueFull", "Scheduler", "SchedulerOutput"]
 
@@ -45,10 +46,8 @@ class Scheduler:
     """
 
     def __init__(self, pool: KVPool, max_queue: int, max_prefill_tokens: int = 8192) -> None:
-        if isinstance(max_queue, bool) or not isinstance(max_queue, int) or max_queue < 0:
-            raise ValueError(f"max_queue must be an integer >= 0, got {max_queue!r}")
-        if isinstance(max_prefill_tokens, bool) or not isinstance(max_prefill_tokens, int) or max_prefill_tokens < 1:
-            raise ValueError(f"max_prefill_tokens must be an integer >= 1, got {max_prefill_tokens!r}")
+        check_int("max_queue", max_queue, 0)
+        check_int("max_prefill_tokens", max_prefill_tokens, 1)
         self.pool = pool
         self.max_queue = max_queue
         self.max_prefill_tokens = max_prefill_tokens

@@ -23,6 +23,7 @@ import torch
 
 from inference_svc.runner import TorchRunner
 from inference_svc.sequence import Sequence
+from model.field_checks import check_int
 from model.speculative import MAX_DRAFT_TOKENS, draw_token, token_probabilities, verify_drafts
 
 __all__ = ["SpeculativeDecoder", "SpeculativeStats"]
@@ -41,8 +42,7 @@ class SpeculativeDecoder:
     def __init__(self, target: TorchRunner, draft: TorchRunner, k: int, *, vocab_size: int, max_slots: int) -> None:
         if not (hasattr(target, "extend") and hasattr(draft, "extend")):
             raise ValueError("speculative decoding needs torch runners for the target and the draft (not ONNX Runtime)")
-        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= MAX_DRAFT_TOKENS:
-            raise ValueError(f"speculative k must be an integer in [1, {MAX_DRAFT_TOKENS}], got {k!r}")
+        check_int("speculative k", k, 1, MAX_DRAFT_TOKENS)
         if draft.vocab_size != target.vocab_size:
             raise ValueError(
                 f"the draft's vocab_size ({draft.vocab_size}) must equal the target's ({target.vocab_size}): "

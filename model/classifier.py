@@ -13,6 +13,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn as nn
 
+from model.field_checks import check_choice, check_int
 from model.transformer import GPT
 
 __all__ = ["POOLINGS", "SequenceClassifier", "final_hidden_states", "pad_batch"]
@@ -52,10 +53,8 @@ class SequenceClassifier(nn.Module):
 
     def __init__(self, gpt: GPT, n_classes: int, pooling: str = "last", dropout: float = 0.0) -> None:
         super().__init__()
-        if isinstance(n_classes, bool) or not isinstance(n_classes, int) or n_classes < 2:
-            raise ValueError(f"n_classes must be an integer >= 2, got {n_classes!r}")
-        if pooling not in POOLINGS:
-            raise ValueError(f"pooling must be one of {list(POOLINGS)}, got {pooling!r}")
+        check_int("n_classes", n_classes, 2)
+        check_choice("pooling", pooling, POOLINGS)
         self.gpt = gpt
         self.n_classes = n_classes
         self.pooling = pooling

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from model.classifier import SequenceClassifier, pad_batch
+from model.field_checks import check_choice, check_int, check_number
 from model.lora import apply_lora
 
 __all__ = ["FINETUNE_MODES", "FitConfig", "accuracy", "fit", "predict"]
@@ -40,17 +41,11 @@ class FitConfig:
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "max_len", "lora_rank"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-        if not 0.0 < self.lr <= 1.0:
-            raise ValueError(f"lr must be in (0, 1], got {self.lr!r}")
-        if not 0.0 <= self.weight_decay < 1.0:
-            raise ValueError(f"weight_decay must be in [0, 1), got {self.weight_decay!r}")
-        if self.finetune not in FINETUNE_MODES:
-            raise ValueError(f"finetune must be one of {list(FINETUNE_MODES)}, got {self.finetune!r}")
-        if not self.lora_alpha > 0:
-            raise ValueError(f"lora_alpha must be > 0, got {self.lora_alpha!r}")
+            check_int(name, getattr(self, name), 1)
+        check_number("lr", self.lr, 0, 1, lo_open=True)
+        check_number("weight_decay", self.weight_decay, 0, 1, hi_open=True)
+        check_choice("finetune", self.finetune, FINETUNE_MODES)
+        check_number("lora_alpha", self.lora_alpha, 0, lo_open=True)
 
 
 def _trainable(clf: SequenceClassifier, config: FitConfig) -> list[torch.nn.Parameter]:

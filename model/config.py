@@ -14,6 +14,8 @@ from typing import Any
 
 import yaml
 
+from model.field_checks import check_bool, check_choice, check_int, check_number
+
 __all__ = ["ModelConfig", "NORMS", "POSITIONS", "MLPS"]
 
 NORMS = ("rmsnorm", "layernorm")
@@ -26,30 +28,6 @@ _MAX_LAYERS = 512
 _MAX_HEADS = 1024
 _MAX_EMBD = 1 << 16
 _MAX_BLOCK = 1 << 20
-
-
-def _check_int(name: str, value: Any, lo: int, hi: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
-        raise ValueError(f"{name} must be an integer in [{lo}, {hi}], got {value!r}")
-
-
-def _check_float(name: str, value: Any, lo: float, hi: float, *, lo_open: bool, hi_open: bool) -> None:
-    left, right = "(" if lo_open else "[", ")" if hi_open else "]"
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if ok:
-        ok = (value > lo if lo_open else value >= lo) and (value < hi if hi_open else value <= hi)
-    if not ok:
-        raise ValueError(f"{name} must be a number in {left}{lo}, {hi}{right}, got {value!r}")
-
-
-def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
-
-
-def _check_bool(name: str, value: Any) -> None:
-    if not isinstance(value, bool):
-        raise ValueError(f"{name} must be true or false, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -79,30 +57,30 @@ class ModelConfig:
     mlp_hidden: int = 0
 
     def __post_init__(self) -> None:
-        _check_int("vocab_size", self.vocab_size, 1, _MAX_VOCAB)
-        _check_int("n_layer", self.n_layer, 1, _MAX_LAYERS)
-        _check_int("n_head", self.n_head, 1, _MAX_HEADS)
+        check_int("vocab_size", self.vocab_size, 1, _MAX_VOCAB)
+        check_int("n_layer", self.n_layer, 1, _MAX_LAYERS)
+        check_int("n_head", self.n_head, 1, _MAX_HEADS)
         if self.n_kv_head is None:
             object.__setattr__(self, "n_kv_head", self.n_head)
-        _check_int("n_kv_head", self.n_kv_head, 1, self.n_head)
+        check_int("n_kv_head", self.n_kv_head, 1, self.n_head)
         if self.n_head % self.n_kv_head != 0:
             raise ValueError(
                 f"n_kv_head must divide n_head={self.n_head} (MHA: n_head, GQA: a divisor, MQA: 1), "
                 f"got {self.n_kv_head}"
             )
-        _check_int("n_embd", self.n_embd, 1, _MAX_EMBD)
+        check_int("n_embd", self.n_embd, 1, _MAX_EMBD)
         if self.n_embd % self.n_head != 0:
             raise ValueError(f"n_embd must be a multiple of n_head={self.n_head}, got {self.n_embd}")
-        _check_int("block_size", self.block_size, 1, _MAX_BLOCK)
-        _check_float("dropout", self.dropout, 0.0, 1.0, lo_open=False, hi_open=True)
-        _check_bool("bias", self.bias)
-        _check_choice("norm", self.norm, NORMS)
-        _check_choice("pos", self.pos, POSITIONS)
-        _check_choice("mlp", self.mlp, MLPS)
-        _check_bool("tie_weights", self.tie_weights)
-        _check_float("norm_eps", self.norm_eps, 0.0, 1.0, lo_open=True, hi_open=True)
-        _check_float("rope_theta", self.rope_theta, 0.0, 1e12, lo_open=True, hi_open=False)
-        _check_int("mlp_hidden", self.mlp_hidden, 0, 16 * _MAX_EMBD)
+        check_int("block_size", self.block_size, 1, _MAX_BLOCK)
+        check_number("dropout", self.dropout, 0.0, 1.0, lo_open=False, hi_open=True)
+        check_bool("bias", self.bias)
+        check_choice("norm", self.norm, NORMS)
+        check_choice("pos", self.pos, POSITIONS)
+        check_choice("mlp", self.mlp, MLPS)
+        check_bool("tie_weights", self.tie_weights)
+        check_number("norm_eps", self.norm_eps, 0.0, 1.0, lo_open=True, hi_open=True)
+        check_number("rope_theta", self.rope_theta, 0.0, 1e12, lo_open=True, hi_open=False)
+        check_int("mlp_hidden", self.mlp_hidden, 0, 16 * _MAX_EMBD)
         if self.pos == "rope" and self.head_dim % 2 != 0:
             raise ValueError(
                 f"n_embd / n_head (head_dim) must be even with pos='rope', got {self.head_dim}"

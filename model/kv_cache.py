@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 
 from model.config import ModelConfig
+from model.field_checks import check_int
 
 __all__ = ["KVCache"]
 
@@ -33,10 +34,8 @@ class KVCache(nn.Module):
     ) -> None:
         super().__init__()
         max_len = config.block_size if max_len is None else max_len
-        if isinstance(n_slots, bool) or not isinstance(n_slots, int) or n_slots < 1:
-            raise ValueError(f"n_slots must be an integer >= 1, got {n_slots!r}")
-        if isinstance(max_len, bool) or not isinstance(max_len, int) or not 1 <= max_len <= config.block_size:
-            raise ValueError(f"max_len must be an integer in [1, {config.block_size}] (block_size), got {max_len!r}")
+        check_int("n_slots", n_slots, 1)
+        check_int("max_len", max_len, 1, config.block_size, note=" (block_size)")
         self.n_slots = n_slots
         self.n_layer = config.n_layer
         self.max_len = max_len

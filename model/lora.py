@@ -15,6 +15,8 @@ from collections.abc import Sequence
 import torch
 import torch.nn as nn
 
+from model.field_checks import check_int, check_number
+
 __all__ = [
     "LoRALinear",
     "LORA_TARGETS",
@@ -98,12 +100,9 @@ def apply_lora(
 
     targets: short names (q, k, v, o, gate, up, down) or layer names (q_proj, ...). Returns `model`.
     """
-    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
-        raise ValueError(f"rank must be an integer >= 1, got {rank!r}")
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha > 0:
-        raise ValueError(f"alpha must be a number > 0, got {alpha!r}")
-    if not 0.0 <= dropout < 1.0:
-        raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+    check_int("rank", rank, 1)
+    check_number("alpha", alpha, 0, lo_open=True)
+    check_number("dropout", dropout, 0, 1, hi_open=True)
     allowed = set(LORA_TARGETS) | set(LORA_TARGETS.values())
     unknown = [t for t in targets if t not in allowed]
     if unknown or not targets:

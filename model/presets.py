@@ -17,6 +17,7 @@ from __future__ import annotations
 from typing import Any
 
 from model.config import ModelConfig
+from model.field_checks import check_choice
 
 __all__ = ["PRESETS", "get_preset"]
 
@@ -50,8 +51,7 @@ def get_preset(name: str, **overrides: Any) -> ModelConfig:
 
     Overriding `n_head` alone keeps the preset's query-heads-per-KV-head ratio (MHA stays MHA).
     """
-    if name not in PRESETS:
-        raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {name!r}")
+    check_choice("preset", name, sorted(PRESETS))
     base = PRESETS[name]
     if "n_head" in overrides and "n_kv_head" not in overrides:
         group = base.n_head // base.n_kv_head

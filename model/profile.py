@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import Any
 
 from model.config import ModelConfig
+from model.field_checks import check_choice, check_int
 
 __all__ = ["profile_model", "format_profile", "param_counts"]
 
@@ -49,12 +50,9 @@ def profile_model(
     """Parameters, FLOPs per token and per step, and memory (weights, KV cache, training activations) for
     `batch_size` sequences of `seq_len` tokens (default block_size), with tensors in `dtype`."""
     seq_len = config.block_size if seq_len is None else seq_len
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
-    if isinstance(seq_len, bool) or not isinstance(seq_len, int) or not 1 <= seq_len <= config.block_size:
-        raise ValueError(f"seq_len must be an integer in [1, {config.block_size}] (block_size), got {seq_len!r}")
-    if dtype not in _DTYPE_BYTES:
-        raise ValueError(f"dtype must be one of {sorted(_DTYPE_BYTES)}, got {dtype!r}")
+    check_int("batch_size", batch_size, 1)
+    check_int("seq_len", seq_len, 1, config.block_size, note=" (block_size)")
+    check_choice("dtype", dtype, sorted(_DTYPE_BYTES))
     nbytes = _DTYPE_BYTES[dtype]
     params = param_counts(config)
     c, L, V = config.n_embd, config.n_layer, config.vocab_size

@@ -22,6 +22,7 @@ import torch.nn as nn
 
 from kernels.quant_format import INT4_GROUP_SIZES, pack_int4, pack_int8
 from kernels.wo_matmul import int4_matmul, int8_matmul
+from model.field_checks import check_choice
 
 __all__ = ["Int8Linear", "Int4Linear", "quantize_model", "MODES"]
 
@@ -97,10 +98,9 @@ def quantize_model(model: nn.Module, mode: str = "int8", group_size: int = 32) -
     does `model` itself if it is a bare `nn.Linear` (swap it with `Int8Linear.from_linear`).
     Copy first (`copy.deepcopy`) to keep the float model.
     """
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {list(MODES)}, got {mode!r}")
-    if mode == "int4" and group_size not in INT4_GROUP_SIZES:
-        raise ValueError(f"group_size must be one of {list(INT4_GROUP_SIZES)}, got {group_size!r}")
+    check_choice("mode", mode, MODES)
+    if mode == "int4":
+        check_choice("group_size", group_size, INT4_GROUP_SIZES)
     targets = [(name, m) for name, m in model.named_modules() if type(m) is nn.Linear and name]
     for name, linear in targets:
         if mode == "int4" and linear.in_features % group_size != 0:

@@ -7,11 +7,12 @@ Order of operations, per row: repetition penalty -> temperature -> top-k -> top-
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+
+from model.field_checks import FieldError, check_int, check_number, is_int, is_number
 
 __all__ = ["SamplingParams", "sample", "make_generator", "MAX_STOP_STRINGS"]
 
@@ -24,14 +25,6 @@ MIN_TEMPERATURE = 1e-2
 MAX_REPETITION_PENALTY = 10.0
 MIN_REPETITION_PENALTY = 1e-2
 MAX_SEED = (1 << 63) - 1
-
-
-def _is_int(v: object) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_num(v: object) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 @dataclass(frozen=True)
@@ -49,34 +42,29 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        if not _is_int(self.max_new_tokens) or not 1 <= self.max_new_tokens <= MAX_NEW_TOKENS:
-            raise ValueError(f"max_new_tokens must be an integer in [1, {MAX_NEW_TOKENS}], got {self.max_new_tokens!r}")
-        if not _is_num(self.temperature) or not (
+        check_int("max_new_tokens", self.max_new_tokens, 1, MAX_NEW_TOKENS)
+        if not is_number(self.temperature) or not (
             self.temperature == 0.0 or MIN_TEMPERATURE <= self.temperature <= MAX_TEMPERATURE
         ):
-            raise ValueError(
+            raise FieldError(
+                "temperature",
                 f"temperature must be 0 (greedy) or a number in [{MIN_TEMPERATURE}, {MAX_TEMPERATURE}], "
-                f"got {self.temperature!r}"
+                f"got {self.temperature!r}",
             )
-        if not _is_int(self.top_k) or self.top_k < 0:
-            raise ValueError(f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
-        if not _is_num(self.top_p) or not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p must be a number in (0, 1] (1 = off), got {self.top_p!r}")
-        if not _is_num(self.repetition_penalty) or not (
-            MIN_REPETITION_PENALTY <= self.repetition_penalty <= MAX_REPETITION_PENALTY
-        ):
-            raise ValueError(
-                f"repetition_penalty must be a number in [{MIN_REPETITION_PENALTY}, {MAX_REPETITION_PENALTY}] (1 = off), "
-                f"got {self.repetition_penalty!r}"
-            )
-        if self.seed is not None and (not _is_int(self.seed) or not 0 <= self.seed <= MAX_SEED):
-            raise ValueError(f"seed must be None or an integer in [0, 2**63 - 1], got {self.seed!r}")
+        check_int("top_k", self.top_k, 0, note=" (0 = off)")
+        check_number("top_p", self.top_p, 0, 1, lo_open=True, note=" (1 = off)")
+        check_number(
+            "repetition_penalty", self.repetition_penalty, MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY,
+            note=" (1 = off)",
+        )
+        if self.seed is not None and (not is_int(self.seed) or not 0 <= self.seed <= MAX_SEED):
+            raise FieldError("seed", f"seed must be None or an integer in [0, 2**63 - 1], got {self.seed!r}")
         stop = (self.stop,) if isinstance(self.stop, str) else self.stop
         if not isinstance(stop, (list, tuple)) or len(stop) > MAX_STOP_STRINGS:
-            raise ValueError(f"stop must be a list of at most {MAX_STOP_STRINGS} strings, got {self.stop!r}")
+            raise FieldError("stop", f"stop must be a list of at most {MAX_STOP_STRINGS} strings, got {self.stop!r}")
         for s in stop:
             if not isinstance(s, str) or not 1 <= len(s) <= MAX_STOP_LEN:
-                raise ValueError(f"each stop string must have 1 to {MAX_STOP_LEN} characters, got {s!r}")
+                raise FieldError("stop", f"each stop string must have 1 to {MAX_STOP_LEN} characters, got {s!r}")
         object.__setattr__(self, "stop", tuple(stop))
         object.__setattr__(self, "temperature", float(self.temperature))
         object.__setattr__(self, "top_p", float(self.top_p))

@@ -12,6 +12,8 @@ import random
 from collections import Counter
 from dataclasses import dataclass
 
+from model.field_checks import check_choice, check_int, check_number
+
 __all__ = ["Speech", "SpeakerTask", "UNITS", "parse_speeches", "speaker_task"]
 
 UNITS = ("line", "speech")
@@ -57,12 +59,9 @@ def speaker_task(
     corpus: str, n_speakers: int = 4, *, held_out_fraction: float = 0.2, unit: str = "line", seed: int = 0
 ) -> SpeakerTask:
     """The top `n_speakers` speakers (by number of speeches; ties by name) as classes, split by speech."""
-    if isinstance(n_speakers, bool) or not isinstance(n_speakers, int) or n_speakers < 2:
-        raise ValueError(f"n_speakers must be an integer >= 2, got {n_speakers!r}")
-    if not 0.0 < held_out_fraction < 1.0:
-        raise ValueError(f"held_out_fraction must be in (0, 1), got {held_out_fraction!r}")
-    if unit not in UNITS:
-        raise ValueError(f"unit must be one of {list(UNITS)}, got {unit!r}")
+    check_int("n_speakers", n_speakers, 2)
+    check_number("held_out_fraction", held_out_fraction, 0, 1, lo_open=True, hi_open=True)
+    check_choice("unit", unit, UNITS)
     speeches = parse_speeches(corpus)
     counts = Counter(s.speaker for s in speeches)
     if len(counts) < n_speakers:

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
+from model.field_checks import check_int
 from model.kv_cache import KVCache
 from model.sampling import SamplingParams, make_generator
 from model.transformer import GPT
@@ -134,8 +135,7 @@ def _check_args(target: GPT, draft: GPT, prompt_ids: Sequence[int], k: int) -> N
             f"draft vocab_size must equal the target's ({vocab}): the two models must share a tokenizer, "
             f"got {draft.config.vocab_size}"
         )
-    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= MAX_DRAFT_TOKENS:
-        raise ValueError(f"k must be an integer in [1, {MAX_DRAFT_TOKENS}], got {k!r}")
+    check_int("k", k, 1, MAX_DRAFT_TOKENS)
     if len(prompt_ids) == 0:
         raise ValueError("prompt must hold at least 1 token")
     bad = [i for i in prompt_ids if not 0 <= i < vocab]

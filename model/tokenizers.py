@@ -18,6 +18,8 @@ from typing import Any, Protocol, runtime_checkable
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
+from model.field_checks import check_int
+
 __all__ = [
     "Tokenizer",
     "CharTokenizer",
@@ -162,8 +164,7 @@ class BPETokenizer(_SaveMixin):
     @classmethod
     def train(cls, text: str, vocab_size: int) -> "BPETokenizer":
         """Learn merges on `text` up to `vocab_size` tokens (>= 256: the byte alphabet comes first)."""
-        if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or not 256 <= vocab_size <= 1 << 20:
-            raise ValueError(f"vocab_size must be an integer in [256, {1 << 20}], got {vocab_size!r}")
+        check_int("vocab_size", vocab_size, 256, 1 << 20)
         hf = HFTokenizer(models.BPE())
         hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         hf.decoder = decoders.ByteLevel()

@@ -12,13 +12,22 @@ YAML, overrides and `replace()` (true -> 'default', false -> 'none'), and `confi
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from model.field_checks import (
+    FieldError,
+    check_bool,
+    check_choice,
+    check_int,
+    check_number,
+    int_message,
+    is_number,
+    number_message,
+)
 from model.presets import PRESETS as MODEL_PRESETS
 
 __all__ = [
@@ -59,7 +68,7 @@ _INT_RANGES: dict[str, tuple[int, int]] = {
     "bpe_vocab": (256, 1 << 20),
 }
 _FLOAT_RANGES: dict[str, tuple[float, float]] = {
-    "lr": (0.0, 10.0),  # > 0
+    "lr": (0.0, 10.0),  # > 0 (_OPEN_BELOW)
     "min_lr": (0.0, 10.0),
     "weight_decay": (0.0, 10.0),
     "grad_clip": (0.0, 1e6),  # 0: no clipping
@@ -67,6 +76,7 @@ _FLOAT_RANGES: dict[str, tuple[float, float]] = {
     "dropout_start": (0.0, 0.99),
     "dropout_end": (0.0, 0.99),
 }
+_OPEN_BELOW = ("lr",)  # ranges (lo, hi] rather than [lo, hi]
 _OPTIONAL = ("dropout", "dropout_start")  # None: "the preset's" / "no annealing"
 _CHOICES: dict[str, tuple[str, ...]] = {
     "tokenizer": TOKENIZERS, "dtype": DTYPES, "decay": DECAYS, "compile_mode": COMPILE_MODES, "dropout_anneal": ANNEALS,
@@ -75,11 +85,11 @@ _BOOLS = ("grad_checkpointing", "resume", "tensorboard", "kernels", "step_graph"
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 
 
-class ConfigError(ValueError):
-    """A config value is out of range or unknown; `key` names it."""
+class ConfigError(FieldError):
+    """A config value is out of range or unknown; `key` (also `field`) names it."""
 
     def __init__(self, key: str, message: str):
-        super().__init__(message)
+        super().__init__(key, message)
         self.key = key
 
 
@@ -131,31 +141,24 @@ class TrainConfig:
     tensorboard: bool = True
 
     def __post_init__(self) -> None:
-        if self.preset not in MODEL_PRESETS:
-            raise ConfigError("preset", f"preset must be one of {sorted(MODEL_PRESETS)}, got {self.preset!r}")
+        check_choice("preset", self.preset, sorted(MODEL_PRESETS), error=ConfigError)
         for key, (lo, hi) in _INT_RANGES.items():
-            value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
-                raise ConfigError(key, f"{key} must be an integer in [{lo}, {hi}], got {value!r}")
+            check_int(key, getattr(self, key), lo, hi, error=ConfigError)
         for key, (lo, hi) in _FLOAT_RANGES.items():
             value = getattr(self, key)
             if key in _OPTIONAL and value is None:
                 continue
-            if not _is_number(value) or not lo <= value <= hi or (key == "lr" and value == 0):
-                left = "(" if key == "lr" else "["
-                raise ConfigError(key, f"{key} must be a number in {left}{lo}, {hi}], got {value!r}")
-            object.__setattr__(self, key, float(value))
+            value = check_number(key, value, lo, hi, lo_open=key in _OPEN_BELOW, error=ConfigError)
+            object.__setattr__(self, key, value)
         for key, choices in _CHOICES.items():
-            if getattr(self, key) not in choices:
-                raise ConfigError(key, f"{key} must be one of {list(choices)}, got {getattr(self, key)!r}")
+            check_choice(key, getattr(self, key), choices, error=ConfigError)
         for key in _BOOLS:
-            if not isinstance(getattr(self, key), bool):
-                raise ConfigError(key, f"{key} must be true or false, got {getattr(self, key)!r}")
+            check_bool(key, getattr(self, key), error=ConfigError)
         betas = self.betas
         if (
             not isinstance(betas, (tuple, list))
             or len(betas) != 2
-            or not all(_is_number(b) and 0.0 <= b < 1.0 for b in betas)
+            or not all(is_number(b) and 0.0 <= b < 1.0 for b in betas)
         ):
             raise ConfigError("betas", f"betas must be two numbers in [0, 1), like 0.9,0.99, got {betas!r}")
         object.__setattr__(self, "betas", (float(betas[0]), float(betas[1])))
@@ -226,10 +229,6 @@ def _compile_alias(values: dict[str, Any]) -> dict[str, Any]:
         )
     values["compile_mode"] = mode
     return values
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _valid_device(device: str) -> bool:
@@ -314,11 +313,9 @@ def _coerce(key: str, raw: Any, current: Any) -> Any:
 def _unparsable(key: str, raw: Any) -> ConfigError:
     """The same message validation gives, for a value that does not even parse."""
     if key in _INT_RANGES:
-        lo, hi = _INT_RANGES[key]
-        return ConfigError(key, f"{key} must be an integer in [{lo}, {hi}], got {raw!r}")
+        return ConfigError(key, int_message(key, raw, *_INT_RANGES[key]))
     if key in _FLOAT_RANGES:
-        lo, hi = _FLOAT_RANGES[key]
-        return ConfigError(key, f"{key} must be a number in [{lo}, {hi}], got {raw!r}")
+        return ConfigError(key, number_message(key, raw, *_FLOAT_RANGES[key], lo_open=key in _OPEN_BELOW))
     if key in _BOOLS:
         return ConfigError(key, f"{key} must be true or false, got {raw!r}")
     return ConfigError(key, f"{key} must be two numbers in [0, 1), like 0.9,0.99, got {raw!r}")
@@ -352,8 +349,7 @@ def load_config(
         values.update(_compile_alias(loaded))
     values.update(_compile_alias(overrides or {}))
     name = preset or values.get("preset") or "tiny"
-    if name not in TRAIN_PRESETS:
-        raise ConfigError("preset", f"preset must be one of {sorted(TRAIN_PRESETS)}, got {name!r}")
+    check_choice("preset", name, sorted(TRAIN_PRESETS), error=ConfigError)
     base = TRAIN_PRESETS[name]
     changes = {key: _coerce(key, raw, getattr(base, key, None)) for key, raw in values.items()}
     changes["preset"] = base.preset  # the model preset (a training preset such as shakespeare-char-fast names its own)
