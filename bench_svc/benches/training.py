@@ -354,14 +354,15 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="speed: the shakespeare-char variants; startup: cold vs warm compile to the first step; "
                         "ddp: the medium 1-vs-2-GPU scaling (default all)")
     p.add_argument("--variants", default="",
-                   help="comma-separated variants to run, in this order (default all: tinylm, eager, eager-pytorch); "
+                   help="comma-separated variants to run, in this order (default all: tinylm, tinylm-graph, tinylm-fast, "
+                        "tinylm-fast-graph, compile-default, eager, eager-pytorch); "
                         "one alone rules out state left by an earlier variant in the same process")
     p.add_argument("--cpu-smoke", action="store_true", help="a tiny CPU run of the same code path (for tests)")
-    p.add_argument("--startup-worker", help=argparse.SUPPRESS)
+    p.add_argument("--startup-worker", help=argparse.SUPPRESS)  # internal: one startup measurement, writes JSON here
     p.add_argument("--startup-graph", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--startup", default="cold,warm,graph",
                    help="start-up runs: cold (empty compile cache), warm (the cache cold left), graph (no compile)")
-    p.add_argument("--tag", default="", help="file name tag: train-<gpu>[-part][-TAG].* (a partial run beside a whole)")  # internal: one startup measurement, writes JSON here
+    p.add_argument("--tag", default="", help="file name tag: train-<gpu>[-part][-TAG].* (a partial run beside a whole)")
     p.add_argument("--ddp-worker", help=argparse.SUPPRESS)  # internal: one torchrun rank, writes JSON here
     return p.parse_args(argv)
 
