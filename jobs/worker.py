@@ -249,7 +249,8 @@ class Worker:
             job = self._parse(fields)
         except ValueError as error:
             log.error("%s dead-lettered entry %s: %s", self.consumer, entry_id.decode(), error)
-            self._persist(lambda: self._dead_letter_entry(entry_id, fields, str(error)), entry_id.decode())
+            reason = str(error)
+            self._persist(lambda: self._dead_letter_entry(entry_id, fields, reason), entry_id.decode())
             return
         if started is None:
             started = self._persist(lambda: self._start(job, entry_id), job.id)
@@ -275,7 +276,8 @@ class Worker:
             returned = self.handler(ctx)
             outcome = returned if isinstance(returned, JobResult) else JobResult(result=returned or {})
         except JobCancelled as cancelled:
-            self._persist(lambda: self._store_cancelled(lease, str(cancelled)), lease.job_id)
+            reason = str(cancelled)
+            self._persist(lambda: self._store_cancelled(lease, reason), lease.job_id)
             return "cancelled"
         except Exception as error:  # noqa: BLE001 - any handler error fails this attempt
             log.warning("%s: job %s attempt %d failed", self.consumer, lease.job_id, lease.attempt, exc_info=True)

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels.fused_linear_ce import linear_cross_entropy, reference
+from kernels.fused_linear_ce import linear_cross_entropy
 
 GPU = torch.cuda.is_available()
 # (N, C, V, chunk_size): chunks that divide N, that do not, and one chunk larger than N.

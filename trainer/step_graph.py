@@ -16,7 +16,6 @@ into the kernels), gradient accumulation or DDP (one graph per micro-step and th
 from __future__ import annotations
 
 import contextlib
-import math
 from typing import Any
 
 import torch

@@ -110,7 +110,7 @@ def measure_ceilings() -> Ceilings:
     src = torch.empty(COPY_CEILING_BYTES, dtype=torch.uint8, device="cuda").random_()
     dst = torch.empty_like(src)
     copy_ms = time_ms(lambda: dst.copy_(src))
-    del src, dst
+    src = dst = None  # free the buffers before the matmul
     n = MATMUL_CEILING_N
     a = torch.randn(n, n, dtype=torch.bfloat16, device="cuda")
     b = torch.randn(n, n, dtype=torch.bfloat16, device="cuda")
