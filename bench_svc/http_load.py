@@ -33,8 +33,13 @@ def _one(client: openai.OpenAI, model: str, level: LoadLevel, n: int, stop: thre
     start = last = time.perf_counter()
     try:
         stream = client.completions.create(
-            model=model, prompt=PROMPTS[n % len(PROMPTS)], max_tokens=level.max_new_tokens, temperature=0.8, seed=n,
-            stream=True, timeout=level.request_timeout_s,
+            model=model,
+            prompt=PROMPTS[n % len(PROMPTS)],
+            max_tokens=level.max_new_tokens,
+            temperature=0.8,
+            seed=n,
+            stream=True,
+            timeout=level.request_timeout_s,
         )
         with stream:
             for event in stream:
@@ -59,8 +64,14 @@ def _one(client: openai.OpenAI, model: str, level: LoadLevel, n: int, stop: thre
 def _one_raw(http: httpx2.Client, model: str, level: LoadLevel, n: int, stop: threading.Event) -> RequestRecord:
     """The same request as `_one`, read line by line with json.loads."""
     record = RequestRecord()
-    body = {"model": model, "prompt": PROMPTS[n % len(PROMPTS)], "max_tokens": level.max_new_tokens, "temperature": 0.8,
-            "seed": n, "stream": True}
+    body = {
+        "model": model,
+        "prompt": PROMPTS[n % len(PROMPTS)],
+        "max_tokens": level.max_new_tokens,
+        "temperature": 0.8,
+        "seed": n,
+        "stream": True,
+    }
     start = last = time.perf_counter()
     try:
         with http.stream("POST", "/v1/completions", json=body, timeout=level.request_timeout_s) as reply:
@@ -93,7 +104,13 @@ def _one_raw(http: httpx2.Client, model: str, level: LoadLevel, n: int, stop: th
 
 
 def run_http_level(
-    base_url: str, model: str, level: LoadLevel, stop: threading.Event | None = None, *, token: str = "", client: str = "openai"
+    base_url: str,
+    model: str,
+    level: LoadLevel,
+    stop: threading.Event | None = None,
+    *,
+    token: str = "",
+    client: str = "openai",
 ) -> LoadResult:
     """Runs one load level against the OpenAI-compatible server at `base_url` (http://127.0.0.1:PORT, loopback only)
     with `client` "openai" (the openai package) or "raw" (httpx2 + json)."""

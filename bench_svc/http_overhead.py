@@ -60,8 +60,26 @@ def _artifact(store: Path) -> Path:
 @contextlib.contextmanager
 def _server(model: Path, max_slots: int, threads: int) -> Iterator[tuple[str, str]]:
     """The inference service's own entry point with --http-port; yields (gRPC address, HTTP base URL)."""
-    argv = [sys.executable, "-m", INFERENCE_MODULE, "serve", "--model", str(model), "--host", "127.0.0.1", "--port", "0",
-            "--http-port", "0", "--max-slots", str(max_slots), "--threads", str(threads), "--device", "cpu"]
+    argv = [
+        sys.executable,
+        "-m",
+        INFERENCE_MODULE,
+        "serve",
+        "--model",
+        str(model),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "0",
+        "--http-port",
+        "0",
+        "--max-slots",
+        str(max_slots),
+        "--threads",
+        str(threads),
+        "--device",
+        "cpu",
+    ]
     proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:
         grpc_line, http_line = proc.stdout.readline(), proc.stdout.readline()
@@ -98,17 +116,26 @@ def measure(address: str, url: str, concurrency: int, max_new_tokens: int, round
 
     The ratios are the median over rounds of an HTTP figure over the gRPC figure of the same round: on a machine
     others share, a round's runs see about the same load, while load swings between rounds."""
-    level = LoadLevel(concurrency, requests=max(2 * concurrency, 4), max_new_tokens=max_new_tokens, time_budget_s=600.0,
-                      request_timeout_s=600.0)
+    level = LoadLevel(
+        concurrency,
+        requests=max(2 * concurrency, 4),
+        max_new_tokens=max_new_tokens,
+        time_budget_s=600.0,
+        request_timeout_s=600.0,
+    )
     runs: dict[str, list[LoadResult]] = {side: [] for side in SIDES}
     for i in range(rounds):
-        for side in SIDES[i % len(SIDES):] + SIDES[: i % len(SIDES)]:
+        for side in SIDES[i % len(SIDES) :] + SIDES[: i % len(SIDES)]:
             if side == "grpc":
                 runs[side].append(run_level(address, level))
             else:
                 runs[side].append(run_http_level(url, MODEL_NAME, level, client=SIDE_CLIENT[side]))
-    row: dict[str, float] = {"concurrency": concurrency, "max_new_tokens": max_new_tokens, "rounds": rounds,
-                             "requests_each": sum(len(r.records) for r in runs["grpc"])}
+    row: dict[str, float] = {
+        "concurrency": concurrency,
+        "max_new_tokens": max_new_tokens,
+        "rounds": rounds,
+        "requests_each": sum(len(r.records) for r in runs["grpc"]),
+    }
     for side in SIDES:
         row.update({f"{side}_{k}": v for k, v in _side(runs[side]).items() if k != "requests"})
     for side in SIDES[1:]:
@@ -126,7 +153,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--concurrency", default="1,4,8", help="comma-separated stream counts (default 1,4,8)")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--rounds", type=int, default=4, help="gRPC/HTTP pairs per level (default 4)")
-    p.add_argument("--threads", type=int, default=1, help="the server's torch threads (default 1: the client gets a core)")
+    p.add_argument(
+        "--threads", type=int, default=1, help="the server's torch threads (default 1: the client gets a core)"
+    )
     p.add_argument("--max-slots", type=int, default=16)
     p.add_argument("--out", type=Path, default=ROOT / "bench_svc" / "results")
     return p
@@ -147,9 +176,15 @@ def main(argv: list[str] | None = None) -> int:
             for c in levels:
                 rows.append(measure(address, url, c, args.max_new_tokens, args.rounds))
                 r = rows[-1]
-                print(f"concurrency {c}: " + " | ".join(
-                    f"{side} {r[side + '_tokens_per_s']:.0f} tok/s TTFT p50 {r[side + '_ttft_p50_ms']:.1f} ms" for side in SIDES)
-                    + f" | ratios {r['http_over_grpc_tokens_per_s']:.3f} {r['http_raw_over_grpc_tokens_per_s']:.3f}", flush=True)
+                print(
+                    f"concurrency {c}: "
+                    + " | ".join(
+                        f"{side} {r[side + '_tokens_per_s']:.0f} tok/s TTFT p50 {r[side + '_ttft_p50_ms']:.1f} ms"
+                        for side in SIDES
+                    )
+                    + f" | ratios {r['http_over_grpc_tokens_per_s']:.3f} {r['http_raw_over_grpc_tokens_per_s']:.3f}",
+                    flush=True,
+                )
     anchor = Anchor(f"gRPC Generate streaming, concurrency {levels[0]}", rows[0]["grpc_tokens_per_s"], "tok/s")
     command = [".venv/bin/python", "-m", "bench_svc.http_overhead", *argv]
     header = make_header(device_name("cpu"), ROOT, command, anchor, commit=commit)
@@ -157,9 +192,12 @@ def main(argv: list[str] | None = None) -> int:
         "model": f"{PRESET} (random init), char tokenizer, torch cpu float32",
         "server_threads": args.threads,
         "clients": "grpc: bench_svc.load_generator; http: bench_svc.http_load with the openai client; http_raw: the same "
-                   "with httpx2 + json (the protocol without the openai client's parsing); same requests on one server",
+        "with httpx2 + json (the protocol without the openai client's parsing); same requests on one server",
         "target": f"HTTP tokens/s >= {TARGET_RATIO} x gRPC and TTFT p50 <= {1 / TARGET_RATIO:.2f} x gRPC",
-        **{f"{side}_worst_tokens_per_s_ratio": min(r[f"{side}_over_grpc_tokens_per_s"] for r in rows) for side in SIDES[1:]},
+        **{
+            f"{side}_worst_tokens_per_s_ratio": min(r[f"{side}_over_grpc_tokens_per_s"] for r in rows)
+            for side in SIDES[1:]
+        },
         **{f"{side}_worst_ttft_p50_ratio": max(r[f"{side}_over_grpc_ttft_p50"] for r in rows) for side in SIDES[1:]},
         **{f"{side}_meets_target": all(r[f"{side}_meets_target"] for r in rows) for side in SIDES[1:]},
         "load_average_before": load_before,  # 1-minute; the header has it too, when the run ends

@@ -100,8 +100,16 @@ def run(ctx: SuiteContext) -> SuiteResult:
         log_x=True,
         panels=(
             Panel("tokens / s (all clients)", (("tokens_per_s", "aggregate tokens/s"),)),
-            Panel("ms", (("ttft_p50_ms", "TTFT p50"), ("ttft_p95_ms", "TTFT p95"),
-                         ("itl_p50_ms", "inter-token p50"), ("itl_p95_ms", "inter-token p95")), log_y=True),
+            Panel(
+                "ms",
+                (
+                    ("ttft_p50_ms", "TTFT p50"),
+                    ("ttft_p95_ms", "TTFT p95"),
+                    ("itl_p50_ms", "inter-token p50"),
+                    ("itl_p95_ms", "inter-token p95"),
+                ),
+                log_y=True,
+            ),
         ),
     )
     files = write_results(ctx.out_dir, NAME, ctx.header(anchor), rows, summary=summary, plot=plot)

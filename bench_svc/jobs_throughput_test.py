@@ -14,5 +14,8 @@ def test_quick_jobs_suite_collects_the_queue_benchmark(tiny_ctx):
     docs = [d for d in gather(tiny_ctx.out_dir) if d.suite == "jobs"]
     assert docs and docs[0].rows and all(row["jobs_per_s"] > 0 for row in docs[0].rows)
     header = docs[0].header  # stamped by the harness's provenance, not by the queue package
-    assert header["device"].startswith("cpu: ") and header["git_commit"] and "bench_svc.benches.jobs_queue" in " ".join(
-        header["command"])
+    assert (
+        header["device"].startswith("cpu: ")
+        and header["git_commit"]
+        and "bench_svc.benches.jobs_queue" in " ".join(header["command"])
+    )

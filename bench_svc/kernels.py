@@ -17,5 +17,6 @@ MODULE = "bench_svc.benches.kernels"
 
 def run(ctx: SuiteContext) -> SuiteResult:
     """Runs the kernels benchmark on the GPU; "skipped: needs CUDA" on a machine without one."""
-    return run_gpu_module(ctx, NAME, MODULE, ["--out-dir", str(ctx.out_dir)], "times Triton/CUDA kernels",
-                          prefix="kernels-")
+    return run_gpu_module(
+        ctx, NAME, MODULE, ["--out-dir", str(ctx.out_dir)], "times Triton/CUDA kernels", prefix="kernels-"
+    )

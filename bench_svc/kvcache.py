@@ -145,8 +145,11 @@ def run(ctx: SuiteContext) -> SuiteResult:
             speedup=row["speedup"],
         )
     longest = rows[-1]
-    anchor = Anchor(f"no KV cache (full-prefix forward) at context {longest['context_len']}",
-                    longest["tokens_per_s_no_cache"], "tokens/s")
+    anchor = Anchor(
+        f"no KV cache (full-prefix forward) at context {longest['context_len']}",
+        longest["tokens_per_s_no_cache"],
+        "tokens/s",
+    )
     summary = {
         "model": bench.label,
         "longest_context": longest["context_len"],
@@ -161,8 +164,14 @@ def run(ctx: SuiteContext) -> SuiteResult:
         x_label="context length (tokens)",
         log_x=True,
         panels=(
-            Panel("tokens / s", (("tokens_per_s_cached", "KV cache (forward_cached)"),
-                                 ("tokens_per_s_no_cache", "no cache (full prefix)")), log_y=True),
+            Panel(
+                "tokens / s",
+                (
+                    ("tokens_per_s_cached", "KV cache (forward_cached)"),
+                    ("tokens_per_s_no_cache", "no cache (full prefix)"),
+                ),
+                log_y=True,
+            ),
             Panel("speed-up (x)", (("speedup", "measured time ratio"), ("flop_ratio", "FLOP ratio")), log_y=True),
         ),
     )

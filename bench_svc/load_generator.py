@@ -113,7 +113,9 @@ def _request(level: LoadLevel, n: int) -> inference_pb2.GenerateRequest:
     return request
 
 
-def _one(stub: inference_pb2_grpc.InferenceServiceStub, level: LoadLevel, n: int, stop: threading.Event) -> RequestRecord:
+def _one(
+    stub: inference_pb2_grpc.InferenceServiceStub, level: LoadLevel, n: int, stop: threading.Event
+) -> RequestRecord:
     record = RequestRecord()
     start = last = time.perf_counter()
     call = stub.Generate(_request(level, n), timeout=level.request_timeout_s)
@@ -139,7 +141,9 @@ def _one(stub: inference_pb2_grpc.InferenceServiceStub, level: LoadLevel, n: int
     return record
 
 
-def run_level(address: str, level: LoadLevel, stop: threading.Event | None = None, *, token: str | None = None) -> LoadResult:
+def run_level(
+    address: str, level: LoadLevel, stop: threading.Event | None = None, *, token: str | None = None
+) -> LoadResult:
     """Runs one load level against the InferenceService at `address` (loopback only); `stop` ends it early."""
     check_loopback(address)
     stop = stop or threading.Event()

@@ -40,7 +40,10 @@ def wait_healthy(address: str, service: str, timeout_s: float, proc: subprocess.
             if proc is not None and proc.poll() is not None:
                 raise RuntimeError(f"{service} exited with code {proc.returncode} during start-up")
             try:
-                if stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=1).status == health_pb2.HealthCheckResponse.SERVING:
+                if (
+                    stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=1).status
+                    == health_pb2.HealthCheckResponse.SERVING
+                ):
                     return
             except grpc.RpcError:
                 pass

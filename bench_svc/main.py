@@ -66,8 +66,12 @@ def _print_progress(message: str, fraction: float, metrics) -> None:
 
 
 def _run_local(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="tinylm bench", description="run benchmark suites and write results and report.md")
-    parser.add_argument("--suites", default="", help=f"comma-separated, any of: {', '.join(SUITES)} (default: kvcache,memory)")
+    parser = argparse.ArgumentParser(
+        prog="tinylm bench", description="run benchmark suites and write results and report.md"
+    )
+    parser.add_argument(
+        "--suites", default="", help=f"comma-separated, any of: {', '.join(SUITES)} (default: kvcache,memory)"
+    )
     parser.add_argument("--model", default="", help="artifact id, name or folder (default: a random-init --preset)")
     parser.add_argument("--preset", default="shakespeare-char", help="random-init model when no --model is given")
     parser.add_argument("--address", default="", help="InferenceService host:port (loopback) for the inference suite")
@@ -92,14 +96,24 @@ def _run_local(argv: list[str]) -> int:
         try:
             model_path = resolve_model(_home() / "artifacts", args.model)
         except ArtifactError as err:
-            print(f"tinylm bench: --model: {err}" + (f" (suites {', '.join(needy)} need one)" if needy else ""),
-                  file=sys.stderr)
+            print(
+                f"tinylm bench: --model: {err}" + (f" (suites {', '.join(needy)} need one)" if needy else ""),
+                file=sys.stderr,
+            )
             return 2
     out_dir = (args.out or _default_results()).resolve()
     ctx = SuiteContext(
-        out_dir=out_dir, repo_root=REPO_ROOT, command=("./tinylm", "bench", *argv), quick=args.quick,
-        model_path=model_path, preset=args.preset, inference_address=args.address,
-        device=_device(args.device), python=sys.executable, threads=args.threads, progress=_print_progress,
+        out_dir=out_dir,
+        repo_root=REPO_ROOT,
+        command=("./tinylm", "bench", *argv),
+        quick=args.quick,
+        model_path=model_path,
+        preset=args.preset,
+        inference_address=args.address,
+        device=_device(args.device),
+        python=sys.executable,
+        threads=args.threads,
+        progress=_print_progress,
     )
     try:
         outcome = run_suites(names, ctx)
@@ -124,7 +138,9 @@ def _serve(argv: list[str]) -> int:
     from protos import bench_pb2_grpc
     from rpc.server import serve_from_args, serve_until_signalled
 
-    parser = argparse.ArgumentParser(prog="python -m bench_svc.main serve", description="BenchService and its queue worker")
+    parser = argparse.ArgumentParser(
+        prog="python -m bench_svc.main serve", description="BenchService and its queue worker"
+    )
     parser.add_argument("--host", default="127.0.0.1", help="interface to bind (default loopback)")
     parser.add_argument("--port", type=int, default=0, help="port; 0 picks a free one")
     parser.add_argument("--redis-url", default=os.environ.get("TINYLM_REDIS_URL", ""), help="the job queue's Redis")
@@ -136,8 +152,13 @@ def _serve(argv: list[str]) -> int:
     parser.add_argument("--tls-cert", type=Path, default=None)
     parser.add_argument("--tls-key", type=Path, default=None)
     parser.add_argument("--threads", type=int, default=0, help=THREADS_HELP)
-    parser.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus /metrics (queue depth, running "
-                        "jobs, dead letters, job durations) on this port of --host (0: a free one); off by default")
+    parser.add_argument(
+        "--metrics-port",
+        type=int,
+        default=None,
+        help="serve Prometheus /metrics (queue depth, running "
+        "jobs, dead letters, job durations) on this port of --host (0: a free one); off by default",
+    )
     args = parser.parse_args(argv)
     _set_threads(parser, args.threads)
     if not args.redis_url:
@@ -148,21 +169,33 @@ def _serve(argv: list[str]) -> int:
 
     queue = JobQueue(args.redis_url)
     config = BenchWorkerConfig(
-        artifacts_root=_home() / "artifacts", results_root=args.results.resolve(), repo_root=REPO_ROOT,
-        device=_device(args.device), preset=args.preset,
+        artifacts_root=_home() / "artifacts",
+        results_root=args.results.resolve(),
+        repo_root=REPO_ROOT,
+        device=_device(args.device),
+        preset=args.preset,
     )
     servicer = BenchService(queue, config.artifacts_root, max_queued=args.max_queued)
     running = serve_from_args(
-        [(bench_pb2_grpc.add_BenchServiceServicer_to_server, servicer)], [SERVICE_NAME], args,
+        [(bench_pb2_grpc.add_BenchServiceServicer_to_server, servicer)],
+        [SERVICE_NAME],
+        args,
         token=os.environ.get("TINYLM_TOKEN"),
     )
     stop = threading.Event()
     metrics = JobMetrics(queue) if args.metrics_port is not None else None
     on_finished = metrics.observe if metrics else None
-    threads = [run_worker_thread(make_worker(JobQueue(args.redis_url), config, on_finished=on_finished), stop)
-               for _ in range(args.workers)]
-    log.info("BenchService on %s (redis %s, %d worker(s), results in %s)", running.address, args.redis_url,
-             len(threads), config.results_root)
+    threads = [
+        run_worker_thread(make_worker(JobQueue(args.redis_url), config, on_finished=on_finished), stop)
+        for _ in range(args.workers)
+    ]
+    log.info(
+        "BenchService on %s (redis %s, %d worker(s), results in %s)",
+        running.address,
+        args.redis_url,
+        len(threads),
+        config.results_root,
+    )
     metrics_server = serve_metrics(metrics.registry, args.host, args.metrics_port) if metrics else None
     if metrics_server:
         print(f"metrics on {metrics_server.url}", flush=True)

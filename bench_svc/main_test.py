@@ -28,8 +28,19 @@ def test_local_run_writes_results_and_report(tmp_path, capsys):
     assert "report: " in printed.out and "memory 1/" in printed.err
     memory_json = next(out.glob("memory-*.json"))
     header = read_result(memory_json)["header"]
-    assert header["command"] == ["./tinylm", "bench", "--suites", "memory,kernels", "--quick", "--preset", "tiny",
-                                 "--device", "cpu", "--out", str(out)]
+    assert header["command"] == [
+        "./tinylm",
+        "bench",
+        "--suites",
+        "memory,kernels",
+        "--quick",
+        "--preset",
+        "tiny",
+        "--device",
+        "cpu",
+        "--out",
+        str(out),
+    ]
     assert (out / "report.md").is_file() and next(out.glob("memory-*.png")).is_file()
 
 
@@ -54,16 +65,35 @@ def test_serve_as_the_stack_launcher_starts_it(tmp_path):
     with RedisServer() as redis_server:
         port = _free_port()
         env = {**os.environ, "TINYLM_HOME": str(tmp_path), "PYTHONPATH": str(REPO_ROOT)}
-        argv = [sys.executable, "-m", "bench_svc.main", "serve", "--host", "127.0.0.1", "--port", str(port),
-                "--redis-url", redis_server.url, "--preset", "tiny", "--device", "cpu"]
-        proc = subprocess.Popen(argv, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        argv = [
+            sys.executable,
+            "-m",
+            "bench_svc.main",
+            "serve",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--redis-url",
+            redis_server.url,
+            "--preset",
+            "tiny",
+            "--device",
+            "cpu",
+        ]
+        proc = subprocess.Popen(
+            argv, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
         try:
             wait_healthy(f"127.0.0.1:{port}", SERVICE_NAME, 60, proc)
             with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
                 stub = bench_pb2_grpc.BenchServiceStub(ch)
-                job = stub.StartBench(bench_pb2.StartBenchRequest(spec=jobs_pb2.BenchSpec(suites=["memory"], quick=True)),
-                                      timeout=10)
-                events = list(stub.WatchBench(trainer_pb2.WatchRequest(job_id=job.job_id, from_start=True), timeout=180))
+                job = stub.StartBench(
+                    bench_pb2.StartBenchRequest(spec=jobs_pb2.BenchSpec(suites=["memory"], quick=True)), timeout=10
+                )
+                events = list(
+                    stub.WatchBench(trainer_pb2.WatchRequest(job_id=job.job_id, from_start=True), timeout=180)
+                )
                 assert events[-1].state == jobs_pb2.JOB_STATE_SUCCEEDED, events[-1].message
                 report = stub.GetReport(bench_pb2.GetReportRequest(), timeout=10)
             # a job's results default to $TINYLM_HOME/results/<job id>

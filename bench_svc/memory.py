@@ -83,19 +83,22 @@ def run(ctx: SuiteContext) -> SuiteResult:
         forward = peak_bytes(_forward(model, idx), device) / MIB
         train = peak_bytes(_train_step(model, idx), device) / MIB
         model.zero_grad(set_to_none=True)
-        rows.append({
-            "model": bench.label,
-            "batch": batch,
-            "seq_len": T,
-            "params_mib": params_mib,
-            "forward_peak_mib": forward,
-            "train_peak_mib": train,
-            "train_over_forward": train / forward if forward else float("nan"),
-        })
+        rows.append(
+            {
+                "model": bench.label,
+                "batch": batch,
+                "seq_len": T,
+                "params_mib": params_mib,
+                "forward_peak_mib": forward,
+                "train_peak_mib": train,
+                "train_over_forward": train / forward if forward else float("nan"),
+            }
+        )
         progress.advance(f"seq {T}: forward {forward:.1f} MiB, forward+backward {train:.1f} MiB")
     longest = rows[-1]
-    anchor = Anchor(f"forward only (no grad) at seq {longest['seq_len']}, batch {batch}",
-                    longest["forward_peak_mib"], "MiB")
+    anchor = Anchor(
+        f"forward only (no grad) at seq {longest['seq_len']}, batch {batch}", longest["forward_peak_mib"], "MiB"
+    )
     summary = {
         "model": bench.label,
         "batch": batch,
@@ -109,8 +112,9 @@ def run(ctx: SuiteContext) -> SuiteResult:
         x="seq_len",
         x_label="sequence length (tokens)",
         log_x=True,
-        panels=(Panel("peak MiB", (("forward_peak_mib", "forward (no grad)"),
-                                   ("train_peak_mib", "forward + backward"))),),
+        panels=(
+            Panel("peak MiB", (("forward_peak_mib", "forward (no grad)"), ("train_peak_mib", "forward + backward"))),
+        ),
     )
     files = write_results(ctx.out_dir, NAME, ctx.header(anchor), rows, summary=summary, plot=plot)
     return SuiteResult(NAME, "ok", tuple(files), summary, time.monotonic() - start)

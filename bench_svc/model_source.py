@@ -49,7 +49,9 @@ def load_bench_model(ctx: SuiteContext, seed: int = 0) -> BenchModel:
     if ctx.model_path is not None:
         artifact = load_artifact(ctx.model_path, device=ctx.device)
         model = artifact.model.eval()
-        return BenchModel(model, artifact.config, f"artifact {artifact.manifest['id']} ({artifact.manifest.get('preset', '?')})")
+        return BenchModel(
+            model, artifact.config, f"artifact {artifact.manifest['id']} ({artifact.manifest.get('preset', '?')})"
+        )
     config = get_preset(ctx.preset, dropout=0.0)
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(seed)

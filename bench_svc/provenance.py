@@ -57,7 +57,7 @@ def git_commit(repo: Path = REPO_ROOT) -> str:
 
 
 def cpu_device_name() -> str:
-    """"cpu: <model name> x<logical cores>", from /proc/cpuinfo where there is one."""
+    """ "cpu: <model name> x<logical cores>", from /proc/cpuinfo where there is one."""
     name = ""
     cpuinfo = Path("/proc/cpuinfo")
     if cpuinfo.exists():
@@ -152,5 +152,11 @@ def make_header(
 ) -> RunHeader:
     """A header stamped now (time and load), with `commit` (the run's, taken once at its start), else the commit of
     `repo` now."""
-    return RunHeader(device=device, git_commit=commit or git_commit(repo), command=tuple(command), created=now_iso(),
-                     anchor=anchor, load_avg=machine_load())
+    return RunHeader(
+        device=device,
+        git_commit=commit or git_commit(repo),
+        command=tuple(command),
+        created=now_iso(),
+        anchor=anchor,
+        load_avg=machine_load(),
+    )

@@ -102,10 +102,14 @@ def _anchor_text(anchor: Mapping[str, Any]) -> str:
 
 def _table(rows: Sequence[Mapping[str, Any]]) -> list[str]:
     # a list of records (a curve) belongs in the PNG and the JSON, not in a table cell
-    columns = list(dict.fromkeys(
-        k for row in rows for k, v in row.items()
-        if not (isinstance(v, (list, tuple)) and any(isinstance(x, Mapping) for x in v))
-    ))
+    columns = list(
+        dict.fromkeys(
+            k
+            for row in rows
+            for k, v in row.items()
+            if not (isinstance(v, (list, tuple)) and any(isinstance(x, Mapping) for x in v))
+        )
+    )
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for row in rows[:MAX_ROWS]:
         lines.append("| " + " | ".join(_cell(row.get(c, "")) for c in columns) + " |")

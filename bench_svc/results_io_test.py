@@ -26,12 +26,18 @@ PLOT = PlotSpec("demo", x="n", x_label="n", panels=(Panel("value", (("fast", "fa
 
 
 def _header(device="cpu: Test CPU x2"):
-    return make_header(device, REPO_ROOT, ["python", "-m", "bench_svc.main", "--quick"], Anchor("slow at n=2", 6.5, "ops/s"))
+    return make_header(
+        device, REPO_ROOT, ["python", "-m", "bench_svc.main", "--quick"], Anchor("slow at n=2", 6.5, "ops/s")
+    )
 
 
 def test_writes_csv_json_png_with_the_header_block(tmp_path):
     paths = write_results(tmp_path, "demo", _header(), ROWS, summary={"best": 20.0}, plot=PLOT)
-    assert sorted(p.name for p in paths) == ["demo-cpu-test-cpu-x2.csv", "demo-cpu-test-cpu-x2.json", "demo-cpu-test-cpu-x2.png"]
+    assert sorted(p.name for p in paths) == [
+        "demo-cpu-test-cpu-x2.csv",
+        "demo-cpu-test-cpu-x2.json",
+        "demo-cpu-test-cpu-x2.png",
+    ]
 
     doc = read_result(tmp_path / "demo-cpu-test-cpu-x2.json")
     header = doc["header"]
@@ -46,7 +52,13 @@ def test_writes_csv_json_png_with_the_header_block(tmp_path):
 
     lines = (tmp_path / "demo-cpu-test-cpu-x2.csv").read_text().splitlines()
     comments = [line for line in lines if line.startswith("# ")]
-    assert [c.split(":", 1)[0] for c in comments][:5] == ["# device", "# git_commit", "# command", "# created", "# anchor"]
+    assert [c.split(":", 1)[0] for c in comments][:5] == [
+        "# device",
+        "# git_commit",
+        "# command",
+        "# created",
+        "# anchor",
+    ]
     assert "# anchor: slow at n=2 = 6.5 ops/s" in comments
     table = list(csv.DictReader(line for line in lines if not line.startswith("#")))
     assert [float(r["fast"]) for r in table] == [10.0, 20.0]
@@ -76,8 +88,9 @@ def test_device_names_and_slugs():
 
 def test_git_commit_marks_a_dirty_tree(tmp_path):
     def git(*args):
-        subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path, check=True,
-                       capture_output=True)
+        subprocess.run(
+            ["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path, check=True, capture_output=True
+        )
 
     git("init", "-q")
     (tmp_path / "f.txt").write_text("a")

@@ -63,12 +63,16 @@ class BenchService(bench_pb2_grpc.BenchServiceServicer):
                 not_found(context, f"spec.model_id: {err}{reason}")
         return resolved
 
-    def StartBench(self, request: bench_pb2.StartBenchRequest, context: grpc.ServicerContext) -> bench_pb2.StartBenchResponse:
+    def StartBench(
+        self, request: bench_pb2.StartBenchRequest, context: grpc.ServicerContext
+    ) -> bench_pb2.StartBenchResponse:
         spec = self._validated_spec(request.spec, context)
         try:
             waiting = self.queue.list("bench", "queued", limit=self.max_queued)
             if len(waiting) >= self.max_queued:
-                resource_exhausted(context, f"the bench queue is full ({self.max_queued} jobs waiting); try again later")
+                resource_exhausted(
+                    context, f"the bench queue is full ({self.max_queued} jobs waiting); try again later"
+                )
             job_id = self.queue.submit("bench", spec, idempotency_key=request.idempotency_key)
             return bench_pb2.StartBenchResponse(job_id=job_id, status=self.queue.get(job_id))
         except QueueUnavailable as err:
@@ -94,7 +98,9 @@ class BenchService(bench_pb2_grpc.BenchServiceServicer):
                 not_found(context, "no bench job has finished yet")
             status = done[0]
         result = json.loads(status.result_json or "{}")
-        files = [bench_pb2.BenchFile(suite=f["suite"], path=f["path"], format=f["format"]) for f in result.get("files", [])]
+        files = [
+            bench_pb2.BenchFile(suite=f["suite"], path=f["path"], format=f["format"]) for f in result.get("files", [])
+        ]
         return bench_pb2.BenchReport(
             job_id=status.job.id,
             markdown=result.get("report", ""),

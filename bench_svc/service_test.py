@@ -30,10 +30,13 @@ def stack(redis_url, tmp_path):
     """A BenchService and one bench worker (tiny random-init preset) on their own key prefix; yields (stub, tmp)."""
     prefix = f"t{tmp_path.name}"
     queue = JobQueue(redis_url, prefix=prefix)
-    config = BenchWorkerConfig(artifacts_root=tmp_path / "artifacts", results_root=tmp_path / "results",
-                               repo_root=REPO_ROOT, preset="tiny")
-    running = serve([(bench_pb2_grpc.add_BenchServiceServicer_to_server,
-                      BenchService(queue, config.artifacts_root, max_queued=4))], [SERVICE_NAME])
+    config = BenchWorkerConfig(
+        artifacts_root=tmp_path / "artifacts", results_root=tmp_path / "results", repo_root=REPO_ROOT, preset="tiny"
+    )
+    running = serve(
+        [(bench_pb2_grpc.add_BenchServiceServicer_to_server, BenchService(queue, config.artifacts_root, max_queued=4))],
+        [SERVICE_NAME],
+    )
     stop = threading.Event()
     thread = run_worker_thread(make_worker(JobQueue(redis_url, prefix=prefix), config), stop)
     ch = channel(running.address)
@@ -122,8 +125,10 @@ def test_a_quick_bench_job_runs_end_to_end_with_events(stack):
 
 def test_a_full_queue_is_resource_exhausted(redis_url, tmp_path):
     queue = JobQueue(redis_url, prefix=f"full{tmp_path.name}")  # no worker consumes this prefix
-    running = serve([(bench_pb2_grpc.add_BenchServiceServicer_to_server,
-                      BenchService(queue, tmp_path, max_queued=2))], [SERVICE_NAME])
+    running = serve(
+        [(bench_pb2_grpc.add_BenchServiceServicer_to_server, BenchService(queue, tmp_path, max_queued=2))],
+        [SERVICE_NAME],
+    )
     try:
         with channel(running.address) as ch:
             stub = bench_pb2_grpc.BenchServiceStub(ch)

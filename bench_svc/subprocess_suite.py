@@ -89,7 +89,9 @@ def run_module(
             if time.monotonic() - start > timeout_s:
                 proc.kill()
                 proc.wait()
-                return SuiteResult(suite, f"failed: {module} ran past {timeout_s:.0f} s", (), {}, time.monotonic() - start)
+                return SuiteResult(
+                    suite, f"failed: {module} ran past {timeout_s:.0f} s", (), {}, time.monotonic() - start
+                )
             try:
                 line = lines.get(timeout=0.5)
             except queue.Empty:

@@ -68,8 +68,11 @@ def _result(outcome: RunOutcome, out_dir: Path) -> dict[str, Any]:
         "device": outcome.device,
         "commit": outcome.commit,
         "files": [
-            {"suite": suite_of.get(f, "report" if f == outcome.report else "summary"), "path": str(f),
-             "format": f.suffix.lstrip(".")}
+            {
+                "suite": suite_of.get(f, "report" if f == outcome.report else "summary"),
+                "path": str(f),
+                "format": f.suffix.lstrip("."),
+            }
             for f in outcome.files
         ],
         "suites": [{"suite": r.suite, "status": r.status, "seconds": round(r.seconds, 2)} for r in outcome.results],
@@ -111,16 +114,28 @@ def make_handler(config: BenchWorkerConfig) -> Callable[[JobContext], dict[str, 
 
 
 def make_worker(
-    queue: JobQueue, config: BenchWorkerConfig, consumer_name: str = "", *,
+    queue: JobQueue,
+    config: BenchWorkerConfig,
+    consumer_name: str = "",
+    *,
     on_finished: Callable[[str, str, float], None] | None = None,
 ) -> Worker:
     """A Worker on the bench stream. Bench jobs are long and measure a machine: one attempt at a time, two in all."""
-    return Worker(queue, "bench", make_handler(config), consumer_name, max_attempts=2, visibility_timeout_s=60.0,
-                  on_finished=on_finished)
+    return Worker(
+        queue,
+        "bench",
+        make_handler(config),
+        consumer_name,
+        max_attempts=2,
+        visibility_timeout_s=60.0,
+        on_finished=on_finished,
+    )
 
 
 def run_worker_thread(worker: Worker, stop: threading.Event) -> threading.Thread:
     """Starts `worker.run_forever(stop)` in a daemon thread and returns the thread."""
-    thread = threading.Thread(target=worker.run_forever, args=(stop,), name=f"bench-worker-{worker.consumer}", daemon=True)
+    thread = threading.Thread(
+        target=worker.run_forever, args=(stop,), name=f"bench-worker-{worker.consumer}", daemon=True
+    )
     thread.start()
     return thread

@@ -72,8 +72,13 @@ def classifier_parity(
     with torch.no_grad():
         torch_logits = clf.float().eval()(ids, mask).numpy()
     diff = float(np.abs(onnx_logits - torch_logits).max())
-    report = {"max_abs_diff": diff, "atol": atol, "batch": int(ids.shape[0]), "seq": int(ids.shape[1]),
-              "passed": diff <= atol}
+    report = {
+        "max_abs_diff": diff,
+        "atol": atol,
+        "batch": int(ids.shape[0]),
+        "seq": int(ids.shape[1]),
+        "passed": diff <= atol,
+    }
     if not report["passed"]:
         raise GateFailed(f"classifier ONNX parity failed: max |logit difference| {diff:.3g} > {atol:g}", report)
     return report

@@ -12,8 +12,18 @@ from model.config import ModelConfig
 from model.transformer import GPT
 
 CONFIGS = {
-    "llama": ModelConfig(vocab_size=40, n_layer=2, n_head=4, n_kv_head=2, n_embd=32, block_size=32, norm="rmsnorm",
-                         pos="rope", mlp="swiglu", bias=False),
+    "llama": ModelConfig(
+        vocab_size=40,
+        n_layer=2,
+        n_head=4,
+        n_kv_head=2,
+        n_embd=32,
+        block_size=32,
+        norm="rmsnorm",
+        pos="rope",
+        mlp="swiglu",
+        bias=False,
+    ),
     "gpt2": ModelConfig(vocab_size=40, n_layer=2, n_head=2, n_embd=32, block_size=32),
 }
 

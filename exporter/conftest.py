@@ -64,7 +64,9 @@ def trained(tmp_path_factory) -> Trained:
         pytest.skip("TINYLM_CORPUS is not set (the trained-model tests train on the Tiny Shakespeare text)")
     out = tmp_path_factory.mktemp("trained")
     model_id = train_tiny(Path(corpus), out, steps=TRAIN_STEPS)
-    return Trained(store=out / "store", path=out / "store" / model_id, corpus_text=Path(corpus).read_text(encoding="utf-8"))
+    return Trained(
+        store=out / "store", path=out / "store" / model_id, corpus_text=Path(corpus).read_text(encoding="utf-8")
+    )
 
 
 @dataclass(frozen=True)

@@ -56,7 +56,11 @@ VARIANTS: tuple[CoreMLVariant, ...] = tuple(
 @contextlib.contextmanager
 def _quiet():
     """coremltools draws progress bars on stderr and warns about the untested torch version."""
-    with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
+    with (
+        warnings.catch_warnings(),
+        contextlib.redirect_stderr(io.StringIO()),
+        contextlib.redirect_stdout(io.StringIO()),
+    ):
         warnings.simplefilter("ignore")
         level = logging.root.level
         logging.disable(logging.WARNING)
@@ -119,7 +123,9 @@ def _compress(ct: Any, mlmodel: Any, weights: str) -> Any:
     return cto.linear_quantize_weights(mlmodel, cto.OptimizationConfig(global_config=op_config))
 
 
-def export_coreml(model: GPT, out_dir: Path, prompt: torch.Tensor) -> tuple[dict[str, dict[str, Any]], dict[str, float]]:
+def export_coreml(
+    model: GPT, out_dir: Path, prompt: torch.Tensor
+) -> tuple[dict[str, dict[str, Any]], dict[str, float]]:
     """Write every variant of `VARIANTS` into `out_dir`; returns ({variant name: spec summary}, trace parity
     on `prompt` (1, T), see `trace_parity`). A conversion that fails raises ExportError naming the variant
     and the converter's error."""

@@ -34,7 +34,9 @@ def test_every_variant_is_written_with_its_interface(packages):
         assert s["outputs"] == ["logits"]
         if variant.stateful:
             assert s["inputs"] == ["input_ids", "causal_mask"]
-            assert s["states"] == {name: [c.n_layer, 1, c.n_kv_head, c.block_size, c.head_dim] for name in ("key_cache", "value_cache")}
+            assert s["states"] == {
+                name: [c.n_layer, 1, c.n_kv_head, c.block_size, c.head_dim] for name in ("key_cache", "value_cache")
+            }
         else:
             assert s["inputs"] == ["input_ids"] and s["states"] == {}
         assert (s["quantized_weight_ops"] > 0) == (variant.weights != "fp16")
@@ -63,7 +65,9 @@ def test_export_reports_trace_parity(packages):
     assert max(packages[3].values()) < 1e-4
 
 
-@pytest.mark.skipif(sys.platform != "darwin", reason="Core ML prediction needs macOS (coremltools' predict is macOS-only)")
+@pytest.mark.skipif(
+    sys.platform != "darwin", reason="Core ML prediction needs macOS (coremltools' predict is macOS-only)"
+)
 def test_stateful_prediction_matches_torch_on_macos(packages):
     import coremltools as ct
 
@@ -76,6 +80,9 @@ def test_stateful_prediction_matches_torch_on_macos(packages):
     got = [mlmodel.predict({"input_ids": ids[:, :5].numpy().astype(np.int32),
                             "causal_mask": np.zeros((1, 1, 5, 5), np.float16)}, state)["logits"]]  # fmt: skip
     for t in range(5, 8):
-        feed = {"input_ids": ids[:, t : t + 1].numpy().astype(np.int32), "causal_mask": np.zeros((1, 1, 1, t + 1), np.float16)}
+        feed = {
+            "input_ids": ids[:, t : t + 1].numpy().astype(np.int32),
+            "causal_mask": np.zeros((1, 1, 1, t + 1), np.float16),
+        }
         got.append(mlmodel.predict(feed, state)["logits"])
     np.testing.assert_allclose(np.concatenate(got, axis=1), expected, atol=5e-2)  # fp16 compute

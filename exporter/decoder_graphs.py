@@ -46,7 +46,9 @@ class _ConcatCache:
         self.n_slots, self.max_len = batch, max_len
         self.present: list[tuple[torch.Tensor, torch.Tensor]] = [None] * len(past)  # type: ignore[list-item]
 
-    def write(self, layer: int, slot_idx: torch.Tensor, pos_idx: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    def write(
+        self, layer: int, slot_idx: torch.Tensor, pos_idx: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    ) -> None:
         past_k, past_v = self.past[layer]  # (B, Hkv, P, D)
         k_new = _heads_first(k, self.batch).to(past_k.dtype)  # (B, Hkv, T, D)
         v_new = _heads_first(v, self.batch).to(past_v.dtype)
@@ -86,7 +88,9 @@ class _StateCache:
         self.begin, self.end, self.group = begin, end, group
         self.n_slots, self.max_len = 1, keys.shape[3]
 
-    def write(self, layer: int, slot_idx: torch.Tensor, pos_idx: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    def write(
+        self, layer: int, slot_idx: torch.Tensor, pos_idx: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    ) -> None:
         self.keys[layer, :, :, self.begin : self.end] = _heads_first(k, 1).to(self.keys.dtype)
         self.values[layer, :, :, self.begin : self.end] = _heads_first(v, 1).to(self.values.dtype)
 
@@ -129,7 +133,9 @@ class _LocalCache:
         self.n_slots, self.max_len = 1, seq
         self.kv: tuple[torch.Tensor, torch.Tensor] | None = None
 
-    def write(self, layer: int, slot_idx: torch.Tensor, pos_idx: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    def write(
+        self, layer: int, slot_idx: torch.Tensor, pos_idx: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    ) -> None:
         self.kv = (_heads_first(k, 1), _heads_first(v, 1))
 
     def read(self, layer: int, slots: torch.Tensor, kv_len: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -37,7 +37,12 @@ __all__ = ["PARITY_FILE", "export_artifact", "load_source"]
 PARITY_FILE = "parity.json"
 Progress = Callable[[str, float], None]
 
-_WEIGHTS = {"fp32": "float32", "fp16": "float16", "int8": "int8 (per-channel, dynamic activations)", "int4": f"int4 (block {INT4_BLOCK_SIZE})"}
+_WEIGHTS = {
+    "fp32": "float32",
+    "fp16": "float16",
+    "int8": "int8 (per-channel, dynamic activations)",
+    "int4": f"int4 (block {INT4_BLOCK_SIZE})",
+}
 _MAKERS = {
     "fp16": convert_fp16,
     "int8": quantize_int8,
@@ -55,7 +60,9 @@ def load_source(artifact_dir: str | Path) -> Artifact:
         raise ExportError(f"model: artifact {artifact_dir} is corrupt: {type(e).__name__}: {e}") from None
 
 
-def _variant_entry(fmt: str, files: list[str], root: Path, measured: dict[str, Any], gates: Gates, name: str) -> dict[str, Any]:
+def _variant_entry(
+    fmt: str, files: list[str], root: Path, measured: dict[str, Any], gates: Gates, name: str
+) -> dict[str, Any]:
     results = apply_gates(name, measured, gates)
     return {
         "format": fmt,
@@ -68,7 +75,13 @@ def _variant_entry(fmt: str, files: list[str], root: Path, measured: dict[str, A
 
 
 def _export_onnx(
-    art: Artifact, ref: Reference, formats: tuple[str, ...], out: Path, gates: Gates, progress: Progress, check: Callable[[], None]
+    art: Artifact,
+    ref: Reference,
+    formats: tuple[str, ...],
+    out: Path,
+    gates: Gates,
+    progress: Progress,
+    check: Callable[[], None],
 ) -> dict[str, dict[str, Any]]:
     variants = onnx_variants(formats)
     entries = {}
@@ -90,7 +103,9 @@ def _export_onnx(
 def _write_onnx_meta(art: Artifact, onnx_dir: Path, old_dir: Path, entries: dict[str, dict[str, Any]]) -> None:
     """meta.json of the published onnx/ folder; files of an earlier export that were not redone are kept."""
     c = art.config
-    old_meta = json.loads((old_dir / contract.META_FILE).read_text()) if (old_dir / contract.META_FILE).is_file() else {}
+    old_meta = (
+        json.loads((old_dir / contract.META_FILE).read_text()) if (old_dir / contract.META_FILE).is_file() else {}
+    )
     files = {}
     for variant, name in contract.VARIANT_FILES.items():
         entry = entries.get(f"onnx-{variant}")
@@ -132,7 +147,9 @@ def _merged_variants(artifact_dir: Path, new: dict[str, dict[str, Any]]) -> dict
         old = json.loads(old_path.read_text()).get("variants", {})
     except (json.JSONDecodeError, AttributeError):
         return new
-    kept = {k: v for k, v in old.items() if k not in new and all((artifact_dir / f).exists() for f in v.get("files", []))}
+    kept = {
+        k: v for k, v in old.items() if k not in new and all((artifact_dir / f).exists() for f in v.get("files", []))
+    }
     return {**kept, **new}
 
 

@@ -38,11 +38,16 @@ class Gates:
         if variant in ("onnx-fp32", "hf", "coreml"):
             return [("max_abs_logits", "<=", self.fp32_max_abs_logits)]
         if variant == "onnx-int8":
-            return [("greedy_agreement", ">=", self.int8_greedy_agreement), ("val_loss_delta", "<=", self.int8_val_loss_delta),
-                    ("free_running_agreement", ">=", self.int8_free_running_agreement)]
+            return [
+                ("greedy_agreement", ">=", self.int8_greedy_agreement),
+                ("val_loss_delta", "<=", self.int8_val_loss_delta),
+                ("free_running_agreement", ">=", self.int8_free_running_agreement),
+            ]
         if variant == "onnx-int4":
-            return [("val_loss_delta", "<=", self.int4_val_loss_delta),
-                    ("free_running_agreement", ">=", self.int4_free_running_agreement)]
+            return [
+                ("val_loss_delta", "<=", self.int4_val_loss_delta),
+                ("free_running_agreement", ">=", self.int4_free_running_agreement),
+            ]
         return []
 
 

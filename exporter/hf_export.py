@@ -28,7 +28,7 @@ HF_DIR = "hf"
 
 
 def hf_architecture(config: ModelConfig) -> str:
-    """"llama" or "gpt2" for a config transformers can load; ExportError naming what does not fit otherwise."""
+    """ "llama" or "gpt2" for a config transformers can load; ExportError naming what does not fit otherwise."""
     if config.norm == "rmsnorm" and config.pos == "rope" and config.mlp == "swiglu":
         return "llama"
     if config.norm == "layernorm" and config.pos == "learned" and config.mlp == "gelu":
@@ -67,16 +67,21 @@ def _llama(model: GPT) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         "torch_dtype": "float32",
     }
     names = {"tok_emb.": "model.embed_tokens.", "norm_f.": "model.norm.", "lm_head.": "lm_head."}
-    block = {"norm_1.": "input_layernorm.", "norm_2.": "post_attention_layernorm.", "attn.": "self_attn.", "mlp.": "mlp."}
+    block = {
+        "norm_1.": "input_layernorm.",
+        "norm_2.": "post_attention_layernorm.",
+        "attn.": "self_attn.",
+        "mlp.": "mlp.",
+    }
     weights = {}
     for name, tensor in model.state_dict().items():
         if name.startswith("blocks."):
             _, layer, rest = name.split(".", 2)
             prefix = next(p for p in block if rest.startswith(p))
-            weights[f"model.layers.{layer}.{block[prefix]}{rest[len(prefix):]}"] = tensor
+            weights[f"model.layers.{layer}.{block[prefix]}{rest[len(prefix) :]}"] = tensor
         else:
             prefix = next(p for p in names if name.startswith(p))
-            weights[names[prefix] + name[len(prefix):]] = tensor
+            weights[names[prefix] + name[len(prefix) :]] = tensor
     return config, weights
 
 
@@ -110,7 +115,11 @@ def _gpt2(model: GPT) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         qkv = [f"{p}attn.{x}_proj" for x in "qkv"]
         w[f"{h}attn.c_attn.weight"] = torch.cat([s[f"{n}.weight"] for n in qkv]).T  # (C, 3C): Conv1D is (in, out)
         w[f"{h}attn.c_attn.bias"] = torch.cat([s[f"{n}.bias"] for n in qkv])
-        for ours, theirs in (("attn.o_proj", "attn.c_proj"), ("mlp.up_proj", "mlp.c_fc"), ("mlp.down_proj", "mlp.c_proj")):
+        for ours, theirs in (
+            ("attn.o_proj", "attn.c_proj"),
+            ("mlp.up_proj", "mlp.c_fc"),
+            ("mlp.down_proj", "mlp.c_proj"),
+        ):
             w[f"{h}{theirs}.weight"] = s[f"{p}{ours}.weight"].T
             w[f"{h}{theirs}.bias"] = s[f"{p}{ours}.bias"]
     w["transformer.ln_f.weight"], w["transformer.ln_f.bias"] = s["norm_f.weight"], s["norm_f.bias"]

@@ -54,8 +54,12 @@ def _serve_parser() -> argparse.ArgumentParser:
     p.add_argument("--token", help="require this bearer token (default $TINYLM_TOKEN, if set)")
     p.add_argument("--tls-cert", type=Path, help="PEM certificate (with --tls-key) for TLS")
     p.add_argument("--tls-key", type=Path, help="PEM private key")
-    p.add_argument("--metrics-port", type=int, default=None,
-                   help="serve Prometheus /metrics (queue depth, running jobs, dead letters, job durations) on this port of --host (0: a free one); off by default")
+    p.add_argument(
+        "--metrics-port",
+        type=int,
+        default=None,
+        help="serve Prometheus /metrics (queue depth, running jobs, dead letters, job durations) on this port of --host (0: a free one); off by default",
+    )
     return p
 
 
@@ -157,12 +161,19 @@ def _serve(argv: list[str], env: Mapping[str, str]) -> int:
     queue = JobQueue(redis_url)
     server = serve_from_args(
         [(exporter_pb2_grpc.add_ExporterServiceServicer_to_server, ExporterService(queue, paths.store_root))],
-        [SERVICE_NAME], args, token=args.token or env.get("TINYLM_TOKEN"),
+        [SERVICE_NAME],
+        args,
+        token=args.token or env.get("TINYLM_TOKEN"),
     )
     stop = threading.Event()
     metrics = JobMetrics(queue) if args.metrics_port is not None else None
-    workers = run_workers(JobQueue(redis_url), paths, args.workers, stop, on_finished=metrics.observe if metrics else None)
-    print(f"ExporterService listening on {server.address} ({args.workers} worker(s), store {paths.store_root})", flush=True)
+    workers = run_workers(
+        JobQueue(redis_url), paths, args.workers, stop, on_finished=metrics.observe if metrics else None
+    )
+    print(
+        f"ExporterService listening on {server.address} ({args.workers} worker(s), store {paths.store_root})",
+        flush=True,
+    )
     metrics_server = serve_metrics(metrics.registry, args.host, args.metrics_port) if metrics else None
     if metrics_server:
         print(f"metrics on {metrics_server.url}", flush=True)

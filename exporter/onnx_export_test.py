@@ -68,7 +68,10 @@ def test_chunked_decode_through_present_matches_the_full_forward(exported_graph)
 def test_presents_equal_the_torch_wrapper(exported_graph):
     model, path = exported_graph
     c = model.config
-    past = [(torch.randn(2, c.n_kv_head, 4, c.head_dim), torch.randn(2, c.n_kv_head, 4, c.head_dim)) for _ in range(c.n_layer)]
+    past = [
+        (torch.randn(2, c.n_kv_head, 4, c.head_dim), torch.randn(2, c.n_kv_head, 4, c.head_dim))
+        for _ in range(c.n_layer)
+    ]
     ids = torch.randint(0, c.vocab_size, (2, 3))
     with torch.no_grad():
         logits, present = ExplicitKVDecoder(model)(ids, past)
@@ -112,7 +115,10 @@ def test_fold_constant_transposes_leaves_the_tied_head_a_constant(exported_graph
 def test_fold_constant_transposes_folds_a_transpose_node():
     weight = np.arange(6, dtype=np.float32).reshape(2, 3)
     graph = onnx.helper.make_graph(
-        [onnx.helper.make_node("Transpose", ["w"], ["wt"], perm=[1, 0]), onnx.helper.make_node("MatMul", ["x", "wt"], ["y"])],
+        [
+            onnx.helper.make_node("Transpose", ["w"], ["wt"], perm=[1, 0]),
+            onnx.helper.make_node("MatMul", ["x", "wt"], ["y"]),
+        ],
         "g",
         [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 3])],
         [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 2])],

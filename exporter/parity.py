@@ -49,7 +49,15 @@ class ParitySettings:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("n_prompts", "prompt_len", "decode_prompts", "decode_prompt_len", "decode_steps", "eval_window", "eval_tokens"):
+        for name in (
+            "n_prompts",
+            "prompt_len",
+            "decode_prompts",
+            "decode_prompt_len",
+            "decode_steps",
+            "eval_window",
+            "eval_tokens",
+        ):
             check_int(name, getattr(self, name), 1)
 
 
@@ -247,4 +255,8 @@ def measure_hf(hf_dir: Path, ref: Reference) -> dict[str, Any]:
         random_logits = model(torch.from_numpy(ref.random_prompts)).logits.numpy()
         corpus_logits = model(torch.from_numpy(ref.corpus_prompts)).logits.numpy()
     diffs = {"random": _max_abs(random_logits, ref.random_logits), "corpus": _max_abs(corpus_logits, ref.corpus_logits)}
-    return {"max_abs_logits": max(diffs.values()), "max_abs_logits_by_source": diffs, "transformers": transformers.__version__}
+    return {
+        "max_abs_logits": max(diffs.values()),
+        "max_abs_logits_by_source": diffs,
+        "transformers": transformers.__version__,
+    }

@@ -16,7 +16,9 @@ from exporter.staging import Staging
 from model.tokenizers import CharTokenizer
 from model.transformer import GPT
 
-SMALL = ParitySettings(n_prompts=2, prompt_len=8, decode_prompts=2, decode_prompt_len=4, decode_steps=6, eval_window=16, eval_tokens=64)
+SMALL = ParitySettings(
+    n_prompts=2, prompt_len=8, decode_prompts=2, decode_prompt_len=4, decode_steps=6, eval_window=16, eval_tokens=64
+)
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +53,9 @@ def test_reference_without_eval_text_uses_model_samples(setup):
     assert ref.eval_windows.max() < tokenizer.vocab_size
     # Windows as long as the context: samples of block_size + 1 tokens still fit the KV cache.
     block = model.config.block_size
-    full = Reference.build(model, tokenizer, None, ParitySettings(eval_window=10 * block, eval_tokens=2 * block, decode_steps=4))
+    full = Reference.build(
+        model, tokenizer, None, ParitySettings(eval_window=10 * block, eval_tokens=2 * block, decode_steps=4)
+    )
     assert full.eval_windows.shape == (2, block + 1)
 
 
@@ -110,7 +114,10 @@ def test_free_running_agreement_catches_the_drift_teacher_forcing_hides():
     free, divergence = _free_running(drifting, ref)
     assert teacher_forced > 0.95 and divergence == 9 and free < 0.5
     results = apply_gates("onnx-int4", {"val_loss_delta": 0.01, "free_running_agreement": free}, Gates())
-    assert [(g["metric"], g["passed"]) for g in results] == [("val_loss_delta", True), ("free_running_agreement", False)]
+    assert [(g["metric"], g["passed"]) for g in results] == [
+        ("val_loss_delta", True),
+        ("free_running_agreement", False),
+    ]
     int8 = apply_gates("onnx-int8", {"greedy_agreement": teacher_forced, "free_running_agreement": free}, Gates())
     assert [g["passed"] for g in int8] == [True, False]
 
@@ -129,8 +136,14 @@ def test_gates_pass_fail_and_skip_unmeasured():
 
 
 def test_table_lists_every_variant_and_the_verdict():
-    entry = {"bytes": 2048, "max_abs_logits": 1e-6, "val_loss": 2.0, "val_loss_delta": 0.0, "greedy_agreement": 1.0,
-             "free_running_agreement": 0.36}
+    entry = {
+        "bytes": 2048,
+        "max_abs_logits": 1e-6,
+        "val_loss": 2.0,
+        "val_loss_delta": 0.0,
+        "greedy_agreement": 1.0,
+        "free_running_agreement": 0.36,
+    }
     report = {
         "model_id": "abc", "gated": False, "passed": False,
         "reference": {"val_loss": 2.0, "eval_windows": 4, "eval_window_tokens": 16, "eval_source": "x", "decode_steps": 6},

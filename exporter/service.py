@@ -68,13 +68,17 @@ class ExporterService(exporter_pb2_grpc.ExporterServiceServicer):
         with queue_errors(context):
             waiting = self.queue.list("export", "queued", limit=self.max_queued)
             if len(waiting) >= self.max_queued:
-                resource_exhausted(context, f"the export queue is full ({self.max_queued} jobs waiting); try again later")
+                resource_exhausted(
+                    context, f"the export queue is full ({self.max_queued} jobs waiting); try again later"
+                )
             job_id = self.queue.submit("export", spec, idempotency_key=request.idempotency_key)
             status = self.queue.get(job_id)
         log.info("enqueued export job %s (model %s, formats %s)", job_id, spec.model_id, ",".join(spec.formats))
         return exporter_pb2.StartExportResponse(job_id=job_id, status=status)
 
-    def WatchExport(self, request: trainer_pb2.WatchRequest, context: grpc.ServicerContext) -> Iterator[jobs_pb2.JobEvent]:
+    def WatchExport(
+        self, request: trainer_pb2.WatchRequest, context: grpc.ServicerContext
+    ) -> Iterator[jobs_pb2.JobEvent]:
         """Events until a final state; without from_start, only those from now on (and always the final one)."""
         self._export_job(request.job_id, context)
         yield from watch_events(self.queue, request.job_id, context, from_start=request.from_start)

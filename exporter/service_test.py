@@ -92,7 +92,10 @@ def test_bad_requests(stack):
     with pytest.raises(grpc.RpcError) as err:
         _start(stub, "feedfacefeedface", "onnx")
     assert err.value.code() == grpc.StatusCode.NOT_FOUND and "svc-model" in err.value.details()
-    for call in (stub.GetExport, lambda r, timeout: list(stub.WatchExport(trainer_pb2.WatchRequest(job_id=r.job_id), timeout=timeout))):
+    for call in (
+        stub.GetExport,
+        lambda r, timeout: list(stub.WatchExport(trainer_pb2.WatchRequest(job_id=r.job_id), timeout=timeout)),
+    ):
         with pytest.raises(grpc.RpcError) as err:
             call(trainer_pb2.GetJobRequest(job_id="0" * 32), timeout=10)
         assert err.value.code() == grpc.StatusCode.NOT_FOUND

@@ -41,4 +41,6 @@ def tiny(tmp_path_factory) -> TinyModel:
     store = tmp_path_factory.mktemp("store")
     model_id = save_artifact(store, model, tokenizer, name="tiny-test", preset="tiny", metrics={"val_loss": 3.5})
     artifact = load_artifact(store / model_id)
-    return TinyModel(store=store, model_id=model_id, path=store / model_id, model=artifact.model, tokenizer=tokenizer, corpus=CORPUS)
+    return TinyModel(
+        store=store, model_id=model_id, path=store / model_id, model=artifact.model, tokenizer=tokenizer, corpus=CORPUS
+    )

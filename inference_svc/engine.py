@@ -175,7 +175,9 @@ class Engine:
         if not request.request_id:
             request = replace(request, request_id=uuid.uuid4().hex)
         if len(request.prompt_ids) > self.runner.max_len:
-            raise ValueError(f"prompt: {len(request.prompt_ids)} tokens exceed the context length {self.runner.max_len}")
+            raise ValueError(
+                f"prompt: {len(request.prompt_ids)} tokens exceed the context length {self.runner.max_len}"
+            )
         sink: queue.SimpleQueue[Chunk] = queue.SimpleQueue()
         seq = Sequence(
             request=request,

@@ -15,7 +15,16 @@ from inference_svc.sequence import Sequence
 from model.generate import generate, generate_tokens
 from model.sampling import SamplingParams
 
-PROMPTS = ["to be", "or not to be: that", "t", "whether 'tis nobler in the", "the question. ", "suffer!", "is", "mind to"]
+PROMPTS = [
+    "to be",
+    "or not to be: that",
+    "t",
+    "whether 'tis nobler in the",
+    "the question. ",
+    "suffer!",
+    "is",
+    "mind to",
+]
 PARAMS = [
     SamplingParams(max_new_tokens=12, temperature=0.0),
     SamplingParams(max_new_tokens=30, temperature=0.8, top_k=5, seed=1),

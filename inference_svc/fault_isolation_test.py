@@ -74,7 +74,9 @@ def test_one_failing_request_ends_alone(tiny, where):
             engine.submit(make_request(p, _params(i), tokenizer=tiny.tokenizer, context_len=context))
             for i, p in enumerate(prompts[: N_GOOD // 2])
         ]
-        bad = engine.submit(make_request(POISON, SamplingParams(max_new_tokens=30), tokenizer=tiny.tokenizer, context_len=context))
+        bad = engine.submit(
+            make_request(POISON, SamplingParams(max_new_tokens=30), tokenizer=tiny.tokenizer, context_len=context)
+        )
         handles += [
             engine.submit(make_request(p, _params(i), tokenizer=tiny.tokenizer, context_len=context))
             for i, p in enumerate(prompts[N_GOOD // 2 :], start=N_GOOD // 2)

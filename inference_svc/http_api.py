@@ -44,7 +44,9 @@ __all__ = ["build_app"]
 _POLL_S = 0.25  # longest a waiting non-streamed request goes without looking at its client
 
 
-def build_app(engine: Engine, model: ServedModel, metrics: EngineMetrics | None = None, *, token: str | None = None) -> Starlette:
+def build_app(
+    engine: Engine, model: ServedModel, metrics: EngineMetrics | None = None, *, token: str | None = None
+) -> Starlette:
     """The ASGI app serving `engine`'s `model`; `metrics` adds GET /metrics."""
     api = _CompletionsAPI(engine, model, token)
     routes = [
@@ -53,7 +55,9 @@ def build_app(engine: Engine, model: ServedModel, metrics: EngineMetrics | None 
         Route("/health", api.health, methods=["GET"]),
     ]
     if metrics is not None:
-        routes.append(Route("/metrics", lambda _: Response(metrics.render(), media_type=CONTENT_TYPE_LATEST), methods=["GET"]))
+        routes.append(
+            Route("/metrics", lambda _: Response(metrics.render(), media_type=CONTENT_TYPE_LATEST), methods=["GET"])
+        )
     return Starlette(routes=routes)
 
 
@@ -83,8 +87,12 @@ class _CompletionsAPI:
         except RequestError as err:
             return _error(400, f"{err.field}: {err.reason}" if err.field else err.reason, param=err.field)
         if parsed.model and not self._serves(parsed.model):
-            return _error(404, f"model {parsed.model!r} not found; this server serves {self.model_name!r} ({self.model.id})",
-                          param="model", code="model_not_found")
+            return _error(
+                404,
+                f"model {parsed.model!r} not found; this server serves {self.model_name!r} ({self.model.id})",
+                param="model",
+                code="model_not_found",
+            )
         try:
             handle = self.engine.submit(parsed.request)
         except QueueFull as err:
@@ -96,8 +104,9 @@ class _CompletionsAPI:
         cid = f"cmpl-{uuid.uuid4().hex}"
         chunks = _ChunkPump(handle, asyncio.get_running_loop())
         if parsed.stream:
-            return StreamingResponse(self._events(handle, chunks, cid), media_type="text/event-stream",
-                                     headers={"cache-control": "no-cache"})
+            return StreamingResponse(
+                self._events(handle, chunks, cid), media_type="text/event-stream", headers={"cache-control": "no-cache"}
+            )
         return await self._whole(request, handle, chunks, cid)
 
     # Helpers ------------------------------------------------------------------------------------------
@@ -151,8 +160,12 @@ class _CompletionsAPI:
         given = request.headers.get("authorization", "").encode()
         if hmac.compare_digest(given, self._expected):
             return None
-        return _error(401, "missing or wrong bearer token in the Authorization header", kind="authentication_error",
-                      code="invalid_api_key")
+        return _error(
+            401,
+            "missing or wrong bearer token in the Authorization header",
+            kind="authentication_error",
+            code="invalid_api_key",
+        )
 
 
 class _ChunkPump:
@@ -187,8 +200,9 @@ class _ChunkPump:
         return last._replace(text="".join(texts)) if len(texts) > 1 else last  # (token ids are not sent over HTTP)
 
 
-def _error(status: int, message: str, *, param: str | None = None, kind: str = "invalid_request_error",
-           code: str | None = None) -> JSONResponse:
+def _error(
+    status: int, message: str, *, param: str | None = None, kind: str = "invalid_request_error", code: str | None = None
+) -> JSONResponse:
     return JSONResponse(error_body(message, param=param, kind=kind, code=code), status_code=status)
 
 

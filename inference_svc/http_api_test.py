@@ -33,9 +33,15 @@ def start(tiny):
 
     def _start(max_slots: int = 2, max_queue: int = 8, token: str | None = None):
         engine = Engine(TorchRunner(tiny.model, n_slots=max_slots), tiny.tokenizer, max_queue=max_queue)
-        model = ServedModel(id=tiny.model_id, name="tiny-test", path=tiny.path, manifest=load_artifact(tiny.path).manifest)
-        grpc_server = serve([(inference_pb2_grpc.add_InferenceServiceServicer_to_server, InferenceService(engine, model))],
-                            [SERVICE_NAME], max_workers=16, token=token)
+        model = ServedModel(
+            id=tiny.model_id, name="tiny-test", path=tiny.path, manifest=load_artifact(tiny.path).manifest
+        )
+        grpc_server = serve(
+            [(inference_pb2_grpc.add_InferenceServiceServicer_to_server, InferenceService(engine, model))],
+            [SERVICE_NAME],
+            max_workers=16,
+            token=token,
+        )
         http = serve_http(build_app(engine, model, EngineMetrics(engine, "tiny-test"), token=token))
         ch = channel(grpc_server.address, token=token)
         client = openai.OpenAI(base_url=f"{http.url}/v1", api_key=token or "unused", max_retries=0, timeout=60)
@@ -67,14 +73,20 @@ def _idle(engine) -> bool:
 
 def _grpc_text(stub, prompt: str, max_new_tokens: int) -> str:
     params = inference_pb2.SamplingParameters(max_new_tokens=max_new_tokens, temperature=0.0, has_temperature=True)
-    return "".join(r.text for r in stub.Generate(inference_pb2.GenerateRequest(prompt=prompt, params=params), timeout=60))
+    return "".join(
+        r.text for r in stub.Generate(inference_pb2.GenerateRequest(prompt=prompt, params=params), timeout=60)
+    )
 
 
 def _metrics(url: str) -> dict[tuple[str, tuple], float]:
     """Every sample of /metrics as {(name, sorted labels): value}, parsed by prometheus_client's own parser."""
     with urllib.request.urlopen(f"{url}/metrics", timeout=10) as reply:
         text = reply.read().decode()
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value for fam in text_string_to_metric_families(text) for s in fam.samples}
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for fam in text_string_to_metric_families(text)
+        for s in fam.samples
+    }
 
 
 def test_greedy_text_equals_grpc_streamed_and_not(start):
@@ -85,7 +97,9 @@ def test_greedy_text_equals_grpc_streamed_and_not(start):
         assert whole.choices[0].text == expected
         assert whole.choices[0].finish_reason == "length"
         assert (whole.usage.prompt_tokens, whole.usage.completion_tokens) == (len(prompt), n)
-        chunks = list(client.completions.create(model="tiny-test", prompt=prompt, max_tokens=n, temperature=0, stream=True))
+        chunks = list(
+            client.completions.create(model="tiny-test", prompt=prompt, max_tokens=n, temperature=0, stream=True)
+        )
         assert "".join(c.choices[0].text for c in chunks) == expected
         assert [c.choices[0].finish_reason for c in chunks[:-1]] == [None] * (len(chunks) - 1)
         assert chunks[-1].choices[0].finish_reason == "length" and chunks[-1].usage.completion_tokens == n
@@ -98,7 +112,14 @@ def test_stop_top_k_and_repetition_penalty_are_the_engines(start):
     stop = full[8:10]
     reply = client.completions.create(model="tiny-test", prompt="to be", max_tokens=30, temperature=0, stop=stop)
     assert reply.choices[0].text == full[: full.find(stop)] and reply.choices[0].finish_reason == "stop"
-    seeded = dict(model="tiny-test", prompt="t", max_tokens=12, temperature=0.9, seed=5, extra_body={"top_k": 5, "repetition_penalty": 1.3})
+    seeded = dict(
+        model="tiny-test",
+        prompt="t",
+        max_tokens=12,
+        temperature=0.9,
+        seed=5,
+        extra_body={"top_k": 5, "repetition_penalty": 1.3},
+    )
     assert client.completions.create(**seeded).choices[0].text == client.completions.create(**seeded).choices[0].text
 
 
@@ -173,9 +194,16 @@ def test_metrics_move_by_exactly_the_requests_sent(start):
     before = _metrics(url)
     assert before[("tinylm_kv_slots_total", ())] == 2 and before[("tinylm_requests_running", ())] == 0
     finals = [client.completions.create(model="tiny-test", prompt="to be", max_tokens=7, temperature=0)]
-    finals.append(list(client.completions.create(model="tiny-test", prompt="to be", max_tokens=5, temperature=0, stream=True))[-1])
-    finals.append(list(client.completions.create(model="tiny-test", prompt="to", max_tokens=30, temperature=0, stop=["e"],
-                                                 stream=True))[-1])
+    finals.append(
+        list(client.completions.create(model="tiny-test", prompt="to be", max_tokens=5, temperature=0, stream=True))[-1]
+    )
+    finals.append(
+        list(
+            client.completions.create(
+                model="tiny-test", prompt="to", max_tokens=30, temperature=0, stop=["e"], stream=True
+            )
+        )[-1]
+    )
     _grpc_text(stub, "or not", 4)  # gRPC requests count too: one engine, one set of metrics
     after = _metrics(url)
 
@@ -188,7 +216,10 @@ def test_metrics_move_by_exactly_the_requests_sent(start):
         assert delta("tinylm_requests_total", finish_reason=reason) == reasons.count(reason), reason
     assert delta("tinylm_prompt_tokens_total") == len("to be") * 2 + len("to") + len("or not")
     assert delta("tinylm_generation_tokens_total") == sum(f.usage.completion_tokens for f in finals) + 4
-    for name in ("tinylm_time_to_first_token_seconds_count", "tinylm_request_queue_time_seconds_count",
-                 "tinylm_e2e_request_latency_seconds_count"):
+    for name in (
+        "tinylm_time_to_first_token_seconds_count",
+        "tinylm_request_queue_time_seconds_count",
+        "tinylm_e2e_request_latency_seconds_count",
+    ):
         assert delta(name) == 4, name
     assert after[("tinylm_kv_slots_in_use", ())] == 0 and after[("tinylm_requests_waiting", ())] == 0

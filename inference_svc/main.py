@@ -42,24 +42,45 @@ log = logging.getLogger("inference_svc")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="tinylm serve", description="Serve a model over streaming gRPC (InferenceService).")
-    p.add_argument("--model", default="", help="artifact id (or unique prefix), name, or folder; default: the newest in the store")
+    p = argparse.ArgumentParser(
+        prog="tinylm serve", description="Serve a model over streaming gRPC (InferenceService)."
+    )
+    p.add_argument(
+        "--model", default="", help="artifact id (or unique prefix), name, or folder; default: the newest in the store"
+    )
     p.add_argument("--backend", choices=["torch", "onnx"], default="torch", help="model runner (default torch)")
-    p.add_argument("--onnx-file", default="fp32", choices=["fp32", "fp16", "int8", "int4"], help="ONNX variant for --backend onnx")
+    p.add_argument(
+        "--onnx-file", default="fp32", choices=["fp32", "fp16", "int8", "int4"], help="ONNX variant for --backend onnx"
+    )
     p.add_argument("--device", default="auto", help="torch device: auto (cuda when available), cpu, cuda, cuda:1")
-    p.add_argument("--max-slots", type=int, default=0, help="concurrent sequences (KV-cache slots); default 256 on CUDA, 16 on CPU")
+    p.add_argument(
+        "--max-slots", type=int, default=0, help="concurrent sequences (KV-cache slots); default 256 on CUDA, 16 on CPU"
+    )
     p.add_argument("--max-queue", type=int, default=1024, help="requests waiting for a slot before RESOURCE_EXHAUSTED")
-    p.add_argument("--draft-model", default="", help="speculative decoding: a smaller artifact with the same tokenizer "
-                   "(id prefix, name or folder; torch backend only)")
+    p.add_argument(
+        "--draft-model",
+        default="",
+        help="speculative decoding: a smaller artifact with the same tokenizer "
+        "(id prefix, name or folder; torch backend only)",
+    )
     p.add_argument("--speculative-k", type=int, default=4, help="draft tokens proposed per step (with --draft-model)")
     p.add_argument("--threads", type=int, default=0, help="CPU threads for torch and ONNX Runtime (0: their default)")
     p.add_argument("--host", default="127.0.0.1", help="bind address (loopback by default)")
     p.add_argument("--port", type=int, default=50053, help="port (0 picks a free one)")
     p.add_argument("--tls-cert", type=Path, help="PEM certificate chain (with --tls-key): serve TLS")
     p.add_argument("--tls-key", type=Path, help="PEM private key")
-    p.add_argument("--token", default=os.environ.get("TINYLM_TOKEN", ""), help="require `authorization: Bearer TOKEN` (env TINYLM_TOKEN)")
-    p.add_argument("--http-port", type=int, default=None, help="also serve OpenAI-compatible HTTP (/v1/completions, /v1/models, "
-                   "/health) and Prometheus /metrics on this port of --host (0 picks a free one); off by default")
+    p.add_argument(
+        "--token",
+        default=os.environ.get("TINYLM_TOKEN", ""),
+        help="require `authorization: Bearer TOKEN` (env TINYLM_TOKEN)",
+    )
+    p.add_argument(
+        "--http-port",
+        type=int,
+        default=None,
+        help="also serve OpenAI-compatible HTTP (/v1/completions, /v1/models, "
+        "/health) and Prometheus /metrics on this port of --host (0 picks a free one); off by default",
+    )
     return p
 
 
@@ -138,24 +159,32 @@ def main(argv: list[str] | None = None) -> int:
     except (ArtifactError, FileNotFoundError, ValueError) as err:
         print(f"tinylm serve: {err}", file=sys.stderr)
         if not args.model:
-            print("make a model first: ./tinylm train --preset shakespeare-char (or pass --model PATH)", file=sys.stderr)
+            print(
+                "make a model first: ./tinylm train --preset shakespeare-char (or pass --model PATH)", file=sys.stderr
+            )
         return 1
 
     model = ServedModel(id=manifest["id"], name=str(manifest.get("name", "")), path=path, manifest=manifest)
     running = serve_from_args(
         [(inference_pb2_grpc.add_InferenceServiceServicer_to_server, InferenceService(engine, model))],
-        [SERVICE_NAME], args, token=args.token,
+        [SERVICE_NAME],
+        args,
+        token=args.token,
         max_workers=engine.max_slots + 32,  # a streaming call holds a worker thread for its whole life
     )
     print(f"serving {model.id} ({model.name}) with {args.backend} on {running.address}", flush=True)
     http = None
-    if args.http_port is not None:  # starlette, uvicorn and prometheus_client only when asked for (the GPU machine lacks them)
+    if (
+        args.http_port is not None
+    ):  # starlette, uvicorn and prometheus_client only when asked for (the GPU machine lacks them)
         from inference_svc.http_api import build_app
         from inference_svc.http_server import serve_http
         from inference_svc.metrics import EngineMetrics
 
         metrics = EngineMetrics(engine, model.name or model.id)
-        http = serve_http(build_app(engine, model, metrics, token=args.token or None), host=args.host, port=args.http_port)
+        http = serve_http(
+            build_app(engine, model, metrics, token=args.token or None), host=args.host, port=args.http_port
+        )
         print(f"http on {http.url} (OpenAI-compatible {http.url}/v1, metrics {http.url}/metrics)", flush=True)
 
     stop = threading.Event()

@@ -27,7 +27,11 @@ def _env(home: Path) -> dict[str, str]:
 
 def test_no_model_in_the_store_says_how_to_make_one(tmp_path):
     proc = subprocess.run(
-        [sys.executable, "-m", "inference_svc", "--port", "0"], env=_env(tmp_path), capture_output=True, text=True, timeout=120
+        [sys.executable, "-m", "inference_svc", "--port", "0"],
+        env=_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 1
     assert "no artifacts in" in proc.stderr and "./tinylm train" in proc.stderr
@@ -41,8 +45,13 @@ def test_a_draft_with_another_tokenizer_is_refused(tiny, tmp_path, capsys):
     from model.transformer import GPT
 
     other = CharTokenizer.from_corpus("zyxwvutsrqponmlkjihgfedcba ,.!:'")
-    draft_id = save_artifact(tmp_path / "store", GPT(get_preset("tiny", vocab_size=other.vocab_size, n_layer=1)), other,
-                             name="other-tokenizer", preset="tiny")
+    draft_id = save_artifact(
+        tmp_path / "store",
+        GPT(get_preset("tiny", vocab_size=other.vocab_size, n_layer=1)),
+        other,
+        name="other-tokenizer",
+        preset="tiny",
+    )
     code = main(["--model", str(tiny.path), "--draft-model", str(tmp_path / "store" / draft_id), "--port", "0"])
     assert code == 1
     assert "--draft-model must use the served model's tokenizer" in capsys.readouterr().err
@@ -51,8 +60,22 @@ def test_a_draft_with_another_tokenizer_is_refused(tiny, tmp_path, capsys):
 def test_serves_the_newest_artifact_with_a_token_until_sigterm(tiny, tmp_path):
     (tmp_path / "artifacts").symlink_to(tiny.store, target_is_directory=True)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "inference_svc", "serve", "--port", "0", "--token", "s3cret", "--max-slots", "2",
-         "--draft-model", str(tiny.path), "--speculative-k", "2"],  # the model as its own draft: wiring only
+        [
+            sys.executable,
+            "-m",
+            "inference_svc",
+            "serve",
+            "--port",
+            "0",
+            "--token",
+            "s3cret",
+            "--max-slots",
+            "2",
+            "--draft-model",
+            str(tiny.path),
+            "--speculative-k",
+            "2",
+        ],  # the model as its own draft: wiring only
         env=_env(tmp_path),
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
@@ -64,7 +87,9 @@ def test_serves_the_newest_artifact_with_a_token_until_sigterm(tiny, tmp_path):
         match = re.search(r"serving (\w+) \(tiny-test\) with torch on (\S+)", line)
         assert match and match.group(1) == tiny.model_id, line
         address = match.group(2)
-        request = inference_pb2.GenerateRequest(prompt="to be", params=inference_pb2.SamplingParameters(max_new_tokens=5))
+        request = inference_pb2.GenerateRequest(
+            prompt="to be", params=inference_pb2.SamplingParameters(max_new_tokens=5)
+        )
         with channel(address, token="s3cret") as ch:
             responses = list(inference_pb2_grpc.InferenceServiceStub(ch).Generate(request, timeout=60))
         assert sum(len(r.token_ids) for r in responses) == 5
@@ -82,9 +107,27 @@ def test_serves_the_newest_artifact_with_a_token_until_sigterm(tiny, tmp_path):
 
 def test_serves_http_beside_grpc_with_the_same_token(tiny, tmp_path):
     proc = subprocess.Popen(
-        [sys.executable, "-m", "inference_svc", "serve", "--model", str(tiny.path), "--port", "0", "--token", "s3cret",
-         "--max-slots", "2", "--http-port", "0"],
-        env=_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=ROOT,
+        [
+            sys.executable,
+            "-m",
+            "inference_svc",
+            "serve",
+            "--model",
+            str(tiny.path),
+            "--port",
+            "0",
+            "--token",
+            "s3cret",
+            "--max-slots",
+            "2",
+            "--http-port",
+            "0",
+        ],
+        env=_env(tmp_path),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        cwd=ROOT,
     )
     try:
         assert "serving" in proc.stdout.readline()
@@ -152,9 +195,16 @@ def test_bad_weights_are_one_line_and_exit_1(tiny, tmp_path, backend):
         (path / "onnx" / "model.onnx").write_bytes(b"\x00garbage, not a protobuf" * 10)
     proc = subprocess.run(
         [sys.executable, "-m", "inference_svc", "--model", str(path), "--backend", backend, "--port", "0"],
-        env=_env(tmp_path), capture_output=True, text=True, timeout=120,
+        env=_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
     assert len(lines) == 1 and lines[0].startswith("tinylm serve: ")
-    assert ("model.safetensors is not a valid safetensors file" if backend == "torch" else "model.onnx is not a loadable ONNX model") in lines[0]
+    assert (
+        "model.safetensors is not a valid safetensors file"
+        if backend == "torch"
+        else "model.onnx is not a loadable ONNX model"
+    ) in lines[0]

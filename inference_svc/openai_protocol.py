@@ -15,7 +15,15 @@ from inference_svc.engine import Chunk
 from inference_svc.params import DEFAULT_MAX_NEW_TOKENS, Request, RequestError, make_request, make_sampling_params
 from model.tokenizers import Tokenizer
 
-__all__ = ["Completion", "chunk_object", "completion_object", "error_body", "models_object", "now_unix", "parse_completion"]
+__all__ = [
+    "Completion",
+    "chunk_object",
+    "completion_object",
+    "error_body",
+    "models_object",
+    "now_unix",
+    "parse_completion",
+]
 
 # Our field names (as params.py reports them) -> OpenAI's.
 _OPENAI_NAME = {
@@ -30,10 +38,31 @@ _OPENAI_NAME = {
     "prompt": "prompt",
 }
 # OpenAI fields that take one value here: anything else for them is refused, not silently ignored.
-_FIXED = {"n": 1, "best_of": 1, "echo": False, "logprobs": None, "suffix": None, "logit_bias": None,
-          "presence_penalty": 0, "frequency_penalty": 0}
-_ACCEPTED = {"model", "prompt", "max_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "seed", "stop",
-             "stream", "stream_options", "user", *_FIXED}
+_FIXED = {
+    "n": 1,
+    "best_of": 1,
+    "echo": False,
+    "logprobs": None,
+    "suffix": None,
+    "logit_bias": None,
+    "presence_penalty": 0,
+    "frequency_penalty": 0,
+}
+_ACCEPTED = {
+    "model",
+    "prompt",
+    "max_tokens",
+    "temperature",
+    "top_p",
+    "top_k",
+    "repetition_penalty",
+    "seed",
+    "stop",
+    "stream",
+    "stream_options",
+    "user",
+    *_FIXED,
+}
 
 
 @dataclass(frozen=True)
@@ -87,7 +116,9 @@ def _given(body: Mapping[str, Any], name: str, default: Any) -> Any:
     return default if value is None else value
 
 
-def error_body(message: str, *, param: str | None = None, kind: str = "invalid_request_error", code: str | None = None) -> dict:
+def error_body(
+    message: str, *, param: str | None = None, kind: str = "invalid_request_error", code: str | None = None
+) -> dict:
     """OpenAI's error shape: what the `openai` client turns into `APIStatusError.body`."""
     return {"error": {"message": message, "type": kind, "param": param or None, "code": code}}
 
@@ -135,4 +166,8 @@ def _usage(chunk: Chunk) -> dict | None:
     u = chunk.usage
     if u is None:
         return None
-    return {"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens, "total_tokens": u.prompt_tokens + u.completion_tokens}
+    return {
+        "prompt_tokens": u.prompt_tokens,
+        "completion_tokens": u.completion_tokens,
+        "total_tokens": u.prompt_tokens + u.completion_tokens,
+    }

@@ -43,7 +43,9 @@ def onnx_file(artifact_dir: str | Path, variant: str = "fp32") -> Path:
     folder = artifact_dir / ONNX_DIR
     entry = _read_meta(artifact_dir).get("files", {}).get(variant)
     name = entry.get("file") if isinstance(entry, dict) else entry if isinstance(entry, str) else None
-    candidates = [name] if name else ["model.onnx" if variant == "fp32" else f"model-{variant}.onnx", f"model_{variant}.onnx"]
+    candidates = (
+        [name] if name else ["model.onnx" if variant == "fp32" else f"model-{variant}.onnx", f"model_{variant}.onnx"]
+    )
     for candidate in candidates:
         if (folder / candidate).is_file():
             return folder / candidate
@@ -127,7 +129,9 @@ class OrtRunner:
         """Sequences at the same position run together; returns logits (B, V)."""
         groups: dict[int, list[int]] = defaultdict(list)
         for row, (slot, pos) in enumerate(zip(slots, positions)):
-            assert self._past.get(slot) == pos, f"slot {slot} holds {self._past.get(slot)} tokens, asked to decode at {pos}"
+            assert self._past.get(slot) == pos, (
+                f"slot {slot} holds {self._past.get(slot)} tokens, asked to decode at {pos}"
+            )
             groups[pos].append(row)
         out = np.empty((len(slots), self.vocab_size), dtype=np.float32)
         for rows in groups.values():

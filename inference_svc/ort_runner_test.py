@@ -22,14 +22,17 @@ def exported(tiny, tmp_path_factory):
     """A copy of the tiny artifact with onnx/model.onnx (fp32), onnx/model-int8.onnx and meta.json."""
     path = tmp_path_factory.mktemp("onnx-store") / tiny.model_id
     shutil.copytree(tiny.path, path)
-    small = ParitySettings(n_prompts=1, prompt_len=8, decode_prompts=1, decode_prompt_len=4, decode_steps=4, eval_tokens=64)
+    small = ParitySettings(
+        n_prompts=1, prompt_len=8, decode_prompts=1, decode_prompt_len=4, decode_steps=4, eval_tokens=64
+    )
     export_artifact(path, ["int8"], eval_text=tiny.corpus * 4, no_gate=True, settings=small)
     return path
 
 
 def _run(engine, tiny, cases):
     handles = [
-        engine.submit(make_request(p, s, tokenizer=tiny.tokenizer, context_len=tiny.model.config.block_size)) for p, s in cases
+        engine.submit(make_request(p, s, tokenizer=tiny.tokenizer, context_len=tiny.model.config.block_size))
+        for p, s in cases
     ]
     return [handle.result() for handle in handles]
 

@@ -134,7 +134,9 @@ def request_from_proto(
     try:
         truncation = {inference_pb2.TRUNCATION_NONE: "none", inference_pb2.TRUNCATION_LEFT: "left"}[msg.truncation]
     except KeyError:
-        raise RequestError(f"{prefix}truncation", f"must be TRUNCATION_NONE or TRUNCATION_LEFT, got {msg.truncation}") from None
+        raise RequestError(
+            f"{prefix}truncation", f"must be TRUNCATION_NONE or TRUNCATION_LEFT, got {msg.truncation}"
+        ) from None
     default_max = min(DEFAULT_MAX_NEW_TOKENS, context_len)
     params = sampling_params_from_proto(msg.params, prefix=f"{prefix}params", default_max_new_tokens=default_max)
     try:

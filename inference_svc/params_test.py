@@ -20,7 +20,13 @@ def _proto(**params) -> inference_pb2.SamplingParameters:
 def test_wire_defaults_and_has_flags():
     p = sampling_params_from_proto(_proto())
     assert (p.max_new_tokens, p.temperature, p.top_k, p.top_p, p.repetition_penalty, p.seed, p.stop) == (
-        SamplingParams().max_new_tokens, 1.0, 0, 1.0, 1.0, None, ()
+        SamplingParams().max_new_tokens,
+        1.0,
+        0,
+        1.0,
+        1.0,
+        None,
+        (),
     )
     greedy = sampling_params_from_proto(_proto(temperature=0.0, has_temperature=True, seed=0, has_seed=True))
     assert greedy.temperature == 0.0 and greedy.seed == 0
@@ -28,7 +34,13 @@ def test_wire_defaults_and_has_flags():
         _proto(max_new_tokens=5, temperature=0.5, top_k=3, top_p=0.25, repetition_penalty=1.5, seed=7, stop=["x", "yz"])
     )
     assert (p.max_new_tokens, p.temperature, p.top_k, p.top_p, p.repetition_penalty, p.seed, p.stop) == (
-        5, 0.5, 3, 0.25, 1.5, 7, ("x", "yz")
+        5,
+        0.5,
+        3,
+        0.25,
+        1.5,
+        7,
+        ("x", "yz"),
     )
 
 
@@ -93,11 +105,18 @@ def test_generate_request_translation_and_batch_prefix():
     req = request_from_proto(msg, tokenizer=TOK, context_len=CONTEXT)
     assert req.prompt_ids == tuple(TOK.encode("abc")) and req.params.top_k == 2 and req.request_id == "q"
     # An unset max_new_tokens defaults to 64, capped at the context length.
-    assert request_from_proto(inference_pb2.GenerateRequest(prompt="a"), tokenizer=TOK, context_len=CONTEXT).params.max_new_tokens == 16
+    assert (
+        request_from_proto(
+            inference_pb2.GenerateRequest(prompt="a"), tokenizer=TOK, context_len=CONTEXT
+        ).params.max_new_tokens
+        == 16
+    )
     bad = inference_pb2.GenerateRequest(prompt="abc", params=_proto(top_p=2.0))
     with pytest.raises(RequestError) as err:
         request_from_proto(bad, tokenizer=TOK, context_len=CONTEXT, prefix="requests[2].")
     assert err.value.field == "requests[2].params.top_p"
     with pytest.raises(RequestError) as err:
-        request_from_proto(inference_pb2.GenerateRequest(prompt=""), tokenizer=TOK, context_len=CONTEXT, prefix="requests[0].")
+        request_from_proto(
+            inference_pb2.GenerateRequest(prompt=""), tokenizer=TOK, context_len=CONTEXT, prefix="requests[0]."
+        )
     assert err.value.field == "requests[0].prompt"

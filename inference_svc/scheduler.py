@@ -76,7 +76,9 @@ class Scheduler:
             # Only requests that will still wait count against the bound: one that can take a free slot at the
             # next step is never refused (max_queue 0 = no waiting, not no work).
             if len(self._waiting) >= self.max_queue + self.pool.n_free:
-                raise QueueFull(f"the waiting queue is full ({self.max_queue} requests) and no slot is free; retry later")
+                raise QueueFull(
+                    f"the waiting queue is full ({self.max_queue} requests) and no slot is free; retry later"
+                )
             self._waiting.append(seq)
             self._by_id[seq.request_id] = seq
 

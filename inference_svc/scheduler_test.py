@@ -17,7 +17,9 @@ from model.tokenizers import ByteTokenizer
 
 def _seq(rid: str, prompt_len: int = 4) -> Sequence:
     request = Request(prompt_ids=tuple(range(prompt_len)), params=SamplingParams(max_new_tokens=4), request_id=rid)
-    return Sequence(request=request, detokenizer=StreamingDetokenizer(ByteTokenizer()), generator=None, sink=queue.Queue())
+    return Sequence(
+        request=request, detokenizer=StreamingDetokenizer(ByteTokenizer()), generator=None, sink=queue.Queue()
+    )
 
 
 def test_admits_fifo_into_free_slots_and_splits_prefill_from_decode():
@@ -96,7 +98,9 @@ def test_a_request_that_can_take_a_free_slot_is_never_refused():
         sched.add(_seq("e"))
 
 
-@pytest.mark.parametrize("kw, words", [({"max_queue": -1}, "max_queue"), ({"max_prefill_tokens": 0}, "max_prefill_tokens")])
+@pytest.mark.parametrize(
+    "kw, words", [({"max_queue": -1}, "max_queue"), ({"max_prefill_tokens": 0}, "max_prefill_tokens")]
+)
 def test_bad_limits(kw, words):
     with pytest.raises(ValueError, match=words):
         Scheduler(KVPool(1), **{"max_queue": 1, **kw})

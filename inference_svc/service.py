@@ -85,7 +85,9 @@ class InferenceService(inference_pb2_grpc.InferenceServiceServicer):
 
     # RPCs ---------------------------------------------------------------------------------------------
 
-    def Generate(self, request: inference_pb2.GenerateRequest, context: grpc.ServicerContext) -> Iterator[inference_pb2.GenerateResponse]:
+    def Generate(
+        self, request: inference_pb2.GenerateRequest, context: grpc.ServicerContext
+    ) -> Iterator[inference_pb2.GenerateResponse]:
         self._check_model(request.model, context, "model")
         handle = self._submit(self._request(request, context, ""), context, "")
         if not context.add_callback(handle.cancel):  # the call already ended (cancelled, deadline)
@@ -101,7 +103,9 @@ class InferenceService(inference_pb2_grpc.InferenceServiceServicer):
             if chunk.final:
                 return
 
-    def GenerateBatch(self, request: inference_pb2.GenerateBatchRequest, context: grpc.ServicerContext) -> inference_pb2.GenerateBatchResponse:
+    def GenerateBatch(
+        self, request: inference_pb2.GenerateBatchRequest, context: grpc.ServicerContext
+    ) -> inference_pb2.GenerateBatchResponse:
         n = len(request.requests)
         if not 1 <= n <= MAX_BATCH:
             errors.invalid_argument(context, "requests", f"must hold 1 to {MAX_BATCH} requests, got {n}")
@@ -134,11 +138,15 @@ class InferenceService(inference_pb2_grpc.InferenceServiceServicer):
             )
         return inference_pb2.GenerateBatchResponse(results=results)
 
-    def ListModels(self, request: common_pb2.ListModelsRequest, context: grpc.ServicerContext) -> common_pb2.ListModelsResponse:
+    def ListModels(
+        self, request: common_pb2.ListModelsRequest, context: grpc.ServicerContext
+    ) -> common_pb2.ListModelsResponse:
         models = [self.model.to_proto()] if self.model.name.startswith(request.name_prefix) else []
         return common_pb2.ListModelsResponse(models=models)
 
-    def Tokenize(self, request: inference_pb2.TokenizeRequest, context: grpc.ServicerContext) -> inference_pb2.TokenizeResponse:
+    def Tokenize(
+        self, request: inference_pb2.TokenizeRequest, context: grpc.ServicerContext
+    ) -> inference_pb2.TokenizeResponse:
         self._check_model(request.model, context, "model")
         try:
             ids = self.tokenizer.encode(request.text)
@@ -156,10 +164,16 @@ class InferenceService(inference_pb2_grpc.InferenceServiceServicer):
             if ref.id == self.model.name or (len(ref.id) >= MIN_ID_PREFIX and self.model.id.startswith(ref.id)):
                 return
             if len(ref.id) < MIN_ID_PREFIX:
-                errors.invalid_argument(context, f"{field_name}.id", f"must be at least {MIN_ID_PREFIX} hex characters, got {ref.id!r}")
-            errors.not_found(context, f"model {ref.id!r} not found; this server serves {self.model.id} ({self.model.name})")
+                errors.invalid_argument(
+                    context, f"{field_name}.id", f"must be at least {MIN_ID_PREFIX} hex characters, got {ref.id!r}"
+                )
+            errors.not_found(
+                context, f"model {ref.id!r} not found; this server serves {self.model.id} ({self.model.name})"
+            )
         elif ref.name and ref.name != self.model.name:
-            errors.not_found(context, f"model named {ref.name!r} not found; this server serves {self.model.name!r} ({self.model.id})")
+            errors.not_found(
+                context, f"model named {ref.name!r} not found; this server serves {self.model.name!r} ({self.model.id})"
+            )
 
     def _request(self, msg: inference_pb2.GenerateRequest, context: grpc.ServicerContext, prefix: str) -> Request:
         try:
@@ -205,7 +219,9 @@ def _timings(chunk: Chunk) -> common_pb2.Timings | None:
     t = chunk.timings
     if t is None:
         return None
-    return common_pb2.Timings(ttft_ms=t.ttft_ms, mean_inter_token_ms=t.mean_inter_token_ms, total_ms=t.total_ms, queue_ms=t.queue_ms)
+    return common_pb2.Timings(
+        ttft_ms=t.ttft_ms, mean_inter_token_ms=t.mean_inter_token_ms, total_ms=t.total_ms, queue_ms=t.queue_ms
+    )
 
 
 def _response(chunk: Chunk) -> inference_pb2.GenerateResponse:

@@ -32,8 +32,12 @@ def start(tiny):
     def _start(max_slots: int = 4, max_queue: int = 64):
         engine = Engine(TorchRunner(tiny.model, n_slots=max_slots), tiny.tokenizer, max_queue=max_queue)
         manifest = load_artifact(tiny.path).manifest
-        service = InferenceService(engine, ServedModel(id=tiny.model_id, name="tiny-test", path=tiny.path, manifest=manifest))
-        running = serve([(inference_pb2_grpc.add_InferenceServiceServicer_to_server, service)], [SERVICE_NAME], max_workers=32)
+        service = InferenceService(
+            engine, ServedModel(id=tiny.model_id, name="tiny-test", path=tiny.path, manifest=manifest)
+        )
+        running = serve(
+            [(inference_pb2_grpc.add_InferenceServiceServicer_to_server, service)], [SERVICE_NAME], max_workers=32
+        )
         ch = channel(running.address)
         opened.append((ch, running, engine))
         return inference_pb2_grpc.InferenceServiceStub(ch), engine, ch
@@ -107,7 +111,9 @@ def test_concurrent_streams_equal_the_reference(tiny, start):
         assert ids == generate_tokens(tiny.model, tiny.tokenizer.encode(prompt), params)
         assert "".join(r.text for r in responses) == generate(tiny.model, tiny.tokenizer, prompt, params)
         final = responses[-1]
-        assert [r.finish_reason for r in responses[:-1]] == [inference_pb2.FINISH_REASON_UNSPECIFIED] * (len(responses) - 1)
+        assert [r.finish_reason for r in responses[:-1]] == [inference_pb2.FINISH_REASON_UNSPECIFIED] * (
+            len(responses) - 1
+        )
         assert final.finish_reason == inference_pb2.FINISH_REASON_LENGTH and final.error == ""
         assert (final.usage.prompt_tokens, final.usage.completion_tokens) == (len(prompt), params.max_new_tokens)
         assert final.timings.ttft_ms <= final.timings.total_ms
@@ -130,7 +136,9 @@ def test_stop_sequence_and_defaults_over_the_wire(tiny, start):
 
 def test_generate_batch_answers_in_request_order(tiny, start):
     stub, engine, _ = start(max_slots=2)
-    reqs = [inference_pb2.GenerateRequest(prompt=p, params=_wire(s), request_id=f"b{i}") for i, (p, s) in enumerate(CASES)]
+    reqs = [
+        inference_pb2.GenerateRequest(prompt=p, params=_wire(s), request_id=f"b{i}") for i, (p, s) in enumerate(CASES)
+    ]
     reply = stub.GenerateBatch(inference_pb2.GenerateBatchRequest(requests=reqs), timeout=60)
     assert [r.request_id for r in reply.results] == [f"b{i}" for i in range(len(CASES))]
     for result, (prompt, params) in zip(reply.results, CASES):
@@ -144,11 +152,17 @@ def test_generate_batch_answers_in_request_order(tiny, start):
     "request_kw, field",
     [
         (dict(prompt="to be", params=inference_pb2.SamplingParameters(top_p=1.5)), "params.top_p"),
-        (dict(prompt="to be", params=inference_pb2.SamplingParameters(temperature=-1, has_temperature=True)), "params.temperature"),
+        (
+            dict(prompt="to be", params=inference_pb2.SamplingParameters(temperature=-1, has_temperature=True)),
+            "params.temperature",
+        ),
         (dict(prompt="to be", params=inference_pb2.SamplingParameters(max_new_tokens=129)), "params.max_new_tokens"),
         (dict(prompt="to be", params=inference_pb2.SamplingParameters(stop=list("abcdefghi"))), "params.stop"),
         (dict(prompt="to be", params=inference_pb2.SamplingParameters(top_k=-1)), "params.top_k"),
-        (dict(prompt="to be", params=inference_pb2.SamplingParameters(repetition_penalty=-2)), "params.repetition_penalty"),
+        (
+            dict(prompt="to be", params=inference_pb2.SamplingParameters(repetition_penalty=-2)),
+            "params.repetition_penalty",
+        ),
         (dict(prompt=""), "prompt"),
         (dict(prompt="ZZZ"), "prompt"),
         (dict(prompt="to be " * 30), "prompt"),
@@ -170,19 +184,27 @@ def test_batch_errors_name_the_request_and_unknown_models_are_not_found(tiny, st
     bad = inference_pb2.GenerateRequest(prompt="to be", params=inference_pb2.SamplingParameters(seed=-1, has_seed=True))
     with pytest.raises(grpc.RpcError) as err:
         stub.GenerateBatch(inference_pb2.GenerateBatchRequest(requests=[good, bad]), timeout=10)
-    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and err.value.details().startswith("requests[1].params.seed:")
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and err.value.details().startswith(
+        "requests[1].params.seed:"
+    )
     with pytest.raises(grpc.RpcError) as err:
         stub.GenerateBatch(inference_pb2.GenerateBatchRequest(), timeout=10)
     assert err.value.details().startswith("requests:")
     twins = [inference_pb2.GenerateRequest(prompt="to be", request_id="same")] * 2
     with pytest.raises(grpc.RpcError) as err:
         stub.GenerateBatch(inference_pb2.GenerateBatchRequest(requests=twins), timeout=10)
-    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and err.value.details().startswith("requests[1].request_id:")
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and err.value.details().startswith(
+        "requests[1].request_id:"
+    )
     for ref in (common_pb2.ModelRef(id="ffffffffff"), common_pb2.ModelRef(name="other")):
         with pytest.raises(grpc.RpcError) as err:
             list(stub.Generate(inference_pb2.GenerateRequest(prompt="to be", model=ref), timeout=10))
         assert err.value.code() == grpc.StatusCode.NOT_FOUND and tiny.model_id in err.value.details()
-    for ref in (common_pb2.ModelRef(id=tiny.model_id[:8]), common_pb2.ModelRef(id="tiny-test"), common_pb2.ModelRef(name="tiny-test")):
+    for ref in (
+        common_pb2.ModelRef(id=tiny.model_id[:8]),
+        common_pb2.ModelRef(id="tiny-test"),
+        common_pb2.ModelRef(name="tiny-test"),
+    ):
         ok = list(stub.Generate(inference_pb2.GenerateRequest(prompt="to", model=ref, params=SHORT), timeout=30))
         assert ok[-1].finish_reason == inference_pb2.FINISH_REASON_LENGTH
     assert _idle(engine)
@@ -251,18 +273,25 @@ def test_admission_counts_waiting_requests_only(start):
     """Issue 22 finding 5: --max-queue 0 refused every request on an idle server, and with 2 slots and a queue
     of 2, four simultaneous requests got a RESOURCE_EXHAUSTED."""
     stub, engine, _ = start(max_slots=2, max_queue=0)
-    assert [r.finish_reason for r in stub.Generate(inference_pb2.GenerateRequest(prompt="to be", params=SHORT), timeout=30)][-1] == (
-        inference_pb2.FINISH_REASON_LENGTH
-    )
+    assert [
+        r.finish_reason for r in stub.Generate(inference_pb2.GenerateRequest(prompt="to be", params=SHORT), timeout=30)
+    ][-1] == (inference_pb2.FINISH_REASON_LENGTH)
     batch = stub.GenerateBatch(inference_pb2.GenerateBatchRequest(requests=[
         inference_pb2.GenerateRequest(prompt=p, params=SHORT) for p in ("to", "be")
     ]), timeout=30)  # fmt: skip
     assert [r.finish_reason for r in batch.results] == [inference_pb2.FINISH_REASON_LENGTH] * 2
     stub, engine, _ = start(max_slots=2, max_queue=2)
-    four = inference_pb2.GenerateBatchRequest(requests=[inference_pb2.GenerateRequest(prompt="to be", params=SHORT)] * 4)
-    assert [r.finish_reason for r in stub.GenerateBatch(four, timeout=30).results] == [inference_pb2.FINISH_REASON_LENGTH] * 4
+    four = inference_pb2.GenerateBatchRequest(
+        requests=[inference_pb2.GenerateRequest(prompt="to be", params=SHORT)] * 4
+    )
+    assert [r.finish_reason for r in stub.GenerateBatch(four, timeout=30).results] == [
+        inference_pb2.FINISH_REASON_LENGTH
+    ] * 4
     with pytest.raises(grpc.RpcError) as err:  # 2 running + 2 waiting, then one more is too many
-        stub.GenerateBatch(inference_pb2.GenerateBatchRequest(requests=[inference_pb2.GenerateRequest(prompt="t", params=LONG)] * 5), timeout=30)
+        stub.GenerateBatch(
+            inference_pb2.GenerateBatchRequest(requests=[inference_pb2.GenerateRequest(prompt="t", params=LONG)] * 5),
+            timeout=30,
+        )
     assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert _wait_until(lambda: _idle(engine))
 

@@ -51,7 +51,9 @@ class SpeculativeDecoder:
         if draft.n_slots < max_slots:
             raise ValueError(f"the draft runner has {draft.n_slots} slots; the engine needs {max_slots}")
         if draft.device != target.device:
-            raise ValueError(f"the draft runs on {draft.device}, the target on {target.device}: they must share a device")
+            raise ValueError(
+                f"the draft runs on {draft.device}, the target on {target.device}: they must share a device"
+            )
         self.target, self.draft, self.k = target, draft, k
         self.vocab_size = vocab_size
         self.max_len = min(target.max_len, draft.max_len)
@@ -89,8 +91,9 @@ class SpeculativeDecoder:
         # The whole context only where the repetition penalty reads it (copying it each step is O(length)).
         contexts = [seq.tokens_from(0) if seq.request.params.repetition_penalty != 1.0 else [] for seq in seqs]
         # Draft: catch each row's cache up with its context, then k - 1 one-token steps.
-        logits = self.draft.extend(slots, [seq.tokens_from(seq.draft_cached) for seq in seqs],
-                                   [seq.draft_cached for seq in seqs])  # (B, V)
+        logits = self.draft.extend(
+            slots, [seq.tokens_from(seq.draft_cached) for seq in seqs], [seq.draft_cached for seq in seqs]
+        )  # (B, V)
         drafts: list[list[int]] = [[] for _ in seqs]
         q_rows: list[list[torch.Tensor]] = [[] for _ in seqs]
         for j in range(k):
@@ -101,10 +104,14 @@ class SpeculativeDecoder:
             if j < k - 1:
                 logits = self.draft.decode(slots, [d[-1] for d in drafts], [n + j for n in lengths])
         # Target: every row's last token and its k drafts in one step; distributions at all k + 1 positions.
-        target_logits = self.target.extend(slots, [[seq.last_token, *d] for seq, d in zip(seqs, drafts)],
-                                           [n - 1 for n in lengths], all_logits=True)  # (B, k + 1, V)
-        p = self._probs(target_logits.flatten(0, 1), [seq for seq in seqs for _ in range(k + 1)],
-                        [c + d[:j] for c, d in zip(contexts, drafts) for j in range(k + 1)]).view(len(seqs), k + 1, -1)
+        target_logits = self.target.extend(
+            slots, [[seq.last_token, *d] for seq, d in zip(seqs, drafts)], [n - 1 for n in lengths], all_logits=True
+        )  # (B, k + 1, V)
+        p = self._probs(
+            target_logits.flatten(0, 1),
+            [seq for seq in seqs for _ in range(k + 1)],
+            [c + d[:j] for c, d in zip(contexts, drafts) for j in range(k + 1)],
+        ).view(len(seqs), k + 1, -1)
         new_tokens = []
         for b, seq in enumerate(seqs):
             n_ok, token = verify_drafts(drafts[b], q_rows[b], p[b], seq.generator)

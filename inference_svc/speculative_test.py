@@ -33,8 +33,9 @@ _LLAMA = dict(norm="rmsnorm", pos="rope", mlp="swiglu", bias=False, tie_weights=
 
 def _gpt(seed: int, vocab: int, block_size: int, head_scale: float = 8.0, **kw) -> GPT:
     torch.manual_seed(seed)
-    config = ModelConfig(vocab_size=vocab, block_size=block_size, **{**dict(n_layer=1, n_head=2, n_kv_head=2, n_embd=16),
-                                                                       **kw}, **_LLAMA)
+    config = ModelConfig(
+        vocab_size=vocab, block_size=block_size, **{**dict(n_layer=1, n_head=2, n_kv_head=2, n_embd=16), **kw}, **_LLAMA
+    )
     model = GPT(config).eval()
     with torch.no_grad():
         model.lm_head.weight.mul_(head_scale)  # random init is near uniform: sharpen it, so choices are clear
@@ -67,10 +68,13 @@ def test_greedy_equals_the_target_alone(tiny, pair, k):
     sequences finish on plain steps): every request's tokens equal model.generate's for the target alone."""
     target, draft = pair
     params = [SamplingParams(max_new_tokens=n, temperature=0.0) for n in (12, 30, 7, 25, 3, 40)]
-    with Engine(TorchRunner(target, n_slots=4), tiny.tokenizer, draft=TorchRunner(draft, n_slots=4),
-                speculative_k=k) as engine:
-        handles = [engine.submit(make_request(p, sp, tokenizer=tiny.tokenizer, context_len=64))
-                   for p, sp in zip(PROMPTS, params)]
+    with Engine(
+        TorchRunner(target, n_slots=4), tiny.tokenizer, draft=TorchRunner(draft, n_slots=4), speculative_k=k
+    ) as engine:
+        handles = [
+            engine.submit(make_request(p, sp, tokenizer=tiny.tokenizer, context_len=64))
+            for p, sp in zip(PROMPTS, params)
+        ]
         got = [_tokens(h) for h in handles]
         stats = engine.stats()
     for prompt, sp, tokens in zip(PROMPTS, params, got):
@@ -84,10 +88,17 @@ def test_a_perfect_draft_is_always_accepted(tiny, pair):
     in step with the context (catch-up after full acceptance, rewinds after rejections)."""
     target, _ = pair
     same = copy.deepcopy(target)
-    with Engine(TorchRunner(target, n_slots=2), tiny.tokenizer, draft=TorchRunner(same, n_slots=2),
-                speculative_k=3) as engine:
-        handles = [engine.submit(make_request(p, SamplingParams(max_new_tokens=24, temperature=0.0),
-                                              tokenizer=tiny.tokenizer, context_len=64)) for p in PROMPTS[:3]]
+    with Engine(
+        TorchRunner(target, n_slots=2), tiny.tokenizer, draft=TorchRunner(same, n_slots=2), speculative_k=3
+    ) as engine:
+        handles = [
+            engine.submit(
+                make_request(
+                    p, SamplingParams(max_new_tokens=24, temperature=0.0), tokenizer=tiny.tokenizer, context_len=64
+                )
+            )
+            for p in PROMPTS[:3]
+        ]
         got = [_tokens(h) for h in handles]
         stats = engine.stats()
     assert all(len(t) == 24 for t in got)
@@ -99,8 +110,9 @@ def test_seeded_sampling_with_penalty_finishes_and_is_reproducible(tiny, pair):
     params = SamplingParams(max_new_tokens=20, temperature=0.9, top_k=8, top_p=0.9, repetition_penalty=1.3, seed=5)
     runs = []
     for _ in range(2):
-        with Engine(TorchRunner(target, n_slots=2), tiny.tokenizer, draft=TorchRunner(draft, n_slots=2),
-                    speculative_k=3) as engine:
+        with Engine(
+            TorchRunner(target, n_slots=2), tiny.tokenizer, draft=TorchRunner(draft, n_slots=2), speculative_k=3
+        ) as engine:
             runs.append(_tokens(engine.submit(make_request("to be", params, tokenizer=tiny.tokenizer, context_len=64))))
     assert len(runs[0]) == 20 and runs[0] == runs[1]
 
@@ -113,11 +125,24 @@ def test_sampling_through_the_engine_has_the_target_distribution():
     tokenizer = CharTokenizer.from_corpus("abcdefgh")
     target, draft = _gpt(10, vocab, 16), _gpt(11, vocab, 16)
     counts = torch.zeros(vocab, vocab)
-    with Engine(TorchRunner(target, n_slots=16), tokenizer, max_queue=n_samples,
-                draft=TorchRunner(draft, n_slots=16), speculative_k=2) as engine:
-        handles = [engine.submit(make_request(prompt, SamplingParams(max_new_tokens=2, temperature=1.0, seed=seed),
-                                              tokenizer=tokenizer, context_len=16))
-                   for seed in range(n_samples)]
+    with Engine(
+        TorchRunner(target, n_slots=16),
+        tokenizer,
+        max_queue=n_samples,
+        draft=TorchRunner(draft, n_slots=16),
+        speculative_k=2,
+    ) as engine:
+        handles = [
+            engine.submit(
+                make_request(
+                    prompt,
+                    SamplingParams(max_new_tokens=2, temperature=1.0, seed=seed),
+                    tokenizer=tokenizer,
+                    context_len=16,
+                )
+            )
+            for seed in range(n_samples)
+        ]
         for handle in handles:
             t1, t2 = _tokens(handle)
             counts[t1, t2] += 1

@@ -79,8 +79,16 @@ def _list(queue: JobQueue, args: argparse.Namespace) -> int:
         return 0
     rows = [["ID", "KIND", "STATE", "ATTEMPT", "UPDATED", "ERROR"]]
     for s in statuses:
-        rows.append([s.job.id, kind_name(s.job.kind), state_name(s.state), str(s.job.attempt),
-                     _when(s.updated_unix), s.error[:60]])
+        rows.append(
+            [
+                s.job.id,
+                kind_name(s.job.kind),
+                state_name(s.state),
+                str(s.job.attempt),
+                _when(s.updated_unix),
+                s.error[:60],
+            ]
+        )
     _print_table(rows)
     return 0
 

@@ -84,5 +84,7 @@ class JobResult:
         for kind, spec in self.next_jobs:
             expected = spec_type(parse_kind(kind))
             if not isinstance(spec, expected):
-                raise ValueError(f"next job spec for kind {kind!r} must be {expected.__name__}, got {type(spec).__name__}")
+                raise ValueError(
+                    f"next job spec for kind {kind!r} must be {expected.__name__}, got {type(spec).__name__}"
+                )
         object.__setattr__(self, "next_jobs", tuple(self.next_jobs))

@@ -46,7 +46,9 @@ class Heartbeat:
             self._lease = lease
             if self._thread is None:  # first use, or reuse after stop()
                 self._stop = threading.Event()
-                self._thread = threading.Thread(target=self._run, args=(self._stop,), name="jobs-heartbeat", daemon=True)
+                self._thread = threading.Thread(
+                    target=self._run, args=(self._stop,), name="jobs-heartbeat", daemon=True
+                )
                 self._thread.start()
 
     def untrack(self) -> None:

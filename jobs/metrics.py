@@ -36,8 +36,12 @@ class _QueueState(Collector):
         self._group = group
 
     def collect(self) -> Iterator[Metric]:
-        queued = GaugeMetricFamily(f"{PREFIX}_jobs_queued", "Jobs waiting for a worker (incl. retries in backoff).", labels=["kind"])
-        running = GaugeMetricFamily(f"{PREFIX}_jobs_running", "Jobs a worker has claimed and not yet finished.", labels=["kind"])
+        queued = GaugeMetricFamily(
+            f"{PREFIX}_jobs_queued", "Jobs waiting for a worker (incl. retries in backoff).", labels=["kind"]
+        )
+        running = GaugeMetricFamily(
+            f"{PREFIX}_jobs_running", "Jobs a worker has claimed and not yet finished.", labels=["kind"]
+        )
         dead = GaugeMetricFamily(f"{PREFIX}_jobs_dead_letters", "Entries in the dead-letter stream.", labels=["kind"])
         keys = self._queue.keys
         for kind in self._kinds:
@@ -67,8 +71,11 @@ class JobMetrics:
         kinds = tuple(kinds) or tuple(k for k in KIND_NAMES.values() if k != "noop")
         self.registry.register(_QueueState(queue, kinds, group))
         self.duration = Histogram(
-            f"{PREFIX}_job_duration_seconds", "Wall time of a job attempt in this process, by kind and outcome.",
-            ["kind", "outcome"], buckets=_DURATION_BUCKETS, registry=self.registry,
+            f"{PREFIX}_job_duration_seconds",
+            "Wall time of a job attempt in this process, by kind and outcome.",
+            ["kind", "outcome"],
+            buckets=_DURATION_BUCKETS,
+            registry=self.registry,
         )
 
     def observe(self, kind: str, outcome: str, seconds: float) -> None:

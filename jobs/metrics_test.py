@@ -20,7 +20,11 @@ FAST = dict(poll_s=0.05, backoff_base_s=0.01, backoff_max_s=0.02, visibility_tim
 def _scrape(url: str) -> dict[tuple[str, tuple], float]:
     with urllib.request.urlopen(url, timeout=10) as reply:
         text = reply.read().decode()
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value for f in text_string_to_metric_families(text) for s in f.samples}
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for f in text_string_to_metric_families(text)
+        for s in f.samples
+    }
 
 
 def test_queue_gauges_and_job_durations(queue: JobQueue) -> None:
@@ -50,7 +54,10 @@ def test_queue_gauges_and_job_durations(queue: JobQueue) -> None:
 
         failing = queue.submit("noop", jobs_pb2.NoopSpec(fail_message="disk on fire", fail_attempts=5))
         doomed = Worker(queue, "noop", noop_handler, "w2", on_finished=metrics.observe, max_attempts=2, **FAST)
-        while queue.get(failing).state != jobs_pb2.JOB_STATE_FAILED or queue.get(ids[2]).state != jobs_pb2.JOB_STATE_SUCCEEDED:
+        while (
+            queue.get(failing).state != jobs_pb2.JOB_STATE_FAILED
+            or queue.get(ids[2]).state != jobs_pb2.JOB_STATE_SUCCEEDED
+        ):
             assert time.monotonic() < deadline + 20
             doomed.run_once()
         worker.close()

@@ -206,8 +206,12 @@ class JobQueue:
         for letter in self.dead_letters(name):
             if not letter.job_id or (job_id is not None and letter.job_id != job_id):
                 continue
-            keys = [self.keys.dead(name), self.keys.stream(name), self.keys.job(letter.job_id),
-                    self.keys.events(letter.job_id)]
+            keys = [
+                self.keys.dead(name),
+                self.keys.stream(name),
+                self.keys.job(letter.job_id),
+                self.keys.events(letter.job_id),
+            ]
             with unavailable_as_error(self.url):
                 if self.scripts.requeue(keys=keys, args=[letter.entry_id, letter.job_id]) == b"requeued":
                     requeued.append(letter.job_id)

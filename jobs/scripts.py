@@ -12,7 +12,9 @@ __all__ = ["Scripts"]
 
 MAX_EVENTS = 10_000  # a job's events stream is trimmed (approximately) to this many entries
 
-_PRELUDE = f"local MAX_EVENTS = {MAX_EVENTS}\n" + """
+_PRELUDE = (
+    f"local MAX_EVENTS = {MAX_EVENTS}\n"
+    + """
 local function stamp()
   local t = redis.call('TIME')
   return tonumber(t[1]) + tonumber(t[2]) / 1000000
@@ -83,6 +85,7 @@ local function start_job(job, events, stream, dead, id, entry, group, consumer, 
   return {'run', tostring(attempts)}
 end
 """
+)
 
 # KEYS: job, events, stream, index, idempotency   ARGV: id, job bytes, kind, use idempotency ('1'/'0')
 _SUBMIT = """

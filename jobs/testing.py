@@ -135,12 +135,18 @@ class RedisServer:
     def _command(self, port: int) -> list[str]:
         command = [
             self.executable,
-            "--port", str(port),
-            "--bind", "127.0.0.1",
-            "--dir", str(self.data_dir),
-            "--save", "",
-            "--daemonize", "no",
-            "--logfile", "redis.log",
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--dir",
+            str(self.data_dir),
+            "--save",
+            "",
+            "--daemonize",
+            "no",
+            "--logfile",
+            "redis.log",
         ]
         if self.aof:
             command += ["--appendonly", "yes", "--appendfsync", "always"]

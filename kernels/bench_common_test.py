@@ -7,7 +7,7 @@ from kernels.bench_common import BenchCase, forward_call
 
 
 def _case(kernel, impl, ours, **kw):
-    return BenchCase(kernel=kernel, shape="s", impl=impl, ours=ours, setup=lambda: (lambda: None), **kw)
+    return BenchCase(kernel=kernel, shape="s", impl=impl, ours=ours, setup=lambda: lambda: None, **kw)
 
 
 def test_bench_case_is_validated():

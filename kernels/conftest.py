@@ -38,8 +38,6 @@ def assert_close():
 
     def check(actual: torch.Tensor, expected: torch.Tensor, scale: float = 1.0) -> None:
         tol = _TOLERANCES[(actual.dtype, actual.device.type)]
-        torch.testing.assert_close(
-            actual.float(), expected.float(), atol=tol["atol"] * scale, rtol=tol["rtol"] * scale
-        )
+        torch.testing.assert_close(actual.float(), expected.float(), atol=tol["atol"] * scale, rtol=tol["rtol"] * scale)
 
     return check

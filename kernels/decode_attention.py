@@ -55,16 +55,41 @@ _LOG2E = 1.4426950408889634
 
 @triton.jit
 def _decode_attention_split_kernel(
-    q_ptr, k_ptr, v_ptr, slots_ptr, lengths_ptr, out_ptr, lse_ptr,
-    qk_scale, keys_per_split,
-    stride_qb, stride_qh, stride_qd,
-    stride_ks, stride_kh, stride_kn, stride_kd,
-    stride_vs, stride_vh, stride_vn, stride_vd,
-    stride_ob, stride_oh, stride_os, stride_od,  # out: (B, H, D) or, when split, partials (B, H, S, D)
-    stride_lb, stride_lh, stride_ls,  # lse: (B, H, S), base-2 log-sum-exp of each split
-    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
-    BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    SPLIT: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    slots_ptr,
+    lengths_ptr,
+    out_ptr,
+    lse_ptr,
+    qk_scale,
+    keys_per_split,
+    stride_qb,
+    stride_qh,
+    stride_qd,
+    stride_ks,
+    stride_kh,
+    stride_kn,
+    stride_kd,
+    stride_vs,
+    stride_vh,
+    stride_vn,
+    stride_vd,
+    stride_ob,
+    stride_oh,
+    stride_os,
+    stride_od,  # out: (B, H, D) or, when split, partials (B, H, S, D)
+    stride_lb,
+    stride_lh,
+    stride_ls,  # lse: (B, H, S), base-2 log-sum-exp of each split
+    GROUP: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    SPLIT: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     """One program: sequence b, KV head kvh, keys [split * keys_per_split, ...) of that sequence."""
     pid_b = tl.program_id(0)
@@ -80,8 +105,11 @@ def _decode_attention_split_kernel(
     heads = pid_kvh * GROUP + offs_h
     h_mask = offs_h < GROUP
     d_mask = offs_d < HEAD_DIM
-    q = tl.load(q_ptr + pid_b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :] * stride_qd,
-                mask=h_mask[:, None] & d_mask[None, :], other=0.0).to(DOT_DTYPE)  # (BH, BD)
+    q = tl.load(
+        q_ptr + pid_b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :] * stride_qd,
+        mask=h_mask[:, None] & d_mask[None, :],
+        other=0.0,
+    ).to(DOT_DTYPE)  # (BH, BD)
 
     k_base = k_ptr + slot * stride_ks + pid_kvh * stride_kh
     v_base = v_ptr + slot * stride_vs + pid_kvh * stride_vh
@@ -91,16 +119,22 @@ def _decode_attention_split_kernel(
     for n0 in range(start, end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         n_mask = offs_n < end
-        k = tl.load(k_base + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd,
-                    mask=d_mask[:, None] & n_mask[None, :], other=0.0)  # (BD, BN)
+        k = tl.load(
+            k_base + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd,
+            mask=d_mask[:, None] & n_mask[None, :],
+            other=0.0,
+        )  # (BD, BN)
         s = tl.dot(q, k.to(DOT_DTYPE), input_precision=DOT_PRECISION) * qk_scale  # (BH, BN)
         s = tl.where(n_mask[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])  # (BH, BN)
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
-                    mask=n_mask[:, None] & d_mask[None, :], other=0.0)  # (BN, BD)
+        v = tl.load(
+            v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
+            mask=n_mask[:, None] & d_mask[None, :],
+            other=0.0,
+        )  # (BN, BD)
         acc = acc * alpha[:, None] + tl.dot(p.to(DOT_DTYPE), v.to(DOT_DTYPE), input_precision=DOT_PRECISION)
         m_i = m_new
 
@@ -108,8 +142,7 @@ def _decode_attention_split_kernel(
     nonempty = l_i > 0
     out = acc / tl.where(nonempty, l_i, 1.0)[:, None]
     o_mask = h_mask[:, None] & d_mask[None, :]
-    o_ptrs = (out_ptr + pid_b * stride_ob + heads[:, None] * stride_oh + pid_s * stride_os
-              + offs_d[None, :] * stride_od)
+    o_ptrs = out_ptr + pid_b * stride_ob + heads[:, None] * stride_oh + pid_s * stride_os + offs_d[None, :] * stride_od
     tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=o_mask)
     if SPLIT:
         lse = tl.where(nonempty, m_i + tl.log2(tl.where(nonempty, l_i, 1.0)), float("-inf"))
@@ -118,11 +151,23 @@ def _decode_attention_split_kernel(
 
 @triton.jit
 def _decode_attention_merge_kernel(
-    part_ptr, lse_ptr, out_ptr, num_splits,
-    stride_pb, stride_ph, stride_ps, stride_pd,  # partials (B, H, S, D) fp32
-    stride_lb, stride_lh, stride_ls,  # lse (B, H, S) fp32
-    stride_ob, stride_oh, stride_od,  # out (B, H, D)
-    HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+    part_ptr,
+    lse_ptr,
+    out_ptr,
+    num_splits,
+    stride_pb,
+    stride_ph,
+    stride_ps,
+    stride_pd,  # partials (B, H, S, D) fp32
+    stride_lb,
+    stride_lh,
+    stride_ls,  # lse (B, H, S) fp32
+    stride_ob,
+    stride_oh,
+    stride_od,  # out (B, H, D)
+    HEAD_DIM: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     """One program per (b, h): weight each split's normalised output by exp2(lse - max lse)."""
     pid_b = tl.program_id(0)
@@ -131,18 +176,26 @@ def _decode_attention_merge_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     s_mask = offs_s < num_splits
     d_mask = offs_d < HEAD_DIM
-    lse = tl.load(lse_ptr + pid_b * stride_lb + pid_h * stride_lh + offs_s * stride_ls,
-                  mask=s_mask, other=float("-inf"))  # (BS,)
+    lse = tl.load(
+        lse_ptr + pid_b * stride_lb + pid_h * stride_lh + offs_s * stride_ls, mask=s_mask, other=float("-inf")
+    )  # (BS,)
     w = tl.exp2(lse - tl.max(lse, axis=0))  # split 0 always holds a key, so the max is finite
-    part = tl.load(part_ptr + pid_b * stride_pb + pid_h * stride_ph + offs_s[:, None] * stride_ps
-                   + offs_d[None, :] * stride_pd, mask=s_mask[:, None] & d_mask[None, :], other=0.0)  # (BS, BD)
+    part = tl.load(
+        part_ptr + pid_b * stride_pb + pid_h * stride_ph + offs_s[:, None] * stride_ps + offs_d[None, :] * stride_pd,
+        mask=s_mask[:, None] & d_mask[None, :],
+        other=0.0,
+    )  # (BS, BD)
     out = tl.sum(part * w[:, None], axis=0) / tl.sum(w, axis=0)  # (BD,)
-    tl.store(out_ptr + pid_b * stride_ob + pid_h * stride_oh + offs_d * stride_od,
-             out.to(out_ptr.dtype.element_ty), mask=d_mask)
+    tl.store(
+        out_ptr + pid_b * stride_ob + pid_h * stride_oh + offs_d * stride_od,
+        out.to(out_ptr.dtype.element_ty),
+        mask=d_mask,
+    )
 
 
-def _check_inputs(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                  slots: torch.Tensor, lengths: torch.Tensor) -> None:
+def _check_inputs(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor, lengths: torch.Tensor
+) -> None:
     if q.dim() != 3:
         raise ValueError(f"q must have shape (B, H, D), got {tuple(q.shape)}")
     b, h, d = q.shape
@@ -162,9 +215,14 @@ def _default_scale(scale: float | None, head_dim: int) -> float:
     return 1.0 / math.sqrt(head_dim) if scale is None else scale
 
 
-def decode_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                               slots: torch.Tensor, lengths: torch.Tensor,
-                               scale: float | None = None) -> torch.Tensor:
+def decode_attention_reference(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slots: torch.Tensor,
+    lengths: torch.Tensor,
+    scale: float | None = None,
+) -> torch.Tensor:
     """Gather each sequence's cache, mask keys at or past its length, softmax in fp32: (B, H, D)."""
     _check_inputs(q, k_cache, v_cache, slots, lengths)
     b, h, d = q.shape
@@ -183,9 +241,16 @@ def _pick_num_splits(batch: int, n_kv: int, max_len: int, num_sms: int) -> int:
     return max(1, min(wanted, triton.cdiv(max_len, MIN_KEYS_PER_SPLIT), MAX_SPLITS))
 
 
-def decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                            slots: torch.Tensor, lengths: torch.Tensor, scale: float | None = None, *,
-                            num_splits: int | None = None) -> torch.Tensor:
+def decode_attention_triton(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slots: torch.Tensor,
+    lengths: torch.Tensor,
+    scale: float | None = None,
+    *,
+    num_splits: int | None = None,
+) -> torch.Tensor:
     """The Triton kernels; `num_splits` overrides the heuristic (1 = no split, no merge kernel)."""
     _check_inputs(q, k_cache, v_cache, slots, lengths)
     b, h, d = q.shape
@@ -207,23 +272,57 @@ def decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
         lse_strides = (0, 0, 0)
     block_d = triton.next_power_of_2(d)
     _decode_attention_split_kernel[(b, n_kv, num_splits)](
-        q, k_cache, v_cache, slots, lengths, dst, lse,
-        _default_scale(scale, d) * _LOG2E, keys_per_split,
-        *q.stride(), *k_cache.stride(), *v_cache.stride(), *dst.stride(), *lse_strides,
-        GROUP=group, HEAD_DIM=d, BLOCK_H=max(16, triton.next_power_of_2(group)), BLOCK_N=BLOCK_N,
-        BLOCK_D=block_d, SPLIT=split, **dot_args(q), num_warps=4, num_stages=2,
+        q,
+        k_cache,
+        v_cache,
+        slots,
+        lengths,
+        dst,
+        lse,
+        _default_scale(scale, d) * _LOG2E,
+        keys_per_split,
+        *q.stride(),
+        *k_cache.stride(),
+        *v_cache.stride(),
+        *dst.stride(),
+        *lse_strides,
+        GROUP=group,
+        HEAD_DIM=d,
+        BLOCK_H=max(16, triton.next_power_of_2(group)),
+        BLOCK_N=BLOCK_N,
+        BLOCK_D=block_d,
+        SPLIT=split,
+        **dot_args(q),
+        num_warps=4,
+        num_stages=2,
     )
     if split:
         _decode_attention_merge_kernel[(b, h)](
-            part, lse, out, num_splits, *part.stride(), *lse.stride(), *out.stride(),
-            HEAD_DIM=d, BLOCK_S=triton.next_power_of_2(num_splits), BLOCK_D=block_d, num_warps=4,
+            part,
+            lse,
+            out,
+            num_splits,
+            *part.stride(),
+            *lse.stride(),
+            *out.stride(),
+            HEAD_DIM=d,
+            BLOCK_S=triton.next_power_of_2(num_splits),
+            BLOCK_D=block_d,
+            num_warps=4,
         )
     return out
 
 
-def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                     slots: torch.Tensor, lengths: torch.Tensor, scale: float | None = None, *,
-                     impl: Impl = "auto") -> torch.Tensor:
+def decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slots: torch.Tensor,
+    lengths: torch.Tensor,
+    scale: float | None = None,
+    *,
+    impl: Impl = "auto",
+) -> torch.Tensor:
     """Attention of q (B, H, D) over each sequence's cached keys -> (B, H, D).
 
     impl="auto": Triton when every tensor is on CUDA, the reference otherwise (kernels/dispatch.py).

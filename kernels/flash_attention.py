@@ -57,9 +57,7 @@ AUTOTUNE_WARMUP_MS, AUTOTUNE_REP_MS = 5, 25
 
 def _autotune_bench(kernel_call, quantiles):
     """Shorter timing windows than Triton's default (25/100 ms): the configs differ by far more than the noise."""
-    return triton.testing.do_bench(
-        kernel_call, warmup=AUTOTUNE_WARMUP_MS, rep=AUTOTUNE_REP_MS, quantiles=quantiles
-    )
+    return triton.testing.do_bench(kernel_call, warmup=AUTOTUNE_WARMUP_MS, rep=AUTOTUNE_REP_MS, quantiles=quantiles)
 
 
 def _autotune(configs: list[triton.Config]):
@@ -101,8 +99,23 @@ def _batch_heads(off_bh, H, GROUP):
 
 @triton.jit
 def _fwd_inner(
-    acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, qk_scale, offs_m, offs_d, lo, hi, T,
-    BLOCK_N: tl.constexpr, CAUSAL_MASK: tl.constexpr, EVEN_T: tl.constexpr,
+    acc,
+    l_i,
+    m_i,
+    q,
+    k_base,
+    v_base,
+    stride_kt,
+    stride_vt,
+    qk_scale,
+    offs_m,
+    offs_d,
+    lo,
+    hi,
+    T,
+    BLOCK_N: tl.constexpr,
+    CAUSAL_MASK: tl.constexpr,
+    EVEN_T: tl.constexpr,
 ):
     """Online softmax of one query block over the key blocks [lo, hi)."""
     for start_n in range(lo, hi, BLOCK_N):
@@ -129,12 +142,33 @@ def _fwd_inner(
 @triton.heuristics({"EVEN_T": _even_t})
 @triton.jit
 def _attn_fwd(
-    Q, K, V, O, LSE, qk_scale,
-    stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
-    stride_vb, stride_vh, stride_vt, stride_ob, stride_oh, stride_ot,
-    H, GROUP, T, T_BUCKET,
-    HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_T: tl.constexpr,
+    Q,
+    K,
+    V,
+    O,
+    LSE,
+    qk_scale,
+    stride_qb,
+    stride_qh,
+    stride_qt,
+    stride_kb,
+    stride_kh,
+    stride_kt,
+    stride_vb,
+    stride_vh,
+    stride_vt,
+    stride_ob,
+    stride_oh,
+    stride_ot,
+    H,
+    GROUP,
+    T,
+    T_BUCKET,
+    HEAD_DIM: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    EVEN_T: tl.constexpr,
 ):
     """One program: BLOCK_M queries of one (batch, head). Writes O and the base-2 log-sum-exp of the scores."""
     start_m = tl.program_id(0)
@@ -151,13 +185,64 @@ def _attn_fwd(
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     if CAUSAL:
         diag = start_m * BLOCK_M
-        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, qk_scale, offs_m,
-                                   offs_d, 0, diag, T, BLOCK_N, False, EVEN_T)
-        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, qk_scale, offs_m,
-                                   offs_d, diag, diag + BLOCK_M, T, BLOCK_N, True, EVEN_T)
+        acc, l_i, m_i = _fwd_inner(
+            acc,
+            l_i,
+            m_i,
+            q,
+            k_base,
+            v_base,
+            stride_kt,
+            stride_vt,
+            qk_scale,
+            offs_m,
+            offs_d,
+            0,
+            diag,
+            T,
+            BLOCK_N,
+            False,
+            EVEN_T,
+        )
+        acc, l_i, m_i = _fwd_inner(
+            acc,
+            l_i,
+            m_i,
+            q,
+            k_base,
+            v_base,
+            stride_kt,
+            stride_vt,
+            qk_scale,
+            offs_m,
+            offs_d,
+            diag,
+            diag + BLOCK_M,
+            T,
+            BLOCK_N,
+            True,
+            EVEN_T,
+        )
     else:
-        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, qk_scale, offs_m,
-                                   offs_d, 0, T, T, BLOCK_N, False, EVEN_T)
+        acc, l_i, m_i = _fwd_inner(
+            acc,
+            l_i,
+            m_i,
+            q,
+            k_base,
+            v_base,
+            stride_kt,
+            stride_vt,
+            qk_scale,
+            offs_m,
+            offs_d,
+            0,
+            T,
+            T,
+            BLOCK_N,
+            False,
+            EVEN_T,
+        )
     acc = acc / l_i[:, None]
     lse = m_i + tl.math.log2(l_i)
     o_ptrs = O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :]
@@ -175,7 +260,16 @@ _attn_fwd_tuned = _autotune(FWD_CONFIGS)(_attn_fwd)
 
 @triton.jit
 def _bwd_preprocess(
-    O, DO, DELTA, stride_ob, stride_oh, stride_ot, H, T, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+    O,
+    DO,
+    DELTA,
+    stride_ob,
+    stride_oh,
+    stride_ot,
+    H,
+    T,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr,
 ):
     """delta = rowsum(O * dO), the softmax-backward term shared by every key of a row. O and dO share strides."""
     start_m = tl.program_id(0)
@@ -192,8 +286,25 @@ def _bwd_preprocess(
 
 @triton.jit
 def _bwd_dkdv_inner(
-    dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot, qk_scale, offs_n, offs_d,
-    lo, hi, T, BLOCK_M: tl.constexpr, CAUSAL_MASK: tl.constexpr, EVEN_T: tl.constexpr,
+    dk,
+    dv,
+    k,
+    v,
+    q_base,
+    do_base,
+    lse_base,
+    delta_base,
+    stride_qt,
+    stride_dot,
+    qk_scale,
+    offs_n,
+    offs_d,
+    lo,
+    hi,
+    T,
+    BLOCK_M: tl.constexpr,
+    CAUSAL_MASK: tl.constexpr,
+    EVEN_T: tl.constexpr,
 ):
     """Accumulate dK, dV of one key block over the query blocks [lo, hi) of one query head."""
     for start_m in range(lo, hi, BLOCK_M):
@@ -218,12 +329,44 @@ def _bwd_dkdv_inner(
 @triton.heuristics({"EVEN_T": _even_t})
 @triton.jit
 def _attn_bwd_dkdv(
-    Q, K, V, DO, LSE, DELTA, DK, DV, sm_scale, qk_scale,
-    stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt,
-    stride_dob, stride_doh, stride_dot, stride_dkb, stride_dkh, stride_dkt, stride_dvb, stride_dvh, stride_dvt,
-    H, H_KV, GROUP, T, T_BUCKET,
-    HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_T: tl.constexpr,
+    Q,
+    K,
+    V,
+    DO,
+    LSE,
+    DELTA,
+    DK,
+    DV,
+    sm_scale,
+    qk_scale,
+    stride_qb,
+    stride_qh,
+    stride_qt,
+    stride_kb,
+    stride_kh,
+    stride_kt,
+    stride_vb,
+    stride_vh,
+    stride_vt,
+    stride_dob,
+    stride_doh,
+    stride_dot,
+    stride_dkb,
+    stride_dkh,
+    stride_dkt,
+    stride_dvb,
+    stride_dvh,
+    stride_dvt,
+    H,
+    H_KV,
+    GROUP,
+    T,
+    T_BUCKET,
+    HEAD_DIM: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    EVEN_T: tl.constexpr,
 ):
     """One program: BLOCK_N keys of one (batch, KV head); sums over the GROUP query heads that read them."""
     start_n = tl.program_id(0)
@@ -244,15 +387,70 @@ def _attn_bwd_dkdv(
         stats = (b * H + h) * T
         if CAUSAL:
             diag = start_n * BLOCK_N  # queries before the key block see none of it
-            dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, LSE + stats, DELTA + stats, stride_qt,
-                                     stride_dot, qk_scale, offs_n, offs_d, diag, diag + BLOCK_N, T,
-                                     BLOCK_M, True, EVEN_T)
-            dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, LSE + stats, DELTA + stats, stride_qt,
-                                     stride_dot, qk_scale, offs_n, offs_d, diag + BLOCK_N, T, T,
-                                     BLOCK_M, False, EVEN_T)
+            dk, dv = _bwd_dkdv_inner(
+                dk,
+                dv,
+                k,
+                v,
+                q_base,
+                do_base,
+                LSE + stats,
+                DELTA + stats,
+                stride_qt,
+                stride_dot,
+                qk_scale,
+                offs_n,
+                offs_d,
+                diag,
+                diag + BLOCK_N,
+                T,
+                BLOCK_M,
+                True,
+                EVEN_T,
+            )
+            dk, dv = _bwd_dkdv_inner(
+                dk,
+                dv,
+                k,
+                v,
+                q_base,
+                do_base,
+                LSE + stats,
+                DELTA + stats,
+                stride_qt,
+                stride_dot,
+                qk_scale,
+                offs_n,
+                offs_d,
+                diag + BLOCK_N,
+                T,
+                T,
+                BLOCK_M,
+                False,
+                EVEN_T,
+            )
         else:
-            dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, LSE + stats, DELTA + stats, stride_qt,
-                                     stride_dot, qk_scale, offs_n, offs_d, 0, T, T, BLOCK_M, False, EVEN_T)
+            dk, dv = _bwd_dkdv_inner(
+                dk,
+                dv,
+                k,
+                v,
+                q_base,
+                do_base,
+                LSE + stats,
+                DELTA + stats,
+                stride_qt,
+                stride_dot,
+                qk_scale,
+                offs_n,
+                offs_d,
+                0,
+                T,
+                T,
+                BLOCK_M,
+                False,
+                EVEN_T,
+            )
     dk *= sm_scale
     dk_ptrs = DK + b * stride_dkb + hk * stride_dkh + offs_n[:, None] * stride_dkt + offs_d[None, :]
     dv_ptrs = DV + b * stride_dvb + hk * stride_dvh + offs_n[:, None] * stride_dvt + offs_d[None, :]
@@ -262,8 +460,24 @@ def _attn_bwd_dkdv(
 
 @triton.jit
 def _bwd_dq_inner(
-    dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, qk_scale, offs_m, offs_d, lo, hi, T,
-    BLOCK_N: tl.constexpr, CAUSAL_MASK: tl.constexpr, EVEN_T: tl.constexpr,
+    dq,
+    q,
+    do,
+    lse,
+    delta,
+    k_base,
+    v_base,
+    stride_kt,
+    stride_vt,
+    qk_scale,
+    offs_m,
+    offs_d,
+    lo,
+    hi,
+    T,
+    BLOCK_N: tl.constexpr,
+    CAUSAL_MASK: tl.constexpr,
+    EVEN_T: tl.constexpr,
 ):
     """Accumulate dQ of one query block over the key blocks [lo, hi)."""
     for start_n in range(lo, hi, BLOCK_N):
@@ -287,12 +501,39 @@ def _bwd_dq_inner(
 @triton.heuristics({"EVEN_T": _even_t})
 @triton.jit
 def _attn_bwd_dq(
-    Q, K, V, DO, LSE, DELTA, DQ, sm_scale, qk_scale,
-    stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt,
-    stride_dob, stride_doh, stride_dot, stride_dqb, stride_dqh, stride_dqt,
-    H, GROUP, T, T_BUCKET,
-    HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_T: tl.constexpr,
+    Q,
+    K,
+    V,
+    DO,
+    LSE,
+    DELTA,
+    DQ,
+    sm_scale,
+    qk_scale,
+    stride_qb,
+    stride_qh,
+    stride_qt,
+    stride_kb,
+    stride_kh,
+    stride_kt,
+    stride_vb,
+    stride_vh,
+    stride_vt,
+    stride_dob,
+    stride_doh,
+    stride_dot,
+    stride_dqb,
+    stride_dqh,
+    stride_dqt,
+    H,
+    GROUP,
+    T,
+    T_BUCKET,
+    HEAD_DIM: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    EVEN_T: tl.constexpr,
 ):
     """One program: dQ for BLOCK_M queries of one (batch, head)."""
     start_m = tl.program_id(0)
@@ -312,13 +553,67 @@ def _attn_bwd_dq(
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     if CAUSAL:
         diag = start_m * BLOCK_M
-        dq = _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, qk_scale, offs_m,
-                           offs_d, 0, diag, T, BLOCK_N, False, EVEN_T)
-        dq = _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, qk_scale, offs_m,
-                           offs_d, diag, diag + BLOCK_M, T, BLOCK_N, True, EVEN_T)
+        dq = _bwd_dq_inner(
+            dq,
+            q,
+            do,
+            lse,
+            delta,
+            k_base,
+            v_base,
+            stride_kt,
+            stride_vt,
+            qk_scale,
+            offs_m,
+            offs_d,
+            0,
+            diag,
+            T,
+            BLOCK_N,
+            False,
+            EVEN_T,
+        )
+        dq = _bwd_dq_inner(
+            dq,
+            q,
+            do,
+            lse,
+            delta,
+            k_base,
+            v_base,
+            stride_kt,
+            stride_vt,
+            qk_scale,
+            offs_m,
+            offs_d,
+            diag,
+            diag + BLOCK_M,
+            T,
+            BLOCK_N,
+            True,
+            EVEN_T,
+        )
     else:
-        dq = _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, qk_scale, offs_m,
-                           offs_d, 0, T, T, BLOCK_N, False, EVEN_T)
+        dq = _bwd_dq_inner(
+            dq,
+            q,
+            do,
+            lse,
+            delta,
+            k_base,
+            v_base,
+            stride_kt,
+            stride_vt,
+            qk_scale,
+            offs_m,
+            offs_d,
+            0,
+            T,
+            T,
+            BLOCK_N,
+            False,
+            EVEN_T,
+        )
     dq *= sm_scale
     dq_ptrs = DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqt + offs_d[None, :]
     _store(dq_ptrs, dq.to(DQ.dtype.element_ty), offs_m[:, None] < T, EVEN_T)
@@ -359,17 +654,41 @@ def _forward(
     o = torch.empty((B, H, T, D), dtype=q.dtype, device=q.device)
     lse = torch.empty((B, H, T), dtype=torch.float32, device=q.device)
     _launch(
-        _attn_fwd, _attn_fwd_tuned, INTERPRET_FWD_BLOCKS, "BLOCK_M", T, B * H,
-        q, k, v, o, lse, scale * LOG2E, *_strides(q), *_strides(k), *_strides(v), *_strides(o),
-        H, group, T, triton.next_power_of_2(T),
-        HEAD_DIM=D, CAUSAL=causal,
+        _attn_fwd,
+        _attn_fwd_tuned,
+        INTERPRET_FWD_BLOCKS,
+        "BLOCK_M",
+        T,
+        B * H,
+        q,
+        k,
+        v,
+        o,
+        lse,
+        scale * LOG2E,
+        *_strides(q),
+        *_strides(k),
+        *_strides(v),
+        *_strides(o),
+        H,
+        group,
+        T,
+        triton.next_power_of_2(T),
+        HEAD_DIM=D,
+        CAUSAL=causal,
     )
     return o, lse
 
 
 def _backward(
-    do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
-    causal: bool, scale: float,
+    do: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    o: torch.Tensor,
+    lse: torch.Tensor,
+    causal: bool,
+    scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """dQ, dK, dV (dK and dV summed over the query heads of each KV head)."""
     B, H, T, D = q.shape
@@ -378,23 +697,63 @@ def _backward(
     do = do.contiguous()  # same strides as o, which _forward allocated contiguous
     delta = torch.empty_like(lse)
     pre_block = PREPROCESS_BLOCK_M if q.is_cuda else INTERPRET_PREPROCESS_BLOCK_M
-    _bwd_preprocess[(triton.cdiv(T, pre_block), B * H)](
-        o, do, delta, *_strides(o), H, T, HEAD_DIM=D, BLOCK_M=pre_block
-    )
+    _bwd_preprocess[(triton.cdiv(T, pre_block), B * H)](o, do, delta, *_strides(o), H, T, HEAD_DIM=D, BLOCK_M=pre_block)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     qk_scale = scale * LOG2E
     t_bucket = triton.next_power_of_2(T)  # autotune key only
     common = (*_strides(q), *_strides(k), *_strides(v), *_strides(do))
     _launch(
-        _attn_bwd_dkdv, _attn_bwd_dkdv_tuned, INTERPRET_DKDV_BLOCKS, "BLOCK_N", T, B * H_kv,
-        q, k, v, do, lse, delta, dk, dv, scale, qk_scale, *common, *_strides(dk), *_strides(dv),
-        H, H_kv, group, T, t_bucket,
-        HEAD_DIM=D, CAUSAL=causal,
+        _attn_bwd_dkdv,
+        _attn_bwd_dkdv_tuned,
+        INTERPRET_DKDV_BLOCKS,
+        "BLOCK_N",
+        T,
+        B * H_kv,
+        q,
+        k,
+        v,
+        do,
+        lse,
+        delta,
+        dk,
+        dv,
+        scale,
+        qk_scale,
+        *common,
+        *_strides(dk),
+        *_strides(dv),
+        H,
+        H_kv,
+        group,
+        T,
+        t_bucket,
+        HEAD_DIM=D,
+        CAUSAL=causal,
     )
     _launch(
-        _attn_bwd_dq, _attn_bwd_dq_tuned, INTERPRET_DQ_BLOCKS, "BLOCK_M", T, B * H,
-        q, k, v, do, lse, delta, dq, scale, qk_scale, *common, *_strides(dq), H, group, T, t_bucket,
-        HEAD_DIM=D, CAUSAL=causal,
+        _attn_bwd_dq,
+        _attn_bwd_dq_tuned,
+        INTERPRET_DQ_BLOCKS,
+        "BLOCK_M",
+        T,
+        B * H,
+        q,
+        k,
+        v,
+        do,
+        lse,
+        delta,
+        dq,
+        scale,
+        qk_scale,
+        *common,
+        *_strides(dq),
+        H,
+        group,
+        T,
+        t_bucket,
+        HEAD_DIM=D,
+        CAUSAL=causal,
     )
     return dq, dk, dv
 

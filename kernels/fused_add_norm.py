@@ -37,10 +37,26 @@ def _blocks(n_cols: int) -> tuple[int, int, int]:
 
 @triton.jit
 def _add_norm_fwd(
-    X, RES, W, B, Y, RES_OUT, MEAN, RSTD,
-    stride_x, stride_res, stride_y, stride_res_out, n_rows, n_cols, eps,
-    IS_RMS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_BIAS: tl.constexpr,
-    BLOCK_ROWS: tl.constexpr, BLOCK_C: tl.constexpr,
+    X,
+    RES,
+    W,
+    B,
+    Y,
+    RES_OUT,
+    MEAN,
+    RSTD,
+    stride_x,
+    stride_res,
+    stride_y,
+    stride_res_out,
+    n_rows,
+    n_cols,
+    eps,
+    IS_RMS: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_ROWS: tl.constexpr,
+    BLOCK_C: tl.constexpr,
 ):
     """One program: BLOCK_ROWS rows. s = x + residual (stored), y = norm(s) * w (+ b); keeps mean and 1/std."""
     rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
@@ -73,10 +89,26 @@ def _add_norm_fwd(
 
 @triton.jit
 def _add_norm_bwd(
-    DY, DRES_OUT, S, W, MEAN, RSTD, DS, DW_PARTIAL, DB_PARTIAL,
-    stride_dy, stride_dres_out, stride_s, stride_ds, n_rows, n_cols,
-    IS_RMS: tl.constexpr, HAS_DRES: tl.constexpr, HAS_BIAS: tl.constexpr,
-    BLOCK_ROWS: tl.constexpr, BLOCK_C: tl.constexpr,
+    DY,
+    DRES_OUT,
+    S,
+    W,
+    MEAN,
+    RSTD,
+    DS,
+    DW_PARTIAL,
+    DB_PARTIAL,
+    stride_dy,
+    stride_dres_out,
+    stride_s,
+    stride_ds,
+    n_rows,
+    n_cols,
+    IS_RMS: tl.constexpr,
+    HAS_DRES: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_ROWS: tl.constexpr,
+    BLOCK_C: tl.constexpr,
 ):
     """Persistent program: row blocks pid, pid + n_programs, ...; ds = d(norm input); dweight partial per program."""
     pid = tl.program_id(0)
@@ -132,11 +164,27 @@ def _forward(x, residual, weight, bias, eps: float, is_rms: bool):
     rstd = torch.empty(n_rows, dtype=torch.float32, device=x.device)
     block_rows, block_c, num_warps = _blocks(n_cols)
     _add_norm_fwd[(triton.cdiv(n_rows, block_rows),)](
-        x, residual, weight, bias, y, res_out, mean, rstd,
-        x.stride(0), residual.stride(0) if residual is not None else 0, y.stride(0),
-        res_out.stride(0) if res_out is not None else 0, n_rows, n_cols, eps,
-        IS_RMS=is_rms, HAS_RESIDUAL=residual is not None, HAS_BIAS=bias is not None,
-        BLOCK_ROWS=block_rows, BLOCK_C=block_c, num_warps=num_warps,
+        x,
+        residual,
+        weight,
+        bias,
+        y,
+        res_out,
+        mean,
+        rstd,
+        x.stride(0),
+        residual.stride(0) if residual is not None else 0,
+        y.stride(0),
+        res_out.stride(0) if res_out is not None else 0,
+        n_rows,
+        n_cols,
+        eps,
+        IS_RMS=is_rms,
+        HAS_RESIDUAL=residual is not None,
+        HAS_BIAS=bias is not None,
+        BLOCK_ROWS=block_rows,
+        BLOCK_C=block_c,
+        num_warps=num_warps,
     )
     return y, res_out, mean, rstd
 
@@ -152,11 +200,27 @@ def _backward(dy, dres_out, s, weight, bias, mean, rstd, grad_dtype: torch.dtype
     dw_partial = torch.empty((n_programs, n_cols), dtype=torch.float32, device=s.device)
     db_partial = torch.empty_like(dw_partial) if bias is not None else None
     _add_norm_bwd[(n_programs,)](
-        dy, dres_out, s, weight, mean, rstd, ds, dw_partial, db_partial,
-        dy.stride(0), dres_out.stride(0) if dres_out is not None else 0, s.stride(0), ds.stride(0),
-        n_rows, n_cols,
-        IS_RMS=mean is None, HAS_DRES=dres_out is not None, HAS_BIAS=bias is not None,
-        BLOCK_ROWS=block_rows, BLOCK_C=block_c, num_warps=num_warps,
+        dy,
+        dres_out,
+        s,
+        weight,
+        mean,
+        rstd,
+        ds,
+        dw_partial,
+        db_partial,
+        dy.stride(0),
+        dres_out.stride(0) if dres_out is not None else 0,
+        s.stride(0),
+        ds.stride(0),
+        n_rows,
+        n_cols,
+        IS_RMS=mean is None,
+        HAS_DRES=dres_out is not None,
+        HAS_BIAS=bias is not None,
+        BLOCK_ROWS=block_rows,
+        BLOCK_C=block_c,
+        num_warps=num_warps,
     )
     dw = dw_partial.sum(0).to(weight.dtype)
     db = db_partial.sum(0).to(bias.dtype) if bias is not None else None

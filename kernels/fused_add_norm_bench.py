@@ -40,10 +40,22 @@ def bench_cases() -> list[BenchCase]:
     variants = [
         # (kernel, ours, eager, bias, backward, shapes)
         ("add_rms_norm fwd", lambda x, r, w: add_rms_norm(x, r, w, RMS_EPS), eager_add_rms_norm, False, False, SHAPES),
-        ("add_rms_norm fwd+bwd", lambda x, r, w: add_rms_norm(x, r, w, RMS_EPS), eager_add_rms_norm, False, True,
-         SHAPES),
-        ("add_layer_norm fwd", lambda x, r, w, b: add_layer_norm(x, r, w, b, LAYER_EPS), eager_add_layer_norm, True,
-         False, SHAPES[:1]),
+        (
+            "add_rms_norm fwd+bwd",
+            lambda x, r, w: add_rms_norm(x, r, w, RMS_EPS),
+            eager_add_rms_norm,
+            False,
+            True,
+            SHAPES,
+        ),
+        (
+            "add_layer_norm fwd",
+            lambda x, r, w, b: add_layer_norm(x, r, w, b, LAYER_EPS),
+            eager_add_layer_norm,
+            True,
+            False,
+            SHAPES[:1],
+        ),
     ]
     cases = []
     for kernel, ours_fn, eager_fn, bias, backward, shapes in variants:

@@ -83,12 +83,32 @@ def _activate(h, ACTIVATION: tl.constexpr):
 
 @triton.jit
 def _fused_ffn_kernel(
-    x_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, out_ptr,  # x (M, C), w1 (H, C), b1 (H,), w2 (C, H), b2 (C,), out (S, M, C)
-    M, C, H,
-    stride_xm, stride_xc, stride_w1h, stride_w1c, stride_w2c, stride_w2h, stride_os, stride_om, stride_oc,
-    ACTIVATION: tl.constexpr, HAS_B1: tl.constexpr, HAS_B2: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_C: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    x_ptr,
+    w1_ptr,
+    b1_ptr,
+    w2_ptr,
+    b2_ptr,
+    out_ptr,  # x (M, C), w1 (H, C), b1 (H,), w2 (C, H), b2 (C,), out (S, M, C)
+    M,
+    C,
+    H,
+    stride_xm,
+    stride_xc,
+    stride_w1h,
+    stride_w1c,
+    stride_w2c,
+    stride_w2h,
+    stride_os,
+    stride_om,
+    stride_oc,
+    ACTIVATION: tl.constexpr,
+    HAS_B1: tl.constexpr,
+    HAS_B2: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     # grid: (hidden slices, row tiles). This program: rows offs_m, hidden units offs_h.
     offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -99,10 +119,16 @@ def _fused_ffn_kernel(
     for c0 in range(0, C, BLOCK_C):
         offs_c = c0 + tl.arange(0, BLOCK_C)
         c_mask = offs_c < C
-        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_c[None, :] * stride_xc,
-                    mask=m_mask[:, None] & c_mask[None, :], other=0.0)  # (BM, BC)
-        w1 = tl.load(w1_ptr + offs_h[None, :] * stride_w1h + offs_c[:, None] * stride_w1c,
-                     mask=c_mask[:, None] & h_mask[None, :], other=0.0)  # (BC, BH)
+        x = tl.load(
+            x_ptr + offs_m[:, None] * stride_xm + offs_c[None, :] * stride_xc,
+            mask=m_mask[:, None] & c_mask[None, :],
+            other=0.0,
+        )  # (BM, BC)
+        w1 = tl.load(
+            w1_ptr + offs_h[None, :] * stride_w1h + offs_c[:, None] * stride_w1c,
+            mask=c_mask[:, None] & h_mask[None, :],
+            other=0.0,
+        )  # (BC, BH)
         acc += tl.dot(x.to(DOT_DTYPE), w1.to(DOT_DTYPE), input_precision=DOT_PRECISION)
     if HAS_B1:
         acc += tl.load(b1_ptr + offs_h, mask=h_mask, other=0.0).to(tl.float32)[None, :]
@@ -113,8 +139,11 @@ def _fused_ffn_kernel(
     for n0 in range(0, C, BLOCK_C):
         offs_n = n0 + tl.arange(0, BLOCK_C)
         n_mask = offs_n < C
-        w2 = tl.load(w2_ptr + offs_n[None, :] * stride_w2c + offs_h[:, None] * stride_w2h,
-                     mask=h_mask[:, None] & n_mask[None, :], other=0.0)  # (BH, BC)
+        w2 = tl.load(
+            w2_ptr + offs_n[None, :] * stride_w2c + offs_h[:, None] * stride_w2h,
+            mask=h_mask[:, None] & n_mask[None, :],
+            other=0.0,
+        )  # (BH, BC)
         part = tl.dot(hidden, w2.to(DOT_DTYPE), input_precision=DOT_PRECISION)  # (BM, BC) fp32
         if HAS_B2:
             part += tl.load(b2_ptr + offs_n, mask=n_mask & first_slice, other=0.0).to(tl.float32)[None, :]
@@ -131,8 +160,14 @@ def _activation_fn(activation: str):
     }[activation]
 
 
-def _check(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2: torch.Tensor, b2: torch.Tensor | None,
-           activation: str) -> None:
+def _check(
+    x: torch.Tensor,
+    w1: torch.Tensor,
+    b1: torch.Tensor | None,
+    w2: torch.Tensor,
+    b2: torch.Tensor | None,
+    activation: str,
+) -> None:
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
     if x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
@@ -154,17 +189,31 @@ def _check(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2: torch
             raise ValueError(f"{name} must have x's dtype {x.dtype}, got {t.dtype}")
 
 
-def reference(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2: torch.Tensor,
-              b2: torch.Tensor | None, activation: str = "gelu") -> torch.Tensor:
+def reference(
+    x: torch.Tensor,
+    w1: torch.Tensor,
+    b1: torch.Tensor | None,
+    w2: torch.Tensor,
+    b2: torch.Tensor | None,
+    activation: str = "gelu",
+) -> torch.Tensor:
     """act(x @ w1.T + b1) @ w2.T + b2 computed in fp32, returned in x's dtype. x (..., C) -> (..., C)."""
     _check(x, w1, b1, w2, b2, activation)
-    f32 = (lambda t: None if t is None else t.float())
+    f32 = lambda t: None if t is None else t.float()
     hidden = _activation_fn(activation)(F.linear(x.float(), w1.float(), f32(b1)))  # (..., H)
     return F.linear(hidden, w2.float(), f32(b2)).to(x.dtype)
 
 
-def fused_ffn_triton(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2: torch.Tensor,
-                     b2: torch.Tensor | None, activation: str = "gelu", *, block_h: int | None = None) -> torch.Tensor:
+def fused_ffn_triton(
+    x: torch.Tensor,
+    w1: torch.Tensor,
+    b1: torch.Tensor | None,
+    w2: torch.Tensor,
+    b2: torch.Tensor | None,
+    activation: str = "gelu",
+    *,
+    block_h: int | None = None,
+) -> torch.Tensor:
     """The fused kernel: x (M, C), w1 (H, C), w2 (C, H), biases optional -> (M, C) in x's dtype.
     `block_h` (one of BLOCK_H_CHOICES) overrides the hidden slice per program (None: picked by shape)."""
     _check(x, w1, b1, w2, b2, activation)
@@ -177,18 +226,42 @@ def fused_ffn_triton(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None,
     out = torch.empty((cfg.splits, m, c), device=x.device, dtype=torch.float32)  # (S, M, C) partial sums
     grid = (cfg.splits, triton.cdiv(m, cfg.block_m))
     _fused_ffn_kernel[grid](
-        x, w1, b1 if b1 is not None else w1, w2, b2 if b2 is not None else w2, out,  # unused bias pointers: any tensor
-        m, c, h,
-        *x.stride(), *w1.stride(), *w2.stride(), *out.stride(),
-        ACTIVATION=activation, HAS_B1=b1 is not None, HAS_B2=b2 is not None,
-        BLOCK_M=cfg.block_m, BLOCK_H=cfg.block_h, BLOCK_C=BLOCK_C, **dot_args(x),
-        num_warps=NUM_WARPS, num_stages=NUM_STAGES,
+        x,
+        w1,
+        b1 if b1 is not None else w1,
+        w2,
+        b2 if b2 is not None else w2,
+        out,  # unused bias pointers: any tensor
+        m,
+        c,
+        h,
+        *x.stride(),
+        *w1.stride(),
+        *w2.stride(),
+        *out.stride(),
+        ACTIVATION=activation,
+        HAS_B1=b1 is not None,
+        HAS_B2=b2 is not None,
+        BLOCK_M=cfg.block_m,
+        BLOCK_H=cfg.block_h,
+        BLOCK_C=BLOCK_C,
+        **dot_args(x),
+        num_warps=NUM_WARPS,
+        num_stages=NUM_STAGES,
     )
     return (out[0] if cfg.splits == 1 else out.sum(dim=0)).to(x.dtype)  # (M, C)
 
 
-def fused_ffn(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2: torch.Tensor, b2: torch.Tensor | None,
-              *, activation: str = "gelu", impl: Impl = "auto") -> torch.Tensor:
+def fused_ffn(
+    x: torch.Tensor,
+    w1: torch.Tensor,
+    b1: torch.Tensor | None,
+    w2: torch.Tensor,
+    b2: torch.Tensor | None,
+    *,
+    activation: str = "gelu",
+    impl: Impl = "auto",
+) -> torch.Tensor:
     """act(x @ w1.T + b1) @ w2.T + b2 for x (..., C) -> (..., C) in x's dtype; see the module docstring for `impl`."""
     _check(x, w1, b1, w2, b2, activation)
     x2 = x.reshape(-1, x.shape[-1])  # (M, C)

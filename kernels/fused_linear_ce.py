@@ -29,7 +29,14 @@ INTERPRET_BLOCK_V = 32
 
 @triton.jit
 def _ce_loss_and_grad_inplace(
-    LOGITS, TARGETS, LOSS, SCALE, stride_row, V, ignore_index, BLOCK: tl.constexpr,
+    LOGITS,
+    TARGETS,
+    LOSS,
+    SCALE,
+    stride_row,
+    V,
+    ignore_index,
+    BLOCK: tl.constexpr,
 ):
     """One program per row: loss = logsumexp(z) - z[target]; z is overwritten with (softmax(z) - onehot) * scale."""
     row = tl.program_id(0).to(tl.int64)
@@ -132,8 +139,14 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             compute = hidden.to(torch.get_autocast_dtype(device_type))
         with torch.autocast(device_type, enabled=False):
             loss, dh, dw = _loss_and_grads(
-                compute, weight, targets, chunk_size, ignore_index, use_kernel,
-                need_dh=ctx.needs_input_grad[0], need_dw=ctx.needs_input_grad[1],
+                compute,
+                weight,
+                targets,
+                chunk_size,
+                ignore_index,
+                use_kernel,
+                need_dh=ctx.needs_input_grad[0],
+                need_dw=ctx.needs_input_grad[1],
             )
         ctx.save_for_backward(dh.to(hidden.dtype) if dh is not None else None, dw)
         return loss

@@ -9,9 +9,7 @@ from kernels.fused_linear_ce import linear_cross_entropy
 GPU = torch.cuda.is_available()
 # (N, C, V, chunk_size): chunks that divide N, that do not, and one chunk larger than N.
 SHAPES = (
-    [(4096, 768, 50304, 1024), (1000, 256, 1000, 384)]
-    if GPU
-    else [(24, 16, 50, 8), (19, 12, 37, 5), (6, 8, 70, 64)]
+    [(4096, 768, 50304, 1024), (1000, 256, 1000, 384)] if GPU else [(24, 16, 50, 8), (19, 12, 37, 5), (6, 8, 70, 64)]
 )
 DTYPES = [torch.bfloat16, torch.float32] if GPU else [torch.float32]
 IMPLS = ["auto", "triton"]

@@ -84,8 +84,9 @@ def _decode_cases() -> list[BenchCase]:
         label = f"B{batch} ctx{ctx} H{n_head}/KV{n_kv} D{HEAD_DIM} bf16"
         kv_bytes = 2 * batch * n_kv * ctx * HEAD_DIM * 2  # K and V, 2 bytes each
         cases.append(BenchCase("decode_attention", label, "triton", True, _decode_triton(shape), bytes_moved=kv_bytes))
-        cases.append(BenchCase("decode_attention", label, "sdpa padded mask", False, _decode_sdpa(shape),
-                               bytes_moved=kv_bytes))
+        cases.append(
+            BenchCase("decode_attention", label, "sdpa padded mask", False, _decode_sdpa(shape), bytes_moved=kv_bytes)
+        )
     return cases
 
 
@@ -126,10 +127,26 @@ def _matmul_cases() -> list[BenchCase]:
         k, n = dims[name]
         label = f"M{m} {k}->{n} ({name})"
         for fmt in fmts:
-            cases.append(BenchCase("wo_matmul", label, f"triton {fmt}", True, _matmul_setup(m, k, n, fmt),
-                                   bytes_moved=_weight_bytes(k, n, fmt)))
-        cases.append(BenchCase("wo_matmul", label, "torch bf16 matmul", False, _matmul_setup(m, k, n, "bf16"),
-                               bytes_moved=_weight_bytes(k, n, "bf16")))
+            cases.append(
+                BenchCase(
+                    "wo_matmul",
+                    label,
+                    f"triton {fmt}",
+                    True,
+                    _matmul_setup(m, k, n, fmt),
+                    bytes_moved=_weight_bytes(k, n, fmt),
+                )
+            )
+        cases.append(
+            BenchCase(
+                "wo_matmul",
+                label,
+                "torch bf16 matmul",
+                False,
+                _matmul_setup(m, k, n, "bf16"),
+                bytes_moved=_weight_bytes(k, n, "bf16"),
+            )
+        )
     return cases
 
 

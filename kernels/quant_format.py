@@ -55,9 +55,7 @@ def check_group_size(group_size: int, in_features: int) -> None:
     if group_size not in INT4_GROUP_SIZES:
         raise ValueError(f"group_size must be one of {INT4_GROUP_SIZES}, got {group_size!r}")
     if in_features % group_size != 0:
-        raise ValueError(
-            f"in_features (K={in_features}) must be divisible by group_size={group_size}"
-        )
+        raise ValueError(f"in_features (K={in_features}) must be divisible by group_size={group_size}")
 
 
 def _check_weight(w: torch.Tensor) -> None:
@@ -108,15 +106,12 @@ def pack_int4(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Ten
 def unpack_int4(packed: torch.Tensor, scales: torch.Tensor, group_size: int) -> torch.Tensor:
     """Dequantize packed uint8 (N, K // 2) with scales (N, K // group_size) to float32 (N, K)."""
     if packed.dtype != torch.uint8 or packed.dim() != 2:
-        raise ValueError(
-            f"packed must be a 2-D uint8 tensor (N, K // 2), got {packed.dim()}-D {packed.dtype}"
-        )
+        raise ValueError(f"packed must be a 2-D uint8 tensor (N, K // 2), got {packed.dim()}-D {packed.dtype}")
     n, k = packed.shape[0], packed.shape[1] * 2
     check_group_size(group_size, k)
     if scales.shape != (n, k // group_size):
         raise ValueError(
-            f"scales must have shape (N, K // group_size)=({n}, {k // group_size}), "
-            f"got {tuple(scales.shape)}"
+            f"scales must have shape (N, K // group_size)=({n}, {k // group_size}), got {tuple(scales.shape)}"
         )
     low = (packed & 0x0F).to(torch.int16)  # k = 2j
     high = (packed >> 4).to(torch.int16)  # k = 2j + 1

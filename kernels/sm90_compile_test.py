@@ -61,7 +61,12 @@ def _specs() -> list[tuple[str, object, dict, dict, int, int]]:
     specs = []
     attention = [
         ("attn fwd", fa._attn_fwd, fa.FWD_CONFIGS, {**bf16("Q", "K", "V", "O"), **fp32("LSE")}),
-        ("attn dkdv", fa._attn_bwd_dkdv, fa.DKDV_CONFIGS, {**bf16("Q", "K", "V", "DO", "DK", "DV"), **fp32("LSE", "DELTA")}),
+        (
+            "attn dkdv",
+            fa._attn_bwd_dkdv,
+            fa.DKDV_CONFIGS,
+            {**bf16("Q", "K", "V", "DO", "DK", "DV"), **fp32("LSE", "DELTA")},
+        ),
         ("attn dq", fa._attn_bwd_dq, fa.DQ_CONFIGS, {**bf16("Q", "K", "V", "DO", "DQ"), **fp32("LSE", "DELTA")}),
     ]
     for name, kernel, configs, sig in attention:
@@ -73,22 +78,60 @@ def _specs() -> list[tuple[str, object, dict, dict, int, int]]:
         sig16 = {k: v.replace("bf16", "fp16") for k, v in sig.items()}
         const = dict(HEAD_DIM=32, CAUSAL=False, EVEN_T=False, **cfg.kwargs)
         specs.append((f"{name} fp16 uneven {cfg}", kernel, {**sig16, **scalars}, const, cfg.num_warps, cfg.num_stages))
-    specs.append(("attn preprocess", fa._bwd_preprocess, {**bf16("O", "DO"), **fp32("DELTA")},
-                  dict(HEAD_DIM=64, BLOCK_M=fa.PREPROCESS_BLOCK_M), 4, 3))
+    specs.append(
+        (
+            "attn preprocess",
+            fa._bwd_preprocess,
+            {**bf16("O", "DO"), **fp32("DELTA")},
+            dict(HEAD_DIM=64, BLOCK_M=fa.PREPROCESS_BLOCK_M),
+            4,
+            3,
+        )
+    )
     for cols in (384, fan.MAX_FUSED_COLS):
         rows, block_c, warps = fan._blocks(cols)
         blocks = dict(BLOCK_ROWS=rows, BLOCK_C=block_c)
-        specs.append((f"add_layer_norm fwd C{cols}", fan._add_norm_fwd,
-                      {**bf16("X", "RES", "W", "B", "Y", "RES_OUT"), **fp32("MEAN", "RSTD"), **scalars},
-                      dict(IS_RMS=False, HAS_RESIDUAL=True, HAS_BIAS=True, **blocks), warps, 3))
-        specs.append((f"add_rms_norm bwd C{cols}", fan._add_norm_bwd,
-                      {**bf16("DY", "DRES_OUT", "S", "W", "DS"), **fp32("RSTD", "DW_PARTIAL")},
-                      dict(IS_RMS=True, HAS_DRES=True, HAS_BIAS=False, MEAN=None, DB_PARTIAL=None, **blocks), warps, 3))
+        specs.append(
+            (
+                f"add_layer_norm fwd C{cols}",
+                fan._add_norm_fwd,
+                {**bf16("X", "RES", "W", "B", "Y", "RES_OUT"), **fp32("MEAN", "RSTD"), **scalars},
+                dict(IS_RMS=False, HAS_RESIDUAL=True, HAS_BIAS=True, **blocks),
+                warps,
+                3,
+            )
+        )
+        specs.append(
+            (
+                f"add_rms_norm bwd C{cols}",
+                fan._add_norm_bwd,
+                {**bf16("DY", "DRES_OUT", "S", "W", "DS"), **fp32("RSTD", "DW_PARTIAL")},
+                dict(IS_RMS=True, HAS_DRES=True, HAS_BIAS=False, MEAN=None, DB_PARTIAL=None, **blocks),
+                warps,
+                3,
+            )
+        )
     specs.append(("swiglu fwd", sw._swiglu_fwd, bf16("GATE", "UP", "OUT"), dict(BLOCK=sw.BLOCK_SIZE), sw.NUM_WARPS, 3))
-    specs.append(("swiglu bwd", sw._swiglu_bwd, bf16("DOUT", "GATE", "UP", "DGATE", "DUP"), dict(BLOCK=sw.BLOCK_SIZE),
-                  sw.NUM_WARPS, 3))
-    specs.append(("linear+ce loss", ce._ce_loss_and_grad_inplace,
-                  {**bf16("LOGITS"), "TARGETS": "*i64", **fp32("LOSS", "SCALE")}, dict(BLOCK=ce.BLOCK_V), ce.NUM_WARPS, 3))
+    specs.append(
+        (
+            "swiglu bwd",
+            sw._swiglu_bwd,
+            bf16("DOUT", "GATE", "UP", "DGATE", "DUP"),
+            dict(BLOCK=sw.BLOCK_SIZE),
+            sw.NUM_WARPS,
+            3,
+        )
+    )
+    specs.append(
+        (
+            "linear+ce loss",
+            ce._ce_loss_and_grad_inplace,
+            {**bf16("LOGITS"), "TARGETS": "*i64", **fp32("LOSS", "SCALE")},
+            dict(BLOCK=ce.BLOCK_V),
+            ce.NUM_WARPS,
+            3,
+        )
+    )
     return specs
 
 
@@ -118,7 +161,11 @@ def test_kernels_compile_for_sm90():
         env.setdefault("TRITON_CACHE_DIR", os.path.join(env["TEST_TMPDIR"], "triton-cache"))
     proc = subprocess.run(
         [sys.executable, "-c", "from kernels.sm90_compile_test import _build_all; _build_all()"],
-        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT_S,
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=SUBPROCESS_TIMEOUT_S,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     builds = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]

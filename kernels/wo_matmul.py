@@ -68,10 +68,7 @@ def _pick_config(m: int, n: int, k: int, block_k: int, num_sms: int, split_k: in
     k_blocks = triton.cdiv(k, block_k)
     if split_k is None:
         split_k = 1
-        while (
-            split_k * 2 <= min(_MAX_SPLIT_K, k_blocks)
-            and tiles * split_k * 2 <= _TARGET_PROGRAMS_PER_SM * num_sms
-        ):
+        while split_k * 2 <= min(_MAX_SPLIT_K, k_blocks) and tiles * split_k * 2 <= _TARGET_PROGRAMS_PER_SM * num_sms:
             split_k *= 2
     if not 1 <= split_k <= k_blocks:
         raise ValueError(f"split_k must be in 1..{k_blocks} for K={k}, got {split_k}")
@@ -106,21 +103,42 @@ def _store_tile(out_ptr, acc, offs_m, offs_n, m_mask, n_mask, stride_os, stride_
 
 @triton.jit
 def _int8_matmul_kernel(
-    x_ptr, w_ptr, scale_ptr, out_ptr,  # x (M, K), w int8 (N, K), scale fp32 (N,), out (S, M, N)
-    M, N, K, K_PER_SPLIT,
-    stride_xm, stride_xk, stride_wn, stride_wk, stride_os, stride_om, stride_on,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    x_ptr,
+    w_ptr,
+    scale_ptr,
+    out_ptr,  # x (M, K), w int8 (N, K), scale fp32 (N,), out (S, M, N)
+    M,
+    N,
+    K,
+    K_PER_SPLIT,
+    stride_xm,
+    stride_xk,
+    stride_wn,
+    stride_wk,
+    stride_os,
+    stride_om,
+    stride_on,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     offs_m, offs_n, m_mask, n_mask, k_start, k_end = _tile(M, N, K, K_PER_SPLIT, BLOCK_M, BLOCK_N)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(k_start, k_end, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         k_mask = offs_k < k_end
-        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
-                    mask=m_mask[:, None] & k_mask[None, :], other=0.0)  # (BM, BK)
-        w = tl.load(w_ptr + offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wk,
-                    mask=k_mask[:, None] & n_mask[None, :], other=0)  # (BK, BN) int8
+        x = tl.load(
+            x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+            mask=m_mask[:, None] & k_mask[None, :],
+            other=0.0,
+        )  # (BM, BK)
+        w = tl.load(
+            w_ptr + offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wk,
+            mask=k_mask[:, None] & n_mask[None, :],
+            other=0,
+        )  # (BK, BN) int8
         acc += tl.dot(x.to(DOT_DTYPE), w.to(DOT_DTYPE), input_precision=DOT_PRECISION)
     # The per-channel scale is constant along K, so it is applied once to the integer-weight sums.
     scale = tl.load(scale_ptr + offs_n, mask=n_mask, other=0.0)  # (BN,)
@@ -130,12 +148,29 @@ def _int8_matmul_kernel(
 
 @triton.jit
 def _int4_matmul_kernel(
-    x_ptr, w_ptr, scale_ptr, out_ptr,  # x (M, K), w uint8 (N, K//2), scales fp32 (N, K//G), out (S, M, N)
-    M, N, K, K_PER_SPLIT,
-    stride_xm, stride_xk, stride_wn, stride_wk, stride_sn, stride_sg, stride_os, stride_om, stride_on,
+    x_ptr,
+    w_ptr,
+    scale_ptr,
+    out_ptr,  # x (M, K), w uint8 (N, K//2), scales fp32 (N, K//G), out (S, M, N)
+    M,
+    N,
+    K,
+    K_PER_SPLIT,
+    stride_xm,
+    stride_xk,
+    stride_wn,
+    stride_wk,
+    stride_sn,
+    stride_sg,
+    stride_os,
+    stride_om,
+    stride_on,
     GROUP_SIZE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     GROUPS: tl.constexpr = BLOCK_K // GROUP_SIZE  # whole groups per K tile
     offs_m, offs_n, m_mask, n_mask, k_start, k_end = _tile(M, N, K, K_PER_SPLIT, BLOCK_M, BLOCK_N)
@@ -149,11 +184,17 @@ def _int4_matmul_kernel(
         x_ptrs = x_ptr + offs_m[:, None] * stride_xm + k_even[None, :] * stride_xk
         x_even = tl.load(x_ptrs, mask=x_mask, other=0.0)  # (BM, BK/2)
         x_odd = tl.load(x_ptrs + stride_xk, mask=x_mask, other=0.0)  # (BM, BK/2)
-        b = tl.load(w_ptr + offs_n[None, :] * stride_wn + (k0 // 2 + offs_j)[:, None] * stride_wk,
-                    mask=k_mask[:, None] & n_mask[None, :], other=0)  # (BK/2, BN) uint8
+        b = tl.load(
+            w_ptr + offs_n[None, :] * stride_wn + (k0 // 2 + offs_j)[:, None] * stride_wk,
+            mask=k_mask[:, None] & n_mask[None, :],
+            other=0,
+        )  # (BK/2, BN) uint8
         g = k0 // GROUP_SIZE + offs_g
-        s = tl.load(scale_ptr + offs_n[None, :] * stride_sn + g[:, None] * stride_sg,
-                    mask=(g * GROUP_SIZE < k_end)[:, None] & n_mask[None, :], other=0.0)  # (GROUPS, BN)
+        s = tl.load(
+            scale_ptr + offs_n[None, :] * stride_sn + g[:, None] * stride_sg,
+            mask=(g * GROUP_SIZE < k_end)[:, None] & n_mask[None, :],
+            other=0.0,
+        )  # (GROUPS, BN)
         # Dequantise in registers: (u - 8) * scale of the element's group, then the input dtype.
         lo = ((b & 0xF).to(tl.int32) - 8).to(tl.float32)
         hi = ((b >> 4).to(tl.int32) - 8).to(tl.float32)
@@ -171,18 +212,42 @@ def _check_x(x: torch.Tensor, k: int) -> None:
         raise ValueError(f"x must have shape (M, K) with K={k}, got {tuple(x.shape)}")
 
 
-def _launch(kernel, x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, scale_strides: tuple[int, ...],
-            n: int, k: int, cfg: _Config, **constexprs) -> torch.Tensor:
+def _launch(
+    kernel,
+    x: torch.Tensor,
+    w: torch.Tensor,
+    scale: torch.Tensor,
+    scale_strides: tuple[int, ...],
+    n: int,
+    k: int,
+    cfg: _Config,
+    **constexprs,
+) -> torch.Tensor:
     """Run one kernel over a (N tiles, M tiles, K splits) grid; sum the partials when K is split."""
     m = x.shape[0]
     out_dtype = x.dtype if cfg.split_k == 1 else torch.float32
     out = torch.empty((cfg.split_k, m, n), device=x.device, dtype=out_dtype)  # (S, M, N)
     grid = (triton.cdiv(n, cfg.block_n), triton.cdiv(m, cfg.block_m), cfg.split_k)
     kernel[grid](
-        x, w, scale, out, m, n, k, cfg.k_per_split,
-        *x.stride(), *w.stride(), *scale_strides, *out.stride(),
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, **dot_args(x),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **constexprs,
+        x,
+        w,
+        scale,
+        out,
+        m,
+        n,
+        k,
+        cfg.k_per_split,
+        *x.stride(),
+        *w.stride(),
+        *scale_strides,
+        *out.stride(),
+        BLOCK_M=cfg.block_m,
+        BLOCK_N=cfg.block_n,
+        BLOCK_K=cfg.block_k,
+        **dot_args(x),
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
+        **constexprs,
     )
     return out[0] if cfg.split_k == 1 else out.sum(dim=0).to(x.dtype)  # (M, N)
 
@@ -192,14 +257,14 @@ def int8_matmul_reference(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor)
     return x @ unpack_int8(q, scale).to(x.dtype).T
 
 
-def int4_matmul_reference(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor,
-                          group_size: int) -> torch.Tensor:
+def int4_matmul_reference(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, group_size: int) -> torch.Tensor:
     """x (M, K) @ dequant(packed, scales).T -> (M, N) in x's dtype: dequantise, then a plain matmul."""
     return x @ unpack_int4(packed, scales, group_size).to(x.dtype).T
 
 
-def int8_matmul_triton(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, *,
-                       split_k: int | None = None) -> torch.Tensor:
+def int8_matmul_triton(
+    x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, *, split_k: int | None = None
+) -> torch.Tensor:
     """The fused Triton INT8 kernel: x (M, K), q int8 (N, K), scale fp32 (N,) -> (M, N)."""
     n, k = q.shape
     _check_x(x, k)
@@ -209,8 +274,9 @@ def int8_matmul_triton(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, *,
     return _launch(_int8_matmul_kernel, x, q, scale.contiguous(), (), n, k, cfg)
 
 
-def int4_matmul_triton(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, group_size: int, *,
-                       split_k: int | None = None) -> torch.Tensor:
+def int4_matmul_triton(
+    x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, group_size: int, *, split_k: int | None = None
+) -> torch.Tensor:
     """The fused Triton INT4 kernel: x (M, K), packed uint8 (N, K//2), scales fp32 (N, K//G) -> (M, N)."""
     n, k = packed.shape[0], packed.shape[1] * 2
     check_group_size(group_size, k)
@@ -222,7 +288,7 @@ def int4_matmul_triton(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tens
 
 
 def _fused(impl: Impl, x: torch.Tensor, *weights: torch.Tensor) -> bool:
-    """"auto" fuses on CUDA for M <= MAX_FUSED_M only: larger M is compute-bound, where cuBLAS wins."""
+    """ "auto" fuses on CUDA for M <= MAX_FUSED_M only: larger M is compute-bound, where cuBLAS wins."""
     return use_triton(impl, x, *weights) and (impl == "triton" or x.shape[0] <= MAX_FUSED_M)
 
 
@@ -236,8 +302,9 @@ def int8_matmul(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, *, impl: 
     return y.reshape(*x.shape[:-1], q.shape[0])
 
 
-def int4_matmul(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, group_size: int, *,
-                impl: Impl = "auto") -> torch.Tensor:
+def int4_matmul(
+    x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, group_size: int, *, impl: Impl = "auto"
+) -> torch.Tensor:
     """x (..., K) @ dequant(packed uint8 (N, K//2), scales (N, K//G)).T -> (..., N) in x's dtype."""
     x2 = x.reshape(-1, x.shape[-1])  # (M, K)
     if _fused(impl, x2, packed, scales):

@@ -253,7 +253,9 @@ def load_artifact(path_or_dir: str | Path, device: str | torch.device = "cpu") -
     try:  # the hash only says the file is the one that was saved, not that it is valid safetensors
         state = load_file(str(path / WEIGHTS_FILE), device="cpu")
     except Exception as e:  # SafetensorError (truncated, empty, a pickle), OSError
-        raise ArtifactError(f"artifact {path}: {WEIGHTS_FILE} is not a valid safetensors file ({type(e).__name__}: {e})") from None
+        raise ArtifactError(
+            f"artifact {path}: {WEIGHTS_FILE} is not a valid safetensors file ({type(e).__name__}: {e})"
+        ) from None
     model = GPT(config)
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
@@ -263,7 +265,9 @@ def load_artifact(path_or_dir: str | Path, device: str | torch.device = "cpu") -
     if config.tie_weights:
         missing = [k for k in missing if k != "lm_head.weight"]
     if missing or unexpected:
-        raise ArtifactError(f"artifact {path}: weights do not fit the config (missing {missing}, unexpected {unexpected})")
+        raise ArtifactError(
+            f"artifact {path}: weights do not fit the config (missing {missing}, unexpected {unexpected})"
+        )
     model.to(device).eval()
     return Artifact(model=model, tokenizer=tokenizer, config=config, manifest=manifest, path=path)
 

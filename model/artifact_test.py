@@ -24,7 +24,18 @@ TEXT = "to be, or not to be: that is the question.\n"
 
 def _model(seed: int = 0, **kw) -> GPT:
     torch.manual_seed(seed)
-    base = dict(vocab_size=20, n_layer=2, n_head=4, n_kv_head=2, n_embd=32, block_size=16, norm="rmsnorm", pos="rope", mlp="swiglu", bias=False)
+    base = dict(
+        vocab_size=20,
+        n_layer=2,
+        n_head=4,
+        n_kv_head=2,
+        n_embd=32,
+        block_size=16,
+        norm="rmsnorm",
+        pos="rope",
+        mlp="swiglu",
+        bias=False,
+    )
     return GPT(ModelConfig(**{**base, **kw})).eval()
 
 
@@ -38,7 +49,12 @@ def test_save_load_bit_identical(tmp_path, tok, tie):
     model = _model(tie_weights=tie)
     model_id = save_artifact(tmp_path, model, tok, name="unit", preset="custom", metrics={"val_loss": 1.5})
     path = tmp_path / model_id
-    assert sorted(p.name for p in path.iterdir()) == ["config.json", "manifest.json", "model.safetensors", "tokenizer.json"]
+    assert sorted(p.name for p in path.iterdir()) == [
+        "config.json",
+        "manifest.json",
+        "model.safetensors",
+        "tokenizer.json",
+    ]
     art = load_artifact(path)
     idx = torch.tensor([tok.encode(TEXT[:16])])
     with torch.no_grad():
@@ -161,7 +177,10 @@ def test_tokenizer_larger_than_the_model_is_refused(tmp_path, tok):
     (path / "config.json").write_text(json.dumps({**json.loads((path / "config.json").read_text()), "vocab_size": 20}))
     from safetensors.torch import save_file
 
-    save_file({k: v.contiguous() for k, v in _model(vocab_size=20).state_dict().items() if k != "lm_head.weight"}, str(path / "model.safetensors"))
+    save_file(
+        {k: v.contiguous() for k, v in _model(vocab_size=20).state_dict().items() if k != "lm_head.weight"},
+        str(path / "model.safetensors"),
+    )
     _rehash(path)
     with pytest.raises(ArtifactError, match=r"tokenizer.json has \d+ tokens but the model's vocabulary .* holds 20"):
         load_artifact(path)

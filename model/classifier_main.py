@@ -57,8 +57,7 @@ def _backbone(args: argparse.Namespace, text: str) -> tuple[GPT, Tokenizer]:
     tokenizer = CharTokenizer.from_corpus(text)
     torch.manual_seed(args.seed)
     overrides = {k: v for k, v in (("n_layer", args.n_layer), ("n_embd", args.n_embd)) if v is not None}
-    config = get_preset(args.preset, vocab_size=tokenizer.vocab_size, block_size=args.max_len, dropout=0.0,
-                        **overrides)
+    config = get_preset(args.preset, vocab_size=tokenizer.vocab_size, block_size=args.max_len, dropout=0.0, **overrides)
     return GPT(config), tokenizer
 
 
@@ -72,15 +71,23 @@ def main(argv: list[str] | None = None) -> int:
     text = Path(args.corpus).read_text(encoding="utf-8")
     try:
         task = speaker_task(text, args.speakers, unit=args.unit, seed=args.seed)
-        config = FitConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, max_len=args.max_len,
-                           finetune=args.finetune, seed=args.seed)
+        config = FitConfig(
+            steps=args.steps,
+            batch_size=args.batch_size,
+            lr=args.lr,
+            max_len=args.max_len,
+            finetune=args.finetune,
+            seed=args.seed,
+        )
         gpt, tokenizer = _backbone(args, text)
     except (ValueError, ArtifactError) as err:
         print(f"classifier_main: {err}", file=sys.stderr)
         return 2
     if args.max_len > gpt.config.block_size:
-        print(f"classifier_main: --max-len must be at most the model's block_size {gpt.config.block_size}",
-              file=sys.stderr)
+        print(
+            f"classifier_main: --max-len must be at most the model's block_size {gpt.config.block_size}",
+            file=sys.stderr,
+        )
         return 2
     train = [(tokenizer.encode(t), label) for t, label in task.train]
     held_out = [(tokenizer.encode(t), label) for t, label in task.held_out]
@@ -104,11 +111,15 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(report))
         return 0
     print(f"classes: {', '.join(task.classes)} ({args.unit}s: {len(train)} train, {len(held_out)} held out)")
-    print(f"fine-tuned ({args.finetune}, {args.pooling} pooling) for {args.steps} steps in {report['train_s']} s, "
-          f"final loss {report['final_loss']:.3f}")
+    print(
+        f"fine-tuned ({args.finetune}, {args.pooling} pooling) for {args.steps} steps in {report['train_s']} s, "
+        f"final loss {report['final_loss']:.3f}"
+    )
     gain = 100 * (report["held_out_accuracy"] - report["majority_accuracy"])
-    print(f"held-out accuracy {report['held_out_accuracy']:.3f} vs majority class {report['majority_accuracy']:.3f} "
-          f"({gain:+.1f} points)")
+    print(
+        f"held-out accuracy {report['held_out_accuracy']:.3f} vs majority class {report['majority_accuracy']:.3f} "
+        f"({gain:+.1f} points)"
+    )
     return 0
 
 

@@ -17,8 +17,18 @@ from model.speaker_data import parse_speeches, speaker_task
 from model.transformer import GPT
 
 CONFIGS = {
-    "llama": ModelConfig(vocab_size=30, n_layer=2, n_head=4, n_kv_head=2, n_embd=32, block_size=24, norm="rmsnorm",
-                         pos="rope", mlp="swiglu", bias=False),
+    "llama": ModelConfig(
+        vocab_size=30,
+        n_layer=2,
+        n_head=4,
+        n_kv_head=2,
+        n_embd=32,
+        block_size=24,
+        norm="rmsnorm",
+        pos="rope",
+        mlp="swiglu",
+        bias=False,
+    ),
     "gpt2": ModelConfig(vocab_size=30, n_layer=2, n_head=2, n_embd=16, block_size=24),
 }
 
@@ -99,8 +109,9 @@ def test_finetune_modes_train_what_they_should(finetune):
     clf = SequenceClassifier(_gpt("llama"), 2)
     frozen_before = {n: p.detach().clone() for n, p in clf.gpt.named_parameters()}
     head_before = clf.head.weight.detach().clone()
-    losses = fit(clf, _toy_examples(), FitConfig(steps=30, batch_size=16, lr=3e-3, max_len=16, finetune=finetune,
-                                                 lora_rank=2))
+    losses = fit(
+        clf, _toy_examples(), FitConfig(steps=30, batch_size=16, lr=3e-3, max_len=16, finetune=finetune, lora_rank=2)
+    )
     assert losses[-1] < losses[0]
     assert not torch.equal(clf.head.weight, head_before)
     changed = {n for n, p in clf.gpt.named_parameters() if n in frozen_before and not torch.equal(p, frozen_before[n])}
@@ -153,8 +164,25 @@ def test_main_reports_accuracy_and_baseline(tmp_path, capsys):
 @pytest.mark.skipif(not os.environ.get("TINYLM_CORPUS"), reason="TINYLM_CORPUS is not set (the Tiny Shakespeare path)")
 def test_beats_the_majority_class_on_held_out_lines(capsys):
     # Two speakers, one line per example, a 2-layer 64-wide model from scratch: ~15 s on one thread.
-    argv = ["--corpus", os.environ["TINYLM_CORPUS"], "--speakers", "2", "--unit", "line", "--n-layer", "2",
-            "--n-embd", "64", "--steps", "200", "--max-len", "48", "--threads", "1", "--json"]
+    argv = [
+        "--corpus",
+        os.environ["TINYLM_CORPUS"],
+        "--speakers",
+        "2",
+        "--unit",
+        "line",
+        "--n-layer",
+        "2",
+        "--n-embd",
+        "64",
+        "--steps",
+        "200",
+        "--max-len",
+        "48",
+        "--threads",
+        "1",
+        "--json",
+    ]
     assert main(argv) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["held_out_examples"] > 200

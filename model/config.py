@@ -82,9 +82,7 @@ class ModelConfig:
         check_number("rope_theta", self.rope_theta, 0.0, 1e12, lo_open=True, hi_open=False)
         check_int("mlp_hidden", self.mlp_hidden, 0, 16 * _MAX_EMBD)
         if self.pos == "rope" and self.head_dim % 2 != 0:
-            raise ValueError(
-                f"n_embd / n_head (head_dim) must be even with pos='rope', got {self.head_dim}"
-            )
+            raise ValueError(f"n_embd / n_head (head_dim) must be even with pos='rope', got {self.head_dim}")
         # Floats given as ints in YAML/JSON (e.g. `dropout: 0`) are stored as floats so that
         # equal configs compare and serialise equal.
         for name in ("dropout", "norm_eps", "rope_theta"):

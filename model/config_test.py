@@ -80,7 +80,13 @@ def test_presets_shapes():
         assert (c.n_layer, c.n_head, c.n_embd, c.block_size) == (n_layer, n_head, n_embd, block), name
     sc = get_preset("shakespeare-char")
     assert (sc.vocab_size, sc.dropout, sc.norm, sc.pos, sc.mlp, sc.bias, sc.tie_weights) == (
-        65, 0.2, "layernorm", "learned", "gelu", True, True
+        65,
+        0.2,
+        "layernorm",
+        "learned",
+        "gelu",
+        True,
+        True,
     )
     assert get_preset("gpt2-124m").vocab_size == 50304
     for name in ("tiny", "small", "medium", "large"):

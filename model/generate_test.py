@@ -16,8 +16,17 @@ from model.transformer import GPT
 def model() -> GPT:
     torch.manual_seed(0)
     config = ModelConfig(
-        vocab_size=256, n_layer=2, n_head=4, n_kv_head=2, n_embd=32, block_size=32,
-        norm="rmsnorm", pos="rope", mlp="swiglu", bias=False, tie_weights=False,
+        vocab_size=256,
+        n_layer=2,
+        n_head=4,
+        n_kv_head=2,
+        n_embd=32,
+        block_size=32,
+        norm="rmsnorm",
+        pos="rope",
+        mlp="swiglu",
+        bias=False,
+        tie_weights=False,
     )
     return GPT(config).eval()
 

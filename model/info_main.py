@@ -36,7 +36,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(json.dumps({"preset": args.preset, **d}, indent=2) if args.json else f"preset {args.preset}\n{format_profile(d)}")
+    print(
+        json.dumps({"preset": args.preset, **d}, indent=2)
+        if args.json
+        else f"preset {args.preset}\n{format_profile(d)}"
+    )
     return 0
 
 

@@ -77,14 +77,20 @@ def test_the_trained_model_needs_its_attention(flavour, monkeypatch):
     with layers.use_kernels(False), torch.no_grad():
         _, loss = model(idx, targets)
         real_sdpa = F.scaled_dot_product_attention
-        monkeypatch.setattr(layers.F, "scaled_dot_product_attention",
-                            lambda *a, is_causal=False, **kw: real_sdpa(*a, is_causal=False, **kw))
+        monkeypatch.setattr(
+            layers.F,
+            "scaled_dot_product_attention",
+            lambda *a, is_causal=False, **kw: real_sdpa(*a, is_causal=False, **kw),
+        )
         _, unmasked = model(idx, targets)
     assert loss.item() < 0.05 * math.log(VOCAB), f"the copy task was not learned (loss {loss.item():.3f})"
     assert unmasked.item() - loss.item() > 0.1, (unmasked.item(), loss.item())  # 1000x the tolerance below
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="forces Triton's CPU interpreter; with a GPU the bf16 GPU test runs the real kernels")
+@pytest.mark.skipif(
+    torch.cuda.is_available(),
+    reason="forces Triton's CPU interpreter; with a GPU the bf16 GPU test runs the real kernels",
+)
 @pytest.mark.parametrize("flavour", sorted(FLAVOURS))
 def test_kernel_path_matches_pytorch_path(flavour, monkeypatch):
     model = trained_model(flavour)
@@ -92,7 +98,9 @@ def test_kernel_path_matches_pytorch_path(flavour, monkeypatch):
     with layers.use_kernels(False):
         ref_logits, ref_loss, ref_grads = _run(model, idx, targets)
     calls = []
-    monkeypatch.setattr(layers, "_kernel_impl", lambda t: calls.append(t.shape) or ("triton" if layers._KERNELS_ON.get() else None))
+    monkeypatch.setattr(
+        layers, "_kernel_impl", lambda t: calls.append(t.shape) or ("triton" if layers._KERNELS_ON.get() else None)
+    )
     kernel_logits, kernel_loss, kernel_grads = _run(model, idx, targets)
 
     assert len(calls) >= 3, "attention, norms and the MLP unit should each ask for a kernel"

@@ -54,7 +54,9 @@ class KVCache(nn.Module):
         self.k[idx] = 0
         self.v[idx] = 0
 
-    def write(self, layer: int, slot_idx: torch.Tensor, pos_idx: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    def write(
+        self, layer: int, slot_idx: torch.Tensor, pos_idx: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    ) -> None:
         """Store new keys/values of one layer. slot_idx, pos_idx (N,) long; k, v (N, n_kv_head, head_dim)."""
         k_layer = self.k[:, layer]  # (n_slots, Hkv, max_len, D), a view
         v_layer = self.v[:, layer]

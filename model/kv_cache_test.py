@@ -20,7 +20,9 @@ def test_shapes_dtype_and_not_in_state_dict():
     assert KVCache(1, CONFIG).max_len == 16  # defaults to block_size
 
 
-@pytest.mark.parametrize("kw, words", [({"n_slots": 0}, "n_slots"), ({"max_len": 17}, r"max_len must be an integer in \[1, 16\]")])
+@pytest.mark.parametrize(
+    "kw, words", [({"n_slots": 0}, "n_slots"), ({"max_len": 17}, r"max_len must be an integer in \[1, 16\]")]
+)
 def test_bad_sizes(kw, words):
     args = {"n_slots": 2, **kw}
     with pytest.raises(ValueError, match=words):

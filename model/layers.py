@@ -130,7 +130,9 @@ def gelu(x: torch.Tensor) -> torch.Tensor:
     return F.gelu(x)
 
 
-def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_cos_sin(
+    positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotary tables for integer `positions` (...,): returns cos, sin of shape (..., head_dim).
 
     Computed in float32 on the fly (cheap next to attention, exact at any dtype of the model, and free

@@ -14,8 +14,18 @@ from model.lora import LoRALinear, apply_lora, lora_parameters, lora_state_dict,
 from model.tokenizers import ByteTokenizer
 from model.transformer import GPT
 
-CONFIG = ModelConfig(vocab_size=256, n_layer=2, n_head=4, n_kv_head=2, n_embd=32, block_size=16,
-                     norm="rmsnorm", pos="rope", mlp="swiglu", bias=False)
+CONFIG = ModelConfig(
+    vocab_size=256,
+    n_layer=2,
+    n_head=4,
+    n_kv_head=2,
+    n_embd=32,
+    block_size=16,
+    norm="rmsnorm",
+    pos="rope",
+    mlp="swiglu",
+    bias=False,
+)
 
 
 def _trained_lora(targets=("q", "k", "v", "o")) -> tuple[GPT, GPT, torch.Tensor]:
@@ -95,7 +105,9 @@ def test_bad_arguments():
         apply_lora(model, rank=0, alpha=1)
     with pytest.raises(ValueError, match="alpha must be a number > 0"):
         apply_lora(model, rank=2, alpha=0)
-    with pytest.raises(ValueError, match=r"targets must be a non-empty subset of \['down', 'gate', 'k', 'o', 'q', 'up', 'v'\]"):
+    with pytest.raises(
+        ValueError, match=r"targets must be a non-empty subset of \['down', 'gate', 'k', 'o', 'q', 'up', 'v'\]"
+    ):
         apply_lora(model, rank=2, alpha=1, targets=("qkv",))
     with pytest.raises(ValueError, match="no linear layer named"):
         apply_lora(nn.Sequential(nn.Linear(4, 4)), rank=2, alpha=1)

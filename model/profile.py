@@ -111,15 +111,27 @@ def format_profile(d: dict[str, Any]) -> str:
     """A plain-text table of `profile_model` output, for people."""
     cfg, p, f, m = d["config"], d["params"], d["flops"], d["memory"]
     rows = [
-        ("architecture", f"{cfg['n_layer']} layers, {cfg['n_head']} heads ({cfg['n_kv_head']} KV), "
-                         f"{cfg['n_embd']} wide, context {cfg['block_size']}, vocab {cfg['vocab_size']}"),
-        ("flavour", f"{cfg['norm']}, {cfg['pos']} positions, {cfg['mlp']} MLP, bias={cfg['bias']}, "
-                    f"tied={cfg['tie_weights']}, dropout={cfg['dropout']}"),
+        (
+            "architecture",
+            f"{cfg['n_layer']} layers, {cfg['n_head']} heads ({cfg['n_kv_head']} KV), "
+            f"{cfg['n_embd']} wide, context {cfg['block_size']}, vocab {cfg['vocab_size']}",
+        ),
+        (
+            "flavour",
+            f"{cfg['norm']}, {cfg['pos']} positions, {cfg['mlp']} MLP, bias={cfg['bias']}, "
+            f"tied={cfg['tie_weights']}, dropout={cfg['dropout']}",
+        ),
         ("parameters", f"{_human(p['total'])} ({p['total']:,}); non-embedding {_human(p['non_embedding'])}"),
-        ("  embeddings", f"token {_human(p['token_embedding'])}, position {_human(p['position_embedding'])}, "
-                         f"LM head {_human(p['lm_head']) if p['lm_head'] else 'tied'}"),
-        ("  per layer", f"{_human(p['per_layer'])} (attention {_human(p['attention'] / cfg['n_layer'])}, "
-                        f"MLP {_human(p['mlp'] / cfg['n_layer'])})"),
+        (
+            "  embeddings",
+            f"token {_human(p['token_embedding'])}, position {_human(p['position_embedding'])}, "
+            f"LM head {_human(p['lm_head']) if p['lm_head'] else 'tied'}",
+        ),
+        (
+            "  per layer",
+            f"{_human(p['per_layer'])} (attention {_human(p['attention'] / cfg['n_layer'])}, "
+            f"MLP {_human(p['mlp'] / cfg['n_layer'])})",
+        ),
         ("batch x seq_len", f"{d['batch_size']} x {d['seq_len']}"),
         ("FLOPs/token fwd", f"{_human(f['forward_per_token'])} (attention {_human(f['attention_per_token'])})"),
         ("FLOPs/token train", _human(f["training_per_token"])),

@@ -34,8 +34,14 @@ MODES = ("int8", "int4")
 class Int8Linear(nn.Module):
     """y = x @ (q * scale[:, None]).T + bias, with q int8 (N, K) and scale float32 (N,) as buffers."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool, device: torch.device | None = None,
-                 dtype: torch.dtype = torch.float32) -> None:
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool,
+        device: torch.device | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.register_buffer("q", torch.zeros(out_features, in_features, dtype=torch.int8, device=device))
@@ -63,8 +69,15 @@ class Int4Linear(nn.Module):
     """y = x @ dequant(packed, scales).T + bias, with 4-bit weights in groups of `group_size` along K:
     packed uint8 (N, K // 2), scales float32 (N, K // group_size) as buffers."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool, group_size: int,
-                 device: torch.device | None = None, dtype: torch.dtype = torch.float32) -> None:
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool,
+        group_size: int,
+        device: torch.device | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
         super().__init__()
         self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
         self.register_buffer("packed", torch.zeros(out_features, in_features // 2, dtype=torch.uint8, device=device))
@@ -87,8 +100,10 @@ class Int4Linear(nn.Module):
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"bias={self.bias is not None}, group_size={self.group_size}")
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"bias={self.bias is not None}, group_size={self.group_size}"
+        )
 
 
 def quantize_model(model: nn.Module, mode: str = "int8", group_size: int = 32) -> nn.Module:
@@ -104,8 +119,9 @@ def quantize_model(model: nn.Module, mode: str = "int8", group_size: int = 32) -
     targets = [(name, m) for name, m in model.named_modules() if type(m) is nn.Linear and name]
     for name, linear in targets:
         if mode == "int4" and linear.in_features % group_size != 0:
-            log.warning("%s: in_features=%d not divisible by group_size=%d; left in float",
-                        name, linear.in_features, group_size)
+            log.warning(
+                "%s: in_features=%d not divisible by group_size=%d; left in float", name, linear.in_features, group_size
+            )
             continue
         new = Int8Linear.from_linear(linear) if mode == "int8" else Int4Linear.from_linear(linear, group_size)
         parent_name, _, child = name.rpartition(".")

@@ -35,7 +35,11 @@ def test_model_logits_within_stated_bounds(float_model, mode, group_size, bound)
 
 
 def test_int4_coarser_groups_not_better(float_model):
-    assert _rel_err("int8", 32, float_model) < _rel_err("int4", 32, float_model) <= _rel_err("int4", 128, float_model) * 1.05
+    assert (
+        _rel_err("int8", 32, float_model)
+        < _rel_err("int4", 32, float_model)
+        <= _rel_err("int4", 128, float_model) * 1.05
+    )
 
 
 def test_swap_is_in_place_and_complete(float_model):

@@ -54,7 +54,10 @@ class SamplingParams:
         check_int("top_k", self.top_k, 0, note=" (0 = off)")
         check_number("top_p", self.top_p, 0, 1, lo_open=True, note=" (1 = off)")
         check_number(
-            "repetition_penalty", self.repetition_penalty, MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY,
+            "repetition_penalty",
+            self.repetition_penalty,
+            MIN_REPETITION_PENALTY,
+            MAX_REPETITION_PENALTY,
             note=" (1 = off)",
         )
         if self.seed is not None and (not is_int(self.seed) or not 0 <= self.seed <= MAX_SEED):

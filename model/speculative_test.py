@@ -37,8 +37,19 @@ def target() -> GPT:
 def drafts(target) -> dict[str, GPT]:
     """A smaller random model (GPT-2 flavour, own block size), a noisy copy of the target (accepts some) and the
     target itself (accepts all)."""
-    small = _gpt(1, vocab_size=48, n_layer=1, n_head=2, n_embd=16, block_size=16, norm="layernorm", pos="learned",
-                 mlp="gelu", bias=True, tie_weights=True)
+    small = _gpt(
+        1,
+        vocab_size=48,
+        n_layer=1,
+        n_head=2,
+        n_embd=16,
+        block_size=16,
+        norm="layernorm",
+        pos="learned",
+        mlp="gelu",
+        bias=True,
+        tie_weights=True,
+    )
     noisy = copy.deepcopy(target)
     with torch.no_grad():
         for p in noisy.parameters():
@@ -59,8 +70,9 @@ def test_greedy_equals_target_alone(target, drafts, draft_name, k):
 
 
 def test_noisy_draft_exercises_both_accept_and_reject(target, drafts):
-    _, stats = speculative_generate(target, drafts["noisy"], [1, 2, 3], SamplingParams(max_new_tokens=40,
-                                                                                       temperature=0.0), k=4)
+    _, stats = speculative_generate(
+        target, drafts["noisy"], [1, 2, 3], SamplingParams(max_new_tokens=40, temperature=0.0), k=4
+    )
     assert 0.0 < stats["acceptance_rate"] < 1.0
     assert stats["acceptance_rate"] == stats["accepted"] / stats["proposed"]
 
@@ -136,8 +148,9 @@ def test_sampling_matches_target_distribution_chi_square():
     counts3 = torch.zeros(vocab)
     rejected = 0
     for seed in range(n_samples):
-        tokens, stats = speculative_generate(target, draft, prompt, SamplingParams(**{**params.__dict__, "seed": seed}),
-                                             k=2)
+        tokens, stats = speculative_generate(
+            target, draft, prompt, SamplingParams(**{**params.__dict__, "seed": seed}), k=2
+        )
         counts12[tokens[0], tokens[1]] += 1
         counts3[tokens[2]] += 1
         rejected += stats["proposed"] - stats["accepted"]

@@ -143,7 +143,9 @@ class ByteTokenizer(_SaveMixin):
 @lru_cache(maxsize=1)
 def _byte_level_decoding() -> dict[str, int]:
     """GPT-2's byte-level alphabet, inverted: printable stand-in character -> byte value."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    printable = (
+        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    )
     chars, extra = {}, 0
     for b in range(256):
         if b in printable:

@@ -183,7 +183,9 @@ class GPT(nn.Module):
         cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, dtype)
         return cos.unsqueeze(1), sin.unsqueeze(1)
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(
+        self, idx: torch.Tensor, targets: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """idx (B, T) long -> logits (B, T, V), and the mean cross-entropy against targets (B, T)
         when given (targets of -1 are ignored)."""
         B, T = idx.shape

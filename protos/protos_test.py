@@ -5,18 +5,27 @@ from protos import bench_pb2_grpc, exporter_pb2_grpc, inference_pb2_grpc, traine
 
 SERVICES = {
     (trainer_pb2, "TrainerService"): {
-        "StartTraining": (False, False), "WatchTraining": (False, True), "GetTraining": (False, False),
-        "CancelTraining": (False, False), "ListModels": (False, False),
+        "StartTraining": (False, False),
+        "WatchTraining": (False, True),
+        "GetTraining": (False, False),
+        "CancelTraining": (False, False),
+        "ListModels": (False, False),
     },
     (exporter_pb2, "ExporterService"): {
-        "StartExport": (False, False), "WatchExport": (False, True), "GetExport": (False, False),
+        "StartExport": (False, False),
+        "WatchExport": (False, True),
+        "GetExport": (False, False),
     },
     (inference_pb2, "InferenceService"): {
-        "Generate": (False, True), "GenerateBatch": (False, False), "ListModels": (False, False),
+        "Generate": (False, True),
+        "GenerateBatch": (False, False),
+        "ListModels": (False, False),
         "Tokenize": (False, False),
     },
     (bench_pb2, "BenchService"): {
-        "StartBench": (False, False), "WatchBench": (False, True), "GetReport": (False, False),
+        "StartBench": (False, False),
+        "WatchBench": (False, True),
+        "GetReport": (False, False),
     },
 }
 
@@ -45,7 +54,9 @@ def test_stubs_and_servicers_are_generated():
 
 def test_job_round_trips_with_its_oneof_spec():
     job = jobs_pb2.Job(
-        id="abc", kind=jobs_pb2.JOB_KIND_TRAIN, attempt=1,
+        id="abc",
+        kind=jobs_pb2.JOB_KIND_TRAIN,
+        attempt=1,
         train=jobs_pb2.TrainSpec(preset="tiny", max_steps=10, then_export=jobs_pb2.ExportSpec(formats=["onnx"])),
     )
     back = jobs_pb2.Job.FromString(job.SerializeToString())
@@ -58,7 +69,12 @@ def test_field_numbers_are_stable():
     # Renumbering a field breaks every client on the wire: these numbers are part of the contract.
     fields = jobs_pb2.Job.DESCRIPTOR.fields_by_name
     assert {n: fields[n].number for n in ("id", "kind", "idempotency_key", "attempt", "train", "noop")} == {
-        "id": 1, "kind": 2, "idempotency_key": 3, "attempt": 4, "train": 10, "noop": 13,
+        "id": 1,
+        "kind": 2,
+        "idempotency_key": 3,
+        "attempt": 4,
+        "train": 10,
+        "noop": 13,
     }
     params = inference_pb2.SamplingParameters.DESCRIPTOR.fields_by_name
     assert params["max_new_tokens"].number == 1 and params["stop"].number == 9
@@ -74,6 +90,8 @@ def test_every_field_and_method_is_documented():
         lines = path.read_text().splitlines()
         for i, line in enumerate(lines):
             stripped = line.strip()
-            is_field = stripped.endswith(";") and "=" in stripped and not stripped.startswith(("syntax", "package", "option"))
+            is_field = (
+                stripped.endswith(";") and "=" in stripped and not stripped.startswith(("syntax", "package", "option"))
+            )
             if is_field or stripped.startswith("rpc "):
                 assert lines[i - 1].strip().startswith("//"), f"{path.name}:{i + 1} has no comment: {stripped}"

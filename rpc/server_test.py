@@ -23,7 +23,9 @@ class EchoTokenizer(inference_pb2_grpc.InferenceServiceServicer):
 
 
 def start(**kwargs):
-    return server.serve([(inference_pb2_grpc.add_InferenceServiceServicer_to_server, EchoTokenizer())], [NAME], **kwargs)
+    return server.serve(
+        [(inference_pb2_grpc.add_InferenceServiceServicer_to_server, EchoTokenizer())], [NAME], **kwargs
+    )
 
 
 @pytest.fixture
@@ -43,7 +45,9 @@ def test_health_reports_serving_for_the_service(plain):
 def test_reflection_lists_the_service(plain):
     with client.channel(plain.address) as ch:
         stub = reflection_pb2_grpc.ServerReflectionStub(ch)
-        replies = list(stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=5))
+        replies = list(
+            stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=5)
+        )
     names = {s.name for s in replies[0].list_services_response.service}
     assert NAME in names and "grpc.health.v1.Health" in names
 
@@ -81,14 +85,33 @@ def test_bearer_token_is_required_when_set():
 def test_tls_with_token(tmp_path):
     key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
     subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
-         "-addext", "subjectAltName=DNS:localhost", "-keyout", str(key), "-out", str(cert)],
-        check=True, capture_output=True,
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=localhost",
+            "-addext",
+            "subjectAltName=DNS:localhost",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+        ],
+        check=True,
+        capture_output=True,
     )
     running = start(host="localhost", tls_cert=cert.read_bytes(), tls_key=key.read_bytes(), token="t")
     try:
         with client.channel(f"localhost:{running.port}", tls_ca=cert.read_bytes(), token="t") as ch:
-            reply = inference_pb2_grpc.InferenceServiceStub(ch).Tokenize(inference_pb2.TokenizeRequest(text="ok"), timeout=5)
+            reply = inference_pb2_grpc.InferenceServiceStub(ch).Tokenize(
+                inference_pb2.TokenizeRequest(text="ok"), timeout=5
+            )
         assert list(reply.pieces) == ["o", "k"]
     finally:
         running.stop(0)

@@ -49,7 +49,14 @@ from rpc.server import serve
 from trainer.service import SERVICE_NAME as TRAINER, TrainerService
 
 # Examples per RPC: many where a call is quick (the engine's), few where one may wait out its deadline (Watch*).
-EXAMPLES = {"Generate": 300, "GenerateBatch": 150, "Tokenize": 100, "WatchTraining": 10, "WatchExport": 10, "WatchBench": 10}
+EXAMPLES = {
+    "Generate": 300,
+    "GenerateBatch": 150,
+    "Tokenize": 100,
+    "WatchTraining": 10,
+    "WatchExport": 10,
+    "WatchBench": 10,
+}
 DEFAULT_EXAMPLES = 40
 CALL_TIMEOUT_S = 2.0
 CLIENT_ERRORS = {
@@ -61,8 +68,25 @@ CLIENT_ERRORS = {
 INT32 = (-(2**31), -1, 0, 1, 2, 7, 64, 1025, 2**31 - 1)
 INT64 = (*INT32, -(2**63), 2**63 - 1)
 FLOATS = (0.0, -0.0, 1e-40, 1e-38, 1e-8, 0.01, 0.5, 1.0, 1.5, 10.0, 100.5, 3.4e38, -1.0, math.inf, -math.inf, math.nan)
-UNUSUAL = ("", " ", "\x00", "to be", "model", "tiny-fuzz", "\u202e\u0301e\u0301", "\U0001f600" * 3, "../../etc/passwd",
-           "kvcache", "onnx", "int4", "nosuch", "a" * 300, "\ufeff", "\u00ff\u0100", "0" * 32)
+UNUSUAL = (
+    "",
+    " ",
+    "\x00",
+    "to be",
+    "model",
+    "tiny-fuzz",
+    "\u202e\u0301e\u0301",
+    "\U0001f600" * 3,
+    "../../etc/passwd",
+    "kvcache",
+    "onnx",
+    "int4",
+    "nosuch",
+    "a" * 300,
+    "\ufeff",
+    "\u00ff\u0100",
+    "0" * 32,
+)
 
 
 def _text() -> st.SearchStrategy[str]:
@@ -218,7 +242,9 @@ def live(tmp_path_factory) -> Iterator[Live]:
     tokenizer = CharTokenizer.from_corpus("to be, or not to be: that is the question.")
     torch.manual_seed(0)
     store = root / "home" / "artifacts"
-    model_id = save_artifact(store, GPT(get_preset("tiny", vocab_size=tokenizer.vocab_size)), tokenizer, name="tiny-fuzz", preset="tiny")
+    model_id = save_artifact(
+        store, GPT(get_preset("tiny", vocab_size=tokenizer.vocab_size)), tokenizer, name="tiny-fuzz", preset="tiny"
+    )
     artifact = load_artifact(store / model_id)
     engine = Engine(TorchRunner(artifact.model, n_slots=4), tokenizer, max_queue=8)
     served = ServedModel(id=model_id, name="tiny-fuzz", path=store / model_id, manifest=artifact.manifest)
@@ -240,7 +266,9 @@ def live(tmp_path_factory) -> Iterator[Live]:
             EXPORTER: exporter_pb2_grpc.ExporterServiceStub(ch),
             BENCH: bench_pb2_grpc.BenchServiceStub(ch),
         }
-        export = stubs[EXPORTER].StartExport(exporter_pb2.StartExportRequest(spec={"model_id": model_id, "formats": ["onnx"]}), timeout=10)
+        export = stubs[EXPORTER].StartExport(
+            exporter_pb2.StartExportRequest(spec={"model_id": model_id, "formats": ["onnx"]}), timeout=10
+        )
         try:
             yield Live(stubs=stubs, model_id=model_id, job_ids={"export": export.job_id})
         finally:
@@ -279,7 +307,11 @@ def _generation_errors(replies: list) -> list[str]:
     """A request the server accepted must not end in FINISH_REASON_ERROR: what was accepted can be honoured."""
     ends = [r for r in replies if isinstance(r, inference_pb2.GenerateResponse)]
     ends += [r for batch in replies if isinstance(batch, inference_pb2.GenerateBatchResponse) for r in batch.results]
-    return [f"{r.request_id}: {r.error or 'no error text'}" for r in ends if r.finish_reason == inference_pb2.FINISH_REASON_ERROR]
+    return [
+        f"{r.request_id}: {r.error or 'no error text'}"
+        for r in ends
+        if r.finish_reason == inference_pb2.FINISH_REASON_ERROR
+    ]
 
 
 def _normal_request_succeeds(live: Live) -> None:
@@ -293,7 +325,10 @@ def _normal_request_succeeds(live: Live) -> None:
 
 def _valid(method: str, live: Live) -> dict:
     """A request `method` accepts, as kwargs: the base that mutation_strategy fuzzes one or two fields of."""
-    generate = {"prompt": "to be", "params": {"max_new_tokens": 3, "temperature": 0.8, "has_temperature": True, "seed": 1}}
+    generate = {
+        "prompt": "to be",
+        "params": {"max_new_tokens": 3, "temperature": 0.8, "has_temperature": True, "seed": 1},
+    }
     job = {"job_id": live.job_ids["export"]}
     return {
         "Generate": generate,

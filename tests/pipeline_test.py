@@ -43,8 +43,16 @@ def services(tmp_path):
 def _spec(results: Path) -> jobs_pb2.TrainSpec:
     bench = jobs_pb2.BenchSpec(suites=["kvcache"], quick=True, output_dir=str(results))
     export = jobs_pb2.ExportSpec(formats=["onnx", "int8"], no_gate=True, then_bench=bench)
-    return jobs_pb2.TrainSpec(preset="tiny", tokenizer="char", device="cpu", max_steps=40, batch_size=8,
-                              eval_interval=20, model_name="e2e", then_export=export)
+    return jobs_pb2.TrainSpec(
+        preset="tiny",
+        tokenizer="char",
+        device="cpu",
+        max_steps=40,
+        batch_size=8,
+        eval_interval=20,
+        model_name="e2e",
+        then_export=export,
+    )
 
 
 def _wait(get, job_id: str, timeout_s: float = DEADLINE_S) -> jobs_pb2.JobStatus:
@@ -59,7 +67,9 @@ def _wait(get, job_id: str, timeout_s: float = DEADLINE_S) -> jobs_pb2.JobStatus
 
 def _child(get, job_id: str) -> str:
     status = get(trainer_pb2.GetJobRequest(job_id=job_id), timeout=10)
-    assert len(status.child_ids) == 1, f"job {job_id} should have enqueued exactly one follow-up, got {status.child_ids}"
+    assert len(status.child_ids) == 1, (
+        f"job {job_id} should have enqueued exactly one follow-up, got {status.child_ids}"
+    )
     return status.child_ids[0]
 
 
@@ -129,7 +139,9 @@ def test_train_export_serve_stream_bench(services, tmp_path):
     node = shutil.which("node")
     assert node, "node is needed for the second gRPC client (./tinylm setup installs nodejs)"
     script = Path("tests/node_client/generate.js").resolve()  # the real file: its node_modules lie beside it
-    out = subprocess.run([node, str(script), address, str(REPO), "ROMEO:", "16"], capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [node, str(script), address, str(REPO), "ROMEO:", "16"], capture_output=True, text=True, timeout=120
+    )
     assert out.returncode == 0, out.stderr
     node_result = json.loads(out.stdout)
     assert node_result["finish_reason"] == "FINISH_REASON_LENGTH"

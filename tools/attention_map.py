@@ -42,8 +42,9 @@ def _label(tokenizer: Tokenizer, token: int) -> str:
     return text.replace("\n", "\\n").replace("\t", "\\t").replace(" ", "\u2423") or "\u2205"
 
 
-def write_attention_png(maps: torch.Tensor, layers: Sequence[int], labels: Sequence[str], path: Path,
-                        title: str) -> None:
+def write_attention_png(
+    maps: torch.Tensor, layers: Sequence[int], labels: Sequence[str], path: Path, title: str
+) -> None:
     """maps (len(layers), n_head, T, T) -> a PNG grid of heatmaps at `path` (`png_size` pixels)."""
     from matplotlib.colors import PowerNorm
     from matplotlib.figure import Figure  # no pyplot: no global backend state

@@ -59,7 +59,10 @@ def main(argv: list[str] | None = None) -> int:
         module = importlib.import_module(verb.module)
     except ModuleNotFoundError as err:
         if err.name and (verb.module == err.name or verb.module.startswith(err.name + ".")):
-            print(f"tinylm: `{name}` is not built yet (issue #{verb.issue}: {verb.module} does not exist)", file=sys.stderr)
+            print(
+                f"tinylm: `{name}` is not built yet (issue #{verb.issue}: {verb.module} does not exist)",
+                file=sys.stderr,
+            )
             return EXIT_NOT_BUILT
         raise
     # Verbs that share a module (up/down/status) get their own name as the first argument.

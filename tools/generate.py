@@ -25,8 +25,11 @@ __all__ = ["main", "stream_generation", "build_request"]
 
 def build_request(prompt: str, args: argparse.Namespace) -> inference_pb2.GenerateRequest:
     params = inference_pb2.SamplingParameters(
-        max_new_tokens=args.max_new_tokens, top_k=args.top_k, top_p=args.top_p,
-        repetition_penalty=args.repetition_penalty, stop=args.stop,
+        max_new_tokens=args.max_new_tokens,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        repetition_penalty=args.repetition_penalty,
+        stop=args.stop,
     )
     if args.temperature is not None:
         params.temperature, params.has_temperature = args.temperature, True
@@ -57,8 +60,10 @@ def _reason(final: inference_pb2.GenerateResponse) -> str:
 def _final_line(final: inference_pb2.GenerateResponse) -> str:
     t = final.timings
     error = f", error: {final.error}" if final.error else ""
-    return (f"[{final.usage.completion_tokens} tokens, {_reason(final)}, TTFT {t.ttft_ms:.1f} ms, "
-            f"{t.mean_inter_token_ms:.2f} ms/token{error}]")
+    return (
+        f"[{final.usage.completion_tokens} tokens, {_reason(final)}, TTFT {t.ttft_ms:.1f} ms, "
+        f"{t.mean_inter_token_ms:.2f} ms/token{error}]"
+    )
 
 
 def generation_json(chunks: list[inference_pb2.GenerateResponse]) -> dict:
@@ -146,8 +151,11 @@ def main(argv: list[str]) -> int:
         parser().error("give a prompt, or --interactive")
     address = _address(args)
     if address is None:
-        print("tinylm generate: no inference service; start one with `./tinylm up` (or `./tinylm serve`) "
-              "or pass --address HOST:PORT", file=sys.stderr)
+        print(
+            "tinylm generate: no inference service; start one with `./tinylm up` (or `./tinylm serve`) "
+            "or pass --address HOST:PORT",
+            file=sys.stderr,
+        )
         return 1
     with channel(address, token=args.token) as ch:
         stub = inference_pb2_grpc.InferenceServiceStub(ch)

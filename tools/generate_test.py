@@ -13,8 +13,23 @@ def test_unset_temperature_and_seed_stay_unset():
 
 
 def test_greedy_seed_stops_and_model_are_carried():
-    args = parser().parse_args(["x", "--temperature", "0", "--seed", "0", "--stop", "\n\n", "--stop", "END",
-                                "--model", "abc123", "--top-k", "5"])
+    args = parser().parse_args(
+        [
+            "x",
+            "--temperature",
+            "0",
+            "--seed",
+            "0",
+            "--stop",
+            "\n\n",
+            "--stop",
+            "END",
+            "--model",
+            "abc123",
+            "--top-k",
+            "5",
+        ]
+    )
     req = build_request("x", args)
     assert req.params.has_temperature and req.params.temperature == 0.0
     assert req.params.has_seed and req.params.seed == 0
@@ -40,13 +55,22 @@ def test_json_is_one_object_with_the_reason_by_name_and_the_error(capsys):
 
     chunks = [
         inference_pb2.GenerateResponse(text="to "),
-        inference_pb2.GenerateResponse(text="be", finish_reason=inference_pb2.FINISH_REASON_ERROR, error="RuntimeError: boom",
-                                       usage={"completion_tokens": 2}),
+        inference_pb2.GenerateResponse(
+            text="be",
+            finish_reason=inference_pb2.FINISH_REASON_ERROR,
+            error="RuntimeError: boom",
+            usage={"completion_tokens": 2},
+        ),
     ]
     assert _one(_Stub(chunks), "x", parser().parse_args(["x", "--json"])) == 1
     out = capsys.readouterr().out
     assert out.count("\n") == 1
-    assert json.loads(out) == {"text": "to be", "finish_reason": "error", "completion_tokens": 2, "error": "RuntimeError: boom"}
+    assert json.loads(out) == {
+        "text": "to be",
+        "finish_reason": "error",
+        "completion_tokens": 2,
+        "error": "RuntimeError: boom",
+    }
     chunks[-1].finish_reason, chunks[-1].error = inference_pb2.FINISH_REASON_LENGTH, ""
     assert _one(_Stub(chunks), "x", parser().parse_args(["x"])) == 0
     captured = capsys.readouterr()

@@ -17,7 +17,9 @@ def store(tmp_path, monkeypatch):
     monkeypatch.setenv("TINYLM_HOME", str(tmp_path))
     torch.manual_seed(0)
     model = GPT(get_preset("tiny", n_layer=1, n_embd=32, n_head=2, n_kv_head=1, vocab_size=256, block_size=16))
-    model_id = save_artifact(tmp_path / "artifacts", model, ByteTokenizer(), name="unit", preset="tiny", metrics={"val_loss": 3.5})
+    model_id = save_artifact(
+        tmp_path / "artifacts", model, ByteTokenizer(), name="unit", preset="tiny", metrics={"val_loss": 3.5}
+    )
     return model_id
 
 
@@ -37,4 +39,3 @@ def test_list_show_rm(store, capsys):
 def test_missing_model_is_an_error_naming_it(store, capsys):
     assert models.main(["show", "nosuchmodel"]) == 1
     assert "nosuchmodel" in capsys.readouterr().err
-

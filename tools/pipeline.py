@@ -1,10 +1,10 @@
 """`./tinylm demo`: the whole pipeline on Tiny Shakespeare, through Redis and gRPC, as a user would run it.
 
-  1. the stack: redis-server and the trainer, exporter and bench services (`./tinylm up`);
-  2. one chained job: train (the `tiny` preset briefly on CPU, `shakespeare-char` in full on a GPU) → export
-     (ONNX fp32/INT8/INT4, CoreML, HF, with the parity gates) → bench (quick suites), each enqueued by its parent;
-  3. the inference service on the new model, and a generation streamed to this terminal;
-  4. report.md with the figures and plots; then everything the demo made, with where it went.
+1. the stack: redis-server and the trainer, exporter and bench services (`./tinylm up`);
+2. one chained job: train (the `tiny` preset briefly on CPU, `shakespeare-char` in full on a GPU) → export
+   (ONNX fp32/INT8/INT4, CoreML, HF, with the parity gates) → bench (quick suites), each enqueued by its parent;
+3. the inference service on the new model, and a generation streamed to this terminal;
+4. report.md with the figures and plots; then everything the demo made, with where it went.
 """
 
 from __future__ import annotations
@@ -76,8 +76,14 @@ def _train_spec(args: argparse.Namespace, gpu: bool, results: Path) -> jobs_pb2.
     bench = jobs_pb2.BenchSpec(suites=args.bench_suites.split(","), quick=True, output_dir=str(results))
     export = jobs_pb2.ExportSpec(formats=args.formats.split(","), then_bench=bench)
     preset = args.preset or ("shakespeare-char" if gpu else "tiny")
-    spec = jobs_pb2.TrainSpec(preset=preset, tokenizer="char", device="auto", model_name=f"demo-{preset}",
-                              max_steps=args.max_steps if args.max_steps else (0 if gpu else 600), then_export=export)
+    spec = jobs_pb2.TrainSpec(
+        preset=preset,
+        tokenizer="char",
+        device="auto",
+        model_name=f"demo-{preset}",
+        max_steps=args.max_steps if args.max_steps else (0 if gpu else 600),
+        then_export=export,
+    )
     if not gpu:
         spec.eval_interval = 100
     return spec
@@ -96,7 +102,11 @@ def run(args: argparse.Namespace) -> int:
         print(f"  {name:<9} {proc.get('address', state['redis_url'])}  (log {proc['log']})")
     try:
         addresses = {n: p["address"] for n, p in state["processes"].items() if "address" in p}
-        with channel(addresses["trainer"]) as t_ch, channel(addresses["exporter"]) as e_ch, channel(addresses["bench"]) as b_ch:
+        with (
+            channel(addresses["trainer"]) as t_ch,
+            channel(addresses["exporter"]) as e_ch,
+            channel(addresses["bench"]) as b_ch,
+        ):
             trainer = trainer_pb2_grpc.TrainerServiceStub(t_ch)
             exporter = exporter_pb2_grpc.ExporterServiceStub(e_ch)
             bench = bench_pb2_grpc.BenchServiceStub(b_ch)
@@ -121,20 +131,27 @@ def run(args: argparse.Namespace) -> int:
                 stub = inference_pb2_grpc.InferenceServiceStub(i_ch)
                 prompt_ids = stub.Tokenize(inference_pb2.TokenizeRequest(text=args.prompt)).token_ids
                 tokens = max(1, min(args.tokens, context - len(prompt_ids)))
-                params = inference_pb2.SamplingParameters(max_new_tokens=tokens, temperature=0.8, has_temperature=True,
-                                                          top_k=40, seed=1337, has_seed=True)
-                request = inference_pb2.GenerateRequest(model=common_pb2.ModelRef(id=model_id), prompt=args.prompt, params=params)
+                params = inference_pb2.SamplingParameters(
+                    max_new_tokens=tokens, temperature=0.8, has_temperature=True, top_k=40, seed=1337, has_seed=True
+                )
+                request = inference_pb2.GenerateRequest(
+                    model=common_pb2.ModelRef(id=model_id), prompt=args.prompt, params=params
+                )
                 print("-" * 60 + "\n" + args.prompt, end="", flush=True)
                 final = list(stream_generation(stub, request, sys.stdout))[-1]
                 print("\n" + "-" * 60)
                 t = final.timings
-                print(f"  {final.usage.completion_tokens} tokens, TTFT {t.ttft_ms:.1f} ms, {t.mean_inter_token_ms:.2f} ms/token")
+                print(
+                    f"  {final.usage.completion_tokens} tokens, TTFT {t.ttft_ms:.1f} ms, {t.mean_inter_token_ms:.2f} ms/token"
+                )
 
             _say("4/4 benchmark and report")
             bench_job = _wait_child(exporter.GetExport, export_job)
             final = _watch(bench.WatchBench, bench_job, "bench")
             if final.state != jobs_pb2.JOB_STATE_SUCCEEDED:
-                raise RuntimeError(f"bench job {bench_job} ended {jobs_pb2.JobState.Name(final.state)}: {final.message}")
+                raise RuntimeError(
+                    f"bench job {bench_job} ended {jobs_pb2.JobState.Name(final.state)}: {final.message}"
+                )
             bench_report = bench.GetReport(bench_pb2.GetReportRequest(job_id=bench_job))
     finally:
         if not args.keep_up:
@@ -175,7 +192,9 @@ def _print_parity(report: dict) -> None:
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="tinylm demo", description=__doc__.splitlines()[0])
     p.add_argument("--preset", default="", help="model preset (default: tiny on CPU, shakespeare-char on a GPU)")
-    p.add_argument("--max-steps", type=int, default=0, help="training steps (default: 600 on CPU, the preset's on a GPU)")
+    p.add_argument(
+        "--max-steps", type=int, default=0, help="training steps (default: 600 on CPU, the preset's on a GPU)"
+    )
     p.add_argument("--formats", default="onnx,int8,int4,coreml,hf", help="export formats")
     p.add_argument("--bench-suites", default="kvcache,memory", help="bench suites of the chained bench job")
     p.add_argument("--prompt", default="ROMEO:", help="prompt of the streamed generation")

@@ -18,7 +18,11 @@ class Settings:
     @classmethod
     def from_env(cls) -> "Settings":
         home = Path(os.environ.get("TINYLM_HOME") or Path.home() / ".tinylm").expanduser()
-        return cls(home=home, redis_url=os.environ.get("TINYLM_REDIS_URL") or None, corpus=os.environ.get("TINYLM_CORPUS") or None)
+        return cls(
+            home=home,
+            redis_url=os.environ.get("TINYLM_REDIS_URL") or None,
+            corpus=os.environ.get("TINYLM_CORPUS") or None,
+        )
 
     @property
     def artifacts(self) -> Path:

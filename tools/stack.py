@@ -89,9 +89,26 @@ def _start_redis(stack_dir: Path, timeout_s: float = 10) -> tuple[str, int]:
     data.mkdir(parents=True, exist_ok=True)
     log = stack_dir / "logs" / "redis.log"
     proc = subprocess.Popen(
-        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--dir", str(data), "--save", "",
-         "--appendonly", "yes", "--appendfsync", "everysec", "--logfile", str(log)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True,
+        [
+            "redis-server",
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--dir",
+            str(data),
+            "--save",
+            "",
+            "--appendonly",
+            "yes",
+            "--appendfsync",
+            "everysec",
+            "--logfile",
+            str(log),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
     deadline = time.monotonic() + timeout_s
     try:
@@ -110,11 +127,15 @@ def _start_redis(stack_dir: Path, timeout_s: float = 10) -> tuple[str, int]:
     raise TimeoutError(f"redis-server did not answer on port {port} within {timeout_s:.0f} s; see {log}")
 
 
-def start_stack(settings: Settings, *, only: list[str] | None = None, model: str | None = None, timeout_s: float = 120) -> dict:
+def start_stack(
+    settings: Settings, *, only: list[str] | None = None, model: str | None = None, timeout_s: float = 120
+) -> dict:
     """Starts Redis (if needed) and the services; returns the state written to state.json."""
     existing = read_state(settings)
     if existing and any(_alive(p["pid"]) for p in existing["processes"].values()):
-        raise RuntimeError(f"a stack is already running (state in {settings.stack_dir / 'state.json'}); run ./tinylm down first")
+        raise RuntimeError(
+            f"a stack is already running (state in {settings.stack_dir / 'state.json'}); run ./tinylm down first"
+        )
     (settings.stack_dir / "logs").mkdir(parents=True, exist_ok=True)
     state: dict = {"processes": {}, "started_unix": time.time()}
     try:
@@ -151,12 +172,22 @@ def add_service(settings: Settings, name: str, *, model: str | None = None, time
     http_port = free_port()  # the inference service's OpenAI-compatible API and /metrics; a job service's /metrics
     argv += ["--http-port" if spec.name == "inference" else "--metrics-port", str(http_port)]
     urls = _http_urls(spec.name, http_port)
-    env = {**os.environ, "TINYLM_HOME": str(settings.home), "TINYLM_REDIS_URL": state["redis_url"],
-           "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    env = {
+        **os.environ,
+        "TINYLM_HOME": str(settings.home),
+        "TINYLM_REDIS_URL": state["redis_url"],
+        "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+    }
     with open(log, "ab") as out:
         proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     address = f"127.0.0.1:{port}"
-    state["processes"][spec.name] = {"pid": proc.pid, "address": address, "log": str(log), "grpc": spec.grpc_name, **urls}
+    state["processes"][spec.name] = {
+        "pid": proc.pid,
+        "address": address,
+        "log": str(log),
+        "grpc": spec.grpc_name,
+        **urls,
+    }
     _write_state(settings, state)
     _wait_healthy(address, spec.grpc_name, proc, log, timeout_s)
     return address
@@ -165,7 +196,9 @@ def add_service(settings: Settings, name: str, *, model: str | None = None, time
 def _http_urls(name: str, port: int) -> dict[str, str]:
     """The inference service serves the OpenAI-compatible API and /metrics on one port; a job service /metrics alone."""
     base = f"http://127.0.0.1:{port}"
-    return {"api": f"{base}/v1", "metrics": f"{base}/metrics"} if name == "inference" else {"metrics": f"{base}/metrics"}
+    return (
+        {"api": f"{base}/v1", "metrics": f"{base}/metrics"} if name == "inference" else {"metrics": f"{base}/metrics"}
+    )
 
 
 def _write_state(settings: Settings, state: dict) -> None:
@@ -242,8 +275,12 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog=f"tinylm {verb}")
     parser.add_argument("--json", action="store_true", help="machine-readable output")
     if verb == "up":
-        parser.add_argument("--only", default="", help=f"comma-separated subset of: {', '.join(s.name for s in SERVICES)}")
-        parser.add_argument("--model", default=None, help="model id, name or path for the inference service (default: newest)")
+        parser.add_argument(
+            "--only", default="", help=f"comma-separated subset of: {', '.join(s.name for s in SERVICES)}"
+        )
+        parser.add_argument(
+            "--model", default=None, help="model id, name or path for the inference service (default: newest)"
+        )
     args = parser.parse_args(rest)
     settings = Settings.from_env()
     if verb == "up":

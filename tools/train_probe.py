@@ -41,7 +41,11 @@ VARIANTS = {
 
 def _config(variant: str, steps: int, eval_interval: int):
     return load_config("shakespeare-char").replace(
-        max_steps=steps, eval_interval=eval_interval, eval_iters=10, log_interval=1, tensorboard=False,
+        max_steps=steps,
+        eval_interval=eval_interval,
+        eval_iters=10,
+        log_interval=1,
+        tensorboard=False,
         **VARIANTS[variant],
     )
 
@@ -99,8 +103,14 @@ def _run(variant: str, steps: int, eval_interval: int, workdir: Path, corpus: Pa
             losses.append(m["loss"])
 
     t0 = time.perf_counter()
-    train(config, corpus, store_root=workdir / "store", run_dir=workdir / f"run-{variant}-{time.time_ns()}",
-          data_dir=workdir / "data", progress_callback=cb)
+    train(
+        config,
+        corpus,
+        store_root=workdir / "store",
+        run_dir=workdir / f"run-{variant}-{time.time_ns()}",
+        data_dir=workdir / "data",
+        progress_callback=cb,
+    )
     return {"variant": variant, "losses": losses, "evals": evals, "wall_s": time.perf_counter() - t0}
 
 
@@ -113,8 +123,23 @@ def carryover(args: argparse.Namespace, workdir: Path, corpus: Path) -> None:
     fresh = {}
     for variant in sorted({r["variant"] for r in seq[1:]}):  # the same variants alone, each in a new process
         out = workdir / f"fresh-{variant}.json"
-        subprocess.run([sys.executable, "-m", "tools.train_probe", "single", "--variant", variant, "--steps",
-                        str(args.steps), "--eval-interval", str(args.eval_interval), "--json", str(out)], check=True)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "tools.train_probe",
+                "single",
+                "--variant",
+                variant,
+                "--steps",
+                str(args.steps),
+                "--eval-interval",
+                str(args.eval_interval),
+                "--json",
+                str(out),
+            ],
+            check=True,
+        )
         fresh[variant] = json.loads(out.read_text())
     print("\n== kernel checks (relative error vs PyTorch on poisoned memory)")
     for name, checks in rows:
@@ -126,8 +151,10 @@ def carryover(args: argparse.Namespace, workdir: Path, corpus: Path) -> None:
         if f is not None and i > 0:
             n = min(len(f["losses"]), len(r["losses"]))
             diff = f"{sum(abs(a - b) for a, b in zip(f['losses'][:n], r['losses'][:n])) / max(n, 1):.4f}"
-        print(f"{i}:{r['variant']:<16} last-loss {r['losses'][-1]:.4f} evals {r['evals']} | fresh evals "
-              f"{f['evals'] if f else '-'} | mean|dloss| {diff}")
+        print(
+            f"{i}:{r['variant']:<16} last-loss {r['losses'][-1]:.4f} evals {r['evals']} | fresh evals "
+            f"{f['evals'] if f else '-'} | mean|dloss| {diff}"
+        )
 
 
 def profile(args: argparse.Namespace, workdir: Path, corpus: Path) -> None:
@@ -139,8 +166,14 @@ def profile(args: argparse.Namespace, workdir: Path, corpus: Path) -> None:
         prepare_data(corpus, "char", workdir / "data")
         torch.backends.cuda.matmul.allow_tf32 = True
         with use_kernels(config.kernels):
-            run = _setup(config, corpus, workdir / f"p-{variant}", workdir / "data", __import__("trainer.distributed",
-                         fromlist=["SINGLE"]).SINGLE, torch.device("cuda"))
+            run = _setup(
+                config,
+                corpus,
+                workdir / f"p-{variant}",
+                workdir / "data",
+                __import__("trainer.distributed", fromlist=["SINGLE"]).SINGLE,
+                torch.device("cuda"),
+            )
             t0 = time.perf_counter()
             for _ in range(args.warmup):
                 _train_step(run)
@@ -154,8 +187,9 @@ def profile(args: argparse.Namespace, workdir: Path, corpus: Path) -> None:
             torch.cuda.synchronize()
             wall_ms = (time.perf_counter() - t0) / args.steps * 1e3
             n_prof = 5
-            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
-                                                    torch.profiler.ProfilerActivity.CUDA]) as prof:
+            with torch.profiler.profile(
+                activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+            ) as prof:
                 for _ in range(n_prof):
                     _train_step(run)
                     run.step += 1
@@ -163,14 +197,23 @@ def profile(args: argparse.Namespace, workdir: Path, corpus: Path) -> None:
         annotations = ("forward", "backward", "optimizer")
         from torch._dynamo.utils import counters
 
-        print(f"\n[{variant}] dynamo: unique graphs {counters['stats'].get('unique_graphs', 0)}, graph breaks "
-              f"{sum(counters['graph_break'].values())} {dict(list(counters['graph_break'].items())[:3])}")
+        print(
+            f"\n[{variant}] dynamo: unique graphs {counters['stats'].get('unique_graphs', 0)}, graph breaks "
+            f"{sum(counters['graph_break'].values())} {dict(list(counters['graph_break'].items())[:3])}"
+        )
         counters.clear()
-        kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
-                   and not e.name.startswith(annotations) and "#" not in e.name]
+        kernels = [
+            e
+            for e in prof.events()
+            if e.device_type == torch.autograd.DeviceType.CUDA
+            and not e.name.startswith(annotations)
+            and "#" not in e.name
+        ]
         cpu_top = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)[:12]
-        print(f"\n[{variant}] top host ops (self CPU ms/step): "
-              + ", ".join(f"{e.key[:40]} {e.self_cpu_time_total / 1e3 / n_prof:.2f}" for e in cpu_top))
+        print(
+            f"\n[{variant}] top host ops (self CPU ms/step): "
+            + ", ".join(f"{e.key[:40]} {e.self_cpu_time_total / 1e3 / n_prof:.2f}" for e in cpu_top)
+        )
         if os.environ.get("OUT"):
             prof.export_chrome_trace(str(Path(os.environ["OUT"]) / f"trace-{variant}.json"))
         busy_ms = sum(e.device_time for e in kernels) / 1e3 / n_prof
@@ -191,8 +234,10 @@ def profile(args: argparse.Namespace, workdir: Path, corpus: Path) -> None:
 def _sdpa_state() -> str:
     b = torch.backends.cuda
     order = torch._C._get_sdp_priority_order() if hasattr(torch._C, "_get_sdp_priority_order") else "?"
-    return (f"flash={b.flash_sdp_enabled()} cudnn={b.cudnn_sdp_enabled()} efficient={b.mem_efficient_sdp_enabled()} "
-            f"math={b.math_sdp_enabled()} priority={order}")
+    return (
+        f"flash={b.flash_sdp_enabled()} cudnn={b.cudnn_sdp_enabled()} efficient={b.mem_efficient_sdp_enabled()} "
+        f"math={b.math_sdp_enabled()} priority={order}"
+    )
 
 
 def _sdpa_kernels() -> str:
@@ -202,7 +247,9 @@ def _sdpa_kernels() -> str:
         F.scaled_dot_product_attention(q, k, v, dropout_p=0.2, is_causal=True).sum().backward()
         torch.cuda.synchronize()
     names = {e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA}
-    return ", ".join(sorted(n[:50] for n in names if any(w in n.lower() for w in ("fmha", "flash", "cudnn", "attention", "sdpa"))))
+    return ", ".join(
+        sorted(n[:50] for n in names if any(w in n.lower() for w in ("fmha", "flash", "cudnn", "attention", "sdpa")))
+    )
 
 
 def sdpa(args: argparse.Namespace, workdir: Path, corpus: Path) -> None:

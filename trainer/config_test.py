@@ -20,15 +20,23 @@ def test_shakespeare_char_is_nanogpts_recipe():
     c = TRAIN_PRESETS["shakespeare-char"]
     assert (c.batch_size, c.block_size, c.lr, c.max_steps, c.warmup, c.min_lr) == (64, 256, 1e-3, 5000, 100, 1e-4)
     assert (c.betas, c.eval_interval, c.eval_iters, c.dropout, c.weight_decay, c.grad_clip) == (
-        (0.9, 0.99), 250, 200, 0.2, 0.1, 1.0
+        (0.9, 0.99),
+        250,
+        200,
+        0.2,
+        0.1,
+        1.0,
     )
     assert c.tokenizer == "char"
 
 
 def test_overrides_are_coerced_to_field_types():
-    cfg = load_config("tiny", overrides=parse_overrides(
-        ["lr=3e-4", "max_steps=5e3", "compile=true", "betas=0.8,0.95", "dropout=0.1", "device=cpu"]
-    ))
+    cfg = load_config(
+        "tiny",
+        overrides=parse_overrides(
+            ["lr=3e-4", "max_steps=5e3", "compile=true", "betas=0.8,0.95", "dropout=0.1", "device=cpu"]
+        ),
+    )
     assert cfg.lr == 3e-4 and cfg.max_steps == 5000 and cfg.compile is True and cfg.compile_mode == "default"
     assert cfg.betas == (0.8, 0.95) and cfg.dropout == 0.1 and cfg.device == "cpu"
     assert cfg.preset == "tiny" and cfg.batch_size == TRAIN_PRESETS["tiny"].batch_size
@@ -89,7 +97,10 @@ def test_micro_batch_plan():
 
 
 def test_compile_mode_and_the_old_compile_flag(tmp_path):
-    assert TRAIN_PRESETS["tiny"].compile_mode == "none" and TRAIN_PRESETS["shakespeare-char"].compile_mode == "reduce-overhead"
+    assert (
+        TRAIN_PRESETS["tiny"].compile_mode == "none"
+        and TRAIN_PRESETS["shakespeare-char"].compile_mode == "reduce-overhead"
+    )
     for mode in ("none", "default", "reduce-overhead", "max-autotune"):
         cfg = load_config("tiny", overrides={"compile_mode": mode})
         assert cfg.compile_mode == mode and cfg.compile is (mode != "none")

@@ -67,7 +67,7 @@ def check_text(path: Path) -> None:
                 decoder.decode(chunk)
             except UnicodeDecodeError as err:
                 raise CorpusError(
-                    f"corpus_path {str(path)!r} is not UTF-8 text: byte {n + err.start} ({chunk[err.start:err.start + 1]!r}) "
+                    f"corpus_path {str(path)!r} is not UTF-8 text: byte {n + err.start} ({chunk[err.start : err.start + 1]!r}) "
                     "is invalid; give a plain text file"
                 ) from None
             n += len(chunk)

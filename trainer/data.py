@@ -156,7 +156,9 @@ class BatchLoader:
     `get_batch`'s. Splits over DEVICE_RESIDENT_MAX_BYTES, and CPU runs, take `get_batch` itself.
     """
 
-    def __init__(self, data: np.ndarray, block_size: int, device: torch.device, *, resident: bool | None = None) -> None:
+    def __init__(
+        self, data: np.ndarray, block_size: int, device: torch.device, *, resident: bool | None = None
+    ) -> None:
         """`resident`: keep the split on `device` (None: on a GPU, when it fits DEVICE_RESIDENT_MAX_BYTES)."""
         self.data, self.block_size, self.device = data, block_size, device
         self.tokens: torch.Tensor | None = None  # (N,) int64 on the device, when resident

@@ -13,7 +13,17 @@ from typing import Any
 import torch
 import torch.distributed as torch_dist
 
-__all__ = ["DistInfo", "SINGLE", "dist_from_env", "init_process_group", "destroy_process_group", "barrier", "all_mean", "any_true", "gather"]
+__all__ = [
+    "DistInfo",
+    "SINGLE",
+    "dist_from_env",
+    "init_process_group",
+    "destroy_process_group",
+    "barrier",
+    "all_mean",
+    "any_true",
+    "gather",
+]
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,7 @@ def split_loss(
     assert n_targets >= 1, f"a split needs at least 2 tokens, got {len(tokens)}"
     data = torch.from_numpy(np.asarray(tokens, dtype=np.int64))
     starts = list(range(0, n_targets, block_size))
-    autocast = (torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext())
+    autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
     was_training = model.training
     model.eval()
     total = torch.zeros((), dtype=torch.float64, device=device)
@@ -46,7 +46,9 @@ def split_loss(
                 x[row, :n], y[row, :n] = data[s : s + n], data[s + 1 : s + n + 1]
             with autocast:
                 logits, _ = model(x.to(device))  # (B, T, V)
-            loss = F.cross_entropy(logits.float().flatten(0, 1), y.to(device).flatten(), ignore_index=-1, reduction="sum")
+            loss = F.cross_entropy(
+                logits.float().flatten(0, 1), y.to(device).flatten(), ignore_index=-1, reduction="sum"
+            )
             total += loss.double()
     finally:
         model.train(was_training)

@@ -38,13 +38,21 @@ def tinylm_home(env: Mapping[str, str]) -> Path:
 
 def _train_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tinylm train", description="Train a model; prints the artifact id.")
-    p.add_argument("--preset", help="tiny, small, shakespeare-char, shakespeare-char-fast, medium, large, gpt2-124m (default: tiny)")
+    p.add_argument(
+        "--preset",
+        help="tiny, small, shakespeare-char, shakespeare-char-fast, medium, large, gpt2-124m (default: tiny)",
+    )
     p.add_argument("--config", type=Path, help="YAML file of TrainConfig keys (applied before key=value overrides)")
     p.add_argument("--name", help="artifact name (same as name=...)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("-q", "--quiet", action="store_true", help="log warnings only")
-    p.add_argument("--profile", type=_positive_int, default=0, metavar="N",
-                   help="write a torch.profiler trace of N steps (after 2 warm-up steps) to <run folder>/profile/")
+    p.add_argument(
+        "--profile",
+        type=_positive_int,
+        default=0,
+        metavar="N",
+        help="write a torch.profiler trace of N steps (after 2 warm-up steps) to <run folder>/profile/",
+    )
     p.add_argument("overrides", nargs="*", metavar="key=value", help="TrainConfig overrides, e.g. max_steps=2000")
     return p
 
@@ -64,8 +72,12 @@ def _serve_parser() -> argparse.ArgumentParser:
     p.add_argument("--token", help="require this bearer token (default $TINYLM_TOKEN, if set)")
     p.add_argument("--tls-cert", type=Path, help="PEM certificate (with --tls-key) for TLS")
     p.add_argument("--tls-key", type=Path, help="PEM private key")
-    p.add_argument("--metrics-port", type=int, default=None,
-                   help="serve Prometheus /metrics (queue depth, running jobs, dead letters, job durations) on this port of --host (0: a free one); off by default")
+    p.add_argument(
+        "--metrics-port",
+        type=int,
+        default=None,
+        help="serve Prometheus /metrics (queue depth, running jobs, dead letters, job durations) on this port of --host (0: a free one); off by default",
+    )
     return p
 
 
@@ -185,11 +197,15 @@ def _serve(argv: list[str], env: Mapping[str, str]) -> int:
     queue = JobQueue(redis_url)
     server = serve_from_args(
         [(trainer_pb2_grpc.add_TrainerServiceServicer_to_server, TrainerService(queue, paths.store_root))],
-        [SERVICE_NAME], args, token=args.token or env.get("TINYLM_TOKEN"),
+        [SERVICE_NAME],
+        args,
+        token=args.token or env.get("TINYLM_TOKEN"),
     )
     stop = threading.Event()
     metrics = JobMetrics(queue) if args.metrics_port is not None else None
-    workers = run_workers(JobQueue(redis_url), paths, args.workers, stop, on_finished=metrics.observe if metrics else None)
+    workers = run_workers(
+        JobQueue(redis_url), paths, args.workers, stop, on_finished=metrics.observe if metrics else None
+    )
     print(f"TrainerService listening on {server.address} ({args.workers} worker(s), home {paths.home})", flush=True)
     metrics_server = serve_metrics(metrics.registry, args.host, args.metrics_port) if metrics else None
     if metrics_server:

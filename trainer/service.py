@@ -50,7 +50,11 @@ class TrainerService(trainer_pb2_grpc.TrainerServiceServicer):
         except SpecError as err:
             invalid_argument(context, f"spec.{err.field}", err.reason)
         if spec.corpus_path and not _is_file(spec.corpus_path):
-            what = "is a directory; give a UTF-8 text file" if _is_dir(spec.corpus_path) else "does not exist on the trainer"
+            what = (
+                "is a directory; give a UTF-8 text file"
+                if _is_dir(spec.corpus_path)
+                else "does not exist on the trainer"
+            )
             invalid_argument(context, "spec.corpus_path", f"{spec.corpus_path!r} {what}")
         with queue_errors(context):
             job_id = self.queue.submit("train", spec, idempotency_key=request.idempotency_key)
@@ -58,14 +62,18 @@ class TrainerService(trainer_pb2_grpc.TrainerServiceServicer):
         log.info("enqueued train job %s (preset %s)", job_id, spec.preset)
         return trainer_pb2.StartTrainingResponse(job_id=job_id, status=status)
 
-    def WatchTraining(self, request: trainer_pb2.WatchRequest, context: grpc.ServicerContext) -> Iterator[jobs_pb2.JobEvent]:
+    def WatchTraining(
+        self, request: trainer_pb2.WatchRequest, context: grpc.ServicerContext
+    ) -> Iterator[jobs_pb2.JobEvent]:
         self._train_job(request.job_id, context)
         yield from watch_events(self.queue, request.job_id, context, from_start=request.from_start)
 
     def GetTraining(self, request: trainer_pb2.GetJobRequest, context: grpc.ServicerContext) -> jobs_pb2.JobStatus:
         return self._train_job(request.job_id, context)
 
-    def CancelTraining(self, request: trainer_pb2.CancelJobRequest, context: grpc.ServicerContext) -> jobs_pb2.JobStatus:
+    def CancelTraining(
+        self, request: trainer_pb2.CancelJobRequest, context: grpc.ServicerContext
+    ) -> jobs_pb2.JobStatus:
         self._train_job(request.job_id, context)
         with queue_errors(context):
             return self.queue.cancel(request.job_id)
@@ -79,8 +87,6 @@ class TrainerService(trainer_pb2_grpc.TrainerServiceServicer):
     def _train_job(self, job_id: str, context: grpc.ServicerContext) -> jobs_pb2.JobStatus:
         """The status of train job `job_id`; aborts INVALID_ARGUMENT (empty id) or NOT_FOUND (no such train job)."""
         return job_status(self.queue, job_id, "train", context)
-
-
 
 
 def model_info(info: ArtifactInfo) -> common_pb2.ModelInfo:

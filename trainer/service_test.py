@@ -126,9 +126,13 @@ def test_bad_export_format_and_unknown_jobs(stack):
     with pytest.raises(grpc.RpcError) as info:
         stub.StartTraining(trainer_pb2.StartTrainingRequest(spec=spec), timeout=10)
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert info.value.details().startswith("spec.then_export.then_bench.suites[1]:") and "'nosuch'" in info.value.details()
+    assert (
+        info.value.details().startswith("spec.then_export.then_bench.suites[1]:") and "'nosuch'" in info.value.details()
+    )
     with pytest.raises(grpc.RpcError) as info:  # issue 22 finding 7: a directory was said to not exist
-        stub.StartTraining(trainer_pb2.StartTrainingRequest(spec=_spec(corpus, corpus_path=str(corpus.parent))), timeout=10)
+        stub.StartTraining(
+            trainer_pb2.StartTrainingRequest(spec=_spec(corpus, corpus_path=str(corpus.parent))), timeout=10
+        )
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "is a directory" in info.value.details()
     for call, request in [
         (stub.GetTraining, trainer_pb2.GetJobRequest(job_id="feedface")),

@@ -45,7 +45,10 @@ class SpecError(ValueError):
 def config_from_spec(spec: jobs_pb2.TrainSpec) -> TrainConfig:
     """The TrainConfig a spec asks for (preset defaults, then the spec's fields, then its overrides)."""
     if not spec.preset:
-        raise SpecError("preset", "is required; one of tiny, small, shakespeare-char, shakespeare-char-fast, medium, large, gpt2-124m")
+        raise SpecError(
+            "preset",
+            "is required; one of tiny, small, shakespeare-char, shakespeare-char-fast, medium, large, gpt2-124m",
+        )
     for key in spec.overrides:
         if key in RESERVED_OVERRIDES:
             raise SpecError(f"overrides[{key}]", "is set by the trainer's worker and cannot be overridden")

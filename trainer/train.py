@@ -145,7 +145,12 @@ def _restores_backend_settings() -> Iterator[None]:
     and one run must not change how the next computes. (A torch.compile run in torch 2.11 reorders SDPA's backend
     priorities to put cuDNN first; the run itself sets TF32.)"""
     cuda = torch.backends.cuda
-    flags = (cuda.flash_sdp_enabled(), cuda.mem_efficient_sdp_enabled(), cuda.math_sdp_enabled(), cuda.cudnn_sdp_enabled())
+    flags = (
+        cuda.flash_sdp_enabled(),
+        cuda.mem_efficient_sdp_enabled(),
+        cuda.math_sdp_enabled(),
+        cuda.cudnn_sdp_enabled(),
+    )
     priority = torch._C._get_sdp_priority_order() if hasattr(torch._C, "_get_sdp_priority_order") else None
     tf32 = (cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
     try:
@@ -310,8 +315,22 @@ def _setup(
     micro, accum = micro_batch_plan(config.batch_size, config.grad_accum, info.world_size)
     sampler = WindowSampler(len(data.train), block, config.seed)
     WindowSampler(len(data.val), block, config.seed)  # fail now, not at the first evaluation, if val is too short
-    run = _Run(config, info, device, data, model, model, optimizer, scaler, sampler, BatchLoader(data.train, block, device),
-               BatchLoader(data.val, block, device), micro, accum, Path(run_dir))
+    run = _Run(
+        config,
+        info,
+        device,
+        data,
+        model,
+        model,
+        optimizer,
+        scaler,
+        sampler,
+        BatchLoader(data.train, block, device),
+        BatchLoader(data.val, block, device),
+        micro,
+        accum,
+        Path(run_dir),
+    )
     run.run_dir.mkdir(parents=True, exist_ok=True)
     if config.resume and has_resume_state(run.run_dir):
         _restore(run)
@@ -467,7 +486,10 @@ def estimate_loss(run: _Run) -> dict[str, float]:
     evaluator = run.fwd.module if isinstance(run.fwd, DDP) else run.fwd
     run.model.eval()
     out = {}
-    for split, tokens, batches in (("train", run.data.train, run.train_batches), ("val", run.data.val, run.val_batches)):
+    for split, tokens, batches in (
+        ("train", run.data.train, run.train_batches),
+        ("val", run.data.val, run.val_batches),
+    ):
         rng = np.random.Generator(np.random.PCG64([config.seed, 1]))
         high = len(tokens) - block
         losses = torch.zeros(config.eval_iters, device=run.device)
@@ -531,16 +553,16 @@ def _save_resume(run: _Run, elapsed_s: float | None = None) -> None:
 
 
 def _restore(run: _Run) -> None:
-    state = load_resume_state(
-        run.run_dir, run.model, run.optimizer, run.scaler, rank=run.info.rank, device=run.device
-    )
+    state = load_resume_state(run.run_dir, run.model, run.optimizer, run.scaler, rank=run.info.rank, device=run.device)
     run.step = int(state["step"])
     run.best_val = math.inf if state["best_val"] is None else float(state["best_val"])
     run.best_step, run.bad_evals = int(state["best_step"]), int(state["bad_evals"])
     run.tokens_seen, run.elapsed_s = int(state["tokens_seen"]), float(state["elapsed_s"])
     run.sampler.load_state_dict(state["sampler"])
     if state["world_size"] != run.info.world_size:
-        log.warning("resuming a %d-rank run on %d ranks: dropout RNG restarts", state["world_size"], run.info.world_size)
+        log.warning(
+            "resuming a %d-rank run on %d ranks: dropout RNG restarts", state["world_size"], run.info.world_size
+        )
 
 
 def _final_metrics(run: _Run) -> dict[str, float]:

@@ -97,7 +97,9 @@ def _export_all(model: Any, folder: Path) -> dict[str, Path]:
     return paths
 
 
-def bench_decode(model: Any, label: str, steps: int, warmup: int, threads: int, onnx_dir: Path | None = None) -> list[dict[str, Any]]:
+def bench_decode(
+    model: Any, label: str, steps: int, warmup: int, threads: int, onnx_dir: Path | None = None
+) -> list[dict[str, Any]]:
     """Rows (one per engine and batch) of decode latency for `model`; exports into a temp folder unless
     `onnx_dir` already holds model.onnx, model-int8.onnx and model-int4.onnx."""
     from model.onnx_contract import VARIANT_FILES
@@ -106,7 +108,11 @@ def bench_decode(model: Any, label: str, steps: int, warmup: int, threads: int, 
     rows = []
     with tempfile.TemporaryDirectory(prefix="tinylm-bench-") as tmp:
         have = onnx_dir is not None and all((onnx_dir / VARIANT_FILES[v]).is_file() for v in ("fp32", "int8", "int4"))
-        paths = {v: onnx_dir / VARIANT_FILES[v] for v in ("fp32", "int8", "int4")} if have else _export_all(model, Path(tmp))
+        paths = (
+            {v: onnx_dir / VARIANT_FILES[v] for v in ("fp32", "int8", "int4")}
+            if have
+            else _export_all(model, Path(tmp))
+        )
         rng = np.random.default_rng(0)
         for batch in BATCHES:
             prompt = rng.integers(0, model.config.vocab_size, (batch, PROMPT_LEN), dtype=np.int64)
@@ -135,7 +141,9 @@ def _plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
     fig, ax = plt.subplots(figsize=(2.4 * len(groups) + 2, 4.5))
     width = 0.8 / len(ENGINES)
     for i, engine in enumerate(ENGINES):
-        values = [next(r["p50_ms"] for r in rows if (r["model"], r["batch"]) == g and r["engine"] == engine) for g in groups]
+        values = [
+            next(r["p50_ms"] for r in rows if (r["model"], r["batch"]) == g and r["engine"] == engine) for g in groups
+        ]
         ax.bar([x + i * width for x in range(len(groups))], values, width, label=engine)
     ax.set_xticks([x + 0.4 - width / 2 for x in range(len(groups))], [f"{m}\nbatch {b}" for m, b in groups])
     ax.set_ylabel("decode step p50 (ms, log scale)")
@@ -176,18 +184,24 @@ def main(argv: list[str] | None = None) -> int:
     start = time.time()
     rows = []
     for name in [n.strip() for n in args.presets.split(",") if n.strip()]:
-        rows += bench_decode(GPT(get_preset(name, dropout=0.0)), f"{name} (random)", args.steps, args.warmup, args.threads)
+        rows += bench_decode(
+            GPT(get_preset(name, dropout=0.0)), f"{name} (random)", args.steps, args.warmup, args.threads
+        )
     if args.model is not None:
         art = load_artifact(args.model)
         rows += bench_decode(art.model, art.manifest["id"], args.steps, args.warmup, args.threads, args.model / "onnx")
-    header = make_header(cpu_device_name(), REPO_ROOT, [sys.executable, "-m", MODULE, *argv],
-                         Anchor("torch-eager at the same model and batch (speedup_vs_torch_p50)"))
+    header = make_header(
+        cpu_device_name(),
+        REPO_ROOT,
+        [sys.executable, "-m", MODULE, *argv],
+        Anchor("torch-eager at the same model and batch (speedup_vs_torch_p50)"),
+    )
     summary = {
         "threads": args.threads,
         "versions": {"torch": torch.__version__, "onnxruntime": onnxruntime.__version__},
         "weights": "random init for presets (decode latency does not depend on the weight values)",
         "metric": f"latency of one decode step (one new token per row) after a {PROMPT_LEN}-token prefill; "
-                  f"{args.steps} timed steps after {args.warmup} warm-up steps",  # fmt: skip
+        f"{args.steps} timed steps after {args.warmup} warm-up steps",  # fmt: skip
         "seconds": round(time.time() - start, 1),
     }
     paths = write_results(args.out_dir, "export", header, rows, summary=summary, stem=RESULT_STEM)

@@ -13,8 +13,18 @@ def test_bench_writes_rows_for_every_engine_and_batch(tmp_path, capsys):
     result = json.loads((tmp_path / "export-cpu.json").read_text())
     header, summary = result["header"], result["summary"]
     assert header["device"].startswith("cpu: ") and summary["threads"] == 1
-    assert header["command"][1:] == ["-m", MODULE, "--presets", "tiny", "--steps", "2", "--warmup", "0",
-                                     "--out-dir", str(tmp_path)]
+    assert header["command"][1:] == [
+        "-m",
+        MODULE,
+        "--presets",
+        "tiny",
+        "--steps",
+        "2",
+        "--warmup",
+        "0",
+        "--out-dir",
+        str(tmp_path),
+    ]
     assert "random init" in summary["weights"] and header["git_commit"]
     rows = result["rows"]
     assert {(r["engine"], r["batch"]) for r in rows} == {(e, b) for e in ENGINES for b in BATCHES}

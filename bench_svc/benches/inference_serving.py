@@ -87,8 +87,22 @@ class Plan:
     grpc_client_processes: int
 
 
-GPU_PLAN = Plan(new_tokens=200, latency_repeats=5, concurrency=256, grpc_streams=64, grpc_requests_per_stream=8, grpc_client_processes=8)
-CPU_PLAN = Plan(new_tokens=48, latency_repeats=3, concurrency=16, grpc_streams=8, grpc_requests_per_stream=2, grpc_client_processes=2)
+GPU_PLAN = Plan(
+    new_tokens=200,
+    latency_repeats=5,
+    concurrency=256,
+    grpc_streams=64,
+    grpc_requests_per_stream=8,
+    grpc_client_processes=8,
+)
+CPU_PLAN = Plan(
+    new_tokens=48,
+    latency_repeats=3,
+    concurrency=16,
+    grpc_streams=8,
+    grpc_requests_per_stream=2,
+    grpc_client_processes=2,
+)
 
 
 def _pct(values: list[float], q: float) -> float | None:
@@ -141,21 +155,59 @@ def engine_throughput(engine: Engine, prompts: list[tuple[int, ...]], new_tokens
     }
 
 
-def _engine_rows(backend: str, runner: ModelRunner, tokenizer, plan: Plan, on_gpu: bool, equal_too: bool = False) -> list[Row]:
+def _engine_rows(
+    backend: str, runner: ModelRunner, tokenizer, plan: Plan, on_gpu: bool, equal_too: bool = False
+) -> list[Row]:
     """Batch-1 latency and N-concurrent throughput (and, with `equal_too`, N prompts of one length: the case
     where the ORT runner can put every sequence in one call)."""
     prompts = _prompts(plan.concurrency, runner.vocab_size)
     with Engine(runner, tokenizer, max_queue=plan.concurrency) as engine:
         ms, ttft = engine_latency(engine, prompts[8], plan.new_tokens, plan.latency_repeats)
         batch = engine_throughput(engine, prompts, plan.new_tokens)
-        equal = engine_throughput(engine, _prompts(plan.concurrency, runner.vocab_size, equal=True), plan.new_tokens) if equal_too else None
-    extra = [Row(backend, f"engine {plan.concurrency} concurrent, equal prompts", plan.concurrency, plan.new_tokens, None, **equal)] if equal else []
+        equal = (
+            engine_throughput(engine, _prompts(plan.concurrency, runner.vocab_size, equal=True), plan.new_tokens)
+            if equal_too
+            else None
+        )
+    extra = (
+        [
+            Row(
+                backend,
+                f"engine {plan.concurrency} concurrent, equal prompts",
+                plan.concurrency,
+                plan.new_tokens,
+                None,
+                **equal,
+            )
+        ]
+        if equal
+        else []
+    )
     return extra + [
-        Row(backend, "engine batch 1", 1, plan.new_tokens, ms, 1e3 / ms, ttft, ttft, ms, ms,
-            f"<= {TARGET_MS_PER_TOKEN} ms/token" if on_gpu else "", ms <= TARGET_MS_PER_TOKEN if on_gpu else None),
-        Row(backend, f"engine {plan.concurrency} concurrent", plan.concurrency, plan.new_tokens, None, **batch,
+        Row(
+            backend,
+            "engine batch 1",
+            1,
+            plan.new_tokens,
+            ms,
+            1e3 / ms,
+            ttft,
+            ttft,
+            ms,
+            ms,
+            f"<= {TARGET_MS_PER_TOKEN} ms/token" if on_gpu else "",
+            ms <= TARGET_MS_PER_TOKEN if on_gpu else None,
+        ),
+        Row(
+            backend,
+            f"engine {plan.concurrency} concurrent",
+            plan.concurrency,
+            plan.new_tokens,
+            None,
+            **batch,
             target=f">= {TARGET_ENGINE_TOKENS_PER_S} tok/s" if on_gpu else "",
-            meets_target=batch["tokens_per_s"] >= TARGET_ENGINE_TOKENS_PER_S if on_gpu else None),
+            meets_target=batch["tokens_per_s"] >= TARGET_ENGINE_TOKENS_PER_S if on_gpu else None,
+        ),
     ]
 
 
@@ -197,13 +249,17 @@ def _stream_client(address: str, n_threads: int, n_requests: int, prompt: str, n
     return records
 
 
-def grpc_load(address: str, streams: int, requests_per_stream: int, prompt: str, new_tokens: int, processes: int) -> dict[str, float | None]:
+def grpc_load(
+    address: str, streams: int, requests_per_stream: int, prompt: str, new_tokens: int, processes: int
+) -> dict[str, float | None]:
     """`streams` concurrent streaming clients spread over `processes` client processes."""
     _stream_client(address, 1, 1, prompt, 4)  # warm-up: connection, first request
     per_proc = [streams // processes + (i < streams % processes) for i in range(processes)]
     ctx = multiprocessing.get_context("spawn")
     with ctx.Pool(processes) as pool:
-        parts = pool.starmap(_stream_client, [(address, n, requests_per_stream, prompt, new_tokens) for n in per_proc if n])
+        parts = pool.starmap(
+            _stream_client, [(address, n, requests_per_stream, prompt, new_tokens) for n in per_proc if n]
+        )
     records = [r for part in parts for r in part]
     wall = max(r["end"] for r in records) - min(r["start"] for r in records)  # perf_counter is system-wide on Linux
     gaps = [g for r in records for g in r["gaps_ms"]]
@@ -224,8 +280,24 @@ def _child_env(**extra: str) -> dict[str, str]:
 
 
 def _start_server(model_path: Path, device: str, max_slots: int, threads: int) -> tuple[subprocess.Popen, str]:
-    argv = [sys.executable, "-m", "inference_svc", "serve", "--model", str(model_path), "--port", "0", "--device", device,
-            "--max-slots", str(max_slots), "--max-queue", str(4 * max_slots), "--threads", str(threads)]
+    argv = [
+        sys.executable,
+        "-m",
+        "inference_svc",
+        "serve",
+        "--model",
+        str(model_path),
+        "--port",
+        "0",
+        "--device",
+        device,
+        "--max-slots",
+        str(max_slots),
+        "--max-queue",
+        str(4 * max_slots),
+        "--threads",
+        str(threads),
+    ]
     env = _child_env(TINYLM_TOKEN="")
     errors = tempfile.TemporaryFile(mode="w+")  # the server's stderr, shown if it fails to start
     proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=errors, text=True)
@@ -243,27 +315,49 @@ def _grpc_row(backend: str, model_path: Path, tokenizer, device: str, plan: Plan
     prompt = tokenizer.decode(list(_prompts(1, tokenizer.vocab_size)[0]))
     proc, address = _start_server(model_path, device, max_slots=plan.grpc_streams, threads=threads)
     try:
-        load = grpc_load(address, plan.grpc_streams, plan.grpc_requests_per_stream, prompt, plan.new_tokens, plan.grpc_client_processes)
+        load = grpc_load(
+            address,
+            plan.grpc_streams,
+            plan.grpc_requests_per_stream,
+            prompt,
+            plan.new_tokens,
+            plan.grpc_client_processes,
+        )
     finally:
         proc.terminate()
         proc.wait(timeout=60)
-    return Row(backend, f"grpc {plan.grpc_streams} streams", plan.grpc_streams, plan.new_tokens, None, **load,
-               target=f">= {TARGET_GRPC_TOKENS_PER_S} tok/s" if on_gpu else "",
-               meets_target=load["tokens_per_s"] >= TARGET_GRPC_TOKENS_PER_S if on_gpu else None)
+    return Row(
+        backend,
+        f"grpc {plan.grpc_streams} streams",
+        plan.grpc_streams,
+        plan.new_tokens,
+        None,
+        **load,
+        target=f">= {TARGET_GRPC_TOKENS_PER_S} tok/s" if on_gpu else "",
+        meets_target=load["tokens_per_s"] >= TARGET_GRPC_TOKENS_PER_S if on_gpu else None,
+    )
 
 
 # Hugging Face baseline ---------------------------------------------------------------------------------
 
 
-def hf_generate(config, device: torch.device, dtype: torch.dtype, batch: int, prompt_len: int, new_tokens: int, repeats: int) -> float | None:
+def hf_generate(
+    config, device: torch.device, dtype: torch.dtype, batch: int, prompt_len: int, new_tokens: int, repeats: int
+) -> float | None:
     """Seconds per `generate` call (median) of a random GPT2LMHeadModel shaped like `config`; None without transformers."""
     try:
         from transformers import GPT2Config, GPT2LMHeadModel
     except ImportError:
         return None
     hf_config = GPT2Config(
-        vocab_size=config.vocab_size, n_positions=config.block_size, n_embd=config.n_embd, n_layer=config.n_layer,
-        n_head=config.n_head, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+        vocab_size=config.vocab_size,
+        n_positions=config.block_size,
+        n_embd=config.n_embd,
+        n_layer=config.n_layer,
+        n_head=config.n_head,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
     )
     model = GPT2LMHeadModel(hf_config).to(device=device, dtype=dtype).eval()
     ids = torch.randint(0, config.vocab_size, (batch, prompt_len), device=device)
@@ -316,7 +410,18 @@ def _export_int8(path: Path, threads: int) -> Path:
     if not (path / "onnx" / "model-int8.onnx").is_file():
         env = _child_env()
         env.pop("TINYLM_CORPUS", None)  # random-init weights over a made-up vocabulary: no corpus to score against
-        argv = [sys.executable, "-m", "exporter.main", str(path), "--formats", "int8", "--no-gate", "-q", "--threads", str(threads)]
+        argv = [
+            sys.executable,
+            "-m",
+            "exporter.main",
+            str(path),
+            "--formats",
+            "int8",
+            "--no-gate",
+            "-q",
+            "--threads",
+            str(threads),
+        ]
         subprocess.run(argv, cwd=ROOT, env=env, check=True, stdout=subprocess.DEVNULL)
     return path
 
@@ -331,7 +436,9 @@ def write_results(out: Path, stem: str, header: dict[str, Any], rows: list[Row])
         writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
         writer.writerows(asdict(r) for r in rows)
-    (out / f"{stem}.json").write_text(json.dumps({"header": header, "rows": [asdict(r) for r in rows]}, indent=2) + "\n")
+    (out / f"{stem}.json").write_text(
+        json.dumps({"header": header, "rows": [asdict(r) for r in rows]}, indent=2) + "\n"
+    )
     _plot(out / f"{stem}.png", header, rows)
     return [out / f"{stem}.{ext}" for ext in ("csv", "json", "png")]
 
@@ -365,8 +472,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default="", help="artifact folder to serve (default: random-init shakespeare-char)")
     p.add_argument("--out", type=Path, default=ROOT / "bench_svc" / "results", help="results folder")
     p.add_argument("--skip", default="", help="comma-separated parts to skip: engine,grpc,onnx,hf")
-    p.add_argument("--threads", type=int, default=0, help="CPU threads for torch and ONNX Runtime (0: their default); "
-                   "1 gives steadier figures on a shared, oversubscribed machine")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="CPU threads for torch and ONNX Runtime (0: their default); "
+        "1 gives steadier figures on a shared, oversubscribed machine",
+    )
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -391,7 +503,9 @@ def main(argv: list[str] | None = None) -> int:
         if "onnx" not in skip:
             from inference_svc.ort_runner import OrtRunner
 
-            ort = OrtRunner(_export_int8(path, args.threads), n_slots=CPU_PLAN.concurrency, variant="int8", threads=args.threads)
+            ort = OrtRunner(
+                _export_int8(path, args.threads), n_slots=CPU_PLAN.concurrency, variant="int8", threads=args.threads
+            )
             rows += _engine_rows("onnx int8 cpu", ort, artifact.tokenizer, CPU_PLAN, on_gpu=False, equal_too=True)
         if "hf" not in skip:
             rows += _hf_rows(artifact.config, device, dtype, plan)
@@ -422,11 +536,15 @@ def _command(argv: list[str] | None) -> str:
 
 def _print_table(rows: list[Row]) -> None:
     fmt = lambda v: "-" if v is None else f"{v:,.3f}" if isinstance(v, float) and v < 100 else f"{v:,.0f}"  # noqa: E731
-    print(f"{'backend':<26} {'scenario':<24} {'ms/tok':>8} {'tok/s':>10} {'ttft p50/p95 ms':>18} {'itl p50/p95 ms':>16}  target")
+    print(
+        f"{'backend':<26} {'scenario':<24} {'ms/tok':>8} {'tok/s':>10} {'ttft p50/p95 ms':>18} {'itl p50/p95 ms':>16}  target"
+    )
     for r in rows:
         ok = "" if r.meets_target is None else (" ok" if r.meets_target else " MISSED")
-        print(f"{r.backend:<26} {r.scenario:<24} {fmt(r.ms_per_token):>8} {fmt(r.tokens_per_s):>10} "
-              f"{fmt(r.ttft_p50_ms) + '/' + fmt(r.ttft_p95_ms):>18} {fmt(r.itl_p50_ms) + '/' + fmt(r.itl_p95_ms):>16}  {r.target}{ok}")
+        print(
+            f"{r.backend:<26} {r.scenario:<24} {fmt(r.ms_per_token):>8} {fmt(r.tokens_per_s):>10} "
+            f"{fmt(r.ttft_p50_ms) + '/' + fmt(r.ttft_p95_ms):>18} {fmt(r.itl_p50_ms) + '/' + fmt(r.itl_p95_ms):>16}  {r.target}{ok}"
+        )
 
 
 if __name__ == "__main__":

@@ -18,12 +18,26 @@ def test_engine_measurements_and_results_files(tiny, tmp_path):
     assert ms > 0 and ttft > 0 and load["tokens_per_s"] > 0
     assert load["ttft_p50_ms"] <= load["ttft_p95_ms"] and load["itl_p50_ms"] <= load["itl_p95_ms"]
 
-    rows = [Row("torch cpu float32", "engine batch 1", 1, 5, ms, 1e3 / ms), Row("torch cpu float32", "engine 4 concurrent", 4, 4, None, **load)]
-    header = {"device": "cpu: test", "git_commit": "abc", "command": "python -m bench_svc.benches.inference_serving --device cpu"}
+    rows = [
+        Row("torch cpu float32", "engine batch 1", 1, 5, ms, 1e3 / ms),
+        Row("torch cpu float32", "engine 4 concurrent", 4, 4, None, **load),
+    ]
+    header = {
+        "device": "cpu: test",
+        "git_commit": "abc",
+        "command": "python -m bench_svc.benches.inference_serving --device cpu",
+    }
     csv_path, json_path, png_path = write_results(tmp_path, "inference-cpu", header, rows)
     lines = csv_path.read_text().splitlines()
-    assert lines[:3] == ["# device: cpu: test", "# git_commit: abc", "# command: python -m bench_svc.benches.inference_serving --device cpu"]
+    assert lines[:3] == [
+        "# device: cpu: test",
+        "# git_commit: abc",
+        "# command: python -m bench_svc.benches.inference_serving --device cpu",
+    ]
     assert lines[3].startswith("backend,scenario,concurrency,new_tokens,ms_per_token,tokens_per_s") and len(lines) == 6
     document = json.loads(json_path.read_text())
-    assert document["header"] == header and [r["scenario"] for r in document["rows"]] == ["engine batch 1", "engine 4 concurrent"]
+    assert document["header"] == header and [r["scenario"] for r in document["rows"]] == [
+        "engine batch 1",
+        "engine 4 concurrent",
+    ]
     assert png_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -149,8 +149,9 @@ def measure(url: str, persistence: str, workers: int, jobs: int, repeats: int) -
 def _write(results: list[Measurement], meta: dict, command: list[str], out_dir: Path) -> list[Path]:
     """jobs-cpu.{csv,json} through the harness's writer (device, commit, command, time, load in the header), and the
     bar chart beside them."""
-    header = make_header(cpu_device_name(), REPO_ROOT, command,
-                         Anchor("target with 4 workers on 2 cores", _TARGET_JOBS_PER_S, "jobs/s"))
+    header = make_header(
+        cpu_device_name(), REPO_ROOT, command, Anchor("target with 4 workers on 2 cores", _TARGET_JOBS_PER_S, "jobs/s")
+    )
     summary = {f"jobs_per_s_{m.workers}w_{m.persistence.replace(' ', '_')}": round(m.jobs_per_s, 1) for m in results}
     rows = [{**meta, **_row(m)} for m in results]
     paths = write_results(out_dir, "jobs", header, rows, summary=summary, stem=RESULT_STEM)

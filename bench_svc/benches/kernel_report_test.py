@@ -8,8 +8,13 @@ from bench_svc.benches.kernel_timing import BenchResult, Ceilings
 from bench_svc.provenance import RunInfo, gpu_slug
 
 CEILINGS = Ceilings(copy_gbps=2950.5, matmul_tflops=712.25)
-INFO = RunInfo(gpu="NVIDIA H100 80GB HBM3", commit="0123456789abcdef", command="python -m bench_svc.benches.kernels",
-               timestamp="2026-11-23T12:00:00+00:00", torch_version="2.11.0")
+INFO = RunInfo(
+    gpu="NVIDIA H100 80GB HBM3",
+    commit="0123456789abcdef",
+    command="python -m bench_svc.benches.kernels",
+    timestamp="2026-11-23T12:00:00+00:00",
+    torch_version="2.11.0",
+)
 
 
 def _rows():

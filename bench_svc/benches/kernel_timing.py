@@ -121,9 +121,7 @@ def measure_ceilings() -> Ceilings:
     )
 
 
-def summarize(
-    cases: list[BenchCase], measurements: list[Measurement], ceilings: Ceilings
-) -> list[BenchResult]:
+def summarize(cases: list[BenchCase], measurements: list[Measurement], ceilings: Ceilings) -> list[BenchResult]:
     """Turn raw timings into rows: throughput, fraction of ceiling, speed-up and memory saving vs alternatives."""
     assert len(cases) == len(measurements), (len(cases), len(measurements))
     groups: dict[tuple[str, str], list[tuple[BenchCase, Measurement]]] = {}

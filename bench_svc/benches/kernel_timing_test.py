@@ -9,7 +9,7 @@ CEILINGS = Ceilings(copy_gbps=3000.0, matmul_tflops=700.0)
 
 
 def _case(kernel, impl, ours, **kw):
-    return BenchCase(kernel=kernel, shape="s", impl=impl, ours=ours, setup=lambda: (lambda: None), **kw)
+    return BenchCase(kernel=kernel, shape="s", impl=impl, ours=ours, setup=lambda: lambda: None, **kw)
 
 
 def test_summarize_speedup_fraction_and_memory():
@@ -21,8 +21,11 @@ def test_summarize_speedup_fraction_and_memory():
         _case("attn", "sdpa", False, flops=7e11, measure_memory=True),
     ]
     measurements = [
-        Measurement(ms=2.0), Measurement(ms=5.0), Measurement(ms=3.0),
-        Measurement(ms=4.0, peak_mem_mb=100.0), Measurement(ms=2.0, peak_mem_mb=450.0),
+        Measurement(ms=2.0),
+        Measurement(ms=5.0),
+        Measurement(ms=3.0),
+        Measurement(ms=4.0, peak_mem_mb=100.0),
+        Measurement(ms=2.0, peak_mem_mb=450.0),
     ]
     rows = summarize(cases, measurements, CEILINGS)
     ours_norm, eager, _, ours_attn, sdpa = rows

@@ -67,7 +67,8 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--out-dir", type=Path, default=REPO_ROOT / "bench_svc" / "results", help="where the CSV/JSON/PNG go"
     )
     parser.add_argument(
-        "--only", default=None,
+        "--only",
+        default=None,
         help="comma-separated words: run only the cases whose kernel name contains one (results: kernels-<gpu>-<words>)",
     )
     return parser.parse_args(argv)

@@ -39,8 +39,17 @@ from model.speculative import speculative_generate
 from model.tokenizers import CharTokenizer, Tokenizer
 from model.transformer import GPT
 
-__all__ = ["MODES", "build_parser", "format_table", "held_out_prompts", "main", "make_header",
-           "result_row", "trained_models", "write_results"]
+__all__ = [
+    "MODES",
+    "build_parser",
+    "format_table",
+    "held_out_prompts",
+    "main",
+    "make_header",
+    "result_row",
+    "trained_models",
+    "write_results",
+]
 
 MODULE = "bench_svc.benches.speculative"
 log = logging.getLogger(MODULE)
@@ -59,8 +68,12 @@ def build_parser(prog: str = f"python -m {MODULE}", description: str = "") -> ar
     p.add_argument("--corpus", default=os.environ.get("TINYLM_CORPUS"), help="training text (default: $TINYLM_CORPUS)")
     p.add_argument("--target-artifact", type=Path, help="a trained shakespeare-char artifact (skips its training)")
     p.add_argument("--draft-artifact", type=Path, help="a trained draft artifact with the same tokenizer")
-    p.add_argument("--save-models", type=Path, help="save the two trained models as artifacts in this store (for "
-                   "--target-artifact / --draft-artifact in later runs)")
+    p.add_argument(
+        "--save-models",
+        type=Path,
+        help="save the two trained models as artifacts in this store (for "
+        "--target-artifact / --draft-artifact in later runs)",
+    )
     p.add_argument("--target-steps", type=int, default=600)
     p.add_argument("--draft-steps", type=int, default=300)
     p.add_argument("--target-train-s", type=float, default=150.0, help="wall-time cap of the target's training")
@@ -85,8 +98,9 @@ def _batches(data: torch.Tensor, batch: int, seq: int, generator: torch.Generato
         yield window[:, :-1], window[:, 1:]
 
 
-def _train(model: GPT, data: torch.Tensor, steps: int, max_s: float, args: argparse.Namespace,
-           lr: float) -> dict[str, float]:
+def _train(
+    model: GPT, data: torch.Tensor, steps: int, max_s: float, args: argparse.Namespace, lr: float
+) -> dict[str, float]:
     """AdamW with linear warm-up then cosine decay, gradient clipping at 1; stops early after max_s seconds."""
     device = next(model.parameters()).device
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.99), weight_decay=0.1)
@@ -127,19 +141,28 @@ def trained_models(args: argparse.Namespace, text: str) -> tuple[GPT, GPT, Token
     data = torch.tensor(tokenizer.encode(text[: int(len(text) * (1 - VAL_FRACTION))]), dtype=torch.long)
     info: dict[str, Any] = {}
     models = []
-    plan = (("target", TARGET_PRESET, args.target_steps, args.target_train_s, 1e-3),
-            ("draft", DRAFT_PRESET, args.draft_steps, args.draft_train_s, 2e-3))
+    plan = (
+        ("target", TARGET_PRESET, args.target_steps, args.target_train_s, 1e-3),
+        ("draft", DRAFT_PRESET, args.draft_steps, args.draft_train_s, 2e-3),
+    )
     for role, preset, steps, max_s, lr in plan:
         torch.manual_seed(args.seed)
         config = get_preset(preset, vocab_size=tokenizer.vocab_size, block_size=args.seq, dropout=0.0)
         model = GPT(config).to(device)
-        log.info("training the %s (%s, %.2fM parameters) for up to %d steps", role, preset,
-                 model.num_params() / 1e6, steps)
+        log.info(
+            "training the %s (%s, %.2fM parameters) for up to %d steps", role, preset, model.num_params() / 1e6, steps
+        )
         info[role] = {"preset": preset, "params": model.num_params(), **_train(model, data, steps, max_s, args, lr)}
         models.append(model)
         if args.save_models:
-            model_id = save_artifact(args.save_models, model, tokenizer, name=f"speculative-{role}", preset=preset,
-                                     metrics={"train_loss": info[role]["train_loss"]})
+            model_id = save_artifact(
+                args.save_models,
+                model,
+                tokenizer,
+                name=f"speculative-{role}",
+                preset=preset,
+                metrics={"train_loss": info[role]["train_loss"]},
+            )
             info[role]["artifact"] = str(args.save_models / model_id)
             log.info("saved the %s as %s", role, args.save_models / model_id)
     return models[0], models[1], tokenizer, info
@@ -163,8 +186,9 @@ def _timed(fn: Callable[[], Any], device: torch.device) -> tuple[Any, float]:
     return result, time.perf_counter() - start
 
 
-def _measure(target: GPT, draft: GPT, prompts: list[list[int]],
-             args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, float]]:
+def _measure(
+    target: GPT, draft: GPT, prompts: list[list[int]], args: argparse.Namespace
+) -> tuple[list[dict[str, Any]], dict[str, float]]:
     """One row per (mode, k), k = 0 being the anchor (the target alone), on the same prompts and seeds. Every
     configuration runs once per repeat, interleaved, so a change in machine load hits them alike; medians are
     reported. Also returns the ms per token of the target and the draft decoding alone (greedy)."""
@@ -173,16 +197,24 @@ def _measure(target: GPT, draft: GPT, prompts: list[list[int]],
     warm = SamplingParams(max_new_tokens=4, temperature=0.0)
     generate_tokens(draft, prompts[0], warm)
     speculative_generate(target, draft, prompts[0], warm, k=max(ks))
-    params = {mode: [SamplingParams(max_new_tokens=args.max_new_tokens, temperature=t, seed=args.seed + i)
-                     for i in range(len(prompts))] for mode, t in MODES.items()}
-    jobs: dict[tuple[str, int], Callable[[], Any]] = {("draft alone", 0): lambda: [
-        (generate_tokens(draft, p, sp), None) for p, sp in zip(prompts, params["greedy"])]}
+    params = {
+        mode: [
+            SamplingParams(max_new_tokens=args.max_new_tokens, temperature=t, seed=args.seed + i)
+            for i in range(len(prompts))
+        ]
+        for mode, t in MODES.items()
+    }
+    jobs: dict[tuple[str, int], Callable[[], Any]] = {
+        ("draft alone", 0): lambda: [(generate_tokens(draft, p, sp), None) for p, sp in zip(prompts, params["greedy"])]
+    }
     for mode in MODES:
-        jobs[(mode, 0)] = lambda mode=mode: [(generate_tokens(target, p, sp), None)
-                                             for p, sp in zip(prompts, params[mode])]
+        jobs[(mode, 0)] = lambda mode=mode: [
+            (generate_tokens(target, p, sp), None) for p, sp in zip(prompts, params[mode])
+        ]
         for k in ks:
-            jobs[(mode, k)] = lambda mode=mode, k=k: [speculative_generate(target, draft, p, sp, k=k)
-                                                      for p, sp in zip(prompts, params[mode])]
+            jobs[(mode, k)] = lambda mode=mode, k=k: [
+                speculative_generate(target, draft, p, sp, k=k) for p, sp in zip(prompts, params[mode])
+            ]
     seconds: dict[tuple[str, int], list[float]] = {key: [] for key in jobs}
     results: dict[tuple[str, int], Any] = {}
     for rep in range(args.repeats):
@@ -195,24 +227,60 @@ def _measure(target: GPT, draft: GPT, prompts: list[list[int]],
     rows = []
     for mode in MODES:
         anchor_tokens = [t for t, _ in results[(mode, 0)]]
-        rows.append(result_row(mode, 0, "target alone", n_tokens, median[(mode, 0)], median[(mode, 0)], None, None,
-                               target_forwards=n_tokens, draft_forwards=0))
+        rows.append(
+            result_row(
+                mode,
+                0,
+                "target alone",
+                n_tokens,
+                median[(mode, 0)],
+                median[(mode, 0)],
+                None,
+                None,
+                target_forwards=n_tokens,
+                draft_forwards=0,
+            )
+        )
         for k in ks:
             runs = results[(mode, k)]
-            stats = {name: sum(s[name] for _, s in runs) for name in ("proposed", "accepted", "target_forwards",
-                                                                       "draft_forwards")}
+            stats = {
+                name: sum(s[name] for _, s in runs)
+                for name in ("proposed", "accepted", "target_forwards", "draft_forwards")
+            }
             same = [t for t, _ in runs] == anchor_tokens if MODES[mode] == 0.0 else None
-            rows.append(result_row(mode, k, "speculative", n_tokens, median[(mode, k)], median[(mode, 0)],
-                                   stats["accepted"] / max(stats["proposed"], 1), same,
-                                   target_forwards=stats["target_forwards"], draft_forwards=stats["draft_forwards"]))
-    costs = {"target_ms_per_token": 1e3 * median[("greedy", 0)] / n_tokens,
-             "draft_ms_per_token": 1e3 * median[("draft alone", 0)] / n_tokens}
+            rows.append(
+                result_row(
+                    mode,
+                    k,
+                    "speculative",
+                    n_tokens,
+                    median[(mode, k)],
+                    median[(mode, 0)],
+                    stats["accepted"] / max(stats["proposed"], 1),
+                    same,
+                    target_forwards=stats["target_forwards"],
+                    draft_forwards=stats["draft_forwards"],
+                )
+            )
+    costs = {
+        "target_ms_per_token": 1e3 * median[("greedy", 0)] / n_tokens,
+        "draft_ms_per_token": 1e3 * median[("draft alone", 0)] / n_tokens,
+    }
     costs["draft_to_target_cost"] = costs["draft_ms_per_token"] / costs["target_ms_per_token"]
     return rows, costs
 
 
-def result_row(mode: str, k: int, impl: str, tokens: int, seconds: float, anchor_s: float,
-               acceptance: float | None, same: bool | None, **counts: int | None) -> dict[str, Any]:
+def result_row(
+    mode: str,
+    k: int,
+    impl: str,
+    tokens: int,
+    seconds: float,
+    anchor_s: float,
+    acceptance: float | None,
+    same: bool | None,
+    **counts: int | None,
+) -> dict[str, Any]:
     """One results row: throughput, speed-up over the anchor's seconds, acceptance, `counts` (forward calls)."""
     return {
         "mode": mode,
@@ -228,8 +296,9 @@ def result_row(mode: str, k: int, impl: str, tokens: int, seconds: float, anchor
     }
 
 
-def write_results(out_dir: Path, stem: str, header: dict[str, Any], rows: list[dict[str, Any]],
-                  summary: dict[str, Any], title: str) -> list[Path]:
+def write_results(
+    out_dir: Path, stem: str, header: dict[str, Any], rows: list[dict[str, Any]], summary: dict[str, Any], title: str
+) -> list[Path]:
     """`<stem>.csv` (header as `# key: value` lines), `.json` and a two-panel `.png` (speed-up, acceptance vs k), one
     line per row series (`series`, else `mode`)."""
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -239,8 +308,14 @@ def write_results(out_dir: Path, stem: str, header: dict[str, Any], rows: list[d
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    document = {"suite": "speculative", "header": header, "summary": summary, "columns": list(rows[0]), "rows": rows,
-                "plot": png_path.name}
+    document = {
+        "suite": "speculative",
+        "header": header,
+        "summary": summary,
+        "columns": list(rows[0]),
+        "rows": rows,
+        "plot": png_path.name,
+    }
     json_path.write_text(json.dumps(document, indent=2) + "\n")
     from matplotlib.figure import Figure  # no pyplot: no global backend state
 
@@ -267,13 +342,16 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     for r in rows:
         accept = "-" if r["acceptance_rate"] is None else f"{r['acceptance_rate']:.2f}"
         same = "-" if r["same_tokens_as_target"] is None else str(r["same_tokens_as_target"])
-        lines.append(f"{r.get('series', r['mode']):<18} {r['k']:>2} {r['tokens_per_s']:>8.1f} "
-                     f"{r['speedup_vs_target']:>7.2f}x {accept:>7} {str(r.get('target_forwards') or '-'):>10} {same:>5}")
+        lines.append(
+            f"{r.get('series', r['mode']):<18} {r['k']:>2} {r['tokens_per_s']:>8.1f} "
+            f"{r['speedup_vs_target']:>7.2f}x {accept:>7} {str(r.get('target_forwards') or '-'):>10} {same:>5}"
+        )
     return "\n".join(lines)
 
 
-def make_header(args: argparse.Namespace, module: str, argv: list[str] | None, anchor: str, commit: str
-                ) -> dict[str, Any]:
+def make_header(
+    args: argparse.Namespace, module: str, argv: list[str] | None, anchor: str, commit: str
+) -> dict[str, Any]:
     """The results header: device, `commit` (taken when the run started: edits made while it ran are not its code),
     the command as typed, time, the machine's load, the anchor, corpus, torch and threads."""
     return {
@@ -306,17 +384,35 @@ def main(argv: list[str] | None = None) -> int:
     prompts = held_out_prompts(text, tokenizer, args.prompts)
     rows, costs = _measure(target, draft, prompts, args)
     device = torch.device(args.device)
-    header = make_header(args, MODULE, argv,
-                         f"target alone (model.generate.generate_tokens, greedy) = {rows[0]['tokens_per_s']} tokens/s", commit)
-    summary = {"training": training, "prompts": len(prompts), "max_new_tokens": args.max_new_tokens,
-               "repeats": args.repeats, **costs,
-               "best_speedup": max(r["speedup_vs_target"] for r in rows if r["k"] > 0)}
-    paths = write_results(args.out_dir, f"speculative-{device.type}", header, rows, summary,
-                          f"speculative decoding, {DRAFT_PRESET} draft for {TARGET_PRESET}, batch 1")
+    header = make_header(
+        args,
+        MODULE,
+        argv,
+        f"target alone (model.generate.generate_tokens, greedy) = {rows[0]['tokens_per_s']} tokens/s",
+        commit,
+    )
+    summary = {
+        "training": training,
+        "prompts": len(prompts),
+        "max_new_tokens": args.max_new_tokens,
+        "repeats": args.repeats,
+        **costs,
+        "best_speedup": max(r["speedup_vs_target"] for r in rows if r["k"] > 0),
+    }
+    paths = write_results(
+        args.out_dir,
+        f"speculative-{device.type}",
+        header,
+        rows,
+        summary,
+        f"speculative decoding, {DRAFT_PRESET} draft for {TARGET_PRESET}, batch 1",
+    )
     log.info("wrote %s", ", ".join(str(p) for p in paths))
     print(format_table(rows))
-    print(f"decoding alone: target {costs['target_ms_per_token']:.1f} ms/token, draft {costs['draft_ms_per_token']:.1f}"
-          f" ms/token (draft/target cost {costs['draft_to_target_cost']:.2f})")
+    print(
+        f"decoding alone: target {costs['target_ms_per_token']:.1f} ms/token, draft {costs['draft_ms_per_token']:.1f}"
+        f" ms/token (draft/target cost {costs['draft_to_target_cost']:.2f})"
+    )
     return 0
 
 

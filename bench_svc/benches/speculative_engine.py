@@ -71,8 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     commit = git_commit()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if not (args.target_artifact and args.draft_artifact) and (not args.corpus or not Path(args.corpus).is_file()):
-        print(f"{MODULE} needs the corpus: pass --corpus FILE or set TINYLM_CORPUS",
-              file=sys.stderr)
+        print(f"{MODULE} needs the corpus: pass --corpus FILE or set TINYLM_CORPUS", file=sys.stderr)
         return 2
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         print("--device cuda asked for, but torch.cuda.is_available() is False", file=sys.stderr)
@@ -98,21 +97,40 @@ def main(argv: list[str] | None = None) -> int:
             for engine in engines.values():
                 engine.close()
     anchor = next(r for r in rows if r["k"] == 0 and r["mode"] == "greedy")
-    header = make_header(args, MODULE, argv,
-                         f"the engine without a draft, greedy, concurrency {anchor['concurrency']} = "
-                         f"{anchor['tokens_per_s']} tokens/s", commit)
-    summary = {"training": training, "max_new_tokens": args.max_new_tokens, "repeats": args.repeats,
-               "best_speedup": max(r["speedup_vs_target"] for r in rows if r["k"] > 0)}
-    paths = write_results(args.out_dir, f"speculative-engine-{device.type}", header, rows, summary,
-                          f"speculative decoding in the engine, {DRAFT_PRESET} draft for {TARGET_PRESET}")
+    header = make_header(
+        args,
+        MODULE,
+        argv,
+        f"the engine without a draft, greedy, concurrency {anchor['concurrency']} = {anchor['tokens_per_s']} tokens/s",
+        commit,
+    )
+    summary = {
+        "training": training,
+        "max_new_tokens": args.max_new_tokens,
+        "repeats": args.repeats,
+        "best_speedup": max(r["speedup_vs_target"] for r in rows if r["k"] > 0),
+    }
+    paths = write_results(
+        args.out_dir,
+        f"speculative-engine-{device.type}",
+        header,
+        rows,
+        summary,
+        f"speculative decoding in the engine, {DRAFT_PRESET} draft for {TARGET_PRESET}",
+    )
     log.info("wrote %s", ", ".join(str(p) for p in paths))
     print(format_table(rows))
     return 0
 
 
 def _measure(engines: dict[int, Engine], prompts: list[list[int]], concurrency: int, args) -> list[dict[str, Any]]:
-    params = {mode: [SamplingParams(max_new_tokens=args.max_new_tokens, temperature=t, seed=args.seed + i)
-                     for i in range(len(prompts))] for mode, t in MODES.items()}
+    params = {
+        mode: [
+            SamplingParams(max_new_tokens=args.max_new_tokens, temperature=t, seed=args.seed + i)
+            for i in range(len(prompts))
+        ]
+        for mode, t in MODES.items()
+    }
     warm = [SamplingParams(max_new_tokens=4, temperature=0.0)] * len(prompts)
     for engine in engines.values():
         _round(engine, prompts, warm)
@@ -120,14 +138,16 @@ def _measure(engines: dict[int, Engine], prompts: list[list[int]], concurrency: 
     tokens: dict[tuple[str, int], list[list[int]]] = {}
     accepted: dict[tuple[str, int], tuple[int, int]] = {key: (0, 0) for key in seconds}
     for rep in range(args.repeats):
-        for (mode, k) in seconds:
+        for mode, k in seconds:
             before = engines[k].stats()
             s, tokens[(mode, k)] = _round(engines[k], prompts, params[mode])
             after = engines[k].stats()
             seconds[(mode, k)].append(s)
             prop, acc = accepted[(mode, k)]
-            accepted[(mode, k)] = (prop + after.draft_proposed - before.draft_proposed,
-                                   acc + after.draft_accepted - before.draft_accepted)
+            accepted[(mode, k)] = (
+                prop + after.draft_proposed - before.draft_proposed,
+                acc + after.draft_accepted - before.draft_accepted,
+            )
         log.info("concurrency %d: timing round %d/%d done", concurrency, rep + 1, args.repeats)
     rows = []
     for (mode, k), times in seconds.items():
@@ -135,12 +155,22 @@ def _measure(engines: dict[int, Engine], prompts: list[list[int]], concurrency: 
         median, anchor = statistics.median(times), statistics.median(seconds[(mode, 0)])
         proposed, ok = accepted[(mode, k)]
         same = tokens[(mode, k)] == tokens[(mode, 0)] if MODES[mode] == 0.0 and k else None
-        rows.append({
-            "series": f"{mode}, {concurrency} in flight",
-            "concurrency": concurrency,
-            **result_row(mode, k, "engine, speculative" if k else "engine, no draft", n_tokens, median, anchor,
-                         ok / proposed if proposed else None, same),
-        })
+        rows.append(
+            {
+                "series": f"{mode}, {concurrency} in flight",
+                "concurrency": concurrency,
+                **result_row(
+                    mode,
+                    k,
+                    "engine, speculative" if k else "engine, no draft",
+                    n_tokens,
+                    median,
+                    anchor,
+                    ok / proposed if proposed else None,
+                    same,
+                ),
+            }
+        )
     return rows
 
 

@@ -16,15 +16,32 @@ def test_writes_rows_for_every_concurrency_mode_and_k(tiny, tmp_path, capsys):
     torch.manual_seed(3)
     draft = GPT(get_preset("tiny", vocab_size=tiny.tokenizer.vocab_size, n_layer=1, n_embd=64))
     draft_id = save_artifact(tmp_path / "store", draft, tiny.tokenizer, name="draft", preset="tiny")
-    code = main(["--target-artifact", str(tiny.path), "--draft-artifact", str(tmp_path / "store" / draft_id),
-                 "--corpus", "",  # CI sets TINYLM_CORPUS, whose characters these models' tokenizer lacks
-                 "--k", "1,3", "--concurrency", "1,2", "--max-new-tokens", "6", "--repeats", "1",
-                 "--out-dir", str(tmp_path / "out")])
+    code = main(
+        [
+            "--target-artifact",
+            str(tiny.path),
+            "--draft-artifact",
+            str(tmp_path / "store" / draft_id),
+            "--corpus",
+            "",  # CI sets TINYLM_CORPUS, whose characters these models' tokenizer lacks
+            "--k",
+            "1,3",
+            "--concurrency",
+            "1,2",
+            "--max-new-tokens",
+            "6",
+            "--repeats",
+            "1",
+            "--out-dir",
+            str(tmp_path / "out"),
+        ]
+    )
     assert code == 0
     doc = json.loads((tmp_path / "out" / "speculative-engine-cpu.json").read_text())
     rows = doc["rows"]
     assert {(r["concurrency"], r["mode"], r["k"]) for r in rows} == {
-        (c, m, k) for c in (1, 2) for m in ("greedy", "sample") for k in (0, 1, 3)}
+        (c, m, k) for c in (1, 2) for m in ("greedy", "sample") for k in (0, 1, 3)
+    }
     assert all(r["tokens"] == 6 * r["concurrency"] for r in rows)
     assert all(r["same_tokens_as_target"] is True for r in rows if r["mode"] == "greedy" and r["k"])
     assert all(0.0 <= r["acceptance_rate"] <= 1.0 for r in rows if r["k"])
@@ -36,7 +53,17 @@ def test_writes_rows_for_every_concurrency_mode_and_k(tiny, tmp_path, capsys):
 def test_a_corpus_the_tokenizer_cannot_encode_is_refused(tiny, tmp_path, capsys):
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("\n\n".join(["QUEEN:\n" + "Q" * 40] * 20))
-    code = main(["--target-artifact", str(tiny.path), "--draft-artifact", str(tiny.path), "--corpus", str(corpus),
-                 "--out-dir", str(tmp_path / "out")])
+    code = main(
+        [
+            "--target-artifact",
+            str(tiny.path),
+            "--draft-artifact",
+            str(tiny.path),
+            "--corpus",
+            str(corpus),
+            "--out-dir",
+            str(tmp_path / "out"),
+        ]
+    )
     assert code == 2
     assert "prompts from --corpus" in capsys.readouterr().err and not (tmp_path / "out").exists()

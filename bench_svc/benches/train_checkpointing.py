@@ -154,8 +154,22 @@ def _config(args: argparse.Namespace, on: bool) -> TrainConfig:
 def _run_variant(args: argparse.Namespace, on: bool, workdir: Path) -> dict[str, Any]:
     """One variant in a fresh process (its own allocator and peak RSS)."""
     out = workdir / f"{'on' if on else 'off'}.json"
-    flags = ["--worker", "on" if on else "off", "--result", str(out), "--preset", args.preset, "--device", args.device,
-             "--batch-size", str(args.batch_size), "--timed-steps", str(args.timed_steps), "--threads", str(args.threads)]
+    flags = [
+        "--worker",
+        "on" if on else "off",
+        "--result",
+        str(out),
+        "--preset",
+        args.preset,
+        "--device",
+        args.device,
+        "--batch-size",
+        str(args.batch_size),
+        "--timed-steps",
+        str(args.timed_steps),
+        "--threads",
+        str(args.threads),
+    ]
     flags += ["--dtype", args.dtype] if args.dtype else []  # fmt: skip
     return run_worker(MODULE, flags, out)
 
@@ -202,10 +216,12 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=REPO_ROOT / "bench_svc" / "results", help="results folder")
     p.add_argument("--preset", default=PRESET, help=f"train preset (default {PRESET})")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda (default auto)")
-    p.add_argument("--batch-size", type=int, default=0,
-                   help=f"sequences per step (0: the preset's on CUDA, {CPU_BATCH} on CPU)")
-    p.add_argument("--dtype", choices=sorted(_DTYPES),
-                   help="autocast dtype (default: the preset's on CUDA, float32 on CPU)")
+    p.add_argument(
+        "--batch-size", type=int, default=0, help=f"sequences per step (0: the preset's on CUDA, {CPU_BATCH} on CPU)"
+    )
+    p.add_argument(
+        "--dtype", choices=sorted(_DTYPES), help="autocast dtype (default: the preset's on CUDA, float32 on CPU)"
+    )
     p.add_argument("--timed-steps", type=int, default=2, help="steps timed after the measured one")
     p.add_argument("--threads", type=int, default=0, help="CPU threads of each run (0: torch's default)")
     p.add_argument("--worker", choices=("on", "off"), help=argparse.SUPPRESS)  # internal: one variant, JSON to --result

@@ -24,8 +24,20 @@ def test_checkpointing_lowers_the_measured_peak():
 
 def test_main_writes_results(tmp_path, capsys):
     out = tmp_path / "results"
-    argv = ["--preset", "tiny", "--device", "cpu", "--batch-size", "2", "--timed-steps", "1", "--threads", "1",
-            "--out", str(out)]
+    argv = [
+        "--preset",
+        "tiny",
+        "--device",
+        "cpu",
+        "--batch-size",
+        "2",
+        "--timed-steps",
+        "1",
+        "--threads",
+        "1",
+        "--out",
+        str(out),
+    ]
     assert train_checkpointing.main(argv) == 0
     rows = list(csv.DictReader((out / "checkpointing-cpu.csv").open()))
     assert [r["variant"] for r in rows] == ["off", "on"]

@@ -53,9 +53,7 @@ CSV_COLUMNS = (
 )  # fmt: skip
 
 
-def measure_mode(
-    config: TrainConfig, corpus: Path, workdir: Path, *, warmup_steps: int, steps: int
-) -> dict[str, Any]:
+def measure_mode(config: TrainConfig, corpus: Path, workdir: Path, *, warmup_steps: int, steps: int) -> dict[str, Any]:
     """Train `config` for warmup_steps + steps steps and time them (call it in a fresh process per mode)."""
     from torch._dynamo.utils import counters
 
@@ -183,8 +181,9 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--modes", default=",".join(COMPILE_MODES), help="comma-separated compile modes ('none': eager)")
     p.add_argument("--preset", help=f"train preset (default: {GPU_PRESET} on CUDA, {CPU_PRESET} on CPU)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda (default auto)")
-    p.add_argument("--batch-size", type=int, default=0,
-                   help=f"sequences per step (0: the preset's on CUDA, {CPU_BATCH} on CPU)")
+    p.add_argument(
+        "--batch-size", type=int, default=0, help=f"sequences per step (0: the preset's on CUDA, {CPU_BATCH} on CPU)"
+    )
     p.add_argument("--block-size", type=int, default=0, help="context length (0: the preset's)")
     p.add_argument("--dtype", choices=DTYPES, help="autocast dtype (default: the preset's on CUDA, float32 on CPU)")
     p.add_argument("--warmup-steps", type=int, default=3, help="steps before timing (the first one compiles)")

@@ -97,7 +97,10 @@ def write_csv_json(stem: Path, columns: Iterable[str], rows: list[dict[str, Any]
 
 
 def write_results(
-    stem: Path, columns: Iterable[str], rows: list[dict[str, Any]], doc: dict[str, Any],
+    stem: Path,
+    columns: Iterable[str],
+    rows: list[dict[str, Any]],
+    doc: dict[str, Any],
     plot: Callable[[Path], Path | None],
 ) -> list[Path]:
     """`<stem>.csv` and `.json` (write_csv_json), then `<stem>.png` as `plot(path)` draws it; logs the paths."""

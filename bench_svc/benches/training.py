@@ -96,7 +96,9 @@ def run_variant(
     warmup_steps: int = WARMUP_STEPS,
 ) -> VariantResult:
     """Train `config` until the val loss reaches `target`, `budget_s` passes or max_steps; measure as it goes."""
-    out = VariantResult(variant=name, preset=config.preset, compile=config.compile, dtype=config.dtype, target_val_loss=target)
+    out = VariantResult(
+        variant=name, preset=config.preset, compile=config.compile, dtype=config.dtype, target_val_loss=target
+    )
     tokens_per_s: list[float] = []
     mfus: list[float] = []
     launch = time.perf_counter()
@@ -110,7 +112,9 @@ def run_variant(
             if "mfu" in metrics:
                 mfus.append(metrics["mfu"])
         if "val_loss" in metrics:
-            out.curve.append({"t": now, "step": step, "val_loss": metrics["val_loss"], "train_loss": metrics["train_loss"]})
+            out.curve.append(
+                {"t": now, "step": step, "val_loss": metrics["val_loss"], "train_loss": metrics["train_loss"]}
+            )
             if metrics["val_loss"] <= target and not out.reached_target:
                 out.reached_target, out.time_to_target_s = True, now
 
@@ -167,9 +171,11 @@ def _all_variants(args: argparse.Namespace) -> list[tuple[str, TrainConfig]]:
             eval_iters=4, log_interval=1, warmup=5, compile_mode="none", tensorboard=False,
         )  # fmt: skip
         # the smoke variants differ where the GPU ones do: compiled vs eager, and another schedule
-        return [("tinylm", base.replace(compile_mode="default")),
-                ("tinylm-fast", base.replace(lr=2 * base.lr, max_steps=(args.max_steps or 40) // 2)),
-                ("eager-pytorch", base.replace(kernels=False))]
+        return [
+            ("tinylm", base.replace(compile_mode="default")),
+            ("tinylm-fast", base.replace(lr=2 * base.lr, max_steps=(args.max_steps or 40) // 2)),
+            ("eager-pytorch", base.replace(kernels=False)),
+        ]
     # log_interval: the loop syncs with the GPU only there; tokens/s is measured over each interval
     base = load_config("shakespeare-char").replace(log_interval=10, eval_interval=args.eval_interval, tensorboard=False)
     if args.max_steps:
@@ -239,15 +245,21 @@ def _startup_worker(args: argparse.Namespace) -> int:
     train(config, corpus, store_root=workdir / "startup-store", run_dir=workdir / f"startup-{time.time_ns()}",
           data_dir=workdir / "data", progress_callback=lambda step, m: firsts.append(time.time() - launch))  # fmt: skip
     Path(args.startup_worker).write_text(json.dumps({"first_step_s": firsts[0]}))
-    log.info("start-up: %.1f s to main (interpreter, imports), %.1f s to the first step; compile phases:\n%s",
-             started, firsts[0], torch._dynamo.utils.compile_times(repr="str"))
+    log.info(
+        "start-up: %.1f s to main (interpreter, imports), %.1f s to the first step; compile phases:\n%s",
+        started,
+        firsts[0],
+        torch._dynamo.utils.compile_times(repr="str"),
+    )
     return 0
 
 
 def _ddp_scaling(args: argparse.Namespace, workdir: Path) -> list[VariantResult]:
     """tokens/s of `medium` on 1 and 2 GPUs through torchrun; [] with fewer than 2 GPUs."""
     if args.cpu_smoke or torch.cuda.device_count() < 2:
-        log.info("DDP scaling skipped: needs 2 CUDA GPUs (have %d)", torch.cuda.device_count() if not args.cpu_smoke else 0)
+        log.info(
+            "DDP scaling skipped: needs 2 CUDA GPUs (have %d)", torch.cuda.device_count() if not args.cpu_smoke else 0
+        )
         return []
     results = []
     for n in (1, 2):
@@ -350,18 +362,28 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-steps", type=int, default=0, help="override the preset's max_steps (0: keep)")
     p.add_argument("--eval-interval", type=int, default=250, help="steps between evaluations (nanoGPT: 250)")
     p.add_argument("--ddp-steps", type=int, default=60, help="steps of each DDP scaling run")
-    p.add_argument("--part", choices=("all", "speed", "startup", "ddp"), default="all",
-                   help="speed: the shakespeare-char variants; startup: cold vs warm compile to the first step; "
-                        "ddp: the medium 1-vs-2-GPU scaling (default all)")
-    p.add_argument("--variants", default="",
-                   help="comma-separated variants to run, in this order (default all: tinylm, tinylm-graph, tinylm-fast, "
-                        "tinylm-fast-graph, compile-default, eager, eager-pytorch); "
-                        "one alone rules out state left by an earlier variant in the same process")
+    p.add_argument(
+        "--part",
+        choices=("all", "speed", "startup", "ddp"),
+        default="all",
+        help="speed: the shakespeare-char variants; startup: cold vs warm compile to the first step; "
+        "ddp: the medium 1-vs-2-GPU scaling (default all)",
+    )
+    p.add_argument(
+        "--variants",
+        default="",
+        help="comma-separated variants to run, in this order (default all: tinylm, tinylm-graph, tinylm-fast, "
+        "tinylm-fast-graph, compile-default, eager, eager-pytorch); "
+        "one alone rules out state left by an earlier variant in the same process",
+    )
     p.add_argument("--cpu-smoke", action="store_true", help="a tiny CPU run of the same code path (for tests)")
     p.add_argument("--startup-worker", help=argparse.SUPPRESS)  # internal: one startup measurement, writes JSON here
     p.add_argument("--startup-graph", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--startup", default="cold,warm,graph",
-                   help="start-up runs: cold (empty compile cache), warm (the cache cold left), graph (no compile)")
+    p.add_argument(
+        "--startup",
+        default="cold,warm,graph",
+        help="start-up runs: cold (empty compile cache), warm (the cache cold left), graph (no compile)",
+    )
     p.add_argument("--tag", default="", help="file name tag: train-<gpu>[-part][-TAG].* (a partial run beside a whole)")
     p.add_argument("--ddp-worker", help=argparse.SUPPRESS)  # internal: one torchrun rank, writes JSON here
     return p.parse_args(argv)

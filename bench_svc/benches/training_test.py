@@ -54,6 +54,9 @@ def test_variants_picks_and_orders_and_names_the_choices(capsys):
     args = training._parse_args(["--variants", "eager-pytorch"])
     ((name, config),) = training._variants(args)
     assert name == "eager-pytorch" and config.kernels is False and config.compile_mode == "none"
-    with pytest.raises(SystemExit, match=r"unknown variant\(s\) \['fast'\]; choose from \['tinylm', 'tinylm-graph', 'tinylm-fast', "
-                       r"'tinylm-fast-graph', 'compile-default', 'eager', 'eager-pytorch'\]"):
+    with pytest.raises(
+        SystemExit,
+        match=r"unknown variant\(s\) \['fast'\]; choose from \['tinylm', 'tinylm-graph', 'tinylm-fast', "
+        r"'tinylm-fast-graph', 'compile-default', 'eager', 'eager-pytorch'\]",
+    ):
         training._variants(training._parse_args(["--variants", "fast"]))

@@ -70,8 +70,17 @@ class RMSNormCudaFunction(torch.autograd.Function):
         y = torch.empty_like(x2)
         rstd = torch.empty(rows, dtype=torch.float32, device=x.device)
         with _on(x.device):
-            ext.forward(x2.data_ptr(), w.data_ptr(), y.data_ptr(), rstd.data_ptr(), rows, cols, eps,
-                        _DTYPE_CODES[x.dtype], _stream(x.device))
+            ext.forward(
+                x2.data_ptr(),
+                w.data_ptr(),
+                y.data_ptr(),
+                rstd.data_ptr(),
+                rows,
+                cols,
+                eps,
+                _DTYPE_CODES[x.dtype],
+                _stream(x.device),
+            )
         ctx.save_for_backward(x2, w, rstd)
         ctx.shape, ctx.weight_dtype = shape, weight_dtype
         return y.view(shape)
@@ -88,9 +97,20 @@ class RMSNormCudaFunction(torch.autograd.Function):
         n_blocks = max(1, min(blocks_needed, num_sms(x2.device) * BACKWARD_BLOCKS_PER_SM))
         dw_partial = torch.empty((n_blocks, cols), dtype=torch.float32, device=x2.device)
         with _on(x2.device):
-            ext.backward(dy.data_ptr(), x2.data_ptr(), w.data_ptr(), rstd.data_ptr(), dx.data_ptr(),
-                         dw_partial.data_ptr(), dw.data_ptr(), rows, cols, n_blocks, _DTYPE_CODES[x2.dtype],
-                         _stream(x2.device))
+            ext.backward(
+                dy.data_ptr(),
+                x2.data_ptr(),
+                w.data_ptr(),
+                rstd.data_ptr(),
+                dx.data_ptr(),
+                dw_partial.data_ptr(),
+                dw.data_ptr(),
+                rows,
+                cols,
+                n_blocks,
+                _DTYPE_CODES[x2.dtype],
+                _stream(x2.device),
+            )
         return dx.view(ctx.shape), dw.to(ctx.weight_dtype), None
 
 

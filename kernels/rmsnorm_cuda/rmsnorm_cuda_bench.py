@@ -34,9 +34,9 @@ def _setup(make_fn, rows: int, cols: int, backward: bool):
 
 
 def bench_cases() -> list[BenchCase]:
-    ours = {"triton": lambda: (lambda x, w: rms_norm(x, w, EPS))}
+    ours = {"triton": lambda: lambda x, w: rms_norm(x, w, EPS)}
     if load_extension() is not None:
-        ours = {"cuda c++": lambda: (lambda x, w: rms_norm_cuda(x, w, EPS, impl="cuda")), **ours}
+        ours = {"cuda c++": lambda: lambda x, w: rms_norm_cuda(x, w, EPS, impl="cuda"), **ours}
     else:
         log.warning("rms_norm: the CUDA extension is not built (kernels/rmsnorm_cuda/build.sh): Triton rows only")
     esize = torch.finfo(DTYPE).bits // 8
