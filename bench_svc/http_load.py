@@ -48,12 +48,7 @@ def _one(client: openai.OpenAI, model: str, level: LoadLevel, n: int, stop: thre
                     break
                 k = len(event.choices[0].text) if event.choices else 0
                 if k:
-                    now = time.perf_counter()
-                    if record.ttft_s is None:
-                        record.ttft_s = now - start
-                    else:
-                        record.inter_token_s.extend([(now - last) / k] * k)
-                    last = now
+                    last = record.arrived(k, start, last)
                 if event.usage is not None:
                     record.tokens = event.usage.completion_tokens
     except openai.APIError as err:
@@ -90,12 +85,7 @@ def _one_raw(http: httpx2.Client, model: str, level: LoadLevel, n: int, stop: th
                     break
                 k = len(event["choices"][0]["text"])
                 if k:
-                    now = time.perf_counter()
-                    if record.ttft_s is None:
-                        record.ttft_s = now - start
-                    else:
-                        record.inter_token_s.extend([(now - last) / k] * k)
-                    last = now
+                    last = record.arrived(k, start, last)
                 if event.get("usage"):
                     record.tokens = event["usage"]["completion_tokens"]
     except httpx2.HTTPError as err:

@@ -56,6 +56,16 @@ class RequestRecord:
     tokens: int = 0
     error: str = ""
 
+    def arrived(self, k: int, start: float, last: float) -> float:
+        """Record k tokens arriving now: the first batch sets TTFT (from `start`; tokens that came with the first one
+        have no gap of their own), a later one spreads the gap since `last` over its k tokens. Returns now."""
+        now = time.perf_counter()
+        if self.ttft_s is None:
+            self.ttft_s = now - start
+        else:
+            self.inter_token_s.extend([(now - last) / k] * k)
+        return now
+
 
 @dataclass(frozen=True)
 class LoadResult:
@@ -127,13 +137,8 @@ def _one(
                 break
             k = len(chunk.token_ids)
             if k:
-                now = time.perf_counter()
-                if record.ttft_s is None:
-                    record.ttft_s = now - start  # tokens that came with the first one have no gap of their own
-                else:
-                    record.inter_token_s.extend([(now - last) / k] * k)
+                last = record.arrived(k, start, last)
                 record.tokens += k
-                last = now
             if chunk.finish_reason == inference_pb2.FINISH_REASON_ERROR:
                 record.error = chunk.error or "FINISH_REASON_ERROR"
     except grpc.RpcError as err:

@@ -5,7 +5,6 @@ a disconnected stream gives its slot back, and /metrics counts exactly the reque
 from __future__ import annotations
 
 import json
-import time
 import urllib.request
 
 import openai
@@ -18,6 +17,7 @@ from inference_svc.http_server import serve_http
 from inference_svc.metrics import EngineMetrics
 from inference_svc.runner import TorchRunner
 from inference_svc.service import SERVICE_NAME, InferenceService, ServedModel
+from inference_svc.testing import engine_idle, wait_until
 from model.artifact import load_artifact
 from protos import inference_pb2, inference_pb2_grpc
 from rpc.client import channel
@@ -57,20 +57,6 @@ def start(tiny):
         engine.close()
 
 
-def _wait_until(predicate, timeout: float = 20.0) -> bool:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if predicate():
-            return True
-        time.sleep(0.01)
-    return predicate()
-
-
-def _idle(engine) -> bool:
-    s = engine.stats()
-    return s.free_slots == s.max_slots and s.queued == s.running == s.in_flight == 0
-
-
 def _grpc_text(stub, prompt: str, max_new_tokens: int) -> str:
     params = inference_pb2.SamplingParameters(max_new_tokens=max_new_tokens, temperature=0.0, has_temperature=True)
     return "".join(
@@ -103,7 +89,7 @@ def test_greedy_text_equals_grpc_streamed_and_not(start):
         assert "".join(c.choices[0].text for c in chunks) == expected
         assert [c.choices[0].finish_reason for c in chunks[:-1]] == [None] * (len(chunks) - 1)
         assert chunks[-1].choices[0].finish_reason == "length" and chunks[-1].usage.completion_tokens == n
-    assert _idle(engine)
+    assert engine_idle(engine)
 
 
 def test_stop_top_k_and_repetition_penalty_are_the_engines(start):
@@ -147,7 +133,7 @@ def test_bad_fields_answer_400_naming_the_field(start, kwargs, field):
     assert err.value.status_code == 400
     assert err.value.body["param"] == field and err.value.body["type"] == "invalid_request_error"
     assert field in err.value.body["message"]
-    assert _idle(engine) and sum(engine.stats().finished.values()) == 0
+    assert engine_idle(engine) and sum(engine.stats().finished.values()) == 0
 
 
 def test_models_health_unknown_model_and_token(start):
@@ -169,13 +155,13 @@ def test_a_full_queue_answers_429(start):
     running = client.completions.create(model="tiny-test", prompt="to be", max_tokens=120, temperature=0, stream=True)
     next(iter(running))  # it holds the only slot
     waiting = client.completions.create(model="tiny-test", prompt="to be", max_tokens=120, temperature=0, stream=True)
-    assert _wait_until(lambda: engine.stats().queued == 1)
+    assert wait_until(lambda: engine.stats().queued == 1)
     with pytest.raises(openai.RateLimitError) as err:
         client.completions.create(model="tiny-test", prompt="to be", max_tokens=2)
     assert err.value.status_code == 429
     running.close()
     waiting.close()
-    assert _wait_until(lambda: _idle(engine))
+    assert wait_until(lambda: engine_idle(engine))
 
 
 def test_a_disconnected_stream_frees_its_slot(start):
@@ -184,7 +170,7 @@ def test_a_disconnected_stream_frees_its_slot(start):
     first = next(iter(stream))
     assert first.choices[0].text and engine.stats().running == 1
     stream.close()  # the client goes away mid-stream
-    assert _wait_until(lambda: _idle(engine))
+    assert wait_until(lambda: engine_idle(engine))
     finished = engine.stats().finished
     assert finished["cancelled"] == 1 and finished["length"] == 0
 

@@ -13,6 +13,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from inference_svc.engine import Engine
 from inference_svc.runner import TorchRunner
 from inference_svc.service import SERVICE_NAME, InferenceService, ServedModel
+from inference_svc.testing import engine_idle, wait_until
 from model.artifact import load_artifact
 from model.generate import generate, generate_tokens
 from model.sampling import SamplingParams
@@ -47,20 +48,6 @@ def start(tiny):
         ch.close()
         running.stop(0)
         engine.close()
-
-
-def _wait_until(predicate, timeout: float = 20.0) -> bool:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if predicate():
-            return True
-        time.sleep(0.01)
-    return predicate()
-
-
-def _idle(engine) -> bool:
-    s = engine.stats()
-    return s.free_slots == s.max_slots and s.queued == s.running == s.in_flight == 0
 
 
 def _cancelled_not_finished(engine, n: int = 1) -> bool:
@@ -117,7 +104,7 @@ def test_concurrent_streams_equal_the_reference(tiny, start):
         assert final.finish_reason == inference_pb2.FINISH_REASON_LENGTH and final.error == ""
         assert (final.usage.prompt_tokens, final.usage.completion_tokens) == (len(prompt), params.max_new_tokens)
         assert final.timings.ttft_ms <= final.timings.total_ms
-    assert _idle(engine)
+    assert engine_idle(engine)
 
 
 def test_stop_sequence_and_defaults_over_the_wire(tiny, start):
@@ -145,7 +132,7 @@ def test_generate_batch_answers_in_request_order(tiny, start):
         assert list(result.token_ids) == generate_tokens(tiny.model, tiny.tokenizer.encode(prompt), params)
         assert result.text == generate(tiny.model, tiny.tokenizer, prompt, params)
         assert result.finish_reason == inference_pb2.FINISH_REASON_LENGTH
-    assert _idle(engine)
+    assert engine_idle(engine)
 
 
 @pytest.mark.parametrize(
@@ -207,7 +194,7 @@ def test_batch_errors_name_the_request_and_unknown_models_are_not_found(tiny, st
     ):
         ok = list(stub.Generate(inference_pb2.GenerateRequest(prompt="to", model=ref, params=SHORT), timeout=30))
         assert ok[-1].finish_reason == inference_pb2.FINISH_REASON_LENGTH
-    assert _idle(engine)
+    assert engine_idle(engine)
 
 
 def test_list_models_tokenize_and_health(tiny, start):
@@ -232,7 +219,7 @@ def test_client_cancel_frees_the_slot(start):
     first = next(call)
     assert first.finish_reason == inference_pb2.FINISH_REASON_UNSPECIFIED and engine.stats().running == 1
     call.cancel()
-    assert _wait_until(lambda: _idle(engine))
+    assert wait_until(lambda: engine_idle(engine))
     assert _cancelled_not_finished(engine)
 
 
@@ -241,7 +228,7 @@ def test_client_disconnect_frees_the_slot(start):
     call = stub.Generate(inference_pb2.GenerateRequest(prompt="to be", params=LONG), timeout=30)
     next(call)
     ch.close()
-    assert _wait_until(lambda: _idle(engine))
+    assert wait_until(lambda: engine_idle(engine))
     assert _cancelled_not_finished(engine)
 
 
@@ -250,7 +237,7 @@ def test_deadline_is_honoured_and_frees_the_slot(start):
     with pytest.raises(grpc.RpcError) as err:
         list(stub.Generate(inference_pb2.GenerateRequest(prompt="to be", params=LONG), timeout=0.05))
     assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-    assert _wait_until(lambda: _idle(engine))
+    assert wait_until(lambda: engine_idle(engine))
     assert _cancelled_not_finished(engine)
 
 
@@ -259,13 +246,13 @@ def test_full_queue_is_resource_exhausted(start):
     running = stub.Generate(inference_pb2.GenerateRequest(prompt="to be", params=LONG), timeout=30)
     next(running)
     queued = stub.Generate(inference_pb2.GenerateRequest(prompt="or", params=LONG), timeout=30)
-    assert _wait_until(lambda: engine.stats().queued == 1)
+    assert wait_until(lambda: engine.stats().queued == 1)
     with pytest.raises(grpc.RpcError) as err:
         list(stub.Generate(inference_pb2.GenerateRequest(prompt="not", params=LONG), timeout=10))
     assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "full" in err.value.details()
     running.cancel()
     queued.cancel()
-    assert _wait_until(lambda: _idle(engine))
+    assert wait_until(lambda: engine_idle(engine))
     assert _cancelled_not_finished(engine, 2)
 
 
@@ -293,7 +280,7 @@ def test_admission_counts_waiting_requests_only(start):
             timeout=30,
         )
     assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-    assert _wait_until(lambda: _idle(engine))
+    assert wait_until(lambda: engine_idle(engine))
 
 
 def test_unhonourable_sampling_values_are_refused_and_results_carry_errors(start):

@@ -95,10 +95,9 @@ def attention(
         # exporter sees a plain MHA graph).
         k = k.repeat_interleave(n_head // n_kv_head, dim=1)  # (B, H, S, D)
         v = v.repeat_interleave(n_head // n_kv_head, dim=1)  # (B, H, S, D)
-    if dropout_p > 0.0 and q.is_cuda:
-        with sdpa_kernel(DROPOUT_SDPA_BACKENDS):
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=causal)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=causal)
+    backends = sdpa_kernel(DROPOUT_SDPA_BACKENDS) if dropout_p > 0.0 and q.is_cuda else contextlib.nullcontext()
+    with backends:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=causal)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

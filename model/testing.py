@@ -1,5 +1,6 @@
 """Helpers for tests of samplers: Pearson's chi-square with small cells pooled and its 0.1% critical value (the
-engine's and the reference's speculative decoding are checked against exact probabilities), and `single_thread`."""
+engine's and the reference's speculative decoding are checked against exact probabilities), `single_thread`, and
+`save_tiny_model` (the saved random-init model the serving tests run)."""
 
 from __future__ import annotations
 
@@ -7,9 +8,18 @@ import contextlib
 import math
 from collections.abc import Iterator
 
+from pathlib import Path
+
 import torch
 
-__all__ = ["chi2_critical_999", "chi2_statistic", "single_thread"]
+from model.artifact import save_artifact
+from model.presets import get_preset
+from model.tokenizers import CharTokenizer
+from model.transformer import GPT
+
+__all__ = ["TINY_CORPUS", "chi2_critical_999", "chi2_statistic", "save_tiny_model", "single_thread"]
+
+TINY_CORPUS = "to be, or not to be: that is the question. whether 'tis nobler in the mind to suffer!"
 
 _Z_999 = 3.0902  # standard normal 0.999 quantile
 
@@ -47,3 +57,16 @@ def single_thread() -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(threads)
+
+
+def save_tiny_model(store: Path) -> tuple[str, CharTokenizer]:
+    """A `tiny` GPT with a character tokenizer of TINY_CORPUS, saved as an artifact in `store`: (model id,
+    tokenizer). Its token embedding (tied to the LM head) is scaled up so the untrained model's logits are spread
+    out: greedy choices never hinge on a rounding difference between a batched engine step and a single-sequence one."""
+    tokenizer = CharTokenizer.from_corpus(TINY_CORPUS)
+    torch.manual_seed(1234)
+    model = GPT(get_preset("tiny", vocab_size=tokenizer.vocab_size))
+    with torch.no_grad():
+        model.tok_emb.weight.mul_(10.0)
+    model_id = save_artifact(store, model, tokenizer, name="tiny-test", preset="tiny", metrics={"val_loss": 3.5})
+    return model_id, tokenizer

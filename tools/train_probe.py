@@ -29,6 +29,8 @@ import torch.nn.functional as F
 from model.layers import use_kernels
 from trainer.config import load_config
 from trainer.corpus import resolve_corpus
+from trainer.data import prepare_data
+from trainer.distributed import SINGLE
 from trainer.train import _setup, _train_step, train
 
 VARIANTS = {
@@ -158,8 +160,6 @@ def carryover(args: argparse.Namespace, workdir: Path, corpus: Path) -> None:
 
 
 def profile(args: argparse.Namespace, workdir: Path, corpus: Path) -> None:
-    from trainer.data import prepare_data
-
     table = []
     for variant in args.variants.split(","):
         config = _config(variant, 10_000, 10_000)
@@ -171,7 +171,7 @@ def profile(args: argparse.Namespace, workdir: Path, corpus: Path) -> None:
                 corpus,
                 workdir / f"p-{variant}",
                 workdir / "data",
-                __import__("trainer.distributed", fromlist=["SINGLE"]).SINGLE,
+                SINGLE,
                 torch.device("cuda"),
             )
             t0 = time.perf_counter()

@@ -279,7 +279,7 @@ def _interval_metrics(
     result.grad_norms += norms
     last = interval.last
     metrics = {"loss": losses[-1], "lr": last.lr, "grad_norm": norms[-1], "dropout": last.dropout}
-    metrics.update(meter.update(run.config.batch_size, interval.seconds_per_step or 0.0))
+    metrics.update(meter.update(run.config.batch_size, interval.seconds_per_step()))
     metrics["elapsed_s"] = run.elapsed_s + time.perf_counter() - start
     metrics["eta_s"] = meter.eta_s(run.config.max_steps - interval.step)
     if bar is not None:
@@ -403,6 +403,9 @@ def _train_step(run: _Run) -> _StepOut:
     return _StepOut(dist.all_mean(loss_sum, info), grad_norm.detach(), lr, dropout)
 
 
+Mark = Any  # a point in the run's time: a recorded CUDA event on a GPU, the host clock (perf_counter) on a CPU
+
+
 @dataclass
 class _Interval:
     """The numbers of the steps up to a log point, on their way to the host."""
@@ -410,8 +413,23 @@ class _Interval:
     step: int  # the log point's step
     last: _StepOut
     values: torch.Tensor  # (2n,) loss, grad norm of each step; pinned host memory on a GPU
-    ready: Any  # a CUDA event recorded after the copy, or None (the values are already on the host)
-    seconds_per_step: float | None  # None: from the CUDA events once they have completed
+    start: Mark  # the interval's start
+    end: Mark  # recorded after the copy to the host
+
+    def done(self, wait: bool = False) -> bool:
+        """Whether the values have reached the host (on a CPU they are there already); `wait`: block until they have."""
+        if isinstance(self.end, float):
+            return True
+        if wait:
+            self.end.synchronize()
+        return self.end.query()
+
+    def seconds_per_step(self) -> float:
+        """Wall time per step over the interval (once `done`)."""
+        n = len(self.values) // 2
+        if isinstance(self.end, float):
+            return (self.end - self.start) / n
+        return self.start.elapsed_time(self.end) / 1e3 / n
 
 
 class _Pending:
@@ -423,8 +441,15 @@ class _Pending:
     def __init__(self, device: torch.device) -> None:
         self.steps: list[_StepOut] = []
         self.cuda = device.type == "cuda"
-        self.in_flight: list[tuple[_Interval, Any, int]] = []  # interval, start event, steps
+        self.in_flight: list[_Interval] = []  # oldest first
         self.restart()
+
+    def _mark(self) -> Mark:
+        if not self.cuda:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
 
     def add(self, out: _StepOut) -> None:
         self.steps.append(out)
@@ -434,40 +459,22 @@ class _Pending:
         if not self.steps:
             return
         values = torch.stack([v for s in self.steps for v in (s.loss.float(), s.grad_norm.float())])  # (2n,)
-        n, last = len(self.steps), self.steps[-1]
-        self.steps = []
-        if not self.cuda:
-            dt = (time.perf_counter() - self.t0) / n
-            self.in_flight.append((_Interval(step, last, values, None, dt), None, n))
-            self.t0 = time.perf_counter()
-            return
-        host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
-        host.copy_(values, non_blocking=True)
-        end = torch.cuda.Event(enable_timing=True)
-        end.record()
-        self.in_flight.append((_Interval(step, last, host, end, None), self.start_event, n))
-        self.start_event = end
+        if self.cuda:
+            values = torch.empty(values.shape, dtype=values.dtype, pin_memory=True).copy_(values, non_blocking=True)
+        end = self._mark()
+        self.in_flight.append(_Interval(step, self.steps[-1], values, self.start, end))
+        self.steps, self.start = [], end
 
     def received(self, wait: bool = False) -> list[_Interval]:
         """The intervals whose numbers have reached the host (all of them when `wait`), oldest first."""
         done = []
-        while self.in_flight:
-            interval, start, n = self.in_flight[0]
-            if interval.ready is not None:
-                if not (wait or interval.ready.query()):
-                    break
-                interval.ready.synchronize()
-                interval.seconds_per_step = start.elapsed_time(interval.ready) / 1e3 / n
-            done.append(self.in_flight.pop(0)[0])
+        while self.in_flight and self.in_flight[0].done(wait):
+            done.append(self.in_flight.pop(0))
         return done
 
     def restart(self) -> None:
         """Start the clock of the next interval (after an evaluation, so it is not counted as training time)."""
-        self.t0 = time.perf_counter()
-        self.start_event = None
-        if self.cuda:
-            self.start_event = torch.cuda.Event(enable_timing=True)
-            self.start_event.record()
+        self.start = self._mark()
 
 
 def _forward(run: _Run, module: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
