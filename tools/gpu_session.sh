@@ -10,7 +10,8 @@
 # Steps: tests (CUDA build + every GPU test under kernels/, model/, inference_svc/; $GPU_TESTS narrows them), kernels (python -m bench_svc.benches.kernels),
 #        speculative, train (bench_svc.benches.training --part speed), serve (bench_svc.benches.inference_serving
 #        --device cuda), compile (bench_svc.benches.train_compile), checkpointing (bench_svc.benches.train_checkpointing),
-#        train-profile / train-carryover (tools.train_probe: step time split, state left between runs).
+#        train-profile / train-carryover (tools.train_probe: step time split, state left between runs),
+#        serve-probe (tools.serve_probe: decode step wall vs GPU-busy, kernels per step; $PROBE_ARGS).
 set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -85,6 +86,7 @@ for spec in "$@"; do
     train-startup) run_step train-startup "$limit" "$PYTHON" -m bench_svc.benches.training --part startup ;;
     train-sdpa) run_step train-sdpa "$limit" "$PYTHON" -m tools.train_probe sdpa --steps "${PROBE_STEPS:-300}" --eval-interval 100 ;;
     serve) run_step serve "$limit" "$PYTHON" -m bench_svc.benches.inference_serving --device cuda ;;
+    serve-probe) run_step serve-probe "$limit" "$PYTHON" -m tools.serve_probe ${PROBE_ARGS:-} ;;
     compile) run_step compile "$limit" "$PYTHON" -m bench_svc.benches.train_compile --device cuda --timeout-s 120 ;;
     checkpointing) run_step checkpointing "$limit" "$PYTHON" -m bench_svc.benches.train_checkpointing --device cuda ;;
     *) echo "unknown step '$step' (tests, kernels, speculative, train, serve, compile, checkpointing)"; summary+=("$step unknown") ;;

@@ -1,0 +1,156 @@
+"""GPU diagnostics for the serving engine: where a decode step's time goes.
+
+    python -m tools.serve_probe [--batches 1,256] [--new-tokens 128] [--slots 256]
+
+For each batch size B: B requests with prompts of one length submitted at once to an `Engine` over a `TorchRunner`
+(shakespeare-char, random weights, bf16, CUDA graphs), run to their end under torch.profiler. Reported per decode
+step (a step = one CUDA-graph launch): wall ms, GPU-busy ms (the union of kernel intervals), kernels, and the
+largest kernels; then the captured decode graph alone: replay ms and kernels per replay, no engine around it.
+A diagnostic tool, not a benchmark: it prints tables; the figures go into notes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections import Counter
+
+import torch
+
+from inference_svc.engine import Engine
+from inference_svc.params import Request
+from inference_svc.runner import TorchRunner
+from model.presets import get_preset
+from model.sampling import SamplingParams
+from model.tokenizers import CharTokenizer
+from model.transformer import GPT
+
+_CUDA = torch.autograd.DeviceType.CUDA
+
+
+def _kernels(prof) -> list:
+    return [e for e in prof.events() if e.device_type == _CUDA and "#" not in e.name]
+
+
+def _busy_us(kernels: list) -> float:
+    """Union of the kernels' [start, end) intervals, in microseconds."""
+    spans = sorted((e.time_range.start, e.time_range.end) for e in kernels)
+    busy, end = 0.0, float("-inf")
+    for s, e in spans:
+        if e <= end:
+            continue
+        busy += e - max(s, end)
+        end = e
+    return busy
+
+
+def _top(kernels: list, per: int, n: int = 8) -> str:
+    by_name: Counter = Counter()
+    for e in kernels:
+        by_name[e.name[:48]] += e.device_time
+    return ", ".join(f"{name} {t / per:.1f}us" for name, t in by_name.most_common(n))
+
+
+def _graph_launches(prof) -> int:
+    return sum(1 for e in prof.events() if e.name in ("cudaGraphLaunch", "cuGraphLaunch"))
+
+
+def engine_probe(runner: TorchRunner, tokenizer, batch: int, new_tokens: int, sampled: bool) -> dict:
+    params = (
+        SamplingParams(max_new_tokens=new_tokens, temperature=0.8, top_k=50, top_p=0.95, seed=1)
+        if sampled
+        else SamplingParams(max_new_tokens=new_tokens, temperature=0.0)
+    )
+    gen = torch.Generator().manual_seed(0)
+    prompts = [tuple(torch.randint(0, 60, (16,), generator=gen).tolist()) for _ in range(batch)]
+    with Engine(runner, tokenizer, max_queue=batch) as engine:
+        for _ in range(2):  # warm-up: every graph this batch uses, the sampler, the threads
+            [h.result() for h in [engine.submit(Request(p, params)) for p in prompts]]
+        with torch.profiler.profile(
+            activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+        ) as prof:
+            t0 = time.perf_counter()
+            finals = [h.result() for h in [engine.submit(Request(p, params)) for p in prompts]]
+            wall = time.perf_counter() - t0
+    tokens = sum(len(f.token_ids) for f in finals)
+    kernels = _kernels(prof)
+    steps = max(1, _graph_launches(prof))
+    host = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)[:10]
+    return {
+        "batch": batch,
+        "sampled": sampled,
+        "tokens_per_s": tokens / wall,
+        "steps": steps,
+        "wall_ms_per_step": wall * 1e3 / steps,
+        "busy_ms_per_step": _busy_us(kernels) / 1e3 / steps,
+        "kernels_per_step": len(kernels) / steps,
+        "top_kernels": _top(kernels, steps),
+        "top_host": ", ".join(f"{e.key[:36]} {e.self_cpu_time_total / steps:.1f}us" for e in host),
+    }
+
+
+def graph_probe(runner: TorchRunner, batch: int) -> dict | None:
+    """The smallest-span captured decode graph of this batch bucket, replayed alone."""
+    keys = sorted(k for k in runner._graphs if k[0] == batch)
+    if not keys:
+        return None
+    graph = runner._graphs[keys[0]].graph
+    for _ in range(10):
+        graph.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    n = 200
+    start.record()
+    for _ in range(n):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(10):
+            graph.replay()
+        torch.cuda.synchronize()
+    kernels = _kernels(prof)
+    return {
+        "key": keys[0],
+        "replay_ms": start.elapsed_time(end) / n,
+        "kernels": len(kernels) / 10,
+        "top_kernels": _top(kernels, 10),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m tools.serve_probe", description=__doc__.split("\n\n")[0])
+    p.add_argument("--batches", default="1,256")
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--slots", type=int, default=256)
+    p.add_argument("--sampled", action="store_true", help="also run sampled requests (T 0.8, top-k 50, top-p 0.95)")
+    args = p.parse_args(argv)
+    torch.manual_seed(0)
+    tokenizer = CharTokenizer([chr(32 + i) for i in range(65)])  # Tiny Shakespeare's vocabulary size
+    config = get_preset("shakespeare-char", vocab_size=tokenizer.vocab_size, dropout=0.0)
+    t0 = time.perf_counter()
+    runner = TorchRunner(GPT(config), args.slots, device="cuda")
+    print(f"runner ready in {time.perf_counter() - t0:.1f} s ({len(runner._graphs)} graphs)")
+    rows = []
+    for b in (int(x) for x in args.batches.split(",")):
+        for sampled in (False, True) if args.sampled else (False,):
+            r = engine_probe(runner, tokenizer, b, args.new_tokens, sampled)
+            print(f"\n[engine B={b} {'sampled' if sampled else 'greedy'}] kernels: {r['top_kernels']}")
+            print(f"[engine B={b}] host: {r['top_host']}")
+            rows.append(r)
+        g = graph_probe(runner, b)
+        if g:
+            print(
+                f"\n[graph {g['key']}] replay {g['replay_ms']:.3f} ms, {g['kernels']:.0f} kernels: {g['top_kernels']}"
+            )
+    print(f"\n{'B':>4} {'mode':>8} {'tok/s':>10} {'wall ms':>8} {'busy ms':>8} {'kern/step':>9} {'steps':>6}")
+    for r in rows:
+        print(
+            f"{r['batch']:>4} {'sampled' if r['sampled'] else 'greedy':>8} {r['tokens_per_s']:>10,.0f} "
+            f"{r['wall_ms_per_step']:>8.3f} {r['busy_ms_per_step']:>8.3f} {r['kernels_per_step']:>9.1f} {r['steps']:>6}"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
