@@ -15,8 +15,11 @@ import queue
 import threading
 import time
 import uuid
+from collections import deque
 from dataclasses import dataclass, replace
 from typing import Callable, Iterator, NamedTuple
+
+import torch
 
 from inference_svc.detokenizer import StreamingDetokenizer
 from inference_svc.kv_pool import KVPool
@@ -27,6 +30,7 @@ from inference_svc.scheduler import QueueFull, Scheduler
 from inference_svc.sequence import Sequence, SequenceStatus
 from inference_svc.speculative import SpeculativeDecoder
 from model.field_checks import check_int
+from model.sampling import random_seed
 from model.tokenizers import Tokenizer
 
 __all__ = ["Chunk", "Engine", "EngineStats", "FinishReason", "QueueFull", "RequestHandle", "Timings", "Usage"]
@@ -130,8 +134,10 @@ class Engine:
     """Continuous batching over `runner` with up to `max_slots` running and `max_queue` waiting requests.
 
     The loop thread starts at construction; `close()` (or leaving a `with` block) stops it and cancels
-    whatever is still in flight. With a `draft` runner (a smaller model with the same tokenizer), decode steps
-    are speculative: the draft proposes `speculative_k` tokens per sequence and the target verifies them in one
+    whatever is still in flight. `resident` (default: whenever the runner offers it) runs the device-resident
+    loop (`TorchRunner.prefill_sample` / `decode_sample`: sampling on the device, each step launched before the
+    previous step's tokens are streamed); False keeps the logits path (runner logits, then `Sampler`). With a
+    `draft` runner (a smaller model with the same tokenizer), decode steps are speculative: the draft proposes `speculative_k` tokens per sequence and the target verifies them in one
     step (inference_svc.speculative); the output keeps the target's distribution.
     """
 
@@ -145,6 +151,7 @@ class Engine:
         max_prefill_tokens: int = 8192,
         draft: ModelRunner | None = None,
         speculative_k: int = 4,
+        resident: bool | None = None,
     ) -> None:
         max_slots = runner.n_slots if max_slots is None else max_slots
         check_int("max_slots", max_slots, 1, runner.n_slots, note=" (the runner's slots)")
@@ -163,6 +170,17 @@ class Engine:
         self._finished = {reason.value: 0 for reason in FinishReason}
         # Called on the engine thread with every final chunk, before its caller sees it (metrics); keep them cheap.
         self.finish_listeners: list[Callable[[Chunk], None]] = []
+        # The device-resident loop (a runner that samples on the device and keeps each slot's next input there):
+        # each step is launched before the previous step's tokens are read. Speculative decoding keeps the
+        # logits path.
+        can = draft is None and hasattr(runner, "decode_sample")
+        if resident and not can:
+            raise ValueError("resident=True needs a runner with decode_sample (TorchRunner) and no draft model")
+        self._resident = can if resident is None else resident
+        if self._resident:
+            runner.state.allow(tokenizer.vocab_size)
+        self._in_flight: deque[_Launched] = deque()  # steps launched whose tokens are not streamed yet
+        self._outputs = _OutputRing(runner.device, 2 * max_slots) if self._resident else None
         self._thread = threading.Thread(target=self._loop, name="tinylm-engine", daemon=True)
         self._thread.start()
 
@@ -184,6 +202,7 @@ class Engine:
             detokenizer=StreamingDetokenizer(self.tokenizer, request.params.stop),
             generator=self.sampler.generator(request.params.seed),
             sink=sink,
+            seed=request.params.seed if request.params.seed is not None else random_seed(),
         )
         with self._wake:
             if self._closing:
@@ -232,7 +251,7 @@ class Engine:
     def _loop(self) -> None:
         while True:
             with self._wake:
-                while not self._closing and not self.scheduler.has_work():
+                while not self._closing and not self.scheduler.has_work() and not self._in_flight:
                     self._wake.wait()
                 if self._closing:
                     break
@@ -240,11 +259,15 @@ class Engine:
                 self.step()
             except Exception:  # a bookkeeping bug must not silently stop the server's only loop
                 log.exception("engine step failed")
+        self._in_flight.clear()
         for seq in self.scheduler.drain():
             self._finish(seq, FinishReason.CANCELLED, error="the engine shut down")
 
     def step(self) -> None:
         """One iteration: free cancelled, admit, prefill the admitted, decode the rest, stream tokens."""
+        if self._resident:
+            self._step_resident()
+            return
         out = self.scheduler.schedule()
         for seq in out.aborted:
             self._finish(seq, FinishReason.CANCELLED)
@@ -292,6 +315,87 @@ class Engine:
                     self._append(seq, token, now)
                     if seq.status is SequenceStatus.FINISHED:
                         break
+            except Exception as err:  # e.g. the tokenizer refusing a token: fail this request only
+                log.exception("request %s failed on token %d", seq.request_id, token)
+                self._finish(seq, FinishReason.ERROR, error=f"{type(err).__name__}: {err}")
+
+    # The device-resident loop --------------------------------------------------------------------------
+
+    def _step_resident(self) -> None:
+        """Launch this step (prefill the admitted, decode the running: each samples on the device and leaves its
+        token as the slot's next input), then stream the previous step's tokens while the GPU runs this one.
+        A sequence is launched only while it still needs tokens (max_new_tokens, context length); one that a stop
+        string ends may have one more token in flight, which is dropped."""
+        out = self.scheduler.schedule()
+        for seq in out.aborted:
+            self._finish(seq, FinishReason.CANCELLED)
+        max_len = self.runner.max_len
+        decode = [
+            s
+            for s in out.decode
+            if 0 < s.launched < s.request.params.max_new_tokens and s.prompt_len + s.launched <= max_len
+        ]
+        launched: list[Sequence] = []
+        ids: list[torch.Tensor] = []
+        if out.prefill:
+            self._launch_prefill(out.prefill, launched, ids)
+        if decode:
+            self._launch_decode(decode, launched, ids)
+        if launched:
+            self._in_flight.append(self._outputs.push(torch.cat(ids) if len(ids) > 1 else ids[0], launched))
+        while len(self._in_flight) > (1 if launched else 0):  # keep the step just launched running
+            self._stream(self._in_flight.popleft())
+
+    def _launch_prefill(self, seqs: list[Sequence], launched: list[Sequence], ids: list[torch.Tensor]) -> None:
+        now = time.perf_counter()
+        for seq in seqs:
+            seq.admitted_at = now
+        try:
+            tokens = self.runner.prefill_sample(
+                [s.slot for s in seqs],
+                [s.request.prompt_ids for s in seqs],
+                [s.request.params for s in seqs],
+                [s.seed for s in seqs],
+            )
+        except Exception as err:  # a failed step fails its requests, not the server: alone, to find the bad one
+            self._isolate(seqs, err, self._launch_prefill, launched, ids)
+            return
+        for seq in seqs:
+            seq.launched = 1
+        launched.extend(seqs)
+        ids.append(tokens)
+
+    def _launch_decode(self, seqs: list[Sequence], launched: list[Sequence], ids: list[torch.Tensor]) -> None:
+        kv_len = max(s.prompt_len + s.launched for s in seqs)  # the fed token sits at prompt_len + launched - 1
+        full = not all(s.greedy_plain for s in seqs)
+        try:
+            tokens = self.runner.decode_sample([s.slot for s in seqs], kv_len, full)
+        except Exception as err:
+            self._isolate(seqs, err, self._launch_decode, launched, ids)
+            return
+        for seq in seqs:
+            seq.launched += 1
+        launched.extend(seqs)
+        ids.append(tokens)
+
+    def _isolate(self, seqs: list[Sequence], err: Exception, launch, launched, ids) -> None:
+        if len(seqs) > 1:
+            log.warning("engine step failed for %d sequences (%s); retrying each alone", len(seqs), err)
+            for seq in seqs:
+                launch([seq], launched, ids)
+            return
+        log.error("request %s failed: %s: %s", seqs[0].request_id, type(err).__name__, err)
+        self._finish(seqs[0], FinishReason.ERROR, error=f"{type(err).__name__}: {err}")
+
+    def _stream(self, step: "_Launched") -> None:
+        """Hand a launched step's tokens to their sequences (waits for that step on the GPU)."""
+        tokens = step.tokens()
+        now = time.perf_counter()
+        for seq, token in zip(step.seqs, tokens):
+            if seq.status is SequenceStatus.FINISHED:  # ended (stop string, cancel) while this token was in flight
+                continue
+            try:
+                self._append(seq, token, now)
             except Exception as err:  # e.g. the tokenizer refusing a token: fail this request only
                 log.exception("request %s failed on token %d", seq.request_id, token)
                 self._finish(seq, FinishReason.ERROR, error=f"{type(err).__name__}: {err}")
@@ -354,3 +458,37 @@ def _timings(seq: Sequence, end: float) -> Timings:
         queue_ms=ms(seq.admitted_at if seq.admitted_at is not None else end),
         token_ms=tuple(ms(t) for t in times),
     )
+
+
+class _Launched(NamedTuple):
+    """One launched step: its sequences, in row order, and where their new ids arrive on the host."""
+
+    seqs: list[Sequence]
+    host: torch.Tensor  # pinned (n,) long, written by an asynchronous copy
+    done: "torch.cuda.Event | None"  # recorded after the copy (None on CPU: the copy is done)
+
+    def tokens(self) -> list[int]:
+        if self.done is not None:
+            self.done.synchronize()
+        return self.host.tolist()
+
+
+class _OutputRing:
+    """Pinned host buffers for the new ids of the steps in flight (two are ever in use: the step being streamed
+    and the one running), each copied asynchronously after its step and read once its event has passed."""
+
+    def __init__(self, device: torch.device, size: int, n: int = 3) -> None:
+        self.cuda = device.type == "cuda"
+        self._bufs = [torch.empty(size, dtype=torch.long, pin_memory=self.cuda) for _ in range(n)]
+        self._i = 0
+
+    def push(self, ids: torch.Tensor, seqs: list[Sequence]) -> _Launched:
+        buf = self._bufs[self._i][: ids.shape[0]]
+        self._i = (self._i + 1) % len(self._bufs)
+        if not self.cuda:
+            buf.copy_(ids)
+            return _Launched(seqs, buf, None)
+        buf.copy_(ids, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+        return _Launched(seqs, buf, done)

@@ -17,24 +17,40 @@ POISON = "whether"  # the prompt of the one bad request
 
 
 class _FaultyRunner(TorchRunner):
-    """Raises on any prefill or decode step that includes `bad_slot` (set once the poisoned request is admitted)."""
+    """Raises on any prefill or decode step that includes `bad_slot` (set once the poisoned request is admitted), on
+    the logits path (prefill, decode) and on the device-resident one (prefill_sample, decode_sample; "sampler": the
+    sampling inside the resident step)."""
 
     bad_prompt: tuple[int, ...] = ()
     bad_slot: int | None = None
     phase = "decode"
 
-    def prefill(self, slots, prompts):
+    def _admit(self, slots, prompts):
         for slot, prompt in zip(slots, prompts):
             if tuple(prompt) == self.bad_prompt:
                 self.bad_slot = slot
         if self.phase == "prefill" and self.bad_slot in slots:
             raise RuntimeError("injected prefill fault")
+
+    def prefill(self, slots, prompts):
+        self._admit(slots, prompts)
         return super().prefill(slots, prompts)
 
     def decode(self, slots, tokens, positions):
         if self.phase == "decode" and self.bad_slot in slots:
             raise RuntimeError("injected decode fault")
         return super().decode(slots, tokens, positions)
+
+    def prefill_sample(self, slots, prompts, params, seeds):
+        self._admit(slots, prompts)
+        if self.phase == "sampler" and self.bad_slot in slots:
+            raise ValueError("injected sampler fault")
+        return super().prefill_sample(slots, prompts, params, seeds)
+
+    def decode_sample(self, slots, kv_len, full):
+        if self.phase in ("decode", "sampler") and self.bad_slot in slots:
+            raise (RuntimeError if self.phase == "decode" else ValueError)(f"injected {self.phase} fault")
+        return super().decode_sample(slots, kv_len, full)
 
     def release(self, slot):
         if slot == self.bad_slot:
@@ -59,13 +75,14 @@ def _params(i: int) -> SamplingParams:
     return SamplingParams(max_new_tokens=8 + i, temperature=0.0, repetition_penalty=1.2 if i % 4 else 1.0)
 
 
+@pytest.mark.parametrize("resident", [True, False], ids=["resident", "logits"])
 @pytest.mark.parametrize("where", ["prefill", "decode", "sampler"])
-def test_one_failing_request_ends_alone(tiny, where):
+def test_one_failing_request_ends_alone(tiny, where, resident):
     prompts = [("to be, or not"[: 2 + i % 10] + " ") for i in range(N_GOOD)]
     bad_prompt = tuple(tiny.tokenizer.encode(POISON))
     runner = _FaultyRunner(tiny.model, n_slots=N_GOOD + 1)
     runner.bad_prompt, runner.phase = bad_prompt, where
-    with Engine(runner, tiny.tokenizer, max_queue=64) as engine:
+    with Engine(runner, tiny.tokenizer, max_queue=64, resident=resident) as engine:
         if where == "sampler":
             engine.sampler = _FaultySampler(runner.device, vocab_size=tiny.tokenizer.vocab_size)
             engine.sampler.bad_prompt = bad_prompt

@@ -9,20 +9,27 @@ The engine talks to every backend through the same three calls (`ModelRunner`):
 `TorchRunner` runs `GPT.forward_cached` over a preallocated `KVCache`: eager on CPU; on CUDA in bf16, with
 the decode step captured as CUDA graphs at batch buckets 1, 2, 4, ..., max (static input buffers; padded
 rows write into a scratch slot), as gpt-fast and vLLM do, so a decode step costs one graph launch.
+It also keeps the decode loop on the device (`prefill_sample` / `decode_sample`, which the engine prefers):
+every slot's next input token, position and sampling settings live in device tensors (`SlotState`), and the
+captured step runs the model, samples (greedy and sampled rows together, `model.sampling.sample_rows` with
+per-row counter-based draws) and writes each new token back as the next step's input, so the host only
+launches the graph and reads the new ids, one step behind. Decode attention reads each row's slot in place
+(`kernels.decode_attention`), with no gather of the cache.
 `OrtRunner` (in `ort_runner.py`) runs an exported ONNX model on ONNX Runtime.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Protocol, Sequence
+from typing import Callable, Protocol, Sequence
 
 import torch
 
 from model.kv_cache import KVCache
+from model.sampling import SamplingParams, penalise, sample_rows, uniforms
 from model.transformer import GPT
 
-__all__ = ["ModelRunner", "TorchRunner", "batch_buckets"]
+__all__ = ["ModelRunner", "SlotState", "Staging", "TorchRunner", "batch_buckets"]
 
 log = logging.getLogger(__name__)
 
@@ -55,12 +62,113 @@ def batch_buckets(max_batch: int) -> list[int]:
     return buckets + [max_batch]
 
 
+class Staging:
+    """Host-to-device copies that never make the host wait for the GPU: each goes through a pinned buffer (a
+    ring of them), reused only once the copy that last read it has run. A pageable copy may block until the
+    stream drains, which would undo the one-step-ahead loop. On CPU devices: a plain copy."""
+
+    def __init__(self, device: torch.device, n: int = 8) -> None:
+        self.device = device
+        self._bufs: list[torch.Tensor | None] = [None] * n
+        self._events: list[torch.cuda.Event | None] = [None] * n
+        self._i = 0
+
+    def to_device(self, host: torch.Tensor) -> torch.Tensor:
+        if self.device.type != "cuda":
+            return host.to(self.device)
+        i = self._i
+        self._i = (i + 1) % len(self._bufs)
+        if self._events[i] is not None:
+            self._events[i].synchronize()  # the copy from this buffer, n copies ago: long done
+        nbytes = host.numel() * host.element_size()
+        buf = self._bufs[i]
+        if buf is None or buf.numel() < nbytes:
+            buf = self._bufs[i] = torch.empty(max(nbytes, 1 << 12), dtype=torch.uint8).pin_memory()
+        pinned = buf[:nbytes].view(host.dtype).view(host.shape)
+        pinned.copy_(host)
+        out = pinned.to(self.device, non_blocking=True)
+        self._events[i] = torch.cuda.Event()
+        self._events[i].record()
+        return out
+
+
+class SlotState:
+    """The decode loop's state on the device, indexed by KV-cache slot (the runner's scratch slot included):
+    each slot's next input token and its position, and its request's sampling settings. Written when a request
+    is prefilled (`admit`), then only by the captured decode step itself."""
+
+    _INT_FIELDS = ("seed", "top_k", "greedy")
+    _FLOAT_FIELDS = ("temperature", "top_p", "penalty")
+
+    def __init__(self, n_slots: int, vocab_size: int, device: torch.device) -> None:
+        self.vocab_size = vocab_size  # the model's (the logits' width)
+        self.blocked = torch.zeros(vocab_size, dtype=torch.bool, device=device)  # ids never drawn (`allow`)
+        self.token = torch.zeros(n_slots, dtype=torch.long, device=device)
+        self.pos = torch.zeros(n_slots, dtype=torch.long, device=device)
+        self.seed = torch.zeros(n_slots, dtype=torch.long, device=device)
+        self.greedy = torch.ones(n_slots, dtype=torch.bool, device=device)
+        self.temperature = torch.ones(n_slots, 1, device=device)
+        self.top_k = torch.full((n_slots, 1), vocab_size, dtype=torch.long, device=device)
+        self.top_p = torch.ones(n_slots, 1, device=device)
+        self.penalty = torch.ones(n_slots, 1, device=device)
+        self.seen = torch.zeros(n_slots, vocab_size, dtype=torch.bool, device=device)  # context tokens per slot
+
+    def allow(self, n: int) -> None:
+        """Only ids below n (the tokenizer's vocabulary; the model's may be padded beyond it) are drawn."""
+        self.blocked.copy_(torch.arange(self.vocab_size, device=self.blocked.device) >= n)
+
+    def admit(
+        self,
+        staging: Staging,
+        slots: torch.Tensor,
+        params: Sequence[SamplingParams],
+        seeds: Sequence[int],
+        prompts: Sequence[Sequence[int]],
+    ) -> None:
+        """Set the sampling settings and the context of newly prefilled slots (slots (B,) long on the device)."""
+        V = self.vocab_size
+        ints = torch.tensor([[seed, p.top_k or V, p.temperature == 0.0] for p, seed in zip(params, seeds)])
+        floats = torch.tensor([[p.temperature or 1.0, p.top_p, p.repetition_penalty] for p in params])
+        ints, floats = staging.to_device(ints), staging.to_device(floats)
+        self.seed[slots] = ints[:, 0]
+        self.top_k[slots] = ints[:, 1:2]
+        self.greedy[slots] = ints[:, 2].bool()
+        self.temperature[slots] = floats[:, 0:1]
+        self.top_p[slots] = floats[:, 1:2]
+        self.penalty[slots] = floats[:, 2:3]
+        self.seen[slots] = False
+        if any(p.repetition_penalty != 1.0 for p in params):
+            rows = [b for b, ids in enumerate(prompts) for _ in ids]
+            cols = [t for ids in prompts for t in ids]
+            at = staging.to_device(torch.tensor([rows, cols], dtype=torch.long))
+            self.seen[slots[at[0]], at[1]] = True
+
+    def sample(self, logits: torch.Tensor, slots: torch.Tensor, counters: torch.Tensor, full: bool) -> torch.Tensor:
+        """Next tokens of the rows in `slots` from their logits (B, V) float32; greedy only unless `full` (a row
+        with temperature > 0 or a repetition penalty). No host sync: captured inside the decode graph."""
+        logits = logits.masked_fill(self.blocked, float("-inf"))  # ids the tokenizer cannot decode
+        if not full:
+            return logits.argmax(dim=-1)
+        logits = penalise(logits, self.seen[slots], self.penalty[slots])
+        u = uniforms(self.seed[slots], counters)
+        return sample_rows(logits, self.greedy[slots], self.temperature[slots], self.top_k[slots], self.top_p[slots], u)
+
+    def advance(self, slots: torch.Tensor, tokens: torch.Tensor, positions: torch.Tensor, full: bool) -> None:
+        """The new tokens become the rows' next inputs, at `positions` (already advanced)."""
+        self.token[slots] = tokens
+        self.pos[slots] = positions
+        if full:
+            self.seen[slots, tokens] = True
+
+
 class TorchRunner:
     """`GPT.forward_cached` over a slot-addressed `KVCache` of n_slots sequences (plus one scratch slot).
 
     device/dtype default to the model's device and to bf16 on CUDA, the model's dtype elsewhere.
-    `cuda_graphs` (default: on when the device is CUDA) captures the decode step at batch buckets up to
-    `n_slots` and attention spans of 256, 512, ... up to max_len.
+    `cuda_graphs` (default: on when the device is CUDA) captures the device-resident decode step at batch
+    buckets up to `n_slots` and attention spans of 256, 512, ... up to max_len (greedy-only and full sampling);
+    the logits-returning `decode` graphs are captured on first use. `attention_in_place` (default: on CUDA) decodes with
+    `kernels.decode_attention` over the cache in place instead of gathering each row's slot for SDPA.
     """
 
     def __init__(
@@ -72,6 +180,7 @@ class TorchRunner:
         dtype: torch.dtype | None = None,
         max_len: int | None = None,
         cuda_graphs: bool | None = None,
+        attention_in_place: bool | None = None,
     ) -> None:
         device = torch.device(device) if device is not None else next(model.parameters()).device
         if dtype is None:
@@ -84,13 +193,24 @@ class TorchRunner:
         self.cache = KVCache(n_slots + 1, self.config, max_len, dtype=dtype, device=device)
         self.max_len = self.cache.max_len
         self._scratch = n_slots  # padded rows of a graph bucket write here, never read by a real row
-        self._graphs: dict[tuple[int, int], _DecodeGraph] = {}
+        self.attention_in_place = device.type == "cuda" if attention_in_place is None else attention_in_place
+        self.staging = Staging(device)
+        self.state = SlotState(n_slots + 1, self.vocab_size, device)
+        self._graphs: dict[tuple, _Graph] = {}
         if cuda_graphs is None:
             cuda_graphs = device.type == "cuda"
+        if cuda_graphs and device.type != "cuda":
+            raise ValueError(f"cuda_graphs needs a CUDA device, got {device}")
+        self.cuda_graphs = cuda_graphs
         if cuda_graphs:
-            if device.type != "cuda":
-                raise ValueError(f"cuda_graphs needs a CUDA device, got {device}")
-            self._capture_decode_graphs()
+            max_b = self.n_slots
+            self._static = torch.zeros(3, max_b, dtype=torch.long, device=device)  # slots, tokens, positions
+            self._pinned = torch.zeros(3, max_b, dtype=torch.long).pin_memory()
+            self._rows = torch.full((max_b,), self._scratch, dtype=torch.long, device=device)  # slot of each row
+            self._rows_now: list[int] = []  # what _rows holds (real rows; the rest is the scratch slot)
+            self._out = torch.zeros(max_b, dtype=torch.long, device=device)
+            self._pool = torch.cuda.graph_pool_handle()
+            self._capture_resident_graphs()
 
     def prefill(self, slots: Sequence[int], prompts: Sequence[Sequence[int]]) -> torch.Tensor:
         """Right-pad the prompts into one (B, T) batch and run it; returns float32 logits (B, V)."""
@@ -107,8 +227,8 @@ class TorchRunner:
         lengths = [len(c) for c in chunks]
         T = max(lengths)
         rows = [list(c) + [0] * (T - len(c)) for c in chunks]
-        idx = torch.tensor(rows, dtype=torch.long).to(self.device, non_blocking=True)  # (B, T)
-        meta = torch.tensor([list(slots), list(starts), lengths], dtype=torch.long).to(self.device, non_blocking=True)
+        idx = self.staging.to_device(torch.tensor(rows, dtype=torch.long))  # (B, T)
+        meta = self.staging.to_device(torch.tensor([list(slots), list(starts), lengths], dtype=torch.long))
         kv_len = max(s + n for s, n in zip(starts, lengths))
         logits = self.model.forward_cached(
             idx, self.cache, meta[0], meta[1], meta[2], kv_len=kv_len, last_only=not all_logits
@@ -121,7 +241,7 @@ class TorchRunner:
         B = len(slots)
         kv_len = max(positions) + 1
         host = torch.tensor([list(slots), list(tokens), list(positions)], dtype=torch.long)  # (3, B)
-        if self._graphs:
+        if self.cuda_graphs:
             return self._replay(host, kv_len)
         meta = host.to(self.device, non_blocking=True)
         logits = self.model.forward_cached(meta[1].view(B, 1), self.cache, meta[0], meta[2], kv_len=kv_len)
@@ -130,6 +250,59 @@ class TorchRunner:
     def release(self, slot: int) -> None:
         """Nothing to free: the slot's cache rows are overwritten by its next sequence (attention never
         reads past a row's own position)."""
+
+    # The device-resident loop ----------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def prefill_sample(
+        self,
+        slots: Sequence[int],
+        prompts: Sequence[Sequence[int]],
+        params: Sequence[SamplingParams],
+        seeds: Sequence[int],
+    ) -> torch.Tensor:
+        """Prefill the prompts into their slots, set the slots' sampling settings, and sample each row's first new
+        token, which becomes the slot's next decode input. Returns the new ids (B,) long, on the device."""
+        slot_t = self.staging.to_device(torch.tensor(list(slots), dtype=torch.long))
+        self.state.admit(self.staging, slot_t, params, seeds, prompts)
+        logits = self.extend(slots, prompts, [0] * len(slots))  # (B, V) float32
+        lengths = self.staging.to_device(torch.tensor([len(p) for p in prompts], dtype=torch.long))
+        full = any(p.temperature != 0.0 or p.repetition_penalty != 1.0 for p in params)
+        tokens = self.state.sample(logits, slot_t, lengths, full)  # counters: the new token's position
+        self.state.advance(slot_t, tokens, lengths, full)
+        return tokens
+
+    @torch.inference_mode()
+    def decode_sample(self, slots: Sequence[int], kv_len: int, full: bool) -> torch.Tensor:
+        """One decode step for the slots (each fed its own next token, at its own position; every position
+        < kv_len), sampling on the device; `full` when some row samples or penalises (else greedy only).
+        Returns the new ids (B,) long on the device: a view of a buffer that the next step rewrites, so copy
+        it before then (stream order: a copy enqueued now is safe)."""
+        B = len(slots)
+        if not self.cuda_graphs:
+            rows = self.staging.to_device(torch.tensor(list(slots), dtype=torch.long))
+            return self._resident_step(rows, kv_len, full).clone()
+        b = next(x for x in batch_buckets(self.n_slots) if x >= B)
+        span = next(s for s in self._kv_buckets() if s >= kv_len)
+        slots = list(slots)
+        if slots != self._rows_now:  # the batch changed: a new row -> slot map (rows past B: the scratch slot)
+            padded = slots + [self._scratch] * max(0, len(self._rows_now) - B)
+            self._rows[: len(padded)].copy_(self.staging.to_device(torch.tensor(padded, dtype=torch.long)))
+            self._rows_now = slots
+        self._graphs[("resident", b, span, full)].graph.replay()
+        return self._out[:B]
+
+    def _resident_step(self, rows: torch.Tensor, kv_len: int, full: bool) -> torch.Tensor:
+        """The captured step over rows (b,) of slots: model, sampler, state update. Returns the new ids (b,)."""
+        state = self.state
+        tokens, positions = state.token[rows], state.pos[rows]
+        logits = self.model.forward_cached(
+            tokens.view(-1, 1), self.cache, rows, positions, kv_len=kv_len, attention_in_place=self.attention_in_place
+        )[:, 0].float()  # (b, V)
+        new = state.sample(logits, rows, positions + 1, full)
+        # The scratch slot (padded rows) stays at position 0, so it never runs past the cache.
+        state.advance(rows, new, torch.where(rows == self._scratch, 0, positions + 1), full)
+        return new
 
     # CUDA graphs -----------------------------------------------------------------------------------
 
@@ -140,22 +313,43 @@ class TorchRunner:
             s *= 2
         return spans + [self.max_len]
 
-    def _capture_decode_graphs(self) -> None:
-        """Capture one decode graph per (batch bucket, attention span), largest first so that they all
-        fit in one shared memory pool."""
+    def _capture_resident_graphs(self) -> None:
+        """Capture the device-resident step per (batch bucket, attention span, greedy-only / full), largest first,
+        all in one memory pool (their outputs live outside it, so any replay order is safe)."""
         max_b = self.n_slots
-        self._static = torch.zeros(3, max_b, dtype=torch.long, device=self.device)  # slots, tokens, positions
-        self._pinned = torch.zeros(3, max_b, dtype=torch.long).pin_memory()
-        pool = torch.cuda.graph_pool_handle()
         with torch.inference_mode():
             for b in reversed(batch_buckets(max_b)):
                 for kv_len in reversed(self._kv_buckets()):
-                    self._graphs[(b, kv_len)] = _DecodeGraph.capture(self, b, kv_len, pool)
+                    for full in (True, False):
+
+                        def step(b=b, kv_len=kv_len, full=full) -> None:
+                            self._out[:b].copy_(self._resident_step(self._rows[:b], kv_len, full))
+
+                        self._graphs[("resident", b, kv_len, full)] = self._capture(step)
         torch.cuda.synchronize(self.device)
         log.info("captured %d decode CUDA graphs (batch buckets %s)", len(self._graphs), batch_buckets(max_b))
 
+    def _capture(self, step: Callable[[], None]) -> "_Graph":
+        """Warm `step` up on a side stream, then capture it. Every row points at the scratch slot meanwhile (the
+        warm-up runs for real), and the rows in use are put back after."""
+        rows_saved = self._rows.clone()
+        self._rows.fill_(self._scratch)
+        self._static[0].fill_(self._scratch)
+        self._static[1:].zero_()
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):  # warm-up outside capture (allocator, cuBLAS handles, Triton autotuning)
+            for _ in range(2):
+                step()
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            step()
+        self._rows.copy_(rows_saved)
+        return _Graph(graph)
+
     def _eager_decode_into_static(self, b: int, kv_len: int) -> torch.Tensor:
-        """The decode step over the first b rows of the static buffers (what a graph records)."""
+        """The logits decode step over the first b rows of the static buffers (what a graph records)."""
         slots, tokens, positions = self._static[0, :b], self._static[1, :b], self._static[2, :b]
         logits = self.model.forward_cached(tokens.view(b, 1), self.cache, slots, positions, kv_len=kv_len)
         return logits[:, 0].float()  # (b, V)
@@ -164,35 +358,27 @@ class TorchRunner:
         B = host.shape[1]
         b = next(x for x in batch_buckets(self.n_slots) if x >= B)
         span = next(s for s in self._kv_buckets() if s >= kv_len)
+        key = ("logits", b, span)
+        if key not in self._graphs:  # captured on first use (speculative decoding and the runner's callers)
+            holder: list[torch.Tensor] = []
+            with torch.inference_mode():
+                graph = self._capture(lambda: holder.append(self._eager_decode_into_static(b, span)))
+            graph.logits = holder[-1]
+            self._graphs[key] = graph
+        graph = self._graphs[key]
         # Real rows first; padded rows decode token 0 at position 0 of the scratch slot.
         self._pinned[0, :b] = self._scratch
         self._pinned[1:, :b] = 0
         self._pinned[:, :B] = host
         self._static[:, :b].copy_(self._pinned[:, :b], non_blocking=True)
-        graph = self._graphs[(b, span)]
         graph.graph.replay()
         # Copy out: the next replay overwrites the graph's output buffer.
         return graph.logits[:B].clone()
 
 
-class _DecodeGraph:
-    """One captured decode step and its static output buffer."""
+class _Graph:
+    """One captured step (and, for a logits graph, its static output buffer, rewritten by each replay)."""
 
-    def __init__(self, graph: torch.cuda.CUDAGraph, logits: torch.Tensor) -> None:
+    def __init__(self, graph: torch.cuda.CUDAGraph) -> None:
         self.graph = graph
-        self.logits = logits  # (b, V) float32, rewritten by each replay
-
-    @classmethod
-    def capture(cls, runner: TorchRunner, b: int, kv_len: int, pool) -> "_DecodeGraph":
-        runner._static[0, :b] = runner._scratch
-        runner._static[1:, :b] = 0
-        side = torch.cuda.Stream(runner.device)
-        side.wait_stream(torch.cuda.current_stream(runner.device))
-        with torch.cuda.stream(side):  # warm-up outside capture (allocator, cuBLAS handles, autotuning)
-            for _ in range(2):
-                runner._eager_decode_into_static(b, kv_len)
-        torch.cuda.current_stream(runner.device).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=pool):
-            logits = runner._eager_decode_into_static(b, kv_len)
-        return cls(graph, logits)
+        self.logits: torch.Tensor | None = None

@@ -2,9 +2,9 @@
 generator also uses) over the rows of a step, each with its request's parameters and generator.
 
 Logits stay on the device; the only host transfer is the sampled tokens (B ints), which the scheduler
-needs anyway. Seeded requests own a `torch.Generator` on the device seeded exactly as the reference seeds
-its own (`model.sampling.make_generator`), and `sample` draws one uniform per row from that row's
-generator, so a request's tokens do not depend on what else shares its batch.
+needs anyway. Each row draws `model.sampling.uniforms(seed, position of its new token)`, as the reference
+generator does, so a request's tokens do not depend on what else shares its batch. This is the sampler of
+runners that hand back logits (ONNX Runtime, speculative decoding); `TorchRunner` samples inside its decode step.
 """
 
 from __future__ import annotations
@@ -31,7 +31,8 @@ class Sampler:
         self.vocab_size = vocab_size
 
     def generator(self, seed: int | None) -> torch.Generator | None:
-        """A request's RNG: seeded on the device like the reference's; None (the global RNG) when unseeded."""
+        """A request's torch.Generator for speculative decoding's draws: seeded on the device like the reference's;
+        None (the global RNG) when unseeded."""
         return make_generator(seed, self.device)
 
     @torch.inference_mode()
@@ -40,9 +41,9 @@ class Sampler:
         if self.vocab_size is not None and logits.shape[-1] > self.vocab_size:
             logits[:, self.vocab_size :] = float("-inf")  # padded ids: never sampled
         params = [seq.request.params for seq in seqs]
-        generators = [seq.generator for seq in seqs]
         # The repetition penalty sees the whole context (prompt and output), as in model.generate.
         penalise = any(p.repetition_penalty != 1.0 for p in params)
         prev = [[*seq.request.prompt_ids, *seq.output_ids] for seq in seqs] if penalise else None
-        tokens = sample(logits, params, generators, prev)  # (B,) long on the device
+        # Each row draws for the position of its new token, as the reference does.
+        tokens = sample(logits, params, [seq.seed for seq in seqs], [seq.length for seq in seqs], prev)  # (B,)
         return tokens.tolist()

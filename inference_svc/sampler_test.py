@@ -11,13 +11,19 @@ from inference_svc.detokenizer import StreamingDetokenizer
 from inference_svc.params import Request
 from inference_svc.sampler import Sampler
 from inference_svc.sequence import Sequence
-from model.sampling import SamplingParams, make_generator, sample
+from model.sampling import SamplingParams, sample
 from model.tokenizers import ByteTokenizer
 
 
 def _seq(sampler: Sampler, params: SamplingParams) -> Sequence:
     request = Request(prompt_ids=(1, 2, 3), params=params)
-    return Sequence(request, StreamingDetokenizer(ByteTokenizer()), sampler.generator(params.seed), queue.SimpleQueue())
+    return Sequence(
+        request,
+        StreamingDetokenizer(ByteTokenizer()),
+        sampler.generator(params.seed),
+        queue.SimpleQueue(),
+        seed=params.seed or 0,
+    )
 
 
 def test_seeded_rows_do_not_depend_on_their_batch():
@@ -26,13 +32,14 @@ def test_seeded_rows_do_not_depend_on_their_batch():
     logits = torch.randn(6, 3, 256, generator=torch.Generator().manual_seed(0))  # 6 steps, 3 rows
     alone, batched = _seq(sampler, params), _seq(sampler, params)
     others = [_seq(sampler, SamplingParams(temperature=1.0, seed=s)) for s in (1, 2)]
-    reference = make_generator(42)
     for step in range(6):
         (a,) = sampler.sample(logits[step, :1].clone(), [alone])
         batch = torch.stack([logits[step, 1], logits[step, 0], logits[step, 2]])  # row 0's logits in the middle
         b = sampler.sample(batch, [others[0], batched, others[1]])[1]
-        expected = int(sample(logits[step, :1].clone(), [params], [reference])[0])
+        expected = int(sample(logits[step, :1].clone(), [params], [42], [alone.length])[0])
         assert a == b == expected
+        for seq in (alone, batched, *others):  # the next draw is for the next position
+            seq.output_ids.append(0)
 
 
 def test_repetition_penalty_sees_prompt_and_output():

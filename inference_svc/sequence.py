@@ -32,21 +32,27 @@ class Sequence:
 
     request: Request
     detokenizer: StreamingDetokenizer
-    generator: torch.Generator | None  # the request's own RNG (None for greedy)
+    generator: torch.Generator | None  # the request's own RNG for speculative decoding's draws (None: unseeded)
     sink: Any  # where the engine puts this request's chunks (a queue.Queue)
+    seed: int = 0  # the sampler's seed: the request's, or a random one (model.sampling.uniforms)
     status: SequenceStatus = SequenceStatus.WAITING
     slot: int | None = None
     output_ids: list[int] = field(default_factory=list)
     n_cached: int = 0  # tokens whose keys/values are in the cache (prompt after prefill, then +1 per decode)
     draft_cached: int = 0  # the same in the speculative decoder's draft cache
+    launched: int = 0  # tokens sampled on the device so far: streamed, or still in flight (device-resident loop)
     cancelled: bool = False
     arrived_at: float = field(default_factory=time.perf_counter)
     admitted_at: float | None = None
     token_times: list[float] = field(default_factory=list)  # perf_counter() of each generated token
     prompt_len: int = field(init=False)  # read every step: a plain attribute, not a property
 
+    greedy_plain: bool = field(init=False)  # temperature 0 and no repetition penalty: an argmax step serves it
+
     def __post_init__(self) -> None:
         self.prompt_len = len(self.request.prompt_ids)
+        params = self.request.params
+        self.greedy_plain = params.temperature == 0.0 and params.repetition_penalty == 1.0
 
     @property
     def request_id(self) -> str:

@@ -16,7 +16,7 @@ from collections.abc import Iterator, Sequence
 import torch
 
 from model.kv_cache import KVCache
-from model.sampling import SamplingParams, make_generator, sample
+from model.sampling import SamplingParams, random_seed, sample
 from model.stop_strings import StopStringMatcher
 from model.tokenizers import IncrementalDecoder, Tokenizer
 from model.transformer import GPT
@@ -45,14 +45,14 @@ def stream_tokens(model: GPT, prompt_ids: Sequence[int], params: SamplingParams)
     param = next(model.parameters())
     device = param.device
     cache = KVCache(1, config, dtype=param.dtype if param.is_floating_point() else torch.float32, device=device)
-    generator = make_generator(params.seed, device)
+    seed = params.seed if params.seed is not None else random_seed()
     context = list(prompt_ids)
     window = context[-config.block_size :]
     logits = _prefill(model, cache, window, device)  # (1, V)
     length = len(window)  # tokens now in the cache
     penalise = params.repetition_penalty != 1.0
     for i in range(params.max_new_tokens):
-        token = int(sample(logits, [params], [generator], [context] if penalise else None)[0])
+        token = int(sample(logits, [params], [seed], [len(context)], [context] if penalise else None)[0])
         context.append(token)
         yield token
         if i == params.max_new_tokens - 1:

@@ -66,3 +66,8 @@ class KVCache(nn.Module):
     def read(self, layer: int, slots: torch.Tensor, kv_len: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values of one layer for the given slots: two (B, n_kv_head, kv_len, head_dim) tensors."""
         return self.k[slots, layer, :, :kv_len], self.v[slots, layer, :, :kv_len]
+
+    def layer_view(self, layer: int, kv_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of one layer, every slot, positions [0, kv_len): two (n_slots, n_kv_head, kv_len,
+        head_dim) views of the buffers (no copy), for attention that reads each row's slot in place."""
+        return self.k[:, layer, :, :kv_len], self.v[:, layer, :, :kv_len]

@@ -1,8 +1,11 @@
 """Choosing the next token: validated per-request parameters and one batched sampler.
 
-`sample()` takes a batch of logits with per-row parameters and generators, so the reference generator
-and the serving engine (continuous batching: every row its own request) share exactly this code.
-Order of operations, per row: repetition penalty -> temperature -> top-k -> top-p -> draw.
+`sample()` takes a batch of logits with per-row parameters, seeds and positions, so the reference generator
+and the serving engine (continuous batching: every row its own request) share exactly this code; the engine's
+captured decode step calls its tensor core (`penalise`, `sample_rows`, `uniforms`) on device-resident state.
+Order of operations, per row: repetition penalty -> temperature -> top-k -> top-p -> draw. The draw is one
+uniform from a counter-based generator, a hash of (seed, position of the new token): no generator state to carry
+between steps, the same draw on the host and inside a CUDA graph, and none of the batch's other rows matter.
 """
 
 from __future__ import annotations
@@ -14,7 +17,17 @@ import torch
 
 from model.field_checks import FieldError, check_int, check_number, is_int, is_number
 
-__all__ = ["SamplingParams", "sample", "make_generator", "MAX_STOP_STRINGS"]
+__all__ = [
+    "SamplingParams",
+    "sample",
+    "sample_rows",
+    "uniforms",
+    "penalise",
+    "seen_mask",
+    "random_seed",
+    "make_generator",
+    "MAX_STOP_STRINGS",
+]
 
 MAX_STOP_STRINGS = 8
 MAX_STOP_LEN = 256
@@ -75,73 +88,82 @@ class SamplingParams:
 
 
 def make_generator(seed: int | None, device: torch.device | str = "cpu") -> torch.Generator | None:
-    """A generator seeded with `seed` on `device`, or None (use the global RNG) when seed is None."""
+    """A generator seeded with `seed` on `device`, or None (use the global RNG) when seed is None. Speculative
+    decoding's draws (draft tokens, acceptance) use it; `sample` uses `uniforms`."""
     if seed is None:
         return None
     return torch.Generator(device=device).manual_seed(seed)
 
 
-def _apply_repetition_penalty(
-    logits: torch.Tensor, params_list: Sequence[SamplingParams], prev_tokens: Sequence[Sequence[int]] | None
-) -> torch.Tensor:
-    """logits (B, V) float32, modified in place on rows whose penalty is not 1."""
-    if prev_tokens is None:
-        return logits
-    for b, params in enumerate(params_list):
-        if params.repetition_penalty == 1.0 or not prev_tokens[b]:
-            continue
-        seen = torch.as_tensor(list(set(prev_tokens[b])), dtype=torch.long, device=logits.device)
-        row = logits[b, seen]
-        logits[b, seen] = torch.where(row > 0, row / params.repetition_penalty, row * params.repetition_penalty)
-    return logits
+def random_seed() -> int:
+    """A seed for an unseeded request, drawn from torch's global CPU generator (so `torch.manual_seed` makes
+    unseeded runs repeat)."""
+    return int(torch.randint(0, MAX_SEED, (), dtype=torch.long))
 
 
-def _uniforms(generators: Sequence[torch.Generator | None], device: torch.device) -> torch.Tensor:
-    """One U[0, 1) draw per row, each from its own generator (so a seeded row's draws do not depend on
-    the rest of the batch). Returns (B,) float32 on `device`."""
-    draws = []
-    for g in generators:
-        if g is None:
-            draws.append(torch.rand(1, device=device))
-        else:
-            draws.append(torch.rand(1, generator=g, device=g.device).to(device))
-    return torch.cat(draws) if draws else torch.empty(0, device=device)
+_M32 = 0xFFFFFFFF
 
 
-def sample(
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer hash (xorshift-multiply rounds) of int64 values in [0, 2**32). The multipliers are below
+    2**31, so every product fits in int64: the same bits on every device, in eager mode and in a CUDA graph."""
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & _M32
+    x = x ^ (x >> 15)
+    x = (x * 0x5BD1E995) & _M32
+    return x ^ (x >> 16)
+
+
+def uniforms(seeds: torch.Tensor, counters: torch.Tensor) -> torch.Tensor:
+    """One U[0, 1) draw per row from a counter-based generator: a hash of (seed, counter), where counter is the
+    position of the token being drawn. seeds, counters (B,) int64 >= 0 -> (B,) float32 on their device.
+
+    A row's draw depends on its own seed and position only (never on what else is in the batch, nor on how many
+    draws came before), and it is pure tensor arithmetic, so the serving engine draws inside its captured decode
+    graph exactly what the reference generator draws on the host."""
+    lo, hi = seeds & _M32, (seeds >> 32) & _M32
+    h = _mix32(lo ^ _mix32(hi ^ _mix32((counters & _M32) ^ 0x9E3779B9)))
+    return (h >> 8).to(torch.float32) * (1.0 / (1 << 24))  # 24 bits: every value exact in float32, below 1
+
+
+def seen_mask(prev_tokens: Sequence[Sequence[int]], vocab: int, device: torch.device) -> torch.Tensor:
+    """(B, V) bool: True where row b's context holds the token (what the repetition penalty looks at)."""
+    seen = torch.zeros(len(prev_tokens), vocab, dtype=torch.bool, device=device)
+    for b, ids in enumerate(prev_tokens):
+        if ids:
+            seen[b, torch.as_tensor(list(ids), dtype=torch.long, device=device)] = True
+    return seen
+
+
+def penalise(logits: torch.Tensor, seen: torch.Tensor, penalty: torch.Tensor) -> torch.Tensor:
+    """CTRL's repetition penalty: a seen token's logit divided by the row's penalty when positive, multiplied when
+    negative. logits (B, V) float32, seen (B, V) bool, penalty (B, 1) float32 (1 = off)."""
+    hit = seen & (penalty != 1.0)
+    return torch.where(hit, torch.where(logits > 0, logits / penalty, logits * penalty), logits)
+
+
+def sample_rows(
     logits: torch.Tensor,
-    params_list: Sequence[SamplingParams],
-    generators: Sequence[torch.Generator | None] | None = None,
-    prev_tokens: Sequence[Sequence[int]] | None = None,
+    greedy: torch.Tensor,
+    temperature: torch.Tensor,
+    top_k: torch.Tensor,
+    top_p: torch.Tensor,
+    u: torch.Tensor,
 ) -> torch.Tensor:
-    """Pick one token per row. logits (B, V) any float dtype; params_list, generators, prev_tokens have
-    one entry per row (generators None = global RNG for all; prev_tokens = the ids already in each
-    row's context, for the repetition penalty). Returns (B,) long."""
-    B, V = logits.shape
-    assert len(params_list) == B, f"need one SamplingParams per row: {len(params_list)} for {B} rows"
-    assert prev_tokens is None or len(prev_tokens) == B, f"prev_tokens needs {B} rows, got {len(prev_tokens)}"
-    generators = [None] * B if generators is None else generators
-    assert len(generators) == B, f"need one generator (or None) per row: {len(generators)} for {B} rows"
-    device = logits.device
-    logits = _apply_repetition_penalty(logits.float().clone(), params_list, prev_tokens)  # (B, V)
+    """The sampler on tensors alone (no host sync, so it can be captured in a CUDA graph): logits (B, V) float32
+    (penalty already applied), greedy (B,) bool, temperature (B, 1) float32 (any value on greedy rows), top_k
+    (B, 1) long (V = off), top_p (B, 1) float32, u (B,) the rows' uniforms. Returns (B,) long."""
+    V = logits.shape[-1]
     greedy_tokens = logits.argmax(dim=-1)  # (B,)
-    greedy = torch.tensor([p.temperature == 0.0 for p in params_list], device=device)
-    if bool(greedy.all()):
-        return greedy_tokens
-
-    temperature = torch.tensor([p.temperature or 1.0 for p in params_list], device=device)[:, None]  # (B, 1)
-    top_k = torch.tensor([p.top_k or V for p in params_list], device=device)[:, None]  # (B, 1)
-    top_p = torch.tensor([p.top_p for p in params_list], device=device)[:, None]  # (B, 1)
     sorted_logits, order = torch.sort(logits / temperature, dim=-1, descending=True, stable=True)  # (B, V)
-    rank = torch.arange(V, device=device)[None, :]  # (1, V)
+    rank = torch.arange(V, device=logits.device)[None, :]  # (1, V)
     sorted_logits = sorted_logits.masked_fill(rank >= top_k, float("-inf"))
     probs = torch.softmax(sorted_logits, dim=-1)  # (B, V)
     # top-p: keep the smallest prefix whose mass reaches top_p (the first token always stays).
     mass_before = torch.cumsum(probs, dim=-1) - probs
     probs = probs.masked_fill(mass_before >= top_p, 0.0)
     cdf = torch.cumsum(probs, dim=-1)  # (B, V), unnormalised
-    u = _uniforms(generators, device)[:, None] * cdf[:, -1:]  # (B, 1)
-    pick = torch.searchsorted(cdf, u, right=True)  # (B, 1) index into the sorted order
+    pick = torch.searchsorted(cdf, u[:, None] * cdf[:, -1:], right=True)  # (B, 1) index into the sorted order
     last_kept = (probs > 0).sum(dim=-1, keepdim=True) - 1  # kept tokens are a prefix of the sorted order
     pick = torch.minimum(pick, last_kept.clamp(min=0))  # guards u rounding up to the total
     sampled = order.gather(1, pick)[:, 0]  # (B,)
@@ -150,3 +172,36 @@ def sample(
     total = cdf[:, -1]  # (B,)
     degenerate = ~torch.isfinite(total) | (total <= 0)
     return torch.where(greedy | degenerate, greedy_tokens, sampled)
+
+
+def sample(
+    logits: torch.Tensor,
+    params_list: Sequence[SamplingParams],
+    seeds: Sequence[int] | None = None,
+    counters: Sequence[int] | None = None,
+    prev_tokens: Sequence[Sequence[int]] | None = None,
+) -> torch.Tensor:
+    """Pick one token per row. logits (B, V) any float dtype; params_list, seeds, counters, prev_tokens have one
+    entry per row: `seeds` the rows' generator seeds (None: fresh `random_seed()`s), `counters` the position of the
+    token each row draws (None: 0), `prev_tokens` the ids already in each row's context (for the repetition
+    penalty; None: no penalty). Returns (B,) long. The draw is `uniforms(seed, counter)`, so a row's token is a
+    function of its logits, parameters, seed and position alone."""
+    B, V = logits.shape
+    assert len(params_list) == B, f"need one SamplingParams per row: {len(params_list)} for {B} rows"
+    assert prev_tokens is None or len(prev_tokens) == B, f"prev_tokens needs {B} rows, got {len(prev_tokens)}"
+    seeds = [random_seed() for _ in range(B)] if seeds is None else seeds
+    counters = [0] * B if counters is None else counters
+    assert len(seeds) == B and len(counters) == B, f"need one seed and one counter per row for {B} rows"
+    device = logits.device
+    logits = logits.float()
+    if prev_tokens is not None and any(p.repetition_penalty != 1.0 for p in params_list):
+        penalty = torch.tensor([p.repetition_penalty for p in params_list], device=device)[:, None]  # (B, 1)
+        logits = penalise(logits, seen_mask(prev_tokens, V, device), penalty)
+    greedy = torch.tensor([p.temperature == 0.0 for p in params_list], device=device)
+    if all(p.temperature == 0.0 for p in params_list):
+        return logits.argmax(dim=-1)
+    temperature = torch.tensor([p.temperature or 1.0 for p in params_list], device=device)[:, None]  # (B, 1)
+    top_k = torch.tensor([p.top_k or V for p in params_list], device=device)[:, None]  # (B, 1)
+    top_p = torch.tensor([p.top_p for p in params_list], device=device)[:, None]  # (B, 1)
+    u = uniforms(torch.tensor(list(seeds), device=device), torch.tensor(list(counters), device=device))
+    return sample_rows(logits, greedy, temperature, top_k, top_p, u)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model.sampling import SamplingParams, make_generator, sample
+from model.sampling import SamplingParams, sample, uniforms
 
 
 @pytest.mark.parametrize(
@@ -51,8 +51,7 @@ def test_greedy_and_top_k_1():
 
 def _draws(params: SamplingParams, n: int = 3000, logits: torch.Tensor | None = None) -> torch.Tensor:
     logits = _logits() if logits is None else logits
-    g = make_generator(1234)
-    return torch.cat([sample(logits, [params], [g]) for _ in range(n)])
+    return torch.cat([sample(logits, [params], [1234], [i]) for i in range(n)])
 
 
 def test_distribution_matches_softmax():
@@ -76,9 +75,8 @@ def test_temperature_sharpens():
 def test_seeded_rows_independent_of_batch():
     logits = torch.randn(3, 40)
     p = SamplingParams(seed=7)
-    alone = sample(logits[1:2], [p], [make_generator(7)])
-    gens = [make_generator(1), make_generator(7), None]
-    batched = sample(logits, [SamplingParams(), p, SamplingParams(temperature=0)], gens)
+    alone = sample(logits[1:2], [p], [7], [5])
+    batched = sample(logits, [SamplingParams(), p, SamplingParams(temperature=0)], [1, 7, 9], [3, 5, 0])
     assert batched[1] == alone[0]
     assert batched[2] == logits[2].argmax()
 
@@ -87,8 +85,7 @@ def test_same_seed_same_sequence():
     logits = torch.randn(1, 40)
 
     def run(seed: int) -> list[int]:
-        g = make_generator(seed)
-        return [int(sample(logits, [SamplingParams(seed=seed)], [g])[0]) for _ in range(20)]
+        return [int(sample(logits, [SamplingParams(seed=seed)], [seed], [i])[0]) for i in range(20)]
 
     assert run(7) == run(7)
     assert len(set(run(7))) > 1 and run(7) != run(8)
@@ -120,8 +117,31 @@ def test_sampling_is_total_over_non_finite_logits():
     logits[2, 7] = float("inf")
     logits[3, :] = float("-inf")
     params = [SamplingParams(temperature=1.0, seed=1), SamplingParams(temperature=0.7, top_p=0.9, seed=2)] * 2
-    tokens = sample(logits, params, [make_generator(p.seed) for p in params])
+    tokens = sample(logits, params, [p.seed for p in params])
     assert tokens.shape == (4,) and all(0 <= t < 65 for t in tokens.tolist())
     assert tokens[2].item() == 7
-    alone = sample(logits[:1], params[:1], [make_generator(1)])
+    alone = sample(logits[:1], params[:1], [1])
     assert tokens[0].item() == alone[0].item()  # the good row is unaffected by the bad ones
+
+
+def test_uniforms_are_uniform_and_a_function_of_seed_and_counter_alone():
+    seeds = torch.tensor([0, 1, 2**40 + 3, 2**63 - 1]).repeat_interleave(5000)
+    counters = torch.arange(5000).repeat(4)
+    u = uniforms(seeds, counters)
+    assert u.dtype == torch.float32 and bool((u >= 0).all() and (u < 1).all())
+    for row in u.view(4, 5000):  # each seed's stream: chi-square over 20 bins (df 19: p = 0.001 at 43.8)
+        counts = torch.histc(row, bins=20, min=0.0, max=1.0)
+        chi2 = float(((counts - 250.0) ** 2 / 250.0).sum())
+        assert chi2 < 43.8, chi2
+    assert abs(float(torch.corrcoef(u.view(4, 5000))[0, 1])) < 0.05  # neighbouring seeds are not correlated
+    again = uniforms(seeds.flip(0), counters.flip(0)).flip(0)  # other neighbours, other order: same draws
+    assert torch.equal(u, again)
+    assert not torch.equal(uniforms(seeds, counters + 1), u)
+
+
+def test_unseeded_draws_follow_torch_manual_seed():
+    logits = torch.zeros(1, 50)
+    torch.manual_seed(3)
+    a = [int(sample(logits, [SamplingParams()])[0]) for _ in range(10)]
+    torch.manual_seed(3)
+    assert a == [int(sample(logits, [SamplingParams()])[0]) for _ in range(10)] and len(set(a)) > 1

@@ -9,7 +9,7 @@ import torch
 
 from model.config import ModelConfig
 from model.generate import generate_tokens
-from model.sampling import SamplingParams, make_generator, sample
+from model.sampling import SamplingParams, sample, uniforms
 from model.speculative import speculative_generate, token_probabilities
 from model.testing import chi2_critical_999, chi2_statistic, single_thread
 from model.transformer import GPT
@@ -114,10 +114,10 @@ def test_token_probabilities_is_what_sample_draws_from(params):
     order = torch.sort(probs, descending=True, stable=True).indices
     cdf = probs[order].cumsum(0)
     for seed in range(60):
-        u = torch.rand(1, generator=make_generator(seed))
+        u = uniforms(torch.tensor([seed]), torch.tensor([len(context)]))
         want = int(order[min(int(torch.searchsorted(cdf, u, right=True)), int((probs > 0).sum()) - 1)])
         seeded = SamplingParams(**{**params.__dict__, "seed": seed})
-        assert int(sample(logits, [seeded], [make_generator(seed)], [context])[0]) == want
+        assert int(sample(logits, [seeded], [seed], [len(context)], [context])[0]) == want
 
 
 # Chi-square 0.999 quantiles from standard tables (e.g. NIST/SEMATECH e-Handbook, table 1.3.6.7.4), to check the

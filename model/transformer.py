@@ -17,6 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from kernels.decode_attention import decode_attention
 from model.config import ModelConfig
 from model.kv_cache import KVCache
 from model.layers import LayerNorm, RMSNorm, apply_rope, attention, gelu, rope_cos_sin, swiglu
@@ -34,7 +35,8 @@ class _CacheStep:
     write_pos: torch.Tensor  # (N,) its position
     write_sel: torch.Tensor | None  # (B*T,) bool: which new tokens are valid; None = all
     kv_len: int  # attend over cache positions [0, kv_len)
-    mask: torch.Tensor  # (B, 1, T, kv_len) bool: key position <= query position
+    mask: torch.Tensor | None  # (B, 1, T, kv_len) bool: key position <= query position (None when in place)
+    in_place_lengths: torch.Tensor | None = None  # (B,) keys per row: decode attention over the cache in place
 
 
 Rope = tuple[torch.Tensor, torch.Tensor] | None  # cos, sin (B or 1, 1, T, head_dim), or None without RoPE
@@ -75,8 +77,12 @@ class Attention(nn.Module):
             if step.write_sel is not None:
                 k_new, v_new = k_new[step.write_sel], v_new[step.write_sel]  # (N, Hkv, D)
             step.cache.write(layer, step.write_slots, step.write_pos, k_new, v_new)
-            k_all, v_all = step.cache.read(layer, step.slots, step.kv_len)  # (B, Hkv, S, D)
-            y = attention(q, k_all.to(q.dtype), v_all.to(q.dtype), mask=step.mask, dropout_p=dropout_p)
+            if step.in_place_lengths is not None:  # one query per row: read each row's slot where it lies
+                k_layer, v_layer = step.cache.layer_view(layer, step.kv_len)  # (n_slots, Hkv, S, D) views
+                y = decode_attention(q[:, :, 0], k_layer, v_layer, step.slots, step.in_place_lengths)[:, :, None]
+            else:
+                k_all, v_all = step.cache.read(layer, step.slots, step.kv_len)  # (B, Hkv, S, D)
+                y = attention(q, k_all.to(q.dtype), v_all.to(q.dtype), mask=step.mask, dropout_p=dropout_p)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
         return self.resid_dropout(self.o_proj(y))
 
@@ -213,6 +219,7 @@ class GPT(nn.Module):
         *,
         kv_len: int | None = None,
         last_only: bool = False,
+        attention_in_place: bool = False,
     ) -> torch.Tensor:
         """Run new tokens against the KV cache and return their logits.
 
@@ -223,6 +230,9 @@ class GPT(nn.Module):
         0..positions[b]+t. `kv_len` (optional, >= max(positions + lengths)) bounds the attention span
         below `cache.max_len`. Returns logits (B, T, V), or (B, V) at each row's last valid token when
         `last_only`. Logits at padded positions are meaningless.
+
+        `attention_in_place` (one new token per row, T == 1): attention reads each row's slot in the cache where
+        it lies (`kernels.decode_attention`: Triton on CUDA) instead of gathering the rows' keys and values for SDPA.
 
         Argument checks cost one host sync; they are skipped under torch.compile and CUDA-graph capture.
         `lengths` selects the tokens to write with a boolean mask (data-dependent shapes): leave it None
@@ -240,9 +250,13 @@ class GPT(nn.Module):
         if lengths is not None:
             write_sel = (offsets[None, :] < lengths[:, None]).reshape(-1)  # (B*T,)
             write_slots, write_pos = write_slots[write_sel], write_pos[write_sel]
-        key_pos = torch.arange(kv_len, device=idx.device)  # (S,)
-        mask = (key_pos[None, None, :] <= pos[:, :, None]).unsqueeze(1)  # (B, 1, T, S)
-        step = _CacheStep(cache, slots, write_slots, write_pos, write_sel, kv_len, mask)
+        if attention_in_place:
+            assert T == 1 and lengths is None, "attention_in_place decodes one new token per row"
+            step = _CacheStep(cache, slots, write_slots, write_pos, None, kv_len, None, positions + 1)
+        else:
+            key_pos = torch.arange(kv_len, device=idx.device)  # (S,)
+            mask = (key_pos[None, None, :] <= pos[:, :, None]).unsqueeze(1)  # (B, 1, T, S)
+            step = _CacheStep(cache, slots, write_slots, write_pos, write_sel, kv_len, mask)
 
         x = self._embed(idx, pos)  # (B, T, C)
         rope = self._rope(pos, x.dtype)
