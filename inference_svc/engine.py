@@ -138,7 +138,8 @@ class Engine:
     loop (`TorchRunner.prefill_sample` / `decode_sample`: sampling on the device, each step launched before the
     previous step's tokens are streamed); False keeps the logits path (runner logits, then `Sampler`). With a
     `draft` runner (a smaller model with the same tokenizer), decode steps are speculative: the draft proposes `speculative_k` tokens per sequence and the target verifies them in one
-    step (inference_svc.speculative); the output keeps the target's distribution.
+    step (inference_svc.speculative); the output keeps the target's distribution. On the resident loop a prompt
+    longer than `prefill_chunk` tokens is prefilled a chunk per step, interleaved with the running streams' decode.
     """
 
     def __init__(
@@ -152,9 +153,12 @@ class Engine:
         draft: ModelRunner | None = None,
         speculative_k: int = 4,
         resident: bool | None = None,
+        prefill_chunk: int = 512,
     ) -> None:
         max_slots = runner.n_slots if max_slots is None else max_slots
         check_int("max_slots", max_slots, 1, runner.n_slots, note=" (the runner's slots)")
+        check_int("prefill_chunk", prefill_chunk, 1)
+        self.prefill_chunk = prefill_chunk
         self.runner = runner
         self.tokenizer = tokenizer
         self.max_slots = max_slots
@@ -329,16 +333,23 @@ class Engine:
         out = self.scheduler.schedule()
         for seq in out.aborted:
             self._finish(seq, FinishReason.CANCELLED)
-        max_len = self.runner.max_len
+        max_len, chunk = self.runner.max_len, self.prefill_chunk
         decode = [
             s
             for s in out.decode
             if 0 < s.launched < s.request.params.max_new_tokens and s.prompt_len + s.launched <= max_len
         ]
+        # Prompts still being prefilled (admitted now, or earlier with a prompt longer than a chunk): a long prompt
+        # goes in `prefill_chunk` tokens per step, so the running streams keep decoding meanwhile.
+        prefill = [s for s in out.decode if s.launched == 0] + out.prefill
+        last = [s for s in prefill if s.prompt_len - s.prefilled <= chunk]
+        partial = [s for s in prefill if s.prompt_len - s.prefilled > chunk]
         launched: list[Sequence] = []
         ids: list[torch.Tensor] = []
-        if out.prefill:
-            self._launch_prefill(out.prefill, launched, ids)
+        if partial:
+            self._prefill_chunks(partial)
+        if last:
+            self._launch_prefill(last, launched, ids)
         if decode:
             self._launch_decode(decode, launched, ids)
         if launched:
@@ -346,22 +357,44 @@ class Engine:
         while len(self._in_flight) > (1 if launched else 0):  # keep the step just launched running
             self._stream(self._in_flight.popleft())
 
+    def _prefill_chunks(self, seqs: list[Sequence]) -> None:
+        """The next `prefill_chunk` tokens of each long prompt into its slot (no token comes out yet)."""
+        now = time.perf_counter()
+        for seq in seqs:
+            if seq.admitted_at is None:
+                seq.admitted_at = now
+        try:
+            chunks = [s.request.prompt_ids[s.prefilled : s.prefilled + self.prefill_chunk] for s in seqs]
+            self.runner.extend([s.slot for s in seqs], chunks, [s.prefilled for s in seqs])
+        except Exception as err:
+            if len(seqs) > 1:
+                for seq in seqs:
+                    self._prefill_chunks([seq])
+                return
+            log.error("request %s failed: %s: %s", seqs[0].request_id, type(err).__name__, err)
+            self._finish(seqs[0], FinishReason.ERROR, error=f"{type(err).__name__}: {err}")
+            return
+        for seq in seqs:
+            seq.prefilled += self.prefill_chunk
+
     def _launch_prefill(self, seqs: list[Sequence], launched: list[Sequence], ids: list[torch.Tensor]) -> None:
         now = time.perf_counter()
         for seq in seqs:
-            seq.admitted_at = now
+            if seq.admitted_at is None:
+                seq.admitted_at = now
         try:
             tokens = self.runner.prefill_sample(
                 [s.slot for s in seqs],
                 [s.request.prompt_ids for s in seqs],
                 [s.request.params for s in seqs],
                 [s.seed for s in seqs],
+                [s.prefilled for s in seqs],
             )
         except Exception as err:  # a failed step fails its requests, not the server: alone, to find the bad one
             self._isolate(seqs, err, self._launch_prefill, launched, ids)
             return
         for seq in seqs:
-            seq.launched = 1
+            seq.launched, seq.prefilled = 1, seq.prompt_len
         launched.extend(seqs)
         ids.append(tokens)
 

@@ -260,12 +260,15 @@ class TorchRunner:
         prompts: Sequence[Sequence[int]],
         params: Sequence[SamplingParams],
         seeds: Sequence[int],
+        starts: Sequence[int] | None = None,
     ) -> torch.Tensor:
         """Prefill the prompts into their slots, set the slots' sampling settings, and sample each row's first new
-        token, which becomes the slot's next decode input. Returns the new ids (B,) long, on the device."""
+        token, which becomes the slot's next decode input. Returns the new ids (B,) long, on the device.
+        `starts[b]`: prompt b's first `starts[b]` tokens are in its slot already (chunked prefill, `extend`)."""
+        starts = [0] * len(slots) if starts is None else starts
         slot_t = self.staging.to_device(torch.tensor(list(slots), dtype=torch.long))
         self.state.admit(self.staging, slot_t, params, seeds, prompts)
-        logits = self.extend(slots, prompts, [0] * len(slots))  # (B, V) float32
+        logits = self.extend(slots, [p[a:] for p, a in zip(prompts, starts)], starts)  # (B, V) float32
         lengths = self.staging.to_device(torch.tensor([len(p) for p in prompts], dtype=torch.long))
         full = any(p.temperature != 0.0 or p.repetition_penalty != 1.0 for p in params)
         tokens = self.state.sample(logits, slot_t, lengths, full)  # counters: the new token's position

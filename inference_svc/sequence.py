@@ -40,6 +40,7 @@ class Sequence:
     output_ids: list[int] = field(default_factory=list)
     n_cached: int = 0  # tokens whose keys/values are in the cache (prompt after prefill, then +1 per decode)
     draft_cached: int = 0  # the same in the speculative decoder's draft cache
+    prefilled: int = 0  # prompt tokens in the cache (a long prompt goes in chunks: Engine prefill_chunk)
     launched: int = 0  # tokens sampled on the device so far: streamed, or still in flight (device-resident loop)
     cancelled: bool = False
     arrived_at: float = field(default_factory=time.perf_counter)

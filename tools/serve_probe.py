@@ -89,9 +89,10 @@ def engine_probe(runner: TorchRunner, tokenizer, batch: int, new_tokens: int, sa
     }
 
 
-def graph_probe(runner: TorchRunner, batch: int) -> dict | None:
-    """The smallest-span captured decode graph of this batch bucket, replayed alone."""
-    keys = sorted(k for k in runner._graphs if k[0] == batch)
+def graph_probe(runner: TorchRunner, batch: int, full: bool) -> dict | None:
+    """The smallest-span captured device-resident decode graph of this batch bucket (greedy-only or full
+    sampling), replayed alone. Its rows point at the scratch slot, so replays change no sequence."""
+    keys = sorted(k for k in runner._graphs if k[0] == "resident" and k[1] == batch and k[3] == full)
     if not keys:
         return None
     graph = runner._graphs[keys[0]].graph
@@ -124,14 +125,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--slots", type=int, default=256)
     p.add_argument("--sampled", action="store_true", help="also run sampled requests (T 0.8, top-k 50, top-p 0.95)")
+    p.add_argument("--gather", action="store_true", help="decode attention by gather + SDPA (not in place)")
     args = p.parse_args(argv)
     torch.manual_seed(0)
     tokenizer = CharTokenizer([chr(32 + i) for i in range(65)])  # Tiny Shakespeare's vocabulary size
     config = get_preset("shakespeare-char", vocab_size=tokenizer.vocab_size, dropout=0.0)
     t0 = time.perf_counter()
-    runner = TorchRunner(GPT(config), args.slots, device="cuda")
+    runner = TorchRunner(GPT(config), args.slots, device="cuda", attention_in_place=not args.gather)
     print(f"runner ready in {time.perf_counter() - t0:.1f} s ({len(runner._graphs)} graphs)")
-    rows = []
+    rows, graphs = [], []
     for b in (int(x) for x in args.batches.split(",")):
         for sampled in (False, True) if args.sampled else (False,):
             r = engine_probe(runner, tokenizer, b, args.new_tokens, sampled)
@@ -149,6 +151,9 @@ def main(argv: list[str] | None = None) -> int:
             f"{r['batch']:>4} {'sampled' if r['sampled'] else 'greedy':>8} {r['tokens_per_s']:>10,.0f} "
             f"{r['wall_ms_per_step']:>8.3f} {r['busy_ms_per_step']:>8.3f} {r['kernels_per_step']:>9.1f} {r['steps']:>6}"
         )
+    print(f"\n{'graph':>14} {'replay ms':>10} {'kernels':>8}")
+    for b, full, g in graphs:
+        print(f"{f'B={b} ' + ('full' if full else 'greedy'):>14} {g['replay_ms']:>10.3f} {g['kernels']:>8.0f}")
     return 0
 
 
