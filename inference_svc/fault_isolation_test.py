@@ -41,11 +41,11 @@ class _FaultyRunner(TorchRunner):
             raise RuntimeError("injected decode fault")
         return super().decode(slots, tokens, positions)
 
-    def prefill_sample(self, slots, prompts, params, seeds):
+    def prefill_sample(self, slots, prompts, params, seeds, starts=None):
         self._admit(slots, prompts)
         if self.phase == "sampler" and self.bad_slot in slots:
             raise ValueError("injected sampler fault")
-        return super().prefill_sample(slots, prompts, params, seeds)
+        return super().prefill_sample(slots, prompts, params, seeds, starts)
 
     def decode_sample(self, slots, kv_len, full):
         if self.phase in ("decode", "sampler") and self.bad_slot in slots:
