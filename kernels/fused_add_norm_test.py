@@ -4,11 +4,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from kernels import fused_add_norm as fan
 from kernels.fused_add_norm import add_layer_norm, add_rms_norm, layer_norm, reference, rms_norm
 
 GPU = torch.cuda.is_available()
 # (rows, C): C below, at and above a power of two; rows not a multiple of the row block.
-SHAPES = [(4096, 1024), (1000, 384), (257, 4096), (3, 50)] if GPU else [(37, 48), (5, 64), (2, 3, 20)]
+# On CPU, (300, 24) gives the backward programs several row tiles each (rows_per_program > INTERPRET_BLOCK_ROWS).
+SHAPES = (
+    [(16384, 384), (4096, 1024), (1000, 384), (257, 4096), (3, 50)]
+    if GPU
+    else [(37, 48), (5, 64), (2, 3, 20), (300, 24)]
+)
 DTYPES = [torch.bfloat16, torch.float16, torch.float32] if GPU else [torch.float32, torch.bfloat16]
 
 
@@ -138,3 +144,29 @@ def test_gpu_training_shapes_forward_and_backward(is_rms, n_rows, n_cols):
     for name, got, want in zip(("dx", "dweight", "dbias"), grads, ref_grads):
         rel = (got.double() - want).norm() / want.norm()
         assert rel < 1e-4, f"{name} differs by {rel:.2e} relative"
+
+
+@pytest.mark.parametrize("block_c", [16, 64, 512, 1024, 8192])
+def test_autotune_configs_fit_the_row_width(block_c):
+    """Every width gets configs to try; they stay within the spill-free limits measured with ptxas for sm_90, and
+    the backward's tiles divide its rows per program."""
+    for configs, max_tile, max_per_thread in (
+        (fan.FWD_CONFIGS, fan.FWD_MAX_TILE, fan.FWD_MAX_PER_THREAD),
+        (fan.BWD_CONFIGS, fan.BWD_MAX_TILE, fan.BWD_MAX_PER_THREAD),
+    ):
+        kept = fan.configs_for(configs, block_c)
+        assert kept
+        for c in kept:
+            rows = c.kwargs["BLOCK_ROWS"]
+            assert rows * block_c <= max(max_tile, block_c)
+            assert rows * block_c // (32 * c.num_warps) >= fan.MIN_ELEMS_PER_THREAD
+            if configs is fan.BWD_CONFIGS:
+                assert fan.BWD_ROW_QUANTUM % rows == 0
+
+
+@pytest.mark.parametrize("n_rows", [1, 15, 16, 17, 1000, 16384, 65536])
+def test_backward_programs_cover_every_row_once(n_rows):
+    per_program = fan._bwd_rows_per_program(n_rows, torch.device("cpu"))
+    programs = -(-n_rows // per_program)
+    assert per_program % fan.BWD_ROW_QUANTUM == 0
+    assert (programs - 1) * per_program < n_rows <= programs * per_program
