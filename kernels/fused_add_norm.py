@@ -206,17 +206,29 @@ _add_norm_fwd_tuned = _autotune(FWD_CONFIGS, _FLAGS + ["HAS_RESIDUAL"], _prune_f
 _add_norm_bwd_tuned = _autotune(BWD_CONFIGS, _FLAGS + ["HAS_DRES", "HAS_DX"], _prune_bwd)(_add_norm_bwd)
 
 
-def _launch(kernel, tuned, n_rows: int, rows_per_program: int | None, on_gpu: bool, *args, **meta) -> None:
+# (kernel, n_cols, constexpr flags, dtypes) -> the config the autotuner chose: later calls launch the plain kernel with
+# it, skipping the autotuner's own per-call host work (at 16384 x 384 a call's host time is as long as its GPU time)
+_TUNED: dict[tuple, triton.Config] = {}
+
+
+def _launch(kernel, tuned, n_rows: int, n_cols: int, rows_per_program: int | None, on_gpu: bool, *args, **meta) -> None:
     """Autotuned on a GPU; the interpreter's fixed tile on CPU. Grid: one program per row tile, or per run of
     rows_per_program rows."""
-    if on_gpu:
-        if rows_per_program is None:
-            tuned[lambda m: (triton.cdiv(n_rows, m["BLOCK_ROWS"]),)](*args, **meta)
-        else:
-            tuned[(triton.cdiv(n_rows, rows_per_program),)](*args, **meta)
-    else:
+    if not on_gpu:
         per_program = INTERPRET_BLOCK_ROWS if rows_per_program is None else rows_per_program
         kernel[(triton.cdiv(n_rows, per_program),)](*args, **meta, BLOCK_ROWS=INTERPRET_BLOCK_ROWS)
+        return
+
+    def grid(m: dict) -> tuple[int]:
+        return (triton.cdiv(n_rows, m["BLOCK_ROWS"] if rows_per_program is None else rows_per_program),)
+
+    key = (kernel, n_cols, *meta.items(), *(getattr(a, "dtype", None) for a in args))
+    config = _TUNED.get(key)
+    if config is None:
+        tuned[grid](*args, **meta)
+        _TUNED[key] = tuned.best_config
+    else:
+        kernel[grid(config.kwargs)](*args, **meta, **config.all_kwargs())
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
@@ -235,6 +247,7 @@ def _forward(x, residual, weight, bias, eps: float, is_rms: bool):
         _add_norm_fwd,
         _add_norm_fwd_tuned,
         n_rows,
+        n_cols,
         None,
         x.is_cuda,
         x,
@@ -279,6 +292,7 @@ def _backward(dy, dres_out, s, weight, bias, mean, rstd, grad_dtype: torch.dtype
         _add_norm_bwd,
         _add_norm_bwd_tuned,
         n_rows,
+        n_cols,
         rows_per_program,
         s.is_cuda,
         dy,
@@ -314,6 +328,7 @@ class AddNormFunction(torch.autograd.Function):
         x2, res2 = _rows(x), (_rows(residual) if residual is not None else None)
         y, res_out, mean, rstd = _forward(x2, res2, weight, bias, eps, is_rms)
         ctx.save_for_backward(res_out if res_out is not None else x2, weight, bias, mean, rstd)
+        ctx.set_materialize_grads(False)  # an unused new residual (the last block's) gives None, not a zero tensor
         ctx.shape, ctx.x_dtype = shape, x.dtype
         ctx.res_dtype = residual.dtype if residual is not None else None
         if res_out is None:
@@ -323,6 +338,8 @@ class AddNormFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy, dres_out=None):
         s, weight, bias, mean, rstd = ctx.saved_tensors
+        if dy is None:  # only the new residual was used
+            dy = torch.zeros(ctx.shape, dtype=ctx.x_dtype, device=s.device)
         # one gradient for x and the old residual, made in the residual's dtype (an fp32 stream stays fp32)
         grad_dtype = ctx.res_dtype if ctx.res_dtype is not None else ctx.x_dtype
         ds, dx, dw, db = _backward(dy, dres_out, s, weight, bias, mean, rstd, grad_dtype, ctx.x_dtype)

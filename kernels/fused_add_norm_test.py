@@ -170,3 +170,40 @@ def test_backward_programs_cover_every_row_once(n_rows):
     programs = -(-n_rows // per_program)
     assert per_program % fan.BWD_ROW_QUANTUM == 0
     assert (programs - 1) * per_program < n_rows <= programs * per_program
+
+
+@pytest.mark.parametrize("used", ["normed", "new_residual"])
+def test_backward_when_one_output_is_unused(used, device, assert_close):
+    """The model's last block leaves its new residual unused (norm_f reads it); autograd then hands the backward
+    None for that output's gradient, which must count as zero."""
+    gen = torch.Generator(device=device).manual_seed(5)
+    x, residual = _rand((11, 40), torch.float32, device, gen), _rand((11, 40), torch.float32, device, gen)
+    weight, bias = _rand((40,), torch.float32, device, gen), _rand((40,), torch.float32, device, gen)
+    dout = torch.randn(11, 40, generator=gen, device=device)
+    grads = []
+    for fn in (_fast, reference):
+        normed, new_res = fn(x, residual, weight, bias, 1e-5, False)
+        out = normed if used == "normed" else new_res
+        grads.append(torch.autograd.grad(out, (x, residual, weight, bias), dout, allow_unused=True))
+    for got, want in zip(*grads):
+        if want is None:  # the reference's weight/bias take no gradient through the new residual
+            assert got is None or not got.any()
+        else:
+            assert_close(got, want, scale=4.0)
+
+
+@pytest.mark.skipif(not GPU, reason="needs a CUDA GPU: the autotuned launch and its cached config")
+def test_second_call_takes_the_cached_config_and_agrees():
+    torch.manual_seed(3)
+    x, residual = (torch.randn(16384, 384, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
+    weight = torch.randn(384, device="cuda", requires_grad=True)
+    dnorm = torch.randn(16384, 384, device="cuda", dtype=torch.bfloat16)
+    runs = []
+    for _ in range(2):  # the first call autotunes, the second launches the chosen config directly
+        normed, new_res = add_rms_norm(x, residual, weight)
+        runs.append((normed, new_res, *torch.autograd.grad([normed, new_res], [x, residual, weight], [dnorm, dnorm])))
+    assert any(key[0] is fan._add_norm_fwd for key in fan._TUNED) and any(
+        key[0] is fan._add_norm_bwd for key in fan._TUNED
+    )
+    for first, second in zip(*runs):
+        torch.testing.assert_close(first, second, atol=0, rtol=0)
