@@ -25,12 +25,12 @@ from kernels.dispatch import Impl, num_sms, use_triton
 __all__ = ["AddNormFunction", "add_layer_norm", "add_rms_norm", "layer_norm", "reference", "rms_norm"]
 
 MAX_FUSED_COLS = 4096  # a row lives in registers; wider rows spill on sm_90 (backward), so they take the reference
-MIN_TILE_ELEMS = 2048  # elements of one program's tile: below, too little work per program
+MIN_TILE_ELEMS = 1024  # elements of one program's tile: below, too little work per program
 # Largest tile and fp32 values per thread that compile without register spills on sm_90 (ptxas, C 384 and 1024),
 # forward and backward (which holds dy, s and the gradient at once).
 FWD_MAX_TILE, FWD_MAX_PER_THREAD = 8192, 32
 BWD_MAX_TILE, BWD_MAX_PER_THREAD = 4096, 16
-MIN_ELEMS_PER_THREAD = 4
+MIN_ELEMS_PER_THREAD = 8  # fewer leaves threads idle on loads (one 16-byte vector of bf16 is 8)
 BWD_ROW_QUANTUM = 16  # the backward's rows per program are a multiple of this, the largest backward BLOCK_ROWS
 BWD_PROGRAMS_PER_SM = 4  # backward programs (and dweight partials) per SM
 INTERPRET_BLOCK_ROWS = 4  # the CPU interpreter's fixed tile height (no autotuning there): row masks get exercised
@@ -42,8 +42,8 @@ def _configs(max_rows: int, warps: tuple[int, ...]) -> list[triton.Config]:
     return [triton.Config({"BLOCK_ROWS": r}, num_warps=w) for r in rows for w in warps]
 
 
-FWD_CONFIGS = _configs(64, (2, 4, 8, 16))
-BWD_CONFIGS = _configs(BWD_ROW_QUANTUM, (2, 4, 8))  # 16 warps cap a thread at 128 registers: the backward spills
+FWD_CONFIGS = _configs(64, (2, 4, 8))  # ~9 per row width after pruning: compiling them is the tuning time
+BWD_CONFIGS = _configs(BWD_ROW_QUANTUM, (2, 4, 8))  # 16 warps cap a thread at 128 registers: spills
 
 
 def _fits(config: triton.Config, block_c: int, max_tile: int, max_per_thread: int) -> bool:
@@ -163,8 +163,9 @@ def _add_norm_bwd(
     cols = tl.arange(0, BLOCK_C)
     col_ok = cols < n_cols
     w = tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)
-    dw = tl.zeros([BLOCK_C], dtype=tl.float32)
-    db = tl.zeros([BLOCK_C], dtype=tl.float32)
+    # (rows, cols) accumulators, summed over rows once at the end: no cross-warp reduction per tile
+    dw = tl.zeros([BLOCK_ROWS, BLOCK_C], dtype=tl.float32)
+    db = tl.zeros([BLOCK_ROWS, BLOCK_C], dtype=tl.float32)
     row_start = pid * rows_per_program
     row_end = tl.minimum(row_start + rows_per_program, n_rows)
     for start in range(row_start, row_end, BLOCK_ROWS):
@@ -192,13 +193,13 @@ def _add_norm_bwd(
         tl.store(DS + offs, ds.to(DS.dtype.element_ty), mask=mask)
         if HAS_DX:
             tl.store(DX + offs, ds.to(DX.dtype.element_ty), mask=mask)
-        dw += tl.sum(dy * xhat, 0)
+        dw += dy * xhat
         if HAS_BIAS:
-            db += tl.sum(dy, 0)
+            db += dy
     n_partials: tl.constexpr = 2 if HAS_BIAS else 1
-    tl.store(PARTIAL + pid * n_partials * n_cols + cols, dw, mask=col_ok)
+    tl.store(PARTIAL + pid * n_partials * n_cols + cols, tl.sum(dw, 0), mask=col_ok)
     if HAS_BIAS:
-        tl.store(PARTIAL + pid * n_partials * n_cols + n_cols + cols, db, mask=col_ok)
+        tl.store(PARTIAL + pid * n_partials * n_cols + n_cols + cols, tl.sum(db, 0), mask=col_ok)
 
 
 _FLAGS = ["n_cols", "IS_RMS", "HAS_BIAS"]
