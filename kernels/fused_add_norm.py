@@ -16,6 +16,8 @@ all arithmetic is fp32. Rows are the last dim: x (..., C).
 
 from __future__ import annotations
 
+import math
+
 import torch
 import triton
 import triton.language as tl
@@ -35,6 +37,10 @@ BWD_ROW_QUANTUM = 16  # the backward's rows per program are a multiple of this, 
 BWD_PROGRAMS_PER_SM = 4  # backward programs (and dweight partials) per SM
 INTERPRET_BLOCK_ROWS = 4  # the CPU interpreter's fixed tile height (no autotuning there): row masks get exercised
 AUTOTUNE_WARMUP_MS, AUTOTUNE_REP_MS = 5, 25
+# False: each width runs default_config() untuned (GPU tests set it, so that their many shapes and dtypes do not each
+# compile the whole tuning set)
+AUTOTUNE = True
+DEFAULT_TILE, DEFAULT_PER_THREAD = 4096, 16  # default_config: the tile and load per thread nearest these
 
 
 def _configs(max_rows: int, warps: tuple[int, ...]) -> list[triton.Config]:
@@ -66,6 +72,17 @@ def configs_for(configs: list[triton.Config], block_c: int) -> list[triton.Confi
     tile = lambda c: c.kwargs["BLOCK_ROWS"] * block_c
     busy = [c for c in configs if tile(c) // (c.num_warps * 32) >= MIN_ELEMS_PER_THREAD] or configs
     return [max(busy, key=lambda c: (tile(c), -c.num_warps))]
+
+
+def default_config(configs: list[triton.Config], block_c: int) -> triton.Config:
+    """The config taken without tuning: of configs_for's, the tile nearest DEFAULT_TILE elements and
+    DEFAULT_PER_THREAD per thread."""
+
+    def distance(c: triton.Config) -> tuple[float, float]:
+        tile = c.kwargs["BLOCK_ROWS"] * block_c
+        return abs(math.log2(tile / DEFAULT_TILE)), abs(math.log2(tile / (32 * c.num_warps) / DEFAULT_PER_THREAD))
+
+    return min(configs_for(configs, block_c), key=distance)
 
 
 def _prune_fwd(configs, named_args, **kwargs):
@@ -212,10 +229,12 @@ _add_norm_bwd_tuned = _autotune(BWD_CONFIGS, _FLAGS + ["HAS_DRES", "HAS_DX"], _p
 _TUNED: dict[tuple, triton.Config] = {}
 
 
-def _launch(kernel, tuned, n_rows: int, n_cols: int, rows_per_program: int | None, on_gpu: bool, *args, **meta) -> None:
-    """Autotuned on a GPU; the interpreter's fixed tile on CPU. Grid: one program per row tile, or per run of
-    rows_per_program rows."""
-    if not on_gpu:
+def _launch(
+    kernel, tuned, configs: list[triton.Config], n_rows: int, n_cols: int, rows_per_program: int | None, *args, **meta
+) -> None:
+    """Autotuned on a GPU (or default_config when AUTOTUNE is off); the interpreter's fixed tile on CPU. Grid: one
+    program per row tile, or per run of rows_per_program rows."""
+    if not args[0].is_cuda:
         per_program = INTERPRET_BLOCK_ROWS if rows_per_program is None else rows_per_program
         kernel[(triton.cdiv(n_rows, per_program),)](*args, **meta, BLOCK_ROWS=INTERPRET_BLOCK_ROWS)
         return
@@ -224,7 +243,7 @@ def _launch(kernel, tuned, n_rows: int, n_cols: int, rows_per_program: int | Non
         return (triton.cdiv(n_rows, m["BLOCK_ROWS"] if rows_per_program is None else rows_per_program),)
 
     key = (kernel, n_cols, *meta.items(), *(getattr(a, "dtype", None) for a in args))
-    config = _TUNED.get(key)
+    config = _TUNED.get(key) if AUTOTUNE else default_config(configs, meta["BLOCK_C"])
     if config is None:
         tuned[grid](*args, **meta)
         _TUNED[key] = tuned.best_config
@@ -247,10 +266,10 @@ def _forward(x, residual, weight, bias, eps: float, is_rms: bool):
     _launch(
         _add_norm_fwd,
         _add_norm_fwd_tuned,
+        FWD_CONFIGS,
         n_rows,
         n_cols,
         None,
-        x.is_cuda,
         x,
         residual,
         weight,
@@ -292,10 +311,10 @@ def _backward(dy, dres_out, s, weight, bias, mean, rstd, grad_dtype: torch.dtype
     _launch(
         _add_norm_bwd,
         _add_norm_bwd_tuned,
+        BWD_CONFIGS,
         n_rows,
         n_cols,
         rows_per_program,
-        s.is_cuda,
         dy,
         dres_out,
         s,

@@ -18,6 +18,13 @@ SHAPES = (
 DTYPES = [torch.bfloat16, torch.float16, torch.float32] if GPU else [torch.float32, torch.bfloat16]
 
 
+@pytest.fixture(autouse=True)
+def untuned(monkeypatch):
+    """One default config per width on the GPU: the many shapes and dtypes here would each compile the whole tuning
+    set. The autotuned launch has its own test below."""
+    monkeypatch.setattr(fan, "AUTOTUNE", False)
+
+
 def _rand(shape, dtype, device, gen):
     return torch.randn(*shape, generator=gen, device=device, dtype=torch.float32).to(dtype).requires_grad_()
 
@@ -166,6 +173,12 @@ def test_autotune_configs_fit_the_row_width(block_c):
                 assert fan.BWD_ROW_QUANTUM % rows == 0
 
 
+@pytest.mark.parametrize("block_c", [16, 64, 512, 1024, 4096])
+def test_default_config_is_one_the_autotuner_would_try(block_c):
+    for configs in (fan.FWD_CONFIGS, fan.BWD_CONFIGS):
+        assert fan.default_config(configs, block_c) in fan.configs_for(configs, block_c)
+
+
 @pytest.mark.parametrize("n_rows", [1, 15, 16, 17, 1000, 16384, 65536])
 def test_backward_programs_cover_every_row_once(n_rows):
     per_program = fan._bwd_rows_per_program(n_rows, torch.device("cpu"))
@@ -195,7 +208,8 @@ def test_backward_when_one_output_is_unused(used, device, assert_close):
 
 
 @pytest.mark.skipif(not GPU, reason="needs a CUDA GPU: the autotuned launch and its cached config")
-def test_second_call_takes_the_cached_config_and_agrees():
+def test_second_call_takes_the_cached_config_and_agrees(monkeypatch):
+    monkeypatch.setattr(fan, "AUTOTUNE", True)
     torch.manual_seed(3)
     x, residual = (torch.randn(16384, 384, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
     weight = torch.randn(384, device="cuda", requires_grad=True)

@@ -40,7 +40,9 @@ def trained_like(flavour: str, n_layer: int, n_embd: int, device: str) -> GPT:
 
 
 def kernels_but_attention(monkeypatch, impl: str) -> list[tuple]:
-    """Our kernels on for every op but attention (4-D q); returns the list the fused add + norm calls land in."""
+    """Our kernels on for every op but attention (4-D q), untuned (the config does not change the result); returns
+    the list the fused add + norm calls land in."""
+    monkeypatch.setattr(fused_add_norm, "AUTOTUNE", False)
     monkeypatch.setattr(layers, "_kernel_impl", lambda t: impl if t.dim() != 4 and layers._KERNELS_ON.get() else None)
     calls = []
     real = fused_add_norm.AddNormFunction.apply
@@ -113,7 +115,7 @@ def test_plain_path_when_kernels_do_not_apply(monkeypatch):
 @pytest.mark.parametrize("flavour", sorted(FLAVOURS))
 def test_fused_model_matches_unfused_on_gpu_fp32(flavour, monkeypatch):
     """fp32 on the GPU: SDPA and cuBLAS are the same in both runs, so only the fused norms differ: tight."""
-    torch.backends.cuda.matmul.allow_tf32 = False
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     model = trained_like(flavour, n_layer=3, n_embd=384, device="cuda")
     idx, targets = batch("cuda", rows=8)
     with layers.use_kernels(False):
