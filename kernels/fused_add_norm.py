@@ -3,7 +3,12 @@
 A pre-norm block computes `residual = x + residual; h = norm(residual)`: two passes over memory in eager PyTorch.
 Here one kernel reads x and the residual once and writes the new residual and the normed rows; the backward reads
 dy (and the new residual's own gradient) and the saved residual once, writes the one gradient that x and the old
-residual share, and leaves per-program partial sums of dweight/dbias that a small torch sum finishes.
+residual share, and leaves per-program partial sums of dweight/dbias that one small torch sum finishes.
+
+Rows are short in this project (384 columns for shakespeare-char), so a program takes a 2D tile of BLOCK_ROWS rows
+by BLOCK_C columns; rows per program and num_warps are autotuned per row width. The backward gives each program a
+fixed run of rows (a multiple of BWD_ROW_QUANTUM), so the number of dweight partials does not depend on the tuned
+config. Rows must be contiguous (a non-contiguous input is copied once).
 
 Dtypes: the new residual has residual's dtype (an fp32 residual stream works), the normed output has x's dtype;
 all arithmetic is fp32. Rows are the last dim: x (..., C).
@@ -11,28 +16,92 @@ all arithmetic is fp32. Rows are the last dim: x (..., C).
 
 from __future__ import annotations
 
+import math
+
 import torch
 import triton
 import triton.language as tl
 
 from kernels.dispatch import Impl, num_sms, use_triton
 
-__all__ = ["add_layer_norm", "add_rms_norm", "layer_norm", "reference", "rms_norm"]
+__all__ = ["AddNormFunction", "add_layer_norm", "add_rms_norm", "layer_norm", "reference", "rms_norm"]
 
-MAX_FUSED_COLS = 8192  # a row lives in registers; wider rows spill on sm_90, so they take the reference
-TILE_ELEMS = 4096  # rows per program = TILE_ELEMS // padded row width: small rows share a program
-MAX_BLOCK_ROWS = 16
-ELEMS_PER_WARP = 512  # num_warps = tile elements / ELEMS_PER_WARP, within [MIN_WARPS, MAX_WARPS]
-MIN_WARPS, MAX_WARPS = 4, 16
-BWD_PROGRAMS_PER_SM = 4  # persistent backward: programs loop over row blocks, one dweight partial each
+MAX_FUSED_COLS = 4096  # a row lives in registers; wider rows spill on sm_90 (backward), so they take the reference
+MIN_TILE_ELEMS = 1024  # elements of one program's tile: below, too little work per program
+# Largest tile and fp32 values per thread that compile without register spills on sm_90 (ptxas, C 384 and 1024),
+# forward and backward (which holds dy, s and the gradient at once).
+FWD_MAX_TILE, FWD_MAX_PER_THREAD = 8192, 32
+BWD_MAX_TILE, BWD_MAX_PER_THREAD = 4096, 16
+MIN_ELEMS_PER_THREAD = 8  # fewer leaves threads idle on loads (one 16-byte vector of bf16 is 8)
+BWD_ROW_QUANTUM = 16  # the backward's rows per program are a multiple of this, the largest backward BLOCK_ROWS
+BWD_PROGRAMS_PER_SM = 4  # backward programs (and dweight partials) per SM
+INTERPRET_BLOCK_ROWS = 4  # the CPU interpreter's fixed tile height (no autotuning there): row masks get exercised
+AUTOTUNE_WARMUP_MS, AUTOTUNE_REP_MS = 5, 25
+# False: each width runs default_config() untuned (GPU tests set it, so that their many shapes and dtypes do not each
+# compile the whole tuning set)
+AUTOTUNE = True
+DEFAULT_TILE, DEFAULT_PER_THREAD = 4096, 16  # default_config: the tile and load per thread nearest these
 
 
-def _blocks(n_cols: int) -> tuple[int, int, int]:
-    """(BLOCK_ROWS, BLOCK_C, num_warps) for rows of n_cols elements."""
-    block_c = triton.next_power_of_2(n_cols)
-    block_rows = max(1, min(MAX_BLOCK_ROWS, TILE_ELEMS // block_c))
-    num_warps = min(MAX_WARPS, max(MIN_WARPS, block_rows * block_c // ELEMS_PER_WARP))
-    return block_rows, block_c, num_warps
+def _configs(max_rows: int, warps: tuple[int, ...]) -> list[triton.Config]:
+    rows = [r for r in (1, 2, 4, 8, 16, 32, 64) if r <= max_rows]
+    return [triton.Config({"BLOCK_ROWS": r}, num_warps=w) for r in rows for w in warps]
+
+
+FWD_CONFIGS = _configs(64, (2, 4, 8))  # ~9 per row width after pruning: compiling them is the tuning time
+BWD_CONFIGS = _configs(BWD_ROW_QUANTUM, (2, 4, 8))  # 16 warps cap a thread at 128 registers: spills
+
+
+def _fits(config: triton.Config, block_c: int, max_tile: int, max_per_thread: int) -> bool:
+    """Whether a config's tile suits rows of block_c (padded) columns: enough work, no spills, no idle threads."""
+    rows = config.kwargs["BLOCK_ROWS"]
+    tile = rows * block_c
+    per_thread = tile // (config.num_warps * 32)
+    if rows == 1:  # a wide row: one row per program, as many warps as keep every thread busy
+        return MIN_ELEMS_PER_THREAD <= per_thread <= max(max_per_thread, block_c // (16 * 32))
+    return MIN_TILE_ELEMS <= tile <= max_tile and MIN_ELEMS_PER_THREAD <= per_thread <= max_per_thread
+
+
+def configs_for(configs: list[triton.Config], block_c: int) -> list[triton.Config]:
+    """The configs the autotuner tries for rows of block_c padded columns (never empty)."""
+    limits = (BWD_MAX_TILE, BWD_MAX_PER_THREAD) if configs is BWD_CONFIGS else (FWD_MAX_TILE, FWD_MAX_PER_THREAD)
+    kept = [c for c in configs if _fits(c, block_c, *limits)]
+    if kept:
+        return kept
+    # narrow rows (a tile under MIN_TILE_ELEMS even at the most rows): the biggest tile that keeps threads busy
+    tile = lambda c: c.kwargs["BLOCK_ROWS"] * block_c
+    busy = [c for c in configs if tile(c) // (c.num_warps * 32) >= MIN_ELEMS_PER_THREAD] or configs
+    return [max(busy, key=lambda c: (tile(c), -c.num_warps))]
+
+
+def default_config(configs: list[triton.Config], block_c: int) -> triton.Config:
+    """The config taken without tuning: of configs_for's, the tile nearest DEFAULT_TILE elements and
+    DEFAULT_PER_THREAD per thread."""
+
+    def distance(c: triton.Config) -> tuple[float, float]:
+        tile = c.kwargs["BLOCK_ROWS"] * block_c
+        return abs(math.log2(tile / DEFAULT_TILE)), abs(math.log2(tile / (32 * c.num_warps) / DEFAULT_PER_THREAD))
+
+    return min(configs_for(configs, block_c), key=distance)
+
+
+def _prune_fwd(configs, named_args, **kwargs):
+    return configs_for(FWD_CONFIGS, kwargs["BLOCK_C"])
+
+
+def _prune_bwd(configs, named_args, **kwargs):
+    return configs_for(BWD_CONFIGS, kwargs["BLOCK_C"])
+
+
+def _autotune_bench(kernel_call, quantiles):
+    """Short timing windows (Triton's default is 25/100 ms): the configs differ by far more than the noise."""
+    return triton.testing.do_bench(kernel_call, warmup=AUTOTUNE_WARMUP_MS, rep=AUTOTUNE_REP_MS, quantiles=quantiles)
+
+
+def _autotune(configs: list[triton.Config], key: list[str], prune):
+    return triton.autotune(
+        configs=configs, key=key, prune_configs_by={"early_config_prune": prune}, do_bench=_autotune_bench
+    )
 
 
 @triton.jit
@@ -45,10 +114,6 @@ def _add_norm_fwd(
     RES_OUT,
     MEAN,
     RSTD,
-    stride_x,
-    stride_res,
-    stride_y,
-    stride_res_out,
     n_rows,
     n_cols,
     eps,
@@ -58,18 +123,18 @@ def _add_norm_fwd(
     BLOCK_ROWS: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
-    """One program: BLOCK_ROWS rows. s = x + residual (stored), y = norm(s) * w (+ b); keeps mean and 1/std."""
+    """One program: BLOCK_ROWS contiguous rows. s = x + residual (stored), y = norm(s) * w (+ b); keeps mean, 1/std."""
     rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
     cols = tl.arange(0, BLOCK_C)
     row_ok = rows < n_rows
     col_ok = cols < n_cols
     mask = row_ok[:, None] & col_ok[None, :]
-    rows64 = rows.to(tl.int64)[:, None]
-    s = tl.load(X + rows64 * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    offs = rows.to(tl.int64)[:, None] * n_cols + cols[None, :]
+    s = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
     if HAS_RESIDUAL:
-        r = tl.load(RES + rows64 * stride_res + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        r = tl.load(RES + offs, mask=mask, other=0.0).to(tl.float32)
         s_out = (s + r).to(RES_OUT.dtype.element_ty)  # rounded as an eager add would round it
-        tl.store(RES_OUT + rows64 * stride_res_out + cols[None, :], s_out, mask=mask)
+        tl.store(RES_OUT + offs, s_out, mask=mask)
         s = s_out.to(tl.float32)
     if IS_RMS:
         rstd = 1.0 / tl.sqrt(tl.sum(s * s, 1) / n_cols + eps)
@@ -84,7 +149,7 @@ def _add_norm_fwd(
     y = xhat * tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     if HAS_BIAS:
         y += tl.load(B + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-    tl.store(Y + rows64 * stride_y + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
+    tl.store(Y + offs, y.to(Y.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -96,35 +161,37 @@ def _add_norm_bwd(
     MEAN,
     RSTD,
     DS,
-    DW_PARTIAL,
-    DB_PARTIAL,
-    stride_dy,
-    stride_dres_out,
-    stride_s,
-    stride_ds,
+    DX,
+    PARTIAL,
     n_rows,
     n_cols,
+    rows_per_program,
     IS_RMS: tl.constexpr,
     HAS_DRES: tl.constexpr,
     HAS_BIAS: tl.constexpr,
+    HAS_DX: tl.constexpr,
     BLOCK_ROWS: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
-    """Persistent program: row blocks pid, pid + n_programs, ...; ds = d(norm input); dweight partial per program."""
+    """Program p: rows [p * rows_per_program, +rows_per_program), BLOCK_ROWS at a time. ds = d(norm input)
+    (+ the new residual's own gradient), also written as DX in x's dtype when that differs; PARTIAL[p] holds this
+    program's dweight (and dbias) sums, (n_programs, 1 or 2, n_cols) fp32."""
     pid = tl.program_id(0)
-    n_programs = tl.num_programs(0)
     cols = tl.arange(0, BLOCK_C)
     col_ok = cols < n_cols
     w = tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)
-    dw = tl.zeros([BLOCK_C], dtype=tl.float32)
-    db = tl.zeros([BLOCK_C], dtype=tl.float32)
-    for start in range(pid * BLOCK_ROWS, n_rows, n_programs * BLOCK_ROWS):
+    # (rows, cols) accumulators, summed over rows once at the end: no cross-warp reduction per tile
+    dw = tl.zeros([BLOCK_ROWS, BLOCK_C], dtype=tl.float32)
+    db = tl.zeros([BLOCK_ROWS, BLOCK_C], dtype=tl.float32)
+    row_start = pid * rows_per_program
+    row_end = tl.minimum(row_start + rows_per_program, n_rows)
+    for start in range(row_start, row_end, BLOCK_ROWS):
         rows = start + tl.arange(0, BLOCK_ROWS)
-        row_ok = rows < n_rows
+        row_ok = rows < row_end
         mask = row_ok[:, None] & col_ok[None, :]
-        rows64 = rows.to(tl.int64)[:, None]
-        s = tl.load(S + rows64 * stride_s + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        dy = tl.load(DY + rows64 * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        offs = rows.to(tl.int64)[:, None] * n_cols + cols[None, :]
+        s = tl.load(S + offs, mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(DY + offs, mask=mask, other=0.0).to(tl.float32)
         rstd = tl.load(RSTD + rows, mask=row_ok, other=0.0)
         if IS_RMS:
             xhat = s * rstd[:, None]
@@ -139,31 +206,70 @@ def _add_norm_bwd(
             c2 = tl.sum(wdy, 1) / n_cols
             ds = (wdy - (xhat * c1[:, None] + c2[:, None])) * rstd[:, None]
         if HAS_DRES:  # the new residual also flows on to the next block
-            ds += tl.load(DRES_OUT + rows64 * stride_dres_out + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        tl.store(DS + rows64 * stride_ds + cols[None, :], ds.to(DS.dtype.element_ty), mask=mask)
-        dw += tl.sum(dy * xhat, 0)
+            ds += tl.load(DRES_OUT + offs, mask=mask, other=0.0).to(tl.float32)
+        tl.store(DS + offs, ds.to(DS.dtype.element_ty), mask=mask)
+        if HAS_DX:
+            tl.store(DX + offs, ds.to(DX.dtype.element_ty), mask=mask)
+        dw += dy * xhat
         if HAS_BIAS:
-            db += tl.sum(dy, 0)
-    tl.store(DW_PARTIAL + pid * n_cols + cols, dw, mask=col_ok)
+            db += dy
+    n_partials: tl.constexpr = 2 if HAS_BIAS else 1
+    tl.store(PARTIAL + pid * n_partials * n_cols + cols, tl.sum(dw, 0), mask=col_ok)
     if HAS_BIAS:
-        tl.store(DB_PARTIAL + pid * n_cols + cols, db, mask=col_ok)
+        tl.store(PARTIAL + pid * n_partials * n_cols + n_cols + cols, tl.sum(db, 0), mask=col_ok)
+
+
+_FLAGS = ["n_cols", "IS_RMS", "HAS_BIAS"]
+_add_norm_fwd_tuned = _autotune(FWD_CONFIGS, _FLAGS + ["HAS_RESIDUAL"], _prune_fwd)(_add_norm_fwd)
+_add_norm_bwd_tuned = _autotune(BWD_CONFIGS, _FLAGS + ["HAS_DRES", "HAS_DX"], _prune_bwd)(_add_norm_bwd)
+
+
+# (kernel, n_cols, constexpr flags, dtypes) -> the config the autotuner chose: later calls launch the plain kernel with
+# it, skipping the autotuner's own per-call host work (at 16384 x 384 a call's host time is as long as its GPU time)
+_TUNED: dict[tuple, triton.Config] = {}
+
+
+def _launch(
+    kernel, tuned, configs: list[triton.Config], n_rows: int, n_cols: int, rows_per_program: int | None, *args, **meta
+) -> None:
+    """Autotuned on a GPU (or default_config when AUTOTUNE is off); the interpreter's fixed tile on CPU. Grid: one
+    program per row tile, or per run of rows_per_program rows."""
+    if not args[0].is_cuda:
+        per_program = INTERPRET_BLOCK_ROWS if rows_per_program is None else rows_per_program
+        kernel[(triton.cdiv(n_rows, per_program),)](*args, **meta, BLOCK_ROWS=INTERPRET_BLOCK_ROWS)
+        return
+
+    def grid(m: dict) -> tuple[int]:
+        return (triton.cdiv(n_rows, m["BLOCK_ROWS"] if rows_per_program is None else rows_per_program),)
+
+    key = (kernel, n_cols, *meta.items(), *(getattr(a, "dtype", None) for a in args))
+    config = _TUNED.get(key) if AUTOTUNE else default_config(configs, meta["BLOCK_C"])
+    if config is None:
+        tuned[grid](*args, **meta)
+        _TUNED[key] = tuned.best_config
+    else:
+        kernel[grid(config.kwargs)](*args, **meta, **config.all_kwargs())
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
-    """(..., C) -> (N, C) with unit column stride (a view where possible)."""
-    t = t.reshape(-1, t.shape[-1])
-    return t if t.stride(-1) == 1 else t.contiguous()
+    """(..., C) -> contiguous (N, C) (a view where possible)."""
+    return t.reshape(-1, t.shape[-1]).contiguous()
 
 
 def _forward(x, residual, weight, bias, eps: float, is_rms: bool):
-    """(y, new_residual or None, mean or None, rstd) over rows of x (N, C)."""
+    """(y, new_residual or None, mean or None, rstd) over contiguous rows of x (N, C)."""
     n_rows, n_cols = x.shape
     y = torch.empty_like(x)
     res_out = torch.empty_like(residual) if residual is not None else None
     mean = None if is_rms else torch.empty(n_rows, dtype=torch.float32, device=x.device)
     rstd = torch.empty(n_rows, dtype=torch.float32, device=x.device)
-    block_rows, block_c, num_warps = _blocks(n_cols)
-    _add_norm_fwd[(triton.cdiv(n_rows, block_rows),)](
+    _launch(
+        _add_norm_fwd,
+        _add_norm_fwd_tuned,
+        FWD_CONFIGS,
+        n_rows,
+        n_cols,
+        None,
         x,
         residual,
         weight,
@@ -172,34 +278,43 @@ def _forward(x, residual, weight, bias, eps: float, is_rms: bool):
         res_out,
         mean,
         rstd,
-        x.stride(0),
-        residual.stride(0) if residual is not None else 0,
-        y.stride(0),
-        res_out.stride(0) if res_out is not None else 0,
         n_rows,
         n_cols,
         eps,
         IS_RMS=is_rms,
         HAS_RESIDUAL=residual is not None,
         HAS_BIAS=bias is not None,
-        BLOCK_ROWS=block_rows,
-        BLOCK_C=block_c,
-        num_warps=num_warps,
+        BLOCK_C=triton.next_power_of_2(n_cols),
     )
     return y, res_out, mean, rstd
 
 
-def _backward(dy, dres_out, s, weight, bias, mean, rstd, grad_dtype: torch.dtype):
-    """(ds, dweight, dbias or None): ds is the gradient of the norm's input (x + residual)."""
+def _bwd_rows_per_program(n_rows: int, device: torch.device) -> int:
+    """Rows per backward program: a multiple of BWD_ROW_QUANTUM, about BWD_PROGRAMS_PER_SM programs per SM."""
+    programs = max(1, min(triton.cdiv(n_rows, BWD_ROW_QUANTUM), num_sms(device) * BWD_PROGRAMS_PER_SM))
+    return triton.cdiv(triton.cdiv(n_rows, programs), BWD_ROW_QUANTUM) * BWD_ROW_QUANTUM
+
+
+def _backward(dy, dres_out, s, weight, bias, mean, rstd, grad_dtype: torch.dtype, x_dtype: torch.dtype):
+    """(ds, dx, dweight, dbias or None): ds is the gradient of the norm's input (x + residual) in grad_dtype, dx the
+    same in x_dtype (ds itself when the dtypes agree)."""
     n_rows, n_cols = s.shape
     dy = _rows(dy)
     dres_out = _rows(dres_out) if dres_out is not None else None
     ds = torch.empty((n_rows, n_cols), dtype=grad_dtype, device=s.device)
-    block_rows, block_c, num_warps = _blocks(n_cols)
-    n_programs = max(1, min(triton.cdiv(n_rows, block_rows), num_sms(s.device) * BWD_PROGRAMS_PER_SM))
-    dw_partial = torch.empty((n_programs, n_cols), dtype=torch.float32, device=s.device)
-    db_partial = torch.empty_like(dw_partial) if bias is not None else None
-    _add_norm_bwd[(n_programs,)](
+    dx = ds if x_dtype == grad_dtype else torch.empty((n_rows, n_cols), dtype=x_dtype, device=s.device)
+    rows_per_program = _bwd_rows_per_program(n_rows, s.device)
+    n_partials = 2 if bias is not None else 1
+    partial = torch.empty(
+        (triton.cdiv(n_rows, rows_per_program), n_partials, n_cols), dtype=torch.float32, device=s.device
+    )
+    _launch(
+        _add_norm_bwd,
+        _add_norm_bwd_tuned,
+        BWD_CONFIGS,
+        n_rows,
+        n_cols,
+        rows_per_program,
         dy,
         dres_out,
         s,
@@ -207,24 +322,21 @@ def _backward(dy, dres_out, s, weight, bias, mean, rstd, grad_dtype: torch.dtype
         mean,
         rstd,
         ds,
-        dw_partial,
-        db_partial,
-        dy.stride(0),
-        dres_out.stride(0) if dres_out is not None else 0,
-        s.stride(0),
-        ds.stride(0),
+        dx,
+        partial,
         n_rows,
         n_cols,
+        rows_per_program,
         IS_RMS=mean is None,
         HAS_DRES=dres_out is not None,
         HAS_BIAS=bias is not None,
-        BLOCK_ROWS=block_rows,
-        BLOCK_C=block_c,
-        num_warps=num_warps,
+        HAS_DX=dx is not ds,
+        BLOCK_C=triton.next_power_of_2(n_cols),
     )
-    dw = dw_partial.sum(0).to(weight.dtype)
-    db = db_partial.sum(0).to(bias.dtype) if bias is not None else None
-    return ds, dw, db
+    sums = partial.sum(0)  # (1 or 2, C): dweight (, dbias), one reduction over the programs
+    dw = sums[0].to(weight.dtype)
+    db = sums[1].to(bias.dtype) if bias is not None else None
+    return ds, dx, dw, db
 
 
 class AddNormFunction(torch.autograd.Function):
@@ -236,6 +348,7 @@ class AddNormFunction(torch.autograd.Function):
         x2, res2 = _rows(x), (_rows(residual) if residual is not None else None)
         y, res_out, mean, rstd = _forward(x2, res2, weight, bias, eps, is_rms)
         ctx.save_for_backward(res_out if res_out is not None else x2, weight, bias, mean, rstd)
+        ctx.set_materialize_grads(False)  # an unused new residual (the last block's) gives None, not a zero tensor
         ctx.shape, ctx.x_dtype = shape, x.dtype
         ctx.res_dtype = residual.dtype if residual is not None else None
         if res_out is None:
@@ -245,13 +358,13 @@ class AddNormFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy, dres_out=None):
         s, weight, bias, mean, rstd = ctx.saved_tensors
+        if dy is None:  # only the new residual was used
+            dy = torch.zeros(ctx.shape, dtype=ctx.x_dtype, device=s.device)
         # one gradient for x and the old residual, made in the residual's dtype (an fp32 stream stays fp32)
         grad_dtype = ctx.res_dtype if ctx.res_dtype is not None else ctx.x_dtype
-        ds, dw, db = _backward(dy, dres_out, s, weight, bias, mean, rstd, grad_dtype)
-        ds = ds.view(ctx.shape)
-        dx = ds if grad_dtype == ctx.x_dtype else ds.to(ctx.x_dtype)
-        dres = ds if ctx.res_dtype is not None else None
-        return dx, dres, dw, db, None, None
+        ds, dx, dw, db = _backward(dy, dres_out, s, weight, bias, mean, rstd, grad_dtype, ctx.x_dtype)
+        dres = ds.view(ctx.shape) if ctx.res_dtype is not None else None
+        return dx.view(ctx.shape), dres, dw, db, None, None
 
 
 def reference(
@@ -284,13 +397,21 @@ def _check(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
         raise ValueError(f"bias must be ({C},), got {tuple(bias.shape)}")
 
 
+def _needs_grad(*tensors: torch.Tensor | None) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 def _norm(x, residual, weight, bias, eps: float, is_rms: bool, impl: Impl):
     _check(x, residual, weight, bias)
     tensors = [t for t in (x, residual, weight, bias) if t is not None]
-    if use_triton(impl, *tensors, supported=x.shape[-1] <= MAX_FUSED_COLS and x.numel() > 0):
+    if not use_triton(impl, *tensors, supported=x.shape[-1] <= MAX_FUSED_COLS and x.numel() > 0):
+        normed, new_residual = reference(x, residual, weight, bias, eps, is_rms)
+        return normed if residual is None else (normed, new_residual)
+    if _needs_grad(x, residual, weight, bias):
         return AddNormFunction.apply(x, residual, weight, bias, eps, is_rms)
-    normed, new_residual = reference(x, residual, weight, bias, eps, is_rms)
-    return normed if residual is None else (normed, new_residual)
+    # inference: no autograd node (its set-up costs more host time than the kernel takes at small shapes)
+    y, res_out, _, _ = _forward(_rows(x), _rows(residual) if residual is not None else None, weight, bias, eps, is_rms)
+    return y.view(x.shape) if res_out is None else (y.view(x.shape), res_out.view(x.shape))
 
 
 def add_rms_norm(

@@ -4,12 +4,25 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from kernels import fused_add_norm as fan
 from kernels.fused_add_norm import add_layer_norm, add_rms_norm, layer_norm, reference, rms_norm
 
 GPU = torch.cuda.is_available()
 # (rows, C): C below, at and above a power of two; rows not a multiple of the row block.
-SHAPES = [(4096, 1024), (1000, 384), (257, 4096), (3, 50)] if GPU else [(37, 48), (5, 64), (2, 3, 20)]
+# On CPU, (300, 24) gives the backward programs several row tiles each (rows_per_program > INTERPRET_BLOCK_ROWS).
+SHAPES = (
+    [(16384, 384), (4096, 1024), (1000, 384), (257, 4096), (3, 50)]
+    if GPU
+    else [(37, 48), (5, 64), (2, 3, 20), (300, 24)]
+)
 DTYPES = [torch.bfloat16, torch.float16, torch.float32] if GPU else [torch.float32, torch.bfloat16]
+
+
+@pytest.fixture(autouse=True)
+def untuned(monkeypatch):
+    """One default config per width on the GPU: the many shapes and dtypes here would each compile the whole tuning
+    set. The autotuned launch has its own test below."""
+    monkeypatch.setattr(fan, "AUTOTUNE", False)
 
 
 def _rand(shape, dtype, device, gen):
@@ -138,3 +151,75 @@ def test_gpu_training_shapes_forward_and_backward(is_rms, n_rows, n_cols):
     for name, got, want in zip(("dx", "dweight", "dbias"), grads, ref_grads):
         rel = (got.double() - want).norm() / want.norm()
         assert rel < 1e-4, f"{name} differs by {rel:.2e} relative"
+
+
+@pytest.mark.parametrize("block_c", [16, 64, 512, 1024, 4096])
+def test_autotune_configs_fit_the_row_width(block_c):
+    """Every width gets configs to try; they stay within the spill-free limits measured with ptxas for sm_90 and keep
+    every thread busy (but for rows so narrow that the largest tile cannot), and the backward's tiles divide its rows
+    per program."""
+    for configs, max_tile, max_per_thread in (
+        (fan.FWD_CONFIGS, fan.FWD_MAX_TILE, fan.FWD_MAX_PER_THREAD),
+        (fan.BWD_CONFIGS, fan.BWD_MAX_TILE, fan.BWD_MAX_PER_THREAD),
+    ):
+        kept = fan.configs_for(configs, block_c)
+        assert kept
+        for c in kept:
+            rows = c.kwargs["BLOCK_ROWS"]
+            assert rows * block_c <= max(max_tile, block_c)
+            narrowest = len(kept) == 1 and rows == max(k.kwargs["BLOCK_ROWS"] for k in configs)
+            assert narrowest or rows * block_c // (32 * c.num_warps) >= fan.MIN_ELEMS_PER_THREAD
+            if configs is fan.BWD_CONFIGS:
+                assert fan.BWD_ROW_QUANTUM % rows == 0
+
+
+@pytest.mark.parametrize("block_c", [16, 64, 512, 1024, 4096])
+def test_default_config_is_one_the_autotuner_would_try(block_c):
+    for configs in (fan.FWD_CONFIGS, fan.BWD_CONFIGS):
+        assert fan.default_config(configs, block_c) in fan.configs_for(configs, block_c)
+
+
+@pytest.mark.parametrize("n_rows", [1, 15, 16, 17, 1000, 16384, 65536])
+def test_backward_programs_cover_every_row_once(n_rows):
+    per_program = fan._bwd_rows_per_program(n_rows, torch.device("cpu"))
+    programs = -(-n_rows // per_program)
+    assert per_program % fan.BWD_ROW_QUANTUM == 0
+    assert (programs - 1) * per_program < n_rows <= programs * per_program
+
+
+@pytest.mark.parametrize("used", ["normed", "new_residual"])
+def test_backward_when_one_output_is_unused(used, device, assert_close):
+    """The model's last block leaves its new residual unused (norm_f reads it); autograd then hands the backward
+    None for that output's gradient, which must count as zero."""
+    gen = torch.Generator(device=device).manual_seed(5)
+    x, residual = _rand((11, 40), torch.float32, device, gen), _rand((11, 40), torch.float32, device, gen)
+    weight, bias = _rand((40,), torch.float32, device, gen), _rand((40,), torch.float32, device, gen)
+    dout = torch.randn(11, 40, generator=gen, device=device)
+    grads = []
+    for fn in (_fast, reference):
+        normed, new_res = fn(x, residual, weight, bias, 1e-5, False)
+        out = normed if used == "normed" else new_res
+        grads.append(torch.autograd.grad(out, (x, residual, weight, bias), dout, allow_unused=True))
+    for got, want in zip(*grads):
+        if want is None:  # the reference's weight/bias take no gradient through the new residual
+            assert got is None or not got.any()
+        else:
+            assert_close(got, want, scale=4.0)
+
+
+@pytest.mark.skipif(not GPU, reason="needs a CUDA GPU: the autotuned launch and its cached config")
+def test_second_call_takes_the_cached_config_and_agrees(monkeypatch):
+    monkeypatch.setattr(fan, "AUTOTUNE", True)
+    torch.manual_seed(3)
+    x, residual = (torch.randn(16384, 384, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
+    weight = torch.randn(384, device="cuda", requires_grad=True)
+    dnorm = torch.randn(16384, 384, device="cuda", dtype=torch.bfloat16)
+    runs = []
+    for _ in range(2):  # the first call autotunes, the second launches the chosen config directly
+        normed, new_res = add_rms_norm(x, residual, weight)
+        runs.append((normed, new_res, *torch.autograd.grad([normed, new_res], [x, residual, weight], [dnorm, dnorm])))
+    assert any(key[0] is fan._add_norm_fwd for key in fan._TUNED) and any(
+        key[0] is fan._add_norm_bwd for key in fan._TUNED
+    )
+    for first, second in zip(*runs):
+        torch.testing.assert_close(first, second, atol=0, rtol=0)

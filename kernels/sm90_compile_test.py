@@ -88,29 +88,31 @@ def _specs() -> list[tuple[str, object, dict, dict, int, int]]:
             3,
         )
     )
+    norms = [
+        (
+            "add_layer_norm fwd",
+            fan._add_norm_fwd,
+            fan.FWD_CONFIGS,
+            {**bf16("X", "Y", "W", "B"), **fp32("RES", "RES_OUT", "MEAN", "RSTD"), **scalars},
+            dict(IS_RMS=False, HAS_RESIDUAL=True, HAS_BIAS=True),
+        ),
+        (
+            "add_layer_norm bwd",
+            fan._add_norm_bwd,
+            fan.BWD_CONFIGS,
+            {**bf16("DY", "W", "B", "DX"), **fp32("DRES_OUT", "S", "MEAN", "RSTD", "DS", "PARTIAL")},
+            dict(IS_RMS=False, HAS_DRES=True, HAS_BIAS=True, HAS_DX=True),
+        ),
+    ]
+    # the autotuner's smallest and largest tile at the project's width and the widest fused one; the largest
+    # signature (fp32 residual stream, bf16 activations, LayerNorm) holds the most values per thread
     for cols in (384, fan.MAX_FUSED_COLS):
-        rows, block_c, warps = fan._blocks(cols)
-        blocks = dict(BLOCK_ROWS=rows, BLOCK_C=block_c)
-        specs.append(
-            (
-                f"add_layer_norm fwd C{cols}",
-                fan._add_norm_fwd,
-                {**bf16("X", "RES", "W", "B", "Y", "RES_OUT"), **fp32("MEAN", "RSTD"), **scalars},
-                dict(IS_RMS=False, HAS_RESIDUAL=True, HAS_BIAS=True, **blocks),
-                warps,
-                3,
-            )
-        )
-        specs.append(
-            (
-                f"add_rms_norm bwd C{cols}",
-                fan._add_norm_bwd,
-                {**bf16("DY", "DRES_OUT", "S", "W", "DS"), **fp32("RSTD", "DW_PARTIAL")},
-                dict(IS_RMS=True, HAS_DRES=True, HAS_BIAS=False, MEAN=None, DB_PARTIAL=None, **blocks),
-                warps,
-                3,
-            )
-        )
+        block_c = 1 << (cols - 1).bit_length()
+        for name, kernel, configs, sig, const in norms:
+            tried = fan.configs_for(configs, block_c)
+            for cfg in {id(c): c for c in (tried[0], tried[-1])}.values():
+                blocks = dict(BLOCK_C=block_c, **cfg.kwargs)
+                specs.append((f"{name} C{cols} {cfg}", kernel, sig, {**const, **blocks}, cfg.num_warps, 3))
     specs.append(("swiglu fwd", sw._swiglu_fwd, bf16("GATE", "UP", "OUT"), dict(BLOCK=sw.BLOCK_SIZE), sw.NUM_WARPS, 3))
     specs.append(
         (

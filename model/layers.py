@@ -1,7 +1,7 @@
 """The primitive ops of the transformer and the small modules around them.
 
 Every hot op the model runs goes through a function here (`attention`, `rms_norm`, `layer_norm`,
-`swiglu`, `gelu`, `apply_rope`). On CUDA tensors they run our `kernels/` (Triton flash attention, fused
+`add_norm`, `swiglu`, `gelu`, `apply_rope`). On CUDA tensors they run our `kernels/` (Triton flash attention, fused
 norms, SwiGLU); on CPU, and inside `torch.compile` (where Inductor fuses them itself), plain PyTorch.
 `use_kernels(False)` turns the kernels off for a scope, which is how the kernels-on/off benchmark compares them.
 Nothing here touches a GPU at import time.
@@ -26,6 +26,10 @@ __all__ = [
     "attention",
     "rms_norm",
     "layer_norm",
+    "kernels_apply",
+    "add_rms_norm",
+    "add_layer_norm",
+    "add_norm",
     "swiglu",
     "gelu",
     "rope_cos_sin",
@@ -63,6 +67,12 @@ def _kernel_impl(t: torch.Tensor) -> str | None:
     if torch.compiler.is_compiling():  # first: dynamo folds it to a constant, so nothing below is traced
         return None
     return "auto" if t.is_cuda and _KERNELS_ON.get() else None
+
+
+def kernels_apply(t: torch.Tensor) -> bool:
+    """Whether our kernels serve tensor `t` here (CUDA, kernels on, not compiling): the model then takes the fused
+    residual + norm path (`add_norm`), otherwise its plain PyTorch code."""
+    return _kernel_impl(t) is not None
 
 
 def attention(
@@ -114,6 +124,41 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     if impl:
         return fused_add_norm.layer_norm(x, weight, bias, eps, impl=impl)
     return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
+
+
+def add_rms_norm(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """new_residual = residual + x; returns (rms_norm(new_residual) * weight, new_residual). x, residual (..., C).
+
+    One fused kernel where ours apply (the normed rows in x's dtype, the new residual in residual's); else the add
+    and `F.rms_norm`, as the unfused model computes them."""
+    impl = _kernel_impl(x)
+    if impl:
+        return fused_add_norm.add_rms_norm(x, residual, weight, eps, impl=impl)
+    s = residual + x
+    return F.rms_norm(s, (s.shape[-1],), weight, eps), s
+
+
+def add_layer_norm(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """new_residual = residual + x; returns (layer_norm(new_residual) * weight + bias, new_residual)."""
+    impl = _kernel_impl(x)
+    if impl:
+        return fused_add_norm.add_layer_norm(x, residual, weight, bias, eps, impl=impl)
+    s = residual + x
+    return F.layer_norm(s, (s.shape[-1],), weight, bias, eps), s
+
+
+def add_norm(norm: nn.Module, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(norm(residual + x), residual + x) for an `RMSNorm` or `LayerNorm` module `norm`, in one kernel where ours
+    apply: the residual add of a pre-norm block fused with the norm that follows it."""
+    if isinstance(norm, RMSNorm):
+        return add_rms_norm(x, residual, norm.weight, norm.eps)
+    if isinstance(norm, LayerNorm):
+        return add_layer_norm(x, residual, norm.weight, norm.bias, norm.eps)
+    raise TypeError(f"add_norm takes an RMSNorm or LayerNorm module, got {type(norm).__name__}")
 
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:

@@ -20,7 +20,17 @@ from torch.utils.checkpoint import checkpoint
 from kernels.decode_attention import decode_attention
 from model.config import ModelConfig
 from model.kv_cache import KVCache
-from model.layers import LayerNorm, RMSNorm, apply_rope, attention, gelu, rope_cos_sin, swiglu
+from model.layers import (
+    LayerNorm,
+    RMSNorm,
+    add_norm,
+    apply_rope,
+    attention,
+    gelu,
+    kernels_apply,
+    rope_cos_sin,
+    swiglu,
+)
 
 __all__ = ["GPT", "Block", "Attention", "MLP"]
 
@@ -118,9 +128,29 @@ class Block(nn.Module):
         self.norm_2 = _norm(config)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, rope: Rope, layer: int = 0, step: _CacheStep | None = None) -> torch.Tensor:
-        x = x + self.attn(self.norm_1(x), rope, layer, step)
-        return x + self.mlp(self.norm_2(x))
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: Rope,
+        layer: int = 0,
+        step: _CacheStep | None = None,
+        *,
+        normed: torch.Tensor | None = None,
+        next_norm: nn.Module | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """x (B, T, C) -> the block's output (B, T, C).
+
+        The fused form (GPT.forward with our kernels): given `normed` = norm_1(x), each residual add runs in one
+        kernel with the norm after it (norm_2 here, then `next_norm`: the next block's norm_1, or norm_f), and the
+        block returns (output, next_norm(output)) for the next block to start from.
+        """
+        if normed is None:
+            x = x + self.attn(self.norm_1(x), rope, layer, step)
+            return x + self.mlp(self.norm_2(x))
+        assert next_norm is not None, "the fused form needs next_norm, the norm that reads this block's output"
+        h, x = add_norm(self.norm_2, self.attn(normed, rope, layer, step), x)  # x += attn; h = norm_2(x)
+        h, x = add_norm(next_norm, self.mlp(h), x)  # x += mlp; h = next_norm(x)
+        return x, h
 
 
 class GPT(nn.Module):
@@ -200,10 +230,20 @@ class GPT(nn.Module):
         x = self._embed(idx, positions)  # (B, T, C)
         rope = self._rope(positions, x.dtype)
         recompute = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
-        for block in self.blocks:
-            # Non-reentrant checkpointing restores the RNG state for the recomputation: the same dropout masks.
-            x = checkpoint(block, x, rope, use_reentrant=False) if recompute else block(x, rope)
-        logits = self.lm_head(self.norm_f(x))  # (B, T, V)
+        if kernels_apply(x) and not recompute:
+            # Fused: every residual add runs in one kernel with the norm that reads its sum (block i's MLP output
+            # is added and normed by block i+1's norm_1, the last by norm_f). Checkpointing keeps the plain form:
+            # there a block's boundary must be its plain output.
+            h = self.blocks[0].norm_1(x) if len(self.blocks) else self.norm_f(x)  # (B, T, C)
+            next_norms = [block.norm_1 for block in self.blocks[1:]] + [self.norm_f]
+            for block, next_norm in zip(self.blocks, next_norms):
+                x, h = block(x, rope, normed=h, next_norm=next_norm)
+        else:
+            for block in self.blocks:
+                # Non-reentrant checkpointing restores the RNG state for the recomputation: the same dropout masks.
+                x = checkpoint(block, x, rope, use_reentrant=False) if recompute else block(x, rope)
+            h = self.norm_f(x)
+        logits = self.lm_head(h)  # (B, T, V)
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.view(B * T, -1), targets.reshape(B * T), ignore_index=-1)

@@ -1,10 +1,13 @@
 // RMSNorm forward and backward in CUDA C++, exposed to Python through pybind11 (no libtorch needed).
 //
 // y = x * rsqrt(mean(x^2) + eps) * w over rows of a contiguous (rows, cols) tensor; fp32, fp16 or bf16 (x, w and y
-// of one dtype), fp32 arithmetic. One warp per row, four rows per block, 128-bit loads where the row allows: a row
-// of 1024 bf16 is four 16-byte loads per lane, and the second pass over it hits L1.
-// Backward: dx = rstd * (w*dy - xhat * mean(w*dy*xhat)); dweight = sum over rows of dy*xhat, summed per block in
-// shared memory, then across blocks by a column-sum kernel.
+// of one dtype), fp32 arithmetic. One warp per row, eight rows per block, 128-bit loads where the row allows.
+// Rows of up to 32 * 16 vectors (4096 bf16; 32 * 4 = 1024 bf16 in the backward) are held in registers: each lane
+// loads its NV vectors of the row once (a 384-wide bf16 row is 48 vectors: two per lane), so x is read once.
+// Backward: dx = rstd * (w*dy - xhat * mean(w*dy*xhat)); dweight = sum over rows of dy*xhat. A lane always owns the
+// same columns, so it keeps its dweight sums in registers over every row its warp takes (grid-stride); the block's
+// warps add theirs in shared memory once at the end, and a column-sum kernel with 32 x 32 threads per 32 columns
+// adds the blocks' partial rows. Wider or unaligned rows take the generic loop kernels.
 //
 // Python passes raw device pointers (tensor.data_ptr()) and the CUDA stream; kernels/rmsnorm_cuda/rmsnorm_cuda.py
 // owns allocation, dtype checks and autograd.
@@ -23,10 +26,12 @@ namespace py = pybind11;
 namespace {
 
 constexpr int kWarpSize = 32;
-constexpr int kRowsPerBlock = 4;          // warps per block; one row each
+constexpr int kRowsPerBlock = 8;          // warps per block; one row each
 constexpr int kVecBytes = 16;             // 128-bit loads and stores
 constexpr int kMaxBackwardCols = 12288;   // a block's dweight row (fp32) fits 48 KiB of shared memory
-constexpr int kColumnSumThreads = 256;
+constexpr int kColumnSumCols = 32;        // column-sum block: 32 columns x 32 partial rows at a time
+constexpr int kColumnSumRows = 32;
+constexpr int kMaxRegisterVecs = 16;      // vectors per lane a row may take to stay in registers
 
 enum DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 
@@ -84,6 +89,122 @@ __global__ void rmsnorm_forward_kernel(const T* __restrict__ x, const T* __restr
   }
 }
 
+// The row in registers: lane holds vectors lane, lane + 32, ... (NV of them, the last ones may lie past the row).
+template <typename T, int VEC, int NV>
+__global__ void rmsnorm_forward_reg_kernel(const T* __restrict__ x, const T* __restrict__ w, T* __restrict__ y,
+                                           float* __restrict__ rstd, int64_t rows, int cols, float eps) {
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + threadIdx.y;
+  if (row >= rows) return;
+  const int lane = threadIdx.x;
+  const int n_vec = cols / VEC;
+  const auto* xr = reinterpret_cast<const Vec<T, VEC>*>(x + row * cols);
+  const auto* wr = reinterpret_cast<const Vec<T, VEC>*>(w);
+  auto* yr = reinterpret_cast<Vec<T, VEC>*>(y + row * cols);
+
+  Vec<T, VEC> a[NV];
+  float sum_sq = 0.f;
+#pragma unroll
+  for (int j = 0; j < NV; ++j) {
+    const int i = lane + j * kWarpSize;
+    if (i < n_vec) {
+      a[j] = xr[i];
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) {
+        const float f = to_float(a[j].v[k]);
+        sum_sq += f * f;
+      }
+    }
+  }
+  const float r = rsqrtf(warp_sum(sum_sq) / cols + eps);
+  if (lane == 0) rstd[row] = r;
+#pragma unroll
+  for (int j = 0; j < NV; ++j) {
+    const int i = lane + j * kWarpSize;
+    if (i < n_vec) {
+      const Vec<T, VEC> b = wr[i];
+      Vec<T, VEC> out;
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) out.v[k] = from_float<T>(to_float(a[j].v[k]) * r * to_float(b.v[k]));
+      yr[i] = out;
+    }
+  }
+}
+
+// Grid-stride over rows, a warp per row, the row and the lane's dweight sums in registers; each block leaves its
+// dweight partial sums in dw_partial[blockIdx.x, :].
+template <typename T, int VEC, int NV>
+__global__ void rmsnorm_backward_reg_kernel(const T* __restrict__ dy, const T* __restrict__ x,
+                                            const T* __restrict__ w, const float* __restrict__ rstd,
+                                            T* __restrict__ dx, float* __restrict__ dw_partial, int64_t rows,
+                                            int cols) {
+  extern __shared__ float dw_block[];  // (cols,)
+  const int tid = threadIdx.y * kWarpSize + threadIdx.x;
+  for (int c = tid; c < cols; c += kWarpSize * kRowsPerBlock) dw_block[c] = 0.f;
+  __syncthreads();
+
+  const int lane = threadIdx.x;
+  const int n_vec = cols / VEC;
+  const auto* wr = reinterpret_cast<const Vec<T, VEC>*>(w);
+  float wf[NV][VEC];
+  float dw[NV][VEC];
+#pragma unroll
+  for (int j = 0; j < NV; ++j) {
+    const int i = lane + j * kWarpSize;
+    Vec<T, VEC> b;
+    if (i < n_vec) b = wr[i];
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) {
+      wf[j][k] = i < n_vec ? to_float(b.v[k]) : 0.f;
+      dw[j][k] = 0.f;
+    }
+  }
+  for (int64_t row = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + threadIdx.y; row < rows;
+       row += static_cast<int64_t>(gridDim.x) * kRowsPerBlock) {
+    const auto* xr = reinterpret_cast<const Vec<T, VEC>*>(x + row * cols);
+    const auto* dyr = reinterpret_cast<const Vec<T, VEC>*>(dy + row * cols);
+    auto* dxr = reinterpret_cast<Vec<T, VEC>*>(dx + row * cols);
+    const float r = rstd[row];
+    Vec<T, VEC> a[NV], g[NV];
+    float dot = 0.f;  // sum of w*dy*xhat over the row
+#pragma unroll
+    for (int j = 0; j < NV; ++j) {
+      const int i = lane + j * kWarpSize;
+      if (i < n_vec) {
+        a[j] = xr[i];
+        g[j] = dyr[i];
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) dot += wf[j][k] * to_float(g[j].v[k]) * to_float(a[j].v[k]) * r;
+      }
+    }
+    const float mean_dot = warp_sum(dot) / cols;
+#pragma unroll
+    for (int j = 0; j < NV; ++j) {
+      const int i = lane + j * kWarpSize;
+      if (i < n_vec) {
+        Vec<T, VEC> out;
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) {
+          const float xhat = to_float(a[j].v[k]) * r;
+          const float gy = to_float(g[j].v[k]);
+          out.v[k] = from_float<T>(r * (wf[j][k] * gy - xhat * mean_dot));
+          dw[j][k] += gy * xhat;
+        }
+        dxr[i] = out;
+      }
+    }
+  }
+#pragma unroll
+  for (int j = 0; j < NV; ++j) {
+    const int i = lane + j * kWarpSize;
+    if (i < n_vec) {
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) atomicAdd(&dw_block[i * VEC + k], dw[j][k]);  // kRowsPerBlock-way, once
+    }
+  }
+  __syncthreads();
+  for (int c = tid; c < cols; c += kWarpSize * kRowsPerBlock) dw_partial[blockIdx.x * cols + c] = dw_block[c];
+}
+
 // Grid-stride over rows; each block leaves its dweight partial sums in dw_partial[blockIdx.x, :].
 template <typename T, int VEC>
 __global__ void rmsnorm_backward_kernel(const T* __restrict__ dy, const T* __restrict__ x, const T* __restrict__ w,
@@ -129,13 +250,24 @@ __global__ void rmsnorm_backward_kernel(const T* __restrict__ dy, const T* __res
   for (int c = tid; c < cols; c += kWarpSize * kRowsPerBlock) dw_partial[blockIdx.x * cols + c] = dw_block[c];
 }
 
+// Block (32, 32): 32 columns; thread (c, r) adds partial rows r, r + 32, ...; then the 32 sums of a column are
+// added in shared memory.
 template <typename T>
 __global__ void column_sum_kernel(const float* __restrict__ partial, T* __restrict__ out, int n_partials, int cols) {
-  const int c = blockIdx.x * blockDim.x + threadIdx.x;
-  if (c >= cols) return;
+  __shared__ float sums[kColumnSumRows][kColumnSumCols + 1];
+  const int c = blockIdx.x * kColumnSumCols + threadIdx.x;
   float s = 0.f;
-  for (int p = 0; p < n_partials; ++p) s += partial[static_cast<int64_t>(p) * cols + c];
-  out[c] = from_float<T>(s);
+  if (c < cols) {
+    for (int p = threadIdx.y; p < n_partials; p += kColumnSumRows) s += partial[static_cast<int64_t>(p) * cols + c];
+  }
+  sums[threadIdx.y][threadIdx.x] = s;
+  __syncthreads();
+  if (threadIdx.y == 0 && c < cols) {
+    float total = 0.f;
+#pragma unroll 8
+    for (int r = 0; r < kColumnSumRows; ++r) total += sums[r][threadIdx.x];
+    out[c] = from_float<T>(total);
+  }
 }
 
 void check_cuda(cudaError_t err, const char* what) {
@@ -154,7 +286,19 @@ void launch_forward(std::uintptr_t x, std::uintptr_t w, std::uintptr_t y, std::u
     kernel<<<grid, block, 0, stream>>>(reinterpret_cast<const T*>(x), reinterpret_cast<const T*>(w),
                                        reinterpret_cast<T*>(y), reinterpret_cast<float*>(rstd), rows, cols, eps);
   };
-  if (cols % kVec == 0 && aligned(x) && aligned(w) && aligned(y)) {
+  const bool vec_ok = cols % kVec == 0 && aligned(x) && aligned(w) && aligned(y);
+  const int per_lane = (cols / kVec + kWarpSize - 1) / kWarpSize;  // vectors per lane
+  if (vec_ok && per_lane <= 1) {
+    args(rmsnorm_forward_reg_kernel<T, kVec, 1>);
+  } else if (vec_ok && per_lane <= 2) {
+    args(rmsnorm_forward_reg_kernel<T, kVec, 2>);
+  } else if (vec_ok && per_lane <= 4) {
+    args(rmsnorm_forward_reg_kernel<T, kVec, 4>);
+  } else if (vec_ok && per_lane <= 8) {
+    args(rmsnorm_forward_reg_kernel<T, kVec, 8>);
+  } else if (vec_ok && per_lane <= kMaxRegisterVecs) {
+    args(rmsnorm_forward_reg_kernel<T, kVec, kMaxRegisterVecs>);
+  } else if (vec_ok) {
     args(rmsnorm_forward_kernel<T, kVec>);
   } else {
     args(rmsnorm_forward_kernel<T, 1>);
@@ -175,13 +319,22 @@ void launch_backward(std::uintptr_t dy, std::uintptr_t x, std::uintptr_t w, std:
         reinterpret_cast<const float*>(rstd), reinterpret_cast<T*>(dx), reinterpret_cast<float*>(dw_partial), rows,
         cols);
   };
-  if (cols % kVec == 0 && aligned(dy) && aligned(x) && aligned(w) && aligned(dx)) {
+  const bool vec_ok = cols % kVec == 0 && aligned(dy) && aligned(x) && aligned(w) && aligned(dx);
+  const int per_lane = (cols / kVec + kWarpSize - 1) / kWarpSize;  // vectors per lane
+  if (vec_ok && per_lane <= 1) {
+    args(rmsnorm_backward_reg_kernel<T, kVec, 1>);
+  } else if (vec_ok && per_lane <= 2) {
+    args(rmsnorm_backward_reg_kernel<T, kVec, 2>);
+  } else if (vec_ok && per_lane <= 4) {
+    args(rmsnorm_backward_reg_kernel<T, kVec, 4>);
+  } else if (vec_ok) {  // wider rows: 8 vectors per lane of x, dy, w and dweight spill (ptxas, sm_90, bf16)
     args(rmsnorm_backward_kernel<T, kVec>);
   } else {
     args(rmsnorm_backward_kernel<T, 1>);
   }
   check_cuda(cudaGetLastError(), "rmsnorm backward launch");
-  column_sum_kernel<T><<<(cols + kColumnSumThreads - 1) / kColumnSumThreads, kColumnSumThreads, 0, stream>>>(
+  column_sum_kernel<T><<<(cols + kColumnSumCols - 1) / kColumnSumCols, dim3(kColumnSumCols, kColumnSumRows), 0,
+                         stream>>>(
       reinterpret_cast<const float*>(dw_partial), reinterpret_cast<T*>(dw), n_blocks, cols);
   check_cuda(cudaGetLastError(), "rmsnorm dweight column-sum launch");
 }

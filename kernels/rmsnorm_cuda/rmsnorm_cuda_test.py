@@ -51,7 +51,11 @@ def test_fallback_without_the_extension_or_gpu(device):
 
 @pytest.mark.skipif(not HAS_GPU_EXTENSION, reason="needs a CUDA GPU and the built extension (rmsnorm_cuda/build.sh)")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
-@pytest.mark.parametrize("shape", [(4096, 1024), (333, 384), (7, 20), (2, 3, 4104)], ids=str)
+# Each path of the .cu: rows in registers (1, 2, 4 vectors per lane in the backward; up to 16 in the forward), the
+# generic loops (wider rows, a width that is no multiple of a 16-byte vector), many rows per warp in the backward.
+@pytest.mark.parametrize(
+    "shape", [(16384, 384), (4096, 1024), (333, 384), (5, 1000), (64, 4096), (7, 20), (2, 3, 4104), (9, 128)], ids=str
+)
 def test_cuda_matches_triton_and_reference(shape, dtype, assert_close):
     gen = torch.Generator(device="cuda").manual_seed(1)
     x = torch.randn(*shape, generator=gen, device="cuda").to(dtype).requires_grad_()
