@@ -13,6 +13,7 @@ import torch
 from kernels import fused_add_norm
 from model import layers
 from model.presets import get_preset
+from model.kv_cache import KVCache
 from model.transformer import GPT
 
 FLAVOURS = {
@@ -145,3 +146,26 @@ def test_fused_model_matches_unfused_on_gpu_bf16_autocast(flavour, monkeypatch):
     for name, want in ref_grads.items():
         rel = (grads[name] - want).norm() / torch.maximum(want.norm(), floor)
         assert rel < 3e-2, f"grad of {name} differs by {rel:.2e} relative"
+
+
+@pytest.mark.parametrize("flavour", sorted(FLAVOURS))
+def test_cached_forward_fused_matches_unfused(flavour, monkeypatch):
+    """forward_cached (prefill, then a decode step) takes the fused add + norm form too (the serving engine's graphs)."""
+    device = "cuda" if GPU else "cpu"
+    model = trained_like(flavour, n_layer=2, n_embd=40, device=device).eval()
+    idx, _ = batch(device, rows=3)
+    slots, zero = torch.tensor([2, 0, 1], device=device), torch.zeros(3, dtype=torch.long, device=device)
+    outs = []
+    for fused in (False, True):
+        if fused:
+            kernels_but_attention(monkeypatch, "triton" if not GPU else "auto")
+            calls, real = [], fused_add_norm._forward  # no autograd here: the kernels are launched directly
+            monkeypatch.setattr(fused_add_norm, "_forward", lambda *a: calls.append(a[1] is not None) or real(*a))
+        cache = KVCache(3, model.config, device=device)
+        with torch.no_grad(), layers.use_kernels(fused):
+            prefill = model.forward_cached(idx[:, :-1], cache, slots, zero, last_only=True)
+            step = model.forward_cached(idx[:, -1:], cache, slots, zero + T - 1)
+        outs.append((prefill, step))
+    assert calls == ([False] + [True] * 4) * 2, calls
+    for got, want in zip(outs[1], outs[0]):
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)

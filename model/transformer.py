@@ -231,13 +231,7 @@ class GPT(nn.Module):
         rope = self._rope(positions, x.dtype)
         recompute = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         if kernels_apply(x) and not recompute:
-            # Fused: every residual add runs in one kernel with the norm that reads its sum (block i's MLP output
-            # is added and normed by block i+1's norm_1, the last by norm_f). Checkpointing keeps the plain form:
-            # there a block's boundary must be its plain output.
-            h = self.blocks[0].norm_1(x) if len(self.blocks) else self.norm_f(x)  # (B, T, C)
-            next_norms = [block.norm_1 for block in self.blocks[1:]] + [self.norm_f]
-            for block, next_norm in zip(self.blocks, next_norms):
-                x, h = block(x, rope, normed=h, next_norm=next_norm)
+            h = self._fused_blocks(x, rope)
         else:
             for block in self.blocks:
                 # Non-reentrant checkpointing restores the RNG state for the recomputation: the same dropout masks.
@@ -300,13 +294,28 @@ class GPT(nn.Module):
 
         x = self._embed(idx, pos)  # (B, T, C)
         rope = self._rope(pos, x.dtype)
-        for layer, block in enumerate(self.blocks):
-            x = block(x, rope, layer, step)
+        if kernels_apply(x):
+            h = self._fused_blocks(x, rope, step)  # (B, T, C), after norm_f
+        else:
+            for layer, block in enumerate(self.blocks):
+                x = block(x, rope, layer, step)
+            h = None
         if last_only:
             last = (lengths - 1) if lengths is not None else torch.full_like(positions, T - 1)
-            x = x[torch.arange(B, device=idx.device), last][:, None]  # (B, 1, C)
-            return self.lm_head(self.norm_f(x))[:, 0]  # (B, V)
-        return self.lm_head(self.norm_f(x))  # (B, T, V)
+            rows = torch.arange(B, device=idx.device)
+            h = self.norm_f(x[rows, last]) if h is None else h[rows, last]  # (B, C)
+            return self.lm_head(h)  # (B, V)
+        return self.lm_head(self.norm_f(x) if h is None else h)  # (B, T, V)
+
+    def _fused_blocks(self, x: torch.Tensor, rope: Rope, step: _CacheStep | None = None) -> torch.Tensor:
+        """The blocks with every residual add run in one kernel with the norm that reads its sum (block i's MLP
+        output is added and normed by block i+1's norm_1, the last by norm_f). Returns norm_f(output) (B, T, C).
+        Checkpointing keeps the plain form: there a block's boundary must be its plain output."""
+        h = self.blocks[0].norm_1(x) if len(self.blocks) else self.norm_f(x)  # (B, T, C)
+        next_norms = [block.norm_1 for block in self.blocks[1:]] + [self.norm_f]
+        for layer, (block, next_norm) in enumerate(zip(self.blocks, next_norms)):
+            x, h = block(x, rope, layer, step, normed=h, next_norm=next_norm)
+        return h
 
 
 def _capturing(t: torch.Tensor) -> bool:
