@@ -31,7 +31,7 @@ from inference_svc.sequence import Sequence, SequenceStatus
 from inference_svc.speculative import SpeculativeDecoder
 from model.field_checks import check_int
 from model.sampling import random_seed
-from model.tokenizers import Tokenizer
+from model.tokenizers import IncrementalDecoder, Tokenizer
 
 __all__ = ["Chunk", "Engine", "EngineStats", "FinishReason", "QueueFull", "RequestHandle", "Timings", "Usage"]
 
@@ -183,6 +183,7 @@ class Engine:
         self._resident = can if resident is None else resident
         if self._resident:
             runner.state.allow(tokenizer.vocab_size)
+        IncrementalDecoder(tokenizer)  # builds the tokenizer's per-id text table now, not on a request's time
         self._in_flight: deque[_Launched] = deque()  # steps launched whose tokens are not streamed yet
         self._outputs = _OutputRing(runner.device, 2 * max_slots) if self._resident else None
         self._thread = threading.Thread(target=self._loop, name="tinylm-engine", daemon=True)
@@ -334,11 +335,7 @@ class Engine:
         for seq in out.aborted:
             self._finish(seq, FinishReason.CANCELLED)
         max_len, chunk = self.runner.max_len, self.prefill_chunk
-        decode = [
-            s
-            for s in out.decode
-            if 0 < s.launched < s.request.params.max_new_tokens and s.prompt_len + s.launched <= max_len
-        ]
+        decode = [s for s in out.decode if 0 < s.launched < s.max_new_tokens and s.prompt_len + s.launched <= max_len]
         # Prompts still being prefilled (admitted now, or earlier with a prompt longer than a chunk): a long prompt
         # goes in `prefill_chunk` tokens per step, so the running streams keep decoding meanwhile.
         prefill = [s for s in out.decode if s.launched == 0] + out.prefill
@@ -444,7 +441,7 @@ class Engine:
         text = detok.add((token,))
         if detok.stopped:
             self._finish(seq, FinishReason.STOP, token_ids=(token,), text=text)
-        elif len(out) >= seq.request.params.max_new_tokens or length > self.runner.max_len:
+        elif len(out) >= seq.max_new_tokens or length > self.runner.max_len:
             # Context full: the next token would need a cache position at max_len.
             self._finish(seq, FinishReason.LENGTH, token_ids=(token,), text=text + detok.flush())
         else:

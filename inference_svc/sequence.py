@@ -49,10 +49,12 @@ class Sequence:
     prompt_len: int = field(init=False)  # read every step: a plain attribute, not a property
 
     greedy_plain: bool = field(init=False)  # temperature 0 and no repetition penalty: an argmax step serves it
+    max_new_tokens: int = field(init=False)  # the request's (read every step)
 
     def __post_init__(self) -> None:
         self.prompt_len = len(self.request.prompt_ids)
         params = self.request.params
+        self.max_new_tokens = params.max_new_tokens
         self.greedy_plain = params.temperature == 0.0 and params.repetition_penalty == 1.0
 
     @property

@@ -211,12 +211,36 @@ class IncrementalDecoder:
     def __init__(self, tokenizer: Tokenizer) -> None:
         self.tokenizer = tokenizer
         self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._texts = _piece_texts(tokenizer)
+        self._clean = True  # no partial character held back
 
     def push(self, ids: Sequence[int]) -> str:
-        return self._utf8.decode(self.tokenizer.decode_bytes(ids))
+        if self._clean and len(ids) == 1:  # the serving engine's case: one token, whole characters
+            i = ids[0]
+            text = self._texts[i] if 0 <= i < len(self._texts) else None
+            if text is not None:
+                return text
+        text = self._utf8.decode(self.tokenizer.decode_bytes(ids))
+        self._clean = not self._utf8.getstate()[0]
+        return text
 
     def flush(self) -> str:
         return self._utf8.decode(b"", final=True)
+
+
+def _piece_texts(tokenizer: Tokenizer) -> list[str | None]:
+    """Each id's text when its bytes are whole UTF-8 characters on their own (None where a token ends or starts
+    mid-character), built once per tokenizer: a token then decodes with one list lookup."""
+    texts = getattr(tokenizer, "_piece_texts", None)
+    if texts is None:
+        texts = []
+        for i in range(tokenizer.vocab_size):
+            try:
+                texts.append(tokenizer.decode_bytes([i]).decode("utf-8"))
+            except (UnicodeDecodeError, ValueError):
+                texts.append(None)
+        tokenizer._piece_texts = texts
+    return texts
 
 
 def tokenizer_from_json(s: str) -> CharTokenizer | ByteTokenizer | BPETokenizer:
