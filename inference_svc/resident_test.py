@@ -155,3 +155,30 @@ def test_chunked_prefill_gives_the_tokens_of_a_whole_one_and_lets_others_decode(
         assert got == generate_tokens(tiny.model, tiny.tokenizer.encode(prompt), params)
     streamed = [t for c in head + rest for t in c.token_ids]
     assert streamed == generate_tokens(tiny.model, tiny.tokenizer.encode("to"), cases[0][1])
+
+
+def test_fused_qkv_projection_equals_the_three(tiny):
+    model = tiny.model
+    runner = TorchRunner(model, n_slots=2)  # fuses
+    idx = torch.tensor([[3, 9, 4, 1], [5, 2, 7, 7]])
+    slots, zero = torch.tensor([0, 1]), torch.zeros(2, dtype=torch.long)
+    with torch.no_grad():
+        fused = model.forward_cached(idx, runner.cache, slots, zero)
+        for block in model.blocks:
+            block.attn.qkv = None
+        plain = model.forward_cached(idx, runner.cache, slots, zero)
+        model.fuse_qkv()
+    torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-5)
+    assert all(block.attn.qkv is not None for block in model.blocks)
+
+
+def test_a_stale_fused_qkv_is_never_used(tiny):
+    model = tiny.model
+    TorchRunner(model, n_slots=2)  # fuses
+    attn = model.blocks[0].attn
+    assert attn._fused_qkv() is not None
+    with torch.no_grad():
+        attn.k_proj.weight.add_(0.0)  # any in-place change of a source weight
+    assert attn._fused_qkv() is None
+    model.fuse_qkv()
+    assert attn._fused_qkv() is not None

@@ -186,6 +186,7 @@ class TorchRunner:
         if dtype is None:
             dtype = torch.bfloat16 if device.type == "cuda" else next(model.parameters()).dtype
         self.model = model.to(device=device, dtype=dtype).eval()
+        self.model.fuse_qkv()  # one q/k/v matmul per layer in the cached steps
         self.config = model.config
         self.device, self.dtype = device, dtype
         self.n_slots = n_slots

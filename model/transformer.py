@@ -71,11 +71,46 @@ class Attention(nn.Module):
         self.dropout = config.dropout
         self.resid_dropout = nn.Dropout(config.dropout)
 
+    def fuse_qkv(self) -> bool:
+        """Keep q/k/v's weights (and biases) concatenated, so the cached path projects with one matmul instead of
+        three (a serving engine's decode step). A copy, not part of the state dict: call it again after the weights
+        change. False (nothing kept) when a projection is not a plain Linear (e.g. LoRA-wrapped)."""
+        projs = (self.q_proj, self.k_proj, self.v_proj)
+        if not all(type(p) is nn.Linear for p in projs):
+            self.qkv = None
+            return False
+        with torch.no_grad():
+            weight = torch.cat([p.weight for p in projs])
+            bias = torch.cat([p.bias for p in projs]) if self.q_proj.bias is not None else None
+        self.qkv = (weight, bias)
+        self._qkv_of = self._qkv_sources()
+        return True
+
+    def _qkv_sources(self) -> tuple:
+        """What the concatenated copy was made from: each projection parameter and its version counter (bumped
+        by every in-place change), so a copy made stale by training, a LoRA merge or a move is never used."""
+        return tuple((p, p._version) for proj in (self.q_proj, self.k_proj, self.v_proj) for p in proj.parameters())
+
+    def _fused_qkv(self) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        qkv = getattr(self, "qkv", None)
+        if qkv is None:
+            return None
+        now = self._qkv_sources()
+        fresh = len(now) == len(self._qkv_of) and all(a is b and u == w for (a, u), (b, w) in zip(now, self._qkv_of))
+        return qkv if fresh else None
+
     def forward(self, x: torch.Tensor, rope: Rope, layer: int = 0, step: _CacheStep | None = None) -> torch.Tensor:
         B, T, C = x.shape
-        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, D)
-        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
-        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
+        qkv = self._fused_qkv() if step is not None else None
+        if qkv is not None:  # one matmul (fuse_qkv), split into views
+            q, k, v = F.linear(x, *qkv).split([C, self.n_kv_head * self.head_dim, self.n_kv_head * self.head_dim], -1)
+            q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+            k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
+            v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
+        else:
+            q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+            k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
+            v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         dropout_p = self.dropout if self.training else 0.0
@@ -306,6 +341,12 @@ class GPT(nn.Module):
             h = self.norm_f(x[rows, last]) if h is None else h[rows, last]  # (B, C)
             return self.lm_head(h)  # (B, V)
         return self.lm_head(self.norm_f(x) if h is None else h)  # (B, T, V)
+
+    def fuse_qkv(self) -> None:
+        """Each attention's q/k/v weights kept concatenated for `forward_cached` (one projection matmul per layer
+        instead of three: `Attention.fuse_qkv`). For serving: call it after the model's last move or change."""
+        for block in self.blocks:
+            block.attn.fuse_qkv()
 
     def _fused_blocks(self, x: torch.Tensor, rope: Rope, step: _CacheStep | None = None) -> torch.Tensor:
         """The blocks with every residual add run in one kernel with the norm that reads its sum (block i's MLP
