@@ -68,38 +68,36 @@ FWD_CONFIGS = _configs(
     [
         (64, 32, 4, 4),
         (64, 64, 3, 4),
-        (64, 64, 4, 4),
         (128, 32, 4, 4),
         (128, 64, 3, 4),
         (128, 64, 3, 8),
         (128, 64, 4, 8),
-        (128, 128, 2, 8),
         (128, 128, 3, 8),
     ],
 )
 # Backward: a dK/dV program owns BLOCK_BIG keys and loops over queries BLOCK_SMALL at a time; a dQ program owns
-# BLOCK_BIG queries and loops over keys BLOCK_SMALL at a time (the tutorial's 128/32 at 4 warps is the anchor).
+# BLOCK_BIG queries and loops over keys BLOCK_SMALL at a time. Built for sm_90 at D = 64 (divisibility hints as a
+# real launch has them): 128/32 spills ~300 bytes at 4 warps (the tutorial's choice, kept for the tuner to judge)
+# and none at 8; 64/32 and 32/32 spill none; 64/64 and 128/64 spill ~100 bytes.
 BWD_CONFIGS = _configs(
     ("BLOCK_BIG", "BLOCK_SMALL"),
     [
-        (128, 32, 2, 4),
-        (128, 32, 3, 4),
-        (128, 32, 4, 4),
+        (128, 32, 2, 8),
         (128, 32, 3, 8),
+        (128, 32, 4, 8),
+        (128, 32, 3, 4),
         (128, 64, 2, 8),
-        (128, 64, 3, 8),
         (64, 32, 3, 4),
-        (64, 32, 4, 4),
-        (64, 64, 2, 4),
+        (64, 32, 3, 8),
+        (64, 32, 4, 8),
         (64, 64, 3, 8),
         (32, 32, 3, 4),
-        (32, 32, 2, 4),
     ],
 )
 # T enters the key rounded up to a power of two, so varying prompt lengths do not each trigger a tuning run.
 AUTOTUNE_KEY = ["T_BUCKET", "HEAD_DIM", "CAUSAL", "DROPOUT"]
 AUTOTUNE_WARMUP_MS, AUTOTUNE_REP_MS = 5, 25
-BIG_TILE = 128 * 64  # at D = 128, tiles past this (BLOCK_BIG x BLOCK_SMALL) spill registers in the backward
+BWD_MAX_BLOCK_D128 = 64  # at D = 128, a backward program's dK + dV (or dQ) accumulators past 64 rows spill
 
 
 def _autotune_bench(kernel_call, quantiles):
@@ -107,26 +105,24 @@ def _autotune_bench(kernel_call, quantiles):
     return triton.testing.do_bench(kernel_call, warmup=AUTOTUNE_WARMUP_MS, rep=AUTOTUNE_REP_MS, quantiles=quantiles)
 
 
-def _prune(block: str):
-    """Drops configs whose `block` (the per-program block) exceeds the padded T, and the largest tiles at D = 128;
-    always keeps at least the smallest config."""
+def _prune(block: str, max_block_d128: int | None = None):
+    """An early_config_prune: drops configs whose `block` (the per-program block) exceeds the padded T, and at
+    D > 64 those whose `block` exceeds `max_block_d128`; always keeps at least the smallest config."""
 
     def prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
-        t_bucket, head_dim = kwargs.get("T_BUCKET", named_args.get("T_BUCKET")), kwargs["HEAD_DIM"]
+        args = {**named_args, **kwargs}
+        t_bucket, head_dim = args["T_BUCKET"], args["HEAD_DIM"]
         small = [c for c in configs if c.kwargs[block] <= max(t_bucket, 32)]
-        if head_dim > 64:
-            small = [c for c in small if math.prod(c.kwargs.values()) <= BIG_TILE]
+        if head_dim > 64 and max_block_d128 is not None:
+            small = [c for c in small if c.kwargs[block] <= max_block_d128]
         return small or [min(configs, key=lambda c: math.prod(c.kwargs.values()))]
 
     return prune
 
 
-def _autotune(configs: list[triton.Config], block: str):
+def _autotune(configs: list[triton.Config], prune):
     return triton.autotune(
-        configs=configs,
-        key=AUTOTUNE_KEY,
-        do_bench=_autotune_bench,
-        prune_configs_by={"early_config_prune": _prune(block)},
+        configs=configs, key=AUTOTUNE_KEY, do_bench=_autotune_bench, prune_configs_by={"early_config_prune": prune}
     )
 
 
@@ -338,7 +334,7 @@ def _attn_fwd(
     _store(o_ptrs, acc.to(O.dtype.element_ty), offs_m[:, None] < T, EVEN_T)
 
 
-_attn_fwd_tuned = _autotune(FWD_CONFIGS, "BLOCK_M")(_attn_fwd)
+_attn_fwd_tuned = _autotune(FWD_CONFIGS, _prune("BLOCK_M"))(_attn_fwd)
 
 
 @triton.jit
@@ -771,7 +767,7 @@ def _attn_bwd(
         )  # fmt: skip
 
 
-_attn_bwd_tuned = _autotune(BWD_CONFIGS, "BLOCK_BIG")(_attn_bwd)
+_attn_bwd_tuned = _autotune(BWD_CONFIGS, _prune("BLOCK_BIG", BWD_MAX_BLOCK_D128))(_attn_bwd)
 
 
 # ----------------------------------------------------------------------------------------------------------------
