@@ -52,7 +52,8 @@ INTERPRET_BWD_BLOCKS = dict(BLOCK_BIG=32, BLOCK_SMALL=16)
 # constexpr from the host (no @triton.heuristics wrapper: one less Python layer in a launch that small shapes feel).
 EVEN_T_MULTIPLE = 128
 INTERPRET_EVEN_T_MULTIPLE = 32
-MASK_BLOCK = (64, 64)  # blocks of the debug keep-mask kernel
+MASK_BLOCKS = (64, 64)  # blocks of the debug keep-mask kernel on a GPU
+INTERPRET_MASK_BLOCKS = (32, 32)  # and on CPU: a third tiling, beside the forward's and the backward's
 
 
 def _configs(names: tuple[str, str], entries: list[tuple[int, int, int, int]]) -> list[triton.Config]:
@@ -925,7 +926,7 @@ def dropout_keep_mask(seed: int, B: int, H: int, T: int, dropout_p: float, devic
     _check_dropout(dropout_p, T)
     keep = torch.empty((B, H, T, T), dtype=torch.int8, device=device)
     seed, threshold, _ = _dropout_args(dropout_p, seed)
-    block_m, block_n = MASK_BLOCK if keep.is_cuda else (16, 16)
+    block_m, block_n = MASK_BLOCKS if keep.is_cuda else INTERPRET_MASK_BLOCKS
     _dropout_mask_kernel[(triton.cdiv(T, block_m), B * H)](keep, seed, threshold, T, BLOCK_M=block_m, BLOCK_N=block_n)
     return keep.bool()
 
