@@ -1,12 +1,16 @@
 """Benchmark cases for flash attention: ours beside PyTorch SDPA (FlashAttention-2 / cuDNN / efficient backends).
 
-Training shapes run forward + backward, long-context shapes forward only; causal, bf16, as the GPT trains.
+Training shapes run forward + backward, without dropout and with the shakespeare-char preset's dropout 0.2 (which
+the model's training path now sends to our kernel); long-context shapes forward only; causal, bf16, as the GPT
+trains. `sdpa` is SDPA's own backend choice; `sdpa flash` pins its FlashAttention-2 backend. With dropout, SDPA runs
+the backends the model allows it with dropout (model.layers.DROPOUT_SDPA_BACKENDS: FlashAttention-2 first).
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from kernels.bench_common import BenchCase, forward_call
 from kernels.flash_attention import flash_attention
@@ -16,12 +20,55 @@ __all__ = ["bench_cases"]
 TRAIN_SHAPES = [(64, 6, 256, 64), (16, 12, 1024, 64)]  # (B, H, T, D): forward + backward
 FORWARD_SHAPES = [(4, 16, 4096, 64), (1, 16, 16384, 64)]  # forward only
 DTYPE = torch.bfloat16
+TRAIN_DROPOUT = 0.2  # the shakespeare-char preset's
 BACKWARD_FLOP_RATIO = 2.5  # the backward does 2.5x the forward's matmul work (5 matmuls to 2)
+# the SDPA backends model.layers allows with dropout (cuDNN's trains wrongly with dropout there)
+DROPOUT_SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
-IMPLS = {
-    "triton": (True, lambda q, k, v: flash_attention(q, k, v, causal=True)),
-    "sdpa": (False, lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True)),
-}
+
+def _sdpa(backends: list[SDPBackend] | None, dropout_p: float):
+    def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        if backends is None:
+            return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+        with sdpa_kernel(backends):
+            return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+
+    return run
+
+
+def _ours(dropout_p: float):
+    return lambda q, k, v: flash_attention(q, k, v, causal=True, dropout_p=dropout_p)
+
+
+# (kernel name, shapes, backward, {impl: (ours, fn)}); the kernel names of the rows without dropout are the
+# ones earlier reports used, so their figures stay comparable
+GROUPS = [
+    (
+        "flash_attention fwd+bwd",
+        TRAIN_SHAPES,
+        True,
+        {
+            "triton": (True, _ours(0.0)),
+            "sdpa": (False, _sdpa(None, 0.0)),
+            "sdpa flash": (False, _sdpa([SDPBackend.FLASH_ATTENTION], 0.0)),
+        },
+    ),
+    (
+        f"flash_attention fwd+bwd dropout {TRAIN_DROPOUT}",
+        TRAIN_SHAPES,
+        True,
+        {
+            "triton": (True, _ours(TRAIN_DROPOUT)),
+            "sdpa": (False, _sdpa(DROPOUT_SDPA_BACKENDS, TRAIN_DROPOUT)),
+        },
+    ),
+    (
+        "flash_attention fwd",
+        FORWARD_SHAPES,
+        False,
+        {"triton": (True, _ours(0.0)), "sdpa": (False, _sdpa(None, 0.0))},
+    ),
+]
 
 
 def attention_flops(B: int, H: int, T: int, D: int, causal: bool, backward: bool) -> float:
@@ -40,12 +87,9 @@ def _setup(fn, B: int, H: int, T: int, D: int, backward: bool):
 
 def bench_cases() -> list[BenchCase]:
     cases = []
-    for shapes, backward, kernel in [
-        (TRAIN_SHAPES, True, "flash_attention fwd+bwd"),
-        (FORWARD_SHAPES, False, "flash_attention fwd"),
-    ]:
+    for kernel, shapes, backward, impls in GROUPS:
         for B, H, T, D in shapes:
-            for impl, (ours, fn) in IMPLS.items():
+            for impl, (ours, fn) in impls.items():
                 cases.append(
                     BenchCase(
                         kernel=kernel,
