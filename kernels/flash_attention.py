@@ -1002,6 +1002,8 @@ def flash_attention(
     _check(q, k, v)
     _check_dropout(dropout_p, q.shape[2])
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    if not scale > 0.0:  # the kernels take the row maximum of the scaled scores as max(scores) * scale
+        raise ValueError(f"scale must be > 0; got {scale}")
     supported = q.shape[-1] in SUPPORTED_HEAD_DIMS and q.dtype in SUPPORTED_DTYPES
     if use_triton(impl, q, k, v, supported=supported):
         if dropout_p > 0.0 and seed is None:

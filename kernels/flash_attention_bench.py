@@ -1,5 +1,8 @@
 """Benchmark cases for flash attention: ours beside PyTorch SDPA (FlashAttention-2 / cuDNN / efficient backends).
 
+`python -m kernels.flash_attention_bench` (GPU) prints where the time of one training-shape call goes: host time to
+enqueue it, device time of its kernels (torch.profiler) and the kernels launched, ours beside SDPA's.
+
 Training shapes run forward + backward, without dropout and with the shakespeare-char preset's dropout 0.2 (which
 the model's training path now sends to our kernel); long-context shapes forward only; causal, bf16, as the GPT
 trains. `sdpa` is SDPA's own backend choice; `sdpa flash` pins its FlashAttention-2 backend. With dropout, SDPA runs
@@ -8,6 +11,8 @@ the backends the model allows it with dropout (model.layers.DROPOUT_SDPA_BACKEND
 
 from __future__ import annotations
 
+import time
+
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -15,7 +20,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from kernels.bench_common import BenchCase, forward_call
 from kernels.flash_attention import flash_attention
 
-__all__ = ["bench_cases"]
+__all__ = ["bench_cases", "profile_training_shapes"]
 
 TRAIN_SHAPES = [(64, 6, 256, 64), (16, 12, 1024, 64)]  # (B, H, T, D): forward + backward
 FORWARD_SHAPES = [(4, 16, 4096, 64), (1, 16, 16384, 64)]  # forward only
@@ -101,3 +106,45 @@ def bench_cases() -> list[BenchCase]:
                     )
                 )
     return cases
+
+
+PROFILE_CALLS = 20
+
+
+def _profile_one(call) -> tuple[float, float, list[str]]:
+    """(host µs to enqueue one call, device µs of its kernels, kernel names) of `call`, after warm-up."""
+    for _ in range(3):
+        call()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(PROFILE_CALLS):
+        call()
+    host_us = (time.perf_counter() - start) / PROFILE_CALLS * 1e6
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(PROFILE_CALLS):
+            call()
+        torch.cuda.synchronize()
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    device_us = sum(e.device_time for e in kernels) / PROFILE_CALLS
+    names = sorted({e.name[:60] for e in kernels})
+    return host_us, device_us, names
+
+
+def profile_training_shapes() -> None:
+    """Prints, per training shape and impl (with and without dropout): host enqueue µs, device µs, kernels."""
+    print(f"{'case':<58} {'host us':>8} {'device us':>10}  kernels")
+    for kernel, shapes, backward, impls in GROUPS:
+        if not backward:
+            continue
+        for B, H, T, D in shapes:
+            for impl, (_, fn) in impls.items():
+                host_us, device_us, names = _profile_one(_setup(fn, B, H, T, D, backward)())
+                case = f"{kernel} B{B} H{H} T{T} {impl}"
+                print(f"{case:<58} {host_us:>8.1f} {device_us:>10.1f}  {', '.join(names)}")
+
+
+if __name__ == "__main__":
+    if not torch.cuda.is_available():
+        raise SystemExit("kernels.flash_attention_bench profiles on a CUDA GPU; this machine has none")
+    profile_training_shapes()

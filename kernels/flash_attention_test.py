@@ -106,6 +106,8 @@ def test_bad_inputs_are_refused():
         flash_attention(q, k, v, impl="cuda")
     with pytest.raises(ValueError, match="T=8"):
         flash_attention(q, k[:, :, :4], v[:, :, :4])
+    with pytest.raises(ValueError, match="scale must be > 0"):
+        flash_attention(q, k, v, scale=-1.0)
 
 
 @pytest.mark.skipif(not GPU, reason="needs a CUDA GPU: the trainer's and the bench's shapes in bf16")
