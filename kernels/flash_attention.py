@@ -66,15 +66,8 @@ def _configs(names: tuple[str, str], entries: list[tuple[int, int, int, int]]) -
 # combinations that fit the registers at D 64-128.
 FWD_CONFIGS = _configs(
     ("BLOCK_M", "BLOCK_N"),
-    [
-        (64, 32, 4, 4),
-        (64, 64, 3, 4),
-        (128, 32, 4, 4),
-        (128, 64, 3, 4),
-        (128, 64, 3, 8),
-        (128, 64, 4, 8),
-        (128, 128, 3, 8),
-    ],
+    [(64, 32, 4, 4), (64, 64, 3, 4), (128, 32, 4, 4), (128, 64, 3, 4), (128, 64, 3, 8), (128, 64, 4, 8)]
+    + [(128, 128, 3, 8)],
 )
 # Backward: a dK/dV program owns BLOCK_BIG keys and loops over queries BLOCK_SMALL at a time; a dQ program owns
 # BLOCK_BIG queries and loops over keys BLOCK_SMALL at a time. Built for sm_90 at D = 64 (divisibility hints as a
@@ -82,18 +75,8 @@ FWD_CONFIGS = _configs(
 # and none at 8; 64/32 and 32/32 spill none; 64/64 and 128/64 spill ~100 bytes.
 BWD_CONFIGS = _configs(
     ("BLOCK_BIG", "BLOCK_SMALL"),
-    [
-        (128, 32, 2, 8),
-        (128, 32, 3, 8),
-        (128, 32, 4, 8),
-        (128, 32, 3, 4),
-        (128, 64, 2, 8),
-        (64, 32, 3, 4),
-        (64, 32, 3, 8),
-        (64, 32, 4, 8),
-        (64, 64, 3, 8),
-        (32, 32, 3, 4),
-    ],
+    [(128, 32, 2, 8), (128, 32, 3, 8), (128, 32, 4, 8), (128, 32, 3, 4), (128, 64, 2, 8)]
+    + [(64, 32, 3, 4), (64, 32, 3, 8), (64, 32, 4, 8), (64, 64, 3, 8), (32, 32, 3, 4)],
 )
 # T enters the key rounded up to a power of two, so varying prompt lengths do not each trigger a tuning run.
 AUTOTUNE_KEY = ["T_BUCKET", "HEAD_DIM", "CAUSAL", "DROPOUT"]
@@ -173,29 +156,10 @@ def _keep(seed, bh, threshold, offs_m, start_n, T, BLOCK_M: tl.constexpr, BLOCK_
 
 @triton.jit
 def _fwd_inner(
-    acc,
-    l_i,
-    m_i,
-    q,
-    k_base,
-    v_base,
-    stride_kt,
-    stride_vt,
-    qk_scale,
-    offs_m,
-    offs_d,
-    lo,
-    hi,
-    T,
-    seed,
-    bh,
-    threshold,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    CAUSAL_MASK: tl.constexpr,
-    EVEN_T: tl.constexpr,
+    acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, qk_scale, offs_m, offs_d, lo, hi, T, seed, bh,
+    threshold, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL_MASK: tl.constexpr, EVEN_T: tl.constexpr,
     DROPOUT: tl.constexpr,
-):
+):  # fmt: skip
     """Online softmax of one query block over the key blocks [lo, hi). l_i sums the probabilities before dropout
     (the softmax normaliser); acc sums only the kept ones times V (the 1 / (1 - p) comes at the end)."""
     for start_n in range(lo, hi, BLOCK_N):
@@ -223,38 +187,11 @@ def _fwd_inner(
 
 @triton.jit
 def _attn_fwd(
-    Q,
-    K,
-    V,
-    O,
-    LSE,
-    qk_scale,
-    seed,
-    threshold,
-    keep_scale,
-    stride_qb,
-    stride_qh,
-    stride_qt,
-    stride_kb,
-    stride_kh,
-    stride_kt,
-    stride_vb,
-    stride_vh,
-    stride_vt,
-    stride_ob,
-    stride_oh,
-    stride_ot,
-    H,
-    GROUP,
-    T,
-    T_BUCKET,
-    HEAD_DIM: tl.constexpr,
-    CAUSAL: tl.constexpr,
-    DROPOUT: tl.constexpr,
-    EVEN_T: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-):
+    Q, K, V, O, LSE, qk_scale, seed, threshold, keep_scale, stride_qb, stride_qh, stride_qt, stride_kb, stride_kh,
+    stride_kt, stride_vb, stride_vh, stride_vt, stride_ob, stride_oh, stride_ot, H, GROUP, T, T_BUCKET, HEAD_DIM:
+    tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, EVEN_T: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N:
+    tl.constexpr,
+):  # fmt: skip
     """One program: BLOCK_M queries of one (batch, head). Writes O and the base-2 log-sum-exp of the scores.
 
     Causal: the last query blocks do the most work, so they are handed out first (a shorter tail of lone programs).
@@ -279,54 +216,14 @@ def _attn_fwd(
     else:
         hi_unmasked = T
     acc, l_i, m_i = _fwd_inner(
-        acc,
-        l_i,
-        m_i,
-        q,
-        k_base,
-        v_base,
-        stride_kt,
-        stride_vt,
-        qk_scale,
-        offs_m,
-        offs_d,
-        0,
-        hi_unmasked,
-        T,
-        seed,
-        off_bh,
-        threshold,
-        BLOCK_M,
-        BLOCK_N,
-        False,
-        EVEN_T,
-        DROPOUT,
-    )
+        acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, qk_scale, offs_m, offs_d, 0, hi_unmasked, T, seed,
+        off_bh, threshold, BLOCK_M, BLOCK_N, False, EVEN_T, DROPOUT,
+    )  # fmt: skip
     if CAUSAL:
         acc, l_i, m_i = _fwd_inner(
-            acc,
-            l_i,
-            m_i,
-            q,
-            k_base,
-            v_base,
-            stride_kt,
-            stride_vt,
-            qk_scale,
-            offs_m,
-            offs_d,
-            hi_unmasked,
-            hi_unmasked + BLOCK_M,
-            T,
-            seed,
-            off_bh,
-            threshold,
-            BLOCK_M,
-            BLOCK_N,
-            True,
-            EVEN_T,
-            DROPOUT,
-        )
+            acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, qk_scale, offs_m, offs_d, hi_unmasked,
+            hi_unmasked + BLOCK_M, T, seed, off_bh, threshold, BLOCK_M, BLOCK_N, True, EVEN_T, DROPOUT,
+        )  # fmt: skip
     acc = acc * (keep_scale / l_i)[:, None]
     lse = m_i + tl.math.log2(l_i)
     o_ptrs = O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :]
@@ -360,34 +257,10 @@ def _dropout_mask_kernel(KEEP, seed, threshold, T, BLOCK_M: tl.constexpr, BLOCK_
 
 @triton.jit
 def _bwd_dkdv_inner(
-    dk,
-    dv,
-    k,
-    v,
-    q_base,
-    o_base,
-    do_base,
-    lse_base,
-    stride_qt,
-    stride_ot,
-    stride_dot,
-    qk_scale,
-    key_start,
-    offs_n,
-    offs_d,
-    lo,
-    hi,
-    T,
-    seed,
-    bh,
-    threshold,
-    keep_scale,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    CAUSAL_MASK: tl.constexpr,
-    EVEN_T: tl.constexpr,
-    DROPOUT: tl.constexpr,
-):
+    dk, dv, k, v, q_base, o_base, do_base, lse_base, stride_qt, stride_ot, stride_dot, qk_scale, key_start, offs_n,
+    offs_d, lo, hi, T, seed, bh, threshold, keep_scale, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL_MASK:
+    tl.constexpr, EVEN_T: tl.constexpr, DROPOUT: tl.constexpr,
+):  # fmt: skip
     """Accumulate dK, dV of one key block (BLOCK_N keys) over the query blocks [lo, hi) of one query head."""
     for start_m in range(lo, hi, BLOCK_M):
         start_m = tl.multiple_of(start_m, BLOCK_M)
@@ -418,41 +291,11 @@ def _bwd_dkdv_inner(
 
 @triton.jit
 def _bwd_dkdv(
-    Q,
-    K,
-    V,
-    O,
-    DO,
-    LSE,
-    DK,
-    DV,
-    sm_scale,
-    qk_scale,
-    seed,
-    threshold,
-    keep_scale,
-    stride_qb,
-    stride_qh,
-    stride_qt,
-    stride_kb,
-    stride_kh,
-    stride_kt,
-    stride_vb,
-    stride_vh,
-    stride_vt,
-    start_n,
-    off_bhk,
-    H,
-    H_KV,
-    GROUP,
-    T,
-    HEAD_DIM: tl.constexpr,
-    CAUSAL: tl.constexpr,
-    DROPOUT: tl.constexpr,
-    EVEN_T: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-):
+    Q, K, V, O, DO, LSE, DK, DV, sm_scale, qk_scale, seed, threshold, keep_scale, stride_qb, stride_qh, stride_qt,
+    stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt, start_n, off_bhk, H, H_KV, GROUP, T, HEAD_DIM:
+    tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, EVEN_T: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N:
+    tl.constexpr,
+):  # fmt: skip
     """dK, dV of BLOCK_N keys of one (batch, KV head), summed over the GROUP query heads that read them.
 
     O, dO (B, H, T, D) and dK, dV (B, H_kv, T, D) are contiguous (the launcher makes sure)."""
@@ -480,63 +323,15 @@ def _bwd_dkdv(
         do_base = DO + bh * T * HEAD_DIM
         if CAUSAL:
             dk, dv = _bwd_dkdv_inner(
-                dk,
-                dv,
-                k,
-                v,
-                q_base,
-                o_base,
-                do_base,
-                LSE + bh * T,
-                stride_qt,
-                HEAD_DIM,
-                HEAD_DIM,
-                qk_scale,
-                start_n * BLOCK_N,
-                offs_n,
-                offs_d,
-                lo,
-                lo_unmasked,
-                T,
-                seed,
-                bh,
-                threshold,
-                keep_scale,
-                BLOCK_M,
-                BLOCK_N,
-                True,
-                EVEN_T,
-                DROPOUT,
-            )
+                dk, dv, k, v, q_base, o_base, do_base, LSE + bh * T, stride_qt, HEAD_DIM, HEAD_DIM, qk_scale,
+                start_n * BLOCK_N, offs_n, offs_d, lo, lo_unmasked, T, seed, bh, threshold, keep_scale, BLOCK_M,
+                BLOCK_N, True, EVEN_T, DROPOUT,
+            )  # fmt: skip
         dk, dv = _bwd_dkdv_inner(
-            dk,
-            dv,
-            k,
-            v,
-            q_base,
-            o_base,
-            do_base,
-            LSE + bh * T,
-            stride_qt,
-            HEAD_DIM,
-            HEAD_DIM,
-            qk_scale,
-            start_n * BLOCK_N,
-            offs_n,
-            offs_d,
-            lo_unmasked,
-            T,
-            T,
-            seed,
-            bh,
-            threshold,
-            keep_scale,
-            BLOCK_M,
-            BLOCK_N,
-            False,
-            EVEN_T,
-            DROPOUT,
-        )
+            dk, dv, k, v, q_base, o_base, do_base, LSE + bh * T, stride_qt, HEAD_DIM, HEAD_DIM, qk_scale, start_n *
+            BLOCK_N, offs_n, offs_d, lo_unmasked, T, T, seed, bh, threshold, keep_scale, BLOCK_M, BLOCK_N, False,
+            EVEN_T, DROPOUT,
+        )  # fmt: skip
     dk *= sm_scale
     offs = (off_bhk.to(tl.int64) * T + offs_n[:, None]) * HEAD_DIM + offs_d[None, :]
     dk_ptrs = DK + offs
@@ -547,31 +342,10 @@ def _bwd_dkdv(
 
 @triton.jit
 def _bwd_dq_inner(
-    dq,
-    q,
-    do,
-    lse,
-    delta,
-    k_base,
-    v_base,
-    stride_kt,
-    stride_vt,
-    qk_scale,
-    offs_m,
-    offs_d,
-    lo,
-    hi,
-    T,
-    seed,
-    bh,
-    threshold,
-    keep_scale,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    CAUSAL_MASK: tl.constexpr,
-    EVEN_T: tl.constexpr,
-    DROPOUT: tl.constexpr,
-):
+    dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, qk_scale, offs_m, offs_d, lo, hi, T, seed, bh,
+    threshold, keep_scale, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL_MASK: tl.constexpr, EVEN_T:
+    tl.constexpr, DROPOUT: tl.constexpr,
+):  # fmt: skip
     """Accumulate dQ of one query block over the key blocks [lo, hi)."""
     for start_n in range(lo, hi, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
@@ -596,39 +370,11 @@ def _bwd_dq_inner(
 
 @triton.jit
 def _bwd_dq(
-    Q,
-    K,
-    V,
-    O,
-    DO,
-    LSE,
-    DQ,
-    sm_scale,
-    qk_scale,
-    seed,
-    threshold,
-    keep_scale,
-    stride_qb,
-    stride_qh,
-    stride_qt,
-    stride_kb,
-    stride_kh,
-    stride_kt,
-    stride_vb,
-    stride_vh,
-    stride_vt,
-    start_m,
-    off_bh,
-    H,
-    GROUP,
-    T,
-    HEAD_DIM: tl.constexpr,
-    CAUSAL: tl.constexpr,
-    DROPOUT: tl.constexpr,
-    EVEN_T: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-):
+    Q, K, V, O, DO, LSE, DQ, sm_scale, qk_scale, seed, threshold, keep_scale, stride_qb, stride_qh, stride_qt,
+    stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt, start_m, off_bh, H, GROUP, T, HEAD_DIM:
+    tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, EVEN_T: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N:
+    tl.constexpr,
+):  # fmt: skip
     """dQ of BLOCK_M queries of one (batch, head). O, dO and dQ (B, H, T, D) are contiguous."""
     b, h, hk = _batch_heads(off_bh, H, GROUP)
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -650,99 +396,25 @@ def _bwd_dq(
     else:
         hi_unmasked = T
     dq = _bwd_dq_inner(
-        dq,
-        q,
-        do,
-        lse,
-        delta,
-        k_base,
-        v_base,
-        stride_kt,
-        stride_vt,
-        qk_scale,
-        offs_m,
-        offs_d,
-        0,
-        hi_unmasked,
-        T,
-        seed,
-        off_bh,
-        threshold,
-        keep_scale,
-        BLOCK_M,
-        BLOCK_N,
-        False,
-        EVEN_T,
-        DROPOUT,
-    )
+        dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, qk_scale, offs_m, offs_d, 0, hi_unmasked, T,
+        seed, off_bh, threshold, keep_scale, BLOCK_M, BLOCK_N, False, EVEN_T, DROPOUT,
+    )  # fmt: skip
     if CAUSAL:
         dq = _bwd_dq_inner(
-            dq,
-            q,
-            do,
-            lse,
-            delta,
-            k_base,
-            v_base,
-            stride_kt,
-            stride_vt,
-            qk_scale,
-            offs_m,
-            offs_d,
-            hi_unmasked,
-            hi_unmasked + BLOCK_M,
-            T,
-            seed,
-            off_bh,
-            threshold,
-            keep_scale,
-            BLOCK_M,
-            BLOCK_N,
-            True,
-            EVEN_T,
-            DROPOUT,
-        )
+            dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, qk_scale, offs_m, offs_d, hi_unmasked,
+            hi_unmasked + BLOCK_M, T, seed, off_bh, threshold, keep_scale, BLOCK_M, BLOCK_N, True, EVEN_T, DROPOUT,
+        )  # fmt: skip
     dq *= sm_scale
     _store(DQ + offs, dq.to(DQ.dtype.element_ty), offs_m[:, None] < T, EVEN_T)
 
 
 @triton.jit
 def _attn_bwd(
-    Q,
-    K,
-    V,
-    O,
-    DO,
-    LSE,
-    DQ,
-    DK,
-    DV,
-    sm_scale,
-    qk_scale,
-    seed,
-    threshold,
-    keep_scale,
-    stride_qb,
-    stride_qh,
-    stride_qt,
-    stride_kb,
-    stride_kh,
-    stride_kt,
-    stride_vb,
-    stride_vh,
-    stride_vt,
-    H,
-    H_KV,
-    GROUP,
-    T,
-    T_BUCKET,
-    HEAD_DIM: tl.constexpr,
-    CAUSAL: tl.constexpr,
-    DROPOUT: tl.constexpr,
-    EVEN_T: tl.constexpr,
-    BLOCK_BIG: tl.constexpr,
-    BLOCK_SMALL: tl.constexpr,
-):
+    Q, K, V, O, DO, LSE, DQ, DK, DV, sm_scale, qk_scale, seed, threshold, keep_scale, stride_qb, stride_qh,
+    stride_qt, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt, H, H_KV, GROUP, T, T_BUCKET,
+    HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, EVEN_T: tl.constexpr, BLOCK_BIG:
+    tl.constexpr, BLOCK_SMALL: tl.constexpr,
+):  # fmt: skip
     """The whole backward in one launch. Grid (cdiv(T, BLOCK_BIG), B * H_kv + B * H): the first B * H_kv rows of
     programs each own BLOCK_BIG keys (dK, dV), the others each own BLOCK_BIG queries (dQ). Causal: the heaviest
     blocks (first keys, last queries) get the lowest program ids, so they start first."""
@@ -932,14 +604,9 @@ def dropout_keep_mask(seed: int, B: int, H: int, T: int, dropout_p: float, devic
 
 
 def reference(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    causal: bool = True,
-    scale: float | None = None,
-    dropout_p: float = 0.0,
-    keep: torch.Tensor | None = None,
-) -> torch.Tensor:
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True, scale: float | None = None,
+    dropout_p: float = 0.0, keep: torch.Tensor | None = None,
+) -> torch.Tensor:  # fmt: skip
     """softmax(Q K^T * scale (+ causal mask)) V in fp32, KV heads repeated for each query-head group.
 
     dropout_p > 0 drops probabilities where `keep` (B, H, T, T) is False and scales the rest by 1 / (1 - p); without
@@ -996,8 +663,8 @@ def flash_attention(
     """Attention of q (B, H, T, D) over k, v (B, H_kv, T, D) -> (B, H, T, D); scale defaults to 1/sqrt(D).
 
     `dropout_p` drops attention probabilities (as SDPA's dropout_p); the kernel's mask comes from `seed`, drawn from
-    torch's generator when None (the reference fallback draws torch's own dropout mask). Triton forward and backward on CUDA tensors of a supported head dim and dtype, the PyTorch
-    reference otherwise.
+    torch's generator when None (the reference fallback draws torch's own dropout mask). Triton forward and backward
+    on CUDA tensors of a supported head dim and dtype, the PyTorch reference otherwise.
     """
     _check(q, k, v)
     _check_dropout(dropout_p, q.shape[2])
