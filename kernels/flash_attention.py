@@ -188,9 +188,9 @@ def _fwd_inner(
 @triton.jit
 def _attn_fwd(
     Q, K, V, O, LSE, qk_scale, seed, threshold, keep_scale, stride_qb, stride_qh, stride_qt, stride_kb, stride_kh,
-    stride_kt, stride_vb, stride_vh, stride_vt, stride_ob, stride_oh, stride_ot, H, GROUP, T, T_BUCKET, HEAD_DIM:
-    tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, EVEN_T: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N:
-    tl.constexpr,
+    stride_kt, stride_vb, stride_vh, stride_vt, stride_ob, stride_oh, stride_ot, H, GROUP, T, T_BUCKET,
+    HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, EVEN_T: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     """One program: BLOCK_M queries of one (batch, head). Writes O and the base-2 log-sum-exp of the scores.
 
@@ -258,8 +258,8 @@ def _dropout_mask_kernel(KEEP, seed, threshold, T, BLOCK_M: tl.constexpr, BLOCK_
 @triton.jit
 def _bwd_dkdv_inner(
     dk, dv, k, v, q_base, o_base, do_base, lse_base, stride_qt, stride_ot, stride_dot, qk_scale, key_start, offs_n,
-    offs_d, lo, hi, T, seed, bh, threshold, keep_scale, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL_MASK:
-    tl.constexpr, EVEN_T: tl.constexpr, DROPOUT: tl.constexpr,
+    offs_d, lo, hi, T, seed, bh, threshold, keep_scale, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    CAUSAL_MASK: tl.constexpr, EVEN_T: tl.constexpr, DROPOUT: tl.constexpr,
 ):  # fmt: skip
     """Accumulate dK, dV of one key block (BLOCK_N keys) over the query blocks [lo, hi) of one query head."""
     for start_m in range(lo, hi, BLOCK_M):
@@ -292,9 +292,9 @@ def _bwd_dkdv_inner(
 @triton.jit
 def _bwd_dkdv(
     Q, K, V, O, DO, LSE, DK, DV, sm_scale, qk_scale, seed, threshold, keep_scale, stride_qb, stride_qh, stride_qt,
-    stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt, start_n, off_bhk, H, H_KV, GROUP, T, HEAD_DIM:
-    tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, EVEN_T: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N:
-    tl.constexpr,
+    stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt, start_n, off_bhk, H, H_KV, GROUP, T,
+    HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, EVEN_T: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     """dK, dV of BLOCK_N keys of one (batch, KV head), summed over the GROUP query heads that read them.
 
@@ -343,8 +343,8 @@ def _bwd_dkdv(
 @triton.jit
 def _bwd_dq_inner(
     dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, qk_scale, offs_m, offs_d, lo, hi, T, seed, bh,
-    threshold, keep_scale, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL_MASK: tl.constexpr, EVEN_T:
-    tl.constexpr, DROPOUT: tl.constexpr,
+    threshold, keep_scale, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL_MASK: tl.constexpr,
+    EVEN_T: tl.constexpr, DROPOUT: tl.constexpr,
 ):  # fmt: skip
     """Accumulate dQ of one query block over the key blocks [lo, hi)."""
     for start_n in range(lo, hi, BLOCK_N):
@@ -371,9 +371,9 @@ def _bwd_dq_inner(
 @triton.jit
 def _bwd_dq(
     Q, K, V, O, DO, LSE, DQ, sm_scale, qk_scale, seed, threshold, keep_scale, stride_qb, stride_qh, stride_qt,
-    stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt, start_m, off_bh, H, GROUP, T, HEAD_DIM:
-    tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, EVEN_T: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N:
-    tl.constexpr,
+    stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt, start_m, off_bh, H, GROUP, T,
+    HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, EVEN_T: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     """dQ of BLOCK_M queries of one (batch, head). O, dO and dQ (B, H, T, D) are contiguous."""
     b, h, hk = _batch_heads(off_bh, H, GROUP)
@@ -412,8 +412,8 @@ def _bwd_dq(
 def _attn_bwd(
     Q, K, V, O, DO, LSE, DQ, DK, DV, sm_scale, qk_scale, seed, threshold, keep_scale, stride_qb, stride_qh,
     stride_qt, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt, H, H_KV, GROUP, T, T_BUCKET,
-    HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, EVEN_T: tl.constexpr, BLOCK_BIG:
-    tl.constexpr, BLOCK_SMALL: tl.constexpr,
+    HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, EVEN_T: tl.constexpr,
+    BLOCK_BIG: tl.constexpr, BLOCK_SMALL: tl.constexpr,
 ):  # fmt: skip
     """The whole backward in one launch. Grid (cdiv(T, BLOCK_BIG), B * H_kv + B * H): the first B * H_kv rows of
     programs each own BLOCK_BIG keys (dK, dV), the others each own BLOCK_BIG queries (dQ). Causal: the heaviest
@@ -463,8 +463,8 @@ def _even_t(T: int, cuda: bool) -> bool:
 
 
 def _dropout_args(dropout_p: float, seed: int) -> tuple[int, int, float]:
-    """(seed, threshold, keep_scale): keep where 31 random bits >= threshold = round(p * 2**31); kept values x 1/(1-p)."""
-    return seed, round(dropout_p * 2**RNG_BITS), 1.0 / (1.0 - dropout_p)
+    """(seed, threshold, keep_scale): keep where 31 random bits >= round(p * 2**31); kept values times 1 / (1 - p)."""
+    return seed, min(round(dropout_p * 2**RNG_BITS), 2**RNG_BITS - 1), 1.0 / (1.0 - dropout_p)
 
 
 def _launch(kernel, tuned, interpret_blocks: dict, along: str, n: int, programs: int, *args, **meta) -> None:
