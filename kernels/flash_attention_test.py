@@ -20,7 +20,20 @@ DTYPES = [torch.bfloat16, torch.float32] if GPU else [torch.float32]  # fp16: it
 # Dropout against the kernel's own mask: GQA and MHA, T a multiple of the blocks and not.
 DROPOUT_SHAPES = [(2, 8, 2, 256, 64), (1, 4, 4, 200, 64)] if GPU else [(2, 4, 2, 32, 32), (1, 2, 2, 24, 16)]
 P = 0.3
+# valid at every head dim (the backward's D=128 pruning keeps blocks <= 64)
+GPU_TEST_FWD_CONFIG = next(c for c in fa.FWD_CONFIGS if c.kwargs == {"BLOCK_M": 64, "BLOCK_N": 64})
+GPU_TEST_BWD_CONFIG = next(c for c in fa.BWD_CONFIGS if c.kwargs == {"BLOCK_BIG": 64, "BLOCK_SMALL": 32})
 GRAD_TOL_SCALE = 2.0  # gradients go through two more low-precision matmuls than the output
+
+
+@pytest.fixture(autouse=True)
+def _one_config_each_on_gpu(request, monkeypatch):
+    """On a GPU, the tests other than test_gpu_every_config_is_correct (which runs every config at the training
+    variant) tune over one config per kernel: each dtype / head dim / causal / ragged-T variant compiles 2 kernels,
+    not all 17 (minutes of compiling); the tuner's other picks are checked by that test."""
+    if GPU and "every_config" not in request.node.name:
+        monkeypatch.setattr(fa._attn_fwd_tuned, "configs", [GPU_TEST_FWD_CONFIG])
+        monkeypatch.setattr(fa._attn_bwd_tuned, "configs", [GPU_TEST_BWD_CONFIG])
 
 
 def _inputs(B, H, H_kv, T, D, dtype, device, seed=0):
@@ -293,32 +306,28 @@ def test_gpu_dropout_real_shapes_bf16(b, h, hkv, t):
         assert rel < tol, f"{name} differs by {rel:.2e} relative"
 
 
-@pytest.mark.skipif(not GPU, reason="needs a CUDA GPU: compiles every autotune config of the backward")
+@pytest.mark.skipif(not GPU, reason="needs a CUDA GPU: compiles every autotune config")
 @pytest.mark.parametrize("dropout_p", [0.0, 0.2])
-def test_gpu_every_backward_config_is_correct(dropout_p):
-    """The tuner keeps whichever config is fastest, so each one must be right (B8 H6 T256 D64 causal bf16)."""
+def test_gpu_every_config_is_correct(dropout_p):
+    """The tuner keeps whichever config is fastest, so each forward and backward config must be right, at the
+    training variant (B8 H6 T256 D64, causal, bf16; the bench's variant, so its compiles are cached for it)."""
     B, H, T, D = 8, 6, 256, 64
     q, k, v = _inputs(B, H, H, T, D, torch.bfloat16, "cuda", seed=12)
     do = torch.randn_like(q)
+    seed, scale = 5, 1 / math.sqrt(D)
     if dropout_p > 0.0:
-        (_, *ref_grads), _ = _reference_with_kernel_mask(q, k, v, do, True, dropout_p, 5)
+        (ref, *ref_grads), _ = _reference_with_kernel_mask(q, k, v, do, True, dropout_p, seed)
     else:
         q32, k32, v32 = (t.detach().float().requires_grad_() for t in (q, k, v))
-        _, *ref_grads = _fwd_bwd(reference, q32, k32, v32, do.float(), causal=True)
-    o, lse = fa._forward(q.detach(), k.detach(), v.detach(), True, 1 / math.sqrt(D), dropout_p, 5)
+        ref, *ref_grads = _fwd_bwd(reference, q32, k32, v32, do.float(), causal=True)
+    q, k, v = q.detach(), k.detach(), v.detach()
+    for cfg in fa.FWD_CONFIGS:
+        out, _ = fa._forward(q, k, v, True, scale, dropout_p, seed, config=cfg)
+        rel = (out.float() - ref).norm() / ref.norm()
+        assert rel < 1e-2, f"{cfg}: out differs by {rel:.2e} relative"
+    o, lse = fa._forward(q, k, v, True, scale, dropout_p, seed)
     for cfg in fa.BWD_CONFIGS:
-        dq, dk, dv = (torch.empty_like(t) for t in (q, k, v))
-        grid = (triton_cdiv(T, cfg.kwargs["BLOCK_BIG"]), B * H * 2)
-        fa._attn_bwd[grid](
-            q, k, v, o, do, lse, dq, dk, dv, 1 / math.sqrt(D), fa.LOG2E / math.sqrt(D),
-            *fa._dropout_args(dropout_p, 5), *fa._strides(q), *fa._strides(k), *fa._strides(v),
-            H, H, 1, T, T, HEAD_DIM=D, CAUSAL=True, DROPOUT=dropout_p > 0, EVEN_T=True,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages, **cfg.kwargs,
-        )  # fmt: skip
-        for name, got, want in zip("qkv", (dq, dk, dv), ref_grads):
+        grads = fa._backward(do, q, k, v, o, lse, True, scale, dropout_p, seed, config=cfg)
+        for name, got, want in zip("qkv", grads, ref_grads):
             rel = (got.float() - want.float()).norm() / want.float().norm()
             assert rel < 2e-2, f"{cfg}: d{name} differs by {rel:.2e} relative"
-
-
-def triton_cdiv(a: int, b: int) -> int:
-    return -(-a // b)
