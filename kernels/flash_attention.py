@@ -468,17 +468,27 @@ def _dropout_args(dropout_p: float, seed: int) -> tuple[int, int, float]:
     return seed, min(round(dropout_p * 2**RNG_BITS), 2**RNG_BITS - 1), 1.0 / (1.0 - dropout_p)
 
 
+# (kernel, T bucket, dtype, constexprs) -> the config the autotuner chose: later calls launch the plain kernel with
+# it, skipping the autotuner's per-call host work (key building, pruning hooks), which lone small calls feel
+_TUNED: dict[tuple, triton.Config] = {}
+
+
 def _launch(
     kernel, tuned, interpret_blocks: dict, along: str, n: int, programs: int, *args, config=None, **meta
 ) -> None:
-    """Grid (cdiv(n, meta[along]), programs): autotuned on a GPU, the interpreter's fixed blocks on CPU, or the
-    given triton.Config (the tests run every config the tuner may pick)."""
-    if config is not None:
-        kernel[(triton.cdiv(n, config.kwargs[along]), programs)](*args, **meta, **config.all_kwargs())
-    elif args[0].is_cuda:
-        tuned[lambda m: (triton.cdiv(n, m[along]), programs)](*args, **meta)
-    else:
+    """Grid (cdiv(n, meta[along]), programs): autotuned on a GPU (once per key, then the chosen config directly),
+    the interpreter's fixed blocks on CPU, or the given triton.Config (the tests run every config the tuner may
+    pick). args[-1] is T_BUCKET, the autotune key's one argument beside the constexprs."""
+    if not args[0].is_cuda and config is None:
         kernel[(triton.cdiv(n, interpret_blocks[along]), programs)](*args, **meta, **interpret_blocks)
+        return
+    key = (kernel, args[-1], args[0].dtype, *meta.items())  # q's dtype is k's, v's and O's; LSE is always fp32
+    config = _TUNED.get(key) if config is None else config
+    if config is None:
+        tuned[lambda m: (triton.cdiv(n, m[along]), programs)](*args, **meta)
+        _TUNED[key] = tuned.best_config
+    else:
+        kernel[(triton.cdiv(n, config.kwargs[along]), programs)](*args, **meta, **config.all_kwargs())
 
 
 def _forward(

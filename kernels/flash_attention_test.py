@@ -32,6 +32,7 @@ def _one_config_each_on_gpu(request, monkeypatch):
     variant) tune over one config per kernel: each dtype / head dim / causal / ragged-T variant compiles 2 kernels,
     not all 17 (minutes of compiling); the tuner's other picks are checked by that test."""
     if GPU and "every_config" not in request.node.name:
+        monkeypatch.setattr(fa, "_TUNED", {})  # and forget the picks made from the whole set, then from this one
         monkeypatch.setattr(fa._attn_fwd_tuned, "configs", [GPU_TEST_FWD_CONFIG])
         monkeypatch.setattr(fa._attn_bwd_tuned, "configs", [GPU_TEST_BWD_CONFIG])
 
