@@ -23,14 +23,15 @@ P = 0.3
 # valid at every head dim (the backward's D=128 pruning keeps blocks <= 64)
 GPU_TEST_FWD_CONFIG = next(c for c in fa.FWD_CONFIGS if c.kwargs == {"BLOCK_M": 64, "BLOCK_N": 64})
 GPU_TEST_BWD_CONFIG = next(c for c in fa.BWD_CONFIGS if c.kwargs == {"BLOCK_BIG": 64, "BLOCK_SMALL": 32})
+EVERY_CONFIG_SEED = 5
 GRAD_TOL_SCALE = 2.0  # gradients go through two more low-precision matmuls than the output
 
 
 @pytest.fixture(autouse=True)
 def _one_config_each_on_gpu(request, monkeypatch):
-    """On a GPU, the tests other than test_gpu_every_config_is_correct (which runs every config at the training
-    variant) tune over one config per kernel: each dtype / head dim / causal / ragged-T variant compiles 2 kernels,
-    not all 17 (minutes of compiling); the tuner's other picks are checked by that test."""
+    """On a GPU, the tests other than test_gpu_every_config_* (which run each config at the training variant) tune
+    over one config per kernel: each dtype / head dim / causal / ragged-T variant compiles 2 kernels, not all 13
+    (minutes of compiling); the tuner's other picks are checked by those tests."""
     if GPU and "every_config" not in request.node.name:
         monkeypatch.setattr(fa, "_TUNED", {})  # and forget the picks made from the whole set, then from this one
         monkeypatch.setattr(fa._attn_fwd_tuned, "configs", [GPU_TEST_FWD_CONFIG])
@@ -307,28 +308,39 @@ def test_gpu_dropout_real_shapes_bf16(b, h, hkv, t):
         assert rel < tol, f"{name} differs by {rel:.2e} relative"
 
 
-@pytest.mark.skipif(not GPU, reason="needs a CUDA GPU: compiles every autotune config")
-@pytest.mark.parametrize("dropout_p", [0.0, 0.2])
-def test_gpu_every_config_is_correct(dropout_p):
-    """The tuner keeps whichever config is fastest, so each forward and backward config must be right, at the
-    training variant (B8 H6 T256 D64, causal, bf16; the bench's variant, so its compiles are cached for it)."""
-    B, H, T, D = 8, 6, 256, 64
-    q, k, v = _inputs(B, H, H, T, D, torch.bfloat16, "cuda", seed=12)
+def _every_config_case(dropout_p):
+    """(q, k, v, do, reference out, reference grads) at the training variant (B8 H6 T256 D64, causal, bf16: the
+    bench's, so the compiles are cached for it); the mask, when p > 0, is the kernel's for seed EVERY_CONFIG_SEED."""
+    q, k, v = _inputs(8, 6, 6, 256, 64, torch.bfloat16, "cuda", seed=12)
     do = torch.randn_like(q)
-    seed, scale = 5, 1 / math.sqrt(D)
     if dropout_p > 0.0:
-        (ref, *ref_grads), _ = _reference_with_kernel_mask(q, k, v, do, True, dropout_p, seed)
+        (ref, *ref_grads), _ = _reference_with_kernel_mask(q, k, v, do, True, dropout_p, EVERY_CONFIG_SEED)
     else:
         q32, k32, v32 = (t.detach().float().requires_grad_() for t in (q, k, v))
         ref, *ref_grads = _fwd_bwd(reference, q32, k32, v32, do.float(), causal=True)
-    q, k, v = q.detach(), k.detach(), v.detach()
-    for cfg in fa.FWD_CONFIGS:
-        out, _ = fa._forward(q, k, v, True, scale, dropout_p, seed, config=cfg)
-        rel = (out.float() - ref).norm() / ref.norm()
-        assert rel < 1e-2, f"{cfg}: out differs by {rel:.2e} relative"
-    o, lse = fa._forward(q, k, v, True, scale, dropout_p, seed)
-    for cfg in fa.BWD_CONFIGS:
-        grads = fa._backward(do, q, k, v, o, lse, True, scale, dropout_p, seed, config=cfg)
-        for name, got, want in zip("qkv", grads, ref_grads):
-            rel = (got.float() - want.float()).norm() / want.float().norm()
-            assert rel < 2e-2, f"{cfg}: d{name} differs by {rel:.2e} relative"
+    return q.detach(), k.detach(), v.detach(), do, ref, ref_grads
+
+
+@pytest.mark.skipif(not GPU, reason="needs a CUDA GPU: compiles every autotune config")
+@pytest.mark.parametrize("dropout_p", [0.0, 0.2])
+@pytest.mark.parametrize("cfg", fa.FWD_CONFIGS, ids=str)
+def test_gpu_every_config_forward(cfg, dropout_p):
+    """The tuner keeps whichever config is fastest, so each forward config must be right."""
+    q, k, v, _, ref, _ = _every_config_case(dropout_p)
+    out, _ = fa._forward(q, k, v, True, 1 / math.sqrt(64), dropout_p, EVERY_CONFIG_SEED, config=cfg)
+    rel = (out.float() - ref).norm() / ref.norm()
+    assert rel < 1e-2, f"out differs by {rel:.2e} relative"
+
+
+@pytest.mark.skipif(not GPU, reason="needs a CUDA GPU: compiles every autotune config")
+@pytest.mark.parametrize("dropout_p", [0.0, 0.2])
+@pytest.mark.parametrize("cfg", fa.BWD_CONFIGS, ids=str)
+def test_gpu_every_config_backward(cfg, dropout_p):
+    """Each backward config must be right too (O and the LSE from one fixed forward config, not tuned here)."""
+    q, k, v, do, _, ref_grads = _every_config_case(dropout_p)
+    scale = 1 / math.sqrt(64)
+    o, lse = fa._forward(q, k, v, True, scale, dropout_p, EVERY_CONFIG_SEED, config=GPU_TEST_FWD_CONFIG)
+    grads = fa._backward(do, q, k, v, o, lse, True, scale, dropout_p, EVERY_CONFIG_SEED, config=cfg)
+    for name, got, want in zip("qkv", grads, ref_grads):
+        rel = (got.float() - want.float()).norm() / want.float().norm()
+        assert rel < 2e-2, f"d{name} differs by {rel:.2e} relative"
