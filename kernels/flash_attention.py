@@ -523,7 +523,7 @@ def _forward(
         HEAD_DIM=D,
         CAUSAL=causal,
         DROPOUT=dropout_p > 0.0,
-        EVEN_T=_even_t(T, q.is_cuda),
+        EVEN_T=_even_t(T, q.is_cuda or config is not None),  # a given config: GPU block sizes
         config=config,
     )
     return o, lse
@@ -579,7 +579,7 @@ def _backward(
         HEAD_DIM=D,
         CAUSAL=causal,
         DROPOUT=dropout_p > 0.0,
-        EVEN_T=_even_t(T, q.is_cuda),
+        EVEN_T=_even_t(T, q.is_cuda or config is not None),  # a given config: GPU block sizes
         config=config,
     )
     return dq, dk, dv

@@ -295,6 +295,23 @@ def test_autotune_pruning_keeps_configs_that_fit():
     assert len(kept) == 1  # no forward config is that small: the smallest is kept
 
 
+@pytest.mark.skipif(GPU, reason="the interpreter's take on every config; on a GPU test_gpu_every_config_* run them")
+@pytest.mark.parametrize("T", [128, 80])
+def test_every_config_block_shape_in_the_interpreter(T, assert_close):
+    """Each autotune config's block sizes (warps and stages mean nothing to the interpreter) give the reference's
+    output and gradients with dropout and GQA, at a T that fills the largest blocks and one that does not."""
+    q, k, v = _inputs(1, 2, 1, T, 16, torch.float32, "cpu", seed=13)
+    do = torch.randn_like(q)
+    (ref, *ref_grads), _ = _reference_with_kernel_mask(q, k, v, do, True, P, 3)
+    q, k, v, scale = q.detach(), k.detach(), v.detach(), 1 / math.sqrt(16)
+    for cfg in {str(c.kwargs): c for c in fa.FWD_CONFIGS}.values():
+        assert_close(fa._forward(q, k, v, True, scale, P, 3, config=cfg)[0], ref)
+    o, lse = fa._forward(q, k, v, True, scale, P, 3)
+    for cfg in {str(c.kwargs): c for c in fa.BWD_CONFIGS}.values():
+        for got, want in zip(fa._backward(do, q, k, v, o, lse, True, scale, P, 3, config=cfg), ref_grads):
+            assert_close(got, want, scale=GRAD_TOL_SCALE)
+
+
 @pytest.mark.skipif(not GPU, reason="needs a CUDA GPU: the training shapes with dropout in bf16")
 @pytest.mark.parametrize("b,h,hkv,t", [(64, 6, 6, 256), (4, 12, 4, 1024), (2, 6, 6, 200)])
 def test_gpu_dropout_real_shapes_bf16(b, h, hkv, t):
