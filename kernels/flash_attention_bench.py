@@ -1,27 +1,79 @@
 """Benchmark cases for flash attention: ours beside PyTorch SDPA (FlashAttention-2 / cuDNN / efficient backends).
 
-Training shapes run forward + backward, long-context shapes forward only; causal, bf16, as the GPT trains.
+`python -m kernels.flash_attention_bench` (GPU) prints where the time of one training-shape call goes: host time to
+enqueue it, device time of its kernels (torch.profiler) and the kernels launched, ours beside SDPA's.
+
+Training shapes run forward + backward, without dropout and with the shakespeare-char preset's dropout 0.2 (which
+the model's training path now sends to our kernel); long-context shapes forward only; causal, bf16, as the GPT
+trains. `sdpa` is SDPA's own backend choice; `sdpa flash` pins its FlashAttention-2 backend. With dropout, SDPA runs
+the backends the model allows it with dropout (model.layers.DROPOUT_SDPA_BACKENDS: FlashAttention-2 first).
 """
 
 from __future__ import annotations
 
+import time
+
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from kernels.bench_common import BenchCase, forward_call
 from kernels.flash_attention import flash_attention
 
-__all__ = ["bench_cases"]
+__all__ = ["bench_cases", "profile_training_shapes"]
 
 TRAIN_SHAPES = [(64, 6, 256, 64), (16, 12, 1024, 64)]  # (B, H, T, D): forward + backward
 FORWARD_SHAPES = [(4, 16, 4096, 64), (1, 16, 16384, 64)]  # forward only
 DTYPE = torch.bfloat16
+TRAIN_DROPOUT = 0.2  # the shakespeare-char preset's
 BACKWARD_FLOP_RATIO = 2.5  # the backward does 2.5x the forward's matmul work (5 matmuls to 2)
+# the SDPA backends model.layers allows with dropout (cuDNN's trains wrongly with dropout there)
+DROPOUT_SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
-IMPLS = {
-    "triton": (True, lambda q, k, v: flash_attention(q, k, v, causal=True)),
-    "sdpa": (False, lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True)),
-}
+
+def _sdpa(backends: list[SDPBackend] | None, dropout_p: float):
+    def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        if backends is None:
+            return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+        with sdpa_kernel(backends):
+            return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+
+    return run
+
+
+def _ours(dropout_p: float):
+    return lambda q, k, v: flash_attention(q, k, v, causal=True, dropout_p=dropout_p)
+
+
+# (kernel name, shapes, backward, {impl: (ours, fn)}); the kernel names of the rows without dropout are the
+# ones earlier reports used, so their figures stay comparable
+GROUPS = [
+    (
+        "flash_attention fwd+bwd",
+        TRAIN_SHAPES,
+        True,
+        {
+            "triton": (True, _ours(0.0)),
+            "sdpa": (False, _sdpa(None, 0.0)),
+            "sdpa flash": (False, _sdpa([SDPBackend.FLASH_ATTENTION], 0.0)),
+        },
+    ),
+    (
+        f"flash_attention fwd+bwd dropout {TRAIN_DROPOUT}",
+        TRAIN_SHAPES,
+        True,
+        {
+            "triton": (True, _ours(TRAIN_DROPOUT)),
+            "sdpa": (False, _sdpa(DROPOUT_SDPA_BACKENDS, TRAIN_DROPOUT)),
+        },
+    ),
+    (
+        "flash_attention fwd",
+        FORWARD_SHAPES,
+        False,
+        {"triton": (True, _ours(0.0)), "sdpa": (False, _sdpa(None, 0.0))},
+    ),
+]
 
 
 def attention_flops(B: int, H: int, T: int, D: int, causal: bool, backward: bool) -> float:
@@ -40,12 +92,9 @@ def _setup(fn, B: int, H: int, T: int, D: int, backward: bool):
 
 def bench_cases() -> list[BenchCase]:
     cases = []
-    for shapes, backward, kernel in [
-        (TRAIN_SHAPES, True, "flash_attention fwd+bwd"),
-        (FORWARD_SHAPES, False, "flash_attention fwd"),
-    ]:
+    for kernel, shapes, backward, impls in GROUPS:
         for B, H, T, D in shapes:
-            for impl, (ours, fn) in IMPLS.items():
+            for impl, (ours, fn) in impls.items():
                 cases.append(
                     BenchCase(
                         kernel=kernel,
@@ -57,3 +106,45 @@ def bench_cases() -> list[BenchCase]:
                     )
                 )
     return cases
+
+
+PROFILE_CALLS = 20
+
+
+def _profile_one(call) -> tuple[float, float, list[str]]:
+    """(host µs to enqueue one call, device µs of its kernels, kernel names) of `call`, after warm-up."""
+    for _ in range(3):
+        call()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(PROFILE_CALLS):
+        call()
+    host_us = (time.perf_counter() - start) / PROFILE_CALLS * 1e6
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(PROFILE_CALLS):
+            call()
+        torch.cuda.synchronize()
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    device_us = sum(e.device_time for e in kernels) / PROFILE_CALLS
+    names = sorted({e.name[:60] for e in kernels})
+    return host_us, device_us, names
+
+
+def profile_training_shapes() -> None:
+    """Prints, per training shape and impl (with and without dropout): host enqueue µs, device µs, kernels."""
+    print(f"{'case':<58} {'host us':>8} {'device us':>10}  kernels")
+    for kernel, shapes, backward, impls in GROUPS:
+        if not backward:
+            continue
+        for B, H, T, D in shapes:
+            for impl, (_, fn) in impls.items():
+                host_us, device_us, names = _profile_one(_setup(fn, B, H, T, D, backward)())
+                case = f"{kernel} B{B} H{H} T{T} {impl}"
+                print(f"{case:<58} {host_us:>8.1f} {device_us:>10.1f}  {', '.join(names)}")
+
+
+if __name__ == "__main__":
+    if not torch.cuda.is_available():
+        raise SystemExit("kernels.flash_attention_bench profiles on a CUDA GPU; this machine has none")
+    profile_training_shapes()

@@ -1,11 +1,13 @@
-"""Flash attention (Triton, forward and backward) against the PyTorch reference on fresh random inputs."""
+"""Flash attention (Triton, forward and backward) against the PyTorch reference on fresh random inputs, with and
+without attention dropout (exactly against the kernel's own keep mask, and statistically)."""
 
 import math
 
 import pytest
 import torch
 
-from kernels.flash_attention import flash_attention, reference
+from kernels import flash_attention as fa
+from kernels.flash_attention import dropout_keep_mask, flash_attention, reference
 
 GPU = torch.cuda.is_available()
 # (B, H, H_kv, T, D): GQA, MHA and MQA; T not a multiple of the blocks in some, to cover the bounds masks.
@@ -15,7 +17,25 @@ SHAPES = (
     else [(2, 4, 2, 32, 32), (1, 2, 2, 24, 16), (1, 4, 1, 40, 32)]
 )
 DTYPES = [torch.bfloat16, torch.float32] if GPU else [torch.float32]  # fp16: its own test below
+# Dropout against the kernel's own mask: GQA and MHA, T a multiple of the blocks and not.
+DROPOUT_SHAPES = [(2, 8, 2, 256, 64), (1, 4, 4, 200, 64)] if GPU else [(2, 4, 2, 32, 32), (1, 2, 2, 24, 16)]
+P = 0.3
+# valid at every head dim (the backward's D=128 pruning keeps blocks <= 64)
+GPU_TEST_FWD_CONFIG = next(c for c in fa.FWD_CONFIGS if c.kwargs == {"BLOCK_M": 64, "BLOCK_N": 64})
+GPU_TEST_BWD_CONFIG = next(c for c in fa.BWD_CONFIGS if c.kwargs == {"BLOCK_BIG": 64, "BLOCK_SMALL": 32})
+EVERY_CONFIG_SEED = 5
 GRAD_TOL_SCALE = 2.0  # gradients go through two more low-precision matmuls than the output
+
+
+@pytest.fixture(autouse=True)
+def _one_config_each_on_gpu(request, monkeypatch):
+    """On a GPU, the tests other than test_gpu_every_config_* (which run each config at the training variant) tune
+    over one config per kernel: each dtype / head dim / causal / ragged-T variant compiles 2 kernels, not all 13
+    (minutes of compiling); the tuner's other picks are checked by those tests."""
+    if GPU and "every_config" not in request.node.name:
+        monkeypatch.setattr(fa, "_TUNED", {})  # and forget the picks made from the whole set, then from this one
+        monkeypatch.setattr(fa._attn_fwd_tuned, "configs", [GPU_TEST_FWD_CONFIG])
+        monkeypatch.setattr(fa._attn_bwd_tuned, "configs", [GPU_TEST_BWD_CONFIG])
 
 
 def _inputs(B, H, H_kv, T, D, dtype, device, seed=0):
@@ -101,6 +121,8 @@ def test_bad_inputs_are_refused():
         flash_attention(q, k, v, impl="cuda")
     with pytest.raises(ValueError, match="T=8"):
         flash_attention(q, k[:, :, :4], v[:, :, :4])
+    with pytest.raises(ValueError, match="scale must be > 0"):
+        flash_attention(q, k, v, scale=-1.0)
 
 
 @pytest.mark.skipif(not GPU, reason="needs a CUDA GPU: the trainer's and the bench's shapes in bf16")
@@ -138,3 +160,204 @@ def test_gpu_transposed_views_as_the_model_passes_them(t):
     out = flash_attention(q, k, v, causal=True)
     ref = reference(q.float(), k.float(), v.float(), causal=True)
     assert (out.float() - ref).norm() / ref.norm() < 1e-2
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Dropout
+
+
+def _reference_with_kernel_mask(q, k, v, do, causal, p, seed):
+    """fp32 reference output and gradients with the keep mask the kernel uses for `seed`."""
+    keep = dropout_keep_mask(seed, q.shape[0], q.shape[1], q.shape[2], p, q.device)
+    q32, k32, v32 = (t.detach().float().requires_grad_() for t in (q, k, v))
+    return _fwd_bwd(reference, q32, k32, v32, do.float(), causal=causal, dropout_p=p, keep=keep), keep
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("shape", DROPOUT_SHAPES, ids=lambda s: "B{}H{}Hkv{}T{}D{}".format(*s))
+def test_dropout_matches_reference_with_the_same_mask(shape, causal, device, assert_close):
+    """Output and dq, dk, dv equal the reference's (and its autograd's) under the kernel's keep mask: the forward,
+    the dK/dV programs and the dQ programs all draw the mask the debug kernel draws, at three different tilings."""
+    dtype = torch.bfloat16 if GPU else torch.float32
+    q, k, v = _inputs(*shape, dtype, device, seed=4)
+    do = torch.randn_like(q)
+    fast = _fwd_bwd(flash_attention, q, k, v, do, causal=causal, dropout_p=P, seed=1234, impl="triton")
+    ref, keep = _reference_with_kernel_mask(q, k, v, do, causal, P, 1234)
+    assert 0.6 < keep.float().mean() < 0.8  # a mask that drops about P (the statistical test below is the tight one)
+    assert_close(fast[0], ref[0])
+    for got, want in zip(fast[1:], ref[1:]):
+        assert_close(got, want, scale=GRAD_TOL_SCALE)
+    # and the mask matters: without dropout the same inputs give another output
+    plain = reference(q.detach().float(), k.detach().float(), v.detach().float(), causal=causal)
+    assert (fast[0].float() - plain).abs().max() > 0.1
+
+
+def test_dropout_zero_is_exactly_no_dropout(device):
+    q, k, v = _inputs(1, 4, 2, 32, 32, torch.float32, device, seed=5)
+    do = torch.randn_like(q)
+    plain = _fwd_bwd(flash_attention, q, k, v, do, impl="triton")
+    zero = _fwd_bwd(flash_attention, q, k, v, do, dropout_p=0.0, seed=99, impl="triton")
+    for a, b in zip(plain, zero):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
+def test_keep_fraction_and_independence_are_those_of_bernoulli(device):
+    """Over 2 * 4 * 96 * 96 = 73,728 draws per p, the kept fraction is 1 - p within 4 standard errors, overall and
+    in each of the four Philox words (key % 4), heads are independent (not one mask repeated), and so are
+    neighbouring keys (the fraction kept of kept pairs is again 1 - p)."""
+    B, H, T = 2, 4, 96
+    for p in (0.1, 0.5):
+        keep = dropout_keep_mask(7, B, H, T, p, device).float()
+        n = keep.numel()
+        se = math.sqrt(p * (1 - p) / n)
+        assert abs(keep.mean().item() - (1 - p)) < 4 * se, (p, keep.mean().item())
+        for word in range(4):
+            part = keep[..., word::4]
+            assert abs(part.mean().item() - (1 - p)) < 4 * se * 2, (p, word, part.mean().item())
+        same = (keep[:, 0] == keep[:, 1]).float().mean().item()  # two heads agree as often as independent draws
+        agree = p * p + (1 - p) * (1 - p)
+        assert abs(same - agree) < 4 * math.sqrt(agree * (1 - agree) / (n / H)), (p, same)
+        pairs = keep[..., :-1] * keep[..., 1:]
+        assert abs(pairs.sum().item() / keep[..., :-1].sum().item() - (1 - p)) < 5 * se * 2, p
+
+
+def test_dropout_mean_over_masks_is_the_undropped_output(device):
+    """E[dropout attention] = attention: averaged over 2 seeds x 64 heads (independent masks for the same q, k, v),
+    the output lands on the no-dropout output within 5 standard errors of that mean, element by element; the same
+    test tells a kernel that forgot the 1 / (1 - p) apart."""
+    heads, seeds, T, D, p = 64, 2, 16, 16, 0.2
+    g = torch.Generator(device=device).manual_seed(6)
+    q1, k1, v1 = (torch.randn(1, 1, T, D, generator=g, device=device) for _ in range(3))
+    q, k, v = (t.expand(1, heads, T, D) for t in (q1, k1, v1))
+    with torch.no_grad():
+        outs = torch.cat([flash_attention(q, k, v, dropout_p=p, seed=s, impl="triton")[0] for s in range(seeds)])
+        want = flash_attention(q1, k1, v1, impl="triton")[0, 0]
+    mean, sem = outs.mean(0), outs.std(0) / math.sqrt(heads * seeds)  # (T, D)
+    assert (sem > 0).all()
+    assert ((mean - want) / sem).abs().max() < 5
+    assert ((mean - (1 - p) * want) / sem).abs().max() > 5  # what an unscaled dropout would give is rejected
+    assert ((outs[0] - want).abs() > 1e-3).any()  # each sample is dropped, only the mean matches
+
+
+def test_same_seed_same_output_other_seed_other_output(device):
+    q, k, v = _inputs(1, 2, 1, 32, 16, torch.float32, device, seed=8)
+    do = torch.randn_like(q)
+    a = _fwd_bwd(flash_attention, q, k, v, do, dropout_p=P, seed=11, impl="triton")
+    b = _fwd_bwd(flash_attention, q, k, v, do, dropout_p=P, seed=11, impl="triton")
+    c = _fwd_bwd(flash_attention, q, k, v, do, dropout_p=P, seed=12, impl="triton")
+    for x, y, z in zip(a, b, c):
+        torch.testing.assert_close(x, y, atol=0, rtol=0)
+        assert (x - z).abs().max() > 1e-3
+
+
+def test_seed_comes_from_torch_generator(device):
+    """Without an explicit seed, torch.manual_seed makes a dropout call repeat; the next call draws another mask."""
+    q, k, v = _inputs(1, 2, 2, 16, 16, torch.float32, device, seed=9)
+    with torch.no_grad():
+        torch.manual_seed(3)
+        first, second = (flash_attention(q, k, v, dropout_p=P, impl="triton") for _ in range(2))
+        torch.manual_seed(3)
+        again = flash_attention(q, k, v, dropout_p=P, impl="triton")
+    torch.testing.assert_close(first, again, atol=0, rtol=0)
+    assert (first - second).abs().max() > 1e-3
+
+
+def test_bad_dropout_is_refused():
+    q, k, v = _inputs(1, 2, 2, 8, 16, torch.float32, "cpu")
+    for p in (-0.1, 1.0, 1.5):
+        with pytest.raises(ValueError, match="dropout_p must be in"):
+            flash_attention(q, k, v, dropout_p=p)
+    with pytest.raises(ValueError, match=f"T <= {fa.MAX_DROPOUT_T}"):
+        dropout_keep_mask(0, 1, 1, fa.MAX_DROPOUT_T + 1, 0.1, "cpu")
+
+
+def test_reference_fallback_drops_with_torch():
+    """impl="reference" (CPU training) applies torch's dropout: some outputs change, and p=0 changes none."""
+    q, k, v = _inputs(1, 2, 2, 16, 16, torch.float32, "cpu", seed=10)
+    with torch.no_grad():
+        plain = flash_attention(q, k, v, impl="reference")
+        torch.manual_seed(0)
+        dropped = flash_attention(q, k, v, dropout_p=P, impl="reference")
+    assert (plain - dropped).abs().max() > 1e-3
+
+
+def test_autotune_pruning_keeps_configs_that_fit():
+    """The pruning of the GPU autotuner (not run on CPU otherwise): blocks no larger than the padded T, the
+    backward's blocks at D=128 no larger than 64, and never an empty list."""
+    prune_bwd = fa._prune("BLOCK_BIG", fa.BWD_MAX_BLOCK_D128)
+    kept = prune_bwd(fa.BWD_CONFIGS, {"T_BUCKET": 1024}, HEAD_DIM=64)
+    assert kept == fa.BWD_CONFIGS
+    kept = prune_bwd(fa.BWD_CONFIGS, {"T_BUCKET": 1024}, HEAD_DIM=128)
+    assert kept and all(c.kwargs["BLOCK_BIG"] <= 64 for c in kept) and len(kept) < len(fa.BWD_CONFIGS)
+    kept = prune_bwd(fa.BWD_CONFIGS, {"T_BUCKET": 16}, HEAD_DIM=64)
+    assert kept and all(c.kwargs["BLOCK_BIG"] <= 32 for c in kept)
+    kept = fa._prune("BLOCK_M")(fa.FWD_CONFIGS, {"T_BUCKET": 16}, HEAD_DIM=64)
+    assert len(kept) == 1  # no forward config is that small: the smallest is kept
+
+
+@pytest.mark.skipif(GPU, reason="the interpreter's take on every config; on a GPU test_gpu_every_config_* run them")
+@pytest.mark.parametrize("T", [128, 80])
+def test_every_config_block_shape_in_the_interpreter(T, assert_close):
+    """Each autotune config's block sizes (warps and stages mean nothing to the interpreter) give the reference's
+    output and gradients with dropout and GQA, at a T that fills the largest blocks and one that does not."""
+    q, k, v = _inputs(1, 2, 1, T, 16, torch.float32, "cpu", seed=13)
+    do = torch.randn_like(q)
+    (ref, *ref_grads), _ = _reference_with_kernel_mask(q, k, v, do, True, P, 3)
+    q, k, v, scale = q.detach(), k.detach(), v.detach(), 1 / math.sqrt(16)
+    for cfg in {str(c.kwargs): c for c in fa.FWD_CONFIGS}.values():
+        assert_close(fa._forward(q, k, v, True, scale, P, 3, config=cfg)[0], ref)
+    o, lse = fa._forward(q, k, v, True, scale, P, 3)
+    for cfg in {str(c.kwargs): c for c in fa.BWD_CONFIGS}.values():
+        for got, want in zip(fa._backward(do, q, k, v, o, lse, True, scale, P, 3, config=cfg), ref_grads):
+            assert_close(got, want, scale=GRAD_TOL_SCALE)
+
+
+@pytest.mark.skipif(not GPU, reason="needs a CUDA GPU: the training shapes with dropout in bf16")
+@pytest.mark.parametrize("b,h,hkv,t", [(64, 6, 6, 256), (4, 12, 4, 1024), (2, 6, 6, 200)])
+def test_gpu_dropout_real_shapes_bf16(b, h, hkv, t):
+    """Training shapes with p = 0.2 (the preset's) against the fp32 reference under the kernel's own mask."""
+    q, k, v = _inputs(b, h, hkv, t, 64, torch.bfloat16, "cuda", seed=t)
+    do = torch.randn_like(q)
+    out, *grads = _fwd_bwd(flash_attention, q, k, v, do, causal=True, dropout_p=0.2, seed=77)
+    (ref, *ref_grads), _ = _reference_with_kernel_mask(q, k, v, do, True, 0.2, 77)
+    for name, got, want, tol in [("out", out, ref, 1e-2), *zip(("dq", "dk", "dv"), grads, ref_grads, [2e-2] * 3)]:
+        rel = (got.float() - want.float()).norm() / want.float().norm()
+        assert rel < tol, f"{name} differs by {rel:.2e} relative"
+
+
+def _every_config_case(dropout_p):
+    """(q, k, v, do, reference out, reference grads) at the training variant (B8 H6 T256 D64, causal, bf16: the
+    bench's, so the compiles are cached for it); the mask, when p > 0, is the kernel's for seed EVERY_CONFIG_SEED."""
+    q, k, v = _inputs(8, 6, 6, 256, 64, torch.bfloat16, "cuda", seed=12)
+    do = torch.randn_like(q)
+    if dropout_p > 0.0:
+        (ref, *ref_grads), _ = _reference_with_kernel_mask(q, k, v, do, True, dropout_p, EVERY_CONFIG_SEED)
+    else:
+        q32, k32, v32 = (t.detach().float().requires_grad_() for t in (q, k, v))
+        ref, *ref_grads = _fwd_bwd(reference, q32, k32, v32, do.float(), causal=True)
+    return q.detach(), k.detach(), v.detach(), do, ref, ref_grads
+
+
+@pytest.mark.skipif(not GPU, reason="needs a CUDA GPU: compiles every autotune config")
+@pytest.mark.parametrize("dropout_p", [0.0, 0.2])
+@pytest.mark.parametrize("cfg", fa.FWD_CONFIGS, ids=str)
+def test_gpu_every_config_forward(cfg, dropout_p):
+    """The tuner keeps whichever config is fastest, so each forward config must be right."""
+    q, k, v, _, ref, _ = _every_config_case(dropout_p)
+    out, _ = fa._forward(q, k, v, True, 1 / math.sqrt(64), dropout_p, EVERY_CONFIG_SEED, config=cfg)
+    rel = (out.float() - ref).norm() / ref.norm()
+    assert rel < 1e-2, f"out differs by {rel:.2e} relative"
+
+
+@pytest.mark.skipif(not GPU, reason="needs a CUDA GPU: compiles every autotune config")
+@pytest.mark.parametrize("dropout_p", [0.0, 0.2])
+@pytest.mark.parametrize("cfg", fa.BWD_CONFIGS, ids=str)
+def test_gpu_every_config_backward(cfg, dropout_p):
+    """Each backward config must be right too (O and the LSE from one fixed forward config, not tuned here)."""
+    q, k, v, do, _, ref_grads = _every_config_case(dropout_p)
+    scale = 1 / math.sqrt(64)
+    o, lse = fa._forward(q, k, v, True, scale, dropout_p, EVERY_CONFIG_SEED, config=GPU_TEST_FWD_CONFIG)
+    grads = fa._backward(do, q, k, v, o, lse, True, scale, dropout_p, EVERY_CONFIG_SEED, config=cfg)
+    for name, got, want in zip("qkv", grads, ref_grads):
+        rel = (got.float() - want.float()).norm() / want.float().norm()
+        assert rel < 2e-2, f"d{name} differs by {rel:.2e} relative"

@@ -61,33 +61,22 @@ def _specs() -> list[tuple[str, object, dict, dict, int, int]]:
     specs = []
     attention = [
         ("attn fwd", fa._attn_fwd, fa.FWD_CONFIGS, {**bf16("Q", "K", "V", "O"), **fp32("LSE")}),
-        (
-            "attn dkdv",
-            fa._attn_bwd_dkdv,
-            fa.DKDV_CONFIGS,
-            {**bf16("Q", "K", "V", "DO", "DK", "DV"), **fp32("LSE", "DELTA")},
-        ),
-        ("attn dq", fa._attn_bwd_dq, fa.DQ_CONFIGS, {**bf16("Q", "K", "V", "DO", "DQ"), **fp32("LSE", "DELTA")}),
+        ("attn bwd", fa._attn_bwd, fa.BWD_CONFIGS, {**bf16("Q", "K", "V", "O", "DO", "DQ", "DK", "DV"), **fp32("LSE")}),
     ]
+    attn_scalars = {**scalars, "keep_scale": "fp32"}
     for name, kernel, configs, sig in attention:
-        # the first config and the first 8-warp one (all of them take minutes) at D=64, causal, even T
-        for cfg in configs[:1] + [c for c in configs if c.num_warps == 8][:1]:
-            const = dict(HEAD_DIM=64, CAUSAL=True, EVEN_T=True, **cfg.kwargs)
-            specs.append((f"{name} {cfg}", kernel, {**sig, **scalars}, const, cfg.num_warps, cfg.num_stages))
-        cfg = configs[0]  # the other branches: not causal, uneven T, fp16
+        # the first config and the first with the other warp count (all of them take minutes) at D=64, causal, even T
+        for cfg in configs[:1] + [c for c in configs if c.num_warps != configs[0].num_warps][:1]:
+            const = dict(HEAD_DIM=64, CAUSAL=True, EVEN_T=True, DROPOUT=False, **cfg.kwargs)
+            specs.append((f"{name} {cfg}", kernel, {**sig, **attn_scalars}, const, cfg.num_warps, cfg.num_stages))
+        cfg = configs[0]  # the other branches: dropout; not causal, uneven T, fp16
+        const = dict(HEAD_DIM=64, CAUSAL=True, EVEN_T=True, DROPOUT=True, **cfg.kwargs)
+        specs.append((f"{name} dropout {cfg}", kernel, {**sig, **attn_scalars}, const, cfg.num_warps, cfg.num_stages))
         sig16 = {k: v.replace("bf16", "fp16") for k, v in sig.items()}
-        const = dict(HEAD_DIM=32, CAUSAL=False, EVEN_T=False, **cfg.kwargs)
-        specs.append((f"{name} fp16 uneven {cfg}", kernel, {**sig16, **scalars}, const, cfg.num_warps, cfg.num_stages))
-    specs.append(
-        (
-            "attn preprocess",
-            fa._bwd_preprocess,
-            {**bf16("O", "DO"), **fp32("DELTA")},
-            dict(HEAD_DIM=64, BLOCK_M=fa.PREPROCESS_BLOCK_M),
-            4,
-            3,
+        const = dict(HEAD_DIM=32, CAUSAL=False, EVEN_T=False, DROPOUT=False, **cfg.kwargs)
+        specs.append(
+            (f"{name} fp16 uneven {cfg}", kernel, {**sig16, **attn_scalars}, const, cfg.num_warps, cfg.num_stages)
         )
-    )
     norms = [
         (
             "add_layer_norm fwd",
@@ -177,7 +166,7 @@ def test_kernels_compile_for_sm90():
     too_big = [b["name"] for b in builds if b["shared"] > SM90_SHARED_BYTES]
     assert not too_big, too_big
     # Each attention kernel keeps at least one config that does not spill registers at D=64.
-    for kernel in ("attn fwd", "attn dkdv", "attn dq"):
+    for kernel in ("attn fwd", "attn bwd"):
         assert any(b["name"].startswith(kernel + " ") and b["stack"] == 0 for b in builds), kernel
     spilling = [b["name"] for b in builds if not b["name"].startswith("attn") and b["stack"] != 0]
     assert not spilling, spilling  # the norm, swiglu and loss kernels never spill

@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from kernels import flash_attention as fa
 from model import layers
 from model.presets import get_preset
 from model.transformer import GPT
@@ -108,6 +109,99 @@ def test_kernel_path_matches_pytorch_path(flavour, monkeypatch):
     assert abs(kernel_loss - ref_loss) < 1e-4, (kernel_loss, ref_loss)
     for got, want in zip(kernel_grads, ref_grads):
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-3)
+
+
+def _force_kernels(monkeypatch) -> None:
+    """Our kernels for CPU tensors too (Triton's interpreter), as on CUDA; use_kernels(False) still turns them off."""
+    monkeypatch.setattr(layers, "_kernel_impl", lambda t: "triton" if layers._KERNELS_ON.get() else None)
+
+
+def _spy(monkeypatch, owner, name: str) -> list[dict]:
+    """Records the keyword arguments of each call of owner.name (and still calls it)."""
+    calls, real = [], getattr(owner, name)
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, spy)
+    return calls
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="forces Triton's CPU interpreter; on a GPU the tests below run")
+@pytest.mark.parametrize("n_kv_head", [4, 2])
+def test_attention_with_dropout_takes_the_flash_kernel(n_kv_head, monkeypatch):
+    """Training (dropout > 0) routes to our kernel, whose seed comes from torch's generator: with the seed replayed,
+    the output and gradients are the reference's under the kernel's own keep mask (MHA and GQA)."""
+    _force_kernels(monkeypatch)
+    flash_calls = _spy(monkeypatch, fa, "flash_attention")
+    sdpa_calls = _spy(monkeypatch, layers.F, "scaled_dot_product_attention")
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 4, 24, 16, generator=g, requires_grad=True)
+    k, v = (torch.randn(2, n_kv_head, 24, 16, generator=g, requires_grad=True) for _ in range(2))
+    do = torch.randn(2, 4, 24, 16, generator=g)
+    torch.manual_seed(42)
+    out = layers.attention(q, k, v, causal=True, dropout_p=0.25)
+    grads = torch.autograd.grad(out, (q, k, v), do)
+    assert [c["dropout_p"] for c in flash_calls] == [0.25] and not sdpa_calls
+
+    torch.manual_seed(42)
+    keep = fa.dropout_keep_mask(fa._draw_seed(), 2, 4, 24, 0.25, "cpu")  # the seed the call drew
+    ref = fa.reference(q, k, v, causal=True, dropout_p=0.25, keep=keep)
+    ref_grads = torch.autograd.grad(ref, (q, k, v), do)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    for got, want in zip(grads, ref_grads):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "case", ["kernels off", "explicit mask", "keys longer than queries", "head dim 24", "T past the dropout limit"]
+)
+def test_attention_with_dropout_keeps_sdpa_elsewhere(case, monkeypatch):
+    """Where our kernel does not apply, dropout still goes to SDPA, unchanged (flash is never called)."""
+    _force_kernels(monkeypatch)
+    flash_calls = _spy(monkeypatch, fa, "flash_attention")
+    sdpa_calls = _spy(monkeypatch, layers.F, "scaled_dot_product_attention")
+    T, S, D, mask = 8, 8, 16, None
+    if case == "explicit mask":
+        mask = torch.ones(T, S, dtype=torch.bool).tril()
+    elif case == "keys longer than queries":
+        S = 12
+    elif case == "head dim 24":
+        D = 24
+    elif case == "T past the dropout limit":
+        monkeypatch.setattr(fa, "MAX_DROPOUT_T", T - 1)
+    q, k, v = torch.randn(1, 2, T, D), torch.randn(1, 2, S, D), torch.randn(1, 2, S, D)
+    with layers.use_kernels(case != "kernels off"):
+        out = layers.attention(q, k, v, causal=mask is None and S == T, mask=mask, dropout_p=0.5)
+    assert not flash_calls and [c["dropout_p"] for c in sdpa_calls] == [0.5]
+    assert out.shape == (1, 2, T, D)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="forces Triton's CPU interpreter; on a GPU the tests below run")
+def test_training_step_with_dropout_runs_the_kernel_and_repeats_under_a_seed(monkeypatch):
+    """A GQA model in train mode with dropout 0.2: its attention goes to the flash kernel with p = 0.2,
+    gradients are finite, and torch.manual_seed replays the step exactly (the in-kernel masks included)."""
+    _force_kernels(monkeypatch)
+    flash_calls = _spy(monkeypatch, fa, "flash_attention")
+    config = get_preset(
+        "tiny", n_layer=1, n_embd=64, block_size=T, vocab_size=VOCAB, dropout=0.2, **FLAVOURS["llama-gqa"]
+    )
+    torch.manual_seed(0)
+    model = GPT(config).train()
+    idx, targets = copy_batch(torch.Generator().manual_seed(3), 2)
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(7)
+        runs.append(_run(model, idx, targets))
+    assert [c["dropout_p"] for c in flash_calls] == [0.2] * 2  # one layer, two runs
+    (_, loss_a, grads_a), (_, loss_b, grads_b) = runs
+    assert loss_a == loss_b
+    for a, b in zip(grads_a, grads_b):
+        assert torch.isfinite(a).all()
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+    torch.manual_seed(8)
+    assert _run(model, idx, targets)[1] != loss_a  # another seed, other masks
 
 
 def test_use_kernels_false_keeps_pytorch(monkeypatch):

@@ -92,14 +92,18 @@ def attention(
     """
     n_head, n_kv_head = q.shape[1], k.shape[1]
     assert n_head % n_kv_head == 0, f"n_head={n_head} is not a multiple of n_kv_head={n_kv_head}"
-    flash_ok = mask is None and dropout_p == 0.0 and k.shape[2] == q.shape[2] and q.shape[-1] in fa.SUPPORTED_HEAD_DIMS
+    # our kernel draws its dropout mask in-kernel (Philox), so the training path (dropout > 0) takes it too
+    T = q.shape[2]
+    flash_ok = mask is None and k.shape[2] == T and q.shape[-1] in fa.SUPPORTED_HEAD_DIMS
+    flash_ok = flash_ok and (dropout_p == 0.0 or T <= fa.MAX_DROPOUT_T)
     impl = _kernel_impl(q)
     if impl and flash_ok:
         if torch.is_autocast_enabled(q.device.type):
             # autocast casts SDPA's inputs itself; our kernel takes one dtype (RoPE leaves q, k fp32 beside a bf16 v)
             q, k, v = (t.to(torch.get_autocast_dtype(q.device.type)) for t in (q, k, v))
         if q.dtype == k.dtype == v.dtype and q.dtype in fa.SUPPORTED_DTYPES:
-            return fa.flash_attention(q, k, v, causal=causal, impl=impl)  # GQA natively: no repeated K/V heads
+            # GQA natively: no repeated K/V heads
+            return fa.flash_attention(q, k, v, causal=causal, dropout_p=dropout_p, impl=impl)
     if n_kv_head != n_head:
         # Repeat each K/V head for its group of query heads (explicit, so every backend and
         # exporter sees a plain MHA graph).
