@@ -112,6 +112,7 @@ class SlotState:
         self.top_p = torch.ones(n_slots, 1, device=device)
         self.penalty = torch.ones(n_slots, 1, device=device)
         self.seen = torch.zeros(n_slots, vocab_size, dtype=torch.bool, device=device)  # context tokens per slot
+        self._true = torch.ones((), dtype=torch.bool, device=device)  # a device value to store (graph capture)
 
     def allow(self, n: int) -> None:
         """Only ids below n (the tokenizer's vocabulary; the model's may be padded beyond it) are drawn."""
@@ -158,7 +159,7 @@ class SlotState:
         self.token[slots] = tokens
         self.pos[slots] = positions
         if full:
-            self.seen[slots, tokens] = True
+            self.seen.index_put_((slots, tokens), self._true)
 
 
 class TorchRunner:
