@@ -290,6 +290,13 @@ TRAIN_PRESETS: dict[str, TrainConfig] = {
     "shakespeare-char-fast": TrainConfig(
         preset="shakespeare-char", **{**_NANOGPT_CHAR, "max_steps": 2500, "lr": 1.5e-3, "min_lr": 1.5e-4}
     ),
+    # modded-nanogpt's recipe on the same data, split and evaluation: Muon for the blocks' matrices (AdamW for the
+    # embeddings, head, norms, biases), a trapezoid schedule (warmup, flat, linear warmdown to 0), QK-norm, ReLU², an
+    # untied head (model preset shakespeare-char-muon). A first guess, not yet measured: see trainer/PERF_NOTES.md.
+    "shakespeare-char-muon": TrainConfig(
+        preset="shakespeare-char-muon", **{**_NANOGPT_CHAR, "max_steps": 2000, "optimizer": "muon", "muon_lr": 0.03,
+        "lr": 2e-3, "min_lr": 0.0, "decay": "trapezoid", "warmdown_steps": 1000},
+    ),
     "small": TrainConfig(
         preset="small", tokenizer="bpe", bpe_vocab=4096, max_steps=5000, batch_size=64, block_size=256,
         lr=1e-3, min_lr=1e-4, warmup=100, eval_interval=250, eval_iters=100, dtype="bfloat16", compile_mode="default",
