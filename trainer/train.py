@@ -32,6 +32,7 @@ from model.layers import use_kernels
 from model.presets import get_preset
 from model.transformer import GPT
 from trainer import distributed as dist
+from trainer.compile_cache import cache_friendly
 from trainer.config import ConfigError, TrainConfig, micro_batch_plan
 from trainer.data import BatchLoader, TokenData, WindowSampler, prepare_data
 from trainer.distributed import SINGLE, DistInfo
@@ -223,6 +224,8 @@ def _train(
     start = time.perf_counter()
     try:
         scope.enter_context(_recompile_room(config))
+        if config.compile:
+            scope.enter_context(cache_friendly())  # a warm launch loads AOTAutograd's cache (trainer.compile_cache)
         if profiler is not None:
             scope.enter_context(profiler)
         pending = _Pending(device)

@@ -261,11 +261,14 @@ def _startup_worker(args: argparse.Namespace) -> int:
     firsts: list[float] = []
     train(config, corpus, store_root=workdir / "startup-store", run_dir=workdir / f"startup-{time.time_ns()}",
           data_dir=workdir / "data", progress_callback=lambda step, m: firsts.append(time.time() - launch))  # fmt: skip
-    Path(args.startup_worker).write_text(json.dumps({"first_step_s": firsts[0]}))
+    aot = dict(torch._dynamo.utils.counters["aot_autograd"])  # a warm launch should show autograd_cache_hit only
+    Path(args.startup_worker).write_text(json.dumps({"first_step_s": firsts[0], "aot_autograd": aot}))
     log.info(
-        "start-up: %.1f s to main (interpreter, imports), %.1f s to the first step; compile phases:\n%s",
+        "start-up: %.1f s to main (interpreter, imports), %.1f s to the first step; AOTAutograd cache %s; "
+        "compile phases:\n%s",
         started,
         firsts[0],
+        aot,
         torch._dynamo.utils.compile_times(repr="str"),
     )
     return 0
