@@ -25,20 +25,22 @@ __all__ = ["NS_COEFFS", "newton_schulz", "Muon", "MuonAdamW", "is_hidden_matrix"
 NS_COEFFS = (3.4445, -4.7750, 2.0315)
 
 
-def newton_schulz(g: torch.Tensor, steps: int = 5, eps: float = 1e-7) -> torch.Tensor:
-    """Approximately orthogonalise g (..., m, n): U V^T of its SVD, in bfloat16 (returned as bfloat16)."""
+def newton_schulz(
+    g: torch.Tensor, steps: int = 5, eps: float = 1e-7, dtype: torch.dtype = torch.bfloat16
+) -> torch.Tensor:
+    """Approximately orthogonalise g (..., m, n): U V^T of its SVD, computed (and returned) in `dtype`."""
     assert g.dim() >= 2, f"newton_schulz needs a matrix or a batch of them, got shape {tuple(g.shape)}"
     a, b, c = NS_COEFFS
-    x = g.bfloat16()
+    x = g.to(dtype).reshape(-1, *g.shape[-2:])  # (k, m, n)
     tall = g.size(-2) > g.size(-1)
     if tall:
-        x = x.mT  # (..., n, m): iterate on the short side, X X^T is the smaller Gram matrix
+        x = x.mT  # (k, n, m): iterate on the short side, X X^T is the smaller Gram matrix
     x = x / (x.norm(dim=(-2, -1), keepdim=True) + eps)  # spectral norm <= Frobenius norm <= 1
-    for _ in range(steps):
-        gram = x @ x.mT  # (..., m, m)
-        poly = b * gram + c * (gram @ gram)
-        x = a * x + poly @ x
-    return x.mT if tall else x
+    for _ in range(steps):  # three kernels a step: G = X X^T, P = b G + c G G, X = a X + P X
+        gram = torch.bmm(x, x.mT)  # (k, m, m)
+        poly = torch.baddbmm(gram, gram, gram, beta=b, alpha=c)
+        x = torch.baddbmm(x, poly, x, beta=a)
+    return (x.mT if tall else x).reshape(g.shape)
 
 
 def is_hidden_matrix(name: str, p: torch.Tensor) -> bool:
@@ -49,7 +51,7 @@ def is_hidden_matrix(name: str, p: torch.Tensor) -> bool:
 class Muon(torch.optim.Optimizer):
     """Muon for 2-D parameters. Per group: lr, momentum (0.95), nesterov (True), ns_steps (5), weight_decay
     (decoupled, 0 by default). `lr` may be a float or a 0-d device tensor (read on the device under CUDA-graph
-    capture, as trainer.step_graph sets it)."""
+    capture, as trainer.step_graph sets it). `ns_dtype`: the iteration's precision (bfloat16; float32 for tests)."""
 
     def __init__(
         self,
@@ -59,9 +61,11 @@ class Muon(torch.optim.Optimizer):
         nesterov: bool = True,
         ns_steps: int = 5,
         weight_decay: float = 0.0,
+        ns_dtype: torch.dtype = torch.bfloat16,
     ) -> None:
         defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps, weight_decay=weight_decay)
         super().__init__(params, defaults)
+        self.ns_dtype = ns_dtype
         for group in self.param_groups:
             for p in group["params"]:
                 if p.dim() != 2:
@@ -90,13 +94,13 @@ class Muon(torch.optim.Optimizer):
         beta = group["momentum"]
         torch._foreach_lerp_(bufs, grads, 1.0 - beta)  # buf = beta * buf + (1 - beta) * g
         updates = torch._foreach_lerp(grads, bufs, beta) if group["nesterov"] else bufs
-        orthogonal = _orthogonalise(updates, group["ns_steps"])
+        orthogonal = _orthogonalise(updates, group["ns_steps"], self.ns_dtype, params[0].dtype)
         lr, wd = group["lr"], group["weight_decay"]
         if wd:
             decay = 1.0 - lr * wd
             torch._foreach_mul_(params, decay)
-        # step = -lr * sqrt(max(1, rows / cols)) * O, in the parameters' dtype
-        steps = [o.to(p.dtype) for o, p in zip(orthogonal, params)]
+        # step = -lr * sqrt(max(1, rows / cols)) * O
+        steps = orthogonal
         torch._foreach_mul_(steps, [-(max(1.0, p.size(0) / p.size(1)) ** 0.5) for p in params])
         if isinstance(lr, torch.Tensor):
             torch._foreach_mul_(steps, lr)
@@ -105,15 +109,18 @@ class Muon(torch.optim.Optimizer):
             torch._foreach_add_(params, steps, alpha=lr)
 
 
-def _orthogonalise(mats: list[torch.Tensor], steps: int) -> list[torch.Tensor]:
-    """newton_schulz of each matrix, batched over the matrices of one (wide-side) shape."""
+def _orthogonalise(
+    mats: list[torch.Tensor], steps: int, ns_dtype: torch.dtype, dtype: torch.dtype
+) -> list[torch.Tensor]:
+    """newton_schulz of each matrix (in ns_dtype, returned as `dtype`), batched over the matrices of one (wide-side)
+    shape."""
     by_shape: dict[tuple[int, int], list[int]] = defaultdict(list)
     for i, m in enumerate(mats):
         by_shape[(min(m.shape), max(m.shape))].append(i)
     out: list[torch.Tensor | None] = [None] * len(mats)
     for index in by_shape.values():
         wide = torch.stack([mats[i].mT if mats[i].size(0) > mats[i].size(1) else mats[i] for i in index])  # (k, m, n)
-        ortho = newton_schulz(wide, steps)
+        ortho = newton_schulz(wide, steps, dtype=ns_dtype).to(dtype)  # (k, m, n), one cast for the batch
         for j, i in enumerate(index):
             out[i] = ortho[j].mT if mats[i].size(0) > mats[i].size(1) else ortho[j]
     return out  # type: ignore[return-value]
