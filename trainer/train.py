@@ -94,25 +94,35 @@ def build_model(config: TrainConfig, vocab_size: int) -> GPT:
 
 def make_optimizer(model: torch.nn.Module, config: TrainConfig, device: torch.device) -> Optimizer:
     """AdamW with weight decay on matrices (embeddings, linears) only, as nanoGPT; fused kernels on CUDA. With
-    optimizer=muon, the blocks' 2-D matrices go to Muon (trainer.muon) instead. Every group records its `base_lr`:
-    the schedule scales it (`set_lr`)."""
+    optimizer=muon, the blocks' 2-D matrices go to Muon (trainer.muon) instead. Every group records its `base_lr`
+    (`assign_base_lr`): the schedule scales it (`set_lr`)."""
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     hidden = [p for n, p in named if config.optimizer == "muon" and is_hidden_matrix(n, p)]
     taken = {id(p) for p in hidden}
     rest = [p for _, p in named if id(p) not in taken]
     groups = [
-        {"params": [p for p in rest if p.dim() >= 2], "weight_decay": config.weight_decay, "base_lr": config.lr},
-        {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0, "base_lr": config.lr},
+        {"params": [p for p in rest if p.dim() >= 2], "weight_decay": config.weight_decay},
+        {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0},
     ]
     fused = device.type == "cuda"
-    adamw = torch.optim.AdamW([g for g in groups if g["params"]], lr=config.lr, betas=config.betas, fused=fused)
-    if config.optimizer == "adamw":
-        return adamw
-    if not hidden:
-        raise ConfigError("optimizer", "optimizer=muon found no 2-D matrices in the model's blocks to train")
-    muon = Muon([{"params": hidden, "base_lr": config.muon_lr}], lr=config.muon_lr, momentum=config.muon_momentum,
-                weight_decay=config.muon_weight_decay)  # fmt: skip
-    return MuonAdamW(adamw, muon)
+    optimizer: Optimizer = torch.optim.AdamW(
+        [g for g in groups if g["params"]], lr=config.lr, betas=config.betas, fused=fused
+    )
+    if config.optimizer == "muon":
+        if not hidden:
+            raise ConfigError("optimizer", "optimizer=muon found no 2-D matrices in the model's blocks to train")
+        muon = Muon(hidden, lr=config.muon_lr, momentum=config.muon_momentum, weight_decay=config.muon_weight_decay)
+        optimizer = MuonAdamW(optimizer, muon)
+    assign_base_lr(optimizer, config)
+    return optimizer
+
+
+def assign_base_lr(optimizer: Optimizer, config: TrainConfig) -> None:
+    """Each group's `base_lr` from the config: muon_lr for Muon's, lr for AdamW's. Also after a resume, whose saved
+    groups would otherwise bring back the learning rates of the run that saved them."""
+    muon_groups = optimizer.optimizers[1].param_groups if isinstance(optimizer, MuonAdamW) else []
+    for group in optimizer.param_groups:
+        group["base_lr"] = config.muon_lr if any(group is g for g in muon_groups) else config.lr
 
 
 def set_lr(optimizer: Optimizer, factor: float) -> None:
@@ -583,6 +593,7 @@ def _save_resume(run: _Run, elapsed_s: float | None = None) -> None:
 
 def _restore(run: _Run) -> None:
     state = load_resume_state(run.run_dir, run.model, run.optimizer, run.scaler, rank=run.info.rank, device=run.device)
+    assign_base_lr(run.optimizer, run.config)
     run.step = int(state["step"])
     run.best_val = math.inf if state["best_val"] is None else float(state["best_val"])
     run.best_step, run.bad_evals = int(state["best_step"]), int(state["bad_evals"])
