@@ -29,6 +29,11 @@ HF_DIR = "hf"
 
 def hf_architecture(config: ModelConfig) -> str:
     """ "llama" or "gpt2" for a config transformers can load; ExportError naming what does not fit otherwise."""
+    if config.qk_norm:
+        raise ExportError(
+            "hf: qk_norm=true has no transformers Llama or GPT-2 equivalent (their attention does not normalise q and "
+            "k); export this model as onnx or coreml, or train it with qk_norm=false"
+        )
     if config.norm == "rmsnorm" and config.pos == "rope" and config.mlp == "swiglu":
         return "llama"
     if config.norm == "layernorm" and config.pos == "learned" and config.mlp == "gelu":

@@ -85,3 +85,7 @@ def test_architecture_choice_and_refusal():
     for odd in (GPT2_TINY.replace(bias=False), LLAMA_TINY.replace(pos="learned"), GPT2_TINY.replace(n_kv_head=1)):
         with pytest.raises(ExportError, match="no standard transformers architecture"):
             hf_architecture(odd)
+    with pytest.raises(ExportError, match="no standard transformers architecture.*mlp=relu2"):
+        hf_architecture(GPT2_TINY.replace(mlp="relu2"))
+    with pytest.raises(ExportError, match="qk_norm=true has no transformers"):
+        hf_architecture(GPT2_TINY.replace(qk_norm=True))

@@ -16,7 +16,11 @@ from exporter.onnx_runner import OnnxDecoder
 from model.transformer import GPT
 
 
-@pytest.fixture(scope="module", params=[LLAMA_TINY, GPT2_TINY], ids=["llama-gqa", "gpt2"])
+# modded: shakespeare-char-muon's flavour (QK-norm, ReLU² MLP, untied head)
+MODDED_TINY = GPT2_TINY.replace(qk_norm=True, mlp="relu2", tie_weights=False)
+
+
+@pytest.fixture(scope="module", params=[LLAMA_TINY, GPT2_TINY, MODDED_TINY], ids=["llama-gqa", "gpt2", "modded"])
 def exported_graph(request, tmp_path_factory):
     torch.manual_seed(0)
     model = GPT(request.param).eval()

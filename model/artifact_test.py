@@ -44,9 +44,11 @@ def tok() -> CharTokenizer:
     return CharTokenizer.from_corpus(TEXT)
 
 
-@pytest.mark.parametrize("tie", [True, False])
-def test_save_load_bit_identical(tmp_path, tok, tie):
-    model = _model(tie_weights=tie)
+@pytest.mark.parametrize(
+    ("tie", "extra"), [(True, {}), (False, {}), (False, dict(qk_norm=True, mlp="relu2"))], ids=["tied", "untied", "qk"]
+)
+def test_save_load_bit_identical(tmp_path, tok, tie, extra):
+    model = _model(tie_weights=tie, **extra)
     model_id = save_artifact(tmp_path, model, tok, name="unit", preset="custom", metrics={"val_loss": 1.5})
     path = tmp_path / model_id
     assert sorted(p.name for p in path.iterdir()) == [

@@ -20,7 +20,7 @@ __all__ = ["ModelConfig", "NORMS", "POSITIONS", "MLPS"]
 
 NORMS = ("rmsnorm", "layernorm")
 POSITIONS = ("rope", "learned")
-MLPS = ("swiglu", "gelu")
+MLPS = ("swiglu", "gelu", "relu2")
 
 # Upper bounds keep obviously wrong values (a typo'd 10x) out; they are far above any preset.
 _MAX_VOCAB = 1 << 20
@@ -36,7 +36,7 @@ class ModelConfig:
 
     Defaults are GPT-2 124M as trained by nanoGPT. `n_kv_head=None` means "same as n_head" (MHA) and is
     resolved at construction, so the stored value is always an int. `mlp_hidden=0` means automatic:
-    4 * n_embd for GELU, and 8/3 * n_embd rounded up to a multiple of 64 for SwiGLU (Llama's rule,
+    4 * n_embd for GELU and ReLU² (relu2: relu(x)**2, modded-nanogpt's MLP), and 8/3 * n_embd rounded up to a multiple of 64 for SwiGLU (Llama's rule,
     which keeps the parameter count of a 4x GELU MLP).
     """
 
@@ -55,6 +55,7 @@ class ModelConfig:
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
     mlp_hidden: int = 0
+    qk_norm: bool = False  # RMS-normalise q and k per head (no learned scale), before RoPE: modded-nanogpt's QK-norm
 
     def __post_init__(self) -> None:
         check_int("vocab_size", self.vocab_size, 1, _MAX_VOCAB)
@@ -78,6 +79,7 @@ class ModelConfig:
         check_choice("pos", self.pos, POSITIONS)
         check_choice("mlp", self.mlp, MLPS)
         check_bool("tie_weights", self.tie_weights)
+        check_bool("qk_norm", self.qk_norm)
         check_number("norm_eps", self.norm_eps, 0.0, 1.0, lo_open=True, hi_open=True)
         check_number("rope_theta", self.rope_theta, 0.0, 1e12, lo_open=True, hi_open=False)
         check_int("mlp_hidden", self.mlp_hidden, 0, 16 * _MAX_EMBD)
@@ -103,7 +105,7 @@ class ModelConfig:
         """The MLP's hidden width, resolving `mlp_hidden=0` (automatic)."""
         if self.mlp_hidden:
             return self.mlp_hidden
-        if self.mlp == "gelu":
+        if self.mlp in ("gelu", "relu2"):
             return 4 * self.n_embd
         return 64 * math.ceil(8 * self.n_embd / 3 / 64)
 

@@ -23,7 +23,8 @@ from model.presets import PRESETS, get_preset
         ("dropout", 1.0, "dropout must be a number in [0.0, 1.0)"),
         ("norm", "batchnorm", "norm must be one of ['rmsnorm', 'layernorm']"),
         ("pos", "alibi", "pos must be one of ['rope', 'learned']"),
-        ("mlp", "relu", "mlp must be one of ['swiglu', 'gelu']"),
+        ("mlp", "relu", "mlp must be one of ['swiglu', 'gelu', 'relu2']"),
+        ("qk_norm", "yes", "qk_norm must be true or false"),
         ("bias", 1, "bias must be true or false"),
         ("norm_eps", 0.0, "norm_eps must be a number in (0.0, 1.0)"),
         ("rope_theta", float("nan"), "rope_theta must be a number"),
@@ -68,6 +69,7 @@ def test_from_dict_rejects_unknown_keys():
 def test_presets_shapes():
     expect = {
         "shakespeare-char": (6, 6, 384, 256),
+        "shakespeare-char-muon": (6, 6, 384, 256),
         "tiny": (4, 4, 128, 128),
         "small": (6, 8, 256, 256),
         "medium": (12, 8, 512, 512),
@@ -88,6 +90,8 @@ def test_presets_shapes():
         True,
         True,
     )
+    muon = get_preset("shakespeare-char-muon")  # nanoGPT's baby GPT with QK-norm, ReLU² and an untied head
+    assert muon == sc.replace(mlp="relu2", qk_norm=True, tie_weights=False)
     assert get_preset("gpt2-124m").vocab_size == 50304
     for name in ("tiny", "small", "medium", "large"):
         c = get_preset(name)

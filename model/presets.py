@@ -6,6 +6,8 @@ Two families:
 - Llama style (`tiny`, `small`, `medium`, `large`): RMSNorm, RoPE, SwiGLU, no biases, grouped-query
   attention (n_kv_head = n_head / 2 or fewer, halving the KV cache), tied embeddings (at these sizes the
   embedding is a large share of the parameters, and tying helps small-data training).
+- `shakespeare-char-muon`: the baby GPT's shape with modded-nanogpt's changes that cost no parameters: QK-norm, a
+  ReLU² MLP, and an untied head (+25k parameters at vocab 65); trained with Muon (trainer preset of the same name).
 
 `vocab_size` is the size of the tokenizer each preset is meant for (bytes for `tiny`, a small BPE for
 `small`, GPT-2's 50257 padded to a multiple of 64 for the rest); the trainer overrides it with its
@@ -27,6 +29,16 @@ _LLAMA = dict(bias=False, norm="rmsnorm", pos="rope", mlp="swiglu", tie_weights=
 PRESETS: dict[str, ModelConfig] = {
     "shakespeare-char": ModelConfig(
         vocab_size=65, n_layer=6, n_head=6, n_kv_head=6, n_embd=384, block_size=256, dropout=0.2, **_NANOGPT
+    ),
+    "shakespeare-char-muon": ModelConfig(
+        vocab_size=65,
+        n_layer=6,
+        n_head=6,
+        n_kv_head=6,
+        n_embd=384,
+        block_size=256,
+        dropout=0.2,
+        **{**_NANOGPT, "mlp": "relu2", "tie_weights": False, "qk_norm": True},
     ),
     "tiny": ModelConfig(
         vocab_size=256, n_layer=4, n_head=4, n_kv_head=2, n_embd=128, block_size=128, dropout=0.0, **_LLAMA

@@ -70,6 +70,7 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = config.dropout
         self.resid_dropout = nn.Dropout(config.dropout)
+        self.qk_eps = config.norm_eps if config.qk_norm else None  # None: no QK-norm
 
     def fuse_qkv(self) -> bool:
         """Keep q/k/v's weights (and biases) concatenated, so the cached path projects with one matmul instead of
@@ -111,6 +112,8 @@ class Attention(nn.Module):
             q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, D)
             k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
             v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
+        if self.qk_eps is not None:  # QK-norm: every head's q and k at unit RMS, so logits cannot blow up
+            q, k = _unit_rms(q, self.qk_eps), _unit_rms(k, self.qk_eps)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         dropout_p = self.dropout if self.training else 0.0
@@ -132,13 +135,20 @@ class Attention(nn.Module):
         return self.resid_dropout(self.o_proj(y))
 
 
+def _unit_rms(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """x / rms(x) over the last dimension, in float32 (plain ops: every exporter traces them)."""
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + eps)).type_as(x)
+
+
 class MLP(nn.Module):
-    """SwiGLU (gate_proj, up_proj, down_proj) or GELU (up_proj, down_proj) feed-forward."""
+    """SwiGLU (gate_proj, up_proj, down_proj), GELU or ReLU² (up_proj, down_proj) feed-forward."""
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         hidden = config.hidden_dim
         self.gated = config.mlp == "swiglu"
+        self.relu2 = config.mlp == "relu2"
         if self.gated:
             self.gate_proj = nn.Linear(config.n_embd, hidden, bias=config.bias)
         self.up_proj = nn.Linear(config.n_embd, hidden, bias=config.bias)
@@ -148,6 +158,8 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gated:
             h = swiglu(self.gate_proj(x), self.up_proj(x))  # (B, T, hidden)
+        elif self.relu2:
+            h = F.relu(self.up_proj(x)).square()  # (B, T, hidden)
         else:
             h = gelu(self.up_proj(x))  # (B, T, hidden)
         return self.dropout(self.down_proj(h))

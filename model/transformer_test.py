@@ -8,10 +8,14 @@ import torch
 from model.config import ModelConfig
 from model.kv_cache import KVCache
 from model.presets import get_preset
+from model.layers import apply_rope
 from model.transformer import GPT
 
 LLAMA = dict(norm="rmsnorm", pos="rope", mlp="swiglu", bias=False)
 NANOGPT = dict(norm="layernorm", pos="learned", mlp="gelu", bias=True)
+# shakespeare-char-muon's flavour: nanoGPT's with QK-norm, a ReLU² MLP and an untied head
+MODDED = dict(norm="layernorm", pos="learned", mlp="relu2", bias=True, qk_norm=True, tie_weights=False)
+LLAMA_QK = dict(LLAMA, qk_norm=True)
 
 
 def _config(n_kv_head: int, flavour: dict, **kw) -> ModelConfig:
@@ -71,7 +75,7 @@ def test_shakespeare_char_param_count():
     assert model.num_params() == 10_672_512 + 256 * 384
 
 
-@pytest.mark.parametrize("flavour", [LLAMA, NANOGPT], ids=["llama", "nanogpt"])
+@pytest.mark.parametrize("flavour", [LLAMA, NANOGPT, MODDED, LLAMA_QK], ids=["llama", "nanogpt", "modded", "llama-qk"])
 @pytest.mark.parametrize("n_kv_head", [4, 2, 1], ids=["mha", "gqa", "mqa"])
 def test_cached_decoding_matches_full_forward(n_kv_head, flavour):
     """Batched right-padded prefill, a chunked step, then single-token decode with every row at a
@@ -129,3 +133,29 @@ def test_cached_rejects_overflow():
     cache = KVCache(1, config, max_len=8)
     with pytest.raises(AssertionError, match="beyond kv_len"):
         model.forward_cached(torch.zeros(1, 4, dtype=torch.long), cache, torch.tensor([0]), torch.tensor([6]))
+
+
+def test_qk_norm_and_relu2_compute_what_they_say():
+    """QK-norm: the attention of q, k scaled to unit RMS per head before RoPE; ReLU²: down(relu(up(x))**2)."""
+    config = _config(2, LLAMA_QK, mlp="relu2")
+    model = _model(config)
+    attn, mlp = model.blocks[0].attn, model.blocks[0].mlp
+    x = torch.randn(2, 9, 32)
+    rope = model._rope(torch.arange(9)[None], x.dtype)
+    with torch.no_grad():
+        B, T, H, Hkv, D = 2, 9, 4, 2, 8
+        q = attn.q_proj(x).view(B, T, H, D).transpose(1, 2)
+        k = attn.k_proj(x).view(B, T, Hkv, D).transpose(1, 2)
+        v = attn.v_proj(x).view(B, T, Hkv, D).transpose(1, 2)
+        q = q / q.pow(2).mean(-1, keepdim=True).add(config.norm_eps).sqrt()
+        k = k / k.pow(2).mean(-1, keepdim=True).add(config.norm_eps).sqrt()
+        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        k, v = k.repeat_interleave(H // Hkv, dim=1), v.repeat_interleave(H // Hkv, dim=1)
+        scores = (q @ k.transpose(-1, -2)) / D**0.5
+        scores = scores.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf"))
+        y = (scores.softmax(-1) @ v).transpose(1, 2).reshape(B, T, 32)
+        torch.testing.assert_close(attn(x, rope), attn.o_proj(y), rtol=0, atol=1e-5)
+        torch.testing.assert_close(mlp(x), mlp.down_proj(torch.relu(mlp.up_proj(x)) ** 2), rtol=0, atol=1e-6)
+        plain = _model(config.replace(qk_norm=False))
+        assert not torch.allclose(plain.blocks[0].attn(x, rope), attn(x, rope), atol=1e-3)  # the norm does act
+    assert config.hidden_dim == 4 * 32 and not any("mlp.gate_proj" in n for n, _ in model.named_parameters())

@@ -39,6 +39,7 @@ __all__ = [
     "DECAYS",
     "COMPILE_MODES",
     "ANNEALS",
+    "OPTIMIZERS",
     "load_config",
     "parse_overrides",
     "micro_batch_plan",
@@ -46,9 +47,10 @@ __all__ = [
 
 TOKENIZERS = ("char", "byte", "bpe")
 DTYPES = ("float32", "bfloat16", "float16")
-DECAYS = ("cosine", "linear", "constant")
+DECAYS = ("cosine", "linear", "constant", "trapezoid")
 COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune")
 ANNEALS = ("linear", "cosine")
+OPTIMIZERS = ("adamw", "muon")
 
 # Inclusive numeric ranges; an upper bound only stops the obvious typo (an extra zero or three).
 _INT_RANGES: dict[str, tuple[int, int]] = {
@@ -58,6 +60,7 @@ _INT_RANGES: dict[str, tuple[int, int]] = {
     "grad_accum": (1, 1 << 16),
     "warmup": (0, 10_000_000),
     "decay_steps": (0, 10_000_000),  # 0: max_steps
+    "warmdown_steps": (0, 10_000_000),  # decay="trapezoid" only: the final linear decay's length
     "eval_interval": (1, 10_000_000),
     "eval_iters": (1, 100_000),
     "log_interval": (1, 10_000_000),
@@ -75,11 +78,15 @@ _FLOAT_RANGES: dict[str, tuple[float, float]] = {
     "dropout": (0.0, 0.99),
     "dropout_start": (0.0, 0.99),
     "dropout_end": (0.0, 0.99),
+    "muon_lr": (0.0, 10.0),
+    "muon_momentum": (0.0, 0.9999),
+    "muon_weight_decay": (0.0, 10.0),
 }
-_OPEN_BELOW = ("lr",)  # ranges (lo, hi] rather than [lo, hi]
+_OPEN_BELOW = ("lr", "muon_lr")  # ranges (lo, hi] rather than [lo, hi]
 _OPTIONAL = ("dropout", "dropout_start")  # None: "the preset's" / "no annealing"
 _CHOICES: dict[str, tuple[str, ...]] = {
     "tokenizer": TOKENIZERS, "dtype": DTYPES, "decay": DECAYS, "compile_mode": COMPILE_MODES, "dropout_anneal": ANNEALS,
+    "optimizer": OPTIMIZERS,
 }  # fmt: skip
 _BOOLS = ("grad_checkpointing", "resume", "tensorboard", "kernels", "step_graph")
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
@@ -108,11 +115,18 @@ class TrainConfig:
     lr: float = 1e-3
     min_lr: float = 1e-4
     warmup: int = 100
-    decay: str = "cosine"
+    decay: str = "cosine"  # cosine | linear | constant | trapezoid (constant after warmup, then a linear warmdown)
     decay_steps: int = 0  # steps over which lr decays to min_lr; 0: max_steps
+    warmdown_steps: int = 0  # trapezoid: lr falls linearly to min_lr over the last warmdown_steps of decay_steps
     weight_decay: float = 0.1
     betas: tuple[float, float] = (0.9, 0.99)
     grad_clip: float = 1.0
+    # adamw: AdamW for every parameter (nanoGPT). muon: Muon (trainer.muon) for the blocks' 2-D matrices at muon_lr,
+    # AdamW at lr for embeddings, head, norms and biases; both follow the same schedule (lr / config.lr).
+    optimizer: str = "adamw"
+    muon_lr: float = 0.02
+    muon_momentum: float = 0.95  # Nesterov momentum
+    muon_weight_decay: float = 0.0  # decoupled, on the Muon matrices
     dropout: float | None = None  # None: the model preset's
     # Dropout annealing: from dropout_start to dropout_end over dropout_anneal_steps (trainer.dropout_schedule).
     dropout_start: float | None = None  # None: no annealing (`dropout` throughout); else it replaces `dropout`
@@ -168,6 +182,7 @@ class TrainConfig:
             raise ConfigError(
                 "grad_accum", f"grad_accum must divide batch_size={self.batch_size}, got {self.grad_accum}"
             )
+        self._check_schedule()
         if self.dropout_anneal_levels == 1:
             raise ConfigError(
                 "dropout_anneal_levels", "dropout_anneal_levels must be 0 (automatic) or an integer in [2, 1000], got 1"
@@ -177,6 +192,22 @@ class TrainConfig:
         for key in ("name", "log_dir"):
             if not isinstance(getattr(self, key), str):
                 raise ConfigError(key, f"{key} must be a string, got {getattr(self, key)!r}")
+
+    def _check_schedule(self) -> None:
+        if self.decay != "trapezoid":
+            if self.warmdown_steps:
+                raise ConfigError(
+                    "warmdown_steps",
+                    f"warmdown_steps applies to decay=trapezoid only (decay={self.decay!r}); set it to 0",
+                )
+            return
+        room = self.lr_decay_steps - self.warmup
+        if not 1 <= self.warmdown_steps <= room:
+            raise ConfigError(
+                "warmdown_steps",
+                f"warmdown_steps must be an integer in [1, {room}] with decay=trapezoid (decay_steps or max_steps "
+                f"{self.lr_decay_steps} - warmup {self.warmup}), got {self.warmdown_steps}",
+            )
 
     @property
     def model_name(self) -> str:
@@ -258,6 +289,13 @@ TRAIN_PRESETS: dict[str, TrainConfig] = {
     # min_lr over 2,500 steps instead of 5,000 (nanoGPT's run is best at step 1,750 and overfits after it).
     "shakespeare-char-fast": TrainConfig(
         preset="shakespeare-char", **{**_NANOGPT_CHAR, "max_steps": 2500, "lr": 1.5e-3, "min_lr": 1.5e-4}
+    ),
+    # modded-nanogpt's recipe on the same data, split and evaluation: Muon for the blocks' matrices (AdamW for the
+    # embeddings, head, norms, biases), a trapezoid schedule (warmup, flat, linear warmdown to 0), QK-norm, ReLU², an
+    # untied head (model preset shakespeare-char-muon). A first guess, not yet measured: see trainer/PERF_NOTES.md.
+    "shakespeare-char-muon": TrainConfig(
+        preset="shakespeare-char-muon", **{**_NANOGPT_CHAR, "max_steps": 2000, "optimizer": "muon", "muon_lr": 0.03,
+        "lr": 2e-3, "min_lr": 0.0, "decay": "trapezoid", "warmdown_steps": 1000},
     ),
     "small": TrainConfig(
         preset="small", tokenizer="bpe", bpe_vocab=4096, max_steps=5000, batch_size=64, block_size=256,

@@ -14,6 +14,9 @@ def test_a_training_preset_of_its_own_trains_its_model_preset():
     fast, base = load_config("shakespeare-char-fast"), load_config("shakespeare-char")
     assert fast.preset == "shakespeare-char" and fast.max_steps < base.max_steps
     assert (fast.batch_size, fast.block_size, fast.dropout, fast.eval_iters) == (64, 256, 0.2, 200)
+    muon = load_config("shakespeare-char-muon")  # nanoGPT's batch, data split and evaluation; its own model preset
+    assert (muon.preset, muon.optimizer, muon.decay) == ("shakespeare-char-muon", "muon", "trapezoid")
+    assert (muon.batch_size, muon.block_size, muon.eval_iters, muon.compile_mode) == (64, 256, 200, "reduce-overhead")
 
 
 def test_shakespeare_char_is_nanogpts_recipe():

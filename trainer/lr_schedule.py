@@ -1,4 +1,5 @@
-"""The learning-rate schedule: linear warmup, then cosine (or linear, or no) decay to min_lr, as nanoGPT's get_lr."""
+"""The learning-rate schedule: linear warmup, then cosine (or linear, or no) decay to min_lr, as nanoGPT's get_lr; or
+the trapezoid of modded-nanogpt: warmup, constant, then a linear warmdown to min_lr over the last warmdown_steps."""
 
 from __future__ import annotations
 
@@ -18,6 +19,9 @@ def learning_rate(step: int, config: TrainConfig) -> float:
         return lr
     if step >= decay_steps:
         return min_lr
+    if config.decay == "trapezoid":
+        left = decay_steps - step  # in [1, decay_steps - warmup]
+        return min_lr + min(1.0, left / config.warmdown_steps) * (lr - min_lr)
     ratio = (step - warmup) / max(1, decay_steps - warmup)  # in [0, 1)
     if config.decay == "linear":
         coeff = 1.0 - ratio

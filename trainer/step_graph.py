@@ -45,7 +45,8 @@ def check_step_graph(config: Any, device: torch.device, world_size: int, accum: 
 class StepGraph:
     """One optimizer step of `model` (already built, on the GPU) captured as a CUDA graph.
 
-    `step(x, y, lr)` runs one step on the batch x, y (B, T) and returns (loss, grad norm before clipping), fresh
+    `step(x, y, lr_factor)` runs one step on the batch x, y (B, T), each group's learning rate its `base_lr` times
+    lr_factor (trainer.train.set_lr), and returns (loss, grad norm before clipping), fresh
     device tensors the next step does not overwrite. The first WARMUP_STEPS calls run eagerly on a side stream,
     the next one captures the graph and replays it, every later one only replays.
     """
@@ -53,7 +54,7 @@ class StepGraph:
     def __init__(
         self,
         model: torch.nn.Module,
-        optimizer: torch.optim.Optimizer,
+        optimizer: Any,  # torch.optim.Optimizer or trainer.muon.MuonAdamW
         autocast_dtype: torch.dtype | None,
         max_norm: float,
     ) -> None:
@@ -62,7 +63,8 @@ class StepGraph:
         self.calls = 0
         self.graph: torch.cuda.CUDAGraph | None = None
         device = next(model.parameters()).device
-        for group in optimizer.param_groups:  # the learning rate is read on the device by the captured AdamW
+        # The learning rate is read on the device by the captured AdamW (and Muon, which accepts a tensor lr).
+        for group in optimizer.param_groups:
             group["capturable"] = True
             group["lr"] = torch.tensor(float(group["lr"]), dtype=torch.float32, device=device)
         self.static: dict[str, torch.Tensor] = {}
@@ -81,9 +83,9 @@ class StepGraph:
         self.optimizer.step()
         return loss.detach(), norm.detach()
 
-    def step(self, x: torch.Tensor, y: torch.Tensor, lr: float) -> tuple[torch.Tensor, torch.Tensor]:
+    def step(self, x: torch.Tensor, y: torch.Tensor, lr_factor: float) -> tuple[torch.Tensor, torch.Tensor]:
         for group in self.optimizer.param_groups:
-            group["lr"].fill_(lr)
+            group["lr"].fill_(group["base_lr"] * lr_factor)
         self.calls += 1
         if self.calls <= WARMUP_STEPS:
             return self._eager(x, y)

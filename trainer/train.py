@@ -32,22 +32,25 @@ from model.layers import use_kernels
 from model.presets import get_preset
 from model.transformer import GPT
 from trainer import distributed as dist
+from trainer.compile_cache import cache_friendly
 from trainer.config import ConfigError, TrainConfig, micro_batch_plan
 from trainer.data import BatchLoader, TokenData, WindowSampler, prepare_data
 from trainer.distributed import SINGLE, DistInfo
 from trainer.dropout_schedule import dropout_at, dropout_levels
 from trainer.lr_schedule import learning_rate
+from trainer.muon import Muon, MuonAdamW, is_hidden_matrix
 from trainer.mfu import Throughput, peak_flops
 from trainer.resume_state import capture_rng, has_resume_state, load_resume_state, save_resume_state
 from trainer.run_log import RunLog, plot_curve
 from trainer.step_graph import StepGraph, check_step_graph
 from trainer.step_profiler import StepProfiler
 
-__all__ = ["TrainResult", "ProgressCallback", "train", "resolve_device", "build_model", "make_optimizer"]
+__all__ = ["TrainResult", "ProgressCallback", "train", "resolve_device", "build_model", "make_optimizer", "set_lr"]
 
 log = logging.getLogger(__name__)
 
 ProgressCallback = Callable[[int, dict[str, float]], None]
+Optimizer = torch.optim.Optimizer | MuonAdamW
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -89,15 +92,43 @@ def build_model(config: TrainConfig, vocab_size: int) -> GPT:
     return model
 
 
-def make_optimizer(model: torch.nn.Module, config: TrainConfig, device: torch.device) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices (embeddings, linears) only, as nanoGPT; fused kernels on CUDA."""
-    params = [p for p in model.parameters() if p.requires_grad]
+def make_optimizer(model: torch.nn.Module, config: TrainConfig, device: torch.device) -> Optimizer:
+    """AdamW with weight decay on matrices (embeddings, linears) only, as nanoGPT; fused kernels on CUDA. With
+    optimizer=muon, the blocks' 2-D matrices go to Muon (trainer.muon) instead. Every group records its `base_lr`
+    (`assign_base_lr`): the schedule scales it (`set_lr`)."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    hidden = [p for n, p in named if config.optimizer == "muon" and is_hidden_matrix(n, p)]
+    taken = {id(p) for p in hidden}
+    rest = [p for _, p in named if id(p) not in taken]
     groups = [
-        {"params": [p for p in params if p.dim() >= 2], "weight_decay": config.weight_decay},
-        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+        {"params": [p for p in rest if p.dim() >= 2], "weight_decay": config.weight_decay},
+        {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0},
     ]
     fused = device.type == "cuda"
-    return torch.optim.AdamW(groups, lr=config.lr, betas=config.betas, fused=fused)
+    optimizer: Optimizer = torch.optim.AdamW(
+        [g for g in groups if g["params"]], lr=config.lr, betas=config.betas, fused=fused
+    )
+    if config.optimizer == "muon":
+        if not hidden:
+            raise ConfigError("optimizer", "optimizer=muon found no 2-D matrices in the model's blocks to train")
+        muon = Muon(hidden, lr=config.muon_lr, momentum=config.muon_momentum, weight_decay=config.muon_weight_decay)
+        optimizer = MuonAdamW(optimizer, muon)
+    assign_base_lr(optimizer, config)
+    return optimizer
+
+
+def assign_base_lr(optimizer: Optimizer, config: TrainConfig) -> None:
+    """Each group's `base_lr` from the config: muon_lr for Muon's, lr for AdamW's. Also after a resume, whose saved
+    groups would otherwise bring back the learning rates of the run that saved them."""
+    muon_groups = optimizer.optimizers[1].param_groups if isinstance(optimizer, MuonAdamW) else []
+    for group in optimizer.param_groups:
+        group["base_lr"] = config.muon_lr if any(group is g for g in muon_groups) else config.lr
+
+
+def set_lr(optimizer: Optimizer, factor: float) -> None:
+    """Every group's learning rate to its base_lr times `factor` (the schedule's lr / config.lr)."""
+    for group in optimizer.param_groups:
+        group["lr"] = group["base_lr"] * factor
 
 
 @dataclass
@@ -110,7 +141,7 @@ class _Run:
     data: TokenData
     model: GPT  # the plain module: state dicts, checkpoints, artifact
     fwd: torch.nn.Module  # what the step calls: compiled and/or DDP-wrapped `model`
-    optimizer: torch.optim.AdamW
+    optimizer: Optimizer
     scaler: torch.amp.GradScaler
     sampler: WindowSampler
     train_batches: BatchLoader
@@ -203,6 +234,8 @@ def _train(
     start = time.perf_counter()
     try:
         scope.enter_context(_recompile_room(config))
+        if config.compile:
+            scope.enter_context(cache_friendly())  # a warm launch loads AOTAutograd's cache (trainer.compile_cache)
         if profiler is not None:
             scope.enter_context(profiler)
         pending = _Pending(device)
@@ -374,10 +407,9 @@ def _train_step(run: _Run) -> _StepOut:
     if run.graph is not None:  # one process, one micro-step, dropout fixed (check_step_graph)
         x, y = run.train_batches(offsets)
         with torch.profiler.record_function("step_graph"):
-            loss, grad_norm = run.graph.step(x, y, lr)
+            loss, grad_norm = run.graph.step(x, y, lr / config.lr)
         return _StepOut(loss, grad_norm, lr, dropout)
-    for group in run.optimizer.param_groups:
-        group["lr"] = lr
+    set_lr(run.optimizer, lr / config.lr)
     if config.anneals_dropout:
         dropout = dropout_at(run.step, config)
         run.model.set_dropout(dropout)
@@ -561,6 +593,7 @@ def _save_resume(run: _Run, elapsed_s: float | None = None) -> None:
 
 def _restore(run: _Run) -> None:
     state = load_resume_state(run.run_dir, run.model, run.optimizer, run.scaler, rank=run.info.rank, device=run.device)
+    assign_base_lr(run.optimizer, run.config)
     run.step = int(state["step"])
     run.best_val = math.inf if state["best_val"] is None else float(state["best_val"])
     run.best_step, run.bad_evals = int(state["best_step"]), int(state["bad_evals"])

@@ -9,8 +9,9 @@ from trainer.run_log import read_log
 from trainer.train import train
 
 
-def test_resume_reproduces_the_uninterrupted_run_exactly(small_corpus, tmp_path):
-    cfg = fast_config(dropout=0.1, resume=True)  # dropout: the torch RNG must resume too
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])  # muon: its momentum buffers and AdamW's state resume too
+def test_resume_reproduces_the_uninterrupted_run_exactly(small_corpus, tmp_path, optimizer):
+    cfg = fast_config(dropout=0.1, resume=True, optimizer=optimizer)  # dropout: the torch RNG must resume too
     full = train(cfg, small_corpus, store_root=tmp_path / "s", run_dir=tmp_path / "a", data_dir=tmp_path / "d")
 
     calls = []

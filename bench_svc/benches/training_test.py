@@ -26,7 +26,7 @@ def test_cpu_smoke_writes_csv_json_png(tmp_path, monkeypatch, capsys):
                        "--target", "2.0"])  # fmt: skip
     assert code == 0
     rows = list(csv.DictReader((out / "train-cpu.csv").open()))
-    assert [r["variant"] for r in rows] == ["tinylm", "tinylm-fast", "eager-pytorch"]
+    assert [r["variant"] for r in rows] == ["tinylm", "tinylm-fast", "tinylm-muon", "eager-pytorch"]
     assert all(r["gpu"] == "cpu" and r["command"].endswith("--target 2.0") and r["commit"] for r in rows)
     doc = json.loads((out / "train-cpu.json").read_text())
     for result in doc["results"]:
@@ -38,12 +38,14 @@ def test_cpu_smoke_writes_csv_json_png(tmp_path, monkeypatch, capsys):
         else:
             assert min(vals) > 2.0
         assert result["best_val_loss_full"] > 0  # the best weights scored on the whole val split
-    tinylm, fast, anchor = doc["results"]
+    tinylm, fast, muon, anchor = doc["results"]
     assert tinylm["compile"] and not anchor["compile"] and anchor["steps"] == tinylm["steps"] == 20
     # Compiled (fp32 on the CPU) and eager train the same model alike; the anchor comparison says by how much.
     assert 0 <= tinylm["max_eval_diff_vs_anchor"] < 1e-3
     assert abs(tinylm["curve"][0]["val_loss"] - anchor["curve"][0]["val_loss"]) < 1e-3
     assert fast["steps"] == 10 and fast["curve"][0]["val_loss"] != anchor["curve"][0]["val_loss"]  # another lr
+    assert muon["steps"] == 20 and muon["best_val_loss"] < muon["curve"][0]["val_loss"] - 0.2  # trains (2.2 -> 1.7)
+    assert muon["curve"][0]["val_loss"] != anchor["curve"][0]["val_loss"] and muon["max_eval_diff_vs_anchor"] is None
     assert (out / "train-cpu.png").stat().st_size > 1000
     assert "tinylm" in capsys.readouterr().out
 
@@ -57,6 +59,7 @@ def test_variants_picks_and_orders_and_names_the_choices(capsys):
     with pytest.raises(
         SystemExit,
         match=r"unknown variant\(s\) \['fast'\]; choose from \['tinylm', 'tinylm-graph', 'tinylm-fast', "
-        r"'tinylm-fast-graph', 'compile-default', 'eager', 'eager-pytorch'\]",
+        r"'tinylm-fast-graph', 'tinylm-muon', 'tinylm-muon-hot', 'tinylm-muon-long', 'tinylm-muon-gpt', "
+        r"'compile-default', 'eager', 'eager-pytorch'\]",
     ):
         training._variants(training._parse_args(["--variants", "fast"]))
