@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import faulthandler
 import signal
 import sys
 import threading
@@ -188,6 +189,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"http on {http.url} (OpenAI-compatible {http.url}/v1, metrics {http.url}/metrics)", flush=True)
 
     stop = threading.Event()
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1 PID`: every thread's stack to stderr
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     stop.wait()

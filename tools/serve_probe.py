@@ -140,11 +140,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"\n[engine B={b} {'sampled' if sampled else 'greedy'}] kernels: {r['top_kernels']}")
             print(f"[engine B={b}] host: {r['top_host']}")
             rows.append(r)
-        g = graph_probe(runner, b)
-        if g:
-            print(
-                f"\n[graph {g['key']}] replay {g['replay_ms']:.3f} ms, {g['kernels']:.0f} kernels: {g['top_kernels']}"
-            )
+        for full in (False, True):
+            g = graph_probe(runner, b, full)
+            if g:
+                print(f"\n[graph {g['key']}] {g['replay_ms']:.3f} ms, {g['kernels']:.0f} kernels: {g['top_kernels']}")
+                graphs.append((b, full, g))
     print(f"\n{'B':>4} {'mode':>8} {'tok/s':>10} {'wall ms':>8} {'busy ms':>8} {'kern/step':>9} {'steps':>6}")
     for r in rows:
         print(

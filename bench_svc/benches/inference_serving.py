@@ -25,6 +25,7 @@ import json
 import multiprocessing
 import os
 import re
+import signal
 import statistics
 import subprocess
 import sys
@@ -325,6 +326,7 @@ def _start_server(model_path: Path, device: str, max_slots: int, threads: int) -
     env = _child_env(TINYLM_TOKEN="")
     errors = tempfile.TemporaryFile(mode="w+")  # the server's stderr, shown if it fails to start
     proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=errors, text=True)
+    proc.errors_file = errors  # read by _stop_server if the server will not stop
     line = proc.stdout.readline()
     match = re.search(r" on (\S+)$", line.strip())
     if not match:
@@ -333,6 +335,29 @@ def _start_server(model_path: Path, device: str, max_slots: int, threads: int) -
         errors.seek(0)
         raise RuntimeError(f"inference server did not start: {line!r}; its stderr ends:\n{errors.read()[-3000:]}")
     return proc, match.group(1)
+
+
+def _stop_server(proc: subprocess.Popen) -> None:
+    """SIGTERM, then (a server that has not exited within 30 s is a bug worth seeing) its threads' stacks on stderr
+    through SIGUSR1 (inference_svc.main registers faulthandler), then SIGKILL: the row's figures are already taken."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=30)
+        return
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGUSR1)
+        time.sleep(2)
+        proc.kill()
+        proc.wait()
+        print(f"warning: the inference server ignored SIGTERM for 30 s; its stderr ends:\n{_stderr_tail(proc)}")
+
+
+def _stderr_tail(proc: subprocess.Popen) -> str:
+    errors = getattr(proc, "errors_file", None)
+    if errors is None:
+        return "(not kept)"
+    errors.seek(0)
+    return errors.read()[-6000:]
 
 
 def _grpc_row(backend: str, model_path: Path, tokenizer, device: str, plan: Plan, on_gpu: bool, threads: int) -> Row:
@@ -348,8 +373,7 @@ def _grpc_row(backend: str, model_path: Path, tokenizer, device: str, plan: Plan
             plan.grpc_client_processes,
         )
     finally:
-        proc.terminate()
-        proc.wait(timeout=60)
+        _stop_server(proc)
     return Row(
         backend,
         f"grpc {plan.grpc_streams} streams",
