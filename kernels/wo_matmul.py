@@ -1,24 +1,32 @@
 """Weight-only quantized matmul for decoding: y = x @ dequant(w).T with INT8 or INT4 weights.
 
-At decode time M (tokens in flight) is small (1..64) and a linear layer is bound by reading its weight,
-so storing it in 8 or 4 bits reads 2x or 4x fewer bytes than bf16. The Triton kernels here load the
-packed weight tile, dequantise it in registers (gpt-fast / llama.cpp style) and feed `tl.dot`; the
-full-precision weight never exists in memory. Layout: `kernels/quant_format.py`.
+At decode time M (tokens in flight) is small (1..16) and a linear layer is bound by reading its weight, so storing
+it in 8 or 4 bits reads 2x or 4x fewer bytes than bf16. One Triton kernel serves both formats (gpt-fast / GemLite
+style GEMV): each program owns BLOCK_N output channels and streams their whole rows of the packed weight, K
+contiguous (the layout of `kernels/quant_format.py`, row-major (N, K) or (N, K // 2)), with wide loads; it
+dequantises in registers and accumulates in fp32. The full-precision weight never exists in memory.
+
+Two inner products, chosen by the autotuner per (M bucket, N, K, format):
+- "FMA": acc (BM, BN) += sum_k x (BM, 1, BK) * w (1, BN, BK): no tensor cores, no padding of M. Right at M <= 4,
+  where a 16-row `tl.dot` would waste most of its work and its register layout conversions cost more than the math.
+- "dot": `tl.dot` with a 16..64-row M tile, for larger M where the FMA path would become compute-bound.
+
+No split-K: with BLOCK_N down to 2..8 rows per program, even N = 256..768 gives one or more programs per SM, and a
+second reduction kernel (or a memset for atomics) would cost more inside a CUDA graph than it saves. One launch per
+call, no host sync, no allocation but the output: the kernel can be captured in a CUDA graph (after a first,
+autotuning call outside the capture).
 
 Per kernel:
     int8_matmul_reference / int4_matmul_reference   dequantise-then-matmul in PyTorch (the truth)
-    int8_matmul_triton    / int4_matmul_triton      the fused Triton kernels (any M; meant for M <= 64)
+    int8_matmul_triton    / int4_matmul_triton      the fused Triton kernel (any M; meant for M <= 16)
     int8_matmul           / int4_matmul             wrappers, x (..., K); impl="auto" (Triton for CUDA
-                                                    inputs with M <= 64, the reference otherwise: CPU,
+                                                    inputs with M <= MAX_FUSED_M, the reference otherwise: CPU,
                                                     or prefill-sized M where dequantise + cuBLAS wins),
                                                     "triton" or "reference" (kernels/dispatch.py)
 
-Few output tiles (small N, tiny M) would leave most SMs idle, so the kernels split K across programs
-(split-K) into an fp32 partial buffer summed afterwards: deterministic, unlike atomics.
-
-Targets (measured by `kernels/inference_bench.py` at M = 1, 16, 64 on the `large` and `gpt2-124m`
-widths): >= 70% of measured copy bandwidth on weight bytes where the weight is large enough to leave
-launch overhead behind (the lm_head), and faster than the bf16 matmul of the same shape.
+Targets (kernels/inference_bench.py, timed inside a CUDA graph beside cuBLAS bf16 `F.linear` captured the same way,
+weights cold in L2): at least bf16 at every linear width of the `large` and `gpt2-124m` presets for M = 1..16; at the
+lm_head (768 -> 50304, M = 1) INT8 >= 1.2x and INT4 >= 1.5x bf16, >= 60% of copy bandwidth on the weight bytes.
 """
 
 from __future__ import annotations
@@ -29,11 +37,13 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.dispatch import Impl, num_sms, use_triton
+from kernels.dispatch import Impl, use_triton
 from kernels.quant_format import check_group_size, unpack_int4, unpack_int8
 
 __all__ = [
     "MAX_FUSED_M",
+    "WoConfig",
+    "dot_args",
     "int8_matmul",
     "int8_matmul_reference",
     "int8_matmul_triton",
@@ -43,37 +53,82 @@ __all__ = [
 ]
 
 MAX_FUSED_M = 64  # above this the wrappers dequantise and call cuBLAS
-_TARGET_PROGRAMS_PER_SM = 2  # split K until the grid has about this many programs per SM
-_MAX_SPLIT_K = 16
+MAX_FMA_M = 16  # the FMA path's M tile is the whole M bucket: beyond this only the dot path is offered
+FMA_REGISTER_BUDGET = 64  # fp32 product elements per thread of the FMA path's (BM, BN, BK) tile
+AUTOTUNE_REP_MS = 20
 
 
 @dataclass(frozen=True)
-class _Config:
-    """Launch configuration of one matmul: tile sizes, split-K and warps."""
+class WoConfig:
+    """One launch configuration: BLOCK_N output channels per program, BLOCK_K inputs per step, FMA or dot."""
 
-    block_m: int
     block_n: int
     block_k: int
-    k_per_split: int  # a multiple of block_k
-    split_k: int  # cdiv(K, k_per_split): every split gets at least one K tile
-    num_warps: int
-    num_stages: int
+    use_dot: bool = False
+    num_warps: int = 4
+    num_stages: int = 2
+
+    def block_m(self, m: int) -> int:
+        """The M tile: the whole M bucket for FMA, 16..64 rows for dot (its minimum is 16)."""
+        bucket = triton.next_power_of_2(max(m, 1))
+        return max(16, min(bucket, 64)) if self.use_dot else bucket
 
 
-def _pick_config(m: int, n: int, k: int, block_k: int, num_sms: int, split_k: int | None) -> _Config:
-    """Tiles for small M: one 16..64-row M tile, 64-wide N tiles, split-K to fill the SMs."""
-    block_m = max(16, triton.next_power_of_2(min(m, MAX_FUSED_M)))
-    block_n = 64
-    tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
-    k_blocks = triton.cdiv(k, block_k)
-    if split_k is None:
-        split_k = 1
-        while split_k * 2 <= min(_MAX_SPLIT_K, k_blocks) and tiles * split_k * 2 <= _TARGET_PROGRAMS_PER_SM * num_sms:
-            split_k *= 2
-    if not 1 <= split_k <= k_blocks:
-        raise ValueError(f"split_k must be in 1..{k_blocks} for K={k}, got {split_k}")
-    k_per_split = triton.cdiv(k_blocks, split_k) * block_k
-    return _Config(block_m, block_n, block_k, k_per_split, triton.cdiv(k, k_per_split), num_warps=4, num_stages=3)
+# Interpreter (CPU tests) default: small tiles, FMA (BLOCK_K raised to the INT4 group size where smaller).
+INTERPRET_CONFIG = WoConfig(block_n=8, block_k=64)
+
+# (BLOCK_N, BLOCK_K, num_warps, num_stages): rows of 128..1024 contiguous bytes per channel per step for INT8. The
+# 2- and 4-row tiles keep one program per SM or more at N = 256..768 (and fit M = 8..16 in the register budget).
+# All of them compile for sm_90 without spilling at M buckets 1..16 (checked with kernels/sm90_compile_test._build).
+_FMA_ENTRIES = (
+    (2, 256, 4, 3),
+    (2, 512, 8, 2),
+    (4, 128, 4, 3),
+    (2, 1024, 4, 2),
+    (4, 512, 4, 2),
+    (4, 1024, 8, 2),
+    (8, 256, 4, 3),
+    (8, 512, 8, 3),
+    (16, 256, 8, 3),
+    (32, 128, 4, 4),
+)
+_DOT_ENTRIES = ((16, 128, 4, 3), (16, 256, 4, 3), (32, 128, 4, 3), (32, 256, 8, 3), (64, 128, 4, 3))
+
+
+def _triton_config(c: WoConfig, m_bucket: int) -> triton.Config:
+    kw = dict(BLOCK_M=c.block_m(m_bucket), BLOCK_N=c.block_n, BLOCK_K=c.block_k, USE_DOT=c.use_dot)
+    return triton.Config(kw, num_warps=c.num_warps, num_stages=c.num_stages)
+
+
+CANDIDATES = tuple(WoConfig(bn, bk, False, w, s) for bn, bk, w, s in _FMA_ENTRIES) + tuple(
+    WoConfig(bn, bk, True, w, s) for bn, bk, w, s in _DOT_ENTRIES
+)
+
+
+def candidate_configs(m_bucket: int, k: int, group_size: int) -> list[WoConfig]:
+    """The configs worth timing for an M bucket: FMA only while its product tile fits the register budget, dot only
+    from M 4 on (below, a 16-row tile is mostly padding); INT4 tiles hold whole groups (BLOCK_K >= group_size)."""
+    keep = []
+    for c in CANDIDATES:
+        if c.block_k < group_size or c.block_k > max(triton.next_power_of_2(k), group_size, 64):
+            continue
+        if c.use_dot:
+            if m_bucket >= 4:
+                keep.append(c)
+        elif m_bucket <= MAX_FMA_M and m_bucket * c.block_n * c.block_k <= FMA_REGISTER_BUDGET * 32 * c.num_warps:
+            keep.append(c)
+    return keep or [c for c in CANDIDATES if c.use_dot and c.block_k >= group_size][:1]
+
+
+def _prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+    """Autotune hook: the candidates for this call's M bucket and K, with BLOCK_M filled in."""
+    m_bucket, group_size = kwargs["M_BUCKET"], kwargs["GROUP_SIZE"]
+    return [_triton_config(c, m_bucket) for c in candidate_configs(m_bucket, named_args["K"], group_size)]
+
+
+def _autotune_bench(kernel_call, quantiles):
+    """Configs are timed inside a CUDA graph, the way decode calls them (lone launches would time the host)."""
+    return triton.testing.do_bench_cudagraph(kernel_call, rep=AUTOTUNE_REP_MS, quantiles=quantiles)
 
 
 def dot_args(t: torch.Tensor) -> dict:
@@ -86,123 +141,93 @@ def dot_args(t: torch.Tensor) -> dict:
 
 
 @triton.jit
-def _tile(M, N, K, K_PER_SPLIT, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """This program's output rows and columns (grid: N tiles, M tiles, K splits) and its K range [start, end)."""
-    offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    k_start = tl.program_id(2) * K_PER_SPLIT
-    return offs_m, offs_n, offs_m < M, offs_n < N, k_start, tl.minimum(k_start + K_PER_SPLIT, K)
+def _mac(x, w, USE_DOT: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """x (BM, BK) times w (BN, BK), reduced over K: (BM, BN) fp32."""
+    if USE_DOT:
+        out = tl.dot(x.to(DOT_DTYPE), tl.trans(w.to(DOT_DTYPE)), input_precision=DOT_PRECISION)
+    else:
+        out = tl.sum(x.to(tl.float32)[:, None, :] * w[None, :, :], axis=2)
+    return out
 
 
 @triton.jit
-def _store_tile(out_ptr, acc, offs_m, offs_n, m_mask, n_mask, stride_os, stride_om, stride_on):
-    """acc (BM, BN) into out[split] (S, M, N): the output itself when K is not split, else fp32 partials."""
-    out_ptrs = out_ptr + tl.program_id(2) * stride_os + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
-    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
-
-
-@triton.jit
-def _int8_matmul_kernel(
+def _wo_matmul_kernel(
     x_ptr,
     w_ptr,
     scale_ptr,
-    out_ptr,  # x (M, K), w int8 (N, K), scale fp32 (N,), out (S, M, N)
+    out_ptr,  # x (M, K); w int8 (N, K) or uint8 (N, K // 2); scales fp32 (N,) or (N, K // G); out (M, N)
     M,
     N,
     K,
-    K_PER_SPLIT,
-    stride_xm,
-    stride_xk,
-    stride_wn,
-    stride_wk,
-    stride_os,
-    stride_om,
-    stride_on,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    DOT_DTYPE: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-):
-    offs_m, offs_n, m_mask, n_mask, k_start, k_end = _tile(M, N, K, K_PER_SPLIT, BLOCK_M, BLOCK_N)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(k_start, k_end, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        k_mask = offs_k < k_end
-        x = tl.load(
-            x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
-            mask=m_mask[:, None] & k_mask[None, :],
-            other=0.0,
-        )  # (BM, BK)
-        w = tl.load(
-            w_ptr + offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wk,
-            mask=k_mask[:, None] & n_mask[None, :],
-            other=0,
-        )  # (BK, BN) int8
-        acc += tl.dot(x.to(DOT_DTYPE), w.to(DOT_DTYPE), input_precision=DOT_PRECISION)
-    # The per-channel scale is constant along K, so it is applied once to the integer-weight sums.
-    scale = tl.load(scale_ptr + offs_n, mask=n_mask, other=0.0)  # (BN,)
-    acc = acc * scale[None, :]
-    _store_tile(out_ptr, acc, offs_m, offs_n, m_mask, n_mask, stride_os, stride_om, stride_on)
-
-
-@triton.jit
-def _int4_matmul_kernel(
-    x_ptr,
-    w_ptr,
-    scale_ptr,
-    out_ptr,  # x (M, K), w uint8 (N, K//2), scales fp32 (N, K//G), out (S, M, N)
-    M,
-    N,
-    K,
-    K_PER_SPLIT,
     stride_xm,
     stride_xk,
     stride_wn,
     stride_wk,
     stride_sn,
     stride_sg,
-    stride_os,
     stride_om,
     stride_on,
-    GROUP_SIZE: tl.constexpr,
+    M_BUCKET: tl.constexpr,  # next_power_of_2(M): the autotune key (and the FMA path's M tile)
+    BITS: tl.constexpr,
+    GROUP_SIZE: tl.constexpr,  # INT4 only (1 for INT8)
+    DOT_DTYPE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
-    DOT_DTYPE: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    USE_DOT: tl.constexpr,
 ):
-    GROUPS: tl.constexpr = BLOCK_K // GROUP_SIZE  # whole groups per K tile
-    offs_m, offs_n, m_mask, n_mask, k_start, k_end = _tile(M, N, K, K_PER_SPLIT, BLOCK_M, BLOCK_N)
-    offs_j = tl.arange(0, BLOCK_K // 2)  # byte j of the tile holds k = 2j (low) and 2j + 1 (high)
-    offs_g = tl.arange(0, GROUPS)
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    n_mask, m_mask = offs_n < N, offs_m < M
+    x_rows = x_ptr + offs_m[:, None] * stride_xm  # (BM, 1)
+    w_rows = w_ptr + offs_n[:, None] * stride_wn  # (BN, 1)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(k_start, k_end, BLOCK_K):
-        k_even = k0 + 2 * offs_j  # (BK/2,)
-        k_mask = k_even < k_end
-        x_mask = m_mask[:, None] & k_mask[None, :]
-        x_ptrs = x_ptr + offs_m[:, None] * stride_xm + k_even[None, :] * stride_xk
-        x_even = tl.load(x_ptrs, mask=x_mask, other=0.0)  # (BM, BK/2)
-        x_odd = tl.load(x_ptrs + stride_xk, mask=x_mask, other=0.0)  # (BM, BK/2)
-        b = tl.load(
-            w_ptr + offs_n[None, :] * stride_wn + (k0 // 2 + offs_j)[:, None] * stride_wk,
-            mask=k_mask[:, None] & n_mask[None, :],
-            other=0,
-        )  # (BK/2, BN) uint8
-        g = k0 // GROUP_SIZE + offs_g
-        s = tl.load(
-            scale_ptr + offs_n[None, :] * stride_sn + g[:, None] * stride_sg,
-            mask=(g * GROUP_SIZE < k_end)[:, None] & n_mask[None, :],
-            other=0.0,
-        )  # (GROUPS, BN)
-        # Dequantise in registers: (u - 8) * scale of the element's group, then the input dtype.
-        lo = ((b & 0xF).to(tl.int32) - 8).to(tl.float32)
-        hi = ((b >> 4).to(tl.int32) - 8).to(tl.float32)
-        lo = tl.reshape(tl.reshape(lo, (GROUPS, GROUP_SIZE // 2, BLOCK_N)) * s[:, None, :], (BLOCK_K // 2, BLOCK_N))
-        hi = tl.reshape(tl.reshape(hi, (GROUPS, GROUP_SIZE // 2, BLOCK_N)) * s[:, None, :], (BLOCK_K // 2, BLOCK_N))
-        acc += tl.dot(x_even.to(DOT_DTYPE), lo.to(DOT_DTYPE), input_precision=DOT_PRECISION)
-        acc += tl.dot(x_odd.to(DOT_DTYPE), hi.to(DOT_DTYPE), input_precision=DOT_PRECISION)
-    _store_tile(out_ptr, acc, offs_m, offs_n, m_mask, n_mask, stride_os, stride_om, stride_on)
+    if BITS == 8:
+        for k0 in range(0, K, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            k_mask = offs_k < K
+            w = tl.load(w_rows + offs_k[None, :] * stride_wk, mask=n_mask[:, None] & k_mask[None, :], other=0)
+            x = tl.load(x_rows + offs_k[None, :] * stride_xk, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+            acc += _mac(x, w.to(tl.float32), USE_DOT, DOT_DTYPE, DOT_PRECISION)  # w (BN, BK) int8 -> fp32
+        # The per-channel scale is constant along K: applied once to the integer-weight sums.
+        acc *= tl.load(scale_ptr + offs_n * stride_sn, mask=n_mask, other=0.0)[None, :]
+    else:
+        GROUPS: tl.constexpr = BLOCK_K // GROUP_SIZE  # whole groups per K step
+        offs_j = tl.arange(0, BLOCK_K // 2)  # byte j of the step holds k = 2j (low nibble) and 2j + 1 (high)
+        offs_g = tl.arange(0, GROUPS)
+        for k0 in range(0, K, BLOCK_K):
+            k_even = k0 + 2 * offs_j  # (BK/2,)
+            k_mask = k_even < K  # K is a multiple of the group size, so k and k + 1 are in range together
+            b = tl.load(
+                w_rows + (k0 // 2 + offs_j)[None, :] * stride_wk, mask=n_mask[:, None] & k_mask[None, :], other=0
+            )  # (BN, BK/2) uint8
+            g = k0 // GROUP_SIZE + offs_g
+            s = tl.load(
+                scale_ptr + offs_n[:, None] * stride_sn + g[None, :] * stride_sg,
+                mask=n_mask[:, None] & (g * GROUP_SIZE < K)[None, :],
+                other=0.0,
+            )  # (BN, GROUPS)
+            # Dequantise in registers: (u - 8) * the scale of the element's group.
+            lo = ((b & 0xF).to(tl.int32) - 8).to(tl.float32)
+            hi = ((b >> 4).to(tl.int32) - 8).to(tl.float32)
+            lo = tl.reshape(tl.reshape(lo, (BLOCK_N, GROUPS, GROUP_SIZE // 2)) * s[:, :, None], (BLOCK_N, BLOCK_K // 2))
+            hi = tl.reshape(tl.reshape(hi, (BLOCK_N, GROUPS, GROUP_SIZE // 2)) * s[:, :, None], (BLOCK_N, BLOCK_K // 2))
+            x_mask = m_mask[:, None] & k_mask[None, :]
+            x_even = tl.load(x_rows + k_even[None, :] * stride_xk, mask=x_mask, other=0.0)  # (BM, BK/2)
+            x_odd = tl.load(x_rows + (k_even + 1)[None, :] * stride_xk, mask=x_mask, other=0.0)
+            acc += _mac(x_even, lo, USE_DOT, DOT_DTYPE, DOT_PRECISION)
+            acc += _mac(x_odd, hi, USE_DOT, DOT_DTYPE, DOT_PRECISION)
+    out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+
+
+_wo_matmul_tuned = triton.autotune(
+    configs=[_triton_config(c, 1) for c in CANDIDATES],  # replaced per call by _prune
+    key=["M_BUCKET", "N", "K", "BITS", "GROUP_SIZE"],
+    prune_configs_by={"early_config_prune": _prune},
+    do_bench=_autotune_bench,
+)(_wo_matmul_kernel)
 
 
 def _check_x(x: torch.Tensor, k: int) -> None:
@@ -213,43 +238,35 @@ def _check_x(x: torch.Tensor, k: int) -> None:
 
 
 def _launch(
-    kernel,
     x: torch.Tensor,
     w: torch.Tensor,
     scale: torch.Tensor,
-    scale_strides: tuple[int, ...],
+    scale_strides: tuple[int, int],
     n: int,
     k: int,
-    cfg: _Config,
-    **constexprs,
+    bits: int,
+    group_size: int,
+    config: WoConfig | None,
 ) -> torch.Tensor:
-    """Run one kernel over a (N tiles, M tiles, K splits) grid; sum the partials when K is split."""
+    """One launch over (N tiles, M tiles): autotuned on a GPU unless `config` is given; the interpreter's default
+    config on CPU. Returns (M, N) in x's dtype."""
     m = x.shape[0]
-    out_dtype = x.dtype if cfg.split_k == 1 else torch.float32
-    out = torch.empty((cfg.split_k, m, n), device=x.device, dtype=out_dtype)  # (S, M, N)
-    grid = (triton.cdiv(n, cfg.block_n), triton.cdiv(m, cfg.block_m), cfg.split_k)
-    kernel[grid](
-        x,
-        w,
-        scale,
-        out,
-        m,
-        n,
-        k,
-        cfg.k_per_split,
-        *x.stride(),
-        *w.stride(),
-        *scale_strides,
-        *out.stride(),
-        BLOCK_M=cfg.block_m,
-        BLOCK_N=cfg.block_n,
-        BLOCK_K=cfg.block_k,
-        **dot_args(x),
-        num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages,
-        **constexprs,
-    )
-    return out[0] if cfg.split_k == 1 else out.sum(dim=0).to(x.dtype)  # (M, N)
+    out = torch.empty((m, n), device=x.device, dtype=x.dtype)
+    if m == 0:
+        return out
+    m_bucket = triton.next_power_of_2(m)
+    args = (x, w, scale, out, m, n, k, *x.stride(), *w.stride(), *scale_strides, *out.stride())
+    meta = dict(M_BUCKET=m_bucket, BITS=bits, GROUP_SIZE=group_size, **dot_args(x))
+    if config is None and x.is_cuda:
+        _wo_matmul_tuned[lambda p: (triton.cdiv(n, p["BLOCK_N"]), triton.cdiv(m, p["BLOCK_M"]))](*args, **meta)
+        return out
+    c = config or WoConfig(INTERPRET_CONFIG.block_n, max(INTERPRET_CONFIG.block_k, group_size))
+    if bits == 4 and c.block_k < group_size:
+        raise ValueError(f"config.block_k must be >= group_size={group_size}, got {c.block_k}")
+    tc = _triton_config(c, m_bucket)
+    grid = (triton.cdiv(n, c.block_n), triton.cdiv(m, tc.kwargs["BLOCK_M"]))
+    _wo_matmul_kernel[grid](*args, **meta, **tc.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)
+    return out
 
 
 def int8_matmul_reference(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -263,28 +280,35 @@ def int4_matmul_reference(x: torch.Tensor, packed: torch.Tensor, scales: torch.T
 
 
 def int8_matmul_triton(
-    x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, *, split_k: int | None = None
+    x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, *, config: WoConfig | None = None
 ) -> torch.Tensor:
-    """The fused Triton INT8 kernel: x (M, K), q int8 (N, K), scale fp32 (N,) -> (M, N)."""
+    """The fused Triton kernel, INT8: x (M, K), q int8 (N, K), scale fp32 (N,) -> (M, N).
+    `config` fixes the launch (None: autotuned on a GPU, INTERPRET_CONFIG on CPU)."""
+    if q.dtype != torch.int8 or q.dim() != 2:
+        raise ValueError(f"q must be a 2-D int8 tensor (N, K), got {q.dim()}-D {q.dtype}")
     n, k = q.shape
     _check_x(x, k)
-    assert q.dtype == torch.int8 and scale.shape == (n,) and scale.dtype == torch.float32
-    cfg = _pick_config(x.shape[0], n, k, 128, num_sms(x.device), split_k)
-    # Per-channel scales are contiguous (N,): the kernel takes no strides for them.
-    return _launch(_int8_matmul_kernel, x, q, scale.contiguous(), (), n, k, cfg)
+    if scale.shape != (n,) or scale.dtype != torch.float32:
+        raise ValueError(f"scale must be float32 of shape (N,)=({n},), got {scale.dtype} {tuple(scale.shape)}")
+    return _launch(x, q, scale, (scale.stride(0), 0), n, k, 8, 1, config)
 
 
 def int4_matmul_triton(
-    x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, group_size: int, *, split_k: int | None = None
+    x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, group_size: int, *, config: WoConfig | None = None
 ) -> torch.Tensor:
-    """The fused Triton INT4 kernel: x (M, K), packed uint8 (N, K//2), scales fp32 (N, K//G) -> (M, N)."""
+    """The fused Triton kernel, INT4: x (M, K), packed uint8 (N, K//2), scales fp32 (N, K//G) -> (M, N).
+    `config` fixes the launch (None: autotuned on a GPU, INTERPRET_CONFIG on CPU)."""
+    if packed.dtype != torch.uint8 or packed.dim() != 2:
+        raise ValueError(f"packed must be a 2-D uint8 tensor (N, K // 2), got {packed.dim()}-D {packed.dtype}")
     n, k = packed.shape[0], packed.shape[1] * 2
     check_group_size(group_size, k)
     _check_x(x, k)
-    assert packed.dtype == torch.uint8 and scales.shape == (n, k // group_size)
-    assert scales.dtype == torch.float32
-    cfg = _pick_config(x.shape[0], n, k, max(group_size, 128), num_sms(x.device), split_k)
-    return _launch(_int4_matmul_kernel, x, packed, scales, scales.stride(), n, k, cfg, GROUP_SIZE=group_size)
+    if scales.shape != (n, k // group_size) or scales.dtype != torch.float32:
+        raise ValueError(
+            f"scales must be float32 of shape (N, K // group_size)=({n}, {k // group_size}), "
+            f"got {scales.dtype} {tuple(scales.shape)}"
+        )
+    return _launch(x, packed, scales, scales.stride(), n, k, 4, group_size, config)
 
 
 def _fused(impl: Impl, x: torch.Tensor, *weights: torch.Tensor) -> bool:
