@@ -19,7 +19,16 @@ import torch
 
 from kernels.bench_common import BenchCase
 
-__all__ = ["BenchResult", "Ceilings", "Measurement", "measure", "measure_ceilings", "summarize", "time_graph_ms", "time_ms"]
+__all__ = [
+    "BenchResult",
+    "Ceilings",
+    "Measurement",
+    "measure",
+    "measure_ceilings",
+    "summarize",
+    "time_graph_ms",
+    "time_ms",
+]
 
 L2_FLUSH_BYTES = 256 * 1024 * 1024  # larger than any GPU's L2 (H100: 50 MB), as triton.testing.do_bench
 WARMUP_CALLS = 3  # the first call may compile (Triton autotune, torch.compile)
