@@ -213,9 +213,11 @@ def _wo_matmul_kernel(
             hi = ((b >> 4).to(tl.int32) - 8).to(tl.float32)
             lo = tl.reshape(tl.reshape(lo, (BLOCK_N, GROUPS, GROUP_SIZE // 2)) * s[:, :, None], (BLOCK_N, BLOCK_K // 2))
             hi = tl.reshape(tl.reshape(hi, (BLOCK_N, GROUPS, GROUP_SIZE // 2)) * s[:, :, None], (BLOCK_N, BLOCK_K // 2))
-            x_mask = m_mask[:, None] & k_mask[None, :]
-            x_even = tl.load(x_rows + k_even[None, :] * stride_xk, mask=x_mask, other=0.0)  # (BM, BK/2)
-            x_odd = tl.load(x_rows + (k_even + 1)[None, :] * stride_xk, mask=x_mask, other=0.0)
+            # x in one contiguous (vectorised) load, then split into its even and odd k (two strided loads would
+            # issue a scalar load per element, for every row of weights that shares them).
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            x = tl.load(x_rows + offs_k[None, :] * stride_xk, mask=m_mask[:, None] & (offs_k < K)[None, :], other=0.0)
+            x_even, x_odd = tl.split(tl.reshape(x, (BLOCK_M, BLOCK_K // 2, 2)))  # (BM, BK/2) each
             acc += _mac(x_even, lo, USE_DOT, DOT_DTYPE, DOT_PRECISION)
             acc += _mac(x_odd, hi, USE_DOT, DOT_DTYPE, DOT_PRECISION)
     out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
