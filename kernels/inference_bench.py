@@ -28,7 +28,7 @@ from kernels.decode_attention import decode_attention_triton
 from kernels.quant_format import INT4_GROUP_SIZES, pack_int4, pack_int8
 from kernels.wo_matmul import int4_matmul_triton, int8_matmul_triton
 
-__all__ = ["DECODE_STEP_FORMATS", "bench_cases", "matmul_shapes"]
+__all__ = ["DECODE_STEP_FORMATS", "bench_cases", "graph_calls", "matmul_shapes", "rotating", "rotation_copies"]
 
 HEAD_DIM = 64
 N_LAYER = 2  # the cache buffer holds several layers; the kernels read layer 1's strided view
@@ -47,18 +47,18 @@ DECODE_STEP_CALLS = 4
 DECODE_STEP_FORMATS = ("bf16", "int8", "int4-g32")
 
 
-def _copies(bytes_per_call: int) -> int:
+def rotation_copies(bytes_per_call: int) -> int:
     """How many copies of a call's inputs make the graph's working set exceed L2 (at least 1, at most MAX_COPIES)."""
     return max(1, min(MAX_COPIES, -(-ROTATE_BYTES // max(bytes_per_call, 1))))
 
 
-def _graph_calls(bytes_per_call: int) -> int:
+def graph_calls(bytes_per_call: int) -> int:
     """Calls per captured graph: every copy once, and at least MIN_GRAPH_CALLS."""
-    copies = _copies(bytes_per_call)
+    copies = rotation_copies(bytes_per_call)
     return copies * -(-MIN_GRAPH_CALLS // copies)
 
 
-def _rotating(calls: list[Callable[[], object]]) -> Callable[[], object]:
+def rotating(calls: list[Callable[[], object]]) -> Callable[[], object]:
     """One call per invocation, cycling through `calls` (each reads its own copy of the inputs)."""
     state = {"i": 0}
 
@@ -96,7 +96,7 @@ def _decode_setup(shape: tuple[int, int, int, int], impl: str) -> Callable[[], C
         gqa = q.shape[1] != k.shape[1]
         return lambda: F.scaled_dot_product_attention(q4, k, v, attn_mask=mask, enable_gqa=gqa)
 
-    return lambda: _rotating([one_copy() for _ in range(_copies(_kv_bytes(shape)))])
+    return lambda: rotating([one_copy() for _ in range(rotation_copies(_kv_bytes(shape)))])
 
 
 def _decode_cases() -> list[BenchCase]:
@@ -104,7 +104,7 @@ def _decode_cases() -> list[BenchCase]:
     for shape in DECODE_SHAPES:
         batch, ctx, n_head, n_kv = shape
         label = f"B{batch} ctx{ctx} H{n_head}/KV{n_kv} D{HEAD_DIM} bf16"
-        moved, calls = _kv_bytes(shape), _graph_calls(_kv_bytes(shape))
+        moved, calls = _kv_bytes(shape), graph_calls(_kv_bytes(shape))
         for impl, ours in (("triton", True), ("sdpa padded mask", False)):
             setup = _decode_setup(shape, impl)
             cases.append(BenchCase("decode_attention", label, impl, ours, setup, bytes_moved=moved, graph_calls=calls))
@@ -142,18 +142,18 @@ def _matmul_setup(m: int, k: int, n: int, fmt: str) -> Callable[[], Callable[[],
     def setup() -> Callable[[], object]:
         x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
         w = torch.randn(n, k, device="cuda") / k**0.5
-        copies = _copies(_weight_bytes(k, n, fmt))
+        copies = rotation_copies(_weight_bytes(k, n, fmt))
         if fmt == "bf16":
             weights = [w.bfloat16() for _ in range(copies)]
-            return _rotating([lambda w=wc: F.linear(x, w) for wc in weights])
+            return rotating([lambda w=wc: F.linear(x, w) for wc in weights])
         if fmt == "int8":
             q, scale = pack_int8(w)
             packs = [(q.clone(), scale.clone()) for _ in range(copies)]
-            return _rotating([lambda p=p: int8_matmul_triton(x, *p) for p in packs])
+            return rotating([lambda p=p: int8_matmul_triton(x, *p) for p in packs])
         group_size = int(fmt.removeprefix("int4-g"))
         packed, scales = pack_int4(w, group_size)
         packs = [(packed.clone(), scales.clone()) for _ in range(copies)]
-        return _rotating([lambda p=p: int4_matmul_triton(x, *p, group_size) for p in packs])
+        return rotating([lambda p=p: int4_matmul_triton(x, *p, group_size) for p in packs])
 
     return setup
 
@@ -172,7 +172,7 @@ def _matmul_cases() -> list[BenchCase]:
             impl = f"triton {fmt}" if ours else "torch bf16 matmul"
             setup = _matmul_setup(m, k, n, fmt)
             cases.append(
-                BenchCase("wo_matmul", label, impl, ours, setup, bytes_moved=moved, graph_calls=_graph_calls(moved))
+                BenchCase("wo_matmul", label, impl, ours, setup, bytes_moved=moved, graph_calls=graph_calls(moved))
             )
     return cases
 

@@ -23,14 +23,14 @@ def test_every_case_is_timed_in_a_cuda_graph():
         if c.kernel != "decode step":
             assert c.graph_calls >= inference_bench.MIN_GRAPH_CALLS
             # Enough calls that every copy is read once per replay: the working set leaves L2 (or hits MAX_COPIES).
-            copies = inference_bench._copies(int(c.bytes_moved))
+            copies = inference_bench.rotation_copies(int(c.bytes_moved))
             assert c.graph_calls % copies == 0
             assert copies * c.bytes_moved >= ROTATE_BYTES or copies == inference_bench.MAX_COPIES
 
 
 def test_rotating_cycles_through_the_calls():
     seen = []
-    call = inference_bench._rotating([lambda i=i: seen.append(i) for i in range(3)])
+    call = inference_bench.rotating([lambda i=i: seen.append(i) for i in range(3)])
     for _ in range(7):
         call()
     assert seen == [0, 1, 2, 0, 1, 2, 0]
