@@ -49,10 +49,10 @@ __all__ = [
 
 KEYS_ALIGN = 128  # split lengths are multiples of the largest autotuned BLOCK_N
 INTERPRET_BLOCK_N = 64  # keys per inner-loop step under the CPU interpreter (no autotuning there)
-MIN_KEYS_PER_SPLIT = 256  # shorter splits would spend more on the merge than they save
+MIN_KEYS_PER_SPLIT = 128  # shorter splits would spend more on their fixed work and the merge than they save
 MAX_SPLITS = 64
-TARGET_PROGRAMS_PER_SM = 3  # when splitting, split until the grid has about this many programs per SM
-AUTOTUNE_REP_MS = 20
+TARGET_PROGRAMS_PER_SM = 4  # when splitting, split until the grid has about this many programs per SM
+AUTOTUNE_REP_MS = 10  # per config; do_bench_cudagraph replays a graph of about rep / (lone-call ms) calls 10 times
 _LOG2E = 1.4426950408889634
 
 # (BLOCK_N, num_warps, num_stages). Built for sm_90 at D 64 (kernels/sm90_compile_test._build): 96 registers at

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from kernels.decode_attention import (
+    MAX_SPLITS,
     MIN_KEYS_PER_SPLIT,
     _pick_num_splits,
     decode_attention,
@@ -83,7 +84,7 @@ def test_wrapper_uses_reference_on_cpu():
 
 @pytest.mark.parametrize("batch", [1, 2])
 def test_wrapper_forced_to_triton_picks_splits_itself(batch):
-    # On CPU the heuristic sees 4 "SMs": 1 sequence x 2 KV heads is split (2 ways of 256 keys), 2 x 2 is not.
+    # On CPU the heuristic sees 4 "SMs": 1 sequence x 2 KV heads is split (4 ways of 128 keys), 2 x 2 is not.
     q, k, v, slots, lengths = _case(batch, 4, 2, 16, max_len=512, seed=6)
     got = decode_attention(q, k, v, slots, lengths, impl="triton")
     torch.testing.assert_close(got, decode_attention_reference(q, k, v, slots, lengths), **FP32)
@@ -91,8 +92,8 @@ def test_wrapper_forced_to_triton_picks_splits_itself(batch):
 
 def test_split_count_depends_on_shapes_only():
     assert _pick_num_splits(64, 6, 1024, 132) == 1  # 384 (sequence, head) pairs already fill 132 SMs
-    assert _pick_num_splits(1, 6, 8192, 132) == 8192 // MIN_KEYS_PER_SPLIT  # 66 wanted, capped by the split length
-    assert _pick_num_splits(16, 4, 1024, 132) == 1024 // MIN_KEYS_PER_SPLIT
+    assert _pick_num_splits(1, 6, 8192, 132) == min(MAX_SPLITS, 8192 // MIN_KEYS_PER_SPLIT)  # 88 wanted
+    assert _pick_num_splits(16, 4, 1024, 132) == min(1024 // MIN_KEYS_PER_SPLIT, 9)  # 9 wanted: 528 / 64 pairs
     assert _pick_num_splits(2, 4, 100, 132) == 1  # too short to split
 
 

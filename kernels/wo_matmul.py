@@ -55,7 +55,7 @@ __all__ = [
 MAX_FUSED_M = 64  # above this the wrappers dequantise and call cuBLAS
 MAX_FMA_M = 16  # the FMA path's M tile is the whole M bucket: beyond this only the dot path is offered
 FMA_REGISTER_BUDGET = 64  # fp32 product elements per thread of the FMA path's (BM, BN, BK) tile
-AUTOTUNE_REP_MS = 20
+AUTOTUNE_REP_MS = 10  # per config; do_bench_cudagraph replays a graph of about rep / (lone-call ms) calls 10 times
 
 
 @dataclass(frozen=True)
