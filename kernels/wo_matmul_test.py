@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from triton import next_power_of_2 as triton_next_power_of_2
 
 from kernels.quant_format import INT4_GROUP_SIZES, pack_int4, pack_int8, unpack_int4
 from kernels.wo_matmul import (
@@ -145,17 +146,33 @@ def test_bad_arguments_raise_value_errors():
 
 
 @needs_gpu
-@pytest.mark.parametrize("m", [1, 2, 4, 8, 16, 64])
-@pytest.mark.parametrize("k,n", [(768, 256), (768, 3072), (3072, 768), (2048, 768), (768, 50304)])
-def test_gpu_real_shapes_bf16(m, k, n):
+@pytest.mark.parametrize("m", [1, 5, 16, 64])
+@pytest.mark.parametrize("k,n", [(768, 256), (2048, 768), (768, 50304)])  # `large` k/v, mlp down; the lm_head
+def test_gpu_real_shapes_bf16_autotuned(m, k, n):
     x, w = _inputs(m, n, k, seed=m + n, device="cuda", dtype=torch.bfloat16)
     q, scale = pack_int8(w)
     ref8 = x.float() @ (q.float() * scale[:, None]).T
     torch.testing.assert_close(int8_matmul(x, q, scale).float(), ref8, atol=3e-2, rtol=3e-2)
-    for group_size in INT4_GROUP_SIZES:
+    for group_size in (32, 128):
         packed, scales = pack_int4(w, group_size)
         ref4 = x.float() @ unpack_int4(packed, scales, group_size).T
         torch.testing.assert_close(int4_matmul(x, packed, scales, group_size).float(), ref4, atol=3e-2, rtol=3e-2)
+
+
+@needs_gpu
+@pytest.mark.parametrize("m", [1, 16])
+def test_gpu_every_candidate_config_is_correct(m):
+    # The autotuner keeps whichever config is fastest, so each one it may pick must be right (compiled, bf16).
+    x, w = _inputs(m, 300, 768, seed=m, device="cuda", dtype=torch.bfloat16)  # N = 300: partial N tiles
+    q, scale = pack_int8(w)
+    packed, scales = pack_int4(w, 32)
+    ref8 = x.float() @ (q.float() * scale[:, None]).T
+    ref4 = x.float() @ unpack_int4(packed, scales, 32).T
+    for config in candidate_configs(triton_next_power_of_2(m), 768, 32):
+        got8 = int8_matmul_triton(x, q, scale, config=config).float()
+        got4 = int4_matmul_triton(x, packed, scales, 32, config=config).float()
+        torch.testing.assert_close(got8, ref8, atol=3e-2, rtol=3e-2, msg=lambda e: f"{config}: {e}")
+        torch.testing.assert_close(got4, ref4, atol=3e-2, rtol=3e-2, msg=lambda e: f"{config}: {e}")
 
 
 @needs_gpu

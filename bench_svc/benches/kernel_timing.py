@@ -72,15 +72,12 @@ class BenchResult:
     mem_saving_vs_alt: float | None  # lowest alternative peak / ours (ours rows measured for memory only)
 
 
-def time_ms(fn: Callable[[], object]) -> float:
-    """Median milliseconds of one call of `fn` on the current CUDA device, L2 flushed before each call."""
-    flush = torch.empty(L2_FLUSH_BYTES // 4, dtype=torch.int32, device="cuda")
-    for _ in range(WARMUP_CALLS):
-        fn()
-    torch.cuda.synchronize()
+def _median_event_ms(run: Callable[[], object], before: Callable[[], object] | None = None) -> float:
+    """Median milliseconds of `run()` between CUDA events (after one timed call sets the repetitions); `before()`
+    runs ahead of each, outside the timed span."""
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
-    fn()
+    run()
     end.record()
     torch.cuda.synchronize()
     estimate = max(start.elapsed_time(end), 1e-3)
@@ -88,12 +85,22 @@ def time_ms(fn: Callable[[], object]) -> float:
     starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
     ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
     for s, e in zip(starts, ends):
-        flush.zero_()
+        if before is not None:
+            before()
         s.record()
-        fn()
+        run()
         e.record()
     torch.cuda.synchronize()
     return statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends))
+
+
+def time_ms(fn: Callable[[], object]) -> float:
+    """Median milliseconds of one call of `fn` on the current CUDA device, L2 flushed before each call."""
+    flush = torch.empty(L2_FLUSH_BYTES // 4, dtype=torch.int32, device="cuda")
+    for _ in range(WARMUP_CALLS):
+        fn()
+    torch.cuda.synchronize()
+    return _median_event_ms(fn, before=flush.zero_)
 
 
 def time_graph_ms(fn: Callable[[], object], calls: int) -> float:
@@ -117,23 +124,7 @@ def time_graph_ms(fn: Callable[[], object], calls: int) -> float:
             fn()
     graph.replay()  # the first replay uploads the graph
     torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    estimate = max(start.elapsed_time(end), 1e-3)
-    reps = int(min(MAX_REPS, max(MIN_REPS, TARGET_TIMING_MS / estimate)))
-    starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
-    ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
-    for s, e in zip(starts, ends):
-        s.record()
-        graph.replay()
-        e.record()
-    torch.cuda.synchronize()
-    ms = statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends)) / calls
-    del graph
-    return ms
+    return _median_event_ms(graph.replay) / calls
 
 
 def _peak_mem_mb(fn: Callable[[], object]) -> float:
