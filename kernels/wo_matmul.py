@@ -141,13 +141,22 @@ def dot_args(t: torch.Tensor) -> dict:
 
 
 @triton.jit
-def _mac(x, w, USE_DOT: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """x (BM, BK) times w (BN, BK), reduced over K: (BM, BN) fp32."""
+def _mac(acc, x, w, USE_DOT: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """acc + x (BM, BK) times w (BN, BK). dot: acc (BM, BN), reduced over K here. FMA: acc (BM, BN, BK), reduced once
+    after the K loop (`_reduce`): a reduction per step would cost cross-warp shuffles and a barrier every step."""
     if USE_DOT:
-        out = tl.dot(x.to(DOT_DTYPE), tl.trans(w.to(DOT_DTYPE)), input_precision=DOT_PRECISION)
+        acc += tl.dot(x.to(DOT_DTYPE), tl.trans(w.to(DOT_DTYPE)), input_precision=DOT_PRECISION)
     else:
-        out = tl.sum(x.to(tl.float32)[:, None, :] * w[None, :, :], axis=2)
-    return out
+        acc += x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :]
+    return acc
+
+
+@triton.jit
+def _reduce(acc, USE_DOT: tl.constexpr):
+    """The (BM, BN) sums of `_mac`'s accumulator."""
+    if not USE_DOT:
+        acc = tl.sum(acc, axis=2)
+    return acc
 
 
 @triton.jit
@@ -159,6 +168,7 @@ def _wo_matmul_kernel(
     M,
     N,
     K,
+    KH,  # bytes per weight row: K // 2 for INT4, K for INT8
     stride_xm,
     stride_xk,
     stride_wn,
@@ -182,30 +192,36 @@ def _wo_matmul_kernel(
     n_mask, m_mask = offs_n < N, offs_m < M
     x_rows = x_ptr + offs_m[:, None] * stride_xm  # (BM, 1)
     w_rows = w_ptr + offs_n[:, None] * stride_wn  # (BN, 1)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    # The accumulator: (BM, BN) for dot; (BM, BN, K elements per step) for FMA (two nibbles share an INT4 byte).
+    if USE_DOT:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_K // (2 if BITS == 4 else 1)), dtype=tl.float32)
     if BITS == 8:
         for k0 in range(0, K, BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K)
             k_mask = offs_k < K
             w = tl.load(w_rows + offs_k[None, :] * stride_wk, mask=n_mask[:, None] & k_mask[None, :], other=0)
             x = tl.load(x_rows + offs_k[None, :] * stride_xk, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-            acc += _mac(x, w.to(tl.float32), USE_DOT, DOT_DTYPE, DOT_PRECISION)  # w (BN, BK) int8 -> fp32
+            acc = _mac(acc, x, w, USE_DOT, DOT_DTYPE, DOT_PRECISION)  # w (BN, BK) int8, converted in _mac
+        acc = _reduce(acc, USE_DOT)
         # The per-channel scale is constant along K: applied once to the integer-weight sums.
         acc *= tl.load(scale_ptr + offs_n * stride_sn, mask=n_mask, other=0.0)[None, :]
     else:
         GROUPS: tl.constexpr = BLOCK_K // GROUP_SIZE  # whole groups per K step
         offs_j = tl.arange(0, BLOCK_K // 2)  # byte j of the step holds k = 2j (low nibble) and 2j + 1 (high)
         offs_g = tl.arange(0, GROUPS)
-        for k0 in range(0, K, BLOCK_K):
-            k_even = k0 + 2 * offs_j  # (BK/2,)
-            k_mask = k_even < K  # K is a multiple of the group size, so k and k + 1 are in range together
-            b = tl.load(
-                w_rows + (k0 // 2 + offs_j)[None, :] * stride_wk, mask=n_mask[:, None] & k_mask[None, :], other=0
-            )  # (BN, BK/2) uint8
-            g = k0 // GROUP_SIZE + offs_g
+        # Loop over packed bytes (kb = k0 / 2): the compiler then sees the byte offsets' alignment and the mask's
+        # constancy, and loads the weight in 4..16-byte vectors (with k0 = 2 kb it fell back to one byte per load).
+        for kb in range(0, KH, BLOCK_K // 2):
+            offs_b = kb + offs_j  # (BK/2,) bytes of this step
+            b_mask = offs_b < KH
+            b = tl.load(w_rows + offs_b[None, :] * stride_wk, mask=n_mask[:, None] & b_mask[None, :], other=0)
+            # (BN, BK/2) uint8
+            g = kb // (GROUP_SIZE // 2) + offs_g
             s = tl.load(
                 scale_ptr + offs_n[:, None] * stride_sn + g[None, :] * stride_sg,
-                mask=n_mask[:, None] & (g * GROUP_SIZE < K)[None, :],
+                mask=n_mask[:, None] & (g < KH // (GROUP_SIZE // 2))[None, :],
                 other=0.0,
             )  # (BN, GROUPS)
             # Dequantise in registers: (u - 8) * the scale of the element's group.
@@ -215,11 +231,12 @@ def _wo_matmul_kernel(
             hi = tl.reshape(tl.reshape(hi, (BLOCK_N, GROUPS, GROUP_SIZE // 2)) * s[:, :, None], (BLOCK_N, BLOCK_K // 2))
             # x in one contiguous (vectorised) load, then split into its even and odd k (two strided loads would
             # issue a scalar load per element, for every row of weights that shares them).
-            offs_k = k0 + tl.arange(0, BLOCK_K)
+            offs_k = 2 * kb + tl.arange(0, BLOCK_K)
             x = tl.load(x_rows + offs_k[None, :] * stride_xk, mask=m_mask[:, None] & (offs_k < K)[None, :], other=0.0)
             x_even, x_odd = tl.split(tl.reshape(x, (BLOCK_M, BLOCK_K // 2, 2)))  # (BM, BK/2) each
-            acc += _mac(x_even, lo, USE_DOT, DOT_DTYPE, DOT_PRECISION)
-            acc += _mac(x_odd, hi, USE_DOT, DOT_DTYPE, DOT_PRECISION)
+            acc = _mac(acc, x_even, lo, USE_DOT, DOT_DTYPE, DOT_PRECISION)
+            acc = _mac(acc, x_odd, hi, USE_DOT, DOT_DTYPE, DOT_PRECISION)
+        acc = _reduce(acc, USE_DOT)
     out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
 
@@ -257,7 +274,7 @@ def _launch(
     if m == 0:
         return out
     m_bucket = triton.next_power_of_2(m)
-    args = (x, w, scale, out, m, n, k, *x.stride(), *w.stride(), *scale_strides, *out.stride())
+    args = (x, w, scale, out, m, n, k, w.shape[1], *x.stride(), *w.stride(), *scale_strides, *out.stride())
     meta = dict(M_BUCKET=m_bucket, BITS=bits, GROUP_SIZE=group_size, **dot_args(x))
     if config is None and x.is_cuda:
         _wo_matmul_tuned[lambda p: (triton.cdiv(n, p["BLOCK_N"]), triton.cdiv(m, p["BLOCK_M"]))](*args, **meta)
