@@ -6,10 +6,14 @@ style GEMV): each program owns BLOCK_N output channels and streams their whole r
 contiguous (the layout of `kernels/quant_format.py`, row-major (N, K) or (N, K // 2)), with wide loads; it
 dequantises in registers and accumulates in fp32. The full-precision weight never exists in memory.
 
-Two inner products, chosen by the autotuner per (M bucket, N, K, format):
-- "FMA": acc (BM, BN) += sum_k x (BM, 1, BK) * w (1, BN, BK): no tensor cores, no padding of M. Right at M <= 4,
-  where a 16-row `tl.dot` would waste most of its work and its register layout conversions cost more than the math.
-- "dot": `tl.dot` with a 16..64-row M tile, for larger M where the FMA path would become compute-bound.
+Inner products, chosen by the autotuner per (M bucket, N, K, format):
+- "FMA": acc (BM, BN, BK) += x (BM, 1, BK) * w (1, BN, BK), reduced over K once after the loop: no tensor cores, no
+  padding of M. Right at small M, where a 16-row `tl.dot` would mostly multiply padding.
+  At M = 1 (4-byte aligned rows, the usual case) the weight is read as int32 words, 4 INT8 or 8 INT4 weights each,
+  unpacked with shifts (gpt-fast / GemLite style): every tensor of the loop then shares one layout. Reading bytes
+  and widening them into the fp32 accumulator made the compiler copy each weight tile through shared memory with
+  barriers every step (seen in the sm_90 PTX); the word loop has no weight traffic through shared memory.
+- "dot": `tl.dot` with a 16..64-row M tile, from M 4 up, where the FMA path would become compute-bound.
 
 No split-K: with BLOCK_N down to 2..8 rows per program, even N = 256..768 gives one or more programs per SM, and a
 second reduction kernel (or a memset for atomics) would cost more inside a CUDA graph than it saves. One launch per
@@ -160,6 +164,81 @@ def _reduce(acc, USE_DOT: tl.constexpr):
 
 
 @triton.jit
+def _split4(x, BLOCK_K: tl.constexpr):
+    """x (BK,) -> the four (BK/4,) tensors x[4j + i], i = 0..3."""
+    xa, xb = tl.split(tl.reshape(x, (BLOCK_K // 4, 2, 2)))  # i = 2a + b: b = 0 / b = 1, each (BK/4, 2) over a
+    x0, x2 = tl.split(xa)
+    x1, x3 = tl.split(xb)
+    return x0, x1, x2, x3
+
+
+@triton.jit
+def _int8_words_dot(words, x, BLOCK_K: tl.constexpr):
+    """(BN, BK/4) int32 words of 4 int8 weights (byte i = k 4j + i) times x (BK,): (BN, BK/4) fp32 partial sums."""
+    x0, x1, x2, x3 = _split4(x.to(tl.float32), BLOCK_K)
+    out = ((words << 24) >> 24).to(tl.float32) * x0[None, :]  # arithmetic shifts sign-extend each byte
+    out += ((words << 16) >> 24).to(tl.float32) * x1[None, :]
+    out += ((words << 8) >> 24).to(tl.float32) * x2[None, :]
+    out += (words >> 24).to(tl.float32) * x3[None, :]
+    return out
+
+
+@triton.jit
+def _int4_words_dot(words, x, BLOCK_K: tl.constexpr):
+    """(BN, BK/8) int32 words of 8 nibbles (nibble i = k 8j + i, zero point 8) times x (BK,): (BN, BK/8) fp32
+    partial sums, before the group scale: sum_i u_i x_i - 8 sum_i x_i."""
+    xe, xo = tl.split(tl.reshape(x.to(tl.float32), (BLOCK_K // 2, 2)))  # k = 2h and 2h + 1
+    e0, e1, e2, e3 = _split4(xe, BLOCK_K // 2)  # nibbles 0, 2, 4, 6 of each word
+    o0, o1, o2, o3 = _split4(xo, BLOCK_K // 2)  # nibbles 1, 3, 5, 7
+    out = (words & 0xF).to(tl.float32) * e0[None, :]
+    out += ((words >> 4) & 0xF).to(tl.float32) * o0[None, :]
+    out += ((words >> 8) & 0xF).to(tl.float32) * e1[None, :]
+    out += ((words >> 12) & 0xF).to(tl.float32) * o1[None, :]
+    out += ((words >> 16) & 0xF).to(tl.float32) * e2[None, :]
+    out += ((words >> 20) & 0xF).to(tl.float32) * o2[None, :]
+    out += ((words >> 24) & 0xF).to(tl.float32) * e3[None, :]
+    out += ((words >> 28) & 0xF).to(tl.float32) * o3[None, :]
+    x_sum = e0 + e1 + e2 + e3 + o0 + o1 + o2 + o3  # (BK/8,)
+    return out - 8.0 * x_sum[None, :]
+
+
+@triton.jit
+def _wo_gemv_words(
+    x_ptr, w_ptr, scale_ptr, offs_n, n_mask, K, KH, stride_xk, stride_wn, stride_sn, stride_sg,
+    BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """M = 1: the weight read as 32-bit words (4 INT8 or 8 INT4 weights each), unpacked with shifts. Every tensor of
+    the loop is (BN, words) in one layout, so nothing goes through shared memory (loading bytes and widening them to
+    an fp32 accumulator of another layout made the compiler copy each weight tile through shared memory with two
+    barriers per step). Needs 4-byte aligned rows (the wrapper checks). Returns (1, BN) fp32, scales applied."""
+    PER_WORD: tl.constexpr = 32 // BITS
+    WORDS: tl.constexpr = BLOCK_K // PER_WORD
+    n_words = KH // 4
+    rows = w_ptr.to(tl.pointer_type(tl.int32)) + offs_n[:, None] * (stride_wn // 4)  # (BN, 1)
+    acc = tl.zeros((BLOCK_N, WORDS), dtype=tl.float32)
+    for kw in range(0, n_words, WORDS):
+        offs_w = kw + tl.arange(0, WORDS)
+        w_mask = offs_w < n_words
+        words = tl.load(rows + offs_w[None, :], mask=n_mask[:, None] & w_mask[None, :], other=0)  # (BN, WORDS)
+        offs_k = kw * PER_WORD + tl.arange(0, BLOCK_K)
+        x = tl.load(x_ptr + offs_k * stride_xk, mask=offs_k < K, other=0.0)  # (BK,)
+        if BITS == 8:
+            acc += _int8_words_dot(words, x, BLOCK_K)
+        else:
+            g = offs_w * PER_WORD // GROUP_SIZE  # the group of each word (groups hold whole words)
+            s = tl.load(
+                scale_ptr + offs_n[:, None] * stride_sn + g[None, :] * stride_sg,
+                mask=n_mask[:, None] & w_mask[None, :],
+                other=0.0,
+            )
+            acc += _int4_words_dot(words, x, BLOCK_K) * s
+    out = tl.sum(acc, axis=1)  # (BN,)
+    if BITS == 8:
+        out *= tl.load(scale_ptr + offs_n * stride_sn, mask=n_mask, other=0.0)
+    return out[None, :]
+
+
+@triton.jit
 def _wo_matmul_kernel(
     x_ptr,
     w_ptr,
@@ -186,10 +265,19 @@ def _wo_matmul_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     USE_DOT: tl.constexpr,
+    WORDS: tl.constexpr,  # M = 1 with 4-byte aligned weight rows: the word-load GEMV (_wo_gemv_words)
 ):
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     n_mask, m_mask = offs_n < N, offs_m < M
+    if WORDS and BLOCK_M == 1 and not USE_DOT:
+        acc = _wo_gemv_words(
+            x_ptr, w_ptr, scale_ptr, offs_n, n_mask, K, KH, stride_xk, stride_wn, stride_sn, stride_sg,
+            BITS, GROUP_SIZE, BLOCK_N, BLOCK_K,
+        )  # fmt: skip
+        out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
+        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+        return
     x_rows = x_ptr + offs_m[:, None] * stride_xm  # (BM, 1)
     w_rows = w_ptr + offs_n[:, None] * stride_wn  # (BN, 1)
     # The accumulator: (BM, BN) for dot; (BM, BN, K elements per step) for FMA (two nibbles share an INT4 byte).
@@ -243,7 +331,7 @@ def _wo_matmul_kernel(
 
 _wo_matmul_tuned = triton.autotune(
     configs=[_triton_config(c, 1) for c in CANDIDATES],  # replaced per call by _prune
-    key=["M_BUCKET", "N", "K", "BITS", "GROUP_SIZE"],
+    key=["M_BUCKET", "N", "K", "BITS", "GROUP_SIZE", "WORDS"],
     prune_configs_by={"early_config_prune": _prune},
     do_bench=_autotune_bench,
 )(_wo_matmul_kernel)
@@ -256,6 +344,12 @@ def _check_x(x: torch.Tensor, k: int) -> None:
         raise ValueError(f"x must have shape (M, K) with K={k}, got {tuple(x.shape)}")
 
 
+def _word_aligned(w: torch.Tensor, k: int, bits: int) -> bool:
+    """Whether the packed rows can be read as whole int32 words: row starts 4-byte aligned, K a multiple of 4 (INT8;
+    INT4 groups are multiples of 32), bytes contiguous."""
+    return w.stride(1) == 1 and w.stride(0) % 4 == 0 and w.data_ptr() % 4 == 0 and (bits == 4 or k % 4 == 0)
+
+
 def _launch(
     x: torch.Tensor,
     w: torch.Tensor,
@@ -266,6 +360,7 @@ def _launch(
     bits: int,
     group_size: int,
     config: WoConfig | None,
+    words: bool,
 ) -> torch.Tensor:
     """One launch over (N tiles, M tiles): autotuned on a GPU unless `config` is given; the interpreter's default
     config on CPU. Returns (M, N) in x's dtype."""
@@ -275,7 +370,9 @@ def _launch(
         return out
     m_bucket = triton.next_power_of_2(m)
     args = (x, w, scale, out, m, n, k, w.shape[1], *x.stride(), *w.stride(), *scale_strides, *out.stride())
-    meta = dict(M_BUCKET=m_bucket, BITS=bits, GROUP_SIZE=group_size, **dot_args(x))
+    meta = dict(
+        M_BUCKET=m_bucket, BITS=bits, GROUP_SIZE=group_size, WORDS=words and _word_aligned(w, k, bits), **dot_args(x)
+    )
     if config is None and x.is_cuda:
         _wo_matmul_tuned[lambda p: (triton.cdiv(n, p["BLOCK_N"]), triton.cdiv(m, p["BLOCK_M"]))](*args, **meta)
         return out
@@ -299,24 +396,32 @@ def int4_matmul_reference(x: torch.Tensor, packed: torch.Tensor, scales: torch.T
 
 
 def int8_matmul_triton(
-    x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, *, config: WoConfig | None = None
+    x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, *, config: WoConfig | None = None, words: bool = True
 ) -> torch.Tensor:
     """The fused Triton kernel, INT8: x (M, K), q int8 (N, K), scale fp32 (N,) -> (M, N).
-    `config` fixes the launch (None: autotuned on a GPU, INTERPRET_CONFIG on CPU)."""
+    `config` fixes the launch (None: autotuned on a GPU, INTERPRET_CONFIG on CPU); `words=False` keeps M = 1 off
+    the word-load path (tests)."""
     if q.dtype != torch.int8 or q.dim() != 2:
         raise ValueError(f"q must be a 2-D int8 tensor (N, K), got {q.dim()}-D {q.dtype}")
     n, k = q.shape
     _check_x(x, k)
     if scale.shape != (n,) or scale.dtype != torch.float32:
         raise ValueError(f"scale must be float32 of shape (N,)=({n},), got {scale.dtype} {tuple(scale.shape)}")
-    return _launch(x, q, scale, (scale.stride(0), 0), n, k, 8, 1, config)
+    return _launch(x, q, scale, (scale.stride(0), 0), n, k, 8, 1, config, words)
 
 
 def int4_matmul_triton(
-    x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, group_size: int, *, config: WoConfig | None = None
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    scales: torch.Tensor,
+    group_size: int,
+    *,
+    config: WoConfig | None = None,
+    words: bool = True,
 ) -> torch.Tensor:
     """The fused Triton kernel, INT4: x (M, K), packed uint8 (N, K//2), scales fp32 (N, K//G) -> (M, N).
-    `config` fixes the launch (None: autotuned on a GPU, INTERPRET_CONFIG on CPU)."""
+    `config` fixes the launch (None: autotuned on a GPU, INTERPRET_CONFIG on CPU); `words=False` keeps M = 1 off
+    the word-load path (tests)."""
     if packed.dtype != torch.uint8 or packed.dim() != 2:
         raise ValueError(f"packed must be a 2-D uint8 tensor (N, K // 2), got {packed.dim()}-D {packed.dtype}")
     n, k = packed.shape[0], packed.shape[1] * 2
@@ -327,7 +432,7 @@ def int4_matmul_triton(
             f"scales must be float32 of shape (N, K // group_size)=({n}, {k // group_size}), "
             f"got {scales.dtype} {tuple(scales.shape)}"
         )
-    return _launch(x, packed, scales, scales.stride(), n, k, 4, group_size, config)
+    return _launch(x, packed, scales, scales.stride(), n, k, 4, group_size, config, words)
 
 
 def _fused(impl: Impl, x: torch.Tensor, *weights: torch.Tensor) -> bool:

@@ -53,6 +53,37 @@ def test_int4_triton_matches_reference(m, group_size, config):
     torch.testing.assert_close(got, int4_matmul_reference(x, packed, scales, group_size), atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("words", [True, False], ids=["words", "bytes"])
+@pytest.mark.parametrize("block_n,block_k", [(4, 128), (8, 256), (2, 1024)])
+def test_m1_word_and_byte_paths_match_reference(words, block_n, block_k):
+    # M = 1 reads 4-byte aligned rows as int32 words (unpacked with shifts) unless told not to; K = 416 / 384
+    # leaves a partial step at every BLOCK_K here, N = 21 a partial N tile.
+    config = WoConfig(block_n=block_n, block_k=block_k)
+    x, w = _inputs(1, 21, 416, seed=block_k)
+    q, scale = pack_int8(w)
+    got8 = int8_matmul_triton(x, q, scale, config=config, words=words)
+    torch.testing.assert_close(got8, int8_matmul_reference(x, q, scale), atol=1e-4, rtol=1e-4)
+    for group_size in INT4_GROUP_SIZES:
+        packed, scales = pack_int4(w[:, :384], group_size)
+        c4 = WoConfig(block_n, max(block_k, group_size))
+        got4 = int4_matmul_triton(x[:, :384], packed, scales, group_size, config=c4, words=words)
+        want4 = int4_matmul_reference(x[:, :384], packed, scales, group_size)
+        torch.testing.assert_close(got4, want4, atol=1e-4, rtol=1e-4)
+
+
+def test_unaligned_rows_take_the_byte_path():
+    x, w = _inputs(1, 12, 202, seed=13)  # K = 202: INT8 rows are not whole words
+    q, scale = pack_int8(w)
+    torch.testing.assert_close(int8_matmul_triton(x, q, scale), int8_matmul_reference(x, q, scale))
+    # A view whose rows start at byte 2: same values as the contiguous weight, read byte by byte.
+    q_wide = torch.zeros(12, 204, dtype=torch.int8, device=q.device)
+    q_wide[:, 2:] = q
+    x200, q200 = x[:, :200], q[:, :200].contiguous()
+    q_view = q_wide[:, 2:202]
+    assert q_view.data_ptr() % 4 != 0
+    torch.testing.assert_close(int8_matmul_triton(x200, q_view, scale), int8_matmul_reference(x200, q200, scale))
+
+
 def test_int4_logits_within_quantization_error_bound():
     # |x @ w.T - x @ dequant(w).T| <= |x| @ (scale / 2).T: each weight is off by at most half a step.
     group_size = 32
@@ -169,10 +200,11 @@ def test_gpu_every_candidate_config_is_correct(m):
     ref8 = x.float() @ (q.float() * scale[:, None]).T
     ref4 = x.float() @ unpack_int4(packed, scales, 32).T
     for config in candidate_configs(triton_next_power_of_2(m), 768, 32):
-        got8 = int8_matmul_triton(x, q, scale, config=config).float()
-        got4 = int4_matmul_triton(x, packed, scales, 32, config=config).float()
-        torch.testing.assert_close(got8, ref8, atol=3e-2, rtol=3e-2, msg=lambda e: f"{config}: {e}")
-        torch.testing.assert_close(got4, ref4, atol=3e-2, rtol=3e-2, msg=lambda e: f"{config}: {e}")
+        for words in (True, False) if m == 1 else (True,):  # M = 1: the word-load and the byte-load GEMV
+            got8 = int8_matmul_triton(x, q, scale, config=config, words=words).float()
+            got4 = int4_matmul_triton(x, packed, scales, 32, config=config, words=words).float()
+            torch.testing.assert_close(got8, ref8, atol=3e-2, rtol=3e-2, msg=lambda e: f"{config} {words}: {e}")
+            torch.testing.assert_close(got4, ref4, atol=3e-2, rtol=3e-2, msg=lambda e: f"{config} {words}: {e}")
 
 
 @needs_gpu
