@@ -13,7 +13,7 @@ Inner products, chosen by the autotuner per (M bucket, N, K, format):
   unpacked with shifts (gpt-fast / GemLite style): every tensor of the loop then shares one layout. Reading bytes
   and widening them into the fp32 accumulator made the compiler copy each weight tile through shared memory with
   barriers every step (seen in the sm_90 PTX); the word loop has no weight traffic through shared memory.
-- "dot": `tl.dot` with a 16..64-row M tile, from M 4 up, where the FMA path would become compute-bound.
+- "dot": `tl.dot` with a 16..64-row M tile, from M 2 up (the autotuner weighs it against FMA), where FMA would become compute-bound.
 
 No split-K: with BLOCK_N down to 2..8 rows per program, even N = 256..768 gives one or more programs per SM, and a
 second reduction kernel (or a memset for atomics) would cost more inside a CUDA graph than it saves. One launch per
@@ -111,13 +111,13 @@ CANDIDATES = tuple(WoConfig(bn, bk, False, w, s) for bn, bk, w, s in _FMA_ENTRIE
 
 def candidate_configs(m_bucket: int, k: int, group_size: int) -> list[WoConfig]:
     """The configs worth timing for an M bucket: FMA only while its product tile fits the register budget, dot only
-    from M 4 on (below, a 16-row tile is mostly padding); INT4 tiles hold whole groups (BLOCK_K >= group_size)."""
+    from M 2 on (at M 1 a 16-row tile is all padding, and the word path wins); INT4 tiles hold whole groups (BLOCK_K >= group_size)."""
     keep = []
     for c in CANDIDATES:
         if c.block_k < group_size or c.block_k > max(triton.next_power_of_2(k), group_size, 64):
             continue
         if c.use_dot:
-            if m_bucket >= 4:
+            if m_bucket >= 2:
                 keep.append(c)
         elif m_bucket <= MAX_FMA_M and m_bucket * c.block_n * c.block_k <= FMA_REGISTER_BUDGET * 32 * c.num_warps:
             keep.append(c)

@@ -128,7 +128,7 @@ def test_candidates_fit_each_bucket():
             assert got and all(c.block_k >= group_size for c in got)
             for c in got:
                 if c.use_dot:
-                    assert m_bucket >= 4 and c.block_m(m_bucket) >= 16
+                    assert m_bucket >= 2 and c.block_m(m_bucket) >= 16
                 else:
                     assert m_bucket <= 16 and c.block_m(m_bucket) == m_bucket
                     assert m_bucket * c.block_n * c.block_k <= FMA_REGISTER_BUDGET * 32 * c.num_warps
