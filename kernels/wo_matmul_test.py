@@ -178,7 +178,7 @@ def test_bad_arguments_raise_value_errors():
 
 @needs_gpu
 @pytest.mark.parametrize("m", [1, 5, 16, 64])
-@pytest.mark.parametrize("k,n", [(768, 256), (2048, 768), (768, 50304)])  # `large` k/v, mlp down; the lm_head
+@pytest.mark.parametrize("k,n", [(2048, 256), (768, 50304)])  # narrow N, long K; the lm_head
 def test_gpu_real_shapes_bf16_autotuned(m, k, n):
     x, w = _inputs(m, n, k, seed=m + n, device="cuda", dtype=torch.bfloat16)
     q, scale = pack_int8(w)
