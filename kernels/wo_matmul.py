@@ -9,10 +9,10 @@ dequantises in registers and accumulates in fp32. The full-precision weight neve
 Inner products, chosen by the autotuner per (M bucket, N, K, format):
 - "FMA": acc (BM, BN, BK) += x (BM, 1, BK) * w (1, BN, BK), reduced over K once after the loop: no tensor cores, no
   padding of M. Right at small M, where a 16-row `tl.dot` would mostly multiply padding.
-  At M = 1 (4-byte aligned rows, the usual case) the weight is read as int32 words, 4 INT8 or 8 INT4 weights each,
-  unpacked with shifts (gpt-fast / GemLite style): every tensor of the loop then shares one layout. Reading bytes
-  and widening them into the fp32 accumulator made the compiler copy each weight tile through shared memory with
-  barriers every step (seen in the sm_90 PTX); the word loop has no weight traffic through shared memory.
+  With 4-byte aligned rows (the usual case) the weight is read as int32 words, 4 INT8 or 8 INT4 weights each,
+  unpacked with shifts (gpt-fast / GemLite style), the accumulator (BM, BN, words) in the words' layout. Reading
+  bytes and widening them into an fp32 accumulator made the compiler copy each weight tile through shared memory
+  with barriers every step (seen in the sm_90 PTX); the word loop moves no weight through shared memory.
 - "dot": `tl.dot` with a 16..64-row M tile, from M 2 up (the autotuner weighs it against FMA), where FMA would become compute-bound.
 
 No split-K: with BLOCK_N down to 2..8 rows per program, even N = 256..768 gives one or more programs per SM, and a
@@ -111,7 +111,7 @@ CANDIDATES = tuple(WoConfig(bn, bk, False, w, s) for bn, bk, w, s in _FMA_ENTRIE
 
 def candidate_configs(m_bucket: int, k: int, group_size: int) -> list[WoConfig]:
     """The configs worth timing for an M bucket: FMA only while its product tile fits the register budget, dot only
-    from M 2 on (at M 1 a 16-row tile is all padding, and the word path wins); INT4 tiles hold whole groups (BLOCK_K >= group_size)."""
+    from M 2 on (at M 1 a 16-row tile is all padding); INT4 tiles hold whole groups (BLOCK_K >= group_size)."""
     keep = []
     for c in CANDIDATES:
         if c.block_k < group_size or c.block_k > max(triton.next_power_of_2(k), group_size, 64):
@@ -164,66 +164,81 @@ def _reduce(acc, USE_DOT: tl.constexpr):
 
 
 @triton.jit
-def _split4(x, BLOCK_K: tl.constexpr):
-    """x (BK,) -> the four (BK/4,) tensors x[4j + i], i = 0..3."""
-    xa, xb = tl.split(tl.reshape(x, (BLOCK_K // 4, 2, 2)))  # i = 2a + b: b = 0 / b = 1, each (BK/4, 2) over a
+def _split4(x, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """x (BM, BK) -> the four (BM, BK/4) tensors x[:, 4j + i], i = 0..3."""
+    xa, xb = tl.split(tl.reshape(x, (BLOCK_M, BLOCK_K // 4, 2, 2)))  # i = 2a + b: b = 0 / 1, each (BM, BK/4, 2)
     x0, x2 = tl.split(xa)
     x1, x3 = tl.split(xb)
     return x0, x1, x2, x3
 
 
 @triton.jit
-def _int8_words_dot(words, x, BLOCK_K: tl.constexpr):
-    """(BN, BK/4) int32 words of 4 int8 weights (byte i = k 4j + i) times x (BK,): (BN, BK/4) fp32 partial sums."""
-    x0, x1, x2, x3 = _split4(x.to(tl.float32), BLOCK_K)
-    out = ((words << 24) >> 24).to(tl.float32) * x0[None, :]  # arithmetic shifts sign-extend each byte
-    out += ((words << 16) >> 24).to(tl.float32) * x1[None, :]
-    out += ((words << 8) >> 24).to(tl.float32) * x2[None, :]
-    out += (words >> 24).to(tl.float32) * x3[None, :]
+def _int8_words_dot(words, x, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """(BN, BK/4) int32 words of 4 int8 weights (byte i = k 4j + i) times x (BM, BK): (BM, BN, BK/4) fp32 partial
+    sums (BM == 1: (BN, BK/4))."""
+    x0, x1, x2, x3 = _split4(x.to(tl.float32), BLOCK_M, BLOCK_K)
+    out = _outer(((words << 24) >> 24).to(tl.float32), x0, BLOCK_M)  # arithmetic shifts sign-extend each byte
+    out += _outer(((words << 16) >> 24).to(tl.float32), x1, BLOCK_M)
+    out += _outer(((words << 8) >> 24).to(tl.float32), x2, BLOCK_M)
+    out += _outer((words >> 24).to(tl.float32), x3, BLOCK_M)
     return out
 
 
 @triton.jit
-def _int4_words_dot(words, x, BLOCK_K: tl.constexpr):
-    """(BN, BK/8) int32 words of 8 nibbles (nibble i = k 8j + i, zero point 8) times x (BK,): (BN, BK/8) fp32
-    partial sums, before the group scale: sum_i u_i x_i - 8 sum_i x_i."""
-    xe, xo = tl.split(tl.reshape(x.to(tl.float32), (BLOCK_K // 2, 2)))  # k = 2h and 2h + 1
-    e0, e1, e2, e3 = _split4(xe, BLOCK_K // 2)  # nibbles 0, 2, 4, 6 of each word
-    o0, o1, o2, o3 = _split4(xo, BLOCK_K // 2)  # nibbles 1, 3, 5, 7
-    out = (words & 0xF).to(tl.float32) * e0[None, :]
-    out += ((words >> 4) & 0xF).to(tl.float32) * o0[None, :]
-    out += ((words >> 8) & 0xF).to(tl.float32) * e1[None, :]
-    out += ((words >> 12) & 0xF).to(tl.float32) * o1[None, :]
-    out += ((words >> 16) & 0xF).to(tl.float32) * e2[None, :]
-    out += ((words >> 20) & 0xF).to(tl.float32) * o2[None, :]
-    out += ((words >> 24) & 0xF).to(tl.float32) * e3[None, :]
-    out += ((words >> 28) & 0xF).to(tl.float32) * o3[None, :]
-    x_sum = e0 + e1 + e2 + e3 + o0 + o1 + o2 + o3  # (BK/8,)
-    return out - 8.0 * x_sum[None, :]
+def _outer(w, x, BLOCK_M: tl.constexpr):
+    """w (BN, W) times x (BM, W) per word: (BN, W) when BM == 1, else (BM, BN, W)."""
+    if BLOCK_M == 1:
+        out = w * x
+    else:
+        out = w[None, :, :] * x[:, None, :]
+    return out
+
+
+@triton.jit
+def _int4_words_dot(words, x, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """(BN, BK/8) int32 words of 8 nibbles (nibble i = k 8j + i, zero point 8) times x (BM, BK): (BM, BN, BK/8) fp32
+    partial sums (BM == 1: (BN, BK/8)), before the group scale: sum_i u_i x_i - 8 sum_i x_i."""
+    xe, xo = tl.split(tl.reshape(x.to(tl.float32), (BLOCK_M, BLOCK_K // 2, 2)))  # k = 2h and 2h + 1
+    e0, e1, e2, e3 = _split4(xe, BLOCK_M, BLOCK_K // 2)  # nibbles 0, 2, 4, 6 of each word
+    o0, o1, o2, o3 = _split4(xo, BLOCK_M, BLOCK_K // 2)  # nibbles 1, 3, 5, 7
+    x_sum = e0 + e1 + e2 + e3 + o0 + o1 + o2 + o3  # (BM, BK/8)
+    out = _outer((words & 0xF).to(tl.float32), e0, BLOCK_M)
+    out += _outer(((words >> 4) & 0xF).to(tl.float32), o0, BLOCK_M)
+    out += _outer(((words >> 8) & 0xF).to(tl.float32), e1, BLOCK_M)
+    out += _outer(((words >> 12) & 0xF).to(tl.float32), o1, BLOCK_M)
+    out += _outer(((words >> 16) & 0xF).to(tl.float32), e2, BLOCK_M)
+    out += _outer(((words >> 20) & 0xF).to(tl.float32), o2, BLOCK_M)
+    out += _outer(((words >> 24) & 0xF).to(tl.float32), e3, BLOCK_M)
+    out += _outer(((words >> 28) & 0xF).to(tl.float32), o3, BLOCK_M)
+    return out - 8.0 * _outer(tl.full(words.shape, 1.0, tl.float32), x_sum, BLOCK_M)
 
 
 @triton.jit
 def _wo_gemv_words(
-    x_ptr, w_ptr, scale_ptr, offs_n, n_mask, K, KH, stride_xk, stride_wn, stride_sn, stride_sg,
-    BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    x_rows, m_mask, w_ptr, scale_ptr, offs_n, n_mask, K, KH, stride_xk, stride_wn, stride_sn, stride_sg,
+    BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):  # fmt: skip
-    """M = 1: the weight read as 32-bit words (4 INT8 or 8 INT4 weights each), unpacked with shifts. Every tensor of
-    the loop is (BN, words) in one layout, so nothing goes through shared memory (loading bytes and widening them to
-    an fp32 accumulator of another layout made the compiler copy each weight tile through shared memory with two
-    barriers per step). Needs 4-byte aligned rows (the wrapper checks). Returns (1, BN) fp32, scales applied."""
+    """The FMA path on 32-bit words (4 INT8 or 8 INT4 weights each), unpacked with shifts; the weight tile stays in
+    the (BN, words) layout it was loaded in (loading bytes and widening them to an fp32 accumulator of another layout
+    made the compiler copy each weight tile through shared memory with two barriers per step). Needs 4-byte aligned
+    rows (the wrapper checks). Returns (BM, BN) fp32, scales applied."""
     PER_WORD: tl.constexpr = 32 // BITS
     WORDS: tl.constexpr = BLOCK_K // PER_WORD
     n_words = KH // 4
     rows = w_ptr.to(tl.pointer_type(tl.int32)) + offs_n[:, None] * (stride_wn // 4)  # (BN, 1)
-    acc = tl.zeros((BLOCK_N, WORDS), dtype=tl.float32)
+    if BLOCK_M == 1:
+        acc = tl.zeros((BLOCK_N, WORDS), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N, WORDS), dtype=tl.float32)
     for kw in range(0, n_words, WORDS):
         offs_w = kw + tl.arange(0, WORDS)
         w_mask = offs_w < n_words
         words = tl.load(rows + offs_w[None, :], mask=n_mask[:, None] & w_mask[None, :], other=0)  # (BN, WORDS)
         offs_k = kw * PER_WORD + tl.arange(0, BLOCK_K)
-        x = tl.load(x_ptr + offs_k * stride_xk, mask=offs_k < K, other=0.0)  # (BK,)
+        x = tl.load(x_rows + offs_k[None, :] * stride_xk, mask=m_mask[:, None] & (offs_k < K)[None, :], other=0.0)
         if BITS == 8:
-            acc += _int8_words_dot(words, x, BLOCK_K)
+            acc += _int8_words_dot(words, x, BLOCK_M, BLOCK_K)
         else:
             g = offs_w * PER_WORD // GROUP_SIZE  # the group of each word (groups hold whole words)
             s = tl.load(
@@ -231,11 +246,14 @@ def _wo_gemv_words(
                 mask=n_mask[:, None] & w_mask[None, :],
                 other=0.0,
             )
-            acc += _int4_words_dot(words, x, BLOCK_K) * s
-    out = tl.sum(acc, axis=1)  # (BN,)
+            acc += _int4_words_dot(words, x, BLOCK_M, BLOCK_K) * (s if BLOCK_M == 1 else s[None, :, :])
+    if BLOCK_M == 1:
+        out = tl.sum(acc, axis=1)[None, :]  # (1, BN)
+    else:
+        out = tl.sum(acc, axis=2)  # (BM, BN)
     if BITS == 8:
-        out *= tl.load(scale_ptr + offs_n * stride_sn, mask=n_mask, other=0.0)
-    return out[None, :]
+        out *= tl.load(scale_ptr + offs_n * stride_sn, mask=n_mask, other=0.0)[None, :]
+    return out
 
 
 @triton.jit
@@ -265,15 +283,15 @@ def _wo_matmul_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     USE_DOT: tl.constexpr,
-    WORDS: tl.constexpr,  # M = 1 with 4-byte aligned weight rows: the word-load GEMV (_wo_gemv_words)
+    WORDS: tl.constexpr,  # 4-byte aligned weight rows: the FMA path reads words (_wo_gemv_words)
 ):
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     n_mask, m_mask = offs_n < N, offs_m < M
-    if WORDS and BLOCK_M == 1 and not USE_DOT:
+    if WORDS and not USE_DOT:
         acc = _wo_gemv_words(
-            x_ptr, w_ptr, scale_ptr, offs_n, n_mask, K, KH, stride_xk, stride_wn, stride_sn, stride_sg,
-            BITS, GROUP_SIZE, BLOCK_N, BLOCK_K,
+            x_ptr + offs_m[:, None] * stride_xm, m_mask, w_ptr, scale_ptr, offs_n, n_mask, K, KH, stride_xk,
+            stride_wn, stride_sn, stride_sg, BITS, GROUP_SIZE, BLOCK_M, BLOCK_N, BLOCK_K,
         )  # fmt: skip
         out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
         tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
@@ -399,8 +417,8 @@ def int8_matmul_triton(
     x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, *, config: WoConfig | None = None, words: bool = True
 ) -> torch.Tensor:
     """The fused Triton kernel, INT8: x (M, K), q int8 (N, K), scale fp32 (N,) -> (M, N).
-    `config` fixes the launch (None: autotuned on a GPU, INTERPRET_CONFIG on CPU); `words=False` keeps M = 1 off
-    the word-load path (tests)."""
+    `config` fixes the launch (None: autotuned on a GPU, INTERPRET_CONFIG on CPU); `words=False` keeps the FMA path on
+    byte loads (tests)."""
     if q.dtype != torch.int8 or q.dim() != 2:
         raise ValueError(f"q must be a 2-D int8 tensor (N, K), got {q.dim()}-D {q.dtype}")
     n, k = q.shape
@@ -420,8 +438,8 @@ def int4_matmul_triton(
     words: bool = True,
 ) -> torch.Tensor:
     """The fused Triton kernel, INT4: x (M, K), packed uint8 (N, K//2), scales fp32 (N, K//G) -> (M, N).
-    `config` fixes the launch (None: autotuned on a GPU, INTERPRET_CONFIG on CPU); `words=False` keeps M = 1 off
-    the word-load path (tests)."""
+    `config` fixes the launch (None: autotuned on a GPU, INTERPRET_CONFIG on CPU); `words=False` keeps the FMA path on
+    byte loads (tests)."""
     if packed.dtype != torch.uint8 or packed.dim() != 2:
         raise ValueError(f"packed must be a 2-D uint8 tensor (N, K // 2), got {packed.dim()}-D {packed.dtype}")
     n, k = packed.shape[0], packed.shape[1] * 2

@@ -55,11 +55,12 @@ def test_int4_triton_matches_reference(m, group_size, config):
 
 @pytest.mark.parametrize("words", [True, False], ids=["words", "bytes"])
 @pytest.mark.parametrize("block_n,block_k", [(4, 128), (8, 256), (2, 1024)])
-def test_m1_word_and_byte_paths_match_reference(words, block_n, block_k):
-    # M = 1 reads 4-byte aligned rows as int32 words (unpacked with shifts) unless told not to; K = 416 / 384
-    # leaves a partial step at every BLOCK_K here, N = 21 a partial N tile.
+@pytest.mark.parametrize("m", [1, 3])
+def test_fma_word_and_byte_paths_match_reference(m, words, block_n, block_k):
+    # The FMA path reads 4-byte aligned rows as int32 words (unpacked with shifts) unless told not to; K = 416 / 384
+    # leaves a partial step at every BLOCK_K here, N = 21 a partial N tile, M = 3 a partial M tile.
     config = WoConfig(block_n=block_n, block_k=block_k)
-    x, w = _inputs(1, 21, 416, seed=block_k)
+    x, w = _inputs(m, 21, 416, seed=block_k + m)
     q, scale = pack_int8(w)
     got8 = int8_matmul_triton(x, q, scale, config=config, words=words)
     torch.testing.assert_close(got8, int8_matmul_reference(x, q, scale), atol=1e-4, rtol=1e-4)
@@ -200,7 +201,7 @@ def test_gpu_every_candidate_config_is_correct(m):
     ref8 = x.float() @ (q.float() * scale[:, None]).T
     ref4 = x.float() @ unpack_int4(packed, scales, 32).T
     for config in candidate_configs(triton_next_power_of_2(m), 768, 32):
-        for words in (True, False) if m == 1 else (True,):  # M = 1: the word-load and the byte-load GEMV
+        for words in (True, False) if not config.use_dot else (True,):  # FMA: the word and the byte loads
             got8 = int8_matmul_triton(x, q, scale, config=config, words=words).float()
             got4 = int4_matmul_triton(x, packed, scales, 32, config=config, words=words).float()
             torch.testing.assert_close(got8, ref8, atol=3e-2, rtol=3e-2, msg=lambda e: f"{config} {words}: {e}")
