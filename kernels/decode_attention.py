@@ -19,7 +19,11 @@ Split-K (FlashDecoding): with few (sequence, KV head) pairs in flight, one progr
 most SMs idle on a long context, so the sequence is cut into splits, each program writes a partial output
 with its log-sum-exp, and a second kernel merges the splits. The number of splits depends only on shapes
 (never on `lengths`), so a call does not sync with the host and can be captured in a CUDA graph; splits
-past a sequence's length exit at once.
+past a sequence's length exit at once. It splits only when the (sequence, KV head) pairs are fewer than the
+SMs: at batch 64 one program per pair already fills the GPU, and the merge would be a second launch for
+nothing. Tiles (BLOCK_N 32..128 keys, warps, stages) are autotuned per (batch bucket, split length, group,
+head size), timed inside a CUDA graph as decode calls them; the first call of a shape tunes (and syncs), so
+call it once before capturing a graph.
 
 Pieces: `decode_attention_reference` (gather + masked softmax in PyTorch, the truth),
 `decode_attention_triton` (the kernels), `decode_attention` (the wrapper: `impl="auto"` takes Triton on
