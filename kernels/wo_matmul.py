@@ -58,7 +58,7 @@ __all__ = [
 
 MAX_FUSED_M = 64  # above this the wrappers dequantise and call cuBLAS
 MAX_FMA_M = 16  # the FMA path's M tile is the whole M bucket: beyond this only the dot path is offered
-FMA_REGISTER_BUDGET = 64  # fp32 product elements per thread of the FMA path's (BM, BN, BK) tile
+FMA_REGISTER_BUDGET = 64  # fp32 accumulator elements per thread of the FMA path (fma_tile_elements)
 AUTOTUNE_REP_MS = 10  # per config; do_bench_cudagraph replays a graph of about rep / (lone-call ms) calls 10 times
 
 
@@ -109,9 +109,17 @@ CANDIDATES = tuple(WoConfig(bn, bk, False, w, s) for bn, bk, w, s in _FMA_ENTRIE
 )
 
 
-def candidate_configs(m_bucket: int, k: int, group_size: int) -> list[WoConfig]:
-    """The configs worth timing for an M bucket: FMA only while its product tile fits the register budget, dot only
-    from M 2 on (at M 1 a 16-row tile is all padding); INT4 tiles hold whole groups (BLOCK_K >= group_size)."""
+def fma_tile_elements(m_bucket: int, c: WoConfig, group_size: int, words: bool) -> int:
+    """fp32 accumulator elements of the FMA path per program: (BM, BN, BK), or (BM, BN, BK / weights per word) when
+    the weight is read as words (4 INT8 or 8 INT4 weights each)."""
+    per_word = (4 if group_size == 1 else 8) if words else 1
+    return m_bucket * c.block_n * c.block_k // per_word
+
+
+def candidate_configs(m_bucket: int, k: int, group_size: int, words: bool = False) -> list[WoConfig]:
+    """The configs worth timing for an M bucket: FMA only while its accumulator fits the register budget, dot only
+    from M 2 on (at M 1 a 16-row tile is all padding); INT4 tiles hold whole groups (BLOCK_K >= group_size).
+    group_size 1 means INT8."""
     keep = []
     for c in CANDIDATES:
         if c.block_k < group_size or c.block_k > max(triton.next_power_of_2(k), group_size, 64):
@@ -119,15 +127,17 @@ def candidate_configs(m_bucket: int, k: int, group_size: int) -> list[WoConfig]:
         if c.use_dot:
             if m_bucket >= 2:
                 keep.append(c)
-        elif m_bucket <= MAX_FMA_M and m_bucket * c.block_n * c.block_k <= FMA_REGISTER_BUDGET * 32 * c.num_warps:
-            keep.append(c)
+        elif m_bucket <= MAX_FMA_M:
+            if fma_tile_elements(m_bucket, c, group_size, words) <= FMA_REGISTER_BUDGET * 32 * c.num_warps:
+                keep.append(c)
     return keep or [c for c in CANDIDATES if c.use_dot and c.block_k >= group_size][:1]
 
 
 def _prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
-    """Autotune hook: the candidates for this call's M bucket and K, with BLOCK_M filled in."""
+    """Autotune hook: the candidates for this call's M bucket, K, format and load path, with BLOCK_M filled in."""
     m_bucket, group_size = kwargs["M_BUCKET"], kwargs["GROUP_SIZE"]
-    return [_triton_config(c, m_bucket) for c in candidate_configs(m_bucket, named_args["K"], group_size)]
+    found = candidate_configs(m_bucket, named_args["K"], group_size, kwargs["WORDS"])
+    return [_triton_config(c, m_bucket) for c in found]
 
 
 def _autotune_bench(kernel_call, quantiles):

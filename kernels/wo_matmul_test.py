@@ -122,17 +122,22 @@ def test_strided_x_is_read_in_place():
     )
 
 
-def test_candidates_fit_each_bucket():
+@pytest.mark.parametrize("words", [False, True])
+def test_candidates_fit_each_bucket(words):
     for m_bucket in (1, 2, 4, 8, 16, 32, 64):
         for group_size in (1, *INT4_GROUP_SIZES):
-            got = candidate_configs(m_bucket, 768, group_size)
+            got = candidate_configs(m_bucket, 768, group_size, words)
             assert got and all(c.block_k >= group_size for c in got)
+            per_word = (4 if group_size == 1 else 8) if words else 1
             for c in got:
                 if c.use_dot:
                     assert m_bucket >= 2 and c.block_m(m_bucket) >= 16
                 else:
                     assert m_bucket <= 16 and c.block_m(m_bucket) == m_bucket
-                    assert m_bucket * c.block_n * c.block_k <= FMA_REGISTER_BUDGET * 32 * c.num_warps
+                    assert m_bucket * c.block_n * c.block_k / per_word <= FMA_REGISTER_BUDGET * 32 * c.num_warps
+    # Word loads keep a 4-8x smaller accumulator, so more FMA tiles fit at M 16.
+    fma = lambda w: {c for c in candidate_configs(16, 768, 1, w) if not c.use_dot}  # noqa: E731
+    assert fma(False) < fma(True)
     assert not any(c.use_dot for c in candidate_configs(1, 768, 32))  # M = 1 never pads to 16 rows
     assert all(c.use_dot for c in candidate_configs(64, 768, 32))
     assert len(set(CANDIDATES)) == len(CANDIDATES)
@@ -200,8 +205,10 @@ def test_gpu_every_candidate_config_is_correct(m):
     packed, scales = pack_int4(w, 32)
     ref8 = x.float() @ (q.float() * scale[:, None]).T
     ref4 = x.float() @ unpack_int4(packed, scales, 32).T
-    for config in candidate_configs(triton_next_power_of_2(m), 768, 32):
-        for words in (True, False) if not config.use_dot else (True,):  # FMA: the word and the byte loads
+    for words in (True, False):  # the word-load and the byte-load FMA paths (each with its own candidates)
+        for config in candidate_configs(triton_next_power_of_2(m), 768, 32, words):
+            if config.use_dot and not words:
+                continue  # the dot path ignores `words`: checked once
             got8 = int8_matmul_triton(x, q, scale, config=config, words=words).float()
             got4 = int4_matmul_triton(x, packed, scales, 32, config=config, words=words).float()
             torch.testing.assert_close(got8, ref8, atol=3e-2, rtol=3e-2, msg=lambda e: f"{config} {words}: {e}")
