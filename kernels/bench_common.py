@@ -28,11 +28,14 @@ class BenchCase:
     flops: float = 0.0  # floating-point operations per call; > 0 means compared with the matmul ceiling
     bytes_moved: float = 0.0  # minimal bytes read + written per call; compared with the copy ceiling
     measure_memory: bool = False  # also record the peak memory one call allocates above its inputs
+    graph_calls: int = 0  # > 0: timed as this many calls captured in one CUDA graph, replayed (decode-time kernels)
 
     def __post_init__(self) -> None:
         for name in ("kernel", "shape", "impl"):
             if not getattr(self, name):
                 raise ValueError(f"BenchCase.{name} must be a non-empty string")
+        if self.graph_calls < 0:
+            raise ValueError(f"BenchCase.graph_calls must be >= 0, got {self.graph_calls}")
         if self.flops < 0 or self.bytes_moved < 0:
             raise ValueError(f"BenchCase flops and bytes_moved must be >= 0, got {self.flops}, {self.bytes_moved}")
 

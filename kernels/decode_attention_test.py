@@ -4,6 +4,9 @@ import pytest
 import torch
 
 from kernels.decode_attention import (
+    MAX_SPLITS,
+    MIN_KEYS_PER_SPLIT,
+    _pick_num_splits,
     decode_attention,
     decode_attention_reference,
     decode_attention_triton,
@@ -58,9 +61,10 @@ def test_keys_past_length_do_not_matter():
     before = decode_attention_triton(q, k, v, slots, lengths, num_splits=2)
     valid = torch.arange(128, device=q.device)[None, :] < lengths[:, None]  # (B, L)
     garbage = ~valid[:, None, :, None]  # (B, 1, L, 1): positions past each sequence's length
-    k[slots] = torch.where(garbage, 1e4, k[slots])
-    v[slots] = torch.where(garbage, -1e4, v[slots])
-    torch.testing.assert_close(decode_attention_triton(q, k, v, slots, lengths, num_splits=2), before)
+    for k_junk, v_junk in ((1e4, -1e4), (float("inf"), float("nan"))):  # a stale slot may hold anything
+        k[slots] = torch.where(garbage, k_junk, k[slots])
+        v[slots] = torch.where(garbage, v_junk, v[slots])
+        torch.testing.assert_close(decode_attention_triton(q, k, v, slots, lengths, num_splits=2), before)
 
 
 def test_custom_scale_and_bf16():
@@ -78,11 +82,30 @@ def test_wrapper_uses_reference_on_cpu():
     )
 
 
-def test_wrapper_forced_to_triton_picks_splits_itself():
-    # On CPU the heuristic sees 4 "SMs": 2 sequences x 2 KV heads get split 4 ways over 512 keys.
-    q, k, v, slots, lengths = _case(2, 4, 2, 16, max_len=512, seed=6)
+@pytest.mark.parametrize("batch", [1, 2])
+def test_wrapper_forced_to_triton_picks_splits_itself(batch):
+    # On CPU the heuristic sees 4 "SMs": 1 sequence x 2 KV heads is split (4 ways of 128 keys), 2 x 2 is not.
+    q, k, v, slots, lengths = _case(batch, 4, 2, 16, max_len=512, seed=6)
     got = decode_attention(q, k, v, slots, lengths, impl="triton")
     torch.testing.assert_close(got, decode_attention_reference(q, k, v, slots, lengths), **FP32)
+
+
+def test_split_count_depends_on_shapes_only():
+    assert _pick_num_splits(64, 6, 1024, 132) == 1  # 384 (sequence, head) pairs already fill 132 SMs
+    assert _pick_num_splits(1, 6, 8192, 132) == min(MAX_SPLITS, 8192 // MIN_KEYS_PER_SPLIT)  # 88 wanted
+    assert _pick_num_splits(16, 4, 1024, 132) == min(1024 // MIN_KEYS_PER_SPLIT, 9)  # 9 wanted: 528 / 64 pairs
+    assert _pick_num_splits(2, 4, 100, 132) == 1  # too short to split
+
+
+@pytest.mark.parametrize("num_splits", [1, 3], ids=["no-split", "split"])
+def test_slots_none_means_row_b_uses_slot_b(num_splits):
+    q, k, v, _, lengths = _case(3, 4, 2, 16, max_len=200, seed=9)
+    slots = torch.arange(3, device=q.device)
+    want = decode_attention_reference(q, k, v, slots, lengths)
+    torch.testing.assert_close(decode_attention_reference(q, k, v, None, lengths), want)
+    torch.testing.assert_close(decode_attention_triton(q, k, v, None, lengths, num_splits=num_splits), want, **FP32)
+    with pytest.raises(ValueError, match="slots=None reads slots 0..B-1, but the cache has 5 slots for B=6"):
+        decode_attention_triton(q.repeat(2, 1, 1), k, v, None, lengths.repeat(2))
 
 
 def test_bad_shapes_raise_value_errors():
@@ -93,6 +116,8 @@ def test_bad_shapes_raise_value_errors():
         decode_attention_triton(q, k, v[..., :8], slots, lengths)
     with pytest.raises(ValueError, match=r"lengths must be an integer tensor of shape \(B,\)"):
         decode_attention_triton(q, k, v, slots, lengths[:1])
+    with pytest.raises(ValueError, match="num_splits must be in 1..max_len=64"):
+        decode_attention_triton(q, k, v, slots, lengths, num_splits=0)
 
 
 @needs_gpu
@@ -107,3 +132,22 @@ def test_gpu_real_shapes_bf16(batch, n_head, n_kv, ctx):
     for num_splits in (1, 8):
         got = decode_attention_triton(q, k, v, slots, lengths, num_splits=num_splits).float()
         torch.testing.assert_close(got, ref, atol=2e-2, rtol=2e-2)
+
+
+@needs_gpu
+@pytest.mark.parametrize("batch,ctx", [(64, 1024), (1, 8192)])
+def test_gpu_cuda_graph_replay_follows_new_lengths_and_queries(batch, ctx):
+    # Captured once, replayed after the lengths and queries change in place: no host sync, splits from shapes only.
+    q, k, v, _, lengths = _case(batch, 6, 6, 64, ctx, seed=batch, device="cuda", dtype=torch.bfloat16)
+    decode_attention(q, k, v, None, lengths)  # autotunes outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = decode_attention(q, k, v, None, lengths)
+    g = torch.Generator().manual_seed(ctx)
+    for _ in range(2):
+        lengths.copy_(torch.randint(1, ctx + 1, (batch,), generator=g))
+        q.copy_(torch.randn(q.shape, generator=g))
+        graph.replay()
+        ref = decode_attention_reference(q, k, v, None, lengths).float()
+        torch.testing.assert_close(out.float(), ref, atol=2e-2, rtol=2e-2)

@@ -6,12 +6,14 @@ activation to global memory and reads it back. Here each program owns a slice of
 its (M, BLOCK_H) tile of the activation in registers (the first GEMM loops over C), applies the activation there,
 and multiplies the tile straight into W2's matching columns (the second GEMM loops over the C outputs). Every weight
 byte is read once across the grid and the hidden activation never reaches global memory; each hidden slice leaves an
-fp32 (M, C) partial sum, and the partials are summed afterwards (deterministic, unlike atomics).
+fp32 (M, C) partial sum, and one small second kernel sums the partials and casts (deterministic, unlike atomics):
+two launches in all against eager's three, which is what counts inside a CUDA graph at these sizes.
 
 Activations (`ACTIVATIONS`): "gelu" is the exact, erf-based GELU (what `model/layers.py` and GPT-2/nanoGPT train
 with); "gelu_tanh" is the tanh approximation (`F.gelu(approximate="tanh")`); "relu"; "silu".
 Inference only (no autograd). Weights use nn.Linear's layout: W1 (H, C), W2 (C, H). The block-size heuristic is
-untuned: no GPU was lent when this was written, so `kernels/fused_ffn_bench.py` has not been run yet.
+untuned; `kernels/fused_ffn_bench.py` times it inside a CUDA graph beside eager and torch.compile captured the same
+way. It stays off by default (nothing in the model calls it) unless that table shows it faster.
 
     reference          fp32 PyTorch (the truth), output in x's dtype
     fused_ffn_triton   the fused kernel, x (M, C), any M (meant for M <= MAX_FUSED_M)
@@ -42,6 +44,7 @@ BLOCK_H_CHOICES = (16, 32, 64, 128)  # hidden slice per program, smallest first 
 PARTIAL_BYTES_BUDGET = 0.25
 NUM_WARPS = 4
 NUM_STAGES = 2
+SUM_BLOCK = 1024  # output elements per program of the partial-sum kernel
 
 
 @dataclass(frozen=True)
@@ -151,6 +154,17 @@ def _fused_ffn_kernel(
         tl.store(out_ptrs, part, mask=m_mask[:, None] & n_mask[None, :])
 
 
+@triton.jit
+def _sum_partials_kernel(part_ptr, out_ptr, S, MC, BLOCK: tl.constexpr):
+    """out (M, C) = sum over s of part (S, M, C) fp32, both contiguous, cast to out's dtype."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < MC
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for s in range(0, S):
+        acc += tl.load(part_ptr + s * MC + offs, mask=mask, other=0.0)
+    tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
 def _activation_fn(activation: str):
     return {
         "gelu": F.gelu,
@@ -249,7 +263,10 @@ def fused_ffn_triton(
         num_warps=NUM_WARPS,
         num_stages=NUM_STAGES,
     )
-    return (out[0] if cfg.splits == 1 else out.sum(dim=0)).to(x.dtype)  # (M, C)
+    y = torch.empty((m, c), device=x.device, dtype=x.dtype)
+    # One small kernel sums the hidden slices' partials and casts (eager sum + cast would be two more launches).
+    _sum_partials_kernel[(triton.cdiv(m * c, SUM_BLOCK),)](out, y, cfg.splits, m * c, BLOCK=SUM_BLOCK)
+    return y  # (M, C)
 
 
 def fused_ffn(

@@ -5,6 +5,9 @@ the bytes it must move at least (W1, W2, biases, x in, y out) against the measur
 PyTorch alternatives at the same shape and dtype: eager (up-projection, GELU, down-projection: three kernels and a
 round trip of the (M, hidden) activation through memory) and `torch.compile` of the same function (whose first,
 compiling calls fall in the warm-up). GELU is the exact (erf) one, as the GELU presets train with.
+
+Timed as decoding calls it: inside a CUDA graph, each of the three captured the same way, rotating through enough
+copies of the weights to leave L2 (kernels/inference_bench.py's helpers, `BenchCase.graph_calls`).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import torch.nn.functional as F
 
 from kernels.bench_common import BenchCase
 from kernels.fused_ffn import fused_ffn_triton
+from kernels.inference_bench import graph_calls, rotating, rotation_copies
 
 __all__ = ["bench_cases"]
 
@@ -42,13 +46,14 @@ def _eager(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor
 
 def _setup(impl: str, m: int, c: int, h: int) -> Callable[[], Callable[[], object]]:
     def setup():
-        args = _inputs(m, c, h)
+        copies = [_inputs(m, c, h) for _ in range(rotation_copies(_bytes_moved(m, c, h)))]
         if impl == "triton":
-            return lambda: fused_ffn_triton(*args, ACTIVATION)
-        if impl == "eager":
-            return lambda: _eager(*args)
-        compiled = torch.compile(_eager, dynamic=False)
-        return lambda: compiled(*args)
+            fn = lambda *args: fused_ffn_triton(*args, ACTIVATION)  # noqa: E731
+        elif impl == "eager":
+            fn = _eager
+        else:
+            fn = torch.compile(_eager, dynamic=False)
+        return rotating([lambda args=args: fn(*args) for args in copies])
 
     return setup
 
@@ -66,5 +71,6 @@ def bench_cases() -> list[BenchCase]:
             label = f"M{m} {c}->{h}->{c} gelu bf16 ({name})"
             moved = _bytes_moved(m, c, h)
             for impl, ours in (("triton", True), ("eager", False), ("torch.compile", False)):
-                cases.append(BenchCase("fused_ffn", label, impl, ours, _setup(impl, m, c, h), bytes_moved=moved))
+                setup, calls = _setup(impl, m, c, h), graph_calls(moved)
+                cases.append(BenchCase("fused_ffn", label, impl, ours, setup, bytes_moved=moved, graph_calls=calls))
     return cases

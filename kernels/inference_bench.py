@@ -1,14 +1,19 @@
 """Benchmark cases of the inference kernels, run by `python -m bench_svc.benches.kernels` (`BENCH_MODULES` there).
 
-Both kernels are bound by memory, so they are judged in GB/s against the measured copy ceiling:
-- decode attention on the K/V bytes read, beside SDPA with a padded boolean mask over the same cache (given its
-  best case: the slots are 0..B-1 so it reads the cache in place, no gather);
-- weight-only matmul on the weight + scale bytes read, beside the bf16 matmul (cuBLAS) of the same shape.
-Targets: >= 70% of the copy ceiling and faster than the baseline (at tiny shapes launch latency dominates
-and neither is near the ceiling; the lm_head and the long contexts are where bandwidth shows).
+Every case here is timed the way decoding calls it: many calls captured in one CUDA graph, replayed, the time divided
+by the calls (`BenchCase.graph_calls`, bench_svc/benches/kernel_timing.time_graph_ms); the PyTorch alternative is
+captured the same way. A graph replays its calls back to back, so each case rotates through enough copies of what
+it reads (weights, the KV cache) to exceed the L2 cache (ROTATE_BYTES): every call reads cold memory, as one
+layer's weights are in a real decode step.
 
-End to end, decode ms/token of the `large` preset at batch 1 in bf16 / INT8 / INT4 is measured by the model
-and serving code (model/quantize.py, bench_svc), not here.
+- decode attention, judged on the K/V bytes read, beside SDPA with a padded boolean mask over the same cache (given
+  its best case: the slots are 0..B-1 so it reads the cache in place, no gather);
+- weight-only matmul at every linear width of the `large` and `gpt2-124m` presets (computed from model/presets.py)
+  and M = 1 and 16, judged on the weight + scale bytes read, beside the bf16 cuBLAS `F.linear` of the same shape;
+- end to end, one decode step of the `large` preset (random weights, batch 1, position 512 of a 1024-key cache)
+  through `GPT.forward_cached` with bf16 weights, and with its linears swapped by model/quantize.py for INT8 and INT4
+  (whose matmuls are the kernels above): the row's ms is decode ms/token.
+Targets: see kernels/wo_matmul.py and kernels/decode_attention.py.
 """
 
 from __future__ import annotations
@@ -23,27 +28,46 @@ from kernels.decode_attention import decode_attention_triton
 from kernels.quant_format import INT4_GROUP_SIZES, pack_int4, pack_int8
 from kernels.wo_matmul import int4_matmul_triton, int8_matmul_triton
 
-__all__ = ["bench_cases"]
+__all__ = ["DECODE_STEP_FORMATS", "bench_cases", "graph_calls", "matmul_shapes", "rotating", "rotation_copies"]
 
 HEAD_DIM = 64
 N_LAYER = 2  # the cache buffer holds several layers; the kernels read layer 1's strided view
-# (batch, context, query heads, KV heads): the targets' two shapes, then the `large` preset's GQA (12 q / 4 kv).
-DECODE_SHAPES = ((64, 1024, 6, 6), (1, 8192, 6, 6), (64, 1024, 12, 4))
+# (batch, context, query heads, KV heads): the targets' two shapes at 6 heads, then 12 heads (gpt2-124m's MHA and
+# the `large` preset's GQA, 12 q / 4 kv).
+DECODE_SHAPES = ((64, 1024, 6, 6), (1, 8192, 6, 6), (64, 1024, 12, 12), (1, 8192, 12, 4), (64, 1024, 12, 4))
+MATMUL_PRESETS = ("large", "gpt2-124m")
+MATMUL_M = (1, 16)  # tokens in flight: every width at each
+MATMUL_M_EXTRA = ((4, "lm_head"), (64, "lm_head"))  # ... and these
+ROTATE_BYTES = 192 * 1024**2  # > 3x the L2 of an H100 (50 MB) or H200 (60 MB)
+MAX_COPIES = 1024  # the most copies of one input (graph nodes per replay)
+MIN_GRAPH_CALLS = 32
+DECODE_STEP_PRESET = "large"
+DECODE_STEP_POSITION = 512  # the token's position: it attends to 513 of the cache's 1024 keys
+DECODE_STEP_CALLS = 4
+DECODE_STEP_FORMATS = ("bf16", "int8", "int4-g32")
 
-# (name, K, N) of the linear layers of the 768-wide presets (model/presets.py). `large` (Llama style):
-# qkv 768 -> (12 + 2*4) * 64, SwiGLU hidden 2048; `gpt2-124m`: qkv 768 -> 2304, MLP 3072; both: vocab 50304.
-MATMUL_SHAPES = (
-    ("attn out", 768, 768),
-    ("large qkv", 768, 1280),
-    ("large mlp up", 768, 2048),
-    ("large mlp down", 2048, 768),
-    ("gpt2 qkv", 768, 2304),
-    ("gpt2 mlp fc", 768, 3072),
-    ("gpt2 mlp proj", 3072, 768),
-    ("lm_head", 768, 50304),
-)
-MATMUL_M = (1,)  # every shape at M = 1 (one token in flight) ...
-MATMUL_M_EXTRA = ((16, "gpt2 mlp fc"), (64, "gpt2 mlp fc"), (16, "lm_head"), (64, "lm_head"))  # ... and these
+
+def rotation_copies(bytes_per_call: int) -> int:
+    """How many copies of a call's inputs make the graph's working set exceed L2 (at least 1, at most MAX_COPIES)."""
+    return max(1, min(MAX_COPIES, -(-ROTATE_BYTES // max(bytes_per_call, 1))))
+
+
+def graph_calls(bytes_per_call: int) -> int:
+    """Calls per captured graph: every copy once, and at least MIN_GRAPH_CALLS."""
+    copies = rotation_copies(bytes_per_call)
+    return copies * -(-MIN_GRAPH_CALLS // copies)
+
+
+def rotating(calls: list[Callable[[], object]]) -> Callable[[], object]:
+    """One call per invocation, cycling through `calls` (each reads its own copy of the inputs)."""
+    state = {"i": 0}
+
+    def call() -> object:
+        i = state["i"]
+        state["i"] = (i + 1) % len(calls)
+        return calls[i]()
+
+    return call
 
 
 def _decode_inputs(batch: int, ctx: int, n_head: int, n_kv: int):
@@ -52,29 +76,27 @@ def _decode_inputs(batch: int, ctx: int, n_head: int, n_kv: int):
     k_buf = torch.randn(shape, device="cuda", dtype=torch.bfloat16)
     v_buf = torch.randn(shape, device="cuda", dtype=torch.bfloat16)
     q = torch.randn(batch, n_head, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
-    slots = torch.arange(batch, device="cuda")
     lengths = torch.full((batch,), ctx, device="cuda", dtype=torch.long)
-    return q, k_buf[:, 1], v_buf[:, 1], slots, lengths
+    return q, k_buf[:, 1], v_buf[:, 1], lengths
 
 
-def _decode_triton(shape: tuple[int, int, int, int]) -> Callable[[], Callable[[], object]]:
-    def setup():
-        q, k, v, slots, lengths = _decode_inputs(*shape)
-        return lambda: decode_attention_triton(q, k, v, slots, lengths)
-
-    return setup
+def _kv_bytes(shape: tuple[int, int, int, int]) -> int:
+    batch, ctx, _, n_kv = shape
+    return 2 * batch * n_kv * ctx * HEAD_DIM * 2  # K and V, 2 bytes each
 
 
-def _decode_sdpa(shape: tuple[int, int, int, int]) -> Callable[[], Callable[[], object]]:
-    def setup():
-        q, k, v, _, lengths = _decode_inputs(*shape)
+def _decode_setup(shape: tuple[int, int, int, int], impl: str) -> Callable[[], Callable[[], object]]:
+    def one_copy() -> Callable[[], object]:
+        q, k, v, lengths = _decode_inputs(*shape)
+        if impl == "triton":
+            return lambda: decode_attention_triton(q, k, v, None, lengths)  # slots None: row b in slot b
         ctx = k.shape[2]
         mask = (torch.arange(ctx, device="cuda")[None, :] < lengths[:, None])[:, None, None, :]  # (B, 1, 1, L)
         q4 = q[:, :, None, :]  # (B, H, 1, D)
         gqa = q.shape[1] != k.shape[1]
         return lambda: F.scaled_dot_product_attention(q4, k, v, attn_mask=mask, enable_gqa=gqa)
 
-    return setup
+    return lambda: rotating([one_copy() for _ in range(rotation_copies(_kv_bytes(shape)))])
 
 
 def _decode_cases() -> list[BenchCase]:
@@ -82,31 +104,27 @@ def _decode_cases() -> list[BenchCase]:
     for shape in DECODE_SHAPES:
         batch, ctx, n_head, n_kv = shape
         label = f"B{batch} ctx{ctx} H{n_head}/KV{n_kv} D{HEAD_DIM} bf16"
-        kv_bytes = 2 * batch * n_kv * ctx * HEAD_DIM * 2  # K and V, 2 bytes each
-        cases.append(BenchCase("decode_attention", label, "triton", True, _decode_triton(shape), bytes_moved=kv_bytes))
-        cases.append(
-            BenchCase("decode_attention", label, "sdpa padded mask", False, _decode_sdpa(shape), bytes_moved=kv_bytes)
-        )
+        moved, calls = _kv_bytes(shape), graph_calls(_kv_bytes(shape))
+        for impl, ours in (("triton", True), ("sdpa padded mask", False)):
+            setup = _decode_setup(shape, impl)
+            cases.append(BenchCase("decode_attention", label, impl, ours, setup, bytes_moved=moved, graph_calls=calls))
     return cases
 
 
-def _matmul_setup(m: int, k: int, n: int, fmt: str) -> Callable[[], Callable[[], object]]:
-    """fmt: "bf16", "int8" or "int4-g<group size>"."""
+def matmul_shapes() -> list[tuple[str, int, int]]:
+    """(name, K, N) of every distinct linear layer of the MATMUL_PRESETS (model/presets.py), in model order."""
+    from model.presets import get_preset  # model imports kernels: imported here, not at module load
 
-    def setup():
-        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-        w = torch.randn(n, k, device="cuda") / k**0.5
-        if fmt == "bf16":
-            wt = w.bfloat16()
-            return lambda: x @ wt.T
-        if fmt == "int8":
-            q, scale = pack_int8(w)
-            return lambda: int8_matmul_triton(x, q, scale)
-        group_size = int(fmt.removeprefix("int4-g"))
-        packed, scales = pack_int4(w, group_size)
-        return lambda: int4_matmul_triton(x, packed, scales, group_size)
-
-    return setup
+    shapes: dict[tuple[int, int], str] = {}
+    for preset in MATMUL_PRESETS:
+        cfg = get_preset(preset)
+        c, kv, hidden = cfg.n_embd, cfg.kv_dim, cfg.hidden_dim
+        up = "gate/up" if cfg.mlp == "swiglu" else "up"
+        layers = (("q/o", c, c), ("k/v", c, kv), (f"mlp {up}", c, hidden), ("mlp down", hidden, c))
+        for name, k, n in layers:
+            shapes.setdefault((k, n), f"{preset} {name}")
+        shapes.setdefault((c, cfg.vocab_size), "lm_head")
+    return [(name, k, n) for (k, n), name in shapes.items()]
 
 
 def _weight_bytes(k: int, n: int, fmt: str) -> int:
@@ -118,38 +136,101 @@ def _weight_bytes(k: int, n: int, fmt: str) -> int:
     return n * k // 2 + 4 * n * (k // group_size)
 
 
+def _matmul_setup(m: int, k: int, n: int, fmt: str) -> Callable[[], Callable[[], object]]:
+    """fmt: "bf16", "int8" or "int4-g<group size>"; one quantised weight, copied to defeat L2 across graph calls."""
+
+    def setup() -> Callable[[], object]:
+        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        w = torch.randn(n, k, device="cuda") / k**0.5
+        copies = rotation_copies(_weight_bytes(k, n, fmt))
+        if fmt == "bf16":
+            weights = [w.bfloat16() for _ in range(copies)]
+            return rotating([lambda w=wc: F.linear(x, w) for wc in weights])
+        if fmt == "int8":
+            q, scale = pack_int8(w)
+            packs = [(q.clone(), scale.clone()) for _ in range(copies)]
+            return rotating([lambda p=p: int8_matmul_triton(x, *p) for p in packs])
+        group_size = int(fmt.removeprefix("int4-g"))
+        packed, scales = pack_int4(w, group_size)
+        packs = [(packed.clone(), scales.clone()) for _ in range(copies)]
+        return rotating([lambda p=p: int4_matmul_triton(x, *p, group_size) for p in packs])
+
+    return setup
+
+
 def _matmul_cases() -> list[BenchCase]:
-    runs = [(m, name) for name, _, _ in MATMUL_SHAPES for m in MATMUL_M] + list(MATMUL_M_EXTRA)
-    dims = {name: (k, n) for name, k, n in MATMUL_SHAPES}
-    fmts = ["int8", *(f"int4-g{g}" for g in INT4_GROUP_SIZES)]
+    shapes = matmul_shapes()
+    dims = {name: (k, n) for name, k, n in shapes}
+    runs = [(m, name) for m in MATMUL_M for name, _, _ in shapes] + list(MATMUL_M_EXTRA)
+    formats = [("int8", True), *((f"int4-g{g}", True) for g in INT4_GROUP_SIZES), ("bf16", False)]
     cases = []
     for m, name in runs:
         k, n = dims[name]
         label = f"M{m} {k}->{n} ({name})"
-        for fmt in fmts:
+        for fmt, ours in formats:
+            moved = _weight_bytes(k, n, fmt)
+            impl = f"triton {fmt}" if ours else "torch bf16 matmul"
+            setup = _matmul_setup(m, k, n, fmt)
             cases.append(
-                BenchCase(
-                    "wo_matmul",
-                    label,
-                    f"triton {fmt}",
-                    True,
-                    _matmul_setup(m, k, n, fmt),
-                    bytes_moved=_weight_bytes(k, n, fmt),
-                )
+                BenchCase("wo_matmul", label, impl, ours, setup, bytes_moved=moved, graph_calls=graph_calls(moved))
             )
+    return cases
+
+
+def _decode_step_setup(fmt: str) -> Callable[[], Callable[[], object]]:
+    """One cached decode step of the DECODE_STEP_PRESET with random weights, its linears in `fmt`."""
+
+    def setup() -> Callable[[], object]:
+        from model.kv_cache import KVCache  # model imports kernels: imported here, not at module load
+        from model.presets import get_preset
+        from model.quantize import quantize_model
+        from model.transformer import GPT
+
+        cfg = get_preset(DECODE_STEP_PRESET)
+        torch.manual_seed(0)
+        model = GPT(cfg).to(device="cuda", dtype=torch.bfloat16).eval()
+        if fmt != "bf16":
+            mode = "int8" if fmt == "int8" else "int4"
+            group_size = 32 if fmt == "int8" else int(fmt.removeprefix("int4-g"))
+            model = quantize_model(model, mode, group_size)  # in place: nn.Linear -> Int8Linear / Int4Linear
+        cache = KVCache(1, cfg, dtype=torch.bfloat16, device="cuda")
+        idx = torch.randint(cfg.vocab_size, (1, 1), device="cuda")
+        slots = torch.zeros(1, dtype=torch.long, device="cuda")
+        positions = torch.full((1,), DECODE_STEP_POSITION, dtype=torch.long, device="cuda")
+
+        def step() -> torch.Tensor:
+            with torch.inference_mode():
+                return model.forward_cached(idx, cache, slots, positions, last_only=True)  # (1, V)
+
+        return step
+
+    return setup
+
+
+def _decode_step_bytes(fmt: str) -> int:
+    """Weight bytes one decode step reads (every linear, the lm_head included; embeddings and norms left out)."""
+    from model.presets import get_preset
+
+    cfg = get_preset(DECODE_STEP_PRESET)
+    c, kv, hidden = cfg.n_embd, cfg.kv_dim, cfg.hidden_dim
+    per_layer = [(c, c), (c, kv), (c, kv), (c, c), (c, hidden), (c, hidden), (hidden, c)]
+    return cfg.n_layer * sum(_weight_bytes(k, n, fmt) for k, n in per_layer) + _weight_bytes(c, cfg.vocab_size, fmt)
+
+
+def _decode_step_cases() -> list[BenchCase]:
+    label = f"{DECODE_STEP_PRESET} preset B1 pos{DECODE_STEP_POSITION} (ms/token)"
+    cases = []
+    for fmt in DECODE_STEP_FORMATS:
+        setup, moved = _decode_step_setup(fmt), _decode_step_bytes(fmt)
+        impl = f"{fmt} weights" + (" (torch)" if fmt == "bf16" else " (triton wo_matmul)")
         cases.append(
             BenchCase(
-                "wo_matmul",
-                label,
-                "torch bf16 matmul",
-                False,
-                _matmul_setup(m, k, n, "bf16"),
-                bytes_moved=_weight_bytes(k, n, "bf16"),
+                "decode step", label, impl, fmt != "bf16", setup, bytes_moved=moved, graph_calls=DECODE_STEP_CALLS
             )
         )
     return cases
 
 
 def bench_cases() -> list[BenchCase]:
-    """Decode attention and weight-only matmul cases (setup allocates on the GPU, so only call them there)."""
-    return _decode_cases() + _matmul_cases()
+    """Decode attention, weight-only matmul and decode-step cases (setup allocates on the GPU: call it there only)."""
+    return _decode_cases() + _matmul_cases() + _decode_step_cases()

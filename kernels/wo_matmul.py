@@ -1,24 +1,36 @@
 """Weight-only quantized matmul for decoding: y = x @ dequant(w).T with INT8 or INT4 weights.
 
-At decode time M (tokens in flight) is small (1..64) and a linear layer is bound by reading its weight,
-so storing it in 8 or 4 bits reads 2x or 4x fewer bytes than bf16. The Triton kernels here load the
-packed weight tile, dequantise it in registers (gpt-fast / llama.cpp style) and feed `tl.dot`; the
-full-precision weight never exists in memory. Layout: `kernels/quant_format.py`.
+At decode time M (tokens in flight) is small (1..16) and a linear layer is bound by reading its weight, so storing
+it in 8 or 4 bits reads 2x or 4x fewer bytes than bf16. One Triton kernel serves both formats (gpt-fast / GemLite
+style GEMV): each program owns BLOCK_N output channels and streams their whole rows of the packed weight, K
+contiguous (the layout of `kernels/quant_format.py`, row-major (N, K) or (N, K // 2)), with wide loads; it
+dequantises in registers and accumulates in fp32. The full-precision weight never exists in memory.
+
+Inner products, chosen by the autotuner per (M bucket, N, K, format):
+- "FMA": acc (BM, BN, BK) += x (BM, 1, BK) * w (1, BN, BK), reduced over K once after the loop: no tensor cores, no
+  padding of M. Right at small M, where a 16-row `tl.dot` would mostly multiply padding.
+  With 4-byte aligned rows (the usual case) the weight is read as int32 words, 4 INT8 or 8 INT4 weights each,
+  unpacked with shifts (gpt-fast / GemLite style), the accumulator (BM, BN, words) in the words' layout. Reading
+  bytes and widening them into an fp32 accumulator made the compiler copy each weight tile through shared memory
+  with barriers every step (seen in the sm_90 PTX); the word loop moves no weight through shared memory.
+- "dot": `tl.dot` with a 16..64-row M tile, from M 2 up (the autotuner weighs it against FMA), where FMA would become compute-bound.
+
+No split-K: with BLOCK_N down to 2..8 rows per program, even N = 256..768 gives one or more programs per SM, and a
+second reduction kernel (or a memset for atomics) would cost more inside a CUDA graph than it saves. One launch per
+call, no host sync, no allocation but the output: the kernel can be captured in a CUDA graph (after a first,
+autotuning call outside the capture).
 
 Per kernel:
     int8_matmul_reference / int4_matmul_reference   dequantise-then-matmul in PyTorch (the truth)
-    int8_matmul_triton    / int4_matmul_triton      the fused Triton kernels (any M; meant for M <= 64)
+    int8_matmul_triton    / int4_matmul_triton      the fused Triton kernel (any M; meant for M <= 16)
     int8_matmul           / int4_matmul             wrappers, x (..., K); impl="auto" (Triton for CUDA
-                                                    inputs with M <= 64, the reference otherwise: CPU,
+                                                    inputs with M <= MAX_FUSED_M, the reference otherwise: CPU,
                                                     or prefill-sized M where dequantise + cuBLAS wins),
                                                     "triton" or "reference" (kernels/dispatch.py)
 
-Few output tiles (small N, tiny M) would leave most SMs idle, so the kernels split K across programs
-(split-K) into an fp32 partial buffer summed afterwards: deterministic, unlike atomics.
-
-Targets (measured by `kernels/inference_bench.py` at M = 1, 16, 64 on the `large` and `gpt2-124m`
-widths): >= 70% of measured copy bandwidth on weight bytes where the weight is large enough to leave
-launch overhead behind (the lm_head), and faster than the bf16 matmul of the same shape.
+Targets (kernels/inference_bench.py, timed inside a CUDA graph beside cuBLAS bf16 `F.linear` captured the same way,
+weights cold in L2): at least bf16 at every linear width of the `large` and `gpt2-124m` presets for M = 1..16; at the
+lm_head (768 -> 50304, M = 1) INT8 >= 1.2x and INT4 >= 1.5x bf16, >= 60% of copy bandwidth on the weight bytes.
 """
 
 from __future__ import annotations
@@ -29,11 +41,13 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.dispatch import Impl, num_sms, use_triton
+from kernels.dispatch import Impl, use_triton
 from kernels.quant_format import check_group_size, unpack_int4, unpack_int8
 
 __all__ = [
     "MAX_FUSED_M",
+    "WoConfig",
+    "dot_args",
     "int8_matmul",
     "int8_matmul_reference",
     "int8_matmul_triton",
@@ -43,37 +57,92 @@ __all__ = [
 ]
 
 MAX_FUSED_M = 64  # above this the wrappers dequantise and call cuBLAS
-_TARGET_PROGRAMS_PER_SM = 2  # split K until the grid has about this many programs per SM
-_MAX_SPLIT_K = 16
+MAX_FMA_M = 16  # the FMA path's M tile is the whole M bucket: beyond this only the dot path is offered
+FMA_REGISTER_BUDGET = 64  # fp32 accumulator elements per thread of the FMA path (fma_tile_elements)
+AUTOTUNE_REP_MS = 10  # per config; do_bench_cudagraph replays a graph of about rep / (lone-call ms) calls 10 times
 
 
 @dataclass(frozen=True)
-class _Config:
-    """Launch configuration of one matmul: tile sizes, split-K and warps."""
+class WoConfig:
+    """One launch configuration: BLOCK_N output channels per program, BLOCK_K inputs per step, FMA or dot."""
 
-    block_m: int
     block_n: int
     block_k: int
-    k_per_split: int  # a multiple of block_k
-    split_k: int  # cdiv(K, k_per_split): every split gets at least one K tile
-    num_warps: int
-    num_stages: int
+    use_dot: bool = False
+    num_warps: int = 4
+    num_stages: int = 2
+
+    def block_m(self, m: int) -> int:
+        """The M tile: the whole M bucket for FMA, 16..64 rows for dot (its minimum is 16)."""
+        bucket = triton.next_power_of_2(max(m, 1))
+        return max(16, min(bucket, 64)) if self.use_dot else bucket
 
 
-def _pick_config(m: int, n: int, k: int, block_k: int, num_sms: int, split_k: int | None) -> _Config:
-    """Tiles for small M: one 16..64-row M tile, 64-wide N tiles, split-K to fill the SMs."""
-    block_m = max(16, triton.next_power_of_2(min(m, MAX_FUSED_M)))
-    block_n = 64
-    tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
-    k_blocks = triton.cdiv(k, block_k)
-    if split_k is None:
-        split_k = 1
-        while split_k * 2 <= min(_MAX_SPLIT_K, k_blocks) and tiles * split_k * 2 <= _TARGET_PROGRAMS_PER_SM * num_sms:
-            split_k *= 2
-    if not 1 <= split_k <= k_blocks:
-        raise ValueError(f"split_k must be in 1..{k_blocks} for K={k}, got {split_k}")
-    k_per_split = triton.cdiv(k_blocks, split_k) * block_k
-    return _Config(block_m, block_n, block_k, k_per_split, triton.cdiv(k, k_per_split), num_warps=4, num_stages=3)
+# Interpreter (CPU tests) default: small tiles, FMA (BLOCK_K raised to the INT4 group size where smaller).
+INTERPRET_CONFIG = WoConfig(block_n=8, block_k=64)
+
+# (BLOCK_N, BLOCK_K, num_warps, num_stages): rows of 128..1024 contiguous bytes per channel per step for INT8. The
+# 2- and 4-row tiles keep one program per SM or more at N = 256..768 (and fit M = 8..16 in the register budget).
+# All of them compile for sm_90 without spilling at M buckets 1..16 (checked with kernels/sm90_compile_test._build).
+_FMA_ENTRIES = (
+    (2, 256, 4, 3),
+    (2, 512, 8, 2),
+    (4, 128, 4, 3),
+    (2, 1024, 4, 2),
+    (4, 512, 4, 2),
+    (4, 1024, 8, 2),
+    (8, 256, 4, 3),
+    (8, 512, 8, 3),
+    (16, 256, 8, 3),
+    (32, 128, 4, 4),
+)
+_DOT_ENTRIES = ((16, 128, 4, 3), (16, 256, 4, 3), (32, 128, 4, 3), (32, 256, 8, 3), (64, 128, 4, 3))
+
+
+def _triton_config(c: WoConfig, m_bucket: int) -> triton.Config:
+    kw = dict(BLOCK_M=c.block_m(m_bucket), BLOCK_N=c.block_n, BLOCK_K=c.block_k, USE_DOT=c.use_dot)
+    return triton.Config(kw, num_warps=c.num_warps, num_stages=c.num_stages)
+
+
+CANDIDATES = tuple(WoConfig(bn, bk, False, w, s) for bn, bk, w, s in _FMA_ENTRIES) + tuple(
+    WoConfig(bn, bk, True, w, s) for bn, bk, w, s in _DOT_ENTRIES
+)
+
+
+def fma_tile_elements(m_bucket: int, c: WoConfig, group_size: int, words: bool) -> int:
+    """fp32 accumulator elements of the FMA path per program: (BM, BN, BK), or (BM, BN, BK / weights per word) when
+    the weight is read as words (4 INT8 or 8 INT4 weights each)."""
+    per_word = (4 if group_size == 1 else 8) if words else 1
+    return m_bucket * c.block_n * c.block_k // per_word
+
+
+def candidate_configs(m_bucket: int, k: int, group_size: int, words: bool = False) -> list[WoConfig]:
+    """The configs worth timing for an M bucket: FMA only while its accumulator fits the register budget, dot only
+    from M 2 on (at M 1 a 16-row tile is all padding); INT4 tiles hold whole groups (BLOCK_K >= group_size).
+    group_size 1 means INT8."""
+    keep = []
+    for c in CANDIDATES:
+        if c.block_k < group_size or c.block_k > max(triton.next_power_of_2(k), group_size, 64):
+            continue
+        if c.use_dot:
+            if m_bucket >= 2:
+                keep.append(c)
+        elif m_bucket <= MAX_FMA_M:
+            if fma_tile_elements(m_bucket, c, group_size, words) <= FMA_REGISTER_BUDGET * 32 * c.num_warps:
+                keep.append(c)
+    return keep or [c for c in CANDIDATES if c.use_dot and c.block_k >= group_size][:1]
+
+
+def _prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+    """Autotune hook: the candidates for this call's M bucket, K, format and load path, with BLOCK_M filled in."""
+    m_bucket, group_size = kwargs["M_BUCKET"], kwargs["GROUP_SIZE"]
+    found = candidate_configs(m_bucket, named_args["K"], group_size, kwargs["WORDS"])
+    return [_triton_config(c, m_bucket) for c in found]
+
+
+def _autotune_bench(kernel_call, quantiles):
+    """Configs are timed inside a CUDA graph, the way decode calls them (lone launches would time the host)."""
+    return triton.testing.do_bench_cudagraph(kernel_call, rep=AUTOTUNE_REP_MS, quantiles=quantiles)
 
 
 def dot_args(t: torch.Tensor) -> dict:
@@ -86,123 +155,214 @@ def dot_args(t: torch.Tensor) -> dict:
 
 
 @triton.jit
-def _tile(M, N, K, K_PER_SPLIT, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """This program's output rows and columns (grid: N tiles, M tiles, K splits) and its K range [start, end)."""
-    offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    k_start = tl.program_id(2) * K_PER_SPLIT
-    return offs_m, offs_n, offs_m < M, offs_n < N, k_start, tl.minimum(k_start + K_PER_SPLIT, K)
+def _mac(acc, x, w, USE_DOT: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """acc + x (BM, BK) times w (BN, BK). dot: acc (BM, BN), reduced over K here. FMA: acc (BM, BN, BK), reduced once
+    after the K loop (`_reduce`): a reduction per step would cost cross-warp shuffles and a barrier every step."""
+    if USE_DOT:
+        acc += tl.dot(x.to(DOT_DTYPE), tl.trans(w.to(DOT_DTYPE)), input_precision=DOT_PRECISION)
+    else:
+        acc += x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :]
+    return acc
 
 
 @triton.jit
-def _store_tile(out_ptr, acc, offs_m, offs_n, m_mask, n_mask, stride_os, stride_om, stride_on):
-    """acc (BM, BN) into out[split] (S, M, N): the output itself when K is not split, else fp32 partials."""
-    out_ptrs = out_ptr + tl.program_id(2) * stride_os + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
-    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+def _reduce(acc, USE_DOT: tl.constexpr):
+    """The (BM, BN) sums of `_mac`'s accumulator."""
+    if not USE_DOT:
+        acc = tl.sum(acc, axis=2)
+    return acc
 
 
 @triton.jit
-def _int8_matmul_kernel(
-    x_ptr,
-    w_ptr,
-    scale_ptr,
-    out_ptr,  # x (M, K), w int8 (N, K), scale fp32 (N,), out (S, M, N)
-    M,
-    N,
-    K,
-    K_PER_SPLIT,
-    stride_xm,
-    stride_xk,
-    stride_wn,
-    stride_wk,
-    stride_os,
-    stride_om,
-    stride_on,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+def _split4(x, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """x (BM, BK) -> the four (BM, BK/4) tensors x[:, 4j + i], i = 0..3."""
+    xa, xb = tl.split(tl.reshape(x, (BLOCK_M, BLOCK_K // 4, 2, 2)))  # i = 2a + b: b = 0 / 1, each (BM, BK/4, 2)
+    x0, x2 = tl.split(xa)
+    x1, x3 = tl.split(xb)
+    return x0, x1, x2, x3
+
+
+@triton.jit
+def _int8_words_dot(words, x, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """(BN, BK/4) int32 words of 4 int8 weights (byte i = k 4j + i) times x (BM, BK): (BM, BN, BK/4) fp32 partial
+    sums (BM == 1: (BN, BK/4))."""
+    x0, x1, x2, x3 = _split4(x.to(tl.float32), BLOCK_M, BLOCK_K)
+    out = _outer(((words << 24) >> 24).to(tl.float32), x0, BLOCK_M)  # arithmetic shifts sign-extend each byte
+    out += _outer(((words << 16) >> 24).to(tl.float32), x1, BLOCK_M)
+    out += _outer(((words << 8) >> 24).to(tl.float32), x2, BLOCK_M)
+    out += _outer((words >> 24).to(tl.float32), x3, BLOCK_M)
+    return out
+
+
+@triton.jit
+def _outer(w, x, BLOCK_M: tl.constexpr):
+    """w (BN, W) times x (BM, W) per word: (BN, W) when BM == 1, else (BM, BN, W)."""
+    if BLOCK_M == 1:
+        out = w * x
+    else:
+        out = w[None, :, :] * x[:, None, :]
+    return out
+
+
+@triton.jit
+def _int4_words_dot(words, x, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """(BN, BK/8) int32 words of 8 nibbles (nibble i = k 8j + i, zero point 8) times x (BM, BK): (BM, BN, BK/8) fp32
+    partial sums (BM == 1: (BN, BK/8)), before the group scale: sum_i u_i x_i - 8 sum_i x_i."""
+    xe, xo = tl.split(tl.reshape(x.to(tl.float32), (BLOCK_M, BLOCK_K // 2, 2)))  # k = 2h and 2h + 1
+    e0, e1, e2, e3 = _split4(xe, BLOCK_M, BLOCK_K // 2)  # nibbles 0, 2, 4, 6 of each word
+    o0, o1, o2, o3 = _split4(xo, BLOCK_M, BLOCK_K // 2)  # nibbles 1, 3, 5, 7
+    x_sum = e0 + e1 + e2 + e3 + o0 + o1 + o2 + o3  # (BM, BK/8)
+    out = _outer((words & 0xF).to(tl.float32), e0, BLOCK_M)
+    out += _outer(((words >> 4) & 0xF).to(tl.float32), o0, BLOCK_M)
+    out += _outer(((words >> 8) & 0xF).to(tl.float32), e1, BLOCK_M)
+    out += _outer(((words >> 12) & 0xF).to(tl.float32), o1, BLOCK_M)
+    out += _outer(((words >> 16) & 0xF).to(tl.float32), e2, BLOCK_M)
+    out += _outer(((words >> 20) & 0xF).to(tl.float32), o2, BLOCK_M)
+    out += _outer(((words >> 24) & 0xF).to(tl.float32), e3, BLOCK_M)
+    out += _outer(((words >> 28) & 0xF).to(tl.float32), o3, BLOCK_M)
+    return out - 8.0 * _outer(tl.full(words.shape, 1.0, tl.float32), x_sum, BLOCK_M)
+
+
+@triton.jit
+def _wo_gemv_words(
+    x_rows, m_mask, w_ptr, scale_ptr, offs_n, n_mask, K, KH, stride_xk, stride_wn, stride_sn, stride_sg,
+    BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
-    DOT_DTYPE: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-):
-    offs_m, offs_n, m_mask, n_mask, k_start, k_end = _tile(M, N, K, K_PER_SPLIT, BLOCK_M, BLOCK_N)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(k_start, k_end, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        k_mask = offs_k < k_end
-        x = tl.load(
-            x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
-            mask=m_mask[:, None] & k_mask[None, :],
-            other=0.0,
-        )  # (BM, BK)
-        w = tl.load(
-            w_ptr + offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wk,
-            mask=k_mask[:, None] & n_mask[None, :],
-            other=0,
-        )  # (BK, BN) int8
-        acc += tl.dot(x.to(DOT_DTYPE), w.to(DOT_DTYPE), input_precision=DOT_PRECISION)
-    # The per-channel scale is constant along K, so it is applied once to the integer-weight sums.
-    scale = tl.load(scale_ptr + offs_n, mask=n_mask, other=0.0)  # (BN,)
-    acc = acc * scale[None, :]
-    _store_tile(out_ptr, acc, offs_m, offs_n, m_mask, n_mask, stride_os, stride_om, stride_on)
+):  # fmt: skip
+    """The FMA path on 32-bit words (4 INT8 or 8 INT4 weights each), unpacked with shifts; the weight tile stays in
+    the (BN, words) layout it was loaded in (loading bytes and widening them to an fp32 accumulator of another layout
+    made the compiler copy each weight tile through shared memory with two barriers per step). Needs 4-byte aligned
+    rows (the wrapper checks). Returns (BM, BN) fp32, scales applied."""
+    PER_WORD: tl.constexpr = 32 // BITS
+    WORDS: tl.constexpr = BLOCK_K // PER_WORD
+    n_words = KH // 4
+    rows = w_ptr.to(tl.pointer_type(tl.int32)) + offs_n[:, None] * (stride_wn // 4)  # (BN, 1)
+    if BLOCK_M == 1:
+        acc = tl.zeros((BLOCK_N, WORDS), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N, WORDS), dtype=tl.float32)
+    for kw in range(0, n_words, WORDS):
+        offs_w = kw + tl.arange(0, WORDS)
+        w_mask = offs_w < n_words
+        words = tl.load(rows + offs_w[None, :], mask=n_mask[:, None] & w_mask[None, :], other=0)  # (BN, WORDS)
+        offs_k = kw * PER_WORD + tl.arange(0, BLOCK_K)
+        x = tl.load(x_rows + offs_k[None, :] * stride_xk, mask=m_mask[:, None] & (offs_k < K)[None, :], other=0.0)
+        if BITS == 8:
+            acc += _int8_words_dot(words, x, BLOCK_M, BLOCK_K)
+        else:
+            g = offs_w * PER_WORD // GROUP_SIZE  # the group of each word (groups hold whole words)
+            s = tl.load(
+                scale_ptr + offs_n[:, None] * stride_sn + g[None, :] * stride_sg,
+                mask=n_mask[:, None] & w_mask[None, :],
+                other=0.0,
+            )
+            acc += _int4_words_dot(words, x, BLOCK_M, BLOCK_K) * (s if BLOCK_M == 1 else s[None, :, :])
+    if BLOCK_M == 1:
+        out = tl.sum(acc, axis=1)[None, :]  # (1, BN)
+    else:
+        out = tl.sum(acc, axis=2)  # (BM, BN)
+    if BITS == 8:
+        out *= tl.load(scale_ptr + offs_n * stride_sn, mask=n_mask, other=0.0)[None, :]
+    return out
 
 
 @triton.jit
-def _int4_matmul_kernel(
+def _wo_matmul_kernel(
     x_ptr,
     w_ptr,
     scale_ptr,
-    out_ptr,  # x (M, K), w uint8 (N, K//2), scales fp32 (N, K//G), out (S, M, N)
+    out_ptr,  # x (M, K); w int8 (N, K) or uint8 (N, K // 2); scales fp32 (N,) or (N, K // G); out (M, N)
     M,
     N,
     K,
-    K_PER_SPLIT,
+    KH,  # bytes per weight row: K // 2 for INT4, K for INT8
     stride_xm,
     stride_xk,
     stride_wn,
     stride_wk,
     stride_sn,
     stride_sg,
-    stride_os,
     stride_om,
     stride_on,
-    GROUP_SIZE: tl.constexpr,
+    M_BUCKET: tl.constexpr,  # next_power_of_2(M): the autotune key (and the FMA path's M tile)
+    BITS: tl.constexpr,
+    GROUP_SIZE: tl.constexpr,  # INT4 only (1 for INT8)
+    DOT_DTYPE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
-    DOT_DTYPE: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    USE_DOT: tl.constexpr,
+    WORDS: tl.constexpr,  # 4-byte aligned weight rows: the FMA path reads words (_wo_gemv_words)
 ):
-    GROUPS: tl.constexpr = BLOCK_K // GROUP_SIZE  # whole groups per K tile
-    offs_m, offs_n, m_mask, n_mask, k_start, k_end = _tile(M, N, K, K_PER_SPLIT, BLOCK_M, BLOCK_N)
-    offs_j = tl.arange(0, BLOCK_K // 2)  # byte j of the tile holds k = 2j (low) and 2j + 1 (high)
-    offs_g = tl.arange(0, GROUPS)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(k_start, k_end, BLOCK_K):
-        k_even = k0 + 2 * offs_j  # (BK/2,)
-        k_mask = k_even < k_end
-        x_mask = m_mask[:, None] & k_mask[None, :]
-        x_ptrs = x_ptr + offs_m[:, None] * stride_xm + k_even[None, :] * stride_xk
-        x_even = tl.load(x_ptrs, mask=x_mask, other=0.0)  # (BM, BK/2)
-        x_odd = tl.load(x_ptrs + stride_xk, mask=x_mask, other=0.0)  # (BM, BK/2)
-        b = tl.load(
-            w_ptr + offs_n[None, :] * stride_wn + (k0 // 2 + offs_j)[:, None] * stride_wk,
-            mask=k_mask[:, None] & n_mask[None, :],
-            other=0,
-        )  # (BK/2, BN) uint8
-        g = k0 // GROUP_SIZE + offs_g
-        s = tl.load(
-            scale_ptr + offs_n[None, :] * stride_sn + g[:, None] * stride_sg,
-            mask=(g * GROUP_SIZE < k_end)[:, None] & n_mask[None, :],
-            other=0.0,
-        )  # (GROUPS, BN)
-        # Dequantise in registers: (u - 8) * scale of the element's group, then the input dtype.
-        lo = ((b & 0xF).to(tl.int32) - 8).to(tl.float32)
-        hi = ((b >> 4).to(tl.int32) - 8).to(tl.float32)
-        lo = tl.reshape(tl.reshape(lo, (GROUPS, GROUP_SIZE // 2, BLOCK_N)) * s[:, None, :], (BLOCK_K // 2, BLOCK_N))
-        hi = tl.reshape(tl.reshape(hi, (GROUPS, GROUP_SIZE // 2, BLOCK_N)) * s[:, None, :], (BLOCK_K // 2, BLOCK_N))
-        acc += tl.dot(x_even.to(DOT_DTYPE), lo.to(DOT_DTYPE), input_precision=DOT_PRECISION)
-        acc += tl.dot(x_odd.to(DOT_DTYPE), hi.to(DOT_DTYPE), input_precision=DOT_PRECISION)
-    _store_tile(out_ptr, acc, offs_m, offs_n, m_mask, n_mask, stride_os, stride_om, stride_on)
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    n_mask, m_mask = offs_n < N, offs_m < M
+    if WORDS and not USE_DOT:
+        acc = _wo_gemv_words(
+            x_ptr + offs_m[:, None] * stride_xm, m_mask, w_ptr, scale_ptr, offs_n, n_mask, K, KH, stride_xk,
+            stride_wn, stride_sn, stride_sg, BITS, GROUP_SIZE, BLOCK_M, BLOCK_N, BLOCK_K,
+        )  # fmt: skip
+        out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
+        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+        return
+    x_rows = x_ptr + offs_m[:, None] * stride_xm  # (BM, 1)
+    w_rows = w_ptr + offs_n[:, None] * stride_wn  # (BN, 1)
+    # The accumulator: (BM, BN) for dot; (BM, BN, K elements per step) for FMA (two nibbles share an INT4 byte).
+    if USE_DOT:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_K // (2 if BITS == 4 else 1)), dtype=tl.float32)
+    if BITS == 8:
+        for k0 in range(0, K, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            k_mask = offs_k < K
+            w = tl.load(w_rows + offs_k[None, :] * stride_wk, mask=n_mask[:, None] & k_mask[None, :], other=0)
+            x = tl.load(x_rows + offs_k[None, :] * stride_xk, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+            acc = _mac(acc, x, w, USE_DOT, DOT_DTYPE, DOT_PRECISION)  # w (BN, BK) int8, converted in _mac
+        acc = _reduce(acc, USE_DOT)
+        # The per-channel scale is constant along K: applied once to the integer-weight sums.
+        acc *= tl.load(scale_ptr + offs_n * stride_sn, mask=n_mask, other=0.0)[None, :]
+    else:
+        GROUPS: tl.constexpr = BLOCK_K // GROUP_SIZE  # whole groups per K step
+        offs_j = tl.arange(0, BLOCK_K // 2)  # byte j of the step holds k = 2j (low nibble) and 2j + 1 (high)
+        offs_g = tl.arange(0, GROUPS)
+        # Loop over packed bytes (kb = k0 / 2): the compiler then sees the byte offsets' alignment and the mask's
+        # constancy, and loads the weight in 4..16-byte vectors (with k0 = 2 kb it fell back to one byte per load).
+        for kb in range(0, KH, BLOCK_K // 2):
+            offs_b = kb + offs_j  # (BK/2,) bytes of this step
+            b_mask = offs_b < KH
+            b = tl.load(w_rows + offs_b[None, :] * stride_wk, mask=n_mask[:, None] & b_mask[None, :], other=0)
+            # (BN, BK/2) uint8
+            g = kb // (GROUP_SIZE // 2) + offs_g
+            s = tl.load(
+                scale_ptr + offs_n[:, None] * stride_sn + g[None, :] * stride_sg,
+                mask=n_mask[:, None] & (g < KH // (GROUP_SIZE // 2))[None, :],
+                other=0.0,
+            )  # (BN, GROUPS)
+            # Dequantise in registers: (u - 8) * the scale of the element's group.
+            lo = ((b & 0xF).to(tl.int32) - 8).to(tl.float32)
+            hi = ((b >> 4).to(tl.int32) - 8).to(tl.float32)
+            lo = tl.reshape(tl.reshape(lo, (BLOCK_N, GROUPS, GROUP_SIZE // 2)) * s[:, :, None], (BLOCK_N, BLOCK_K // 2))
+            hi = tl.reshape(tl.reshape(hi, (BLOCK_N, GROUPS, GROUP_SIZE // 2)) * s[:, :, None], (BLOCK_N, BLOCK_K // 2))
+            # x in one contiguous (vectorised) load, then split into its even and odd k (two strided loads would
+            # issue a scalar load per element, for every row of weights that shares them).
+            offs_k = 2 * kb + tl.arange(0, BLOCK_K)
+            x = tl.load(x_rows + offs_k[None, :] * stride_xk, mask=m_mask[:, None] & (offs_k < K)[None, :], other=0.0)
+            x_even, x_odd = tl.split(tl.reshape(x, (BLOCK_M, BLOCK_K // 2, 2)))  # (BM, BK/2) each
+            acc = _mac(acc, x_even, lo, USE_DOT, DOT_DTYPE, DOT_PRECISION)
+            acc = _mac(acc, x_odd, hi, USE_DOT, DOT_DTYPE, DOT_PRECISION)
+        acc = _reduce(acc, USE_DOT)
+    out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+
+
+_wo_matmul_tuned = triton.autotune(
+    configs=[_triton_config(c, 1) for c in CANDIDATES],  # replaced per call by _prune
+    key=["M_BUCKET", "N", "K", "BITS", "GROUP_SIZE", "WORDS"],
+    prune_configs_by={"early_config_prune": _prune},
+    do_bench=_autotune_bench,
+)(_wo_matmul_kernel)
 
 
 def _check_x(x: torch.Tensor, k: int) -> None:
@@ -212,44 +372,45 @@ def _check_x(x: torch.Tensor, k: int) -> None:
         raise ValueError(f"x must have shape (M, K) with K={k}, got {tuple(x.shape)}")
 
 
+def _word_aligned(w: torch.Tensor, k: int, bits: int) -> bool:
+    """Whether the packed rows can be read as whole int32 words: row starts 4-byte aligned, K a multiple of 4 (INT8;
+    INT4 groups are multiples of 32), bytes contiguous."""
+    return w.stride(1) == 1 and w.stride(0) % 4 == 0 and w.data_ptr() % 4 == 0 and (bits == 4 or k % 4 == 0)
+
+
 def _launch(
-    kernel,
     x: torch.Tensor,
     w: torch.Tensor,
     scale: torch.Tensor,
-    scale_strides: tuple[int, ...],
+    scale_strides: tuple[int, int],
     n: int,
     k: int,
-    cfg: _Config,
-    **constexprs,
+    bits: int,
+    group_size: int,
+    config: WoConfig | None,
+    words: bool,
 ) -> torch.Tensor:
-    """Run one kernel over a (N tiles, M tiles, K splits) grid; sum the partials when K is split."""
+    """One launch over (N tiles, M tiles): autotuned on a GPU unless `config` is given; the interpreter's default
+    config on CPU. Returns (M, N) in x's dtype."""
     m = x.shape[0]
-    out_dtype = x.dtype if cfg.split_k == 1 else torch.float32
-    out = torch.empty((cfg.split_k, m, n), device=x.device, dtype=out_dtype)  # (S, M, N)
-    grid = (triton.cdiv(n, cfg.block_n), triton.cdiv(m, cfg.block_m), cfg.split_k)
-    kernel[grid](
-        x,
-        w,
-        scale,
-        out,
-        m,
-        n,
-        k,
-        cfg.k_per_split,
-        *x.stride(),
-        *w.stride(),
-        *scale_strides,
-        *out.stride(),
-        BLOCK_M=cfg.block_m,
-        BLOCK_N=cfg.block_n,
-        BLOCK_K=cfg.block_k,
-        **dot_args(x),
-        num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages,
-        **constexprs,
+    out = torch.empty((m, n), device=x.device, dtype=x.dtype)
+    if m == 0:
+        return out
+    m_bucket = triton.next_power_of_2(m)
+    args = (x, w, scale, out, m, n, k, w.shape[1], *x.stride(), *w.stride(), *scale_strides, *out.stride())
+    meta = dict(
+        M_BUCKET=m_bucket, BITS=bits, GROUP_SIZE=group_size, WORDS=words and _word_aligned(w, k, bits), **dot_args(x)
     )
-    return out[0] if cfg.split_k == 1 else out.sum(dim=0).to(x.dtype)  # (M, N)
+    if config is None and x.is_cuda:
+        _wo_matmul_tuned[lambda p: (triton.cdiv(n, p["BLOCK_N"]), triton.cdiv(m, p["BLOCK_M"]))](*args, **meta)
+        return out
+    c = config or WoConfig(INTERPRET_CONFIG.block_n, max(INTERPRET_CONFIG.block_k, group_size))
+    if bits == 4 and c.block_k < group_size:
+        raise ValueError(f"config.block_k must be >= group_size={group_size}, got {c.block_k}")
+    tc = _triton_config(c, m_bucket)
+    grid = (triton.cdiv(n, c.block_n), triton.cdiv(m, tc.kwargs["BLOCK_M"]))
+    _wo_matmul_kernel[grid](*args, **meta, **tc.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)
+    return out
 
 
 def int8_matmul_reference(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -263,28 +424,43 @@ def int4_matmul_reference(x: torch.Tensor, packed: torch.Tensor, scales: torch.T
 
 
 def int8_matmul_triton(
-    x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, *, split_k: int | None = None
+    x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, *, config: WoConfig | None = None, words: bool = True
 ) -> torch.Tensor:
-    """The fused Triton INT8 kernel: x (M, K), q int8 (N, K), scale fp32 (N,) -> (M, N)."""
+    """The fused Triton kernel, INT8: x (M, K), q int8 (N, K), scale fp32 (N,) -> (M, N).
+    `config` fixes the launch (None: autotuned on a GPU, INTERPRET_CONFIG on CPU); `words=False` keeps the FMA path on
+    byte loads (tests)."""
+    if q.dtype != torch.int8 or q.dim() != 2:
+        raise ValueError(f"q must be a 2-D int8 tensor (N, K), got {q.dim()}-D {q.dtype}")
     n, k = q.shape
     _check_x(x, k)
-    assert q.dtype == torch.int8 and scale.shape == (n,) and scale.dtype == torch.float32
-    cfg = _pick_config(x.shape[0], n, k, 128, num_sms(x.device), split_k)
-    # Per-channel scales are contiguous (N,): the kernel takes no strides for them.
-    return _launch(_int8_matmul_kernel, x, q, scale.contiguous(), (), n, k, cfg)
+    if scale.shape != (n,) or scale.dtype != torch.float32:
+        raise ValueError(f"scale must be float32 of shape (N,)=({n},), got {scale.dtype} {tuple(scale.shape)}")
+    return _launch(x, q, scale, (scale.stride(0), 0), n, k, 8, 1, config, words)
 
 
 def int4_matmul_triton(
-    x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, group_size: int, *, split_k: int | None = None
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    scales: torch.Tensor,
+    group_size: int,
+    *,
+    config: WoConfig | None = None,
+    words: bool = True,
 ) -> torch.Tensor:
-    """The fused Triton INT4 kernel: x (M, K), packed uint8 (N, K//2), scales fp32 (N, K//G) -> (M, N)."""
+    """The fused Triton kernel, INT4: x (M, K), packed uint8 (N, K//2), scales fp32 (N, K//G) -> (M, N).
+    `config` fixes the launch (None: autotuned on a GPU, INTERPRET_CONFIG on CPU); `words=False` keeps the FMA path on
+    byte loads (tests)."""
+    if packed.dtype != torch.uint8 or packed.dim() != 2:
+        raise ValueError(f"packed must be a 2-D uint8 tensor (N, K // 2), got {packed.dim()}-D {packed.dtype}")
     n, k = packed.shape[0], packed.shape[1] * 2
     check_group_size(group_size, k)
     _check_x(x, k)
-    assert packed.dtype == torch.uint8 and scales.shape == (n, k // group_size)
-    assert scales.dtype == torch.float32
-    cfg = _pick_config(x.shape[0], n, k, max(group_size, 128), num_sms(x.device), split_k)
-    return _launch(_int4_matmul_kernel, x, packed, scales, scales.stride(), n, k, cfg, GROUP_SIZE=group_size)
+    if scales.shape != (n, k // group_size) or scales.dtype != torch.float32:
+        raise ValueError(
+            f"scales must be float32 of shape (N, K // group_size)=({n}, {k // group_size}), "
+            f"got {scales.dtype} {tuple(scales.shape)}"
+        )
+    return _launch(x, packed, scales, scales.stride(), n, k, 4, group_size, config, words)
 
 
 def _fused(impl: Impl, x: torch.Tensor, *weights: torch.Tensor) -> bool:

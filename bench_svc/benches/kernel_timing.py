@@ -3,7 +3,10 @@
 `bench_svc/benches/kernels.py` runs every kernel's `bench_cases()` (declared beside the kernels,
 `kernels/bench_common.BenchCase`) in one process after measuring the device ceilings, so every figure in a results
 file comes from the same GPU and run. Timing is CUDA events around single calls, L2 flushed before each, median of
-many after warm-up calls (as `triton.testing.do_bench`).
+many after warm-up calls (as `triton.testing.do_bench`). Decode-time cases (`BenchCase.graph_calls > 0`) are timed
+the way the serving engine calls them: that many calls captured in one CUDA graph, the graph replayed, its time divided
+by the calls (`time_graph_ms`), so the host's launch cost, which dominates lone calls of small kernels, drops out; such
+a case keeps its inputs cold in L2 itself (kernels/inference_bench.py rotates through copies of its weights).
 """
 
 from __future__ import annotations
@@ -16,7 +19,16 @@ import torch
 
 from kernels.bench_common import BenchCase
 
-__all__ = ["BenchResult", "Ceilings", "Measurement", "measure", "measure_ceilings", "summarize", "time_ms"]
+__all__ = [
+    "BenchResult",
+    "Ceilings",
+    "Measurement",
+    "measure",
+    "measure_ceilings",
+    "summarize",
+    "time_graph_ms",
+    "time_ms",
+]
 
 L2_FLUSH_BYTES = 256 * 1024 * 1024  # larger than any GPU's L2 (H100: 50 MB), as triton.testing.do_bench
 WARMUP_CALLS = 3  # the first call may compile (Triton autotune, torch.compile)
@@ -60,15 +72,12 @@ class BenchResult:
     mem_saving_vs_alt: float | None  # lowest alternative peak / ours (ours rows measured for memory only)
 
 
-def time_ms(fn: Callable[[], object]) -> float:
-    """Median milliseconds of one call of `fn` on the current CUDA device, L2 flushed before each call."""
-    flush = torch.empty(L2_FLUSH_BYTES // 4, dtype=torch.int32, device="cuda")
-    for _ in range(WARMUP_CALLS):
-        fn()
-    torch.cuda.synchronize()
+def _median_event_ms(run: Callable[[], object], before: Callable[[], object] | None = None) -> float:
+    """Median milliseconds of `run()` between CUDA events (after one timed call sets the repetitions); `before()`
+    runs ahead of each, outside the timed span."""
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
-    fn()
+    run()
     end.record()
     torch.cuda.synchronize()
     estimate = max(start.elapsed_time(end), 1e-3)
@@ -76,12 +85,46 @@ def time_ms(fn: Callable[[], object]) -> float:
     starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
     ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
     for s, e in zip(starts, ends):
-        flush.zero_()
+        if before is not None:
+            before()
         s.record()
-        fn()
+        run()
         e.record()
     torch.cuda.synchronize()
     return statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends))
+
+
+def time_ms(fn: Callable[[], object]) -> float:
+    """Median milliseconds of one call of `fn` on the current CUDA device, L2 flushed before each call."""
+    flush = torch.empty(L2_FLUSH_BYTES // 4, dtype=torch.int32, device="cuda")
+    for _ in range(WARMUP_CALLS):
+        fn()
+    torch.cuda.synchronize()
+    return _median_event_ms(fn, before=flush.zero_)
+
+
+def time_graph_ms(fn: Callable[[], object], calls: int) -> float:
+    """Median milliseconds per call of `fn` inside a CUDA graph: `calls` calls captured in one graph, replayed.
+
+    Warm-up calls run first on a side stream (Triton autotunes there; capture forbids syncing), as torch's CUDA-graph
+    docs ask. `fn` may allocate: its tensors come from the graph's private pool.
+    """
+    if calls < 1:
+        raise ValueError(f"calls must be >= 1, got {calls}")
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(WARMUP_CALLS):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    graph.replay()  # the first replay uploads the graph
+    torch.cuda.synchronize()
+    return _median_event_ms(graph.replay) / calls
 
 
 def _peak_mem_mb(fn: Callable[[], object]) -> float:
@@ -98,7 +141,7 @@ def measure(case: BenchCase) -> Measurement:
     """Set the case up, time it and (if asked for) measure its peak memory; frees its inputs after."""
     torch.cuda.empty_cache()
     fn = case.setup()
-    ms = time_ms(fn)
+    ms = time_graph_ms(fn, case.graph_calls) if case.graph_calls else time_ms(fn)
     peak = _peak_mem_mb(fn) if case.measure_memory else None
     del fn
     torch.cuda.empty_cache()
