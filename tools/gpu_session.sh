@@ -70,8 +70,12 @@ for spec in "$@"; do
         ${GPU_TESTS:-kernels model/kernel_routing_test.py inference_svc/runner_test.py} ;;
     kernels)  # the fused-FFN rows are taken first, alone; SECONDS bounds the whole benchmark
       build_ext
-      run_step ffn-bench 120 "$PYTHON" -m bench_svc.benches.kernels --only fused_ffn
-      run_step kernel-bench "$limit" "$PYTHON" -m bench_svc.benches.kernels ;;
+      if [ -n "${KERNELS_ONLY:-}" ]; then  # a subset: kernels-<gpu>-<words>.*
+        run_step kernel-bench "$limit" "$PYTHON" -m bench_svc.benches.kernels --only "$KERNELS_ONLY"
+      else
+        run_step ffn-bench 120 "$PYTHON" -m bench_svc.benches.kernels --only fused_ffn
+        run_step kernel-bench "$limit" "$PYTHON" -m bench_svc.benches.kernels
+      fi ;;
     speculative)
       run_step speculative "$limit" "$PYTHON" -m bench_svc.benches.speculative --device cuda --target-steps 1500 \
         --draft-steps 600 --batch 32 --target-train-s 60 --draft-train-s 30 --prompts 2 --max-new-tokens 96 --repeats 2 ;;
