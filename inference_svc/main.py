@@ -192,7 +192,8 @@ def main(argv: list[str] | None = None) -> int:
     faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1 PID`: every thread's stack to stderr
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    stop.wait()
+    while not stop.wait(0.5):  # wake now and then: a signal delivered to another thread (CUDA's, gRPC's) leaves a
+        pass  # blocked main thread asleep, and Python runs signal handlers only in the main thread when it wakes
     if http is not None:
         http.stop()
     running.stop(grace=2.0)

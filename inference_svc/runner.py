@@ -213,6 +213,7 @@ class TorchRunner:
             self._out = torch.zeros(max_b, dtype=torch.long, device=device)
             self._pool = torch.cuda.graph_pool_handle()
             self._capture_resident_graphs()
+            self._warm_prefill()
 
     def prefill(self, slots: Sequence[int], prompts: Sequence[Sequence[int]]) -> torch.Tensor:
         """Right-pad the prompts into one (B, T) batch and run it; returns float32 logits (B, V)."""
@@ -352,6 +353,15 @@ class TorchRunner:
             step()
         self._rows.copy_(rows_saved)
         return _Graph(graph)
+
+    def _warm_prefill(self) -> None:
+        """Prefill a few shapes into the scratch slot, so the first requests do not pay the one-time costs (Triton
+        compiles a kernel per specialisation of its row count: 1, a multiple of 16, any other; cuBLAS picks its
+        algorithms) inside their time to first token."""
+        for lengths in ([16], [17], [7, 5, 3]):
+            n = min(max(lengths), self.max_len)
+            self.extend([self._scratch] * len(lengths), [[0] * min(t, n) for t in lengths], [0] * len(lengths))
+        torch.cuda.synchronize(self.device)
 
     def _eager_decode_into_static(self, b: int, kv_len: int) -> torch.Tensor:
         """The logits decode step over the first b rows of the static buffers (what a graph records)."""

@@ -91,11 +91,13 @@ def engine_probe(runner: TorchRunner, tokenizer, batch: int, new_tokens: int, sa
 
 def graph_probe(runner: TorchRunner, batch: int, full: bool) -> dict | None:
     """The smallest-span captured device-resident decode graph of this batch bucket (greedy-only or full
-    sampling), replayed alone. Its rows point at the scratch slot, so replays change no sequence."""
+    sampling), replayed alone, with every row on the scratch slot."""
     keys = sorted(k for k in runner._graphs if k[0] == "resident" and k[1] == batch and k[3] == full)
     if not keys:
         return None
     graph = runner._graphs[keys[0]].graph
+    runner._rows.fill_(runner._scratch)  # every row on the scratch slot: the replays advance no real sequence
+    runner._rows_now = []
     for _ in range(10):
         graph.replay()
     torch.cuda.synchronize()

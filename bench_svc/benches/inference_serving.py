@@ -149,7 +149,8 @@ def engine_throughput(
     """Submit every prompt at once (greedy, or sampled at T 0.8, top-k 50, top-p 0.95); tokens/s over the wall time,
     with TTFT and inter-token percentiles."""
     params = _sampled(new_tokens) if sampled else _greedy(new_tokens)
-    engine.submit(Request(prompts[0], replace(params, max_new_tokens=2))).result()  # warm-up
+    for h in [engine.submit(Request(p, replace(params, max_new_tokens=2))) for p in prompts]:  # warm-up: the shapes
+        h.result()
     start = time.perf_counter()
     handles = [engine.submit(Request(p, params)) for p in prompts]
     finals = [h.result() for h in handles]
