@@ -109,7 +109,11 @@ def attention(
         # exporter sees a plain MHA graph).
         k = k.repeat_interleave(n_head // n_kv_head, dim=1)  # (B, H, S, D)
         v = v.repeat_interleave(n_head // n_kv_head, dim=1)  # (B, H, S, D)
-    backends = sdpa_kernel(DROPOUT_SDPA_BACKENDS) if dropout_p > 0.0 and q.is_cuda else contextlib.nullcontext()
+    # Not cuDNN with dropout (see DROPOUT_SDPA_BACKENDS), nor with an explicit mask (the serving engine's prefill):
+    # cuDNN builds a plan per new shape, and a server's prefill shapes keep changing. On the H200 (5aed646) the first
+    # 256-prompt batch of new shapes waited 658 ms for its first tokens, the same batch again 33 ms.
+    no_cudnn = q.is_cuda and (dropout_p > 0.0 or mask is not None)
+    backends = sdpa_kernel(DROPOUT_SDPA_BACKENDS) if no_cudnn else contextlib.nullcontext()
     with backends:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=causal)
 
