@@ -1,6 +1,7 @@
 """GPU diagnostics for the serving engine: where a decode step's time goes.
 
-    python -m tools.serve_probe [--batches 1,256] [--new-tokens 128] [--slots 256]
+    python -m tools.serve_probe [--batches 1,256] [--new-tokens 128] [--slots 256] [--sampled] [--gather]
+    python -m tools.serve_probe --host-only [--batches 1,256]   # any machine: the engine's host-side ceiling
 
 For each batch size B: B requests with prompts of one length submitted at once to an `Engine` over a `TorchRunner`
 (shakespeare-char, random weights, bf16, CUDA graphs), run to their end under torch.profiler. Reported per decode
@@ -19,7 +20,7 @@ import torch
 
 from inference_svc.engine import Engine
 from inference_svc.params import Request
-from inference_svc.runner import TorchRunner
+from inference_svc.runner import SlotState, TorchRunner
 from model.presets import get_preset
 from model.sampling import SamplingParams
 from model.tokenizers import CharTokenizer
@@ -121,6 +122,45 @@ def graph_probe(runner: TorchRunner, batch: int, full: bool) -> dict | None:
     }
 
 
+class InstantRunner:
+    """The device-resident runner's calls with no model behind them (every call returns at once): an engine over it
+    runs at the ceiling its host-side work allows, on any machine."""
+
+    def __init__(self, n_slots: int, max_len: int = 256, vocab_size: int = 65) -> None:
+        self.n_slots, self.max_len, self.vocab_size, self.device = n_slots, max_len, vocab_size, torch.device("cpu")
+        self.state = SlotState(1, vocab_size, self.device)
+        self._ids = torch.arange(n_slots) % (vocab_size - 5) + 1
+
+    def prefill_sample(self, slots, prompts, params, seeds, starts=None) -> torch.Tensor:
+        return self._ids[: len(slots)].clone()
+
+    def decode_sample(self, slots, kv_len: int, full: bool) -> torch.Tensor:
+        return self._ids[: len(slots)]
+
+    def extend(self, slots, chunks, starts, **kw) -> None:
+        return None
+
+    def release(self, slot: int) -> None:
+        return None
+
+
+def host_ceiling(batch: int, new_tokens: int, repeats: int = 5) -> float:
+    """Tokens/s of an engine over `InstantRunner`: `batch` greedy requests at once (best of `repeats`)."""
+    tokenizer = CharTokenizer([chr(32 + i) for i in range(65)])
+    prompts = [tuple(range(1, 17))] * batch
+    best = 0.0
+    with Engine(InstantRunner(batch), tokenizer, max_queue=batch) as engine:
+        for _ in range(repeats + 1):  # the first is a warm-up
+            t0 = time.perf_counter()
+            with engine._wake:  # the loop waits until every request is in: full batches from the first step
+                params = SamplingParams(max_new_tokens=new_tokens, temperature=0.0)
+                handles = [engine.submit(Request(p, params)) for p in prompts]
+            for h in handles:
+                h.result()
+            best = max(best, batch * new_tokens / (time.perf_counter() - t0))
+    return best
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m tools.serve_probe", description=__doc__.split("\n\n")[0])
     p.add_argument("--batches", default="1,256")
@@ -128,7 +168,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--slots", type=int, default=256)
     p.add_argument("--sampled", action="store_true", help="also run sampled requests (T 0.8, top-k 50, top-p 0.95)")
     p.add_argument("--gather", action="store_true", help="decode attention by gather + SDPA (not in place)")
+    p.add_argument(
+        "--host-only",
+        action="store_true",
+        help="no GPU: the engine's host-side ceiling over a runner that returns at once (tokens/s, us per token)",
+    )
     args = p.parse_args(argv)
+    if args.host_only:
+        print(f"{'B':>4} {'host tok/s':>11} {'us/token':>9}")
+        for b in (int(x) for x in args.batches.split(",")):
+            rate = host_ceiling(b, args.new_tokens)
+            print(f"{b:>4} {rate:>11,.0f} {1e6 / rate:>9.2f}")
+        return 0
     torch.manual_seed(0)
     tokenizer = CharTokenizer([chr(32 + i) for i in range(65)])  # Tiny Shakespeare's vocabulary size
     config = get_preset("shakespeare-char", vocab_size=tokenizer.vocab_size, dropout=0.0)
