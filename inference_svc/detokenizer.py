@@ -25,18 +25,28 @@ class StreamingDetokenizer:
     def __init__(self, tokenizer: Tokenizer, stop: Sequence[str] = ()) -> None:
         self._utf8 = IncrementalDecoder(tokenizer)
         self._stops = StopStringMatcher(tuple(stop)) if stop else None  # None: nothing to hold back
-        self.text = ""  # all text handed out so far
+        self._pieces: list[str] = []  # the text handed out so far (joined on demand: no copy per token)
+
+    @property
+    def text(self) -> str:
+        """All text handed out so far."""
+        return "".join(self._pieces)
 
     @property
     def stopped(self) -> bool:
         return self._stops is not None and self._stops.stopped
 
     def add(self, token_ids: Sequence[int]) -> str:
-        """Decode new tokens; returns the text that is now safe to show (possibly empty)."""
-        if self.stopped or not token_ids:
+        """Decode new tokens; returns the text that is now safe to show (possibly empty). Hot: once per token."""
+        stops = self._stops
+        if not token_ids or (stops is not None and stops.stopped):
             return ""
         text = self._utf8.push(token_ids)
-        return self._emit(text if self._stops is None else self._stops.push(text))
+        if stops is not None:
+            text = stops.push(text)
+        if text:
+            self._pieces.append(text)
+        return text
 
     def flush(self) -> str:
         """The generation ended without a stop: hand out everything held (a dangling partial character
@@ -44,8 +54,7 @@ class StreamingDetokenizer:
         if self.stopped:
             return ""
         tail = self._utf8.flush()
-        return self._emit(tail if self._stops is None else self._stops.push(tail) + self._stops.flush())
-
-    def _emit(self, text: str) -> str:
-        self.text += text
+        text = tail if self._stops is None else self._stops.push(tail) + self._stops.flush()
+        if text:
+            self._pieces.append(text)
         return text

@@ -444,8 +444,8 @@ class Engine:
         elif len(out) >= seq.max_new_tokens or length > self.runner.max_len:
             # Context full: the next token would need a cache position at max_len.
             self._finish(seq, FinishReason.LENGTH, token_ids=(token,), text=text + detok.flush())
-        else:
-            seq.sink.put(Chunk(seq.request.request_id, (token,), text))
+        else:  # tuple.__new__: a Chunk without the NamedTuple constructor's Python frame (same fields)
+            seq.sink.put(_new_tuple(Chunk, (seq.request.request_id, (token,), text, None, None, None, "")))
 
     def _finish(
         self, seq: Sequence, reason: FinishReason, *, token_ids: tuple[int, ...] = (), text: str = "", error: str = ""
@@ -488,6 +488,9 @@ def _timings(seq: Sequence, end: float) -> Timings:
         queue_ms=ms(seq.admitted_at if seq.admitted_at is not None else end),
         token_ms=tuple(ms(t) for t in times),
     )
+
+
+_new_tuple = tuple.__new__
 
 
 class _Launched(NamedTuple):
