@@ -3,8 +3,11 @@
 `submit(request)` queues a request and returns a `RequestHandle` whose iterator yields `Chunk`s as tokens
 come: token ids and their text, then a final chunk with the finish reason, token counts and timings.
 Each loop step the scheduler frees cancelled sequences, admits waiting ones into free slots, the runner
-prefills the new ones and decodes one token for the rest, and the sampler picks the next tokens with a
-single host sync per step (vLLM's LLMEngine.step, in one thread).
+prefills the new ones and decodes one token for the rest. With a `TorchRunner` the loop is device-resident: the
+runner samples inside its captured step and keeps each slot's next input on the device, and the engine launches
+step n before it streams step n-1's tokens (one pinned copy and one event per step), so the host's work overlaps
+the GPU's. Other runners (ONNX Runtime) and speculative decoding hand back logits, which `Sampler` turns into
+tokens with one host sync per step (vLLM's LLMEngine.step, in one thread).
 """
 
 from __future__ import annotations
