@@ -67,7 +67,7 @@ for spec in "$@"; do
     tests)  # every GPU test, 8 processes (Triton compiles on the CPU); failures listed with short tracebacks
       build_ext
       run_step gpu-tests "$limit" "$PYTHON" -m pytest -q -rfEs --tb=short -p no:cacheprovider -n 8 --timeout="${TEST_TIMEOUT:-120}" \
-        ${GPU_TESTS:-kernels model/kernel_routing_test.py inference_svc/runner_test.py} ;;
+        ${GPU_TESTS:-kernels model/kernel_routing_test.py model/fused_block_test.py inference_svc/runner_test.py inference_svc/resident_test.py} ;;
     kernels)  # the fused-FFN rows are taken first, alone; SECONDS bounds the whole benchmark
       build_ext
       if [ -n "${KERNELS_ONLY:-}" ]; then  # a subset: kernels-<gpu>-<words>.*
