@@ -34,7 +34,7 @@ from inference_svc.sequence import Sequence, SequenceStatus
 from inference_svc.speculative import SpeculativeDecoder
 from model.field_checks import check_int
 from model.sampling import random_seed
-from model.tokenizers import IncrementalDecoder, Tokenizer
+from model.tokenizers import Tokenizer, piece_texts
 
 __all__ = ["Chunk", "Engine", "EngineStats", "FinishReason", "QueueFull", "RequestHandle", "Timings", "Usage"]
 
@@ -186,7 +186,8 @@ class Engine:
         self._resident = can if resident is None else resident
         if self._resident:
             runner.state.allow(tokenizer.vocab_size)
-        IncrementalDecoder(tokenizer)  # builds the tokenizer's per-id text table now, not on a request's time
+            runner.capture_graphs()  # every decode graph now, not on a request's time
+        piece_texts(tokenizer)  # the per-id text table the detokenizers share: built now, not on a request's time
         self._in_flight: deque[_Launched] = deque()  # steps launched whose tokens are not streamed yet
         self._outputs = _OutputRing(runner.device, 2 * max_slots) if self._resident else None
         self._thread = threading.Thread(target=self._loop, name="tinylm-engine", daemon=True)
@@ -300,21 +301,14 @@ class Engine:
                 new_tokens = self.speculative.step(seqs)
             else:
                 if prefill:
-                    for seq in seqs:
-                        seq.admitted_at = time.perf_counter()
+                    _mark_admitted(seqs)
                     logits = self.runner.prefill(slots, [seq.request.prompt_ids for seq in seqs])  # (B, V)
                 else:
                     tokens = [seq.last_token for seq in seqs]
                     logits = self.runner.decode(slots, tokens, [seq.length - 1 for seq in seqs])  # (B, V)
                 new_tokens = [[token] for token in self.sampler.sample(logits, seqs)]
-        except Exception as err:  # a failed step fails its requests, not the server
-            if len(seqs) > 1:  # one bad request must not fail the rest: run each alone to find it
-                log.warning("engine step failed for %d sequences (%s); retrying each alone", len(seqs), err)
-                for seq in seqs:
-                    self._run([seq], prefill=prefill, speculative=speculative)
-                return
-            log.exception("request %s failed", seqs[0].request_id)
-            self._finish(seqs[0], FinishReason.ERROR, error=f"{type(err).__name__}: {err}")
+        except Exception as err:
+            self._isolate(seqs, err, lambda one: self._run(one, prefill=prefill, speculative=speculative))
             return
         now = time.perf_counter()
         for seq, tokens in zip(seqs, new_tokens):
@@ -324,8 +318,7 @@ class Engine:
                     if seq.status is SequenceStatus.FINISHED:
                         break
             except Exception as err:  # e.g. the tokenizer refusing a token: fail this request only
-                log.exception("request %s failed on token %d", seq.request_id, token)
-                self._finish(seq, FinishReason.ERROR, error=f"{type(err).__name__}: {err}")
+                self._fail(seq, err, f"on token {token}")
 
     # The device-resident loop --------------------------------------------------------------------------
 
@@ -359,29 +352,18 @@ class Engine:
 
     def _prefill_chunks(self, seqs: list[Sequence]) -> None:
         """The next `prefill_chunk` tokens of each long prompt into its slot (no token comes out yet)."""
-        now = time.perf_counter()
-        for seq in seqs:
-            if seq.admitted_at is None:
-                seq.admitted_at = now
+        _mark_admitted(seqs)
         try:
             chunks = [s.request.prompt_ids[s.prefilled : s.prefilled + self.prefill_chunk] for s in seqs]
             self.runner.extend([s.slot for s in seqs], chunks, [s.prefilled for s in seqs])
         except Exception as err:
-            if len(seqs) > 1:
-                for seq in seqs:
-                    self._prefill_chunks([seq])
-                return
-            log.error("request %s failed: %s: %s", seqs[0].request_id, type(err).__name__, err)
-            self._finish(seqs[0], FinishReason.ERROR, error=f"{type(err).__name__}: {err}")
+            self._isolate(seqs, err, self._prefill_chunks)
             return
         for seq in seqs:
             seq.prefilled += self.prefill_chunk
 
     def _launch_prefill(self, seqs: list[Sequence], launched: list[Sequence], ids: list[torch.Tensor]) -> None:
-        now = time.perf_counter()
-        for seq in seqs:
-            if seq.admitted_at is None:
-                seq.admitted_at = now
+        _mark_admitted(seqs)
         try:
             tokens = self.runner.prefill_sample(
                 [s.slot for s in seqs],
@@ -390,8 +372,8 @@ class Engine:
                 [s.seed for s in seqs],
                 [s.prefilled for s in seqs],
             )
-        except Exception as err:  # a failed step fails its requests, not the server: alone, to find the bad one
-            self._isolate(seqs, err, self._launch_prefill, launched, ids)
+        except Exception as err:
+            self._isolate(seqs, err, lambda one: self._launch_prefill(one, launched, ids))
             return
         for seq in seqs:
             seq.launched, seq.prefilled = 1, seq.prompt_len
@@ -404,21 +386,26 @@ class Engine:
         try:
             tokens = self.runner.decode_sample([s.slot for s in seqs], kv_len, full)
         except Exception as err:
-            self._isolate(seqs, err, self._launch_decode, launched, ids)
+            self._isolate(seqs, err, lambda one: self._launch_decode(one, launched, ids))
             return
         for seq in seqs:
             seq.launched += 1
         launched.extend(seqs)
         ids.append(tokens)
 
-    def _isolate(self, seqs: list[Sequence], err: Exception, launch, launched, ids) -> None:
+    def _isolate(self, seqs: list[Sequence], err: Exception, retry: Callable[[list[Sequence]], None]) -> None:
+        """A failed step fails its requests, not the server: with several, `retry` each alone to find the bad one;
+        a lone one ends with ERROR and the reason. Called from the step's `except` block."""
         if len(seqs) > 1:
             log.warning("engine step failed for %d sequences (%s); retrying each alone", len(seqs), err)
             for seq in seqs:
-                launch([seq], launched, ids)
+                retry([seq])
             return
-        log.error("request %s failed: %s: %s", seqs[0].request_id, type(err).__name__, err)
-        self._finish(seqs[0], FinishReason.ERROR, error=f"{type(err).__name__}: {err}")
+        self._fail(seqs[0], err)
+
+    def _fail(self, seq: Sequence, err: Exception, where: str = "") -> None:
+        log.exception("request %s failed%s", seq.request_id, f" {where}" if where else "")
+        self._finish(seq, FinishReason.ERROR, error=f"{type(err).__name__}: {err}")
 
     def _stream(self, step: "_Launched") -> None:
         """Hand a launched step's tokens to their sequences (waits for that step on the GPU)."""
@@ -430,8 +417,7 @@ class Engine:
             try:
                 self._append(seq, token, now)
             except Exception as err:  # e.g. the tokenizer refusing a token: fail this request only
-                log.exception("request %s failed on token %d", seq.request_id, token)
-                self._finish(seq, FinishReason.ERROR, error=f"{type(err).__name__}: {err}")
+                self._fail(seq, err, f"on token {token}")
 
     def _append(self, seq: Sequence, token: int, now: float) -> None:
         """Record one generated token, stream it, and end the sequence if it is done (hot: once per token)."""
@@ -494,6 +480,14 @@ def _timings(seq: Sequence, end: float) -> Timings:
 
 
 _new_tuple = tuple.__new__
+
+
+def _mark_admitted(seqs: list[Sequence]) -> None:
+    """The time a sequence first runs (its queue time ends); a long prompt's later chunks keep the first."""
+    now = time.perf_counter()
+    for seq in seqs:
+        if seq.admitted_at is None:
+            seq.admitted_at = now
 
 
 class _Launched(NamedTuple):

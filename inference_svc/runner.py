@@ -97,9 +97,6 @@ class SlotState:
     each slot's next input token and its position, and its request's sampling settings. Written when a request
     is prefilled (`admit`), then only by the captured decode step itself."""
 
-    _INT_FIELDS = ("seed", "top_k", "greedy")
-    _FLOAT_FIELDS = ("temperature", "top_p", "penalty")
-
     def __init__(self, n_slots: int, vocab_size: int, device: torch.device) -> None:
         self.vocab_size = vocab_size  # the model's (the logits' width)
         self.blocked = torch.zeros(vocab_size, dtype=torch.bool, device=device)  # ids never drawn (`allow`)
@@ -166,9 +163,9 @@ class TorchRunner:
     """`GPT.forward_cached` over a slot-addressed `KVCache` of n_slots sequences (plus one scratch slot).
 
     device/dtype default to the model's device and to bf16 on CUDA, the model's dtype elsewhere.
-    `cuda_graphs` (default: on when the device is CUDA) captures the device-resident decode step at batch
-    buckets up to `n_slots` and attention spans of 256, 512, ... up to max_len (greedy-only and full sampling);
-    the logits-returning `decode` graphs are captured on first use. `attention_in_place` (default: on CUDA) decodes with
+    `cuda_graphs` (default: on when the device is CUDA) runs decode steps as CUDA graphs at batch buckets up to
+    `n_slots` and attention spans of 256, 512, ... up to max_len: the device-resident step (greedy-only and full
+    sampling; `capture_graphs` captures them all) and the logits-returning `decode`, each captured on first use. `attention_in_place` (default: on CUDA) decodes with
     `kernels.decode_attention` over the cache in place instead of gathering each row's slot for SDPA.
     """
 
@@ -212,7 +209,6 @@ class TorchRunner:
             self._rows_now: list[int] = []  # what _rows holds (real rows; the rest is the scratch slot)
             self._out = torch.zeros(max_b, dtype=torch.long, device=device)
             self._pool = torch.cuda.graph_pool_handle()
-            self._capture_resident_graphs()
             self._warm_prefill()
 
     def prefill(self, slots: Sequence[int], prompts: Sequence[Sequence[int]]) -> torch.Tensor:
@@ -295,7 +291,7 @@ class TorchRunner:
             padded = slots + [self._scratch] * max(0, len(self._rows_now) - B)
             self._rows[: len(padded)].copy_(self.staging.to_device(torch.tensor(padded, dtype=torch.long)))
             self._rows_now = slots
-        self._graphs[("resident", b, span, full)].graph.replay()
+        self._resident_graph(b, span, full).graph.replay()
         return self._out[:B]
 
     def _resident_step(self, rows: torch.Tensor, kv_len: int, full: bool) -> torch.Tensor:
@@ -319,21 +315,33 @@ class TorchRunner:
             s *= 2
         return spans + [self.max_len]
 
-    def _capture_resident_graphs(self) -> None:
-        """Capture the device-resident step per (batch bucket, attention span, greedy-only / full), largest first,
-        all in one memory pool (their outputs live outside it, so any replay order is safe)."""
-        max_b = self.n_slots
-        with torch.inference_mode():
-            for b in reversed(batch_buckets(max_b)):
-                for kv_len in reversed(self._kv_buckets()):
-                    for full in (True, False):
-
-                        def step(b=b, kv_len=kv_len, full=full) -> None:
-                            self._out[:b].copy_(self._resident_step(self._rows[:b], kv_len, full))
-
-                        self._graphs[("resident", b, kv_len, full)] = self._capture(step)
+    def capture_graphs(self) -> None:
+        """Capture every device-resident decode graph now (batch bucket x attention span x greedy-only / full, largest
+        first, all in one memory pool: their outputs live outside it, so any replay order is safe), so that no
+        request pays for a capture. The resident engine calls it at start; without it each graph is captured on
+        first use. Nothing to do without CUDA graphs."""
+        if not self.cuda_graphs:
+            return
+        for b in reversed(batch_buckets(self.n_slots)):
+            for span in reversed(self._kv_buckets()):
+                for full in (True, False):
+                    self._resident_graph(b, span, full)
         torch.cuda.synchronize(self.device)
-        log.info("captured %d decode CUDA graphs (batch buckets %s)", len(self._graphs), batch_buckets(max_b))
+        log.info("captured %d decode CUDA graphs (batch buckets %s)", len(self._graphs), batch_buckets(self.n_slots))
+
+    def _resident_graph(self, b: int, span: int, full: bool) -> "_Graph":
+        def step() -> None:
+            self._out[:b].copy_(self._resident_step(self._rows[:b], span, full))
+
+        return self._graph(("resident", b, span, full), step)
+
+    def _graph(self, key: tuple, step: Callable[[], None]) -> "_Graph":
+        """The graph captured for `key`, capturing `step` on first use."""
+        graph = self._graphs.get(key)
+        if graph is None:
+            with torch.inference_mode():
+                graph = self._graphs[key] = self._capture(step)
+        return graph
 
     def _capture(self, step: Callable[[], None]) -> "_Graph":
         """Warm `step` up on a side stream, then capture it. Every row points at the scratch slot meanwhile (the
@@ -373,14 +381,10 @@ class TorchRunner:
         B = host.shape[1]
         b = next(x for x in batch_buckets(self.n_slots) if x >= B)
         span = next(s for s in self._kv_buckets() if s >= kv_len)
-        key = ("logits", b, span)
-        if key not in self._graphs:  # captured on first use (speculative decoding and the runner's callers)
-            holder: list[torch.Tensor] = []
-            with torch.inference_mode():
-                graph = self._capture(lambda: holder.append(self._eager_decode_into_static(b, span)))
-            graph.logits = holder[-1]
-            self._graphs[key] = graph
-        graph = self._graphs[key]
+        outputs: list[torch.Tensor] = []  # what the capture records (speculative decoding and the runner's callers)
+        graph = self._graph(("logits", b, span), lambda: outputs.append(self._eager_decode_into_static(b, span)))
+        if graph.logits is None:
+            graph.logits = outputs[-1]
         # Real rows first; padded rows decode token 0 at position 0 of the scratch slot.
         self._pinned[0, :b] = self._scratch
         self._pinned[1:, :b] = 0

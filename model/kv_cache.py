@@ -67,7 +67,8 @@ class KVCache(nn.Module):
         """Keys and values of one layer for the given slots: two (B, n_kv_head, kv_len, head_dim) tensors.
         `index_select` on the slot dimension, not advanced indexing: the same copy, 3.6x faster on the CPU
         (1 thread, 11 vs 40 us for one slot of shakespeare-char at kv_len 160)."""
-        return self.k[:, layer, :, :kv_len].index_select(0, slots), self.v[:, layer, :, :kv_len].index_select(0, slots)
+        k, v = self.layer_view(layer, kv_len)
+        return k.index_select(0, slots), v.index_select(0, slots)
 
     def layer_view(self, layer: int, kv_len: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values of one layer, every slot, positions [0, kv_len): two (n_slots, n_kv_head, kv_len,

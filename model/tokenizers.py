@@ -211,7 +211,7 @@ class IncrementalDecoder:
     def __init__(self, tokenizer: Tokenizer) -> None:
         self.tokenizer = tokenizer
         self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        self._texts = _piece_texts(tokenizer)
+        self._texts = piece_texts(tokenizer)
         self._clean = True  # no partial character held back
 
     def push(self, ids: Sequence[int]) -> str:
@@ -228,7 +228,7 @@ class IncrementalDecoder:
         return self._utf8.decode(b"", final=True)
 
 
-def _piece_texts(tokenizer: Tokenizer) -> list[str | None]:
+def piece_texts(tokenizer: Tokenizer) -> list[str | None]:
     """Each id's text when its bytes are whole UTF-8 characters on their own (None where a token ends or starts
     mid-character), built once per tokenizer: a token then decodes with one list lookup."""
     texts = getattr(tokenizer, "_piece_texts", None)

@@ -104,14 +104,13 @@ class Attention(nn.Module):
         B, T, C = x.shape
         qkv = self._fused_qkv() if step is not None else None
         if qkv is not None:  # one matmul (fuse_qkv), split into views
-            q, k, v = F.linear(x, *qkv).split([C, self.n_kv_head * self.head_dim, self.n_kv_head * self.head_dim], -1)
-            q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, D)
-            k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
-            v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
+            kv_dim = self.n_kv_head * self.head_dim
+            q, k, v = F.linear(x, *qkv).split([C, kv_dim, kv_dim], -1)
         else:
-            q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, D)
-            k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
-            v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
+        v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
         if self.qk_eps is not None:  # QK-norm: every head's q and k at unit RMS, so logits cannot blow up
             q, k = _unit_rms(q, self.qk_eps), _unit_rms(k, self.qk_eps)
         if rope is not None:

@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import argparse
 import time
-from collections import Counter
-
 import torch
 
 from inference_svc.engine import Engine
@@ -25,31 +23,11 @@ from model.presets import get_preset
 from model.sampling import SamplingParams
 from model.tokenizers import CharTokenizer
 from model.transformer import GPT
-
-_CUDA = torch.autograd.DeviceType.CUDA
-
-
-def _kernels(prof) -> list:
-    return [e for e in prof.events() if e.device_type == _CUDA and "#" not in e.name]
+from tools.profiling import busy_us, kernel_events, top_host, top_kernels
 
 
-def _busy_us(kernels: list) -> float:
-    """Union of the kernels' [start, end) intervals, in microseconds."""
-    spans = sorted((e.time_range.start, e.time_range.end) for e in kernels)
-    busy, end = 0.0, float("-inf")
-    for s, e in spans:
-        if e <= end:
-            continue
-        busy += e - max(s, end)
-        end = e
-    return busy
-
-
-def _top(kernels: list, per: int, n: int = 8) -> str:
-    by_name: Counter = Counter()
-    for e in kernels:
-        by_name[e.name[:48]] += e.device_time
-    return ", ".join(f"{name} {t / per:.1f}us" for name, t in by_name.most_common(n))
+def _top(kernels: list, per: int) -> str:
+    return ", ".join(f"{name} {us:.1f}us" for name, us in top_kernels(kernels, per))
 
 
 def _graph_launches(prof) -> int:
@@ -77,19 +55,18 @@ def engine_probe(runner: TorchRunner, tokenizer, batch: int, new_tokens: int, sa
     # is slower than the engine, so the reader's wall time would not be the engine's)
     wall = max(f.timings.token_ms[-1] for f in finals) / 1e3
     tokens = sum(len(f.token_ids) for f in finals)
-    kernels = _kernels(prof)
+    kernels = kernel_events(prof)
     steps = max(1, _graph_launches(prof))
-    host = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)[:10]
     return {
         "batch": batch,
         "sampled": sampled,
         "tokens_per_s": tokens / wall,
         "steps": steps,
         "wall_ms_per_step": wall * 1e3 / steps,
-        "busy_ms_per_step": _busy_us(kernels) / 1e3 / steps,
+        "busy_ms_per_step": busy_us(kernels) / 1e3 / steps,
         "kernels_per_step": len(kernels) / steps,
         "top_kernels": _top(kernels, steps),
-        "top_host": ", ".join(f"{e.key[:36]} {e.self_cpu_time_total / steps:.1f}us" for e in host),
+        "top_host": ", ".join(f"{name} {us:.1f}us" for name, us in top_host(prof, steps)),
     }
 
 
@@ -116,7 +93,7 @@ def graph_probe(runner: TorchRunner, batch: int, full: bool) -> dict | None:
         for _ in range(10):
             graph.replay()
         torch.cuda.synchronize()
-    kernels = _kernels(prof)
+    kernels = kernel_events(prof)
     return {
         "key": keys[0],
         "replay_ms": start.elapsed_time(end) / n,
@@ -141,6 +118,9 @@ class InstantRunner:
         return self._ids[: len(slots)]
 
     def extend(self, slots, chunks, starts, **kw) -> None:
+        return None
+
+    def capture_graphs(self) -> None:
         return None
 
     def release(self, slot: int) -> None:

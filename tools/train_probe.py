@@ -20,7 +20,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections import Counter
 from pathlib import Path
 
 import torch
@@ -31,6 +30,7 @@ from trainer.config import load_config
 from trainer.corpus import resolve_corpus
 from trainer.data import prepare_data
 from trainer.distributed import SINGLE
+from tools.profiling import kernel_events, top_host, top_kernels
 from trainer.train import _setup, _train_step, train
 
 VARIANTS = {
@@ -202,25 +202,15 @@ def profile(args: argparse.Namespace, workdir: Path, corpus: Path) -> None:
             f"{sum(counters['graph_break'].values())} {dict(list(counters['graph_break'].items())[:3])}"
         )
         counters.clear()
-        kernels = [
-            e
-            for e in prof.events()
-            if e.device_type == torch.autograd.DeviceType.CUDA
-            and not e.name.startswith(annotations)
-            and "#" not in e.name
-        ]
-        cpu_top = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)[:12]
+        kernels = kernel_events(prof, annotations)
         print(
             f"\n[{variant}] top host ops (self CPU ms/step): "
-            + ", ".join(f"{e.key[:40]} {e.self_cpu_time_total / 1e3 / n_prof:.2f}" for e in cpu_top)
+            + ", ".join(f"{name} {us / 1e3:.2f}" for name, us in top_host(prof, n_prof, n=12, width=40))
         )
         if os.environ.get("OUT"):
             prof.export_chrome_trace(str(Path(os.environ["OUT"]) / f"trace-{variant}.json"))
         busy_ms = sum(e.device_time for e in kernels) / 1e3 / n_prof
-        by_name = Counter()
-        for e in kernels:
-            by_name[e.name[:60]] += e.device_time
-        top = ", ".join(f"{n} {t / 1e3 / n_prof:.2f}" for n, t in by_name.most_common(8))
+        top = ", ".join(f"{n} {us / 1e3:.2f}" for n, us in top_kernels(kernels, n_prof, width=60))
         tok_s = 64 * 256 / (wall_ms / 1e3)
         table.append((variant, warm_s, wall_ms, busy_ms, len(kernels) / n_prof, tok_s))
         print(f"\n[{variant}] top kernels (ms/step): {top}")

@@ -35,7 +35,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
 
@@ -313,7 +313,8 @@ def _child_env(**extra: str) -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": path, **extra}
 
 
-def _start_server(model_path: Path, device: str, max_slots: int, threads: int) -> tuple[subprocess.Popen, str]:
+def _start_server(model_path: Path, device: str, max_slots: int, threads: int) -> tuple[subprocess.Popen, str, IO[str]]:
+    """The server process, its address, and the file its stderr goes to (shown if it fails to start or stop)."""
     argv = [
         sys.executable,
         "-m",
@@ -333,20 +334,23 @@ def _start_server(model_path: Path, device: str, max_slots: int, threads: int) -
         str(threads),
     ]
     env = _child_env(TINYLM_TOKEN="")
-    errors = tempfile.TemporaryFile(mode="w+")  # the server's stderr, shown if it fails to start
+    errors = tempfile.TemporaryFile(mode="w+")
     proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=errors, text=True)
-    proc.errors_file = errors  # read by _stop_server if the server will not stop
     line = proc.stdout.readline()
     match = re.search(r" on (\S+)$", line.strip())
     if not match:
         proc.kill()
         proc.wait()
-        errors.seek(0)
-        raise RuntimeError(f"inference server did not start: {line!r}; its stderr ends:\n{errors.read()[-3000:]}")
-    return proc, match.group(1)
+        raise RuntimeError(f"inference server did not start: {line!r}; its stderr ends:\n{_tail(errors, 3000)}")
+    return proc, match.group(1), errors
 
 
-def _stop_server(proc: subprocess.Popen) -> None:
+def _tail(errors: IO[str], n: int) -> str:
+    errors.seek(0)
+    return errors.read()[-n:]
+
+
+def _stop_server(proc: subprocess.Popen, errors: IO[str]) -> None:
     """SIGTERM, then (a server that has not exited within 30 s is a bug worth seeing) its threads' stacks on stderr
     through SIGUSR1 (inference_svc.main registers faulthandler), then SIGKILL: the row's figures are already taken."""
     proc.terminate()
@@ -358,20 +362,12 @@ def _stop_server(proc: subprocess.Popen) -> None:
         time.sleep(2)
         proc.kill()
         proc.wait()
-        print(f"warning: the inference server ignored SIGTERM for 30 s; its stderr ends:\n{_stderr_tail(proc)}")
-
-
-def _stderr_tail(proc: subprocess.Popen) -> str:
-    errors = getattr(proc, "errors_file", None)
-    if errors is None:
-        return "(not kept)"
-    errors.seek(0)
-    return errors.read()[-6000:]
+        print(f"warning: the inference server ignored SIGTERM for 30 s; its stderr ends:\n{_tail(errors, 6000)}")
 
 
 def _grpc_row(backend: str, model_path: Path, tokenizer, device: str, plan: Plan, on_gpu: bool, threads: int) -> Row:
     prompt = tokenizer.decode(list(_prompts(1, tokenizer.vocab_size)[0]))
-    proc, address = _start_server(model_path, device, max_slots=plan.grpc_streams, threads=threads)
+    proc, address, errors = _start_server(model_path, device, max_slots=plan.grpc_streams, threads=threads)
     try:
         load = grpc_load(
             address,
@@ -382,7 +378,7 @@ def _grpc_row(backend: str, model_path: Path, tokenizer, device: str, plan: Plan
             plan.grpc_client_processes,
         )
     finally:
-        _stop_server(proc)
+        _stop_server(proc, errors)
     return Row(
         backend,
         f"grpc {plan.grpc_streams} streams",

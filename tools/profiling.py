@@ -1,0 +1,45 @@
+"""Reading a torch.profiler capture for the probes (tools/train_probe.py, tools/serve_probe.py): the kernels it saw,
+the time the GPU was busy, the largest kernels and host ops."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import torch
+
+__all__ = ["busy_us", "kernel_events", "top_host", "top_kernels"]
+
+
+def kernel_events(prof, skip_prefixes: tuple[str, ...] = ()) -> list:
+    """The CUDA kernels of a capture (not memcpy markers with '#', nor ranges named with `skip_prefixes`)."""
+    return [
+        e
+        for e in prof.events()
+        if e.device_type == torch.autograd.DeviceType.CUDA
+        and "#" not in e.name
+        and not e.name.startswith(skip_prefixes)
+    ]
+
+
+def busy_us(kernels: list) -> float:
+    """Union of the kernels' [start, end) intervals, in microseconds."""
+    busy, end = 0.0, float("-inf")
+    for s, e in sorted((k.time_range.start, k.time_range.end) for k in kernels):
+        if e > end:
+            busy += e - max(s, end)
+            end = e
+    return busy
+
+
+def top_kernels(kernels: list, per: int, n: int = 8, width: int = 48) -> list[tuple[str, float]]:
+    """The n kernels (names cut to `width`) with the most device time: (name, microseconds per `per`)."""
+    by_name: Counter = Counter()
+    for e in kernels:
+        by_name[e.name[:width]] += e.device_time
+    return [(name, t / per) for name, t in by_name.most_common(n)]
+
+
+def top_host(prof, per: int, n: int = 10, width: int = 36) -> list[tuple[str, float]]:
+    """The n host ops with the most self CPU time: (name, microseconds per `per`)."""
+    ops = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)[:n]
+    return [(e.key[:width], e.self_cpu_time_total / per) for e in ops]
