@@ -9,21 +9,11 @@ from exporter.classifier_onnx import ATTENTION_MASK, INPUT_IDS, LOGITS, classifi
 from exporter.errors import GateFailed
 from model.classifier import SequenceClassifier, pad_batch
 from model.config import ModelConfig
+from model.testing import llama_test_config
 from model.transformer import GPT
 
 CONFIGS = {
-    "llama": ModelConfig(
-        vocab_size=40,
-        n_layer=2,
-        n_head=4,
-        n_kv_head=2,
-        n_embd=32,
-        block_size=32,
-        norm="rmsnorm",
-        pos="rope",
-        mlp="swiglu",
-        bias=False,
-    ),
+    "llama": llama_test_config(vocab_size=40, block_size=32),
     "gpt2": ModelConfig(vocab_size=40, n_layer=2, n_head=2, n_embd=32, block_size=32),
 }
 

@@ -15,28 +15,16 @@ from model.artifact import (
     load_artifact,
     save_artifact,
 )
-from model.config import ModelConfig
 from model.tokenizers import CharTokenizer
 from model.transformer import GPT
+from model.testing import llama_test_config
 
 TEXT = "to be, or not to be: that is the question.\n"
 
 
 def _model(seed: int = 0, **kw) -> GPT:
     torch.manual_seed(seed)
-    base = dict(
-        vocab_size=20,
-        n_layer=2,
-        n_head=4,
-        n_kv_head=2,
-        n_embd=32,
-        block_size=16,
-        norm="rmsnorm",
-        pos="rope",
-        mlp="swiglu",
-        bias=False,
-    )
-    return GPT(ModelConfig(**{**base, **kw})).eval()
+    return GPT(llama_test_config(**{"vocab_size": 20, "block_size": 16, **kw})).eval()
 
 
 @pytest.fixture

@@ -8,21 +8,11 @@ import torch
 from model.attention_maps import attention_maps
 from model.config import ModelConfig
 from model.lora import apply_lora
+from model.testing import llama_test_config
 from model.transformer import GPT
 
 CONFIGS = {
-    "llama-gqa-rope": ModelConfig(
-        vocab_size=40,
-        n_layer=3,
-        n_head=4,
-        n_kv_head=2,
-        n_embd=32,
-        block_size=16,
-        norm="rmsnorm",
-        pos="rope",
-        mlp="swiglu",
-        bias=False,
-    ),
+    "llama-gqa-rope": llama_test_config(vocab_size=40, block_size=16, n_layer=3),
     "gpt2-mha-learned": ModelConfig(vocab_size=40, n_layer=2, n_head=2, n_embd=16, block_size=16, dropout=0.1),
 }
 

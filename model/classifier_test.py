@@ -14,21 +14,11 @@ from model.classifier_train import FitConfig, fit
 from model.config import ModelConfig
 from model.lora import LoRALinear
 from model.speaker_data import parse_speeches, speaker_task
+from model.testing import llama_test_config
 from model.transformer import GPT
 
 CONFIGS = {
-    "llama": ModelConfig(
-        vocab_size=30,
-        n_layer=2,
-        n_head=4,
-        n_kv_head=2,
-        n_embd=32,
-        block_size=24,
-        norm="rmsnorm",
-        pos="rope",
-        mlp="swiglu",
-        bias=False,
-    ),
+    "llama": llama_test_config(vocab_size=30, block_size=24),
     "gpt2": ModelConfig(vocab_size=30, n_layer=2, n_head=2, n_embd=16, block_size=24),
 }
 

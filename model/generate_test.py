@@ -5,29 +5,17 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model.config import ModelConfig
 from model.generate import generate, generate_tokens
 from model.sampling import SamplingParams
 from model.tokenizers import ByteTokenizer, CharTokenizer
 from model.transformer import GPT
+from model.testing import llama_test_config
 
 
 @pytest.fixture(scope="module")
 def model() -> GPT:
     torch.manual_seed(0)
-    config = ModelConfig(
-        vocab_size=256,
-        n_layer=2,
-        n_head=4,
-        n_kv_head=2,
-        n_embd=32,
-        block_size=32,
-        norm="rmsnorm",
-        pos="rope",
-        mlp="swiglu",
-        bias=False,
-        tie_weights=False,
-    )
+    config = llama_test_config(vocab_size=256, block_size=32, tie_weights=False)
     return GPT(config).eval()
 
 

@@ -9,23 +9,12 @@ import torch
 import torch.nn as nn
 
 from model.artifact import load_artifact, save_artifact
-from model.config import ModelConfig
 from model.lora import LoRALinear, apply_lora, lora_parameters, lora_state_dict, merge_lora, remove_lora, unmerge_lora
 from model.tokenizers import ByteTokenizer
+from model.testing import llama_test_config
 from model.transformer import GPT
 
-CONFIG = ModelConfig(
-    vocab_size=256,
-    n_layer=2,
-    n_head=4,
-    n_kv_head=2,
-    n_embd=32,
-    block_size=16,
-    norm="rmsnorm",
-    pos="rope",
-    mlp="swiglu",
-    bias=False,
-)
+CONFIG = llama_test_config(vocab_size=256, block_size=16)
 
 
 def _trained_lora(targets=("q", "k", "v", "o")) -> tuple[GPT, GPT, torch.Tensor]:

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from model.artifact import save_artifact
+from model.config import ModelConfig
 from model.presets import get_preset
 from model.tokenizers import CharTokenizer
 from model.transformer import GPT
@@ -86,3 +87,10 @@ def assert_grads_close(grads: dict, ref_grads: dict, rel: float) -> None:
             continue
         diff = (got - want).norm() / torch.maximum(want.norm(), 1e-2 * median)
         assert diff < rel, f"grad of {name} differs by {diff:.2e} relative"
+
+
+def llama_test_config(vocab_size: int, block_size: int, **overrides) -> ModelConfig:
+    """A two-layer Llama-flavoured model small enough for CPU tests: RMSNorm, RoPE, SwiGLU, GQA (4 query heads over 2
+    K/V heads), width 32, no biases; `overrides` change any field."""
+    base = dict(n_layer=2, n_head=4, n_kv_head=2, n_embd=32, norm="rmsnorm", pos="rope", mlp="swiglu", bias=False)
+    return ModelConfig(**{**base, "vocab_size": vocab_size, "block_size": block_size, **overrides})
