@@ -33,7 +33,7 @@ from inference_svc.scheduler import QueueFull, Scheduler
 from inference_svc.sequence import Sequence, SequenceStatus
 from inference_svc.speculative import SpeculativeDecoder
 from model.field_checks import check_int
-from model.sampling import random_seed
+from model.sampling import request_seed
 from model.tokenizers import Tokenizer, piece_texts
 
 __all__ = ["Chunk", "Engine", "EngineStats", "FinishReason", "QueueFull", "RequestHandle", "Timings", "Usage"]
@@ -211,7 +211,7 @@ class Engine:
             detokenizer=StreamingDetokenizer(self.tokenizer, request.params.stop),
             generator=self.sampler.generator(request.params.seed),
             sink=sink,
-            seed=request.params.seed if request.params.seed is not None else random_seed(),
+            seed=request_seed(request.params),
         )
         with self._wake:
             if self._closing:

@@ -301,9 +301,10 @@ class TorchRunner:
         logits = self.model.forward_cached(
             tokens.view(-1, 1), self.cache, rows, positions, kv_len=kv_len, attention_in_place=self.attention_in_place
         )[:, 0].float()  # (b, V)
-        new = state.sample(logits, rows, positions + 1, full)
+        after = positions + 1  # the new token's position: its draw's counter, then the slot's next position
+        new = state.sample(logits, rows, after, full)
         # The scratch slot (padded rows) stays at position 0, so it never runs past the cache.
-        state.advance(rows, new, torch.where(rows == self._scratch, 0, positions + 1), full)
+        state.advance(rows, new, torch.where(rows == self._scratch, 0, after), full)
         return new
 
     # CUDA graphs -----------------------------------------------------------------------------------

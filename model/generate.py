@@ -16,7 +16,7 @@ from collections.abc import Iterator, Sequence
 import torch
 
 from model.kv_cache import KVCache
-from model.sampling import SamplingParams, random_seed, sample
+from model.sampling import SamplingParams, request_seed, sample
 from model.stop_strings import StopStringMatcher
 from model.tokenizers import IncrementalDecoder, Tokenizer
 from model.transformer import GPT
@@ -45,7 +45,7 @@ def stream_tokens(model: GPT, prompt_ids: Sequence[int], params: SamplingParams)
     param = next(model.parameters())
     device = param.device
     cache = KVCache(1, config, dtype=param.dtype if param.is_floating_point() else torch.float32, device=device)
-    seed = params.seed if params.seed is not None else random_seed()
+    seed = request_seed(params)
     context = list(prompt_ids)
     window = context[-config.block_size :]
     logits = _prefill(model, cache, window, device)  # (1, V)

@@ -25,6 +25,7 @@ __all__ = [
     "penalise",
     "seen_mask",
     "random_seed",
+    "request_seed",
     "make_generator",
     "MAX_STOP_STRINGS",
 ]
@@ -99,6 +100,11 @@ def random_seed() -> int:
     """A seed for an unseeded request, drawn from torch's global CPU generator (so `torch.manual_seed` makes
     unseeded runs repeat)."""
     return int(torch.randint(0, MAX_SEED, (), dtype=torch.long))
+
+
+def request_seed(params: SamplingParams) -> int:
+    """The seed a request draws with: its own, or a fresh `random_seed()` when it has none."""
+    return params.seed if params.seed is not None else random_seed()
 
 
 _M32 = 0xFFFFFFFF
