@@ -14,7 +14,7 @@ from __future__ import annotations
 from typing import Sequence
 
 from model.stop_strings import StopStringMatcher
-from model.tokenizers import IncrementalDecoder, Tokenizer
+from model.tokenizers import IncrementalDecoder, Tokenizer, piece_texts
 
 __all__ = ["StreamingDetokenizer"]
 
@@ -26,6 +26,9 @@ class StreamingDetokenizer:
         self._utf8 = IncrementalDecoder(tokenizer)
         self._stops = StopStringMatcher(tuple(stop)) if stop else None  # None: nothing to hold back
         self._pieces: list[str] = []  # the text handed out so far (joined on demand: no copy per token)
+        # The fast path of `add_one`: each id's text when it is whole characters (None: the slow path), or None when
+        # stop strings are watched (every token must go through the matcher).
+        self._table = piece_texts(tokenizer) if stop == () or not stop else None
 
     @property
     def text(self) -> str:
@@ -47,6 +50,18 @@ class StreamingDetokenizer:
         if text:
             self._pieces.append(text)
         return text
+
+    def add_one(self, token: int) -> str:
+        """`add((token,))` for the engine's hot loop: a token that is whole characters, with no stop string
+        watched and no partial character held, is one table lookup."""
+        table = self._table
+        if table is not None and self._utf8.clean and 0 <= token < len(table):
+            text = table[token]
+            if text is not None:
+                if text:
+                    self._pieces.append(text)
+                return text
+        return self.add((token,))
 
     def flush(self) -> str:
         """The generation ended without a stop: hand out everything held (a dangling partial character

@@ -199,27 +199,42 @@ class Engine:
         """Queue a request (a fresh request_id is made when empty). Raises QueueFull when the waiting
         queue is full, ValueError on a request_id already in flight or a prompt beyond the runner's context,
         RuntimeError once the engine is closed."""
-        if not request.request_id:
-            request = replace(request, request_id=uuid.uuid4().hex)
-        if len(request.prompt_ids) > self.runner.max_len:
-            raise ValueError(
-                f"prompt: {len(request.prompt_ids)} tokens exceed the context length {self.runner.max_len}"
+        return self.submit_many([request])[0]
+
+    def submit_many(self, requests: list[Request]) -> list[RequestHandle]:
+        """Queue several requests at once, all or none (the errors of `submit`; QueueFull when they do not all
+        fit). They reach the loop together, so its next step admits them in one batch, where requests submitted
+        one by one from a busy thread trickle in over many steps."""
+        seqs, sinks = [], []
+        arrived = time.perf_counter()  # one arrival for all: timings count from it
+        for request in requests:
+            if not request.request_id:
+                request = replace(request, request_id=uuid.uuid4().hex)
+            if len(request.prompt_ids) > self.runner.max_len:
+                raise ValueError(
+                    f"prompt: {len(request.prompt_ids)} tokens exceed the context length {self.runner.max_len}"
+                )
+            sink: queue.SimpleQueue[Chunk] = queue.SimpleQueue()
+            seqs.append(
+                Sequence(
+                    request=request,
+                    detokenizer=StreamingDetokenizer(self.tokenizer, request.params.stop),
+                    # Speculative decoding's draws only (a device generator costs tens of us to make).
+                    generator=self.sampler.generator(request.params.seed) if self.speculative else None,
+                    sink=sink,
+                    seed=request_seed(request.params),
+                    arrived_at=arrived,
+                )
             )
-        sink: queue.SimpleQueue[Chunk] = queue.SimpleQueue()
-        seq = Sequence(
-            request=request,
-            detokenizer=StreamingDetokenizer(self.tokenizer, request.params.stop),
-            generator=self.sampler.generator(request.params.seed),
-            sink=sink,
-            seed=request_seed(request.params),
-        )
+            sinks.append(sink)
         with self._wake:
             if self._closing:
                 raise RuntimeError("the engine is closed")
-            self.scheduler.add(seq)  # QueueFull / duplicate id: nothing was registered
-            self._sinks[request.request_id] = sink
+            self.scheduler.add_many(seqs)  # QueueFull / duplicate id: nothing was registered
+            for seq, sink in zip(seqs, sinks):
+                self._sinks[seq.request_id] = sink
             self._wake.notify()
-        return RequestHandle(self, request.request_id, sink)
+        return [RequestHandle(self, seq.request_id, sink) for seq, sink in zip(seqs, sinks)]
 
     def cancel(self, request_id: str) -> bool:
         """Cancel a queued or running request; its slot is freed and its final chunk (CANCELLED) sent by
@@ -427,7 +442,7 @@ class Engine:
         length = seq.prompt_len + len(out)
         seq.n_cached = length - 1  # the new token's K/V are written when it is fed back
         detok = seq.detokenizer
-        text = detok.add((token,))
+        text = detok.add_one(token)
         if detok.stopped:
             self._finish(seq, FinishReason.STOP, token_ids=(token,), text=text)
         elif len(out) >= seq.max_new_tokens or length > self.runner.max_len:

@@ -142,6 +142,25 @@ def test_full_queue_and_duplicate_ids_are_refused(tiny):
         assert engine.stats().free_slots == 1
 
 
+def test_submit_many_is_all_or_none_and_admits_together(tiny):
+    with Engine(TorchRunner(tiny.model, n_slots=2), tiny.tokenizer, max_queue=1) as engine:
+        long = SamplingParams(max_new_tokens=120, temperature=0.0)
+        with pytest.raises(QueueFull, match="4 requests do not fit: 2 free slots, 0 of 1 queue places"):
+            engine.submit_many([_request(tiny, "or", long) for _ in range(4)])
+        with pytest.raises(ValueError, match="'x' appears more than once"):
+            engine.submit_many([_request(tiny, "or", long, request_id=rid) for rid in ("w", "x", "x")])
+        stats = engine.stats()  # nothing of the refused batches was kept
+        assert (stats.free_slots, stats.queued, stats.running, stats.in_flight) == (2, 0, 0, 0)
+        cases = list(zip(PROMPTS, PARAMS))[:3]
+        handles = engine.submit_many([_request(tiny, p, s) for p, s in cases])  # 3 for 2 slots + 1 queue place
+        finals = [h.result() for h in handles]
+        for (prompt, params), final in zip(cases, finals):
+            assert list(final.token_ids) == generate_tokens(tiny.model, tiny.tokenizer.encode(prompt), params)
+        # One arrival for the batch: the first two were admitted by the same step, so their queue times are equal.
+        assert finals[0].timings.queue_ms == finals[1].timings.queue_ms < finals[2].timings.queue_ms
+        assert engine.stats().free_slots == 2
+
+
 def test_close_cancels_what_is_in_flight(tiny):
     engine = Engine(TorchRunner(tiny.model, n_slots=2), tiny.tokenizer)
     handle = engine.submit(_request(tiny, "to be", SamplingParams(max_new_tokens=120, temperature=0.0)))

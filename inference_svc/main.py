@@ -24,7 +24,7 @@ import torch
 
 from inference_svc.engine import Engine
 from inference_svc.runner import ModelRunner, TorchRunner
-from inference_svc.service import SERVICE_NAME, InferenceService, ServedModel
+from inference_svc.service import SERVICE_NAME, STREAM_INTERVAL_S, InferenceService, ServedModel
 from model.artifact import (
     PICKLE_SUFFIXES,
     ArtifactError,
@@ -66,6 +66,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--speculative-k", type=int, default=4, help="draft tokens proposed per step (with --draft-model)")
     p.add_argument("--threads", type=int, default=0, help="CPU threads for torch and ONNX Runtime (0: their default)")
+    p.add_argument(
+        "--stream-interval-ms",
+        type=float,
+        default=STREAM_INTERVAL_S * 1e3,
+        help="least gap between a stream's messages after its first; tokens made meanwhile go in one message "
+        f"(0..1000; default {STREAM_INTERVAL_S * 1e3:g}; 0: a message per token)",
+    )
     p.add_argument("--host", default="127.0.0.1", help="bind address (loopback by default)")
     p.add_argument("--port", type=int, default=50053, help="port (0 picks a free one)")
     p.add_argument("--tls-cert", type=Path, help="PEM certificate chain (with --tls-key): serve TLS")
@@ -151,6 +158,12 @@ def main(argv: list[str] | None = None) -> int:
         if value < (1 if flag == "--speculative-k" else 0):
             print(f"tinylm serve: {flag} must be an integer {allowed}, got {value}", file=sys.stderr)
             return 2
+    if not 0 <= args.stream_interval_ms <= 1000:
+        print(
+            f"tinylm serve: --stream-interval-ms must be within 0..1000, got {args.stream_interval_ms:g}",
+            file=sys.stderr,
+        )
+        return 2
     store_root = Path(os.environ.get("TINYLM_HOME") or Path.home() / ".tinylm").expanduser() / "artifacts"
     try:
         path = artifact_path(args.model, store_root)
@@ -167,7 +180,12 @@ def main(argv: list[str] | None = None) -> int:
 
     model = ServedModel(id=manifest["id"], name=str(manifest.get("name", "")), path=path, manifest=manifest)
     running = serve_from_args(
-        [(inference_pb2_grpc.add_InferenceServiceServicer_to_server, InferenceService(engine, model))],
+        [
+            (
+                inference_pb2_grpc.add_InferenceServiceServicer_to_server,
+                InferenceService(engine, model, args.stream_interval_ms / 1e3),
+            )
+        ],
         [SERVICE_NAME],
         args,
         token=args.token,

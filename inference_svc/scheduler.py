@@ -17,11 +17,19 @@ from inference_svc.kv_pool import KVPool
 from inference_svc.sequence import Sequence, SequenceStatus
 from model.field_checks import check_int
 
-__all__ = ["QueueFull", "Scheduler", "SchedulerOutput"]
+__all__ = ["DuplicateRequest", "QueueFull", "Scheduler", "SchedulerOutput"]
 
 
 class QueueFull(RuntimeError):
     """The waiting queue is at `max_queue`; the caller should retry later (gRPC: RESOURCE_EXHAUSTED)."""
+
+
+class DuplicateRequest(ValueError):
+    """A request_id already in flight, or repeated within one batch; `index` is its place in the batch."""
+
+    def __init__(self, message: str, index: int) -> None:
+        super().__init__(message)
+        self.index = index
 
 
 @dataclass
@@ -70,17 +78,32 @@ class Scheduler:
     def add(self, seq: Sequence) -> None:
         """Queue a new sequence; QueueFull when every free slot is spoken for and `max_queue` more are already
         waiting, ValueError on a duplicate id."""
+        self.add_many([seq])
+
+    def add_many(self, seqs: list[Sequence]) -> None:
+        """Queue several sequences at once, all or none: QueueFull when they would not all fit (a free slot each,
+        or a place among `max_queue` waiting), ValueError on an id in flight or repeated among them."""
         with self._lock:
-            if seq.request_id in self._by_id:
-                raise ValueError(f"request_id {seq.request_id!r} is already in flight")
+            seen: set[str] = set()
+            for i, seq in enumerate(seqs):
+                rid = seq.request_id
+                if rid in self._by_id:
+                    raise DuplicateRequest(f"request_id {rid!r} is already in flight", i)
+                if rid in seen:
+                    raise DuplicateRequest(f"request_id {rid!r} appears more than once in the batch", i)
+                seen.add(rid)
             # Only requests that will still wait count against the bound: one that can take a free slot at the
             # next step is never refused (max_queue 0 = no waiting, not no work).
-            if len(self._waiting) >= self.max_queue + self.pool.n_free:
+            if len(self._waiting) + len(seqs) > self.max_queue + self.pool.n_free:
                 raise QueueFull(
                     f"the waiting queue is full ({self.max_queue} requests) and no slot is free; retry later"
+                    if len(seqs) == 1
+                    else f"{len(seqs)} requests do not fit: {self.pool.n_free} free slots, {len(self._waiting)} of "
+                    f"{self.max_queue} queue places taken; retry later or send fewer"
                 )
-            self._waiting.append(seq)
-            self._by_id[seq.request_id] = seq
+            self._waiting.extend(seqs)
+            for seq in seqs:
+                self._by_id[seq.request_id] = seq
 
     def abort(self, request_id: str) -> bool:
         """Mark a request cancelled; the next `schedule()` frees it. False when no such request is in flight."""

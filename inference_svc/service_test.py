@@ -30,11 +30,11 @@ def start(tiny):
     """start(max_slots, max_queue) -> (stub, engine, channel); everything is stopped at teardown."""
     opened = []
 
-    def _start(max_slots: int = 4, max_queue: int = 64):
+    def _start(max_slots: int = 4, max_queue: int = 64, **service_kw):
         engine = Engine(TorchRunner(tiny.model, n_slots=max_slots), tiny.tokenizer, max_queue=max_queue)
         manifest = load_artifact(tiny.path).manifest
         service = InferenceService(
-            engine, ServedModel(id=tiny.model_id, name="tiny-test", path=tiny.path, manifest=manifest)
+            engine, ServedModel(id=tiny.model_id, name="tiny-test", path=tiny.path, manifest=manifest), **service_kw
         )
         running = serve(
             [(inference_pb2_grpc.add_InferenceServiceServicer_to_server, service)], [SERVICE_NAME], max_workers=32
@@ -104,6 +104,24 @@ def test_concurrent_streams_equal_the_reference(tiny, start):
         assert final.finish_reason == inference_pb2.FINISH_REASON_LENGTH and final.error == ""
         assert (final.usage.prompt_tokens, final.usage.completion_tokens) == (len(prompt), params.max_new_tokens)
         assert final.timings.ttft_ms <= final.timings.total_ms
+    assert engine_idle(engine)
+
+
+@pytest.mark.parametrize("interval_s", [0.0, 0.05])
+def test_stream_interval_gathers_tokens_into_fewer_messages(tiny, start, interval_s):
+    """A stream's messages after the first are at least the interval apart: the tokens made meanwhile come as one
+    message (the same ids and text as the reference); the first token is never held; 0 sends tokens as they come."""
+    stub, engine, _ = start(stream_interval_s=interval_s)
+    prompt, params = CASES[5]  # 40 tokens
+    responses = list(stub.Generate(inference_pb2.GenerateRequest(prompt=prompt, params=_wire(params)), timeout=60))
+    ids = [t for r in responses for t in r.token_ids]
+    assert ids == generate_tokens(tiny.model, tiny.tokenizer.encode(prompt), params)
+    assert "".join(r.text for r in responses) == generate(tiny.model, tiny.tokenizer, prompt, params)
+    assert len(responses[0].token_ids) == 1  # the first token went out alone
+    if interval_s:  # 40 tokens at a few ms each on this CPU model: several per 50 ms message
+        assert len(responses) < len(ids) / 2
+    with pytest.raises(ValueError, match="stream_interval_s must be within 0..1 seconds"):
+        InferenceService(engine, None, stream_interval_s=-0.1)
     assert engine_idle(engine)
 
 

@@ -212,16 +212,16 @@ class IncrementalDecoder:
         self.tokenizer = tokenizer
         self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self._texts = piece_texts(tokenizer)
-        self._clean = True  # no partial character held back
+        self.clean = True  # no partial character held back
 
     def push(self, ids: Sequence[int]) -> str:
-        if self._clean and len(ids) == 1:  # the serving engine's case: one token, whole characters
+        if self.clean and len(ids) == 1:  # the serving engine's case: one token, whole characters
             i = ids[0]
             text = self._texts[i] if 0 <= i < len(self._texts) else None
             if text is not None:
                 return text
         text = self._utf8.decode(self.tokenizer.decode_bytes(ids))
-        self._clean = not self._utf8.getstate()[0]
+        self.clean = not self._utf8.getstate()[0]
         return text
 
     def flush(self) -> str:

@@ -79,7 +79,7 @@ for spec in "$@"; do
     speculative)
       run_step speculative "$limit" "$PYTHON" -m bench_svc.benches.speculative --device cuda --target-steps 1500 \
         --draft-steps 600 --batch 32 --target-train-s 60 --draft-train-s 30 --prompts 2 --max-new-tokens 96 --repeats 2 ;;
-    train) run_step train "$limit" "$PYTHON" -m bench_svc.benches.training --part speed --budget-s "${TRAIN_BUDGET_S:-120}" \
+    train) run_step train "$limit" "$PYTHON" -m bench_svc.benches.training --part speed --budget-s "${TRAIN_BUDGET_S:-120}" ${TRAIN_TAG:+--tag "$TRAIN_TAG"} \
       ${TRAIN_VARIANTS:+--variants "$TRAIN_VARIANTS"} ;;
     train-profile) run_step train-profile "$limit" "$PYTHON" -m tools.train_probe profile ${PROBE_VARIANTS:+--variants "$PROBE_VARIANTS"} ;;
     train-carryover) run_step train-carryover "$limit" "$PYTHON" -m tools.train_probe carryover --steps "${PROBE_STEPS:-300}" --eval-interval 100 ;;

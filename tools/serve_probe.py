@@ -44,12 +44,11 @@ def engine_probe(runner: TorchRunner, tokenizer, batch: int, new_tokens: int, sa
     prompts = [tuple(torch.randint(0, 60, (16,), generator=gen).tolist()) for _ in range(batch)]
     with Engine(runner, tokenizer, max_queue=batch) as engine:
         for _ in range(2):  # warm-up: every graph this batch uses, the sampler, the threads
-            [h.result() for h in [engine.submit(Request(p, params)) for p in prompts]]
+            [h.result() for h in engine.submit_many([Request(p, params) for p in prompts])]
         with torch.profiler.profile(
             activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
         ) as prof:
-            with engine._wake:  # every request in before the first step
-                handles = [engine.submit(Request(p, params)) for p in prompts]
+            handles = engine.submit_many([Request(p, params) for p in prompts])  # all in before the first step
             finals = [h.result() for h in handles]
     # The engine's time, submit to its last token (this thread reads the streams after; at 256 streams one reader
     # is slower than the engine, so the reader's wall time would not be the engine's)
@@ -135,9 +134,8 @@ def host_ceiling(batch: int, new_tokens: int, repeats: int = 5) -> float:
     with Engine(InstantRunner(batch), tokenizer, max_queue=batch) as engine:
         for _ in range(repeats + 1):  # the first is a warm-up
             t0 = time.perf_counter()
-            with engine._wake:  # the loop waits until every request is in: full batches from the first step
-                params = SamplingParams(max_new_tokens=new_tokens, temperature=0.0)
-                handles = [engine.submit(Request(p, params)) for p in prompts]
+            params = SamplingParams(max_new_tokens=new_tokens, temperature=0.0)
+            handles = engine.submit_many([Request(p, params) for p in prompts])  # full batches from the first step
             for h in handles:
                 h.result()
             best = max(best, batch * new_tokens / (time.perf_counter() - t0))
