@@ -116,6 +116,19 @@ class RequestHandle:
         self._done = chunk.final
         return chunk
 
+    def next_chunks(self, timeout: float | None = None) -> list[Chunk]:
+        """The next chunk and every chunk already waiting behind it, up to the final one (empty if none came
+        within `timeout`): one call for a burst of tokens."""
+        first = self.next_chunk(timeout)
+        if first is None:
+            return []
+        chunks, sink = [first], self._sink
+        while not self._done and not sink.empty():  # the engine thread only adds: what is there stays
+            chunk = sink.get_nowait()
+            self._done = chunk.final
+            chunks.append(chunk)
+        return chunks
+
     def __iter__(self) -> Iterator[Chunk]:
         while (chunk := self.next_chunk()) is not None:
             yield chunk
