@@ -4,11 +4,13 @@ single token, and every slot comes back whatever happens to a request."""
 from __future__ import annotations
 
 import gc
+import queue
 import random
 
 import pytest
 
-from inference_svc.engine import Engine, FinishReason, QueueFull
+from inference_svc.detokenizer import StreamingDetokenizer
+from inference_svc.engine import Chunk, Engine, FinishReason, QueueFull, RequestHandle
 from inference_svc.params import make_request
 from inference_svc.runner import TorchRunner
 from inference_svc.sequence import Sequence
@@ -159,6 +161,22 @@ def test_submit_many_is_all_or_none_and_admits_together(tiny):
         # One arrival for the batch: the first two were admitted by the same step, so their queue times are equal.
         assert finals[0].timings.queue_ms == finals[1].timings.queue_ms < finals[2].timings.queue_ms
         assert engine.stats().free_slots == 2
+
+
+def test_a_token_chunk_leaves_the_collectors_view(tiny, engine):
+    """The engine queues a token's chunk as a plain tuple that the collector untracks (a NamedTuple stays tracked
+    and ages into full collections), and the handle still hands out a Chunk."""
+    seq = Sequence(request=_request(tiny, "to be", PARAMS[0]), detokenizer=StreamingDetokenizer(tiny.tokenizer),
+                   generator=None, sink=queue.SimpleQueue())  # fmt: skip
+    engine._append(seq, tiny.tokenizer.encode("o")[0], 0.0)
+    item = seq.sink.get_nowait()
+    for _ in range(2):  # the first untracks (token,), the next the tuple around it: young collections do the same
+        gc.collect()
+    assert type(item) is tuple and not gc.is_tracked(item)
+    handle = RequestHandle(engine, seq.request_id, seq.sink)
+    seq.sink.put(item)
+    chunk = handle.next_chunk(0)
+    assert isinstance(chunk, Chunk) and chunk.token_ids == tuple(tiny.tokenizer.encode("o")) and not chunk.final
 
 
 def test_close_cancels_what_is_in_flight(tiny):
