@@ -24,7 +24,7 @@ import torch
 
 from inference_svc.engine import Engine
 from inference_svc.runner import ModelRunner, TorchRunner
-from inference_svc.service import SERVICE_NAME, STREAM_INTERVAL_S, InferenceService, ServedModel
+from inference_svc.service import SERVICE_NAME, STREAM_MESSAGES_PER_S, InferenceService, ServedModel
 from model.artifact import (
     PICKLE_SUFFIXES,
     ArtifactError,
@@ -67,11 +67,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--speculative-k", type=int, default=4, help="draft tokens proposed per step (with --draft-model)")
     p.add_argument("--threads", type=int, default=0, help="CPU threads for torch and ONNX Runtime (0: their default)")
     p.add_argument(
-        "--stream-interval-ms",
+        "--stream-messages-per-s",
         type=float,
-        default=STREAM_INTERVAL_S * 1e3,
-        help="least gap between a stream's messages after its first; tokens made meanwhile go in one message "
-        f"(0..1000; default {STREAM_INTERVAL_S * 1e3:g}; 0: a message per token)",
+        default=STREAM_MESSAGES_PER_S,
+        help="stream messages per second the server sends, shared by its open streams: tokens made between a "
+        f"stream's messages go in one (> 0; default {STREAM_MESSAGES_PER_S:g}; inf: a message per token)",
     )
     p.add_argument("--host", default="127.0.0.1", help="bind address (loopback by default)")
     p.add_argument("--port", type=int, default=50053, help="port (0 picks a free one)")
@@ -158,11 +158,8 @@ def main(argv: list[str] | None = None) -> int:
         if value < (1 if flag == "--speculative-k" else 0):
             print(f"tinylm serve: {flag} must be an integer {allowed}, got {value}", file=sys.stderr)
             return 2
-    if not 0 <= args.stream_interval_ms <= 1000:
-        print(
-            f"tinylm serve: --stream-interval-ms must be within 0..1000, got {args.stream_interval_ms:g}",
-            file=sys.stderr,
-        )
+    if not args.stream_messages_per_s > 0:
+        print(f"tinylm serve: --stream-messages-per-s must be > 0, got {args.stream_messages_per_s:g}", file=sys.stderr)
         return 2
     store_root = Path(os.environ.get("TINYLM_HOME") or Path.home() / ".tinylm").expanduser() / "artifacts"
     try:
@@ -183,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
         [
             (
                 inference_pb2_grpc.add_InferenceServiceServicer_to_server,
-                InferenceService(engine, model, args.stream_interval_ms / 1e3),
+                InferenceService(engine, model, args.stream_messages_per_s),
             )
         ],
         [SERVICE_NAME],

@@ -9,6 +9,7 @@ runs past its deadline has its request cancelled (its KV-cache slot is free by t
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -31,10 +32,13 @@ SERVICE_NAME = "tinylm.v1.InferenceService"
 MAX_BATCH = 1024
 MIN_ID_PREFIX = 6
 _POLL_S = 0.1  # how often a streaming call checks that its caller is still there
-# A stream's messages after its first are at least this far apart; tokens made meanwhile go in one message. Each
-# message wakes a server thread that must take the GIL from the engine's loop: one per token at 64 streams held
-# the engine to ~2.3 ms per step on the H200 (14k tokens/s). The first token is never held (TTFT).
-STREAM_INTERVAL_S = 0.01
+# The server's budget of stream messages per second, shared by its open streams: a stream's messages after its first
+# are at least (open streams / budget) apart, at most STREAM_INTERVAL_MAX_S, and the tokens made meanwhile go in one
+# message. Each message wakes a server thread that must take the GIL from the engine's loop; one per token at 64
+# streams held the engine to ~2.3 ms per step on the H200 (14k tokens/s). A lone stream still gets a message per
+# token or two; the first token of a stream is never held (TTFT).
+STREAM_MESSAGES_PER_S = 4000.0
+STREAM_INTERVAL_MAX_S = 0.05
 
 _FINISH = {
     FinishReason.LENGTH: inference_pb2.FINISH_REASON_LENGTH,
@@ -83,12 +87,14 @@ class ServedModel:
 class InferenceService(inference_pb2_grpc.InferenceServiceServicer):
     """Serves `engine`'s model, described by `model`."""
 
-    def __init__(self, engine: Engine, model: ServedModel, stream_interval_s: float = STREAM_INTERVAL_S) -> None:
-        if not 0.0 <= stream_interval_s <= 1.0:
-            raise ValueError(f"stream_interval_s must be within 0..1 seconds, got {stream_interval_s!r}")
+    def __init__(self, engine: Engine, model: ServedModel, messages_per_s: float = STREAM_MESSAGES_PER_S) -> None:
+        if not messages_per_s > 0:
+            raise ValueError(f"messages_per_s must be > 0 (inf: a message per token), got {messages_per_s!r}")
         self.engine = engine
         self.model = model
-        self.stream_interval_s = stream_interval_s
+        self.messages_per_s = messages_per_s
+        self._streams = 0  # open Generate streams (the interval between a stream's messages scales with them)
+        self._streams_lock = threading.Lock()
         self.tokenizer = engine.tokenizer
         self.context_len = engine.runner.max_len
 
@@ -101,18 +107,24 @@ class InferenceService(inference_pb2_grpc.InferenceServiceServicer):
         (handle,) = self._submit([self._request(request, context, "")], context, "")
         if not context.add_callback(handle.cancel):  # the call already ended (cancelled, deadline)
             handle.cancel()
-        while True:
-            chunk = _next_merged(handle, _POLL_S)
-            if chunk is None:
-                if not context.is_active():
-                    handle.cancel()
+        with self._streams_lock:
+            self._streams += 1
+        try:
+            while True:
+                chunk = _next_merged(handle, _POLL_S)
+                if chunk is None:
+                    if not context.is_active():
+                        handle.cancel()
+                        return
+                    continue
+                yield _response(chunk)
+                if chunk.final:
                     return
-                continue
-            yield _response(chunk)
-            if chunk.final:
-                return
-            if self.stream_interval_s:  # let tokens gather (they stream as one message); the first went at once
-                time.sleep(self.stream_interval_s)
+                # Let tokens gather for this stream's share of the message budget (the first went at once).
+                time.sleep(min(self._streams / self.messages_per_s, STREAM_INTERVAL_MAX_S))
+        finally:
+            with self._streams_lock:
+                self._streams -= 1
 
     def GenerateBatch(
         self, request: inference_pb2.GenerateBatchRequest, context: grpc.ServicerContext

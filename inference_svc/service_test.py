@@ -107,21 +107,22 @@ def test_concurrent_streams_equal_the_reference(tiny, start):
     assert engine_idle(engine)
 
 
-@pytest.mark.parametrize("interval_s", [0.0, 0.05])
-def test_stream_interval_gathers_tokens_into_fewer_messages(tiny, start, interval_s):
-    """A stream's messages after the first are at least the interval apart: the tokens made meanwhile come as one
-    message (the same ids and text as the reference); the first token is never held; 0 sends tokens as they come."""
-    stub, engine, _ = start(stream_interval_s=interval_s)
+@pytest.mark.parametrize("messages_per_s", [float("inf"), 20.0])
+def test_stream_messages_gather_tokens_under_the_servers_budget(tiny, start, messages_per_s):
+    """A stream's messages after the first are at least (open streams / the budget) apart: the tokens made
+    meanwhile come as one message (the same ids and text as the reference); the first token is never held; an
+    unlimited budget sends tokens as they come."""
+    stub, engine, _ = start(messages_per_s=messages_per_s)
     prompt, params = CASES[5]  # 40 tokens
     responses = list(stub.Generate(inference_pb2.GenerateRequest(prompt=prompt, params=_wire(params)), timeout=60))
     ids = [t for r in responses for t in r.token_ids]
     assert ids == generate_tokens(tiny.model, tiny.tokenizer.encode(prompt), params)
     assert "".join(r.text for r in responses) == generate(tiny.model, tiny.tokenizer, prompt, params)
     assert len(responses[0].token_ids) == 1  # the first token went out alone
-    if interval_s:  # 40 tokens at a few ms each on this CPU model: several per 50 ms message
+    if messages_per_s < 100:  # one stream: 50 ms apart; 40 tokens at a few ms each on this CPU model
         assert len(responses) < len(ids) / 2
-    with pytest.raises(ValueError, match="stream_interval_s must be within 0..1 seconds"):
-        InferenceService(engine, None, stream_interval_s=-0.1)
+    with pytest.raises(ValueError, match="messages_per_s must be > 0"):
+        InferenceService(engine, None, messages_per_s=0)
     assert engine_idle(engine)
 
 
