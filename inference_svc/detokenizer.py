@@ -25,15 +25,17 @@ class StreamingDetokenizer:
     def __init__(self, tokenizer: Tokenizer, stop: Sequence[str] = ()) -> None:
         self._utf8 = IncrementalDecoder(tokenizer)
         self._stops = StopStringMatcher(tuple(stop)) if stop else None  # None: nothing to hold back
-        self._pieces: list[str] = []  # the text handed out so far (joined on demand: no copy per token)
-        # The fast path of `add_one`: each id's text when it is whole characters (None: the slow path), or None when
-        # stop strings are watched (every token must go through the matcher).
-        self._table = piece_texts(tokenizer) if stop == () or not stop else None
+        self.pieces: list[str] = []  # the text handed out so far (joined on demand: no copy per token)
+        # The fast path (`add_one`, the engine's loop): each id's text when it is whole characters (None there: the
+        # slow path). None while no token may take it: stop strings are watched (every token goes through the
+        # matcher), or a partial character is held back.
+        self._table = piece_texts(tokenizer) if not stop else None
+        self.fast_table = self._table
 
     @property
     def text(self) -> str:
         """All text handed out so far."""
-        return "".join(self._pieces)
+        return "".join(self.pieces)
 
     @property
     def stopped(self) -> bool:
@@ -45,21 +47,21 @@ class StreamingDetokenizer:
         if not token_ids or (stops is not None and stops.stopped):
             return ""
         text = self._utf8.push(token_ids)
+        self.fast_table = self._table if self._utf8.clean else None
         if stops is not None:
             text = stops.push(text)
         if text:
-            self._pieces.append(text)
+            self.pieces.append(text)
         return text
 
     def add_one(self, token: int) -> str:
         """`add((token,))` for the engine's hot loop: a token that is whole characters, with no stop string
         watched and no partial character held, is one table lookup."""
-        table = self._table
-        if table is not None and self._utf8.clean and 0 <= token < len(table):
+        table = self.fast_table
+        if table is not None and 0 <= token < len(table):
             text = table[token]
             if text is not None:
-                if text:
-                    self._pieces.append(text)
+                self.pieces.append(text)
                 return text
         return self.add((token,))
 
@@ -71,5 +73,5 @@ class StreamingDetokenizer:
         tail = self._utf8.flush()
         text = tail if self._stops is None else self._stops.push(tail) + self._stops.flush()
         if text:
-            self._pieces.append(text)
+            self.pieces.append(text)
         return text

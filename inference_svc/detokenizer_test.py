@@ -76,3 +76,17 @@ def test_any_chunking_gives_the_full_decode_cut_at_the_first_stop(text, stop, ch
     expected = text if cut < 0 else text[:cut]
     assert "".join(pieces) == expected == detok.text
     assert detok.stopped == (cut >= 0)
+
+
+@settings(max_examples=150, deadline=None)
+@given(text=st.text(min_size=0, max_size=30), stop=st.sampled_from([(), ("lo",), ("€1", "🙂")]))
+def test_add_one_equals_add_token_by_token(text, stop):
+    """The engine's fast path (`add_one`: a table lookup while no stop is watched and no partial character is held)
+    hands out the same pieces as `add((token,))`, and is off exactly while it may not serve."""
+    ids = BYTES.encode(text)
+    slow, fast = StreamingDetokenizer(BYTES, stop), StreamingDetokenizer(BYTES, stop)
+    for i in ids:
+        assert (fast.fast_table is not None) == (not stop and fast._utf8.clean)
+        assert fast.add_one(i) == slow.add((i,))
+        assert fast.stopped == slow.stopped
+    assert fast.flush() == slow.flush() and fast.text == slow.text

@@ -244,6 +244,7 @@ class Engine:
                     arrived_at=arrived,
                 )
             )
+            seqs[-1].length_limit = min(request.params.max_new_tokens, self.runner.max_len - seqs[-1].prompt_len + 1)
             sinks.append(sink)
         with self._wake:
             if self._closing:
@@ -441,33 +442,45 @@ class Engine:
         self._finish(seq, FinishReason.ERROR, error=f"{type(err).__name__}: {err}")
 
     def _stream(self, step: "_Launched") -> None:
-        """Hand a launched step's tokens to their sequences (waits for that step on the GPU)."""
+        """Hand a launched step's tokens to their sequences (waits for that step on the GPU). Hot: the loop body is
+        `_append` written out, for a token that neither ends its sequence nor meets a stop string or a partial
+        character (about 1 us per token saved from ~1.4 us on this repo's CPU, where 256 streams make a step
+        host-bound)."""
         tokens = step.tokens()
         now = time.perf_counter()
+        finished = SequenceStatus.FINISHED
         for seq, token in zip(step.seqs, tokens):
-            if seq.status is SequenceStatus.FINISHED:  # ended (stop string, cancel) while this token was in flight
+            if seq.status is finished:  # ended (stop string, cancel) while this token was in flight
                 continue
+            out = seq.output_ids
+            table = seq.detokenizer.fast_table
+            if len(out) + 1 < seq.length_limit and table is not None and 0 <= token < len(table):
+                text = table[token]
+                if text is not None:  # the common case, done here
+                    out.append(token)
+                    seq.token_times.append(now)
+                    seq.detokenizer.pieces.append(text)
+                    seq.sink.put((seq.request_id, (token,), text, None, None, None, ""))
+                    continue
             try:
                 self._append(seq, token, now)
             except Exception as err:  # e.g. the tokenizer refusing a token: fail this request only
                 self._fail(seq, err, f"on token {token}")
 
     def _append(self, seq: Sequence, token: int, now: float) -> None:
-        """Record one generated token, stream it, and end the sequence if it is done (hot: once per token)."""
+        """Record one generated token, stream it, and end the sequence if it is done (once per token)."""
         out = seq.output_ids
         out.append(token)
         seq.token_times.append(now)
-        length = seq.prompt_len + len(out)
-        seq.n_cached = length - 1  # the new token's K/V are written when it is fed back
         detok = seq.detokenizer
         text = detok.add_one(token)
         if detok.stopped:
             self._finish(seq, FinishReason.STOP, token_ids=(token,), text=text)
-        elif len(out) >= seq.max_new_tokens or length > self.runner.max_len:
-            # Context full: the next token would need a cache position at max_len.
+        elif len(out) >= seq.length_limit:  # max_new_tokens, or the context is full: the next token would need a
+            # cache position at max_len
             self._finish(seq, FinishReason.LENGTH, token_ids=(token,), text=text + detok.flush())
-        else:  # a plain tuple of the Chunk's fields (the handle makes the Chunk): see _next_from
-            seq.sink.put((seq.request.request_id, (token,), text, None, None, None, ""))
+        else:  # a plain tuple of the Chunk's fields (the handle makes the Chunk): see _as_chunk
+            seq.sink.put((seq.request_id, (token,), text, None, None, None, ""))
 
     def _finish(
         self, seq: Sequence, reason: FinishReason, *, token_ids: tuple[int, ...] = (), text: str = "", error: str = ""

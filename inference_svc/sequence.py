@@ -47,6 +47,10 @@ class Sequence:
     admitted_at: float | None = None
     token_times: list[float] = field(default_factory=list)  # perf_counter() of each generated token
     prompt_len: int = field(init=False)  # read every step: a plain attribute, not a property
+    request_id: str = field(init=False)  # the request's (read every token)
+    # Output tokens at which the sequence ends by length: max_new_tokens, or fewer when the context fills first
+    # (the engine sets it from its runner's context length; read every token).
+    length_limit: int = field(init=False)
 
     greedy_plain: bool = field(init=False)  # temperature 0 and no repetition penalty: an argmax step serves it
     max_new_tokens: int = field(init=False)  # the request's (read every step)
@@ -55,11 +59,9 @@ class Sequence:
         self.prompt_len = len(self.request.prompt_ids)
         params = self.request.params
         self.max_new_tokens = params.max_new_tokens
+        self.length_limit = params.max_new_tokens
+        self.request_id = self.request.request_id
         self.greedy_plain = params.temperature == 0.0 and params.repetition_penalty == 1.0
-
-    @property
-    def request_id(self) -> str:
-        return self.request.request_id
 
     @property
     def length(self) -> int:
