@@ -521,7 +521,7 @@ def _timings(seq: Sequence, end: float) -> Timings:
         mean_inter_token_ms=(times[-1] - times[0]) * 1e3 / (len(times) - 1) if len(times) > 1 else 0.0,
         total_ms=ms(end),
         queue_ms=ms(seq.admitted_at if seq.admitted_at is not None else end),
-        token_ms=tuple(ms(t) for t in times),
+        token_ms=tuple([(t - seq.arrived_at) * 1e3 for t in times]),  # a comprehension: no call per token
     )
 
 
