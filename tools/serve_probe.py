@@ -101,6 +101,24 @@ def graph_probe(runner: TorchRunner, batch: int, full: bool) -> dict | None:
     }
 
 
+def prefill_probe(runner: TorchRunner, batch: int, length: int, repeats: int = 5) -> dict:
+    """One eager prefill of `batch` prompts of `length` tokens (`prefill_sample`, as the engine launches it): the
+    host's time to launch it (the engine thread's cost: the decode streams wait for it) and to its end on the GPU."""
+    gen = torch.Generator().manual_seed(1)
+    prompts = [tuple(torch.randint(0, 60, (length,), generator=gen).tolist()) for _ in range(batch)]
+    params = [SamplingParams(max_new_tokens=8, temperature=0.8, top_k=50, seed=b) for b in range(batch)]
+    slots = list(range(batch))
+    launch, done = [], []
+    for _ in range(repeats + 1):  # the first: warm-up
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        runner.prefill_sample(slots, prompts, params, list(range(batch)))
+        launch.append(time.perf_counter() - t0)
+        torch.cuda.synchronize()
+        done.append(time.perf_counter() - t0)
+    return {"batch": batch, "length": length, "launch_ms": min(launch[1:]) * 1e3, "done_ms": min(done[1:]) * 1e3}
+
+
 class InstantRunner:
     """The device-resident runner's calls with no model behind them (every call returns at once): an engine over it
     runs at the ceiling its host-side work allows, on any machine."""
@@ -179,6 +197,7 @@ def main(argv: list[str] | None = None) -> int:
             if g:
                 print(f"\n[graph {g['key']}] {g['replay_ms']:.3f} ms, {g['kernels']:.0f} kernels: {g['top_kernels']}")
                 graphs.append((b, full, g))
+    prefills = [prefill_probe(runner, b, n) for b, n in ((1, 24), (16, 24), (256, 24))]
     print(f"\n{'B':>4} {'mode':>8} {'tok/s':>10} {'wall ms':>8} {'busy ms':>8} {'kern/step':>9} {'steps':>6}")
     for r in rows:
         print(
@@ -188,6 +207,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n{'graph':>14} {'replay ms':>10} {'kernels':>8}")
     for b, full, g in graphs:
         print(f"{f'B={b} ' + ('full' if full else 'greedy'):>14} {g['replay_ms']:>10.3f} {g['kernels']:>8.0f}")
+    print(f"\n{'prefill':>14} {'host launch ms':>15} {'to GPU end ms':>14}")
+    for r in prefills:
+        shape = f"B={r['batch']} T={r['length']}"
+        print(f"{shape:>14} {r['launch_ms']:>15.3f} {r['done_ms']:>14.3f}")
     return 0
 
 
