@@ -3,6 +3,9 @@
 Measures the ceilings (device copy GB/s, bf16 8192^3 matmul TFLOP/s), then runs the `bench_cases()` of every module
 in `BENCH_MODULES` (our kernel beside the best PyTorch alternatives at the same shape), and writes
 `bench_svc/results/kernels-<gpu-slug>.{csv,json,png}`; the short table is printed last. Needs a CUDA GPU.
+Each row is appended to the CSV (flushed) as soon as it is measured, each shape's alternatives before ours so that
+our row carries its speed-up, and a progress line gives its time; the JSON and PNG follow after each module. A run
+cut short by a time limit keeps every row it measured.
 To add a kernel: write `kernels/<kernel>_bench.py` with `bench_cases() -> list[BenchCase]` (declared beside the
 kernel, `kernels/bench_common.py`) and add its module below. `./tinylm bench --suites kernels` runs this too.
 """
@@ -10,17 +13,21 @@ kernel, `kernels/bench_common.py`) and add its module below. `./tinylm bench --s
 from __future__ import annotations
 
 import argparse
+import csv
+import dataclasses
 import datetime
 import importlib
 import logging
+import os
 import shlex
 import sys
+import time
 from pathlib import Path
 
 import torch
 
 from bench_svc.benches.kernel_report import format_table, write_results
-from bench_svc.benches.kernel_timing import Measurement, measure, measure_ceilings, summarize
+from bench_svc.benches.kernel_timing import BenchResult, Measurement, measure, measure_ceilings, summarize
 from bench_svc.provenance import RunInfo, git_commit, gpu_slug
 from kernels.bench_common import BenchCase
 
@@ -61,6 +68,36 @@ def _collect_cases(modules: tuple[str, ...], only: str | None) -> list[list[Benc
     return groups
 
 
+def _alternatives_first(cases: list[BenchCase]) -> list[BenchCase]:
+    """The cases grouped by (kernel, shape) in order of first appearance, each group's alternatives ahead of ours."""
+    groups: dict[tuple[str, str], list[BenchCase]] = {}
+    for case in cases:
+        groups.setdefault((case.kernel, case.shape), []).append(case)
+    return [case for group in groups.values() for case in sorted(group, key=lambda c: c.ours)]
+
+
+def _start_rows(path: Path) -> None:
+    """A fresh CSV holding the header only (the rows are appended as they are measured)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as f:
+        csv.DictWriter(f, [field.name for field in dataclasses.fields(BenchResult)]).writeheader()
+
+
+def _append_row(path: Path, row: BenchResult) -> None:
+    """Append one row to the CSV and push it to the disk: a run killed after this call still has it."""
+    with path.open("a", newline="") as f:
+        csv.DictWriter(f, [field.name for field in dataclasses.fields(BenchResult)]).writerow(dataclasses.asdict(row))
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _progress(n: int, total: int, run_s: float, case_s: float, row: BenchResult) -> str:
+    speedup = f" ({row.speedup_vs_best_alt:.2f}x)" if row.speedup_vs_best_alt is not None else ""
+    return (
+        f"[{n}/{total} {run_s:5.1f}s] {row.kernel} | {row.shape} | {row.impl}: {row.ms:.4f} ms{speedup}, {case_s:.1f}s"
+    )
+
+
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog=f"python -m {MODULE}", description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -93,31 +130,38 @@ def main(argv: list[str] | None = None) -> int:
         timestamp=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         torch_version=torch.__version__,
     )
-    groups = _collect_cases(BENCH_MODULES, args.only)
+    groups = [_alternatives_first(cases) for cases in _collect_cases(BENCH_MODULES, args.only)]
     if not groups:
         print(f"{MODULE}: no case's kernel name contains any of --only {args.only!r}", file=sys.stderr)
         return NO_GPU_EXIT_CODE
+    started = time.perf_counter()
     log.info("measuring ceilings on %s", gpu)
     ceilings = measure_ceilings()
     log.info("ceilings: copy %.0f GB/s, bf16 matmul %.0f TFLOP/s", ceilings.copy_gbps, ceilings.matmul_tflops)
     stem = f"kernels-{gpu_slug(gpu)}" + (f"-{gpu_slug(args.only)}" if args.only else "")
+    rows_path = args.out_dir / f"{stem}.csv"
+    _start_rows(rows_path)
     done: list[BenchCase] = []
     measurements: list[Measurement] = []
-    failed = 0
+    failed, total = 0, sum(len(cases) for cases in groups)
     for cases in groups:
         for case in cases:
-            log.info("%s | %s | %s", case.kernel, case.shape, case.impl)
+            case_started = time.perf_counter()
             try:
                 measurements.append(measure(case))
             except Exception:  # one broken case must not lose the rest of the run
-                log.exception("case failed: %s %s %s", case.kernel, case.shape, case.impl)
+                log.exception("case failed: %s | %s | %s", case.kernel, case.shape, case.impl)
                 failed += 1
                 continue
             done.append(case)
-        # written after each module, so a run stopped part-way keeps what it measured
+            row = summarize(done, measurements, ceilings)[-1]  # speed-up over the alternatives measured so far
+            _append_row(rows_path, row)
+            now = time.perf_counter()
+            log.info(_progress(len(done) + failed, total, now - started, now - case_started, row))
+        # the whole table (CSV, JSON, PNG) after each module, so a run stopped part-way keeps what it measured
         results = summarize(done, measurements, ceilings)
         paths = write_results(results, ceilings, info, args.out_dir, stem)
-    log.info("wrote %s", ", ".join(str(p) for p in paths))
+    log.info("wrote %s in %.1f s", ", ".join(str(p) for p in paths), time.perf_counter() - started)
     print(format_table(results, ceilings))
     return 0 if failed == 0 else 1
 
