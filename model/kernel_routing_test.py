@@ -406,6 +406,34 @@ def test_training_with_kernels_follows_pytorch_on_gpu():
     assert abs(on - off) < 0.15, f"kernels on: loss {on:.3f}, off: {off:.3f}"
 
 
+def shakespeare_char_on_copy(steps: int) -> tuple[GPT, list[float]]:
+    """shakespeare-char (dropout 0) trained `steps` AdamW steps on the copy task on the GPU, bf16 autocast, through
+    `reproducible_pytorch`; returns the model and its training losses."""
+    torch.manual_seed(0)
+    model = GPT(get_preset("shakespeare-char", vocab_size=65, dropout=0.0)).cuda()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    g = torch.Generator().manual_seed(0)
+    losses = []
+    with reproducible_pytorch():
+        for _ in range(steps):
+            idx, targets = (t.cuda() for t in copy_batch(g, 16, seq=256, vocab=65))
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                _, loss = model(idx, targets)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            losses.append(loss.item())
+    return model, losses
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: the trainer's evaluation path")
+def test_copy_training_on_gpu_repeats_exactly():
+    """The premise of the test below: its training repeats step for step (SDPA's backend pinned, whatever ran
+    before in the process)."""
+    assert shakespeare_char_on_copy(40)[1] == shakespeare_char_on_copy(40)[1]
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: the trainer's evaluation path")
 def test_eval_loss_with_kernels_equals_pytorch_on_gpu(monkeypatch):
     """shakespeare-char in eval mode (no dropout) at the trainer's 64x256 batch, every kernel forced on (flash
@@ -419,20 +447,7 @@ def test_eval_loss_with_kernels_equals_pytorch_on_gpu(monkeypatch):
     FlashAttention-2's backward are not bitwise reproducible), and 300 steps sit where this task's loss drops
     steeply, so small differences moved the end loss a lot. It now trains reproducibly (`reproducible_pytorch`)
     and asks for what it needs."""
-    torch.manual_seed(0)
-    model = GPT(get_preset("shakespeare-char", vocab_size=65, dropout=0.0)).cuda()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    g = torch.Generator().manual_seed(0)
-    with reproducible_pytorch():
-        for _ in range(300):
-            idx, targets = (t.cuda() for t in copy_batch(g, 16, seq=256, vocab=65))
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                _, loss = model(idx, targets)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-    model.eval()
+    model = shakespeare_char_on_copy(300)[0].eval()
     idx, targets = (t.cuda() for t in copy_batch(torch.Generator().manual_seed(1), 64, seq=256, vocab=65))
     with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
         with layers.use_kernels(False):
