@@ -4,7 +4,7 @@ Every hot op the model runs goes through a function here (`attention`, `decode_a
 `layer_norm`, `add_norm`, `swiglu`, `gelu`, `apply_rope`). Each call site that has one of our `kernels/` (Triton
 flash attention, decode attention, fused norms, SwiGLU) runs it on CUDA tensors where `KERNEL_DEFAULTS` turns it on:
 only where a committed measurement shows it beating the best PyTorch alternative at the shapes the project runs,
-called the way the project calls it (issue 18; the figures are in README's kernel table). Elsewhere, on CPU, and
+called the way the project calls it (issue 18; the figures are in kernels/README.md's default table). Elsewhere, on CPU, and
 inside `torch.compile` (where Inductor fuses them itself), plain PyTorch. `use_kernels(True / False)` forces every
 kernel on or off for a scope (tests, the kernels-on/off benchmarks), `use_kernels(flash_attention=True)` one of them.
 Nothing here touches a GPU at import time.
@@ -53,7 +53,7 @@ Where = Literal["on", "decode", "off"]
 # only, i.e. inputs (B, 1, C), one new token per row, as the serving engine's CUDA-graph decode step calls it (inside
 # a graph the Triton launch path costs nothing; its warm-up call before capture has the same shape, so autotuning
 # happens outside the capture); "off": only when switched on. The figure that decides each, and its results file,
-# are in README's kernel table: change a default only with a committed measurement.
+# are in kernels/README.md ("What runs by default"): change a default only with a committed measurement.
 KERNEL_DEFAULTS: dict[str, Where] = {
     # fwd+bwd 0.38x / 0.77x SDPA (B64 H6 T256 / B16 H12 T1024), fwd 0.92x / 0.91x (T4k / T16k), H200
     "flash_attention": "off",
@@ -97,6 +97,8 @@ def use_kernels(enabled: bool | None = None, **kernels: bool) -> Iterator[None]:
     `enabled` True / False forces every kernel on / off (dropping the switches of enclosing scopes); None keeps the
     enclosing scope's choice (outside any scope: `KERNEL_DEFAULTS`). `name=True / False` (a name of `KERNELS`) turns
     one kernel on / off over that: `use_kernels(False, decode_attention=True)`, `use_kernels(flash_attention=True)`.
+    A scope is a context variable: it covers this thread, not threads started inside it (the serving engine's own
+    threads run the defaults).
     """
     if enabled is not None and not isinstance(enabled, bool):
         raise TypeError(f"use_kernels(enabled) takes True, False or None, got {enabled!r}")
