@@ -75,14 +75,17 @@ def _collect_cases(modules: tuple[str, ...], only: str | None) -> Collected:
 
 
 def _warm_jobs(collected: Collected) -> list[tuple[str, int]]:
-    """(module, case index) of each of our cases for the compile warm-up, the first case of each (kernel, impl) ahead
-    of the rest, so that the workers start on different kernels rather than compile the same one side by side."""
+    """(module, case index) of each of our cases for the compile warm-up, the first case of each kind ahead of the
+    rest, so that the workers start on different compilations rather than the same one side by side. A kind is the
+    kernel, the impl and the shape's first word (the M or batch of the inference cases: kernels/inference_bench.py
+    labels, where the autotuner compiles per M bucket)."""
     first, rest, seen = [], [], set()
     for name, cases in collected:
         for index, case in cases:
+            kind = (case.kernel, case.impl, case.shape.split()[0])
             if case.ours:
-                (rest if (case.kernel, case.impl) in seen else first).append((name, index))
-                seen.add((case.kernel, case.impl))
+                (rest if kind in seen else first).append((name, index))
+                seen.add(kind)
     return first + rest
 
 

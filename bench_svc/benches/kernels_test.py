@@ -149,7 +149,7 @@ def test_warm_up_gets_our_selected_cases_first_of_each_kind_first(monkeypatch, t
         c.ours and c.kernel in ("swiglu fwd", "swiglu fwd+bwd", "wo_matmul") for cs in cases.values() for c in cs
     )
     assert len(jobs) == len(set(jobs)) == want
-    kinds = [(c.kernel, c.impl) for c in picked]
+    kinds = [(c.kernel, c.impl, c.shape.split()[0]) for c in picked]
     n_kinds = len(set(kinds))
     assert len(set(kinds[:n_kinds])) == n_kinds  # each kind once, then the rest
 
