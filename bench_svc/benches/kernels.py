@@ -97,17 +97,20 @@ def _alternatives_first(cases: list[BenchCase]) -> list[BenchCase]:
     return [case for group in groups.values() for case in sorted(group, key=lambda c: c.ours)]
 
 
+_CSV_FIELDS = [field.name for field in dataclasses.fields(BenchResult)]  # kernel_report's CSV columns
+
+
 def _start_rows(path: Path) -> None:
     """A fresh CSV holding the header only (the rows are appended as they are measured)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", newline="") as f:
-        csv.DictWriter(f, [field.name for field in dataclasses.fields(BenchResult)]).writeheader()
+        csv.DictWriter(f, _CSV_FIELDS).writeheader()
 
 
 def _append_row(path: Path, row: BenchResult) -> None:
     """Append one row to the CSV and push it to the disk: a run killed after this call still has it."""
     with path.open("a", newline="") as f:
-        csv.DictWriter(f, [field.name for field in dataclasses.fields(BenchResult)]).writerow(dataclasses.asdict(row))
+        csv.DictWriter(f, _CSV_FIELDS).writerow(dataclasses.asdict(row))
         f.flush()
         os.fsync(f.fileno())
 
