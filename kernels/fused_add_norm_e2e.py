@@ -2,7 +2,8 @@
 with our kernels on vs off, tokens/s, printed as a table. `python -m kernels.fused_add_norm_e2e [--steps 50]`.
 
 Rows: "off" is plain PyTorch (`use_kernels(False)`); "on, unfused" runs the kernels but the Block's plain form (each
-norm its own kernel, the residual adds in PyTorch); "on" is the default: each residual add fused with the next norm.
+norm its own kernel, the residual adds in PyTorch); "on": each residual add fused with the next norm. Both "on" rows force
+every kernel on (`use_kernels(True)`): by default (model/layers.KERNEL_DEFAULTS) training shapes run plain PyTorch.
 Random tokens (throughput does not depend on the text). The first steps of each variant are warm-up (Triton
 compiles and autotunes there); the variants alternate over `--rounds` and each keeps its best round.
 """
@@ -28,9 +29,11 @@ def _scope(variant: str):
     """The context a variant's steps run in."""
     if variant == "off":
         return layers.use_kernels(False)
+    scope = contextlib.ExitStack()
+    scope.enter_context(layers.use_kernels(True))
     if variant == "on, unfused":  # kernels on, but GPT.forward takes the Block's plain form
-        return mock.patch.object(transformer, "kernels_apply", lambda t: False)
-    return contextlib.nullcontext()
+        scope.enter_context(mock.patch.object(transformer, "kernels_apply", lambda t: False))
+    return scope
 
 
 def tokens_per_s(model: GPT, opt: torch.optim.Optimizer, batch: torch.Tensor, variant: str, steps: int) -> float:

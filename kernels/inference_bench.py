@@ -9,7 +9,11 @@ layer's weights are in a real decode step.
 - decode attention, judged on the K/V bytes read, beside SDPA with a padded boolean mask over the same cache (given
   its best case: the slots are 0..B-1 so it reads the cache in place, no gather);
 - weight-only matmul at every linear width of the `large` and `gpt2-124m` presets (computed from model/presets.py)
-  and M = 1 and 16, judged on the weight + scale bytes read, beside the bf16 cuBLAS `F.linear` of the same shape;
+  and M = 1 and 16, INT8 and INT4 in groups of 32 (`model.quantize`'s default), judged on the weight + scale bytes
+  read, beside the bf16 cuBLAS `F.linear` of the same shape; at the lm_head and M = 1 (the INT4 target's row) also
+  INT4 in groups of 128. Each further group size or M costs an autotuning pass per shape (up to 15 configs compiled
+  and timed): with groups 64 and 128 everywhere and M 4 and 64 at the lm_head, `--only decode,wo_matmul` did not
+  finish in 150 s on the H200;
 - end to end, one decode step of the `large` preset (random weights, batch 1, position 512 of a 1024-key cache)
   through `GPT.forward_cached` with bf16 weights, and with its linears swapped by model/quantize.py for INT8 and INT4
   (whose matmuls are the kernels above): the row's ms is decode ms/token.
@@ -25,7 +29,7 @@ import torch.nn.functional as F
 
 from kernels.bench_common import BenchCase
 from kernels.decode_attention import decode_attention_triton
-from kernels.quant_format import INT4_GROUP_SIZES, pack_int4, pack_int8
+from kernels.quant_format import pack_int4, pack_int8
 from kernels.wo_matmul import int4_matmul_triton, int8_matmul_triton
 
 __all__ = ["DECODE_STEP_FORMATS", "bench_cases", "graph_calls", "matmul_shapes", "rotating", "rotation_copies"]
@@ -37,7 +41,8 @@ N_LAYER = 2  # the cache buffer holds several layers; the kernels read layer 1's
 DECODE_SHAPES = ((64, 1024, 6, 6), (1, 8192, 6, 6), (64, 1024, 12, 12), (1, 8192, 12, 4), (64, 1024, 12, 4))
 MATMUL_PRESETS = ("large", "gpt2-124m")
 MATMUL_M = (1, 16)  # tokens in flight: every width at each
-MATMUL_M_EXTRA = ((4, "lm_head"), (64, "lm_head"))  # ... and these
+MATMUL_INT4_GROUP = 32  # model.quantize.quantize_model's default group size: at every width
+LM_HEAD_INT4_GROUPS = (128,)  # ... and these at the lm_head, M = 1
 ROTATE_BYTES = 192 * 1024**2  # > 3x the L2 of an H100 (50 MB) or H200 (60 MB)
 MAX_COPIES = 1024  # the most copies of one input (graph nodes per replay)
 MIN_GRAPH_CALLS = 32
@@ -161,13 +166,13 @@ def _matmul_setup(m: int, k: int, n: int, fmt: str) -> Callable[[], Callable[[],
 def _matmul_cases() -> list[BenchCase]:
     shapes = matmul_shapes()
     dims = {name: (k, n) for name, k, n in shapes}
-    runs = [(m, name) for m in MATMUL_M for name, _, _ in shapes] + list(MATMUL_M_EXTRA)
-    formats = [("int8", True), *((f"int4-g{g}", True) for g in INT4_GROUP_SIZES), ("bf16", False)]
+    runs = [(m, name) for m in MATMUL_M for name, _, _ in shapes]
     cases = []
     for m, name in runs:
         k, n = dims[name]
         label = f"M{m} {k}->{n} ({name})"
-        for fmt, ours in formats:
+        groups = (MATMUL_INT4_GROUP, *(LM_HEAD_INT4_GROUPS if (m, name) == (1, "lm_head") else ()))
+        for fmt, ours in [("int8", True), *((f"int4-g{g}", True) for g in groups), ("bf16", False)]:
             moved = _weight_bytes(k, n, fmt)
             impl = f"triton {fmt}" if ours else "torch bf16 matmul"
             setup = _matmul_setup(m, k, n, fmt)
@@ -188,7 +193,9 @@ def _decode_step_setup(fmt: str) -> Callable[[], Callable[[], object]]:
 
         cfg = get_preset(DECODE_STEP_PRESET)
         torch.manual_seed(0)
-        model = GPT(cfg).to(device="cuda", dtype=torch.bfloat16).eval()
+        with torch.device("cuda"):  # initialised on the GPU: seconds faster than on the CPU for ~190M parameters
+            model = GPT(cfg)
+        model = model.to(dtype=torch.bfloat16).eval()
         if fmt != "bf16":
             mode = "int8" if fmt == "int8" else "int4"
             group_size = 32 if fmt == "int8" else int(fmt.removeprefix("int4-g"))

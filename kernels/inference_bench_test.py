@@ -54,9 +54,10 @@ def test_quantized_cases_read_fewer_bytes_than_bf16():
             by_group.setdefault(c.shape, {})[c.impl] = c.bytes_moved
     for shape, impls in by_group.items():
         bf16 = impls.pop("torch bf16 matmul")
-        assert set(impls) == {"triton int8", "triton int4-g32", "triton int4-g64", "triton int4-g128"}, shape
+        int4 = {"triton int4-g32"} | ({"triton int4-g128"} if shape == "M1 768->50304 (lm_head)" else set())
+        assert set(impls) == {"triton int8"} | int4, shape
         assert impls["triton int8"] < bf16 / 1.9
         # fp32 scales add 32 / group_size bits per weight: 5 bits at group 32, so > 3x fewer bytes.
-        assert all(impls[f"triton int4-g{g}"] < bf16 / 3 for g in (32, 64, 128))
+        assert all(impls[impl] < bf16 / 3 for impl in int4)
     step = {c.impl.split()[0]: c.bytes_moved for c in bench_cases() if c.kernel == "decode step"}
     assert step["int8"] < step["bf16"] / 1.9 and step["int4-g32"] < step["bf16"] / 3

@@ -59,7 +59,9 @@ __all__ = [
 MAX_FUSED_M = 64  # above this the wrappers dequantise and call cuBLAS
 MAX_FMA_M = 16  # the FMA path's M tile is the whole M bucket: beyond this only the dot path is offered
 FMA_REGISTER_BUDGET = 64  # fp32 accumulator elements per thread of the FMA path (fma_tile_elements)
-AUTOTUNE_REP_MS = 10  # per config; do_bench_cudagraph replays a graph of about rep / (lone-call ms) calls 10 times
+# per config: do_bench_cudagraph replays a graph of about rep / (lone-call ms) calls 10 times. 3 ms (was 10) is still
+# 100+ calls per replay, and an autotuning pass (up to 15 configs per shape, M bucket and format) takes ~0.5 s, not ~1.5
+AUTOTUNE_REP_MS = 3
 
 
 @dataclass(frozen=True)

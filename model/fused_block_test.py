@@ -42,10 +42,11 @@ def trained_like(flavour: str, n_layer: int, n_embd: int, device: str) -> GPT:
 
 
 def kernels_but_attention(monkeypatch, impl: str) -> list[tuple]:
-    """Our kernels on for every op but attention (4-D q), untuned (the config does not change the result); returns
-    the list the fused add + norm calls land in."""
+    """Our kernels forced on for every op but attention (unless use_kernels(False)), untuned (the config does not
+    change the result); returns the list the fused add + norm calls land in."""
     monkeypatch.setattr(fused_add_norm, "AUTOTUNE", False)
-    monkeypatch.setattr(layers, "_kernel_impl", lambda t: impl if t.dim() != 4 and layers._KERNELS_ON.get() else None)
+    on = lambda t, kernel: "attention" not in kernel and layers._KERNELS_ON.get() is not False
+    monkeypatch.setattr(layers, "_kernel_impl", lambda t, kernel: impl if on(t, kernel) else None)
     calls = []
     real = fused_add_norm.AddNormFunction.apply
     monkeypatch.setattr(fused_add_norm.AddNormFunction, "apply", lambda *a: calls.append(a[1] is not None) or real(*a))

@@ -1,9 +1,12 @@
 """The primitive ops of the transformer and the small modules around them.
 
-Every hot op the model runs goes through a function here (`attention`, `rms_norm`, `layer_norm`,
-`add_norm`, `swiglu`, `gelu`, `apply_rope`). On CUDA tensors they run our `kernels/` (Triton flash attention, fused
-norms, SwiGLU); on CPU, and inside `torch.compile` (where Inductor fuses them itself), plain PyTorch.
-`use_kernels(False)` turns the kernels off for a scope, which is how the kernels-on/off benchmark compares them.
+Every hot op the model runs goes through a function here (`attention`, `decode_attention`, `rms_norm`,
+`layer_norm`, `add_norm`, `swiglu`, `gelu`, `apply_rope`). Each call site that has one of our `kernels/` (Triton
+flash attention, decode attention, fused norms, SwiGLU) runs it on CUDA tensors where `KERNEL_DEFAULTS` turns it on:
+only where a committed measurement shows it beating the best PyTorch alternative at the shapes the project runs,
+called the way the project calls it (issue 18; the figures are in kernels/README.md's default table). Elsewhere, on CPU, and
+inside `torch.compile` (where Inductor fuses them itself), plain PyTorch. `use_kernels(True / False)` forces every
+kernel on or off for a scope (tests, the kernels-on/off benchmarks), `use_kernels(flash_attention=True)` one of them.
 Nothing here touches a GPU at import time.
 """
 
@@ -11,19 +14,24 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-from typing import Iterator
+from typing import Iterator, Literal
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from kernels import decode_attention as decode_attention_kernel
 from kernels import flash_attention as fa
 from kernels import fused_add_norm, swiglu as swiglu_kernel
 
 __all__ = [
+    "KERNELS",
+    "KERNEL_DEFAULTS",
     "use_kernels",
+    "kernel_enabled",
     "attention",
+    "decode_attention",
     "rms_norm",
     "layer_norm",
     "kernels_apply",
@@ -39,7 +47,35 @@ __all__ = [
 ]
 
 
-_KERNELS_ON: contextvars.ContextVar[bool] = contextvars.ContextVar("tinylm_kernels_on", default=True)
+Where = Literal["on", "decode", "off"]
+
+# Where each kernel runs when no `use_kernels` scope says otherwise. "on": every CUDA call; "decode": decode steps
+# only, i.e. inputs (B, 1, C), one new token per row, as the serving engine's CUDA-graph decode step calls it (inside
+# a graph the Triton launch path costs nothing; its warm-up call before capture has the same shape, so autotuning
+# happens outside the capture); "off": only when switched on. The figure that decides each, and its results file,
+# are in kernels/README.md ("What runs by default"): change a default only with a committed measurement.
+KERNEL_DEFAULTS: dict[str, Where] = {
+    # fwd+bwd 0.38x / 0.77x SDPA (B64 H6 T256 / B16 H12 T1024), fwd 0.92x / 0.91x (T4k / T16k), H200
+    "flash_attention": "off",
+    # in place over the slot cache, in the decode graph: 0.884 -> 0.264 ms per 256-row step (the gather it replaces
+    # cost 314 us), H200 serve-probe; the only call site is forward_cached(attention_in_place=True)
+    "decode_attention": "on",
+    # in the decode graph: 13 calls in 24-28 us per step (H200 serve-probe); lone calls at training shapes lose,
+    # 16384x384 0.20-0.56x, 65536x1024 0.93-1.21x (H200)
+    "add_norm": "decode",
+    # RMSNorm 16384x384 fwd 0.80x, fwd+bwd 0.23x; 65536x1024 0.96x / 0.78x (H100)
+    "norm": "off",
+    # 65536x2048 fwd 0.997x, fwd+bwd 0.994x torch.compile (H100); never timed at decode shapes
+    "swiglu": "off",
+}
+KERNELS: tuple[str, ...] = tuple(KERNEL_DEFAULTS)
+
+# None: each kernel's default; True / False: every kernel forced on / off (`use_kernels(enabled)`).
+_KERNELS_ON: contextvars.ContextVar[bool | None] = contextvars.ContextVar("tinylm_kernels_on", default=None)
+# Per-kernel switches over the above (`use_kernels(name=bool)`), as a tuple of (name, on) pairs.
+_KERNEL_SWITCHES: contextvars.ContextVar[tuple[tuple[str, bool], ...]] = contextvars.ContextVar(
+    "tinylm_kernel_switches", default=()
+)
 
 # SDPA backends for attention with dropout: every one but cuDNN's. On torch 2.11 + CUDA 13 (H200, 2026-11-29), cuDNN's
 # attention trains the model's (transposed-view) q, k, v wrongly with dropout: with it alone enabled, shakespeare-char
@@ -49,30 +85,71 @@ _KERNELS_ON: contextvars.ContextVar[bool] = contextvars.ContextVar("tinylm_kerne
 DROPOUT_SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
+def _check_kernel(name: str) -> None:
+    if name not in KERNEL_DEFAULTS:
+        raise ValueError(f"unknown kernel {name!r}: the kernels are {', '.join(KERNELS)}")
+
+
 @contextlib.contextmanager
-def use_kernels(enabled: bool) -> Iterator[None]:
-    """Within this scope, run (or not) the `kernels/` versions of the ops on CUDA tensors."""
-    token = _KERNELS_ON.set(enabled)
+def use_kernels(enabled: bool | None = None, **kernels: bool) -> Iterator[None]:
+    """Within this scope, run (or not) the `kernels/` versions of the ops on CUDA tensors.
+
+    `enabled` True / False forces every kernel on / off (dropping the switches of enclosing scopes); None keeps the
+    enclosing scope's choice (outside any scope: `KERNEL_DEFAULTS`). `name=True / False` (a name of `KERNELS`) turns
+    one kernel on / off over that: `use_kernels(False, decode_attention=True)`, `use_kernels(flash_attention=True)`.
+    A scope is a context variable: it covers this thread, not threads started inside it (the serving engine's own
+    threads run the defaults).
+    """
+    if enabled is not None and not isinstance(enabled, bool):
+        raise TypeError(f"use_kernels(enabled) takes True, False or None, got {enabled!r}")
+    for name, on in kernels.items():
+        _check_kernel(name)
+        if not isinstance(on, bool):
+            raise TypeError(f"use_kernels({name}=...) takes True or False, got {on!r}")
+    switches = () if enabled is not None else _KERNEL_SWITCHES.get()
+    switches = tuple((n, on) for n, on in switches if n not in kernels) + tuple(kernels.items())
+    token_on = _KERNELS_ON.set(_KERNELS_ON.get() if enabled is None else enabled)
+    token_switches = _KERNEL_SWITCHES.set(switches)
     try:
         yield
     finally:
-        _KERNELS_ON.reset(token)
+        _KERNEL_SWITCHES.reset(token_switches)
+        _KERNELS_ON.reset(token_on)
 
 
-def _kernel_impl(t: torch.Tensor) -> str | None:
-    """The `impl` to run our kernel with for tensor `t`, or None for plain PyTorch.
+def _is_decode_step(t: torch.Tensor) -> bool:
+    """x (B, 1, C): one new token per row, the serving engine's decode step."""
+    return t.dim() == 3 and t.shape[1] == 1
 
-    Our kernels serve CUDA tensors in eager mode; under torch.compile, Inductor's own fusion runs instead.
+
+def kernel_enabled(name: str, t: torch.Tensor) -> bool:
+    """Whether kernel `name` is switched on for input `t` (the scope's switches, else its default); the device and
+    torch.compile aside (`_kernel_impl` adds those)."""
+    _check_kernel(name)
+    for switched, on in _KERNEL_SWITCHES.get():
+        if switched == name:
+            return on
+    forced = _KERNELS_ON.get()
+    if forced is not None:
+        return forced
+    where = KERNEL_DEFAULTS[name]
+    return where == "on" or (where == "decode" and _is_decode_step(t))
+
+
+def _kernel_impl(t: torch.Tensor, kernel: str) -> str | None:
+    """The `impl` to run `kernel` with for tensor `t`, or None for plain PyTorch.
+
+    Our kernels serve CUDA tensors in eager mode where switched on; under torch.compile, Inductor's own fusion runs.
     """
     if torch.compiler.is_compiling():  # first: dynamo folds it to a constant, so nothing below is traced
         return None
-    return "auto" if t.is_cuda and _KERNELS_ON.get() else None
+    return "auto" if t.is_cuda and kernel_enabled(kernel, t) else None
 
 
 def kernels_apply(t: torch.Tensor) -> bool:
-    """Whether our kernels serve tensor `t` here (CUDA, kernels on, not compiling): the model then takes the fused
-    residual + norm path (`add_norm`), otherwise its plain PyTorch code."""
-    return _kernel_impl(t) is not None
+    """Whether the fused residual + norm kernel serves the blocks' input `t` (B, T, C) here (CUDA, "add_norm"
+    switched on, not compiling): the model then takes the fused path (`add_norm`), otherwise its plain PyTorch code."""
+    return _kernel_impl(t, "add_norm") is not None
 
 
 def attention(
@@ -96,7 +173,7 @@ def attention(
     T = q.shape[2]
     flash_ok = mask is None and k.shape[2] == T and q.shape[-1] in fa.SUPPORTED_HEAD_DIMS
     flash_ok = flash_ok and (dropout_p == 0.0 or T <= fa.MAX_DROPOUT_T)
-    impl = _kernel_impl(q)
+    impl = _kernel_impl(q, "flash_attention")
     if impl and flash_ok:
         if torch.is_autocast_enabled(q.device.type):
             # autocast casts SDPA's inputs itself; our kernel takes one dtype (RoPE leaves q, k fp32 beside a bf16 v)
@@ -118,9 +195,19 @@ def attention(
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=causal)
 
 
+def decode_attention(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor | None, lengths: torch.Tensor
+) -> torch.Tensor:
+    """One query per row over each row's slot of the KV cache, read in place: q (B, H, D), k_cache / v_cache
+    (n_slots, Hkv, S, D), slots / lengths (B,) -> (B, H, D) (`kernels.decode_attention`; its PyTorch reference, a
+    gather and a masked softmax, where the kernel is off)."""
+    impl = _kernel_impl(q, "decode_attention") or "reference"
+    return decode_attention_kernel.decode_attention(q, k_cache, v_cache, slots, lengths, impl=impl)
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """x / rms(x) * weight over the last dimension. x (..., C), weight (C,)."""
-    impl = _kernel_impl(x)
+    impl = _kernel_impl(x, "norm")
     if impl:
         return fused_add_norm.rms_norm(x, weight, eps, impl=impl)
     return F.rms_norm(x, (x.shape[-1],), weight, eps)
@@ -128,7 +215,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float) -> torch.Tensor:
     """(x - mean) / std * weight + bias over the last dimension. x (..., C), weight/bias (C,)."""
-    impl = _kernel_impl(x)
+    impl = _kernel_impl(x, "norm")
     if impl:
         return fused_add_norm.layer_norm(x, weight, bias, eps, impl=impl)
     return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
@@ -141,7 +228,7 @@ def add_rms_norm(
 
     One fused kernel where ours apply (the normed rows in x's dtype, the new residual in residual's); else the add
     and `F.rms_norm`, as the unfused model computes them."""
-    impl = _kernel_impl(x)
+    impl = _kernel_impl(x, "add_norm")
     if impl:
         return fused_add_norm.add_rms_norm(x, residual, weight, eps, impl=impl)
     s = residual + x
@@ -152,7 +239,7 @@ def add_layer_norm(
     x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """new_residual = residual + x; returns (layer_norm(new_residual) * weight + bias, new_residual)."""
-    impl = _kernel_impl(x)
+    impl = _kernel_impl(x, "add_norm")
     if impl:
         return fused_add_norm.add_layer_norm(x, residual, weight, bias, eps, impl=impl)
     s = residual + x
@@ -171,7 +258,7 @@ def add_norm(norm: nn.Module, x: torch.Tensor, residual: torch.Tensor) -> tuple[
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """SiLU(gate) * up, the gated unit of a SwiGLU MLP. gate, up (..., hidden)."""
-    impl = _kernel_impl(gate)
+    impl = _kernel_impl(gate, "swiglu")
     if impl:
         return swiglu_kernel.swiglu(gate, up, impl=impl)
     return F.silu(gate) * up

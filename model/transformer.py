@@ -17,7 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from kernels.decode_attention import decode_attention
+from model.layers import decode_attention  # the kernel where KERNEL_DEFAULTS turns it on
 from model.config import ModelConfig
 from model.kv_cache import KVCache
 from model.layers import (

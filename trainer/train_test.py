@@ -102,7 +102,7 @@ def test_kernels_switch_scopes_the_whole_run(monkeypatch, tmp_path):
     for on in (False, True):
         train_module.train(load_config("tiny").replace(kernels=on), tmp_path / "corpus.txt", store_root=tmp_path)
     assert seen == [False, True]
-    assert layers._KERNELS_ON.get() is True
+    assert layers._KERNELS_ON.get() is None  # back to each kernel's default (model/layers.KERNEL_DEFAULTS)
 
 
 def test_reading_metrics_once_per_log_interval_changes_no_number(small_corpus, tmp_path):
