@@ -13,6 +13,9 @@ A diagnostic tool, not a benchmark: it prints tables; the figures go into notes.
 from __future__ import annotations
 
 import argparse
+import cProfile
+import io
+import pstats
 import time
 import torch
 
@@ -116,7 +119,27 @@ def prefill_probe(runner: TorchRunner, batch: int, length: int, repeats: int = 5
         launch.append(time.perf_counter() - t0)
         torch.cuda.synchronize()
         done.append(time.perf_counter() - t0)
-    return {"batch": batch, "length": length, "launch_ms": min(launch[1:]) * 1e3, "done_ms": min(done[1:]) * 1e3}
+    with torch.profiler.profile(
+        activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    ) as prof:
+        runner.prefill_sample(slots, prompts, params, list(range(batch)))
+        torch.cuda.synchronize()
+    calls = cProfile.Profile()
+    calls.enable()
+    runner.prefill_sample(slots, prompts, params, list(range(batch)))
+    torch.cuda.synchronize()
+    calls.disable()
+    by_time = io.StringIO()
+    pstats.Stats(calls, stream=by_time).sort_stats("tottime").print_stats(12)
+    return {
+        "batch": batch,
+        "length": length,
+        "launch_ms": min(launch[1:]) * 1e3,
+        "done_ms": min(done[1:]) * 1e3,
+        "kernels": len(kernel_events(prof)),
+        "top_host": ", ".join(f"{name} {us:.0f}us" for name, us in top_host(prof, 1, n=12, width=48)),
+        "python": by_time.getvalue(),
+    }
 
 
 class InstantRunner:
@@ -198,6 +221,9 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"\n[graph {g['key']}] {g['replay_ms']:.3f} ms, {g['kernels']:.0f} kernels: {g['top_kernels']}")
                 graphs.append((b, full, g))
     prefills = [prefill_probe(runner, b, n) for b, n in ((1, 24), (16, 24), (256, 24))]
+    for r in prefills:
+        print(f"\n[prefill B={r['batch']} T={r['length']}] {r['kernels']} kernels; host: {r['top_host']}")
+    print(f"\n[prefill B={prefills[0]['batch']}] Python, by own time:\n{prefills[0]['python']}")
     print(f"\n{'B':>4} {'mode':>8} {'tok/s':>10} {'wall ms':>8} {'busy ms':>8} {'kern/step':>9} {'steps':>6}")
     for r in rows:
         print(
