@@ -126,6 +126,33 @@ def test_resident_graphs_equal_the_eager_resident_step_on_gpu(tiny):
         assert a == b, f"step {step}"
 
 
+@pytest.mark.parametrize("full", [False, True])
+def test_the_captured_prefill_step_equals_the_eager_prefill(tiny, full):
+    """What a prefill graph records (`_prefill_step`, run here eagerly on the CPU: the capture itself is tested on
+    the GPU above) leaves the tokens, the slots' sampling state and their cache rows that the eager prefill does;
+    the padded rows and tokens touch the scratch slot only."""
+    eager, padded = TorchRunner(tiny.model, n_slots=6), TorchRunner(tiny.model, n_slots=6)
+    slots, prompts = [4, 0, 2], [[1, 2, 3], [4, 5, 6, 7, 8, 9, 10], [11]]
+    params = [PARAMS[1], PARAMS[4], PARAMS[0]] if full else [PARAMS[0]] * 3
+    seeds = [7, 8, 9]
+    want = eager.prefill_sample(slots, prompts, params, seeds)
+    b, T = 4, 16  # the bucket: 3 rows padded to 4, 7 tokens to 16
+    padded._prefill_inputs(b, T, slots, prompts, params, seeds)
+    padded._prefill_step(b, T, full)
+    assert padded._pf_out[:3].tolist() == want.tolist()
+    for name in ("token", "pos", "seed", "greedy", "temperature", "top_k", "top_p", "penalty", "seen"):
+        got, ref = getattr(padded.state, name)[slots], getattr(eager.state, name)[slots]
+        if name == "seen" and full:  # the graph marks every row's prompt; only rows with a penalty look at it
+            has = torch.tensor([p.repetition_penalty != 1.0 for p in params])
+            got, ref = got[has], ref[has]
+        torch.testing.assert_close(got, ref, msg=name)
+    for slot, prompt in zip(slots, prompts):  # the cache rows the prompts wrote; the rest of a slot is untouched
+        n = len(prompt)
+        torch.testing.assert_close(padded.cache.k[slot, :, :, :n], eager.cache.k[slot, :, :, :n], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(padded.cache.v[slot, :, :, :n], eager.cache.v[slot, :, :, :n], rtol=1e-5, atol=1e-5)
+        assert not padded.cache.k[slot, :, :, n:].any() and not padded.cache.v[slot, :, :, n:].any()
+
+
 def test_chunked_prefill_gives_the_tokens_of_a_whole_one_and_lets_others_decode(tiny):
     class Counting(TorchRunner):
         chunks = 0

@@ -36,6 +36,10 @@ log = logging.getLogger(__name__)
 # Attention spans the decode graphs are captured at (each graph attends over a fixed number of cache
 # positions; a shorter span is cheaper, so long contexts get a few graphs, not one at max_len).
 _KV_BUCKET = 256
+# Prompt-length buckets of the captured prefill (padded up to the next); a longer prompt, or a chunk that continues
+# one, is prefilled eagerly. An eager prefill launches ~220 kernels from Python: 11-15 ms of the engine thread on
+# the H200's host (tools.serve_probe), a stall of every running stream; replayed, it costs one graph launch.
+_PREFILL_BUCKETS = (16, 32, 64, 128, 256)
 
 
 class ModelRunner(Protocol):
@@ -76,8 +80,21 @@ class Staging:
     def to_device(self, host: torch.Tensor) -> torch.Tensor:
         if self.device.type != "cuda":
             return host.to(self.device)
+        out = self._pinned(host).to(self.device, non_blocking=True)
+        self._recorded()
+        return out
+
+    def copy_into(self, dst: torch.Tensor, host: torch.Tensor) -> None:
+        """dst (a device tensor of host's shape, e.g. a CUDA graph's static input) <- host, the same way."""
+        if self.device.type != "cuda":
+            dst.copy_(host)
+            return
+        dst.copy_(self._pinned(host), non_blocking=True)
+        self._recorded()
+
+    def _pinned(self, host: torch.Tensor) -> torch.Tensor:
+        """host copied into the next pinned buffer of the ring (once the copy that last read it has run)."""
         i = self._i
-        self._i = (i + 1) % len(self._bufs)
         if self._events[i] is not None:
             self._events[i].synchronize()  # the copy from this buffer, n copies ago: long done
         nbytes = host.numel() * host.element_size()
@@ -86,10 +103,14 @@ class Staging:
             buf = self._bufs[i] = torch.empty(max(nbytes, 1 << 12), dtype=torch.uint8).pin_memory()
         pinned = buf[:nbytes].view(host.dtype).view(host.shape)
         pinned.copy_(host)
-        out = pinned.to(self.device, non_blocking=True)
+        return pinned
+
+    def _recorded(self) -> None:
+        """Mark the buffer just read by an enqueued copy; the ring moves on."""
+        i = self._i
         self._events[i] = torch.cuda.Event()
         self._events[i].record()
-        return out
+        self._i = (i + 1) % len(self._bufs)
 
 
 class SlotState:
@@ -196,6 +217,11 @@ class TorchRunner:
         self.staging = Staging(device)
         self.state = SlotState(n_slots + 1, self.vocab_size, device)
         self._graphs: dict[tuple, _Graph] = {}
+        # The captured prefill's static inputs (`_prefill_inputs` lays them out), positions (all 0) and new ids.
+        self._pf_long = torch.zeros(n_slots * (_PREFILL_BUCKETS[-1] + 5), dtype=torch.long, device=device)
+        self._pf_float = torch.ones(3 * n_slots, device=device)
+        self._pf_zero = torch.zeros(n_slots, dtype=torch.long, device=device)
+        self._pf_out = torch.zeros(n_slots, dtype=torch.long, device=device)
         if cuda_graphs is None:
             cuda_graphs = device.type == "cuda"
         if cuda_graphs and device.type != "cuda":
@@ -265,6 +291,11 @@ class TorchRunner:
         token, which becomes the slot's next decode input. Returns the new ids (B,) long, on the device.
         `starts[b]`: prompt b's first `starts[b]` tokens are in its slot already (chunked prefill, `extend`)."""
         starts = [0] * len(slots) if starts is None else starts
+        if self.cuda_graphs and not any(starts):
+            longest = max(len(p) for p in prompts)
+            T = next((t for t in _PREFILL_BUCKETS if longest <= t <= self.max_len), None)
+            if T is not None:
+                return self._prefill_graphed(slots, prompts, params, seeds, T)
         slot_t = self.staging.to_device(torch.tensor(list(slots), dtype=torch.long))
         self.state.admit(self.staging, slot_t, params, seeds, prompts)
         logits = self.extend(slots, [p[a:] for p, a in zip(prompts, starts)], starts)  # (B, V) float32
@@ -309,6 +340,82 @@ class TorchRunner:
 
     # CUDA graphs -----------------------------------------------------------------------------------
 
+    def _prefill_graphed(
+        self,
+        slots: Sequence[int],
+        prompts: Sequence[Sequence[int]],
+        params: Sequence[SamplingParams],
+        seeds: Sequence[int],
+        T: int,
+    ) -> torch.Tensor:
+        """`prefill_sample` from position 0 as a CUDA graph over (batch bucket, T, greedy-only / full), captured on
+        first use: the prompts right-padded to T, the padded rows on the scratch slot."""
+        B = len(slots)
+        b = next(x for x in batch_buckets(self.n_slots) if x >= B)
+        full = any(p.temperature != 0.0 or p.repetition_penalty != 1.0 for p in params)
+        graph = self._prefill_graph(b, T, full)
+        self._prefill_inputs(b, T, slots, prompts, params, seeds)
+        graph.graph.replay()
+        return self._pf_out[:B]
+
+    def _prefill_graph(self, b: int, T: int, full: bool) -> "_Graph":
+        key = ("prefill", b, T, full)
+        if key not in self._graphs:
+            self._prefill_inputs(b, T, [], [], [], [])  # the capture's warm-up runs for real: every row on scratch
+        return self._graph(key, lambda: self._prefill_step(b, T, full))
+
+    def _prefill_inputs(
+        self,
+        b: int,
+        T: int,
+        slots: Sequence[int],
+        prompts: Sequence[Sequence[int]],
+        params: Sequence[SamplingParams],
+        seeds: Sequence[int],
+    ) -> None:
+        """Lay a prefill's inputs into the static buffers: ids (b, T), then slots, lengths, seeds, top-k, greedy (b
+        each); temperature, top-p, penalty (b each). Rows past the prompts: the scratch slot, one token, greedy."""
+        V, pad = self.vocab_size, b - len(slots)
+        ids = [[*p, *[0] * (T - len(p))] for p in prompts] + [[0] * T] * pad
+        ints = [
+            [*slots, *[self._scratch] * pad],
+            [*(len(p) for p in prompts), *[1] * pad],
+            [*seeds, *[0] * pad],
+            [*(p.top_k or V for p in params), *[V] * pad],
+            [*(int(p.temperature == 0.0) for p in params), *[1] * pad],
+        ]
+        floats = [
+            [*(p.temperature or 1.0 for p in params), *[1.0] * pad],
+            [*(p.top_p for p in params), *[1.0] * pad],
+            [*(p.repetition_penalty for p in params), *[1.0] * pad],
+        ]
+        host = torch.cat([torch.tensor(ids, dtype=torch.long).view(-1), torch.tensor(ints, dtype=torch.long).view(-1)])
+        self.staging.copy_into(self._pf_long[: host.numel()], host)
+        self.staging.copy_into(self._pf_float[: 3 * b], torch.tensor(floats, dtype=torch.float32).view(-1))
+
+    def _prefill_step(self, b: int, T: int, full: bool) -> None:
+        """What a prefill graph records: admit the rows' settings, run the padded prompts into their slots (padded
+        tokens into the scratch slot), sample each row's first new token and leave it as the slot's next input."""
+        n = b * T
+        idx = self._pf_long[:n].view(b, T)
+        slots, lengths, seeds, top_k, greedy = self._pf_long[n : n + 5 * b].view(5, b)
+        temperature, top_p, penalty = self._pf_float[: 3 * b].view(3, b, 1)
+        state = self.state
+        state.seed[slots], state.top_k[slots], state.greedy[slots] = seeds, top_k[:, None], greedy.bool()
+        state.temperature[slots], state.top_p[slots], state.penalty[slots] = temperature, top_p, penalty
+        if full:  # the prompts' tokens, for the repetition penalty (it looks at rows with a penalty only)
+            valid = torch.arange(T, device=idx.device)[None, :] < lengths[:, None]
+            counts = torch.zeros(b, self.vocab_size, dtype=torch.int32, device=idx.device)
+            state.seen[slots] = counts.scatter_add_(1, idx, valid.int()) > 0
+        else:
+            state.seen[slots] = False
+        logits = self.model.forward_cached(
+            idx, self.cache, slots, self._pf_zero[:b], lengths, kv_len=T, last_only=True, pad_slot=self._scratch
+        ).float()  # (b, V)
+        tokens = state.sample(logits, slots, lengths, full)  # counters: the new token's position
+        state.advance(slots, tokens, lengths, full)
+        self._pf_out[:b].copy_(tokens)
+
     def _kv_buckets(self) -> list[int]:
         spans, s = [], _KV_BUCKET
         while s < self.max_len:
@@ -327,6 +434,11 @@ class TorchRunner:
             for span in reversed(self._kv_buckets()):
                 for full in (True, False):
                     self._resident_graph(b, span, full)
+        # The prefills of requests arriving a few per step with short prompts (the rest are captured on first use).
+        for b in (x for x in batch_buckets(self.n_slots) if x <= 8):
+            for T in (t for t in _PREFILL_BUCKETS[:3] if t <= self.max_len):
+                for full in (True, False):
+                    self._prefill_graph(b, T, full)
         torch.cuda.synchronize(self.device)
         log.info("captured %d decode CUDA graphs (batch buckets %s)", len(self._graphs), batch_buckets(self.n_slots))
 

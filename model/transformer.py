@@ -300,6 +300,7 @@ class GPT(nn.Module):
         kv_len: int | None = None,
         last_only: bool = False,
         attention_in_place: bool = False,
+        pad_slot: int | None = None,
     ) -> torch.Tensor:
         """Run new tokens against the KV cache and return their logits.
 
@@ -315,8 +316,9 @@ class GPT(nn.Module):
         it lies (`kernels.decode_attention`: Triton on CUDA) instead of gathering the rows' keys and values for SDPA.
 
         Argument checks cost one host sync; they are skipped under torch.compile and CUDA-graph capture.
-        `lengths` selects the tokens to write with a boolean mask (data-dependent shapes): leave it None
-        for a decode step that is to be captured in a CUDA graph.
+        `lengths` selects the tokens to write with a boolean mask (data-dependent shapes, a host sync): leave it None
+        for a decode step that is to be captured in a CUDA graph, or give `pad_slot`, a cache slot no row reads: then
+        every token is written, the padded ones into that slot at their offset (no sync; capturable).
         """
         B, T = idx.shape
         kv_len = cache.max_len if kv_len is None else kv_len
@@ -329,7 +331,12 @@ class GPT(nn.Module):
         write_sel = None
         if lengths is not None:
             write_sel = (offsets[None, :] < lengths[:, None]).reshape(-1)  # (B*T,)
-            write_slots, write_pos = write_slots[write_sel], write_pos[write_sel]
+            if pad_slot is None:
+                write_slots, write_pos = write_slots[write_sel], write_pos[write_sel]
+            else:  # padded tokens to pad_slot at their offset (< T <= max_len: never past the cache)
+                write_slots = torch.where(write_sel, write_slots, pad_slot)
+                write_pos = torch.where(write_sel, write_pos, offsets.repeat(B))
+                write_sel = None
         if attention_in_place:
             assert T == 1 and lengths is None, "attention_in_place decodes one new token per row"
             step = _CacheStep(cache, slots, write_slots, write_pos, None, kv_len, None, positions + 1)
