@@ -168,7 +168,8 @@ class TorchRunner:
     sampling; `capture_graphs` captures them all) and the logits-returning `decode`, each captured on first use. `attention_in_place` (default: on CUDA) decodes with
     `kernels.decode_attention` over the cache in place instead of gathering each row's slot for SDPA.
     `small_batch_kernels` (with attention in place): the device-resident steps of batch buckets up to
-    `kernels.decode_gemv.MAX_ROWS` run `GPT.forward_cached`'s fused small-batch kernels (about 5 launches per layer).
+    `kernels.decode_gemv.MAX_ROWS` run `GPT.forward_cached`'s fused small-batch kernels (about 5 launches per layer;
+    True takes them on CUDA, "reference" runs their PyTorch references: see forward_cached).
     """
 
     def __init__(
@@ -181,7 +182,7 @@ class TorchRunner:
         max_len: int | None = None,
         cuda_graphs: bool | None = None,
         attention_in_place: bool | None = None,
-        small_batch_kernels: bool = False,
+        small_batch_kernels: bool | str = False,
     ) -> None:
         device = torch.device(device) if device is not None else next(model.parameters()).device
         if dtype is None:
