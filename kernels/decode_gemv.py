@@ -104,7 +104,9 @@ def _load_rows(row_ptrs, pos_row_ptrs, m_mask, offs_k, k_mask, EMBED: tl.constex
     x = tl.load(row_ptrs[:, None] + offs_k[None, :], mask=mask, other=0.0)
     if EMBED:
         if HAS_POS:
-            x += tl.load(pos_row_ptrs[:, None] + offs_k[None, :], mask=mask, other=0.0)
+            p = tl.load(pos_row_ptrs[:, None] + offs_k[None, :], mask=mask, other=0.0)
+            # Summed in fp32 and rounded, as eager adds (the CPU interpreter would add bf16 bit patterns)
+            x = (x.to(tl.float32) + p.to(tl.float32)).to(x.dtype)
     return x.to(tl.float32)
 
 

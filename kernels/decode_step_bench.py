@@ -28,17 +28,11 @@ PROFILED_REPLAYS = 10
 
 def _model(preset: str):
     from model.presets import get_preset  # model imports kernels: imported here, not at module load
+    from model.testing import perturb_like_training
     from model.transformer import GPT
 
     torch.manual_seed(0)
-    model = GPT(get_preset(preset, dropout=0.0))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name and name.endswith("weight"):
-                p.mul_(1 + 0.3 * torch.randn_like(p))
-            else:
-                p.add_(0.05 * torch.randn_like(p))
-    model = model.to("cuda", torch.bfloat16).eval()
+    model = perturb_like_training(GPT(get_preset(preset, dropout=0.0))).to("cuda", torch.bfloat16).eval()
     model.fuse_qkv()
     return model
 

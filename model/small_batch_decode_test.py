@@ -12,6 +12,7 @@ from kernels import decode_gemv
 from model import transformer
 from model.kv_cache import KVCache
 from model.presets import get_preset
+from model.testing import perturb_like_training
 from model.transformer import GPT
 
 FLAVOURS = {
@@ -31,14 +32,7 @@ def trained_like(flavour: str, dtype=torch.float32, device: str = "cpu") -> GPT:
     config = get_preset(
         "tiny", n_layer=3, n_embd=32, block_size=BLOCK, vocab_size=VOCAB, dropout=0.0, **FLAVOURS[flavour]
     )
-    model = GPT(config)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name and name.endswith("weight"):
-                p.mul_(1 + 0.3 * torch.randn_like(p))
-            else:
-                p.add_(0.05 * torch.randn_like(p))
-    model = model.to(device=device, dtype=dtype).eval()
+    model = perturb_like_training(GPT(config)).to(device=device, dtype=dtype).eval()
     model.fuse_qkv()
     return model
 
