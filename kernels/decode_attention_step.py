@@ -85,6 +85,7 @@ def _attention_step_kernel(
     N_KV: tl.constexpr,
     GROUP: tl.constexpr,
     HEAD_DIM: tl.constexpr,
+    HALF: tl.constexpr,  # HEAD_DIM // 2: RoPE pairs dimension d with d + HALF
     BLOCK_H: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -102,7 +103,6 @@ def _attention_step_kernel(
     heads = kvh * GROUP + offs_h
     h_mask = offs_h < GROUP
     d_mask = offs_d < HEAD_DIM
-    HALF: tl.constexpr = HEAD_DIM // 2
     partner = tl.where(offs_d < HALF, offs_d + HALF, offs_d - HALF)
     partner = tl.where(d_mask, partner, 0)
     sign = tl.where(offs_d < HALF, -1.0, 1.0)
@@ -269,6 +269,7 @@ def decode_attention_step_triton(
         N_KV=n_kv,
         GROUP=group,
         HEAD_DIM=d,
+        HALF=max(1, d // 2),
         BLOCK_H=block_h,
         BLOCK_D=triton.next_power_of_2(d),
         BLOCK_N=max(16, TILE_KEYS_X_HEADS // block_h),

@@ -34,7 +34,7 @@ import triton
 import triton.language as tl
 
 from kernels.dispatch import Impl, use_triton
-from kernels.fused_ffn import _activate
+from kernels.fused_ffn import _activate  # exact / tanh GELU, as fused_ffn computes them
 
 __all__ = [
     "ACTIVATIONS",
@@ -65,6 +65,11 @@ _CANDIDATES = (
     (32, 128, 8),
 )
 MAX_PRODUCT_PER_THREAD = 128
+# Rows of up to this many columns that are normed (or embedded) are read once, whole (BLOCK_K = next_pow2(K), not
+# tuned): the statistics come from registers, and the GEMV reuses the tile, so a program waits for one round trip to
+# its rows, not three. Then the autotuner tries (BLOCK_N, num_warps) only.
+MAX_ONE_CHUNK_K = 1024
+_ONE_CHUNK_CANDIDATES = ((2, 2), (4, 2), (4, 4), (8, 4), (8, 8), (16, 4), (16, 8))
 INTERPRET_BLOCK_N, INTERPRET_BLOCK_K = 16, 32  # the CPU interpreter's fixed tile (no tuning): K and N tails exercised
 AUTOTUNE_REP_MS = 10  # per config; do_bench_cudagraph replays a graph of the call, as decode runs it
 
@@ -111,6 +116,16 @@ def _load_rows(row_ptrs, pos_row_ptrs, m_mask, offs_k, k_mask, EMBED: tl.constex
 
 
 @triton.jit
+def _stats(x, mask, K, eps, NORM: tl.constexpr):
+    """Mean (0 for RMSNorm) and 1/std of rows x (BM, BK) fp32 held whole, exact two-pass."""
+    mean = tl.zeros((x.shape[0],), dtype=tl.float32)
+    if NORM == "layernorm":
+        mean = tl.sum(x, axis=1) / K
+    d = tl.where(mask, x - mean[:, None], 0.0)
+    return mean, 1.0 / tl.sqrt(tl.sum(d * d, axis=1) / K + eps)
+
+
+@triton.jit
 def _decode_gemv_kernel(
     x_ptr,
     tok_ptr,
@@ -147,6 +162,7 @@ def _decode_gemv_kernel(
     HAS_GATE_BIAS: tl.constexpr,
     ACTIVATION: tl.constexpr,
     RESIDUAL: tl.constexpr,
+    ONE_CHUNK: tl.constexpr,  # K <= BLOCK_K: the rows are loaded once
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -171,16 +187,19 @@ def _decode_gemv_kernel(
     # Prologue: the rows' statistics, exact two-pass (mean, then the mean square of x - mean), in fp32.
     mean = tl.zeros((BLOCK_M,), dtype=tl.float32)
     rstd = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    if NORM == "layernorm":
-        total = tl.zeros((BLOCK_M,), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            total += tl.sum(
-                _load_rows(row_ptrs, pos_row_ptrs, m_mask, offs_k, offs_k < K, EMBED, HAS_POS),
-                axis=1,
-            )
-        mean = total / K
-    if NORM != "none":
+    whole = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+    if ONE_CHUNK:
+        offs_k = tl.arange(0, BLOCK_K)
+        whole = _load_rows(row_ptrs, pos_row_ptrs, m_mask, offs_k, offs_k < K, EMBED, HAS_POS)  # (BM, BK)
+        if NORM != "none":
+            mean, rstd = _stats(whole, m_mask[:, None] & (offs_k < K)[None, :], K, eps, NORM)
+    elif NORM != "none":
+        if NORM == "layernorm":
+            total = tl.zeros((BLOCK_M,), dtype=tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                offs_k = k0 + tl.arange(0, BLOCK_K)
+                total += tl.sum(_load_rows(row_ptrs, pos_row_ptrs, m_mask, offs_k, offs_k < K, EMBED, HAS_POS), 1)
+            mean = total / K
         sq = tl.zeros((BLOCK_M,), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K)
@@ -195,7 +214,10 @@ def _decode_gemv_kernel(
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         k_mask = offs_k < K
-        x = _load_rows(row_ptrs, pos_row_ptrs, m_mask, offs_k, k_mask, EMBED, HAS_POS)  # (BM, BK)
+        if ONE_CHUNK:
+            x = whole
+        else:
+            x = _load_rows(row_ptrs, pos_row_ptrs, m_mask, offs_k, k_mask, EMBED, HAS_POS)  # (BM, BK)
         if EMBED:  # the residual stream's first value
             xo_ptrs = xout_ptr + rows[:, None] * stride_xom + offs_k[None, :]
             tl.store(xo_ptrs, x.to(xout_ptr.dtype.element_ty), mask=m_mask[:, None] & k_mask[None, :] & (pid == 0))
@@ -219,9 +241,10 @@ def _decode_gemv_kernel(
     if ACTIVATION == "swiglu":
         if HAS_GATE_BIAS:
             acc_g += tl.load(bg_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-        out = _activate(acc_g.to(wdtype).to(tl.float32), "silu") * out
+        gate = acc_g.to(wdtype).to(tl.float32)
+        out = gate * tl.sigmoid(gate) * out  # silu(gate) * up
     elif ACTIVATION == "relu2":
-        out = _activate(out, "relu")
+        out = tl.maximum(out, 0.0)
         out = out * out
     elif ACTIVATION != "none":
         out = _activate(out, ACTIVATION)
@@ -231,17 +254,24 @@ def _decode_gemv_kernel(
     tl.store(out_ptr + rows[:, None] * stride_om + offs_n[None, :], out.to(out_ptr.dtype.element_ty), mask=o_mask)
 
 
-def _configs(block_m: int) -> list[triton.Config]:
-    kept = [c for c in _CANDIDATES if block_m * c[0] * c[1] <= MAX_PRODUCT_PER_THREAD * 32 * c[2]]
-    kept = kept or [min(_CANDIDATES, key=lambda c: c[0] * c[1] / c[2])]
-    return [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=2) for bn, bk, w in kept]
+def _configs(block_m: int, block_k: int | None) -> list[triton.Config]:
+    """The autotuner's configs for a row bucket: (BLOCK_N, BLOCK_K, warps), or (BLOCK_N, warps) at a fixed BLOCK_K
+    (one chunk); those within the register budget, else the smallest product per thread."""
+    if block_k is None:
+        cands = [({"BLOCK_N": bn, "BLOCK_K": bk}, w, bn * bk) for bn, bk, w in _CANDIDATES]
+    else:
+        cands = [({"BLOCK_N": bn}, w, bn * block_k) for bn, w in _ONE_CHUNK_CANDIDATES]
+    kept = [c for c in cands if block_m * c[2] <= MAX_PRODUCT_PER_THREAD * 32 * c[1]]
+    kept = kept or [min(cands, key=lambda c: c[2] / c[1])]
+    return [triton.Config(kw, num_warps=w, num_stages=2) for kw, w, _ in kept]
 
 
 @functools.lru_cache(maxsize=None)
-def _tuned(block_m: int):
-    """The autotuned kernel for one row bucket (its own config list: the product tile grows with BLOCK_M)."""
+def _tuned(block_m: int, block_k: int | None):
+    """The autotuned kernel for one row bucket (and fixed BLOCK_K, or None): its own configs, since the product tile
+    grows with BLOCK_M."""
     return triton.autotune(
-        configs=_configs(block_m),
+        configs=_configs(block_m, block_k),
         key=["N", "K", "NORM", "EMBED", "ACTIVATION", "RESIDUAL"],
         do_bench=lambda fn, quantiles: triton.testing.do_bench_cudagraph(fn, rep=AUTOTUNE_REP_MS, quantiles=quantiles),
     )(_decode_gemv_kernel)
@@ -375,6 +405,7 @@ def _launch(
         out.stride(0),
     )
     block_m = triton.next_power_of_2(m)
+    one_chunk = (norm is not None or e is not None) and k <= MAX_ONE_CHUNK_K
     meta = dict(
         NORM=norm.kind if norm else "none",
         HAS_NORM_B=norm is not None and norm.bias is not None,
@@ -384,13 +415,18 @@ def _launch(
         HAS_GATE_BIAS=gate_bias is not None,
         ACTIVATION=activation,
         RESIDUAL=residual is not None,
+        ONE_CHUNK=one_chunk,
         BLOCK_M=block_m,
     )
+    if one_chunk:
+        meta["BLOCK_K"] = triton.next_power_of_2(k)
     if out.is_cuda:
-        _tuned(block_m)[lambda cfg: (triton.cdiv(n, cfg["BLOCK_N"]),)](*args, **meta)
+        tuned = _tuned(block_m, meta.get("BLOCK_K"))
+        tuned[lambda cfg: (triton.cdiv(n, cfg["BLOCK_N"]),)](*args, **meta)
     else:
+        meta.setdefault("BLOCK_K", INTERPRET_BLOCK_K)
         grid = (triton.cdiv(n, INTERPRET_BLOCK_N),)
-        _decode_gemv_kernel[grid](*args, **meta, BLOCK_N=INTERPRET_BLOCK_N, BLOCK_K=INTERPRET_BLOCK_K, num_warps=4)
+        _decode_gemv_kernel[grid](*args, **meta, BLOCK_N=INTERPRET_BLOCK_N, num_warps=4)
 
 
 def norm_linear(

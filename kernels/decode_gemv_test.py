@@ -5,8 +5,10 @@ tails, bf16; the GPU tests (real widths, CUDA-graph capture) skip without a GPU.
 import pytest
 import torch
 
+from kernels import decode_gemv
 from kernels.decode_gemv import (
     ACTIVATIONS,
+    MAX_PRODUCT_PER_THREAD,
     MAX_ROWS,
     NORMS,
     Embedding,
@@ -44,7 +46,9 @@ def _rows(m: int, k: int, g: torch.Generator, dtype=torch.float32, device=DEVICE
 @pytest.mark.parametrize("norm_kind", NORMS)
 @pytest.mark.parametrize("activation", ACTIVATIONS)
 @pytest.mark.parametrize("m,k,n,bias", [(1, 40, 50, True), (5, 72, 33, False), (16, 24, 70, True)])
-def test_norm_linear_matches_reference_fp32(norm_kind, activation, m, k, n, bias):
+@pytest.mark.parametrize("one_chunk", [True, False], ids=["whole-rows", "chunked"])
+def test_norm_linear_matches_reference_fp32(norm_kind, activation, m, k, n, bias, one_chunk, monkeypatch):
+    monkeypatch.setattr(decode_gemv, "MAX_ONE_CHUNK_K", 1024 if one_chunk else 0)
     g = torch.Generator().manual_seed(m * 100 + k + ACTIVATIONS.index(activation))
     x, norm = _rows(m, k, g), _norm(norm_kind, k, g)
     w, b = _linear(n, k, g, bias)
@@ -70,7 +74,9 @@ def test_linear_residual_matches_reference_fp32(m, k, n, bias):
 
 @pytest.mark.parametrize("pos_table", [True, False], ids=["learned-positions", "no-positions"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_embedding_prologue(pos_table, dtype, assert_close):
+@pytest.mark.parametrize("one_chunk", [True, False], ids=["whole-rows", "chunked"])
+def test_embedding_prologue(pos_table, dtype, one_chunk, assert_close, monkeypatch):
+    monkeypatch.setattr(decode_gemv, "MAX_ONE_CHUNK_K", 1024 if one_chunk else 0)
     g = torch.Generator().manual_seed(7)
     k, n, vocab, n_pos = 40, 30, 11, 9
     tok_w = torch.randn(vocab, k, generator=g).to(DEVICE, dtype)
@@ -138,11 +144,13 @@ def test_bad_inputs_are_named():
 
 
 @pytest.mark.parametrize("block_m", [1, 2, 4, 8, 16])
-def test_every_row_bucket_has_configs_within_the_register_budget(block_m):
-    configs = _configs(block_m)
+@pytest.mark.parametrize("block_k", [None, 512, 1024])
+def test_every_row_bucket_has_configs_within_the_register_budget(block_m, block_k):
+    configs = _configs(block_m, block_k)
     assert configs
     for c in configs:
-        assert block_m * c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"] <= 128 * 32 * c.num_warps
+        product = block_m * c.kwargs["BLOCK_N"] * c.kwargs.get("BLOCK_K", block_k)
+        assert product <= MAX_PRODUCT_PER_THREAD * 32 * c.num_warps or len(configs) == 1
 
 
 @needs_gpu
