@@ -333,6 +333,11 @@ class GPT(nn.Module):
         kv_len = cache.max_len if kv_len is None else kv_len
         if not (torch.compiler.is_compiling() or _capturing(idx)):
             _check_cached_args(idx, cache, slots, positions, lengths, kv_len)
+        impl = _small_batch_impl(small_batch_kernels)
+        if attention_in_place and impl is not None and T == 1 and lengths is None:
+            if self._small_batch_fits(idx, kv_len, impl):  # before any other op: each is a launch in the graph
+                logits = self._small_batch_step(idx[:, 0], cache, slots, positions, impl)  # (B, V) float32
+                return logits if last_only else logits[:, None]
         offsets = torch.arange(T, device=idx.device)  # (T,)
         pos = positions[:, None] + offsets  # (B, T) absolute position of each new token
         write_slots = slots[:, None].expand(B, T).reshape(-1)  # (B*T,)
@@ -343,10 +348,6 @@ class GPT(nn.Module):
             write_slots, write_pos = write_slots[write_sel], write_pos[write_sel]
         if attention_in_place:
             assert T == 1 and lengths is None, "attention_in_place decodes one new token per row"
-            impl = _small_batch_impl(small_batch_kernels)
-            if impl is not None and self._small_batch_fits(idx, kv_len, impl):
-                logits = self._small_batch_step(idx[:, 0], cache, slots, positions, impl)  # (B, V) float32
-                return logits if last_only else logits[:, None]
             step = _CacheStep(cache, slots, write_slots, write_pos, None, kv_len, None, positions + 1)
         else:
             key_pos = torch.arange(kv_len, device=idx.device)  # (S,)
