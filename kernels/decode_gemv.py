@@ -52,24 +52,16 @@ NORMS: tuple[str, ...] = ("layernorm", "rmsnorm")
 ACTIVATIONS: tuple[str, ...] = ("none", "gelu", "gelu_tanh", "relu2", "swiglu")
 MAX_ROWS = 16  # rows (tokens in flight) the kernel is meant for; above, a cuBLAS GEMM re-reads nothing and wins
 # (BLOCK_N, BLOCK_K, num_warps) tried by the autotuner, kept where the FMA product tile (BLOCK_M x BLOCK_N x BLOCK_K)
-# holds at most MAX_PRODUCT_PER_THREAD fp32 values per thread. Small BLOCK_N first: at N = 384 and BLOCK_N 4..8 the
-# grid reaches 48..96 programs, the parallelism a latency-bound GEMV needs.
-_CANDIDATES = (
-    (4, 128, 2),
-    (4, 256, 4),
-    (8, 64, 2),
-    (8, 128, 4),
-    (16, 64, 4),
-    (16, 128, 4),
-    (32, 64, 4),
-    (32, 128, 8),
-)
+# holds at most MAX_PRODUCT_PER_THREAD fp32 values per thread. Small BLOCK_N: at N = 384 and BLOCK_N 2..8 the grid
+# reaches 48..192 programs, the parallelism a latency-bound GEMV needs (an H200 has 132 SMs). Few configs: each is a
+# compile per (row bucket, fusion flags), paid at the first decode step of a server.
+_CANDIDATES = ((2, 256, 2), (4, 256, 4), (4, 512, 4), (8, 128, 4), (16, 64, 4))
 MAX_PRODUCT_PER_THREAD = 128
 # Rows of up to this many columns that are normed (or embedded) are read once, whole (BLOCK_K = next_pow2(K), not
 # tuned): the statistics come from registers, and the GEMV reuses the tile, so a program waits for one round trip to
 # its rows, not three. Then the autotuner tries (BLOCK_N, num_warps) only.
 MAX_ONE_CHUNK_K = 1024
-_ONE_CHUNK_CANDIDATES = ((2, 2), (4, 2), (4, 4), (8, 4), (8, 8), (16, 4), (16, 8))
+_ONE_CHUNK_CANDIDATES = ((2, 2), (4, 4), (8, 4), (16, 8))
 INTERPRET_BLOCK_N, INTERPRET_BLOCK_K = 16, 32  # the CPU interpreter's fixed tile (no tuning): K and N tails exercised
 AUTOTUNE_REP_MS = 10  # per config; do_bench_cudagraph replays a graph of the call, as decode runs it
 
