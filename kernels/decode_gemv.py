@@ -64,6 +64,9 @@ MAX_ONE_CHUNK_K = 1024
 _ONE_CHUNK_CANDIDATES = ((2, 2), (4, 4), (8, 4), (16, 8))
 INTERPRET_BLOCK_N, INTERPRET_BLOCK_K = 16, 32  # the CPU interpreter's fixed tile (no tuning): K and N tails exercised
 AUTOTUNE_REP_MS = 10  # per config; do_bench_cudagraph replays a graph of the call, as decode runs it
+# False: the first config of the list, untuned (the GPU tests of many small shapes set it, so that each shape does not
+# compile and time the whole set)
+AUTOTUNE = True
 
 
 @dataclass(frozen=True)
@@ -412,9 +415,13 @@ def _launch(
     )
     if one_chunk:
         meta["BLOCK_K"] = triton.next_power_of_2(k)
-    if out.is_cuda:
+    if out.is_cuda and AUTOTUNE:
         tuned = _tuned(block_m, meta.get("BLOCK_K"))
         tuned[lambda cfg: (triton.cdiv(n, cfg["BLOCK_N"]),)](*args, **meta)
+    elif out.is_cuda:
+        cfg = _configs(block_m, meta.get("BLOCK_K"))[0]
+        grid = (triton.cdiv(n, cfg.kwargs["BLOCK_N"]),)
+        _decode_gemv_kernel[grid](*args, **meta, **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     else:
         meta.setdefault("BLOCK_K", INTERPRET_BLOCK_K)
         grid = (triton.cdiv(n, INTERPRET_BLOCK_N),)
