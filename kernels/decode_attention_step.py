@@ -49,8 +49,9 @@ _LOG2E = 1.4426950408889634
 
 @triton.jit
 def _norm_rotate(x, x_partner, sign, cos, sin, eps, QK_NORM: tl.constexpr, ROPE: tl.constexpr, HEAD_DIM: tl.constexpr):
-    """QK-norm (x / rms(x) per head, rounded to the model's dtype as eager's `.type_as`) then rotate-half RoPE of
-    rows x (R, BD) fp32, x_partner being x's dims d + D/2 (mod D), sign -1 for the first half."""
+    """QK-norm (x / rms(x) per head, no learned scale) then rotate-half RoPE of rows x (R, BD) fp32, x_partner being
+    x's dims d + D/2 (mod D), sign -1 for the first half. fp32 throughout (eager rounds to the model's dtype after the
+    norm too: within bf16 tolerance of this)."""
     if QK_NORM:
         scale = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / HEAD_DIM + eps)  # both halves hold the same head's values
         x = x * scale[:, None]

@@ -54,14 +54,18 @@ MAX_ROWS = 16  # rows (tokens in flight) the kernel is meant for; above, a cuBLA
 # (BLOCK_N, BLOCK_K, num_warps) tried by the autotuner, kept where the FMA product tile (BLOCK_M x BLOCK_N x BLOCK_K)
 # holds at most MAX_PRODUCT_PER_THREAD fp32 values per thread. Small BLOCK_N: at N = 384 and BLOCK_N 2..8 the grid
 # reaches 48..192 programs, the parallelism a latency-bound GEMV needs (an H200 has 132 SMs). Few configs: each is a
-# compile per (row bucket, fusion flags), paid at the first decode step of a server.
-_CANDIDATES = ((2, 256, 2), (4, 256, 4), (4, 512, 4), (8, 128, 4), (16, 64, 4))
-MAX_PRODUCT_PER_THREAD = 128
-# Rows of up to this many columns that are normed (or embedded) are read once, whole (BLOCK_K = next_pow2(K), not
-# tuned): the statistics come from registers, and the GEMV reuses the tile, so a program waits for one round trip to
-# its rows, not three. Then the autotuner tries (BLOCK_N, num_warps) only.
-MAX_ONE_CHUNK_K = 1024
-_ONE_CHUNK_CANDIDATES = ((2, 2), (4, 4), (8, 4), (16, 8))
+# compile per (row bucket, fusion flags), paid at the first decode step of a server. The budgets come from building
+# every config for sm_90 (Triton + ptxas, no GPU): at 64 values per thread none spills at BLOCK_M 1..16.
+_CANDIDATES = ((2, 256, 2), (4, 256, 4), (4, 512, 4), (8, 128, 4), (16, 64, 4), (4, 128, 8))
+MAX_PRODUCT_PER_THREAD = 64
+# Normed (or embedded) rows whose padded tile (BLOCK_M x next_pow2(K)) is at most MAX_ONE_CHUNK_ELEMS are read once,
+# whole (BLOCK_K = next_pow2(K), not tuned): the statistics come from registers and the GEMV reuses the tile, so a
+# program waits for one round trip to its rows, not three. The tile stays in registers through the kernel, so the
+# warps are chosen to hold at most MAX_WHOLE_PER_THREAD of its values per thread; the autotuner tries (BLOCK_N,
+# num_warps). shakespeare-char (K 384 -> 512): whole rows up to 8 rows.
+MAX_ONE_CHUNK_ELEMS = 4096
+MAX_WHOLE_PER_THREAD = 32
+_ONE_CHUNK_CANDIDATES = ((2, 2), (2, 4), (4, 4), (8, 4), (4, 8))
 INTERPRET_BLOCK_N, INTERPRET_BLOCK_K = 16, 32  # the CPU interpreter's fixed tile (no tuning): K and N tails exercised
 AUTOTUNE_REP_MS = 10  # per config; do_bench_cudagraph replays a graph of the call, as decode runs it
 # False: the first config of the list, untuned (the GPU tests of many small shapes set it, so that each shape does not
@@ -255,7 +259,11 @@ def _configs(block_m: int, block_k: int | None) -> list[triton.Config]:
     if block_k is None:
         cands = [({"BLOCK_N": bn, "BLOCK_K": bk}, w, bn * bk) for bn, bk, w in _CANDIDATES]
     else:
-        cands = [({"BLOCK_N": bn}, w, bn * block_k) for bn, w in _ONE_CHUNK_CANDIDATES]
+        cands = [
+            ({"BLOCK_N": bn}, w, bn * block_k)
+            for bn, w in _ONE_CHUNK_CANDIDATES
+            if block_m * block_k <= MAX_WHOLE_PER_THREAD * 32 * w
+        ]
     kept = [c for c in cands if block_m * c[2] <= MAX_PRODUCT_PER_THREAD * 32 * c[1]]
     kept = kept or [min(cands, key=lambda c: c[2] / c[1])]
     return [triton.Config(kw, num_warps=w, num_stages=2) for kw, w, _ in kept]
@@ -400,7 +408,7 @@ def _launch(
         out.stride(0),
     )
     block_m = triton.next_power_of_2(m)
-    one_chunk = (norm is not None or e is not None) and k <= MAX_ONE_CHUNK_K
+    one_chunk = (norm is not None or e is not None) and block_m * triton.next_power_of_2(k) <= MAX_ONE_CHUNK_ELEMS
     meta = dict(
         NORM=norm.kind if norm else "none",
         HAS_NORM_B=norm is not None and norm.bias is not None,
