@@ -24,6 +24,7 @@ FLAVOURS = {
 }
 VOCAB, BLOCK, N_SLOTS = 40, 48, 6
 GPU = torch.cuda.is_available()
+DEVICE = "cuda" if GPU else "cpu"  # where impl="triton" can run: the GPU, else the CPU interpreter
 FP32 = dict(atol=1e-4, rtol=1e-4)
 
 
@@ -56,6 +57,14 @@ def prefilled(model: GPT, lengths: list[int], seed: int) -> tuple[KVCache, torch
     return cache, slots, torch.tensor(lengths, device=device)
 
 
+def copy_of(cache: KVCache, model: GPT) -> KVCache:
+    """A second cache with the same contents (same dtype and device)."""
+    twin = KVCache(cache.n_slots, model.config, cache.max_len, dtype=cache.k.dtype, device=cache.k.device)
+    twin.k.copy_(cache.k)
+    twin.v.copy_(cache.v)
+    return twin
+
+
 def decode(model, cache, slots, positions, tokens, steps, option):
     """Greedy steps from tokens (B,); returns the logits of every step (steps, B, V)."""
     out = []
@@ -80,12 +89,10 @@ def spy(monkeypatch) -> list:
 @pytest.mark.parametrize("flavour", sorted(FLAVOURS))
 @pytest.mark.parametrize("lengths", [[5], [0, 17], [9, 0, 30, 2]], ids=["B1", "B2", "B4"])
 def test_kernels_match_the_plain_step_fp32(flavour, lengths, monkeypatch):
-    model = trained_like(flavour)
+    model = trained_like(flavour, device=DEVICE)
     cache, slots, positions = prefilled(model, lengths, seed=len(lengths))
-    cache_ref = KVCache(N_SLOTS, model.config)
-    cache_ref.k.copy_(cache.k)
-    cache_ref.v.copy_(cache.v)
-    tokens = torch.randint(0, VOCAB, (len(lengths),), generator=torch.Generator().manual_seed(1))
+    cache_ref = copy_of(cache, model)
+    tokens = torch.randint(0, VOCAB, (len(lengths),), generator=torch.Generator().manual_seed(1)).to(DEVICE)
     calls = spy(monkeypatch)
     steps = 3
     got = decode(model, cache, slots, positions, tokens, steps, "triton")
@@ -100,21 +107,17 @@ def test_kernels_match_the_plain_step_fp32(flavour, lengths, monkeypatch):
 def test_references_match_too():
     model = trained_like("llama-gqa")
     cache, slots, positions = prefilled(model, [3, 11], seed=9)
-    cache_ref = KVCache(N_SLOTS, model.config)
-    cache_ref.k.copy_(cache.k)
-    cache_ref.v.copy_(cache.v)
+    cache_ref = copy_of(cache, model)
     tokens = torch.tensor([1, 2])
     got = decode(model, cache, slots, positions, tokens, 2, "reference")
     torch.testing.assert_close(got, decode(model, cache_ref, slots, positions, tokens, 2, False), **FP32)
 
 
 def test_bf16_tracks_the_plain_step():
-    model = trained_like("gpt2", dtype=torch.bfloat16)
+    model = trained_like("gpt2", dtype=torch.bfloat16, device=DEVICE)
     cache, slots, positions = prefilled(model, [4, 20, 1], seed=3)
-    cache_ref = KVCache(N_SLOTS, model.config, dtype=torch.bfloat16)
-    cache_ref.k.copy_(cache.k)
-    cache_ref.v.copy_(cache.v)
-    tokens = torch.tensor([5, 6, 7])
+    cache_ref = copy_of(cache, model)
+    tokens = torch.tensor([5, 6, 7], device=DEVICE)
     got = decode(model, cache, slots, positions, tokens, 1, "triton")
     want = decode(model, cache_ref, slots, positions, tokens, 1, False)
     torch.testing.assert_close(got, want, atol=5e-2, rtol=5e-2)
@@ -122,7 +125,7 @@ def test_bf16_tracks_the_plain_step():
 
 
 def test_falls_back_where_the_kernels_do_not_apply(monkeypatch):
-    model = trained_like("gpt2")
+    model = trained_like("gpt2")  # on CPU: "auto" there means the plain path
     cache, slots, positions = prefilled(model, [2, 3, 4], seed=5)
     tokens = torch.tensor([1, 2, 3])
     calls = spy(monkeypatch)
