@@ -15,7 +15,7 @@ from kernels.decode_attention_step import (
 GPU = torch.cuda.is_available()
 DEVICE = "cuda" if GPU else "cpu"
 needs_gpu = pytest.mark.skipif(not GPU, reason="needs a CUDA GPU (real shapes in bf16, graph capture)")
-FP32 = dict(atol=1e-5, rtol=1e-5)
+FP32 = dict(atol=1e-4, rtol=1e-4)  # RoPE tables from exp2 here, from pow in the reference: ~1e-5 apart
 N_LAYER, LAYER = 3, 1  # the kernel writes and reads one layer of the model's (slot, layer, ...) buffers
 
 
