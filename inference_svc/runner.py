@@ -188,6 +188,9 @@ class TorchRunner:
     `n_slots` and attention spans of 256, 512, ... up to max_len: the device-resident step (greedy-only and full
     sampling; `capture_graphs` captures them all) and the logits-returning `decode`, each captured on first use. `attention_in_place` (default: on CUDA) decodes with
     `kernels.decode_attention` over the cache in place instead of gathering each row's slot for SDPA.
+    `small_batch_kernels` (with attention in place): the device-resident steps of batch buckets up to
+    `kernels.decode_gemv.MAX_ROWS` run `GPT.forward_cached`'s fused small-batch kernels (about 5 launches per layer;
+    True takes them on CUDA, "reference" runs their PyTorch references: see forward_cached).
     """
 
     def __init__(
@@ -200,6 +203,7 @@ class TorchRunner:
         max_len: int | None = None,
         cuda_graphs: bool | None = None,
         attention_in_place: bool | None = None,
+        small_batch_kernels: bool | str = False,
     ) -> None:
         device = torch.device(device) if device is not None else next(model.parameters()).device
         if dtype is None:
@@ -214,6 +218,7 @@ class TorchRunner:
         self.max_len = self.cache.max_len
         self._scratch = n_slots  # padded rows of a graph bucket write here, never read by a real row
         self.attention_in_place = device.type == "cuda" if attention_in_place is None else attention_in_place
+        self.small_batch_kernels = small_batch_kernels
         self.staging = Staging(device)
         self.state = SlotState(n_slots + 1, self.vocab_size, device)
         self._graphs: dict[tuple, _Graph] = {}
@@ -330,7 +335,13 @@ class TorchRunner:
         state = self.state
         tokens, positions = state.token[rows], state.pos[rows]
         logits = self.model.forward_cached(
-            tokens.view(-1, 1), self.cache, rows, positions, kv_len=kv_len, attention_in_place=self.attention_in_place
+            tokens.view(-1, 1),
+            self.cache,
+            rows,
+            positions,
+            kv_len=kv_len,
+            attention_in_place=self.attention_in_place,
+            small_batch_kernels=self.small_batch_kernels,
         )[:, 0].float()  # (b, V)
         after = positions + 1  # the new token's position: its draw's counter, then the slot's next position
         new = state.sample(logits, rows, after, full)

@@ -18,7 +18,14 @@ from model.presets import get_preset
 from model.tokenizers import CharTokenizer
 from model.transformer import GPT
 
-__all__ = ["TINY_CORPUS", "chi2_critical_999", "chi2_statistic", "save_tiny_model", "single_thread"]
+__all__ = [
+    "TINY_CORPUS",
+    "chi2_critical_999",
+    "chi2_statistic",
+    "perturb_like_training",
+    "save_tiny_model",
+    "single_thread",
+]
 
 TINY_CORPUS = "to be, or not to be: that is the question. whether 'tis nobler in the mind to suffer!"
 
@@ -94,3 +101,17 @@ def llama_test_config(vocab_size: int, block_size: int, **overrides) -> ModelCon
     K/V heads), width 32, no biases; `overrides` change any field."""
     base = dict(n_layer=2, n_head=4, n_kv_head=2, n_embd=32, norm="rmsnorm", pos="rope", mlp="swiglu", bias=False)
     return ModelConfig(**{**base, "vocab_size": vocab_size, "block_size": block_size, **overrides})
+
+
+@torch.no_grad()
+def perturb_like_training(model: GPT, seed: int = 0) -> GPT:
+    """Move every weight away from its init, as training would (norm weights scaled by 1 + 0.3 randn, the rest moved
+    by 0.05 randn): norm weights of 1 and biases of 0 would hide a kernel that ignored them. In place; returns model."""
+    g = torch.Generator().manual_seed(seed)
+    for name, p in model.named_parameters():
+        noise = torch.randn(p.shape, generator=g).to(p)
+        if "norm" in name and name.endswith("weight"):
+            p.mul_(1 + 0.3 * noise)
+        else:
+            p.add_(0.05 * noise)
+    return model

@@ -17,6 +17,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from kernels import decode_gemv
+from kernels.decode_attention_step import MAX_SINGLE_PASS_KEYS, decode_attention_step
+from kernels.decode_gemv import Embedding, NormParams, linear_residual, norm_linear
+from kernels.dispatch import IMPLS
 from model.layers import decode_attention  # the kernel where KERNEL_DEFAULTS turns it on
 from model.config import ModelConfig
 from model.kv_cache import KVCache
@@ -301,6 +305,7 @@ class GPT(nn.Module):
         last_only: bool = False,
         attention_in_place: bool = False,
         pad_slot: int | None = None,
+        small_batch_kernels: bool | str = False,
     ) -> torch.Tensor:
         """Run new tokens against the KV cache and return their logits.
 
@@ -315,6 +320,12 @@ class GPT(nn.Module):
         `attention_in_place` (one new token per row, T == 1): attention reads each row's slot in the cache where
         it lies (`kernels.decode_attention`: Triton on CUDA) instead of gathering the rows' keys and values for SDPA.
 
+        `small_batch_kernels` (with `attention_in_place`, B <= `kernels.decode_gemv.MAX_ROWS`, kv_len <=
+        `MAX_SINGLE_PASS_KEYS`, in eval mode, plain nn.Linear layers with `fuse_qkv` done): the step runs as about
+        five launches per layer (`_small_batch_step`) and returns float32 logits; otherwise this option changes
+        nothing. True (or "auto") takes it on CUDA only; "triton" forces the Triton kernels (the interpreter on
+        CPU), "reference" their PyTorch references (tests).
+
         Argument checks cost one host sync; they are skipped under torch.compile and CUDA-graph capture.
         `lengths` selects the tokens to write with a boolean mask (data-dependent shapes, a host sync): leave it None
         for a decode step that is to be captured in a CUDA graph, or give `pad_slot`, a cache slot no row reads: then
@@ -324,6 +335,11 @@ class GPT(nn.Module):
         kv_len = cache.max_len if kv_len is None else kv_len
         if not (torch.compiler.is_compiling() or _capturing(idx)):
             _check_cached_args(idx, cache, slots, positions, lengths, kv_len)
+        impl = _small_batch_impl(small_batch_kernels)
+        if attention_in_place and impl is not None and T == 1 and lengths is None:
+            if self._small_batch_fits(idx, kv_len, impl):  # before any other op: each is a launch in the graph
+                logits = self._small_batch_step(idx[:, 0], cache, slots, positions, impl)  # (B, V) float32
+                return logits if last_only else logits[:, None]
         offsets = torch.arange(T, device=idx.device)  # (T,)
         pos = positions[:, None] + offsets  # (B, T) absolute position of each new token
         write_slots = slots[:, None].expand(B, T).reshape(-1)  # (B*T,)
@@ -366,6 +382,58 @@ class GPT(nn.Module):
         for block in self.blocks:
             block.attn.fuse_qkv()
 
+    def _small_batch_fits(self, idx: torch.Tensor, kv_len: int, impl: str) -> bool:
+        """Whether `_small_batch_step` serves this decode step (else forward_cached takes its usual path)."""
+        B = idx.shape[0]
+        if self.training or torch.compiler.is_compiling() or (impl == "auto" and not idx.is_cuda):
+            return False
+        if B > decode_gemv.MAX_ROWS or kv_len > MAX_SINGLE_PASS_KEYS:
+            return False
+        linears = [self.lm_head] + [
+            m for block in self.blocks for m in (block.attn.o_proj, block.mlp.up_proj, block.mlp.down_proj)
+        ]
+        linears += [block.mlp.gate_proj for block in self.blocks if block.mlp.gated]
+        return all(type(m) is nn.Linear for m in linears) and all(b.attn._fused_qkv() is not None for b in self.blocks)
+
+    def _small_batch_step(
+        self, tokens: torch.Tensor, cache: KVCache, slots: torch.Tensor, positions: torch.Tensor, impl: str
+    ) -> torch.Tensor:
+        """One decode step (tokens, slots, positions (B,)) in 5 launches per layer + 1: qkv GEMV with the norm
+        prologue (layer 0's also computes the embedding), the attention step (QK-norm, RoPE, cache write, attention),
+        out-projection GEMV + residual, MLP up GEMV with the norm prologue and the activation, down GEMV + residual;
+        then norm_f + lm_head in one GEMV. Returns float32 logits (B, V)."""
+        c = self.config
+        pos_weight = self.pos_emb.weight if self.pos_emb is not None else None
+        embedding = Embedding(tokens, positions, self.tok_emb.weight, pos_weight)
+        rope_theta = c.rope_theta if c.pos == "rope" else None
+        x = None  # (B, C) the residual stream
+        for layer, block in enumerate(self.blocks):
+            attn, mlp = block.attn, block.mlp
+            w_qkv, b_qkv = attn._fused_qkv()
+            if x is None:
+                qkv, x = norm_linear(None, _norm_params(block.norm_1), w_qkv, b_qkv, embedding=embedding, impl=impl)
+            else:
+                qkv = norm_linear(x, _norm_params(block.norm_1), w_qkv, b_qkv, impl=impl)  # (B, (H + 2 Hkv) D)
+            y = decode_attention_step(
+                qkv,
+                cache.k,
+                cache.v,
+                layer,
+                slots,
+                positions,
+                attn.n_head,
+                rope_theta=rope_theta,
+                qk_norm_eps=attn.qk_eps,
+                impl=impl,
+            )  # (B, C)
+            x = linear_residual(y, attn.o_proj.weight, attn.o_proj.bias, x, impl=impl)
+            gate = dict(gate_weight=mlp.gate_proj.weight, gate_bias=mlp.gate_proj.bias) if mlp.gated else {}
+            up = mlp.up_proj
+            h = norm_linear(x, _norm_params(block.norm_2), up.weight, up.bias, activation=c.mlp, **gate, impl=impl)
+            x = linear_residual(h, mlp.down_proj.weight, mlp.down_proj.bias, x, impl=impl)
+        head = self.lm_head
+        return norm_linear(x, _norm_params(self.norm_f), head.weight, head.bias, out_dtype=torch.float32, impl=impl)
+
     def _fused_blocks(self, x: torch.Tensor, rope: Rope, step: _CacheStep | None = None) -> torch.Tensor:
         """The blocks with every residual add run in one kernel with the norm that reads its sum (block i's MLP
         output is added and normed by block i+1's norm_1, the last by norm_f). Returns norm_f(output) (B, T, C).
@@ -375,6 +443,23 @@ class GPT(nn.Module):
         for layer, (block, next_norm) in enumerate(zip(self.blocks, next_norms)):
             x, h = block(x, rope, layer, step, normed=h, next_norm=next_norm)
         return h
+
+
+def _small_batch_impl(option: bool | str) -> str | None:
+    """forward_cached's `small_batch_kernels` as a kernel `impl` (None: off)."""
+    if option is False or option is None:
+        return None
+    impl = "auto" if option is True else option
+    if impl not in IMPLS:
+        raise ValueError(f"small_batch_kernels must be False, True or one of {IMPLS}, got {option!r}")
+    return impl
+
+
+def _norm_params(norm: nn.Module) -> NormParams:
+    """An `RMSNorm` or `LayerNorm` module as the GEMV prologue's norm."""
+    if isinstance(norm, RMSNorm):
+        return NormParams("rmsnorm", norm.weight, None, norm.eps)
+    return NormParams("layernorm", norm.weight, norm.bias, norm.eps)
 
 
 def _capturing(t: torch.Tensor) -> bool:

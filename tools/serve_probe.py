@@ -191,6 +191,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sampled", action="store_true", help="also run sampled requests (T 0.8, top-k 50, top-p 0.95)")
     p.add_argument("--gather", action="store_true", help="decode attention by gather + SDPA (not in place)")
     p.add_argument(
+        "--small-batch-kernels", action="store_true", help="fused small-batch decode kernels (TorchRunner option)"
+    )
+    p.add_argument(
         "--host-only",
         action="store_true",
         help="no GPU: the engine's host-side ceiling over a runner that returns at once (tokens/s, us per token)",
@@ -206,7 +209,13 @@ def main(argv: list[str] | None = None) -> int:
     tokenizer = CharTokenizer([chr(32 + i) for i in range(65)])  # Tiny Shakespeare's vocabulary size
     config = get_preset("shakespeare-char", vocab_size=tokenizer.vocab_size, dropout=0.0)
     t0 = time.perf_counter()
-    runner = TorchRunner(GPT(config), args.slots, device="cuda", attention_in_place=not args.gather)
+    runner = TorchRunner(
+        GPT(config),
+        args.slots,
+        device="cuda",
+        attention_in_place=not args.gather,
+        small_batch_kernels=args.small_batch_kernels,
+    )
     print(f"runner ready in {time.perf_counter() - t0:.1f} s ({len(runner._graphs)} graphs)")
     rows, graphs = [], []
     for b in (int(x) for x in args.batches.split(",")):

@@ -1,0 +1,304 @@
+"""One decode step's attention in one launch: QK-norm and RoPE on the new q and k, the new k/v written into the KV
+cache, and attention of the new query over the row's cached keys plus the new one (single pass, no split/merge).
+
+Input is the fused q/k/v projection of one new token per row, qkv (M, (H + 2 Hkv) D): q heads, then k heads, then v
+heads (Attention.fuse_qkv's layout). One program serves one (row, KV head): it loads the group's queries and the new
+key/value, normalises (QK-norm, no learned scale) and rotates them (rotate-half RoPE, GPT-NeoX / HF Llama layout,
+cos/sin computed in the kernel from the position), stores k/v at cache[slot, layer, kvh, pos], then runs an online
+softmax whose first key is the new one, held in registers, and whose loop reads cached keys [0, pos). It never reads
+what it wrote, so no barrier is needed, and a row at position 0 reads no cache at all.
+
+    k_cache, v_cache  the KVCache buffers, (n_slots, n_layer, Hkv, max_len, D), any strides; `layer` picks one
+    slots, positions  (M,) int: row m's slot and the position of its new token (its keys: 0..pos, pos + 1 in all)
+    returns           (M, H D) in qkv's dtype: the heads side by side, ready for the out-projection
+
+At batch 1..16 and spans up to a few hundred keys (shakespeare-char's 256) one pass over (row, KV head) programs is
+enough: the split/merge pair of `kernels.decode_attention` (FlashDecoding) pays where few programs face long contexts
+(B=1 at ctx 8192); `MAX_SINGLE_PASS_KEYS` bounds the spans the model sends here. No autotuning: the positions are data
+(a tuning run would see whatever the warm-up held), so the tile is a heuristic: BLOCK_N * BLOCK_H = 64 (the products
+(BH, BN, D) of the FMA score and value sums stay at 32 fp32 values per thread at D 64, 4 warps).
+
+    decode_attention_step            wrapper; impl="auto": Triton for CUDA inputs, the reference otherwise
+    decode_attention_step_triton     the kernel
+    decode_attention_step_reference  PyTorch: norm, rotate, write (index_put), `decode_attention_reference`
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.decode_attention import decode_attention_reference
+from kernels.dispatch import Impl, use_triton
+
+__all__ = [
+    "MAX_SINGLE_PASS_KEYS",
+    "decode_attention_step",
+    "decode_attention_step_reference",
+    "decode_attention_step_triton",
+]
+
+MAX_SINGLE_PASS_KEYS = 1024  # beyond, few programs walk too many keys: the split kernels of decode_attention win
+TILE_KEYS_X_HEADS = 64  # BLOCK_N * BLOCK_H
+NUM_WARPS = 4
+_LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _norm_rotate(x, x_partner, sign, cos, sin, eps, QK_NORM: tl.constexpr, ROPE: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """QK-norm (x / rms(x) per head, no learned scale) then rotate-half RoPE of rows x (R, BD) fp32, x_partner being
+    x's dims d + D/2 (mod D), sign -1 for the first half. fp32 throughout (eager rounds to the model's dtype after the
+    norm too: within bf16 tolerance of this)."""
+    if QK_NORM:
+        scale = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / HEAD_DIM + eps)  # both halves hold the same head's values
+        x = x * scale[:, None]
+        x_partner = x_partner * scale[:, None]
+    if ROPE:
+        x = x * cos[None, :] + sign[None, :] * x_partner * sin[None, :]
+    return x
+
+
+@triton.jit
+def _attention_step_kernel(
+    qkv_ptr,
+    k_ptr,
+    v_ptr,
+    slots_ptr,
+    pos_ptr,
+    out_ptr,
+    qk_scale,  # 1/sqrt(D) * log2(e): scores in base-2 units
+    log2_theta,
+    qk_eps,
+    stride_qm,
+    stride_ks,
+    stride_kh,
+    stride_kn,
+    stride_kd,
+    stride_vs,
+    stride_vh,
+    stride_vn,
+    stride_vd,
+    stride_om,
+    N_HEAD: tl.constexpr,
+    N_KV: tl.constexpr,
+    GROUP: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    HALF: tl.constexpr,  # HEAD_DIM // 2: RoPE pairs dimension d with d + HALF
+    BLOCK_H: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    ROPE: tl.constexpr,
+    QK_NORM: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    kvh = tl.program_id(1)
+    slot = tl.load(slots_ptr + pid_m).to(tl.int64)
+    pos = tl.load(pos_ptr + pid_m).to(tl.int32)
+    dtype = qkv_ptr.dtype.element_ty
+
+    offs_h = tl.arange(0, BLOCK_H)
+    offs_d = tl.arange(0, BLOCK_D)
+    heads = kvh * GROUP + offs_h
+    h_mask = offs_h < GROUP
+    d_mask = offs_d < HEAD_DIM
+    partner = tl.where(offs_d < HALF, offs_d + HALF, offs_d - HALF)
+    partner = tl.where(d_mask, partner, 0)
+    sign = tl.where(offs_d < HALF, -1.0, 1.0)
+    # RoPE tables for this position, as model.layers.rope_cos_sin: angle = pos * theta^(-2i/D), i = d mod D/2; rounded
+    # to the model's dtype as the eager tables are.
+    inv_freq = tl.exp2(-((offs_d % HALF) * 2).to(tl.float32) / HEAD_DIM * log2_theta)
+    angle = pos.to(tl.float32) * inv_freq
+    cos = tl.cos(angle).to(dtype).to(tl.float32)
+    sin = tl.sin(angle).to(dtype).to(tl.float32)
+
+    row = qkv_ptr + pid_m * stride_qm
+    q_mask = h_mask[:, None] & d_mask[None, :]
+    q_cols = heads[:, None] * HEAD_DIM
+    q = tl.load(row + q_cols + offs_d[None, :], mask=q_mask, other=0.0).to(tl.float32)  # (BH, BD)
+    q_p = tl.load(row + q_cols + partner[None, :], mask=q_mask, other=0.0).to(tl.float32)
+    q = _norm_rotate(q, q_p, sign, cos, sin, qk_eps, QK_NORM, ROPE, HEAD_DIM).to(dtype).to(tl.float32)
+    k_col = (N_HEAD + kvh) * HEAD_DIM
+    k_new = tl.load(row + k_col + offs_d, mask=d_mask, other=0.0).to(tl.float32)[None, :]  # (1, BD)
+    k_p = tl.load(row + k_col + partner, mask=d_mask, other=0.0).to(tl.float32)[None, :]
+    k_new = _norm_rotate(k_new, k_p, sign, cos, sin, qk_eps, QK_NORM, ROPE, HEAD_DIM)
+    v_new = tl.load(row + (N_HEAD + N_KV + kvh) * HEAD_DIM + offs_d, mask=d_mask, other=0.0)
+
+    # The cache write: the new token's key and value, at its position in the row's slot.
+    k_base = k_ptr + slot * stride_ks + kvh * stride_kh
+    v_base = v_ptr + slot * stride_vs + kvh * stride_vh
+    k_c = tl.sum(k_new, axis=0).to(k_ptr.dtype.element_ty)  # (BD,)
+    v_c = v_new.to(v_ptr.dtype.element_ty)
+    tl.store(k_base + pos * stride_kn + offs_d * stride_kd, k_c, mask=d_mask)
+    tl.store(v_base + pos * stride_vn + offs_d * stride_vd, v_c, mask=d_mask)
+
+    # Online softmax, seeded with the new key (from registers, as stored: in the cache's dtype).
+    m_i = tl.sum(q * k_c.to(tl.float32)[None, :], axis=1) * qk_scale  # (BH,)
+    l_i = tl.full((BLOCK_H,), 1.0, dtype=tl.float32)
+    acc = tl.zeros((BLOCK_H, BLOCK_D), dtype=tl.float32) + v_c.to(tl.float32)[None, :]
+    for n0 in range(0, pos, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < pos
+        # Clamped, not masked (as kernels/decode_attention.py): every load stays in the row's valid keys.
+        offs_c = tl.minimum(offs_n, pos - 1)
+        kv_mask = d_mask[None, :]
+        k = tl.load(k_base + offs_c[:, None] * stride_kn + offs_d[None, :] * stride_kd, mask=kv_mask, other=0.0)
+        v = tl.load(v_base + offs_c[:, None] * stride_vn + offs_d[None, :] * stride_vd, mask=kv_mask, other=0.0)
+        s = tl.sum(q[:, None, :] * k.to(tl.float32)[None, :, :], axis=2) * qk_scale  # (BH, BN)
+        s = tl.where(n_mask[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v.to(tl.float32)[None, :, :], axis=1)
+        m_i = m_new
+    out = acc / l_i[:, None]
+    tl.store(out_ptr + pid_m * stride_om + q_cols + offs_d[None, :], out.to(out_ptr.dtype.element_ty), mask=q_mask)
+
+
+def _check(
+    qkv: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    layer: int,
+    slots: torch.Tensor,
+    positions: torch.Tensor,
+    n_head: int,
+) -> tuple[int, int, int]:
+    """Validate; returns (M, n_kv_head, head_dim)."""
+    if k_cache.dim() != 5 or k_cache.shape != v_cache.shape:
+        raise ValueError(
+            f"k_cache and v_cache must both have shape (n_slots, n_layer, n_kv_head, max_len, head_dim), got "
+            f"{tuple(k_cache.shape)} and {tuple(v_cache.shape)}"
+        )
+    n_layer, n_kv, d = k_cache.shape[1], k_cache.shape[2], k_cache.shape[4]
+    if not 0 <= layer < n_layer:
+        raise ValueError(f"layer must be in [0, {n_layer}), got {layer}")
+    if n_head % n_kv != 0:
+        raise ValueError(f"n_head={n_head} must be a multiple of the cache's n_kv_head={n_kv}")
+    if qkv.dim() != 2 or qkv.shape[1] != (n_head + 2 * n_kv) * d or qkv.stride(1) != 1:
+        raise ValueError(
+            f"qkv must be (M, (n_head + 2 n_kv_head) head_dim) = (M, {(n_head + 2 * n_kv) * d}), contiguous along "
+            f"its columns, got {tuple(qkv.shape)}"
+        )
+    m = qkv.shape[0]
+    for name, t in (("slots", slots), ("positions", positions)):
+        if t.shape != (m,) or t.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"{name} must be an integer tensor of shape (M,)=({m},), got {t.dtype} {tuple(t.shape)}")
+    return m, n_kv, d
+
+
+def _rotate_half(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
+    """Rotate-half RoPE of x (M, heads, D) at positions (M,), fp32 tables rounded to x's dtype."""
+    d = x.shape[-1]
+    inv_freq = 1.0 / (theta ** (torch.arange(0, d, 2, device=x.device, dtype=torch.float32) / d))
+    angles = (positions.float()[:, None] * inv_freq).repeat(1, 2)[:, None, :]  # (M, 1, D)
+    cos, sin = angles.cos().to(x.dtype).float(), angles.sin().to(x.dtype).float()
+    xf = x.float()
+    rotated = torch.cat((-xf[..., d // 2 :], xf[..., : d // 2]), dim=-1)
+    return (xf * cos + rotated * sin).to(x.dtype)
+
+
+def decode_attention_step_reference(
+    qkv: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    layer: int,
+    slots: torch.Tensor,
+    positions: torch.Tensor,
+    n_head: int,
+    *,
+    rope_theta: float | None = None,
+    qk_norm_eps: float | None = None,
+) -> torch.Tensor:
+    """PyTorch: QK-norm, RoPE, the cache write, then `decode_attention_reference` over keys 0..pos. (M, H D)."""
+    m, n_kv, d = _check(qkv, k_cache, v_cache, layer, slots, positions, n_head)
+    q, k, v = qkv.view(m, n_head + 2 * n_kv, d).split([n_head, n_kv, n_kv], dim=1)  # (M, heads, D)
+    if qk_norm_eps is not None:
+        unit = lambda t: (t.float() * torch.rsqrt(t.float().square().mean(-1, keepdim=True) + qk_norm_eps)).to(t.dtype)
+        q, k = unit(q), unit(k)
+    if rope_theta is not None:
+        q, k = _rotate_half(q, positions, rope_theta), _rotate_half(k, positions, rope_theta)
+    slots, positions = slots.long(), positions.long()
+    k_cache[slots, layer, :, positions] = k.to(k_cache.dtype)
+    v_cache[slots, layer, :, positions] = v.to(v_cache.dtype)
+    y = decode_attention_reference(q, k_cache[:, layer], v_cache[:, layer], slots, positions + 1)  # (M, H, D)
+    return y.reshape(m, n_head * d)
+
+
+def decode_attention_step_triton(
+    qkv: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    layer: int,
+    slots: torch.Tensor,
+    positions: torch.Tensor,
+    n_head: int,
+    *,
+    rope_theta: float | None = None,
+    qk_norm_eps: float | None = None,
+) -> torch.Tensor:
+    """The kernel: one launch of (M, n_kv_head) programs."""
+    m, n_kv, d = _check(qkv, k_cache, v_cache, layer, slots, positions, n_head)
+    if rope_theta is not None and d % 2 != 0:
+        raise ValueError(f"RoPE needs an even head_dim, got {d}")
+    group = n_head // n_kv
+    block_h = triton.next_power_of_2(group)
+    out = torch.empty((m, n_head * d), device=qkv.device, dtype=qkv.dtype)
+    k_layer, v_layer = k_cache[:, layer], v_cache[:, layer]  # (n_slots, Hkv, max_len, D) views
+    _attention_step_kernel[(m, n_kv)](
+        qkv,
+        k_layer,
+        v_layer,
+        slots,
+        positions,
+        out,
+        _LOG2E / math.sqrt(d),
+        math.log2(rope_theta) if rope_theta is not None else 0.0,
+        qk_norm_eps if qk_norm_eps is not None else 0.0,
+        qkv.stride(0),
+        *k_layer.stride()[0:2],
+        k_layer.stride(2),
+        k_layer.stride(3),
+        *v_layer.stride()[0:2],
+        v_layer.stride(2),
+        v_layer.stride(3),
+        out.stride(0),
+        N_HEAD=n_head,
+        N_KV=n_kv,
+        GROUP=group,
+        HEAD_DIM=d,
+        HALF=max(1, d // 2),
+        BLOCK_H=block_h,
+        BLOCK_D=triton.next_power_of_2(d),
+        BLOCK_N=max(16, TILE_KEYS_X_HEADS // block_h),
+        ROPE=rope_theta is not None,
+        QK_NORM=qk_norm_eps is not None,
+        num_warps=NUM_WARPS,
+    )
+    return out
+
+
+def decode_attention_step(
+    qkv: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    layer: int,
+    slots: torch.Tensor,
+    positions: torch.Tensor,
+    n_head: int,
+    *,
+    rope_theta: float | None = None,
+    qk_norm_eps: float | None = None,
+    impl: Impl = "auto",
+) -> torch.Tensor:
+    """Attention of each row's new token (its q/k/v in qkv (M, (H + 2 Hkv) D)) over its slot's keys 0..pos, the new
+    k/v written to the cache at (slot, layer, pos) first. rope_theta None: no RoPE; qk_norm_eps None: no QK-norm.
+    Returns (M, H D) in qkv's dtype."""
+    if use_triton(impl, qkv, k_cache, v_cache, slots, positions):
+        fn = decode_attention_step_triton
+    else:
+        fn = decode_attention_step_reference
+    return fn(qkv, k_cache, v_cache, layer, slots, positions, n_head, rope_theta=rope_theta, qk_norm_eps=qk_norm_eps)
