@@ -100,9 +100,10 @@ def test_attention_in_place_equals_the_gather(tiny):
     model, cache_runner = tiny.model, TorchRunner(tiny.model, n_slots=4)
     prompts = {2: [1, 2, 3, 4, 5, 6], 0: [7], 3: [8, 9, 10]}
     cache_runner.prefill(list(prompts), list(prompts.values()))
-    slots = torch.tensor(list(prompts))
-    positions = torch.tensor([len(p) for p in prompts.values()])
-    tokens = torch.tensor([[11], [12], [13]])
+    device = cache_runner.device  # the runner moved the (shared) model there
+    slots = torch.tensor(list(prompts), device=device)
+    positions = torch.tensor([len(p) for p in prompts.values()], device=device)
+    tokens = torch.tensor([[11], [12], [13]], device=device)
     with torch.no_grad():
         # Same cache, same new tokens, written at the same positions by both: only the attention differs.
         gather = model.forward_cached(tokens, cache_runner.cache, slots, positions, kv_len=8)
@@ -118,6 +119,7 @@ def test_resident_graphs_equal_the_eager_resident_step_on_gpu(tiny):
     params = [PARAMS[0], PARAMS[1], PARAMS[4]]
     firsts = [r.prefill_sample(slots, prompts, params, [1, 2, 3]).tolist() for r in (eager, graphs)]
     assert firsts[0] == firsts[1]
+    assert ("prefill", 4, 16, True) in graphs._graphs  # the prefill replayed its graph (no fallback to eager)
     for step in range(12):  # 3 rows pad to the bucket of 4; a row leaves after 6 steps
         rows = slots if step < 6 else slots[:2]
         kv_len = 1 + step + max(len(p) for p in prompts)

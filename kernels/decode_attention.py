@@ -277,6 +277,9 @@ def _pick_num_splits(batch: int, n_kv: int, max_len: int, num_sms: int) -> int:
     return max(1, min(wanted, triton.cdiv(max_len, MIN_KEYS_PER_SPLIT), MAX_SPLITS))
 
 
+MIN_HEAD_DIM = 16  # narrower heads take the reference under impl="auto" (tl.dot's K >= 16 on sm_80/sm_90)
+
+
 def decode_attention_triton(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -371,9 +374,10 @@ def decode_attention(
 ) -> torch.Tensor:
     """Attention of q (B, H, D) over each sequence's cached keys -> (B, H, D); slots None: row b uses slot b.
 
-    impl="auto": Triton when every tensor is on CUDA, the reference otherwise (kernels/dispatch.py).
+    impl="auto": Triton when every tensor is on CUDA and the head is at least MIN_HEAD_DIM wide (the grouped-query
+    kernel's tl.dot needs K >= 16 on the GPU), the reference otherwise (kernels/dispatch.py).
     """
     tensors = (q, k_cache, v_cache, lengths) if slots is None else (q, k_cache, v_cache, slots, lengths)
-    if use_triton(impl, *tensors):
+    if use_triton(impl, *tensors) and (q.shape[-1] >= MIN_HEAD_DIM or impl == "triton"):
         return decode_attention_triton(q, k_cache, v_cache, slots, lengths, scale)
     return decode_attention_reference(q, k_cache, v_cache, slots, lengths, scale)

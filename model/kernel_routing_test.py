@@ -428,10 +428,12 @@ def shakespeare_char_on_copy(steps: int) -> tuple[GPT, list[float]]:
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: the trainer's evaluation path")
-def test_copy_training_on_gpu_repeats_exactly():
-    """The premise of the test below: its training repeats step for step (SDPA's backend pinned, whatever ran
-    before in the process)."""
-    assert shakespeare_char_on_copy(40)[1] == shakespeare_char_on_copy(40)[1]
+def test_copy_training_on_gpu_repeats_closely():
+    """The premise of the test below: its training repeats step for step, to rounding (SDPA's backend pinned,
+    whatever ran before in the process). Not bit for bit: on the H200 two runs parted in the last digits within 40
+    steps (the embedding's backward adds with atomics, in no fixed order)."""
+    first, second = shakespeare_char_on_copy(40)[1], shakespeare_char_on_copy(40)[1]
+    assert max(abs(a - b) for a, b in zip(first, second)) < 1e-2
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: the trainer's evaluation path")
