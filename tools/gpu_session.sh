@@ -57,6 +57,11 @@ run_step() {  # run_step NAME SECONDS CMD...
   timeout --kill-after=10 "$limit" "$@"
   local rc=$?
   summary+=("$(printf '%-14s rc=%-4s %5d s' "$name" "$rc" $((SECONDS - t0)))")
+  pack  # after every step: a call cut short still brings back what its finished steps wrote
+}
+pack() {
+  [ -n "$OUT" ] || return 0
+  find bench_svc/results -type f -newer "$marker" -print0 | tar czf "$OUT/results.tgz" --null -T - 2>/dev/null || true
 }
 
 built=0
@@ -103,7 +108,7 @@ done
 
 if [ -n "$OUT" ]; then
   gzip -f "$OUT"/*.json 2>/dev/null || true
-  find bench_svc/results -type f -newer "$marker" -print0 | tar czf "$OUT/results.tgz" --null -T -
+  pack
   tar tzf "$OUT/results.tgz"
 fi
 echo "== summary"
