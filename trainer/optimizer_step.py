@@ -16,6 +16,7 @@ inside MuonAdamW.step.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -43,6 +44,15 @@ def prepare_optimizer(optimizer: Any, device: torch.device) -> None:
     for part in getattr(optimizer, "optimizers", (optimizer,)):  # MuonAdamW's two, or the optimizer itself
         if isinstance(part, Muon):
             part.init_state()
+    # Static addresses: CUDA-graph trees then replay the step in place on these tensors rather than copy them in (lr)
+    # or refuse to graph a step that writes into them (Muon's momentum buffers; dynamo marks torch.optim's own state
+    # when it creates it, but not that of an optimizer without torch.optim's _init_group).
+    for group in optimizer.param_groups:
+        torch._dynamo.mark_static_address(group["lr"])
+    for state in optimizer.state.values():
+        for value in state.values():
+            if isinstance(value, torch.Tensor):
+                torch._dynamo.mark_static_address(value)
     if cuda:
         for p, state in optimizer.state.items():
             step = state.get("step")
@@ -76,7 +86,17 @@ class CompiledOptimizerStep:
         self._compiled = compile_fn(self._clip_and_step)
 
     def _clip_and_step(self) -> torch.Tensor:
-        norm = torch.nn.utils.clip_grad_norm_(self.params, self.max_norm)  # the norm before clipping
+        """clip_grad_norm_'s arithmetic, but the clipped gradients are new tensors: CUDA-graph trees replay a graph
+        that writes into its inputs only when those are static (parameters, optimizer state) or outputs of an
+        earlier graph, and the gradients of layers that run eagerly (embedding and head under compile_scope=blocks)
+        are neither: an in-place scale would make the graph run without CUDA graphs."""
+        params = [p for p in self.params if p.grad is not None]
+        grads = [p.grad for p in params]
+        norm = torch.nn.utils.get_total_norm(grads)  # the norm before clipping
+        if not math.isinf(self.max_norm):
+            coef = torch.clamp(self.max_norm / (norm + 1e-6), max=1.0)
+            for p, g in zip(params, torch._foreach_mul(grads, coef)):
+                p.grad = g
         self.optimizer.step()
         return norm
 
