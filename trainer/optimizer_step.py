@@ -100,7 +100,38 @@ class CompiledOptimizerStep:
         self.optimizer.step()
         return norm
 
+    def release(self) -> None:
+        """Drop dynamo's compiled entries for the optimizer's step (call when the run ends). They guard on the
+        optimizer object's identity, and the code they hang on (torch.optim's step wrapper, AdamW.step, Muon.step) is
+        shared by every optimizer in the process: without this a worker's fifth run (fourth with Muon) would hit
+        dynamo's recompile limit and step eagerly from then on. The clip's graph guards on shapes, not identity, and is
+        kept for the next run."""
+        stack = []
+        for part in getattr(self.optimizer, "optimizers", (self.optimizer,)):
+            fn = type(part).step
+            while fn is not None:  # the step and every decorator around it (each compiled as its own frame)
+                if hasattr(fn, "__code__"):
+                    stack.append(fn.__code__)
+                fn = getattr(fn, "__wrapped__", None)
+        _reset_codes(stack)
+
     def step(self) -> torch.Tensor:
         # detached and cloned: under CUDA graphs the returned norm lives in the graph's output buffer, which the
         # next replay overwrites before the loop reads this one at its log point
         return self._compiled().detach().clone()
+
+
+def _reset_codes(codes: list[Any]) -> None:
+    """torch._dynamo.reset_code on each code object and on the resume functions dynamo generated from it (the code
+    after a graph break runs as a function of its own, with its own compiled entries)."""
+    from torch._dynamo.resume_execution import ContinueExecutionCache
+
+    seen: set[int] = set()
+    while codes:
+        code = codes.pop()
+        if id(code) in seen:
+            continue
+        seen.add(id(code))
+        torch._dynamo.reset_code(code)
+        if code in ContinueExecutionCache.cache:
+            codes.extend(ContinueExecutionCache.cache[code].values())

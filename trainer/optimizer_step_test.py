@@ -146,6 +146,19 @@ def test_resume_with_the_compiled_step_is_exact(counted_compile, small_corpus, t
     assert first.grad_norms + second.grad_norms == full.grad_norms
 
 
+def test_a_worker_process_compiles_the_step_of_every_run(counted_compile, small_corpus, tmp_path):
+    """Dynamo's entries for torch.optim's step guard on the optimizer's identity and share one code object: without
+    `release` at the end of a run, the fifth run in a process (with Muon: AdamW's and Muon's step each) hit the
+    recompile limit (8) and stepped eagerly from then on."""
+    config = fast_config(max_steps=2, eval_interval=2, optimizer="muon", compile_optimizer=True)
+    compiled = []
+    for i in range(6):
+        before = counted_compile.frame_count
+        _run(config, small_corpus, tmp_path, f"run{i}")
+        compiled.append(counted_compile.frame_count - before)
+    assert compiled == [3] + [2] * 5  # the clip's graph (shapes guarded, not identity) is kept for the later runs
+
+
 def test_prepare_optimizer_keeps_values_and_makes_lr_a_tensor():
     model, opt = _model_and_optimizer("muon")
     assert all(isinstance(g["lr"], torch.Tensor) and g["lr"].dim() == 0 for g in opt.param_groups)

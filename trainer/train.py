@@ -232,6 +232,8 @@ def _train(
         scope.enter_context(_recompile_room(config))
         if config.compile:
             scope.enter_context(cache_friendly())  # a warm launch loads AOTAutograd's cache (trainer.compile_cache)
+        if run.optimizer_step is not None:
+            scope.callback(run.optimizer_step.release)  # the next run in this process compiles its own step
         if profiler is not None:
             scope.enter_context(profiler)
         pending = _Pending(device)
