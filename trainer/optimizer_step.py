@@ -124,8 +124,10 @@ class CompiledOptimizerStep:
 def _reset_codes(codes: list[Any]) -> None:
     """torch._dynamo.reset_code on each code object and on the resume functions dynamo generated from it (the code
     after a graph break runs as a function of its own, with its own compiled entries)."""
-    from torch._dynamo.resume_execution import ContinueExecutionCache
-
+    try:
+        from torch._dynamo.resume_execution import ContinueExecutionCache
+    except ImportError:  # a torch without it: the entries stay (a long-lived process may reach the recompile limit)
+        return
     seen: set[int] = set()
     while codes:
         code = codes.pop()
