@@ -40,6 +40,7 @@ __all__ = [
     "COMPILE_MODES",
     "ANNEALS",
     "OPTIMIZERS",
+    "COMPILE_SCOPES",
     "load_config",
     "parse_overrides",
     "micro_batch_plan",
@@ -51,6 +52,7 @@ DECAYS = ("cosine", "linear", "constant", "trapezoid")
 COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune")
 ANNEALS = ("linear", "cosine")
 OPTIMIZERS = ("adamw", "muon")
+COMPILE_SCOPES = ("model", "blocks")
 
 # Inclusive numeric ranges; an upper bound only stops the obvious typo (an extra zero or three).
 _INT_RANGES: dict[str, tuple[int, int]] = {
@@ -86,9 +88,9 @@ _OPEN_BELOW = ("lr", "muon_lr")  # ranges (lo, hi] rather than [lo, hi]
 _OPTIONAL = ("dropout", "dropout_start")  # None: "the preset's" / "no annealing"
 _CHOICES: dict[str, tuple[str, ...]] = {
     "tokenizer": TOKENIZERS, "dtype": DTYPES, "decay": DECAYS, "compile_mode": COMPILE_MODES, "dropout_anneal": ANNEALS,
-    "optimizer": OPTIMIZERS,
+    "optimizer": OPTIMIZERS, "compile_scope": COMPILE_SCOPES,
 }  # fmt: skip
-_BOOLS = ("grad_checkpointing", "resume", "tensorboard", "kernels", "step_graph")
+_BOOLS = ("grad_checkpointing", "resume", "tensorboard", "kernels", "step_graph", "compile_optimizer")
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 
 
@@ -139,6 +141,15 @@ class TrainConfig:
     log_interval: int = 10
     dtype: str = "float32"
     compile_mode: str = "none"  # none | default | reduce-overhead | max-autotune
+    # What torch.compile compiles: "model", the whole forward as one graph (the most fusion, the longest compile), or
+    # "blocks", each transformer Block on its own (regional compilation: every layer runs the same code, so dynamo
+    # traces and Inductor compiles one block once and reuses it for all; embedding, final norm, head and loss run
+    # eagerly). Only under torch.compile (compile_mode other than none).
+    compile_scope: str = "model"
+    # Compile the gradient clipping and the optimizer step too (trainer.optimizer_step; AdamW and Muon), in the
+    # run's compile_mode (default when compile_mode is none): under reduce-overhead they replay as CUDA graphs.
+    # Not with step_graph (which captures them already) nor float16 (its loss scaler decides on the host).
+    compile_optimizer: bool = False
     grad_checkpointing: bool = False  # recompute each block's activations in backward (less memory)
     # Eager on CUDA: run model.layers' ops on kernels/. Off by default: eager shakespeare-char trained at 587k tokens/s
     # with them and 714k without (H200, 2026-11-29, bench_svc/results/train-nvidia-h200.csv); under torch.compile
@@ -183,6 +194,7 @@ class TrainConfig:
                 "grad_accum", f"grad_accum must divide batch_size={self.batch_size}, got {self.grad_accum}"
             )
         self._check_schedule()
+        self._check_compiled_step()
         if self.dropout_anneal_levels == 1:
             raise ConfigError(
                 "dropout_anneal_levels", "dropout_anneal_levels must be 0 (automatic) or an integer in [2, 1000], got 1"
@@ -207,6 +219,21 @@ class TrainConfig:
                 "warmdown_steps",
                 f"warmdown_steps must be an integer in [1, {room}] with decay=trapezoid (decay_steps or max_steps "
                 f"{self.lr_decay_steps} - warmup {self.warmup}), got {self.warmdown_steps}",
+            )
+
+    def _check_compiled_step(self) -> None:
+        if not self.compile_optimizer:
+            return
+        if self.step_graph:
+            raise ConfigError(
+                "compile_optimizer",
+                "compile_optimizer must be false with step_graph=true (the captured step holds the optimizer already)",
+            )
+        if self.dtype == "float16":
+            raise ConfigError(
+                "compile_optimizer",
+                "compile_optimizer needs dtype float32 or bfloat16 (float16's loss scaler steps on the host), "
+                "got float16",
             )
 
     @property

@@ -72,6 +72,15 @@ class Muon(torch.optim.Optimizer):
                     raise ValueError(f"Muon steps 2-D matrices only, got a parameter of shape {tuple(p.shape)}")
 
     @torch.no_grad()
+    def init_state(self) -> None:
+        """Create every matrix's (zero) momentum buffer now rather than at the first step, so a compiled step traces
+        the steady state once instead of a first step and then the steady one (trainer.optimizer_step)."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                if "momentum_buffer" not in self.state[p]:
+                    self.state[p]["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+
+    @torch.no_grad()
     def step(self, closure: Any = None) -> Any:
         loss = None
         if closure is not None:

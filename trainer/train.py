@@ -40,6 +40,7 @@ from trainer.dropout_schedule import dropout_at, dropout_levels
 from trainer.lr_schedule import learning_rate
 from trainer.muon import Muon, MuonAdamW, is_hidden_matrix
 from trainer.mfu import Throughput, peak_flops
+from trainer.optimizer_step import CompiledOptimizerStep, prepare_optimizer, set_lr
 from trainer.resume_state import capture_rng, has_resume_state, load_resume_state, save_resume_state
 from trainer.run_log import RunLog, plot_curve
 from trainer.step_graph import StepGraph, check_step_graph
@@ -125,12 +126,6 @@ def assign_base_lr(optimizer: Optimizer, config: TrainConfig) -> None:
         group["base_lr"] = config.muon_lr if any(group is g for g in muon_groups) else config.lr
 
 
-def set_lr(optimizer: Optimizer, factor: float) -> None:
-    """Every group's learning rate to its base_lr times `factor` (the schedule's lr / config.lr)."""
-    for group in optimizer.param_groups:
-        group["lr"] = group["base_lr"] * factor
-
-
 @dataclass
 class _Run:
     """The pieces of one run that every helper below needs."""
@@ -150,6 +145,7 @@ class _Run:
     accum: int
     run_dir: Path
     graph: StepGraph | None = None  # the captured whole step, when config.step_graph
+    optimizer_step: CompiledOptimizerStep | None = None  # clipping + the optimizer step, when config.compile_optimizer
     step: int = 0
     best_val: float = math.inf
     best_step: int = 0
@@ -236,6 +232,8 @@ def _train(
         scope.enter_context(_recompile_room(config))
         if config.compile:
             scope.enter_context(cache_friendly())  # a warm launch loads AOTAutograd's cache (trainer.compile_cache)
+        if run.optimizer_step is not None:
+            scope.callback(run.optimizer_step.release)  # the next run in this process compiles its own step
         if profiler is not None:
             scope.enter_context(profiler)
         pending = _Pending(device)
@@ -379,13 +377,34 @@ def _setup(
         max_norm = config.grad_clip if config.grad_clip > 0 else math.inf
         autocast = None if config.dtype == "float32" else _DTYPES[config.dtype]
         run.graph = StepGraph(model, optimizer, autocast, max_norm)
-    fwd: torch.nn.Module = model
-    if config.compile:
-        fwd = torch.compile(model, mode=None if config.compile_mode == "default" else config.compile_mode)
+    run.fwd = _compiled_forward(model, config)
     if info.enabled:
-        fwd = DDP(fwd, device_ids=[device.index] if device.type == "cuda" else None)
-    run.fwd = fwd
+        run.fwd = DDP(run.fwd, device_ids=[device.index] if device.type == "cuda" else None)
+    if config.compile_optimizer:
+        prepare_optimizer(optimizer, device)
+        max_norm = config.grad_clip if config.grad_clip > 0 else math.inf
+        mode = _compile_mode(config) if config.compile else None
+        params = [p for p in model.parameters() if p.requires_grad]
+        run.optimizer_step = CompiledOptimizerStep(params, optimizer, max_norm, lambda fn: torch.compile(fn, mode=mode))
     return run
+
+
+def _compile_mode(config: TrainConfig) -> str | None:
+    """torch.compile's `mode` argument for config.compile_mode (not "none")."""
+    return None if config.compile_mode == "default" else config.compile_mode
+
+
+def _compiled_forward(model: GPT, config: TrainConfig) -> torch.nn.Module:
+    """What the step calls: `model`, compiled whole (compile_scope=model: one graph, torch.compile's wrapper) or
+    block by block in place (compile_scope=blocks: `model` itself, each Block's forward compiled; they share one
+    code object, so dynamo traces one block and every layer reuses its graph), or eager."""
+    if not config.compile:
+        return model
+    if config.compile_scope == "blocks":
+        for block in model.blocks:
+            block.compile(mode=_compile_mode(config))
+        return model
+    return torch.compile(model, mode=_compile_mode(config))
 
 
 @dataclass
@@ -426,11 +445,14 @@ def _train_step(run: _Run) -> _StepOut:
             run.scaler.scale(loss).backward()
         loss_sum += loss.detach()
     with torch.profiler.record_function("optimizer"):
-        run.scaler.unscale_(run.optimizer)
-        max_norm = config.grad_clip if config.grad_clip > 0 else math.inf
-        grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), max_norm)  # the norm before clipping
-        run.scaler.step(run.optimizer)
-        run.scaler.update()
+        if run.optimizer_step is not None:  # compiled clip + step (no loss scaler: config refuses float16)
+            grad_norm = run.optimizer_step.step()
+        else:
+            run.scaler.unscale_(run.optimizer)
+            max_norm = config.grad_clip if config.grad_clip > 0 else math.inf
+            grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), max_norm)  # the norm before clipping
+            run.scaler.step(run.optimizer)
+            run.scaler.update()
         run.optimizer.zero_grad(set_to_none=True)
     return _StepOut(dist.all_mean(loss_sum, info), grad_norm.detach(), lr, dropout)
 

@@ -14,8 +14,12 @@ evaluation at or below the target val loss, the first step's time from launch, t
 60 s, the best weights' loss on the whole val split (every token scored once), the largest difference from the
 anchor's val loss at the same evaluations, tokens/s and MFU (median over log intervals after warm-up), and the
 val-loss curve. A run goes on to its time budget (or max_steps). `--part startup` measures launch to first step in a
-new process with an empty compile cache and again with the cache it left. With two or more GPUs it also measures DDP tokens/s of the `medium` preset on 2 GPUs vs 1
-(torchrun, the same `trainer.main` code path). Results: CSV + JSON (GPU, commit, command) and a PNG.
+new process with an empty compile cache and again with the cache it left, for the default preset or any variant
+(`--startup tinylm-blocks:cold,tinylm-blocks:warm`). Issue 16's compile options have variants of their own:
+"-opt" (clipping and the optimizer step compiled too, trainer.optimizer_step), "-blocks" (each transformer Block
+compiled on its own, compile_scope=blocks), on the default and the muon preset. With two or more GPUs it also
+measures DDP tokens/s of the `medium` preset on 2 GPUs vs 1 (torchrun, the same `trainer.main` code path).
+Results: CSV + JSON (GPU, commit, command) and a PNG.
 """
 
 from __future__ import annotations
@@ -27,12 +31,14 @@ import logging
 import os
 import shlex
 import statistics
+import shutil
 import subprocess
 import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import load_model
@@ -199,6 +205,14 @@ def _all_variants(args: argparse.Namespace) -> list[tuple[str, TrainConfig]]:
         ("tinylm-muon-hot", muon.replace(muon_lr=0.05, lr=3e-3, max_steps=1500, warmdown_steps=750)),
         ("tinylm-muon-long", muon.replace(max_steps=3000, warmdown_steps=1500)),
         ("tinylm-muon-gpt", muon.replace(preset="shakespeare-char")),
+        # issue 16's compile options, each against the preset it modifies: the clipping and optimizer step compiled
+        # (CUDA graphs under reduce-overhead), each Block compiled on its own (a shorter compile, maybe a slower step)
+        ("tinylm-opt", base.replace(compile_optimizer=True)),
+        ("tinylm-blocks", base.replace(compile_scope="blocks")),
+        ("tinylm-opt-blocks", base.replace(compile_optimizer=True, compile_scope="blocks")),
+        ("tinylm-muon-opt", muon.replace(compile_optimizer=True)),
+        ("tinylm-muon-blocks", muon.replace(compile_scope="blocks")),
+        ("tinylm-muon-opt-blocks", muon.replace(compile_optimizer=True, compile_scope="blocks")),
         ("compile-default", base.replace(compile_mode="default")),  # torch.compile without CUDA graphs
         ("eager", base.replace(compile_mode="none", kernels=True)),  # eager PyTorch with our kernels
         ("eager-pytorch", base.replace(compile_mode="none", kernels=False)),  # the anchor: nanoGPT's eager loop
@@ -222,32 +236,60 @@ def _own_schedule(variant: str) -> bool:
     return "-fast" in variant or "-muon" in variant
 
 
+STARTUP_KINDS = ("cold", "warm")
+_STARTUP_SHORT = {"cold": ("tinylm", "cold"), "warm": ("tinylm", "warm"), "graph": ("tinylm-graph", "warm")}
+
+
+def startup_runs(spec: str, variants: list[str]) -> list[tuple[str, str, str]]:
+    """`--startup` -> (result name, variant, kind) per entry, in order. An entry is VARIANT:cold (an empty compile
+    cache of the variant's own) or VARIANT:warm (the cache its earlier launches left), or a short name: cold and warm
+    (the default preset, tinylm), graph (tinylm-graph, which compiles nothing). Bad entries -> SystemExit."""
+    runs = []
+    for entry in (e.strip() for e in spec.split(",") if e.strip()):
+        if entry in _STARTUP_SHORT:
+            variant, kind = _STARTUP_SHORT[entry]
+            runs.append((f"startup-{entry}", variant, kind))
+            continue
+        variant, _, kind = entry.rpartition(":")
+        if variant not in variants or kind not in STARTUP_KINDS:
+            raise SystemExit(
+                f"{MODULE}: bad --startup entry {entry!r}: give cold, warm, graph or VARIANT:KIND with KIND one of "
+                f"{list(STARTUP_KINDS)} and VARIANT one of {variants}"
+            )
+        runs.append((f"startup-{variant}-{kind}", variant, kind))
+    return runs
+
+
 def _startup(args: argparse.Namespace, workdir: Path) -> list[VariantResult]:
-    """Launch to first step of the default preset in a new process, twice: with an empty compile cache (cold), then
-    with the cache the first left (warm: Inductor's FX-graph and autotuning caches, Triton's kernels)."""
+    """Launch to first step of a variant in a new process: with an empty compile cache (cold), or with the cache an
+    earlier launch of it left (warm: Inductor's FX-graph, AOTAutograd and autotuning caches, Triton's kernels)."""
     if args.cpu_smoke:
         return []
-    cache = workdir / "compile-cache"
+    variants = dict(_all_variants(args))
     results = []
-    for name in (f"startup-{kind.strip()}" for kind in args.startup.split(",") if kind.strip()):
+    for name, variant, kind in startup_runs(args.startup, list(variants)):
+        cache = workdir / f"compile-cache-{variant}"
+        if kind == "cold":
+            shutil.rmtree(cache, ignore_errors=True)
         out_json = workdir / f"{name}.json"
         env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), TORCHINDUCTOR_CACHE_DIR=str(cache),
                    TRITON_CACHE_DIR=str(cache / "triton"), TINYLM_BENCH_LAUNCH=repr(time.time()))  # fmt: skip
-        cmd = [sys.executable, "-m", MODULE, "--startup-worker", str(out_json), "--workdir", str(workdir)]
-        if name == "startup-graph":  # no torch.compile: the whole step captured as a CUDA graph
-            cmd.append("--startup-graph")
+        cmd = [sys.executable, "-m", MODULE, "--startup-worker", str(out_json), "--startup-variant", variant,
+               "--workdir", str(workdir), "--eval-interval", str(args.eval_interval)]  # fmt: skip
         subprocess.run(cmd, check=True, cwd=REPO_ROOT, env=env)
         first = json.loads(out_json.read_text())["first_step_s"]
         log.info("%s: %.1f s from launch to the first step", name, first)
-        config = _startup_config(name == "startup-graph")
+        config = variants[variant]
         results.append(VariantResult(variant=name, preset=config.preset, compile=config.compile, dtype=config.dtype,
                                      first_step_s=first))  # fmt: skip
     return results
 
 
-def _startup_config(graph: bool) -> TrainConfig:
-    config = load_config("shakespeare-char")
-    return config.replace(compile_mode="none", step_graph=True) if graph else config
+def startup_config(config: TrainConfig) -> TrainConfig:
+    """A variant's config cut to two steps, every one logged, no evaluation; the same compiled graphs (the schedule's
+    length is kept: a trapezoid's warmdown must fit)."""
+    return config.replace(max_steps=2, decay_steps=config.lr_decay_steps, log_interval=1, eval_interval=1000,
+                          tensorboard=False)  # fmt: skip
 
 
 def _startup_worker(args: argparse.Namespace) -> int:
@@ -255,23 +297,36 @@ def _startup_worker(args: argparse.Namespace) -> int:
     launch = float(os.environ["TINYLM_BENCH_LAUNCH"])
     started = time.time() - launch  # interpreter start and imports
     workdir = Path(args.workdir)
-    config = _startup_config(args.startup_graph).replace(max_steps=2, log_interval=1, eval_interval=1000,
-                                                         tensorboard=False)  # fmt: skip
+    config = startup_config(dict(_all_variants(args))[args.startup_variant])
     corpus = resolve_corpus(os.environ.get("TINYLM_CORPUS"), workdir / "data")
     firsts: list[float] = []
     train(config, corpus, store_root=workdir / "startup-store", run_dir=workdir / f"startup-{time.time_ns()}",
           data_dir=workdir / "data", progress_callback=lambda step, m: firsts.append(time.time() - launch))  # fmt: skip
     aot = dict(torch._dynamo.utils.counters["aot_autograd"])  # a warm launch should show autograd_cache_hit only
-    Path(args.startup_worker).write_text(json.dumps({"first_step_s": firsts[0], "aot_autograd": aot}))
+    Path(args.startup_worker).write_text(json.dumps({"first_step_s": firsts[0], "aot_autograd": aot,
+                                                     "started_s": started, **_compile_counters()}))  # fmt: skip
     log.info(
-        "start-up: %.1f s to main (interpreter, imports), %.1f s to the first step; AOTAutograd cache %s; "
-        "compile phases:\n%s",
+        "start-up of %s: %.1f s to main (interpreter, imports), %.1f s to the first step; AOTAutograd cache %s; "
+        "%s; compile phases:\n%s",
+        args.startup_variant,
         started,
         firsts[0],
         aot,
+        _compile_counters(),
         torch._dynamo.utils.compile_times(repr="str"),
     )
     return 0
+
+
+def _compile_counters() -> dict[str, Any]:
+    """What dynamo and Inductor did in this process: graphs compiled, recompilations' frames, CUDA-graph skips and
+    recordings (a compiled optimizer step whose graph is skipped or re-recorded every step would show here)."""
+    counters = torch._dynamo.utils.counters
+    return {
+        "unique_graphs": counters["stats"]["unique_graphs"],
+        "frames_ok": counters["frames"]["ok"],
+        "inductor": {k: v for k, v in counters["inductor"].items() if "cudagraph" in k},
+    }
 
 
 def _ddp_scaling(args: argparse.Namespace, workdir: Path) -> list[VariantResult]:
@@ -393,17 +448,19 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--variants",
         default="",
         help="comma-separated variants to run, in this order (default all: tinylm, tinylm-graph, tinylm-fast, "
-        "tinylm-fast-graph, tinylm-muon, tinylm-muon-hot, tinylm-muon-long, tinylm-muon-gpt, compile-default, eager, "
-        "eager-pytorch); "
+        "tinylm-fast-graph, tinylm-muon, tinylm-muon-hot, tinylm-muon-long, tinylm-muon-gpt, tinylm-opt, "
+        "tinylm-blocks, tinylm-opt-blocks, tinylm-muon-opt, tinylm-muon-blocks, tinylm-muon-opt-blocks, "
+        "compile-default, eager, eager-pytorch); "
         "one alone rules out state left by an earlier variant in the same process",
     )
     p.add_argument("--cpu-smoke", action="store_true", help="a tiny CPU run of the same code path (for tests)")
     p.add_argument("--startup-worker", help=argparse.SUPPRESS)  # internal: one startup measurement, writes JSON here
-    p.add_argument("--startup-graph", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--startup-variant", default="tinylm", help=argparse.SUPPRESS)  # internal: the worker's variant
     p.add_argument(
         "--startup",
         default="cold,warm,graph",
-        help="start-up runs: cold (empty compile cache), warm (the cache cold left), graph (no compile)",
+        help="start-up runs, in order: VARIANT:cold (an empty compile cache), VARIANT:warm (the cache the variant's "
+        "earlier launch left); cold, warm: the default preset (tinylm); graph: tinylm-graph (no compile)",
     )
     p.add_argument("--tag", default="", help="file name tag: train-<gpu>[-part][-TAG].* (a partial run beside a whole)")
     p.add_argument("--ddp-worker", help=argparse.SUPPRESS)  # internal: one torchrun rank, writes JSON here
@@ -424,6 +481,8 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return NO_GPU_EXIT_CODE
+    if args.part in ("all", "startup") and not args.cpu_smoke:
+        startup_runs(args.startup, [name for name, _ in _all_variants(args)])  # a bad entry fails now, not at the end
     target = args.target if args.target is not None else (3.0 if args.cpu_smoke else TARGET_VAL_LOSS)
     info = run_info(torch.device("cpu" if args.cpu_smoke else "cuda"), MODULE, argv)
     if args.cpu_smoke:
@@ -436,9 +495,11 @@ def main(argv: list[str] | None = None) -> int:
             prepare_data(corpus, config.tokenizer, workdir / "data", bpe_vocab=config.bpe_vocab)  # not timed
             log.info("variant %s: %s", name, config)
             warmup = 2 if args.cpu_smoke else WARMUP_STEPS
+            torch._dynamo.utils.counters.clear()
             results.append(
                 run_variant(name, config, corpus, workdir, target=target, budget_s=args.budget_s, warmup_steps=warmup)
             )
+            log.info("variant %s compiled: %s", name, _compile_counters())
         _compare_with_anchor(results)
         if args.part in ("all", "startup"):
             results += _startup(args, workdir)

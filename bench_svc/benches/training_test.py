@@ -60,6 +60,43 @@ def test_variants_picks_and_orders_and_names_the_choices(capsys):
         SystemExit,
         match=r"unknown variant\(s\) \['fast'\]; choose from \['tinylm', 'tinylm-graph', 'tinylm-fast', "
         r"'tinylm-fast-graph', 'tinylm-muon', 'tinylm-muon-hot', 'tinylm-muon-long', 'tinylm-muon-gpt', "
-        r"'compile-default', 'eager', 'eager-pytorch'\]",
+        r"'tinylm-opt', 'tinylm-blocks', 'tinylm-opt-blocks', 'tinylm-muon-opt', 'tinylm-muon-blocks', "
+        r"'tinylm-muon-opt-blocks', 'compile-default', 'eager', 'eager-pytorch'\]",
     ):
         training._variants(training._parse_args(["--variants", "fast"]))
+
+
+def test_compile_option_variants_change_only_their_option():
+    variants = dict(training._all_variants(training._parse_args([])))
+    base, muon = variants["tinylm"], variants["tinylm-muon"]
+    assert not base.compile_optimizer and base.compile_scope == "model"
+    assert variants["tinylm-opt"] == base.replace(compile_optimizer=True)
+    assert variants["tinylm-blocks"] == base.replace(compile_scope="blocks")
+    assert variants["tinylm-opt-blocks"] == base.replace(compile_optimizer=True, compile_scope="blocks")
+    assert variants["tinylm-muon-opt-blocks"] == muon.replace(compile_optimizer=True, compile_scope="blocks")
+    assert variants["tinylm-muon-blocks"].optimizer == "muon"
+
+
+def test_startup_entries_name_a_variant_and_a_cache_state():
+    names = [name for name, _ in training._all_variants(training._parse_args([]))]
+    runs = training.startup_runs("cold,warm, graph,tinylm-muon-opt-blocks:cold,tinylm-muon-opt-blocks:warm", names)
+    assert runs == [
+        ("startup-cold", "tinylm", "cold"),
+        ("startup-warm", "tinylm", "warm"),
+        ("startup-graph", "tinylm-graph", "warm"),
+        ("startup-tinylm-muon-opt-blocks-cold", "tinylm-muon-opt-blocks", "cold"),
+        ("startup-tinylm-muon-opt-blocks-warm", "tinylm-muon-opt-blocks", "warm"),
+    ]
+    for bad in ("tinylm-blocks:hot", "nope:cold", "lukewarm"):
+        with pytest.raises(SystemExit, match=r"bad --startup entry .*KIND one of \['cold', 'warm'\]"):
+            training.startup_runs(bad, names)
+
+
+def test_every_variant_cuts_to_a_two_step_startup_run():
+    """The startup worker trains two steps of any variant; a trapezoid schedule keeps its length (its warmdown
+    must fit), and nothing that picks the compiled graphs changes."""
+    for name, config in training._all_variants(training._parse_args([])):
+        short = training.startup_config(config)
+        assert short.max_steps == 2 and short.log_interval == 1, name
+        same = ("compile_mode", "compile_scope", "compile_optimizer", "optimizer", "preset", "dtype", "step_graph")
+        assert all(getattr(short, key) == getattr(config, key) for key in same), name
