@@ -1,0 +1,332 @@
+"""The serving engine's full sampler in one Triton launch: penalty, temperature, top-k, top-p, the seeded draw.
+
+`reference` is the PyTorch path (`model.sampling`: `penalise`, `uniforms`, `sample_rows`, which sorts every row);
+`sample_slots` picks the kernel on CUDA (or under the interpreter with impl="triton") and the reference elsewhere.
+Both read the decode loop's per-slot state (`inference_svc.runner.SlotState`) directly: logits row b belongs to
+slot `slots[b]`, whose sampling settings and seen-token mask are gathered in the kernel.
+
+No sort. Row b's sorted order (descending value, ties by lower index: torch's stable sort) is the order of one
+integer per token, `composite = key(x) << IDX_BITS | (IDX_MAX - index)`, where key() maps float32 to uint32
+monotonically (-0.0 folded onto +0.0). Every cut the sampler makes is "the prefix of that order whose weight reaches
+a target": top-k (weight 1, target k), top-p (weight p, target top_p: the token whose inclusion reaches top_p is
+the last kept), the draw (weight p over the kept tokens, first prefix exceeding u * total, as `searchsorted(...,
+right=True)`). `_search` finds such a cut by a 16-way search over the composite's integer range: each pass over the
+row counts the weight at or above 15 thresholds at once, so a 48-bit range takes about 12 passes, whatever V. The
+answer is a token's composite, so ties and ranks are exact; sums differ from torch's cumsum only in rounding
+order, which moves a draw only when u * total lies within a few ulps of a boundary.
+
+One program per row; the penalised, scaled logits go to a (B, V) float32 scratch so the later passes read one
+array. Rows that are greedy, or degenerate (a NaN, +inf or all -inf: torch's non-finite total), stop after the
+first pass and take the argmax of the penalised logits (the first NaN where there is one, as torch.argmax).
+Passes per sampled row: 1 + (12, when top_k < V) + 1 + (12, when top_p < 1) + 1 + 12. top_p = 1 skips the
+top-p cut: torch's cumsum can reach 1.0 a few ulps early and drop a tail of mass ~1e-7, which the kernel keeps.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.dispatch import Impl, use_triton
+from model.sampling import penalise, sample_rows, uniforms
+
+__all__ = ["MAX_VOCAB", "SlotSettings", "reference", "sample_slots", "sample_slots_triton"]
+
+MAX_VOCAB = 1 << 17  # index bits in the composite: 17 (+ 32 key bits < 63)
+SPLIT = 16  # thresholds per search pass (a 16-way search: 4 bits of the composite range per pass)
+# Tokens per inner-loop step under the CPU interpreter: small blocks at small V (so tests cover several blocks a
+# row), wide ones at large V (the interpreter's cost is per step).
+INTERPRET_BLOCK_SMALL, INTERPRET_BLOCK_LARGE, INTERPRET_LARGE_V = 64, 4096, 4096
+AUTOTUNE_WARMUP_MS, AUTOTUNE_REP_MS = 5, 25
+# (BLOCK, num_warps): a row per program, so small V wants one block; large V wants wide blocks to stream the row.
+# A search pass holds a (BLOCK, 16) tile: at most 64 elements a thread.
+CONFIGS = [
+    triton.Config({"BLOCK": block}, num_warps=warps)
+    for block, warps in ((128, 1), (128, 2), (128, 4), (256, 4), (512, 4), (512, 8), (1024, 8), (1024, 16), (2048, 16))
+]
+
+
+class SlotSettings(NamedTuple):
+    """The decode loop's per-slot sampling state that the sampler reads (`inference_svc.runner.SlotState`'s)."""
+
+    blocked: torch.Tensor  # (V,) bool: ids never drawn
+    seen: torch.Tensor  # (n_slots, V) bool: ids in the slot's context (the repetition penalty's)
+    penalty: torch.Tensor  # (n_slots, 1) float32, 1 = off
+    greedy: torch.Tensor  # (n_slots,) bool
+    temperature: torch.Tensor  # (n_slots, 1) float32 (any value on greedy slots)
+    top_k: torch.Tensor  # (n_slots, 1) int64, V = off
+    top_p: torch.Tensor  # (n_slots, 1) float32, 1 = off
+    seed: torch.Tensor  # (n_slots,) int64 >= 0
+
+
+@triton.jit
+def _low32(x):
+    """x mod 2**32 for int64 x >= 0 (no 32-bit mask literal: its type differs between Triton's backends)."""
+    return x - ((x >> 32) << 32)
+
+
+@triton.jit
+def _mix32(x):
+    """model.sampling._mix32: xorshift-multiply rounds; products stay below 2**63."""
+    x = x ^ (x >> 16)
+    x = _low32(x * 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _low32(x * 0x5BD1E995)
+    return x ^ (x >> 16)
+
+
+@triton.jit
+def _uniform(seed, counter):
+    """model.sampling.uniforms for one (seed, counter): int64 scalars >= 0 -> float32 in [0, 1), 24 bits."""
+    golden = tl.full((), 0x9E3779B9, tl.int64)
+    lo = _low32(seed)
+    hi = _low32(seed >> 32)
+    h = _mix32(lo ^ _mix32(hi ^ _mix32(_low32(counter) ^ golden)))
+    return (h >> 8).to(tl.float32) * (1.0 / 16777216.0)
+
+
+@triton.jit
+def _composite(x, offs, mask, IDX_BITS: tl.constexpr):
+    """The rank order as one int64 per token (larger = earlier): monotone key of x, then the lower index first.
+    Positions past V get -1 (below every real token)."""
+    x = tl.where(x == 0.0, 0.0, x)  # -0.0 == +0.0 to torch's sort
+    bits = x.to(tl.int32, bitcast=True).to(tl.int64)
+    key = tl.where(bits < 0, -1 - bits, bits + 2147483648)  # float32 order as uint32
+    comp = (key << IDX_BITS) | ((1 << IDX_BITS) - 1 - offs.to(tl.int64))
+    return tl.where(mask, comp, -1)
+
+
+@triton.jit
+def _load_block(x_row, start, V, cut, m, z, IDX_BITS: tl.constexpr, BLOCK: tl.constexpr, COUNT: tl.constexpr):
+    """Tokens start.. start + BLOCK of the scaled row: their composites, and their weights in a search: 1 (counting)
+    or the probability exp(x - m) / z, zero below the cut (and past V)."""
+    offs = start + tl.arange(0, BLOCK)
+    mask = offs < V
+    x = tl.load(x_row + offs, mask=mask, other=float("-inf"))
+    comp = _composite(x, offs, mask, IDX_BITS)
+    if COUNT:
+        w = tl.where(comp >= cut, 1.0, 0.0)
+    else:
+        w = tl.where(comp >= cut, tl.exp(x - m) / z, 0.0)
+    return comp, w
+
+
+@triton.jit
+def _search(
+    x_row,
+    V,
+    cut,
+    m,
+    z,
+    target,
+    HI,
+    IDX_BITS: tl.constexpr,
+    BLOCK: tl.constexpr,
+    COUNT: tl.constexpr,
+    STRICT: tl.constexpr,
+):
+    """The largest T in [0, HI) with W(T) >= target (> with STRICT), where W(T) is the weight of the tokens whose
+    composite is >= T; -1 when W(0) misses the target. W only steps at tokens' composites, so T is one of them."""
+    j = tl.arange(0, 16).to(tl.int64)
+    lo = tl.zeros((), tl.int64)
+    hi = tl.zeros((), tl.int64) + HI
+    while hi - lo > 1:
+        t = lo + ((hi - lo) * j) // 16  # (16,) thresholds, t[0] = lo
+        acc = tl.zeros((16,), tl.float32)
+        for start in range(0, V, BLOCK):
+            comp, w = _load_block(x_row, start, V, cut, m, z, IDX_BITS, BLOCK, COUNT)
+            acc += tl.sum(tl.where(comp[:, None] >= t[None, :], w[:, None], 0.0), axis=0)
+        if STRICT:
+            hit = acc > target
+        else:
+            hit = acc >= target
+        new_lo = tl.max(tl.where(hit, t, -1), axis=0)
+        new_hi = tl.min(tl.where(hit, hi, t), axis=0)
+        hi = tl.where(new_lo < 0, 0, new_hi)
+        lo = new_lo
+    return lo
+
+
+@triton.jit
+def _pass_total(x_row, V, cut, m, z, IDX_BITS: tl.constexpr, BLOCK: tl.constexpr):
+    """Over the tokens at or above the cut: the sum of their probabilities, and the lowest composite whose
+    probability is positive (torch's last kept token, where a draw that rounds past the total lands)."""
+    total = tl.zeros((), tl.float32)
+    lowest = tl.zeros((), tl.int64) + (1 << 62)
+    for start in range(0, V, BLOCK):
+        comp, p = _load_block(x_row, start, V, cut, m, z, IDX_BITS, BLOCK, False)
+        total += tl.sum(p, axis=0)
+        lowest = tl.minimum(lowest, tl.min(tl.where(p > 0.0, comp, 1 << 62), axis=0))
+    return total, lowest
+
+
+@triton.jit
+def _sample_kernel(
+    logits_ptr,  # (B, V) float32, row stride stride_l
+    stride_l,
+    x_ptr,  # (B, V) float32 scratch: penalised logits / temperature
+    slots_ptr,  # (B,) int64: the slot of each row
+    counters_ptr,  # (B,) int64: the draw's counter (the new token's position)
+    blocked_ptr,  # (V,) uint8: ids never drawn
+    seen_ptr,  # (n_slots, V) uint8, row stride stride_s
+    stride_s,
+    penalty_ptr,  # (n_slots,) float32 (1 = off)
+    greedy_ptr,  # (n_slots,) uint8
+    temperature_ptr,  # (n_slots,) float32
+    top_k_ptr,  # (n_slots,) int64 (V = off)
+    top_p_ptr,  # (n_slots,) float32
+    seed_ptr,  # (n_slots,) int64
+    out_ptr,  # (B,) int64
+    V,
+    IDX_BITS: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    b = tl.program_id(0)
+    slot = tl.load(slots_ptr + b)
+    penalty = tl.load(penalty_ptr + slot)
+    temperature = tl.load(temperature_ptr + slot)
+    l_row = logits_ptr + b.to(tl.int64) * stride_l
+    x_row = x_ptr + b.to(tl.int64) * V
+    s_row = seen_ptr + slot * stride_s
+    big = V + BLOCK  # an index past every token
+    best = tl.full((), float("-inf"), tl.float32)
+    arg = tl.zeros((), tl.int32) + big
+    first_nan = tl.zeros((), tl.int32) + big
+    m = tl.full((), float("-inf"), tl.float32)
+    # Pass 1: penalise (model.sampling.penalise), argmax, scale by the temperature into the scratch.
+    for start in range(0, V, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        mask = offs < V
+        logit = tl.load(l_row + offs, mask=mask, other=float("-inf"))
+        logit = tl.where(tl.load(blocked_ptr + offs, mask=mask, other=0) != 0, float("-inf"), logit)
+        hit = tl.load(s_row + offs, mask=mask, other=0) != 0  # a penalty of 1 changes nothing: x / 1 = x * 1 = x
+        scaled = tl.where(logit > 0, tl.math.div_rn(logit, penalty + tl.zeros_like(logit)), logit * penalty)
+        logit = tl.where(hit, scaled, logit)
+        is_nan = logit != logit
+        first_nan = tl.minimum(first_nan, tl.min(tl.where(is_nan & mask, offs, big), axis=0))
+        block_max = tl.max(tl.where(is_nan, float("-inf"), logit), axis=0)
+        block_arg = tl.min(tl.where(mask & (logit == block_max), offs, big), axis=0)
+        take = (block_max > best) | ((block_max == best) & (block_arg < arg))
+        arg = tl.where(take, block_arg, arg)
+        best = tl.where(take, block_max, best)
+        x = tl.math.div_rn(logit, temperature + tl.zeros_like(logit))
+        m = tl.maximum(m, tl.max(tl.where(is_nan, float("-inf"), x), axis=0))
+        tl.store(x_row + offs, x, mask=mask)
+    greedy_token = tl.where(first_nan < big, first_nan, arg)
+    degenerate = (first_nan < big) | (m == float("inf")) | (m == float("-inf"))
+    token = greedy_token.to(tl.int64)
+    if (tl.load(greedy_ptr + slot) == 0) & (degenerate == 0):
+        HI = tl.full((), 1 << (32 + IDX_BITS), tl.int64)
+        one = tl.full((), 1.0, tl.float32)
+        top_k = tl.load(top_k_ptr + slot)
+        top_p = tl.load(top_p_ptr + slot)
+        cut_k = tl.zeros((), tl.int64)
+        if top_k < V:
+            cut_k = _search(x_row, V, cut_k, m, one, top_k.to(tl.float32), HI, IDX_BITS, BLOCK, True, False)
+        z = tl.zeros((), tl.float32)
+        for start in range(0, V, BLOCK):
+            z += tl.sum(_load_block(x_row, start, V, cut_k, m, one, IDX_BITS, BLOCK, False)[1], axis=0)
+        cut = cut_k
+        if top_p < 1.0:
+            cut_p = _search(x_row, V, cut_k, m, z, top_p, HI, IDX_BITS, BLOCK, False, False)
+            cut = tl.maximum(cut_k, cut_p)
+        total, lowest = _pass_total(x_row, V, cut, m, z, IDX_BITS, BLOCK)
+        u = _uniform(tl.load(seed_ptr + slot), tl.load(counters_ptr + b))
+        pick = _search(x_row, V, cut, m, z, u * total, HI, IDX_BITS, BLOCK, False, True)
+        pick = tl.maximum(pick, lowest)  # a draw past the total takes the last kept token
+        token = (1 << IDX_BITS) - 1 - (pick & ((1 << IDX_BITS) - 1))
+    tl.store(out_ptr + b, token)
+
+
+def _prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+    """Blocks no wider than the row (rounded up to a power of two, at least the smallest block)."""
+    width = max(CONFIGS[0].kwargs["BLOCK"], triton.next_power_of_2({**named_args, **kwargs}["V"]))
+    return [c for c in configs if c.kwargs["BLOCK"] <= width]
+
+
+_sample_kernel_tuned = triton.autotune(
+    configs=CONFIGS,
+    key=["V"],
+    prune_configs_by={"early_config_prune": _prune},
+    do_bench=lambda fn, quantiles: triton.testing.do_bench(
+        fn, warmup=AUTOTUNE_WARMUP_MS, rep=AUTOTUNE_REP_MS, quantiles=quantiles
+    ),
+)(_sample_kernel)
+
+
+def _check_inputs(logits: torch.Tensor, slots: torch.Tensor, counters: torch.Tensor, seen: torch.Tensor) -> None:
+    if logits.dim() != 2 or logits.dtype != torch.float32:
+        raise ValueError(f"logits must be (B, V) float32, got {tuple(logits.shape)} {logits.dtype}")
+    B, V = logits.shape
+    if not 1 <= V <= MAX_VOCAB:
+        raise ValueError(f"vocabulary V must be in [1, {MAX_VOCAB}], got {V}")
+    for name, t in (("slots", slots), ("counters", counters)):
+        if t.shape != (B,) or t.dtype != torch.long:
+            raise ValueError(f"{name} must be ({B},) int64, got {tuple(t.shape)} {t.dtype}")
+    if seen.dim() != 2 or seen.shape[1] != V:
+        raise ValueError(f"seen must be (n_slots, V={V}) bool, got {tuple(seen.shape)}")
+
+
+def sample_slots_triton(
+    logits: torch.Tensor, slots: torch.Tensor, counters: torch.Tensor, settings: SlotSettings
+) -> torch.Tensor:
+    """The kernel: next token (B,) int64 of each row; same arguments as `reference`. One launch, no host sync."""
+    blocked, seen, penalty, greedy, temperature, top_k, top_p, seed = settings
+    _check_inputs(logits, slots, counters, seen)
+    B, V = logits.shape
+    out = torch.empty(B, dtype=torch.long, device=logits.device)
+    if B == 0:
+        return out
+    x = torch.empty(B, V, dtype=torch.float32, device=logits.device)  # scratch
+    if logits.stride(1) != 1:
+        logits = logits.contiguous()
+    seen = seen if seen.stride(1) == 1 else seen.contiguous()
+    args = (
+        logits,
+        logits.stride(0),
+        x,
+        slots,
+        counters,
+        blocked.view(torch.uint8),
+        seen.view(torch.uint8),
+        seen.stride(0),
+        penalty.reshape(-1),
+        greedy.view(torch.uint8).reshape(-1),
+        temperature.reshape(-1),
+        top_k.reshape(-1),
+        top_p.reshape(-1),
+        seed.reshape(-1),
+        out,
+        V,
+    )
+    idx_bits = max(1, (V - 1).bit_length())
+    if logits.is_cuda:
+        _sample_kernel_tuned[(B,)](*args, IDX_BITS=idx_bits)
+    else:
+        block = INTERPRET_BLOCK_SMALL if V <= INTERPRET_LARGE_V else INTERPRET_BLOCK_LARGE
+        _sample_kernel[(B,)](*args, IDX_BITS=idx_bits, BLOCK=block)
+    return out
+
+
+def reference(
+    logits: torch.Tensor, slots: torch.Tensor, counters: torch.Tensor, settings: SlotSettings
+) -> torch.Tensor:
+    """The PyTorch sampler (sorts every row). logits (B, V) float32 of the rows in `slots` (B,) long; counters (B,)
+    long, each row's draw counter."""
+    blocked, seen, penalty, greedy, temperature, top_k, top_p, seed = settings
+    logits = logits.masked_fill(blocked, float("-inf"))  # ids the tokenizer cannot decode
+    logits = penalise(logits, seen[slots], penalty[slots])
+    u = uniforms(seed[slots], counters)
+    return sample_rows(logits, greedy[slots], temperature[slots], top_k[slots], top_p[slots], u)
+
+
+def sample_slots(
+    logits: torch.Tensor, slots: torch.Tensor, counters: torch.Tensor, settings: SlotSettings, impl: Impl = "auto"
+) -> torch.Tensor:
+    """Next token (B,) int64 of each row: the kernel on CUDA ("auto"), the reference elsewhere."""
+    if use_triton(impl, logits, supported=logits.shape[-1] <= MAX_VOCAB):
+        return sample_slots_triton(logits, slots, counters, settings)
+    return reference(logits, slots, counters, settings)
