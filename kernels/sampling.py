@@ -36,7 +36,9 @@ from model.sampling import penalise, sample_rows, uniforms
 __all__ = ["MAX_VOCAB", "SlotSettings", "reference", "sample_slots", "sample_slots_triton"]
 
 MAX_VOCAB = 1 << 17  # index bits in the composite: 17 (+ 32 key bits < 63)
-SPLIT = 16  # thresholds per search pass (a 16-way search: 4 bits of the composite range per pass)
+# top-k's coarse search stops once at most k + LIST_SLACK tokens lie above its threshold; they are listed, and every
+# later pass reads only the list (one or two blocks at k = 50) instead of the whole row.
+LIST_SLACK: tl.constexpr = 1024
 # Tokens per inner-loop step under the CPU interpreter: small blocks at small V (so tests cover several blocks a
 # row), wide ones at large V (the interpreter's cost is per step).
 INTERPRET_BLOCK_SMALL, INTERPRET_BLOCK_LARGE, INTERPRET_LARGE_V = 64, 4096, 4096
@@ -100,13 +102,28 @@ def _composite(x, offs, mask, IDX_BITS: tl.constexpr):
 
 
 @triton.jit
-def _load_block(x_row, start, V, cut, m, z, IDX_BITS: tl.constexpr, BLOCK: tl.constexpr, COUNT: tl.constexpr):
-    """Tokens start.. start + BLOCK of the scaled row: their composites, and their weights in a search: 1 (counting)
-    or the probability exp(x - m) / z, zero below the cut (and past V)."""
+def _float_of(comp, IDX_BITS: tl.constexpr):
+    """The float32 x back from a composite (the inverse of _composite's key)."""
+    key = comp >> IDX_BITS
+    bits = tl.where(key >= 2147483648, key - 2147483648, -1 - key)
+    return bits.to(tl.int32).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _load_block(
+    x_row, c_row, n, listed, start, cut, m, z, IDX_BITS: tl.constexpr, BLOCK: tl.constexpr, COUNT: tl.constexpr
+):
+    """Tokens start.. start + BLOCK of a row, as composites and their weights in a search: 1 (counting) or the
+    probability exp(x - m) / z, zero below the cut (and past n). The row is either the whole scaled row x_row
+    (listed == 0, n = V) or the list of the composites at c_row that top-k's coarse search kept (listed == 1)."""
     offs = start + tl.arange(0, BLOCK)
-    mask = offs < V
-    x = tl.load(x_row + offs, mask=mask, other=float("-inf"))
+    mask = offs < n
+    from_list = (tl.zeros([BLOCK], tl.int32) + listed) != 0
+    x = tl.load(x_row + offs, mask=mask & (from_list == 0), other=float("-inf"))
     comp = _composite(x, offs, mask, IDX_BITS)
+    listed_comp = tl.load(c_row + offs, mask=mask & from_list, other=-1)
+    comp = tl.where(from_list, listed_comp, comp)
+    x = tl.where(from_list, _float_of(listed_comp, IDX_BITS), x)
     if COUNT:
         w = tl.where(comp >= cut, 1.0, 0.0)
     else:
@@ -117,11 +134,14 @@ def _load_block(x_row, start, V, cut, m, z, IDX_BITS: tl.constexpr, BLOCK: tl.co
 @triton.jit
 def _search(
     x_row,
-    V,
+    c_row,
+    n,
+    listed,
     cut,
     m,
     z,
     target,
+    stop,
     HI,
     IDX_BITS: tl.constexpr,
     BLOCK: tl.constexpr,
@@ -129,15 +149,18 @@ def _search(
     STRICT: tl.constexpr,
 ):
     """The largest T in [0, HI) with W(T) >= target (> with STRICT), where W(T) is the weight of the tokens whose
-    composite is >= T; -1 when W(0) misses the target. W only steps at tokens' composites, so T is one of them."""
+    composite is >= T; -1 when W(0) misses the target. W only steps at tokens' composites, so T is one of them.
+    Stops early, with a T whose W(T) meets the target, once W(T) <= stop (top-k's coarse search: few enough
+    tokens above T to list them)."""
     j = tl.arange(0, 16).to(tl.int64)
     lo = tl.zeros((), tl.int64)
     hi = tl.zeros((), tl.int64) + HI
-    while hi - lo > 1:
+    w_lo = tl.full((), float("inf"), tl.float32)
+    while (hi - lo > 1) & (w_lo > stop):
         t = lo + ((hi - lo) * j) // 16  # (16,) thresholds, t[0] = lo
         acc = tl.zeros((16,), tl.float32)
-        for start in range(0, V, BLOCK):
-            comp, w = _load_block(x_row, start, V, cut, m, z, IDX_BITS, BLOCK, COUNT)
+        for start in range(0, n, BLOCK):
+            comp, w = _load_block(x_row, c_row, n, listed, start, cut, m, z, IDX_BITS, BLOCK, COUNT)
             acc += tl.sum(tl.where(comp[:, None] >= t[None, :], w[:, None], 0.0), axis=0)
         if STRICT:
             hit = acc > target
@@ -145,19 +168,32 @@ def _search(
             hit = acc >= target
         new_lo = tl.max(tl.where(hit, t, -1), axis=0)
         new_hi = tl.min(tl.where(hit, hi, t), axis=0)
+        w_lo = tl.min(tl.where(hit, acc, float("inf")), axis=0)  # W is non-increasing: W(new_lo)
         hi = tl.where(new_lo < 0, 0, new_hi)
         lo = new_lo
     return lo
 
 
 @triton.jit
-def _pass_total(x_row, V, cut, m, z, IDX_BITS: tl.constexpr, BLOCK: tl.constexpr):
+def _list_row(x_row, c_row, V, cut, IDX_BITS: tl.constexpr, BLOCK: tl.constexpr):
+    """Writes the composites >= cut of the whole row to c_row, in index order; returns how many."""
+    n = tl.zeros((), tl.int32)
+    for start in range(0, V, BLOCK):
+        comp, keep = _load_block(x_row, c_row, V, 0, start, cut, 0.0, 1.0, IDX_BITS, BLOCK, True)
+        keep = keep.to(tl.int32)
+        tl.store(c_row + n + tl.cumsum(keep, axis=0) - 1, comp, mask=keep != 0)
+        n += tl.sum(keep, axis=0)
+    return n
+
+
+@triton.jit
+def _pass_total(x_row, c_row, n, listed, cut, m, z, IDX_BITS: tl.constexpr, BLOCK: tl.constexpr):
     """Over the tokens at or above the cut: the sum of their probabilities, and the lowest composite whose
     probability is positive (torch's last kept token, where a draw that rounds past the total lands)."""
     total = tl.zeros((), tl.float32)
     lowest = tl.zeros((), tl.int64) + (1 << 62)
-    for start in range(0, V, BLOCK):
-        comp, p = _load_block(x_row, start, V, cut, m, z, IDX_BITS, BLOCK, False)
+    for start in range(0, n, BLOCK):
+        comp, p = _load_block(x_row, c_row, n, listed, start, cut, m, z, IDX_BITS, BLOCK, False)
         total += tl.sum(p, axis=0)
         lowest = tl.minimum(lowest, tl.min(tl.where(p > 0.0, comp, 1 << 62), axis=0))
     return total, lowest
@@ -168,6 +204,7 @@ def _sample_kernel(
     logits_ptr,  # (B, V) float32, row stride stride_l
     stride_l,
     x_ptr,  # (B, V) float32 scratch: penalised logits / temperature
+    c_ptr,  # (B, V) int64 scratch: top-k's list of composites
     slots_ptr,  # (B,) int64: the slot of each row
     counters_ptr,  # (B,) int64: the draw's counter (the new token's position)
     blocked_ptr,  # (V,) uint8: ids never drawn
@@ -190,6 +227,7 @@ def _sample_kernel(
     temperature = tl.load(temperature_ptr + slot)
     l_row = logits_ptr + b.to(tl.int64) * stride_l
     x_row = x_ptr + b.to(tl.int64) * V
+    c_row = c_ptr + b.to(tl.int64) * V
     s_row = seen_ptr + slot * stride_s
     big = V + BLOCK  # an index past every token
     best = tl.full((), float("-inf"), tl.float32)
@@ -215,6 +253,7 @@ def _sample_kernel(
         x = tl.math.div_rn(logit, temperature + tl.zeros_like(logit))
         m = tl.maximum(m, tl.max(tl.where(is_nan, float("-inf"), x), axis=0))
         tl.store(x_row + offs, x, mask=mask)
+    tl.debug_barrier()  # the scratch row is read by other threads than wrote it
     greedy_token = tl.where(first_nan < big, first_nan, arg)
     degenerate = (first_nan < big) | (m == float("inf")) | (m == float("-inf"))
     token = greedy_token.to(tl.int64)
@@ -224,18 +263,26 @@ def _sample_kernel(
         top_k = tl.load(top_k_ptr + slot)
         top_p = tl.load(top_p_ptr + slot)
         cut_k = tl.zeros((), tl.int64)
-        if top_k < V:
-            cut_k = _search(x_row, V, cut_k, m, one, top_k.to(tl.float32), HI, IDX_BITS, BLOCK, True, False)
+        n = V + tl.zeros((), tl.int32)  # a tensor whatever V (Triton makes an int argument of 1 a constant)
+        listed = tl.zeros((), tl.int32)
+        if top_k < V:  # coarse count search, list the survivors, then the exact cut over the list
+            k = top_k.to(tl.float32)
+            coarse = _search(x_row, c_row, V, 0, cut_k, m, one, k, k + LIST_SLACK, HI, IDX_BITS, BLOCK, True, False)
+            n = _list_row(x_row, c_row, V, coarse, IDX_BITS, BLOCK)
+            listed = tl.full((), 1, tl.int32)
+            tl.debug_barrier()  # the list is read by other threads than wrote it
+            cut_k = _search(x_row, c_row, n, listed, cut_k, m, one, k, -1.0, HI, IDX_BITS, BLOCK, True, False)
         z = tl.zeros((), tl.float32)
-        for start in range(0, V, BLOCK):
-            z += tl.sum(_load_block(x_row, start, V, cut_k, m, one, IDX_BITS, BLOCK, False)[1], axis=0)
+        for start in range(0, n, BLOCK):
+            _, e = _load_block(x_row, c_row, n, listed, start, cut_k, m, one, IDX_BITS, BLOCK, False)
+            z += tl.sum(e, axis=0)
         cut = cut_k
         if top_p < 1.0:
-            cut_p = _search(x_row, V, cut_k, m, z, top_p, HI, IDX_BITS, BLOCK, False, False)
+            cut_p = _search(x_row, c_row, n, listed, cut_k, m, z, top_p, -1.0, HI, IDX_BITS, BLOCK, False, False)
             cut = tl.maximum(cut_k, cut_p)
-        total, lowest = _pass_total(x_row, V, cut, m, z, IDX_BITS, BLOCK)
+        total, lowest = _pass_total(x_row, c_row, n, listed, cut, m, z, IDX_BITS, BLOCK)
         u = _uniform(tl.load(seed_ptr + slot), tl.load(counters_ptr + b))
-        pick = _search(x_row, V, cut, m, z, u * total, HI, IDX_BITS, BLOCK, False, True)
+        pick = _search(x_row, c_row, n, listed, cut, m, z, u * total, -1.0, HI, IDX_BITS, BLOCK, False, True)
         pick = tl.maximum(pick, lowest)  # a draw past the total takes the last kept token
         token = (1 << IDX_BITS) - 1 - (pick & ((1 << IDX_BITS) - 1))
     tl.store(out_ptr + b, token)
@@ -281,6 +328,7 @@ def sample_slots_triton(
     if B == 0:
         return out
     x = torch.empty(B, V, dtype=torch.float32, device=logits.device)  # scratch
+    c = torch.empty(B, V, dtype=torch.long, device=logits.device)  # scratch
     if logits.stride(1) != 1:
         logits = logits.contiguous()
     seen = seen if seen.stride(1) == 1 else seen.contiguous()
@@ -288,6 +336,7 @@ def sample_slots_triton(
         logits,
         logits.stride(0),
         x,
+        c,
         slots,
         counters,
         blocked.view(torch.uint8),
