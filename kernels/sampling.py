@@ -18,7 +18,9 @@ order, which moves a draw only when u * total lies within a few ulps of a bounda
 One program per row; the penalised, scaled logits go to a (B, V) float32 scratch so the later passes read one
 array. Rows that are greedy, or degenerate (a NaN, +inf or all -inf: torch's non-finite total), stop after the
 first pass and take the argmax of the penalised logits (the first NaN where there is one, as torch.argmax).
-Passes per sampled row: 1 + (12, when top_k < V) + 1 + (12, when top_p < 1) + 1 + 12. top_p = 1 skips the
+Passes over the whole row, per sampled row: with top_k < V, 1 + a few (top-k's coarse search stops once at most
+k + LIST_SLACK tokens are left; they are listed, and every later pass reads the list); with top-k off and top_p < 1,
+1 + 1 + ~12 (top-p) + 1 (the kept tokens listed for the draw); with both off, 1 + 1 + 1 + ~12 (the draw). top_p = 1 skips the
 top-p cut: torch's cumsum can reach 1.0 a few ulps early and drop a tail of mass ~1e-7, which the kernel keeps.
 """
 
@@ -38,16 +40,17 @@ __all__ = ["MAX_VOCAB", "SlotSettings", "reference", "sample_slots", "sample_slo
 MAX_VOCAB = 1 << 17  # index bits in the composite: 17 (+ 32 key bits < 63)
 # top-k's coarse search stops once at most k + LIST_SLACK tokens lie above its threshold; they are listed, and every
 # later pass reads only the list (one or two blocks at k = 50) instead of the whole row.
-LIST_SLACK: tl.constexpr = 1024
+LIST_SLACK = tl.constexpr(1024)
 # Tokens per inner-loop step under the CPU interpreter: small blocks at small V (so tests cover several blocks a
 # row), wide ones at large V (the interpreter's cost is per step).
 INTERPRET_BLOCK_SMALL, INTERPRET_BLOCK_LARGE, INTERPRET_LARGE_V = 64, 4096, 4096
 AUTOTUNE_WARMUP_MS, AUTOTUNE_REP_MS = 5, 25
 # (BLOCK, num_warps): a row per program, so small V wants one block; large V wants wide blocks to stream the row.
-# A search pass holds a (BLOCK, 16) tile: at most 64 elements a thread.
+# A search pass holds a (BLOCK, 16) tile: 16 to 64 elements a thread (ptxas, sm_90: 254 registers at 64, no spills
+# at BLOCK 128 and 1024; 2048 x 16 warps spills a little). Fewer warps a row leave room for more rows an SM.
 CONFIGS = [
     triton.Config({"BLOCK": block}, num_warps=warps)
-    for block, warps in ((128, 1), (128, 2), (128, 4), (256, 4), (512, 4), (512, 8), (1024, 8), (1024, 16), (2048, 16))
+    for block, warps in ((128, 1), (128, 4), (256, 8), (512, 8), (1024, 8), (1024, 16), (2048, 16))
 ]
 
 
@@ -280,6 +283,10 @@ def _sample_kernel(
         if top_p < 1.0:
             cut_p = _search(x_row, c_row, n, listed, cut_k, m, z, top_p, -1.0, HI, IDX_BITS, BLOCK, False, False)
             cut = tl.maximum(cut_k, cut_p)
+            if listed == 0:  # list the kept tokens: the draw's passes read them only
+                n = _list_row(x_row, c_row, V, cut, IDX_BITS, BLOCK)
+                listed = tl.full((), 1, tl.int32)
+                tl.debug_barrier()
         total, lowest = _pass_total(x_row, c_row, n, listed, cut, m, z, IDX_BITS, BLOCK)
         u = _uniform(tl.load(seed_ptr + slot), tl.load(counters_ptr + b))
         pick = _search(x_row, c_row, n, listed, cut, m, z, u * total, -1.0, HI, IDX_BITS, BLOCK, False, True)
