@@ -27,7 +27,7 @@ import torch
 
 from model.kv_cache import KVCache
 from kernels.dispatch import Impl
-from kernels.sampling import SlotSettings, sample_slots
+from kernels.sampling import SlotSettings, advance_slots, sample_slots
 from model.sampling import SamplingParams
 from model.transformer import GPT
 
@@ -113,7 +113,6 @@ class SlotState:
         self.top_p = torch.ones(n_slots, 1, device=device)
         self.penalty = torch.ones(n_slots, 1, device=device)
         self.seen = torch.zeros(n_slots, vocab_size, dtype=torch.bool, device=device)  # context tokens per slot
-        self._true = torch.ones((), dtype=torch.bool, device=device)  # a device value to store (graph capture)
 
     def allow(self, n: int) -> None:
         """Only ids below n (the tokenizer's vocabulary; the model's may be padded beyond it) are drawn."""
@@ -157,11 +156,9 @@ class SlotState:
         return sample_slots(logits, slots, counters, settings, self.impl)
 
     def advance(self, slots: torch.Tensor, tokens: torch.Tensor, positions: torch.Tensor, full: bool) -> None:
-        """The new tokens become the rows' next inputs, at `positions` (already advanced)."""
-        self.token[slots] = tokens
-        self.pos[slots] = positions
-        if full:
-            self.seen.index_put_((slots, tokens), self._true)
+        """The new tokens become the rows' next inputs, at `positions` (already advanced); with `full`, they join
+        the slots' seen masks. One launch on CUDA (`kernels.sampling.advance_slots`)."""
+        advance_slots(self.token, self.pos, self.seen, slots, tokens, positions, full, self.impl)
 
 
 class TorchRunner:

@@ -1,7 +1,8 @@
 """The serving engine's full sampler in one Triton launch: penalty, temperature, top-k, top-p, the seeded draw.
 
 `reference` is the PyTorch path (`model.sampling`: `penalise`, `uniforms`, `sample_rows`, which sorts every row);
-`sample_slots` picks the kernel on CUDA (or under the interpreter with impl="triton") and the reference elsewhere.
+`sample_slots` picks the kernel on CUDA (or under the interpreter with impl="triton") and the reference elsewhere;
+`advance_slots` is the state update after a step (next inputs, positions, seen masks) in one launch.
 Both read the decode loop's per-slot state (`inference_svc.runner.SlotState`) directly: logits row b belongs to
 slot `slots[b]`, whose sampling settings and seen-token mask are gathered in the kernel.
 
@@ -35,7 +36,14 @@ import triton.language as tl
 from kernels.dispatch import Impl, use_triton
 from model.sampling import penalise, sample_rows, uniforms
 
-__all__ = ["MAX_VOCAB", "SlotSettings", "reference", "sample_slots", "sample_slots_triton"]
+__all__ = [
+    "MAX_VOCAB",
+    "SlotSettings",
+    "advance_slots",
+    "reference",
+    "sample_slots",
+    "sample_slots_triton",
+]
 
 MAX_VOCAB = 1 << 17  # index bits in the composite: 17 (+ 32 key bits < 63)
 # top-k's coarse search stops once at most k + LIST_SLACK tokens lie above its threshold; they are listed, and every
@@ -386,3 +394,63 @@ def sample_slots(
     if use_triton(impl, logits, supported=logits.shape[-1] <= MAX_VOCAB):
         return sample_slots_triton(logits, slots, counters, settings)
     return reference(logits, slots, counters, settings)
+
+
+# The state update after a step: each row's new token becomes its slot's next input, at its new position, and joins
+# the slot's seen mask (full sampling only). One launch instead of torch's two or three index_put kernels.
+
+ADVANCE_BLOCK = 128  # rows per program
+
+
+@triton.jit
+def _advance_kernel(
+    token_ptr,  # (n_slots,) int64
+    pos_ptr,  # (n_slots,) int64
+    seen_ptr,  # (n_slots, V) uint8, row stride stride_s
+    stride_s,
+    slots_ptr,  # (B,) int64
+    tokens_ptr,  # (B,) int64
+    positions_ptr,  # (B,) int64
+    B,
+    FULL: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = rows < B
+    slot = tl.load(slots_ptr + rows, mask=mask, other=0)
+    new = tl.load(tokens_ptr + rows, mask=mask, other=0)
+    tl.store(token_ptr + slot, new, mask=mask)
+    tl.store(pos_ptr + slot, tl.load(positions_ptr + rows, mask=mask, other=0), mask=mask)
+    if FULL:
+        tl.store(seen_ptr + slot * stride_s + new, tl.full([BLOCK], 1, tl.uint8), mask=mask)
+
+
+def advance_slots(
+    token: torch.Tensor,
+    pos: torch.Tensor,
+    seen: torch.Tensor,
+    slots: torch.Tensor,
+    tokens: torch.Tensor,
+    positions: torch.Tensor,
+    full: bool,
+    impl: Impl = "auto",
+) -> None:
+    """token[slots] = tokens, pos[slots] = positions and, when `full`, seen[slots, tokens] = True, in place: one
+    Triton launch on CUDA ("auto"), torch's index_put elsewhere ("reference"). token, pos (n_slots,) int64, seen
+    (n_slots, V) bool, slots, tokens, positions (B,) int64. A slot listed twice (the scratch slot of padded rows)
+    gets one of its rows' values, as with index_put."""
+    B = slots.shape[0]
+    for name, t in (("tokens", tokens), ("positions", positions)):
+        if t.shape != (B,) or t.dtype != torch.long:
+            raise ValueError(f"{name} must be ({B},) int64 like slots, got {tuple(t.shape)} {t.dtype}")
+    fast = token.is_contiguous() and pos.is_contiguous() and seen.stride(1) == 1
+    if not use_triton(impl, token, pos, seen, slots, tokens, positions, supported=fast) or B == 0:
+        token[slots] = tokens
+        pos[slots] = positions
+        if full:
+            seen.index_put_((slots, tokens), torch.ones((), dtype=torch.bool, device=seen.device))
+        return
+    grid = (triton.cdiv(B, ADVANCE_BLOCK),)
+    _advance_kernel[grid](
+        token, pos, seen.view(torch.uint8), seen.stride(0), slots, tokens, positions, B, FULL=full, BLOCK=ADVANCE_BLOCK
+    )

@@ -7,7 +7,14 @@ import torch
 
 from inference_svc.runner import SlotState, Staging
 from kernels import sampling as ks
-from kernels.sampling import MAX_VOCAB, SlotSettings, reference, sample_slots, sample_slots_triton
+from kernels.sampling import (
+    MAX_VOCAB,
+    SlotSettings,
+    advance_slots,
+    reference,
+    sample_slots,
+    sample_slots_triton,
+)
 from model.sampling import MAX_SEED, SamplingParams
 
 GPU = torch.cuda.is_available()
@@ -169,6 +176,29 @@ def test_slot_state_routes_to_kernel(device, monkeypatch):
         assert not fast.eq(V - 1).any()  # the blocked id
         state.advance(slots, fast, counters, full=True)
     assert len(calls) == 6
+
+
+@pytest.mark.parametrize("full", [True, False])
+def test_advance_matches_torch(full, device):
+    """The state update: next tokens and positions by slot, and (full) the new tokens joining the seen masks;
+    300 rows span three programs."""
+    gen = torch.Generator().manual_seed(int(full))
+    n_slots, V, B = 400, 65, 300
+    state = [
+        torch.randint(0, V, (n_slots,), generator=gen),
+        torch.randint(0, 99, (n_slots,), generator=gen),
+        torch.rand(n_slots, V, generator=gen) < 0.3,
+    ]
+    state = [t.to(device) for t in state]
+    slots = torch.randperm(n_slots, generator=gen)[:B].to(device)
+    tokens = torch.randint(0, V, (B,), generator=gen).to(device)
+    positions = torch.randint(0, 1000, (B,), generator=gen).to(device)
+    want = [t.clone() for t in state]
+    advance_slots(*want, slots, tokens, positions, full, impl="reference")
+    advance_slots(*state, slots, tokens, positions, full, impl="triton")
+    for got, ref in zip(state, want):
+        assert torch.equal(got, ref)
+    assert full == bool(state[2][slots, tokens].all())  # the test covers a change of the mask, or none
 
 
 def test_auto_takes_reference_on_cpu_tensors():

@@ -130,6 +130,9 @@ def _specs() -> list[tuple[str, object, dict, dict, int, int]]:
     for V, block, warps in ((65, 128, 1), (50304, 1024, 8)):  # char and BPE vocabularies, their likely tiles
         const = dict(IDX_BITS=(V - 1).bit_length(), BLOCK=block)
         specs.append((f"sampling V{V} BLOCK {block}", smp._sample_kernel, sample_sig, const, warps, 3))
+    advance_sig = {n: "*i64" for n in ("token_ptr", "pos_ptr", "slots_ptr", "tokens_ptr", "positions_ptr")}
+    const = dict(FULL=True, BLOCK=smp.ADVANCE_BLOCK)
+    specs.append(("sampling advance", smp._advance_kernel, {**advance_sig, "seen_ptr": "*u8"}, const, 4, 3))
     return specs
 
 
