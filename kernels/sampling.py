@@ -210,7 +210,7 @@ def _pass_total(x_row, c_row, n, listed, cut, m, z, IDX_BITS: tl.constexpr, BLOC
     return total, lowest
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["batch_bucket"])
 def _sample_kernel(
     logits_ptr,  # (B, V) float32, row stride stride_l
     stride_l,
@@ -229,6 +229,7 @@ def _sample_kernel(
     seed_ptr,  # (n_slots,) int64
     out_ptr,  # (B,) int64
     V,
+    batch_bucket,  # next_power_of_2(B): an autotune key only, never read (one row wants wide blocks, many rows narrow)
     IDX_BITS: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
@@ -311,7 +312,7 @@ def _prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[tri
 
 _sample_kernel_tuned = triton.autotune(
     configs=CONFIGS,
-    key=["V"],
+    key=["V", "batch_bucket"],
     prune_configs_by={"early_config_prune": _prune},
     do_bench=lambda fn, quantiles: triton.testing.do_bench(
         fn, warmup=AUTOTUNE_WARMUP_MS, rep=AUTOTUNE_REP_MS, quantiles=quantiles
@@ -365,6 +366,7 @@ def sample_slots_triton(
         seed.reshape(-1),
         out,
         V,
+        triton.next_power_of_2(B),
     )
     idx_bits = max(1, (V - 1).bit_length())
     if logits.is_cuda:
