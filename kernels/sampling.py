@@ -13,8 +13,10 @@ a target": top-k (weight 1, target k), top-p (weight p, target top_p: the token 
 the last kept), the draw (weight p over the kept tokens, first prefix exceeding u * total, as `searchsorted(...,
 right=True)`). `_search` finds such a cut by a 16-way search over the composite's integer range: each pass over the
 row counts the weight at or above 15 thresholds at once, so a 48-bit range takes about 12 passes, whatever V. The
-answer is a token's composite, so ties and ranks are exact; sums differ from torch's cumsum only in rounding
-order, which moves a draw only when u * total lies within a few ulps of a boundary.
+answer is a token's composite, so ties and ranks are exact; the sums (float64 accumulators over float32
+probabilities) differ from torch's cumsum only by rounding, which moves a cut or a draw only when its target lies
+within rounding of a boundary (torch's own float32 cumsum on CUDA drifts more than the kernel's sums over a row of
+50k near-equal probabilities).
 
 One program per row; the penalised, scaled logits go to a (B, V) float32 scratch so the later passes read one
 array. Rows that are greedy, or degenerate (a NaN, +inf or all -inf: torch's non-finite total), stop after the
@@ -136,9 +138,9 @@ def _load_block(
     comp = tl.where(from_list, listed_comp, comp)
     x = tl.where(from_list, _float_of(listed_comp, IDX_BITS), x)
     if COUNT:
-        w = tl.where(comp >= cut, 1.0, 0.0)
+        w = tl.where(mask & (comp >= cut), 1.0, 0.0)
     else:
-        w = tl.where(comp >= cut, tl.exp(x - m) / z, 0.0)
+        w = tl.where(mask & (comp >= cut), tl.exp(x - m) / z, 0.0)
     return comp, w
 
 
@@ -148,41 +150,51 @@ def _search(
     c_row,
     n,
     listed,
+    lo,
+    hi,
     cut,
     m,
     z,
     target,
-    stop,
-    HI,
     IDX_BITS: tl.constexpr,
     BLOCK: tl.constexpr,
     COUNT: tl.constexpr,
     STRICT: tl.constexpr,
+    EARLY: tl.constexpr,
 ):
-    """The largest T in [0, HI) with W(T) >= target (> with STRICT), where W(T) is the weight of the tokens whose
-    composite is >= T; -1 when W(0) misses the target. W only steps at tokens' composites, so T is one of them.
-    Stops early, with a T whose W(T) meets the target, once W(T) <= stop (top-k's coarse search: few enough
-    tokens above T to list them)."""
+    """The largest T in [lo, hi) with W(T) >= target (> with STRICT), where W(T) is the weight of the tokens whose
+    composite is >= T, given W(lo) meets the target and W(hi) does not (lo = -1, hi = 0: none does). W only steps
+    at tokens' composites, so T is one of them. Returns the final (lo, hi). With EARLY it stops as soon as at most
+    LIST_SLACK tokens (COUNT: target + LIST_SLACK) lie at or above lo: they are listed, and the search resumes from
+    (lo, hi) over the list."""
     j = tl.arange(0, 16).to(tl.int64)
-    lo = tl.zeros((), tl.int64)
-    hi = tl.zeros((), tl.int64) + HI
-    w_lo = tl.full((), float("inf"), tl.float32)
-    while (hi - lo > 1) & (w_lo > stop):
+    stop = -1.0
+    if EARLY:
+        stop = LIST_SLACK + (target if COUNT else 0.0)
+    above = tl.full((), float("inf"), tl.float32)  # tokens at or above lo (when EARLY)
+    while (hi - lo > 1) & (above > stop):
         t = lo + ((hi - lo) * j) // 16  # (16,) thresholds, t[0] = lo
-        acc = tl.zeros((16,), tl.float32)
+        acc = tl.zeros((16,), tl.float64)  # float64: many near-equal probabilities must not drift past a boundary
+        count = tl.zeros((16,), tl.float32)
         for start in range(0, n, BLOCK):
             comp, w = _load_block(x_row, c_row, n, listed, start, cut, m, z, IDX_BITS, BLOCK, COUNT)
-            acc += tl.sum(tl.where(comp[:, None] >= t[None, :], w[:, None], 0.0), axis=0)
+            ge = comp[:, None] >= t[None, :]
+            acc += tl.sum(tl.where(ge, w[:, None].to(tl.float64), 0.0), axis=0)
+            if EARLY and not COUNT:
+                count += tl.sum(tl.where(ge, 1.0, 0.0), axis=0)
         if STRICT:
             hit = acc > target
         else:
             hit = acc >= target
+        if EARLY:
+            if COUNT:
+                count = acc.to(tl.float32)
+            above = tl.min(tl.where(hit, count, float("inf")), axis=0)  # counts fall as t rises: at the new lo
         new_lo = tl.max(tl.where(hit, t, -1), axis=0)
         new_hi = tl.min(tl.where(hit, hi, t), axis=0)
-        w_lo = tl.min(tl.where(hit, acc, float("inf")), axis=0)  # W is non-increasing: W(new_lo)
         hi = tl.where(new_lo < 0, 0, new_hi)
         lo = new_lo
-    return lo
+    return lo, hi
 
 
 @triton.jit
@@ -201,13 +213,13 @@ def _list_row(x_row, c_row, V, cut, IDX_BITS: tl.constexpr, BLOCK: tl.constexpr)
 def _pass_total(x_row, c_row, n, listed, cut, m, z, IDX_BITS: tl.constexpr, BLOCK: tl.constexpr):
     """Over the tokens at or above the cut: the sum of their probabilities, and the lowest composite whose
     probability is positive (torch's last kept token, where a draw that rounds past the total lands)."""
-    total = tl.zeros((), tl.float32)
+    total = tl.zeros((), tl.float64)
     lowest = tl.zeros((), tl.int64) + (1 << 62)
     for start in range(0, n, BLOCK):
         comp, p = _load_block(x_row, c_row, n, listed, start, cut, m, z, IDX_BITS, BLOCK, False)
-        total += tl.sum(p, axis=0)
+        total += tl.sum(p.to(tl.float64), axis=0)
         lowest = tl.minimum(lowest, tl.min(tl.where(p > 0.0, comp, 1 << 62), axis=0))
-    return total, lowest
+    return total.to(tl.float32), lowest
 
 
 @triton.jit(do_not_specialize=["batch_bucket"])
@@ -275,30 +287,35 @@ def _sample_kernel(
         top_k = tl.load(top_k_ptr + slot)
         top_p = tl.load(top_p_ptr + slot)
         cut_k = tl.zeros((), tl.int64)
+        lo0 = tl.zeros((), tl.int64)
         n = V + tl.zeros((), tl.int32)  # a tensor whatever V (Triton makes an int argument of 1 a constant)
         listed = tl.zeros((), tl.int32)
-        if top_k < V:  # coarse count search, list the survivors, then the exact cut over the list
+        if top_k < V:  # coarse count search, list the tokens above it, finish the cut over the list
             k = top_k.to(tl.float32)
-            coarse = _search(x_row, c_row, V, 0, cut_k, m, one, k, k + LIST_SLACK, HI, IDX_BITS, BLOCK, True, False)
-            n = _list_row(x_row, c_row, V, coarse, IDX_BITS, BLOCK)
+            lo, hi = _search(x_row, c_row, n, listed, lo0, HI, cut_k, m, one, k, IDX_BITS, BLOCK, True, False, True)
+            n = _list_row(x_row, c_row, V, lo, IDX_BITS, BLOCK)
             listed = tl.full((), 1, tl.int32)
             tl.debug_barrier()  # the list is read by other threads than wrote it
-            cut_k = _search(x_row, c_row, n, listed, cut_k, m, one, k, -1.0, HI, IDX_BITS, BLOCK, True, False)
-        z = tl.zeros((), tl.float32)
+            cut_k, hi = _search(x_row, c_row, n, listed, lo, hi, cut_k, m, one, k, IDX_BITS, BLOCK, True, False, False)
+        z64 = tl.zeros((), tl.float64)
         for start in range(0, n, BLOCK):
             _, e = _load_block(x_row, c_row, n, listed, start, cut_k, m, one, IDX_BITS, BLOCK, False)
-            z += tl.sum(e, axis=0)
+            z64 += tl.sum(e.to(tl.float64), axis=0)
+        z = z64.to(tl.float32)
         cut = cut_k
-        if top_p < 1.0:
-            cut_p = _search(x_row, c_row, n, listed, cut_k, m, z, top_p, -1.0, HI, IDX_BITS, BLOCK, False, False)
-            cut = tl.maximum(cut_k, cut_p)
-            if listed == 0:  # list the kept tokens: the draw's passes read them only
-                n = _list_row(x_row, c_row, V, cut, IDX_BITS, BLOCK)
+        if top_p < 1.0:  # the same, by probability mass: coarse over the whole row (unless listed), list, finish
+            lo, hi = _search(x_row, c_row, n, listed, lo0, HI, cut_k, m, z, top_p, IDX_BITS, BLOCK, False, False, True)
+            if listed == 0:
+                n = _list_row(x_row, c_row, V, lo, IDX_BITS, BLOCK)
                 listed = tl.full((), 1, tl.int32)
                 tl.debug_barrier()
+            cut_p, hi = _search(
+                x_row, c_row, n, listed, lo, hi, cut_k, m, z, top_p, IDX_BITS, BLOCK, False, False, False
+            )
+            cut = tl.maximum(cut_k, cut_p)
         total, lowest = _pass_total(x_row, c_row, n, listed, cut, m, z, IDX_BITS, BLOCK)
         u = _uniform(tl.load(seed_ptr + slot), tl.load(counters_ptr + b))
-        pick = _search(x_row, c_row, n, listed, cut, m, z, u * total, -1.0, HI, IDX_BITS, BLOCK, False, True)
+        pick, _ = _search(x_row, c_row, n, listed, lo0, HI, cut, m, z, u * total, IDX_BITS, BLOCK, False, True, False)
         pick = tl.maximum(pick, lowest)  # a draw past the total takes the last kept token
         token = (1 << IDX_BITS) - 1 - (pick & ((1 << IDX_BITS) - 1))
     tl.store(out_ptr + b, token)
