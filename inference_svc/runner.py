@@ -11,9 +11,9 @@ the decode step captured as CUDA graphs at batch buckets 1, 2, 4, ..., max (stat
 rows write into a scratch slot), as gpt-fast and vLLM do, so a decode step costs one graph launch.
 It also keeps the decode loop on the device (`prefill_sample` / `decode_sample`, which the engine prefers):
 every slot's next input token, position and sampling settings live in device tensors (`SlotState`), and the
-captured step runs the model, samples (greedy and sampled rows together, per-row counter-based draws; one
-Triton launch, `kernels.sampling`, whose reference is `model.sampling.sample_rows`) and writes each new token back as the next step's input, so the host only
-launches the graph and reads the new ids, one step behind. Decode attention reads each row's slot in place
+captured step runs the model, samples (greedy and sampled rows together, per-row counter-based draws; on CUDA one
+Triton launch, `kernels.sampling`, whose reference is `model.sampling.sample_rows`) and writes each new token back
+as the next step's input, so the host only launches the graph and reads the new ids, one step behind. Decode attention reads each row's slot in place
 (`kernels.decode_attention`), with no gather of the cache.
 `OrtRunner` (in `ort_runner.py`) runs an exported ONNX model on ONNX Runtime.
 """

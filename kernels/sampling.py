@@ -15,16 +15,17 @@ right=True)`). `_search` finds such a cut by a 16-way search over the composite'
 row counts the weight at or above 15 thresholds at once, so a 48-bit range takes about 12 passes, whatever V. The
 answer is a token's composite, so ties and ranks are exact; the sums (float64 accumulators over float32
 probabilities) differ from torch's cumsum only by rounding, which moves a cut or a draw only when its target lies
-within rounding of a boundary (torch's own float32 cumsum on CUDA drifts more than the kernel's sums over a row of
-50k near-equal probabilities).
+within rounding of a boundary. torch's float32 cumsum can itself drift that far over 50k near-equal probabilities:
+the tests accept a kernel token that differs from torch's only where it is the float64 path's.
 
 One program per row; the penalised, scaled logits go to a (B, V) float32 scratch so the later passes read one
 array. Rows that are greedy, or degenerate (a NaN, +inf or all -inf: torch's non-finite total), stop after the
 first pass and take the argmax of the penalised logits (the first NaN where there is one, as torch.argmax).
-Passes over the whole row, per sampled row: with top_k < V, 1 + a few (top-k's coarse search stops once at most
-k + LIST_SLACK tokens are left; they are listed, and every later pass reads the list); with top-k off and top_p < 1,
-1 + 1 + ~12 (top-p) + 1 (the kept tokens listed for the draw); with both off, 1 + 1 + 1 + ~12 (the draw). top_p = 1 skips the
-top-p cut: torch's cumsum can reach 1.0 a few ulps early and drop a tail of mass ~1e-7, which the kernel keeps.
+The searches by count (top-k) and by mass (top-p) stop early once at most k + LIST_SLACK (top-p: LIST_SLACK) tokens
+lie above their threshold: those are written to a (B, V) int64 scratch list of composites, the search resumes over
+the list, and every later pass reads only the list. So a row is read whole about 1 + 4 + 1 times with top-k 50 or a
+peaked top-p, up to 1 + 1 + 12 + 1 with a flat one, and 1 + 1 + 1 + 12 with neither. top_p = 1 skips the top-p
+cut: torch's cumsum can reach 1.0 a few ulps early and drop a tail of mass ~1e-7, which the kernel keeps.
 """
 
 from __future__ import annotations
@@ -48,8 +49,8 @@ __all__ = [
 ]
 
 MAX_VOCAB = 1 << 17  # index bits in the composite: 17 (+ 32 key bits < 63)
-# top-k's coarse search stops once at most k + LIST_SLACK tokens lie above its threshold; they are listed, and every
-# later pass reads only the list (one or two blocks at k = 50) instead of the whole row.
+# The coarse searches stop once at most k + LIST_SLACK (top-p: LIST_SLACK) tokens lie above their threshold; they
+# are listed, and every later pass reads only the list (one or two blocks) instead of the whole row.
 LIST_SLACK = tl.constexpr(1024)
 # Tokens per inner-loop step under the CPU interpreter: small blocks at small V (so tests cover several blocks a
 # row), wide ones at large V (the interpreter's cost is per step).
