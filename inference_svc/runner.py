@@ -11,9 +11,9 @@ the decode step captured as CUDA graphs at batch buckets 1, 2, 4, ..., max (stat
 rows write into a scratch slot), as gpt-fast and vLLM do, so a decode step costs one graph launch.
 It also keeps the decode loop on the device (`prefill_sample` / `decode_sample`, which the engine prefers):
 every slot's next input token, position and sampling settings live in device tensors (`SlotState`), and the
-captured step runs the model, samples (greedy and sampled rows together, `model.sampling.sample_rows` with
-per-row counter-based draws) and writes each new token back as the next step's input, so the host only
-launches the graph and reads the new ids, one step behind. Decode attention reads each row's slot in place
+captured step runs the model, samples (greedy and sampled rows together, per-row counter-based draws; on CUDA one
+Triton launch, `kernels.sampling`, whose reference is `model.sampling.sample_rows`) and writes each new token back
+as the next step's input, so the host only launches the graph and reads the new ids, one step behind. Decode attention reads each row's slot in place
 (`kernels.decode_attention`), with no gather of the cache.
 `OrtRunner` (in `ort_runner.py`) runs an exported ONNX model on ONNX Runtime.
 """
@@ -28,7 +28,9 @@ from typing import Callable, Protocol, Sequence
 import torch
 
 from model.kv_cache import KVCache
-from model.sampling import SamplingParams, penalise, sample_rows, uniforms
+from kernels.dispatch import Impl
+from kernels.sampling import SlotSettings, advance_slots, sample_slots
+from model.sampling import SamplingParams
 from model.transformer import GPT
 
 __all__ = ["ModelRunner", "SlotState", "Staging", "TorchRunner", "batch_buckets"]
@@ -120,6 +122,8 @@ class SlotState:
     each slot's next input token and its position, and its request's sampling settings. Written when a request
     is prefilled (`admit`), then only by the captured decode step itself."""
 
+    impl: Impl = "auto"  # the full sampler: "auto" (the Triton kernel on CUDA), "triton" or "reference"
+
     def __init__(self, n_slots: int, vocab_size: int, device: torch.device) -> None:
         self.vocab_size = vocab_size  # the model's (the logits' width)
         self.blocked = torch.zeros(vocab_size, dtype=torch.bool, device=device)  # ids never drawn (`allow`)
@@ -132,7 +136,6 @@ class SlotState:
         self.top_p = torch.ones(n_slots, 1, device=device)
         self.penalty = torch.ones(n_slots, 1, device=device)
         self.seen = torch.zeros(n_slots, vocab_size, dtype=torch.bool, device=device)  # context tokens per slot
-        self._true = torch.ones((), dtype=torch.bool, device=device)  # a device value to store (graph capture)
 
     def allow(self, n: int) -> None:
         """Only ids below n (the tokenizer's vocabulary; the model's may be padded beyond it) are drawn."""
@@ -166,20 +169,19 @@ class SlotState:
 
     def sample(self, logits: torch.Tensor, slots: torch.Tensor, counters: torch.Tensor, full: bool) -> torch.Tensor:
         """Next tokens of the rows in `slots` from their logits (B, V) float32; greedy only unless `full` (a row
-        with temperature > 0 or a repetition penalty). No host sync: captured inside the decode graph."""
-        logits = logits.masked_fill(self.blocked, float("-inf"))  # ids the tokenizer cannot decode
+        with temperature > 0 or a repetition penalty). No host sync: captured inside the decode graph. The full
+        sampler is `kernels.sampling.sample_slots`: one Triton launch on CUDA, the PyTorch path elsewhere."""
         if not full:
-            return logits.argmax(dim=-1)
-        logits = penalise(logits, self.seen[slots], self.penalty[slots])
-        u = uniforms(self.seed[slots], counters)
-        return sample_rows(logits, self.greedy[slots], self.temperature[slots], self.top_k[slots], self.top_p[slots], u)
+            return logits.masked_fill(self.blocked, float("-inf")).argmax(dim=-1)  # ids the tokenizer cannot decode
+        settings = SlotSettings(
+            self.blocked, self.seen, self.penalty, self.greedy, self.temperature, self.top_k, self.top_p, self.seed
+        )
+        return sample_slots(logits, slots, counters, settings, self.impl)
 
     def advance(self, slots: torch.Tensor, tokens: torch.Tensor, positions: torch.Tensor, full: bool) -> None:
-        """The new tokens become the rows' next inputs, at `positions` (already advanced)."""
-        self.token[slots] = tokens
-        self.pos[slots] = positions
-        if full:
-            self.seen.index_put_((slots, tokens), self._true)
+        """The new tokens become the rows' next inputs, at `positions` (already advanced); with `full`, they join
+        the slots' seen masks. One launch on CUDA (`kernels.sampling.advance_slots`)."""
+        advance_slots(self.token, self.pos, self.seen, slots, tokens, positions, full, self.impl)
 
 
 class TorchRunner:

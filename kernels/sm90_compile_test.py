@@ -53,6 +53,7 @@ def _specs() -> list[tuple[str, object, dict, dict, int, int]]:
     from kernels import flash_attention as fa
     from kernels import fused_add_norm as fan
     from kernels import fused_linear_ce as ce
+    from kernels import sampling as smp
     from kernels import swiglu as sw
 
     bf16 = lambda *names: {n: "*bf16" for n in names}
@@ -123,6 +124,15 @@ def _specs() -> list[tuple[str, object, dict, dict, int, int]]:
             3,
         )
     )
+    sample_sig = {n: "*fp32" for n in ("logits_ptr", "x_ptr", "penalty_ptr", "temperature_ptr", "top_p_ptr")}
+    sample_sig.update({n: "*i64" for n in ("c_ptr", "slots_ptr", "counters_ptr", "top_k_ptr", "seed_ptr", "out_ptr")})
+    sample_sig.update({n: "*u8" for n in ("blocked_ptr", "seen_ptr", "greedy_ptr")})
+    for V, block, warps in ((65, 128, 1), (50304, 1024, 8)):  # char and BPE vocabularies, their likely tiles
+        const = dict(IDX_BITS=(V - 1).bit_length(), BLOCK=block)
+        specs.append((f"sampling V{V} BLOCK {block}", smp._sample_kernel, sample_sig, const, warps, 3))
+    advance_sig = {n: "*i64" for n in ("token_ptr", "pos_ptr", "slots_ptr", "tokens_ptr", "positions_ptr")}
+    const = dict(FULL=True, BLOCK=smp.ADVANCE_BLOCK)
+    specs.append(("sampling advance", smp._advance_kernel, {**advance_sig, "seen_ptr": "*u8"}, const, 4, 3))
     return specs
 
 
