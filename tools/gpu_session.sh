@@ -98,6 +98,7 @@ for spec in "$@"; do
     serve) run_step serve "$limit" "$PYTHON" -m bench_svc.benches.inference_serving --device cuda ;;
     serve-probe) run_step serve-probe "$limit" "$PYTHON" -m tools.serve_probe ${PROBE_ARGS:-} ;;
     serve-probe-sbk) run_step serve-probe-sbk "$limit" "$PYTHON" -m tools.serve_probe --small-batch-kernels ${PROBE_ARGS:-} ;;
+    sampling) run_step sampling "$limit" "$PYTHON" -m kernels.sampling_bench ;;  # the one-launch sampler vs torch
     decode-step)  # the small-batch decode kernels against the default step, each captured (kernels.decode_step_bench)
       run_step decode-step "$limit" "$PYTHON" -m kernels.decode_step_bench --batches "${DECODE_BATCHES:-1,8}" ;;
     compile) run_step compile "$limit" "$PYTHON" -m bench_svc.benches.train_compile --device cuda --timeout-s 120 ;;
