@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 # Attention spans the decode graphs are captured at (each graph attends over a fixed number of cache
 # positions; a shorter span is cheaper, so long contexts get a few graphs, not one at max_len).
 _KV_BUCKET = 256
+SAMPLER_KERNEL_MAX_VOCAB = 4096  # SlotState's default sampler: the Triton kernel up to this vocabulary, else torch
 # Prompt-length buckets of the captured prefill (padded up to the next); a longer prompt, or a chunk that continues
 # one, is prefilled eagerly. An eager prefill launches ~220 kernels from Python: 11-15 ms of the engine thread on
 # the H200's host (tools.serve_probe), a stall of every running stream; replayed, it costs one graph launch.
@@ -122,10 +123,13 @@ class SlotState:
     each slot's next input token and its position, and its request's sampling settings. Written when a request
     is prefilled (`admit`), then only by the captured decode step itself."""
 
-    impl: Impl = "auto"  # the full sampler: "auto" (the Triton kernel on CUDA), "triton" or "reference"
-
     def __init__(self, n_slots: int, vocab_size: int, device: torch.device) -> None:
         self.vocab_size = vocab_size  # the model's (the logits' width)
+        # The full sampler and the state update: "auto" (the Triton kernels on CUDA), "triton" or "reference". Auto up
+        # to SAMPLER_KERNEL_MAX_VOCAB ids only: on the H200 the one-launch sampler took 0.022 ms against torch's 0.118
+        # at V=65, B=1 (5-8x at B 1-256), but lost at V=50304 below 256 rows (0.65 vs 0.21 ms at B=1; top-p only
+        # 0.12-0.6x) (python -m kernels.sampling_bench, commit 25acd5e).
+        self.impl: Impl = "auto" if vocab_size <= SAMPLER_KERNEL_MAX_VOCAB else "reference"
         self.blocked = torch.zeros(vocab_size, dtype=torch.bool, device=device)  # ids never drawn (`allow`)
         self.token = torch.zeros(n_slots, dtype=torch.long, device=device)
         self.pos = torch.zeros(n_slots, dtype=torch.long, device=device)

@@ -16,6 +16,7 @@ inside MuonAdamW.step.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable
 from typing import Any
@@ -25,6 +26,8 @@ import torch
 from trainer.muon import Muon
 
 __all__ = ["CompiledOptimizerStep", "prepare_optimizer", "set_lr"]
+
+log = logging.getLogger(__name__)
 
 
 def prepare_optimizer(optimizer: Any, device: torch.device) -> None:
@@ -118,7 +121,15 @@ class CompiledOptimizerStep:
     def step(self) -> torch.Tensor:
         # detached and cloned: under CUDA graphs the returned norm lives in the graph's output buffer, which the
         # next replay overwrites before the loop reads this one at its log point
-        return self._compiled().detach().clone()
+        try:
+            return self._compiled().detach().clone()
+        except torch._dynamo.exc.BackendCompilerFailed as err:  # e.g. InductorError: step eagerly from now on
+            # (H200, torch 2.11: Muon's step fails in Inductor's scheduler, an AssertionError in loop reordering)
+            if self._compiled == self._clip_and_step:
+                raise
+            log.warning("the optimizer step did not compile (%s); it runs eagerly for the rest of this run", err)
+            self._compiled = self._clip_and_step
+            return self._compiled().detach().clone()
 
 
 def _reset_codes(codes: list[Any]) -> None:

@@ -201,3 +201,29 @@ def test_blocks_scope_compiles_each_block_in_place(monkeypatch, small_corpus, di
     monkeypatch.setattr(torch, "compile", fake_compile)
     train(fast_config(max_steps=1, compile_mode="reduce-overhead", compile_scope="blocks"), small_corpus, **dirs)
     assert calls == [("Block", "reduce-overhead")] * 4
+
+
+def test_a_step_that_fails_to_compile_runs_eagerly(caplog):
+    """A backend failure (torch 2.11's Inductor on Muon's step, on the H200) does not end the run: the step runs
+    eagerly from then on, with a warning, and trains exactly as the eager step does."""
+    calls = []
+
+    def failing_compile(fn):
+        def compiled():
+            calls.append(1)
+            failed = torch._dynamo.exc.BackendCompilerFailed
+            err = failed.__new__(failed)  # its constructor's arguments differ between torch versions
+            Exception.__init__(err, "inductor said no")
+            raise err
+
+        return compiled
+
+    model, opt = _model_and_optimizer("muon")
+    ref_model, ref_opt = _model_and_optimizer("muon")
+    step = CompiledOptimizerStep(list(model.parameters()), opt, 1.0, failing_compile)
+    eager = CompiledOptimizerStep(list(ref_model.parameters()), ref_opt, 1.0, lambda fn: fn)
+    with caplog.at_level("WARNING", logger="trainer.optimizer_step"):
+        assert _steps(model, opt, step.step) == _steps(ref_model, ref_opt, eager.step)
+    assert len(calls) == 1 and "runs eagerly" in caplog.text
+    for a, b in zip(model.parameters(), ref_model.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)

@@ -210,9 +210,7 @@ def _all_variants(args: argparse.Namespace) -> list[tuple[str, TrainConfig]]:
         ("tinylm-opt", base.replace(compile_optimizer=True)),
         ("tinylm-blocks", base.replace(compile_scope="blocks")),
         ("tinylm-opt-blocks", base.replace(compile_optimizer=True, compile_scope="blocks")),
-        ("tinylm-muon-opt", muon.replace(compile_optimizer=True)),
         ("tinylm-muon-blocks", muon.replace(compile_scope="blocks")),
-        ("tinylm-muon-opt-blocks", muon.replace(compile_optimizer=True, compile_scope="blocks")),
         ("compile-default", base.replace(compile_mode="default")),  # torch.compile without CUDA graphs
         ("eager", base.replace(compile_mode="none", kernels=True)),  # eager PyTorch with our kernels
         ("eager-pytorch", base.replace(compile_mode="none", kernels=False)),  # the anchor: nanoGPT's eager loop
@@ -449,7 +447,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         default="",
         help="comma-separated variants to run, in this order (default all: tinylm, tinylm-graph, tinylm-fast, "
         "tinylm-fast-graph, tinylm-muon, tinylm-muon-hot, tinylm-muon-long, tinylm-muon-gpt, tinylm-opt, "
-        "tinylm-blocks, tinylm-opt-blocks, tinylm-muon-opt, tinylm-muon-blocks, tinylm-muon-opt-blocks, "
+        "tinylm-blocks, tinylm-opt-blocks, tinylm-muon-blocks, "
         "compile-default, eager, eager-pytorch); "
         "one alone rules out state left by an earlier variant in the same process",
     )

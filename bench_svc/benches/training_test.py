@@ -60,8 +60,8 @@ def test_variants_picks_and_orders_and_names_the_choices(capsys):
         SystemExit,
         match=r"unknown variant\(s\) \['fast'\]; choose from \['tinylm', 'tinylm-graph', 'tinylm-fast', "
         r"'tinylm-fast-graph', 'tinylm-muon', 'tinylm-muon-hot', 'tinylm-muon-long', 'tinylm-muon-gpt', "
-        r"'tinylm-opt', 'tinylm-blocks', 'tinylm-opt-blocks', 'tinylm-muon-opt', 'tinylm-muon-blocks', "
-        r"'tinylm-muon-opt-blocks', 'compile-default', 'eager', 'eager-pytorch'\]",
+        r"'tinylm-opt', 'tinylm-blocks', 'tinylm-opt-blocks', 'tinylm-muon-blocks', "
+        r"'compile-default', 'eager', 'eager-pytorch'\]",
     ):
         training._variants(training._parse_args(["--variants", "fast"]))
 
@@ -73,19 +73,18 @@ def test_compile_option_variants_change_only_their_option():
     assert variants["tinylm-opt"] == base.replace(compile_optimizer=True)
     assert variants["tinylm-blocks"] == base.replace(compile_scope="blocks")
     assert variants["tinylm-opt-blocks"] == base.replace(compile_optimizer=True, compile_scope="blocks")
-    assert variants["tinylm-muon-opt-blocks"] == muon.replace(compile_optimizer=True, compile_scope="blocks")
-    assert variants["tinylm-muon-blocks"].optimizer == "muon"
+    assert variants["tinylm-muon-blocks"] == muon.replace(compile_scope="blocks")
 
 
 def test_startup_entries_name_a_variant_and_a_cache_state():
     names = [name for name, _ in training._all_variants(training._parse_args([]))]
-    runs = training.startup_runs("cold,warm, graph,tinylm-muon-opt-blocks:cold,tinylm-muon-opt-blocks:warm", names)
+    runs = training.startup_runs("cold,warm, graph,tinylm-muon-blocks:cold,tinylm-muon-blocks:warm", names)
     assert runs == [
         ("startup-cold", "tinylm", "cold"),
         ("startup-warm", "tinylm", "warm"),
         ("startup-graph", "tinylm-graph", "warm"),
-        ("startup-tinylm-muon-opt-blocks-cold", "tinylm-muon-opt-blocks", "cold"),
-        ("startup-tinylm-muon-opt-blocks-warm", "tinylm-muon-opt-blocks", "warm"),
+        ("startup-tinylm-muon-blocks-cold", "tinylm-muon-blocks", "cold"),
+        ("startup-tinylm-muon-blocks-warm", "tinylm-muon-blocks", "warm"),
     ]
     for bad in ("tinylm-blocks:hot", "nope:cold", "lukewarm"):
         with pytest.raises(SystemExit, match=r"bad --startup entry .*KIND one of \['cold', 'warm'\]"):
