@@ -3,6 +3,7 @@ out so greedy choices never hinge on rounding), saved as an artifact in a tmp st
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +23,11 @@ class TinyModel:
     model: GPT  # as loaded from the artifact (float32, CPU, eval)
     tokenizer: CharTokenizer
     corpus: str  # the text the tokenizer was built from
+
+    def copy(self) -> GPT:
+        """A copy of the model for a runner on another device or dtype: a TorchRunner moves its model in place, and
+        the session's model must stay float32 on the CPU for the tests that come after (on a GPU machine too)."""
+        return copy.deepcopy(self.model)
 
 
 @pytest.fixture(scope="session")

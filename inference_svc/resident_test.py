@@ -113,8 +113,8 @@ def test_attention_in_place_equals_the_gather(tiny):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 def test_resident_graphs_equal_the_eager_resident_step_on_gpu(tiny):
-    eager = TorchRunner(tiny.model, n_slots=6, device="cuda", cuda_graphs=False, attention_in_place=True)
-    graphs = TorchRunner(tiny.model, n_slots=6, device="cuda", cuda_graphs=True)
+    eager = TorchRunner(tiny.copy(), n_slots=6, device="cuda", cuda_graphs=False, attention_in_place=True)
+    graphs = TorchRunner(tiny.copy(), n_slots=6, device="cuda", cuda_graphs=True)
     slots, prompts = [0, 1, 5], [[1, 2, 3], [4, 5, 6, 7, 8], [9]]
     params = [PARAMS[0], PARAMS[1], PARAMS[4]]
     firsts = [r.prefill_sample(slots, prompts, params, [1, 2, 3]).tolist() for r in (eager, graphs)]

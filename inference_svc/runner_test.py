@@ -57,8 +57,8 @@ def test_cuda_graphs_need_cuda(tiny):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 def test_cuda_graph_decode_matches_eager(tiny):
-    eager = TorchRunner(tiny.model, n_slots=6, device="cuda", cuda_graphs=False)
-    graphs = TorchRunner(tiny.model, n_slots=6, device="cuda", cuda_graphs=True)
+    eager = TorchRunner(tiny.copy(), n_slots=6, device="cuda", cuda_graphs=False)
+    graphs = TorchRunner(tiny.copy(), n_slots=6, device="cuda", cuda_graphs=True)
     prompts = [[1, 2, 3], [4, 5, 6, 7, 8], [9]]
     for runner in (eager, graphs):
         runner.prefill([0, 1, 5], prompts)

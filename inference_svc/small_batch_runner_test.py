@@ -44,12 +44,12 @@ def test_fused_step_draws_the_plain_runners_tokens_on_cpu(tiny, monkeypatch):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs and the Triton kernels need a GPU")
 def test_fused_graphs_draw_the_plain_runners_tokens_on_gpu(tiny):
-    plain = run(TorchRunner(tiny.model, n_slots=6, device="cuda", cuda_graphs=False, attention_in_place=True))
+    plain = run(TorchRunner(tiny.copy(), n_slots=6, device="cuda", cuda_graphs=False, attention_in_place=True))
     eager = run(
         TorchRunner(
-            tiny.model, n_slots=6, device="cuda", cuda_graphs=False, small_batch_kernels=True, attention_in_place=True
+            tiny.copy(), n_slots=6, device="cuda", cuda_graphs=False, small_batch_kernels=True, attention_in_place=True
         )
     )
-    graphs = run(TorchRunner(tiny.model, n_slots=6, device="cuda", small_batch_kernels=True))
+    graphs = run(TorchRunner(tiny.copy(), n_slots=6, device="cuda", small_batch_kernels=True))
     assert graphs == eager  # the captured graphs replay the eager fused step exactly
     assert eager == plain  # the tiny model's logits are spread out: bf16 roundings do not flip its tokens
