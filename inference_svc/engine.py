@@ -364,8 +364,8 @@ class Engine:
         out = self.scheduler.schedule()
         for seq in out.aborted:
             self._finish(seq, FinishReason.CANCELLED)
-        max_len, chunk = self.runner.max_len, self.prefill_chunk
-        decode = [s for s in out.decode if 0 < s.launched < s.max_new_tokens and s.prompt_len + s.launched <= max_len]
+        chunk = self.prefill_chunk
+        decode = [s for s in out.decode if 0 < s.launched < s.length_limit]  # max_new_tokens, or the context's end
         # Prompts still being prefilled (admitted now, or earlier with a prompt longer than a chunk): a long prompt
         # goes in `prefill_chunk` tokens per step, so the running streams keep decoding meanwhile.
         prefill = [s for s in out.decode if s.launched == 0] + out.prefill
