@@ -29,8 +29,8 @@ import torch
 
 from model.kv_cache import KVCache
 from kernels.dispatch import Impl
-from kernels.sampling import SlotSettings, advance_slots, sample_slots
-from model.sampling import SamplingParams
+from kernels.sampling import SlotSettings, advance_slots
+from model.sampling import SamplingParams, sample_slots
 from model.transformer import GPT
 
 __all__ = ["ModelRunner", "SlotState", "Staging", "TorchRunner", "batch_buckets"]

@@ -1,8 +1,8 @@
 """The serving engine's full sampler in one Triton launch: penalty, temperature, top-k, top-p, the seeded draw.
 
-`reference` is the PyTorch path (`model.sampling`: `penalise`, `uniforms`, `sample_rows`, which sorts every row);
-`sample_slots` picks the kernel on CUDA (or under the interpreter with impl="triton") and the reference elsewhere;
-`advance_slots` is the state update after a step (next inputs, positions, seen masks) in one launch.
+Its PyTorch reference, and `sample_slots`, which picks the kernel on CUDA (or under the interpreter with impl="triton")
+and the reference elsewhere, live in `model.sampling` (`sample_slots_reference`: `penalise`, `uniforms`,
+`sample_rows`, which sorts every row): kernels import torch and triton only. `advance_slots` is the state update after a step (next inputs, positions, seen masks) in one launch.
 Both read the decode loop's per-slot state (`inference_svc.runner.SlotState`) directly: logits row b belongs to
 slot `slots[b]`, whose sampling settings and seen-token mask are gathered in the kernel.
 
@@ -37,14 +37,11 @@ import triton
 import triton.language as tl
 
 from kernels.dispatch import Impl, use_triton
-from model.sampling import penalise, sample_rows, uniforms
 
 __all__ = [
     "MAX_VOCAB",
     "SlotSettings",
     "advance_slots",
-    "reference",
-    "sample_slots",
     "sample_slots_triton",
 ]
 
@@ -354,7 +351,7 @@ def _check_inputs(logits: torch.Tensor, slots: torch.Tensor, counters: torch.Ten
 def sample_slots_triton(
     logits: torch.Tensor, slots: torch.Tensor, counters: torch.Tensor, settings: SlotSettings
 ) -> torch.Tensor:
-    """The kernel: next token (B,) int64 of each row; same arguments as `reference`. One launch, no host sync."""
+    """The kernel: next token (B,) int64 of each row; same arguments as `model.sampling.sample_slots_reference`. One launch, no host sync."""
     blocked, seen, penalty, greedy, temperature, top_k, top_p, seed = settings
     _check_inputs(logits, slots, counters, seen)
     B, V = logits.shape
@@ -393,27 +390,6 @@ def sample_slots_triton(
         block = INTERPRET_BLOCK_SMALL if V <= INTERPRET_LARGE_V else INTERPRET_BLOCK_LARGE
         _sample_kernel[(B,)](*args, IDX_BITS=idx_bits, BLOCK=block)
     return out
-
-
-def reference(
-    logits: torch.Tensor, slots: torch.Tensor, counters: torch.Tensor, settings: SlotSettings
-) -> torch.Tensor:
-    """The PyTorch sampler (sorts every row). logits (B, V) float32 of the rows in `slots` (B,) long; counters (B,)
-    long, each row's draw counter."""
-    blocked, seen, penalty, greedy, temperature, top_k, top_p, seed = settings
-    logits = logits.masked_fill(blocked, float("-inf"))  # ids the tokenizer cannot decode
-    logits = penalise(logits, seen[slots], penalty[slots])
-    u = uniforms(seed[slots], counters)
-    return sample_rows(logits, greedy[slots], temperature[slots], top_k[slots], top_p[slots], u)
-
-
-def sample_slots(
-    logits: torch.Tensor, slots: torch.Tensor, counters: torch.Tensor, settings: SlotSettings, impl: Impl = "auto"
-) -> torch.Tensor:
-    """Next token (B,) int64 of each row: the kernel on CUDA ("auto"), the reference elsewhere."""
-    if use_triton(impl, logits, supported=logits.shape[-1] <= MAX_VOCAB):
-        return sample_slots_triton(logits, slots, counters, settings)
-    return reference(logits, slots, counters, settings)
 
 
 # The state update after a step: each row's new token becomes its slot's next input, at its new position, and joins

@@ -1,4 +1,4 @@
-"""GPU benchmark of the full sampler: the PyTorch path (`kernels.sampling.reference`: sort, cumsum, searchsorted, the
+"""GPU benchmark of the full sampler: the PyTorch path (`model.sampling.sample_slots_reference`: sort, cumsum, searchsorted, the
 int64 hash) against the one-launch Triton kernel, both captured in CUDA graphs as the serving engine's decode step
 captures them. `python -m kernels.sampling_bench` prints, per (B, V, settings): kernels per replay (torch.profiler),
 ms per call (`time_graph_ms`: CALLS calls in one graph, replayed), the speed-up, and how many rows' tokens agree.
@@ -15,7 +15,8 @@ import argparse
 import torch
 
 from bench_svc.benches.kernel_timing import time_graph_ms
-from kernels.sampling import SlotSettings, reference, sample_slots_triton
+from kernels.sampling import SlotSettings, sample_slots_triton
+from model.sampling import sample_slots_reference as reference
 from tools.profiling import kernel_events
 
 __all__ = ["main"]

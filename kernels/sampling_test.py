@@ -6,16 +6,10 @@ import pytest
 import torch
 
 from inference_svc.runner import SlotState, Staging
-from kernels import sampling as ks
-from kernels.sampling import (
-    MAX_VOCAB,
-    SlotSettings,
-    advance_slots,
-    reference,
-    sample_slots,
-    sample_slots_triton,
-)
-from model.sampling import MAX_SEED, SamplingParams, penalise, sample_rows, uniforms
+from kernels.sampling import MAX_VOCAB, SlotSettings, advance_slots, sample_slots_triton
+from model.sampling import MAX_SEED, SamplingParams, penalise, sample_rows, sample_slots, uniforms
+from model import sampling as model_sampling
+from model.sampling import sample_slots_reference as reference
 
 GPU = torch.cuda.is_available()
 
@@ -200,7 +194,9 @@ def test_slot_state_routes_to_kernel(device, monkeypatch):
     state.admit(Staging(torch.device(device)), slots, params, [p.seed or 0 for p in params], prompts)
     gen = torch.Generator().manual_seed(7)
     calls = []
-    monkeypatch.setattr(ks, "sample_slots_triton", lambda *a, **k: calls.append(1) or sample_slots_triton(*a, **k))
+    monkeypatch.setattr(  # where model.sampling.sample_slots looks it up
+        model_sampling, "sample_slots_triton", lambda *a, **k: calls.append(1) or sample_slots_triton(*a, **k)
+    )
     for step in range(6):
         logits = (2 * torch.randn(4, V, generator=gen)).to(device)
         counters = torch.full((4,), 10 + step, device=device)

@@ -15,12 +15,16 @@ from dataclasses import dataclass
 
 import torch
 
+from kernels.dispatch import Impl, use_triton
+from kernels.sampling import MAX_VOCAB, SlotSettings, sample_slots_triton
 from model.field_checks import FieldError, check_int, check_number, is_int, is_number
 
 __all__ = [
     "SamplingParams",
     "sample",
     "sample_rows",
+    "sample_slots",
+    "sample_slots_reference",
     "uniforms",
     "penalise",
     "seen_mask",
@@ -211,3 +215,25 @@ def sample(
     top_p = torch.tensor([p.top_p for p in params_list], device=device)[:, None]  # (B, 1)
     u = uniforms(torch.tensor(list(seeds), device=device), torch.tensor(list(counters), device=device))
     return sample_rows(logits, greedy, temperature, top_k, top_p, u)
+
+
+def sample_slots_reference(
+    logits: torch.Tensor, slots: torch.Tensor, counters: torch.Tensor, settings: SlotSettings
+) -> torch.Tensor:
+    """The serving loop's sampler over per-slot settings in PyTorch (sorts every row): logits (B, V) float32 of the
+    rows in `slots` (B,) long; counters (B,) long, each row's draw counter."""
+    blocked, seen, penalty, greedy, temperature, top_k, top_p, seed = settings
+    logits = logits.masked_fill(blocked, float("-inf"))  # ids the tokenizer cannot decode
+    logits = penalise(logits, seen[slots], penalty[slots])
+    u = uniforms(seed[slots], counters)
+    return sample_rows(logits, greedy[slots], temperature[slots], top_k[slots], top_p[slots], u)
+
+
+def sample_slots(
+    logits: torch.Tensor, slots: torch.Tensor, counters: torch.Tensor, settings: SlotSettings, impl: Impl = "auto"
+) -> torch.Tensor:
+    """Next token (B,) int64 of each row: `kernels.sampling`'s one-launch kernel on CUDA ("auto"), the reference
+    elsewhere (token for token the same, up to rounding at a boundary)."""
+    if use_triton(impl, logits, supported=logits.shape[-1] <= MAX_VOCAB):
+        return sample_slots_triton(logits, slots, counters, settings)
+    return sample_slots_reference(logits, slots, counters, settings)
