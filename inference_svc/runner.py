@@ -158,18 +158,31 @@ class SlotState:
         ints = torch.tensor([[seed, p.top_k or V, p.temperature == 0.0] for p, seed in zip(params, seeds)])
         floats = torch.tensor([[p.temperature or 1.0, p.top_p, p.repetition_penalty] for p in params])
         ints, floats = staging.to_device(ints), staging.to_device(floats)
-        self.seed[slots] = ints[:, 0]
-        self.top_k[slots] = ints[:, 1:2]
-        self.greedy[slots] = ints[:, 2].bool()
-        self.temperature[slots] = floats[:, 0:1]
-        self.top_p[slots] = floats[:, 1:2]
-        self.penalty[slots] = floats[:, 2:3]
+        self.set_rows(slots, *ints.T, *floats.T)
         self.seen[slots] = False
         if any(p.repetition_penalty != 1.0 for p in params):
             rows = [b for b, ids in enumerate(prompts) for _ in ids]
             cols = [t for ids in prompts for t in ids]
             at = staging.to_device(torch.tensor([rows, cols], dtype=torch.long))
             self.seen[slots[at[0]], at[1]] = True
+
+    def set_rows(
+        self,
+        slots: torch.Tensor,
+        seed: torch.Tensor,
+        top_k: torch.Tensor,
+        greedy: torch.Tensor,
+        temperature: torch.Tensor,
+        top_p: torch.Tensor,
+        penalty: torch.Tensor,
+    ) -> None:
+        """Store the sampling settings of the rows in `slots`, each (B,) on the device (no host value: capturable)."""
+        self.seed[slots], self.top_k[slots], self.greedy[slots] = seed, top_k[:, None], greedy.bool()
+        self.temperature[slots], self.top_p[slots], self.penalty[slots] = (
+            temperature[:, None],
+            top_p[:, None],
+            penalty[:, None],
+        )
 
     def sample(self, logits: torch.Tensor, slots: torch.Tensor, counters: torch.Tensor, full: bool) -> torch.Tensor:
         """Next tokens of the rows in `slots` from their logits (B, V) float32; greedy only unless `full` (a row
@@ -429,10 +442,8 @@ class TorchRunner:
         n = b * T
         idx = self._pf_long[:n].view(b, T)
         slots, lengths, seeds, top_k, greedy = self._pf_long[n : n + 5 * b].view(5, b)
-        temperature, top_p, penalty = self._pf_float[: 3 * b].view(3, b, 1)
         state = self.state
-        state.seed[slots], state.top_k[slots], state.greedy[slots] = seeds, top_k[:, None], greedy.bool()
-        state.temperature[slots], state.top_p[slots], state.penalty[slots] = temperature, top_p, penalty
+        state.set_rows(slots, seeds, top_k, greedy, *self._pf_float[: 3 * b].view(3, b))
         if full:  # the prompts' tokens, for the repetition penalty (it looks at rows with a penalty only)
             valid = torch.arange(T, device=idx.device)[None, :] < lengths[:, None]
             counts = torch.zeros(b, self.vocab_size, dtype=torch.int32, device=idx.device)

@@ -375,9 +375,9 @@ def decode_attention(
     """Attention of q (B, H, D) over each sequence's cached keys -> (B, H, D); slots None: row b uses slot b.
 
     impl="auto": Triton when every tensor is on CUDA and the head is at least MIN_HEAD_DIM wide (the grouped-query
-    kernel's tl.dot needs K >= 16 on the GPU), the reference otherwise (kernels/dispatch.py).
+    kernel's tl.dot needs K >= 16 on the GPU; the interpreter takes any), the reference otherwise (kernels/dispatch.py).
     """
     tensors = (q, k_cache, v_cache, lengths) if slots is None else (q, k_cache, v_cache, slots, lengths)
-    if use_triton(impl, *tensors) and (q.shape[-1] >= MIN_HEAD_DIM or impl == "triton"):
+    if use_triton(impl, *tensors, supported=q.shape[-1] >= MIN_HEAD_DIM or not q.is_cuda):
         return decode_attention_triton(q, k_cache, v_cache, slots, lengths, scale)
     return decode_attention_reference(q, k_cache, v_cache, slots, lengths, scale)

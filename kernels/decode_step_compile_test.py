@@ -5,14 +5,9 @@ TRITON_INTERPRET (triton.jit decides at import between the interpreter and the c
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-
 import pytest
 
-from kernels.sm90_compile_test import REPO_ROOT, SUBPROCESS_TIMEOUT_S, _nvidia_backend_available
+from kernels.sm90_compile_test import _nvidia_backend_available, build_in_subprocess
 
 ROWS = (1, 8, 16)
 _GEMV_BASE = dict(
@@ -76,35 +71,13 @@ def _specs() -> list[tuple[str, object, dict, dict, int, int]]:
 
 def _build_all() -> None:
     """Subprocess entry: one JSON line per build."""
-    from kernels.sm90_compile_test import _build
+    from kernels.sm90_compile_test import _build_all as build_all
 
-    for name, kernel, sig, const, warps, stages in _specs():
-        try:
-            result = _build(kernel, sig, const, warps, stages)
-        except Exception as err:  # reported, not raised: the test lists every failure
-            result = {"error": f"{type(err).__name__}: {err}"[:2000]}
-        print(json.dumps({"name": name, **result}), flush=True)
+    build_all(_specs())
 
 
 @pytest.mark.skipif(not _nvidia_backend_available(), reason="this triton has no NVIDIA backend to compile with")
 def test_decode_step_kernels_compile_for_sm90_without_spills():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), env.get("PYTHONPATH", "")])
-    if "TEST_TMPDIR" in env:
-        env.setdefault("TRITON_CACHE_DIR", os.path.join(env["TEST_TMPDIR"], "triton-cache"))
-    entry = "from kernels.decode_step_compile_test import _build_all; _build_all()"
-    proc = subprocess.run(
-        [sys.executable, "-c", entry],
-        cwd=REPO_ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=SUBPROCESS_TIMEOUT_S,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    builds = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
-    assert len(builds) == len(_specs()), proc.stdout[-2000:]
-    errors = [f"{b['name']}: {b['error']}" for b in builds if "error" in b]
-    assert not errors, "\n".join(errors)
+    builds = build_in_subprocess("kernels.decode_step_compile_test", len(_specs()))
     spilling = [b["name"] for b in builds if b["name"].startswith("gemv") and b["stack"] != 0]
     assert not spilling, spilling

@@ -136,14 +136,37 @@ def _specs() -> list[tuple[str, object, dict, dict, int, int]]:
     return specs
 
 
-def _build_all() -> None:
-    """Subprocess entry: prints one JSON line per build."""
-    for name, kernel, sig, const, warps, stages in _specs():
+def _build_all(specs=None) -> None:
+    """Subprocess entry: prints one JSON line per build of `specs` (default: this file's `_specs()`)."""
+    for name, kernel, sig, const, warps, stages in specs if specs is not None else _specs():
         try:
             result = _build(kernel, sig, const, warps, stages)
         except Exception as err:  # reported, not raised: the test lists every failure
             result = {"error": f"{type(err).__name__}: {err}"[:2000]}
         print(json.dumps({"name": name, **result}), flush=True)
+
+
+def build_in_subprocess(module: str, n_specs: int) -> list[dict]:
+    """Run `module._build_all()` in a fresh interpreter without TRITON_INTERPRET (triton.jit decides at import
+    between the interpreter and the compiler); its builds, each checked to have no error."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), env.get("PYTHONPATH", "")])
+    if "TEST_TMPDIR" in env:  # under Bazel: a writable compile cache inside the test's own tmp
+        env.setdefault("TRITON_CACHE_DIR", os.path.join(env["TEST_TMPDIR"], "triton-cache"))
+    proc = subprocess.run(
+        [sys.executable, "-c", f"from {module} import _build_all; _build_all()"],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=SUBPROCESS_TIMEOUT_S,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    builds = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert len(builds) == n_specs, proc.stdout[-2000:]
+    errors = [f"{b['name']}: {b['error']}" for b in builds if "error" in b]
+    assert not errors, "\n".join(errors)
+    return builds
 
 
 def _nvidia_backend_available() -> bool:
@@ -156,23 +179,7 @@ def _nvidia_backend_available() -> bool:
 
 @pytest.mark.skipif(not _nvidia_backend_available(), reason="this triton has no NVIDIA backend to compile with")
 def test_kernels_compile_for_sm90():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), env.get("PYTHONPATH", "")])
-    if "TEST_TMPDIR" in env:  # under Bazel: a writable compile cache inside the test's own tmp
-        env.setdefault("TRITON_CACHE_DIR", os.path.join(env["TEST_TMPDIR"], "triton-cache"))
-    proc = subprocess.run(
-        [sys.executable, "-c", "from kernels.sm90_compile_test import _build_all; _build_all()"],
-        cwd=REPO_ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=SUBPROCESS_TIMEOUT_S,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    builds = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
-    assert len(builds) == len(_specs()), proc.stdout[-2000:]
-    errors = [f"{b['name']}: {b['error']}" for b in builds if "error" in b]
-    assert not errors, "\n".join(errors)
+    builds = build_in_subprocess("kernels.sm90_compile_test", len(_specs()))
     too_big = [b["name"] for b in builds if b["shared"] > SM90_SHARED_BYTES]
     assert not too_big, too_big
     # Each attention kernel keeps at least one config that does not spill registers at D=64.

@@ -191,7 +191,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sampled", action="store_true", help="also run sampled requests (T 0.8, top-k 50, top-p 0.95)")
     p.add_argument("--gather", action="store_true", help="decode attention by gather + SDPA (not in place)")
     p.add_argument(
-        "--small-batch-kernels", action="store_true", help="fused small-batch decode kernels (TorchRunner option)"
+        "--small-batch-kernels",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="fused small-batch decode kernels (TorchRunner option; default: the runner's, on with CUDA)",
     )
     p.add_argument(
         "--host-only",

@@ -7,19 +7,16 @@ trainer/optimizer_step_test.py."""
 
 from __future__ import annotations
 
-import math
 import os
 from pathlib import Path
 
 import pytest
 import torch
 
-from trainer.config import load_config
-from trainer.train import train
+from trainer.testing import short_run_evals
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (trains shakespeare-char)")
 
-STEPS, EVAL_EVERY = 120, 40
 TOLERANCE = 0.02  # eval-loss difference allowed at every evaluation
 
 
@@ -27,18 +24,7 @@ def _evals(tmp_path: Path, preset: str, tag: str, **changes) -> list[float]:
     corpus = os.environ.get("TINYLM_CORPUS")
     if not corpus:
         pytest.skip("TINYLM_CORPUS is not set (the Tiny Shakespeare text is needed)")
-    base = load_config(preset)
-    if base.decay == "trapezoid":  # its warmdown must fit in the shorter run (validated with max_steps)
-        changes["warmdown_steps"] = 60
-    config = base.replace(
-        max_steps=STEPS, warmup=20, eval_interval=EVAL_EVERY, eval_iters=20, log_interval=10, tensorboard=False,
-        dropout=0.0, **changes,
-    )  # fmt: skip
-    got: list[float] = []
-    result = train(config, Path(corpus), store_root=tmp_path / "store", run_dir=tmp_path / tag,
-                   data_dir=tmp_path / "data", progress_callback=lambda s, m: "val_loss" in m and got.append(m["val_loss"]))  # fmt: skip
-    assert len(result.losses) == STEPS and all(math.isfinite(x) for x in result.losses)
-    return got
+    return short_run_evals(Path(corpus), tmp_path, preset, tag, **changes)
 
 
 @pytest.mark.parametrize("preset", ["shakespeare-char", "shakespeare-char-muon"])

@@ -4,19 +4,16 @@ reads its learning rate from a device tensor). 120 steps of nanoGPT's batch; bf1
 
 from __future__ import annotations
 
-import math
 import os
 from pathlib import Path
 
 import pytest
 import torch
 
-from trainer.config import load_config
-from trainer.train import train
+from trainer.testing import short_run_evals
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (trains shakespeare-char)")
 
-STEPS, EVAL_EVERY = 120, 40
 TOLERANCE = 0.02  # eval-loss difference allowed at every evaluation
 
 
@@ -24,15 +21,7 @@ def _evals(tmp_path: Path, tag: str, **changes) -> list[float]:
     corpus = os.environ.get("TINYLM_CORPUS")
     if not corpus:
         pytest.skip("TINYLM_CORPUS is not set (the Tiny Shakespeare text is needed)")
-    config = load_config("shakespeare-char-muon").replace(
-        max_steps=STEPS, warmup=20, warmdown_steps=60, eval_interval=EVAL_EVERY, eval_iters=20, log_interval=10,
-        tensorboard=False, dropout=0.0, **changes,  # no dropout: compiled and eager would draw different masks
-    )  # fmt: skip
-    got: list[float] = []
-    result = train(config, Path(corpus), store_root=tmp_path / "store", run_dir=tmp_path / tag,
-                   data_dir=tmp_path / "data", progress_callback=lambda s, m: "val_loss" in m and got.append(m["val_loss"]))  # fmt: skip
-    assert len(result.losses) == STEPS and all(math.isfinite(x) for x in result.losses)
-    return got
+    return short_run_evals(Path(corpus), tmp_path, "shakespeare-char-muon", tag, **changes)
 
 
 def test_muon_trains_alike_eager_compiled_and_captured(tmp_path):
