@@ -39,10 +39,15 @@ PARAMS = [
 ]
 
 
-@pytest.fixture
-def engine(tiny):
+# Decode steps per engine step: 1 (one launch, one token per row) and 3 (multi-step: each row's tokens of an engine
+# step stream as one chunk; stop strings, lengths and cancels must land on the same tokens).
+DECODE_STEPS = [1, 3]
+
+
+@pytest.fixture(params=DECODE_STEPS, ids=lambda k: f"decode_steps={k}")
+def engine(tiny, request):
     runner = TorchRunner(tiny.model, n_slots=4)
-    with Engine(runner, tiny.tokenizer, max_queue=2000) as eng:
+    with Engine(runner, tiny.tokenizer, max_queue=2000, decode_steps=request.param) as eng:
         yield eng
 
 
@@ -72,7 +77,8 @@ def test_concurrent_requests_admitted_at_different_times_match_the_reference(tin
         final = chunks[-1]
         assert final.finish_reason is FinishReason.LENGTH and final.error == ""
         assert final.usage.prompt_tokens == len(prompt) and final.usage.completion_tokens == params.max_new_tokens
-        assert all(len(c.token_ids) == 1 for c in chunks)  # one token per chunk, the last one on the final
+        # one token per chunk, the last one on the final; with multi-step decode a chunk holds a row's run
+        assert all(1 <= len(c.token_ids) <= engine.decode_steps for c in chunks[:-1]) and len(final.token_ids) == 1
         t = final.timings
         assert len(t.token_ms) == params.max_new_tokens and list(t.token_ms) == sorted(t.token_ms)
         assert t.queue_ms <= t.ttft_ms == t.token_ms[0] <= t.total_ms
@@ -111,8 +117,9 @@ def test_context_length_ends_with_length(tiny, engine):
     assert full[-1].usage.completion_tokens == 1 and full[-1].finish_reason is FinishReason.LENGTH
 
 
-def test_cancel_frees_the_slot_by_the_next_step(tiny):
-    with Engine(TorchRunner(tiny.model, n_slots=1), tiny.tokenizer, max_queue=4) as engine:
+@pytest.mark.parametrize("decode_steps", DECODE_STEPS)
+def test_cancel_frees_the_slot_by_the_next_step(tiny, decode_steps):
+    with Engine(TorchRunner(tiny.model, n_slots=1), tiny.tokenizer, max_queue=4, decode_steps=decode_steps) as engine:
         running = engine.submit(_request(tiny, "to be", SamplingParams(max_new_tokens=120, temperature=0.0)))
         first = running.next_chunk()
         waiting = engine.submit(_request(tiny, "or not", SamplingParams(max_new_tokens=5), request_id="w"))
@@ -190,9 +197,11 @@ def test_close_cancels_what_is_in_flight(tiny):
         engine.submit(_request(tiny, "to be", SamplingParams(max_new_tokens=1)))
 
 
-def test_a_thousand_requests_with_random_cancellations_leak_nothing(tiny):
+@pytest.mark.parametrize("decode_steps", DECODE_STEPS)
+def test_a_thousand_requests_with_random_cancellations_leak_nothing(tiny, decode_steps):
     rng = random.Random(7)
-    with Engine(TorchRunner(tiny.model, n_slots=8), tiny.tokenizer, max_queue=1000) as engine:
+    engine = Engine(TorchRunner(tiny.model, n_slots=8), tiny.tokenizer, max_queue=1000, decode_steps=decode_steps)
+    with engine:
         handles, cancel_at = [], {}
         for i in range(1000):
             params = SamplingParams(
@@ -223,3 +232,38 @@ def test_a_thousand_requests_with_random_cancellations_leak_nothing(tiny):
     del handles, first, chunks
     gc.collect()
     assert not [o for o in gc.get_objects() if type(o) is Sequence]
+
+
+def test_multi_step_decode_streams_each_rows_tokens_together(tiny):
+    """decode_steps=4: a row's tokens of one engine step come as one chunk, a request ends exactly at its
+    max_new_tokens (a step never launches past the row with the fewest tokens left), and the tokens are the
+    reference's."""
+    params = [SamplingParams(max_new_tokens=n, temperature=0.0) for n in (13, 6)]
+    with Engine(TorchRunner(tiny.model, n_slots=2), tiny.tokenizer, decode_steps=4) as engine:
+        handles = [engine.submit(_request(tiny, p, s)) for p, s in zip(PROMPTS, params)]
+        chunks = [_collect(h) for h in handles]
+    for prompt, param, got in zip(PROMPTS, params, chunks):
+        ids = [t for c in got for t in c.token_ids]
+        assert ids == generate_tokens(tiny.model, tiny.tokenizer.encode(prompt), param)
+        assert got[-1].finish_reason is FinishReason.LENGTH and got[-1].usage.completion_tokens == param.max_new_tokens
+        assert max(len(c.token_ids) for c in got) > 1  # some chunk carried a multi-step run
+        assert "".join(c.text for c in got) == tiny.tokenizer.decode(ids)
+
+
+def test_a_decode_step_failing_mid_launch_keeps_the_tokens_before_it(tiny):
+    class FailsOnce(TorchRunner):
+        calls = 0
+
+        def decode_sample(self, slots, kv_len, full):
+            self.calls += 1
+            if self.calls == 2:  # the second decode step of the first multi-step launch, before any work
+                raise RuntimeError("injected")
+            return super().decode_sample(slots, kv_len, full)
+
+    params = SamplingParams(max_new_tokens=12, temperature=0.0)
+    runner = FailsOnce(tiny.model, n_slots=1)
+    with Engine(runner, tiny.tokenizer, decode_steps=4) as engine:
+        final = engine.submit(_request(tiny, PROMPTS[0], params)).result()
+    assert final.finish_reason is FinishReason.LENGTH
+    assert list(final.token_ids) == generate_tokens(tiny.model, tiny.tokenizer.encode(PROMPTS[0]), params)
+    assert runner.calls > 2

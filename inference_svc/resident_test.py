@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from inference_svc.engine import Engine
+from inference_svc.engine import DECODE_STEPS_GRAPHS, Engine
 from inference_svc.params import make_request
 from inference_svc.runner import SlotState, Staging, TorchRunner
 from model.generate import generate_tokens
@@ -70,10 +70,10 @@ CASES = [
 def test_both_engine_paths_and_the_reference_agree(tiny):
     runner = TorchRunner(tiny.model, n_slots=3)
     results = []
-    for resident in (True, False):
-        with Engine(runner, tiny.tokenizer, max_queue=64, resident=resident) as engine:
+    for resident, steps in ((True, 1), (True, 4), (False, 1)):  # 4: multi-step decode (several tokens per launch)
+        with Engine(runner, tiny.tokenizer, max_queue=64, resident=resident, decode_steps=steps) as engine:
             results.append(_run(engine, tiny, CASES * 2))
-    assert results[0] == results[1]
+    assert results[0] == results[1] == results[2]
     for (prompt, params), ids in zip(CASES * 2, results[0]):
         assert ids == generate_tokens(tiny.model, tiny.tokenizer.encode(prompt), params)
 
@@ -126,6 +126,19 @@ def test_resident_graphs_equal_the_eager_resident_step_on_gpu(tiny):
         a = eager.decode_sample(rows, kv_len, full=True).tolist()
         b = graphs.decode_sample(rows, kv_len, full=True).tolist()
         assert a == b, f"step {step}"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_multi_step_decode_on_graphs_gives_the_single_step_tokens_on_gpu(tiny):
+    """The engine on CUDA graphs, 1 and 4 decode steps per launch (each step's ids copied out before the next
+    replay rewrites them): the same tokens, greedy and seeded-sampled, requests joining mid-flight."""
+    results = []
+    for steps in (1, None):  # None: the engine's default on graphs
+        runner = TorchRunner(tiny.copy(), n_slots=4, device="cuda", cuda_graphs=True)
+        with Engine(runner, tiny.tokenizer, max_queue=64, decode_steps=steps) as engine:
+            assert engine.decode_steps == (steps or DECODE_STEPS_GRAPHS) and DECODE_STEPS_GRAPHS > 1
+            results.append(_run(engine, tiny, CASES * 3))
+    assert results[0] == results[1]
 
 
 @pytest.mark.parametrize("full", [False, True])

@@ -37,7 +37,9 @@ def _graph_launches(prof) -> int:
     return sum(1 for e in prof.events() if e.name in ("cudaGraphLaunch", "cuGraphLaunch"))
 
 
-def engine_probe(runner: TorchRunner, tokenizer, batch: int, new_tokens: int, sampled: bool) -> dict:
+def engine_probe(
+    runner: TorchRunner, tokenizer, batch: int, new_tokens: int, sampled: bool, decode_steps: int | None = None
+) -> dict:
     params = (
         SamplingParams(max_new_tokens=new_tokens, temperature=0.8, top_k=50, top_p=0.95, seed=1)
         if sampled
@@ -45,7 +47,7 @@ def engine_probe(runner: TorchRunner, tokenizer, batch: int, new_tokens: int, sa
     )
     gen = torch.Generator().manual_seed(0)
     prompts = [tuple(torch.randint(0, 60, (16,), generator=gen).tolist()) for _ in range(batch)]
-    with Engine(runner, tokenizer, max_queue=batch) as engine:
+    with Engine(runner, tokenizer, max_queue=batch, decode_steps=decode_steps) as engine:
         for _ in range(2):  # warm-up: every graph this batch uses, the sampler, the threads
             [h.result() for h in engine.submit_many([Request(p, params) for p in prompts])]
         with torch.profiler.profile(
@@ -167,12 +169,12 @@ class InstantRunner:
         return None
 
 
-def host_ceiling(batch: int, new_tokens: int, repeats: int = 5) -> float:
+def host_ceiling(batch: int, new_tokens: int, repeats: int = 5, decode_steps: int | None = None) -> float:
     """Tokens/s of an engine over `InstantRunner`: `batch` greedy requests at once (best of `repeats`)."""
     tokenizer = CharTokenizer([chr(32 + i) for i in range(65)])
     prompts = [tuple(range(1, 17))] * batch
     best = 0.0
-    with Engine(InstantRunner(batch), tokenizer, max_queue=batch) as engine:
+    with Engine(InstantRunner(batch), tokenizer, max_queue=batch, decode_steps=decode_steps) as engine:
         for _ in range(repeats + 1):  # the first is a warm-up
             t0 = time.perf_counter()
             params = SamplingParams(max_new_tokens=new_tokens, temperature=0.0)
@@ -197,6 +199,12 @@ def main(argv: list[str] | None = None) -> int:
         help="fused small-batch decode kernels (TorchRunner option; default: the runner's, on with CUDA)",
     )
     p.add_argument(
+        "--decode-steps",
+        type=int,
+        default=None,
+        help="decode steps per engine step (Engine option; default: the engine's, 4 with CUDA graphs, else 1)",
+    )
+    p.add_argument(
         "--host-only",
         action="store_true",
         help="no GPU: the engine's host-side ceiling over a runner that returns at once (tokens/s, us per token)",
@@ -205,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.host_only:
         print(f"{'B':>4} {'host tok/s':>11} {'us/token':>9}")
         for b in (int(x) for x in args.batches.split(",")):
-            rate = host_ceiling(b, args.new_tokens)
+            rate = host_ceiling(b, args.new_tokens, decode_steps=args.decode_steps)
             print(f"{b:>4} {rate:>11,.0f} {1e6 / rate:>9.2f}")
         return 0
     torch.manual_seed(0)
@@ -223,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     rows, graphs = [], []
     for b in (int(x) for x in args.batches.split(",")):
         for sampled in (False, True) if args.sampled else (False,):
-            r = engine_probe(runner, tokenizer, b, args.new_tokens, sampled)
+            r = engine_probe(runner, tokenizer, b, args.new_tokens, sampled, args.decode_steps)
             print(f"\n[engine B={b} {'sampled' if sampled else 'greedy'}] kernels: {r['top_kernels']}")
             print(f"[engine B={b}] host: {r['top_host']}")
             rows.append(r)
