@@ -28,7 +28,7 @@ import torch
 from inference_svc.detokenizer import StreamingDetokenizer
 from inference_svc.kv_pool import KVPool
 from inference_svc.params import Request
-from inference_svc.runner import ModelRunner
+from inference_svc.runner import MAX_DECODE_STEPS, ModelRunner
 from inference_svc.sampler import Sampler
 from inference_svc.scheduler import QueueFull, Scheduler
 from inference_svc.sequence import Sequence, SequenceStatus
@@ -41,15 +41,15 @@ __all__ = ["Chunk", "Engine", "EngineStats", "FinishReason", "QueueFull", "Reque
 
 log = logging.getLogger(__name__)
 
-# Decode steps launched back to back per engine step on the device-resident loop with CUDA graphs (vLLM's multi-step
-# scheduling): each graph leaves its tokens as the next one's input on the device, so the host pays its per-step
-# costs (scheduling, the ids' copy and event, the streams' wake-ups and the GIL hand-overs they cause) once per
-# `decode_steps` tokens; a row's tokens of one engine step reach its stream as one chunk. The price: a request
-# arriving meanwhile waits for the launched steps (4 x ~0.1-0.3 ms), and a row ended by a stop string may have up to
-# `decode_steps` tokens computed for nothing. On the H200 at batch 1 the engine's step cost 0.136 ms against the
-# graph's 0.097 (tools.serve_probe: the GPU idle ~40% of the step) with one step per launch.
+# Decode steps launched per engine step on the device-resident loop with CUDA graphs (vLLM's multi-step scheduling;
+# at small batch one graph holds them all, `TorchRunner.decode_sample(steps=)`): each step leaves its tokens as the
+# next one's input on the device, so the host pays its per-step costs (scheduling, the graph launch, the ids' copy
+# and event, the streams' wake-ups and the GIL hand-overs they cause) once per `decode_steps` tokens; a row's tokens
+# of one engine step reach its stream as one chunk. The price: a request arriving meanwhile waits for the launched
+# steps (4 x ~0.1-0.3 ms), and a row ended by a stop string may have up to `decode_steps` tokens computed for
+# nothing. H200, tools.serve_probe (under the profiler), 1 -> 4 steps: 256 rows 258k -> 614k tokens/s; batch 1
+# 0.180 -> 0.167 ms/token with single-step graphs (a graph launch ~40 us of host time, the GPU idle ~35%).
 DECODE_STEPS_GRAPHS = 4
-MAX_DECODE_STEPS = 64
 
 
 class FinishReason(str, enum.Enum):
@@ -215,7 +215,7 @@ class Engine:
         self._resident = can if resident is None else resident
         if self._resident:
             runner.state.allow(tokenizer.vocab_size)
-            runner.capture_graphs()  # every decode graph now, not on a request's time
+            runner.capture_graphs(steps=decode_steps)  # every decode graph now, not on a request's time
         piece_texts(tokenizer)  # the per-id text table the detokenizers share: built now, not on a request's time
         self._in_flight: deque[_Launched] = deque()  # steps launched whose tokens are not streamed yet
         # a step's new ids: the prefilled rows' (one each) and the decode rows' (decode_steps each)
@@ -431,24 +431,17 @@ class Engine:
         ids.groups.append((seqs, 1))
 
     def _launch_decode(self, seqs: list[Sequence], ids: "_HostIds", steps: int) -> None:
-        """`steps` decode steps of the rows, back to back; each step's ids are copied out before the next step
-        rewrites them."""
         kv_len = max(s.prompt_len + s.launched for s in seqs)  # the fed token sits at prompt_len + launched - 1
         full = not all(s.greedy_plain for s in seqs)
-        slots = [s.slot for s in seqs]
-        done = 0
         try:
-            for done in range(steps):
-                ids.add(self.runner.decode_sample(slots, kv_len + done, full))
-            done = steps
+            tokens = self.runner.decode_sample([s.slot for s in seqs], kv_len, full, steps)
         except Exception as err:
-            if done == 0:
-                self._isolate(seqs, err, lambda one: self._launch_decode(one, ids, 1))
-                return
-            log.warning("decode step %d of %d failed (%s); streaming the %d before it", done + 1, steps, err, done)
+            self._isolate(seqs, err, lambda one: self._launch_decode(one, ids, steps))
+            return
         for seq in seqs:
-            seq.launched += done
-        ids.groups.append((seqs, done))
+            seq.launched += steps
+        ids.add(tokens)
+        ids.groups.append((seqs, steps))
 
     def _isolate(self, seqs: list[Sequence], err: Exception, retry: Callable[[list[Sequence]], None]) -> None:
         """A failed step fails its requests, not the server: with several, `retry` each alone to find the bad one;
@@ -618,16 +611,17 @@ class _Launched(NamedTuple):
 
 
 class _HostIds:
-    """The ids of the engine step being launched: each launch's (B,) ids copied at once into the next pinned
-    buffer (a decode step's ids are a view that the next step rewrites: stream order makes the copy safe)."""
+    """The ids of the engine step being launched: each launch's ids copied at once into the next pinned buffer
+    (a decode launch's ids are a view that the next launch rewrites: stream order makes the copy safe)."""
 
     def __init__(self, buf: torch.Tensor, cuda: bool) -> None:
         self.buf, self.cuda, self.n = buf, cuda, 0
         self.groups: list[tuple[list[Sequence], int]] = []
 
     def add(self, ids: torch.Tensor) -> None:
-        m = ids.shape[0]
-        self.buf[self.n : self.n + m].copy_(ids, non_blocking=self.cuda)
+        """Copy a launch's ids, (B,) or (steps, B), after the ids already here."""
+        m = ids.numel()
+        self.buf[self.n : self.n + m].view(ids.shape).copy_(ids, non_blocking=self.cuda)
         self.n += m
 
     def close(self) -> _Launched:

@@ -250,20 +250,21 @@ def test_multi_step_decode_streams_each_rows_tokens_together(tiny):
         assert "".join(c.text for c in got) == tiny.tokenizer.decode(ids)
 
 
-def test_a_decode_step_failing_mid_launch_keeps_the_tokens_before_it(tiny):
+def test_a_failed_multi_step_launch_is_retried_row_by_row(tiny):
     class FailsOnce(TorchRunner):
         calls = 0
 
-        def decode_sample(self, slots, kv_len, full):
+        def decode_sample(self, slots, kv_len, full, steps=1):
             self.calls += 1
-            if self.calls == 2:  # the second decode step of the first multi-step launch, before any work
+            if self.calls == 1:  # the first decode launch (2 rows x 4 steps), before any work
                 raise RuntimeError("injected")
-            return super().decode_sample(slots, kv_len, full)
+            return super().decode_sample(slots, kv_len, full, steps)
 
     params = SamplingParams(max_new_tokens=12, temperature=0.0)
-    runner = FailsOnce(tiny.model, n_slots=1)
+    runner = FailsOnce(tiny.model, n_slots=2)
     with Engine(runner, tiny.tokenizer, decode_steps=4) as engine:
-        final = engine.submit(_request(tiny, PROMPTS[0], params)).result()
-    assert final.finish_reason is FinishReason.LENGTH
-    assert list(final.token_ids) == generate_tokens(tiny.model, tiny.tokenizer.encode(PROMPTS[0]), params)
-    assert runner.calls > 2
+        finals = [h.result() for h in engine.submit_many([_request(tiny, p, params) for p in PROMPTS[:2]])]
+    for prompt, final in zip(PROMPTS, finals):
+        assert final.finish_reason is FinishReason.LENGTH
+        assert list(final.token_ids) == generate_tokens(tiny.model, tiny.tokenizer.encode(prompt), params)
+    assert runner.calls > 3

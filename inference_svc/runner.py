@@ -45,6 +45,11 @@ SAMPLER_KERNEL_MAX_VOCAB = 4096  # SlotState's default sampler: the Triton kerne
 # one, is prefilled eagerly. An eager prefill launches ~220 kernels from Python: 11-15 ms of the engine thread on
 # the H200's host (tools.serve_probe), a stall of every running stream; replayed, it costs one graph launch.
 _PREFILL_BUCKETS = (16, 32, 64, 128, 256)
+# Several decode steps captured in one graph (`decode_sample(steps=k)`, the engine's multi-step decode) for batch
+# buckets up to this: there one graph launch (~40 us of host time on the H200, cudaGraphLaunch under the profiler)
+# is half of a step's 0.1 ms on the GPU; above it a step is long enough to hide the launches of single-step graphs.
+MULTI_STEP_GRAPH_MAX_BATCH = 16
+MAX_DECODE_STEPS = 64
 
 
 class ModelRunner(Protocol):
@@ -262,7 +267,9 @@ class TorchRunner:
             self._pinned = torch.zeros(3, max_b, dtype=torch.long).pin_memory()
             self._rows = torch.full((max_b,), self._scratch, dtype=torch.long, device=device)  # slot of each row
             self._rows_now: list[int] = []  # what _rows holds (real rows; the rest is the scratch slot)
-            self._out = torch.zeros(max_b, dtype=torch.long, device=device)
+            # new ids of a captured decode: step j of a k-step graph at bucket b writes [j * b, (j + 1) * b)
+            self._out = torch.zeros(MAX_DECODE_STEPS * max_b, dtype=torch.long, device=device)
+            self._graph_steps = 1  # steps per multi-step graph (capture_graphs), 1: none
             self._pool = torch.cuda.graph_pool_handle()
             self._warm_prefill()
 
@@ -335,24 +342,40 @@ class TorchRunner:
         return tokens
 
     @torch.inference_mode()
-    def decode_sample(self, slots: Sequence[int], kv_len: int, full: bool) -> torch.Tensor:
-        """One decode step for the slots (each fed its own next token, at its own position; every position
-        < kv_len), sampling on the device; `full` when some row samples or penalises (else greedy only).
-        Returns the new ids (B,) long on the device: a view of a buffer that the next step rewrites, so copy
-        it before then (stream order: a copy enqueued now is safe)."""
+    def decode_sample(self, slots: Sequence[int], kv_len: int, full: bool, steps: int = 1) -> torch.Tensor:
+        """`steps` decode steps for the slots (each fed its own next token, at its own position; every position
+        < kv_len + steps - 1), sampling on the device; `full` when some row samples or penalises (else greedy
+        only). Returns the new ids on the device, (B,) long for one step, (steps, B) for several: a view of a
+        buffer that the next call rewrites, so copy it before then (stream order: a copy enqueued now is safe).
+        Several steps replay one graph of them where `capture_graphs(steps=)` captured one for the batch bucket,
+        else a single-step graph per step."""
+        if not 1 <= steps <= MAX_DECODE_STEPS:
+            raise ValueError(f"steps must be 1..{MAX_DECODE_STEPS}, got {steps}")
         B = len(slots)
         if not self.cuda_graphs:
             rows = self.staging.to_device(torch.tensor(list(slots), dtype=torch.long))
-            return self._resident_step(rows, kv_len, full).clone()
+            new = [self._resident_step(rows, kv_len + j, full).clone() for j in range(steps)]
+            return new[0] if steps == 1 else torch.stack(new)
         b = next(x for x in batch_buckets(self.n_slots) if x >= B)
-        span = next(s for s in self._kv_buckets() if s >= kv_len)
         slots = list(slots)
         if slots != self._rows_now:  # the batch changed: a new row -> slot map (rows past B: the scratch slot)
             padded = slots + [self._scratch] * max(0, len(self._rows_now) - B)
             self._rows[: len(padded)].copy_(self.staging.to_device(torch.tensor(padded, dtype=torch.long)))
             self._rows_now = slots
-        self._resident_graph(b, span, full).graph.replay()
-        return self._out[:B]
+        if steps == 1:
+            self._resident_graph(b, self._span(kv_len), full).graph.replay()
+            return self._out[:B]
+        if steps == self._graph_steps and b <= MULTI_STEP_GRAPH_MAX_BATCH:
+            self._resident_graph(b, self._span(kv_len + steps - 1), full, steps).graph.replay()
+            return self._out[: steps * b].view(steps, b)[:, :B]
+        out = torch.empty(steps, B, dtype=torch.long, device=self.device)
+        for j in range(steps):
+            self._resident_graph(b, self._span(kv_len + j), full).graph.replay()
+            out[j].copy_(self._out[:B])
+        return out
+
+    def _span(self, kv_len: int) -> int:
+        return next(s for s in self._kv_buckets() if s >= kv_len)
 
     def _resident_step(self, rows: torch.Tensor, kv_len: int, full: bool) -> torch.Tensor:
         """The captured step over rows (b,) of slots: model, sampler, state update. Returns the new ids (b,)."""
@@ -464,17 +487,23 @@ class TorchRunner:
             s *= 2
         return spans + [self.max_len]
 
-    def capture_graphs(self) -> None:
+    def capture_graphs(self, steps: int = 1) -> None:
         """Capture every device-resident decode graph now (batch bucket x attention span x greedy-only / full, largest
         first, all in one memory pool: their outputs live outside it, so any replay order is safe), so that no
-        request pays for a capture. The resident engine calls it at start; without it each graph is captured on
-        first use. Nothing to do without CUDA graphs."""
+        request pays for a capture; with `steps` > 1 also graphs of that many steps for the batch buckets up to
+        MULTI_STEP_GRAPH_MAX_BATCH (`decode_sample(steps=)`). The resident engine calls it at start; without it each
+        graph is captured on first use. Nothing to do without CUDA graphs."""
         if not self.cuda_graphs:
             return
+        if not 1 <= steps <= MAX_DECODE_STEPS:
+            raise ValueError(f"steps must be 1..{MAX_DECODE_STEPS}, got {steps}")
+        self._graph_steps = steps
         for b in reversed(batch_buckets(self.n_slots)):
             for span in reversed(self._kv_buckets()):
                 for full in (True, False):
                     self._resident_graph(b, span, full)
+                    if steps > 1 and b <= MULTI_STEP_GRAPH_MAX_BATCH:
+                        self._resident_graph(b, span, full, steps)
         # The prefills of requests arriving a few per step with short prompts (the rest are captured on first use).
         for b in (x for x in batch_buckets(self.n_slots) if x <= 8):
             for T in (t for t in _PREFILL_BUCKETS[:3] if t <= self.max_len):
@@ -485,11 +514,12 @@ class TorchRunner:
         torch.cuda.synchronize(self.device)
         log.info("captured %d decode CUDA graphs (batch buckets %s)", len(self._graphs), batch_buckets(self.n_slots))
 
-    def _resident_graph(self, b: int, span: int, full: bool) -> "_Graph":
+    def _resident_graph(self, b: int, span: int, full: bool, steps: int = 1) -> "_Graph":
         def step() -> None:
-            self._out[:b].copy_(self._resident_step(self._rows[:b], span, full))
+            for j in range(steps):  # each step feeds the next through the slots' state, on the device
+                self._out[j * b : (j + 1) * b].copy_(self._resident_step(self._rows[:b], span, full))
 
-        return self._graph(("resident", b, span, full), step)
+        return self._graph(("resident", b, span, full) + ((steps,) if steps > 1 else ()), step)
 
     def _graph(self, key: tuple, step: Callable[[], None]) -> "_Graph":
         """The graph captured for `key`, capturing `step` on first use."""
@@ -536,7 +566,7 @@ class TorchRunner:
     def _replay(self, host: torch.Tensor, kv_len: int) -> torch.Tensor:
         B = host.shape[1]
         b = next(x for x in batch_buckets(self.n_slots) if x >= B)
-        span = next(s for s in self._kv_buckets() if s >= kv_len)
+        span = self._span(kv_len)
         outputs: list[torch.Tensor] = []  # what the capture records (speculative decoding and the runner's callers)
         graph = self._graph(("logits", b, span), lambda: outputs.append(self._eager_decode_into_static(b, span)))
         if graph.logits is None:

@@ -156,13 +156,13 @@ class InstantRunner:
     def prefill_sample(self, slots, prompts, params, seeds, starts=None) -> torch.Tensor:
         return self._ids[: len(slots)].clone()
 
-    def decode_sample(self, slots, kv_len: int, full: bool) -> torch.Tensor:
-        return self._ids[: len(slots)]
+    def decode_sample(self, slots, kv_len: int, full: bool, steps: int = 1) -> torch.Tensor:
+        return self._ids[: len(slots)] if steps == 1 else self._ids[: len(slots)].expand(steps, -1)
 
     def extend(self, slots, chunks, starts, **kw) -> None:
         return None
 
-    def capture_graphs(self) -> None:
+    def capture_graphs(self, steps: int = 1) -> None:
         return None
 
     def release(self, slot: int) -> None:
