@@ -5,7 +5,7 @@
 
 For each batch size B: B requests with prompts of one length submitted at once to an `Engine` over a `TorchRunner`
 (shakespeare-char, random weights, bf16, CUDA graphs), run to their end under torch.profiler. Reported per decode
-step (a step = one CUDA-graph launch): wall ms (the engine's, submit to its last token), GPU-busy ms (the union of
+step (a step = one token per row; multi-step decode makes several per graph launch): wall ms (the engine's, submit to its last token), GPU-busy ms (the union of
 kernel intervals), kernels, and the largest kernels; then the captured decode graph alone: replay ms and kernels per replay, no engine around it.
 A diagnostic tool, not a benchmark: it prints tables; the figures go into notes.
 """
@@ -60,7 +60,8 @@ def engine_probe(
     wall = max(f.timings.token_ms[-1] for f in finals) / 1e3
     tokens = sum(len(f.token_ids) for f in finals)
     kernels = kernel_events(prof)
-    steps = max(1, _graph_launches(prof))
+    # a step = one token per row (multi-step decode launches several per graph, or several graphs per engine step)
+    steps = max(len(f.token_ids) for f in finals)
     return {
         "batch": batch,
         "sampled": sampled,
@@ -69,6 +70,7 @@ def engine_probe(
         "wall_ms_per_step": wall * 1e3 / steps,
         "busy_ms_per_step": busy_us(kernels) / 1e3 / steps,
         "kernels_per_step": len(kernels) / steps,
+        "launches_per_step": _graph_launches(prof) / steps,
         "top_kernels": _top(kernels, steps),
         "top_host": ", ".join(f"{name} {us:.1f}us" for name, us in top_host(prof, steps)),
     }
@@ -77,7 +79,7 @@ def engine_probe(
 def graph_probe(runner: TorchRunner, batch: int, full: bool) -> dict | None:
     """The smallest-span captured device-resident decode graph of this batch bucket (greedy-only or full
     sampling), replayed alone, with every row on the scratch slot."""
-    keys = sorted(k for k in runner._graphs if k[0] == "resident" and k[1] == batch and k[3] == full)
+    keys = sorted(k for k in runner._graphs if k[0] == "resident" and k[1] == batch and k[3] == full and len(k) == 4)
     if not keys:
         return None
     graph = runner._graphs[keys[0]].graph
@@ -244,11 +246,14 @@ def main(argv: list[str] | None = None) -> int:
     for r in prefills:
         print(f"\n[prefill B={r['batch']} T={r['length']}] {r['kernels']} kernels; host: {r['top_host']}")
     print(f"\n[prefill B={prefills[0]['batch']}] Python, by own time:\n{prefills[0]['python']}")
-    print(f"\n{'B':>4} {'mode':>8} {'tok/s':>10} {'wall ms':>8} {'busy ms':>8} {'kern/step':>9} {'steps':>6}")
+    print(
+        f"\n{'B':>4} {'mode':>8} {'tok/s':>10} {'wall ms':>8} {'busy ms':>8} {'kern/step':>9} {'graphs/step':>11} {'steps':>6}"
+    )
     for r in rows:
         print(
             f"{r['batch']:>4} {'sampled' if r['sampled'] else 'greedy':>8} {r['tokens_per_s']:>10,.0f} "
-            f"{r['wall_ms_per_step']:>8.3f} {r['busy_ms_per_step']:>8.3f} {r['kernels_per_step']:>9.1f} {r['steps']:>6}"
+            f"{r['wall_ms_per_step']:>8.3f} {r['busy_ms_per_step']:>8.3f} {r['kernels_per_step']:>9.1f} "
+            f"{r['launches_per_step']:>11.2f} {r['steps']:>6}"
         )
     print(f"\n{'graph':>14} {'replay ms':>10} {'kernels':>8}")
     for b, full, g in graphs:
