@@ -178,9 +178,12 @@ def _engine_rows(
     backend: str, runner: ModelRunner, tokenizer, plan: Plan, on_gpu: bool, equal_too: bool = False
 ) -> list[Row]:
     """Batch-1 latency and N-concurrent throughput (and, with `equal_too`, N prompts of one length: the case
-    where the ORT runner can put every sequence in one call)."""
+    where the ORT runner can put every sequence in one call). With multi-step decode (the engine's default on CUDA
+    graphs: `decode_steps` tokens per row per engine step) the same rows are also taken at one step per launch, and
+    the inter-token percentiles count the zero gaps inside a row's run of tokens (they arrive together)."""
     prompts = _prompts(plan.concurrency, runner.vocab_size)
     with Engine(runner, tokenizer, max_queue=plan.concurrency) as engine:
+        steps = engine.decode_steps
         ms, ttft = engine_latency(engine, prompts[8], plan.new_tokens, plan.latency_repeats)
         batch = engine_throughput(engine, prompts, plan.new_tokens)
         sampled = engine_throughput(engine, prompts, plan.new_tokens, sampled=True) if on_gpu else None
@@ -189,7 +192,18 @@ def _engine_rows(
             if equal_too
             else None
         )
-    extra = (
+    extra: list[Row] = []
+    if steps > 1:  # in-run anchor: the same engine launching one decode step per engine step
+        with Engine(runner, tokenizer, max_queue=plan.concurrency, decode_steps=1) as engine:
+            one_ms, one_ttft = engine_latency(engine, prompts[8], plan.new_tokens, plan.latency_repeats)
+            one = engine_throughput(engine, prompts, plan.new_tokens)
+        extra += [
+            Row(backend, "engine batch 1, 1 decode step per launch", 1, plan.new_tokens, one_ms, 1e3 / one_ms,
+                one_ttft, one_ttft, one_ms, one_ms),
+            Row(backend, f"engine {plan.concurrency} concurrent, 1 decode step per launch", plan.concurrency,
+                plan.new_tokens, None, **one),
+        ]  # fmt: skip
+    extra += (
         [
             Row(
                 backend,

@@ -41,3 +41,29 @@ def test_engine_measurements_and_results_files(tiny, tmp_path):
         "engine 4 concurrent",
     ]
     assert png_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_multi_step_engines_are_also_measured_at_one_step_per_launch(tiny, monkeypatch):
+    """An engine that decodes several steps per launch (the CUDA default) gets in-run anchor rows at one step."""
+    from bench_svc.benches import inference_serving as bench
+
+    made = []
+
+    class MultiStep(Engine):  # a CPU runner's engine defaults to 1 step: ask for 3 where the bench takes the default
+        def __init__(self, *args, decode_steps=None, **kw):
+            super().__init__(*args, decode_steps=3 if decode_steps is None else decode_steps, **kw)
+            made.append(self.decode_steps)
+
+    monkeypatch.setattr(bench, "Engine", MultiStep)
+    plan = bench.Plan(new_tokens=6, latency_repeats=1, concurrency=9, grpc_streams=(), grpc_requests_per_stream=1,
+                      grpc_client_processes=1)  # fmt: skip
+    rows = bench._engine_rows("torch cpu float32", TorchRunner(tiny.model, n_slots=9), tiny.tokenizer, plan, False)
+    assert made == [3, 1]
+    scenarios = [r.scenario for r in rows]
+    assert scenarios == [
+        "engine batch 1, 1 decode step per launch",
+        "engine 9 concurrent, 1 decode step per launch",
+        "engine batch 1",
+        "engine 9 concurrent",
+    ]
+    assert all(r.tokens_per_s > 0 for r in rows)
