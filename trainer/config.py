@@ -49,7 +49,10 @@ __all__ = [
 TOKENIZERS = ("char", "byte", "bpe")
 DTYPES = ("float32", "bfloat16", "float16")
 DECAYS = ("cosine", "linear", "constant", "trapezoid")
-COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune")
+# reduce-overhead-tuned: reduce-overhead (CUDA graphs) with Inductor's coordinate-descent tuning of the kernels it
+# generates (each reduction / pointwise kernel's launch config benchmarked at compile time; matmuls stay cuBLAS,
+# unlike max-autotune, which also searches Triton GEMM templates and compiles for minutes).
+COMPILE_MODES = ("none", "default", "reduce-overhead", "reduce-overhead-tuned", "max-autotune")
 ANNEALS = ("linear", "cosine")
 OPTIMIZERS = ("adamw", "muon")
 COMPILE_SCOPES = ("model", "blocks")
@@ -140,7 +143,7 @@ class TrainConfig:
     eval_iters: int = 20
     log_interval: int = 10
     dtype: str = "float32"
-    compile_mode: str = "none"  # none | default | reduce-overhead | max-autotune
+    compile_mode: str = "none"  # none | default | reduce-overhead | reduce-overhead-tuned | max-autotune
     # What torch.compile compiles: "model", the whole forward as one graph (the most fusion, the longest compile), or
     # "blocks", each transformer Block on its own (regional compilation: every layer runs the same code, so dynamo
     # traces and Inductor compiles one block once and reuses it for all; embedding, final norm, head and loss run

@@ -56,7 +56,11 @@ def test_overrides_are_coerced_to_field_types():
         ("dtype=int8", "dtype", "['float32', 'bfloat16', 'float16']"),
         ("tokenizer=word", "tokenizer", "['char', 'byte', 'bpe']"),
         ("compile=maybe", "compile", "true or false"),
-        ("compile_mode=fast", "compile_mode", "['none', 'default', 'reduce-overhead', 'max-autotune']"),
+        (
+            "compile_mode=fast",
+            "compile_mode",
+            "['none', 'default', 'reduce-overhead', 'reduce-overhead-tuned', 'max-autotune']",
+        ),
         ("grad_checkpointing=2", "grad_checkpointing", "true or false"),
         ("betas=0.9", "betas", "two numbers"),
         ("device=tpu", "device", "cuda:N"),

@@ -383,15 +383,18 @@ def _setup(
     if config.compile_optimizer:
         prepare_optimizer(optimizer, device)
         max_norm = config.grad_clip if config.grad_clip > 0 else math.inf
-        mode = _compile_mode(config) if config.compile else None
+        kwargs = compile_kwargs(config) if config.compile else {}
         params = [p for p in model.parameters() if p.requires_grad]
-        run.optimizer_step = CompiledOptimizerStep(params, optimizer, max_norm, lambda fn: torch.compile(fn, mode=mode))
+        run.optimizer_step = CompiledOptimizerStep(params, optimizer, max_norm, lambda fn: torch.compile(fn, **kwargs))
     return run
 
 
-def _compile_mode(config: TrainConfig) -> str | None:
-    """torch.compile's `mode` argument for config.compile_mode (not "none")."""
-    return None if config.compile_mode == "default" else config.compile_mode
+def compile_kwargs(config: TrainConfig) -> dict[str, Any]:
+    """torch.compile's `mode` (or, for reduce-overhead-tuned, its `options`: the two cannot be given together) for
+    config.compile_mode (not "none")."""
+    if config.compile_mode == "reduce-overhead-tuned":
+        return {"options": {"triton.cudagraphs": True, "coordinate_descent_tuning": True}}
+    return {"mode": None if config.compile_mode == "default" else config.compile_mode}
 
 
 def _compiled_forward(model: GPT, config: TrainConfig) -> torch.nn.Module:
@@ -402,9 +405,9 @@ def _compiled_forward(model: GPT, config: TrainConfig) -> torch.nn.Module:
         return model
     if config.compile_scope == "blocks":
         for block in model.blocks:
-            block.compile(mode=_compile_mode(config))
+            block.compile(**compile_kwargs(config))
         return model
-    return torch.compile(model, mode=_compile_mode(config))
+    return torch.compile(model, **compile_kwargs(config))
 
 
 @dataclass
@@ -534,7 +537,7 @@ class _Pending:
 def _forward(run: _Run, module: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """module(x, y); under reduce-overhead, first tell CUDA-graph trees that a new iteration begins (so a replay
     may reuse the previous one's output buffers, which the caller has consumed by then)."""
-    if run.config.compile_mode == "reduce-overhead":
+    if run.config.compile_mode in ("reduce-overhead", "reduce-overhead-tuned"):
         torch.compiler.cudagraph_mark_step_begin()
     return module(x, y)
 

@@ -77,18 +77,21 @@ def test_gradient_checkpointing_trains_the_same(small_corpus, tmp_path):
     assert runs[True].grad_norms == pytest.approx(runs[False].grad_norms, rel=1e-5)
 
 
-@pytest.mark.parametrize("mode, expected", [("default", None), ("reduce-overhead", "reduce-overhead"),
-                                            ("max-autotune", "max-autotune")])  # fmt: skip
+@pytest.mark.parametrize("mode, expected", [
+    ("default", {"mode": None}), ("reduce-overhead", {"mode": "reduce-overhead"}),
+    ("max-autotune", {"mode": "max-autotune"}),
+    ("reduce-overhead-tuned", {"options": {"triton.cudagraphs": True, "coordinate_descent_tuning": True}}),
+])  # fmt: skip
 def test_compile_mode_reaches_torch_compile(small_corpus, dirs, monkeypatch, mode, expected):
-    modes = []
+    calls = []
 
-    def fake_compile(model, mode=None):  # records the call; runs eager (a real compile takes a minute on CPU)
-        modes.append(mode)
+    def fake_compile(model, **kwargs):  # records the call; runs eager (a real compile takes a minute on CPU)
+        calls.append(kwargs)
         return model
 
     monkeypatch.setattr(torch, "compile", fake_compile)
     train(fast_config(max_steps=1, compile_mode=mode), small_corpus, **dirs)
-    assert modes == [expected]
+    assert calls == [expected]
 
 
 def test_kernels_switch_scopes_the_whole_run(monkeypatch, tmp_path):

@@ -17,7 +17,8 @@ val-loss curve. A run goes on to its time budget (or max_steps). `--part startup
 new process with an empty compile cache and again with the cache it left, for the default preset or any variant
 (`--startup tinylm-blocks:cold,tinylm-blocks:warm`). Issue 16's compile options have variants of their own:
 "-opt" (clipping and the optimizer step compiled too, trainer.optimizer_step), "-blocks" (each transformer Block
-compiled on its own, compile_scope=blocks), on the default and the muon preset. With two or more GPUs it also
+compiled on its own, compile_scope=blocks), on the default and the muon preset; "tinylm-tuned" is the default with
+Inductor's coordinate-descent tuning of its kernels (compile_mode=reduce-overhead-tuned). With two or more GPUs it also
 measures DDP tokens/s of the `medium` preset on 2 GPUs vs 1 (torchrun, the same `trainer.main` code path).
 Results: CSV + JSON (GPU, commit, command) and a PNG.
 """
@@ -207,6 +208,7 @@ def _all_variants(args: argparse.Namespace) -> list[tuple[str, TrainConfig]]:
         ("tinylm-muon-gpt", muon.replace(preset="shakespeare-char")),
         # issue 16's compile options, each against the preset it modifies: the clipping and optimizer step compiled
         # (CUDA graphs under reduce-overhead), each Block compiled on its own (a shorter compile, maybe a slower step)
+        ("tinylm-tuned", base.replace(compile_mode="reduce-overhead-tuned")),  # + coordinate-descent kernel tuning
         ("tinylm-opt", base.replace(compile_optimizer=True)),
         ("tinylm-blocks", base.replace(compile_scope="blocks")),
         ("tinylm-opt-blocks", base.replace(compile_optimizer=True, compile_scope="blocks")),
@@ -446,7 +448,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--variants",
         default="",
         help="comma-separated variants to run, in this order (default all: tinylm, tinylm-graph, tinylm-fast, "
-        "tinylm-fast-graph, tinylm-muon, tinylm-muon-hot, tinylm-muon-long, tinylm-muon-gpt, tinylm-opt, "
+        "tinylm-fast-graph, tinylm-muon, tinylm-muon-hot, tinylm-muon-long, tinylm-muon-gpt, tinylm-tuned, tinylm-opt, "
         "tinylm-blocks, tinylm-opt-blocks, tinylm-muon-blocks, "
         "compile-default, eager, eager-pytorch); "
         "one alone rules out state left by an earlier variant in the same process",
