@@ -47,10 +47,10 @@ class _FaultyRunner(TorchRunner):
             raise ValueError("injected sampler fault")
         return super().prefill_sample(slots, prompts, params, seeds, starts)
 
-    def decode_sample(self, slots, kv_len, full):
+    def decode_sample(self, slots, kv_len, full, steps=1):
         if self.phase in ("decode", "sampler") and self.bad_slot in slots:
             raise (RuntimeError if self.phase == "decode" else ValueError)(f"injected {self.phase} fault")
-        return super().decode_sample(slots, kv_len, full)
+        return super().decode_sample(slots, kv_len, full, steps)
 
     def release(self, slot):
         if slot == self.bad_slot:
@@ -75,14 +75,16 @@ def _params(i: int) -> SamplingParams:
     return SamplingParams(max_new_tokens=8 + i, temperature=0.0, repetition_penalty=1.2 if i % 4 else 1.0)
 
 
-@pytest.mark.parametrize("resident", [True, False], ids=["resident", "logits"])
+@pytest.mark.parametrize(
+    "resident, steps", [(True, 1), (True, 3), (False, 1)], ids=["resident", "multi-step", "logits"]
+)
 @pytest.mark.parametrize("where", ["prefill", "decode", "sampler"])
-def test_one_failing_request_ends_alone(tiny, where, resident):
+def test_one_failing_request_ends_alone(tiny, where, resident, steps):
     prompts = [("to be, or not"[: 2 + i % 10] + " ") for i in range(N_GOOD)]
     bad_prompt = tuple(tiny.tokenizer.encode(POISON))
     runner = _FaultyRunner(tiny.model, n_slots=N_GOOD + 1)
     runner.bad_prompt, runner.phase = bad_prompt, where
-    with Engine(runner, tiny.tokenizer, max_queue=64, resident=resident) as engine:
+    with Engine(runner, tiny.tokenizer, max_queue=64, resident=resident, decode_steps=steps) as engine:
         if where == "sampler":
             engine.sampler = _FaultySampler(runner.device, vocab_size=tiny.tokenizer.vocab_size)
             engine.sampler.bad_prompt = bad_prompt
