@@ -1,7 +1,9 @@
-"""Speculative decoding inside the engine: a draft model proposes k tokens per running sequence, the target checks
-them all in one batched step, and rejection sampling keeps the target's distribution exactly (greedy output equals
-the target alone). The acceptance rule, the distributions and the draw are those of the reference generator
-(`model.speculative`), so the engine and `speculative_generate` agree on what a round does.
+"""Speculative decoding inside the engine on its logits path (`Engine(resident=False)`): a draft model proposes k
+tokens per running sequence, the target checks them all in one batched step, and rejection sampling keeps the
+target's distribution exactly (greedy output equals the target alone). The acceptance rule, the distributions and
+the draw are those of the reference generator (`model.speculative`), so the engine and `speculative_generate` agree
+on what a round does. The device-resident loop (the engine's default with torch runners) runs its rounds on the
+device instead: `inference_svc.speculative_resident`, which shares `check_draft` and `SpeculativeStats`.
 
 One engine decode step over B sequences becomes:
 1. draft: one `extend` that brings each row's draft cache up to date (the tokens it has not seen: usually the
