@@ -244,6 +244,24 @@ class SpeculativeRunner:
             self._rows.copy_(saved[0])
             self._draft_rows.copy_(saved[1])
 
+    def _verify(self, ids: torch.Tensor, rows: torch.Tensor, pos: torch.Tensor, kv_len: int) -> torch.Tensor:
+        """The target over ids (b, k + 1) at positions pos .. pos + k of each row's slot: float32 logits (b, k + 1, V).
+        Run as b * (k + 1) one-token rows (row j of a slot at pos + j, attending to its slot up to there): every
+        row's keys and values are written before any row attends, so the rows of one slot see each other, and
+        attention can read the cache in place (`kernels.decode_attention`) instead of gathering it for SDPA. Not the
+        small-batch kernels: their attention launch writes each row's keys and values as it reads the others'."""
+        b, n = ids.shape
+        at = (pos[:, None] + torch.arange(n, device=pos.device)).view(-1)  # (b * n,)
+        logits = self.target.model.forward_cached(
+            ids.view(-1, 1),
+            self.target.cache,
+            rows.repeat_interleave(n),
+            at,
+            kv_len=kv_len,
+            attention_in_place=self.target.attention_in_place,
+        )  # (b * n, 1, V)
+        return logits.view(b, n, -1).float()
+
     def _round_step(self, rows: torch.Tensor, draft_rows: torch.Tensor, kv_len: int, full: bool) -> torch.Tensor:
         """What a round graph records, over rows (b,) of target slots and the same rows' draft slots (padded rows:
         each model's scratch slot). Returns (b, k + 2): count, then tokens."""
@@ -257,6 +275,9 @@ class SpeculativeRunner:
             seen = state.seen[rows]  # (b, V): the context through x_n
         x, drafts, q, contexts = x0, [], [], []
         draft_span = min(kv_len, draft.max_len)
+        if full:  # every draft's uniform at once: d_j's at position n + j
+            at = pos[:, None] + torch.arange(1 + _DRAFT, k + 1 + _DRAFT, device=pos.device)  # (b, k)
+            u_draft = uniforms(seed[:, None].expand(b, k).reshape(-1), at.reshape(-1)).view(b, k)
         for j in range(k + 1):
             logits = draft.model.forward_cached(
                 x.view(b, 1),
@@ -273,16 +294,14 @@ class SpeculativeRunner:
             if full:
                 contexts.append(seen)
                 q.append(probabilities(logits, seen, *settings))
-                x = draw(q[-1], uniforms(seed, pos + (j + 1 + _DRAFT)))
+                x = draw(q[-1], u_draft[:, j])
                 seen = seen.scatter(1, x[:, None], True)
             else:
                 x = logits.argmax(dim=-1)
             drafts.append(x)
         drafts_t = torch.stack(drafts, dim=1)  # (b, k)
-        logits = target.model.forward_cached(
-            torch.cat([x0[:, None], drafts_t], dim=1), target.cache, rows, pos, kv_len=kv_len
-        )  # (b, k + 1, V)
-        logits = logits.float().masked_fill(state.blocked, float("-inf"))
+        logits = self._verify(torch.cat([x0[:, None], drafts_t], dim=1), rows, pos, kv_len)  # (b, k + 1, V)
+        logits = logits.masked_fill(state.blocked, float("-inf"))
         if full:
             contexts.append(seen)
             seen_all = torch.stack(contexts, dim=1)  # (b, k + 1, V): the context before each position's token

@@ -141,12 +141,14 @@ def test_rejection_sampling_keeps_the_targets_distribution():
 
 
 @pytest.mark.parametrize("full", [False, True])
-def test_a_round_leaves_each_row_ready_for_the_next(tiny, pair, full):
+@pytest.mark.parametrize("in_place", [False, True])
+def test_a_round_leaves_each_row_ready_for_the_next(tiny, pair, full, in_place):
     """Runner level: after each round, each slot's next input is its last new token at the next free position, its
     penalty mask holds exactly its context (full rounds), the counts are 1..k+1, and greedy tokens equal the target
-    alone's."""
+    alone's; with attention over the cache in place (the GPU's default) or gathered."""
     target, draft = pair
-    runner = SpeculativeRunner(TorchRunner(target, n_slots=4), TorchRunner(draft, n_slots=4), 3, 4)
+    t, d = (TorchRunner(m, n_slots=4, attention_in_place=in_place) for m in pair)
+    runner = SpeculativeRunner(t, d, 3, 4)
     prompts = [tiny.tokenizer.encode(p) for p in PROMPTS[:3]]
     slots = [2, 0, 3]
     greedy = SamplingParams(temperature=0.0)
