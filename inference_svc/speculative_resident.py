@@ -255,7 +255,7 @@ class SpeculativeRunner:
         logits = self.target.model.forward_cached(
             ids.view(-1, 1),
             self.target.cache,
-            rows.repeat_interleave(n),
+            _each(rows, n),
             at,
             kv_len=kv_len,
             attention_in_place=self.target.attention_in_place,
@@ -305,9 +305,9 @@ class SpeculativeRunner:
         if full:
             contexts.append(seen)
             seen_all = torch.stack(contexts, dim=1)  # (b, k + 1, V): the context before each position's token
-            p = probabilities(
-                logits.flatten(0, 1), seen_all.flatten(0, 1), *(s.repeat_interleave(k + 1, dim=0) for s in settings)
-            ).view(b, k + 1, V)
+            p = probabilities(logits.flatten(0, 1), seen_all.flatten(0, 1), *(_each(s, k + 1) for s in settings)).view(
+                b, k + 1, V
+            )
             accepted, tokens = accept_sampled(drafts_t, torch.stack(q, dim=1), p, seed, pos)
             # The context gains the accepted drafts and the new token (the repetition penalty's mask).
             kept = seen_all.gather(1, accepted[:, None, None].expand(b, 1, V))[:, 0]
@@ -320,3 +320,8 @@ class SpeculativeRunner:
         after = torch.where(rows == target._scratch, 0, pos + accepted + 1)
         state.advance(rows, new, after, False)
         return torch.cat([(accepted + 1)[:, None], tokens], dim=1)
+
+
+def _each(t: torch.Tensor, n: int) -> torch.Tensor:
+    """Each row of t (B, ...) n times in a row: (B * n, ...), without a host sync (capturable)."""
+    return t[:, None].expand(t.shape[0], n, *t.shape[1:]).reshape(-1, *t.shape[1:])
