@@ -32,7 +32,7 @@ from inference_svc.sequence import Sequence as Seq
 from inference_svc.speculative import SpeculativeStats, check_draft
 from model.sampling import SamplingParams, penalise, uniforms
 
-__all__ = ["SpeculativeRunner", "accept_greedy", "accept_sampled", "draw", "probabilities"]
+__all__ = ["SpeculativeRunner", "accept_greedy", "accept_sampled", "draw", "probabilities", "round_uniforms"]
 
 # Counter tags of the round's draws: uniforms(seed, position + tag). The plain sampler draws at tag 0; positions stay
 # far below 2**29, and uniforms reads the counter's low 32 bits.
@@ -83,17 +83,27 @@ def accept_greedy(drafts: torch.Tensor, target_ids: torch.Tensor) -> tuple[torch
     return accepted, target_ids
 
 
+def round_uniforms(seed: torch.Tensor, pos: torch.Tensor, k: int) -> torch.Tensor:
+    """Every draw a sampled round may make, in one `uniforms` call (each call is ~40 elementwise launches): seed, pos
+    (B,) long -> (B, 3k + 1) float32: the drafts' at positions pos + 1 .. pos + k, the accept tests' there, then the
+    new token's at each place it can land, pos + 1 .. pos + k + 1 (each use its own tag: independent draws)."""
+    B, device = seed.shape[0], seed.device
+    # aranges, not torch.tensor(list): a copy from host memory is refused inside a CUDA-graph capture
+    offsets = [
+        torch.arange(1 + tag, n + 1 + tag, device=device) for tag, n in ((_DRAFT, k), (_ACCEPT, k), (_RESAMPLE, k + 1))
+    ]
+    at = pos[:, None] + torch.cat(offsets)  # (B, 3k + 1)
+    return uniforms(seed[:, None].expand(B, 3 * k + 1).reshape(-1), at.reshape(-1)).view(B, 3 * k + 1)
+
+
 def accept_sampled(
-    drafts: torch.Tensor, q: torch.Tensor, p: torch.Tensor, seed: torch.Tensor, pos: torch.Tensor
+    drafts: torch.Tensor, q: torch.Tensor, p: torch.Tensor, u_accept: torch.Tensor, u_new: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rejection sampling over a batch: drafts (B, k) drawn from q (B, k, V) for positions pos + 1 .. pos + k; p
-    (B, k + 1, V) the target's distributions there and one past; seed, pos (B,) long. Returns (accepted (B,), tokens
-    (B, k + 1)): the first `accepted` drafts, then a draw from norm(max(0, p - q)) at the first rejection, or from
-    p's last row. The uniforms are `uniforms(seed, position + tag)`: the accept test's at each draft's position, the
-    resample's at the new token's."""
+    """Rejection sampling over a batch: drafts (B, k) drawn from q (B, k, V); p (B, k + 1, V) the target's
+    distributions at the drafts' positions and one past; u_accept (B, k) the accept tests' uniforms, u_new (B, k + 1)
+    the new token's, by where it lands. Returns (accepted (B,), tokens (B, k + 1)): the first `accepted` drafts, then
+    a draw from norm(max(0, p - q)) at the first rejection, or from p's last row."""
     B, k, V = q.shape
-    at = pos[:, None] + torch.arange(1 + _ACCEPT, k + 1 + _ACCEPT, device=pos.device)  # (B, k)
-    u_accept = uniforms(seed[:, None].expand(B, k).reshape(-1), at.reshape(-1)).view(B, k)
     d = drafts[..., None]
     ok = u_accept * q.gather(2, d)[..., 0] < p[:, :k].gather(2, d)[..., 0]  # u < p(d) / q(d), and q(d) > 0
     accepted = ok.long().cumprod(dim=1).sum(dim=1)  # (B,)
@@ -101,7 +111,7 @@ def accept_sampled(
     residual = (p - torch.cat([q, torch.zeros_like(q[:, :1])], dim=1)).clamp_(min=0).gather(1, row)[:, 0]  # (B, V)
     # A rejection leaves mass where p > q; should rounding leave none, draw from p itself.
     residual = torch.where(residual.sum(dim=-1, keepdim=True) > 0, residual, p.gather(1, row)[:, 0])
-    token = draw(residual, uniforms(seed, pos + accepted + (1 + _RESAMPLE)))
+    token = draw(residual, u_new.gather(1, accepted[:, None])[:, 0])
     tokens = torch.cat([drafts, token[:, None]], dim=1).scatter_(1, accepted[:, None], token[:, None])
     return accepted, tokens
 
@@ -275,9 +285,8 @@ class SpeculativeRunner:
             seen = state.seen[rows]  # (b, V): the context through x_n
         x, drafts, q, contexts = x0, [], [], []
         draft_span = min(kv_len, draft.max_len)
-        if full:  # every draft's uniform at once: d_j's at position n + j
-            at = pos[:, None] + torch.arange(1 + _DRAFT, k + 1 + _DRAFT, device=pos.device)  # (b, k)
-            u_draft = uniforms(seed[:, None].expand(b, k).reshape(-1), at.reshape(-1)).view(b, k)
+        if full:
+            u = round_uniforms(seed, pos, k)  # (b, 3k + 1): drafts', accept tests', the new token's
         for j in range(k + 1):
             logits = draft.model.forward_cached(
                 x.view(b, 1),
@@ -294,7 +303,7 @@ class SpeculativeRunner:
             if full:
                 contexts.append(seen)
                 q.append(probabilities(logits, seen, *settings))
-                x = draw(q[-1], u_draft[:, j])
+                x = draw(q[-1], u[:, j])
                 seen = seen.scatter(1, x[:, None], True)
             else:
                 x = logits.argmax(dim=-1)
@@ -308,7 +317,7 @@ class SpeculativeRunner:
             p = probabilities(logits.flatten(0, 1), seen_all.flatten(0, 1), *(_each(s, k + 1) for s in settings)).view(
                 b, k + 1, V
             )
-            accepted, tokens = accept_sampled(drafts_t, torch.stack(q, dim=1), p, seed, pos)
+            accepted, tokens = accept_sampled(drafts_t, torch.stack(q, dim=1), p, u[:, k : 2 * k], u[:, 2 * k :])
             # The context gains the accepted drafts and the new token (the repetition penalty's mask).
             kept = seen_all.gather(1, accepted[:, None, None].expand(b, 1, V))[:, 0]
             new = tokens.gather(1, accepted[:, None])[:, 0]

@@ -21,6 +21,7 @@ from inference_svc.speculative_resident import (
     accept_sampled,
     draw,
     probabilities,
+    round_uniforms,
 )
 from inference_svc.testing import SPECULATIVE_PROMPTS, engine_idle, target_and_draft, wait_until
 from model.generate import generate_tokens
@@ -124,7 +125,8 @@ def test_rejection_sampling_keeps_the_targets_distribution():
     q, p = q1.expand(B, k, V), p1.expand(B, k + 1, V)
     seed, pos = torch.arange(B), torch.full((B,), 17)
     drafts = torch.stack([draw(q[:, j], torch.rand(B, generator=gen)) for j in range(k)], 1)
-    accepted, tokens = accept_sampled(drafts, q.contiguous(), p.contiguous(), seed, pos)
+    u = round_uniforms(seed, pos, k)  # the round's own draws (the test's drafts come from torch.rand above)
+    accepted, tokens = accept_sampled(drafts, q.contiguous(), p.contiguous(), u[:, k : 2 * k], u[:, 2 * k :])
     assert accepted.min() >= 0 and accepted.max() <= k
     emitted = tokens[:, :2]  # every row emits at least 1 token; rows with accepted == 0 emit one
     two = accepted >= 1
