@@ -37,7 +37,7 @@ from bench_svc.benches.speculative import (
 from bench_svc.provenance import git_commit
 from inference_svc.engine import Engine
 from inference_svc.params import Request
-from inference_svc.runner import TorchRunner
+from inference_svc.runner import TorchRunner, batch_buckets
 from model.sampling import SamplingParams
 
 __all__ = ["main"]
@@ -137,14 +137,19 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
-    """One line per row: throughput and per-stream ms/token against the engine without a draft."""
-    lines = [f"{'series':<20} {'k':>2} {'tok/s':>9} {'ms/tok':>7} {'speed-up':>8} {'accept':>7} {'same':>5}"]
+    """One line per row: throughput and per-stream ms/token against the engine without a draft; graph ms: the GPU's
+    time for one plain step (k = 0) or one round."""
+    head = (
+        f"{'series':<20} {'k':>2} {'tok/s':>9} {'ms/tok':>7} {'speed-up':>8} {'accept':>7} {'graph ms':>8} {'same':>5}"
+    )
+    lines = [head]
     for r in rows:
         accept = "-" if r["acceptance_rate"] is None else f"{r['acceptance_rate']:.2f}"
         same = "-" if r["same_tokens_as_target"] is None else str(r["same_tokens_as_target"])
+        graph = "-" if r["graph_ms"] is None else f"{r['graph_ms']:.3f}"
         lines.append(
             f"{r['series']:<20} {r['k']:>2} {r['tokens_per_s']:>9.1f} {r['ms_per_token']:>7.3f} "
-            f"{r['speedup_vs_target']:>7.2f}x {accept:>7} {same:>5}"
+            f"{r['speedup_vs_target']:>7.2f}x {accept:>7} {graph:>8} {same:>5}"
         )
     return "\n".join(lines)
 
@@ -192,8 +197,37 @@ def _measure(engines: dict[int, Engine], prompts: list[list[int]], concurrency: 
             same,
         )
         ms = {"ms_per_token": round(1e3 * median * concurrency / n_tokens, 4)}
+        graph = _graph_ms(engines[k], concurrency, k, mode != "greedy")
+        ms["graph_ms"] = None if graph is None else round(graph, 4)  # the GPU's time for one step / round
         rows.append({"series": f"{mode}, {concurrency} in flight", "concurrency": concurrency, **row, **ms})
     return rows
+
+
+def _graph_ms(engine: Engine, concurrency: int, k: int, full: bool, replays: int = 50) -> float | None:
+    """Milliseconds of one replay of the engine's captured decode graph (k = 0: the plain resident step; else the
+    speculative round) at this batch's bucket and the first attention span, timed by CUDA events with every row on
+    the scratch slot (which stays at position 0: replays never run past the cache). None without CUDA graphs. Run
+    on an idle engine: it rewrites the row -> slot map (the next step rewrites it back)."""
+    runner = engine.runner
+    target = runner.target if k else runner
+    if not getattr(target, "cuda_graphs", False):
+        return None
+    b = next(x for x in batch_buckets(target.n_slots) if x >= concurrency)
+    span = target._kv_buckets()[0]
+    key = ("speculative", k, b, span, full) if k else ("resident", b, span, full)
+    graph = target._graphs[key].graph
+    rows = [target._rows] if not k else [runner._rows, runner._draft_rows]
+    for buf, model_runner in zip(rows, [target, runner.draft] if k else [target]):
+        buf.fill_(model_runner._scratch)
+    runner._rows_now = []  # the next real step lays its rows out again
+    graph.replay()  # warm
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(replays):
+        graph.replay()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / replays
 
 
 if __name__ == "__main__":
