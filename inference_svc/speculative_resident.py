@@ -184,19 +184,20 @@ class SpeculativeRunner:
                 rows.append(b)
         return rows
 
-    def decode_sample(self, slots: Sequence[int], kv_len: int, full: bool) -> torch.Tensor:
-        """A plain resident step on the target (`TorchRunner.decode_sample`); its rows leave the draft for good."""
+    def decode_sample(self, slots: Sequence[int], kv_len: int, full: bool, steps: int = 1) -> torch.Tensor:
+        """Plain resident steps on the target (`TorchRunner.decode_sample`); their rows leave the draft for good."""
         for slot in slots:
             self._on_draft[slot] = False
-        return self.target.decode_sample(slots, kv_len, full)
+        return self.target.decode_sample(slots, kv_len, full, steps)
 
     def release(self, slot: int) -> None:
         self.target.release(slot)
         self.draft.release(slot)
 
-    def capture_graphs(self) -> None:
-        """The target's graphs, the draft's short prefills, and a round per (batch bucket, span, greedy-only / full)."""
-        self.target.capture_graphs()
+    def capture_graphs(self, steps: int = 1) -> None:
+        """The target's graphs (`steps`: its multi-step decode), the draft's short prefills, and a round per (batch
+        bucket, span, greedy-only / full)."""
+        self.target.capture_graphs(steps)
         if not self.target.cuda_graphs:
             return
         draft = self.draft

@@ -42,14 +42,20 @@ def _tokens(handle) -> list[int]:
     return tokens
 
 
-@pytest.mark.parametrize("k", [1, 3])
-def test_greedy_equals_the_target_alone(tiny, pair, k):
+@pytest.mark.parametrize("k, resident, decode_steps", [(1, True, 1), (3, True, 3), (1, False, 1), (3, False, 1)])
+def test_greedy_equals_the_target_alone(tiny, pair, k, resident, decode_steps):
     """Six concurrent greedy requests on 4 slots, a draft whose 24-token context runs out mid-way (those
-    sequences finish on plain steps): every request's tokens equal model.generate's for the target alone."""
+    sequences finish on plain steps; on the resident loop, several a launch with decode_steps): every request's
+    tokens equal model.generate's for the target alone, with rounds on the device and on the logits path."""
     target, draft = pair
     params = [SamplingParams(max_new_tokens=n, temperature=0.0) for n in (12, 30, 7, 25, 3, 40)]
     with Engine(
-        TorchRunner(target, n_slots=4), tiny.tokenizer, draft=TorchRunner(draft, n_slots=4), speculative_k=k
+        TorchRunner(target, n_slots=4),
+        tiny.tokenizer,
+        draft=TorchRunner(draft, n_slots=4),
+        speculative_k=k,
+        resident=resident,
+        decode_steps=decode_steps,
     ) as engine:
         handles = [
             engine.submit(make_request(p, sp, tokenizer=tiny.tokenizer, context_len=64))
