@@ -173,6 +173,32 @@ def test_a_round_leaves_each_row_ready_for_the_next(tiny, pair, full, in_place):
             assert g == want
 
 
+@pytest.mark.parametrize("full", [False, True])
+def test_padded_rows_of_a_captured_round_touch_only_the_scratch_slots(tiny, pair, full):
+    """What a round graph records (`_round_step`, run eagerly here: the capture itself is tested on the GPU) with the
+    bucket's padded rows on each model's scratch slot: the real rows get the tokens and state of an unpadded round,
+    and the scratch slot stays at position 0 (so replays never run past the cache)."""
+    runners = []
+    for n_draft_slots in (4, 6):  # the draft's scratch slot need not be the target's
+        t, d = TorchRunner(pair[0], n_slots=4), TorchRunner(pair[1], n_slots=n_draft_slots)
+        runners.append(SpeculativeRunner(t, d, 2, 4))
+    slots, prompts = [3, 1], [tiny.tokenizer.encode(p) for p in PROMPTS[:2]]
+    params = [SamplingParams(temperature=0.0), SamplingParams(temperature=0.9, top_k=6, seed=3)]
+    params = params if full else params[:1] * 2
+    plain, padded = runners
+    for r in runners:
+        r.prefill_sample(slots, prompts, params, [1, 2])
+    rows = torch.tensor([*slots, 4, 4])  # the bucket of 4: two padded rows on the target's scratch slot (4)
+    draft_rows = torch.tensor([*slots, 6, 6])  # and the draft's (6)
+    for _ in range(3):
+        want = plain.round(slots, 40, full)
+        got = padded._round_step(rows, draft_rows, 40, full)
+        assert torch.equal(got[:2], want)
+        for name in ("token", "pos", "seen"):
+            assert torch.equal(getattr(padded.state, name)[slots], getattr(plain.state, name)[slots]), name
+        assert padded.state.pos[4] == 0
+
+
 # Through the engine ------------------------------------------------------------------------------------
 
 
