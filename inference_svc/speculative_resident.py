@@ -42,8 +42,8 @@ _GREEDY = SamplingParams(max_new_tokens=1, temperature=0.0)  # the draft's prefi
 
 def probabilities(
     logits: torch.Tensor,
-    seen: torch.Tensor,
-    penalty: torch.Tensor,
+    seen: torch.Tensor | None,
+    penalty: torch.Tensor | None,
     greedy: torch.Tensor,
     temperature: torch.Tensor,
     top_k: torch.Tensor,
@@ -51,9 +51,11 @@ def probabilities(
 ) -> torch.Tensor:
     """The distribution the resident sampler draws each row's token from (`model.sampling.sample_rows` after
     `penalise`): logits (N, V) float32 (blocked ids at -inf), seen (N, V) bool, penalty / temperature / top_p (N, 1)
-    float32, top_k (N, 1) long, greedy (N,) bool. Returns (N, V) float32 in vocabulary order; greedy rows (and rows
-    whose distribution is not a number, as the sampler falls back) are one-hot on the argmax."""
-    logits = penalise(logits, seen, penalty)
+    float32 (seen and penalty None: no row penalises), top_k (N, 1) long, greedy (N,) bool. Returns (N, V) float32 in
+    vocabulary order; greedy rows (and rows whose distribution is not a number, as the sampler falls back) are
+    one-hot on the argmax."""
+    if seen is not None:
+        logits = penalise(logits, seen, penalty)
     V = logits.shape[-1]
     ranked, order = torch.sort(logits / temperature, dim=-1, descending=True, stable=True)  # (N, V)
     ranked = ranked.masked_fill(torch.arange(V, device=logits.device) >= top_k, float("-inf"))
@@ -132,6 +134,7 @@ class SpeculativeRunner:
         # A round at position n writes n .. n+k into both caches.
         self._round_end = min(target.max_len, draft.max_len) - k  # rounds run while n < this
         self._on_draft = [False] * target.n_slots  # host: the slot's draft cache follows its context
+        self._penalised = [False] * target.n_slots  # host: the slot's request has a repetition penalty
         if target.cuda_graphs:
             self._rows = torch.full((target.n_slots,), target._scratch, dtype=torch.long, device=self.device)
             self._draft_rows = torch.full((target.n_slots,), draft._scratch, dtype=torch.long, device=self.device)
@@ -162,6 +165,8 @@ class SpeculativeRunner:
     ) -> torch.Tensor:
         """`TorchRunner.prefill_sample` on the target, the prompts (their rest, after chunks) into the draft too."""
         starts = [0] * len(slots) if starts is None else list(starts)
+        for slot, p in zip(slots, params):
+            self._penalised[slot] = p.repetition_penalty != 1.0
         rows = self._draft_rows_for(slots, [len(p) for p in prompts], starts)
         if rows:
             self.draft.prefill_sample(
@@ -196,7 +201,7 @@ class SpeculativeRunner:
 
     def capture_graphs(self, steps: int = 1) -> None:
         """The target's graphs (`steps`: its multi-step decode), the draft's short prefills, and a round per (batch
-        bucket, span, greedy-only / full)."""
+        bucket, span, greedy-only / sampled / sampled with a penalty)."""
         self.target.capture_graphs(steps)
         if not self.target.cuda_graphs:
             return
@@ -209,8 +214,8 @@ class SpeculativeRunner:
                             draft._prefill_graph(b, T, False)
         for b in reversed(batch_buckets(self.n_slots)):
             for span in reversed(self.target._kv_buckets()):
-                for full in (True, False):
-                    self._round_graph(b, span, full)
+                for full, penalty in ((True, True), (True, False), (False, False)):
+                    self._round_graph(b, span, full, penalty)
         torch.cuda.synchronize(self.device)
 
     # The round ------------------------------------------------------------------------------------------
@@ -222,9 +227,10 @@ class SpeculativeRunner:
         token count (1 .. k+1), then its tokens (those past the count are meaningless). A view of a buffer that the
         next round rewrites: copy it before then (a copy enqueued now is safe)."""
         B = len(slots)
+        penalty = full and any(self._penalised[s] for s in slots)  # else the graph without the penalty's ops
         if not self.target.cuda_graphs:
             rows = self.staging.to_device(torch.tensor(list(slots), dtype=torch.long))
-            return self._round_step(rows, rows, kv_len, full)
+            return self._round_step(rows, rows, kv_len, full, penalty)
         b = next(x for x in batch_buckets(self.n_slots) if x >= B)
         span = next(s for s in self.target._kv_buckets() if s >= kv_len)
         slots = list(slots)
@@ -235,11 +241,11 @@ class SpeculativeRunner:
             self._rows[: B + pad].copy_(both[0])
             self._draft_rows[: B + pad].copy_(both[1])
             self._rows_now = slots
-        self._round_graph(b, span, full).graph.replay()
+        self._round_graph(b, span, full, penalty).graph.replay()
         return self._out[:B]
 
-    def _round_graph(self, b: int, span: int, full: bool):
-        key = ("speculative", self.k, b, span, full)
+    def _round_graph(self, b: int, span: int, full: bool, penalty: bool):
+        key = ("speculative", self.k, b, span, full, penalty)
         graph = self.target._graphs.get(key)
         if graph is not None:
             return graph
@@ -249,7 +255,10 @@ class SpeculativeRunner:
         self._draft_rows.fill_(self.draft._scratch)
         try:
             return self.target._graph(
-                key, lambda: self._out[:b].copy_(self._round_step(self._rows[:b], self._draft_rows[:b], span, full))
+                key,
+                lambda: self._out[:b].copy_(
+                    self._round_step(self._rows[:b], self._draft_rows[:b], span, full, penalty)
+                ),
             )
         finally:
             self._rows.copy_(saved[0])
@@ -273,17 +282,21 @@ class SpeculativeRunner:
         )  # (b * n, 1, V)
         return logits.view(b, n, -1).float()
 
-    def _round_step(self, rows: torch.Tensor, draft_rows: torch.Tensor, kv_len: int, full: bool) -> torch.Tensor:
+    def _round_step(
+        self, rows: torch.Tensor, draft_rows: torch.Tensor, kv_len: int, full: bool, penalty: bool
+    ) -> torch.Tensor:
         """What a round graph records, over rows (b,) of target slots and the same rows' draft slots (padded rows:
-        each model's scratch slot). Returns (b, k + 2): count, then tokens."""
+        each model's scratch slot); `penalty` (with `full`): some row has a repetition penalty, so the rows' context
+        masks are read and kept (else they are left alone: only a penalty reads them). Returns (b, k + 2): count,
+        then tokens."""
         state, k, draft, target = self.state, self.k, self.draft, self.target
         b, V = rows.shape[0], self.vocab_size
         x0, pos = state.token[rows], state.pos[rows]  # (b,): the rows' next input and its position n
         seed = state.seed[rows]
         if full:
-            settings = (state.penalty[rows], state.greedy[rows], state.temperature[rows])
-            settings += (state.top_k[rows], state.top_p[rows])
-            seen = state.seen[rows]  # (b, V): the context through x_n
+            settings = (state.greedy[rows], state.temperature[rows], state.top_k[rows], state.top_p[rows])
+            rate = state.penalty[rows] if penalty else None
+            seen = state.seen[rows] if penalty else None  # (b, V): the context through x_n
         x, drafts, q, contexts = x0, [], [], []
         draft_span = min(kv_len, draft.max_len)
         if full:
@@ -303,9 +316,9 @@ class SpeculativeRunner:
             logits = logits[:, 0].float().masked_fill(state.blocked, float("-inf"))  # (b, V)
             if full:
                 contexts.append(seen)
-                q.append(probabilities(logits, seen, *settings))
+                q.append(probabilities(logits, seen, rate, *settings))
                 x = draw(q[-1], u[:, j])
-                seen = seen.scatter(1, x[:, None], True)
+                seen = seen.scatter(1, x[:, None], True) if penalty else None
             else:
                 x = logits.argmax(dim=-1)
             drafts.append(x)
@@ -314,15 +327,18 @@ class SpeculativeRunner:
         logits = logits.masked_fill(state.blocked, float("-inf"))
         if full:
             contexts.append(seen)
-            seen_all = torch.stack(contexts, dim=1)  # (b, k + 1, V): the context before each position's token
-            p = probabilities(logits.flatten(0, 1), seen_all.flatten(0, 1), *(_each(s, k + 1) for s in settings)).view(
-                b, k + 1, V
-            )
+            seen_all = torch.stack(contexts, dim=1) if penalty else None  # (b, k + 1, V): context before each token
+            p = probabilities(
+                logits.flatten(0, 1),
+                seen_all.flatten(0, 1) if penalty else None,
+                _each(rate, k + 1) if penalty else None,
+                *(_each(s, k + 1) for s in settings),
+            ).view(b, k + 1, V)
             accepted, tokens = accept_sampled(drafts_t, torch.stack(q, dim=1), p, u[:, k : 2 * k], u[:, 2 * k :])
-            # The context gains the accepted drafts and the new token (the repetition penalty's mask).
-            kept = seen_all.gather(1, accepted[:, None, None].expand(b, 1, V))[:, 0]
             new = tokens.gather(1, accepted[:, None])[:, 0]
-            state.seen[rows] = kept.scatter(1, new[:, None], True)
+            if penalty:  # the context gains the accepted drafts and the new token (the repetition penalty's mask)
+                kept = seen_all.gather(1, accepted[:, None, None].expand(b, 1, V))[:, 0]
+                state.seen[rows] = kept.scatter(1, new[:, None], True)
         else:
             accepted, tokens = accept_greedy(drafts_t, logits.argmax(dim=-1))
             new = tokens.gather(1, accepted[:, None])[:, 0]

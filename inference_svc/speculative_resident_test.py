@@ -173,8 +173,8 @@ def test_a_round_leaves_each_row_ready_for_the_next(tiny, pair, full, in_place):
             assert g == want
 
 
-@pytest.mark.parametrize("full", [False, True])
-def test_padded_rows_of_a_captured_round_touch_only_the_scratch_slots(tiny, pair, full):
+@pytest.mark.parametrize("full, penalty", [(False, False), (True, False), (True, True)])
+def test_padded_rows_of_a_captured_round_touch_only_the_scratch_slots(tiny, pair, full, penalty):
     """What a round graph records (`_round_step`, run eagerly here: the capture itself is tested on the GPU) with the
     bucket's padded rows on each model's scratch slot: the real rows get the tokens and state of an unpadded round,
     and the scratch slot stays at position 0 (so replays never run past the cache)."""
@@ -183,8 +183,8 @@ def test_padded_rows_of_a_captured_round_touch_only_the_scratch_slots(tiny, pair
         t, d = TorchRunner(pair[0], n_slots=4), TorchRunner(pair[1], n_slots=n_draft_slots)
         runners.append(SpeculativeRunner(t, d, 2, 4))
     slots, prompts = [3, 1], [tiny.tokenizer.encode(p) for p in PROMPTS[:2]]
-    params = [SamplingParams(temperature=0.0), SamplingParams(temperature=0.9, top_k=6, seed=3)]
-    params = params if full else params[:1] * 2
+    sampled = SamplingParams(temperature=0.9, top_k=6, seed=3, repetition_penalty=1.6 if penalty else 1.0)
+    params = [SamplingParams(temperature=0.0), sampled] if full else [SamplingParams(temperature=0.0)] * 2
     plain, padded = runners
     for r in runners:
         r.prefill_sample(slots, prompts, params, [1, 2])
@@ -192,7 +192,7 @@ def test_padded_rows_of_a_captured_round_touch_only_the_scratch_slots(tiny, pair
     draft_rows = torch.tensor([*slots, 6, 6])  # and the draft's (6)
     for _ in range(3):
         want = plain.round(slots, 40, full)
-        got = padded._round_step(rows, draft_rows, 40, full)
+        got = padded._round_step(rows, draft_rows, 40, full, penalty)
         assert torch.equal(got[:2], want)
         for name in ("token", "pos", "seen"):
             assert torch.equal(getattr(padded.state, name)[slots], getattr(plain.state, name)[slots]), name
@@ -310,7 +310,7 @@ def test_captured_rounds_equal_the_eager_rounds_on_gpu(tiny, pair):
             # the graphs' span (the target's context): the eager rounds attend over the same keys, in the same blocks
             a, b = (r.round(rows, 64, full).tolist() for r in runners)
             assert a == b, f"full={full} step {step}"
-    assert ("speculative", 3, 4, 64, True) in runners[1].target._graphs
+    assert ("speculative", 3, 4, 64, True, False) in runners[1].target._graphs
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")

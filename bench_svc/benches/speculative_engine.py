@@ -214,7 +214,7 @@ def _graph_ms(engine: Engine, concurrency: int, k: int, full: bool, replays: int
         return None
     b = next(x for x in batch_buckets(target.n_slots) if x >= concurrency)
     span = target._kv_buckets()[0]
-    key = ("speculative", k, b, span, full) if k else ("resident", b, span, full)
+    key = ("speculative", k, b, span, full, False) if k else ("resident", b, span, full)  # no penalty here
     graph = target._graphs[key].graph
     rows = [target._rows] if not k else [runner._rows, runner._draft_rows]
     for buf, model_runner in zip(rows, [target, runner.draft] if k else [target]):
