@@ -33,6 +33,7 @@ from inference_svc.sampler import Sampler
 from inference_svc.scheduler import QueueFull, Scheduler
 from inference_svc.sequence import Sequence, SequenceStatus
 from inference_svc.speculative import SpeculativeDecoder
+from inference_svc.speculative_resident import SpeculativeRunner
 from model.field_checks import check_int
 from model.sampling import request_seed
 from model.tokenizers import Tokenizer, piece_texts
@@ -196,30 +197,35 @@ class Engine:
         self.max_slots = max_slots
         self.scheduler = Scheduler(KVPool(max_slots), max_queue, max_prefill_tokens)
         self.sampler = Sampler(runner.device, vocab_size=tokenizer.vocab_size)
-        self.speculative = (
-            SpeculativeDecoder(runner, draft, speculative_k, vocab_size=tokenizer.vocab_size, max_slots=max_slots)
-            if draft is not None else None
-        )  # fmt: skip
+        # The device-resident loop (a runner that samples on the device and keeps each slot's next input there):
+        # each step is launched before the previous step's tokens are read. With a draft on it, the engine drives
+        # both models through one `SpeculativeRunner` (prefills into both, speculative rounds on the device).
+        can = hasattr(runner, "decode_sample") and (draft is None or hasattr(draft, "decode_sample"))
+        if resident and not can:
+            raise ValueError("resident=True needs a runner with decode_sample (TorchRunner), and a draft with it too")
+        self._resident = can if resident is None else resident
+        self.speculative: SpeculativeDecoder | SpeculativeRunner | None = None
+        if draft is not None and self._resident:
+            self.runner = self.speculative = SpeculativeRunner(runner, draft, speculative_k, max_slots)
+        elif draft is not None:
+            self.speculative = SpeculativeDecoder(
+                runner, draft, speculative_k, vocab_size=tokenizer.vocab_size, max_slots=max_slots
+            )
         self._wake = threading.Condition()
         self._closing = False
         self._sinks: dict[str, queue.SimpleQueue[Chunk]] = {}
         self._finished = {reason.value: 0 for reason in FinishReason}
         # Called on the engine thread with every final chunk, before its caller sees it (metrics); keep them cheap.
         self.finish_listeners: list[Callable[[Chunk], None]] = []
-        # The device-resident loop (a runner that samples on the device and keeps each slot's next input there):
-        # each step is launched before the previous step's tokens are read. Speculative decoding keeps the
-        # logits path.
-        can = draft is None and hasattr(runner, "decode_sample")
-        if resident and not can:
-            raise ValueError("resident=True needs a runner with decode_sample (TorchRunner) and no draft model")
-        self._resident = can if resident is None else resident
         if self._resident:
-            runner.state.allow(tokenizer.vocab_size)
-            runner.capture_graphs(steps=decode_steps)  # every decode graph now, not on a request's time
+            self.runner.state.allow(tokenizer.vocab_size)
+            self.runner.capture_graphs(steps=decode_steps)  # every decode graph now, not on a request's time
         piece_texts(tokenizer)  # the per-id text table the detokenizers share: built now, not on a request's time
         self._in_flight: deque[_Launched] = deque()  # steps launched whose tokens are not streamed yet
-        # a step's new ids: the prefilled rows' (one each) and the decode rows' (decode_steps each)
-        self._outputs = _OutputRing(runner.device, (1 + decode_steps) * max_slots) if self._resident else None
+        # a step's new ids: the prefilled rows' (one each), the decode rows' (decode_steps each), the speculative rounds'
+        # (count and k + 1 ids each)
+        per_row = 1 + max(decode_steps, speculative_k + 2 if draft is not None else 0)
+        self._outputs = _OutputRing(runner.device, per_row * max_slots) if self._resident else None
         # What exists now (modules, the model, its graphs) lives as long as the server: moved out of the collector's
         # view, a full collection looks at the requests' objects only. Over a server's ~400k objects one took
         # ~0.2-0.4 s, a stall of every stream (tools.serve_probe on this loop: ~3 ms once frozen).
@@ -254,7 +260,9 @@ class Engine:
                     request=request,
                     detokenizer=StreamingDetokenizer(self.tokenizer, request.params.stop),
                     # Speculative decoding's draws only (a device generator costs tens of us to make).
-                    generator=self.sampler.generator(request.params.seed) if self.speculative else None,
+                    generator=self.sampler.generator(request.params.seed)
+                    if self.speculative and not self._resident
+                    else None,
                     sink=sink,
                     seed=request_seed(request.params),
                     arrived_at=arrived,
@@ -392,6 +400,8 @@ class Engine:
             self._prefill_chunks(partial)
         if last:
             self._launch_prefill(last, ids)
+        if decode and isinstance(self.speculative, SpeculativeRunner):  # rounds where they fit, plain steps after
+            decode = self._launch_rounds(decode, ids)
         if decode:  # as many steps as the row with the fewest tokens left needs, at most decode_steps
             steps = min(self.decode_steps, min(s.length_limit - s.launched for s in decode))
             self._launch_decode(decode, ids, steps)
@@ -448,6 +458,45 @@ class Engine:
         ids.add(tokens)
         ids.groups.append((seqs, steps))
 
+    def _launch_rounds(self, seqs: list[Sequence], ids: "_HostIds") -> list[Sequence]:
+        """Launch one speculative round for the sequences that can take one (`SpeculativeRunner.eligible`) and
+        return the rest, for plain steps. The round's (B, k + 2) output (count, tokens per row) joins the step's ids
+        as a group of steps -(k + 2), which `_stream` hands to `_stream_rounds`."""
+        spec: SpeculativeRunner = self.speculative
+        go, plain = [], []
+        for seq in seqs:
+            (go if spec.eligible(seq) else plain).append(seq)
+        if not go:
+            return plain
+        # The round writes target positions n .. n+k, n <= prompt_len + launched - 1 (launched: an upper bound)
+        kv_len = max(s.prompt_len + s.launched for s in go) + spec.k
+        full = not all(s.greedy_plain for s in go)
+        try:
+            out = spec.round([s.slot for s in go], kv_len, full)  # (B, k + 2)
+        except Exception as err:
+            self._isolate(go, err, lambda one: self._launch_rounds(one, ids))
+            return plain
+        for seq in go:
+            seq.launched += spec.k + 1  # at most: `_stream_rounds` takes back what the round did not accept
+        ids.add(out)
+        ids.groups.append((go, -(spec.k + 2)))
+        return plain
+
+    def _stream_rounds(self, seqs: list[Sequence], host: torch.Tensor, start: int, width: int, now: float) -> int:
+        """Stream a launched round's accepted tokens (row b: host[start + b * width] tokens after it), correct each
+        row's `launched` (counted at k + 1) and the acceptance counts. Returns where the next group starts."""
+        k, stats = width - 2, self.speculative.stats
+        rows = host[start : start + len(seqs) * width].view(len(seqs), width).tolist()
+        runs = []
+        for seq, row in zip(seqs, rows):
+            count = row[0]
+            seq.launched -= k + 1 - count
+            stats.proposed += k
+            stats.accepted += count - 1
+            runs.append(row[1 : 1 + count])
+        self._stream_runs(seqs, runs, now)
+        return start + len(seqs) * width
+
     def _isolate(self, seqs: list[Sequence], err: Exception, retry: Callable[[list[Sequence]], None]) -> None:
         """A failed step fails its requests, not the server: with several, `retry` each alone to find the bad one;
         a lone one ends with ERROR and the reason. Called from the step's `except` block."""
@@ -468,6 +517,9 @@ class Engine:
         now = time.perf_counter()
         start = 0
         for seqs, steps in step.groups:
+            if steps < 0:  # speculative rounds, `_launch_rounds`: each row's (count, k + 1 ids), steps = -(k + 2)
+                start = self._stream_rounds(seqs, host, start, -steps, now)
+                continue
             n = len(seqs) * steps
             if steps == 1:
                 self._stream_ones(seqs, host[start : start + n].tolist(), now)

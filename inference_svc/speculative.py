@@ -1,7 +1,9 @@
-"""Speculative decoding inside the engine: a draft model proposes k tokens per running sequence, the target checks
-them all in one batched step, and rejection sampling keeps the target's distribution exactly (greedy output equals
-the target alone). The acceptance rule, the distributions and the draw are those of the reference generator
-(`model.speculative`), so the engine and `speculative_generate` agree on what a round does.
+"""Speculative decoding inside the engine on its logits path (`Engine(resident=False)`): a draft model proposes k
+tokens per running sequence, the target checks them all in one batched step, and rejection sampling keeps the
+target's distribution exactly (greedy output equals the target alone). The acceptance rule, the distributions and
+the draw are those of the reference generator (`model.speculative`), so the engine and `speculative_generate` agree
+on what a round does. The device-resident loop (the engine's default with torch runners) runs its rounds on the
+device instead: `inference_svc.speculative_resident`, which shares `check_draft` and `SpeculativeStats`.
 
 One engine decode step over B sequences becomes:
 1. draft: one `extend` that brings each row's draft cache up to date (the tokens it has not seen: usually the
@@ -26,7 +28,7 @@ from inference_svc.sequence import Sequence
 from model.field_checks import check_int
 from model.speculative import MAX_DRAFT_TOKENS, draw_token, token_probabilities, verify_drafts
 
-__all__ = ["SpeculativeDecoder", "SpeculativeStats"]
+__all__ = ["SpeculativeDecoder", "SpeculativeStats", "check_draft"]
 
 
 @dataclass
@@ -35,25 +37,28 @@ class SpeculativeStats:
     accepted: int = 0  # of which the target kept
 
 
+def check_draft(target: TorchRunner, draft: TorchRunner, k: int, max_slots: int) -> None:
+    """Refuse a draft that cannot serve beside `target` (both engines' speculative paths), naming the reason."""
+    if not (hasattr(target, "extend") and hasattr(draft, "extend")):
+        raise ValueError("speculative decoding needs torch runners for the target and the draft (not ONNX Runtime)")
+    check_int("speculative k", k, 1, MAX_DRAFT_TOKENS)
+    if draft.vocab_size != target.vocab_size:
+        raise ValueError(
+            f"the draft's vocab_size ({draft.vocab_size}) must equal the target's ({target.vocab_size}): "
+            "the two models must share a tokenizer"
+        )
+    if draft.n_slots < max_slots:
+        raise ValueError(f"the draft runner has {draft.n_slots} slots; the engine needs {max_slots}")
+    if draft.device != target.device:
+        raise ValueError(f"the draft runs on {draft.device}, the target on {target.device}: they must share a device")
+
+
 class SpeculativeDecoder:
     """Draft-and-verify decode steps for the engine, over a target and a draft `TorchRunner` that share a
     tokenizer (same vocabulary) and slot numbering (the draft has at least the engine's slots)."""
 
     def __init__(self, target: TorchRunner, draft: TorchRunner, k: int, *, vocab_size: int, max_slots: int) -> None:
-        if not (hasattr(target, "extend") and hasattr(draft, "extend")):
-            raise ValueError("speculative decoding needs torch runners for the target and the draft (not ONNX Runtime)")
-        check_int("speculative k", k, 1, MAX_DRAFT_TOKENS)
-        if draft.vocab_size != target.vocab_size:
-            raise ValueError(
-                f"the draft's vocab_size ({draft.vocab_size}) must equal the target's ({target.vocab_size}): "
-                "the two models must share a tokenizer"
-            )
-        if draft.n_slots < max_slots:
-            raise ValueError(f"the draft runner has {draft.n_slots} slots; the engine needs {max_slots}")
-        if draft.device != target.device:
-            raise ValueError(
-                f"the draft runs on {draft.device}, the target on {target.device}: they must share a device"
-            )
+        check_draft(target, draft, k, max_slots)
         self.target, self.draft, self.k = target, draft, k
         self.vocab_size = vocab_size
         self.max_len = min(target.max_len, draft.max_len)

@@ -43,6 +43,7 @@ def test_writes_rows_for_every_concurrency_mode_and_k(tiny, tmp_path, capsys):
         (c, m, k) for c in (1, 2) for m in ("greedy", "sample") for k in (0, 1, 3)
     }
     assert all(r["tokens"] == 6 * r["concurrency"] for r in rows)
+    assert all(r["ms_per_token"] > 0 for r in rows)
     assert all(r["same_tokens_as_target"] is True for r in rows if r["mode"] == "greedy" and r["k"])
     assert all(0.0 <= r["acceptance_rate"] <= 1.0 for r in rows if r["k"])
     assert "the engine without a draft" in doc["header"]["anchor"]

@@ -1,0 +1,353 @@
+"""Speculative decoding on the device-resident loop: a draft proposes k tokens per row, the target verifies them in
+one step, and the acceptance runs vectorised over the batch, all inside one CUDA graph per (batch bucket, attention
+span, greedy-only / full), with no host sync (eager on CPU: the same code).
+
+One round over rows whose next input x_n sits at position n (both on the device: `SlotState.token` / `pos`):
+1. draft: k one-token steps feeding x_n, d_1 .. d_(k-1) at n .. n+k-1, each drawing d_(j+1) from its distribution q
+   (greedy: the argmax), then one more step feeding d_k, for its keys and values only, so the draft's cache holds
+   every token a round can accept and the next round needs no catch-up of variable length;
+2. target: one step over [x_n, d_1 .. d_k] at n .. n+k: distributions p at n+1 .. n+k+1;
+3. acceptance (Leviathan et al. 2023): d_j stands while u_j * q_j(d_j) < p_j(d_j); at the first rejection a token is
+   drawn from norm(max(0, p_j - q_j)), after k acceptances from p_(k+1). Greedy rows: the longest prefix where the
+   draft equals the target's argmax, then the target's argmax (one-hot p and q give the same in the full graph);
+4. each row's tokens and count go to one output buffer (count, t_1 .. t_(k+1)); the last token and its position
+   become the slot's next input (its repetition-penalty mask takes the new tokens).
+Every emitted token thus has the target's distribution (`_probabilities` is the plain sampler's: penalty, temperature,
+top-k, top-p), and greedy output equals the target alone. Draws are `model.sampling.uniforms(seed, position + tag)`,
+one tag per use (draft, accept, resample), so a seed gives the same tokens whatever else is in the batch.
+
+`SpeculativeRunner` is what the engine drives when it has a draft: the target `TorchRunner`'s resident calls
+(prefills and chunks go to both models; a plain step takes the row off the draft for good) plus `round`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+
+import torch
+
+from inference_svc.runner import _PREFILL_BUCKETS, SlotState, TorchRunner, batch_buckets
+from inference_svc.sequence import Sequence as Seq
+from inference_svc.speculative import SpeculativeStats, check_draft
+from model.sampling import SamplingParams, penalise, uniforms
+
+__all__ = ["SpeculativeRunner", "accept_greedy", "accept_sampled", "draw", "probabilities", "round_uniforms"]
+
+# Counter tags of the round's draws: uniforms(seed, position + tag). The plain sampler draws at tag 0; positions stay
+# far below 2**29, and uniforms reads the counter's low 32 bits.
+_DRAFT, _ACCEPT, _RESAMPLE = 1 << 29, 2 << 29, 3 << 29
+_GREEDY = SamplingParams(max_new_tokens=1, temperature=0.0)  # the draft's prefill: its sampled token is not used
+
+
+def probabilities(
+    logits: torch.Tensor,
+    seen: torch.Tensor | None,
+    penalty: torch.Tensor | None,
+    greedy: torch.Tensor,
+    temperature: torch.Tensor,
+    top_k: torch.Tensor,
+    top_p: torch.Tensor,
+) -> torch.Tensor:
+    """The distribution the resident sampler draws each row's token from (`model.sampling.sample_rows` after
+    `penalise`): logits (N, V) float32 (blocked ids at -inf), seen (N, V) bool, penalty / temperature / top_p (N, 1)
+    float32 (seen and penalty None: no row penalises), top_k (N, 1) long, greedy (N,) bool. Returns (N, V) float32 in
+    vocabulary order; greedy rows (and rows whose distribution is not a number, as the sampler falls back) are
+    one-hot on the argmax."""
+    if seen is not None:
+        logits = penalise(logits, seen, penalty)
+    V = logits.shape[-1]
+    ranked, order = torch.sort(logits / temperature, dim=-1, descending=True, stable=True)  # (N, V)
+    ranked = ranked.masked_fill(torch.arange(V, device=logits.device) >= top_k, float("-inf"))
+    probs = torch.softmax(ranked, dim=-1)
+    probs = probs.masked_fill(probs.cumsum(dim=-1) - probs >= top_p, 0.0)  # top-p: the first token always stays
+    total = probs.sum(dim=-1, keepdim=True)
+    probs = torch.zeros_like(probs).scatter_(1, order, probs / total)
+    one_hot = torch.zeros_like(probs).scatter_(1, logits.argmax(dim=-1, keepdim=True), 1.0)
+    degenerate = ~torch.isfinite(total[:, 0]) | (total[:, 0] <= 0)
+    return torch.where((greedy | degenerate)[:, None], one_hot, probs)
+
+
+def draw(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """One id per row by inverse CDF: probs (N, V) >= 0 (need not sum to 1), u (N,) in [0, 1). Returns (N,) long,
+    always an id of positive mass (a row with none: id 0)."""
+    cdf = probs.cumsum(dim=-1)  # (N, V)
+    pick = torch.searchsorted(cdf, u[:, None] * cdf[:, -1:], right=True)  # (N, 1)
+    last = (probs > 0).long().cumsum(dim=-1).argmax(dim=-1, keepdim=True)  # the last id of positive mass
+    return torch.minimum(pick, last)[:, 0]
+
+
+def accept_greedy(drafts: torch.Tensor, target_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """drafts (B, k), the target's argmax at the k + 1 positions (B, k + 1) -> (accepted (B,), tokens (B, k + 1)): the
+    drafts stand while they equal the target's choice; the token after them is the target's."""
+    k = drafts.shape[1]
+    accepted = (drafts == target_ids[:, :k]).long().cumprod(dim=1).sum(dim=1)
+    return accepted, target_ids
+
+
+def round_uniforms(seed: torch.Tensor, pos: torch.Tensor, k: int) -> torch.Tensor:
+    """Every draw a sampled round may make, in one `uniforms` call (each call is ~40 elementwise launches): seed, pos
+    (B,) long -> (B, 3k + 1) float32: the drafts' at positions pos + 1 .. pos + k, the accept tests' there, then the
+    new token's at each place it can land, pos + 1 .. pos + k + 1 (each use its own tag: independent draws)."""
+    B, device = seed.shape[0], seed.device
+    # aranges, not torch.tensor(list): a copy from host memory is refused inside a CUDA-graph capture
+    offsets = [
+        torch.arange(1 + tag, n + 1 + tag, device=device) for tag, n in ((_DRAFT, k), (_ACCEPT, k), (_RESAMPLE, k + 1))
+    ]
+    at = pos[:, None] + torch.cat(offsets)  # (B, 3k + 1)
+    return uniforms(seed[:, None].expand(B, 3 * k + 1).reshape(-1), at.reshape(-1)).view(B, 3 * k + 1)
+
+
+def accept_sampled(
+    drafts: torch.Tensor, q: torch.Tensor, p: torch.Tensor, u_accept: torch.Tensor, u_new: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rejection sampling over a batch: drafts (B, k) drawn from q (B, k, V); p (B, k + 1, V) the target's
+    distributions at the drafts' positions and one past; u_accept (B, k) the accept tests' uniforms, u_new (B, k + 1)
+    the new token's, by where it lands. Returns (accepted (B,), tokens (B, k + 1)): the first `accepted` drafts, then
+    a draw from norm(max(0, p - q)) at the first rejection, or from p's last row."""
+    B, k, V = q.shape
+    d = drafts[..., None]
+    ok = u_accept * q.gather(2, d)[..., 0] < p[:, :k].gather(2, d)[..., 0]  # u < p(d) / q(d), and q(d) > 0
+    accepted = ok.long().cumprod(dim=1).sum(dim=1)  # (B,)
+    row = accepted[:, None, None].expand(B, 1, V)
+    residual = (p - torch.cat([q, torch.zeros_like(q[:, :1])], dim=1)).clamp_(min=0).gather(1, row)[:, 0]  # (B, V)
+    # A rejection leaves mass where p > q; should rounding leave none, draw from p itself.
+    residual = torch.where(residual.sum(dim=-1, keepdim=True) > 0, residual, p.gather(1, row)[:, 0])
+    token = draw(residual, u_new.gather(1, accepted[:, None])[:, 0])
+    tokens = torch.cat([drafts, token[:, None]], dim=1).scatter_(1, accepted[:, None], token[:, None])
+    return accepted, tokens
+
+
+class SpeculativeRunner:
+    """The engine's runner with a draft on the resident loop: `target`'s prefill / chunk / plain-step calls, the draft
+    kept in step with every prompt, and `round`. Both share the engine's slot numbers and the target's `SlotState`
+    (the rows' next input, position and sampling settings). A row is on the draft from its prefill until a plain
+    step (near the end of the draft's context) takes it off."""
+
+    def __init__(self, target: TorchRunner, draft: TorchRunner, k: int, max_slots: int) -> None:
+        check_draft(target, draft, k, max_slots)
+        self.target, self.draft, self.k = target, draft, k
+        self.n_slots, self.max_len, self.vocab_size = target.n_slots, target.max_len, target.vocab_size
+        self.device, self.staging = target.device, target.staging
+        self.state: SlotState = target.state
+        self.stats = SpeculativeStats()
+        # A round at position n writes n .. n+k into both caches.
+        self._round_end = min(target.max_len, draft.max_len) - k  # rounds run while n < this
+        self._on_draft = [False] * target.n_slots  # host: the slot's draft cache follows its context
+        self._penalised = [False] * target.n_slots  # host: the slot's request has a repetition penalty
+        if target.cuda_graphs:
+            self._rows = torch.full((target.n_slots,), target._scratch, dtype=torch.long, device=self.device)
+            self._draft_rows = torch.full((target.n_slots,), draft._scratch, dtype=torch.long, device=self.device)
+            self._rows_now: list[int] = []
+            self._out = torch.zeros(target.n_slots, k + 2, dtype=torch.long, device=self.device)
+
+    def eligible(self, seq: Seq) -> bool:
+        """Whether `seq` can take a round: on the draft, and its next round fits both contexts. `launched` counts an
+        in-flight round at k + 1 tokens (an upper bound until its count is streamed)."""
+        return self._on_draft[seq.slot] and seq.prompt_len + seq.launched - 1 < self._round_end
+
+    # The target's resident calls, with the draft kept in step ---------------------------------------
+
+    def extend(self, slots: Sequence[int], chunks: Sequence[Sequence[int]], starts: Sequence[int]) -> torch.Tensor:
+        """A chunk of each long prompt into both caches (the draft only where the prompt can still take rounds)."""
+        rows = self._draft_rows_for(slots, [s + len(c) for s, c in zip(starts, chunks)], starts)
+        if rows:
+            self.draft.extend([slots[b] for b in rows], [chunks[b] for b in rows], [starts[b] for b in rows])
+        return self.target.extend(slots, chunks, starts)
+
+    def prefill_sample(
+        self,
+        slots: Sequence[int],
+        prompts: Sequence[Sequence[int]],
+        params: Sequence[SamplingParams],
+        seeds: Sequence[int],
+        starts: Sequence[int] | None = None,
+    ) -> torch.Tensor:
+        """`TorchRunner.prefill_sample` on the target, the prompts (their rest, after chunks) into the draft too."""
+        starts = [0] * len(slots) if starts is None else list(starts)
+        for slot, p in zip(slots, params):
+            self._penalised[slot] = p.repetition_penalty != 1.0
+        rows = self._draft_rows_for(slots, [len(p) for p in prompts], starts)
+        if rows:
+            self.draft.prefill_sample(
+                [slots[b] for b in rows],
+                [prompts[b] for b in rows],
+                [_GREEDY] * len(rows),
+                [0] * len(rows),
+                [starts[b] for b in rows],
+            )
+        return self.target.prefill_sample(slots, prompts, params, seeds, starts)
+
+    def _draft_rows_for(self, slots: Sequence[int], ends: Sequence[int], starts: Sequence[int]) -> list[int]:
+        """The rows whose prompt goes into the draft (a new prompt starts on it; one that would end past where
+        rounds can run leaves it); updates which slots are on the draft."""
+        rows = []
+        for b, (slot, start, end) in enumerate(zip(slots, starts, ends)):
+            on = (start == 0 or self._on_draft[slot]) and end < self._round_end
+            self._on_draft[slot] = on
+            if on:
+                rows.append(b)
+        return rows
+
+    def decode_sample(self, slots: Sequence[int], kv_len: int, full: bool, steps: int = 1) -> torch.Tensor:
+        """Plain resident steps on the target (`TorchRunner.decode_sample`); their rows leave the draft for good."""
+        for slot in slots:
+            self._on_draft[slot] = False
+        return self.target.decode_sample(slots, kv_len, full, steps)
+
+    def release(self, slot: int) -> None:
+        self.target.release(slot)
+        self.draft.release(slot)
+
+    def capture_graphs(self, steps: int = 1) -> None:
+        """The target's graphs (`steps`: its multi-step decode), the draft's short prefills, and a round per (batch
+        bucket, span, greedy-only / sampled / sampled with a penalty)."""
+        self.target.capture_graphs(steps)
+        if not self.target.cuda_graphs:
+            return
+        draft = self.draft
+        if draft.cuda_graphs:
+            for b in (x for x in batch_buckets(draft.n_slots) if x <= 8):
+                for T in (t for t in _PREFILL_BUCKETS[:3] if t <= draft.max_len):
+                    if draft._prefill_graphs:
+                        with contextlib.suppress(RuntimeError):  # logged; the draft's prefill stays eager
+                            draft._prefill_graph(b, T, False)
+        for b in reversed(batch_buckets(self.n_slots)):
+            for span in reversed(self.target._kv_buckets()):
+                for full, penalty in ((True, True), (True, False), (False, False)):
+                    self._round_graph(b, span, full, penalty)
+        torch.cuda.synchronize(self.device)
+
+    # The round ------------------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def round(self, slots: Sequence[int], kv_len: int, full: bool) -> torch.Tensor:
+        """One speculative round for the rows in `slots` (each `eligible`; every target position a round writes
+        < kv_len); `full` when some row samples or penalises. Returns (B, k + 2) long on the device: each row's
+        token count (1 .. k+1), then its tokens (those past the count are meaningless). A view of a buffer that the
+        next round rewrites: copy it before then (a copy enqueued now is safe)."""
+        B = len(slots)
+        penalty = full and any(self._penalised[s] for s in slots)  # else the graph without the penalty's ops
+        if not self.target.cuda_graphs:
+            rows = self.staging.to_device(torch.tensor(list(slots), dtype=torch.long))
+            return self._round_step(rows, rows, kv_len, full, penalty)
+        b = next(x for x in batch_buckets(self.n_slots) if x >= B)
+        span = next(s for s in self.target._kv_buckets() if s >= kv_len)
+        slots = list(slots)
+        if slots != self._rows_now:  # a new row -> slot map (rows past B: each model's scratch slot)
+            pad = max(0, len(self._rows_now) - B)
+            host = torch.tensor([slots + [self.target._scratch] * pad, slots + [self.draft._scratch] * pad])
+            both = self.staging.to_device(host)
+            self._rows[: B + pad].copy_(both[0])
+            self._draft_rows[: B + pad].copy_(both[1])
+            self._rows_now = slots
+        self._round_graph(b, span, full, penalty).graph.replay()
+        return self._out[:B]
+
+    def _round_graph(self, b: int, span: int, full: bool, penalty: bool):
+        key = ("speculative", self.k, b, span, full, penalty)
+        graph = self.target._graphs.get(key)
+        if graph is not None:
+            return graph
+        # The capture's warm-up runs for real: every row on its scratch slot meanwhile.
+        saved = self._rows.clone(), self._draft_rows.clone()
+        self._rows.fill_(self.target._scratch)
+        self._draft_rows.fill_(self.draft._scratch)
+        try:
+            return self.target._graph(
+                key,
+                lambda: self._out[:b].copy_(
+                    self._round_step(self._rows[:b], self._draft_rows[:b], span, full, penalty)
+                ),
+            )
+        finally:
+            self._rows.copy_(saved[0])
+            self._draft_rows.copy_(saved[1])
+
+    def _verify(self, ids: torch.Tensor, rows: torch.Tensor, pos: torch.Tensor, kv_len: int) -> torch.Tensor:
+        """The target over ids (b, k + 1) at positions pos .. pos + k of each row's slot: float32 logits (b, k + 1, V).
+        Run as b * (k + 1) one-token rows (row j of a slot at pos + j, attending to its slot up to there): every
+        row's keys and values are written before any row attends, so the rows of one slot see each other, and
+        attention can read the cache in place (`kernels.decode_attention`) instead of gathering it for SDPA. Not the
+        small-batch kernels: their attention launch writes each row's keys and values as it reads the others'."""
+        b, n = ids.shape
+        at = (pos[:, None] + torch.arange(n, device=pos.device)).view(-1)  # (b * n,)
+        logits = self.target.model.forward_cached(
+            ids.view(-1, 1),
+            self.target.cache,
+            _each(rows, n),
+            at,
+            kv_len=kv_len,
+            attention_in_place=self.target.attention_in_place,
+        )  # (b * n, 1, V)
+        return logits.view(b, n, -1).float()
+
+    def _round_step(
+        self, rows: torch.Tensor, draft_rows: torch.Tensor, kv_len: int, full: bool, penalty: bool
+    ) -> torch.Tensor:
+        """What a round graph records, over rows (b,) of target slots and the same rows' draft slots (padded rows:
+        each model's scratch slot); `penalty` (with `full`): some row has a repetition penalty, so the rows' context
+        masks are read and kept (else they are left alone: only a penalty reads them). Returns (b, k + 2): count,
+        then tokens."""
+        state, k, draft, target = self.state, self.k, self.draft, self.target
+        b, V = rows.shape[0], self.vocab_size
+        x0, pos = state.token[rows], state.pos[rows]  # (b,): the rows' next input and its position n
+        seed = state.seed[rows]
+        if full:
+            settings = (state.greedy[rows], state.temperature[rows], state.top_k[rows], state.top_p[rows])
+            rate = state.penalty[rows] if penalty else None
+            seen = state.seen[rows] if penalty else None  # (b, V): the context through x_n
+        x, drafts, q, contexts = x0, [], [], []
+        draft_span = min(kv_len, draft.max_len)
+        if full:
+            u = round_uniforms(seed, pos, k)  # (b, 3k + 1): drafts', accept tests', the new token's
+        for j in range(k + 1):
+            logits = draft.model.forward_cached(
+                x.view(b, 1),
+                draft.cache,
+                draft_rows,
+                pos + j,
+                kv_len=draft_span,
+                attention_in_place=draft.attention_in_place,
+                small_batch_kernels=draft.small_batch_kernels,
+            )
+            if j == k:  # d_k's keys and values only
+                break
+            logits = logits[:, 0].float().masked_fill(state.blocked, float("-inf"))  # (b, V)
+            if full:
+                contexts.append(seen)
+                q.append(probabilities(logits, seen, rate, *settings))
+                x = draw(q[-1], u[:, j])
+                seen = seen.scatter(1, x[:, None], True) if penalty else None
+            else:
+                x = logits.argmax(dim=-1)
+            drafts.append(x)
+        drafts_t = torch.stack(drafts, dim=1)  # (b, k)
+        logits = self._verify(torch.cat([x0[:, None], drafts_t], dim=1), rows, pos, kv_len)  # (b, k + 1, V)
+        logits = logits.masked_fill(state.blocked, float("-inf"))
+        if full:
+            contexts.append(seen)
+            seen_all = torch.stack(contexts, dim=1) if penalty else None  # (b, k + 1, V): context before each token
+            p = probabilities(
+                logits.flatten(0, 1),
+                seen_all.flatten(0, 1) if penalty else None,
+                _each(rate, k + 1) if penalty else None,
+                *(_each(s, k + 1) for s in settings),
+            ).view(b, k + 1, V)
+            accepted, tokens = accept_sampled(drafts_t, torch.stack(q, dim=1), p, u[:, k : 2 * k], u[:, 2 * k :])
+            new = tokens.gather(1, accepted[:, None])[:, 0]
+            if penalty:  # the context gains the accepted drafts and the new token (the repetition penalty's mask)
+                kept = seen_all.gather(1, accepted[:, None, None].expand(b, 1, V))[:, 0]
+                state.seen[rows] = kept.scatter(1, new[:, None], True)
+        else:
+            accepted, tokens = accept_greedy(drafts_t, logits.argmax(dim=-1))
+            new = tokens.gather(1, accepted[:, None])[:, 0]
+        # The scratch slot (padded rows) stays at position 0, so it never runs past the cache.
+        after = torch.where(rows == target._scratch, 0, pos + accepted + 1)
+        state.advance(rows, new, after, False)
+        return torch.cat([(accepted + 1)[:, None], tokens], dim=1)
+
+
+def _each(t: torch.Tensor, n: int) -> torch.Tensor:
+    """Each row of t (B, ...) n times in a row: (B * n, ...), without a host sync (capturable)."""
+    return t[:, None].expand(t.shape[0], n, *t.shape[1:]).reshape(-1, *t.shape[1:])

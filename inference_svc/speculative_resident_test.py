@@ -1,0 +1,331 @@
+"""Speculative rounds on the device-resident loop: the vectorised acceptance keeps the target's distribution and the
+greedy choice, the round's distributions are the sampler's, and through the engine greedy output equals the target
+alone (requests joining at different steps, chunked prompts, stop strings, mixed greedy / sampled batches), a seed
+gives the same tokens run after run and whatever shares its batch, cancellation frees slots, and the counts are
+sane. On a GPU: the captured rounds equal the eager ones. (inference_svc/speculative_test.py checks the engine's
+speculative paths, this one and the logits one, against the target's exact joint distribution.)"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from inference_svc.engine import Engine
+from inference_svc.params import make_request
+from inference_svc.runner import TorchRunner
+from inference_svc.speculative_resident import (
+    SpeculativeRunner,
+    accept_greedy,
+    accept_sampled,
+    draw,
+    probabilities,
+    round_uniforms,
+)
+from inference_svc.testing import SPECULATIVE_PROMPTS, engine_idle, target_and_draft, wait_until
+from model.generate import generate_tokens
+from model.sampling import SamplingParams
+from model.speculative import token_probabilities
+from model.testing import chi2_critical_999, chi2_statistic
+
+
+PROMPTS = SPECULATIVE_PROMPTS
+
+
+@pytest.fixture(scope="module")
+def pair(tiny):  # speculative_test's pair has a draft with a shorter context
+    """A target and a draft, both with a 64-token context."""
+    return target_and_draft(tiny.tokenizer.vocab_size, 64)
+
+
+def _engine(tiny, pair, n_slots=4, k=3, **kw) -> Engine:
+    target, draft = pair
+    return Engine(
+        TorchRunner(target, n_slots=n_slots),
+        tiny.tokenizer,
+        max_queue=256,
+        draft=TorchRunner(draft, n_slots=n_slots),
+        speculative_k=k,
+        **kw,
+    )
+
+
+def _request(tiny, prompt, params, **kw):
+    return make_request(prompt, params, tokenizer=tiny.tokenizer, context_len=64, **kw)
+
+
+# The round's pieces ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        SamplingParams(temperature=1.0),
+        SamplingParams(temperature=0.8, top_k=5),
+        SamplingParams(temperature=1.3, top_p=0.7),
+        SamplingParams(temperature=0.6, top_k=9, top_p=0.9, repetition_penalty=1.4),
+        SamplingParams(temperature=0.0, repetition_penalty=1.4),
+    ],
+)
+def test_probabilities_are_the_samplers(params):
+    """The per-row tensor version equals model.speculative.token_probabilities (the reference generator's)."""
+    gen = torch.Generator().manual_seed(0)
+    N, V = 6, 30
+    logits = 3 * torch.randn(N, V, generator=gen)
+    contexts = [torch.randint(0, V, (4,), generator=gen).tolist() for _ in range(N)]
+    seen = torch.zeros(N, V, dtype=torch.bool)
+    for row, ids in enumerate(contexts):
+        seen[row, ids] = True
+    col = lambda x, dtype=torch.float32: torch.full((N, 1), x, dtype=dtype)  # noqa: E731
+    got = probabilities(
+        logits,
+        seen,
+        col(params.repetition_penalty),
+        torch.full((N,), params.temperature == 0.0),
+        col(params.temperature or 1.0),
+        col(params.top_k or V, torch.long),
+        col(params.top_p),
+    )
+    want = token_probabilities(logits, params, contexts)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+
+
+def test_draw_follows_the_probabilities_and_never_picks_an_empty_id():
+    probs = torch.tensor([0.0, 0.5, 0.0, 0.2, 0.3, 0.0])
+    u = torch.rand(20000, generator=torch.Generator().manual_seed(2))
+    u[:3] = torch.tensor([0.0, 1.0 - 2**-24, 0.5])
+    ids = draw(probs.expand(len(u), -1), u)
+    counts = torch.bincount(ids, minlength=6).float()
+    assert counts[[0, 2, 5]].sum() == 0
+    stat, df = chi2_statistic(counts[[1, 3, 4]], probs[[1, 3, 4]])
+    assert stat < chi2_critical_999(df)
+    assert draw(2 * probs[None], torch.tensor([0.99]))[0] == 4  # unnormalised mass is fine
+
+
+def test_greedy_acceptance_is_the_longest_matching_prefix():
+    drafts = torch.tensor([[5, 6, 7], [5, 6, 7], [1, 6, 7], [5, 6, 0]])
+    target = torch.tensor([[5, 6, 7, 8], [5, 9, 7, 8], [2, 6, 7, 8], [5, 6, 7, 3]])
+    accepted, tokens = accept_greedy(drafts, target)
+    assert accepted.tolist() == [3, 1, 0, 2]
+    for row, n in enumerate(accepted.tolist()):  # accepted drafts, then the target's own token
+        assert tokens[row, : n + 1].tolist() == drafts[row, :n].tolist() + [target[row, n].item()]
+
+
+def test_rejection_sampling_keeps_the_targets_distribution():
+    """40,000 rows, each its own seed, k = 2 over 6 ids: the first two emitted tokens' joint fits p (the target's two
+    positions; p's second row does not depend on the first token here), where the drafts' own joint does not; the
+    acceptance rate is sum(min(p, q)) at the first position."""
+    B, k, V = 40000, 2, 6
+    gen = torch.Generator().manual_seed(3)
+    q1 = torch.softmax(torch.randn(k, V, generator=gen), -1)
+    p1 = torch.softmax(torch.randn(k + 1, V, generator=gen), -1)
+    p1[0, 5] = 0.0  # an id the target never picks, the draft often does
+    p1[0] /= p1[0].sum()
+    q, p = q1.expand(B, k, V), p1.expand(B, k + 1, V)
+    seed, pos = torch.arange(B), torch.full((B,), 17)
+    drafts = torch.stack([draw(q[:, j], torch.rand(B, generator=gen)) for j in range(k)], 1)
+    u = round_uniforms(seed, pos, k)  # the round's own draws (the test's drafts come from torch.rand above)
+    accepted, tokens = accept_sampled(drafts, q.contiguous(), p.contiguous(), u[:, k : 2 * k], u[:, 2 * k :])
+    assert accepted.min() >= 0 and accepted.max() <= k
+    emitted = tokens[:, :2]  # every row emits at least 1 token; rows with accepted == 0 emit one
+    two = accepted >= 1
+    first = torch.bincount(emitted[:, 0], minlength=V).float()
+    stat, df = chi2_statistic(first, p1[0])
+    assert stat < chi2_critical_999(df) and first[5] == 0
+    second = torch.bincount(emitted[two, 1], minlength=V).float()  # given the first was an accepted draft
+    stat, df = chi2_statistic(second, p1[1])
+    assert stat < chi2_critical_999(df)
+    rate = float((accepted >= 1).float().mean())
+    assert abs(rate - float(torch.minimum(p1[0], q1[0]).sum())) < 4 * (0.25 / B) ** 0.5
+    stat, df = chi2_statistic(torch.bincount(drafts[:, 0], minlength=V).float(), p1[0].clamp(min=1e-9))
+    assert stat > 10 * chi2_critical_999(df)  # the draft alone is far from p: the test can fail
+
+
+@pytest.mark.parametrize("full", [False, True])
+@pytest.mark.parametrize("in_place", [False, True])
+def test_a_round_leaves_each_row_ready_for_the_next(tiny, pair, full, in_place):
+    """Runner level: after each round, each slot's next input is its last new token at the next free position, its
+    penalty mask holds exactly its context (full rounds), the counts are 1..k+1, and greedy tokens equal the target
+    alone's; with attention over the cache in place (the GPU's default) or gathered."""
+    target, draft = pair
+    t, d = (TorchRunner(m, n_slots=4, attention_in_place=in_place) for m in pair)
+    runner = SpeculativeRunner(t, d, 3, 4)
+    prompts = [tiny.tokenizer.encode(p) for p in PROMPTS[:3]]
+    slots = [2, 0, 3]
+    greedy = SamplingParams(temperature=0.0)
+    params = [greedy, SamplingParams(temperature=0.9, repetition_penalty=1.5, seed=1), greedy] if full else [greedy] * 3
+    first = runner.prefill_sample(slots, prompts, params, [5, 6, 7]).tolist()
+    got = [[t] for t in first]
+    for _ in range(4):
+        kv_len = max(len(p) + len(g) for p, g in zip(prompts, got)) + 3
+        out = runner.round(slots, kv_len, full=full).tolist()
+        for row, g in zip(out, got):
+            assert 1 <= row[0] <= 4
+            g += row[1 : 1 + row[0]]
+        for slot, prompt, g in zip(slots, prompts, got):
+            assert runner.state.token[slot] == g[-1] and runner.state.pos[slot] == len(prompt) + len(g) - 1
+            if full:
+                assert set(runner.state.seen[slot].nonzero()[:, 0].tolist()) == set(prompt + g)
+    for prompt, sp, g in zip(prompts, params, got):
+        if sp.temperature == 0.0:
+            want = generate_tokens(target, prompt, SamplingParams(max_new_tokens=len(g), temperature=0.0))
+            assert g == want
+
+
+@pytest.mark.parametrize("full, penalty", [(False, False), (True, False), (True, True)])
+def test_padded_rows_of_a_captured_round_touch_only_the_scratch_slots(tiny, pair, full, penalty):
+    """What a round graph records (`_round_step`, run eagerly here: the capture itself is tested on the GPU) with the
+    bucket's padded rows on each model's scratch slot: the real rows get the tokens and state of an unpadded round,
+    and the scratch slot stays at position 0 (so replays never run past the cache)."""
+    runners = []
+    for n_draft_slots in (4, 6):  # the draft's scratch slot need not be the target's
+        t, d = TorchRunner(pair[0], n_slots=4), TorchRunner(pair[1], n_slots=n_draft_slots)
+        runners.append(SpeculativeRunner(t, d, 2, 4))
+    slots, prompts = [3, 1], [tiny.tokenizer.encode(p) for p in PROMPTS[:2]]
+    sampled = SamplingParams(temperature=0.9, top_k=6, seed=3, repetition_penalty=1.6 if penalty else 1.0)
+    params = [SamplingParams(temperature=0.0), sampled] if full else [SamplingParams(temperature=0.0)] * 2
+    plain, padded = runners
+    for r in runners:
+        r.prefill_sample(slots, prompts, params, [1, 2])
+    rows = torch.tensor([*slots, 4, 4])  # the bucket of 4: two padded rows on the target's scratch slot (4)
+    draft_rows = torch.tensor([*slots, 6, 6])  # and the draft's (6)
+    for _ in range(3):
+        want = plain.round(slots, 40, full)
+        got = padded._round_step(rows, draft_rows, 40, full, penalty)
+        assert torch.equal(got[:2], want)
+        for name in ("token", "pos", "seen"):
+            assert torch.equal(getattr(padded.state, name)[slots], getattr(plain.state, name)[slots]), name
+        assert padded.state.pos[4] == 0
+
+
+# Through the engine ------------------------------------------------------------------------------------
+
+
+def test_greedy_equals_the_target_alone_with_requests_joining_at_different_steps(tiny, pair):
+    target, _ = pair
+    params = [SamplingParams(max_new_tokens=n, temperature=0.0) for n in (20, 33, 9, 26, 5, 40)]
+    with _engine(tiny, pair, n_slots=4, k=2) as engine:
+        first = engine.submit(_request(tiny, PROMPTS[0], params[0]))
+        head = [first.next_chunk() for _ in range(3)]  # decoding (a few rounds in) when the others come
+        handles = [engine.submit(_request(tiny, p, sp)) for p, sp in zip(PROMPTS[1:3], params[1:3])]
+        early = handles[0].next_chunk()  # the second wave is streaming when the third comes
+        handles += [engine.submit(_request(tiny, p, sp)) for p, sp in zip(PROMPTS[3:], params[3:])]
+        got = [[t for c in head + list(first) for t in c.token_ids]]
+        got += [
+            list(early.token_ids + h.result().token_ids) if i == 0 else list(h.result().token_ids)
+            for i, h in enumerate(handles)
+        ]
+        stats = engine.stats()
+    for prompt, sp, tokens in zip(PROMPTS, params, got):
+        assert tokens == generate_tokens(target, tiny.tokenizer.encode(prompt), sp), prompt
+    assert stats.draft_proposed > 0 and 0 < stats.draft_accepted < stats.draft_proposed
+    assert stats.draft_proposed % 2 == 0  # k per round and row
+
+
+def test_greedy_rows_in_a_sampled_round_still_equal_the_target(tiny, pair):
+    """A batch with sampled rows runs the full graph: its greedy rows go through the rejection rule with one-hot
+    distributions, which must give the longest matching prefix and the target's argmax, as the greedy graph does."""
+    target, _ = pair
+    greedy = SamplingParams(max_new_tokens=30, temperature=0.0)
+    sampled = SamplingParams(max_new_tokens=30, temperature=1.0, top_k=6, seed=4)
+    with _engine(tiny, pair) as engine:
+        handles = [engine.submit(_request(tiny, p, sp)) for p, sp in zip(PROMPTS[:4], [greedy, sampled] * 2)]
+        got = [list(h.result().token_ids) for h in handles]
+    for prompt, tokens in zip(PROMPTS[0:4:2], got[0::2]):
+        assert tokens == generate_tokens(target, tiny.tokenizer.encode(prompt), greedy)
+
+
+def test_chunked_prompts_reach_the_draft_too(tiny, pair):
+    """Prompts longer than a prefill chunk go into both caches chunk by chunk: a perfect draft (the target itself)
+    is then always accepted, and the tokens equal the target alone's."""
+    target, _ = pair
+    params = SamplingParams(max_new_tokens=12, temperature=0.0)
+    prompts = [PROMPTS[3], PROMPTS[1]]  # 26 and 18 characters, chunks of 5
+    with _engine(tiny, (target, copy.deepcopy(target)), prefill_chunk=5) as engine:
+        got = [list(h.result().token_ids) for h in [engine.submit(_request(tiny, p, params)) for p in prompts]]
+        stats = engine.stats()
+    for prompt, tokens in zip(prompts, got):
+        assert tokens == generate_tokens(target, tiny.tokenizer.encode(prompt), params)
+    assert stats.draft_proposed > 0 and stats.draft_accepted == stats.draft_proposed
+
+
+def test_a_stop_string_drops_the_rounds_tokens_past_it(tiny, pair):
+    """A stop string met inside a round: the text ends where the engine without a draft ends it."""
+    target, _ = pair
+    with Engine(TorchRunner(target, n_slots=2), tiny.tokenizer) as plain:
+        free = plain.submit(_request(tiny, PROMPTS[0], SamplingParams(max_new_tokens=40, temperature=0.0))).result()
+        params = SamplingParams(max_new_tokens=40, temperature=0.0, stop=(free.text[9:11],))  # met mid-way
+        want = [plain.submit(_request(tiny, p, params)).result() for p in PROMPTS[:3]]
+    with _engine(tiny, pair, k=4) as engine:
+        got = [engine.submit(_request(tiny, p, params)).result() for p in PROMPTS[:3]]
+    for g, w in zip(got, want):
+        assert (g.token_ids, g.text, g.finish_reason) == (w.token_ids, w.text, w.finish_reason)
+    assert want[0].finish_reason.value == "stop" and len(want[0].token_ids) < 40
+
+
+def test_a_seed_gives_the_same_tokens_run_after_run_and_whatever_shares_its_batch(tiny, pair):
+    seeded = SamplingParams(max_new_tokens=40, temperature=0.9, top_p=0.9, repetition_penalty=1.2, seed=21)
+    others = [SamplingParams(max_new_tokens=15 + 7 * i, temperature=1.1, top_k=5) for i in range(3)]
+    runs = []
+    for crowd in (0, 3, 3):
+        with _engine(tiny, pair) as engine:
+            handles = [engine.submit(_request(tiny, p, sp)) for p, sp in zip(PROMPTS[1:], others[:crowd])]
+            runs.append(list(engine.submit(_request(tiny, PROMPTS[0], seeded)).result().token_ids))
+            for h in handles:
+                h.result()
+    assert len(runs[0]) == 40 and runs[0] == runs[1] == runs[2]
+
+
+def test_cancellation_frees_the_slots(tiny, pair):
+    long = SamplingParams(max_new_tokens=60, temperature=0.0)
+    with _engine(tiny, pair, n_slots=2) as engine:
+        handles = [engine.submit(_request(tiny, p, long)) for p in PROMPTS[:4]]  # two wait for a slot
+        handles[0].next_chunk()
+        for h in handles[:3]:
+            h.cancel()
+        assert handles[3].result().finish_reason.value == "length"
+        assert all(h.result().finish_reason.value == "cancelled" for h in handles[:3])
+        assert wait_until(lambda: engine_idle(engine))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_captured_rounds_equal_the_eager_rounds_on_gpu(tiny, pair):
+    """The same rounds, eager and replayed from their graphs (3 rows in the bucket of 4; a row leaves mid-way), in
+    bf16 on the GPU: the same counts and tokens, greedy and sampled."""
+    runners = []
+    for graphs in (False, True):
+        target, draft = (copy.deepcopy(m) for m in pair)
+        t = TorchRunner(target, n_slots=6, device="cuda", cuda_graphs=graphs, attention_in_place=True)
+        d = TorchRunner(draft, n_slots=6, device="cuda", cuda_graphs=graphs, attention_in_place=True)
+        runners.append(SpeculativeRunner(t, d, 3, 6))
+    slots, prompts = [0, 1, 5], [tiny.tokenizer.encode(p) for p in PROMPTS[:3]]
+    params = [SamplingParams(temperature=0.0), SamplingParams(temperature=0.9, top_k=6, seed=2)] * 2
+    for full in (False, True):
+        ps = params[:3] if full else [params[0]] * 3
+        firsts = [r.prefill_sample(slots, prompts, ps, [1, 2, 3]).tolist() for r in runners]
+        assert firsts[0] == firsts[1]
+        for step in range(6):
+            rows = slots if step < 3 else slots[:2]
+            # the graphs' span (the target's context): the eager rounds attend over the same keys, in the same blocks
+            a, b = (r.round(rows, 64, full).tolist() for r in runners)
+            assert a == b, f"full={full} step {step}"
+    assert ("speculative", 3, 4, 64, True, False) in runners[1].target._graphs
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_greedy_through_the_engine_on_gpu_equals_the_engine_without_a_draft(tiny, pair):
+    """bf16 on the GPU: the round's verify step (k + 1 positions) and the plain step may round differently, so the
+    reference is the same engine without a draft; the test models' logits are spread, so the choices agree."""
+    params = [SamplingParams(max_new_tokens=n, temperature=0.0) for n in (20, 33, 9, 26)]
+    results = []
+    for with_draft in (False, True):
+        target, draft = (copy.deepcopy(m) for m in pair)
+        runner = TorchRunner(target, n_slots=4, device="cuda")
+        drafter = TorchRunner(draft, n_slots=4, device="cuda") if with_draft else None
+        with Engine(runner, tiny.tokenizer, draft=drafter, speculative_k=3) as engine:
+            handles = [engine.submit(_request(tiny, p, sp)) for p, sp in zip(PROMPTS, params)]
+            results.append([list(h.result().token_ids) for h in handles])
+            stats = engine.stats()
+    assert results[0] == results[1]
+    assert stats.draft_proposed > 0 and 0 < stats.draft_accepted <= stats.draft_proposed
