@@ -88,7 +88,7 @@ for spec in "$@"; do
     speculative-engine)  # the engine with a draft (speculative rounds on the device) vs without, B=1 and 16, k 1-4
       run_step speculative-engine "$limit" "$PYTHON" -m bench_svc.benches.speculative_engine --device cuda \
         --target-steps 1500 --draft-steps 600 --batch 32 --target-train-s 45 --draft-train-s 20 --concurrency 1,16 \
-        --k 1,2,3,4 --max-new-tokens 90 --repeats 5 ;;
+        --k "${SPEC_K:-1,2,3,4}" --max-new-tokens 90 --repeats 5 ;;
     train) run_step train "$limit" "$PYTHON" -m bench_svc.benches.training --part speed --budget-s "${TRAIN_BUDGET_S:-120}" ${TRAIN_TAG:+--tag "$TRAIN_TAG"} \
       ${TRAIN_VARIANTS:+--variants "$TRAIN_VARIANTS"} ;;
     train-profile) run_step train-profile "$limit" "$PYTHON" -m tools.train_probe profile ${PROBE_VARIANTS:+--variants "$PROBE_VARIANTS"} ;;
