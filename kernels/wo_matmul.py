@@ -54,25 +54,35 @@ __all__ = [
     "int4_matmul",
     "int4_matmul_reference",
     "int4_matmul_triton",
+    "max_split",
 ]
 
 MAX_FUSED_M = 64  # above this the wrappers dequantise and call cuBLAS
 MAX_FMA_M = 16  # the FMA path's M tile is the whole M bucket: beyond this only the dot path is offered
 FMA_REGISTER_BUDGET = 64  # fp32 accumulator elements per thread of the FMA path (fma_tile_elements)
 # per config: do_bench_cudagraph replays a graph of about rep / (lone-call ms) calls 10 times. 3 ms (was 10) is still
-# 100+ calls per replay, and an autotuning pass (up to 15 configs per shape, M bucket and format) takes ~0.5 s, not ~1.5
+# 100+ calls per replay, and an autotuning pass (~10-25 configs per shape, M bucket and format) takes ~0.5-1 s
 AUTOTUNE_REP_MS = 3
+# Split-K (dot configs, M 2..64): K is cut into SPLIT_K slices, one program each; the last program of an output tile
+# to finish (an atomic ticket per tile) adds the slices' fp32 partial sums, writes the output and resets the ticket,
+# so one launch does it all and a CUDA graph can replay it. Offered only where N is small enough that (SPLIT_K, M, N)
+# fp32 partials stay small (never the lm_head, which has programs enough without).
+MAX_SPLIT_K = 8
+MAX_SPLIT_N = 8192
+SPLIT_TICKETS = 8192  # per device; a split launch has cdiv(N, 16) * cdiv(M, 16) tiles at most (512 at N 8192, M 64)
 
 
 @dataclass(frozen=True)
 class WoConfig:
-    """One launch configuration: BLOCK_N output channels per program, BLOCK_K inputs per step, FMA or dot."""
+    """One launch configuration: BLOCK_N output channels per program, BLOCK_K inputs per step, FMA or dot, and how
+    many programs share an output tile's K (split_k, dot only)."""
 
     block_n: int
     block_k: int
     use_dot: bool = False
     num_warps: int = 4
     num_stages: int = 2
+    split_k: int = 1
 
     def block_m(self, m: int) -> int:
         """The M tile: the whole M bucket for FMA, 16..64 rows for dot (its minimum is 16)."""
@@ -84,8 +94,8 @@ class WoConfig:
 INTERPRET_CONFIG = WoConfig(block_n=8, block_k=64)
 
 # (BLOCK_N, BLOCK_K, num_warps, num_stages): rows of 128..1024 contiguous bytes per channel per step for INT8. The
-# 2- and 4-row tiles keep one program per SM or more at N = 256..768 (and fit M = 8..16 in the register budget).
-# All of them compile for sm_90 without spilling at M buckets 1..16 (checked with kernels/sm90_compile_test._build).
+# 2- and 4-row tiles keep one program per SM or more at N = 256..768 (and fit M = 8..16 in the register budget);
+# the 8- and 16-row tiles with 512..1024 K per step keep 4-8 KB of INT4 weight in flight per program (lm_head).
 _FMA_ENTRIES = (
     (2, 256, 4, 3),
     (2, 512, 8, 2),
@@ -95,19 +105,36 @@ _FMA_ENTRIES = (
     (4, 1024, 8, 2),
     (8, 256, 4, 3),
     (8, 512, 8, 3),
+    (8, 1024, 8, 2),
     (16, 256, 8, 3),
+    (16, 512, 8, 2),
     (32, 128, 4, 4),
 )
-_DOT_ENTRIES = ((16, 128, 4, 3), (16, 256, 4, 3), (32, 128, 4, 3), (32, 256, 8, 3), (64, 128, 4, 3))
+# (BLOCK_N, BLOCK_K, num_warps, num_stages, split_k). N = 768 at BLOCK_N 16 is 48 tiles for 132 SMs: the splits give
+# 96..384 programs, each with 1..3 K steps in flight at once (num_stages), where one program per tile would walk all
+# of a K of 2048..3072 one latency at a time.
+_DOT_ENTRIES = (
+    (16, 128, 4, 3, 1),
+    (16, 256, 4, 3, 1),
+    (32, 256, 4, 3, 1),
+    (64, 128, 4, 3, 1),
+    (64, 256, 8, 3, 1),
+    (16, 256, 4, 3, 2),
+    (32, 256, 4, 3, 2),
+    (16, 256, 4, 3, 4),
+    (32, 128, 4, 3, 4),
+    (16, 128, 4, 3, 8),
+    (32, 128, 4, 3, 8),
+)
 
 
 def _triton_config(c: WoConfig, m_bucket: int) -> triton.Config:
-    kw = dict(BLOCK_M=c.block_m(m_bucket), BLOCK_N=c.block_n, BLOCK_K=c.block_k, USE_DOT=c.use_dot)
+    kw = dict(BLOCK_M=c.block_m(m_bucket), BLOCK_N=c.block_n, BLOCK_K=c.block_k, USE_DOT=c.use_dot, SPLIT_K=c.split_k)
     return triton.Config(kw, num_warps=c.num_warps, num_stages=c.num_stages)
 
 
 CANDIDATES = tuple(WoConfig(bn, bk, False, w, s) for bn, bk, w, s in _FMA_ENTRIES) + tuple(
-    WoConfig(bn, bk, True, w, s) for bn, bk, w, s in _DOT_ENTRIES
+    WoConfig(bn, bk, True, w, s, split) for bn, bk, w, s, split in _DOT_ENTRIES
 )
 
 
@@ -118,27 +145,36 @@ def fma_tile_elements(m_bucket: int, c: WoConfig, group_size: int, words: bool) 
     return m_bucket * c.block_n * c.block_k // per_word
 
 
-def candidate_configs(m_bucket: int, k: int, group_size: int, words: bool = False) -> list[WoConfig]:
+def max_split(m: int, n: int) -> int:
+    """The most K slices a launch may use: MAX_SPLIT_K from M 2 (where the dot path runs) while N <= MAX_SPLIT_N."""
+    return MAX_SPLIT_K if 2 <= m <= MAX_FUSED_M and n <= MAX_SPLIT_N else 1
+
+
+def candidate_configs(m_bucket: int, k: int, group_size: int, words: bool = False, split: int = 1) -> list[WoConfig]:
     """The configs worth timing for an M bucket: FMA only while its accumulator fits the register budget, dot only
-    from M 2 on (at M 1 a 16-row tile is all padding); INT4 tiles hold whole groups (BLOCK_K >= group_size).
-    group_size 1 means INT8."""
+    from M 2 on (at M 1 a 16-row tile is all padding); INT4 tiles hold whole groups (BLOCK_K >= group_size); the
+    word dot path multiplies one (BLOCK_K / weights per word)-deep slice per weight of a word, at least 16 deep; split
+    configs up to `split` slices, each at least BLOCK_K long. group_size 1 means INT8."""
+    per_word = 4 if group_size == 1 else 8
     keep = []
     for c in CANDIDATES:
         if c.block_k < group_size or c.block_k > max(triton.next_power_of_2(k), group_size, 64):
             continue
         if c.use_dot:
-            if m_bucket >= 2:
+            deep_enough = not words or c.block_k // per_word >= 16
+            if m_bucket >= 2 and deep_enough and c.split_k <= split and triton.cdiv(k, c.split_k) >= c.block_k:
                 keep.append(c)
         elif m_bucket <= MAX_FMA_M:
             if fma_tile_elements(m_bucket, c, group_size, words) <= FMA_REGISTER_BUDGET * 32 * c.num_warps:
                 keep.append(c)
-    return keep or [c for c in CANDIDATES if c.use_dot and c.block_k >= group_size][:1]
+    return keep or [c for c in CANDIDATES if c.use_dot and c.split_k == 1 and c.block_k >= max(group_size, 128)][:1]
 
 
 def _prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
-    """Autotune hook: the candidates for this call's M bucket, K, format and load path, with BLOCK_M filled in."""
+    """Autotune hook: the candidates for this call's M bucket, K, format, load path and split limit, BLOCK_M filled
+    in."""
     m_bucket, group_size = kwargs["M_BUCKET"], kwargs["GROUP_SIZE"]
-    found = candidate_configs(m_bucket, named_args["K"], group_size, kwargs["WORDS"])
+    found = candidate_configs(m_bucket, named_args["K"], group_size, kwargs["WORDS"], kwargs["MAX_SPLIT"])
     return [_triton_config(c, m_bucket) for c in found]
 
 
@@ -185,87 +221,241 @@ def _split4(x, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
 
 
 @triton.jit
-def _int8_words_dot(words, x, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
-    """(BN, BK/4) int32 words of 4 int8 weights (byte i = k 4j + i) times x (BM, BK): (BM, BN, BK/4) fp32 partial
-    sums (BM == 1: (BN, BK/4))."""
-    x0, x1, x2, x3 = _split4(x.to(tl.float32), BLOCK_M, BLOCK_K)
-    out = _outer(((words << 24) >> 24).to(tl.float32), x0, BLOCK_M)  # arithmetic shifts sign-extend each byte
-    out += _outer(((words << 16) >> 24).to(tl.float32), x1, BLOCK_M)
-    out += _outer(((words << 8) >> 24).to(tl.float32), x2, BLOCK_M)
-    out += _outer((words >> 24).to(tl.float32), x3, BLOCK_M)
-    return out
-
-
-@triton.jit
-def _outer(w, x, BLOCK_M: tl.constexpr):
-    """w (BN, W) times x (BM, W) per word: (BN, W) when BM == 1, else (BM, BN, W)."""
-    if BLOCK_M == 1:
-        out = w * x
+def _split_word(x, BITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """x (BM, BK) fp32 -> the 8 (INT4) or 4 (INT8) (BM, BK / per word) tensors x[:, per_word * j + i], in field order
+    i (for INT8 the last four are None)."""
+    if BITS == 8:
+        x0, x1, x2, x3 = _split4(x, BLOCK_M, BLOCK_K)
+        x4, x5, x6, x7 = None, None, None, None
     else:
-        out = w[None, :, :] * x[:, None, :]
+        xe, xo = tl.split(tl.reshape(x, (BLOCK_M, BLOCK_K // 2, 2)))  # k = 2h and 2h + 1
+        x0, x2, x4, x6 = _split4(xe, BLOCK_M, BLOCK_K // 2)  # nibbles 0, 2, 4, 6 of each word
+        x1, x3, x5, x7 = _split4(xo, BLOCK_M, BLOCK_K // 2)  # nibbles 1, 3, 5, 7
+    return x0, x1, x2, x3, x4, x5, x6, x7
+
+
+@triton.jit
+def _unit(words, FIELD: tl.constexpr, BITS: tl.constexpr):
+    """Field FIELD (bits FIELD * BITS ..) of int32 `words` as the fp32 v = 1 + u / 2^BITS, u the field read unsigned
+    (INT4: the nibble 0..15; INT8: the byte's bits with the sign flipped, q + 128): the field is moved under the top of
+    the mantissa of 1.0 (one shift, one and/xor), no int -> float conversion. The weight q (INT4 u - 8) is
+    2^BITS (v - 1.5) (the magic-number trick of FasterTransformer / Marlin / GemLite, in fp32)."""
+    TOP: tl.constexpr = 23 - BITS  # the field's lowest bit once it sits right under the exponent
+    SHIFT: tl.constexpr = TOP - FIELD * BITS
+    MASK: tl.constexpr = ((1 << BITS) - 1) << TOP
+    ONE: tl.constexpr = 0x3F800000 | ((1 << 22) if BITS == 8 else 0)  # 1.0 (INT8: and the byte's sign bit flipped)
+    if SHIFT >= 0:
+        t = words << SHIFT
+    else:
+        t = words >> (-SHIFT)  # arithmetic on int32, but the mask drops the copied sign bits
+    return ((t & MASK) ^ ONE).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _units_dot_x(words, xr, FIELD: tl.constexpr, BITS: tl.constexpr, BLOCK_M: tl.constexpr):
+    """(v of field FIELD) times its x, xr (BM, W) already times 2^BITS: (BN, W) when BM == 1, else (BM, BN, W)."""
+    v = _unit(words, FIELD, BITS)
+    if BLOCK_M == 1:
+        out = v * xr
+    else:
+        out = v[None, :, :] * xr[:, None, :]
     return out
 
 
 @triton.jit
-def _int4_words_dot(words, x, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
-    """(BN, BK/8) int32 words of 8 nibbles (nibble i = k 8j + i, zero point 8) times x (BM, BK): (BM, BN, BK/8) fp32
-    partial sums (BM == 1: (BN, BK/8)), before the group scale: sum_i u_i x_i - 8 sum_i x_i."""
-    xe, xo = tl.split(tl.reshape(x.to(tl.float32), (BLOCK_M, BLOCK_K // 2, 2)))  # k = 2h and 2h + 1
-    e0, e1, e2, e3 = _split4(xe, BLOCK_M, BLOCK_K // 2)  # nibbles 0, 2, 4, 6 of each word
-    o0, o1, o2, o3 = _split4(xo, BLOCK_M, BLOCK_K // 2)  # nibbles 1, 3, 5, 7
-    x_sum = e0 + e1 + e2 + e3 + o0 + o1 + o2 + o3  # (BM, BK/8)
-    out = _outer((words & 0xF).to(tl.float32), e0, BLOCK_M)
-    out += _outer(((words >> 4) & 0xF).to(tl.float32), o0, BLOCK_M)
-    out += _outer(((words >> 8) & 0xF).to(tl.float32), e1, BLOCK_M)
-    out += _outer(((words >> 12) & 0xF).to(tl.float32), o1, BLOCK_M)
-    out += _outer(((words >> 16) & 0xF).to(tl.float32), e2, BLOCK_M)
-    out += _outer(((words >> 20) & 0xF).to(tl.float32), o2, BLOCK_M)
-    out += _outer(((words >> 24) & 0xF).to(tl.float32), e3, BLOCK_M)
-    out += _outer(((words >> 28) & 0xF).to(tl.float32), o3, BLOCK_M)
-    return out - 8.0 * _outer(tl.full(words.shape, 1.0, tl.float32), x_sum, BLOCK_M)
+def _fma_words_step(words, x, BITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """One K step of the FMA path: words (BN, W) times x (BM, BK). Returns P = sum over the word's fields of
+    v * 2^BITS x, (BN, W) at BM == 1 else (BM, BN, W), and X = the word's sum of x (BM, W): the integer-weight sum of
+    the word is P - 1.5 * 2^BITS * X (2^BITS x v = x q + 1.5 2^BITS x)."""
+    R: tl.constexpr = 1 << BITS
+    x0, x1, x2, x3, x4, x5, x6, x7 = _split_word(x.to(tl.float32), BITS, BLOCK_M, BLOCK_K)
+    xs = x0 + x1 + x2 + x3
+    p = _units_dot_x(words, x0 * R, 0, BITS, BLOCK_M)
+    p += _units_dot_x(words, x1 * R, 1, BITS, BLOCK_M)
+    p += _units_dot_x(words, x2 * R, 2, BITS, BLOCK_M)
+    p += _units_dot_x(words, x3 * R, 3, BITS, BLOCK_M)
+    if BITS == 4:
+        xs += x4 + x5 + x6 + x7
+        p += _units_dot_x(words, x4 * R, 4, BITS, BLOCK_M)
+        p += _units_dot_x(words, x5 * R, 5, BITS, BLOCK_M)
+        p += _units_dot_x(words, x6 * R, 6, BITS, BLOCK_M)
+        p += _units_dot_x(words, x7 * R, 7, BITS, BLOCK_M)
+    return p, xs
 
 
 @triton.jit
-def _wo_gemv_words(
-    x_rows, m_mask, w_ptr, scale_ptr, offs_n, n_mask, K, KH, stride_xk, stride_wn, stride_sn, stride_sg,
-    BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
+def _dot_words_step(
+    acc, words, s, x_cols, w_mask, m_mask, stride_xk, BITS: tl.constexpr, DOT_DTYPE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
-    """The FMA path on 32-bit words (4 INT8 or 8 INT4 weights each), unpacked with shifts; the weight tile stays in
-    the (BN, words) layout it was loaded in (loading bytes and widening them to an fp32 accumulator of another layout
-    made the compiler copy each weight tile through shared memory with two barriers per step). Needs 4-byte aligned
-    rows (the wrapper checks). Returns (BM, BN) fp32, scales applied."""
+    """One K step of the dot path, swapped (weights on the left, so the 16-row minimum of `tl.dot` pads M, not N):
+    acc (BN, BM) += w_i (BN, W) @ x_i (W, BM) for each field i of the words, x_i = x[:, per_word * j + i] gathered
+    (no reordering of the weight tile). w_i is the dequantised weight, exact for INT8 (q itself; the per-channel scale
+    comes after the K loop) and (u - 8) * s for INT4, one FMA from v: 2^BITS s v - 1.5 2^BITS s."""
+    R: tl.constexpr = 1 << BITS
+    PER_WORD: tl.constexpr = 32 // BITS
+    if BITS == 4:
+        a = s * R
+        b = s * (-1.5 * R)
+    for i in tl.static_range(PER_WORD):
+        v = _unit(words, i, BITS)
+        if BITS == 4:
+            w = v * a + b
+        else:
+            w = v * R - 1.5 * R
+        xi = tl.load(x_cols + i * stride_xk, mask=w_mask[:, None] & m_mask[None, :], other=0.0)  # (W, BM)
+        acc += tl.dot(w.to(DOT_DTYPE), xi.to(DOT_DTYPE), input_precision=DOT_PRECISION)
+    return acc
+
+
+@triton.jit
+def _wo_words(
+    x_ptr, offs_m, m_mask, w_ptr, scale_ptr, offs_n, n_mask, w_lo, w_hi, stride_xm, stride_xk, stride_wn, stride_sn,
+    stride_sg, BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr, USE_DOT: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):  # fmt: skip
+    """The weight read as 32-bit words (4 INT8 or 8 INT4 weights each), words w_lo..w_hi of each row, dequantised by
+    `_unit` (no int -> float conversions: those run at a quarter of the FMA rate and bounded the old INT4 path). The
+    weight tile stays in the (BN, words) layout it was loaded in (loading bytes and widening them to an fp32
+    accumulator of another layout made the compiler copy each weight tile through shared memory with two barriers per
+    step). FMA: acc (BN, W) or (BM, BN, W) per word, reduced after the loop; INT4 applies each word's group scale to
+    the word's partial sum (one FMA per word, not per weight). Dot: see `_dot_words_step`. Needs 4-byte aligned rows
+    (the wrapper checks). Returns (BM, BN) fp32, scales applied."""
     PER_WORD: tl.constexpr = 32 // BITS
     WORDS: tl.constexpr = BLOCK_K // PER_WORD
-    n_words = KH // 4
+    R: tl.constexpr = 1 << BITS
     rows = w_ptr.to(tl.pointer_type(tl.int32)) + offs_n[:, None] * (stride_wn // 4)  # (BN, 1)
-    if BLOCK_M == 1:
+    x_rows = x_ptr + offs_m[:, None] * stride_xm  # (BM, 1)
+    if USE_DOT:
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    elif BLOCK_M == 1:
         acc = tl.zeros((BLOCK_N, WORDS), dtype=tl.float32)
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N, WORDS), dtype=tl.float32)
-    for kw in range(0, n_words, WORDS):
+    x_total = tl.zeros((BLOCK_M, WORDS), dtype=tl.float32)  # INT8 FMA: the sum of x, for the -1.5 R sum(x) term
+    for kw in range(w_lo, w_hi, WORDS):
         offs_w = kw + tl.arange(0, WORDS)
-        w_mask = offs_w < n_words
-        words = tl.load(rows + offs_w[None, :], mask=n_mask[:, None] & w_mask[None, :], other=0)  # (BN, WORDS)
-        offs_k = kw * PER_WORD + tl.arange(0, BLOCK_K)
-        x = tl.load(x_rows + offs_k[None, :] * stride_xk, mask=m_mask[:, None] & (offs_k < K)[None, :], other=0.0)
-        if BITS == 8:
-            acc += _int8_words_dot(words, x, BLOCK_M, BLOCK_K)
-        else:
+        w_mask = offs_w < w_hi
+        words = tl.load(rows + offs_w[None, :], mask=n_mask[:, None] & w_mask[None, :], other=0)  # (BN, W)
+        if BITS == 4:
             g = offs_w * PER_WORD // GROUP_SIZE  # the group of each word (groups hold whole words)
             s = tl.load(
                 scale_ptr + offs_n[:, None] * stride_sn + g[None, :] * stride_sg,
                 mask=n_mask[:, None] & w_mask[None, :],
                 other=0.0,
-            )
-            acc += _int4_words_dot(words, x, BLOCK_M, BLOCK_K) * (s if BLOCK_M == 1 else s[None, :, :])
-    if BLOCK_M == 1:
-        out = tl.sum(acc, axis=1)[None, :]  # (1, BN)
+            )  # (BN, W)
+        else:
+            s = None
+        if USE_DOT:
+            x_cols = x_ptr + offs_m[None, :] * stride_xm + (offs_w * PER_WORD)[:, None] * stride_xk  # (W, BM)
+            acc = _dot_words_step(acc, words, s, x_cols, w_mask, m_mask, stride_xk, BITS, DOT_DTYPE, DOT_PRECISION)
+        else:
+            offs_k = kw * PER_WORD + tl.arange(0, BLOCK_K)
+            x_mask = m_mask[:, None] & (offs_k < w_hi * PER_WORD)[None, :]
+            x = tl.load(x_rows + offs_k[None, :] * stride_xk, mask=x_mask, other=0.0)
+            p, xs = _fma_words_step(words, x, BITS, BLOCK_M, BLOCK_K)  # masked words are 0: v = 1 + .., times x = 0
+            if BITS == 8:
+                acc += p
+                x_total += xs
+            elif BLOCK_M == 1:
+                acc += s * (p - (1.5 * R) * xs)
+            else:
+                acc += s[None, :, :] * (p - (1.5 * R) * xs[:, None, :])
+    if USE_DOT:
+        out = tl.trans(acc)  # (BM, BN)
     else:
-        out = tl.sum(acc, axis=2)  # (BM, BN)
+        if BLOCK_M == 1:
+            out = tl.sum(acc, axis=1)[None, :]  # (1, BN)
+        else:
+            out = tl.sum(acc, axis=2)  # (BM, BN)
+        if BITS == 8:
+            out -= (1.5 * R) * tl.sum(x_total, axis=1)[:, None]
     if BITS == 8:
         out *= tl.load(scale_ptr + offs_n * stride_sn, mask=n_mask, other=0.0)[None, :]
     return out
+
+
+@triton.jit
+def _wo_bytes(
+    x_ptr, offs_m, m_mask, w_ptr, scale_ptr, offs_n, n_mask, k_lo, k_hi, stride_xm, stride_xk, stride_wn, stride_wk,
+    stride_sn, stride_sg, BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr, USE_DOT: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):  # fmt: skip
+    """The weight read byte by byte (rows not 4-byte aligned, or `words=False`), inputs k_lo..k_hi: FMA or dot.
+    Returns (BM, BN) fp32, scales applied."""
+    x_rows = x_ptr + offs_m[:, None] * stride_xm  # (BM, 1)
+    w_rows = w_ptr + offs_n[:, None] * stride_wn  # (BN, 1)
+    # The accumulator: (BM, BN) for dot; (BM, BN, K elements per step) for FMA (two nibbles share an INT4 byte).
+    if USE_DOT:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_K // (2 if BITS == 4 else 1)), dtype=tl.float32)
+    if BITS == 8:
+        for k0 in range(k_lo, k_hi, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            k_mask = offs_k < k_hi
+            w = tl.load(w_rows + offs_k[None, :] * stride_wk, mask=n_mask[:, None] & k_mask[None, :], other=0)
+            x = tl.load(x_rows + offs_k[None, :] * stride_xk, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+            acc = _mac(acc, x, w, USE_DOT, DOT_DTYPE, DOT_PRECISION)  # w (BN, BK) int8, converted in _mac
+        acc = _reduce(acc, USE_DOT)
+        # The per-channel scale is constant along K: applied once to the integer-weight sums.
+        acc *= tl.load(scale_ptr + offs_n * stride_sn, mask=n_mask, other=0.0)[None, :]
+    else:
+        GROUPS: tl.constexpr = BLOCK_K // GROUP_SIZE  # whole groups per K step
+        offs_j = tl.arange(0, BLOCK_K // 2)  # byte j of the step holds k = 2j (low nibble) and 2j + 1 (high)
+        offs_g = tl.arange(0, GROUPS)
+        kb_hi = k_hi // 2
+        # Loop over packed bytes (kb = k0 / 2): the compiler then sees the byte offsets' alignment and the mask's
+        # constancy, and loads the weight in 4..16-byte vectors (with k0 = 2 kb it fell back to one byte per load).
+        for kb in range(k_lo // 2, kb_hi, BLOCK_K // 2):
+            offs_b = kb + offs_j  # (BK/2,) bytes of this step
+            b_mask = offs_b < kb_hi
+            b = tl.load(w_rows + offs_b[None, :] * stride_wk, mask=n_mask[:, None] & b_mask[None, :], other=0)
+            # (BN, BK/2) uint8
+            g = kb // (GROUP_SIZE // 2) + offs_g
+            s = tl.load(
+                scale_ptr + offs_n[:, None] * stride_sn + g[None, :] * stride_sg,
+                mask=n_mask[:, None] & (g < kb_hi // (GROUP_SIZE // 2))[None, :],
+                other=0.0,
+            )  # (BN, GROUPS)
+            # Dequantise in registers: (u - 8) * the scale of the element's group.
+            lo = ((b & 0xF).to(tl.int32) - 8).to(tl.float32)
+            hi = ((b >> 4).to(tl.int32) - 8).to(tl.float32)
+            lo = tl.reshape(tl.reshape(lo, (BLOCK_N, GROUPS, GROUP_SIZE // 2)) * s[:, :, None], (BLOCK_N, BLOCK_K // 2))
+            hi = tl.reshape(tl.reshape(hi, (BLOCK_N, GROUPS, GROUP_SIZE // 2)) * s[:, :, None], (BLOCK_N, BLOCK_K // 2))
+            # x in one contiguous (vectorised) load, then split into its even and odd k (two strided loads would
+            # issue a scalar load per element, for every row of weights that shares them).
+            offs_k = 2 * kb + tl.arange(0, BLOCK_K)
+            x = tl.load(
+                x_rows + offs_k[None, :] * stride_xk, mask=m_mask[:, None] & (offs_k < k_hi)[None, :], other=0.0
+            )
+            x_even, x_odd = tl.split(tl.reshape(x, (BLOCK_M, BLOCK_K // 2, 2)))  # (BM, BK/2) each
+            acc = _mac(acc, x_even, lo, USE_DOT, DOT_DTYPE, DOT_PRECISION)
+            acc = _mac(acc, x_odd, hi, USE_DOT, DOT_DTYPE, DOT_PRECISION)
+        acc = _reduce(acc, USE_DOT)
+    return acc
+
+
+@triton.jit
+def _store(acc, out_ptr, ws_ptr, ticket_ptr, offs_m, offs_n, m_mask, n_mask, M, N, stride_om, stride_on,
+           SPLIT_K: tl.constexpr):  # fmt: skip
+    """Write acc (BM, BN) fp32 to out. SPLIT_K > 1: into this slice's plane of the (SPLIT_K, M, N) partials instead;
+    the last slice of the tile to take a ticket sums the planes, writes out and resets the ticket to 0."""
+    mask = m_mask[:, None] & n_mask[None, :]
+    out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
+    if SPLIT_K == 1:
+        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+    else:
+        plane = offs_m[:, None] * N + offs_n[None, :]  # (BM, BN) offsets inside one (M, N) plane
+        tl.store(ws_ptr + tl.program_id(2) * M * N + plane, acc, mask=mask)
+        tl.debug_barrier()  # every thread's partials are written before the ticket (which releases them) is taken
+        ticket = ticket_ptr + tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)
+        if tl.atomic_add(ticket, 1, sem="acq_rel", scope="gpu") == SPLIT_K - 1:
+            total = tl.zeros_like(acc)
+            for s in tl.static_range(SPLIT_K):  # in slice order: the sum does not depend on who finished last
+                total += tl.load(ws_ptr + s * M * N + plane, mask=mask, other=0.0, cache_modifier=".cg")
+            tl.store(out_ptrs, total.to(out_ptr.dtype.element_ty), mask=mask)
+            tl.atomic_xchg(ticket, 0, sem="relaxed", scope="gpu")  # the next launch (or graph replay) starts at 0
 
 
 @triton.jit
@@ -274,6 +464,8 @@ def _wo_matmul_kernel(
     w_ptr,
     scale_ptr,
     out_ptr,  # x (M, K); w int8 (N, K) or uint8 (N, K // 2); scales fp32 (N,) or (N, K // G); out (M, N)
+    ws_ptr,  # fp32 (MAX_SPLIT, M, N) partial sums of the split configs (unused at SPLIT_K 1)
+    ticket_ptr,  # int32 tickets, one per output tile, 0 between launches (split configs only)
     M,
     N,
     K,
@@ -295,73 +487,39 @@ def _wo_matmul_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     USE_DOT: tl.constexpr,
-    WORDS: tl.constexpr,  # 4-byte aligned weight rows: the FMA path reads words (_wo_gemv_words)
+    WORDS: tl.constexpr,  # 4-byte aligned weight rows: read as int32 words (_wo_words)
+    SPLIT_K: tl.constexpr,  # programs along K per output tile (grid axis 2)
+    MAX_SPLIT: tl.constexpr,  # the largest SPLIT_K this call's workspace allows (an autotune key)
 ):
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     n_mask, m_mask = offs_n < N, offs_m < M
-    if WORDS and not USE_DOT:
-        acc = _wo_gemv_words(
-            x_ptr + offs_m[:, None] * stride_xm, m_mask, w_ptr, scale_ptr, offs_n, n_mask, K, KH, stride_xk,
-            stride_wn, stride_sn, stride_sg, BITS, GROUP_SIZE, BLOCK_M, BLOCK_N, BLOCK_K,
+    if SPLIT_K == 1:
+        k_lo = 0
+        k_hi = K
+    else:  # slices of whole BLOCK_K steps (so whole words and whole INT4 groups)
+        k_per = tl.cdiv(tl.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K
+        k_lo = tl.program_id(2) * k_per
+        k_hi = tl.minimum(K, k_lo + k_per)
+    if WORDS:
+        PER_WORD: tl.constexpr = 32 // BITS
+        acc = _wo_words(
+            x_ptr, offs_m, m_mask, w_ptr, scale_ptr, offs_n, n_mask, k_lo // PER_WORD, k_hi // PER_WORD, stride_xm,
+            stride_xk, stride_wn, stride_sn, stride_sg, BITS, GROUP_SIZE, BLOCK_M, BLOCK_N, BLOCK_K, USE_DOT,
+            DOT_DTYPE, DOT_PRECISION,
         )  # fmt: skip
-        out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
-        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
-        return
-    x_rows = x_ptr + offs_m[:, None] * stride_xm  # (BM, 1)
-    w_rows = w_ptr + offs_n[:, None] * stride_wn  # (BN, 1)
-    # The accumulator: (BM, BN) for dot; (BM, BN, K elements per step) for FMA (two nibbles share an INT4 byte).
-    if USE_DOT:
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     else:
-        acc = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_K // (2 if BITS == 4 else 1)), dtype=tl.float32)
-    if BITS == 8:
-        for k0 in range(0, K, BLOCK_K):
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            k_mask = offs_k < K
-            w = tl.load(w_rows + offs_k[None, :] * stride_wk, mask=n_mask[:, None] & k_mask[None, :], other=0)
-            x = tl.load(x_rows + offs_k[None, :] * stride_xk, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-            acc = _mac(acc, x, w, USE_DOT, DOT_DTYPE, DOT_PRECISION)  # w (BN, BK) int8, converted in _mac
-        acc = _reduce(acc, USE_DOT)
-        # The per-channel scale is constant along K: applied once to the integer-weight sums.
-        acc *= tl.load(scale_ptr + offs_n * stride_sn, mask=n_mask, other=0.0)[None, :]
-    else:
-        GROUPS: tl.constexpr = BLOCK_K // GROUP_SIZE  # whole groups per K step
-        offs_j = tl.arange(0, BLOCK_K // 2)  # byte j of the step holds k = 2j (low nibble) and 2j + 1 (high)
-        offs_g = tl.arange(0, GROUPS)
-        # Loop over packed bytes (kb = k0 / 2): the compiler then sees the byte offsets' alignment and the mask's
-        # constancy, and loads the weight in 4..16-byte vectors (with k0 = 2 kb it fell back to one byte per load).
-        for kb in range(0, KH, BLOCK_K // 2):
-            offs_b = kb + offs_j  # (BK/2,) bytes of this step
-            b_mask = offs_b < KH
-            b = tl.load(w_rows + offs_b[None, :] * stride_wk, mask=n_mask[:, None] & b_mask[None, :], other=0)
-            # (BN, BK/2) uint8
-            g = kb // (GROUP_SIZE // 2) + offs_g
-            s = tl.load(
-                scale_ptr + offs_n[:, None] * stride_sn + g[None, :] * stride_sg,
-                mask=n_mask[:, None] & (g < KH // (GROUP_SIZE // 2))[None, :],
-                other=0.0,
-            )  # (BN, GROUPS)
-            # Dequantise in registers: (u - 8) * the scale of the element's group.
-            lo = ((b & 0xF).to(tl.int32) - 8).to(tl.float32)
-            hi = ((b >> 4).to(tl.int32) - 8).to(tl.float32)
-            lo = tl.reshape(tl.reshape(lo, (BLOCK_N, GROUPS, GROUP_SIZE // 2)) * s[:, :, None], (BLOCK_N, BLOCK_K // 2))
-            hi = tl.reshape(tl.reshape(hi, (BLOCK_N, GROUPS, GROUP_SIZE // 2)) * s[:, :, None], (BLOCK_N, BLOCK_K // 2))
-            # x in one contiguous (vectorised) load, then split into its even and odd k (two strided loads would
-            # issue a scalar load per element, for every row of weights that shares them).
-            offs_k = 2 * kb + tl.arange(0, BLOCK_K)
-            x = tl.load(x_rows + offs_k[None, :] * stride_xk, mask=m_mask[:, None] & (offs_k < K)[None, :], other=0.0)
-            x_even, x_odd = tl.split(tl.reshape(x, (BLOCK_M, BLOCK_K // 2, 2)))  # (BM, BK/2) each
-            acc = _mac(acc, x_even, lo, USE_DOT, DOT_DTYPE, DOT_PRECISION)
-            acc = _mac(acc, x_odd, hi, USE_DOT, DOT_DTYPE, DOT_PRECISION)
-        acc = _reduce(acc, USE_DOT)
-    out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
-    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+        acc = _wo_bytes(
+            x_ptr, offs_m, m_mask, w_ptr, scale_ptr, offs_n, n_mask, k_lo, k_hi, stride_xm, stride_xk, stride_wn,
+            stride_wk, stride_sn, stride_sg, BITS, GROUP_SIZE, BLOCK_M, BLOCK_N, BLOCK_K, USE_DOT, DOT_DTYPE,
+            DOT_PRECISION,
+        )  # fmt: skip
+    _store(acc, out_ptr, ws_ptr, ticket_ptr, offs_m, offs_n, m_mask, n_mask, M, N, stride_om, stride_on, SPLIT_K)
 
 
 _wo_matmul_tuned = triton.autotune(
     configs=[_triton_config(c, 1) for c in CANDIDATES],  # replaced per call by _prune
-    key=["M_BUCKET", "N", "K", "BITS", "GROUP_SIZE", "WORDS"],
+    key=["M_BUCKET", "N", "K", "BITS", "GROUP_SIZE", "WORDS", "MAX_SPLIT"],
     prune_configs_by={"early_config_prune": _prune},
     do_bench=_autotune_bench,
 )(_wo_matmul_kernel)
@@ -380,6 +538,20 @@ def _word_aligned(w: torch.Tensor, k: int, bits: int) -> bool:
     return w.stride(1) == 1 and w.stride(0) % 4 == 0 and w.data_ptr() % 4 == 0 and (bits == 4 or k % 4 == 0)
 
 
+_TICKETS: dict[torch.device, torch.Tensor] = {}  # per device, created by the first launch (outside a graph)
+
+
+def _tickets(device: torch.device) -> torch.Tensor:
+    """The split configs' int32 tickets on `device`, all 0 between launches (each launch resets those it used).
+    One buffer per device, like cuBLAS's workspace: split launches on one stream run one after another."""
+    tickets = _TICKETS.get(device)
+    if tickets is None:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("wo_matmul: call it once outside CUDA graph capture first (it allocates its tickets)")
+        tickets = _TICKETS[device] = torch.zeros(SPLIT_TICKETS, dtype=torch.int32, device=device)
+    return tickets
+
+
 def _launch(
     x: torch.Tensor,
     w: torch.Tensor,
@@ -392,25 +564,34 @@ def _launch(
     config: WoConfig | None,
     words: bool,
 ) -> torch.Tensor:
-    """One launch over (N tiles, M tiles): autotuned on a GPU unless `config` is given; the interpreter's default
-    config on CPU. Returns (M, N) in x's dtype."""
+    """One launch over (N tiles, M tiles, K slices): autotuned on a GPU unless `config` is given; the interpreter's
+    default config on CPU. Returns (M, N) in x's dtype."""
     m = x.shape[0]
     out = torch.empty((m, n), device=x.device, dtype=x.dtype)
     if m == 0:
         return out
     m_bucket = triton.next_power_of_2(m)
-    args = (x, w, scale, out, m, n, k, w.shape[1], *x.stride(), *w.stride(), *scale_strides, *out.stride())
-    meta = dict(
-        M_BUCKET=m_bucket, BITS=bits, GROUP_SIZE=group_size, WORDS=words and _word_aligned(w, k, bits), **dot_args(x)
-    )
+    splits = config.split_k if config is not None else (max_split(m, n) if x.is_cuda else 1)
+    if splits > 1 and triton.cdiv(n, 16) * triton.cdiv(m, 16) > SPLIT_TICKETS:
+        raise ValueError(f"split_k > 1 needs N <= {MAX_SPLIT_N} and M <= {MAX_FUSED_M}, got N={n}, M={m}")
+    ws = torch.empty((splits, m, n), device=x.device, dtype=torch.float32) if splits > 1 else scale
+    args = (x, w, scale, out, ws, _tickets(x.device), m, n, k, w.shape[1])
+    args += (*x.stride(), *w.stride(), *scale_strides, *out.stride())
+    meta = dict(M_BUCKET=m_bucket, BITS=bits, GROUP_SIZE=group_size, WORDS=words and _word_aligned(w, k, bits))
+    meta.update(MAX_SPLIT=splits, **dot_args(x))
     if config is None and x.is_cuda:
-        _wo_matmul_tuned[lambda p: (triton.cdiv(n, p["BLOCK_N"]), triton.cdiv(m, p["BLOCK_M"]))](*args, **meta)
+        grid = lambda p: (triton.cdiv(n, p["BLOCK_N"]), triton.cdiv(m, p["BLOCK_M"]), p["SPLIT_K"])  # noqa: E731
+        _wo_matmul_tuned[grid](*args, **meta)
         return out
     c = config or WoConfig(INTERPRET_CONFIG.block_n, max(INTERPRET_CONFIG.block_k, group_size))
     if bits == 4 and c.block_k < group_size:
         raise ValueError(f"config.block_k must be >= group_size={group_size}, got {c.block_k}")
+    if c.use_dot and c.block_k // (32 // bits) < 16:
+        meta["WORDS"] = False  # the word dot path multiplies (BLOCK_K / weights per word)-deep slices: >= 16
+    if c.split_k > 1 and not c.use_dot:
+        raise ValueError(f"config.split_k > 1 needs use_dot=True, got {c}")
     tc = _triton_config(c, m_bucket)
-    grid = (triton.cdiv(n, c.block_n), triton.cdiv(m, tc.kwargs["BLOCK_M"]))
+    grid = (triton.cdiv(n, c.block_n), triton.cdiv(m, tc.kwargs["BLOCK_M"]), c.split_k)
     _wo_matmul_kernel[grid](*args, **meta, **tc.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)
     return out
 
