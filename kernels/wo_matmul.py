@@ -72,6 +72,10 @@ MAX_SPLIT_N = 8192
 SPLIT_TICKETS = 8192  # per device; a split launch has cdiv(N, 16) * cdiv(M, 16) tiles at most (512 at N 8192, M 64)
 
 
+# The fp32 bits of 1.0 that `_unit` puts a field under: INT8 also flips the byte's sign bit (bit 22 once moved).
+UNIT_BITS = {4: 0x3F800000, 8: 0x3F800000 | 1 << 22}
+
+
 @dataclass(frozen=True)
 class WoConfig:
     """One launch configuration: BLOCK_N output channels per program, BLOCK_K inputs per step, FMA or dot, and how
@@ -235,26 +239,26 @@ def _split_word(x, BITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.conste
 
 
 @triton.jit
-def _unit(words, FIELD: tl.constexpr, BITS: tl.constexpr):
+def _unit(words, one_bits, FIELD: tl.constexpr, BITS: tl.constexpr):
     """Field FIELD (bits FIELD * BITS ..) of int32 `words` as the fp32 v = 1 + u / 2^BITS, u the field read unsigned
     (INT4: the nibble 0..15; INT8: the byte's bits with the sign flipped, q + 128): the field is moved under the top of
-    the mantissa of 1.0 (one shift, one and/xor), no int -> float conversion. The weight q (INT4 u - 8) is
+    the mantissa of 1.0, `one_bits` (UNIT_BITS[BITS]): one shift and one LOP3, no int -> float conversion. With 1.0 a
+    constant the compiler spent two LOP3s (an instruction takes one immediate); as an argument it stays in a register. The weight q (INT4 u - 8) is
     2^BITS (v - 1.5) (the magic-number trick of FasterTransformer / Marlin / GemLite, in fp32)."""
     TOP: tl.constexpr = 23 - BITS  # the field's lowest bit once it sits right under the exponent
     SHIFT: tl.constexpr = TOP - FIELD * BITS
     MASK: tl.constexpr = ((1 << BITS) - 1) << TOP
-    ONE: tl.constexpr = 0x3F800000 | ((1 << 22) if BITS == 8 else 0)  # 1.0 (INT8: and the byte's sign bit flipped)
     if SHIFT >= 0:
         t = words << SHIFT
     else:
         t = words >> (-SHIFT)  # arithmetic on int32, but the mask drops the copied sign bits
-    return ((t & MASK) ^ ONE).to(tl.float32, bitcast=True)
+    return ((t & MASK) ^ one_bits).to(tl.float32, bitcast=True)
 
 
 @triton.jit
-def _units_dot_x(words, xr, FIELD: tl.constexpr, BITS: tl.constexpr, BLOCK_M: tl.constexpr):
+def _units_dot_x(words, one_bits, xr, FIELD: tl.constexpr, BITS: tl.constexpr, BLOCK_M: tl.constexpr):
     """(v of field FIELD) times its x, xr (BM, W) already times 2^BITS: (BN, W) when BM == 1, else (BM, BN, W)."""
-    v = _unit(words, FIELD, BITS)
+    v = _unit(words, one_bits, FIELD, BITS)
     if BLOCK_M == 1:
         out = v * xr
     else:
@@ -263,54 +267,67 @@ def _units_dot_x(words, xr, FIELD: tl.constexpr, BITS: tl.constexpr, BLOCK_M: tl
 
 
 @triton.jit
-def _fma_words_step(words, x, BITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+def _fma_words_step(words, one_bits, x, BITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
     """One K step of the FMA path: words (BN, W) times x (BM, BK). Returns P = sum over the word's fields of
     v * 2^BITS x, (BN, W) at BM == 1 else (BM, BN, W), and X = the word's sum of x (BM, W): the integer-weight sum of
     the word is P - 1.5 * 2^BITS * X (2^BITS x v = x q + 1.5 2^BITS x)."""
     R: tl.constexpr = 1 << BITS
     x0, x1, x2, x3, x4, x5, x6, x7 = _split_word(x.to(tl.float32), BITS, BLOCK_M, BLOCK_K)
     xs = x0 + x1 + x2 + x3
-    p = _units_dot_x(words, x0 * R, 0, BITS, BLOCK_M)
-    p += _units_dot_x(words, x1 * R, 1, BITS, BLOCK_M)
-    p += _units_dot_x(words, x2 * R, 2, BITS, BLOCK_M)
-    p += _units_dot_x(words, x3 * R, 3, BITS, BLOCK_M)
+    p = _units_dot_x(words, one_bits, x0 * R, 0, BITS, BLOCK_M)
+    p += _units_dot_x(words, one_bits, x1 * R, 1, BITS, BLOCK_M)
+    p += _units_dot_x(words, one_bits, x2 * R, 2, BITS, BLOCK_M)
+    p += _units_dot_x(words, one_bits, x3 * R, 3, BITS, BLOCK_M)
     if BITS == 4:
         xs += x4 + x5 + x6 + x7
-        p += _units_dot_x(words, x4 * R, 4, BITS, BLOCK_M)
-        p += _units_dot_x(words, x5 * R, 5, BITS, BLOCK_M)
-        p += _units_dot_x(words, x6 * R, 6, BITS, BLOCK_M)
-        p += _units_dot_x(words, x7 * R, 7, BITS, BLOCK_M)
+        p += _units_dot_x(words, one_bits, x4 * R, 4, BITS, BLOCK_M)
+        p += _units_dot_x(words, one_bits, x5 * R, 5, BITS, BLOCK_M)
+        p += _units_dot_x(words, one_bits, x6 * R, 6, BITS, BLOCK_M)
+        p += _units_dot_x(words, one_bits, x7 * R, 7, BITS, BLOCK_M)
     return p, xs
 
 
 @triton.jit
-def _dot_words_step(
-    acc, words, s, x_cols, w_mask, m_mask, stride_xk, BITS: tl.constexpr, DOT_DTYPE: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-):  # fmt: skip
-    """One K step of the dot path, swapped (weights on the left, so the 16-row minimum of `tl.dot` pads M, not N):
-    acc (BN, BM) += w_i (BN, W) @ x_i (W, BM) for each field i of the words, x_i = x[:, per_word * j + i] gathered
-    (no reordering of the weight tile). w_i is the dequantised weight, exact for INT8 (q itself; the per-channel scale
-    comes after the K loop) and (u - 8) * s for INT4, one FMA from v: 2^BITS s v - 1.5 2^BITS s."""
+def _weight(words, one_bits, a, b, FIELD: tl.constexpr, BITS: tl.constexpr):
+    """Field FIELD's dequantised weight (BN, W) fp32: q (INT8, exact; its per-channel scale comes after the K loop) or
+    (u - 8) * s (INT4), one FMA from v: a v + b with a = 2^BITS s, b = -1.5 2^BITS s."""
     R: tl.constexpr = 1 << BITS
-    PER_WORD: tl.constexpr = 32 // BITS
+    v = _unit(words, one_bits, FIELD, BITS)
+    if BITS == 4:
+        w = v * a + b
+    else:
+        w = v * R - 1.5 * R
+    return w
+
+
+@triton.jit
+def _dequant_words(words, one_bits, s, BITS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """words (BN, W) -> the dequantised weight tile (BN, BK) fp32 in k order (k = per_word * j + field). `tl.join` puts
+    its new axis last, in each thread's own registers, so nesting joins with the field's low bit outermost and reshaping
+    orders the fields without moving data between threads."""
+    R: tl.constexpr = 1 << BITS
     if BITS == 4:
         a = s * R
         b = s * (-1.5 * R)
-    for i in tl.static_range(PER_WORD):
-        v = _unit(words, i, BITS)
-        if BITS == 4:
-            w = v * a + b
-        else:
-            w = v * R - 1.5 * R
-        xi = tl.load(x_cols + i * stride_xk, mask=w_mask[:, None] & m_mask[None, :], other=0.0)  # (W, BM)
-        acc += tl.dot(w.to(DOT_DTYPE), xi.to(DOT_DTYPE), input_precision=DOT_PRECISION)
-    return acc
+        even = tl.join(
+            tl.join(_weight(words, one_bits, a, b, 0, 4), _weight(words, one_bits, a, b, 4, 4)),
+            tl.join(_weight(words, one_bits, a, b, 2, 4), _weight(words, one_bits, a, b, 6, 4)),
+        )  # (BN, W, 2, 2): fields 4 i2 + 2 i1 at [.., i2, i1]
+        odd = tl.join(
+            tl.join(_weight(words, one_bits, a, b, 1, 4), _weight(words, one_bits, a, b, 5, 4)),
+            tl.join(_weight(words, one_bits, a, b, 3, 4), _weight(words, one_bits, a, b, 7, 4)),
+        )
+        w = tl.join(even, odd)  # (BN, W, 2, 2, 2): field 4 i2 + 2 i1 + i0
+    else:
+        even = tl.join(_weight(words, one_bits, s, s, 0, 8), _weight(words, one_bits, s, s, 2, 8))
+        odd = tl.join(_weight(words, one_bits, s, s, 1, 8), _weight(words, one_bits, s, s, 3, 8))
+        w = tl.join(even, odd)  # (BN, W, 2, 2): field 2 i1 + i0
+    return tl.reshape(w, (BLOCK_N, BLOCK_K))
 
 
 @triton.jit
 def _wo_words(
-    x_ptr, offs_m, m_mask, w_ptr, scale_ptr, offs_n, n_mask, w_lo, w_hi, stride_xm, stride_xk, stride_wn, stride_sn,
+    x_ptr, one_bits, offs_m, m_mask, w_ptr, scale_ptr, offs_n, n_mask, w_lo, w_hi, stride_xm, stride_xk, stride_wn, stride_sn,
     stride_sg, BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr, USE_DOT: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
@@ -319,7 +336,8 @@ def _wo_words(
     weight tile stays in the (BN, words) layout it was loaded in (loading bytes and widening them to an fp32
     accumulator of another layout made the compiler copy each weight tile through shared memory with two barriers per
     step). FMA: acc (BN, W) or (BM, BN, W) per word, reduced after the loop; INT4 applies each word's group scale to
-    the word's partial sum (one FMA per word, not per weight). Dot: see `_dot_words_step`. Needs 4-byte aligned rows
+    the word's partial sum (one FMA per word, not per weight). Dot, swapped (weights on the left, so the 16-row minimum
+    of `tl.dot` pads M, not N): the tile dequantised once (`_dequant_words`), then `tl.dot` with fp32 accumulation. Needs 4-byte aligned rows
     (the wrapper checks). Returns (BM, BN) fp32, scales applied."""
     PER_WORD: tl.constexpr = 32 // BITS
     WORDS: tl.constexpr = BLOCK_K // PER_WORD
@@ -346,14 +364,22 @@ def _wo_words(
             )  # (BN, W)
         else:
             s = None
-        if USE_DOT:
-            x_cols = x_ptr + offs_m[None, :] * stride_xm + (offs_w * PER_WORD)[:, None] * stride_xk  # (W, BM)
-            acc = _dot_words_step(acc, words, s, x_cols, w_mask, m_mask, stride_xk, BITS, DOT_DTYPE, DOT_PRECISION)
+        if USE_DOT:  # swapped: acc (BN, BM) += w (BN, BK) @ x.T (BK, BM)
+            offs_k = kw * PER_WORD + tl.arange(0, BLOCK_K)
+            x_t = tl.load(
+                x_ptr + offs_m[None, :] * stride_xm + offs_k[:, None] * stride_xk,
+                mask=(offs_k < w_hi * PER_WORD)[:, None] & m_mask[None, :],
+                other=0.0,
+            )  # (BK, BM)
+            w = _dequant_words(words, one_bits, s, BITS, BLOCK_N, BLOCK_K)
+            acc += tl.dot(w.to(DOT_DTYPE), x_t.to(DOT_DTYPE), input_precision=DOT_PRECISION)
         else:
             offs_k = kw * PER_WORD + tl.arange(0, BLOCK_K)
             x_mask = m_mask[:, None] & (offs_k < w_hi * PER_WORD)[None, :]
             x = tl.load(x_rows + offs_k[None, :] * stride_xk, mask=x_mask, other=0.0)
-            p, xs = _fma_words_step(words, x, BITS, BLOCK_M, BLOCK_K)  # masked words are 0: v = 1 + .., times x = 0
+            p, xs = _fma_words_step(
+                words, one_bits, x, BITS, BLOCK_M, BLOCK_K
+            )  # masked words are 0: v = 1 + .., times x = 0
             if BITS == 8:
                 acc += p
                 x_total += xs
@@ -470,6 +496,7 @@ def _wo_matmul_kernel(
     N,
     K,
     KH,  # bytes per weight row: K // 2 for INT4, K for INT8
+    one_bits,  # UNIT_BITS[BITS], an argument so that the compiler keeps it in a register (_unit)
     stride_xm,
     stride_xk,
     stride_wn,
@@ -504,7 +531,7 @@ def _wo_matmul_kernel(
     if WORDS:
         PER_WORD: tl.constexpr = 32 // BITS
         acc = _wo_words(
-            x_ptr, offs_m, m_mask, w_ptr, scale_ptr, offs_n, n_mask, k_lo // PER_WORD, k_hi // PER_WORD, stride_xm,
+            x_ptr, one_bits, offs_m, m_mask, w_ptr, scale_ptr, offs_n, n_mask, k_lo // PER_WORD, k_hi // PER_WORD, stride_xm,
             stride_xk, stride_wn, stride_sn, stride_sg, BITS, GROUP_SIZE, BLOCK_M, BLOCK_N, BLOCK_K, USE_DOT,
             DOT_DTYPE, DOT_PRECISION,
         )  # fmt: skip
@@ -575,7 +602,7 @@ def _launch(
     if splits > 1 and triton.cdiv(n, 16) * triton.cdiv(m, 16) > SPLIT_TICKETS:
         raise ValueError(f"split_k > 1 needs N <= {MAX_SPLIT_N} and M <= {MAX_FUSED_M}, got N={n}, M={m}")
     ws = torch.empty((splits, m, n), device=x.device, dtype=torch.float32) if splits > 1 else scale
-    args = (x, w, scale, out, ws, _tickets(x.device), m, n, k, w.shape[1])
+    args = (x, w, scale, out, ws, _tickets(x.device), m, n, k, w.shape[1], UNIT_BITS[bits])
     args += (*x.stride(), *w.stride(), *scale_strides, *out.stride())
     meta = dict(M_BUCKET=m_bucket, BITS=bits, GROUP_SIZE=group_size, WORDS=words and _word_aligned(w, k, bits))
     meta.update(MAX_SPLIT=splits, **dot_args(x))
