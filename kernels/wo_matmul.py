@@ -54,12 +54,15 @@ __all__ = [
     "int4_matmul",
     "int4_matmul_reference",
     "int4_matmul_triton",
+    "dot_tile_elements",
+    "fma_tile_elements",
     "max_split",
 ]
 
 MAX_FUSED_M = 64  # above this the wrappers dequantise and call cuBLAS
 MAX_FMA_M = 16  # the FMA path's M tile is the whole M bucket: beyond this only the dot path is offered
 FMA_REGISTER_BUDGET = 64  # fp32 accumulator elements per thread of the FMA path (fma_tile_elements)
+DOT_REGISTER_BUDGET = 128  # tile values per thread of the dot path (dot_tile_elements)
 # per config: do_bench_cudagraph replays a graph of about rep / (lone-call ms) calls 10 times. 3 ms (was 10) is still
 # 100+ calls per replay, and an autotuning pass (~10-25 configs per shape, M bucket and format) takes ~0.5-1 s
 AUTOTUNE_REP_MS = 3
@@ -154,31 +157,39 @@ def max_split(m: int, n: int) -> int:
     return MAX_SPLIT_K if 2 <= m <= MAX_FUSED_M and n <= MAX_SPLIT_N else 1
 
 
+def dot_tile_elements(m_bucket: int, c: WoConfig) -> int:
+    """Values per program of the dot path: the x tile (BK, BM), the dequantised weight tile (BN, BK), the accumulator."""
+    block_m = c.block_m(m_bucket)
+    return c.block_k * block_m + c.block_n * c.block_k + c.block_n * block_m
+
+
 def candidate_configs(m_bucket: int, k: int, group_size: int, words: bool = False, split: int = 1) -> list[WoConfig]:
-    """The configs worth timing for an M bucket: FMA only while its accumulator fits the register budget, dot only
-    from M 2 on (at M 1 a 16-row tile is all padding); INT4 tiles hold whole groups (BLOCK_K >= group_size); the
-    word dot path multiplies one (BLOCK_K / weights per word)-deep slice per weight of a word, at least 16 deep; split
-    configs up to `split` slices, each at least BLOCK_K long. group_size 1 means INT8."""
-    per_word = 4 if group_size == 1 else 8
+    """The configs worth timing for an M bucket: FMA only while its accumulator fits the register budget (and its x
+    tile and per-field products: at most 64 (BM, BN) pairs), dot only from M 2 on (at M 1 a 16-row tile is all
+    padding) and while its tiles fit DOT_REGISTER_BUDGET; INT4 tiles hold whole groups (BLOCK_K >= group_size); split
+    configs up to `split` slices, each at least BLOCK_K long. Beyond these budgets the sm_90 builds spilled
+    (kernels/wo_matmul_compile_test.py). group_size 1 means INT8."""
     keep = []
     for c in CANDIDATES:
         if c.block_k < group_size or c.block_k > max(triton.next_power_of_2(k), group_size, 64):
             continue
+        threads = 32 * c.num_warps
         if c.use_dot:
-            deep_enough = not words or c.block_k // per_word >= 16
-            if m_bucket >= 2 and deep_enough and c.split_k <= split and triton.cdiv(k, c.split_k) >= c.block_k:
+            fits = dot_tile_elements(m_bucket, c) <= DOT_REGISTER_BUDGET * threads
+            if m_bucket >= 2 and fits and c.split_k <= split and triton.cdiv(k, c.split_k) >= c.block_k:
                 keep.append(c)
-        elif m_bucket <= MAX_FMA_M:
-            if fma_tile_elements(m_bucket, c, group_size, words) <= FMA_REGISTER_BUDGET * 32 * c.num_warps:
+        elif m_bucket <= MAX_FMA_M and m_bucket * c.block_n <= 64 and m_bucket * c.block_k <= 32 * threads:
+            if fma_tile_elements(m_bucket, c, group_size, words) <= FMA_REGISTER_BUDGET * threads:
                 keep.append(c)
-    return keep or [c for c in CANDIDATES if c.use_dot and c.split_k == 1 and c.block_k >= max(group_size, 128)][:1]
+    return keep or [c for c in CANDIDATES if c.use_dot and c.split_k == 1 and c.block_k >= group_size][:1]
 
 
 def _prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
     """Autotune hook: the candidates for this call's M bucket, K, format, load path and split limit, BLOCK_M filled
     in."""
     m_bucket, group_size = kwargs["M_BUCKET"], kwargs["GROUP_SIZE"]
-    found = candidate_configs(m_bucket, named_args["K"], group_size, kwargs["WORDS"], kwargs["MAX_SPLIT"])
+    splits = max_split(m_bucket, named_args["N"])  # as _launch sized the partials: M >= 2 iff its bucket is
+    found = candidate_configs(m_bucket, named_args["K"], group_size, kwargs["WORDS"], splits)
     return [_triton_config(c, m_bucket) for c in found]
 
 
@@ -478,7 +489,7 @@ def _store(acc, out_ptr, ws_ptr, ticket_ptr, offs_m, offs_n, m_mask, n_mask, M, 
         ticket = ticket_ptr + tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)
         if tl.atomic_add(ticket, 1, sem="acq_rel", scope="gpu") == SPLIT_K - 1:
             total = tl.zeros_like(acc)
-            for s in tl.static_range(SPLIT_K):  # in slice order: the sum does not depend on who finished last
+            for s in range(SPLIT_K):  # in slice order: the sum does not depend on who finished last (not unrolled)
                 total += tl.load(ws_ptr + s * M * N + plane, mask=mask, other=0.0, cache_modifier=".cg")
             tl.store(out_ptrs, total.to(out_ptr.dtype.element_ty), mask=mask)
             tl.atomic_xchg(ticket, 0, sem="relaxed", scope="gpu")  # the next launch (or graph replay) starts at 0
@@ -490,7 +501,7 @@ def _wo_matmul_kernel(
     w_ptr,
     scale_ptr,
     out_ptr,  # x (M, K); w int8 (N, K) or uint8 (N, K // 2); scales fp32 (N,) or (N, K // G); out (M, N)
-    ws_ptr,  # fp32 (MAX_SPLIT, M, N) partial sums of the split configs (unused at SPLIT_K 1)
+    ws_ptr,  # fp32 (max_split(M, N), M, N) partial sums of the split configs (unused at SPLIT_K 1)
     ticket_ptr,  # int32 tickets, one per output tile, 0 between launches (split configs only)
     M,
     N,
@@ -516,7 +527,6 @@ def _wo_matmul_kernel(
     USE_DOT: tl.constexpr,
     WORDS: tl.constexpr,  # 4-byte aligned weight rows: read as int32 words (_wo_words)
     SPLIT_K: tl.constexpr,  # programs along K per output tile (grid axis 2)
-    MAX_SPLIT: tl.constexpr,  # the largest SPLIT_K this call's workspace allows (an autotune key)
 ):
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -546,7 +556,7 @@ def _wo_matmul_kernel(
 
 _wo_matmul_tuned = triton.autotune(
     configs=[_triton_config(c, 1) for c in CANDIDATES],  # replaced per call by _prune
-    key=["M_BUCKET", "N", "K", "BITS", "GROUP_SIZE", "WORDS", "MAX_SPLIT"],
+    key=["M_BUCKET", "N", "K", "BITS", "GROUP_SIZE", "WORDS"],
     prune_configs_by={"early_config_prune": _prune},
     do_bench=_autotune_bench,
 )(_wo_matmul_kernel)
@@ -605,7 +615,7 @@ def _launch(
     args = (x, w, scale, out, ws, _tickets(x.device), m, n, k, w.shape[1], UNIT_BITS[bits])
     args += (*x.stride(), *w.stride(), *scale_strides, *out.stride())
     meta = dict(M_BUCKET=m_bucket, BITS=bits, GROUP_SIZE=group_size, WORDS=words and _word_aligned(w, k, bits))
-    meta.update(MAX_SPLIT=splits, **dot_args(x))
+    meta.update(dot_args(x))
     if config is None and x.is_cuda:
         grid = lambda p: (triton.cdiv(n, p["BLOCK_N"]), triton.cdiv(m, p["BLOCK_M"]), p["SPLIT_K"])  # noqa: E731
         _wo_matmul_tuned[grid](*args, **meta)
@@ -613,8 +623,6 @@ def _launch(
     c = config or WoConfig(INTERPRET_CONFIG.block_n, max(INTERPRET_CONFIG.block_k, group_size))
     if bits == 4 and c.block_k < group_size:
         raise ValueError(f"config.block_k must be >= group_size={group_size}, got {c.block_k}")
-    if c.use_dot and c.block_k // (32 // bits) < 16:
-        meta["WORDS"] = False  # the word dot path multiplies (BLOCK_K / weights per word)-deep slices: >= 16
     if c.split_k > 1 and not c.use_dot:
         raise ValueError(f"config.split_k > 1 needs use_dot=True, got {c}")
     tc = _triton_config(c, m_bucket)

@@ -8,10 +8,12 @@ from kernels.quant_format import INT4_GROUP_SIZES, pack_int4, pack_int8, unpack_
 from kernels.wo_matmul import (
     _TICKETS,
     CANDIDATES,
+    DOT_REGISTER_BUDGET,
     FMA_REGISTER_BUDGET,
     MAX_SPLIT_K,
     WoConfig,
     candidate_configs,
+    dot_tile_elements,
     int4_matmul,
     int4_matmul_reference,
     int4_matmul_triton,
@@ -208,9 +210,16 @@ def test_candidates_fit_each_bucket(words):
                 else:
                     assert m_bucket <= 16 and c.block_m(m_bucket) == m_bucket
                     assert m_bucket * c.block_n * c.block_k / per_word <= FMA_REGISTER_BUDGET * 32 * c.num_warps
-    # Word loads keep a 4-8x smaller accumulator, so more FMA tiles fit at M 16.
-    fma = lambda w: {c for c in candidate_configs(16, 768, 1, w) if not c.use_dot}  # noqa: E731
+    # Word loads keep a 4-8x smaller accumulator, so more FMA tiles fit at M 8 (at M 16 the x tile and the
+    # (BM, BN) products bind first).
+    fma = lambda w: {c for c in candidate_configs(8, 768, 1, w) if not c.use_dot}  # noqa: E731
     assert fma(False) < fma(True)
+    for c in candidate_configs(16, 768, 32, True):  # every tile within the budgets the sm_90 builds set
+        threads = 32 * c.num_warps
+        if c.use_dot:
+            assert dot_tile_elements(16, c) <= DOT_REGISTER_BUDGET * threads
+        else:
+            assert 16 * c.block_n <= 64 and 16 * c.block_k <= 32 * threads
     assert not any(c.use_dot for c in candidate_configs(1, 768, 32))  # M = 1 never pads to 16 rows
     assert all(c.use_dot for c in candidate_configs(64, 768, 32))
     assert len(set(CANDIDATES)) == len(CANDIDATES)
@@ -221,11 +230,10 @@ def test_split_candidates_only_where_allowed():
     assert all(c.split_k == 1 for c in candidate_configs(16, 3072, 32, True, split=1))
     split = [c for c in candidate_configs(16, 3072, 32, True, split=MAX_SPLIT_K) if c.split_k > 1]
     assert split and all(c.use_dot for c in split)
-    # Each slice holds at least one BLOCK_K step; the word dot path takes 16+ words' worth of K per step.
+    # Each slice holds at least one BLOCK_K step.
     for k in (256, 768, 3072):
         for c in candidate_configs(16, k, 32, True, split=MAX_SPLIT_K):
             assert c.split_k == 1 or -(-k // c.split_k) >= c.block_k
-            assert not c.use_dot or c.block_k // 8 >= 16
 
 
 def test_wrappers_accept_leading_dims_and_fall_back_on_cpu():
