@@ -2,31 +2,41 @@
 
 At decode time M (tokens in flight) is small (1..16) and a linear layer is bound by reading its weight, so storing
 it in 8 or 4 bits reads 2x or 4x fewer bytes than bf16. One Triton kernel serves both formats (gpt-fast / GemLite
-style GEMV): each program owns BLOCK_N output channels and streams their whole rows of the packed weight, K
-contiguous (the layout of `kernels/quant_format.py`, row-major (N, K) or (N, K // 2)), with wide loads; it
-dequantises in registers and accumulates in fp32. The full-precision weight never exists in memory.
+style GEMV): each program owns BLOCK_N output channels and streams their rows of the packed weight, K contiguous (the
+layout of `kernels/quant_format.py`, row-major (N, K) or (N, K // 2)); it dequantises in registers and accumulates in
+fp32. The full-precision weight never exists in memory.
 
-Inner products, chosen by the autotuner per (M bucket, N, K, format):
-- "FMA": acc (BM, BN, BK) += x (BM, 1, BK) * w (1, BN, BK), reduced over K once after the loop: no tensor cores, no
-  padding of M. Right at small M, where a 16-row `tl.dot` would mostly multiply padding.
-  With 4-byte aligned rows (the usual case) the weight is read as int32 words, 4 INT8 or 8 INT4 weights each,
-  unpacked with shifts (gpt-fast / GemLite style), the accumulator (BM, BN, words) in the words' layout. Reading
-  bytes and widening them into an fp32 accumulator made the compiler copy each weight tile through shared memory
-  with barriers every step (seen in the sm_90 PTX); the word loop moves no weight through shared memory.
-- "dot": `tl.dot` with a 16..64-row M tile, from M 2 up (the autotuner weighs it against FMA), where FMA would become compute-bound.
+Dequantisation (word path: 4-byte aligned rows, the usual case): the weight is read as int32 words (4 INT8 or 8 INT4
+weights) and each field is moved under the mantissa of 1.0 (one shift and one LOP3: `_unit`), giving v = 1 + u / 2^b
+with q = 2^b (v - 1.5): no int -> float conversions, which run at a quarter of the FMA rate and bounded the INT4
+GEMV before (the magic-number trick of FasterTransformer / Marlin / GemLite, in fp32). Group scales multiply each
+word's partial sum, not each weight; INT8's per-channel scale multiplies the finished sum.
 
-No split-K: with BLOCK_N down to 2..8 rows per program, even N = 256..768 gives one or more programs per SM, and a
-second reduction kernel (or a memset for atomics) would cost more inside a CUDA graph than it saves. One launch per
-call, no host sync, no allocation but the output: the kernel can be captured in a CUDA graph (after a first,
-autotuning call outside the capture).
+Inner products, chosen by the autotuner per (M bucket, N, K, format) and timed inside a CUDA graph:
+- "FMA": acc (BM, BN, words) += sum over a word's fields of (2^b x) * v, one FMA per weight per row of M, reduced
+  over K once after the loop: no tensor cores, no padding of M. Right at small M (M = 1: the only path).
+- "dot" (M >= 2): swapped, acc (BN, BM) += w (BN, BK) @ x.T (BK, BM), so `tl.dot`'s 16-row minimum pads M, not N;
+  each weight tile is dequantised once (one FMA per weight for INT4: exactly fp32 (u - 8) s, as the reference) and
+  put in k order by nested `tl.join`s, then converted to x's dtype for the tensor cores.
+- split-K (dot configs, N <= MAX_SPLIT_N): SPLIT_K programs share an output tile's K, each writes fp32 partials, and
+  the last to take the tile's atomic ticket sums them in slice order and resets the ticket: one launch, no memset,
+  graph-safe. At N = 768 and BLOCK_N 16 one program per tile is 48 programs for 132 SMs, each walking a K of
+  2048..3072; split, each has 1..3 steps, all in flight.
+Rows that are not 4-byte aligned take the byte path (the same FMA / dot split, bytes widened in registers).
+
+One launch per call, no host sync, no allocation but the output (and the split configs' partials): the kernel can be
+captured in a CUDA graph after a first, autotuning call outside the capture (which also allocates the device's
+tickets). Split launches share the tickets of their device: calls on one stream are serialised, as decoding runs them.
 
 Per kernel:
     int8_matmul_reference / int4_matmul_reference   dequantise-then-matmul in PyTorch (the truth)
-    int8_matmul_triton    / int4_matmul_triton      the fused Triton kernel (any M; meant for M <= 16)
+    int8_matmul_triton    / int4_matmul_triton      the fused Triton kernel (any M; meant for M <= 16); `config` fixes
+                                                    the path (WoConfig: FMA / dot, split_k), `words=False` the byte path
     int8_matmul           / int4_matmul             wrappers, x (..., K); impl="auto" (Triton for CUDA
                                                     inputs with M <= MAX_FUSED_M, the reference otherwise: CPU,
                                                     or prefill-sized M where dequantise + cuBLAS wins),
                                                     "triton" or "reference" (kernels/dispatch.py)
+Every candidate config compiles for sm_90 without spilling (kernels/wo_matmul_compile_test.py).
 
 Targets (kernels/inference_bench.py, timed inside a CUDA graph beside cuBLAS bf16 `F.linear` captured the same way,
 weights cold in L2): at least bf16 at every linear width of the `large` and `gpt2-124m` presets for M = 1..16; at the
@@ -341,6 +351,7 @@ def _wo_words(
     x_ptr, one_bits, offs_m, m_mask, w_ptr, scale_ptr, offs_n, n_mask, w_lo, w_hi, stride_xm, stride_xk, stride_wn, stride_sn,
     stride_sg, BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr, USE_DOT: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    EVEN_K: tl.constexpr,
 ):  # fmt: skip
     """The weight read as 32-bit words (4 INT8 or 8 INT4 weights each), words w_lo..w_hi of each row, dequantised by
     `_unit` (no int -> float conversions: those run at a quarter of the FMA rate and bounded the old INT4 path). The
@@ -364,7 +375,13 @@ def _wo_words(
     x_total = tl.zeros((BLOCK_M, WORDS), dtype=tl.float32)  # INT8 FMA: the sum of x, for the -1.5 R sum(x) term
     for kw in range(w_lo, w_hi, WORDS):
         offs_w = kw + tl.arange(0, WORDS)
-        w_mask = offs_w < w_hi
+        offs_k = kw * PER_WORD + tl.arange(0, BLOCK_K)
+        if EVEN_K:  # masks constant along K: the compiler can load 16-byte vectors (a ragged one splits them up)
+            w_mask = tl.full((WORDS,), 1, tl.int1)
+            k_mask = tl.full((BLOCK_K,), 1, tl.int1)
+        else:
+            w_mask = offs_w < w_hi
+            k_mask = offs_k < w_hi * PER_WORD
         words = tl.load(rows + offs_w[None, :], mask=n_mask[:, None] & w_mask[None, :], other=0)  # (BN, W)
         if BITS == 4:
             g = offs_w * PER_WORD // GROUP_SIZE  # the group of each word (groups hold whole words)
@@ -376,17 +393,15 @@ def _wo_words(
         else:
             s = None
         if USE_DOT:  # swapped: acc (BN, BM) += w (BN, BK) @ x.T (BK, BM)
-            offs_k = kw * PER_WORD + tl.arange(0, BLOCK_K)
             x_t = tl.load(
                 x_ptr + offs_m[None, :] * stride_xm + offs_k[:, None] * stride_xk,
-                mask=(offs_k < w_hi * PER_WORD)[:, None] & m_mask[None, :],
+                mask=k_mask[:, None] & m_mask[None, :],
                 other=0.0,
             )  # (BK, BM)
             w = _dequant_words(words, one_bits, s, BITS, BLOCK_N, BLOCK_K)
             acc += tl.dot(w.to(DOT_DTYPE), x_t.to(DOT_DTYPE), input_precision=DOT_PRECISION)
         else:
-            offs_k = kw * PER_WORD + tl.arange(0, BLOCK_K)
-            x_mask = m_mask[:, None] & (offs_k < w_hi * PER_WORD)[None, :]
+            x_mask = m_mask[:, None] & k_mask[None, :]
             x = tl.load(x_rows + offs_k[None, :] * stride_xk, mask=x_mask, other=0.0)
             p, xs = _fma_words_step(
                 words, one_bits, x, BITS, BLOCK_M, BLOCK_K
@@ -527,6 +542,7 @@ def _wo_matmul_kernel(
     USE_DOT: tl.constexpr,
     WORDS: tl.constexpr,  # 4-byte aligned weight rows: read as int32 words (_wo_words)
     SPLIT_K: tl.constexpr,  # programs along K per output tile (grid axis 2)
+    EVEN_K: tl.constexpr,  # K % (BLOCK_K * SPLIT_K) == 0: every step of every slice is whole (_even_k)
 ):
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -543,7 +559,7 @@ def _wo_matmul_kernel(
         acc = _wo_words(
             x_ptr, one_bits, offs_m, m_mask, w_ptr, scale_ptr, offs_n, n_mask, k_lo // PER_WORD, k_hi // PER_WORD, stride_xm,
             stride_xk, stride_wn, stride_sn, stride_sg, BITS, GROUP_SIZE, BLOCK_M, BLOCK_N, BLOCK_K, USE_DOT,
-            DOT_DTYPE, DOT_PRECISION,
+            DOT_DTYPE, DOT_PRECISION, EVEN_K,
         )  # fmt: skip
     else:
         acc = _wo_bytes(
@@ -554,12 +570,18 @@ def _wo_matmul_kernel(
     _store(acc, out_ptr, ws_ptr, ticket_ptr, offs_m, offs_n, m_mask, n_mask, M, N, stride_om, stride_on, SPLIT_K)
 
 
+def _even_k(args: dict) -> bool:
+    """Heuristic: whether every K step of every slice is whole, so that the word path's loads need no K mask."""
+    return args["K"] % (args["BLOCK_K"] * args["SPLIT_K"]) == 0
+
+
+_wo_matmul = triton.heuristics({"EVEN_K": _even_k})(_wo_matmul_kernel)
 _wo_matmul_tuned = triton.autotune(
     configs=[_triton_config(c, 1) for c in CANDIDATES],  # replaced per call by _prune
     key=["M_BUCKET", "N", "K", "BITS", "GROUP_SIZE", "WORDS"],
     prune_configs_by={"early_config_prune": _prune},
     do_bench=_autotune_bench,
-)(_wo_matmul_kernel)
+)(_wo_matmul)
 
 
 def _check_x(x: torch.Tensor, k: int) -> None:
@@ -627,7 +649,7 @@ def _launch(
         raise ValueError(f"config.split_k > 1 needs use_dot=True, got {c}")
     tc = _triton_config(c, m_bucket)
     grid = (triton.cdiv(n, c.block_n), triton.cdiv(m, tc.kwargs["BLOCK_M"]), c.split_k)
-    _wo_matmul_kernel[grid](*args, **meta, **tc.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)
+    _wo_matmul[grid](*args, **meta, **tc.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)
     return out
 
 
