@@ -111,8 +111,10 @@ class WoConfig:
 INTERPRET_CONFIG = WoConfig(block_n=8, block_k=64)
 
 # (BLOCK_N, BLOCK_K, num_warps, num_stages): rows of 128..1024 contiguous bytes per channel per step for INT8. The
-# 2- and 4-row tiles keep one program per SM or more at N = 256..768 (and fit M = 8..16 in the register budget);
-# the 8- and 16-row tiles with 512..1024 K per step keep 4-8 KB of INT4 weight in flight per program (lm_head).
+# 2- and 4-row tiles keep one program per SM or more at N = 256..768 (and fit M = 8..16 in the register budget).
+# The 32..128-row tiles are for M = 1 at large N (the lm_head): a thread then holds several rows of the same words, so
+# the x values it loads for a word serve all of them (INT4 in the sm_90 SASS: 8.5 instructions per weight at 8 rows
+# per program, 4.9 at 64 rows over 4 warps, 4.4 at 128: a shift, a LOP3 and an FMA each, the rest x loads/converts).
 _FMA_ENTRIES = (
     (2, 256, 4, 3),
     (2, 512, 8, 2),
@@ -122,10 +124,13 @@ _FMA_ENTRIES = (
     (4, 1024, 8, 2),
     (8, 256, 4, 3),
     (8, 512, 8, 3),
-    (8, 1024, 8, 2),
     (16, 256, 8, 3),
-    (16, 512, 8, 2),
     (32, 128, 4, 4),
+    (32, 256, 4, 3),
+    (64, 256, 4, 3),
+    (64, 512, 8, 2),
+    (128, 256, 8, 2),
+    (128, 256, 4, 2),
 )
 # (BLOCK_N, BLOCK_K, num_warps, num_stages, split_k). N = 768 at BLOCK_N 16 is 48 tiles for 132 SMs: the splits give
 # 96..384 programs, each with 1..3 K steps in flight at once (num_stages), where one program per tile would walk all
@@ -175,7 +180,7 @@ def dot_tile_elements(m_bucket: int, c: WoConfig) -> int:
 
 def candidate_configs(m_bucket: int, k: int, group_size: int, words: bool = False, split: int = 1) -> list[WoConfig]:
     """The configs worth timing for an M bucket: FMA only while its accumulator fits the register budget (and its x
-    tile and per-field products: at most 64 (BM, BN) pairs), dot only from M 2 on (at M 1 a 16-row tile is all
+    tile and per-field products: at most 64 (BM, BN) pairs from M 2), dot only from M 2 on (at M 1 a 16-row tile is all
     padding) and while its tiles fit DOT_REGISTER_BUDGET; INT4 tiles hold whole groups (BLOCK_K >= group_size); split
     configs up to `split` slices, each at least BLOCK_K long. Beyond these budgets the sm_90 builds spilled
     (kernels/wo_matmul_compile_test.py). group_size 1 means INT8."""
@@ -188,7 +193,11 @@ def candidate_configs(m_bucket: int, k: int, group_size: int, words: bool = Fals
             fits = dot_tile_elements(m_bucket, c) <= DOT_REGISTER_BUDGET * threads
             if m_bucket >= 2 and fits and c.split_k <= split and triton.cdiv(k, c.split_k) >= c.block_k:
                 keep.append(c)
-        elif m_bucket <= MAX_FMA_M and m_bucket * c.block_n <= 64 and m_bucket * c.block_k <= 32 * threads:
+        elif (
+            m_bucket <= MAX_FMA_M
+            and (m_bucket == 1 or m_bucket * c.block_n <= 64)
+            and m_bucket * c.block_k <= 32 * threads
+        ):
             if fma_tile_elements(m_bucket, c, group_size, words) <= FMA_REGISTER_BUDGET * threads:
                 keep.append(c)
     return keep or [c for c in CANDIDATES if c.use_dot and c.split_k == 1 and c.block_k >= group_size][:1]
@@ -237,29 +246,6 @@ def _reduce(acc, USE_DOT: tl.constexpr):
 
 
 @triton.jit
-def _split4(x, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
-    """x (BM, BK) -> the four (BM, BK/4) tensors x[:, 4j + i], i = 0..3."""
-    xa, xb = tl.split(tl.reshape(x, (BLOCK_M, BLOCK_K // 4, 2, 2)))  # i = 2a + b: b = 0 / 1, each (BM, BK/4, 2)
-    x0, x2 = tl.split(xa)
-    x1, x3 = tl.split(xb)
-    return x0, x1, x2, x3
-
-
-@triton.jit
-def _split_word(x, BITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
-    """x (BM, BK) fp32 -> the 8 (INT4) or 4 (INT8) (BM, BK / per word) tensors x[:, per_word * j + i], in field order
-    i (for INT8 the last four are None)."""
-    if BITS == 8:
-        x0, x1, x2, x3 = _split4(x, BLOCK_M, BLOCK_K)
-        x4, x5, x6, x7 = None, None, None, None
-    else:
-        xe, xo = tl.split(tl.reshape(x, (BLOCK_M, BLOCK_K // 2, 2)))  # k = 2h and 2h + 1
-        x0, x2, x4, x6 = _split4(xe, BLOCK_M, BLOCK_K // 2)  # nibbles 0, 2, 4, 6 of each word
-        x1, x3, x5, x7 = _split4(xo, BLOCK_M, BLOCK_K // 2)  # nibbles 1, 3, 5, 7
-    return x0, x1, x2, x3, x4, x5, x6, x7
-
-
-@triton.jit
 def _unit(words, one_bits, FIELD: tl.constexpr, BITS: tl.constexpr):
     """Field FIELD (bits FIELD * BITS ..) of int32 `words` as the fp32 v = 1 + u / 2^BITS, u the field read unsigned
     (INT4: the nibble 0..15; INT8: the byte's bits with the sign flipped, q + 128): the field is moved under the top of
@@ -277,34 +263,27 @@ def _unit(words, one_bits, FIELD: tl.constexpr, BITS: tl.constexpr):
 
 
 @triton.jit
-def _units_dot_x(words, one_bits, xr, FIELD: tl.constexpr, BITS: tl.constexpr, BLOCK_M: tl.constexpr):
-    """(v of field FIELD) times its x, xr (BM, W) already times 2^BITS: (BN, W) when BM == 1, else (BM, BN, W)."""
-    v = _unit(words, one_bits, FIELD, BITS)
-    if BLOCK_M == 1:
-        out = v * xr
-    else:
-        out = v[None, :, :] * xr[:, None, :]
-    return out
-
-
-@triton.jit
-def _fma_words_step(words, one_bits, x, BITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
-    """One K step of the FMA path: words (BN, W) times x (BM, BK). Returns P = sum over the word's fields of
-    v * 2^BITS x, (BN, W) at BM == 1 else (BM, BN, W), and X = the word's sum of x (BM, W): the integer-weight sum of
-    the word is P - 1.5 * 2^BITS * X (2^BITS x v = x q + 1.5 2^BITS x)."""
-    R: tl.constexpr = 1 << BITS
-    x0, x1, x2, x3, x4, x5, x6, x7 = _split_word(x.to(tl.float32), BITS, BLOCK_M, BLOCK_K)
-    xs = x0 + x1 + x2 + x3
-    p = _units_dot_x(words, one_bits, x0 * R, 0, BITS, BLOCK_M)
-    p += _units_dot_x(words, one_bits, x1 * R, 1, BITS, BLOCK_M)
-    p += _units_dot_x(words, one_bits, x2 * R, 2, BITS, BLOCK_M)
-    p += _units_dot_x(words, one_bits, x3 * R, 3, BITS, BLOCK_M)
-    if BITS == 4:
-        xs += x4 + x5 + x6 + x7
-        p += _units_dot_x(words, one_bits, x4 * R, 4, BITS, BLOCK_M)
-        p += _units_dot_x(words, one_bits, x5 * R, 5, BITS, BLOCK_M)
-        p += _units_dot_x(words, one_bits, x6 * R, 6, BITS, BLOCK_M)
-        p += _units_dot_x(words, one_bits, x7 * R, 7, BITS, BLOCK_M)
+def _fma_words_step(
+    words, one_bits, x_cols, x_mask, stride_xk, BITS: tl.constexpr, BLOCK_M: tl.constexpr,
+):  # fmt: skip
+    """One K step of the FMA path: words (BN, W) times x. x_cols (BM, W) points at x[m, per_word * j] (field 0 of
+    word j); each field's x is loaded straight into the words' layout (L1 hits), not split out of one x tile (which
+    went through shared memory with barriers every step). Returns P = sum over the word's fields of x * v, (BN, W) at
+    BM == 1 else (BM, BN, W), and X = the word's sum of x (BM, W): the integer-weight sum of the word is
+    2^BITS (P - 1.5 X) (x v = x q / 2^BITS + 1.5 x)."""
+    for i in tl.static_range(32 // BITS):
+        xi = tl.load(x_cols + i * stride_xk, mask=x_mask, other=0.0).to(tl.float32)  # (BM, W)
+        v = _unit(words, one_bits, i, BITS)  # (BN, W)
+        if BLOCK_M == 1:
+            term = v * xi
+        else:
+            term = v[None, :, :] * xi[:, None, :]
+        if i == 0:
+            p = term
+            xs = xi
+        else:
+            p += term
+            xs += xi
     return p, xs
 
 
@@ -375,13 +354,10 @@ def _wo_words(
     x_total = tl.zeros((BLOCK_M, WORDS), dtype=tl.float32)  # INT8 FMA: the sum of x, for the -1.5 R sum(x) term
     for kw in range(w_lo, w_hi, WORDS):
         offs_w = kw + tl.arange(0, WORDS)
-        offs_k = kw * PER_WORD + tl.arange(0, BLOCK_K)
         if EVEN_K:  # masks constant along K: the compiler can load 16-byte vectors (a ragged one splits them up)
             w_mask = tl.full((WORDS,), 1, tl.int1)
-            k_mask = tl.full((BLOCK_K,), 1, tl.int1)
         else:
             w_mask = offs_w < w_hi
-            k_mask = offs_k < w_hi * PER_WORD
         words = tl.load(rows + offs_w[None, :], mask=n_mask[:, None] & w_mask[None, :], other=0)  # (BN, W)
         if BITS == 4:
             g = offs_w * PER_WORD // GROUP_SIZE  # the group of each word (groups hold whole words)
@@ -393,6 +369,11 @@ def _wo_words(
         else:
             s = None
         if USE_DOT:  # swapped: acc (BN, BM) += w (BN, BK) @ x.T (BK, BM)
+            offs_k = kw * PER_WORD + tl.arange(0, BLOCK_K)
+            if EVEN_K:
+                k_mask = tl.full((BLOCK_K,), 1, tl.int1)
+            else:
+                k_mask = offs_k < w_hi * PER_WORD
             x_t = tl.load(
                 x_ptr + offs_m[None, :] * stride_xm + offs_k[:, None] * stride_xk,
                 mask=k_mask[:, None] & m_mask[None, :],
@@ -401,18 +382,17 @@ def _wo_words(
             w = _dequant_words(words, one_bits, s, BITS, BLOCK_N, BLOCK_K)
             acc += tl.dot(w.to(DOT_DTYPE), x_t.to(DOT_DTYPE), input_precision=DOT_PRECISION)
         else:
-            x_mask = m_mask[:, None] & k_mask[None, :]
-            x = tl.load(x_rows + offs_k[None, :] * stride_xk, mask=x_mask, other=0.0)
-            p, xs = _fma_words_step(
-                words, one_bits, x, BITS, BLOCK_M, BLOCK_K
-            )  # masked words are 0: v = 1 + .., times x = 0
+            x_cols = x_rows + (offs_w * PER_WORD)[None, :] * stride_xk  # (BM, W): field 0 of each word
+            x_mask = m_mask[:, None] & w_mask[None, :]
+            p, xs = _fma_words_step(words, one_bits, x_cols, x_mask, stride_xk, BITS, BLOCK_M)
+            # masked words are 0 (v = 1 or 1.5) against x = 0
             if BITS == 8:
                 acc += p
                 x_total += xs
             elif BLOCK_M == 1:
-                acc += s * (p - (1.5 * R) * xs)
+                acc += s * (p - 1.5 * xs)
             else:
-                acc += s[None, :, :] * (p - (1.5 * R) * xs[:, None, :])
+                acc += s[None, :, :] * (p - 1.5 * xs[:, None, :])
     if USE_DOT:
         out = tl.trans(acc)  # (BM, BN)
     else:
@@ -421,7 +401,8 @@ def _wo_words(
         else:
             out = tl.sum(acc, axis=2)  # (BM, BN)
         if BITS == 8:
-            out -= (1.5 * R) * tl.sum(x_total, axis=1)[:, None]
+            out -= 1.5 * tl.sum(x_total, axis=1)[:, None]
+        out *= R
     if BITS == 8:
         out *= tl.load(scale_ptr + offs_n * stride_sn, mask=n_mask, other=0.0)[None, :]
     return out

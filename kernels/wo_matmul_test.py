@@ -59,7 +59,7 @@ def test_int4_triton_matches_reference(m, group_size, config):
 
 
 @pytest.mark.parametrize("words", [True, False], ids=["words", "bytes"])
-@pytest.mark.parametrize("block_n,block_k", [(4, 128), (8, 256), (2, 1024)])
+@pytest.mark.parametrize("block_n,block_k", [(4, 128), (8, 256), (2, 1024), (64, 256)])
 @pytest.mark.parametrize("m", [1, 3])
 def test_fma_word_and_byte_paths_match_reference(m, words, block_n, block_k):
     # The FMA path reads 4-byte aligned rows as int32 words (unpacked with shifts) unless told not to; K = 416 / 384
