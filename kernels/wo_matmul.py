@@ -173,7 +173,8 @@ def max_split(m: int, n: int) -> int:
 
 
 def dot_tile_elements(m_bucket: int, c: WoConfig) -> int:
-    """Values per program of the dot path: the x tile (BK, BM), the dequantised weight tile (BN, BK), the accumulator."""
+    """Values per program of the dot path: the x tile (BK, BM), the dequantised weight tile (BN, BK), the
+    accumulator."""
     block_m = c.block_m(m_bucket)
     return c.block_k * block_m + c.block_n * c.block_k + c.block_n * block_m
 
@@ -250,8 +251,9 @@ def _unit(words, one_bits, FIELD: tl.constexpr, BITS: tl.constexpr):
     """Field FIELD (bits FIELD * BITS ..) of int32 `words` as the fp32 v = 1 + u / 2^BITS, u the field read unsigned
     (INT4: the nibble 0..15; INT8: the byte's bits with the sign flipped, q + 128): the field is moved under the top of
     the mantissa of 1.0, `one_bits` (UNIT_BITS[BITS]): one shift and one LOP3, no int -> float conversion. With 1.0 a
-    constant the compiler spent two LOP3s (an instruction takes one immediate); as an argument it stays in a register. The weight q (INT4 u - 8) is
-    2^BITS (v - 1.5) (the magic-number trick of FasterTransformer / Marlin / GemLite, in fp32)."""
+    constant the compiler spent two LOP3s (an instruction takes one immediate); as an argument it stays in a register.
+    The weight q (INT4 u - 8) is 2^BITS (v - 1.5) (the magic-number trick of FasterTransformer / Marlin / GemLite, in
+    fp32)."""
     TOP: tl.constexpr = 23 - BITS  # the field's lowest bit once it sits right under the exponent
     SHIFT: tl.constexpr = TOP - FIELD * BITS
     MASK: tl.constexpr = ((1 << BITS) - 1) << TOP
@@ -327,8 +329,8 @@ def _dequant_words(words, one_bits, s, BITS: tl.constexpr, BLOCK_N: tl.constexpr
 
 @triton.jit
 def _wo_words(
-    x_ptr, one_bits, offs_m, m_mask, w_ptr, scale_ptr, offs_n, n_mask, w_lo, w_hi, stride_xm, stride_xk, stride_wn, stride_sn,
-    stride_sg, BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    x_ptr, one_bits, offs_m, m_mask, w_ptr, scale_ptr, offs_n, n_mask, w_lo, w_hi, stride_xm, stride_xk, stride_wn,
+    stride_sn, stride_sg, BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr, USE_DOT: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
     EVEN_K: tl.constexpr,
 ):  # fmt: skip
@@ -338,8 +340,8 @@ def _wo_words(
     accumulator of another layout made the compiler copy each weight tile through shared memory with two barriers per
     step). FMA: acc (BN, W) or (BM, BN, W) per word, reduced after the loop; INT4 applies each word's group scale to
     the word's partial sum (one FMA per word, not per weight). Dot, swapped (weights on the left, so the 16-row minimum
-    of `tl.dot` pads M, not N): the tile dequantised once (`_dequant_words`), then `tl.dot` with fp32 accumulation. Needs 4-byte aligned rows
-    (the wrapper checks). Returns (BM, BN) fp32, scales applied."""
+    of `tl.dot` pads M, not N): the tile dequantised once (`_dequant_words`), then `tl.dot` with fp32 accumulation.
+    Needs 4-byte aligned rows (the wrapper checks). Returns (BM, BN) fp32, scales applied."""
     PER_WORD: tl.constexpr = 32 // BITS
     WORDS: tl.constexpr = BLOCK_K // PER_WORD
     R: tl.constexpr = 1 << BITS
@@ -538,8 +540,8 @@ def _wo_matmul_kernel(
     if WORDS:
         PER_WORD: tl.constexpr = 32 // BITS
         acc = _wo_words(
-            x_ptr, one_bits, offs_m, m_mask, w_ptr, scale_ptr, offs_n, n_mask, k_lo // PER_WORD, k_hi // PER_WORD, stride_xm,
-            stride_xk, stride_wn, stride_sn, stride_sg, BITS, GROUP_SIZE, BLOCK_M, BLOCK_N, BLOCK_K, USE_DOT,
+            x_ptr, one_bits, offs_m, m_mask, w_ptr, scale_ptr, offs_n, n_mask, k_lo // PER_WORD, k_hi // PER_WORD,
+            stride_xm, stride_xk, stride_wn, stride_sn, stride_sg, BITS, GROUP_SIZE, BLOCK_M, BLOCK_N, BLOCK_K, USE_DOT,
             DOT_DTYPE, DOT_PRECISION, EVEN_K,
         )  # fmt: skip
     else:
