@@ -11,9 +11,9 @@ layer's weights are in a real decode step.
 - weight-only matmul at every linear width of the `large` and `gpt2-124m` presets (computed from model/presets.py)
   and M = 1 and 16, INT8 and INT4 in groups of 32 (`model.quantize`'s default), judged on the weight + scale bytes
   read, beside the bf16 cuBLAS `F.linear` of the same shape; at the lm_head and M = 1 (the INT4 target's row) also
-  INT4 in groups of 128. Each further group size or M costs an autotuning pass per shape (up to 15 configs compiled
-  and timed): with groups 64 and 128 everywhere and M 4 and 64 at the lm_head, `--only decode,wo_matmul` did not
-  finish in 150 s on the H200;
+  INT4 in groups of 128. Each further group size or M costs an autotuning pass per shape (12 configs at M 1, 11-23 at
+  M 2..16, each compiled and timed): with groups 64 and 128 everywhere and M 4 and 64 at the lm_head (and 10-15
+  configs), `--only decode,wo_matmul` did not finish in 150 s on the H200;
 - end to end, one decode step of the `large` preset (random weights, batch 1, position 512 of a 1024-key cache)
   through `GPT.forward_cached` with bf16 weights, and with its linears swapped by model/quantize.py for INT8 and INT4
   (whose matmuls are the kernels above): the row's ms is decode ms/token.

@@ -6,16 +6,21 @@ from triton import next_power_of_2 as triton_next_power_of_2
 
 from kernels.quant_format import INT4_GROUP_SIZES, pack_int4, pack_int8, unpack_int4
 from kernels.wo_matmul import (
+    _TICKETS,
     CANDIDATES,
+    DOT_REGISTER_BUDGET,
     FMA_REGISTER_BUDGET,
+    MAX_SPLIT_K,
     WoConfig,
     candidate_configs,
+    dot_tile_elements,
     int4_matmul,
     int4_matmul_reference,
     int4_matmul_triton,
     int8_matmul,
     int8_matmul_reference,
     int8_matmul_triton,
+    max_split,
 )
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # Triton needs GPU tensors where there is a GPU
@@ -54,7 +59,7 @@ def test_int4_triton_matches_reference(m, group_size, config):
 
 
 @pytest.mark.parametrize("words", [True, False], ids=["words", "bytes"])
-@pytest.mark.parametrize("block_n,block_k", [(4, 128), (8, 256), (2, 1024)])
+@pytest.mark.parametrize("block_n,block_k", [(4, 128), (8, 256), (2, 1024), (64, 256)])
 @pytest.mark.parametrize("m", [1, 3])
 def test_fma_word_and_byte_paths_match_reference(m, words, block_n, block_k):
     # The FMA path reads 4-byte aligned rows as int32 words (unpacked with shifts) unless told not to; K = 416 / 384
@@ -70,6 +75,76 @@ def test_fma_word_and_byte_paths_match_reference(m, words, block_n, block_k):
         got4 = int4_matmul_triton(x[:, :384], packed, scales, group_size, config=c4, words=words)
         want4 = int4_matmul_reference(x[:, :384], packed, scales, group_size)
         torch.testing.assert_close(got4, want4, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("block_n,block_k", [(16, 128), (32, 256)])
+@pytest.mark.parametrize("m", [2, 5, 16])
+def test_word_dot_path_matches_reference(m, block_n, block_k):
+    # The dot path on words: each tile dequantised once into k order (nested tl.join + reshape), then one tl.dot with
+    # the weights on the left. K = 384 / 416: a partial step at BLOCK_K 256; N = 37: a partial N tile.
+    config = WoConfig(block_n=block_n, block_k=block_k, use_dot=True)
+    x, w = _inputs(m, 37, 416, seed=block_k + m)
+    q, scale = pack_int8(w)
+    got8 = int8_matmul_triton(x, q, scale, config=config)
+    torch.testing.assert_close(got8, int8_matmul_reference(x, q, scale), atol=1e-4, rtol=1e-4)
+    for group_size in INT4_GROUP_SIZES:
+        packed, scales = pack_int4(w[:, :384], group_size)
+        c4 = WoConfig(block_n, max(block_k, group_size), use_dot=True)
+        got4 = int4_matmul_triton(x[:, :384], packed, scales, group_size, config=c4)
+        want4 = int4_matmul_reference(x[:, :384], packed, scales, group_size)
+        torch.testing.assert_close(got4, want4, atol=1e-4, rtol=1e-4)
+
+
+def _every_code_weight(n: int, k: int, bits: int) -> torch.Tensor:
+    """A weight whose quantised codes take every value (-127..127 / -8..7 are not all reachable by rounding, so the
+    codes are built first) at every position of a word: row r, column c holds code (r + c) mod the code count."""
+    codes = torch.arange(n)[:, None] + torch.arange(k)[None, :]
+    if bits == 8:
+        return ((codes % 255) - 127).float()  # pack_int8 maps the row max |w| = 127 onto 127: q == w
+    return ((codes % 15) - 7).float()  # -7..7: with scale max / 7 = 1, q == w (u = 1..15)
+
+
+@pytest.mark.parametrize("use_dot", [False, True], ids=["fma", "dot"])
+def test_every_code_at_every_position_decodes(use_dot):
+    # The magic-number decode (a field moved under the mantissa of 1.0) for every INT8 code -127..127 and INT4 code
+    # -7..7, at every byte / nibble of a word, on both word paths: integer weights and x, so the sums are exact.
+    m = 2
+    x = torch.randint(-3, 4, (m, 512), generator=torch.Generator().manual_seed(0)).float().to(DEVICE)
+    w8 = _every_code_weight(20, 512, 8).to(DEVICE)
+    q, scale = pack_int8(w8)
+    assert torch.equal(q.float(), w8) and torch.all(scale == 1)
+    config = WoConfig(block_n=16, block_k=256, use_dot=use_dot)
+    torch.testing.assert_close(int8_matmul_triton(x, q, scale, config=config), x @ w8.T, atol=0, rtol=0)
+    w4 = _every_code_weight(20, 512, 4).to(DEVICE)
+    packed, scales = pack_int4(w4, 128)
+    assert torch.all(scales == 1)
+    config = WoConfig(block_n=16, block_k=128, use_dot=use_dot)
+    torch.testing.assert_close(int4_matmul_triton(x, packed, scales, 128, config=config), x @ w4.T, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("words", [True, False], ids=["words", "bytes"])
+@pytest.mark.parametrize("split_k", [1, 2, 3, 8])
+@pytest.mark.parametrize("m", [3, 16, 20])
+def test_split_k_matches_reference_and_resets_its_tickets(m, split_k, words):
+    # K = 640 in BLOCK_K 128 steps: 5 steps over 1 / 2 / 3 / 8 slices (uneven slices; at 8, three slices are empty);
+    # M = 20 gives two M tiles, N = 40 three N tiles. Twice in a row: the second call finds the tickets at 0 again.
+    config = WoConfig(block_n=16, block_k=128, use_dot=True, split_k=split_k)
+    x, w = _inputs(m, 40, 640, seed=split_k + m)
+    q, scale = pack_int8(w)
+    packed, scales = pack_int4(w, 64)
+    for _ in range(2):
+        got8 = int8_matmul_triton(x, q, scale, config=config, words=words)
+        torch.testing.assert_close(got8, int8_matmul_reference(x, q, scale), atol=1e-4, rtol=1e-4)
+        got4 = int4_matmul_triton(x, packed, scales, 64, config=config, words=words)
+        torch.testing.assert_close(got4, int4_matmul_reference(x, packed, scales, 64), atol=1e-4, rtol=1e-4)
+        assert not _TICKETS[x.device].any()
+
+
+def test_split_k_needs_the_dot_path():
+    x, w = _inputs(2, 16, 256, seed=1)
+    q, scale = pack_int8(w)
+    with pytest.raises(ValueError, match="split_k > 1 needs use_dot=True"):
+        int8_matmul_triton(x, q, scale, config=WoConfig(block_n=4, block_k=128, split_k=2))
 
 
 def test_unaligned_rows_take_the_byte_path():
@@ -135,12 +210,30 @@ def test_candidates_fit_each_bucket(words):
                 else:
                     assert m_bucket <= 16 and c.block_m(m_bucket) == m_bucket
                     assert m_bucket * c.block_n * c.block_k / per_word <= FMA_REGISTER_BUDGET * 32 * c.num_warps
-    # Word loads keep a 4-8x smaller accumulator, so more FMA tiles fit at M 16.
-    fma = lambda w: {c for c in candidate_configs(16, 768, 1, w) if not c.use_dot}  # noqa: E731
+    # Word loads keep a 4-8x smaller accumulator, so more FMA tiles fit at M 8 (at M 16 the x tile and the
+    # (BM, BN) products bind first).
+    fma = lambda w: {c for c in candidate_configs(8, 768, 1, w) if not c.use_dot}  # noqa: E731
     assert fma(False) < fma(True)
+    for c in candidate_configs(16, 768, 32, True):  # every tile within the budgets the sm_90 builds set
+        threads = 32 * c.num_warps
+        if c.use_dot:
+            assert dot_tile_elements(16, c) <= DOT_REGISTER_BUDGET * threads
+        else:
+            assert 16 * c.block_n <= 64 and 16 * c.block_k <= 32 * threads
     assert not any(c.use_dot for c in candidate_configs(1, 768, 32))  # M = 1 never pads to 16 rows
     assert all(c.use_dot for c in candidate_configs(64, 768, 32))
     assert len(set(CANDIDATES)) == len(CANDIDATES)
+
+
+def test_split_candidates_only_where_allowed():
+    assert max_split(1, 768) == 1 and max_split(16, 50304) == 1 and max_split(16, 768) == MAX_SPLIT_K
+    assert all(c.split_k == 1 for c in candidate_configs(16, 3072, 32, True, split=1))
+    split = [c for c in candidate_configs(16, 3072, 32, True, split=MAX_SPLIT_K) if c.split_k > 1]
+    assert split and all(c.use_dot for c in split)
+    # Each slice holds at least one BLOCK_K step.
+    for k in (256, 768, 3072):
+        for c in candidate_configs(16, k, 32, True, split=MAX_SPLIT_K):
+            assert c.split_k == 1 or -(-k // c.split_k) >= c.block_k
 
 
 def test_wrappers_accept_leading_dims_and_fall_back_on_cpu():
@@ -205,10 +298,8 @@ def test_gpu_every_candidate_config_is_correct(m):
     packed, scales = pack_int4(w, 32)
     ref8 = x.float() @ (q.float() * scale[:, None]).T
     ref4 = x.float() @ unpack_int4(packed, scales, 32).T
-    for words in (True, False):  # the word-load and the byte-load FMA paths (each with its own candidates)
-        for config in candidate_configs(triton_next_power_of_2(m), 768, 32, words):
-            if config.use_dot and not words:
-                continue  # the dot path ignores `words`: checked once
+    for words in (True, False):  # the word and the byte paths (each with its own FMA and dot code and candidates)
+        for config in candidate_configs(triton_next_power_of_2(m), 768, 32, words, max_split(m, 300)):
             got8 = int8_matmul_triton(x, q, scale, config=config, words=words).float()
             got4 = int4_matmul_triton(x, packed, scales, 32, config=config, words=words).float()
             torch.testing.assert_close(got8, ref8, atol=3e-2, rtol=3e-2, msg=lambda e: f"{config} {words}: {e}")
@@ -236,3 +327,31 @@ def test_gpu_cuda_graph_replay_follows_new_inputs(fmt):
         x.copy_(torch.randn(x.shape, generator=torch.Generator().manual_seed(seed)).to(x))
         graph.replay()
         torch.testing.assert_close(out.float(), ref().float(), atol=3e-2, rtol=3e-2)
+
+
+@needs_gpu
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+def test_gpu_split_k_graph_replays_stay_correct(fmt):
+    # A split launch leaves its tickets at 0 for the next one: replayed several times, every replay is right.
+    x, w = _inputs(16, 768, 3072, seed=5, device="cuda", dtype=torch.bfloat16)
+    config = WoConfig(block_n=16, block_k=256, use_dot=True, split_k=4)
+    if fmt == "int8":
+        q, scale = pack_int8(w)
+        call, ref = (
+            (lambda: int8_matmul_triton(x, q, scale, config=config)),
+            (lambda: int8_matmul_reference(x.float(), q, scale)),
+        )
+    else:
+        packed, scales = pack_int4(w, 32)
+        call = lambda: int4_matmul_triton(x, packed, scales, 32, config=config)  # noqa: E731
+        ref = lambda: int4_matmul_reference(x.float(), packed, scales, 32)  # noqa: E731
+    call()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = call()
+    for seed in (1, 2, 3):
+        x.copy_(torch.randn(x.shape, generator=torch.Generator().manual_seed(seed)).to(x))
+        graph.replay()
+        torch.testing.assert_close(out.float(), ref().float(), atol=3e-2, rtol=3e-2)
+    assert not _TICKETS[x.device].any()
