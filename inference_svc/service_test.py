@@ -11,6 +11,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from inference_svc.engine import Engine
+from inference_svc.main import SERVERS, start_grpc
 from inference_svc.runner import TorchRunner
 from inference_svc.service import SERVICE_NAME, InferenceService, ServedModel
 from inference_svc.testing import engine_idle, wait_until
@@ -19,26 +20,22 @@ from model.generate import generate, generate_tokens
 from model.sampling import SamplingParams
 from protos import common_pb2, inference_pb2, inference_pb2_grpc
 from rpc.client import channel
-from rpc.server import serve
 
 LONG = inference_pb2.SamplingParameters(max_new_tokens=120, temperature=0.0, has_temperature=True)
 SHORT = inference_pb2.SamplingParameters(max_new_tokens=3)
 
 
-@pytest.fixture
-def start(tiny):
-    """start(max_slots, max_queue) -> (stub, engine, channel); everything is stopped at teardown."""
+@pytest.fixture(params=SERVERS)
+def start(tiny, request):
+    """start(max_slots, max_queue) -> (stub, engine, channel); everything is stopped at teardown. Every test runs
+    against both server constructions of `./tinylm serve` (aio: AsyncInferenceService; threads: InferenceService)."""
     opened = []
 
     def _start(max_slots: int = 4, max_queue: int = 64, **service_kw):
         engine = Engine(TorchRunner(tiny.model, n_slots=max_slots), tiny.tokenizer, max_queue=max_queue)
         manifest = load_artifact(tiny.path).manifest
-        service = InferenceService(
-            engine, ServedModel(id=tiny.model_id, name="tiny-test", path=tiny.path, manifest=manifest), **service_kw
-        )
-        running = serve(
-            [(inference_pb2_grpc.add_InferenceServiceServicer_to_server, service)], [SERVICE_NAME], max_workers=32
-        )
+        model = ServedModel(id=tiny.model_id, name="tiny-test", path=tiny.path, manifest=manifest)
+        running = start_grpc(engine, model, server=request.param, **service_kw)
         ch = channel(running.address)
         opened.append((ch, running, engine))
         return inference_pb2_grpc.InferenceServiceStub(ch), engine, ch
