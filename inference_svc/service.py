@@ -35,11 +35,13 @@ MIN_ID_PREFIX = 6
 _POLL_S = 0.1  # how often a streaming call checks that its caller is still there
 # The server's budget of stream messages per second, shared by its open streams: a stream's messages after its first
 # are at least (open streams / budget) apart, at most STREAM_INTERVAL_MAX_S, and the tokens made meanwhile go in one
-# message. Each message wakes a server thread that must take the GIL from the engine's loop; one per token at 64
-# streams held the engine to ~2.3 ms per step on the H200 (14k tokens/s). A lone stream still gets a message per
-# token or two; the first token of a stream is never held (TTFT).
-STREAM_MESSAGES_PER_S = 4000.0
-STREAM_INTERVAL_MAX_S = 0.05
+# message. Every message costs the engine's process GIL time: a server thread's wake-up (threaded server), or gRPC's
+# write, whose sendmsg runs holding the GIL (grpc.aio, grpc/grpc#42288). One per token at 64 streams held the engine
+# to ~2.3 ms per step on the H200 (14k tokens/s); tools.grpc_probe at 64 streams (aio): 2000/s gave ~1.5x the tokens/s
+# of 4000/s. A lone stream still gets a message per token or two; the first token of a stream is never held (TTFT),
+# and AsyncInferenceService never holds a final chunk (the threaded servicer may, for up to the interval).
+STREAM_MESSAGES_PER_S = 2000.0
+STREAM_INTERVAL_MAX_S = 0.1
 # AsyncInferenceService: how often its one pump looks at every open stream's queue (a stream's first token and its
 # final chunk wait at most this long; the tokens between go out under the budget above).
 PUMP_TICK_S = 0.001

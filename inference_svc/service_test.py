@@ -3,6 +3,7 @@ house conventions, and a caller that cancels, disconnects or runs out of time gi
 
 from __future__ import annotations
 
+import asyncio
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -10,10 +11,10 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from inference_svc.engine import Engine
+from inference_svc.engine import Chunk, Engine, FinishReason
 from inference_svc.main import SERVERS, start_grpc
 from inference_svc.runner import TorchRunner
-from inference_svc.service import SERVICE_NAME, InferenceService, ServedModel
+from inference_svc.service import SERVICE_NAME, InferenceService, ServedModel, _merged, _StreamPump
 from inference_svc.testing import engine_idle, wait_until
 from model.artifact import load_artifact
 from model.generate import generate, generate_tokens
@@ -316,3 +317,83 @@ def test_unhonourable_sampling_values_are_refused_and_results_carry_errors(start
     assert "error" in inference_pb2.GenerateResult.DESCRIPTOR.fields_by_name
     results = stub.GenerateBatch(inference_pb2.GenerateBatchRequest(requests=[good] * 4), timeout=30).results
     assert all(r.finish_reason == inference_pb2.FINISH_REASON_LENGTH and r.error == "" for r in results)
+
+
+class _FakeHandle:
+    """What `_StreamPump` reads of a RequestHandle: chunks put by the test stand for the engine's."""
+
+    def __init__(self) -> None:
+        self.queued: list[Chunk] = []
+
+    def ready(self) -> bool:
+        return bool(self.queued)
+
+    def next_chunks(self, timeout: float) -> list[Chunk]:
+        taken, self.queued = self.queued, []
+        return taken
+
+
+def _token(i: int) -> Chunk:
+    return Chunk("r", (i,), chr(97 + i))
+
+
+def test_pump_sends_the_first_token_alone_then_gathers_under_the_budget_and_never_holds_the_final():
+    """AsyncInferenceService's pump: a stream's first token goes at once and alone (TTFT), the next tokens wait for the
+    stream's share of the budget (2 streams / 20 messages/s = 0.1 s) and go as one message, and a final chunk goes at
+    the next pass whatever the interval; a handler that is not waiting (writing) leaves its tokens to gather."""
+
+    async def run() -> list[list[Chunk]]:
+        pump, handles = _StreamPump(messages_per_s=20.0), [_FakeHandle(), _FakeHandle()]
+        a, b = (pump.open(h) for h in handles)
+        pump._task.cancel()  # the test drives the passes, with its own clock
+        got = []
+
+        async def one_message(stream, now: float) -> list[Chunk] | None:
+            message = asyncio.ensure_future(stream.next_message())
+            await asyncio.sleep(0)  # the handler is now waiting
+            pump.deliver(now)
+            await asyncio.sleep(0)
+            if message.done():
+                return message.result()
+            message.cancel()
+            return None
+
+        handles[0].queued = [_token(0), _token(1)]
+        got.append(await one_message(a, 10.0))  # the first token alone
+        got.append(await one_message(a, 10.05))  # token 1 is held: 0.05 s < 0.1 s
+        handles[0].queued = [_token(2)]
+        got.append(await one_message(a, 10.15))  # due: tokens 1 and 2 together
+        handles[0].queued = [_token(3), Chunk("r", (4,), "e", finish_reason=FinishReason.LENGTH)]
+        got.append(await one_message(a, 10.16))  # the final chunk is not held
+        assert (await one_message(b, 10.2)) is None  # nothing made for b yet
+        pump.close(a)
+        pump.close(b)
+        return got
+
+    first, held, gathered, final = asyncio.run(run())
+    assert [c.token_ids for c in first] == [(0,)]
+    assert held is None
+    assert [c.token_ids for c in gathered] == [(1,), (2,)]
+    assert [c.token_ids for c in final] == [(3,), (4,)] and final[-1].final
+    merged = _merged(gathered + final)
+    assert merged.token_ids == (1, 2, 3, 4) and merged.text == "bcde" and merged.final
+
+
+def test_aio_server_answers_tokenize_and_list_models_in_its_thread_pool_and_stops(tiny):
+    """The plain (non-coroutine) RPCs run in the aio server's pool; stop() ends its loop thread."""
+    engine = Engine(TorchRunner(tiny.model, n_slots=1), tiny.tokenizer)
+    model = ServedModel(id=tiny.model_id, name="tiny-test", path=tiny.path, manifest=load_artifact(tiny.path).manifest)
+    running = start_grpc(engine, model, server="aio")
+    try:
+        with channel(running.address) as ch:
+            stub = inference_pb2_grpc.InferenceServiceStub(ch)
+            assert stub.ListModels(common_pb2.ListModelsRequest(), timeout=10).models[0].id == tiny.model_id
+            with pytest.raises(grpc.RpcError) as err:
+                stub.Tokenize(inference_pb2.TokenizeRequest(text="Q"), timeout=10)
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and err.value.details().startswith("text:")
+    finally:
+        running.stop(0)
+        engine.close()
+    assert not running._thread.is_alive()
+    with pytest.raises(ValueError, match="server must be one of"):
+        start_grpc(engine, model, server="gevent")

@@ -8,15 +8,14 @@ engine's wait for a GPU step does) and a 65-character tokenizer, then runs N str
 in `--processes` client processes, the way the serving bench's gRPC rows do. Prints tokens/s, TTFT p50/p95,
 inter-token p50, messages/s and tokens per message, and the server process's CPU seconds per 1k tokens.
 A diagnostic tool, not a benchmark: on a small CPU the clients share the cores with the server.
-`--profile FILE` writes the server's cProfile stats (every thread's Python would need py-spy: see PERF_NOTES 6b).
+Where the server's time goes, every thread (py-spy: `pip install py-spy` into the venv; `--gil`: who holds the GIL):
+    py-spy record --gil --threads --native --format raw -o /tmp/spy.txt -- python -m tools.grpc_probe --streams 256
 """
 
 from __future__ import annotations
 
 import argparse
-import cProfile
 import math
-import resource
 import sys
 import time
 
@@ -25,7 +24,10 @@ import torch
 from bench_svc.benches.grpc_clients import grpc_load
 from inference_svc.engine import Engine
 from inference_svc.main import start_grpc
+from inference_svc.params import Request
+from inference_svc import service
 from inference_svc.service import STREAM_MESSAGES_PER_S, ServedModel
+from model.sampling import SamplingParams
 from model.tokenizers import CharTokenizer
 from tools.serve_probe import InstantRunner
 
@@ -68,25 +70,53 @@ def probe(
         sys.setswitchinterval(switch_interval_ms / 1e3)
     running = start_grpc(engine, model, server=server, messages_per_s=messages_per_s, host="127.0.0.1", port=0)
     try:
-        cpu0, children0 = time.process_time(), _children_cpu()
+        cpu0 = time.process_time()  # every thread of this process: the engine's, the server's, gRPC's own
         load = grpc_load(running.address, streams, requests, PROMPT, new_tokens, processes)
-        cpu, children = time.process_time() - cpu0, _children_cpu() - children0
+        cpu = time.process_time() - cpu0
     finally:
         running.stop(0)
         engine.close()
         sys.setswitchinterval(old_interval)
     tokens = streams * requests * new_tokens
-    return {
-        **load,
-        "server_cpu_s_per_1k_tokens": cpu / tokens * 1e3,
-        "client_cpu_s_per_1k_tokens": children / tokens * 1e3,
-    }
+    return {**load, "server_cpu_s_per_1k_tokens": cpu / tokens * 1e3}
 
 
-def _children_cpu() -> float:
-    """CPU seconds of this process's ended children (the client processes, once their pool is closed)."""
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return usage.ru_utime + usage.ru_stime
+def engine_ceiling(streams: int, new_tokens: int, step_ms: float) -> float:
+    """Tokens/s of the same engine with no server: `streams` requests at once, timed by the engine (submit to its last
+    token), the figure the server's streams could reach at best."""
+    tokenizer = CharTokenizer([chr(32 + i) for i in range(65)])
+    params = SamplingParams(max_new_tokens=new_tokens, temperature=0.0)
+    with Engine(PacedRunner(streams, step_ms / 1e3), tokenizer, max_queue=streams) as engine:
+        finals = []
+        for _ in range(2):  # the first is a warm-up
+            handles = engine.submit_many([Request(tuple(tokenizer.encode(PROMPT)), params) for _ in range(streams)])
+            finals = [h.result() for h in handles]
+    last_ms = max(f.timings.token_ms[-1] for f in finals)
+    return sum(len(f.token_ids) for f in finals) / (last_ms / 1e3)
+
+
+# (header, width, key of the row): the table main prints, one row per stream count
+COLUMNS = [
+    ("streams", 7, "streams"),
+    ("server", 7, "server"),
+    ("engine alone", 12, "engine_alone"),
+    ("tok/s", 9, "tokens_per_s"),
+    ("TTFT p50", 9, "ttft_p50_ms"),
+    ("TTFT p95", 9, "ttft_p95_ms"),
+    ("engine TTFT", 11, "engine_ttft_p50_ms"),
+    ("ITL p50", 8, "itl_p50_ms"),
+    ("msg/s", 8, "messages_per_s"),
+    ("tok/msg", 7, "tokens_per_message"),
+    ("server cpu s/1k tok", 19, "server_cpu_s_per_1k_tokens"),
+]
+
+
+def _cell(value: object, width: int) -> str:
+    if value is None:
+        return f"{'-':>{width}}"
+    if isinstance(value, float):
+        return f"{value:>{width},.0f}" if value >= 100 else f"{value:>{width}.4g}"
+    return f"{value:>{width}}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -100,27 +130,29 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--messages-per-s", type=float, default=STREAM_MESSAGES_PER_S, help="the service's stream message budget"
     )
+    p.add_argument(
+        "--interval-max-ms",
+        type=float,
+        default=service.STREAM_INTERVAL_MAX_S * 1e3,
+        help="the longest a stream's tokens are held (the service's STREAM_INTERVAL_MAX_S, set for this run)",
+    )
     p.add_argument("--switch-interval-ms", type=float, default=None, help="sys.setswitchinterval in the server")
-    p.add_argument("--profile", default="", help="write the server process's cProfile stats here (its main thread)")
     args = p.parse_args(argv)
     for name in ("new_tokens", "requests", "processes"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if not (args.step_ms >= 0 and math.isfinite(args.step_ms)):
         p.error(f"--step-ms must be a finite number >= 0, got {args.step_ms}")
+    if not args.interval_max_ms > 0:
+        p.error(f"--interval-max-ms must be > 0, got {args.interval_max_ms}")
+    service.STREAM_INTERVAL_MAX_S = args.interval_max_ms / 1e3  # a diagnostic: the module's constant, this process
     counts = [int(x) for x in args.streams.split(",")]
     if min(counts) < 1:
         p.error(f"--streams must be positive integers, got {args.streams!r}")
-    print(
-        f"{'streams':>7} {'server':>7} {'tok/s':>9} {'TTFT p50':>9} {'TTFT p95':>9} {'ITL p50':>8} "
-        f"{'msg/s':>8} {'tok/msg':>7} {'server cpu/1k':>13} {'client cpu/1k':>13}",
-        flush=True,
-    )
-    profiler = cProfile.Profile() if args.profile else None
+    print(" ".join(f"{name:>{width}}" for name, width, _ in COLUMNS), flush=True)
     for n in counts:
-        if profiler:
-            profiler.enable()
-        r = probe(
+        row = {"streams": n, "server": args.server, "engine_alone": engine_ceiling(n, args.new_tokens, args.step_ms)}
+        row |= probe(
             n,
             new_tokens=args.new_tokens,
             requests=args.requests,
@@ -130,17 +162,7 @@ def main(argv: list[str] | None = None) -> int:
             messages_per_s=args.messages_per_s,
             switch_interval_ms=args.switch_interval_ms,
         )
-        if profiler:
-            profiler.disable()
-        ms = lambda v: f"{v:>9.1f}" if v is not None else f"{'-':>9}"  # noqa: E731
-        print(
-            f"{n:>7} {args.server:>7} {r['tokens_per_s']:>9,.0f} {ms(r['ttft_p50_ms'])} {ms(r['ttft_p95_ms'])} "
-            f"{r['itl_p50_ms'] or 0:>8.2f} {r['messages_per_s']:>8,.0f} {r['tokens_per_message']:>7.1f} "
-            f"{r['server_cpu_s_per_1k_tokens']:>13.4f} {r['client_cpu_s_per_1k_tokens']:>13.4f}",
-            flush=True,
-        )
-    if profiler:
-        profiler.dump_stats(args.profile)
+        print(" ".join(_cell(row[key], width) for _, width, key in COLUMNS), flush=True)
     return 0
 
 

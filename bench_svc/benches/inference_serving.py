@@ -309,7 +309,7 @@ def _grpc_row(
         )
     finally:
         _stop_server(proc, errors)
-    load.pop("messages_per_s"), load.pop("tokens_per_message")  # the probe's figures (tools.grpc_probe), not Row's
+    load = {k: load[k] for k in ("tokens_per_s", "ttft_p50_ms", "ttft_p95_ms", "itl_p50_ms", "itl_p95_ms")}  # Row's
     target = TARGET_GRPC_TOKENS_PER_S.get(streams) if on_gpu else None
     return Row(
         backend,
