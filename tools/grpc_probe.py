@@ -1,12 +1,15 @@
 """Diagnostics for the gRPC server around the engine: its ceiling with no model behind it.
 
-    python -m tools.grpc_probe [--streams 64,256] [--new-tokens 200] [--requests 4] [--processes 8] [--step-ms 0.25]
+    python -m tools.grpc_probe [--streams 64,256] [--server aio,threads] [--new-tokens 200] [--requests 4]
+                               [--processes 8] [--step-ms 0.25] [--messages-per-s N] [--interval-max-ms MS]
 
-Starts the real `InferenceService` on loopback, built as `./tinylm serve` builds it, over an `Engine` whose runner
-returns at once (`tools.serve_probe.InstantRunner`; `--step-ms` adds a sleep per step that releases the GIL, as the
-engine's wait for a GPU step does) and a 65-character tokenizer, then runs N streaming clients (greedy, back to back)
-in `--processes` client processes, the way the serving bench's gRPC rows do. Prints tokens/s, TTFT p50/p95,
-inter-token p50, messages/s and tokens per message, and the server process's CPU seconds per 1k tokens.
+Starts the real service on loopback, built as `./tinylm serve` builds it (`inference_svc.main.start_grpc`), over an
+`Engine` whose runner returns at once (`tools.serve_probe.InstantRunner`; `--step-ms` adds a sleep per decode step that
+releases the GIL, as the engine's wait for a GPU step does) and a 65-character tokenizer, then runs N streaming
+clients (greedy, back to back) in `--processes` client processes, the way the serving bench's gRPC rows do
+(`bench_svc.benches.grpc_clients`). One row per (streams, server): the same engine alone (no server: the ceiling),
+tokens/s, TTFT p50/p95 as the clients see it and the engine's own TTFT p50, inter-token p50, messages/s, tokens per
+message, and the server process's CPU seconds per 1k tokens (every thread: engine, server, gRPC's own).
 A diagnostic tool, not a benchmark: on a small CPU the clients share the cores with the server.
 Where the server's time goes, every thread (py-spy: `pip install py-spy` into the venv; `--gil`: who holds the GIL):
     py-spy record --gil --threads --native --format raw -o /tmp/spy.txt -- python -m tools.grpc_probe --streams 256
@@ -23,7 +26,7 @@ import torch
 
 from bench_svc.benches.grpc_clients import grpc_load
 from inference_svc.engine import Engine
-from inference_svc.main import start_grpc
+from inference_svc.main import SERVERS, start_grpc
 from inference_svc.params import Request
 from inference_svc import service
 from inference_svc.service import STREAM_MESSAGES_PER_S, ServedModel
@@ -126,7 +129,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--requests", type=int, default=4, help="requests per stream, back to back")
     p.add_argument("--processes", type=int, default=8, help="client processes the streams are spread over")
     p.add_argument("--step-ms", type=float, default=0.25, help="each decode step's sleep, off the GIL (0: none)")
-    p.add_argument("--server", choices=["aio", "threads"], default="aio", help="server construction (main.py)")
+    p.add_argument(
+        "--server", default="aio", help=f"comma-separated server constructions of main.start_grpc: {', '.join(SERVERS)}"
+    )
     p.add_argument(
         "--messages-per-s", type=float, default=STREAM_MESSAGES_PER_S, help="the service's stream message budget"
     )
@@ -146,23 +151,28 @@ def main(argv: list[str] | None = None) -> int:
     if not args.interval_max_ms > 0:
         p.error(f"--interval-max-ms must be > 0, got {args.interval_max_ms}")
     service.STREAM_INTERVAL_MAX_S = args.interval_max_ms / 1e3  # a diagnostic: the module's constant, this process
+    servers = args.server.split(",")
+    if not set(servers) <= set(SERVERS):
+        p.error(f"--server: each must be one of {', '.join(SERVERS)}, got {args.server!r}")
     counts = [int(x) for x in args.streams.split(",")]
     if min(counts) < 1:
         p.error(f"--streams must be positive integers, got {args.streams!r}")
     print(" ".join(f"{name:>{width}}" for name, width, _ in COLUMNS), flush=True)
     for n in counts:
-        row = {"streams": n, "server": args.server, "engine_alone": engine_ceiling(n, args.new_tokens, args.step_ms)}
-        row |= probe(
-            n,
-            new_tokens=args.new_tokens,
-            requests=args.requests,
-            processes=min(args.processes, n),
-            step_ms=args.step_ms,
-            server=args.server,
-            messages_per_s=args.messages_per_s,
-            switch_interval_ms=args.switch_interval_ms,
-        )
-        print(" ".join(_cell(row[key], width) for _, width, key in COLUMNS), flush=True)
+        alone = engine_ceiling(n, args.new_tokens, args.step_ms)
+        for server in servers:
+            row = {"streams": n, "server": server, "engine_alone": alone}
+            row |= probe(
+                n,
+                new_tokens=args.new_tokens,
+                requests=args.requests,
+                processes=min(args.processes, n),
+                step_ms=args.step_ms,
+                server=server,
+                messages_per_s=args.messages_per_s,
+                switch_interval_ms=args.switch_interval_ms,
+            )
+            print(" ".join(_cell(row[key], width) for _, width, key in COLUMNS), flush=True)
     return 0
 
 
