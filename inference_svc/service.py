@@ -324,7 +324,10 @@ class _StreamPump:
     async def _run(self) -> None:
         while self._streams:
             await asyncio.sleep(PUMP_TICK_S)
-            self.deliver(time.monotonic())
+            try:
+                self.deliver(time.monotonic())
+            except Exception:  # a bug here must not leave every open stream waiting forever
+                log.exception("stream pump pass failed")
 
     def deliver(self, now: float) -> None:
         """One pass over the open streams (public for tests)."""
