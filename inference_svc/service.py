@@ -43,8 +43,10 @@ _POLL_S = 0.1  # how often a streaming call checks that its caller is still ther
 STREAM_MESSAGES_PER_S = 2000.0
 STREAM_INTERVAL_MAX_S = 0.1
 # AsyncInferenceService: how often its one pump looks at every open stream's queue (a stream's first token and its
-# final chunk wait at most this long; the tokens between go out under the budget above).
+# final chunk wait at most this long; the tokens between go out under the budget above, paced: see _StreamPump).
 PUMP_TICK_S = 0.001
+PACE_BURST_S = 0.005  # the pump's allowance of messages banks at most this long a share of the budget
+STREAM_HOLD_MAX_S = 0.2  # tokens are never held longer, whatever the allowance
 
 _FINISH = {
     FinishReason.LENGTH: inference_pb2.FINISH_REASON_LENGTH,
@@ -301,11 +303,20 @@ class _Stream:
 
 class _StreamPump:
     """Moves the engine's chunks to the open streams of one event loop: a task that runs while streams are open,
-    every `PUMP_TICK_S` drains each stream's queue and hands a waiting handler its message when it is due (the
-    first token, the final chunk, or the stream's share of the message budget has passed)."""
+    every `PUMP_TICK_S` drains each stream's queue and hands a waiting handler its message when it is due.
+
+    Due at once: a stream's first token, its final chunk, or tokens held `STREAM_HOLD_MAX_S`. The rest go when the
+    stream's share of the budget has passed (open streams / `messages_per_s`, at most `STREAM_INTERVAL_MAX_S`) and
+    the server-wide allowance (`messages_per_s`, banked for at most `PACE_BURST_S`) has one, taken round-robin: every
+    stream's message in one pass would hold the loop for all their writes (gRPC writes holding the GIL), and new calls
+    wait to be accepted meanwhile (tools.grpc_probe, 256 streams: ~0.6 s from a client's call to its handler)."""
 
     def __init__(self, messages_per_s: float) -> None:
         self.messages_per_s = messages_per_s
+        self._burst = max(1.0, messages_per_s * PACE_BURST_S)
+        self._allowance = self._burst
+        self._last: float | None = None  # the last pass's time
+        self._next = 0  # where the next pass starts looking for regular messages (round-robin)
         self._streams: list[_Stream] = []
         self._task: asyncio.Task | None = None
 
@@ -331,23 +342,32 @@ class _StreamPump:
 
     def deliver(self, now: float) -> None:
         """One pass over the open streams (public for tests)."""
-        interval = min(len(self._streams) / self.messages_per_s, STREAM_INTERVAL_MAX_S)
-        for stream in self._streams:
+        streams, k = self._streams, len(self._streams)
+        interval = min(k / self.messages_per_s, STREAM_INTERVAL_MAX_S)
+        since = 0.0 if self._last is None else max(0.0, now - self._last)
+        self._allowance = min(self._allowance + since * self.messages_per_s, self._burst)
+        self._last = now
+        start = self._next % k if k else 0
+        for i in range(k):
+            stream = streams[(start + i) % k]
             if stream.handle.ready():
                 more = stream.handle.next_chunks(0)  # what the engine queued so far
                 stream.chunks.extend(more)
                 stream.final = more[-1].final
             waiter = stream.waiter
-            if (
-                stream.chunks
-                and waiter is not None
-                and (stream.final or stream.sent_at is None or now - stream.sent_at >= interval)
-            ):
-                # The first token goes alone (never held for the ones behind it); then all that is there.
-                n = 1 if stream.sent_at is None else len(stream.chunks)
-                if not waiter.done():  # (a cancelled handler's waiter)
-                    waiter.set_result(stream.chunks[:n])
-                stream.chunks, stream.waiter, stream.sent_at = stream.chunks[n:], None, now
+            if not stream.chunks or waiter is None:
+                continue
+            sent_at = stream.sent_at
+            if not (stream.final or sent_at is None or now - sent_at >= STREAM_HOLD_MAX_S):
+                if now - sent_at < interval or self._allowance < 1:
+                    continue
+                self._next = start + i + 1
+            self._allowance = max(self._allowance - 1, -self._burst)
+            # The first token goes alone (never held for the ones behind it); then all that is there.
+            n = 1 if sent_at is None else len(stream.chunks)
+            if not waiter.done():  # (a cancelled handler's waiter)
+                waiter.set_result(stream.chunks[:n])
+            stream.chunks, stream.waiter, stream.sent_at = stream.chunks[n:], None, now
 
 
 def _merged(chunks: list[Chunk]) -> Chunk:

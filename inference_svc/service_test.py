@@ -12,6 +12,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from inference_svc.engine import Chunk, Engine, FinishReason
+from inference_svc import service
 from inference_svc.main import SERVERS, start_grpc
 from inference_svc.runner import TorchRunner
 from inference_svc.service import SERVICE_NAME, InferenceService, ServedModel, _merged, _StreamPump
@@ -397,3 +398,39 @@ def test_aio_server_answers_tokenize_and_list_models_in_its_thread_pool_and_stop
     assert not running._thread.is_alive()
     with pytest.raises(ValueError, match="server must be one of"):
         start_grpc(engine, model, server="gevent")
+
+
+def test_pump_paces_regular_messages_server_wide_round_robin_within_the_hold_bound():
+    """The budget is also a server-wide pace: 20 streams all due in one pass get at most the banked allowance
+    (1000 messages/s banks 5 ms: 5 messages), the next pass serves the streams after them (round-robin), and no
+    stream's tokens wait longer than STREAM_HOLD_MAX_S whatever the allowance."""
+
+    async def run() -> list[list[int]]:
+        loop = asyncio.get_running_loop()
+        pump = _StreamPump(messages_per_s=1000.0)
+        handles = [_FakeHandle() for _ in range(20)]
+        streams = [pump.open(h) for h in handles]
+        pump._task.cancel()  # the test drives the passes, with its own clock
+
+        def one_pass(now: float) -> list[int]:
+            for s, h in zip(streams, handles):
+                h.queued.append(_token(1))
+                if s.waiter is None:
+                    s.waiter = loop.create_future()  # every handler waits for its next message
+            waiters = [s.waiter for s in streams]
+            pump.deliver(now)
+            return [i for i, w in enumerate(waiters) if w.done()]
+
+        served = [one_pass(0.0)]  # first tokens: all at once, whatever the allowance
+        served.append(one_pass(0.02))  # all due (20 streams / 1000 per s): the allowance banked, 5
+        served.append(one_pass(0.021))  # 1 ms more: one more, the next in turn
+        served.append(one_pass(0.045))  # all due again: 5 more, from where the last pass stopped (not from 0)
+        served.append(one_pass(0.0451 + service.STREAM_HOLD_MAX_S))  # past the hold bound: everyone
+        return served
+
+    first, banked, next_one, in_turn, held_long = asyncio.run(run())
+    assert first == list(range(20))
+    assert banked == [0, 1, 2, 3, 4]
+    assert next_one == [5]
+    assert in_turn == [6, 7, 8, 9, 10]
+    assert held_long == list(range(20))
