@@ -4,6 +4,8 @@ Validation and translation only: a request becomes an `inference_svc.params.Requ
 INVALID_ARGUMENT naming them), the engine does the work, chunks go back as they come. A full queue is
 RESOURCE_EXHAUSTED; a model other than the served one is NOT_FOUND; a caller that cancels, disconnects or
 runs past its deadline has its request cancelled (its KV-cache slot is free by the next engine step).
+`InferenceService` serves on a threaded `grpc.server` (a thread per call); `AsyncInferenceService`, the same service
+on a grpc.aio server (`./tinylm serve`'s default), serves every stream from the one event-loop thread.
 """
 
 from __future__ import annotations
