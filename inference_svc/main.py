@@ -1,7 +1,8 @@
 """`./tinylm serve`: load an artifact, start the engine and serve `InferenceService` until SIGINT/SIGTERM.
 
     ./tinylm serve [--model ID|NAME|PATH] [--backend torch|onnx] [--onnx-file fp32|fp16|int8|int4]
-                   [--grpc-server aio|threads] [--host 127.0.0.1] [--port 50053] [--tls-cert F --tls-key F] [--token T] [--http-port 8000]
+                   [--grpc-server aio|threads] [--host 127.0.0.1] [--port 50053] [--tls-cert F --tls-key F]
+                   [--token T] [--http-port 8000]
 
 With no --model it serves the newest artifact in the store ($TINYLM_HOME/artifacts, default
 ~/.tinylm/artifacts). With --http-port it also serves the OpenAI-compatible HTTP API (/v1/completions,
