@@ -4,12 +4,14 @@ house conventions, and a caller that cancels, disconnects or runs out of time gi
 from __future__ import annotations
 
 import asyncio
+import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from inference_svc.engine import Chunk, Engine, FinishReason
 from inference_svc import service
@@ -434,3 +436,39 @@ def test_pump_paces_regular_messages_server_wide_round_robin_within_the_hold_bou
     assert next_one == [5]
     assert in_turn == [6, 7, 8, 9, 10]
     assert held_long == list(range(20))
+
+
+def test_aio_server_with_tls_and_a_token_streams_and_keeps_health_open(tiny, tmp_path):
+    """The aio construction's TLS and bearer token, as rpc.server's: a stream with the token over TLS, UNAUTHENTICATED
+    without it, health answered without it; reflection lists the service."""
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    openssl = ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost"]
+    subprocess.run([*openssl, "-addext", "subjectAltName=DNS:localhost", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True)  # fmt: skip
+    engine = Engine(TorchRunner(tiny.model, n_slots=1), tiny.tokenizer)
+    model = ServedModel(id=tiny.model_id, name="tiny-test", path=tiny.path, manifest=load_artifact(tiny.path).manifest)
+    running = start_grpc(
+        engine, model, host="localhost", tls_cert=cert.read_bytes(), tls_key=key.read_bytes(), token="t"
+    )
+    request = inference_pb2.GenerateRequest(prompt="to be", params=SHORT)
+    try:
+        with channel(f"localhost:{running.port}", tls_ca=cert.read_bytes(), token="t") as ch:
+            responses = list(inference_pb2_grpc.InferenceServiceStub(ch).Generate(request, timeout=30))
+            assert sum(len(r.token_ids) for r in responses) == 3
+            assert responses[-1].finish_reason == inference_pb2.FINISH_REASON_LENGTH
+            reflect = reflection_pb2_grpc.ServerReflectionStub(ch).ServerReflectionInfo(
+                iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=10
+            )
+            assert SERVICE_NAME in [s.name for s in next(reflect).list_services_response.service]
+        with channel(f"localhost:{running.port}", tls_ca=cert.read_bytes()) as ch:
+            with pytest.raises(grpc.RpcError) as err:
+                list(inference_pb2_grpc.InferenceServiceStub(ch).Generate(request, timeout=30))
+            assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            health = health_pb2_grpc.HealthStub(ch).Check(
+                health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=10
+            )
+            assert health.status == health_pb2.HealthCheckResponse.SERVING
+        assert wait_until(lambda: engine_idle(engine))
+    finally:
+        running.stop(0)
+        engine.close()
