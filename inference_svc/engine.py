@@ -128,6 +128,10 @@ class RequestHandle:
         self._done = chunk.final
         return chunk
 
+    def ready(self) -> bool:
+        """Whether a chunk is waiting (`next_chunk` would return at once); a cheap check for pollers."""
+        return not self._done and not self._sink.empty()
+
     def next_chunks(self, timeout: float | None = None) -> list[Chunk]:
         """The next chunk and every chunk already waiting behind it, up to the final one (empty if none came
         within `timeout`): one call for a burst of tokens."""

@@ -1,7 +1,8 @@
 """`./tinylm serve`: load an artifact, start the engine and serve `InferenceService` until SIGINT/SIGTERM.
 
     ./tinylm serve [--model ID|NAME|PATH] [--backend torch|onnx] [--onnx-file fp32|fp16|int8|int4]
-                   [--host 127.0.0.1] [--port 50053] [--tls-cert F --tls-key F] [--token T] [--http-port 8000]
+                   [--grpc-server aio|threads] [--host 127.0.0.1] [--port 50053] [--tls-cert F --tls-key F]
+                   [--token T] [--http-port 8000]
 
 With no --model it serves the newest artifact in the store ($TINYLM_HOME/artifacts, default
 ~/.tinylm/artifacts). With --http-port it also serves the OpenAI-compatible HTTP API (/v1/completions,
@@ -24,7 +25,14 @@ import torch
 
 from inference_svc.engine import Engine
 from inference_svc.runner import ModelRunner, TorchRunner
-from inference_svc.service import SERVICE_NAME, STREAM_MESSAGES_PER_S, InferenceService, ServedModel
+from inference_svc.aio_server import AioRunningServer, serve_aio
+from inference_svc.service import (
+    SERVICE_NAME,
+    STREAM_MESSAGES_PER_S,
+    AsyncInferenceService,
+    InferenceService,
+    ServedModel,
+)
 from model.artifact import (
     PICKLE_SUFFIXES,
     ArtifactError,
@@ -35,11 +43,13 @@ from model.artifact import (
 )
 from model.tokenizers import Tokenizer, load_tokenizer
 from protos import inference_pb2_grpc
-from rpc.server import serve_from_args
+from rpc.server import RunningServer, serve
 
-__all__ = ["main", "build_parser", "artifact_path"]
+__all__ = ["main", "build_parser", "artifact_path", "start_grpc", "SERVERS"]
 
 log = logging.getLogger("inference_svc")
+
+SERVERS = ("aio", "threads")  # start_grpc's server constructions
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -72,6 +82,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=STREAM_MESSAGES_PER_S,
         help="stream messages per second the server sends, shared by its open streams: tokens made between a "
         f"stream's messages go in one (> 0; default {STREAM_MESSAGES_PER_S:g}; inf: a message per token)",
+    )
+    p.add_argument(
+        "--grpc-server",
+        choices=SERVERS,
+        default="aio",
+        help="aio: every stream served from one event-loop thread (default); threads: a thread per call",
     )
     p.add_argument("--host", default="127.0.0.1", help="bind address (loopback by default)")
     p.add_argument("--port", type=int, default=50053, help="port (0 picks a free one)")
@@ -142,6 +158,34 @@ def _draft_runner(args: argparse.Namespace, store_root: Path, tokenizer: Tokeniz
     return TorchRunner(draft.model, _slots(args, device), device=device)
 
 
+def start_grpc(
+    engine: Engine,
+    model: ServedModel,
+    *,
+    server: str = "aio",
+    messages_per_s: float = STREAM_MESSAGES_PER_S,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    tls_cert: bytes | None = None,
+    tls_key: bytes | None = None,
+    token: str | None = None,
+) -> AioRunningServer | RunningServer:
+    """The gRPC server of `./tinylm serve` over `engine` (tools.grpc_probe starts the same one): "aio" serves every
+    stream from one event-loop thread (AsyncInferenceService); "threads" a thread per call (InferenceService)."""
+    add = inference_pb2_grpc.add_InferenceServiceServicer_to_server
+    if server == "aio":
+        service = AsyncInferenceService(engine, model, messages_per_s)
+        tls = (tls_cert, tls_key) if tls_cert is not None or tls_key is not None else None
+        return serve_aio([(add, service)], [SERVICE_NAME], host=host, port=port, tls=tls, token=token)
+    if server != "threads":
+        raise ValueError(f"server must be one of {SERVERS}, got {server!r}")
+    service = InferenceService(engine, model, messages_per_s)
+    return serve(
+        [(add, service)], [SERVICE_NAME], host=host, port=port, tls_cert=tls_cert, tls_key=tls_key, token=token,
+        max_workers=engine.max_slots + 32,  # a streaming call holds a worker thread for its whole life
+    )  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["serve"]:  # `python -m inference_svc serve ...`, as the stack launcher calls it
@@ -176,17 +220,16 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
     model = ServedModel(id=manifest["id"], name=str(manifest.get("name", "")), path=path, manifest=manifest)
-    running = serve_from_args(
-        [
-            (
-                inference_pb2_grpc.add_InferenceServiceServicer_to_server,
-                InferenceService(engine, model, args.stream_messages_per_s),
-            )
-        ],
-        [SERVICE_NAME],
-        args,
-        token=args.token,
-        max_workers=engine.max_slots + 32,  # a streaming call holds a worker thread for its whole life
+    running = start_grpc(
+        engine,
+        model,
+        server=args.grpc_server,
+        messages_per_s=args.stream_messages_per_s,
+        host=args.host,
+        port=args.port,
+        tls_cert=args.tls_cert.read_bytes() if args.tls_cert else None,
+        tls_key=args.tls_key.read_bytes() if args.tls_key else None,
+        token=args.token or None,
     )
     print(f"serving {model.id} ({model.name}) with {args.backend} on {running.address}", flush=True)
     http = None

@@ -3,42 +3,43 @@ house conventions, and a caller that cancels, disconnects or runs out of time gi
 
 from __future__ import annotations
 
+import asyncio
+import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from inference_svc.engine import Engine
+from inference_svc.engine import Chunk, Engine, FinishReason
+from inference_svc import service
+from inference_svc.main import SERVERS, start_grpc
 from inference_svc.runner import TorchRunner
-from inference_svc.service import SERVICE_NAME, InferenceService, ServedModel
+from inference_svc.service import SERVICE_NAME, InferenceService, ServedModel, _merged, _StreamPump
 from inference_svc.testing import engine_idle, wait_until
 from model.artifact import load_artifact
 from model.generate import generate, generate_tokens
 from model.sampling import SamplingParams
 from protos import common_pb2, inference_pb2, inference_pb2_grpc
 from rpc.client import channel
-from rpc.server import serve
 
 LONG = inference_pb2.SamplingParameters(max_new_tokens=120, temperature=0.0, has_temperature=True)
 SHORT = inference_pb2.SamplingParameters(max_new_tokens=3)
 
 
-@pytest.fixture
-def start(tiny):
-    """start(max_slots, max_queue) -> (stub, engine, channel); everything is stopped at teardown."""
+@pytest.fixture(params=SERVERS)
+def start(tiny, request):
+    """start(max_slots, max_queue) -> (stub, engine, channel); everything is stopped at teardown. Every test runs
+    against both server constructions of `./tinylm serve` (aio: AsyncInferenceService; threads: InferenceService)."""
     opened = []
 
     def _start(max_slots: int = 4, max_queue: int = 64, **service_kw):
         engine = Engine(TorchRunner(tiny.model, n_slots=max_slots), tiny.tokenizer, max_queue=max_queue)
         manifest = load_artifact(tiny.path).manifest
-        service = InferenceService(
-            engine, ServedModel(id=tiny.model_id, name="tiny-test", path=tiny.path, manifest=manifest), **service_kw
-        )
-        running = serve(
-            [(inference_pb2_grpc.add_InferenceServiceServicer_to_server, service)], [SERVICE_NAME], max_workers=32
-        )
+        model = ServedModel(id=tiny.model_id, name="tiny-test", path=tiny.path, manifest=manifest)
+        running = start_grpc(engine, model, server=request.param, **service_kw)
         ch = channel(running.address)
         opened.append((ch, running, engine))
         return inference_pb2_grpc.InferenceServiceStub(ch), engine, ch
@@ -319,3 +320,155 @@ def test_unhonourable_sampling_values_are_refused_and_results_carry_errors(start
     assert "error" in inference_pb2.GenerateResult.DESCRIPTOR.fields_by_name
     results = stub.GenerateBatch(inference_pb2.GenerateBatchRequest(requests=[good] * 4), timeout=30).results
     assert all(r.finish_reason == inference_pb2.FINISH_REASON_LENGTH and r.error == "" for r in results)
+
+
+class _FakeHandle:
+    """What `_StreamPump` reads of a RequestHandle: chunks put by the test stand for the engine's."""
+
+    def __init__(self) -> None:
+        self.queued: list[Chunk] = []
+
+    def ready(self) -> bool:
+        return bool(self.queued)
+
+    def next_chunks(self, timeout: float) -> list[Chunk]:
+        taken, self.queued = self.queued, []
+        return taken
+
+
+def _token(i: int) -> Chunk:
+    return Chunk("r", (i,), chr(97 + i))
+
+
+def test_pump_sends_the_first_token_alone_then_gathers_under_the_budget_and_never_holds_the_final():
+    """AsyncInferenceService's pump: a stream's first token goes at once and alone (TTFT), the next tokens wait for the
+    stream's share of the budget (2 streams / 20 messages/s = 0.1 s) and go as one message, and a final chunk goes at
+    the next pass whatever the interval; a handler that is not waiting (writing) leaves its tokens to gather."""
+
+    async def run() -> list[list[Chunk]]:
+        pump, handles = _StreamPump(messages_per_s=20.0), [_FakeHandle(), _FakeHandle()]
+        a, b = (pump.open(h) for h in handles)
+        pump._task.cancel()  # the test drives the passes, with its own clock
+        got = []
+
+        async def one_message(stream, now: float) -> list[Chunk] | None:
+            message = asyncio.ensure_future(stream.next_message())
+            await asyncio.sleep(0)  # the handler is now waiting
+            pump.deliver(now)
+            await asyncio.sleep(0)
+            if message.done():
+                return message.result()
+            message.cancel()
+            return None
+
+        handles[0].queued = [_token(0), _token(1)]
+        got.append(await one_message(a, 10.0))  # the first token alone
+        got.append(await one_message(a, 10.05))  # token 1 is held: 0.05 s < 0.1 s
+        handles[0].queued = [_token(2)]
+        got.append(await one_message(a, 10.15))  # due: tokens 1 and 2 together
+        handles[0].queued = [_token(3), Chunk("r", (4,), "e", finish_reason=FinishReason.LENGTH)]
+        got.append(await one_message(a, 10.16))  # the final chunk is not held
+        assert (await one_message(b, 10.2)) is None  # nothing made for b yet
+        pump.close(a)
+        pump.close(b)
+        return got
+
+    first, held, gathered, final = asyncio.run(run())
+    assert [c.token_ids for c in first] == [(0,)]
+    assert held is None
+    assert [c.token_ids for c in gathered] == [(1,), (2,)]
+    assert [c.token_ids for c in final] == [(3,), (4,)] and final[-1].final
+    merged = _merged(gathered + final)
+    assert merged.token_ids == (1, 2, 3, 4) and merged.text == "bcde" and merged.final
+
+
+def test_aio_server_answers_tokenize_and_list_models_in_its_thread_pool_and_stops(tiny):
+    """The plain (non-coroutine) RPCs run in the aio server's pool; stop() ends its loop thread."""
+    engine = Engine(TorchRunner(tiny.model, n_slots=1), tiny.tokenizer)
+    model = ServedModel(id=tiny.model_id, name="tiny-test", path=tiny.path, manifest=load_artifact(tiny.path).manifest)
+    running = start_grpc(engine, model, server="aio")
+    try:
+        with channel(running.address) as ch:
+            stub = inference_pb2_grpc.InferenceServiceStub(ch)
+            assert stub.ListModels(common_pb2.ListModelsRequest(), timeout=10).models[0].id == tiny.model_id
+            with pytest.raises(grpc.RpcError) as err:
+                stub.Tokenize(inference_pb2.TokenizeRequest(text="Q"), timeout=10)
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and err.value.details().startswith("text:")
+    finally:
+        running.stop(0)
+        engine.close()
+    assert not running._thread.is_alive()
+    with pytest.raises(ValueError, match="server must be one of"):
+        start_grpc(engine, model, server="gevent")
+
+
+def test_pump_paces_regular_messages_server_wide_round_robin_within_the_hold_bound():
+    """The budget is also a server-wide pace: 20 streams all due in one pass get at most the banked allowance
+    (1000 messages/s banks 5 ms: 5 messages), the next pass serves the streams after them (round-robin), and no
+    stream's tokens wait longer than STREAM_HOLD_MAX_S whatever the allowance."""
+
+    async def run() -> list[list[int]]:
+        loop = asyncio.get_running_loop()
+        pump = _StreamPump(messages_per_s=1000.0)
+        handles = [_FakeHandle() for _ in range(20)]
+        streams = [pump.open(h) for h in handles]
+        pump._task.cancel()  # the test drives the passes, with its own clock
+
+        def one_pass(now: float) -> list[int]:
+            for s, h in zip(streams, handles):
+                h.queued.append(_token(1))
+                if s.waiter is None:
+                    s.waiter = loop.create_future()  # every handler waits for its next message
+            waiters = [s.waiter for s in streams]
+            pump.deliver(now)
+            return [i for i, w in enumerate(waiters) if w.done()]
+
+        served = [one_pass(0.0)]  # first tokens: all at once, whatever the allowance
+        served.append(one_pass(0.02))  # all due (20 streams / 1000 per s): the allowance banked, 5
+        served.append(one_pass(0.021))  # 1 ms more: one more, the next in turn
+        served.append(one_pass(0.045))  # all due again: 5 more, from where the last pass stopped (not from 0)
+        served.append(one_pass(0.0451 + service.STREAM_HOLD_MAX_S))  # past the hold bound: everyone
+        return served
+
+    first, banked, next_one, in_turn, held_long = asyncio.run(run())
+    assert first == list(range(20))
+    assert banked == [0, 1, 2, 3, 4]
+    assert next_one == [5]
+    assert in_turn == [6, 7, 8, 9, 10]
+    assert held_long == list(range(20))
+
+
+def test_aio_server_with_tls_and_a_token_streams_and_keeps_health_open(tiny, tmp_path):
+    """The aio construction's TLS and bearer token, as rpc.server's: a stream with the token over TLS, UNAUTHENTICATED
+    without it, health answered without it; reflection lists the service."""
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    openssl = ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost"]
+    subprocess.run([*openssl, "-addext", "subjectAltName=DNS:localhost", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True)  # fmt: skip
+    engine = Engine(TorchRunner(tiny.model, n_slots=1), tiny.tokenizer)
+    model = ServedModel(id=tiny.model_id, name="tiny-test", path=tiny.path, manifest=load_artifact(tiny.path).manifest)
+    running = start_grpc(
+        engine, model, host="localhost", tls_cert=cert.read_bytes(), tls_key=key.read_bytes(), token="t"
+    )
+    request = inference_pb2.GenerateRequest(prompt="to be", params=SHORT)
+    try:
+        with channel(f"localhost:{running.port}", tls_ca=cert.read_bytes(), token="t") as ch:
+            responses = list(inference_pb2_grpc.InferenceServiceStub(ch).Generate(request, timeout=30))
+            assert sum(len(r.token_ids) for r in responses) == 3
+            assert responses[-1].finish_reason == inference_pb2.FINISH_REASON_LENGTH
+            reflect = reflection_pb2_grpc.ServerReflectionStub(ch).ServerReflectionInfo(
+                iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=10
+            )
+            assert SERVICE_NAME in [s.name for s in next(reflect).list_services_response.service]
+        with channel(f"localhost:{running.port}", tls_ca=cert.read_bytes()) as ch:
+            with pytest.raises(grpc.RpcError) as err:
+                list(inference_pb2_grpc.InferenceServiceStub(ch).Generate(request, timeout=30))
+            assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            health = health_pb2_grpc.HealthStub(ch).Check(
+                health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=10
+            )
+            assert health.status == health_pb2.HealthCheckResponse.SERVING
+        assert wait_until(lambda: engine_idle(engine))
+    finally:
+        running.stop(0)
+        engine.close()

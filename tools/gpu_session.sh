@@ -12,7 +12,8 @@
 #        --device cuda), compile (bench_svc.benches.train_compile), checkpointing (bench_svc.benches.train_checkpointing),
 #        train-profile / train-carryover (tools.train_probe: step time split, state left between runs),
 #        serve-probe (tools.serve_probe: decode step wall vs GPU-busy, kernels per step; $PROBE_ARGS), serve-probe-plain
-#        (the same without the small-batch decode kernels), decode-step (kernels.decode_step_bench; $DECODE_BATCHES).
+#        (the same without the small-batch decode kernels), grpc-probe (tools.grpc_probe: the gRPC server's ceiling over
+#        an instant runner, aio and threads; CPU only; $GRPC_PROBE_ARGS), decode-step (kernels.decode_step_bench; $DECODE_BATCHES).
 set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -101,6 +102,7 @@ for spec in "$@"; do
     train-sdpa) run_step train-sdpa "$limit" "$PYTHON" -m tools.train_probe sdpa --steps "${PROBE_STEPS:-300}" --eval-interval 100 ;;
     serve) run_step serve "$limit" "$PYTHON" -m bench_svc.benches.inference_serving --device cuda ;;
     serve-probe) run_step serve-probe "$limit" "$PYTHON" -m tools.serve_probe ${PROBE_ARGS:-} ;;
+    grpc-probe) run_step grpc-probe "$limit" "$PYTHON" -m tools.grpc_probe --server aio,threads ${GRPC_PROBE_ARGS:-} ;;
     serve-probe-plain) run_step serve-probe-plain "$limit" "$PYTHON" -m tools.serve_probe --no-small-batch-kernels ${PROBE_ARGS:-} ;;
     sampling) run_step sampling "$limit" "$PYTHON" -m kernels.sampling_bench ;;  # the one-launch sampler vs torch
     decode-step)  # the small-batch decode kernels against the default step, each captured (kernels.decode_step_bench)

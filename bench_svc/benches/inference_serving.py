@@ -23,7 +23,6 @@ import argparse
 import csv
 import datetime
 import json
-import multiprocessing
 import os
 import re
 import signal
@@ -31,7 +30,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
@@ -39,6 +37,7 @@ from typing import IO, Any
 
 import torch
 
+from bench_svc.benches.grpc_clients import grpc_load, percentile as _pct
 from bench_svc.provenance import LOAD_KEYS, device_name, git_commit, machine_load
 from inference_svc.engine import Engine
 from inference_svc.params import Request
@@ -106,13 +105,6 @@ CPU_PLAN = Plan(
     grpc_requests_per_stream=2,
     grpc_client_processes=2,
 )
-
-
-def _pct(values: list[float], q: float) -> float | None:
-    if not values:
-        return None
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]
 
 
 def _prompts(n: int, vocab_size: int, equal: bool = False) -> list[tuple[int, ...]]:
@@ -262,65 +254,6 @@ def _engine_rows(
 # gRPC ----------------------------------------------------------------------------------------------------
 
 
-def _stream_client(address: str, n_threads: int, n_requests: int, prompt: str, new_tokens: int) -> list[dict[str, Any]]:
-    """One client process: `n_threads` streams, each sending `n_requests` requests back to back."""
-    from protos import inference_pb2, inference_pb2_grpc
-    from rpc.client import channel
-
-    params = inference_pb2.SamplingParameters(max_new_tokens=new_tokens, temperature=0.0, has_temperature=True)
-    records: list[dict[str, Any]] = []
-    lock = threading.Lock()
-
-    def stream(ch) -> None:
-        stub = inference_pb2_grpc.InferenceServiceStub(ch)
-        for _ in range(n_requests):
-            t0 = last = time.perf_counter()
-            ttft, gaps, n = None, [], 0
-            for reply in stub.Generate(inference_pb2.GenerateRequest(prompt=prompt, params=params), timeout=600):
-                now = time.perf_counter()
-                k = len(reply.token_ids)
-                if k and ttft is None:
-                    ttft = (now - t0) * 1e3
-                elif k:
-                    gaps += [(now - last) * 1e3 / k] * k  # a merged message spreads its gap over its tokens
-                if k:
-                    last, n = now, n + k
-            with lock:
-                records.append({"start": t0, "end": time.perf_counter(), "tokens": n, "ttft_ms": ttft, "gaps_ms": gaps})
-
-    with channel(address) as ch:
-        threads = [threading.Thread(target=stream, args=(ch,)) for _ in range(n_threads)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-    return records
-
-
-def grpc_load(
-    address: str, streams: int, requests_per_stream: int, prompt: str, new_tokens: int, processes: int
-) -> dict[str, float | None]:
-    """`streams` concurrent streaming clients spread over `processes` client processes."""
-    _stream_client(address, 1, 1, prompt, 4)  # warm-up: connection, first request
-    per_proc = [streams // processes + (i < streams % processes) for i in range(processes)]
-    ctx = multiprocessing.get_context("spawn")
-    with ctx.Pool(processes) as pool:
-        parts = pool.starmap(
-            _stream_client, [(address, n, requests_per_stream, prompt, new_tokens) for n in per_proc if n]
-        )
-    records = [r for part in parts for r in part]
-    wall = max(r["end"] for r in records) - min(r["start"] for r in records)  # perf_counter is system-wide on Linux
-    gaps = [g for r in records for g in r["gaps_ms"]]
-    ttft = [r["ttft_ms"] for r in records if r["ttft_ms"] is not None]
-    return {
-        "tokens_per_s": sum(r["tokens"] for r in records) / wall,
-        "ttft_p50_ms": _pct(ttft, 50),
-        "ttft_p95_ms": _pct(ttft, 95),
-        "itl_p50_ms": _pct(gaps, 50),
-        "itl_p95_ms": _pct(gaps, 95),
-    }
-
-
 def _child_env(**extra: str) -> dict[str, str]:
     """This process's environment for a child run from the repo root: ROOT first on PYTHONPATH, the caller's kept."""
     path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
@@ -390,6 +323,7 @@ def _grpc_row(
         )
     finally:
         _stop_server(proc, errors)
+    load = {k: load[k] for k in ("tokens_per_s", "ttft_p50_ms", "ttft_p95_ms", "itl_p50_ms", "itl_p95_ms")}  # Row's
     target = TARGET_GRPC_TOKENS_PER_S.get(streams) if on_gpu else None
     return Row(
         backend,

@@ -1,0 +1,180 @@
+"""Diagnostics for the gRPC server around the engine: its ceiling with no model behind it.
+
+    python -m tools.grpc_probe [--streams 64,256] [--server aio,threads] [--new-tokens 200] [--requests 4]
+                               [--processes 8] [--step-ms 0.25] [--messages-per-s N] [--interval-max-ms MS]
+
+Starts the real service on loopback, built as `./tinylm serve` builds it (`inference_svc.main.start_grpc`), over an
+`Engine` whose runner returns at once (`tools.serve_probe.InstantRunner`; `--step-ms` adds a sleep per decode step that
+releases the GIL, as the engine's wait for a GPU step does) and a 65-character tokenizer, then runs N streaming
+clients (greedy, back to back) in `--processes` client processes, the way the serving bench's gRPC rows do
+(`bench_svc.benches.grpc_clients`). One row per (streams, server): the same engine alone (no server: the ceiling),
+tokens/s, TTFT p50/p95 as the clients see it and the engine's own TTFT p50, inter-token p50, messages/s, tokens per
+message, and the server process's CPU seconds per 1k tokens (every thread: engine, server, gRPC's own).
+A diagnostic tool, not a benchmark: on a small CPU the clients share the cores with the server.
+Where the server's time goes, every thread (py-spy: `pip install py-spy` into the venv; `--gil`: who holds the GIL):
+    py-spy record --gil --threads --native --format raw -o /tmp/spy.txt -- python -m tools.grpc_probe --streams 256
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+
+import torch
+
+from bench_svc.benches.grpc_clients import grpc_load
+from inference_svc.engine import Engine
+from inference_svc.main import SERVERS, start_grpc
+from inference_svc.params import Request
+from inference_svc import service
+from inference_svc.service import STREAM_MESSAGES_PER_S, ServedModel
+from model.sampling import SamplingParams
+from model.tokenizers import CharTokenizer
+from tools.serve_probe import InstantRunner
+
+__all__ = ["PacedRunner", "main", "probe"]
+
+PROMPT = "TO BE, OR NOT TO BE"  # in the probe's vocabulary (chr(32)..chr(96))
+
+
+class PacedRunner(InstantRunner):
+    """`InstantRunner` whose decode step takes `step_s` seconds off the GIL (a sleep), as a GPU step's wait does:
+    the engine thread then has to take the GIL back from the server's threads every step."""
+
+    def __init__(self, n_slots: int, step_s: float) -> None:
+        super().__init__(n_slots)
+        self.step_s = step_s
+
+    def decode_sample(self, slots, kv_len: int, full: bool) -> torch.Tensor:
+        if self.step_s > 0:
+            time.sleep(self.step_s)
+        return super().decode_sample(slots, kv_len, full)
+
+
+def probe(
+    streams: int,
+    *,
+    new_tokens: int,
+    requests: int,
+    processes: int,
+    step_ms: float,
+    server: str,
+    messages_per_s: float,
+    switch_interval_ms: float | None,
+) -> dict[str, float | None]:
+    """One server (`streams` slots) and its load; the load's figures plus the server process's CPU per 1k tokens."""
+    tokenizer = CharTokenizer([chr(32 + i) for i in range(65)])
+    engine = Engine(PacedRunner(streams, step_ms / 1e3), tokenizer, max_queue=4 * streams)
+    model = ServedModel(id="0" * 12, name="grpc-probe")
+    old_interval = sys.getswitchinterval()
+    if switch_interval_ms is not None:
+        sys.setswitchinterval(switch_interval_ms / 1e3)
+    running = start_grpc(engine, model, server=server, messages_per_s=messages_per_s, host="127.0.0.1", port=0)
+    try:
+        cpu0 = time.process_time()  # every thread of this process: the engine's, the server's, gRPC's own
+        load = grpc_load(running.address, streams, requests, PROMPT, new_tokens, processes)
+        cpu = time.process_time() - cpu0
+    finally:
+        running.stop(0)
+        engine.close()
+        sys.setswitchinterval(old_interval)
+    tokens = streams * requests * new_tokens
+    return {**load, "server_cpu_s_per_1k_tokens": cpu / tokens * 1e3}
+
+
+def engine_ceiling(streams: int, new_tokens: int, step_ms: float) -> float:
+    """Tokens/s of the same engine with no server: `streams` requests at once, timed by the engine (submit to its last
+    token), the figure the server's streams could reach at best."""
+    tokenizer = CharTokenizer([chr(32 + i) for i in range(65)])
+    params = SamplingParams(max_new_tokens=new_tokens, temperature=0.0)
+    with Engine(PacedRunner(streams, step_ms / 1e3), tokenizer, max_queue=streams) as engine:
+        finals = []
+        for _ in range(2):  # the first is a warm-up
+            handles = engine.submit_many([Request(tuple(tokenizer.encode(PROMPT)), params) for _ in range(streams)])
+            finals = [h.result() for h in handles]
+    last_ms = max(f.timings.token_ms[-1] for f in finals)
+    return sum(len(f.token_ids) for f in finals) / (last_ms / 1e3)
+
+
+# (header, width, key of the row): the table main prints, one row per stream count
+COLUMNS = [
+    ("streams", 7, "streams"),
+    ("server", 7, "server"),
+    ("engine alone", 12, "engine_alone"),
+    ("tok/s", 9, "tokens_per_s"),
+    ("TTFT p50", 9, "ttft_p50_ms"),
+    ("TTFT p95", 9, "ttft_p95_ms"),
+    ("engine TTFT", 11, "engine_ttft_p50_ms"),
+    ("ITL p50", 8, "itl_p50_ms"),
+    ("msg/s", 8, "messages_per_s"),
+    ("tok/msg", 7, "tokens_per_message"),
+    ("server cpu s/1k tok", 19, "server_cpu_s_per_1k_tokens"),
+]
+
+
+def _cell(value: object, width: int) -> str:
+    if value is None:
+        return f"{'-':>{width}}"
+    if isinstance(value, float):
+        return f"{value:>{width},.0f}" if value >= 100 else f"{value:>{width}.4g}"
+    return f"{value:>{width}}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m tools.grpc_probe", description=__doc__.split("\n\n")[0])
+    p.add_argument("--streams", default="64,256", help="comma-separated stream counts, one server each")
+    p.add_argument("--new-tokens", type=int, default=200, help="tokens per request (greedy)")
+    p.add_argument("--requests", type=int, default=4, help="requests per stream, back to back")
+    p.add_argument("--processes", type=int, default=8, help="client processes the streams are spread over")
+    p.add_argument("--step-ms", type=float, default=0.25, help="each decode step's sleep, off the GIL (0: none)")
+    p.add_argument(
+        "--server", default="aio", help=f"comma-separated server constructions of main.start_grpc: {', '.join(SERVERS)}"
+    )
+    p.add_argument(
+        "--messages-per-s", type=float, default=STREAM_MESSAGES_PER_S, help="the service's stream message budget"
+    )
+    p.add_argument(
+        "--interval-max-ms",
+        type=float,
+        default=service.STREAM_INTERVAL_MAX_S * 1e3,
+        help="the longest a stream's tokens are held (the service's STREAM_INTERVAL_MAX_S, set for this run)",
+    )
+    p.add_argument("--switch-interval-ms", type=float, default=None, help="sys.setswitchinterval in the server")
+    args = p.parse_args(argv)
+    for name in ("new_tokens", "requests", "processes"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if not (args.step_ms >= 0 and math.isfinite(args.step_ms)):
+        p.error(f"--step-ms must be a finite number >= 0, got {args.step_ms}")
+    if not args.interval_max_ms > 0:
+        p.error(f"--interval-max-ms must be > 0, got {args.interval_max_ms}")
+    service.STREAM_INTERVAL_MAX_S = args.interval_max_ms / 1e3  # a diagnostic: the module's constant, this process
+    servers = args.server.split(",")
+    if not set(servers) <= set(SERVERS):
+        p.error(f"--server: each must be one of {', '.join(SERVERS)}, got {args.server!r}")
+    counts = [int(x) for x in args.streams.split(",")]
+    if min(counts) < 1:
+        p.error(f"--streams must be positive integers, got {args.streams!r}")
+    print(" ".join(f"{name:>{width}}" for name, width, _ in COLUMNS), flush=True)
+    for n in counts:
+        alone = engine_ceiling(n, args.new_tokens, args.step_ms)
+        for server in servers:
+            row = {"streams": n, "server": server, "engine_alone": alone}
+            row |= probe(
+                n,
+                new_tokens=args.new_tokens,
+                requests=args.requests,
+                processes=min(args.processes, n),
+                step_ms=args.step_ms,
+                server=server,
+                messages_per_s=args.messages_per_s,
+                switch_interval_ms=args.switch_interval_ms,
+            )
+            print(" ".join(_cell(row[key], width) for _, width, key in COLUMNS), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
