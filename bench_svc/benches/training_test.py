@@ -59,8 +59,8 @@ def test_variants_picks_and_orders_and_names_the_choices(capsys):
     with pytest.raises(
         SystemExit,
         match=r"unknown variant\(s\) \['fast'\]; choose from \['tinylm', 'tinylm-graph', 'tinylm-fast', "
-        r"'tinylm-fast-graph', 'tinylm-muon', 'tinylm-muon-hot', 'tinylm-muon-long', 'tinylm-muon-gpt', "
-        r"'tinylm-opt', 'tinylm-blocks', 'tinylm-opt-blocks', 'tinylm-muon-blocks', "
+        r"'tinylm-fast-graph', 'tinylm-muon', 'tinylm-muon-hot', 'tinylm-muon-long', 'tinylm-muon-short', "
+        r"'tinylm-muon-gpt', 'tinylm-tuned', 'tinylm-opt', 'tinylm-blocks', 'tinylm-opt-blocks', 'tinylm-muon-blocks', "
         r"'compile-default', 'eager', 'eager-pytorch'\]",
     ):
         training._variants(training._parse_args(["--variants", "fast"]))
