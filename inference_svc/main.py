@@ -23,8 +23,8 @@ from pathlib import Path
 
 import torch
 
-from inference_svc.engine import Engine
-from inference_svc.runner import ModelRunner, TorchRunner
+from inference_svc.engine import DECODE_STEPS_GRAPHS, Engine
+from inference_svc.runner import MAX_DECODE_STEPS, ModelRunner, TorchRunner
 from inference_svc.aio_server import AioRunningServer, serve_aio
 from inference_svc.service import (
     SERVICE_NAME,
@@ -75,6 +75,13 @@ def build_parser() -> argparse.ArgumentParser:
         "(id prefix, name or folder; torch backend only)",
     )
     p.add_argument("--speculative-k", type=int, default=4, help="draft tokens proposed per step (with --draft-model)")
+    p.add_argument(
+        "--decode-steps",
+        type=int,
+        default=0,
+        help=f"decode steps launched per engine step, 1..{MAX_DECODE_STEPS} (0: the engine's default, "
+        f"{DECODE_STEPS_GRAPHS} with CUDA graphs, else 1); more: fewer host costs per token, burstier streams",
+    )
     p.add_argument("--threads", type=int, default=0, help="CPU threads for torch and ONNX Runtime (0: their default)")
     p.add_argument(
         "--stream-messages-per-s",
@@ -202,6 +209,10 @@ def main(argv: list[str] | None = None) -> int:
         if value < (1 if flag == "--speculative-k" else 0):
             print(f"tinylm serve: {flag} must be an integer {allowed}, got {value}", file=sys.stderr)
             return 2
+    if not 0 <= args.decode_steps <= MAX_DECODE_STEPS:
+        print(f"tinylm serve: --decode-steps must be an integer 0..{MAX_DECODE_STEPS} (0: the default), got "
+              f"{args.decode_steps}", file=sys.stderr)  # fmt: skip
+        return 2
     if not args.stream_messages_per_s > 0:
         print(f"tinylm serve: --stream-messages-per-s must be > 0, got {args.stream_messages_per_s:g}", file=sys.stderr)
         return 2
@@ -210,7 +221,8 @@ def main(argv: list[str] | None = None) -> int:
         path = artifact_path(args.model, store_root)
         runner, tokenizer, manifest = _runner(args, path)
         draft = _draft_runner(args, store_root, tokenizer)
-        engine = Engine(runner, tokenizer, max_queue=args.max_queue, draft=draft, speculative_k=args.speculative_k)
+        engine = Engine(runner, tokenizer, max_queue=args.max_queue, draft=draft, speculative_k=args.speculative_k,
+                        decode_steps=args.decode_steps or None)  # fmt: skip
     except (ArtifactError, FileNotFoundError, ValueError) as err:
         print(f"tinylm serve: {err}", file=sys.stderr)
         if not args.model:

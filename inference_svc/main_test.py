@@ -160,6 +160,8 @@ def _copy(tiny, tmp_path) -> Path:
         (["--max-slots", "-3"], "--max-slots must be an integer >= 1 (0: the default), got -3"),
         (["--max-queue", "-1"], "--max-queue must be an integer >= 0, got -1"),
         (["--speculative-k", "0"], "--speculative-k must be an integer >= 1, got 0"),
+        (["--decode-steps", "65"], "--decode-steps must be an integer 0..64 (0: the default), got 65"),
+        (["--decode-steps", "-1"], "--decode-steps must be an integer 0..64 (0: the default), got -1"),
     ],
 )
 def test_bad_flags_name_themselves(tiny, capsys, argv, words):
