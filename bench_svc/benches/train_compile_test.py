@@ -16,8 +16,9 @@ def test_bad_modes_are_refused(modes, capsys):
     with pytest.raises(SystemExit) as exit_:
         train_compile.main(["--modes", modes])
     assert exit_.value.code == 2
-    assert "--modes must be a comma-separated list of ['none', 'default', 'reduce-overhead', 'reduce-overhead-tuned', 'max-autotune']" in (
-        capsys.readouterr().err
+    assert (
+        "--modes must be a comma-separated list of ['none', 'default', 'reduce-overhead', 'reduce-overhead-tuned', 'max-autotune']"
+        in (capsys.readouterr().err)
     )
 
 
