@@ -97,10 +97,10 @@ class Attention(nn.Module):
 
     def _qkv_sources(self) -> tuple:
         """What the concatenated copy was made from: each projection parameter, its version counter (bumped by
-        every in-place change) and its storage (a move or cast, `module.to`, swaps it but keeps the version), so a
-        copy made stale by training, a LoRA merge or a move is never used."""
+        every in-place change), dtype and device (`module.to` swaps the data but keeps the version; not data_ptr,
+        which torch.export cannot trace), so a copy made stale by training, a LoRA merge or a move is never used."""
         projs = (self.q_proj, self.k_proj, self.v_proj)
-        return tuple((p, (p._version, p.data_ptr())) for proj in projs for p in proj.parameters())
+        return tuple((p, (p._version, p.dtype, p.device)) for proj in projs for p in proj.parameters())
 
     def _fused_qkv(self) -> tuple[torch.Tensor, torch.Tensor | None] | None:
         qkv = getattr(self, "qkv", None)
