@@ -387,6 +387,11 @@ def test_a_second_runner_over_the_same_models_keeps_the_fused_weights_of_the_fir
     assert all(w.dtype == torch.float64 for w in _fused_weights(models[:1]))
 
 
+def _fill(numel: int) -> int:
+    """Copies of a bf16 tensor of `numel` that take about 8 MiB (at least 16)."""
+    return max(16, (8 << 20) // (2 * numel))
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 def test_engines_built_one_after_another_over_the_same_models_keep_their_graphs_on_gpu(tiny, pair):
     """The speculative bench's layout: an engine without a draft, then k = 2, then k = 4, over the SAME target and
@@ -414,7 +419,10 @@ def test_engines_built_one_after_another_over_the_same_models_keep_their_graphs_
     }
     try:
         sizes = {w.numel() for w in _fused_weights((target, draft))}
-        junk = [torch.full((n,), float("nan"), dtype=torch.bfloat16, device="cuda") for n in sizes for _ in range(16)]
+        # enough copies of each size to fill the small pool's 2 MiB segments, so a freed block of it is found
+        junk = [
+            torch.full((n,), float("nan"), dtype=torch.bfloat16, device="cuda") for n in sizes for _ in range(_fill(n))
+        ]
         torch.cuda.synchronize()
         del junk
         for k, engine in engines.items():
