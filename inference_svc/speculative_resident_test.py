@@ -142,15 +142,18 @@ def test_rejection_sampling_keeps_the_targets_distribution():
     assert stat > 10 * chi2_critical_999(df)  # the draft alone is far from p: the test can fail
 
 
+@pytest.mark.parametrize("k", [2, 3, 4])
 @pytest.mark.parametrize("full", [False, True])
 @pytest.mark.parametrize("in_place", [False, True])
-def test_a_round_leaves_each_row_ready_for_the_next(tiny, pair, full, in_place):
+def test_a_round_leaves_each_row_ready_for_the_next(tiny, pair, full, in_place, k):
     """Runner level: after each round, each slot's next input is its last new token at the next free position, its
     penalty mask holds exactly its context (full rounds), the counts are 1..k+1, and greedy tokens equal the target
-    alone's; with attention over the cache in place (the GPU's default) or gathered."""
+    alone's; with attention over the cache in place and the draft on the small-batch kernels' references (the GPU's
+    layout: the verify step's b * (k + 1) rows, 3 / 4 / 5 at k = 2 / 3 / 4) or gathered."""
     target, draft = pair
-    t, d = (TorchRunner(m, n_slots=4, attention_in_place=in_place) for m in pair)
-    runner = SpeculativeRunner(t, d, 3, 4)
+    kernels = dict(attention_in_place=True, small_batch_kernels="reference") if in_place else {}
+    t, d = (TorchRunner(m, n_slots=4, **kernels) for m in pair)
+    runner = SpeculativeRunner(t, d, k, 4)
     prompts = [tiny.tokenizer.encode(p) for p in PROMPTS[:3]]
     slots = [2, 0, 3]
     greedy = SamplingParams(temperature=0.0)
@@ -158,10 +161,10 @@ def test_a_round_leaves_each_row_ready_for_the_next(tiny, pair, full, in_place):
     first = runner.prefill_sample(slots, prompts, params, [5, 6, 7]).tolist()
     got = [[t] for t in first]
     for _ in range(4):
-        kv_len = max(len(p) + len(g) for p, g in zip(prompts, got)) + 3
+        kv_len = max(len(p) + len(g) for p, g in zip(prompts, got)) + k
         out = runner.round(slots, kv_len, full=full).tolist()
         for row, g in zip(out, got):
-            assert 1 <= row[0] <= 4
+            assert 1 <= row[0] <= k + 1
             g += row[1 : 1 + row[0]]
         for slot, prompt, g in zip(slots, prompts, got):
             assert runner.state.token[slot] == g[-1] and runner.state.pos[slot] == len(prompt) + len(g) - 1
@@ -221,6 +224,31 @@ def test_greedy_equals_the_target_alone_with_requests_joining_at_different_steps
         assert tokens == generate_tokens(target, tiny.tokenizer.encode(prompt), sp), prompt
     assert stats.draft_proposed > 0 and 0 < stats.draft_accepted < stats.draft_proposed
     assert stats.draft_proposed % 2 == 0  # k per round and row
+
+
+@pytest.mark.parametrize("k", [2, 4])
+def test_greedy_equals_the_target_alone_on_the_gpus_kernel_layout_with_a_shorter_draft_context(tiny, k):
+    """The GPU's layout on the CPU (attention over the cache in place; the draft's steps and the plain steps on the
+    small-batch kernels' references), k = 2 and 4 (the verify step's 3 and 5 rows a slot), and a draft context (32)
+    shorter than the target's (64): rounds until position 32 - k, plain steps after; the tokens equal the target
+    alone's, and the draft is accepted sometimes, not always."""
+    target, draft = target_and_draft(tiny.tokenizer.vocab_size, 32)
+    kernels = dict(attention_in_place=True, small_batch_kernels="reference")
+    params = [SamplingParams(max_new_tokens=n, temperature=0.0) for n in (36, 20, 9, 30)]
+    with Engine(
+        TorchRunner(target, n_slots=4, **kernels),
+        tiny.tokenizer,
+        max_queue=256,
+        draft=TorchRunner(draft, n_slots=4, **kernels),
+        speculative_k=k,
+    ) as engine:
+        got = [
+            list(h.result().token_ids) for h in [engine.submit(_request(tiny, p, sp)) for p, sp in zip(PROMPTS, params)]
+        ]
+        stats = engine.stats()
+    for prompt, sp, tokens in zip(PROMPTS, params, got):
+        assert tokens == generate_tokens(target, tiny.tokenizer.encode(prompt), sp), prompt
+    assert 0 < stats.draft_accepted < stats.draft_proposed and stats.draft_proposed % k == 0
 
 
 def test_greedy_rows_in_a_sampled_round_still_equal_the_target(tiny, pair):
@@ -290,15 +318,17 @@ def test_cancellation_frees_the_slots(tiny, pair):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
-def test_captured_rounds_equal_the_eager_rounds_on_gpu(tiny, pair):
+@pytest.mark.parametrize("k", [2, 3, 4])
+def test_captured_rounds_equal_the_eager_rounds_on_gpu(tiny, pair, k):
     """The same rounds, eager and replayed from their graphs (3 rows in the bucket of 4; a row leaves mid-way), in
-    bf16 on the GPU: the same counts and tokens, greedy and sampled."""
+    bf16 on the GPU: the same counts and tokens, greedy and sampled; the verify step's rows: 12, 16, 20 at k = 2, 3,
+    4 (3 rows and 5 rows a slot: decode attention at row counts that are not powers of two)."""
     runners = []
     for graphs in (False, True):
         target, draft = (copy.deepcopy(m) for m in pair)
         t = TorchRunner(target, n_slots=6, device="cuda", cuda_graphs=graphs, attention_in_place=True)
         d = TorchRunner(draft, n_slots=6, device="cuda", cuda_graphs=graphs, attention_in_place=True)
-        runners.append(SpeculativeRunner(t, d, 3, 6))
+        runners.append(SpeculativeRunner(t, d, k, 6))
     slots, prompts = [0, 1, 5], [tiny.tokenizer.encode(p) for p in PROMPTS[:3]]
     params = [SamplingParams(temperature=0.0), SamplingParams(temperature=0.9, top_k=6, seed=2)] * 2
     for full in (False, True):
@@ -310,11 +340,12 @@ def test_captured_rounds_equal_the_eager_rounds_on_gpu(tiny, pair):
             # the graphs' span (the target's context): the eager rounds attend over the same keys, in the same blocks
             a, b = (r.round(rows, 64, full).tolist() for r in runners)
             assert a == b, f"full={full} step {step}"
-    assert ("speculative", 3, 4, 64, True, False) in runners[1].target._graphs
+    assert ("speculative", k, 4, 64, True, False) in runners[1].target._graphs
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
-def test_greedy_through_the_engine_on_gpu_equals_the_engine_without_a_draft(tiny, pair):
+@pytest.mark.parametrize("k", [2, 3, 4])
+def test_greedy_through_the_engine_on_gpu_equals_the_engine_without_a_draft(tiny, pair, k):
     """bf16 on the GPU: the round's verify step (k + 1 positions) and the plain step may round differently, so the
     reference is the same engine without a draft; the test models' logits are spread, so the choices agree."""
     params = [SamplingParams(max_new_tokens=n, temperature=0.0) for n in (20, 33, 9, 26)]
@@ -323,9 +354,82 @@ def test_greedy_through_the_engine_on_gpu_equals_the_engine_without_a_draft(tiny
         target, draft = (copy.deepcopy(m) for m in pair)
         runner = TorchRunner(target, n_slots=4, device="cuda")
         drafter = TorchRunner(draft, n_slots=4, device="cuda") if with_draft else None
-        with Engine(runner, tiny.tokenizer, draft=drafter, speculative_k=3) as engine:
+        with Engine(runner, tiny.tokenizer, draft=drafter, speculative_k=k) as engine:
             handles = [engine.submit(_request(tiny, p, sp)) for p, sp in zip(PROMPTS, params)]
             results.append([list(h.result().token_ids) for h in handles])
             stats = engine.stats()
     assert results[0] == results[1]
     assert stats.draft_proposed > 0 and 0 < stats.draft_accepted <= stats.draft_proposed
+
+
+# Runners over shared models (the root cause of the GPU bench's k = 2 rows, 1c6034e) ----------------------------------
+
+
+def _fused_weights(models) -> list[torch.Tensor]:
+    """Every block's fused q/k/v weight and bias (`Attention.fuse_qkv`, made by `TorchRunner`): what a captured graph
+    reads by address."""
+    return [t for m in models for block in m.blocks for t in block.attn.qkv if t is not None]
+
+
+def test_a_second_runner_over_the_same_models_keeps_the_fused_weights_of_the_first(pair):
+    """A CUDA graph reads the fused q/k/v weights by address and holds no reference to them. The speculative bench
+    builds an engine per k over ONE target and ONE draft; each TorchRunner fused again, so the k = 2 engine (built
+    between k = 0 and k = 4) replayed graphs over freed memory: acceptance 0.00, tokens not the target's. A fresh
+    copy is kept now (same tensors, same storage); a cast still makes a new one, in the weights' dtype."""
+    models = [copy.deepcopy(m) for m in pair]
+    SpeculativeRunner(*(TorchRunner(m, n_slots=2) for m in models), 2, 2)
+    first = [(w, w.data_ptr()) for w in _fused_weights(models)]
+    SpeculativeRunner(*(TorchRunner(m, n_slots=2) for m in models), 4, 2)
+    again = _fused_weights(models)
+    assert len(again) == len(first) > 0
+    assert all(w is old and w.data_ptr() == ptr for w, (old, ptr) in zip(again, first))
+    TorchRunner(models[0].to(torch.float64), n_slots=2)  # a cast swaps the parameters' storage
+    assert all(w.dtype == torch.float64 for w in _fused_weights(models[:1]))
+
+
+def _fill(numel: int) -> int:
+    """Copies of a bf16 tensor of `numel` that take about 8 MiB (at least 16)."""
+    return max(16, (8 << 20) // (2 * numel))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_engines_built_one_after_another_over_the_same_models_keep_their_graphs_on_gpu(tiny, pair):
+    """The speculative bench's layout: an engine without a draft, then k = 2, then k = 4, over the SAME target and
+    draft (not copies), each capturing its graphs at start; then free GPU memory is scribbled over with NaN (what
+    later allocations did to the weights a second runner freed). Every engine still gives the tokens of an engine
+    over models of its own, and its rounds accept drafts."""
+    params = [SamplingParams(max_new_tokens=n, temperature=0.0) for n in (20, 33, 9, 26)]
+
+    def run(engine: Engine) -> list[list[int]]:
+        return [
+            list(h.result().token_ids) for h in [engine.submit(_request(tiny, p, sp)) for p, sp in zip(PROMPTS, params)]
+        ]
+
+    with Engine(TorchRunner(copy.deepcopy(pair[0]), n_slots=4, device="cuda"), tiny.tokenizer) as alone:
+        want = run(alone)
+    target, draft = (copy.deepcopy(m) for m in pair)
+    engines = {
+        k: Engine(
+            TorchRunner(target, n_slots=4, device="cuda"),
+            tiny.tokenizer,
+            draft=TorchRunner(draft, n_slots=4, device="cuda") if k else None,
+            speculative_k=max(k, 1),
+        )
+        for k in (0, 2, 4)
+    }
+    try:
+        sizes = {w.numel() for w in _fused_weights((target, draft))}
+        # enough copies of each size to fill the small pool's 2 MiB segments, so a freed block of it is found
+        junk = [
+            torch.full((n,), float("nan"), dtype=torch.bfloat16, device="cuda") for n in sizes for _ in range(_fill(n))
+        ]
+        torch.cuda.synchronize()
+        del junk
+        for k, engine in engines.items():
+            assert run(engine) == want, f"k={k}"
+            if k:
+                stats = engine.stats()
+                assert 0 < stats.draft_accepted <= stats.draft_proposed, f"k={k}"
+    finally:
+        for engine in engines.values():
+            engine.close()

@@ -151,3 +151,32 @@ def test_gpu_cuda_graph_replay_follows_new_lengths_and_queries(batch, ctx):
         graph.replay()
         ref = decode_attention_reference(q, k, v, None, lengths).float()
         torch.testing.assert_close(out.float(), ref, atol=2e-2, rtol=2e-2)
+
+
+def _verify_case(b, k, n_head, head_dim, max_len, seed, device=DEVICE, dtype=torch.float32):
+    """The speculative round's verify step (inference_svc.speculative_resident `_verify`): b rows of k + 1 queries
+    each, all k + 1 on ONE slot at consecutive positions n .. n + k (lengths n + 1 .. n + k + 1), rows grouped by
+    slot; the slots out of order, the first row at position 0 and the last at the cache's end."""
+    g = torch.Generator().manual_seed(seed)
+    n_slots = b + 1
+    shape = (n_slots, N_LAYER, n_head, max_len, head_dim)
+    k_buf = torch.randn(shape, generator=g).to(device=device, dtype=dtype)
+    v_buf = torch.randn(shape, generator=g).to(device=device, dtype=dtype)
+    q = torch.randn(b * (k + 1), n_head, head_dim, generator=g).to(device=device, dtype=dtype)
+    starts = torch.randint(0, max_len - k, (b,), generator=g)
+    starts[0], starts[-1] = 0, max_len - k - 1
+    slots = torch.randperm(n_slots, generator=g)[:b].repeat_interleave(k + 1)
+    lengths = (starts[:, None] + torch.arange(1, k + 2)).view(-1)
+    return q, k_buf[:, 1], v_buf[:, 1], slots.to(device), lengths.to(device)
+
+
+@pytest.mark.parametrize("b,k", [(1, 2), (1, 3), (1, 4), (16, 2), (16, 4)])
+def test_triton_matches_reference_at_the_speculative_verify_steps_rows(b, k):
+    """shakespeare-char's verify step (6 heads of 64, a 256-key span) at the round's row counts: 3, 4, 5, 48, 80 rows
+    (not powers of two but 4), k + 1 rows per slot; the split count the H200 takes (132 SMs) and no split."""
+    n_head, max_len = 6, 256
+    q, kc, vc, slots, lengths = _verify_case(b, k, n_head, 64, max_len, seed=10 * b + k)
+    want = decode_attention_reference(q, kc, vc, slots, lengths)
+    for num_splits in sorted({1, _pick_num_splits(q.shape[0], n_head, max_len, 132)}):
+        got = decode_attention_triton(q, kc, vc, slots, lengths, num_splits=num_splits)
+        torch.testing.assert_close(got, want, **FP32, msg=lambda m: f"{num_splits} splits: {m}")

@@ -79,7 +79,11 @@ class Attention(nn.Module):
     def fuse_qkv(self) -> bool:
         """Keep q/k/v's weights (and biases) concatenated, so the cached path projects with one matmul instead of
         three (a serving engine's decode step). A copy, not part of the state dict: call it again after the weights
-        change. False (nothing kept) when a projection is not a plain Linear (e.g. LoRA-wrapped)."""
+        change. False (nothing kept) when a projection is not a plain Linear (e.g. LoRA-wrapped).
+        A copy still fresh is kept, not made again: a CUDA graph captured over it reads it by address, so a second
+        runner over the same model (the speculative bench builds one per k) must not free it under the first."""
+        if self._fused_qkv() is not None:
+            return True
         projs = (self.q_proj, self.k_proj, self.v_proj)
         if not all(type(p) is nn.Linear for p in projs):
             self.qkv = None
@@ -92,9 +96,11 @@ class Attention(nn.Module):
         return True
 
     def _qkv_sources(self) -> tuple:
-        """What the concatenated copy was made from: each projection parameter and its version counter (bumped
-        by every in-place change), so a copy made stale by training, a LoRA merge or a move is never used."""
-        return tuple((p, p._version) for proj in (self.q_proj, self.k_proj, self.v_proj) for p in proj.parameters())
+        """What the concatenated copy was made from: each projection parameter, its version counter (bumped by
+        every in-place change), dtype and device (`module.to` swaps the data but keeps the version; not data_ptr,
+        which torch.export cannot trace), so a copy made stale by training, a LoRA merge or a move is never used."""
+        projs = (self.q_proj, self.k_proj, self.v_proj)
+        return tuple((p, (p._version, p.dtype, p.device)) for proj in projs for p in proj.parameters())
 
     def _fused_qkv(self) -> tuple[torch.Tensor, torch.Tensor | None] | None:
         qkv = getattr(self, "qkv", None)
