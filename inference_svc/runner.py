@@ -236,6 +236,9 @@ class TorchRunner:
             dtype = torch.bfloat16 if device.type == "cuda" else next(model.parameters()).dtype
         self.model = model.to(device=device, dtype=dtype).eval()
         self.model.fuse_qkv()  # one q/k/v matmul per layer in the cached steps
+        # The fused copies this runner's CUDA graphs will read by address: held here, so that a later fuse_qkv (the
+        # weights changed in place, another runner over the same model) cannot free them under the graphs.
+        self._fused = [getattr(block.attn, "qkv", None) for block in self.model.blocks]
         self.config = model.config
         self.device, self.dtype = device, dtype
         self.n_slots = n_slots

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import copy
+import weakref
+
 import pytest
 import torch
 
@@ -68,3 +71,16 @@ def test_cuda_graph_decode_matches_eager(tiny):
         b = graphs.decode([0, 1, 5], tokens, positions)
         torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2)
         assert torch.equal(a.argmax(-1), b.argmax(-1))
+
+
+def test_a_runner_holds_the_fused_weights_its_graphs_read(tiny):
+    """A later fuse_qkv over changed weights makes new copies; the runner still holds the ones it started with (a CUDA
+    graph reads them by address and keeps no reference of its own)."""
+    model = copy.deepcopy(tiny.model)
+    runner = TorchRunner(model, n_slots=2)
+    first = [weakref.ref(block.attn.qkv[0]) for block in model.blocks]
+    with torch.no_grad():
+        model.blocks[0].attn.q_proj.weight.add_(1.0)  # in place: the copy is stale now
+    model.fuse_qkv()
+    assert model.blocks[0].attn.qkv[0] is not first[0]()  # a new copy was made
+    assert all(ref() is not None for ref in first) and runner._fused[0][0] is first[0]()
