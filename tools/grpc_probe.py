@@ -2,6 +2,7 @@
 
     python -m tools.grpc_probe [--streams 64,256] [--server aio,threads] [--new-tokens 200] [--requests 4]
                                [--processes 8] [--step-ms 0.25] [--messages-per-s N] [--interval-max-ms MS]
+                               [--decode-steps 4]
 
 Starts the real service on loopback, built as `./tinylm serve` builds it (`inference_svc.main.start_grpc`), over an
 `Engine` whose runner returns at once (`tools.serve_probe.InstantRunner`; `--step-ms` adds a sleep per decode step that
@@ -25,7 +26,7 @@ import time
 import torch
 
 from bench_svc.benches.grpc_clients import grpc_load
-from inference_svc.engine import Engine
+from inference_svc.engine import DECODE_STEPS_GRAPHS, Engine
 from inference_svc.main import SERVERS, start_grpc
 from inference_svc.params import Request
 from inference_svc import service
@@ -47,10 +48,10 @@ class PacedRunner(InstantRunner):
         super().__init__(n_slots)
         self.step_s = step_s
 
-    def decode_sample(self, slots, kv_len: int, full: bool) -> torch.Tensor:
+    def decode_sample(self, slots, kv_len: int, full: bool, steps: int = 1) -> torch.Tensor:
         if self.step_s > 0:
-            time.sleep(self.step_s)
-        return super().decode_sample(slots, kv_len, full)
+            time.sleep(self.step_s * steps)
+        return super().decode_sample(slots, kv_len, full, steps)
 
 
 def probe(
@@ -63,10 +64,11 @@ def probe(
     server: str,
     messages_per_s: float,
     switch_interval_ms: float | None,
+    decode_steps: int = DECODE_STEPS_GRAPHS,
 ) -> dict[str, float | None]:
     """One server (`streams` slots) and its load; the load's figures plus the server process's CPU per 1k tokens."""
     tokenizer = CharTokenizer([chr(32 + i) for i in range(65)])
-    engine = Engine(PacedRunner(streams, step_ms / 1e3), tokenizer, max_queue=4 * streams)
+    engine = Engine(PacedRunner(streams, step_ms / 1e3), tokenizer, max_queue=4 * streams, decode_steps=decode_steps)
     model = ServedModel(id="0" * 12, name="grpc-probe")
     old_interval = sys.getswitchinterval()
     if switch_interval_ms is not None:
@@ -84,12 +86,12 @@ def probe(
     return {**load, "server_cpu_s_per_1k_tokens": cpu / tokens * 1e3}
 
 
-def engine_ceiling(streams: int, new_tokens: int, step_ms: float) -> float:
+def engine_ceiling(streams: int, new_tokens: int, step_ms: float, decode_steps: int = DECODE_STEPS_GRAPHS) -> float:
     """Tokens/s of the same engine with no server: `streams` requests at once, timed by the engine (submit to its last
     token), the figure the server's streams could reach at best."""
     tokenizer = CharTokenizer([chr(32 + i) for i in range(65)])
     params = SamplingParams(max_new_tokens=new_tokens, temperature=0.0)
-    with Engine(PacedRunner(streams, step_ms / 1e3), tokenizer, max_queue=streams) as engine:
+    with Engine(PacedRunner(streams, step_ms / 1e3), tokenizer, max_queue=streams, decode_steps=decode_steps) as engine:
         finals = []
         for _ in range(2):  # the first is a warm-up
             handles = engine.submit_many([Request(tuple(tokenizer.encode(PROMPT)), params) for _ in range(streams)])
@@ -142,8 +144,14 @@ def main(argv: list[str] | None = None) -> int:
         help="the longest a stream's tokens are held (the service's STREAM_INTERVAL_MAX_S, set for this run)",
     )
     p.add_argument("--switch-interval-ms", type=float, default=None, help="sys.setswitchinterval in the server")
+    p.add_argument(
+        "--decode-steps",
+        type=int,
+        default=DECODE_STEPS_GRAPHS,
+        help=f"the engine's decode steps per engine step (default {DECODE_STEPS_GRAPHS}, as on CUDA graphs)",
+    )
     args = p.parse_args(argv)
-    for name in ("new_tokens", "requests", "processes"):
+    for name in ("new_tokens", "requests", "processes", "decode_steps"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if not (args.step_ms >= 0 and math.isfinite(args.step_ms)):
@@ -159,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--streams must be positive integers, got {args.streams!r}")
     print(" ".join(f"{name:>{width}}" for name, width, _ in COLUMNS), flush=True)
     for n in counts:
-        alone = engine_ceiling(n, args.new_tokens, args.step_ms)
+        alone = engine_ceiling(n, args.new_tokens, args.step_ms, args.decode_steps)
         for server in servers:
             row = {"streams": n, "server": server, "engine_alone": alone}
             row |= probe(
@@ -171,6 +179,7 @@ def main(argv: list[str] | None = None) -> int:
                 server=server,
                 messages_per_s=args.messages_per_s,
                 switch_interval_ms=args.switch_interval_ms,
+                decode_steps=args.decode_steps,
             )
             print(" ".join(_cell(row[key], width) for _, width, key in COLUMNS), flush=True)
     return 0
