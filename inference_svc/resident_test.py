@@ -129,12 +129,15 @@ def test_resident_graphs_equal_the_eager_resident_step_on_gpu(tiny):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
-def test_multi_step_decode_on_graphs_gives_the_single_step_tokens_on_gpu(tiny):
+@pytest.mark.parametrize("multi_step_max_batch", [16, 0], ids=["one-graph", "graph-per-step"])
+def test_multi_step_decode_on_graphs_gives_the_single_step_tokens_on_gpu(tiny, multi_step_max_batch):
     """The engine on CUDA graphs, 1 and 4 decode steps per launch (each step's ids copied out before the next
-    replay rewrites them): the same tokens, greedy and seeded-sampled, requests joining mid-flight."""
+    replay rewrites them; the 4 steps as one graph, or one graph per step as above MULTI_STEP_GRAPH_MAX_BATCH): the
+    same tokens, greedy and seeded-sampled, requests joining mid-flight."""
     results = []
     for steps in (1, None):  # None: the engine's default on graphs
-        runner = TorchRunner(tiny.copy(), n_slots=4, device="cuda", cuda_graphs=True)
+        runner = TorchRunner(tiny.copy(), n_slots=4, device="cuda", cuda_graphs=True,
+                             multi_step_max_batch=multi_step_max_batch)  # fmt: skip
         with Engine(runner, tiny.tokenizer, max_queue=64, decode_steps=steps) as engine:
             assert engine.decode_steps == (steps or DECODE_STEPS_GRAPHS) and DECODE_STEPS_GRAPHS > 1
             results.append(_run(engine, tiny, CASES * 3))

@@ -27,6 +27,7 @@ from typing import Callable, Protocol, Sequence
 
 import torch
 
+from model.field_checks import check_int
 from model.kv_cache import KVCache
 from kernels.dispatch import Impl
 from kernels.sampling import SlotSettings, advance_slots
@@ -217,6 +218,8 @@ class TorchRunner:
     `small_batch_kernels` (default: on CUDA; with attention in place): the device-resident steps of batch buckets up to
     `kernels.decode_gemv.MAX_ROWS` run `GPT.forward_cached`'s fused small-batch kernels (about 5 launches per layer;
     True takes them on CUDA, "reference" runs their PyTorch references: see forward_cached).
+    `multi_step_max_batch`: the largest batch bucket whose several decode steps (`decode_sample(steps=)`) replay as
+    one captured graph (default MULTI_STEP_GRAPH_MAX_BATCH; larger buckets replay the single-step graph per step).
     """
 
     def __init__(
@@ -230,7 +233,10 @@ class TorchRunner:
         cuda_graphs: bool | None = None,
         attention_in_place: bool | None = None,
         small_batch_kernels: bool | str | None = None,
+        multi_step_max_batch: int = MULTI_STEP_GRAPH_MAX_BATCH,
     ) -> None:
+        check_int("multi_step_max_batch", multi_step_max_batch, 0)
+        self.multi_step_max_batch = multi_step_max_batch
         device = torch.device(device) if device is not None else next(model.parameters()).device
         if dtype is None:
             dtype = torch.bfloat16 if device.type == "cuda" else next(model.parameters()).dtype
@@ -368,7 +374,7 @@ class TorchRunner:
         if steps == 1:
             self._resident_graph(b, self._span(kv_len), full).graph.replay()
             return self._out[:B]
-        if steps == self._graph_steps and b <= MULTI_STEP_GRAPH_MAX_BATCH:
+        if steps == self._graph_steps and b <= self.multi_step_max_batch:
             self._resident_graph(b, self._span(kv_len + steps - 1), full, steps).graph.replay()
             return self._out[: steps * b].view(steps, b)[:, :B]
         out = torch.empty(steps, B, dtype=torch.long, device=self.device)
@@ -494,7 +500,7 @@ class TorchRunner:
         """Capture every device-resident decode graph now (batch bucket x attention span x greedy-only / full, largest
         first, all in one memory pool: their outputs live outside it, so any replay order is safe), so that no
         request pays for a capture; with `steps` > 1 also graphs of that many steps for the batch buckets up to
-        MULTI_STEP_GRAPH_MAX_BATCH (`decode_sample(steps=)`). The resident engine calls it at start; without it each
+        `multi_step_max_batch` (`decode_sample(steps=)`). The resident engine calls it at start; without it each
         graph is captured on first use. Nothing to do without CUDA graphs."""
         if not self.cuda_graphs:
             return
@@ -505,7 +511,7 @@ class TorchRunner:
             for span in reversed(self._kv_buckets()):
                 for full in (True, False):
                     self._resident_graph(b, span, full)
-                    if steps > 1 and b <= MULTI_STEP_GRAPH_MAX_BATCH:
+                    if steps > 1 and b <= self.multi_step_max_batch:
                         self._resident_graph(b, span, full, steps)
         # The prefills of requests arriving a few per step with short prompts (the rest are captured on first use).
         for b in (x for x in batch_buckets(self.n_slots) if x <= 8):

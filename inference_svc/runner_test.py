@@ -84,3 +84,9 @@ def test_a_runner_holds_the_fused_weights_its_graphs_read(tiny):
     model.fuse_qkv()
     assert model.blocks[0].attn.qkv[0] is not first[0]()  # a new copy was made
     assert all(ref() is not None for ref in first) and runner._fused[0][0] is first[0]()
+
+
+def test_multi_step_max_batch_is_checked_and_kept(tiny):
+    with pytest.raises(ValueError, match="multi_step_max_batch must be an integer >= 0, got -1"):
+        TorchRunner(tiny.model, n_slots=2, multi_step_max_batch=-1)
+    assert TorchRunner(tiny.model, n_slots=2, multi_step_max_batch=256).multi_step_max_batch == 256

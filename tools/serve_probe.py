@@ -201,6 +201,12 @@ def main(argv: list[str] | None = None) -> int:
         help="fused small-batch decode kernels (TorchRunner option; default: the runner's, on with CUDA)",
     )
     p.add_argument(
+        "--multi-step-max-batch",
+        type=int,
+        default=None,
+        help="TorchRunner option: the largest batch bucket whose decode steps replay as one graph (default: the runner's)",
+    )
+    p.add_argument(
         "--decode-steps",
         type=int,
         default=None,
@@ -228,6 +234,7 @@ def main(argv: list[str] | None = None) -> int:
         device="cuda",
         attention_in_place=not args.gather,
         small_batch_kernels=args.small_batch_kernels,
+        **({} if args.multi_step_max_batch is None else {"multi_step_max_batch": args.multi_step_max_batch}),
     )
     print(f"runner ready in {time.perf_counter() - t0:.1f} s ({len(runner._graphs)} graphs)")
     rows, graphs = [], []
