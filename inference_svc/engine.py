@@ -448,12 +448,7 @@ class Engine:
         kv_len = max(s.prompt_len + s.launched for s in seqs)  # the fed token sits at prompt_len + launched - 1
         full = not all(s.greedy_plain for s in seqs)
         try:
-            slots = [s.slot for s in seqs]  # (a runner without multi-step decode is only asked for one step)
-            tokens = (
-                self.runner.decode_sample(slots, kv_len, full, steps)
-                if steps > 1
-                else self.runner.decode_sample(slots, kv_len, full)
-            )
+            tokens = self.runner.decode_sample([s.slot for s in seqs], kv_len, full, steps)
         except Exception as err:
             self._isolate(seqs, err, lambda one: self._launch_decode(one, ids, steps))
             return

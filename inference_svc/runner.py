@@ -278,7 +278,7 @@ class TorchRunner:
             self._rows_now: list[int] = []  # what _rows holds (real rows; the rest is the scratch slot)
             # new ids of a captured decode: step j of a k-step graph at bucket b writes [j * b, (j + 1) * b)
             self._out = torch.zeros(MAX_DECODE_STEPS * max_b, dtype=torch.long, device=device)
-            self._graph_steps = 1  # steps per multi-step graph (capture_graphs), 1: none
+            self._steps_out = torch.zeros_like(self._out)  # several single-step graphs' ids, step-major (decode_sample)
             self._pool = torch.cuda.graph_pool_handle()
             self._warm_prefill()
 
@@ -374,10 +374,11 @@ class TorchRunner:
         if steps == 1:
             self._resident_graph(b, self._span(kv_len), full).graph.replay()
             return self._out[:B]
-        if steps == self._graph_steps and b <= self.multi_step_max_batch:
-            self._resident_graph(b, self._span(kv_len + steps - 1), full, steps).graph.replay()
+        multi = self._graphs.get(_resident_key(b, self._span(kv_len + steps - 1), full, steps))
+        if multi is not None:  # captured by capture_graphs(steps=) for this bucket
+            multi.graph.replay()
             return self._out[: steps * b].view(steps, b)[:, :B]
-        out = torch.empty(steps, B, dtype=torch.long, device=self.device)
+        out = self._steps_out[: steps * B].view(steps, B)
         for j in range(steps):
             self._resident_graph(b, self._span(kv_len + j), full).graph.replay()
             out[j].copy_(self._out[:B])
@@ -506,7 +507,6 @@ class TorchRunner:
             return
         if not 1 <= steps <= MAX_DECODE_STEPS:
             raise ValueError(f"steps must be 1..{MAX_DECODE_STEPS}, got {steps}")
-        self._graph_steps = steps
         for b in reversed(batch_buckets(self.n_slots)):
             for span in reversed(self._kv_buckets()):
                 for full in (True, False):
@@ -528,7 +528,7 @@ class TorchRunner:
             for j in range(steps):  # each step feeds the next through the slots' state, on the device
                 self._out[j * b : (j + 1) * b].copy_(self._resident_step(self._rows[:b], span, full))
 
-        return self._graph(("resident", b, span, full) + ((steps,) if steps > 1 else ()), step)
+        return self._graph(_resident_key(b, span, full, steps), step)
 
     def _graph(self, key: tuple, step: Callable[[], None]) -> "_Graph":
         """The graph captured for `key`, capturing `step` on first use."""
@@ -588,6 +588,11 @@ class TorchRunner:
         graph.graph.replay()
         # Copy out: the next replay overwrites the graph's output buffer.
         return graph.logits[:B].clone()
+
+
+def _resident_key(b: int, span: int, full: bool, steps: int) -> tuple:
+    """The graphs dict's key of a device-resident decode graph (several steps: one more field)."""
+    return ("resident", b, span, full) + ((steps,) if steps > 1 else ())
 
 
 class _Graph:

@@ -232,7 +232,7 @@ class SpeculativeRunner:
             rows = self.staging.to_device(torch.tensor(list(slots), dtype=torch.long))
             return self._round_step(rows, rows, kv_len, full, penalty)
         b = next(x for x in batch_buckets(self.n_slots) if x >= B)
-        span = next(s for s in self.target._kv_buckets() if s >= kv_len)
+        span = self.target._span(kv_len)
         slots = list(slots)
         if slots != self._rows_now:  # a new row -> slot map (rows past B: each model's scratch slot)
             pad = max(0, len(self._rows_now) - B)

@@ -38,6 +38,7 @@ __all__ = [
     "DTYPES",
     "DECAYS",
     "COMPILE_MODES",
+    "CUDA_GRAPH_MODES",
     "ANNEALS",
     "OPTIMIZERS",
     "COMPILE_SCOPES",
@@ -53,6 +54,8 @@ DECAYS = ("cosine", "linear", "constant", "trapezoid")
 # generates (each reduction / pointwise kernel's launch config benchmarked at compile time; matmuls stay cuBLAS,
 # unlike max-autotune, which also searches Triton GEMM templates and compiles for minutes).
 COMPILE_MODES = ("none", "default", "reduce-overhead", "reduce-overhead-tuned", "max-autotune")
+# reduce-overhead and its tuned form: CUDA-graph trees, whose new iterations the loop marks (cudagraph_mark_step_begin)
+CUDA_GRAPH_MODES = ("reduce-overhead", "reduce-overhead-tuned")
 ANNEALS = ("linear", "cosine")
 OPTIMIZERS = ("adamw", "muon")
 COMPILE_SCOPES = ("model", "blocks")

@@ -33,7 +33,7 @@ from model.presets import get_preset
 from model.transformer import GPT
 from trainer import distributed as dist
 from trainer.compile_cache import cache_friendly
-from trainer.config import ConfigError, TrainConfig, micro_batch_plan
+from trainer.config import CUDA_GRAPH_MODES, ConfigError, TrainConfig, micro_batch_plan
 from trainer.data import BatchLoader, TokenData, WindowSampler, prepare_data
 from trainer.distributed import SINGLE, DistInfo
 from trainer.dropout_schedule import dropout_at, dropout_levels
@@ -537,7 +537,7 @@ class _Pending:
 def _forward(run: _Run, module: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """module(x, y); under reduce-overhead, first tell CUDA-graph trees that a new iteration begins (so a replay
     may reuse the previous one's output buffers, which the caller has consumed by then)."""
-    if run.config.compile_mode in ("reduce-overhead", "reduce-overhead-tuned"):
+    if run.config.compile_mode in CUDA_GRAPH_MODES:
         torch.compiler.cudagraph_mark_step_begin()
     return module(x, y)
 
