@@ -10,7 +10,6 @@ otherwise, optional TLS and bearer token (health stays open).
 from __future__ import annotations
 
 import asyncio
-import hmac
 import threading
 from concurrent import futures
 from typing import Any, Sequence
@@ -19,11 +18,9 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from rpc.server import AddServicer
+from rpc.server import UNAUTHENTICATED_DETAILS, AddServicer, bearer_token_ok, bind, reflection_names
 
 __all__ = ["AioRunningServer", "serve_aio"]
-
-_UNAUTHENTICATED = "missing or wrong bearer token in `authorization` metadata"
 
 
 class AioRunningServer:
@@ -61,16 +58,13 @@ class _BearerTokenInterceptor(grpc.aio.ServerInterceptor):
         self._expected = f"Bearer {token}".encode()
 
         async def deny(request: Any, context: grpc.aio.ServicerContext) -> None:
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED, _UNAUTHENTICATED)
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, UNAUTHENTICATED_DETAILS)
 
         self._deny = grpc.unary_unary_rpc_method_handler(deny)
         self._deny_stream = grpc.unary_stream_rpc_method_handler(deny)
 
     async def intercept_service(self, continuation, handler_call_details):
-        if handler_call_details.method.startswith("/grpc.health.v1.Health/"):
-            return await continuation(handler_call_details)
-        given = dict(handler_call_details.invocation_metadata or ()).get("authorization", "")
-        if hmac.compare_digest(given.encode(), self._expected):
+        if bearer_token_ok(self._expected, handler_call_details):
             return await continuation(handler_call_details)
         handler = await continuation(handler_call_details)
         return self._deny_stream if handler is not None and handler.response_streaming else self._deny
@@ -79,11 +73,12 @@ class _BearerTokenInterceptor(grpc.aio.ServerInterceptor):
 async def _start(
     add_servicers: Sequence[tuple[AddServicer, Any]],
     service_names: Sequence[str],
-    target: str,
+    host: str,
+    port: int,
     tls: tuple[bytes, bytes] | None,
     token: str | None,
     max_workers: int,
-) -> tuple[grpc.aio.Server, int, Any]:
+) -> tuple[grpc.aio.Server, int, str, Any]:
     server = grpc.aio.server(
         futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="grpc-aio-sync"),
         interceptors=[_BearerTokenInterceptor(token)] if token else None,
@@ -94,15 +89,10 @@ async def _start(
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for name in [*service_names, ""]:
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    reflection.enable_server_reflection([*service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
-    if tls is not None:
-        bound = server.add_secure_port(target, grpc.ssl_server_credentials([tls]))
-    else:
-        bound = server.add_insecure_port(target)
-    if bound == 0:
-        raise OSError(f"could not bind gRPC server to {target}")
+    reflection.enable_server_reflection(reflection_names(service_names), server)
+    bound, address = bind(server, host, port, tls)
     await server.start()
-    return server, bound, health_servicer
+    return server, bound, address, health_servicer
 
 
 def serve_aio(
@@ -124,12 +114,11 @@ def serve_aio(
     thread = threading.Thread(target=loop.run_forever, name="grpc-aio-loop", daemon=True)
     thread.start()
     key_cert = (tls[1], tls[0]) if tls is not None else None  # grpc's order
-    start = _start(add_servicers, service_names, f"{host}:{port}", key_cert, token, max_workers)
+    start = _start(add_servicers, service_names, host, port, key_cert, token, max_workers)
     try:
-        server, bound, health_servicer = asyncio.run_coroutine_threadsafe(start, loop).result()
+        server, bound, address, health_servicer = asyncio.run_coroutine_threadsafe(start, loop).result()
     except BaseException:
         loop.call_soon_threadsafe(loop.stop)
         thread.join()
         raise
-    shown_host = f"[{host}]" if ":" in host else host
-    return AioRunningServer(server, loop, thread, bound, f"{shown_host}:{bound}", health_servicer)
+    return AioRunningServer(server, loop, thread, bound, address, health_servicer)

@@ -17,9 +17,48 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-__all__ = ["RunningServer", "serve", "serve_from_args", "serve_until_signalled"]
+__all__ = [
+    "RunningServer",
+    "UNAUTHENTICATED_DETAILS",
+    "bearer_token_ok",
+    "bind",
+    "reflection_names",
+    "serve",
+    "serve_from_args",
+    "serve_until_signalled",
+]
 
 AddServicer = Callable[[Any, grpc.Server], None]
+UNAUTHENTICATED_DETAILS = "missing or wrong bearer token in `authorization` metadata"
+
+
+def bearer_token_ok(expected: bytes, handler_call_details: Any) -> bool:
+    """Whether a call passes the bearer-token check: health checks always (load balancers), the rest with
+    `authorization: <expected>` (b"Bearer <token>"), compared in constant time. Shared by the threaded and the
+    asyncio servers' interceptors."""
+    if handler_call_details.method.startswith("/grpc.health.v1.Health/"):
+        return True
+    given = dict(handler_call_details.invocation_metadata or ()).get("authorization", "")
+    return hmac.compare_digest(given.encode(), expected)
+
+
+def reflection_names(service_names: Sequence[str]) -> list[str]:
+    """What server reflection lists: the services, health and reflection itself."""
+    return [*service_names, health.SERVICE_NAME, reflection.SERVICE_NAME]
+
+
+def bind(server: Any, host: str, port: int, tls_key_cert: tuple[bytes, bytes] | None) -> tuple[int, str]:
+    """Bind a grpc (or grpc.aio) server to host:port, TLS with (key, certificate chain) or plaintext; returns the
+    bound port and the address clients dial (an IPv6 host in brackets). OSError when nothing was bound."""
+    target = f"{host}:{port}"
+    if tls_key_cert is not None:
+        bound = server.add_secure_port(target, grpc.ssl_server_credentials([tls_key_cert]))
+    else:
+        bound = server.add_insecure_port(target)
+    if bound == 0:
+        raise OSError(f"could not bind gRPC server to {target}")
+    shown_host = f"[{host}]" if ":" in host else host
+    return bound, f"{shown_host}:{bound}"
 
 
 @dataclass
@@ -46,16 +85,13 @@ class _BearerTokenInterceptor(grpc.ServerInterceptor):
         self._expected = f"Bearer {token}".encode()
 
         def deny(request, context):
-            context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token in `authorization` metadata")
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, UNAUTHENTICATED_DETAILS)
 
         self._deny = grpc.unary_unary_rpc_method_handler(deny)
         self._deny_stream = grpc.unary_stream_rpc_method_handler(deny)
 
     def intercept_service(self, continuation, handler_call_details):
-        if handler_call_details.method.startswith("/grpc.health.v1.Health/"):
-            return continuation(handler_call_details)
-        given = dict(handler_call_details.invocation_metadata or ()).get("authorization", "")
-        if hmac.compare_digest(given.encode(), self._expected):
+        if bearer_token_ok(self._expected, handler_call_details):
             return continuation(handler_call_details)
         handler = continuation(handler_call_details)
         if handler is not None and handler.response_streaming:
@@ -90,18 +126,10 @@ def serve(
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for name in [*service_names, ""]:
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    reflection.enable_server_reflection([*service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
-
-    target = f"{host}:{port}"
-    if tls_cert is not None:
-        bound = server.add_secure_port(target, grpc.ssl_server_credentials([(tls_key, tls_cert)]))
-    else:
-        bound = server.add_insecure_port(target)
-    if bound == 0:
-        raise OSError(f"could not bind gRPC server to {target}")
+    reflection.enable_server_reflection(reflection_names(service_names), server)
+    bound, address = bind(server, host, port, (tls_key, tls_cert) if tls_cert is not None else None)
     server.start()
-    shown_host = f"[{host}]" if ":" in host else host
-    return RunningServer(server=server, port=bound, address=f"{shown_host}:{bound}", health=health_servicer)
+    return RunningServer(server=server, port=bound, address=address, health=health_servicer)
 
 
 def serve_from_args(
