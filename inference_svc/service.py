@@ -120,14 +120,17 @@ class InferenceService(inference_pb2_grpc.InferenceServiceServicer):
         with self._streams_lock:
             self._streams += 1
         try:
+            sent = False
             while True:
-                chunk = _next_merged(handle, _POLL_S)
+                # The first chunk goes alone, as the asyncio pump sends it (never held for the ones behind it).
+                chunk = _next_merged(handle, _POLL_S) if sent else handle.next_chunk(_POLL_S)
                 if chunk is None:
                     if not context.is_active():
                         handle.cancel()
                         return
                     continue
                 yield _response(chunk)
+                sent = True
                 if chunk.final:
                     return
                 # Let tokens gather for this stream's share of the message budget (the first went at once).
