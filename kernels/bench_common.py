@@ -9,11 +9,11 @@ ceilings, the summary and the result files belong to the harness, `bench_svc/ben
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
-__all__ = ["BenchCase", "eager_and_compiled", "forward_call"]
+__all__ = ["BenchCase", "eager_and_compiled", "forward_call", "graph_twins"]
 
 
 @dataclass(frozen=True)
@@ -75,3 +75,13 @@ def eager_and_compiled(eager_fn: Callable[..., object]) -> dict[str, Callable[[]
         "eager": lambda: eager_fn,
         "torch.compile": lambda: torch.compile(eager_fn, dynamic=False),
     }
+
+
+TRAINING_GRAPH_CALLS = 4  # calls per captured graph for the graph-timed twins of training-shape cases
+
+
+def graph_twins(cases: list[BenchCase], calls: int = TRAINING_GRAPH_CALLS) -> list[BenchCase]:
+    """The same cases timed inside a CUDA graph (shape suffixed " graph"), as the compiled trainer
+    (`compile_mode=reduce-overhead`) runs them: no host launch cost, so the row compares the kernels' device time
+    alone. Ours and the alternatives of a shape get twins alike, so each twin row carries its own speed-up."""
+    return [replace(c, shape=f"{c.shape} graph", graph_calls=calls) for c in cases]

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from kernels.bench_common import BenchCase, forward_call
+from kernels.bench_common import BenchCase, forward_call, graph_twins
 
 
 def _case(kernel, impl, ours, **kw):
@@ -28,3 +28,13 @@ def test_forward_call_takes_gradients_without_accumulating():
     assert x.grad is None and w.grad is None
     out = forward_call(lambda a, b: a * b, (x, w), backward=False)()
     assert not out.requires_grad
+
+
+def test_graph_twins_copy_each_case_as_graph_timed():
+    cases = [_case("k", "triton", True, flops=2.0), _case("k", "sdpa", False, flops=2.0)]
+    twins = graph_twins(cases, calls=3)
+    assert [(t.kernel, t.shape, t.impl, t.ours, t.graph_calls, t.flops) for t in twins] == [
+        ("k", "s graph", "triton", True, 3, 2.0),
+        ("k", "s graph", "sdpa", False, 3, 2.0),
+    ]
+    assert all(c.graph_calls == 0 for c in cases)  # the lone-call cases are unchanged

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from kernels.bench_common import BenchCase, forward_call
+from kernels.bench_common import BenchCase, forward_call, graph_twins
 from kernels.flash_attention import flash_attention
 
 __all__ = ["bench_cases", "profile_training_shapes"]
@@ -105,7 +105,7 @@ def bench_cases() -> list[BenchCase]:
                         flops=attention_flops(B, H, T, D, causal=True, backward=backward),
                     )
                 )
-    return cases
+    return cases + graph_twins([c for c in cases if "bwd" in c.kernel])
 
 
 PROFILE_CALLS = 20

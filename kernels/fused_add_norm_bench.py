@@ -7,12 +7,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kernels.bench_common import BenchCase, eager_and_compiled, forward_call
+from kernels.bench_common import BenchCase, eager_and_compiled, forward_call, graph_twins
 from kernels.fused_add_norm import add_layer_norm, add_rms_norm
 
 __all__ = ["bench_cases"]
 
 SHAPES = [(65536, 1024), (16384, 384)]  # (rows, C)
+TRAIN_ROWS = "16384x384"  # shakespeare-char training: 64 x 256 rows of 384
 DTYPE = torch.bfloat16
 RMS_EPS, LAYER_EPS = 1e-6, 1e-5
 
@@ -63,4 +64,4 @@ def bench_cases() -> list[BenchCase]:
                         bytes_moved=bytes_moved,
                     )
                 )
-    return cases
+    return cases + graph_twins([c for c in cases if c.shape.startswith(TRAIN_ROWS)])  # the trainer's shape
