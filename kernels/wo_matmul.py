@@ -73,9 +73,9 @@ MAX_FUSED_M = 64  # above this the wrappers dequantise and call cuBLAS
 MAX_FMA_M = 16  # the FMA path's M tile is the whole M bucket: beyond this only the dot path is offered
 FMA_REGISTER_BUDGET = 48  # fp32 accumulator elements per thread of the FMA path (fma_tile_elements; 64 spilled)
 DOT_REGISTER_BUDGET = 128  # tile values per thread of the dot path (dot_tile_elements)
-# per config: triton's do_bench with L2 flushed before every call (see _autotune_bench); ~10-25 configs per shape, M
-# bucket and format take ~0.5-1 s to tune
-AUTOTUNE_WARMUP_MS, AUTOTUNE_REP_MS = 2, 8
+# per config: do_bench_cudagraph replays a graph of about rep / (lone-call ms) calls 10 times. 3 ms (was 10) is still
+# 100+ calls per replay, and an autotuning pass (~10-25 configs per shape, M bucket and format) takes ~0.5-1 s
+AUTOTUNE_REP_MS = 3
 # Split-K (dot configs, M 2..64): K is cut into SPLIT_K slices, one program each; the last program of an output tile
 # to finish (an atomic ticket per tile) adds the slices' fp32 partial sums, writes the output and resets the ticket,
 # so one launch does it all and a CUDA graph can replay it. Offered only where N is small enough that (SPLIT_K, M, N)
@@ -214,13 +214,8 @@ def _prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[tri
 
 
 def _autotune_bench(kernel_call, quantiles):
-    """Configs are timed with L2 flushed before each call (triton.testing.do_bench), as decode meets a quantised
-    model's weights: each layer's weights are evicted by the other layers' before they are read again, and the
-    benchmark rotates weight copies for the same reason. Timed hot (one call replayed in a CUDA graph, as before
-    issue 18's fifth session) the tuner could pick configs that win only while the weights sit in L2: the suspected
-    cause of the M=16 INT4 regression (lm_head 0.0178 -> 0.0579 ms). The flush is enqueued before each timed call and
-    outlasts its host launch, so the launch cost stays out of the figure."""
-    return triton.testing.do_bench(kernel_call, warmup=AUTOTUNE_WARMUP_MS, rep=AUTOTUNE_REP_MS, quantiles=quantiles)
+    """Configs are timed inside a CUDA graph, the way decode calls them (lone launches would time the host)."""
+    return triton.testing.do_bench_cudagraph(kernel_call, rep=AUTOTUNE_REP_MS, quantiles=quantiles)
 
 
 def dot_args(t: torch.Tensor) -> dict:
