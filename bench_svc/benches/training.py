@@ -491,6 +491,7 @@ def main(argv: list[str] | None = None) -> int:
     info = run_info(torch.device("cpu" if args.cpu_smoke else "cuda"), MODULE, argv)
     if args.cpu_smoke:
         info = dataclasses.replace(info, gpu="cpu")
+    suffix = ("" if args.part == "all" else f"-{args.part}") + (f"-{args.tag}" if args.tag else "")
     with tempfile.TemporaryDirectory(prefix="tinylm-train-bench-") as tmp:
         workdir = args.workdir or Path(tmp)
         corpus = resolve_corpus(os.environ.get("TINYLM_CORPUS"), workdir / "data")
@@ -504,12 +505,12 @@ def main(argv: list[str] | None = None) -> int:
                 run_variant(name, config, corpus, workdir, target=target, budget_s=args.budget_s, warmup_steps=warmup)
             )
             log.info("variant %s compiled: %s", name, _compile_counters())
+            write_results(results, info, args.out, args.budget_s, suffix=suffix)  # a run cut short keeps these
         _compare_with_anchor(results)
         if args.part in ("all", "startup"):
             results += _startup(args, workdir)
         if args.part in ("all", "ddp"):
             results += _ddp_scaling(args, workdir)
-    suffix = ("" if args.part == "all" else f"-{args.part}") + (f"-{args.tag}" if args.tag else "")
     paths = write_results(results, info, args.out, args.budget_s, suffix=suffix)
     log.info("wrote %s", ", ".join(str(p) for p in paths))
     print(format_table(results))
