@@ -71,6 +71,10 @@ __all__ = [
 
 MAX_FUSED_M = 64  # above this the wrappers dequantise and call cuBLAS
 MAX_FMA_M = 16  # the FMA path's M tile is the whole M bucket: beyond this only the dot path is offered
+# (BM, BN) pairs of an FMA tile from M 2. 18w set 64 (BLOCK_N <= 4 at M 16), and the M=16 INT4 lm_head went from the
+# word FMA path's 0.0178 ms to 0.0577 on the dot path; 8- and 16-row tiles at M 8 and 16 build for sm_90 without
+# spills (kernels/wo_matmul_compile_test.py), so they are offered again and the autotuner times them
+MAX_FMA_PAIRS = 256
 FMA_REGISTER_BUDGET = 48  # fp32 accumulator elements per thread of the FMA path (fma_tile_elements; 64 spilled)
 DOT_REGISTER_BUDGET = 128  # tile values per thread of the dot path (dot_tile_elements)
 # per config: do_bench_cudagraph replays a graph of about rep / (lone-call ms) calls 10 times. 3 ms (was 10) is still
@@ -181,7 +185,7 @@ def dot_tile_elements(m_bucket: int, c: WoConfig) -> int:
 
 def candidate_configs(m_bucket: int, k: int, group_size: int, words: bool = False, split: int = 1) -> list[WoConfig]:
     """The configs worth timing for an M bucket: FMA only while its accumulator fits the register budget (and its x
-    tile and per-field products: at most 64 (BM, BN) pairs from M 2), dot only from M 2 on (at M 1 a 16-row tile is all
+    tile and per-field products: at most MAX_FMA_PAIRS (BM, BN) pairs from M 2), dot only from M 2 on (at M 1 a 16-row tile is all
     padding) and while its tiles fit DOT_REGISTER_BUDGET; INT4 tiles hold whole groups (BLOCK_K >= group_size); split
     configs up to `split` slices, each at least BLOCK_K long. Beyond these budgets the sm_90 builds spilled
     (kernels/wo_matmul_compile_test.py). group_size 1 means INT8."""
@@ -196,7 +200,7 @@ def candidate_configs(m_bucket: int, k: int, group_size: int, words: bool = Fals
                 keep.append(c)
         elif (
             m_bucket <= MAX_FMA_M
-            and (m_bucket == 1 or m_bucket * c.block_n <= 64)
+            and (m_bucket == 1 or m_bucket * c.block_n <= MAX_FMA_PAIRS)
             and m_bucket * c.block_k <= 32 * threads
         ):
             if fma_tile_elements(m_bucket, c, group_size, words) <= FMA_REGISTER_BUDGET * threads:
