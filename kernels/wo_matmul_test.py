@@ -10,6 +10,7 @@ from kernels.wo_matmul import (
     CANDIDATES,
     DOT_REGISTER_BUDGET,
     FMA_REGISTER_BUDGET,
+    MAX_FMA_PAIRS,
     MAX_SPLIT_K,
     WoConfig,
     candidate_configs,
@@ -219,7 +220,9 @@ def test_candidates_fit_each_bucket(words):
         if c.use_dot:
             assert dot_tile_elements(16, c) <= DOT_REGISTER_BUDGET * threads
         else:
-            assert 16 * c.block_n <= 64 and 16 * c.block_k <= 32 * threads
+            assert 16 * c.block_n <= MAX_FMA_PAIRS and 16 * c.block_k <= 32 * threads
+    # the 8-row word-FMA tile that ran the M=16 INT4 lm_head fastest before issue 18w is among them
+    assert any(not c.use_dot and c.block_n >= 8 for c in candidate_configs(16, 768, 32, True))
     assert not any(c.use_dot for c in candidate_configs(1, 768, 32))  # M = 1 never pads to 16 rows
     assert all(c.use_dot for c in candidate_configs(64, 768, 32))
     assert len(set(CANDIDATES)) == len(CANDIDATES)
