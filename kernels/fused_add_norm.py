@@ -34,16 +34,17 @@ FWD_MAX_TILE, FWD_MAX_PER_THREAD = 8192, 32
 BWD_MAX_TILE, BWD_MAX_PER_THREAD = 4096, 16
 MIN_ELEMS_PER_THREAD = 8  # fewer leaves threads idle on loads (one 16-byte vector of bf16 is 8)
 BWD_ROW_QUANTUM = 16  # the backward's rows per program are a multiple of this, the largest backward BLOCK_ROWS
-# Backward programs per SM the tuner tries: more keep more tiles in flight, fewer leave fewer dweight partials to sum
-# (16384 rows: 128, 256 or 512 programs). Each program prefetches its next tile, so one resident program per SM
-# already streams; the default is the middle one.
-BWD_PROGRAMS_PER_SM, DEFAULT_PROGRAMS_PER_SM = (1, 2, 4), 2
+# Backward programs per SM the tuner tries (16384 rows: 256, 512 or 1024 programs): more keep more tiles in flight
+# where registers let more programs share an SM (sm_90: 1-2 programs of 8 warps, ~8 of 2 warps), fewer leave fewer
+# dweight partials to sum.
+BWD_PROGRAMS_PER_SM, DEFAULT_PROGRAMS_PER_SM = (2, 4, 8), 2
 INTERPRET_BLOCK_ROWS = 4  # the CPU interpreter's fixed tile height (no autotuning there): row masks get exercised
 # _sum_partials: partial rows and columns per step. A 128-byte line per partial row; at 16384 x 384 the default
 # 256 partials are one step. The interpreter takes small blocks so that its loops and masks get exercised.
 SUM_BLOCK_P, SUM_BLOCK_COLS, SUM_NUM_WARPS = 256, 32, 8
 INTERPRET_SUM_BLOCK_P, INTERPRET_SUM_BLOCK_COLS = 4, 16
 AUTOTUNE_WARMUP_MS, AUTOTUNE_REP_MS = 5, 25
+BWD_TUNE_REP_MS = 10  # per backward candidate: one CUDA graph of that many ms of calls, replayed 10 times
 # False: each width runs default_config() untuned (GPU tests set it, so that their many shapes and dtypes do not each
 # compile the whole tuning set)
 AUTOTUNE = True
@@ -173,11 +174,11 @@ def _load_bwd_tile(DY, DRES_OUT, S, MEAN, RSTD, start, row_end, n_cols, cols, co
     row_ok = rows < row_end
     mask = row_ok[:, None] & col_ok[None, :]
     offs = rows.to(tl.int64)[:, None] * n_cols + cols[None, :]
-    s = tl.load(S + offs, mask=mask, other=0.0, eviction_policy="evict_first")
-    dy = tl.load(DY + offs, mask=mask, other=0.0, eviction_policy="evict_first")
+    s = tl.load(S + offs, mask=mask, other=0.0)
+    dy = tl.load(DY + offs, mask=mask, other=0.0)
     dres = 0.0  # a placeholder of one type in every iteration
     if HAS_DRES:
-        dres = tl.load(DRES_OUT + offs, mask=mask, other=0.0, eviction_policy="evict_first")
+        dres = tl.load(DRES_OUT + offs, mask=mask, other=0.0)
     rstd = tl.load(RSTD + rows, mask=row_ok, other=0.0)
     mean = 0.0
     if not IS_RMS:
@@ -260,9 +261,9 @@ def _add_norm_bwd(
             ds = (wdy - (xhat * c1[:, None] + c2[:, None])) * rstd[:, None]
         if HAS_DRES:  # the new residual also flows on to the next block
             ds += dres.to(tl.float32)
-        tl.store(DS + offs, ds.to(DS.dtype.element_ty), mask=mask, eviction_policy="evict_first")
+        tl.store(DS + offs, ds.to(DS.dtype.element_ty), mask=mask)
         if HAS_DX:
-            tl.store(DX + offs, ds.to(DX.dtype.element_ty), mask=mask, eviction_policy="evict_first")
+            tl.store(DX + offs, ds.to(DX.dtype.element_ty), mask=mask)
         dw += dy32 * xhat
         if HAS_BIAS:
             db += dy32
@@ -400,16 +401,17 @@ def _launch_backward(config: triton.Config | None, partial: torch.Tensor, dw, db
 def _graph_ms(fn) -> float:
     """Device milliseconds per call of fn, replayed in a CUDA graph as the compiled trainer runs it (no host launch
     cost, which at 16384 x 384 is as long as the kernels)."""
-    return triton.testing.do_bench_cudagraph(fn, rep=AUTOTUNE_REP_MS, return_mode="median")
+    return triton.testing.do_bench_cudagraph(fn, rep=BWD_TUNE_REP_MS, return_mode="median")
 
 
 def _backward_config(key: tuple, block_c: int, run, scratch) -> triton.Config:
     """The backward's config for this key: default_config untuned; else, on the first call, the fastest of
     configs_for's by run(config, partial) (kernel and partial sum together, timed in a CUDA graph; partial =
-    scratch(), room for any candidate's partials), remembered in _TUNED."""
-    if not AUTOTUNE:
+    scratch(), room for any candidate's partials), remembered in _TUNED. A first call inside a CUDA-graph capture
+    (which cannot time anything) takes default_config without remembering it."""
+    config = _TUNED.get(key) if AUTOTUNE else default_config(BWD_CONFIGS, block_c)
+    if config is None and torch.cuda.is_current_stream_capturing():
         return default_config(BWD_CONFIGS, block_c)
-    config = _TUNED.get(key)
     if config is None:
         torch.cuda.synchronize()  # the tuner's graphs run on their own stream: the inputs must be ready
         partial = scratch()

@@ -107,6 +107,9 @@ def _specs() -> list[tuple[str, object, dict, dict, int, int]]:
             for rows, warps in tiles:
                 blocks = dict(BLOCK_C=block_c, BLOCK_ROWS=rows)
                 specs.append((f"{name} C{cols} rows {rows} warps {warps}", kernel, sig, {**const, **blocks}, warps, 3))
+    rms = dict(IS_RMS=True, HAS_DRES=False, HAS_BIAS=False, HAS_DX=False, BLOCK_C=512, BLOCK_ROWS=4)
+    rms_sig = {**bf16("DY", "S", "W", "DS"), **fp32("RSTD", "PARTIAL")}
+    specs.append(("rms_norm bwd (no residual) C384", fan._add_norm_bwd, rms_sig, rms, 8, 3))
     sum_const = dict(HAS_BIAS=True, BLOCK_P=fan.SUM_BLOCK_P, BLOCK_COLS=fan.SUM_BLOCK_COLS)
     sum_sig = {**bf16("DW", "DB"), **fp32("PARTIAL")}
     specs.append(("add_norm sum partials", fan._sum_partials, sum_sig, sum_const, fan.SUM_NUM_WARPS, 3))
