@@ -16,6 +16,7 @@ all arithmetic is fp32. Rows are the last dim: x (..., C).
 
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
@@ -25,6 +26,8 @@ import triton.language as tl
 from kernels.dispatch import Impl, num_sms, use_triton
 
 __all__ = ["AddNormFunction", "add_layer_norm", "add_rms_norm", "layer_norm", "reference", "rms_norm"]
+
+log = logging.getLogger(__name__)
 
 MAX_FUSED_COLS = 4096  # a row lives in registers; wider rows spill on sm_90 (backward), so they take the reference
 MIN_TILE_ELEMS = 1024  # elements of one program's tile: below, too little work per program
@@ -323,6 +326,7 @@ def _launch_forward(n_rows: int, n_cols: int, *args, **meta) -> None:
     if config is None:
         _add_norm_fwd_tuned[grid](*args, **meta)
         _TUNED[key] = _add_norm_fwd_tuned.best_config
+        log.info("add_norm forward %s: %s", key[1:], _TUNED[key])
     else:
         _add_norm_fwd[grid(config.kwargs)](*args, **meta, **config.all_kwargs())
 
@@ -415,8 +419,18 @@ def _backward_config(key: tuple, block_c: int, run, scratch) -> triton.Config:
     if config is None:
         torch.cuda.synchronize()  # the tuner's graphs run on their own stream: the inputs must be ready
         partial = scratch()
-        config = min(configs_for(BWD_CONFIGS, block_c), key=lambda c: _graph_ms(lambda: run(c, partial)))
+        timed = [(_graph_ms(lambda: run(c, partial)), i, c) for i, c in enumerate(configs_for(BWD_CONFIGS, block_c))]
+        best_ms, _, config = min(timed)
         _TUNED[key] = config
+        worst_ms = max(t[0] for t in timed)
+        log.info(
+            "add_norm backward %s: %s, %.4f ms per call in a CUDA graph (slowest of %d tried: %.4f ms)",
+            key[1:],
+            config,
+            best_ms,
+            len(timed),
+            worst_ms,
+        )
     return config
 
 
