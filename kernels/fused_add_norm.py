@@ -3,12 +3,15 @@
 A pre-norm block computes `residual = x + residual; h = norm(residual)`: two passes over memory in eager PyTorch.
 Here one kernel reads x and the residual once and writes the new residual and the normed rows; the backward reads
 dy (and the new residual's own gradient) and the saved residual once, writes the one gradient that x and the old
-residual share, and leaves per-program partial sums of dweight/dbias that one small torch sum finishes.
+residual share, and leaves per-program partial sums of dweight/dbias that one small kernel (_sum_partials) finishes
+in the parameters' dtype: two launches per backward.
 
 Rows are short in this project (384 columns for shakespeare-char), so a program takes a 2D tile of BLOCK_ROWS rows
-by BLOCK_C columns; rows per program and num_warps are autotuned per row width. The backward gives each program a
-fixed run of rows (a multiple of BWD_ROW_QUANTUM), so the number of dweight partials does not depend on the tuned
-config. Rows must be contiguous (a non-contiguous input is copied once).
+by BLOCK_C columns. The forward takes one tile per program (rows per program and num_warps autotuned per row width).
+The backward is bandwidth-bound on three reads and one write per element: each program streams a run of rows (a
+multiple of BWD_ROW_QUANTUM) with two tiles' loads in flight ahead of its arithmetic, and its config (tile, warps,
+programs per SM, which sets the number of partials) is tuned with the partial sum included, timed in a CUDA graph as
+the compiled trainer runs it. Rows must be contiguous (a non-contiguous input is copied once).
 
 Dtypes: the new residual has residual's dtype (an fp32 residual stream works), the normed output has x's dtype;
 all arithmetic is fp32. Rows are the last dim: x (..., C).
