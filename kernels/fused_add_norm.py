@@ -214,9 +214,9 @@ def _add_norm_bwd(
     BLOCK_C: tl.constexpr,
 ):
     """Program p: rows [p * rows_per_program, +rows_per_program), BLOCK_ROWS at a time, the loads of the tile after
-    next issued before this tile's arithmetic (so a program always has two tiles in flight). ds = d(norm input) (+ the new
-    residual's own gradient), also written as DX in x's dtype when that differs; PARTIAL[p] holds this program's
-    dweight (and dbias) sums, (n_programs, 1 or 2, n_cols) fp32, for _sum_partials."""
+    next issued before this tile's arithmetic (so a program always has two tiles in flight). ds = d(norm input)
+    (+ the new residual's own gradient), also written as DX in x's dtype when that differs; PARTIAL[p] holds this
+    program's dweight (and dbias) sums, (n_programs, 1 or 2, n_cols) fp32, for _sum_partials."""
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_C)
     col_ok = cols < n_cols
