@@ -3,12 +3,15 @@
 A pre-norm block computes `residual = x + residual; h = norm(residual)`: two passes over memory in eager PyTorch.
 Here one kernel reads x and the residual once and writes the new residual and the normed rows; the backward reads
 dy (and the new residual's own gradient) and the saved residual once, writes the one gradient that x and the old
-residual share, and leaves per-program partial sums of dweight/dbias that one small torch sum finishes.
+residual share, and leaves per-program partial sums of dweight/dbias that one small kernel (_sum_partials) finishes
+in the parameters' dtype: two launches per backward.
 
 Rows are short in this project (384 columns for shakespeare-char), so a program takes a 2D tile of BLOCK_ROWS rows
-by BLOCK_C columns; rows per program and num_warps are autotuned per row width. The backward gives each program a
-fixed run of rows (a multiple of BWD_ROW_QUANTUM), so the number of dweight partials does not depend on the tuned
-config. Rows must be contiguous (a non-contiguous input is copied once).
+by BLOCK_C columns. The forward takes one tile per program (rows per program and num_warps autotuned per row width).
+The backward is bandwidth-bound on three reads and one write per element: each program streams a run of rows (a
+multiple of BWD_ROW_QUANTUM) with two tiles' loads in flight ahead of its arithmetic, and its config (tile, warps,
+programs per SM, which sets the number of partials) is tuned with the partial sum included, timed in a CUDA graph as
+the compiled trainer runs it. Rows must be contiguous (a non-contiguous input is copied once).
 
 Dtypes: the new residual has residual's dtype (an fp32 residual stream works), the normed output has x's dtype;
 all arithmetic is fp32. Rows are the last dim: x (..., C).
@@ -16,6 +19,7 @@ all arithmetic is fp32. Rows are the last dim: x (..., C).
 
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
@@ -26,6 +30,8 @@ from kernels.dispatch import Impl, num_sms, use_triton
 
 __all__ = ["AddNormFunction", "add_layer_norm", "add_rms_norm", "layer_norm", "reference", "rms_norm"]
 
+log = logging.getLogger(__name__)
+
 MAX_FUSED_COLS = 4096  # a row lives in registers; wider rows spill on sm_90 (backward), so they take the reference
 MIN_TILE_ELEMS = 1024  # elements of one program's tile: below, too little work per program
 # Largest tile and fp32 values per thread that compile without register spills on sm_90 (ptxas, C 384 and 1024),
@@ -34,9 +40,17 @@ FWD_MAX_TILE, FWD_MAX_PER_THREAD = 8192, 32
 BWD_MAX_TILE, BWD_MAX_PER_THREAD = 4096, 16
 MIN_ELEMS_PER_THREAD = 8  # fewer leaves threads idle on loads (one 16-byte vector of bf16 is 8)
 BWD_ROW_QUANTUM = 16  # the backward's rows per program are a multiple of this, the largest backward BLOCK_ROWS
-BWD_PROGRAMS_PER_SM = 4  # backward programs (and dweight partials) per SM
+# Backward programs per SM the tuner tries (16384 rows: 256, 512 or 1024 programs): more keep more tiles in flight
+# where registers let more programs share an SM (sm_90: 1-2 programs of 8 warps, ~8 of 2 warps), fewer leave fewer
+# dweight partials to sum.
+BWD_PROGRAMS_PER_SM, DEFAULT_PROGRAMS_PER_SM = (2, 4, 8), 2
 INTERPRET_BLOCK_ROWS = 4  # the CPU interpreter's fixed tile height (no autotuning there): row masks get exercised
+# _sum_partials: partial rows and columns per step. A 128-byte line per partial row; at 16384 x 384 the default
+# 256 partials are one step. The interpreter takes small blocks so that its loops and masks get exercised.
+SUM_BLOCK_P, SUM_BLOCK_COLS, SUM_NUM_WARPS = 256, 32, 8
+INTERPRET_SUM_BLOCK_P, INTERPRET_SUM_BLOCK_COLS = 4, 16
 AUTOTUNE_WARMUP_MS, AUTOTUNE_REP_MS = 5, 25
+BWD_TUNE_REP_MS = 10  # per backward candidate: one CUDA graph of that many ms of calls, replayed 10 times
 # False: each width runs default_config() untuned (GPU tests set it, so that their many shapes and dtypes do not each
 # compile the whole tuning set)
 AUTOTUNE = True
@@ -49,7 +63,12 @@ def _configs(max_rows: int, warps: tuple[int, ...]) -> list[triton.Config]:
 
 
 FWD_CONFIGS = _configs(64, (2, 4, 8))  # ~9 per row width after pruning: compiling them is the tuning time
-BWD_CONFIGS = _configs(BWD_ROW_QUANTUM, (2, 4, 8))  # 16 warps cap a thread at 128 registers: spills
+# tiles (16 warps cap a thread at 128 registers: spills) x programs per SM (the grid only: no extra compile)
+BWD_CONFIGS = [
+    triton.Config({**c.kwargs, "PROGRAMS_PER_SM": p}, num_warps=c.num_warps)
+    for c in _configs(BWD_ROW_QUANTUM, (2, 4, 8))
+    for p in BWD_PROGRAMS_PER_SM
+]
 
 
 def _fits(config: triton.Config, block_c: int, max_tile: int, max_per_thread: int) -> bool:
@@ -78,19 +97,21 @@ def default_config(configs: list[triton.Config], block_c: int) -> triton.Config:
     """The config taken without tuning: of configs_for's, the tile nearest DEFAULT_TILE elements and
     DEFAULT_PER_THREAD per thread."""
 
-    def distance(c: triton.Config) -> tuple[float, float]:
+    def distance(c: triton.Config) -> tuple[float, float, bool]:
         tile = c.kwargs["BLOCK_ROWS"] * block_c
-        return abs(math.log2(tile / DEFAULT_TILE)), abs(math.log2(tile / (32 * c.num_warps) / DEFAULT_PER_THREAD))
+        programs = c.kwargs.get("PROGRAMS_PER_SM", DEFAULT_PROGRAMS_PER_SM)
+        per_thread = tile / (32 * c.num_warps)
+        return (
+            abs(math.log2(tile / DEFAULT_TILE)),
+            abs(math.log2(per_thread / DEFAULT_PER_THREAD)),
+            programs != DEFAULT_PROGRAMS_PER_SM,
+        )
 
     return min(configs_for(configs, block_c), key=distance)
 
 
 def _prune_fwd(configs, named_args, **kwargs):
     return configs_for(FWD_CONFIGS, kwargs["BLOCK_C"])
-
-
-def _prune_bwd(configs, named_args, **kwargs):
-    return configs_for(BWD_CONFIGS, kwargs["BLOCK_C"])
 
 
 def _autotune_bench(kernel_call, quantiles):
@@ -153,6 +174,25 @@ def _add_norm_fwd(
 
 
 @triton.jit
+def _load_bwd_tile(DY, DRES_OUT, S, MEAN, RSTD, start, row_end, n_cols, cols, col_ok, IS_RMS, HAS_DRES, BLOCK_ROWS):
+    """One backward tile's inputs, as stored (no conversion yet): rows at or past row_end load nothing."""
+    rows = start + tl.arange(0, BLOCK_ROWS)
+    row_ok = rows < row_end
+    mask = row_ok[:, None] & col_ok[None, :]
+    offs = rows.to(tl.int64)[:, None] * n_cols + cols[None, :]
+    s = tl.load(S + offs, mask=mask, other=0.0)
+    dy = tl.load(DY + offs, mask=mask, other=0.0)
+    dres = 0.0  # a placeholder of one type in every iteration
+    if HAS_DRES:
+        dres = tl.load(DRES_OUT + offs, mask=mask, other=0.0)
+    rstd = tl.load(RSTD + rows, mask=row_ok, other=0.0)
+    mean = 0.0
+    if not IS_RMS:
+        mean = tl.load(MEAN + rows, mask=row_ok, other=0.0)
+    return s, dy, dres, mean, rstd
+
+
+@triton.jit
 def _add_norm_bwd(
     DY,
     DRES_OUT,
@@ -173,9 +213,10 @@ def _add_norm_bwd(
     BLOCK_ROWS: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
-    """Program p: rows [p * rows_per_program, +rows_per_program), BLOCK_ROWS at a time. ds = d(norm input)
+    """Program p: rows [p * rows_per_program, +rows_per_program), BLOCK_ROWS at a time, the loads of the tile after
+    next issued before this tile's arithmetic (so a program always has two tiles in flight). ds = d(norm input)
     (+ the new residual's own gradient), also written as DX in x's dtype when that differs; PARTIAL[p] holds this
-    program's dweight (and dbias) sums, (n_programs, 1 or 2, n_cols) fp32."""
+    program's dweight (and dbias) sums, (n_programs, 1 or 2, n_cols) fp32, for _sum_partials."""
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_C)
     col_ok = cols < n_cols
@@ -185,20 +226,39 @@ def _add_norm_bwd(
     db = tl.zeros([BLOCK_ROWS, BLOCK_C], dtype=tl.float32)
     row_start = pid * rows_per_program
     row_end = tl.minimum(row_start + rows_per_program, n_rows)
+    # two tiles in flight ahead of the arithmetic: loads cost registers only for the raw values, so a second tile in
+    # flight is cheaper than a taller tile (whose fp32 temporaries grow too)
+    s, dy, dres, mean, rstd = _load_bwd_tile(
+        DY, DRES_OUT, S, MEAN, RSTD, row_start, row_end, n_cols, cols, col_ok, IS_RMS, HAS_DRES, BLOCK_ROWS
+    )
+    s1, dy1, dres1, mean1, rstd1 = _load_bwd_tile(
+        DY, DRES_OUT, S, MEAN, RSTD, row_start + BLOCK_ROWS, row_end, n_cols, cols, col_ok, IS_RMS, HAS_DRES, BLOCK_ROWS
+    )
     for start in range(row_start, row_end, BLOCK_ROWS):
+        s2, dy2, dres2, mean2, rstd2 = _load_bwd_tile(
+            DY,
+            DRES_OUT,
+            S,
+            MEAN,
+            RSTD,
+            start + 2 * BLOCK_ROWS,
+            row_end,
+            n_cols,
+            cols,
+            col_ok,
+            IS_RMS,
+            HAS_DRES,
+            BLOCK_ROWS,
+        )
         rows = start + tl.arange(0, BLOCK_ROWS)
-        row_ok = rows < row_end
-        mask = row_ok[:, None] & col_ok[None, :]
+        mask = (rows < row_end)[:, None] & col_ok[None, :]
         offs = rows.to(tl.int64)[:, None] * n_cols + cols[None, :]
-        s = tl.load(S + offs, mask=mask, other=0.0).to(tl.float32)
-        dy = tl.load(DY + offs, mask=mask, other=0.0).to(tl.float32)
-        rstd = tl.load(RSTD + rows, mask=row_ok, other=0.0)
+        s32, dy32 = s.to(tl.float32), dy.to(tl.float32)
         if IS_RMS:
-            xhat = s * rstd[:, None]
+            xhat = s32 * rstd[:, None]
         else:
-            mean = tl.load(MEAN + rows, mask=row_ok, other=0.0)
-            xhat = tl.where(mask, (s - mean[:, None]) * rstd[:, None], 0.0)
-        wdy = w[None, :] * dy
+            xhat = tl.where(mask, (s32 - mean[:, None]) * rstd[:, None], 0.0)
+        wdy = w[None, :] * dy32
         c1 = tl.sum(xhat * wdy, 1) / n_cols
         if IS_RMS:
             ds = (wdy - xhat * c1[:, None]) * rstd[:, None]
@@ -206,49 +266,72 @@ def _add_norm_bwd(
             c2 = tl.sum(wdy, 1) / n_cols
             ds = (wdy - (xhat * c1[:, None] + c2[:, None])) * rstd[:, None]
         if HAS_DRES:  # the new residual also flows on to the next block
-            ds += tl.load(DRES_OUT + offs, mask=mask, other=0.0).to(tl.float32)
+            ds += dres.to(tl.float32)
         tl.store(DS + offs, ds.to(DS.dtype.element_ty), mask=mask)
         if HAS_DX:
             tl.store(DX + offs, ds.to(DX.dtype.element_ty), mask=mask)
-        dw += dy * xhat
+        dw += dy32 * xhat
         if HAS_BIAS:
-            db += dy
-    n_partials: tl.constexpr = 2 if HAS_BIAS else 1
-    tl.store(PARTIAL + pid * n_partials * n_cols + cols, tl.sum(dw, 0), mask=col_ok)
+            db += dy32
+        s, dy, dres, mean, rstd = s1, dy1, dres1, mean1, rstd1
+        s1, dy1, dres1, mean1, rstd1 = s2, dy2, dres2, mean2, rstd2
+    n_sums: tl.constexpr = 2 if HAS_BIAS else 1
+    tl.store(PARTIAL + pid * n_sums * n_cols + cols, tl.sum(dw, 0), mask=col_ok)
     if HAS_BIAS:
-        tl.store(PARTIAL + pid * n_partials * n_cols + n_cols + cols, tl.sum(db, 0), mask=col_ok)
+        tl.store(PARTIAL + pid * n_sums * n_cols + n_cols + cols, tl.sum(db, 0), mask=col_ok)
+
+
+@triton.jit
+def _sum_partials(
+    PARTIAL, DW, DB, n_partials, n_cols, HAS_BIAS: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_COLS: tl.constexpr
+):
+    """Program (c, k): column block c of sum k (0: dweight into DW, 1: dbias into DB) over the n_partials rows of
+    PARTIAL (n_partials, 1 or 2, n_cols) fp32, written in the parameter's dtype (no separate cast)."""
+    n_sums: tl.constexpr = 2 if HAS_BIAS else 1
+    which = tl.program_id(1)
+    cols = tl.program_id(0) * BLOCK_COLS + tl.arange(0, BLOCK_COLS)
+    col_ok = cols < n_cols
+    acc = tl.zeros([BLOCK_P, BLOCK_COLS], dtype=tl.float32)
+    for start in range(0, n_partials, BLOCK_P):
+        parts = start + tl.arange(0, BLOCK_P)
+        offs = parts.to(tl.int64)[:, None] * (n_sums * n_cols) + which * n_cols + cols[None, :]
+        acc += tl.load(PARTIAL + offs, mask=(parts < n_partials)[:, None] & col_ok[None, :], other=0.0)
+    total = tl.sum(acc, 0)
+    if which == 0:
+        tl.store(DW + cols, total.to(DW.dtype.element_ty), mask=col_ok)
+    if HAS_BIAS:
+        if which == 1:
+            tl.store(DB + cols, total.to(DB.dtype.element_ty), mask=col_ok)
 
 
 _FLAGS = ["n_cols", "IS_RMS", "HAS_BIAS"]
 _add_norm_fwd_tuned = _autotune(FWD_CONFIGS, _FLAGS + ["HAS_RESIDUAL"], _prune_fwd)(_add_norm_fwd)
-_add_norm_bwd_tuned = _autotune(BWD_CONFIGS, _FLAGS + ["HAS_DRES", "HAS_DX"], _prune_bwd)(_add_norm_bwd)
 
 
-# (kernel, n_cols, constexpr flags, dtypes) -> the config the autotuner chose: later calls launch the plain kernel with
+# (kernel, n_cols, constexpr flags, dtypes) -> the config the tuner chose: later calls launch the plain kernel with
 # it, skipping the autotuner's own per-call host work (at 16384 x 384 a call's host time is as long as its GPU time)
 _TUNED: dict[tuple, triton.Config] = {}
 
 
-def _launch(
-    kernel, tuned, configs: list[triton.Config], n_rows: int, n_cols: int, rows_per_program: int | None, *args, **meta
-) -> None:
+def _key(kernel, n_cols: int, args: tuple, meta: dict) -> tuple:
+    return (kernel, n_cols, *meta.items(), *(getattr(a, "dtype", None) for a in args))
+
+
+def _launch_forward(n_rows: int, n_cols: int, *args, **meta) -> None:
     """Autotuned on a GPU (or default_config when AUTOTUNE is off); the interpreter's fixed tile on CPU. Grid: one
-    program per row tile, or per run of rows_per_program rows."""
+    program per row tile."""
     if not args[0].is_cuda:
-        per_program = INTERPRET_BLOCK_ROWS if rows_per_program is None else rows_per_program
-        kernel[(triton.cdiv(n_rows, per_program),)](*args, **meta, BLOCK_ROWS=INTERPRET_BLOCK_ROWS)
+        _add_norm_fwd[(triton.cdiv(n_rows, INTERPRET_BLOCK_ROWS),)](*args, **meta, BLOCK_ROWS=INTERPRET_BLOCK_ROWS)
         return
-
-    def grid(m: dict) -> tuple[int]:
-        return (triton.cdiv(n_rows, m["BLOCK_ROWS"] if rows_per_program is None else rows_per_program),)
-
-    key = (kernel, n_cols, *meta.items(), *(getattr(a, "dtype", None) for a in args))
-    config = _TUNED.get(key) if AUTOTUNE else default_config(configs, meta["BLOCK_C"])
+    grid = lambda m: (triton.cdiv(n_rows, m["BLOCK_ROWS"]),)
+    key = _key(_add_norm_fwd, n_cols, args, meta)
+    config = _TUNED.get(key) if AUTOTUNE else default_config(FWD_CONFIGS, meta["BLOCK_C"])
     if config is None:
-        tuned[grid](*args, **meta)
-        _TUNED[key] = tuned.best_config
+        _add_norm_fwd_tuned[grid](*args, **meta)
+        _TUNED[key] = _add_norm_fwd_tuned.best_config
+        log.info("add_norm forward %s: %s", key[1:], _TUNED[key])
     else:
-        kernel[grid(config.kwargs)](*args, **meta, **config.all_kwargs())
+        _add_norm_fwd[grid(config.kwargs)](*args, **meta, **config.all_kwargs())
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
@@ -263,13 +346,9 @@ def _forward(x, residual, weight, bias, eps: float, is_rms: bool):
     res_out = torch.empty_like(residual) if residual is not None else None
     mean = None if is_rms else torch.empty(n_rows, dtype=torch.float32, device=x.device)
     rstd = torch.empty(n_rows, dtype=torch.float32, device=x.device)
-    _launch(
-        _add_norm_fwd,
-        _add_norm_fwd_tuned,
-        FWD_CONFIGS,
+    _launch_forward(
         n_rows,
         n_cols,
-        None,
         x,
         residual,
         weight,
@@ -289,10 +368,73 @@ def _forward(x, residual, weight, bias, eps: float, is_rms: bool):
     return y, res_out, mean, rstd
 
 
-def _bwd_rows_per_program(n_rows: int, device: torch.device) -> int:
-    """Rows per backward program: a multiple of BWD_ROW_QUANTUM, about BWD_PROGRAMS_PER_SM programs per SM."""
-    programs = max(1, min(triton.cdiv(n_rows, BWD_ROW_QUANTUM), num_sms(device) * BWD_PROGRAMS_PER_SM))
+def _bwd_rows_per_program(n_rows: int, device: torch.device, programs_per_sm: int = DEFAULT_PROGRAMS_PER_SM) -> int:
+    """Rows per backward program: a multiple of BWD_ROW_QUANTUM, about programs_per_sm programs per SM."""
+    programs = max(1, min(triton.cdiv(n_rows, BWD_ROW_QUANTUM), num_sms(device) * programs_per_sm))
     return triton.cdiv(triton.cdiv(n_rows, programs), BWD_ROW_QUANTUM) * BWD_ROW_QUANTUM
+
+
+def _launch_backward(config: triton.Config | None, partial: torch.Tensor, dw, db, tensors: tuple, meta: dict) -> None:
+    """The backward kernel over tensors (dy, dres_out, s, weight, mean, rstd, ds, dx) with one config (None: the
+    interpreter's fixed tile), then _sum_partials over its partials (the first rows of `partial`, which may be
+    larger) into dw and db."""
+    dy, s = tensors[0], tensors[2]
+    n_rows, n_cols = s.shape
+    programs_per_sm = DEFAULT_PROGRAMS_PER_SM if config is None else config.kwargs["PROGRAMS_PER_SM"]
+    rows_per_program = _bwd_rows_per_program(n_rows, dy.device, programs_per_sm)
+    n_partials = triton.cdiv(n_rows, rows_per_program)
+    assert partial.shape[0] >= n_partials, (partial.shape, n_partials)
+    if config is None:
+        tile, launch = dict(BLOCK_ROWS=INTERPRET_BLOCK_ROWS), {}
+        block_p, block_cols = INTERPRET_SUM_BLOCK_P, INTERPRET_SUM_BLOCK_COLS
+    else:
+        tile, launch = dict(BLOCK_ROWS=config.kwargs["BLOCK_ROWS"]), dict(num_warps=config.num_warps)
+        block_p, block_cols = SUM_BLOCK_P, SUM_BLOCK_COLS
+    _add_norm_bwd[(n_partials,)](*tensors, partial, n_rows, n_cols, rows_per_program, **meta, **tile, **launch)
+    sums = partial.shape[1]
+    _sum_partials[(triton.cdiv(n_cols, block_cols), sums)](
+        partial,
+        dw,
+        db,
+        n_partials,
+        n_cols,
+        HAS_BIAS=sums == 2,
+        BLOCK_P=block_p,
+        BLOCK_COLS=block_cols,
+        **({} if config is None else dict(num_warps=SUM_NUM_WARPS)),
+    )
+
+
+def _graph_ms(fn) -> float:
+    """Device milliseconds per call of fn, replayed in a CUDA graph as the compiled trainer runs it (no host launch
+    cost, which at 16384 x 384 is as long as the kernels)."""
+    return triton.testing.do_bench_cudagraph(fn, rep=BWD_TUNE_REP_MS, return_mode="median")
+
+
+def _backward_config(key: tuple, block_c: int, run, scratch) -> triton.Config:
+    """The backward's config for this key: default_config untuned; else, on the first call, the fastest of
+    configs_for's by run(config, partial) (kernel and partial sum together, timed in a CUDA graph; partial =
+    scratch(), room for any candidate's partials), remembered in _TUNED. A first call inside a CUDA-graph capture
+    (which cannot time anything) takes default_config without remembering it."""
+    config = _TUNED.get(key) if AUTOTUNE else default_config(BWD_CONFIGS, block_c)
+    if config is None and torch.cuda.is_current_stream_capturing():
+        return default_config(BWD_CONFIGS, block_c)
+    if config is None:
+        torch.cuda.synchronize()  # the tuner's graphs run on their own stream: the inputs must be ready
+        partial = scratch()
+        timed = [(_graph_ms(lambda: run(c, partial)), i, c) for i, c in enumerate(configs_for(BWD_CONFIGS, block_c))]
+        best_ms, _, config = min(timed)
+        _TUNED[key] = config
+        worst_ms = max(t[0] for t in timed)
+        log.info(
+            "add_norm backward %s: %s, %.4f ms per call in a CUDA graph (slowest of %d tried: %.4f ms)",
+            key[1:],
+            config,
+            best_ms,
+            len(timed),
+            worst_ms,
+        )
+    return config
 
 
 def _backward(dy, dres_out, s, weight, bias, mean, rstd, grad_dtype: torch.dtype, x_dtype: torch.dtype):
@@ -303,40 +445,35 @@ def _backward(dy, dres_out, s, weight, bias, mean, rstd, grad_dtype: torch.dtype
     dres_out = _rows(dres_out) if dres_out is not None else None
     ds = torch.empty((n_rows, n_cols), dtype=grad_dtype, device=s.device)
     dx = ds if x_dtype == grad_dtype else torch.empty((n_rows, n_cols), dtype=x_dtype, device=s.device)
-    rows_per_program = _bwd_rows_per_program(n_rows, s.device)
-    n_partials = 2 if bias is not None else 1
-    partial = torch.empty(
-        (triton.cdiv(n_rows, rows_per_program), n_partials, n_cols), dtype=torch.float32, device=s.device
-    )
-    _launch(
-        _add_norm_bwd,
-        _add_norm_bwd_tuned,
-        BWD_CONFIGS,
-        n_rows,
-        n_cols,
-        rows_per_program,
-        dy,
-        dres_out,
-        s,
-        weight,
-        mean,
-        rstd,
-        ds,
-        dx,
-        partial,
-        n_rows,
-        n_cols,
-        rows_per_program,
+    dw = torch.empty_like(weight)
+    db = torch.empty_like(bias) if bias is not None else None
+    tensors = (dy, dres_out, s, weight, mean, rstd, ds, dx)
+    meta = dict(
         IS_RMS=mean is None,
         HAS_DRES=dres_out is not None,
         HAS_BIAS=bias is not None,
         HAS_DX=dx is not ds,
         BLOCK_C=triton.next_power_of_2(n_cols),
     )
-    sums = partial.sum(0)  # (1 or 2, C): dweight (, dbias), one reduction over the programs
-    dw = sums[0].to(weight.dtype)
-    db = sums[1].to(bias.dtype) if bias is not None else None
-    return ds, dx, dw, db
+    n_sums = 2 if bias is not None else 1
+
+    def partials(programs_per_sm: int) -> torch.Tensor:
+        n_partials = triton.cdiv(n_rows, _bwd_rows_per_program(n_rows, s.device, programs_per_sm))
+        return torch.empty((n_partials, n_sums, n_cols), dtype=torch.float32, device=s.device)
+
+    if not s.is_cuda:
+        config = None
+    else:
+        config = _backward_config(
+            _key(_add_norm_bwd, n_cols, (*tensors, bias), meta),
+            meta["BLOCK_C"],
+            lambda c, partial: _launch_backward(c, partial, dw, db, tensors, meta),
+            lambda: partials(max(BWD_PROGRAMS_PER_SM)),
+        )
+    programs_per_sm = DEFAULT_PROGRAMS_PER_SM if config is None else config.kwargs["PROGRAMS_PER_SM"]
+    partial = partials(programs_per_sm)
+    _launch_backward(config, partial, dw, db, tensors, meta)
+    return ds, dx, dw, (db if bias is not None else None)
 
 
 class AddNormFunction(torch.autograd.Function):

@@ -223,3 +223,166 @@ def test_second_call_takes_the_cached_config_and_agrees(monkeypatch):
     )
     for first, second in zip(*runs):
         torch.testing.assert_close(first, second, atol=0, rtol=0)
+
+
+def _grads_of(fn, x, residual, weight, bias, is_rms, gen):
+    """Forward and the backward of a fixed random <outputs, gradients> through fn (the fast path or reference)."""
+    shape = x.shape
+    dnorm = torch.randn(*shape, generator=gen, device=x.device).to(x.dtype)
+    dres = torch.randn(*shape, generator=gen, device=x.device).to(residual.dtype)
+    return _run(fn, x, residual, weight, bias, 1e-5, is_rms, dnorm, dres)
+
+
+@pytest.mark.parametrize("is_rms", [True, False], ids=["rms", "layer"])
+@pytest.mark.parametrize("programs_per_sm", fan.BWD_PROGRAMS_PER_SM)
+def test_backward_partials_at_an_odd_row_count_and_width_384(is_rms, programs_per_sm, monkeypatch, device):
+    """C = 384 (a padded 512-column tile), rows not a multiple of any tile or run of rows, and every programs-per-SM
+    setting: several programs, each with several tiles (its prefetched ones past its last row load nothing), and more
+    dweight partials than _sum_partials takes in one step on CPU."""
+    monkeypatch.setattr(fan, "DEFAULT_PROGRAMS_PER_SM", programs_per_sm)
+    n_rows = 301 if device == "cpu" else 4099
+    n_partials = -(-n_rows // fan._bwd_rows_per_program(n_rows, torch.device(device), programs_per_sm))
+    # more partials than one _sum_partials step (on an H100/H200, 132 SMs, 4099 rows make 257 > 256 too)
+    assert device != "cpu" or n_partials > fan.INTERPRET_SUM_BLOCK_P
+    gen = torch.Generator(device=device).manual_seed(6)
+    x, residual = _rand((n_rows, 384), torch.float32, device, gen), _rand((n_rows, 384), torch.float32, device, gen)
+    weight = _rand((384,), torch.float32, device, gen)
+    bias = None if is_rms else _rand((384,), torch.float32, device, gen)
+    fast = _grads_of(_fast, x, residual, weight, bias, is_rms, gen.manual_seed(7))
+    ref = _grads_of(reference, x, residual, weight, bias, is_rms, gen.manual_seed(7))
+    tol = 1e-4 if device == "cpu" else 2e-3  # fp32 throughout on CPU; TF32-free but reordered sums on the GPU
+    for got, want in zip(fast, ref):
+        torch.testing.assert_close(got, want, atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("is_rms", [True, False], ids=["rms", "layer"])
+def test_fp32_residual_stream_backward_matches_reference(is_rms, device, assert_close):
+    """bf16 activations on an fp32 residual stream (autocast training): x's gradient is written in bf16 by the kernel
+    beside the fp32 one the residual gets; every output and gradient against the fp32 reference."""
+    gen = torch.Generator(device=device).manual_seed(8)
+    x = _rand((45, 96), torch.bfloat16, device, gen)
+    residual = _rand((45, 96), torch.float32, device, gen)
+    weight = _rand((96,), torch.float32, device, gen)
+    bias = None if is_rms else _rand((96,), torch.float32, device, gen)
+    fast = _grads_of(_fast, x, residual, weight, bias, is_rms, gen.manual_seed(9))
+    ref = _grads_of(reference, x, residual, weight, bias, is_rms, gen.manual_seed(9))
+    assert [t.dtype for t in fast] == [t.dtype for t in ref]
+    assert fast[2].dtype == torch.bfloat16 and fast[3].dtype == torch.float32  # dx, dresidual
+    torch.testing.assert_close(fast[1], ref[1], atol=0, rtol=0)  # the new residual
+    for got, want in zip(fast, ref):
+        assert_close(got, want, scale=4.0)
+
+
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("n_sums", [1, 2])
+def test_sum_partials_matches_torch_sum(n_sums, out_dtype, device, assert_close):
+    """dweight (and dbias) = the column sums of the programs' partials, written in the parameter's dtype; more
+    partial rows and columns than one block of either, neither a multiple of it."""
+    gen = torch.Generator(device=device).manual_seed(10)
+    interpret = device == "cpu"
+    block_p = fan.INTERPRET_SUM_BLOCK_P if interpret else fan.SUM_BLOCK_P
+    block_cols = fan.INTERPRET_SUM_BLOCK_COLS if interpret else fan.SUM_BLOCK_COLS
+    n_partials, n_cols = 2 * block_p + 3, 2 * block_cols + 5
+    partial = torch.randn(n_partials, n_sums, n_cols, generator=gen, device=device)
+    dw = torch.empty(n_cols, dtype=out_dtype, device=device)
+    db = torch.empty(n_cols, dtype=out_dtype, device=device) if n_sums == 2 else None
+    grid = (-(-n_cols // block_cols), n_sums)
+    fan._sum_partials[grid](
+        partial, dw, db, n_partials, n_cols, HAS_BIAS=n_sums == 2, BLOCK_P=block_p, BLOCK_COLS=block_cols
+    )
+    want = partial.sum(0)
+    for k, got in enumerate([dw, db][:n_sums]):
+        assert got.dtype == out_dtype
+        assert_close(got, want[k], scale=4.0)
+
+
+def test_every_backward_candidate_computes_the_same_gradients(device, assert_close):
+    """Each config the tuner may pick at C = 384 (tile, warps, programs per SM), launched as the tuned path launches
+    it (the GPU's _sum_partials blocks too), against the reference's gradients. On the GPU: bf16 rows, fp32 weight,
+    as the autotuned test below has them (the same compiled kernels)."""
+    gen = torch.Generator(device=device).manual_seed(11)
+    n_rows, dtype = (67, torch.float32) if device == "cpu" else (4096, torch.bfloat16)
+    s, dy, dres = torch.randn(3, n_rows, 384, generator=gen, device=device).to(dtype)
+    weight, bias = torch.randn(2, 384, generator=gen, device=device)
+    for is_rms in (True, False):
+        s_ref = s.float().requires_grad_()
+        w_ref, b_ref = weight.clone().requires_grad_(), bias.clone().requires_grad_()
+        normed, _ = reference(s_ref, None, w_ref, None if is_rms else b_ref, 1e-5, is_rms)
+        want_ds, *want_params = torch.autograd.grad(normed, [s_ref, w_ref] + ([] if is_rms else [b_ref]), dy.float())
+        _, _, mean, rstd = fan._forward(s, None, weight, None if is_rms else bias, 1e-5, is_rms)
+        n_sums = 1 if is_rms else 2
+        for config in fan.configs_for(fan.BWD_CONFIGS, 512):
+            ds, dw, db = torch.empty_like(s), torch.empty_like(weight), torch.empty_like(bias)
+            partial = torch.empty(n_rows, n_sums, 384, device=device)  # room for any number of programs
+            meta = dict(IS_RMS=is_rms, HAS_DRES=True, HAS_BIAS=not is_rms, HAS_DX=False, BLOCK_C=512)
+            fan._launch_backward(
+                config, partial, dw, None if is_rms else db, (dy, dres, s, weight, mean, rstd, ds, ds), meta
+            )
+            assert_close(ds, want_ds + dres.float())
+            for got, want in zip([dw, db], want_params):
+                torch.testing.assert_close(got, want, atol=2e-3, rtol=2e-3, msg=lambda m: f"{config}: {m}")
+
+
+def test_backward_tuner_takes_the_fastest_candidate_once(monkeypatch):
+    """The tuner times every candidate with the partial sum included (here a stand-in clock that also checks the
+    scratch partials have room for the candidate), keeps the fastest per key, and never tunes inside a capture or
+    when AUTOTUNE is off."""
+    monkeypatch.setattr(fan, "AUTOTUNE", True)
+    monkeypatch.setattr(fan, "_TUNED", {})
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    capturing = []
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: bool(capturing))
+    candidates = fan.configs_for(fan.BWD_CONFIGS, 512)
+    fastest = candidates[len(candidates) // 2]
+    timed = []
+
+    def run(config, partial):
+        per_program = fan._bwd_rows_per_program(16384, torch.device("cpu"), config.kwargs["PROGRAMS_PER_SM"])
+        assert partial.shape[0] >= -(-16384 // per_program)
+        timed.append(config)
+
+    clock = lambda fn: (fn(), 1.0 if timed[-1] is fastest else 2.0)[1]
+    monkeypatch.setattr(fan, "_graph_ms", clock)
+    scratch = lambda: torch.empty(16384 // fan.BWD_ROW_QUANTUM, 1, 8)
+    capturing.append(True)
+    assert fan._backward_config("key", 512, run, scratch) == fan.default_config(fan.BWD_CONFIGS, 512)
+    assert not timed and "key" not in fan._TUNED
+    capturing.clear()
+    assert fan._backward_config("key", 512, run, scratch) is fastest
+    assert timed == candidates and fan._TUNED["key"] is fastest
+    assert fan._backward_config("key", 512, run, scratch) is fastest and len(timed) == len(candidates)
+    monkeypatch.setattr(fan, "AUTOTUNE", False)
+    assert fan._backward_config("other", 512, run, scratch) == fan.default_config(fan.BWD_CONFIGS, 512)
+    assert len(timed) == len(candidates)
+
+
+@pytest.mark.skipif(not GPU, reason="needs a CUDA GPU: CUDA-graph capture and replay")
+@pytest.mark.parametrize("is_rms", [True, False], ids=["rms", "layer"])
+def test_gpu_forward_and_backward_replayed_in_a_cuda_graph(is_rms):
+    """As the compiled trainer runs it: fwd+bwd captured in a CUDA graph (after a warm-up call), replayed on new
+    inputs copied into the captured ones, gives what an eager call gives on those inputs."""
+    torch.manual_seed(12)
+    make = lambda *shape: torch.randn(*shape, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    x, residual, weight, bias = make(16384, 384), make(16384, 384), make(384), make(384)
+    bias = None if is_rms else bias
+    inputs = [t for t in (x, residual, weight, bias) if t is not None]
+    grads = [torch.randn(16384, 384, device="cuda", dtype=torch.bfloat16) for _ in range(2)]
+
+    def step():
+        return _run(_fast, x, residual, weight, bias, 1e-5, is_rms, *grads)
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outs = step()
+    with torch.no_grad():
+        for t in inputs + grads:
+            t.copy_(torch.randn_like(t))
+    graph.replay()
+    torch.cuda.synchronize()
+    for got, want in zip(outs, step()):
+        torch.testing.assert_close(got, want, atol=0, rtol=0)

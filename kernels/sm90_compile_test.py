@@ -94,15 +94,25 @@ def _specs() -> list[tuple[str, object, dict, dict, int, int]]:
             dict(IS_RMS=False, HAS_DRES=True, HAS_BIAS=True, HAS_DX=True),
         ),
     ]
-    # the autotuner's smallest and largest tile at the project's width and the widest fused one; the largest
-    # signature (fp32 residual stream, bf16 activations, LayerNorm) holds the most values per thread
+    # the autotuner's smallest and largest tile at the widest fused width, and every tile at the project's width; the
+    # largest signature (fp32 residual stream, bf16 activations, LayerNorm) holds the most values per thread. A
+    # backward config's PROGRAMS_PER_SM only sizes its grid: one build per tile.
     for cols in (384, fan.MAX_FUSED_COLS):
         block_c = 1 << (cols - 1).bit_length()
         for name, kernel, configs, sig, const in norms:
             tried = fan.configs_for(configs, block_c)
-            for cfg in {id(c): c for c in (tried[0], tried[-1])}.values():
-                blocks = dict(BLOCK_C=block_c, **cfg.kwargs)
-                specs.append((f"{name} C{cols} {cfg}", kernel, sig, {**const, **blocks}, cfg.num_warps, 3))
+            tiles = {
+                (c.kwargs["BLOCK_ROWS"], c.num_warps): c for c in (tried if cols == 384 else tried[:: len(tried) - 1])
+            }
+            for rows, warps in tiles:
+                blocks = dict(BLOCK_C=block_c, BLOCK_ROWS=rows)
+                specs.append((f"{name} C{cols} rows {rows} warps {warps}", kernel, sig, {**const, **blocks}, warps, 3))
+    rms = dict(IS_RMS=True, HAS_DRES=False, HAS_BIAS=False, HAS_DX=False, BLOCK_C=512, BLOCK_ROWS=4)
+    rms_sig = {**bf16("DY", "S", "W", "DS"), **fp32("RSTD", "PARTIAL")}
+    specs.append(("rms_norm bwd (no residual) C384", fan._add_norm_bwd, rms_sig, rms, 8, 3))
+    sum_const = dict(HAS_BIAS=True, BLOCK_P=fan.SUM_BLOCK_P, BLOCK_COLS=fan.SUM_BLOCK_COLS)
+    sum_sig = {**bf16("DW", "DB"), **fp32("PARTIAL")}
+    specs.append(("add_norm sum partials", fan._sum_partials, sum_sig, sum_const, fan.SUM_NUM_WARPS, 3))
     specs.append(("swiglu fwd", sw._swiglu_fwd, bf16("GATE", "UP", "OUT"), dict(BLOCK=sw.BLOCK_SIZE), sw.NUM_WARPS, 3))
     specs.append(
         (
