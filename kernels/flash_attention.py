@@ -11,7 +11,10 @@ buffer. Causal loops run the blocks wholly below the diagonal without a mask and
 
 Dropout (probability p) keeps a probability with chance 1 - p and scales it by 1 / (1 - p), as SDPA's dropout does.
 The keep mask is never stored: Philox (counter-based) turns (seed, query head, query row, key column) into the same
-bits in the forward and the backward. One Philox call gives four 32-bit words, used for four adjacent keys.
+bits in the forward and the backward. One Philox call gives four 32-bit words, eight 16-bit halves, one per key for
+eight adjacent keys: the keep test of a key compares its 16 bits with round(p * 2**16), so the drop probability is p
+to within 2**-17 and kept values are scaled by the exact 1 / P(keep) (E[output] is the undropped attention). Philox is
+the kernels' main cost under dropout (ten rounds of 32-bit multiplies per call), so 16 bits per key, not 32, halve it.
 
 Shapes: q (B, H, T, D), k and v (B, H_kv, T, D) with H % H_kv == 0; D in {16, 32, 64, 128}; fp16, bf16 or fp32.
 """
@@ -40,8 +43,8 @@ __all__ = [
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 LOG2E = 1.4426950408889634  # exp(x) == exp2(x * log2(e)); exp2 is the fast hardware path
-RNG_BITS = 31  # the keep test compares 31 random bits with round(p * 2**31): always an int32 on both sides
-MAX_DROPOUT_T = 65536  # Philox counters (row * cdiv(T, 4) + key // 4) stay unique below 2**32 up to here
+RNG_BITS = 16  # the keep test compares 16 random bits with round(p * 2**16); one Philox call serves 8 keys
+MAX_DROPOUT_T = 65536  # Philox counters (row * cdiv(T, 8) + key // 8) stay unique below 2**32 up to here
 SEED_HIGH = 2**31 - 1  # dropout seeds are drawn from torch's generator in [0, SEED_HIGH)
 
 # Fixed blocks for the CPU interpreter (no autotuning there): small, and unequal so that the causal diagonal split
@@ -137,16 +140,18 @@ def _batch_heads(off_bh, H, GROUP):
 def _keep(seed, bh, threshold, offs_m, start_n, T, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Dropout keep mask (BLOCK_M, BLOCK_N) of query head `bh`, rows offs_m, keys start_n .. start_n + BLOCK_N.
 
-    Element (row, key) takes word key % 4 of Philox(seed; counter row * cdiv(T, 4) + key // 4, bh): a function of
-    (seed, bh, row, key) only, so any tiling of the forward, the backward or the debug mask kernel sees the same bit.
+    Element (row, key) takes 16-bit half key % 2 of word (key % 8) // 2 of Philox(seed; counter row * cdiv(T, 8) +
+    key // 8, bh): a function of (seed, bh, row, key) only, so any tiling of the forward, the backward or the debug
+    mask kernel sees the same bit. start_n is a multiple of 8 (every block is).
     """
-    quads = start_n // 4 + tl.arange(0, BLOCK_N // 4)
-    c0 = (offs_m[:, None] * ((T + 3) // 4) + quads[None, :]).to(tl.uint32)  # (BLOCK_M, BLOCK_N // 4)
+    octs = start_n // 8 + tl.arange(0, BLOCK_N // 8)
+    c0 = (offs_m[:, None] * ((T + 7) // 8) + octs[None, :]).to(tl.uint32)  # (BLOCK_M, BLOCK_N // 8)
     c1 = (c0 * 0 + bh).to(tl.uint32)
     r0, r1, r2, r3 = tl.philox(seed, c0, c1, c1 * 0, c1 * 0)
-    words = tl.join(tl.join(r0, r1), tl.join(r2, r3))  # (BLOCK_M, BLOCK_N // 4, 2, 2): word 2a + b at [..., a, b]
-    words = tl.reshape(words, (BLOCK_M, BLOCK_N))  # key 4q + w holds word w of quad q
-    return (words >> 1).to(tl.int32) >= threshold  # RNG_BITS = 31 random bits
+    words = tl.join(tl.join(r0, r1), tl.join(r2, r3))  # (BLOCK_M, BLOCK_N // 8, 2, 2): word 2a + b at [..., a, b]
+    halves = tl.join(words & 0xFFFF, words >> 16)  # (..., 2, 2, 2): half c of word 2a + b at [..., a, b, c]
+    halves = tl.reshape(halves, (BLOCK_M, BLOCK_N))  # key 8q + 2w + c holds half c of word w of oct q
+    return halves.to(tl.int32) >= threshold
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -463,8 +468,10 @@ def _even_t(T: int, cuda: bool) -> bool:
 
 
 def _dropout_args(dropout_p: float, seed: int) -> tuple[int, int, float]:
-    """(seed, threshold, keep_scale): keep where 31 random bits >= round(p * 2**31); kept values times 1 / (1 - p)."""
-    return seed, min(round(dropout_p * 2**RNG_BITS), 2**RNG_BITS - 1), 1.0 / (1.0 - dropout_p)
+    """(seed, threshold, keep_scale): keep where 16 random bits >= threshold = round(p * 2**16), so P(keep) is
+    (2**16 - threshold) / 2**16, within 2**-17 of 1 - p; kept values times 1 / P(keep), exactly unbiased."""
+    threshold = min(round(dropout_p * 2**RNG_BITS), 2**RNG_BITS - 1)
+    return seed, threshold, 2**RNG_BITS / (2**RNG_BITS - threshold)
 
 
 # (kernel, T bucket, dtype, constexprs) -> the config the autotuner chose: later calls launch the plain kernel with

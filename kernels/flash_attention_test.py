@@ -203,22 +203,33 @@ def test_dropout_zero_is_exactly_no_dropout(device):
 
 def test_keep_fraction_and_independence_are_those_of_bernoulli(device):
     """Over 2 * 4 * 96 * 96 = 73,728 draws per p, the kept fraction is 1 - p within 4 standard errors, overall and
-    in each of the four Philox words (key % 4), heads are independent (not one mask repeated), and so are
-    neighbouring keys (the fraction kept of kept pairs is again 1 - p)."""
+    in each of the eight 16-bit lanes of a Philox call (key % 8: low and high half of each word), heads are
+    independent (not one mask repeated), and so are neighbouring keys (the fraction kept of kept pairs is again
+    1 - p; pairs within a word and across words alike)."""
     B, H, T = 2, 4, 96
-    for p in (0.1, 0.5):
+    for p in (0.1, 0.2, 0.5):
         keep = dropout_keep_mask(7, B, H, T, p, device).float()
         n = keep.numel()
         se = math.sqrt(p * (1 - p) / n)
         assert abs(keep.mean().item() - (1 - p)) < 4 * se, (p, keep.mean().item())
-        for word in range(4):
-            part = keep[..., word::4]
-            assert abs(part.mean().item() - (1 - p)) < 4 * se * 2, (p, word, part.mean().item())
+        for lane in range(8):
+            part = keep[..., lane::8]
+            assert abs(part.mean().item() - (1 - p)) < 4 * se * math.sqrt(8), (p, lane, part.mean().item())
         same = (keep[:, 0] == keep[:, 1]).float().mean().item()  # two heads agree as often as independent draws
         agree = p * p + (1 - p) * (1 - p)
         assert abs(same - agree) < 4 * math.sqrt(agree * (1 - agree) / (n / H)), (p, same)
         pairs = keep[..., :-1] * keep[..., 1:]
         assert abs(pairs.sum().item() / keep[..., :-1].sum().item() - (1 - p)) < 5 * se * 2, p
+
+
+def test_dropout_threshold_is_p_to_16_bits_and_the_scale_unbiased():
+    """The keep test's 16-bit threshold: P(drop) within 2**-17 of p, and keep_scale * P(keep) == 1 exactly (so
+    E[output] is the undropped attention), from tiny p to p near 1."""
+    for p in (1e-4, 0.1, 0.2, 0.3, 0.5, 0.9, 0.99999):
+        _, threshold, keep_scale = fa._dropout_args(p, 0)
+        assert 0 <= threshold < 2**16
+        assert abs(threshold / 2**16 - p) <= 2**-17 + 1e-12, p
+        assert math.isclose(keep_scale * (2**16 - threshold) / 2**16, 1.0, rel_tol=1e-12), p
 
 
 def test_dropout_mean_over_masks_is_the_undropped_output(device):
