@@ -21,6 +21,7 @@ Shapes: q (B, H, T, D), k and v (B, H_kv, T, D) with H % H_kv == 0; D in {16, 32
 
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
@@ -40,6 +41,8 @@ __all__ = [
     "MAX_DROPOUT_T",
 ]
 
+log = logging.getLogger(__name__)
+
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 LOG2E = 1.4426950408889634  # exp(x) == exp2(x * log2(e)); exp2 is the fast hardware path
@@ -51,6 +54,10 @@ SEED_HIGH = 2**31 - 1  # dropout seeds are drawn from torch's generator in [0, S
 # (BLOCK_M a multiple of BLOCK_N in the forward; BLOCK_BIG a multiple of BLOCK_SMALL in the backward) is exercised.
 INTERPRET_FWD_BLOCKS = dict(BLOCK_M=32, BLOCK_N=16)
 INTERPRET_BWD_BLOCKS = dict(BLOCK_BIG=32, BLOCK_SMALL=16)
+PRE_BLOCK, INTERPRET_PRE_BLOCK = (
+    128,
+    32,
+)  # rows per program of the atomic backward's preprocess (divide the EVEN_T rule)
 # Every block of every config divides this, so T % EVEN_T_MULTIPLE == 0 means no bounds masks are needed; passed as a
 # constexpr from the host (no @triton.heuristics wrapper: one less Python layer in a launch that small shapes feel).
 EVEN_T_MULTIPLE = 128
@@ -59,9 +66,9 @@ MASK_BLOCKS = (64, 64)  # blocks of the debug keep-mask kernel on a GPU
 INTERPRET_MASK_BLOCKS = (32, 32)  # and on CPU: a third tiling, beside the forward's and the backward's
 
 
-def _configs(names: tuple[str, str], entries: list[tuple[int, int, int, int]]) -> list[triton.Config]:
-    """(block, block, num_stages, num_warps) -> autotune configs with the two named block sizes."""
-    return [triton.Config({names[0]: a, names[1]: b}, num_stages=s, num_warps=w) for a, b, s, w in entries]
+def _configs(names: tuple[str, str], entries: list[tuple[int, int, int, int]], **fixed) -> list[triton.Config]:
+    """(block, block, num_stages, num_warps) -> autotune configs with the two named block sizes (and `fixed`)."""
+    return [triton.Config({names[0]: a, names[1]: b, **fixed}, num_stages=s, num_warps=w) for a, b, s, w in entries]
 
 
 # Forward: BLOCK_M queries per program, a loop over BLOCK_N keys (BLOCK_M % BLOCK_N == 0 for the causal diagonal).
@@ -79,6 +86,15 @@ BWD_CONFIGS = _configs(
     ("BLOCK_BIG", "BLOCK_SMALL"),
     [(128, 32, 2, 8), (128, 32, 3, 8), (128, 32, 3, 4), (128, 64, 2, 8)]
     + [(64, 32, 3, 4), (64, 32, 4, 8), (64, 64, 3, 8), (32, 32, 3, 4)],
+    DQ_ATOMIC=False,
+)
+# Backward with dQ by atomics (FlashAttention-2's way): only dK/dV programs, each owning BLOCK_BIG keys, which also
+# add dS K of every query block they visit into an fp32 dQ accumulator. 5 matmuls per tile instead of 4 + 3, one
+# Philox pass instead of two, for a preprocess launch (delta, accumulator zeroed) and a conversion of dQ.
+BWD_ATOMIC_CONFIGS = _configs(
+    ("BLOCK_BIG", "BLOCK_SMALL"),
+    [(128, 32, 3, 8), (128, 32, 3, 4), (128, 64, 2, 8), (64, 32, 3, 4), (64, 64, 3, 4)],
+    DQ_ATOMIC=True,
 )
 # T enters the key rounded up to a power of two, so varying prompt lengths do not each trigger a tuning run.
 AUTOTUNE_KEY = ["T_BUCKET", "HEAD_DIM", "CAUSAL", "DROPOUT"]
@@ -101,14 +117,18 @@ def _prune(block: str, max_block_d128: int | None = None):
         small = [c for c in configs if c.kwargs[block] <= max(t_bucket, 32)]
         if head_dim > 64 and max_block_d128 is not None:
             small = [c for c in small if c.kwargs[block] <= max_block_d128]
-        return small or [min(configs, key=lambda c: math.prod(c.kwargs.values()))]
+        return small or [min(configs, key=lambda c: math.prod(c.kwargs[name] for name in c.kwargs if "BLOCK" in name))]
 
     return prune
 
 
-def _autotune(configs: list[triton.Config], prune):
+def _autotune(configs: list[triton.Config], prune, reset_to_zero: list[str] | None = None):
     return triton.autotune(
-        configs=configs, key=AUTOTUNE_KEY, do_bench=_autotune_bench, prune_configs_by={"early_config_prune": prune}
+        configs=configs,
+        key=AUTOTUNE_KEY,
+        do_bench=_autotune_bench,
+        prune_configs_by={"early_config_prune": prune},
+        reset_to_zero=reset_to_zero,
     )
 
 
@@ -198,12 +218,14 @@ def _attn_fwd(
 ):  # fmt: skip
     """One program: BLOCK_M queries of one (batch, head). Writes O and the base-2 log-sum-exp of the scores.
 
-    Causal: the last query blocks do the most work, so they are handed out first (a shorter tail of lone programs).
+    Grid (B * H, query blocks): the block index varies slowest, so with causal masking, where the last query blocks
+    do the most work, every head's heaviest block is handed out before any head's next one (longest first: a short
+    tail of light programs, not a heavy one started last).
     """
-    start_m = tl.program_id(0)
+    start_m = tl.program_id(1)
     if CAUSAL:
-        start_m = tl.num_programs(0) - 1 - start_m
-    off_bh = tl.program_id(1)
+        start_m = tl.num_programs(1) - 1 - start_m
+    off_bh = tl.program_id(0)
     b, h, hk = _batch_heads(off_bh, H, GROUP)
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
@@ -257,26 +279,47 @@ def _dropout_mask_kernel(KEEP, seed, threshold, T, BLOCK_M: tl.constexpr, BLOCK_
 #
 # With dropout, O = (P * Z) V where P = softmax(S) (before dropout) and Z = keep / (1 - p). Then
 # dV = (P * Z)^T dO, dP = (dO V^T) * Z, dS = P * (dP - delta) with delta = rowsum(P * dP) = rowsum(dO * O).
+# The keep mask of a tile is drawn once and serves dV and dP; with DQ_ATOMIC it serves dQ too (dS of the same tile).
+
+
+@triton.jit
+def _bwd_preprocess(O, DO, DELTA, DQ_ACC, T, HEAD_DIM: tl.constexpr, EVEN_T: tl.constexpr, BLOCK: tl.constexpr):
+    """For the DQ_ATOMIC backward: delta = rowsum(dO * O) of BLOCK rows of one (batch, head), and their fp32 dQ
+    accumulator zeroed. Grid (B * H, cdiv(T, BLOCK)); O, dO, the accumulator (B, H, T, D) contiguous."""
+    offs_m = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    offs_d = tl.arange(0, HEAD_DIM)
+    rows = tl.program_id(0).to(tl.int64) * T + offs_m
+    offs = rows[:, None] * HEAD_DIM + offs_d[None, :]
+    o = _load(O + offs, offs_m[:, None] < T, 0.0, EVEN_T)
+    do = _load(DO + offs, offs_m[:, None] < T, 0.0, EVEN_T)
+    _store(DELTA + rows, tl.sum(o.to(tl.float32) * do.to(tl.float32), 1), offs_m < T, EVEN_T)
+    _store(DQ_ACC + offs, tl.zeros([BLOCK, HEAD_DIM], dtype=tl.float32), offs_m[:, None] < T, EVEN_T)
 
 
 @triton.jit
 def _bwd_dkdv_inner(
-    dk, dv, k, v, q_base, o_base, do_base, lse_base, stride_qt, stride_ot, stride_dot, qk_scale, key_start, offs_n,
-    offs_d, lo, hi, T, seed, bh, threshold, keep_scale, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    CAUSAL_MASK: tl.constexpr, EVEN_T: tl.constexpr, DROPOUT: tl.constexpr,
+    dk, dv, k, v, q_base, o_base, do_base, lse_base, delta_base, dq_base, stride_qt, sm_scale, qk_scale, key_start,
+    offs_n, offs_d, lo, hi, T, seed, bh, threshold, keep_scale, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, CAUSAL_MASK: tl.constexpr, EVEN_T: tl.constexpr, DROPOUT: tl.constexpr,
+    DQ_ATOMIC: tl.constexpr,
 ):  # fmt: skip
-    """Accumulate dK, dV of one key block (BLOCK_N keys) over the query blocks [lo, hi) of one query head."""
+    """Accumulate dK, dV of one key block (BLOCK_N keys) over the query blocks [lo, hi) of one query head; with
+    DQ_ATOMIC also add each query block's dQ share (dS K * scale) into the fp32 accumulator at dq_base.
+
+    O, dO and the dQ accumulator of the head are contiguous (T, D) at o_base, do_base, dq_base."""
     for start_m in range(lo, hi, BLOCK_M):
         start_m = tl.multiple_of(start_m, BLOCK_M)
         offs_m = start_m + tl.arange(0, BLOCK_M)
+        rows = offs_m[:, None] * HEAD_DIM + offs_d[None, :]  # (BLOCK_M, D) into O, dO, dQ
         qt_ptrs = q_base + offs_m[None, :] * stride_qt + offs_d[:, None]  # (D, BLOCK_M): Q^T
-        o_ptrs = o_base + offs_m[:, None] * stride_ot + offs_d[None, :]  # (BLOCK_M, D)
-        do_ptrs = do_base + offs_m[:, None] * stride_dot + offs_d[None, :]  # (BLOCK_M, D)
         qt = _load(qt_ptrs, offs_m[None, :] < T, 0.0, EVEN_T)
-        do = _load(do_ptrs, offs_m[:, None] < T, 0.0, EVEN_T)
+        do = _load(do_base + rows, offs_m[:, None] < T, 0.0, EVEN_T)
         lse = _load(lse_base + offs_m, offs_m < T, float("inf"), EVEN_T)  # padded rows: p = 0
-        o = _load(o_ptrs, offs_m[:, None] < T, 0.0, EVEN_T)
-        delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)  # (BLOCK_M,)
+        if DQ_ATOMIC:
+            delta = _load(delta_base + offs_m, offs_m < T, 0.0, EVEN_T)  # (BLOCK_M,) from the preprocess
+        else:
+            o = _load(o_base + rows, offs_m[:, None] < T, 0.0, EVEN_T)
+            delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)  # (BLOCK_M,)
         pt = tl.math.exp2(tl.dot(k, qt) * qk_scale - lse[None, :])  # (BLOCK_N, BLOCK_M): P^T before dropout
         if CAUSAL_MASK:
             pt = tl.where(offs_m[None, :] >= offs_n[:, None], pt, 0.0)
@@ -288,21 +331,28 @@ def _bwd_dkdv_inner(
             dpt = tl.where(keep_t, dpt * keep_scale, 0.0)
         else:
             dv += tl.dot(pt.to(do.dtype), do)
-        dst = pt * (dpt - delta[None, :])  # dS^T, gradient of the (scaled) scores
-        dk += tl.dot(dst.to(qt.dtype), tl.trans(qt))
+        dst = (pt * (dpt - delta[None, :])).to(qt.dtype)  # dS^T, gradient of the (scaled) scores
+        dk += tl.dot(dst, tl.trans(qt))
+        if DQ_ATOMIC:
+            dq = tl.dot(tl.trans(dst), k) * sm_scale  # (BLOCK_M, D); padded keys have k = 0
+            if EVEN_T:
+                tl.atomic_add(dq_base + rows, dq, sem="relaxed")
+            else:
+                tl.atomic_add(dq_base + rows, dq, mask=offs_m[:, None] < T, sem="relaxed")
     return dk, dv
 
 
 @triton.jit
 def _bwd_dkdv(
-    Q, K, V, O, DO, LSE, DK, DV, sm_scale, qk_scale, seed, threshold, keep_scale, stride_qb, stride_qh, stride_qt,
-    stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt, start_n, off_bhk, H, H_KV, GROUP, T,
+    Q, K, V, O, DO, LSE, DELTA, DQ, DK, DV, sm_scale, qk_scale, seed, threshold, keep_scale, stride_qb, stride_qh,
+    stride_qt, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt, start_n, off_bhk, H, H_KV, GROUP, T,
     HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, EVEN_T: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DQ_ATOMIC: tl.constexpr,
 ):  # fmt: skip
-    """dK, dV of BLOCK_N keys of one (batch, KV head), summed over the GROUP query heads that read them.
+    """dK, dV of BLOCK_N keys of one (batch, KV head), summed over the GROUP query heads that read them (and, with
+    DQ_ATOMIC, those heads' dQ shares added into the accumulator DQ).
 
-    O, dO (B, H, T, D) and dK, dV (B, H_kv, T, D) are contiguous (the launcher makes sure)."""
+    O, dO, DQ (B, H, T, D) and dK, dV (B, H_kv, T, D) are contiguous (the launcher makes sure)."""
     b, hk, _ = _batch_heads(off_bhk, H_KV, 1)
     offs_n = start_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
@@ -325,16 +375,17 @@ def _bwd_dkdv(
         q_base = Q + b * stride_qb + h * stride_qh
         o_base = O + bh * T * HEAD_DIM
         do_base = DO + bh * T * HEAD_DIM
+        dq_base = DQ + bh * T * HEAD_DIM
         if CAUSAL:
             dk, dv = _bwd_dkdv_inner(
-                dk, dv, k, v, q_base, o_base, do_base, LSE + bh * T, stride_qt, HEAD_DIM, HEAD_DIM, qk_scale,
-                start_n * BLOCK_N, offs_n, offs_d, lo, lo_unmasked, T, seed, bh, threshold, keep_scale, BLOCK_M,
-                BLOCK_N, True, EVEN_T, DROPOUT,
+                dk, dv, k, v, q_base, o_base, do_base, LSE + bh * T, DELTA + bh * T, dq_base, stride_qt, sm_scale,
+                qk_scale, start_n * BLOCK_N, offs_n, offs_d, lo, lo_unmasked, T, seed, bh, threshold, keep_scale,
+                HEAD_DIM, BLOCK_M, BLOCK_N, True, EVEN_T, DROPOUT, DQ_ATOMIC,
             )  # fmt: skip
         dk, dv = _bwd_dkdv_inner(
-            dk, dv, k, v, q_base, o_base, do_base, LSE + bh * T, stride_qt, HEAD_DIM, HEAD_DIM, qk_scale, start_n *
-            BLOCK_N, offs_n, offs_d, lo_unmasked, T, T, seed, bh, threshold, keep_scale, BLOCK_M, BLOCK_N, False,
-            EVEN_T, DROPOUT,
+            dk, dv, k, v, q_base, o_base, do_base, LSE + bh * T, DELTA + bh * T, dq_base, stride_qt, sm_scale,
+            qk_scale, start_n * BLOCK_N, offs_n, offs_d, lo_unmasked, T, T, seed, bh, threshold, keep_scale,
+            HEAD_DIM, BLOCK_M, BLOCK_N, False, EVEN_T, DROPOUT, DQ_ATOMIC,
         )  # fmt: skip
     dk *= sm_scale
     offs = (off_bhk.to(tl.int64) * T + offs_n[:, None]) * HEAD_DIM + offs_d[None, :]
@@ -414,28 +465,33 @@ def _bwd_dq(
 
 @triton.jit
 def _attn_bwd(
-    Q, K, V, O, DO, LSE, DQ, DK, DV, sm_scale, qk_scale, seed, threshold, keep_scale, stride_qb, stride_qh,
+    Q, K, V, O, DO, LSE, DELTA, DQ, DK, DV, sm_scale, qk_scale, seed, threshold, keep_scale, stride_qb, stride_qh,
     stride_qt, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt, H, H_KV, GROUP, T, T_BUCKET,
     HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, EVEN_T: tl.constexpr,
-    BLOCK_BIG: tl.constexpr, BLOCK_SMALL: tl.constexpr,
+    BLOCK_BIG: tl.constexpr, BLOCK_SMALL: tl.constexpr, DQ_ATOMIC: tl.constexpr,
 ):  # fmt: skip
-    """The whole backward in one launch. Grid (cdiv(T, BLOCK_BIG), B * H_kv + B * H): the first B * H_kv rows of
-    programs each own BLOCK_BIG keys (dK, dV), the others each own BLOCK_BIG queries (dQ). Causal: the heaviest
-    blocks (first keys, last queries) get the lowest program ids, so they start first."""
-    pid = tl.program_id(0)
-    row = tl.program_id(1)
-    n_kv_rows = tl.num_programs(1) // (GROUP + 1)  # B * H_kv
+    """The backward's main launch, grid (rows, cdiv(T, BLOCK_BIG)). The first B * H_kv rows of programs each own
+    BLOCK_BIG keys (dK, dV). Without DQ_ATOMIC, B * H more rows each own BLOCK_BIG queries and write their dQ (DQ in
+    the inputs' dtype; DELTA unused); with it there are no such rows: the key programs add dQ into DQ (fp32, zeroed)
+    and read delta from DELTA. The block index varies slowest and, causal, counts from the heaviest blocks (first
+    keys, last queries): every head's heaviest programs start before any lighter one (longest first)."""
+    row = tl.program_id(0)
+    pid = tl.program_id(1)
+    if DQ_ATOMIC:
+        n_kv_rows = tl.num_programs(0)
+    else:
+        n_kv_rows = tl.num_programs(0) // (GROUP + 1)  # B * H_kv
     if row < n_kv_rows:
         _bwd_dkdv(
-            Q, K, V, O, DO, LSE, DK, DV, sm_scale, qk_scale, seed, threshold, keep_scale,
+            Q, K, V, O, DO, LSE, DELTA, DQ, DK, DV, sm_scale, qk_scale, seed, threshold, keep_scale,
             stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt,
             pid, row, H, H_KV, GROUP, T,
-            HEAD_DIM, CAUSAL, DROPOUT, EVEN_T, BLOCK_SMALL, BLOCK_BIG,
+            HEAD_DIM, CAUSAL, DROPOUT, EVEN_T, BLOCK_SMALL, BLOCK_BIG, DQ_ATOMIC,
         )  # fmt: skip
     else:
         start_m = pid
         if CAUSAL:
-            start_m = tl.num_programs(0) - 1 - pid
+            start_m = tl.num_programs(1) - 1 - pid
         _bwd_dq(
             Q, K, V, O, DO, LSE, DQ, sm_scale, qk_scale, seed, threshold, keep_scale,
             stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt,
@@ -445,6 +501,8 @@ def _attn_bwd(
 
 
 _attn_bwd_tuned = _autotune(BWD_CONFIGS, _prune("BLOCK_BIG", BWD_MAX_BLOCK_D128))(_attn_bwd)
+# the tuner's runs add into DQ: it is zeroed before each and before the real run (the preprocess zeroes it first)
+_attn_bwd_atomic_tuned = _autotune(BWD_ATOMIC_CONFIGS, _prune("BLOCK_BIG", BWD_MAX_BLOCK_D128), ["DQ"])(_attn_bwd)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -482,19 +540,19 @@ _TUNED: dict[tuple, triton.Config] = {}
 def _launch(
     kernel, tuned, interpret_blocks: dict, along: str, n: int, programs: int, *args, config=None, **meta
 ) -> None:
-    """Grid (cdiv(n, meta[along]), programs): autotuned on a GPU (once per key, then the chosen config directly),
-    the interpreter's fixed blocks on CPU, or the given triton.Config (the tests run every config the tuner may
-    pick). args[-1] is T_BUCKET, the autotune key's one argument beside the constexprs."""
+    """Grid (programs, cdiv(n, meta[along])): autotuned by `tuned` on a GPU (once per key, then the chosen config
+    directly), the interpreter's fixed blocks on CPU, or the given triton.Config (the tests run every config the tuner
+    may pick). args[-1] is T_BUCKET, the autotune key's one argument beside the constexprs."""
     if not args[0].is_cuda and config is None:
-        kernel[(triton.cdiv(n, interpret_blocks[along]), programs)](*args, **meta, **interpret_blocks)
+        kernel[(programs, triton.cdiv(n, interpret_blocks[along]))](*args, **meta, **interpret_blocks)
         return
-    key = (kernel, args[-1], args[0].dtype, *meta.items())  # q's dtype is k's, v's and O's; LSE is always fp32
+    key = (tuned, args[-1], args[0].dtype, *meta.items())  # q's dtype is k's, v's and O's; LSE is always fp32
     config = _TUNED.get(key) if config is None else config
     if config is None:
-        tuned[lambda m: (triton.cdiv(n, m[along]), programs)](*args, **meta)
+        tuned[lambda m: (programs, triton.cdiv(n, m[along]))](*args, **meta)
         _TUNED[key] = tuned.best_config
     else:
-        kernel[(triton.cdiv(n, config.kwargs[along]), programs)](*args, **meta, **config.all_kwargs())
+        kernel[(programs, triton.cdiv(n, config.kwargs[along]))](*args, **meta, **config.all_kwargs())
 
 
 def _forward(
@@ -549,26 +607,80 @@ def _backward(
     seed: int,
     config: triton.Config | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """dQ, dK, dV (dK and dV summed over the query heads of each KV head), in one launch."""
+    """dQ, dK, dV (dK and dV summed over the query heads of each KV head).
+
+    dQ by its own programs in the one launch, or by atomics (preprocess, main launch, dQ cast): as `config` says
+    (its DQ_ATOMIC), by atomics in the interpreter, and on a GPU whichever ran faster inside a CUDA graph the first
+    time this (T bucket, dtype, head dim, causal, dropout) came (its own programs under deterministic algorithms).
+    """
+    if config is not None:
+        atomic = config.kwargs["DQ_ATOMIC"]
+    elif not q.is_cuda:
+        atomic = True
+    else:
+        key = (triton.next_power_of_2(q.shape[2]), q.dtype, q.shape[3], causal, dropout_p > 0.0)
+        args = (do, q, k, v, o, lse, causal, scale, dropout_p, seed)
+        atomic = _pick_dq_atomic(key, lambda atomic: _backward_by(atomic, *args))
+    return _backward_by(atomic, do, q, k, v, o, lse, causal, scale, dropout_p, seed, config)
+
+
+# (T bucket, dtype, head dim, causal, dropout) -> whether dQ by atomics was the faster backward there
+_DQ_ATOMIC: dict[tuple, bool] = {}
+DQ_STRATEGY_REP_MS = 20  # CUDA-graph timing window per strategy, on the first backward of a key
+
+
+def _pick_dq_atomic(key: tuple, run) -> bool:
+    """Whether `run(atomic)` (a whole backward) is faster with atomic dQ, timed once per key as the compiled trainer
+    runs it, in a CUDA graph (device time, no host launch cost); never atomics under deterministic algorithms (they
+    add in a varying order), and the separate dQ inside a capture that comes before the first timing."""
+    if torch.are_deterministic_algorithms_enabled():
+        return False
+    if key not in _DQ_ATOMIC:
+        if torch.cuda.is_current_stream_capturing():
+            return False
+        run(False), run(True)  # each strategy's kernel tuned (and compiled) before the timing
+        ms = {a: triton.testing.do_bench_cudagraph(lambda a=a: run(a), rep=DQ_STRATEGY_REP_MS) for a in (False, True)}
+        _DQ_ATOMIC[key] = ms[True] < ms[False]
+        log.info(
+            "flash attention backward %s: dQ by atomics %.4f ms, by own programs %.4f ms", key, ms[True], ms[False]
+        )
+    return _DQ_ATOMIC[key]
+
+
+def _backward_by(
+    atomic: bool, do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
+    lse: torch.Tensor, causal: bool, scale: float, dropout_p: float, seed: int, config: triton.Config | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """The backward with dQ by atomics (`atomic`) or by its own programs."""
     B, H, T, D = q.shape
     H_kv = k.shape[1]
-    do = do.contiguous()  # the kernel indexes dO, O and dQ alike: contiguous (B, H, T, D)
-    dq = torch.empty((B, H, T, D), dtype=q.dtype, device=q.device)
+    gpu_blocks = q.is_cuda or config is not None  # a given config: GPU block sizes
+    even_t = _even_t(T, gpu_blocks)
+    do = do.contiguous()  # the kernels index dO, O and dQ alike: contiguous (B, H, T, D)
     dk = torch.empty((B, H_kv, T, D), dtype=k.dtype, device=k.device)
     dv = torch.empty((B, H_kv, T, D), dtype=v.dtype, device=v.device)
+    if atomic:
+        dq = torch.empty((B, H, T, D), dtype=torch.float32, device=q.device)  # the accumulator, zeroed here:
+        delta = torch.empty((B, H, T), dtype=torch.float32, device=q.device)
+        block = PRE_BLOCK if gpu_blocks else INTERPRET_PRE_BLOCK
+        _bwd_preprocess[(B * H, triton.cdiv(T, block))](o, do, delta, dq, T, HEAD_DIM=D, EVEN_T=even_t, BLOCK=block)
+    else:
+        dq = torch.empty((B, H, T, D), dtype=q.dtype, device=q.device)
+        delta = lse  # not read: the dK/dV programs take delta from their O and dO tiles
     _launch(
         _attn_bwd,
-        _attn_bwd_tuned,
-        INTERPRET_BWD_BLOCKS,
+        _attn_bwd_atomic_tuned if atomic else _attn_bwd_tuned,
+        dict(INTERPRET_BWD_BLOCKS, DQ_ATOMIC=atomic),
         "BLOCK_BIG",
         T,
-        B * H_kv + B * H,
+        B * H_kv if atomic else B * H_kv + B * H,
         q,
         k,
         v,
         o,
         do,
         lse,
+        delta,
         dq,
         dk,
         dv,
@@ -586,10 +698,10 @@ def _backward(
         HEAD_DIM=D,
         CAUSAL=causal,
         DROPOUT=dropout_p > 0.0,
-        EVEN_T=_even_t(T, q.is_cuda or config is not None),  # a given config: GPU block sizes
+        EVEN_T=even_t,
         config=config,
     )
-    return dq, dk, dv
+    return dq.to(q.dtype), dk, dv
 
 
 def _draw_seed() -> int:

@@ -1,10 +1,12 @@
 """Flash attention (Triton, forward and backward) against the PyTorch reference on fresh random inputs, with and
 without attention dropout (exactly against the kernel's own keep mask, and statistically)."""
 
+import contextlib
 import math
 
 import pytest
 import torch
+import triton
 
 from kernels import flash_attention as fa
 from kernels.flash_attention import dropout_keep_mask, flash_attention, reference
@@ -22,7 +24,10 @@ DROPOUT_SHAPES = [(2, 8, 2, 256, 64), (1, 4, 4, 200, 64)] if GPU else [(2, 4, 2,
 P = 0.3
 # valid at every head dim (the backward's D=128 pruning keeps blocks <= 64)
 GPU_TEST_FWD_CONFIG = next(c for c in fa.FWD_CONFIGS if c.kwargs == {"BLOCK_M": 64, "BLOCK_N": 64})
-GPU_TEST_BWD_CONFIG = next(c for c in fa.BWD_CONFIGS if c.kwargs == {"BLOCK_BIG": 64, "BLOCK_SMALL": 32})
+GPU_TEST_BWD_CONFIG, GPU_TEST_BWD_ATOMIC_CONFIG = (
+    next(c for c in configs if (c.kwargs["BLOCK_BIG"], c.kwargs["BLOCK_SMALL"]) == (64, 32))
+    for configs in (fa.BWD_CONFIGS, fa.BWD_ATOMIC_CONFIGS)
+)
 EVERY_CONFIG_SEED = 5
 GRAD_TOL_SCALE = 2.0  # gradients go through two more low-precision matmuls than the output
 
@@ -30,12 +35,27 @@ GRAD_TOL_SCALE = 2.0  # gradients go through two more low-precision matmuls than
 @pytest.fixture(autouse=True)
 def _one_config_each_on_gpu(request, monkeypatch):
     """On a GPU, the tests other than test_gpu_every_config_* (which run each config at the training variant) tune
-    over one config per kernel: each dtype / head dim / causal / ragged-T variant compiles 2 kernels, not all 13
-    (minutes of compiling); the tuner's other picks are checked by those tests."""
+    over one config per kernel: each dtype / head dim / causal / ragged-T variant compiles 3 kernels, not all 18
+    (minutes of compiling); the tuner's other picks are checked by those tests. The backward still picks between
+    dQ by atomics and by its own programs by timing them (each with its one config)."""
     if GPU and "every_config" not in request.node.name:
         monkeypatch.setattr(fa, "_TUNED", {})  # and forget the picks made from the whole set, then from this one
+        monkeypatch.setattr(fa, "_DQ_ATOMIC", {})
         monkeypatch.setattr(fa._attn_fwd_tuned, "configs", [GPU_TEST_FWD_CONFIG])
         monkeypatch.setattr(fa._attn_bwd_tuned, "configs", [GPU_TEST_BWD_CONFIG])
+        monkeypatch.setattr(fa._attn_bwd_atomic_tuned, "configs", [GPU_TEST_BWD_ATOMIC_CONFIG])
+
+
+@contextlib.contextmanager
+def _deterministic():
+    """Deterministic algorithms on: the backward then never adds dQ by atomics (whose order, and so the last bits
+    of dQ, vary from run to run on a GPU), so two runs can be compared bit for bit."""
+    before = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
 
 
 def _inputs(B, H, H_kv, T, D, dtype, device, seed=0):
@@ -195,8 +215,9 @@ def test_dropout_matches_reference_with_the_same_mask(shape, causal, device, ass
 def test_dropout_zero_is_exactly_no_dropout(device):
     q, k, v = _inputs(1, 4, 2, 32, 32, torch.float32, device, seed=5)
     do = torch.randn_like(q)
-    plain = _fwd_bwd(flash_attention, q, k, v, do, impl="triton")
-    zero = _fwd_bwd(flash_attention, q, k, v, do, dropout_p=0.0, seed=99, impl="triton")
+    with _deterministic():
+        plain = _fwd_bwd(flash_attention, q, k, v, do, impl="triton")
+        zero = _fwd_bwd(flash_attention, q, k, v, do, dropout_p=0.0, seed=99, impl="triton")
     for a, b in zip(plain, zero):
         torch.testing.assert_close(a, b, atol=0, rtol=0)
 
@@ -253,9 +274,10 @@ def test_dropout_mean_over_masks_is_the_undropped_output(device):
 def test_same_seed_same_output_other_seed_other_output(device):
     q, k, v = _inputs(1, 2, 1, 32, 16, torch.float32, device, seed=8)
     do = torch.randn_like(q)
-    a = _fwd_bwd(flash_attention, q, k, v, do, dropout_p=P, seed=11, impl="triton")
-    b = _fwd_bwd(flash_attention, q, k, v, do, dropout_p=P, seed=11, impl="triton")
-    c = _fwd_bwd(flash_attention, q, k, v, do, dropout_p=P, seed=12, impl="triton")
+    with _deterministic():
+        a = _fwd_bwd(flash_attention, q, k, v, do, dropout_p=P, seed=11, impl="triton")
+        b = _fwd_bwd(flash_attention, q, k, v, do, dropout_p=P, seed=11, impl="triton")
+        c = _fwd_bwd(flash_attention, q, k, v, do, dropout_p=P, seed=12, impl="triton")
     for x, y, z in zip(a, b, c):
         torch.testing.assert_close(x, y, atol=0, rtol=0)
         assert (x - z).abs().max() > 1e-3
@@ -309,8 +331,9 @@ def test_autotune_pruning_keeps_configs_that_fit():
 @pytest.mark.skipif(GPU, reason="the interpreter's take on every config; on a GPU test_gpu_every_config_* run them")
 @pytest.mark.parametrize("T", [128, 80])
 def test_every_config_block_shape_in_the_interpreter(T, assert_close):
-    """Each autotune config's block sizes (warps and stages mean nothing to the interpreter) give the reference's
-    output and gradients with dropout and GQA, at a T that fills the largest blocks and one that does not."""
+    """Each autotune config's block sizes (warps and stages mean nothing to the interpreter), dQ by atomics and by
+    its own programs, give the reference's output and gradients with dropout and GQA, at a T that fills the largest
+    blocks and one that does not."""
     q, k, v = _inputs(1, 2, 1, T, 16, torch.float32, "cpu", seed=13)
     do = torch.randn_like(q)
     (ref, *ref_grads), _ = _reference_with_kernel_mask(q, k, v, do, True, P, 3)
@@ -318,9 +341,79 @@ def test_every_config_block_shape_in_the_interpreter(T, assert_close):
     for cfg in {str(c.kwargs): c for c in fa.FWD_CONFIGS}.values():
         assert_close(fa._forward(q, k, v, True, scale, P, 3, config=cfg)[0], ref)
     o, lse = fa._forward(q, k, v, True, scale, P, 3)
-    for cfg in {str(c.kwargs): c for c in fa.BWD_CONFIGS}.values():
+    for cfg in {str(c.kwargs): c for c in fa.BWD_CONFIGS + fa.BWD_ATOMIC_CONFIGS}.values():
         for got, want in zip(fa._backward(do, q, k, v, o, lse, True, scale, P, 3, config=cfg), ref_grads):
             assert_close(got, want, scale=GRAD_TOL_SCALE)
+
+
+@pytest.mark.parametrize("atomic", [False, True], ids=["dq_own_programs", "dq_atomic"])
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("dropout_p", [0.0, P])
+@pytest.mark.parametrize("shape", [(2, 4, 2, 40, 16), (1, 2, 2, 128, 32)], ids=["GQA_T40", "MHA_T128"])
+def test_backward_each_dq_strategy_matches_reference(shape, dropout_p, causal, atomic, device, assert_close):
+    """dQ by atomics (preprocess, key programs adding dS K, cast) and by its own programs, each forced through a
+    config, against the reference's autograd: GQA at a ragged T and MHA at a T that fills the blocks, causal or not,
+    with and without dropout (the kernel's own mask)."""
+    q, k, v = _inputs(*shape, torch.float32, device, seed=14)
+    do = torch.randn_like(q)
+    if dropout_p > 0.0:
+        (ref, *ref_grads), _ = _reference_with_kernel_mask(q, k, v, do, causal, dropout_p, 21)
+    else:
+        q32, k32, v32 = (t.detach().float().requires_grad_() for t in (q, k, v))
+        ref, *ref_grads = _fwd_bwd(reference, q32, k32, v32, do, causal=causal)
+    q, k, v, scale = q.detach(), k.detach(), v.detach(), 1 / math.sqrt(shape[-1])
+    o, lse = fa._forward(q, k, v, causal, scale, dropout_p, 21)
+    assert_close(o, ref)
+    cfg = GPU_TEST_BWD_ATOMIC_CONFIG if atomic else GPU_TEST_BWD_CONFIG
+    grads = fa._backward(do, q, k, v, o, lse, causal, scale, dropout_p, 21, config=cfg)
+    for got, want in zip(grads, ref_grads):
+        assert got.dtype == want.dtype and got.shape == want.shape
+        assert_close(got, want, scale=GRAD_TOL_SCALE)
+
+
+def test_preprocess_writes_delta_and_zeroes_the_dq_accumulator(device):
+    """The atomic backward's preprocess: delta = rowsum(dO * O) per row, and the accumulator (here full of NaN, as
+    reused memory may be) all zeros, at a T that is not a multiple of its block (rows past T untouched)."""
+    B, H, T, D, block = 2, 3, 40, 32, 32
+    g = torch.Generator(device=device).manual_seed(15)
+    o, do = (torch.randn(B, H, T, D, generator=g, device=device) for _ in range(2))
+    delta = torch.full((B * H * T + 1,), float("nan"), device=device)
+    acc = torch.full((B, H, T, D), float("nan"), device=device)
+    fa._bwd_preprocess[(B * H, triton.cdiv(T, block))](o, do, delta, acc, T, HEAD_DIM=D, EVEN_T=False, BLOCK=block)
+    torch.testing.assert_close(delta[:-1].view(B, H, T), (o * do).sum(-1), atol=1e-5, rtol=1e-5)
+    assert delta[-1].isnan()
+    assert (acc == 0).all()
+
+
+def test_dq_strategy_is_own_programs_under_deterministic_algorithms(monkeypatch):
+    """With deterministic algorithms asked for, no atomics (and no timing run); otherwise a decided key is reused."""
+    runs = []
+    monkeypatch.setattr(fa, "_DQ_ATOMIC", {("decided",): True})
+    with _deterministic():
+        assert fa._pick_dq_atomic(("decided",), runs.append) is False
+        assert fa._pick_dq_atomic(("new",), runs.append) is False
+    assert fa._pick_dq_atomic(("decided",), runs.append) is True
+    assert runs == []
+
+
+@pytest.mark.skipif(not GPU, reason="needs a CUDA GPU: times both backward strategies in a CUDA graph")
+def test_gpu_backward_times_both_dq_strategies_once_per_key():
+    """The first backward of a key times both strategies (through CUDA graphs) and records the faster; both give
+    the reference's gradients there; a second call reuses the decision."""
+    q, k, v = _inputs(4, 6, 6, 256, 64, torch.bfloat16, "cuda", seed=16)
+    do = torch.randn_like(q)
+    _fwd_bwd(flash_attention, q, k, v, do, causal=True)
+    key = (256, torch.bfloat16, 64, True, False)
+    assert key in fa._DQ_ATOMIC
+    q32, k32, v32 = (t.detach().float().requires_grad_() for t in (q, k, v))
+    _, *ref_grads = _fwd_bwd(reference, q32, k32, v32, do.float(), causal=True)
+    q, k, v = q.detach(), k.detach(), v.detach()
+    o, lse = fa._forward(q, k, v, True, 1 / 8, 0.0, 0)
+    for atomic in (False, True):
+        for name, got, want in zip("qkv", fa._backward_by(atomic, do, q, k, v, o, lse, True, 1 / 8, 0.0, 0), ref_grads):
+            rel = (got.float() - want).norm() / want.norm()
+            assert rel < 2e-2, f"d{name} (atomic={atomic}) differs by {rel:.2e} relative"
+    assert fa._pick_dq_atomic(key, lambda atomic: pytest.fail("timed again")) == fa._DQ_ATOMIC[key]
 
 
 @pytest.mark.skipif(not GPU, reason="needs a CUDA GPU: the training shapes with dropout in bf16")
@@ -362,7 +455,7 @@ def test_gpu_every_config_forward(cfg, dropout_p):
 
 @pytest.mark.skipif(not GPU, reason="needs a CUDA GPU: compiles every autotune config")
 @pytest.mark.parametrize("dropout_p", [0.0, 0.2])
-@pytest.mark.parametrize("cfg", fa.BWD_CONFIGS, ids=str)
+@pytest.mark.parametrize("cfg", fa.BWD_CONFIGS + fa.BWD_ATOMIC_CONFIGS, ids=str)
 def test_gpu_every_config_backward(cfg, dropout_p):
     """Each backward config must be right too (O and the LSE from one fixed forward config, not tuned here)."""
     q, k, v, do, _, ref_grads = _every_config_case(dropout_p)
