@@ -3,13 +3,20 @@ attention-probability dropout inside the kernels.
 
 Scores never reach memory: each forward program streams K/V blocks past a block of queries with an online softmax,
 keeping only the per-row log-sum-exp (LSE, taken before dropout, as FlashAttention does) for the backward, which
-recomputes the probabilities. The backward is ONE launch, as in the Triton fused-attention tutorial's design: a
-program either owns a block of keys and accumulates dK, dV over every query (and every query head sharing its KV
-head), or owns a block of queries and accumulates dQ. delta = rowsum(dO * O), the softmax-backward term, is
-computed in place from the O and dO tiles each program loads anyway, so there is no preprocess launch and no delta
-buffer. Causal loops run the blocks wholly below the diagonal without a mask and only the diagonal blocks masked.
+recomputes the probabilities. The backward comes two ways, and on a GPU the first backward of each (T bucket, dtype,
+head dim, causal, dropout) times both inside CUDA graphs and keeps the faster:
+- dQ by its own programs, ONE launch (the Triton fused-attention tutorial's design): a program either owns a block of
+  keys and accumulates dK, dV over every query (and every query head sharing its KV head), or owns a block of queries
+  and accumulates dQ, recomputing the scores (and the dropout mask) a second time. delta = rowsum(dO * O), the
+  softmax-backward term, is computed in place from the O and dO tiles the programs load.
+- dQ by atomics (FlashAttention-2's design): a preprocess launch writes delta and zeroes an fp32 dQ accumulator; the
+  key programs alone then add each tile's dS K into it (5 matmuls and one keep mask per tile instead of 7 and two),
+  and dQ is cast to the inputs' dtype. Not used under torch's deterministic algorithms (the add order varies).
+Causal loops run the blocks wholly below the diagonal without a mask and only the diagonal blocks masked; the grids
+hand every head's heaviest causal blocks out first.
 
-Dropout (probability p) keeps a probability with chance 1 - p and scales it by 1 / (1 - p), as SDPA's dropout does.
+Dropout (probability p) keeps a probability with chance 1 - p and scales it by 1 / (1 - p), as SDPA's dropout does
+(p to 16 bits, below).
 The keep mask is never stored: Philox (counter-based) turns (seed, query head, query row, key column) into the same
 bits in the forward and the backward. One Philox call gives four 32-bit words, eight 16-bit halves, one per key for
 eight adjacent keys: the keep test of a key compares its 16 bits with round(p * 2**16), so the drop probability is p
@@ -54,10 +61,8 @@ SEED_HIGH = 2**31 - 1  # dropout seeds are drawn from torch's generator in [0, S
 # (BLOCK_M a multiple of BLOCK_N in the forward; BLOCK_BIG a multiple of BLOCK_SMALL in the backward) is exercised.
 INTERPRET_FWD_BLOCKS = dict(BLOCK_M=32, BLOCK_N=16)
 INTERPRET_BWD_BLOCKS = dict(BLOCK_BIG=32, BLOCK_SMALL=16)
-PRE_BLOCK, INTERPRET_PRE_BLOCK = (
-    128,
-    32,
-)  # rows per program of the atomic backward's preprocess (divide the EVEN_T rule)
+# rows per program of the atomic backward's preprocess (they divide the EVEN_T multiples)
+PRE_BLOCK, INTERPRET_PRE_BLOCK = 64, 32
 # Every block of every config divides this, so T % EVEN_T_MULTIPLE == 0 means no bounds masks are needed; passed as a
 # constexpr from the host (no @triton.heuristics wrapper: one less Python layer in a launch that small shapes feel).
 EVEN_T_MULTIPLE = 128
@@ -73,15 +78,18 @@ def _configs(names: tuple[str, str], entries: list[tuple[int, int, int, int]], *
 
 # Forward: BLOCK_M queries per program, a loop over BLOCK_N keys (BLOCK_M % BLOCK_N == 0 for the causal diagonal).
 # From the Triton tutorial's Hopper space (BLOCK_M 64/128, BLOCK_N 32-128, 2-4 stages, 4/8 warps): the sm_90 builds
-# at D = 64 that use no more than ~240 registers (128/64 at 4 warps and 128/32 take 251 and 234 with dropout). Few
-# configs: each new (head dim, dtype, causal, dropout) compiles them all on its first call.
+# at D = 64 that do not spill without dropout (128/64 at 4 warps spills 96 bytes, 344 with dropout; 128/128 spills 72
+# with dropout); 128/128 at 4 stages for long T, where the loop is long enough for a deeper pipeline. Few configs:
+# each new (head dim, dtype, causal, dropout) compiles them all on its first call.
 FWD_CONFIGS = _configs(
-    ("BLOCK_M", "BLOCK_N"), [(64, 32, 4, 4), (64, 64, 3, 4), (128, 64, 3, 8), (128, 64, 4, 8), (128, 128, 3, 8)]
+    ("BLOCK_M", "BLOCK_N"),
+    [(64, 32, 4, 4), (64, 64, 3, 4), (128, 64, 3, 8), (128, 64, 4, 8), (128, 128, 3, 8), (128, 128, 4, 8)],
 )
 # Backward: a dK/dV program owns BLOCK_BIG keys and loops over queries BLOCK_SMALL at a time; a dQ program owns
 # BLOCK_BIG queries and loops over keys BLOCK_SMALL at a time. Built for sm_90 at D = 64 (divisibility hints as a
 # real launch has them): 128/32 spills ~300 bytes at 4 warps (the tutorial's choice, kept for the tuner to judge)
 # and none at 8; 64/32 and 32/32 spill none; 64/64 and 128/64 spill ~100 bytes; 128/128 would spill far more.
+# (Triton 3.7's sm_90 build without the hints: 64/32 at 8 warps is the one that spills nothing with dropout too.)
 BWD_CONFIGS = _configs(
     ("BLOCK_BIG", "BLOCK_SMALL"),
     [(128, 32, 2, 8), (128, 32, 3, 8), (128, 32, 3, 4), (128, 64, 2, 8)]
@@ -91,9 +99,11 @@ BWD_CONFIGS = _configs(
 # Backward with dQ by atomics (FlashAttention-2's way): only dK/dV programs, each owning BLOCK_BIG keys, which also
 # add dS K of every query block they visit into an fp32 dQ accumulator. 5 matmuls per tile instead of 4 + 3, one
 # Philox pass instead of two, for a preprocess launch (delta, accumulator zeroed) and a conversion of dQ.
+# sm_90 builds at D = 64 (Triton 3.7, no hints): none spills without dropout; with it 64/32 spills nothing, 128/32
+# ~130 bytes, 64/16 64; 4 warps at 128/32 (500-1400 bytes) and 64/64 blocks (16-600) were left out.
 BWD_ATOMIC_CONFIGS = _configs(
     ("BLOCK_BIG", "BLOCK_SMALL"),
-    [(128, 32, 3, 8), (128, 32, 3, 4), (128, 64, 2, 8), (64, 32, 3, 4), (64, 64, 3, 4)],
+    [(128, 32, 3, 8), (128, 32, 2, 8), (64, 32, 3, 8), (64, 32, 4, 8), (64, 16, 3, 4)],
     DQ_ATOMIC=True,
 )
 # T enters the key rounded up to a power of two, so varying prompt lengths do not each trigger a tuning run.
