@@ -649,6 +649,7 @@ def _pick_dq_atomic(key: tuple, run) -> bool:
         if torch.cuda.is_current_stream_capturing():
             return False
         run(False), run(True)  # each strategy's kernel tuned (and compiled) before the timing
+        torch.cuda.synchronize()  # the timing runs on a stream of its own, which must see the inputs written
         ms = {a: triton.testing.do_bench_cudagraph(lambda a=a: run(a), rep=DQ_STRATEGY_REP_MS) for a in (False, True)}
         _DQ_ATOMIC[key] = ms[True] < ms[False]
         log.info(

@@ -36,11 +36,16 @@ GRAD_TOL_SCALE = 2.0  # gradients go through two more low-precision matmuls than
 def _one_config_each_on_gpu(request, monkeypatch):
     """On a GPU, the tests other than test_gpu_every_config_* (which run each config at the training variant) tune
     over one config per kernel: each dtype / head dim / causal / ragged-T variant compiles 3 kernels, not all 18
-    (minutes of compiling); the tuner's other picks are checked by those tests. The backward still picks between
-    dQ by atomics and by its own programs by timing them (each with its one config)."""
+    (minutes of compiling); the tuner's other picks are checked by those tests. Their backward adds dQ by atomics
+    (by its own programs under deterministic algorithms) without timing both ways first, but in the tests that say
+    otherwise (those that test the timing, those that run each way)."""
     if GPU and "every_config" not in request.node.name:
         monkeypatch.setattr(fa, "_TUNED", {})  # and forget the picks made from the whole set, then from this one
         monkeypatch.setattr(fa, "_DQ_ATOMIC", {})
+        if "dq_strateg" not in request.node.name:
+            monkeypatch.setattr(
+                fa, "_pick_dq_atomic", lambda key, run: not torch.are_deterministic_algorithms_enabled()
+            )
         monkeypatch.setattr(fa._attn_fwd_tuned, "configs", [GPU_TEST_FWD_CONFIG])
         monkeypatch.setattr(fa._attn_bwd_tuned, "configs", [GPU_TEST_BWD_CONFIG])
         monkeypatch.setattr(fa._attn_bwd_atomic_tuned, "configs", [GPU_TEST_BWD_ATOMIC_CONFIG])
@@ -145,11 +150,18 @@ def test_bad_inputs_are_refused():
         flash_attention(q, k, v, scale=-1.0)
 
 
+def _force_dq_strategy(monkeypatch, atomic: bool) -> None:
+    monkeypatch.setattr(fa, "_pick_dq_atomic", lambda key, run: atomic)
+
+
 @pytest.mark.skipif(not GPU, reason="needs a CUDA GPU: the trainer's and the bench's shapes in bf16")
+@pytest.mark.parametrize("atomic", [False, True], ids=["dq_own_programs", "dq_atomic"])
 @pytest.mark.parametrize("b,h,hkv,t", [(64, 6, 6, 256), (8, 6, 6, 256), (4, 12, 4, 1024), (1, 6, 6, 200)])
 @pytest.mark.parametrize("causal", [True, False])
-def test_gpu_real_shapes_bf16_forward_and_backward(b, h, hkv, t, causal):
-    """Real shapes (shakespeare-char's 6 heads at T 256, GQA at T 1024, a ragged T) against the fp32 reference."""
+def test_gpu_real_shapes_bf16_forward_and_backward(b, h, hkv, t, causal, atomic, monkeypatch):
+    """Real shapes (shakespeare-char's 6 heads at T 256, GQA at T 1024, a ragged T) against the fp32 reference,
+    dQ by either way."""
+    _force_dq_strategy(monkeypatch, atomic)
     torch.manual_seed(t + b)
     q = torch.randn(b, h, t, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     k = torch.randn(b, hkv, t, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
@@ -417,9 +429,12 @@ def test_gpu_backward_times_both_dq_strategies_once_per_key():
 
 
 @pytest.mark.skipif(not GPU, reason="needs a CUDA GPU: the training shapes with dropout in bf16")
+@pytest.mark.parametrize("atomic", [False, True], ids=["dq_own_programs", "dq_atomic"])
 @pytest.mark.parametrize("b,h,hkv,t", [(64, 6, 6, 256), (4, 12, 4, 1024), (2, 6, 6, 200)])
-def test_gpu_dropout_real_shapes_bf16(b, h, hkv, t):
-    """Training shapes with p = 0.2 (the preset's) against the fp32 reference under the kernel's own mask."""
+def test_gpu_dropout_real_shapes_bf16(b, h, hkv, t, atomic, monkeypatch):
+    """Training shapes with p = 0.2 (the preset's) against the fp32 reference under the kernel's own mask, dQ by
+    either way."""
+    _force_dq_strategy(monkeypatch, atomic)
     q, k, v = _inputs(b, h, hkv, t, 64, torch.bfloat16, "cuda", seed=t)
     do = torch.randn_like(q)
     out, *grads = _fwd_bwd(flash_attention, q, k, v, do, causal=True, dropout_p=0.2, seed=77)
