@@ -78,9 +78,9 @@ def _configs(names: tuple[str, str], entries: list[tuple[int, int, int, int]], *
 
 # Forward: BLOCK_M queries per program, a loop over BLOCK_N keys (BLOCK_M % BLOCK_N == 0 for the causal diagonal).
 # From the Triton tutorial's Hopper space (BLOCK_M 64/128, BLOCK_N 32-128, 2-4 stages, 4/8 warps): the sm_90 builds
-# at D = 64 that do not spill without dropout (128/64 at 4 warps spills 96 bytes, 344 with dropout; 128/128 spills 72
-# with dropout); 128/128 at 4 stages for long T, where the loop is long enough for a deeper pipeline. Few configs:
-# each new (head dim, dtype, causal, dropout) compiles them all on its first call.
+# at D = 64 that do not spill without dropout (left out: 128/64 at 4 warps, 96 bytes, 344 with dropout; 128/128
+# spills 72 with dropout); 128/128 at 4 stages for long T, where the loop is long enough for a deeper pipeline. Few
+# configs: each new (head dim, dtype, causal, dropout) compiles them all on its first call.
 FWD_CONFIGS = _configs(
     ("BLOCK_M", "BLOCK_N"),
     [(64, 32, 4, 4), (64, 64, 3, 4), (128, 64, 3, 8), (128, 64, 4, 8), (128, 128, 3, 8), (128, 128, 4, 8)],
@@ -542,7 +542,7 @@ def _dropout_args(dropout_p: float, seed: int) -> tuple[int, int, float]:
     return seed, threshold, 2**RNG_BITS / (2**RNG_BITS - threshold)
 
 
-# (kernel, T bucket, dtype, constexprs) -> the config the autotuner chose: later calls launch the plain kernel with
+# (autotuner, T bucket, dtype, constexprs) -> the config that autotuner chose: later calls launch the plain kernel with
 # it, skipping the autotuner's per-call host work (key building, pruning hooks), which lone small calls feel
 _TUNED: dict[tuple, triton.Config] = {}
 
