@@ -67,6 +67,9 @@ PRE_BLOCK, INTERPRET_PRE_BLOCK = 64, 32
 # constexpr from the host (no @triton.heuristics wrapper: one less Python layer in a launch that small shapes feel).
 EVEN_T_MULTIPLE = 128
 INTERPRET_EVEN_T_MULTIPLE = 32
+# rows (heads; in the backward, KV-head or query-head rows) per group of `_tile`'s program order: 16 heads' K, V, Q, O,
+# dO at T 1024 are ~10 MB, well inside L2, and 16 x (4-16 blocks) programs are about one wave on 132 SMs
+ROW_GROUP = tl.constexpr(16)
 MASK_BLOCKS = (64, 64)  # blocks of the debug keep-mask kernel on a GPU
 INTERPRET_MASK_BLOCKS = (32, 32)  # and on CPU: a third tiling, beside the forward's and the backward's
 
@@ -167,6 +170,22 @@ def _batch_heads(off_bh, H, GROUP):
 
 
 @triton.jit
+def _tile(n_blocks):
+    """(row, block index, rows) of this program in the 1-D grid of rows x n_blocks programs, numbered so that rows go
+    ROW_GROUP at a time and, within a group, the block index varies slowest: a group's blocks 0 (the heaviest, as the
+    kernels count blocks under causal masking) all start before its blocks 1, and so on, so the grid ends on light
+    programs (longest first), while the programs in flight share a few heads' data in L2 (the matmul tutorial's
+    grouped ordering)."""
+    pid = tl.program_id(0)
+    n_rows = tl.num_programs(0) // n_blocks
+    per_group = ROW_GROUP * n_blocks
+    first_row = (pid // per_group) * ROW_GROUP
+    rows_here = tl.minimum(n_rows - first_row, ROW_GROUP)  # the last group may be short
+    r = pid % per_group
+    return first_row + r % rows_here, r // rows_here, n_rows
+
+
+@triton.jit
 def _keep(seed, bh, threshold, offs_m, start_n, T, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Dropout keep mask (BLOCK_M, BLOCK_N) of query head `bh`, rows offs_m, keys start_n .. start_n + BLOCK_N.
 
@@ -228,14 +247,12 @@ def _attn_fwd(
 ):  # fmt: skip
     """One program: BLOCK_M queries of one (batch, head). Writes O and the base-2 log-sum-exp of the scores.
 
-    Grid (B * H, query blocks): the block index varies slowest, so with causal masking, where the last query blocks
-    do the most work, every head's heaviest block is handed out before any head's next one (longest first: a short
-    tail of light programs, not a heavy one started last).
+    Grid B * H * cdiv(T, BLOCK_M) in `_tile`'s order; causal, block 0 is the last query block (the most work).
     """
-    start_m = tl.program_id(1)
+    n_blocks = tl.cdiv(T, BLOCK_M)
+    off_bh, start_m, _ = _tile(n_blocks)
     if CAUSAL:
-        start_m = tl.num_programs(1) - 1 - start_m
-    off_bh = tl.program_id(0)
+        start_m = n_blocks - 1 - start_m
     b, h, hk = _batch_heads(off_bh, H, GROUP)
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
@@ -480,17 +497,16 @@ def _attn_bwd(
     HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, EVEN_T: tl.constexpr,
     BLOCK_BIG: tl.constexpr, BLOCK_SMALL: tl.constexpr, DQ_ATOMIC: tl.constexpr,
 ):  # fmt: skip
-    """The backward's main launch, grid (rows, cdiv(T, BLOCK_BIG)). The first B * H_kv rows of programs each own
-    BLOCK_BIG keys (dK, dV). Without DQ_ATOMIC, B * H more rows each own BLOCK_BIG queries and write their dQ (DQ in
-    the inputs' dtype; DELTA unused); with it there are no such rows: the key programs add dQ into DQ (fp32, zeroed)
-    and read delta from DELTA. The block index varies slowest and, causal, counts from the heaviest blocks (first
-    keys, last queries): every head's heaviest programs start before any lighter one (longest first)."""
-    row = tl.program_id(0)
-    pid = tl.program_id(1)
+    """The backward's main launch, grid rows * cdiv(T, BLOCK_BIG) in `_tile`'s order. The first B * H_kv rows of
+    programs each own BLOCK_BIG keys (dK, dV). Without DQ_ATOMIC, B * H more rows each own BLOCK_BIG queries and
+    write their dQ (DQ in the inputs' dtype; DELTA unused); with it there are no such rows: the key programs add dQ
+    into DQ (fp32, zeroed) and read delta from DELTA. Causal, block 0 is the heaviest (first keys, last queries)."""
+    n_blocks = tl.cdiv(T, BLOCK_BIG)
+    row, pid, n_rows = _tile(n_blocks)
     if DQ_ATOMIC:
-        n_kv_rows = tl.num_programs(0)
+        n_kv_rows = n_rows
     else:
-        n_kv_rows = tl.num_programs(0) // (GROUP + 1)  # B * H_kv
+        n_kv_rows = n_rows // (GROUP + 1)  # B * H_kv
     if row < n_kv_rows:
         _bwd_dkdv(
             Q, K, V, O, DO, LSE, DELTA, DQ, DK, DV, sm_scale, qk_scale, seed, threshold, keep_scale,
@@ -501,7 +517,7 @@ def _attn_bwd(
     else:
         start_m = pid
         if CAUSAL:
-            start_m = tl.num_programs(1) - 1 - pid
+            start_m = n_blocks - 1 - pid
         _bwd_dq(
             Q, K, V, O, DO, LSE, DQ, sm_scale, qk_scale, seed, threshold, keep_scale,
             stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt,
@@ -550,19 +566,19 @@ _TUNED: dict[tuple, triton.Config] = {}
 def _launch(
     kernel, tuned, interpret_blocks: dict, along: str, n: int, programs: int, *args, config=None, **meta
 ) -> None:
-    """Grid (programs, cdiv(n, meta[along])): autotuned by `tuned` on a GPU (once per key, then the chosen config
-    directly), the interpreter's fixed blocks on CPU, or the given triton.Config (the tests run every config the tuner
-    may pick). args[-1] is T_BUCKET, the autotune key's one argument beside the constexprs."""
+    """Grid programs * cdiv(n, meta[along]) (`_tile` numbers them): autotuned by `tuned` on a GPU (once per key,
+    then the chosen config directly), the interpreter's fixed blocks on CPU, or the given triton.Config (the tests run
+    every config the tuner may pick). args[-1] is T_BUCKET, the autotune key's one argument beside the constexprs."""
     if not args[0].is_cuda and config is None:
-        kernel[(programs, triton.cdiv(n, interpret_blocks[along]))](*args, **meta, **interpret_blocks)
+        kernel[(programs * triton.cdiv(n, interpret_blocks[along]),)](*args, **meta, **interpret_blocks)
         return
     key = (tuned, args[-1], args[0].dtype, *meta.items())  # q's dtype is k's, v's and O's; LSE is always fp32
     config = _TUNED.get(key) if config is None else config
     if config is None:
-        tuned[lambda m: (programs, triton.cdiv(n, m[along]))](*args, **meta)
+        tuned[lambda m: (programs * triton.cdiv(n, m[along]),)](*args, **meta)
         _TUNED[key] = tuned.best_config
     else:
-        kernel[(programs, triton.cdiv(n, config.kwargs[along]))](*args, **meta, **config.all_kwargs())
+        kernel[(programs * triton.cdiv(n, config.kwargs[along]),)](*args, **meta, **config.all_kwargs())
 
 
 def _forward(

@@ -384,6 +384,23 @@ def test_backward_each_dq_strategy_matches_reference(shape, dropout_p, causal, a
         assert_close(got, want, scale=GRAD_TOL_SCALE)
 
 
+@pytest.mark.skipif(GPU, reason="the GPU tests' B64 H6 shapes have 384 rows: many full groups and a short one")
+@pytest.mark.parametrize("atomic", [False, True], ids=["dq_own_programs", "dq_atomic"])
+def test_more_rows_than_a_program_group(atomic, assert_close):
+    """24 heads (48 rows of backward programs without atomics): `_tile`'s order over more than ROW_GROUP rows, a full
+    group and a short one, reaches every (row, block) once, forward and backward, causal with dropout."""
+    assert fa.ROW_GROUP < 24 < 2 * fa.ROW_GROUP
+    q, k, v = _inputs(2, 12, 12, 80, 16, torch.float32, "cpu", seed=17)
+    do = torch.randn_like(q)
+    (ref, *ref_grads), _ = _reference_with_kernel_mask(q, k, v, do, True, P, 5)
+    q, k, v = q.detach(), k.detach(), v.detach()
+    o, lse = fa._forward(q, k, v, True, 0.25, P, 5)
+    assert_close(o, ref)
+    cfg = GPU_TEST_BWD_ATOMIC_CONFIG if atomic else GPU_TEST_BWD_CONFIG
+    for got, want in zip(fa._backward(do, q, k, v, o, lse, True, 0.25, P, 5, config=cfg), ref_grads):
+        assert_close(got, want, scale=GRAD_TOL_SCALE)
+
+
 def test_preprocess_writes_delta_and_zeroes_the_dq_accumulator(device):
     """The atomic backward's preprocess: delta = rowsum(dO * O) per row, and the accumulator (here full of NaN, as
     reused memory may be) all zeros, at a T that is not a multiple of its block (rows past T untouched)."""
