@@ -426,6 +426,20 @@ def test_dq_strategy_is_own_programs_under_deterministic_algorithms(monkeypatch)
     assert runs == []
 
 
+def test_dq_strategy_timing_falls_back_to_plain_launches_where_a_graph_fails(monkeypatch):
+    """Where capturing the CUDA graph raises (say, inside another tool's graph memory pool), the strategy timing
+    takes plain launches instead of failing the backward."""
+
+    def capture_fails(fn, rep):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    calls = []
+    monkeypatch.setattr(triton.testing, "do_bench_cudagraph", capture_fails)
+    monkeypatch.setattr(triton.testing, "do_bench", lambda fn, warmup, rep: (fn(), 1.5)[1])
+    assert fa._graph_ms(lambda: calls.append("run")) == 1.5
+    assert calls == ["run"]
+
+
 @pytest.mark.skipif(not GPU, reason="needs a CUDA GPU: times both backward strategies in a CUDA graph")
 def test_gpu_backward_times_both_dq_strategies_once_per_key():
     """The first backward of a key times both strategies (through CUDA graphs) and records the faster; both give
