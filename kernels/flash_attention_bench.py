@@ -1,7 +1,8 @@
 """Benchmark cases for flash attention: ours beside PyTorch SDPA (FlashAttention-2 / cuDNN / efficient backends).
 
 `python -m kernels.flash_attention_bench` (GPU) prints where the time of one training-shape call goes: host time to
-enqueue it, device time of its kernels (torch.profiler) and the kernels launched, ours beside SDPA's.
+enqueue it, device time of its kernels (torch.profiler) and the kernels launched, ours beside SDPA's; then the way
+our backward took dQ at each key (atomics or its own programs, timed in CUDA graphs) and the configs the tuner kept.
 
 Training shapes run forward + backward, without dropout and with the shakespeare-char preset's dropout 0.2 (which
 the model's training path now sends to our kernel); long-context shapes forward only; causal, bf16, as the GPT
@@ -17,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from kernels import flash_attention as fa
 from kernels.bench_common import BenchCase, forward_call, graph_twins
 from kernels.flash_attention import flash_attention
 
@@ -142,6 +144,17 @@ def profile_training_shapes() -> None:
                 host_us, device_us, names = _profile_one(_setup(fn, B, H, T, D, backward)())
                 case = f"{kernel} B{B} H{H} T{T} {impl}"
                 print(f"{case:<58} {host_us:>8.1f} {device_us:>10.1f}  {', '.join(names)}")
+    print_tuning()
+
+
+def print_tuning() -> None:
+    """The backward's dQ way per key and the config each autotuned kernel kept, as chosen in this process."""
+    for (t_bucket, dtype, head_dim, causal, dropout), atomic in fa._DQ_ATOMIC.items():
+        way = "atomics" if atomic else "own programs"
+        print(f"backward T<={t_bucket} {dtype} D{head_dim} causal={causal} dropout={dropout}: dQ by {way}")
+    names = {id(fa._attn_fwd_tuned): "fwd", id(fa._attn_bwd_tuned): "bwd", id(fa._attn_bwd_atomic_tuned): "bwd atomic"}
+    for (tuned, t_bucket, dtype, *meta), config in fa._TUNED.items():
+        print(f"{names[id(tuned)]:<10} T<={t_bucket} {dtype} {dict(meta)}: {config}")
 
 
 if __name__ == "__main__":

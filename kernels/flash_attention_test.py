@@ -1,10 +1,12 @@
 """Flash attention (Triton, forward and backward) against the PyTorch reference on fresh random inputs, with and
 without attention dropout (exactly against the kernel's own keep mask, and statistically)."""
 
+import contextlib
 import math
 
 import pytest
 import torch
+import triton
 
 from kernels import flash_attention as fa
 from kernels.flash_attention import dropout_keep_mask, flash_attention, reference
@@ -22,7 +24,10 @@ DROPOUT_SHAPES = [(2, 8, 2, 256, 64), (1, 4, 4, 200, 64)] if GPU else [(2, 4, 2,
 P = 0.3
 # valid at every head dim (the backward's D=128 pruning keeps blocks <= 64)
 GPU_TEST_FWD_CONFIG = next(c for c in fa.FWD_CONFIGS if c.kwargs == {"BLOCK_M": 64, "BLOCK_N": 64})
-GPU_TEST_BWD_CONFIG = next(c for c in fa.BWD_CONFIGS if c.kwargs == {"BLOCK_BIG": 64, "BLOCK_SMALL": 32})
+GPU_TEST_BWD_CONFIG, GPU_TEST_BWD_ATOMIC_CONFIG = (
+    next(c for c in configs if (c.kwargs["BLOCK_BIG"], c.kwargs["BLOCK_SMALL"]) == (64, 32))
+    for configs in (fa.BWD_CONFIGS, fa.BWD_ATOMIC_CONFIGS)
+)
 EVERY_CONFIG_SEED = 5
 GRAD_TOL_SCALE = 2.0  # gradients go through two more low-precision matmuls than the output
 
@@ -30,12 +35,32 @@ GRAD_TOL_SCALE = 2.0  # gradients go through two more low-precision matmuls than
 @pytest.fixture(autouse=True)
 def _one_config_each_on_gpu(request, monkeypatch):
     """On a GPU, the tests other than test_gpu_every_config_* (which run each config at the training variant) tune
-    over one config per kernel: each dtype / head dim / causal / ragged-T variant compiles 2 kernels, not all 13
-    (minutes of compiling); the tuner's other picks are checked by those tests."""
+    over one config per kernel: each dtype / head dim / causal / ragged-T variant compiles 3 kernels, not all 18
+    (minutes of compiling); the tuner's other picks are checked by those tests. Their backward adds dQ by atomics
+    (by its own programs under deterministic algorithms) without timing both ways first, but in the tests that say
+    otherwise (those that test the timing, those that run each way)."""
     if GPU and "every_config" not in request.node.name:
         monkeypatch.setattr(fa, "_TUNED", {})  # and forget the picks made from the whole set, then from this one
+        monkeypatch.setattr(fa, "_DQ_ATOMIC", {})
+        if "dq_strateg" not in request.node.name:
+            monkeypatch.setattr(
+                fa, "_pick_dq_atomic", lambda key, run: not torch.are_deterministic_algorithms_enabled()
+            )
         monkeypatch.setattr(fa._attn_fwd_tuned, "configs", [GPU_TEST_FWD_CONFIG])
         monkeypatch.setattr(fa._attn_bwd_tuned, "configs", [GPU_TEST_BWD_CONFIG])
+        monkeypatch.setattr(fa._attn_bwd_atomic_tuned, "configs", [GPU_TEST_BWD_ATOMIC_CONFIG])
+
+
+@contextlib.contextmanager
+def _deterministic():
+    """Deterministic algorithms on: the backward then never adds dQ by atomics (whose order, and so the last bits
+    of dQ, vary from run to run on a GPU), so two runs can be compared bit for bit."""
+    before = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
 
 
 def _inputs(B, H, H_kv, T, D, dtype, device, seed=0):
@@ -125,11 +150,18 @@ def test_bad_inputs_are_refused():
         flash_attention(q, k, v, scale=-1.0)
 
 
+def _force_dq_strategy(monkeypatch, atomic: bool) -> None:
+    monkeypatch.setattr(fa, "_pick_dq_atomic", lambda key, run: atomic)
+
+
 @pytest.mark.skipif(not GPU, reason="needs a CUDA GPU: the trainer's and the bench's shapes in bf16")
+@pytest.mark.parametrize("atomic", [False, True], ids=["dq_own_programs", "dq_atomic"])
 @pytest.mark.parametrize("b,h,hkv,t", [(64, 6, 6, 256), (8, 6, 6, 256), (4, 12, 4, 1024), (1, 6, 6, 200)])
 @pytest.mark.parametrize("causal", [True, False])
-def test_gpu_real_shapes_bf16_forward_and_backward(b, h, hkv, t, causal):
-    """Real shapes (shakespeare-char's 6 heads at T 256, GQA at T 1024, a ragged T) against the fp32 reference."""
+def test_gpu_real_shapes_bf16_forward_and_backward(b, h, hkv, t, causal, atomic, monkeypatch):
+    """Real shapes (shakespeare-char's 6 heads at T 256, GQA at T 1024, a ragged T) against the fp32 reference,
+    dQ by either way."""
+    _force_dq_strategy(monkeypatch, atomic)
     torch.manual_seed(t + b)
     q = torch.randn(b, h, t, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     k = torch.randn(b, hkv, t, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
@@ -195,30 +227,42 @@ def test_dropout_matches_reference_with_the_same_mask(shape, causal, device, ass
 def test_dropout_zero_is_exactly_no_dropout(device):
     q, k, v = _inputs(1, 4, 2, 32, 32, torch.float32, device, seed=5)
     do = torch.randn_like(q)
-    plain = _fwd_bwd(flash_attention, q, k, v, do, impl="triton")
-    zero = _fwd_bwd(flash_attention, q, k, v, do, dropout_p=0.0, seed=99, impl="triton")
+    with _deterministic():
+        plain = _fwd_bwd(flash_attention, q, k, v, do, impl="triton")
+        zero = _fwd_bwd(flash_attention, q, k, v, do, dropout_p=0.0, seed=99, impl="triton")
     for a, b in zip(plain, zero):
         torch.testing.assert_close(a, b, atol=0, rtol=0)
 
 
 def test_keep_fraction_and_independence_are_those_of_bernoulli(device):
     """Over 2 * 4 * 96 * 96 = 73,728 draws per p, the kept fraction is 1 - p within 4 standard errors, overall and
-    in each of the four Philox words (key % 4), heads are independent (not one mask repeated), and so are
-    neighbouring keys (the fraction kept of kept pairs is again 1 - p)."""
+    in each of the eight 16-bit lanes of a Philox call (key % 8: low and high half of each word), heads are
+    independent (not one mask repeated), and so are neighbouring keys (the fraction kept of kept pairs is again
+    1 - p; pairs within a word and across words alike)."""
     B, H, T = 2, 4, 96
-    for p in (0.1, 0.5):
+    for p in (0.1, 0.2, 0.5):
         keep = dropout_keep_mask(7, B, H, T, p, device).float()
         n = keep.numel()
         se = math.sqrt(p * (1 - p) / n)
         assert abs(keep.mean().item() - (1 - p)) < 4 * se, (p, keep.mean().item())
-        for word in range(4):
-            part = keep[..., word::4]
-            assert abs(part.mean().item() - (1 - p)) < 4 * se * 2, (p, word, part.mean().item())
+        for lane in range(8):
+            part = keep[..., lane::8]
+            assert abs(part.mean().item() - (1 - p)) < 4 * se * math.sqrt(8), (p, lane, part.mean().item())
         same = (keep[:, 0] == keep[:, 1]).float().mean().item()  # two heads agree as often as independent draws
         agree = p * p + (1 - p) * (1 - p)
         assert abs(same - agree) < 4 * math.sqrt(agree * (1 - agree) / (n / H)), (p, same)
         pairs = keep[..., :-1] * keep[..., 1:]
         assert abs(pairs.sum().item() / keep[..., :-1].sum().item() - (1 - p)) < 5 * se * 2, p
+
+
+def test_dropout_threshold_is_p_to_16_bits_and_the_scale_unbiased():
+    """The keep test's 16-bit threshold: P(drop) within 2**-17 of p, and keep_scale * P(keep) == 1 exactly (so
+    E[output] is the undropped attention), from tiny p to p near 1."""
+    for p in (1e-4, 0.1, 0.2, 0.3, 0.5, 0.9, 0.99999):
+        _, threshold, keep_scale = fa._dropout_args(p, 0)
+        assert 0 <= threshold < 2**16
+        assert abs(threshold / 2**16 - p) <= 2**-17 + 1e-12, p
+        assert math.isclose(keep_scale * (2**16 - threshold) / 2**16, 1.0, rel_tol=1e-12), p
 
 
 def test_dropout_mean_over_masks_is_the_undropped_output(device):
@@ -242,9 +286,10 @@ def test_dropout_mean_over_masks_is_the_undropped_output(device):
 def test_same_seed_same_output_other_seed_other_output(device):
     q, k, v = _inputs(1, 2, 1, 32, 16, torch.float32, device, seed=8)
     do = torch.randn_like(q)
-    a = _fwd_bwd(flash_attention, q, k, v, do, dropout_p=P, seed=11, impl="triton")
-    b = _fwd_bwd(flash_attention, q, k, v, do, dropout_p=P, seed=11, impl="triton")
-    c = _fwd_bwd(flash_attention, q, k, v, do, dropout_p=P, seed=12, impl="triton")
+    with _deterministic():
+        a = _fwd_bwd(flash_attention, q, k, v, do, dropout_p=P, seed=11, impl="triton")
+        b = _fwd_bwd(flash_attention, q, k, v, do, dropout_p=P, seed=11, impl="triton")
+        c = _fwd_bwd(flash_attention, q, k, v, do, dropout_p=P, seed=12, impl="triton")
     for x, y, z in zip(a, b, c):
         torch.testing.assert_close(x, y, atol=0, rtol=0)
         assert (x - z).abs().max() > 1e-3
@@ -298,8 +343,9 @@ def test_autotune_pruning_keeps_configs_that_fit():
 @pytest.mark.skipif(GPU, reason="the interpreter's take on every config; on a GPU test_gpu_every_config_* run them")
 @pytest.mark.parametrize("T", [128, 80])
 def test_every_config_block_shape_in_the_interpreter(T, assert_close):
-    """Each autotune config's block sizes (warps and stages mean nothing to the interpreter) give the reference's
-    output and gradients with dropout and GQA, at a T that fills the largest blocks and one that does not."""
+    """Each autotune config's block sizes (warps and stages mean nothing to the interpreter), dQ by atomics and by
+    its own programs, give the reference's output and gradients with dropout and GQA, at a T that fills the largest
+    blocks and one that does not."""
     q, k, v = _inputs(1, 2, 1, T, 16, torch.float32, "cpu", seed=13)
     do = torch.randn_like(q)
     (ref, *ref_grads), _ = _reference_with_kernel_mask(q, k, v, do, True, P, 3)
@@ -307,15 +353,120 @@ def test_every_config_block_shape_in_the_interpreter(T, assert_close):
     for cfg in {str(c.kwargs): c for c in fa.FWD_CONFIGS}.values():
         assert_close(fa._forward(q, k, v, True, scale, P, 3, config=cfg)[0], ref)
     o, lse = fa._forward(q, k, v, True, scale, P, 3)
-    for cfg in {str(c.kwargs): c for c in fa.BWD_CONFIGS}.values():
+    for cfg in {str(c.kwargs): c for c in fa.BWD_CONFIGS + fa.BWD_ATOMIC_CONFIGS}.values():
         for got, want in zip(fa._backward(do, q, k, v, o, lse, True, scale, P, 3, config=cfg), ref_grads):
             assert_close(got, want, scale=GRAD_TOL_SCALE)
 
 
+@pytest.mark.skipif(GPU, reason="16 more compiles on a GPU, where the real-shape and every-config tests run each way")
+@pytest.mark.parametrize("atomic", [False, True], ids=["dq_own_programs", "dq_atomic"])
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("dropout_p", [0.0, P])
+@pytest.mark.parametrize("shape", [(2, 4, 2, 40, 16), (1, 2, 2, 128, 32)], ids=["GQA_T40", "MHA_T128"])
+def test_backward_each_dq_strategy_matches_reference(shape, dropout_p, causal, atomic, device, assert_close):
+    """dQ by atomics (preprocess, key programs adding dS K, cast) and by its own programs, each forced through a
+    config, against the reference's autograd: GQA at a ragged T and MHA at a T that fills the blocks, causal or not,
+    with and without dropout (the kernel's own mask)."""
+    q, k, v = _inputs(*shape, torch.float32, device, seed=14)
+    do = torch.randn_like(q)
+    if dropout_p > 0.0:
+        (ref, *ref_grads), _ = _reference_with_kernel_mask(q, k, v, do, causal, dropout_p, 21)
+    else:
+        q32, k32, v32 = (t.detach().float().requires_grad_() for t in (q, k, v))
+        ref, *ref_grads = _fwd_bwd(reference, q32, k32, v32, do, causal=causal)
+    q, k, v, scale = q.detach(), k.detach(), v.detach(), 1 / math.sqrt(shape[-1])
+    o, lse = fa._forward(q, k, v, causal, scale, dropout_p, 21)
+    assert_close(o, ref)
+    cfg = GPU_TEST_BWD_ATOMIC_CONFIG if atomic else GPU_TEST_BWD_CONFIG
+    grads = fa._backward(do, q, k, v, o, lse, causal, scale, dropout_p, 21, config=cfg)
+    for got, want in zip(grads, ref_grads):
+        assert got.dtype == want.dtype and got.shape == want.shape
+        assert_close(got, want, scale=GRAD_TOL_SCALE)
+
+
+@pytest.mark.skipif(GPU, reason="the GPU tests' B64 H6 shapes have 384 rows: many full groups and a short one")
+@pytest.mark.parametrize("atomic", [False, True], ids=["dq_own_programs", "dq_atomic"])
+def test_more_rows_than_a_program_group(atomic, assert_close):
+    """24 heads (48 rows of backward programs without atomics): `_tile`'s order over more than ROW_GROUP rows, a full
+    group and a short one, reaches every (row, block) once, forward and backward, causal with dropout."""
+    assert fa.ROW_GROUP < 24 < 2 * fa.ROW_GROUP
+    q, k, v = _inputs(2, 12, 12, 80, 16, torch.float32, "cpu", seed=17)
+    do = torch.randn_like(q)
+    (ref, *ref_grads), _ = _reference_with_kernel_mask(q, k, v, do, True, P, 5)
+    q, k, v = q.detach(), k.detach(), v.detach()
+    o, lse = fa._forward(q, k, v, True, 0.25, P, 5)
+    assert_close(o, ref)
+    cfg = GPU_TEST_BWD_ATOMIC_CONFIG if atomic else GPU_TEST_BWD_CONFIG
+    for got, want in zip(fa._backward(do, q, k, v, o, lse, True, 0.25, P, 5, config=cfg), ref_grads):
+        assert_close(got, want, scale=GRAD_TOL_SCALE)
+
+
+def test_preprocess_writes_delta_and_zeroes_the_dq_accumulator(device):
+    """The atomic backward's preprocess: delta = rowsum(dO * O) per row, and the accumulator (here full of NaN, as
+    reused memory may be) all zeros, at a T that is not a multiple of its block (rows past T untouched)."""
+    B, H, T, D, block = 2, 3, 40, 32, 32
+    g = torch.Generator(device=device).manual_seed(15)
+    o, do = (torch.randn(B, H, T, D, generator=g, device=device) for _ in range(2))
+    delta = torch.full((B * H * T + 1,), float("nan"), device=device)
+    acc = torch.full((B, H, T, D), float("nan"), device=device)
+    fa._bwd_preprocess[(B * H, triton.cdiv(T, block))](o, do, delta, acc, T, HEAD_DIM=D, EVEN_T=False, BLOCK=block)
+    torch.testing.assert_close(delta[:-1].view(B, H, T), (o * do).sum(-1), atol=1e-5, rtol=1e-5)
+    assert delta[-1].isnan()
+    assert (acc == 0).all()
+
+
+def test_dq_strategy_is_own_programs_under_deterministic_algorithms(monkeypatch):
+    """With deterministic algorithms asked for, no atomics (and no timing run); otherwise a decided key is reused."""
+    runs = []
+    monkeypatch.setattr(fa, "_DQ_ATOMIC", {("decided",): True})
+    with _deterministic():
+        assert fa._pick_dq_atomic(("decided",), runs.append) is False
+        assert fa._pick_dq_atomic(("new",), runs.append) is False
+    assert fa._pick_dq_atomic(("decided",), runs.append) is True
+    assert runs == []
+
+
+def test_dq_strategy_timing_falls_back_to_plain_launches_where_a_graph_fails(monkeypatch):
+    """Where capturing the CUDA graph raises (say, inside another tool's graph memory pool), the strategy timing
+    takes plain launches instead of failing the backward."""
+
+    def capture_fails(fn, rep):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    calls = []
+    monkeypatch.setattr(triton.testing, "do_bench_cudagraph", capture_fails)
+    monkeypatch.setattr(triton.testing, "do_bench", lambda fn, warmup, rep: (fn(), 1.5)[1])
+    assert fa._graph_ms(lambda: calls.append("run")) == 1.5
+    assert calls == ["run"]
+
+
+@pytest.mark.skipif(not GPU, reason="needs a CUDA GPU: times both backward strategies in a CUDA graph")
+def test_gpu_backward_times_both_dq_strategies_once_per_key():
+    """The first backward of a key times both strategies (through CUDA graphs) and records the faster; both give
+    the reference's gradients there; a second call reuses the decision."""
+    q, k, v = _inputs(4, 6, 6, 256, 64, torch.bfloat16, "cuda", seed=16)
+    do = torch.randn_like(q)
+    _fwd_bwd(flash_attention, q, k, v, do, causal=True)
+    key = (256, torch.bfloat16, 64, True, False)
+    assert key in fa._DQ_ATOMIC
+    q32, k32, v32 = (t.detach().float().requires_grad_() for t in (q, k, v))
+    _, *ref_grads = _fwd_bwd(reference, q32, k32, v32, do.float(), causal=True)
+    q, k, v = q.detach(), k.detach(), v.detach()
+    o, lse = fa._forward(q, k, v, True, 1 / 8, 0.0, 0)
+    for atomic in (False, True):
+        for name, got, want in zip("qkv", fa._backward_by(atomic, do, q, k, v, o, lse, True, 1 / 8, 0.0, 0), ref_grads):
+            rel = (got.float() - want).norm() / want.norm()
+            assert rel < 2e-2, f"d{name} (atomic={atomic}) differs by {rel:.2e} relative"
+    assert fa._pick_dq_atomic(key, lambda atomic: pytest.fail("timed again")) == fa._DQ_ATOMIC[key]
+
+
 @pytest.mark.skipif(not GPU, reason="needs a CUDA GPU: the training shapes with dropout in bf16")
+@pytest.mark.parametrize("atomic", [False, True], ids=["dq_own_programs", "dq_atomic"])
 @pytest.mark.parametrize("b,h,hkv,t", [(64, 6, 6, 256), (4, 12, 4, 1024), (2, 6, 6, 200)])
-def test_gpu_dropout_real_shapes_bf16(b, h, hkv, t):
-    """Training shapes with p = 0.2 (the preset's) against the fp32 reference under the kernel's own mask."""
+def test_gpu_dropout_real_shapes_bf16(b, h, hkv, t, atomic, monkeypatch):
+    """Training shapes with p = 0.2 (the preset's) against the fp32 reference under the kernel's own mask, dQ by
+    either way."""
+    _force_dq_strategy(monkeypatch, atomic)
     q, k, v = _inputs(b, h, hkv, t, 64, torch.bfloat16, "cuda", seed=t)
     do = torch.randn_like(q)
     out, *grads = _fwd_bwd(flash_attention, q, k, v, do, causal=True, dropout_p=0.2, seed=77)
@@ -351,7 +502,7 @@ def test_gpu_every_config_forward(cfg, dropout_p):
 
 @pytest.mark.skipif(not GPU, reason="needs a CUDA GPU: compiles every autotune config")
 @pytest.mark.parametrize("dropout_p", [0.0, 0.2])
-@pytest.mark.parametrize("cfg", fa.BWD_CONFIGS, ids=str)
+@pytest.mark.parametrize("cfg", fa.BWD_CONFIGS + fa.BWD_ATOMIC_CONFIGS, ids=str)
 def test_gpu_every_config_backward(cfg, dropout_p):
     """Each backward config must be right too (O and the LSE from one fixed forward config, not tuned here)."""
     q, k, v, do, _, ref_grads = _every_config_case(dropout_p)

@@ -62,7 +62,18 @@ def _specs() -> list[tuple[str, object, dict, dict, int, int]]:
     specs = []
     attention = [
         ("attn fwd", fa._attn_fwd, fa.FWD_CONFIGS, {**bf16("Q", "K", "V", "O"), **fp32("LSE")}),
-        ("attn bwd", fa._attn_bwd, fa.BWD_CONFIGS, {**bf16("Q", "K", "V", "O", "DO", "DQ", "DK", "DV"), **fp32("LSE")}),
+        (
+            "attn bwd",
+            fa._attn_bwd,
+            fa.BWD_CONFIGS,
+            {**bf16("Q", "K", "V", "O", "DO", "DQ", "DK", "DV"), **fp32("LSE", "DELTA")},
+        ),
+        (
+            "attn atomic bwd",
+            fa._attn_bwd,
+            fa.BWD_ATOMIC_CONFIGS,
+            {**bf16("Q", "K", "V", "O", "DO", "DK", "DV"), **fp32("LSE", "DELTA", "DQ")},
+        ),
     ]
     attn_scalars = {**scalars, "keep_scale": "fp32"}
     for name, kernel, configs, sig in attention:
@@ -78,6 +89,10 @@ def _specs() -> list[tuple[str, object, dict, dict, int, int]]:
         specs.append(
             (f"{name} fp16 uneven {cfg}", kernel, {**sig16, **attn_scalars}, const, cfg.num_warps, cfg.num_stages)
         )
+    pre_sig = {**bf16("O", "DO"), **fp32("DELTA", "DQ_ACC")}
+    specs.append(
+        ("flash bwd preprocess", fa._bwd_preprocess, pre_sig, dict(HEAD_DIM=64, EVEN_T=True, BLOCK=fa.PRE_BLOCK), 4, 3)
+    )
     norms = [
         (
             "add_layer_norm fwd",
@@ -193,7 +208,7 @@ def test_kernels_compile_for_sm90():
     too_big = [b["name"] for b in builds if b["shared"] > SM90_SHARED_BYTES]
     assert not too_big, too_big
     # Each attention kernel keeps at least one config that does not spill registers at D=64.
-    for kernel in ("attn fwd", "attn bwd"):
+    for kernel in ("attn fwd", "attn bwd", "attn atomic bwd"):
         assert any(b["name"].startswith(kernel + " ") and b["stack"] == 0 for b in builds), kernel
     spilling = [b["name"] for b in builds if not b["name"].startswith("attn") and b["stack"] != 0]
     assert not spilling, spilling  # the norm, swiglu and loss kernels never spill
