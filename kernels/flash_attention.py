@@ -195,6 +195,9 @@ def _attn_fwd(
 
     Causal: the last query blocks do the most work, so they are handed out first (a shorter tail of lone programs).
     """
+    if isinstance(seed, tl.tensor):  # (an int seed of 1 arrives as a constexpr)
+        if seed.dtype.is_ptr():  # a seed tensor on the device (kernels.compile_ops: fresh in every CUDA-graph replay)
+            seed = tl.load(seed)
     start_m = tl.program_id(0)
     if CAUSAL:
         start_m = tl.num_programs(0) - 1 - start_m
@@ -417,6 +420,9 @@ def _attn_bwd(
     """The whole backward in one launch. Grid (cdiv(T, BLOCK_BIG), B * H_kv + B * H): the first B * H_kv rows of
     programs each own BLOCK_BIG keys (dK, dV), the others each own BLOCK_BIG queries (dQ). Causal: the heaviest
     blocks (first keys, last queries) get the lowest program ids, so they start first."""
+    if isinstance(seed, tl.tensor):
+        if seed.dtype.is_ptr():  # a seed tensor on the device (kernels.compile_ops)
+            seed = tl.load(seed)
     pid = tl.program_id(0)
     row = tl.program_id(1)
     n_kv_rows = tl.num_programs(1) // (GROUP + 1)  # B * H_kv
