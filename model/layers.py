@@ -218,7 +218,9 @@ def attention(
             q, k, v = (t.to(torch.get_autocast_dtype(q.device.type)) for t in (q, k, v))
         if q.dtype == k.dtype == v.dtype and q.dtype in fa.SUPPORTED_DTYPES:
             # GQA natively: no repeated K/V heads
-            if impl == COMPILED:  # the dropout seed is drawn on the device, fresh in every CUDA-graph replay
+            if impl == COMPILED or (dropout_p > 0.0 and q.is_cuda and torch.cuda.is_current_stream_capturing()):
+                # the op draws its dropout seed on the device: fresh in every replay of a CUDA graph (torch.compile's,
+                # or a captured eager step: trainer.step_graph), where the eager kernel's int seed would repeat
                 return compile_ops.flash_attention(q, k, v, causal=causal, dropout_p=dropout_p)
             return fa.flash_attention(q, k, v, causal=causal, dropout_p=dropout_p, impl=impl)
     if n_kv_head != n_head:
