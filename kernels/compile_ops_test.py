@@ -9,6 +9,7 @@ import torch
 from kernels import compile_ops
 from kernels import flash_attention as fa
 from kernels import fused_add_norm as fan
+from kernels import sm90_compile_test as sm90
 
 GPU = torch.cuda.is_available()
 P = 0.3
@@ -100,6 +101,30 @@ def test_flash_op_draws_its_seed_from_torch_generator(device):
     torch.manual_seed(9)
     seed = compile_ops.draw_seed(device)
     assert torch.equal(drawn, compile_ops.flash_attention(q, k, v, dropout_p=P, seed=seed))
+
+
+def _seed_tensor_specs() -> list[tuple]:
+    """sm90_compile_test's build specs for the flash kernels with dropout and the op's seed, a pointer to int64."""
+    bf16 = {n: "*bf16" for n in ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV")}
+    sig = {**bf16, "LSE": "*fp32", "seed": "*i64", "qk_scale": "fp32", "sm_scale": "fp32", "keep_scale": "fp32"}
+    specs = []
+    for name, kernel, config in (("fwd", fa._attn_fwd, fa.FWD_CONFIGS[0]), ("bwd", fa._attn_bwd, fa.BWD_CONFIGS[0])):
+        const = dict(HEAD_DIM=64, CAUSAL=True, EVEN_T=True, DROPOUT=True, **config.kwargs)
+        specs.append((f"attn {name} seed tensor", kernel, sig, const, config.num_warps, config.num_stages))
+    return specs
+
+
+def _build_all() -> None:
+    """Subprocess entry of sm90.build_in_subprocess."""
+    sm90._build_all(_seed_tensor_specs())
+
+
+@pytest.mark.skipif(
+    GPU or not sm90._nvidia_backend_available(), reason="a GPU runs the kernels; this triton has no NVIDIA backend"
+)
+def test_flash_kernels_with_a_seed_tensor_compile_for_sm90():
+    """The interpreter is lenient about types: the compiled kernels must take the seed as a pointer too."""
+    sm90.build_in_subprocess("kernels.compile_ops_test", len(_seed_tensor_specs()))
 
 
 def test_flash_op_refuses_bad_inputs(device):
