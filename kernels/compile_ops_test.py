@@ -104,14 +104,12 @@ def test_flash_op_draws_its_seed_from_torch_generator(device):
 
 
 def _seed_tensor_specs() -> list[tuple]:
-    """sm90_compile_test's build specs for the flash kernels with dropout and the op's seed, a pointer to int64."""
-    bf16 = {n: "*bf16" for n in ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV")}
-    sig = {**bf16, "LSE": "*fp32", "seed": "*i64", "qk_scale": "fp32", "sm_scale": "fp32", "keep_scale": "fp32"}
-    specs = []
-    for name, kernel, config in (("fwd", fa._attn_fwd, fa.FWD_CONFIGS[0]), ("bwd", fa._attn_bwd, fa.BWD_CONFIGS[0])):
-        const = dict(HEAD_DIM=64, CAUSAL=True, EVEN_T=True, DROPOUT=True, **config.kwargs)
-        specs.append((f"attn {name} seed tensor", kernel, sig, const, config.num_warps, config.num_stages))
-    return specs
+    """sm90_compile_test's builds of the attention kernels with dropout, the seed a pointer to int64 (the op's)."""
+    return [
+        (f"{name} seed tensor", kernel, {**sig, "seed": "*i64"}, const, warps, stages)
+        for name, kernel, sig, const, warps, stages in sm90._specs()
+        if name.startswith("attn") and const.get("DROPOUT")
+    ]
 
 
 def _build_all() -> None:
