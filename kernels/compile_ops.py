@@ -158,7 +158,10 @@ def _add_norm_bwd(
         dy, dres_out, fan._rows(s), weight, bias, None if is_rms else mean, rstd, s.dtype, x_dtype
     )
     dx = _empty(ds) if dx is ds else dx.view(s.shape)
-    db = _empty(dw) if db is None else db.clone()  # dweight and dbias are rows of one partial-sum tensor
+    if db is None:
+        db = _empty(dw)
+    elif db.untyped_storage().data_ptr() == dw.untyped_storage().data_ptr():  # rows of one partial-sum tensor
+        db = db.clone()
     return ds.view(s.shape), dx, dw, db
 
 
