@@ -22,8 +22,10 @@ def one_config_each(monkeypatch) -> None:
     """The flash kernels tune over their first config only (forgetting earlier picks), the add + norm kernels take
     their default config: every new (dtype, causal, dropout, T) then compiles 2 kernels, not the whole tuning set."""
     monkeypatch.setattr(fa, "_TUNED", {})
-    monkeypatch.setattr(fa._attn_fwd_tuned, "configs", fa._attn_fwd_tuned.configs[:1])
-    monkeypatch.setattr(fa._attn_bwd_tuned, "configs", fa._attn_bwd_tuned.configs[:1])
+    for name in dir(fa):  # every autotuner of the flash kernels (_attn_fwd_tuned, _attn_bwd_tuned, ...)
+        tuner = getattr(fa, name)
+        if name.endswith("_tuned") and isinstance(getattr(tuner, "configs", None), list):
+            monkeypatch.setattr(tuner, "configs", tuner.configs[:1])
     monkeypatch.setattr(fan, "AUTOTUNE", False)
 
 
