@@ -249,6 +249,9 @@ def _attn_fwd(
 
     Grid B * H * cdiv(T, BLOCK_M) in `_tile`'s order; causal, block 0 is the last query block (the most work).
     """
+    if isinstance(seed, tl.tensor):  # (an int seed of 1 arrives as a constexpr)
+        if seed.dtype.is_ptr():  # a seed tensor on the device (kernels.compile_ops: fresh in every CUDA-graph replay)
+            seed = tl.load(seed)
     n_blocks = tl.cdiv(T, BLOCK_M)
     off_bh, start_m, _ = _tile(n_blocks)
     if CAUSAL:
@@ -501,6 +504,9 @@ def _attn_bwd(
     programs each own BLOCK_BIG keys (dK, dV). Without DQ_ATOMIC, B * H more rows each own BLOCK_BIG queries and
     write their dQ (DQ in the inputs' dtype; DELTA unused); with it there are no such rows: the key programs add dQ
     into DQ (fp32, zeroed) and read delta from DELTA. Causal, block 0 is the heaviest (first keys, last queries)."""
+    if isinstance(seed, tl.tensor):
+        if seed.dtype.is_ptr():  # a seed tensor on the device (kernels.compile_ops)
+            seed = tl.load(seed)
     n_blocks = tl.cdiv(T, BLOCK_BIG)
     row, pid, n_rows = _tile(n_blocks)
     if DQ_ATOMIC:

@@ -4,10 +4,12 @@ Every hot op the model runs goes through a function here (`attention`, `decode_a
 `layer_norm`, `add_norm`, `swiglu`, `gelu`, `apply_rope`). Each call site that has one of our `kernels/` (Triton
 flash attention, decode attention, fused norms, SwiGLU) runs it on CUDA tensors where `KERNEL_DEFAULTS` turns it on:
 only where a committed measurement shows it beating the best PyTorch alternative at the shapes the project runs,
-called the way the project calls it (issue 18; the figures are in kernels/README.md's default table). Elsewhere, on CPU, and
-inside `torch.compile` (where Inductor fuses them itself), plain PyTorch. `use_kernels(True / False)` forces every
-kernel on or off for a scope (tests, the kernels-on/off benchmarks), `use_kernels(flash_attention=True)` one of them.
-Nothing here touches a GPU at import time.
+called the way the project calls it (issue 18; the figures are in kernels/README.md's default table). Elsewhere and on
+CPU, plain PyTorch. `use_kernels(True / False)` forces every kernel on or off for a scope (tests, the kernels-on/off
+benchmarks), `use_kernels(flash_attention=True)` one of them. Inside `torch.compile` the defaults do not apply
+(Inductor fuses the plain ops itself): only a kernel a scope switches on explicitly runs there, and only those with a
+custom op (`COMPILED_KERNELS`: flash attention and the fused residual + norm, `kernels.compile_ops`), recorded into the
+compiled step's CUDA graphs like Inductor's own kernels. Nothing here touches a GPU at import time.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from kernels import compile_ops
 from kernels import decode_attention as decode_attention_kernel
 from kernels import flash_attention as fa
 from kernels import fused_add_norm, swiglu as swiglu_kernel
@@ -28,6 +31,7 @@ from kernels import fused_add_norm, swiglu as swiglu_kernel
 __all__ = [
     "KERNELS",
     "KERNEL_DEFAULTS",
+    "COMPILED_KERNELS",
     "use_kernels",
     "kernel_enabled",
     "attention",
@@ -77,6 +81,16 @@ _KERNEL_SWITCHES: contextvars.ContextVar[tuple[tuple[str, bool], ...]] = context
     "tinylm_kernel_switches", default=()
 )
 
+# The kernels that have a torch custom op (kernels.compile_ops), so that they run inside torch.compile's graph.
+COMPILED_KERNELS: tuple[str, ...] = ("flash_attention", "add_norm")
+COMPILED = "compiled"  # the `impl` of a call site under torch.compile that runs the kernel's custom op
+# The kernels of COMPILED_KERNELS that the innermost `use_kernels` scope switches on explicitly (True, or name=True).
+# Dynamo cannot read a ContextVar (it would break the graph), so the scope also sets this module global, which a
+# compiled graph reads when it is traced and guards on: entering a scope that changes it recompiles, nothing stale
+# runs. Unlike the ContextVars it is one value for the process, not per thread: a scope in one thread is seen by
+# torch.compile in another (the kernels-on/off switch is a per-run setting: a trainer job, a benchmark, a test).
+_COMPILED_ON: tuple[str, ...] = ()
+
 # SDPA backends for attention with dropout: every one but cuDNN's. On torch 2.11 + CUDA 13 (H200, 2026-11-29), cuDNN's
 # attention trains the model's (transposed-view) q, k, v wrongly with dropout: with it alone enabled, shakespeare-char
 # stood at loss 2.79 after 300 steps where FlashAttention-2 and the memory-efficient kernel reached 2.05
@@ -106,15 +120,27 @@ def use_kernels(enabled: bool | None = None, **kernels: bool) -> Iterator[None]:
         _check_kernel(name)
         if not isinstance(on, bool):
             raise TypeError(f"use_kernels({name}=...) takes True or False, got {on!r}")
+    global _COMPILED_ON
     switches = () if enabled is not None else _KERNEL_SWITCHES.get()
     switches = tuple((n, on) for n, on in switches if n not in kernels) + tuple(kernels.items())
     token_on = _KERNELS_ON.set(_KERNELS_ON.get() if enabled is None else enabled)
     token_switches = _KERNEL_SWITCHES.set(switches)
+    compiled_before = _COMPILED_ON
+    _COMPILED_ON = tuple(name for name in COMPILED_KERNELS if _scope_choice(name) is True)
     try:
         yield
     finally:
+        _COMPILED_ON = compiled_before
         _KERNEL_SWITCHES.reset(token_switches)
         _KERNELS_ON.reset(token_on)
+
+
+def _scope_choice(name: str) -> bool | None:
+    """What the current scope says of kernel `name`: its own switch, else every kernel's; None where no scope says."""
+    for switched, on in _KERNEL_SWITCHES.get():
+        if switched == name:
+            return on
+    return _KERNELS_ON.get()
 
 
 def _is_decode_step(t: torch.Tensor) -> bool:
@@ -126,30 +152,42 @@ def kernel_enabled(name: str, t: torch.Tensor) -> bool:
     """Whether kernel `name` is switched on for input `t` (the scope's switches, else its default); the device and
     torch.compile aside (`_kernel_impl` adds those)."""
     _check_kernel(name)
-    for switched, on in _KERNEL_SWITCHES.get():
-        if switched == name:
-            return on
-    forced = _KERNELS_ON.get()
-    if forced is not None:
-        return forced
+    chosen = _scope_choice(name)
+    if chosen is not None:
+        return chosen
     where = KERNEL_DEFAULTS[name]
     return where == "on" or (where == "decode" and _is_decode_step(t))
+
+
+def _compiled_op_device(t: torch.Tensor) -> bool:
+    """Whether the custom ops serve `t`'s device under torch.compile: CUDA (the CPU tests patch this to run them
+    through Triton's interpreter)."""
+    return t.is_cuda
 
 
 def _kernel_impl(t: torch.Tensor, kernel: str) -> str | None:
     """The `impl` to run `kernel` with for tensor `t`, or None for plain PyTorch.
 
-    Our kernels serve CUDA tensors in eager mode where switched on; under torch.compile, Inductor's own fusion runs.
+    Eager: our kernels serve CUDA tensors where switched on (`kernel_enabled`). Under torch.compile: COMPILED (the
+    kernel's custom op) where a `use_kernels` scope switched a kernel of COMPILED_KERNELS on, else Inductor's fusion.
     """
-    if torch.compiler.is_compiling():  # first: dynamo folds it to a constant, so nothing below is traced
-        return None
+    if torch.compiler.is_compiling():  # first: dynamo folds it to a constant, so the ContextVars are never traced
+        return COMPILED if kernel in _COMPILED_ON and _compiled_op_device(t) else None
     return "auto" if t.is_cuda and kernel_enabled(kernel, t) else None
 
 
 def kernels_apply(t: torch.Tensor) -> bool:
     """Whether the fused residual + norm kernel serves the blocks' input `t` (B, T, C) here (CUDA, "add_norm"
-    switched on, not compiling): the model then takes the fused path (`add_norm`), otherwise its plain PyTorch code."""
-    return _kernel_impl(t, "add_norm") is not None
+    switched on; under torch.compile, by a scope): the model then takes the fused path (`add_norm`), otherwise its
+    plain PyTorch code."""
+    return _add_norm_impl(t) is not None
+
+
+def _add_norm_impl(x: torch.Tensor) -> str | None:
+    """`_kernel_impl` of the fused residual + norm for x (..., C); plain PyTorch under torch.compile for rows too wide
+    for the kernel (eager calls fall back inside `kernels.fused_add_norm`)."""
+    impl = _kernel_impl(x, "add_norm")
+    return None if impl == COMPILED and x.shape[-1] > fused_add_norm.MAX_FUSED_COLS else impl
 
 
 def attention(
@@ -180,6 +218,10 @@ def attention(
             q, k, v = (t.to(torch.get_autocast_dtype(q.device.type)) for t in (q, k, v))
         if q.dtype == k.dtype == v.dtype and q.dtype in fa.SUPPORTED_DTYPES:
             # GQA natively: no repeated K/V heads
+            if impl == COMPILED or (dropout_p > 0.0 and q.is_cuda and torch.cuda.is_current_stream_capturing()):
+                # the op draws its dropout seed on the device: fresh in every replay of a CUDA graph (torch.compile's,
+                # or a captured eager step: trainer.step_graph), where the eager kernel's int seed would repeat
+                return compile_ops.flash_attention(q, k, v, causal=causal, dropout_p=dropout_p)
             return fa.flash_attention(q, k, v, causal=causal, dropout_p=dropout_p, impl=impl)
     if n_kv_head != n_head:
         # Repeat each K/V head for its group of query heads (explicit, so every backend and
@@ -228,7 +270,9 @@ def add_rms_norm(
 
     One fused kernel where ours apply (the normed rows in x's dtype, the new residual in residual's); else the add
     and `F.rms_norm`, as the unfused model computes them."""
-    impl = _kernel_impl(x, "add_norm")
+    impl = _add_norm_impl(x)
+    if impl == COMPILED:
+        return compile_ops.add_rms_norm(x, residual, weight, eps)
     if impl:
         return fused_add_norm.add_rms_norm(x, residual, weight, eps, impl=impl)
     s = residual + x
@@ -239,7 +283,9 @@ def add_layer_norm(
     x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """new_residual = residual + x; returns (layer_norm(new_residual) * weight + bias, new_residual)."""
-    impl = _kernel_impl(x, "add_norm")
+    impl = _add_norm_impl(x)
+    if impl == COMPILED:
+        return compile_ops.add_layer_norm(x, residual, weight, bias, eps)
     if impl:
         return fused_add_norm.add_layer_norm(x, residual, weight, bias, eps, impl=impl)
     s = residual + x

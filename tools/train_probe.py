@@ -35,6 +35,7 @@ from trainer.train import _setup, _train_step, train
 
 VARIANTS = {  # "tinylm": the shakespeare-char preset as it trains (reduce-overhead: CUDA graphs)
     "tinylm": dict(),
+    "tinylm-kernels": dict(kernels=True),  # the same with flash attention and add + norm as ops in the compiled step
     "compile-default": dict(compile_mode="default"),
     "eager": dict(compile_mode="none", kernels=True),
     "eager-pytorch": dict(compile_mode="none", kernels=False),

@@ -159,9 +159,12 @@ class TrainConfig:
     # Not with step_graph (which captures them already) nor float16 (its loss scaler decides on the host).
     compile_optimizer: bool = False
     grad_checkpointing: bool = False  # recompute each block's activations in backward (less memory)
-    # Eager on CUDA: run model.layers' ops on kernels/. Off by default: eager shakespeare-char trained at 587k tokens/s
-    # with them and 714k without (H200, 2026-11-29, bench_svc/results/train-nvidia-h200.csv); under torch.compile
-    # (the presets' default) Inductor's own fusion runs either way.
+    # Run model.layers' ops on kernels/ (CUDA). Eager: every kernel, each on its Triton launcher; eager
+    # shakespeare-char trained at 587k tokens/s with them and 714k without (H200, 2026-11-29,
+    # bench_svc/results/train-nvidia-h200.csv). Under torch.compile (the presets' default): flash attention (with its
+    # dropout) and the fused residual + norm as custom ops inside the compiled step and its CUDA graphs
+    # (kernels.compile_ops), Inductor's fusion for the rest; false: Inductor's fusion for everything. Off by default
+    # until the benchmark's tinylm-kernels vs tinylm figure says otherwise.
     kernels: bool = False
     # Capture the whole step (forward, backward, clipping, AdamW) as one CUDA graph (trainer.step_graph): the eager
     # model without torch.compile's start-up; needs CUDA, one process, grad_accum 1, no dropout annealing, no fp16.

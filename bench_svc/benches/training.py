@@ -5,8 +5,9 @@
 
 Variants, all on nanoGPT's shakespeare-char data, split, model and evaluation: "tinylm" (the preset as it trains:
 torch.compile with CUDA graphs, bf16 autocast, fused AdamW, no host sync between log points), "tinylm-fast" (the
-shakespeare-char-fast preset: the same with a schedule cut to the budget), "tinylm-muon" (the shakespeare-char-muon
-preset: Muon, a trapezoid schedule, QK-norm, ReLU², untied head; "-hot", "-long", "-gpt" try other settings of it),
+shakespeare-char-fast preset: the same with a schedule cut to the budget), "tinylm-kernels" ("tinylm" with kernels=true:
+our flash attention and fused residual + norm as custom ops inside the compiled step), "tinylm-muon" (the
+shakespeare-char-muon preset: Muon, a trapezoid schedule, QK-norm, ReLU², untied head; "-hot", "-long", "-gpt" try other settings of it),
 "compile-default" (torch.compile without
 CUDA graphs), "eager" (no compile, our kernels), and the anchor "eager-pytorch" (no compile, plain PyTorch: nanoGPT's
 loop). For each it records the time from launch (model build, compilation and evaluations included) to the first
@@ -197,6 +198,8 @@ def _all_variants(args: argparse.Namespace) -> list[tuple[str, TrainConfig]]:
                                                         tensorboard=False)  # fmt: skip
     return [
         ("tinylm", base),  # the preset as it trains by default (reduce-overhead: CUDA graphs)
+        # the same compiled step with our flash attention and fused add + norm inside it (kernels on vs off)
+        ("tinylm-kernels", base.replace(kernels=True)),
         ("tinylm-graph", base.replace(compile_mode="none", step_graph=True)),  # the whole step as one CUDA graph
         ("tinylm-fast", fast),  # the shakespeare-char-fast preset: the same model, a schedule cut to the budget
         ("tinylm-fast-graph", fast.replace(compile_mode="none", step_graph=True)),

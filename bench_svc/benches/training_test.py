@@ -58,7 +58,8 @@ def test_variants_picks_and_orders_and_names_the_choices(capsys):
     assert name == "eager-pytorch" and config.kernels is False and config.compile_mode == "none"
     with pytest.raises(
         SystemExit,
-        match=r"unknown variant\(s\) \['fast'\]; choose from \['tinylm', 'tinylm-graph', 'tinylm-fast', "
+        match=r"unknown variant\(s\) \['fast'\]; choose from \['tinylm', 'tinylm-kernels', 'tinylm-graph', "
+        r"'tinylm-fast', "
         r"'tinylm-fast-graph', 'tinylm-muon', 'tinylm-muon-hot', 'tinylm-muon-long', 'tinylm-muon-short', "
         r"'tinylm-muon-gpt', 'tinylm-tuned', 'tinylm-opt', 'tinylm-blocks', 'tinylm-opt-blocks', 'tinylm-muon-blocks', "
         r"'compile-default', 'eager', 'eager-pytorch'\]",
@@ -70,6 +71,7 @@ def test_compile_option_variants_change_only_their_option():
     variants = dict(training._all_variants(training._parse_args([])))
     base, muon = variants["tinylm"], variants["tinylm-muon"]
     assert not base.compile_optimizer and base.compile_scope == "model"
+    assert variants["tinylm-kernels"] == base.replace(kernels=True) and not base.kernels
     assert variants["tinylm-opt"] == base.replace(compile_optimizer=True)
     assert variants["tinylm-blocks"] == base.replace(compile_scope="blocks")
     assert variants["tinylm-opt-blocks"] == base.replace(compile_optimizer=True, compile_scope="blocks")
