@@ -17,11 +17,12 @@ from trainer.warm_start import COMPILER_MODULES, CompiledReuse, CompilerPreload,
 
 REPO = Path(__file__).resolve().parents[1]
 
-# A fresh process: the preload's imports must leave every RNG as they found it, and a run that starts while they are
-# under way (an eager one: it waits for them only before its optimizer) trains as a run with no preload does.
+# A fresh process: the preload's imports alone, checking that they leave every RNG as it was; or a run with or without
+# the preload: with it, the imports run while the run reads the corpus and builds
+# (and initialises) the model, and the run waits for them before its optimizer. Were any of them to draw from torch's
+# RNG, or change a default dtype or flag, the weights, dropout masks and so the losses would differ.
 _RUN = """
-import json, random, sys
-import numpy as np
+import json, sys
 import torch
 from pathlib import Path
 from trainer.testing import fast_config
@@ -30,18 +31,24 @@ from trainer import warm_start
 
 torch.set_num_threads(1)
 out = {"loaded_before": [m for m in warm_start.COMPILER_MODULES if m in sys.modules]}
-if sys.argv[1] == "preload":
-    rngs = (torch.get_rng_state(), np.random.get_state()[1].copy(), random.getstate())
+if sys.argv[1] == "rng":  # the imports alone, to their end: every RNG as it was
+    import random
+    import numpy as np
+
+    before = (torch.get_rng_state(), np.random.get_state()[1].copy(), random.getstate())
     warm_start.preload_compiler().wait()
-    out["rng_untouched"] = bool(torch.equal(rngs[0], torch.get_rng_state()) and (rngs[1] == np.random.get_state()[1]).all()
-                                and rngs[2] == random.getstate())
+    out["rng_untouched"] = bool(torch.equal(before[0], torch.get_rng_state())
+                                and (before[1] == np.random.get_state()[1]).all() and before[2] == random.getstate())
     out["loaded_after"] = [m for m in warm_start.COMPILER_MODULES if m in sys.modules]
-    out["same_preload"] = warm_start.preload_compiler() is warm_start.started_preload()
-    warm_start._preload = None
-    warm_start.preload_compiler()  # a new one, still importing (nothing left to import: fast) as the run starts
+    print(json.dumps(out))
+    sys.exit(0)
+if sys.argv[1] == "preload":
+    preload = warm_start.preload_compiler()
+    out["same_preload"] = warm_start.preload_compiler() is preload is warm_start.started_preload()
 work = Path(sys.argv[3])
 result = train(fast_config(dropout=0.1), Path(sys.argv[2]), store_root=work / "s", run_dir=work / sys.argv[1],
                data_dir=work / "d")
+out["loaded_after"] = [m for m in warm_start.COMPILER_MODULES if m in sys.modules]
 out.update(losses=result.losses, grad_norms=result.grad_norms, metrics=result.metrics)
 print(json.dumps(out))
 """
@@ -56,11 +63,13 @@ def _run_in_fresh_process(mode: str, corpus: Path, work: Path) -> dict:
 
 
 def test_the_background_import_loads_the_compiler_and_changes_no_number(small_corpus, tmp_path):
+    alone = _run_in_fresh_process("rng", small_corpus, tmp_path)
+    assert alone["rng_untouched"] and alone["loaded_after"] == list(COMPILER_MODULES)
     with_preload = _run_in_fresh_process("preload", small_corpus, tmp_path)
     without = _run_in_fresh_process("plain", small_corpus, tmp_path)
     assert with_preload["loaded_before"] == [] == without["loaded_before"]  # `import trainer.train` stays light
     assert with_preload["loaded_after"] == list(COMPILER_MODULES)
-    assert with_preload["rng_untouched"] and with_preload["same_preload"]
+    assert with_preload["same_preload"]
     assert with_preload["losses"] == without["losses"] and with_preload["grad_norms"] == without["grad_norms"]
     assert {"setup_s", "compiler_wait_s", "startup_s", "compiler_import_s"} <= set(with_preload["metrics"])
     assert "compiler_wait_s" not in without["metrics"] and "startup_s" in without["metrics"]
