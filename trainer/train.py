@@ -167,7 +167,8 @@ def train(config: TrainConfig, corpus: Path, *, started_at: float | None = None,
 
     `started_at` (a time.perf_counter() value: the process's launch, a job's dequeue) is where the start-up timings
     in the metrics count from; default: now. A compiled run imports torch's compiler on a background thread while it
-    sets up (trainer.warm_start; an entry point may have started that already)."""
+    sets up (trainer.warm_start; an entry point may have started that already); any run waits for such an import to
+    end before its optimizer."""
     started_at = time.perf_counter() if started_at is None else started_at
     preload = preload_compiler() if config.compile or config.compile_optimizer else started_preload()
     with use_kernels(config.kernels), _restores_backend_settings():
@@ -222,8 +223,8 @@ def _train(
     `should_stop()` is polled before each step. `data_dir` caches the tokenized corpus. `profile_steps` > 0 writes
     a torch.profiler trace of that many steps (after trainer.step_profiler's warm-up) under `<run_dir>/profile/`.
 
-    Start-up timings, in the metrics of the first reported interval, the run log and `TrainResult.metrics`: `setup_s`
-    (from `started_at` to data, model and optimizer ready), `compiler_wait_s` (of which waiting for the compiler's
+    Start-up timings, in the first reported interval's metrics (callback, TensorBoard) and `TrainResult.metrics`:
+    `setup_s` (from `started_at` to data, model and optimizer ready), `compiler_wait_s` (of which waiting for the compiler's
     background import), `startup_s` (from `started_at` to the first step's launch done: its compilation, its CUDA
     graphs' warm-up; on a GPU its kernels may still run), `compiler_import_s` (the background import's own length).
     """
@@ -346,9 +347,10 @@ def _record_startup(run: _Run, started_at: float, preload: CompilerPreload | Non
     if preload is not None and preload.import_s is not None:
         run.startup["compiler_import_s"] = preload.import_s
     s = run.startup
+    imported = f"{s['compiler_import_s']:.2f} s" if "compiler_import_s" in s else "nothing"
     log.info("start-up: first step %.2f s after launch (setup %.2f s, of which %.2f s waiting for the compiler's "
-             "import; that import took %s in the background)", s["startup_s"], s["setup_s"], s.get("compiler_wait_s", 0.0),
-             f"{s['compiler_import_s']:.2f} s" if "compiler_import_s" in s else "nothing")  # fmt: skip
+             "import; that import took %s in the background)", s["startup_s"], s["setup_s"],
+             s.get("compiler_wait_s", 0.0), imported)  # fmt: skip
 
 
 def _recompile_room(config: TrainConfig) -> contextlib.AbstractContextManager:

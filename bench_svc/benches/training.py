@@ -15,13 +15,14 @@ evaluation at or below the target val loss, the first step's time from launch, t
 anchor's val loss at the same evaluations, tokens/s and MFU (median over log intervals after warm-up), and the
 val-loss curve. A run goes on to its time budget (or max_steps). `--part startup` measures launch to first step in a
 new process with an empty compile cache and again with the cache it left, for the default preset or any variant
-(`--startup tinylm-blocks:cold,tinylm-blocks:warm`); VARIANT:worker runs two jobs of the variant back to back in one
-new process as the trainer's worker does (compiler imported in the background from its start, the second job reusing
-the first's compiled code) and reports each job's start to first step. Issue 16's compile options have variants of their own:
+(`--startup tinylm-blocks:cold,tinylm-blocks:warm`). Issue 16's compile options have variants of their own:
 "-opt" (clipping and the optimizer step compiled too, trainer.optimizer_step), "-blocks" (each transformer Block
 compiled on its own, compile_scope=blocks), on the default and the muon preset; "tinylm-tuned" is the default with
 Inductor's coordinate-descent tuning of its kernels (compile_mode=reduce-overhead-tuned). With two or more GPUs it also
 measures DDP tokens/s of the `medium` preset on 2 GPUs vs 1 (torchrun, the same `trainer.main` code path).
+`--startup VARIANT:worker` runs two jobs of a variant back to back in one new process, as the trainer's
+worker does (the compiler imported in the background from its start, the second job reusing the first's compiled
+code), and reports each job's start to its first step.
 Results: CSV + JSON (GPU, commit, command) and a PNG.
 """
 
@@ -323,8 +324,9 @@ def _startup_worker(args: argparse.Namespace) -> int:
     for _ in range(args.startup_jobs):
         begun, firsts = time.time(), []
         reused = reuse.before_run(config)
-        result = train(config, corpus, store_root=workdir / "startup-store", run_dir=workdir / f"startup-{time.time_ns()}",
-                       data_dir=workdir / "data", progress_callback=lambda step, m: firsts.append(time.time()))  # fmt: skip
+        result = train(config, corpus, store_root=workdir / "startup-store", data_dir=workdir / "data",
+                       run_dir=workdir / f"startup-{time.time_ns()}",
+                       progress_callback=lambda step, m: firsts.append(time.time()))  # fmt: skip
         startup = {k: v for k, v in result.metrics.items() if k in _STARTUP_FIELDS}
         jobs.append({"first_step_s": firsts[0] - begun, "since_launch_s": firsts[0] - launch, "reused": reused,
                      **startup})  # fmt: skip
