@@ -332,17 +332,20 @@ def _startup_worker(args: argparse.Namespace) -> int:
                      **startup})  # fmt: skip
         log.info("start-up of %s, run %d: %s", args.startup_variant, len(jobs), jobs[-1])
     aot = dict(torch._dynamo.utils.counters["aot_autograd"])  # a warm launch should show autograd_cache_hit only
-    doc = {"first_step_s": jobs[0]["since_launch_s"], "jobs": jobs, "aot_autograd": aot, "started_s": started,
-           **_compile_counters()}  # fmt: skip
+    # which of Inductor's caches a warm launch hit (fxgraph_cache_hit, Triton bundler and autotune counters, ...)
+    caches = {k: v for k, v in torch._dynamo.utils.counters["inductor"].items() if k != "extern_calls"}
+    doc = {"first_step_s": jobs[0]["since_launch_s"], "jobs": jobs, "aot_autograd": aot, "inductor_counters": caches,
+           "started_s": started, **_compile_counters()}  # fmt: skip
     Path(args.startup_worker).write_text(json.dumps(doc))
     log.info(
         "start-up of %s: %.1f s to main (interpreter, imports), %.1f s to the first step (in train(): %s); "
-        "AOTAutograd cache %s; %s; compile phases:\n%s",
+        "AOTAutograd cache %s; Inductor %s; %s; compile phases:\n%s",
         args.startup_variant,
         started,
         doc["first_step_s"],
         {k: round(v, 2) for k, v in jobs[0].items() if k in _STARTUP_FIELDS},
         aot,
+        caches,
         _compile_counters(),
         torch._dynamo.utils.compile_times(repr="str"),
     )
