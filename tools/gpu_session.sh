@@ -98,7 +98,7 @@ for spec in "$@"; do
     train-tests) run_step train-tests "$limit" "$PYTHON" -m pytest -q -rfEs --tb=short -p no:cacheprovider trainer/train_gpu_test.py ;;
     train-all) run_step train-all "$limit" "$PYTHON" -m bench_svc.benches.training --part all --budget-s "${TRAIN_BUDGET_S:-60}" \
       ${TRAIN_VARIANTS:+--variants "$TRAIN_VARIANTS"} ${TRAIN_TAG:+--tag "$TRAIN_TAG"} ${TRAIN_STARTUP:+--startup "$TRAIN_STARTUP"} ;;
-    train-startup) run_step train-startup "$limit" "$PYTHON" -m bench_svc.benches.training --part startup ;;
+    train-startup) run_step train-startup "$limit" "$PYTHON" -m bench_svc.benches.training --part startup ${TRAIN_STARTUP:+--startup "$TRAIN_STARTUP"} ${TRAIN_TAG:+--tag "$TRAIN_TAG"} ;;
     train-sdpa) run_step train-sdpa "$limit" "$PYTHON" -m tools.train_probe sdpa --steps "${PROBE_STEPS:-300}" --eval-interval 100 ;;
     serve) run_step serve "$limit" "$PYTHON" -m bench_svc.benches.inference_serving --device cuda ;;
     serve-probe) run_step serve-probe "$limit" "$PYTHON" -m tools.serve_probe ${PROBE_ARGS:-} ;;

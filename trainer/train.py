@@ -45,6 +45,7 @@ from trainer.resume_state import capture_rng, has_resume_state, load_resume_stat
 from trainer.run_log import RunLog, plot_curve
 from trainer.step_graph import StepGraph, check_step_graph
 from trainer.step_profiler import StepProfiler
+from trainer.warm_start import CompilerPreload, preload_compiler, started_preload
 
 __all__ = ["TrainResult", "ProgressCallback", "train", "resolve_device", "build_model", "make_optimizer", "set_lr"]
 
@@ -152,6 +153,7 @@ class _Run:
     bad_evals: int = 0
     tokens_seen: int = 0
     elapsed_s: float = 0.0  # training time before this process, from the resume state
+    startup: dict[str, float] = field(default_factory=dict)  # start-up timings (seconds), see `_train`
 
     def autocast(self) -> contextlib.AbstractContextManager:
         dtype = _DTYPES[self.config.dtype]
@@ -160,10 +162,17 @@ class _Run:
         return torch.autocast(device_type=self.device.type, dtype=dtype)
 
 
-def train(config: TrainConfig, corpus: Path, **kwargs: Any) -> TrainResult:
-    """Train `config` on `corpus` (arguments of `_train`), with `kernels/` on or off as `config.kernels` says."""
+def train(config: TrainConfig, corpus: Path, *, started_at: float | None = None, **kwargs: Any) -> TrainResult:
+    """Train `config` on `corpus` (arguments of `_train`), with `kernels/` on or off as `config.kernels` says.
+
+    `started_at` (a time.perf_counter() value: the process's launch, a job's dequeue) is where the start-up timings
+    in the metrics count from; default: now. A compiled run imports torch's compiler on a background thread while it
+    sets up (trainer.warm_start; an entry point may have started that already); any run waits for such an import to
+    end before its optimizer."""
+    started_at = time.perf_counter() if started_at is None else started_at
+    preload = preload_compiler() if config.compile or config.compile_optimizer else started_preload()
     with use_kernels(config.kernels), _restores_backend_settings():
-        return _train(config, corpus, **kwargs)
+        return _train(config, corpus, started_at=started_at, preload=preload, **kwargs)
 
 
 @contextlib.contextmanager
@@ -205,12 +214,19 @@ def _train(
     show_progress: bool = False,
     parent_id: str | None = None,
     profile_steps: int = 0,
+    started_at: float,
+    preload: CompilerPreload | None = None,
 ) -> TrainResult:
     """Train `config` on `corpus`; the best weights become an artifact under `store_root` (rank 0 writes files).
 
     `progress_callback(step, metrics)` is called on rank 0 every `log_interval` steps and after every evaluation;
     `should_stop()` is polled before each step. `data_dir` caches the tokenized corpus. `profile_steps` > 0 writes
     a torch.profiler trace of that many steps (after trainer.step_profiler's warm-up) under `<run_dir>/profile/`.
+
+    Start-up timings, in the first reported interval's metrics (callback, TensorBoard) and `TrainResult.metrics`:
+    `setup_s` (from `started_at` to data, model and optimizer ready), `compiler_wait_s` (of which waiting for the compiler's
+    background import), `startup_s` (from `started_at` to the first step's launch done: its compilation, its CUDA
+    graphs' warm-up; on a GPU its kernels may still run), `compiler_import_s` (the background import's own length).
     """
     device = resolve_device(config.device, info)
     if device.type == "cuda":
@@ -218,7 +234,8 @@ def _train(
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     dist.init_process_group(info, device)
-    run = _setup(config, corpus, run_dir, data_dir, info, device)
+    run = _setup(config, corpus, run_dir, data_dir, info, device, preload=preload)
+    run.startup["setup_s"] = time.perf_counter() - started_at
     result = TrainResult(run_dir=Path(run_dir), stopped="completed", steps=run.step)
     run_log = RunLog(run.run_dir, resume_step=run.step, tensorboard=config.tensorboard) if info.is_main else None
     meter = Throughput(run.model.config, peak_flops(device, config.dtype), world_size=info.world_size)
@@ -262,6 +279,8 @@ def _train(
                 result.stopped = "cancelled"
                 break
             out = _train_step(run)
+            if "startup_s" not in run.startup:
+                _record_startup(run, started_at, preload)
             if profiler is not None:
                 profiler.step()
             run.step += 1
@@ -284,7 +303,7 @@ def _train(
         if result.stopped == "cancelled" and run.step > 0:
             _save_resume(run)  # the step boundary is consistent: resuming continues exactly here
         result.steps = run.step
-        result.metrics = _final_metrics(run)
+        result.metrics = {**_final_metrics(run), **run.startup}
         if profiler is not None:
             result.profile_trace, result.profiled_steps = profiler.trace, profiler.recorded_steps
         if info.is_main and result.stopped != "cancelled" and (run.run_dir / "best").is_dir():
@@ -306,6 +325,7 @@ def _interval_metrics(
     callback and the run log see them."""
     values = interval.values.tolist()
     losses, norms = values[0::2], values[1::2]
+    first = not result.losses  # this interval holds the process's first step: its metrics carry the start-up
     result.losses += losses
     result.grad_norms += norms
     last = interval.last
@@ -313,10 +333,24 @@ def _interval_metrics(
     metrics.update(meter.update(run.config.batch_size, interval.seconds_per_step()))
     metrics["elapsed_s"] = run.elapsed_s + time.perf_counter() - start
     metrics["eta_s"] = meter.eta_s(run.config.max_steps - interval.step)
+    if first:
+        metrics.update(run.startup)
     if bar is not None:
         bar.set_postfix_str(meter.describe(losses[-1]), refresh=False)
         bar.update(len(losses))
     return metrics
+
+
+def _record_startup(run: _Run, started_at: float, preload: CompilerPreload | None) -> None:
+    """The first step has returned: note how long the launch took to get here."""
+    run.startup["startup_s"] = time.perf_counter() - started_at
+    if preload is not None and preload.import_s is not None:
+        run.startup["compiler_import_s"] = preload.import_s
+    s = run.startup
+    imported = f"{s['compiler_import_s']:.2f} s" if "compiler_import_s" in s else "nothing"
+    log.info("start-up: first step %.2f s after launch (setup %.2f s, of which %.2f s waiting for the compiler's "
+             "import; that import took %s in the background)", s["startup_s"], s["setup_s"],
+             s.get("compiler_wait_s", 0.0), imported)  # fmt: skip
 
 
 def _recompile_room(config: TrainConfig) -> contextlib.AbstractContextManager:
@@ -330,9 +364,17 @@ def _recompile_room(config: TrainConfig) -> contextlib.AbstractContextManager:
 
 
 def _setup(
-    config: TrainConfig, corpus: Path, run_dir: Path, data_dir: Path, info: DistInfo, device: torch.device
+    config: TrainConfig,
+    corpus: Path,
+    run_dir: Path,
+    data_dir: Path,
+    info: DistInfo,
+    device: torch.device,
+    *,
+    preload: CompilerPreload | None = None,
 ) -> _Run:
-    """Data, model, optimizer, sampler; restored from the resume state when `config.resume` and there is one."""
+    """Data, model, optimizer, sampler; restored from the resume state when `config.resume` and there is one.
+    `preload`: the compiler's background import, waited for before the optimizer (its first use of the compiler)."""
     if info.is_main:  # rank 0 tokenizes; the others then find it in the cache
         data = prepare_data(corpus, config.tokenizer, data_dir, bpe_vocab=config.bpe_vocab)
     dist.barrier(info)
@@ -341,6 +383,7 @@ def _setup(
     torch.manual_seed(config.seed)  # the same initial weights on every rank
     model = build_model(config, data.vocab_size).to(device)
     block = model.config.block_size
+    compiler_wait_s = preload.wait() if preload is not None else 0.0  # no two threads import the compiler at once
     optimizer = make_optimizer(model, config, device)
     scaler = torch.amp.GradScaler(device.type, enabled=config.dtype == "float16")
     micro, accum = micro_batch_plan(config.batch_size, config.grad_accum, info.world_size)
@@ -362,6 +405,8 @@ def _setup(
         accum,
         Path(run_dir),
     )
+    if preload is not None:
+        run.startup["compiler_wait_s"] = compiler_wait_s
     run.run_dir.mkdir(parents=True, exist_ok=True)
     if config.resume and has_resume_state(run.run_dir):
         _restore(run)

@@ -112,3 +112,34 @@ def test_the_captured_step_trains_like_the_eager_loop(fresh, tmp_path):
     assert len(result.losses) == STEPS and all(math.isfinite(x) for x in result.losses)
     diffs = [abs(a - b) for a, b in zip(got, fresh["eager"])]
     assert len(got) == len(fresh["eager"]) and max(diffs) < TOLERANCE, (got, fresh["eager"])
+
+
+def test_the_workers_second_compiled_job_reuses_the_first_and_trains_alike(fresh, tmp_path):
+    """Two compiled jobs of one spec through the train-queue handler: the second reuses the first's compiled code
+    (trainer.warm_start.CompiledReuse: no tracing; its CUDA graphs re-recorded for its own parameters) and its
+    evaluations match a fresh process's. Each job's start-up (dequeued -> first step) is in its result's metrics."""
+    import threading
+
+    from jobs.context import JobContext
+    from protos import jobs_pb2
+    from trainer.worker import TrainerPaths, make_train_handler
+
+    corpus = os.environ["TINYLM_CORPUS"]
+    torch._dynamo.reset()  # the first job compiles (from the cache) in this process
+    handle = make_train_handler(TrainerPaths(home=tmp_path, default_corpus=corpus))
+    results, evals = [], []
+    for i in range(2):
+        got: list[float] = []
+        spec = jobs_pb2.TrainSpec(preset="shakespeare-char", max_steps=STEPS, eval_interval=EVAL_EVERY,
+                                  overrides={"compile_mode": MODES["compiled"], "eval_iters": "20", "log_interval": "10",
+                                             "tensorboard": "false"})  # fmt: skip
+        job = jobs_pb2.Job(id=f"job{i}", kind=jobs_pb2.JOB_KIND_TRAIN, train=spec, attempt=1)
+        ctx = JobContext(job, "w", lambda message, fraction, m: "val_loss" in m and got.append(m["val_loss"]),
+                         threading.Event(), threading.Event())  # fmt: skip
+        results.append(handle(ctx).result)
+        evals.append(got)
+    assert [r["compiled_code_reused"] for r in results] == [False, True]
+    print("dequeued -> first step:", [round(r["metrics"]["startup_s"], 2) for r in results])  # the bench times it
+    for got in evals:
+        diffs = [abs(a - b) for a, b in zip(got, fresh["compiled"])]
+        assert len(got) == len(fresh["compiled"]) and max(diffs) < TOLERANCE, (evals, fresh["compiled"])

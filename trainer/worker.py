@@ -5,6 +5,11 @@ reclaimed from a dead worker (at-least-once delivery) continues where the last c
 stops training at the next step (the run folder keeps the best checkpoint and the resume state). On success
 the result is {model_id, metrics, run_dir, steps, stopped}; a spec with `then_export` enqueues the export
 job with the new model filled in, through the queue's pipeline mechanism (JobResult.next_jobs).
+
+Start-up: `run_workers` starts importing torch's compiler in the background as the worker starts, so the first
+job finds it imported; a job with the same compiled shape as the one before reuses its compiled code
+(trainer.warm_start.CompiledReuse). Each job's result and first progress event carry its start-up timings, counted
+from the job's dequeue (`startup_s`: dequeued -> first step).
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from __future__ import annotations
 import logging
 import math
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +29,7 @@ from protos import jobs_pb2
 from trainer.corpus import CorpusError, resolve_corpus
 from trainer.spec import config_from_spec
 from trainer.train import train
+from trainer.warm_start import CompiledReuse, preload_compiler
 
 __all__ = ["TrainerPaths", "make_train_handler", "make_worker", "run_workers", "progress_message"]
 
@@ -67,8 +74,10 @@ def progress_message(step: int, max_steps: int, metrics: dict[str, float]) -> st
 
 def make_train_handler(paths: TrainerPaths) -> Handler:
     """The handler a `jobs.worker.Worker` calls for each train job."""
+    reuse = CompiledReuse()  # one handler, one thread: jobs run one after another
 
     def handle(ctx: JobContext) -> JobResult:
+        dequeued = time.perf_counter()
         spec: jobs_pb2.TrainSpec = ctx.job.train
         run_dir = paths.runs / ctx.job.id
         config = config_from_spec(spec).replace(log_dir=str(run_dir), resume=True)
@@ -82,9 +91,11 @@ def make_train_handler(paths: TrainerPaths) -> Handler:
             finite = {k: float(v) for k, v in metrics.items() if math.isfinite(v)}
             ctx.progress(progress_message(step, config.max_steps, finite), step / config.max_steps, **finite)
 
+        reused = reuse.before_run(config)
         result = train(
             config,
             corpus,
+            started_at=dequeued,
             store_root=paths.store_root,
             run_dir=run_dir,
             data_dir=paths.data,
@@ -102,7 +113,10 @@ def make_train_handler(paths: TrainerPaths) -> Handler:
             "run_dir": str(run_dir),
             "steps": result.steps,
             "stopped": result.stopped,
+            "compiled_code_reused": reused,
         }
+        log.info("job %s: first step %.2f s after dequeue (compiled code of the previous job %s)", ctx.job.id,
+                 result.metrics.get("startup_s", math.nan), "reused" if reused else "not reused")  # fmt: skip
         next_jobs = []
         if spec.HasField("then_export"):
             export = jobs_pb2.ExportSpec()
@@ -128,6 +142,8 @@ def run_workers(
     Training uses the process-wide torch RNG, so one worker per process keeps runs exactly reproducible;
     scale out with more processes (or machines) rather than more threads.
     """
+    if n > 0:
+        preload_compiler()  # the first job then finds torch's compiler imported (trainer.warm_start)
     threads = []
     for i in range(n):
         worker = make_worker(queue, paths, **worker_options)

@@ -21,6 +21,9 @@ new process with an empty compile cache and again with the cache it left, for th
 compiled on its own, compile_scope=blocks), on the default and the muon preset; "tinylm-tuned" is the default with
 Inductor's coordinate-descent tuning of its kernels (compile_mode=reduce-overhead-tuned). With two or more GPUs it also
 measures DDP tokens/s of the `medium` preset on 2 GPUs vs 1 (torchrun, the same `trainer.main` code path).
+`--startup VARIANT:worker` runs two jobs of a variant back to back in one new process, as the trainer's
+worker does (the compiler imported in the background from its start, the second job reusing the first's compiled
+code), and reports each job's start to its first step.
 Results: CSV + JSON (GPU, commit, command) and a PNG.
 """
 
@@ -53,6 +56,7 @@ from trainer.data import prepare_data
 from trainer.distributed import destroy_process_group, dist_from_env
 from trainer.evaluate import split_loss
 from trainer.train import build_model, resolve_device, train
+from trainer.warm_start import CompiledReuse, preload_compiler
 
 __all__ = ["VariantResult", "run_variant", "main"]
 
@@ -242,14 +246,16 @@ def _own_schedule(variant: str) -> bool:
     return "-fast" in variant or "-muon" in variant
 
 
-STARTUP_KINDS = ("cold", "warm")
+STARTUP_KINDS = ("cold", "warm", "worker")
+WORKER_JOBS = 2  # jobs a VARIANT:worker start-up run trains back to back
 _STARTUP_SHORT = {"cold": ("tinylm", "cold"), "warm": ("tinylm", "warm"), "graph": ("tinylm-graph", "warm")}
 
 
 def startup_runs(spec: str, variants: list[str]) -> list[tuple[str, str, str]]:
     """`--startup` -> (result name, variant, kind) per entry, in order. An entry is VARIANT:cold (an empty compile
-    cache of the variant's own) or VARIANT:warm (the cache its earlier launches left), or a short name: cold and warm
-    (the default preset, tinylm), graph (tinylm-graph, which compiles nothing). Bad entries -> SystemExit."""
+    cache of the variant's own), VARIANT:warm (the cache its earlier launches left) or VARIANT:worker (two jobs in one
+    process, on the cache as it is), or a short name: cold and warm (the default preset, tinylm), graph (tinylm-graph,
+    which compiles nothing). Bad entries -> SystemExit."""
     runs = []
     for entry in (e.strip() for e in spec.split(",") if e.strip()):
         if entry in _STARTUP_SHORT:
@@ -268,7 +274,8 @@ def startup_runs(spec: str, variants: list[str]) -> list[tuple[str, str, str]]:
 
 def _startup(args: argparse.Namespace, workdir: Path) -> list[VariantResult]:
     """Launch to first step of a variant in a new process: with an empty compile cache (cold), or with the cache an
-    earlier launch of it left (warm: Inductor's FX-graph, AOTAutograd and autotuning caches, Triton's kernels)."""
+    earlier launch of it left (warm: Inductor's FX-graph, AOTAutograd and autotuning caches, Triton's kernels); or
+    (worker) each of two jobs' start to its first step in one process."""
     if args.cpu_smoke:
         return []
     variants = dict(_all_variants(args))
@@ -282,12 +289,19 @@ def _startup(args: argparse.Namespace, workdir: Path) -> list[VariantResult]:
                    TRITON_CACHE_DIR=str(cache / "triton"), TINYLM_BENCH_LAUNCH=repr(time.time()))  # fmt: skip
         cmd = [sys.executable, "-m", MODULE, "--startup-worker", str(out_json), "--startup-variant", variant,
                "--workdir", str(workdir), "--eval-interval", str(args.eval_interval)]  # fmt: skip
+        if kind == "worker":
+            cmd += ["--startup-jobs", str(WORKER_JOBS)]
         subprocess.run(cmd, check=True, cwd=REPO_ROOT, env=env)
-        first = json.loads(out_json.read_text())["first_step_s"]
-        log.info("%s: %.1f s from launch to the first step", name, first)
+        doc = json.loads(out_json.read_text())
         config = variants[variant]
-        results.append(VariantResult(variant=name, preset=config.preset, compile=config.compile, dtype=config.dtype,
-                                     first_step_s=first))  # fmt: skip
+        firsts = [(name, doc["first_step_s"])] if kind != "worker" else [
+            (f"{name}-job{i + 1}", job["first_step_s"]) for i, job in enumerate(doc["jobs"])
+        ]  # fmt: skip
+        for result_name, first in firsts:
+            log.info("%s: %.1f s from %s to the first step", result_name, first,
+                     "the job's start" if kind == "worker" else "launch")  # fmt: skip
+            results.append(VariantResult(variant=result_name, preset=config.preset, compile=config.compile,
+                                         dtype=config.dtype, first_step_s=first))  # fmt: skip
     return results
 
 
@@ -299,29 +313,51 @@ def startup_config(config: TrainConfig) -> TrainConfig:
 
 
 def _startup_worker(args: argparse.Namespace) -> int:
-    """One startup measurement: the seconds from the parent's launch time to this process's first step."""
+    """One startup measurement: the seconds from the parent's launch time to this process's first step; with
+    --startup-jobs N, N runs back to back as the trainer's worker runs jobs, each timed from its own start."""
     launch = float(os.environ["TINYLM_BENCH_LAUNCH"])
     started = time.time() - launch  # interpreter start and imports
-    workdir = Path(args.workdir)
     config = startup_config(dict(_all_variants(args))[args.startup_variant])
+    if config.compile:
+        preload_compiler()  # as trainer.main and the worker do: the compiler's import overlaps the set-up
+    workdir = Path(args.workdir)
     corpus = resolve_corpus(os.environ.get("TINYLM_CORPUS"), workdir / "data")
-    firsts: list[float] = []
-    train(config, corpus, store_root=workdir / "startup-store", run_dir=workdir / f"startup-{time.time_ns()}",
-          data_dir=workdir / "data", progress_callback=lambda step, m: firsts.append(time.time() - launch))  # fmt: skip
+    reuse = CompiledReuse()
+    jobs = []
+    for _ in range(args.startup_jobs):
+        begun, firsts = time.time(), []
+        reused = reuse.before_run(config)
+        result = train(config, corpus, store_root=workdir / "startup-store", data_dir=workdir / "data",
+                       run_dir=workdir / f"startup-{time.time_ns()}",
+                       progress_callback=lambda step, m: firsts.append(time.time()))  # fmt: skip
+        startup = {k: v for k, v in result.metrics.items() if k in _STARTUP_FIELDS}
+        jobs.append({"first_step_s": firsts[0] - begun, "since_launch_s": firsts[0] - launch, "reused": reused,
+                     **startup})  # fmt: skip
+        log.info("start-up of %s, run %d: %s", args.startup_variant, len(jobs), jobs[-1])
     aot = dict(torch._dynamo.utils.counters["aot_autograd"])  # a warm launch should show autograd_cache_hit only
-    Path(args.startup_worker).write_text(json.dumps({"first_step_s": firsts[0], "aot_autograd": aot,
-                                                     "started_s": started, **_compile_counters()}))  # fmt: skip
+    # which of Inductor's caches a warm launch hit (fxgraph_cache_hit, Triton bundler and autotune counters, ...)
+    caches = {k: v for k, v in torch._dynamo.utils.counters["inductor"].items() if k != "extern_calls"}
+    doc = {"first_step_s": jobs[0]["since_launch_s"], "jobs": jobs, "aot_autograd": aot, "inductor_counters": caches,
+           "started_s": started, **_compile_counters()}  # fmt: skip
+    Path(args.startup_worker).write_text(json.dumps(doc))
     log.info(
-        "start-up of %s: %.1f s to main (interpreter, imports), %.1f s to the first step; AOTAutograd cache %s; "
-        "%s; compile phases:\n%s",
+        "start-up of %s: %.1f s to main (interpreter, imports), %.1f s to the first step (in train(): %s); "
+        "AOTAutograd cache %s; Inductor %s; %s; compile phases:\n%s",
         args.startup_variant,
         started,
-        firsts[0],
+        doc["first_step_s"],
+        {k: round(v, 2) for k, v in jobs[0].items() if k in _STARTUP_FIELDS},
         aot,
+        caches,
         _compile_counters(),
         torch._dynamo.utils.compile_times(repr="str"),
     )
     return 0
+
+
+# trainer.train's start-up timings (seconds from train()'s start): set-up, waiting for the compiler's background
+# import, the first step; and that import's own length
+_STARTUP_FIELDS = ("setup_s", "compiler_wait_s", "startup_s", "compiler_import_s")
 
 
 def _compile_counters() -> dict[str, Any]:
@@ -463,11 +499,13 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--cpu-smoke", action="store_true", help="a tiny CPU run of the same code path (for tests)")
     p.add_argument("--startup-worker", help=argparse.SUPPRESS)  # internal: one startup measurement, writes JSON here
     p.add_argument("--startup-variant", default="tinylm", help=argparse.SUPPRESS)  # internal: the worker's variant
+    p.add_argument("--startup-jobs", type=int, default=1, help=argparse.SUPPRESS)  # internal: runs in the worker
     p.add_argument(
         "--startup",
         default="cold,warm,graph",
         help="start-up runs, in order: VARIANT:cold (an empty compile cache), VARIANT:warm (the cache the variant's "
-        "earlier launch left); cold, warm: the default preset (tinylm); graph: tinylm-graph (no compile)",
+        "earlier launch left), VARIANT:worker (two jobs in one process, as the trainer's worker runs them, each "
+        "timed from its start); cold, warm: the default preset (tinylm); graph: tinylm-graph (no compile)",
     )
     p.add_argument("--tag", default="", help="file name tag: train-<gpu>[-part][-TAG].* (a partial run beside a whole)")
     p.add_argument("--ddp-worker", help=argparse.SUPPRESS)  # internal: one torchrun rank, writes JSON here

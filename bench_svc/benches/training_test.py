@@ -80,16 +80,19 @@ def test_compile_option_variants_change_only_their_option():
 
 def test_startup_entries_name_a_variant_and_a_cache_state():
     names = [name for name, _ in training._all_variants(training._parse_args([]))]
-    runs = training.startup_runs("cold,warm, graph,tinylm-muon-blocks:cold,tinylm-muon-blocks:warm", names)
+    runs = training.startup_runs(
+        "cold,warm, graph,tinylm-muon-blocks:cold,tinylm-muon-blocks:warm,tinylm:worker", names
+    )
     assert runs == [
         ("startup-cold", "tinylm", "cold"),
         ("startup-warm", "tinylm", "warm"),
         ("startup-graph", "tinylm-graph", "warm"),
         ("startup-tinylm-muon-blocks-cold", "tinylm-muon-blocks", "cold"),
         ("startup-tinylm-muon-blocks-warm", "tinylm-muon-blocks", "warm"),
+        ("startup-tinylm-worker", "tinylm", "worker"),
     ]
     for bad in ("tinylm-blocks:hot", "nope:cold", "lukewarm"):
-        with pytest.raises(SystemExit, match=r"bad --startup entry .*KIND one of \['cold', 'warm'\]"):
+        with pytest.raises(SystemExit, match=r"bad --startup entry .*KIND one of \['cold', 'warm', 'worker'\]"):
             training.startup_runs(bad, names)
 
 
