@@ -100,7 +100,7 @@ for spec in "$@"; do
       ${TRAIN_VARIANTS:+--variants "$TRAIN_VARIANTS"} ${TRAIN_TAG:+--tag "$TRAIN_TAG"} ${TRAIN_STARTUP:+--startup "$TRAIN_STARTUP"} ;;
     train-startup) run_step train-startup "$limit" "$PYTHON" -m bench_svc.benches.training --part startup ${TRAIN_STARTUP:+--startup "$TRAIN_STARTUP"} ${TRAIN_TAG:+--tag "$TRAIN_TAG"} ;;
     train-sdpa) run_step train-sdpa "$limit" "$PYTHON" -m tools.train_probe sdpa --steps "${PROBE_STEPS:-300}" --eval-interval 100 ;;
-    serve) run_step serve "$limit" "$PYTHON" -m bench_svc.benches.inference_serving --device cuda ;;
+    serve) run_step serve "$limit" "$PYTHON" -m bench_svc.benches.inference_serving --device cuda ${SERVE_ARGS:-} ;;
     serve-probe) run_step serve-probe "$limit" "$PYTHON" -m tools.serve_probe ${PROBE_ARGS:-} ;;
     grpc-probe) run_step grpc-probe "$limit" "$PYTHON" -m tools.grpc_probe --server aio,threads ${GRPC_PROBE_ARGS:-} ;;
     serve-probe-plain) run_step serve-probe-plain "$limit" "$PYTHON" -m tools.serve_probe --no-small-batch-kernels ${PROBE_ARGS:-} ;;
