@@ -21,7 +21,7 @@ import time
 import uuid
 from collections import deque
 from dataclasses import dataclass, replace
-from typing import Callable, Iterator, NamedTuple
+from typing import Any, Callable, Iterator, NamedTuple
 
 import torch
 
@@ -279,7 +279,10 @@ class Engine:
         # a step's new ids: the prefilled rows' (one each), the decode rows' (decode_steps each), the speculative rounds'
         # (count and k + 1 ids each)
         per_row = 1 + max(self.decode_steps, speculative_k + 2 if draft is not None else 0)
-        self._outputs = _OutputRing(runner.device, per_row * max_slots) if self._resident else None
+        # A runner may mark the end of its launched work itself (`record_event()`: an object whose `synchronize()`
+        # waits for it; tools.grpc_probe's simulated device); on CUDA a CUDA event, elsewhere the work is done.
+        marks = getattr(runner, "record_event", None)
+        self._outputs = _OutputRing(runner.device, per_row * max_slots, marks) if self._resident else None
         # What exists now (modules, the model, its graphs) lives as long as the server: moved out of the collector's
         # view, a full collection looks at the requests' objects only. Over a server's ~400k objects one took
         # ~0.2-0.4 s, a stall of every stream (tools.serve_probe on this loop: ~3 ms once frozen).
@@ -716,7 +719,7 @@ class _Launched(NamedTuple):
 
     groups: list[tuple[list[Sequence], int]]
     buf: torch.Tensor  # pinned (n,) long, written by asynchronous copies
-    done: "torch.cuda.Event | None"  # recorded after the copies (None on CPU: the copies are done)
+    done: Any  # a torch.cuda.Event (or a runner's mark) recorded after the copies (None on CPU: the copies are done)
 
     def host(self) -> torch.Tensor:
         if self.done is not None:
@@ -728,8 +731,8 @@ class _HostIds:
     """The ids of the engine step being launched: each launch's ids copied at once into the next pinned buffer
     (a decode launch's ids are a view that the next launch rewrites: stream order makes the copy safe)."""
 
-    def __init__(self, buf: torch.Tensor, cuda: bool) -> None:
-        self.buf, self.cuda, self.n = buf, cuda, 0
+    def __init__(self, buf: torch.Tensor, cuda: bool, mark: "Callable[[], Any] | None") -> None:
+        self.buf, self.cuda, self.mark, self.n = buf, cuda, mark, 0
         self.groups: list[tuple[list[Sequence], int]] = []
 
     def add(self, ids: torch.Tensor) -> None:
@@ -739,11 +742,7 @@ class _HostIds:
         self.n += m
 
     def close(self) -> _Launched:
-        done = None
-        if self.cuda:
-            done = torch.cuda.Event()
-            done.record()
-        return _Launched(self.groups, self.buf[: self.n], done)
+        return _Launched(self.groups, self.buf[: self.n], self.mark() if self.mark is not None else None)
 
     def cut(self) -> _Launched:
         """The ids added so far as a launched step of their own (its own event); later launches' ids go after them."""
@@ -752,17 +751,24 @@ class _HostIds:
         return launched
 
 
+def _cuda_event() -> "torch.cuda.Event":
+    done = torch.cuda.Event()
+    done.record()
+    return done
+
+
 class _OutputRing:
     """Pinned host buffers for the new ids of the steps in flight (two are ever in use: the step being streamed
     and the one running), each filled by asynchronous copies after its launches and read once its event has
-    passed."""
+    passed (`mark`: what records that event; default a CUDA event on CUDA, none elsewhere)."""
 
-    def __init__(self, device: torch.device, size: int, n: int = 3) -> None:
+    def __init__(self, device: torch.device, size: int, mark: "Callable[[], Any] | None" = None, n: int = 3) -> None:
         self.cuda = device.type == "cuda"
+        self.mark = mark if mark is not None else _cuda_event if self.cuda else None
         self._bufs = [torch.empty(size, dtype=torch.long, pin_memory=self.cuda) for _ in range(n)]
         self._i = 0
 
     def open(self) -> _HostIds:
         buf = self._bufs[self._i]
         self._i = (self._i + 1) % len(self._bufs)
-        return _HostIds(buf, self.cuda)
+        return _HostIds(buf, self.cuda, self.mark)
