@@ -44,12 +44,9 @@ _POLL_S = 0.1  # how often a streaming call checks that its caller is still ther
 # and AsyncInferenceService never holds a final chunk (the threaded servicer may, for up to the interval).
 STREAM_MESSAGES_PER_S = 2000.0
 STREAM_INTERVAL_MAX_S = 0.1
-# AsyncInferenceService: its one pump looks at every open stream's queue after each engine step (the engine's step
-# hook) and at least this often (a handler that was writing at a step's pass; the engine idle): a stream's first
-# token and its final chunk go at the pass after their step; the tokens between go out under the budget above,
-# paced (see _StreamPump). It was a 1 ms tick alone: up to 1 ms on every first token, and at 256 streams ~1000
-# passes/s over every stream where the engine makes a few hundred steps/s.
-PUMP_TICK_S = 0.005
+# AsyncInferenceService: how often its one pump looks at every open stream's queue (a stream's first token and its
+# final chunk wait at most this long; the tokens between go out under the budget above, paced: see _StreamPump).
+PUMP_TICK_S = 0.001
 PACE_BURST_S = 0.005  # the pump's allowance of messages banks at most this long a share of the budget
 STREAM_HOLD_MAX_S = 0.2  # tokens are never held longer, whatever the allowance
 
@@ -265,7 +262,7 @@ class AsyncInferenceService(InferenceService):
             await context.abort(refused.code, refused.details)
         if self._pump is None:
             self._pump = _StreamPump(self.messages_per_s)
-            self.engine.step_listeners.append(self._pump.wake)  # a pass after each engine step
+            self.engine.step_listeners.append(self._pump.wake)  # first tokens at once, not at the next tick
         stream = self._pump.open(handle)
         ended = False
         try:
@@ -312,9 +309,8 @@ class _Stream:
 
 
 class _StreamPump:
-    """Moves the engine's chunks to the open streams of one event loop: a pass after each engine step (`wake`), and
-    every `PUMP_TICK_S` while streams are open, drains each stream's queue and hands a waiting handler its message
-    when it is due.
+    """Moves the engine's chunks to the open streams of one event loop: a task that runs while streams are open,
+    every `PUMP_TICK_S` drains each stream's queue and hands a waiting handler its message when it is due.
 
     Due at once: a stream's first token, its final chunk, or tokens held `STREAM_HOLD_MAX_S`. The rest go when the
     stream's share of the budget has passed (open streams / `messages_per_s`, at most `STREAM_INTERVAL_MAX_S`) and
@@ -330,37 +326,40 @@ class _StreamPump:
         self._last: float | None = None  # the last pass's time
         self._next = 0  # where the next pass starts looking for regular messages (round-robin)
         self._streams: list[_Stream] = []
-        self._woken = False  # a pass is scheduled on the loop (`wake`)
+        self._fresh: dict[_Stream, None] = {}  # open streams that have not sent their first message, in order
+        self._woken = False  # a `deliver_first` pass is scheduled on the loop
         self._task: asyncio.Task | None = None
 
     def open(self, handle: RequestHandle) -> _Stream:
         stream = _Stream(handle)
         self._streams.append(stream)
+        self._fresh[stream] = None
         if self._task is None or self._task.done():
             self._task = self._loop.create_task(self._run())
         return stream
 
     def close(self, stream: _Stream) -> None:
         self._streams.remove(stream)
+        self._fresh.pop(stream, None)
         if stream.waiter is not None and not stream.waiter.done():
             stream.waiter.cancel()
 
     def wake(self) -> None:
-        """The engine's step hook (`Engine.step_listeners`, on the engine thread, after each step has put its tokens
-        in the handles' queues): schedule one pass on the loop (at most one pending), so a first token or a final
-        chunk goes when its step is streamed, not at the next tick, and the passes follow the engine's steps."""
-        if not self._woken:
+        """The engine's step hook (`Engine.step_listeners`, on the engine thread): while some stream waits for its
+        first token, schedule one `deliver_first` pass on the loop (at most one pending), so a first token goes when
+        its step has streamed it, not up to `PUMP_TICK_S` later. Nothing when no stream is that new."""
+        if self._fresh and not self._woken:
             self._woken = True
             try:
-                self._loop.call_soon_threadsafe(self._deliver_now)
+                self._loop.call_soon_threadsafe(self._deliver_first_now)
             except RuntimeError:  # the loop is closed (the server stopped before the engine): nobody to deliver to
                 pass
 
-    def _deliver_now(self) -> None:
+    def _deliver_first_now(self) -> None:
         self._woken = False  # first: a step streamed after this line schedules another pass
         try:
-            self.deliver(time.monotonic())
-        except Exception:  # a bug here must not leave every open stream waiting forever
+            self.deliver_first(time.monotonic())
+        except Exception:
             log.exception("stream pump pass failed")
 
     async def _run(self) -> None:
@@ -392,6 +391,15 @@ class _StreamPump:
                 self._next = start + i + 1
             self._send(stream, now)
 
+    def deliver_first(self, now: float) -> None:
+        """A pass over the streams that have not sent their first message: each one whose first token is there and
+        whose handler waits gets it at once (public for tests)."""
+        for stream in list(self._fresh):
+            if stream.handle.ready():
+                self._take(stream)
+            if stream.chunks and stream.waiter is not None:
+                self._send(stream, now)
+
     @staticmethod
     def _take(stream: _Stream) -> None:
         """What the engine queued for the stream so far (its handle is ready), into its chunks."""
@@ -404,6 +412,8 @@ class _StreamPump:
         later all that is there; it counts against the allowance."""
         self._allowance = max(self._allowance - 1, -self._burst)
         n = 1 if stream.sent_at is None else len(stream.chunks)
+        if stream.sent_at is None:
+            self._fresh.pop(stream, None)
         waiter = stream.waiter
         if not waiter.done():  # (a cancelled handler's waiter)
             waiter.set_result(stream.chunks[:n])

@@ -474,31 +474,30 @@ def test_aio_server_with_tls_and_a_token_streams_and_keeps_health_open(tiny, tmp
         engine.close()
 
 
-def test_the_engines_step_hook_runs_a_pass_without_waiting_for_the_pumps_tick():
-    """`_StreamPump.wake` (the engine's step listener, called from its thread) schedules one pass (two wakes before it
-    runs: still one): a first token goes at once and alone; the tokens after it stay paced."""
+def test_the_engines_step_hook_sends_first_tokens_without_waiting_for_the_pumps_tick():
+    """`_StreamPump.wake` (the engine's step listener, called from its thread) schedules one pass over the streams
+    that have not sent a message: a first token goes at once and alone; a stream past its first message is left to
+    the paced passes; with no such stream a wake schedules nothing."""
 
     async def run() -> tuple:
-        pump, handle = _StreamPump(messages_per_s=20.0), _FakeHandle()
-        stream = pump.open(handle)
+        pump, handles = _StreamPump(messages_per_s=20.0), [_FakeHandle(), _FakeHandle()]
+        a, b = (pump.open(h) for h in handles)
         pump._task.cancel()  # no ticks: only the wake delivers
-        passes = []
-        deliver = pump.deliver
-        pump.deliver = lambda now: (passes.append(now), deliver(now))
-        first = asyncio.ensure_future(stream.next_message())
+        first = asyncio.ensure_future(a.next_message())
         await asyncio.sleep(0)
-        handle.queued = [_token(0), _token(1)]
-        pump.wake()
-        pump.wake()  # before the pass has run: no second one
-        await asyncio.sleep(0.01)
-        second = asyncio.ensure_future(stream.next_message())
-        await asyncio.sleep(0)
+        handles[0].queued = [_token(0), _token(1)]
         await asyncio.to_thread(pump.wake)  # from another thread, as the engine calls it
         await asyncio.sleep(0.01)
-        held = second.done()  # token 1: not due before 1 stream / 20 per s = 50 ms
-        pump.close(stream)
-        return first.result(), held, len(passes)
+        second = asyncio.ensure_future(a.next_message())  # a is past its first message: the wake leaves it
+        await asyncio.sleep(0)
+        pump.close(b)  # no stream waits for a first token now
+        await asyncio.to_thread(pump.wake)
+        scheduled = pump._woken
+        await asyncio.sleep(0.01)
+        held = second.done()
+        pump.close(a)
+        return first.result(), held, scheduled
 
-    first, held, passes = asyncio.run(run())
+    first, held, scheduled = asyncio.run(run())
     assert [c.token_ids for c in first] == [(0,)]
-    assert not held and passes == 2
+    assert not held and not scheduled
