@@ -270,9 +270,6 @@ class Engine:
         self._finished = {reason.value: 0 for reason in FinishReason}
         # Called on the engine thread with every final chunk, before its caller sees it (metrics); keep them cheap.
         self.finish_listeners: list[Callable[[Chunk], None]] = []
-        # Called on the engine thread after each step (its tokens are in their handles' queues): a server's wake-up
-        # for what it delivers (AsyncInferenceService's first tokens); keep them cheap, they run every step.
-        self.step_listeners: list[Callable[[], None]] = []
         if self._resident:
             self.runner.state.allow(tokenizer.vocab_size)
             self.runner.capture_graphs(steps=decode_steps)  # every decode graph now (each step count a batch bucket
@@ -384,8 +381,6 @@ class Engine:
                     break
             try:
                 self.step()
-                for listener in self.step_listeners:
-                    listener()
             except Exception:  # a bookkeeping bug must not silently stop the server's only loop
                 log.exception("engine step failed")
         self._in_flight.clear()

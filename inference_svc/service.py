@@ -262,7 +262,6 @@ class AsyncInferenceService(InferenceService):
             await context.abort(refused.code, refused.details)
         if self._pump is None:
             self._pump = _StreamPump(self.messages_per_s)
-            self.engine.step_listeners.append(self._pump.wake)  # first tokens at once, not at the next tick
         stream = self._pump.open(handle)
         ended = False
         try:
@@ -320,47 +319,24 @@ class _StreamPump:
 
     def __init__(self, messages_per_s: float) -> None:
         self.messages_per_s = messages_per_s
-        self._loop = asyncio.get_running_loop()  # made on the loop it serves
         self._burst = max(1.0, messages_per_s * PACE_BURST_S)
         self._allowance = self._burst
         self._last: float | None = None  # the last pass's time
         self._next = 0  # where the next pass starts looking for regular messages (round-robin)
         self._streams: list[_Stream] = []
-        self._fresh: dict[_Stream, None] = {}  # open streams that have not sent their first message, in order
-        self._woken = False  # a `deliver_first` pass is scheduled on the loop
         self._task: asyncio.Task | None = None
 
     def open(self, handle: RequestHandle) -> _Stream:
         stream = _Stream(handle)
         self._streams.append(stream)
-        self._fresh[stream] = None
         if self._task is None or self._task.done():
-            self._task = self._loop.create_task(self._run())
+            self._task = asyncio.get_running_loop().create_task(self._run())
         return stream
 
     def close(self, stream: _Stream) -> None:
         self._streams.remove(stream)
-        self._fresh.pop(stream, None)
         if stream.waiter is not None and not stream.waiter.done():
             stream.waiter.cancel()
-
-    def wake(self) -> None:
-        """The engine's step hook (`Engine.step_listeners`, on the engine thread): while some stream waits for its
-        first token, schedule one `deliver_first` pass on the loop (at most one pending), so a first token goes when
-        its step has streamed it, not up to `PUMP_TICK_S` later. Nothing when no stream is that new."""
-        if self._fresh and not self._woken:
-            self._woken = True
-            try:
-                self._loop.call_soon_threadsafe(self._deliver_first_now)
-            except RuntimeError:  # the loop is closed (the server stopped before the engine): nobody to deliver to
-                pass
-
-    def _deliver_first_now(self) -> None:
-        self._woken = False  # first: a step streamed after this line schedules another pass
-        try:
-            self.deliver_first(time.monotonic())
-        except Exception:
-            log.exception("stream pump pass failed")
 
     async def _run(self) -> None:
         while self._streams:
@@ -381,43 +357,23 @@ class _StreamPump:
         for i in range(k):
             stream = streams[(start + i) % k]
             if stream.handle.ready():
-                self._take(stream)
-            if not stream.chunks or stream.waiter is None:
+                more = stream.handle.next_chunks(0)  # what the engine queued so far
+                stream.chunks.extend(more)
+                stream.final = more[-1].final
+            waiter = stream.waiter
+            if not stream.chunks or waiter is None:
                 continue
             sent_at = stream.sent_at
             if not (stream.final or sent_at is None or now - sent_at >= STREAM_HOLD_MAX_S):
                 if now - sent_at < interval or self._allowance < 1:
                     continue
                 self._next = start + i + 1
-            self._send(stream, now)
-
-    def deliver_first(self, now: float) -> None:
-        """A pass over the streams that have not sent their first message: each one whose first token is there and
-        whose handler waits gets it at once (public for tests)."""
-        for stream in list(self._fresh):
-            if stream.handle.ready():
-                self._take(stream)
-            if stream.chunks and stream.waiter is not None:
-                self._send(stream, now)
-
-    @staticmethod
-    def _take(stream: _Stream) -> None:
-        """What the engine queued for the stream so far (its handle is ready), into its chunks."""
-        more = stream.handle.next_chunks(0)
-        stream.chunks.extend(more)
-        stream.final = more[-1].final
-
-    def _send(self, stream: _Stream, now: float) -> None:
-        """Hand the stream's waiting handler its message: the first token alone (never held for the ones behind it),
-        later all that is there; it counts against the allowance."""
-        self._allowance = max(self._allowance - 1, -self._burst)
-        n = 1 if stream.sent_at is None else len(stream.chunks)
-        if stream.sent_at is None:
-            self._fresh.pop(stream, None)
-        waiter = stream.waiter
-        if not waiter.done():  # (a cancelled handler's waiter)
-            waiter.set_result(stream.chunks[:n])
-        stream.chunks, stream.waiter, stream.sent_at = stream.chunks[n:], None, now
+            self._allowance = max(self._allowance - 1, -self._burst)
+            # The first token goes alone (never held for the ones behind it); then all that is there.
+            n = 1 if sent_at is None else len(stream.chunks)
+            if not waiter.done():  # (a cancelled handler's waiter)
+                waiter.set_result(stream.chunks[:n])
+            stream.chunks, stream.waiter, stream.sent_at = stream.chunks[n:], None, now
 
 
 def _merged(chunks: list[Chunk]) -> Chunk:

@@ -472,32 +472,3 @@ def test_aio_server_with_tls_and_a_token_streams_and_keeps_health_open(tiny, tmp
     finally:
         running.stop(0)
         engine.close()
-
-
-def test_the_engines_step_hook_sends_first_tokens_without_waiting_for_the_pumps_tick():
-    """`_StreamPump.wake` (the engine's step listener, called from its thread) schedules one pass over the streams
-    that have not sent a message: a first token goes at once and alone; a stream past its first message is left to
-    the paced passes; with no such stream a wake schedules nothing."""
-
-    async def run() -> tuple:
-        pump, handles = _StreamPump(messages_per_s=20.0), [_FakeHandle(), _FakeHandle()]
-        a, b = (pump.open(h) for h in handles)
-        pump._task.cancel()  # no ticks: only the wake delivers
-        first = asyncio.ensure_future(a.next_message())
-        await asyncio.sleep(0)
-        handles[0].queued = [_token(0), _token(1)]
-        await asyncio.to_thread(pump.wake)  # from another thread, as the engine calls it
-        await asyncio.sleep(0.01)
-        second = asyncio.ensure_future(a.next_message())  # a is past its first message: the wake leaves it
-        await asyncio.sleep(0)
-        pump.close(b)  # no stream waits for a first token now
-        await asyncio.to_thread(pump.wake)
-        scheduled = pump._woken
-        await asyncio.sleep(0.01)
-        held = second.done()
-        pump.close(a)
-        return first.result(), held, scheduled
-
-    first, held, scheduled = asyncio.run(run())
-    assert [c.token_ids for c in first] == [(0,)]
-    assert not held and not scheduled
