@@ -21,14 +21,14 @@ import time
 import uuid
 from collections import deque
 from dataclasses import dataclass, replace
-from typing import Callable, Iterator, NamedTuple
+from typing import Any, Callable, Iterator, NamedTuple
 
 import torch
 
 from inference_svc.detokenizer import StreamingDetokenizer
 from inference_svc.kv_pool import KVPool
 from inference_svc.params import Request
-from inference_svc.runner import MAX_DECODE_STEPS, ModelRunner
+from inference_svc.runner import MAX_DECODE_STEPS, MULTI_STEP_GRAPH_MAX_BATCH, ModelRunner
 from inference_svc.sampler import Sampler
 from inference_svc.scheduler import QueueFull, Scheduler
 from inference_svc.sequence import Sequence, SequenceStatus
@@ -38,7 +38,17 @@ from model.field_checks import check_int
 from model.sampling import request_seed
 from model.tokenizers import Tokenizer, piece_texts
 
-__all__ = ["Chunk", "Engine", "EngineStats", "FinishReason", "QueueFull", "RequestHandle", "Timings", "Usage"]
+__all__ = [
+    "Chunk",
+    "DecodeSteps",
+    "Engine",
+    "EngineStats",
+    "FinishReason",
+    "QueueFull",
+    "RequestHandle",
+    "Timings",
+    "Usage",
+]
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +61,40 @@ log = logging.getLogger(__name__)
 # nothing. H200, tools.serve_probe (under the profiler), 1 -> 4 steps: 256 rows 258k -> 614k tokens/s; batch 1
 # 0.180 -> 0.167 ms/token with single-step graphs (a graph launch ~40 us of host time, the GPU idle ~35%).
 DECODE_STEPS_GRAPHS = 4
+# At small batches (up to MULTI_STEP_GRAPH_MAX_BATCH rows, where one graph holds an engine step's decode steps) a step
+# on the GPU is short (~0.1 ms at batch 1 on the H200) and the engine step's host costs (the graph launch ~40-48 us,
+# the event sync, the engine's Python: ~0.12 ms) are most of each token's time, so more steps per launch pay: 8 there
+# (batch 1 at 4 steps: 0.128 ms/token against the graph's 0.097). Above it a step is long enough to hide more of the
+# host's work, and a request arriving waits for the steps in flight: 4.
+DECODE_STEPS_SMALL_BATCH = 8
+
+
+@dataclass(frozen=True)
+class DecodeSteps:
+    """Decode steps per engine step as a function of the running batch: `small` for batches up to `small_max_batch`
+    rows, `large` above. `DecodeSteps.fixed(k)`: k at every batch."""
+
+    small: int = DECODE_STEPS_SMALL_BATCH
+    large: int = DECODE_STEPS_GRAPHS
+    small_max_batch: int = MULTI_STEP_GRAPH_MAX_BATCH
+
+    def __post_init__(self) -> None:
+        check_int("decode_steps.small", self.small, 1, MAX_DECODE_STEPS)
+        check_int("decode_steps.large", self.large, 1, MAX_DECODE_STEPS)
+        check_int("decode_steps.small_max_batch", self.small_max_batch, 0)
+
+    @classmethod
+    def fixed(cls, steps: int) -> "DecodeSteps":
+        check_int("decode_steps", steps, 1, MAX_DECODE_STEPS)
+        return cls(steps, steps, 0)
+
+    def __call__(self, batch: int) -> int:
+        """The steps an engine step launches for `batch` running rows."""
+        return self.small if batch <= self.small_max_batch else self.large
+
+    @property
+    def most(self) -> int:
+        return max(self.small, self.large)
 
 
 class FinishReason(str, enum.Enum):
@@ -172,6 +216,9 @@ class Engine:
     `draft` runner (a smaller model with the same tokenizer), decode steps are speculative: the draft proposes `speculative_k` tokens per sequence and the target verifies them in one
     step (inference_svc.speculative); the output keeps the target's distribution. On the resident loop a prompt
     longer than `prefill_chunk` tokens is prefilled a chunk per step, interleaved with the running streams' decode.
+    `decode_steps`: decode steps launched per engine step on the resident loop, a number or a `DecodeSteps` (by running
+    batch); default by batch with CUDA graphs (`DecodeSteps()`), else 1. A request's first token (sampled by its
+    prefill) is streamed as soon as it is on the host, while the decode steps launched behind it run.
     """
 
     def __init__(
@@ -186,16 +233,18 @@ class Engine:
         speculative_k: int = 4,
         resident: bool | None = None,
         prefill_chunk: int = 512,
-        decode_steps: int | None = None,
+        decode_steps: int | DecodeSteps | None = None,
     ) -> None:
         max_slots = runner.n_slots if max_slots is None else max_slots
         check_int("max_slots", max_slots, 1, runner.n_slots, note=" (the runner's slots)")
         check_int("prefill_chunk", prefill_chunk, 1)
         self.prefill_chunk = prefill_chunk
-        if decode_steps is None:
-            decode_steps = DECODE_STEPS_GRAPHS if getattr(runner, "cuda_graphs", False) else 1
-        check_int("decode_steps", decode_steps, 1, MAX_DECODE_STEPS)
-        self.decode_steps = decode_steps
+        if decode_steps is None:  # by batch on CUDA graphs; 1 elsewhere (no launch cost to spread)
+            decode_steps = DecodeSteps() if getattr(runner, "cuda_graphs", False) else 1
+        if not isinstance(decode_steps, DecodeSteps):
+            decode_steps = DecodeSteps.fixed(decode_steps)
+        self.steps_for = decode_steps  # the decode steps an engine step launches, by running batch
+        self.decode_steps = decode_steps.most  # the most an engine step launches
         self.runner = runner
         self.tokenizer = tokenizer
         self.max_slots = max_slots
@@ -223,13 +272,17 @@ class Engine:
         self.finish_listeners: list[Callable[[Chunk], None]] = []
         if self._resident:
             self.runner.state.allow(tokenizer.vocab_size)
-            self.runner.capture_graphs(steps=decode_steps)  # every decode graph now, not on a request's time
+            self.runner.capture_graphs(steps=decode_steps)  # every decode graph now (each step count a batch bucket
+            # will launch), not on a request's time
         piece_texts(tokenizer)  # the per-id text table the detokenizers share: built now, not on a request's time
         self._in_flight: deque[_Launched] = deque()  # steps launched whose tokens are not streamed yet
         # a step's new ids: the prefilled rows' (one each), the decode rows' (decode_steps each), the speculative rounds'
         # (count and k + 1 ids each)
-        per_row = 1 + max(decode_steps, speculative_k + 2 if draft is not None else 0)
-        self._outputs = _OutputRing(runner.device, per_row * max_slots) if self._resident else None
+        per_row = 1 + max(self.decode_steps, speculative_k + 2 if draft is not None else 0)
+        # A runner may mark the end of its launched work itself (`record_event()`: an object whose `synchronize()`
+        # waits for it; tools.grpc_probe's simulated device); on CUDA a CUDA event, elsewhere the work is done.
+        marks = getattr(runner, "record_event", None)
+        self._outputs = _OutputRing(runner.device, per_row * max_slots, marks) if self._resident else None
         # What exists now (modules, the model, its graphs) lives as long as the server: moved out of the collector's
         # view, a full collection looks at the requests' objects only. Over a server's ~400k objects one took
         # ~0.2-0.4 s, a stall of every stream (tools.serve_probe on this loop: ~3 ms once frozen).
@@ -404,15 +457,23 @@ class Engine:
             self._prefill_chunks(partial)
         if last:
             self._launch_prefill(last, ids)
+        # The prefills' first tokens, with an event of their own: streamed once they are on the host, not after the
+        # decode steps launched behind them (4-8 steps of the running batch: the TTFT of every request admitted now).
+        first = ids.cut() if ids.groups else None
         if decode and isinstance(self.speculative, SpeculativeRunner):  # rounds where they fit, plain steps after
             decode = self._launch_rounds(decode, ids)
-        if decode:  # as many steps as the row with the fewest tokens left needs, at most decode_steps
-            steps = min(self.decode_steps, min(s.length_limit - s.launched for s in decode))
+        if decode:  # the batch's steps (`steps_for`), at most as many as the row with the fewest tokens left needs
+            steps = min(self.steps_for(len(decode)), min(s.length_limit - s.launched for s in decode))
             self._launch_decode(decode, ids, steps)
-        if ids.groups:
-            self._in_flight.append(ids.close())
-        while len(self._in_flight) > (1 if ids.groups else 0):  # keep the step just launched running
+        launched = ids.close() if ids.groups else None
+        if launched is None:  # nothing launched behind the prefills: they are the step kept running, as any step
+            launched, first = first, None
+        if launched is not None:
+            self._in_flight.append(launched)
+        while len(self._in_flight) > (1 if launched is not None else 0):  # keep the step just launched running
             self._stream(self._in_flight.popleft())
+        if first is not None:  # after the earlier steps' tokens (each stream's order), while the decode steps run
+            self._stream(first)
 
     def _prefill_chunks(self, seqs: list[Sequence]) -> None:
         """The next `prefill_chunk` tokens of each long prompt into its slot (no token comes out yet)."""
@@ -658,7 +719,7 @@ class _Launched(NamedTuple):
 
     groups: list[tuple[list[Sequence], int]]
     buf: torch.Tensor  # pinned (n,) long, written by asynchronous copies
-    done: "torch.cuda.Event | None"  # recorded after the copies (None on CPU: the copies are done)
+    done: Any  # a torch.cuda.Event (or a runner's mark) recorded after the copies (None on CPU: the copies are done)
 
     def host(self) -> torch.Tensor:
         if self.done is not None:
@@ -670,8 +731,8 @@ class _HostIds:
     """The ids of the engine step being launched: each launch's ids copied at once into the next pinned buffer
     (a decode launch's ids are a view that the next launch rewrites: stream order makes the copy safe)."""
 
-    def __init__(self, buf: torch.Tensor, cuda: bool) -> None:
-        self.buf, self.cuda, self.n = buf, cuda, 0
+    def __init__(self, buf: torch.Tensor, cuda: bool, mark: "Callable[[], Any] | None") -> None:
+        self.buf, self.cuda, self.mark, self.n = buf, cuda, mark, 0
         self.groups: list[tuple[list[Sequence], int]] = []
 
     def add(self, ids: torch.Tensor) -> None:
@@ -681,24 +742,33 @@ class _HostIds:
         self.n += m
 
     def close(self) -> _Launched:
-        done = None
-        if self.cuda:
-            done = torch.cuda.Event()
-            done.record()
-        return _Launched(self.groups, self.buf[: self.n], done)
+        return _Launched(self.groups, self.buf[: self.n], self.mark() if self.mark is not None else None)
+
+    def cut(self) -> _Launched:
+        """The ids added so far as a launched step of their own (its own event); later launches' ids go after them."""
+        launched = self.close()
+        self.buf, self.n, self.groups = self.buf[self.n :], 0, []
+        return launched
+
+
+def _cuda_event() -> "torch.cuda.Event":
+    done = torch.cuda.Event()
+    done.record()
+    return done
 
 
 class _OutputRing:
     """Pinned host buffers for the new ids of the steps in flight (two are ever in use: the step being streamed
     and the one running), each filled by asynchronous copies after its launches and read once its event has
-    passed."""
+    passed (`mark`: what records that event; default a CUDA event on CUDA, none elsewhere)."""
 
-    def __init__(self, device: torch.device, size: int, n: int = 3) -> None:
+    def __init__(self, device: torch.device, size: int, mark: "Callable[[], Any] | None" = None, n: int = 3) -> None:
         self.cuda = device.type == "cuda"
+        self.mark = mark if mark is not None else _cuda_event if self.cuda else None
         self._bufs = [torch.empty(size, dtype=torch.long, pin_memory=self.cuda) for _ in range(n)]
         self._i = 0
 
     def open(self) -> _HostIds:
         buf = self._bufs[self._i]
         self._i = (self._i + 1) % len(self._bufs)
-        return _HostIds(buf, self.cuda)
+        return _HostIds(buf, self.cuda, self.mark)

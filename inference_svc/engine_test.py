@@ -6,16 +6,19 @@ from __future__ import annotations
 import gc
 import queue
 import random
+import threading
 
 import pytest
 
 from inference_svc.detokenizer import StreamingDetokenizer
-from inference_svc.engine import Chunk, Engine, FinishReason, QueueFull, RequestHandle
+from inference_svc.engine import Chunk, DecodeSteps, Engine, FinishReason, QueueFull, RequestHandle
 from inference_svc.params import make_request
-from inference_svc.runner import TorchRunner
+from inference_svc.runner import TorchRunner, multi_step_counts
 from inference_svc.sequence import Sequence
 from model.generate import generate, generate_tokens
+from model.field_checks import FieldError
 from model.sampling import SamplingParams
+from inference_svc.testing import engine_idle, wait_until
 
 PROMPTS = [
     "to be",
@@ -268,3 +271,89 @@ def test_a_failed_multi_step_launch_is_retried_row_by_row(tiny):
         assert final.finish_reason is FinishReason.LENGTH
         assert list(final.token_ids) == generate_tokens(tiny.model, tiny.tokenizer.encode(prompt), params)
     assert runner.calls > 3
+
+
+class _Gated(TorchRunner):
+    """Records each decode launch (its rows and steps, and how many chunks the watched handle's queue held then);
+    the `hold`-th launch waits for `gate`, so the test can submit a request while a known step is on the runner."""
+
+    def __init__(self, *args, hold: int = 0, **kw) -> None:
+        super().__init__(*args, **kw)
+        self.hold, self.gate, self.launches = hold, threading.Event(), []
+        self.watch: RequestHandle | None = None
+
+    def decode_sample(self, slots, kv_len, full, steps=1):
+        queued = None if self.watch is None else self.watch._sink.qsize()  # the engine thread: nobody reads it yet
+        self.launches.append((len(slots), steps, queued))
+        if len(self.launches) == self.hold:
+            assert self.gate.wait(20), "the test never opened the gate"
+        return super().decode_sample(slots, kv_len, full, steps)
+
+
+@pytest.mark.parametrize("decode_steps", DECODE_STEPS)
+def test_a_first_token_is_streamed_before_the_next_launch(tiny, decode_steps):
+    """A request admitted while another decodes: the first token its prefill sampled reaches its stream in the engine
+    step of its prefill (while that step's decode steps run), alone, before the next step launches; its later tokens
+    follow in order, and every token is the reference's."""
+    runner = _Gated(tiny.model, n_slots=2, hold=2)
+    params = SamplingParams(max_new_tokens=40, temperature=0.0)
+    with Engine(runner, tiny.tokenizer, decode_steps=decode_steps) as engine:
+        running = engine.submit(_request(tiny, PROMPTS[0], params))
+        assert wait_until(lambda: len(runner.launches) == 2)  # the running request's 2nd decode launch, held
+        runner.watch = joining = engine.submit(_request(tiny, PROMPTS[1], params))
+        runner.gate.set()  # the next step prefills the joining request and decodes the running one
+        assert wait_until(lambda: engine_idle(engine))
+        chunks = [_collect(h) for h in (running, joining)]
+    both = [queued for rows, _, queued in runner.launches if rows == 2]
+    assert both and both[0] == 1, runner.launches  # its first chunk was there when its first decode launched
+    first = chunks[1][0]
+    assert len(first.token_ids) == 1 and not first.final
+    for prompt, got in zip(PROMPTS, chunks):
+        ids = [t for c in got for t in c.token_ids]
+        assert ids == generate_tokens(tiny.model, tiny.tokenizer.encode(prompt), params)
+        assert "".join(c.text for c in got) == tiny.tokenizer.decode(ids)
+        token_ms = got[-1].timings.token_ms
+        assert list(token_ms) == sorted(token_ms) and len(token_ms) == len(ids)
+
+
+def test_decode_steps_by_batch():
+    steps = DecodeSteps(small=8, large=4, small_max_batch=16)
+    assert [steps(b) for b in (1, 16, 17, 256)] == [8, 8, 4, 4] and steps.most == 8
+    assert DecodeSteps() == steps  # the engine's default on CUDA graphs
+    fixed = DecodeSteps.fixed(3)
+    assert {fixed(b) for b in (1, 16, 17, 256)} == {3} and fixed.most == 3
+    for bad in (dict(small=0), dict(large=65), dict(small_max_batch=-1), dict(small=2.5)):
+        with pytest.raises(FieldError, match="decode_steps"):
+            DecodeSteps(**bad)
+    with pytest.raises(FieldError, match="decode_steps"):
+        DecodeSteps.fixed(0)
+
+
+def test_multi_step_graphs_are_planned_for_every_step_count_a_bucket_serves():
+    assert multi_step_counts(20, DecodeSteps()) == {1: [8], 2: [8], 4: [8], 8: [8], 16: [8], 20: [4]}
+    # a threshold inside a bucket (13..16 -> bucket 16): that bucket gets both counts
+    assert multi_step_counts(16, DecodeSteps(small_max_batch=12))[16] == [4, 8]
+    assert multi_step_counts(4, 3) == {1: [3], 2: [3], 4: [3]} and multi_step_counts(4, 1) == {1: [], 2: [], 4: []}
+    with pytest.raises(ValueError, match="steps must be 1..64"):
+        multi_step_counts(4, lambda batch: 65)
+
+
+def test_the_engine_launches_the_steps_of_its_running_batch_and_the_tokens_are_the_references(tiny):
+    """decode_steps by batch (5 steps up to 2 rows, 2 above): each launch takes its batch's steps (fewer only for a
+    row near its end), and every request gets the tokens of one-step decoding."""
+    runner = _Gated(tiny.model, n_slots=4)
+    policy = DecodeSteps(small=5, large=2, small_max_batch=2)
+    cases = list(zip(PROMPTS, PARAMS))
+    with Engine(runner, tiny.tokenizer, max_queue=64, decode_steps=policy) as engine:
+        assert engine.steps_for is policy and engine.decode_steps == 5
+        finals = [h.result() for h in engine.submit_many([_request(tiny, p, s) for p, s in cases])]
+    for (prompt, params), final in zip(cases, finals):
+        assert list(final.token_ids) == generate_tokens(tiny.model, tiny.tokenizer.encode(prompt), params)
+    assert all(steps <= policy(rows) for rows, steps, _ in runner.launches)
+    used = {(rows <= 2, steps) for rows, steps, _ in runner.launches}
+    assert (True, 5) in used and (False, 2) in used, runner.launches
+
+
+def test_decode_steps_default_to_one_without_cuda_graphs(tiny):
+    with Engine(TorchRunner(tiny.model, n_slots=2), tiny.tokenizer) as engine:
+        assert engine.decode_steps == 1 and {engine.steps_for(b) for b in (1, 2)} == {1}

@@ -23,8 +23,8 @@ from pathlib import Path
 
 import torch
 
-from inference_svc.engine import DECODE_STEPS_GRAPHS, Engine
-from inference_svc.runner import MAX_DECODE_STEPS, ModelRunner, TorchRunner
+from inference_svc.engine import DECODE_STEPS_GRAPHS, DECODE_STEPS_SMALL_BATCH, Engine
+from inference_svc.runner import MAX_DECODE_STEPS, MULTI_STEP_GRAPH_MAX_BATCH, ModelRunner, TorchRunner
 from inference_svc.aio_server import AioRunningServer, serve_aio
 from inference_svc.service import (
     SERVICE_NAME,
@@ -80,7 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=0,
         help=f"decode steps launched per engine step, 1..{MAX_DECODE_STEPS} (0: the engine's default, "
-        f"{DECODE_STEPS_GRAPHS} with CUDA graphs, else 1); more: fewer host costs per token, burstier streams",
+        f"with CUDA graphs {DECODE_STEPS_SMALL_BATCH} up to {MULTI_STEP_GRAPH_MAX_BATCH} running requests and "
+        f"{DECODE_STEPS_GRAPHS} above, else 1); more: fewer host costs per token, burstier streams",
     )
     p.add_argument("--threads", type=int, default=0, help="CPU threads for torch and ONNX Runtime (0: their default)")
     p.add_argument(

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from inference_svc.engine import DECODE_STEPS_GRAPHS, Engine
+from inference_svc.engine import DECODE_STEPS_SMALL_BATCH, Engine
 from inference_svc.params import make_request
 from inference_svc.runner import SlotState, Staging, TorchRunner
 from model.generate import generate_tokens
@@ -131,7 +131,7 @@ def test_resident_graphs_equal_the_eager_resident_step_on_gpu(tiny):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 @pytest.mark.parametrize("multi_step_max_batch", [16, 0], ids=["one-graph", "graph-per-step"])
 def test_multi_step_decode_on_graphs_gives_the_single_step_tokens_on_gpu(tiny, multi_step_max_batch):
-    """The engine on CUDA graphs, 1 and 4 decode steps per launch (each step's ids copied out before the next
+    """The engine on CUDA graphs, 1 and its default decode steps per launch (by batch: 8 at these batches) (each step's ids copied out before the next
     replay rewrites them; the 4 steps as one graph, or one graph per step as above MULTI_STEP_GRAPH_MAX_BATCH): the
     same tokens, greedy and seeded-sampled, requests joining mid-flight."""
     results = []
@@ -139,7 +139,13 @@ def test_multi_step_decode_on_graphs_gives_the_single_step_tokens_on_gpu(tiny, m
         runner = TorchRunner(tiny.copy(), n_slots=4, device="cuda", cuda_graphs=True,
                              multi_step_max_batch=multi_step_max_batch)  # fmt: skip
         with Engine(runner, tiny.tokenizer, max_queue=64, decode_steps=steps) as engine:
-            assert engine.decode_steps == (steps or DECODE_STEPS_GRAPHS) and DECODE_STEPS_GRAPHS > 1
+            # the default on graphs: steps by batch (4 slots: every batch is small, DECODE_STEPS_SMALL_BATCH)
+            assert engine.decode_steps == (steps or DECODE_STEPS_SMALL_BATCH) and DECODE_STEPS_SMALL_BATCH > 1
+            if steps is None and multi_step_max_batch:  # captured at start, for every bucket the steps they serve
+                multi = {k[1:] for k in runner._graphs if k[0] == "resident" and len(k) == 5}
+                assert {(b, full, s) for b, _, full, s in multi} == {
+                    (b, full, DECODE_STEPS_SMALL_BATCH) for b in (1, 2, 4) for full in (False, True)
+                }
             results.append(_run(engine, tiny, CASES * 3))
     assert results[0] == results[1]
 

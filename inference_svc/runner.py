@@ -34,7 +34,7 @@ from kernels.sampling import SlotSettings, advance_slots
 from model.sampling import SamplingParams, sample_slots
 from model.transformer import GPT
 
-__all__ = ["ModelRunner", "SlotState", "Staging", "TorchRunner", "batch_buckets"]
+__all__ = ["ModelRunner", "SlotState", "Staging", "TorchRunner", "batch_buckets", "multi_step_counts"]
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +75,19 @@ def batch_buckets(max_batch: int) -> list[int]:
         buckets.append(b)
         b *= 2
     return buckets + [max_batch]
+
+
+def multi_step_counts(n_slots: int, steps: int | Callable[[int], int]) -> dict[int, list[int]]:
+    """For each batch bucket of `n_slots`, the step counts above 1 that a decode launch of its batches uses: `steps`,
+    or `steps(B)` for each batch B the bucket serves (those above its previous bucket, up to it)."""
+    counts, lo = {}, 1
+    for b in batch_buckets(n_slots):
+        ks = {steps} if isinstance(steps, int) else {steps(B) for B in range(lo, b + 1)}
+        for k in ks:
+            if not 1 <= k <= MAX_DECODE_STEPS:
+                raise ValueError(f"steps must be 1..{MAX_DECODE_STEPS}, got {k}")
+        counts[b], lo = sorted(k for k in ks if k > 1), b + 1
+    return counts
 
 
 class Staging:
@@ -497,22 +510,22 @@ class TorchRunner:
             s *= 2
         return spans + [self.max_len]
 
-    def capture_graphs(self, steps: int = 1) -> None:
+    def capture_graphs(self, steps: int | Callable[[int], int] = 1) -> None:
         """Capture every device-resident decode graph now (batch bucket x attention span x greedy-only / full, largest
         first, all in one memory pool: their outputs live outside it, so any replay order is safe), so that no
         request pays for a capture; with `steps` > 1 also graphs of that many steps for the batch buckets up to
-        `multi_step_max_batch` (`decode_sample(steps=)`). The resident engine calls it at start; without it each
-        graph is captured on first use. Nothing to do without CUDA graphs."""
+        `multi_step_max_batch` (`decode_sample(steps=)`). `steps` may be a function of the batch size (the engine's
+        decode steps by batch): each bucket gets a graph for every step count of the batches it serves. The resident
+        engine calls it at start; without it each graph is captured on first use. Nothing to do without CUDA graphs."""
         if not self.cuda_graphs:
             return
-        if not 1 <= steps <= MAX_DECODE_STEPS:
-            raise ValueError(f"steps must be 1..{MAX_DECODE_STEPS}, got {steps}")
+        counts = multi_step_counts(self.n_slots, steps)
         for b in reversed(batch_buckets(self.n_slots)):
             for span in reversed(self._kv_buckets()):
                 for full in (True, False):
                     self._resident_graph(b, span, full)
-                    if steps > 1 and b <= self.multi_step_max_batch:
-                        self._resident_graph(b, span, full, steps)
+                    for k in counts[b] if b <= self.multi_step_max_batch else ():
+                        self._resident_graph(b, span, full, k)
         # The prefills of requests arriving a few per step with short prompts (the rest are captured on first use).
         for b in (x for x in batch_buckets(self.n_slots) if x <= 8):
             for T in (t for t in _PREFILL_BUCKETS[:3] if t <= self.max_len):

@@ -23,7 +23,7 @@ one tag per use (draft, accept, resample), so a seed gives the same tokens whate
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -199,7 +199,7 @@ class SpeculativeRunner:
         self.target.release(slot)
         self.draft.release(slot)
 
-    def capture_graphs(self, steps: int = 1) -> None:
+    def capture_graphs(self, steps: int | Callable[[int], int] = 1) -> None:
         """The target's graphs (`steps`: its multi-step decode), the draft's short prefills, and a round per (batch
         bucket, span, greedy-only / sampled / sampled with a penalty)."""
         self.target.capture_graphs(steps)

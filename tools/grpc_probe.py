@@ -2,11 +2,13 @@
 
     python -m tools.grpc_probe [--streams 64,256] [--server aio,threads] [--new-tokens 200] [--requests 4]
                                [--processes 8] [--step-ms 0.25] [--messages-per-s N] [--interval-max-ms MS]
-                               [--decode-steps 4]
+                               [--decode-steps 0] [--async-device] [--prefill-ms MS]
 
 Starts the real service on loopback, built as `./tinylm serve` builds it (`inference_svc.main.start_grpc`), over an
 `Engine` whose runner returns at once (`tools.serve_probe.InstantRunner`; `--step-ms` adds a sleep per decode step that
-releases the GIL, as the engine's wait for a GPU step does) and a 65-character tokenizer, then runs N streaming
+releases the GIL, as the engine's wait for a GPU step does; `--async-device`: a simulated device that runs the steps
+while the engine's thread goes on, as a CUDA stream does, waited for at the engine's step events; `--prefill-ms`: a
+prefill's time there) and a 65-character tokenizer, then runs N streaming
 clients (greedy, back to back) in `--processes` client processes, the way the serving bench's gRPC rows do
 (`bench_svc.benches.grpc_clients`). One row per (streams, server): the same engine alone (no server: the ceiling),
 tokens/s, TTFT p50/p95 as the clients see it and the engine's own TTFT p50, inter-token p50, messages/s, tokens per
@@ -26,9 +28,10 @@ import time
 import torch
 
 from bench_svc.benches.grpc_clients import grpc_load
-from inference_svc.engine import DECODE_STEPS_GRAPHS, Engine
+from inference_svc.engine import DECODE_STEPS_GRAPHS, DECODE_STEPS_SMALL_BATCH, DecodeSteps, Engine
 from inference_svc.main import SERVERS, start_grpc
 from inference_svc.params import Request
+from inference_svc.runner import MAX_DECODE_STEPS, MULTI_STEP_GRAPH_MAX_BATCH
 from inference_svc import service
 from inference_svc.service import STREAM_MESSAGES_PER_S, ServedModel
 from model.sampling import SamplingParams
@@ -41,17 +44,51 @@ PROMPT = "TO BE, OR NOT TO BE"  # in the probe's vocabulary (chr(32)..chr(96))
 
 
 class PacedRunner(InstantRunner):
-    """`InstantRunner` whose decode step takes `step_s` seconds off the GIL (a sleep), as a GPU step's wait does:
-    the engine thread then has to take the GIL back from the server's threads every step."""
+    """`InstantRunner` whose decode step takes `step_s` seconds off the GIL, as a GPU step's wait does: the engine
+    thread then has to take the GIL back from the server's threads every step. By default a launch sleeps through its
+    steps (the engine's thread waits in the launch); `asynchronous`: a simulated device, as a CUDA stream runs: a
+    launch (prefill `prefill_s`, decode `step_s` per step) returns at once and queues its time on the device's clock,
+    and the engine waits for a step at its mark (`record_event`, whose `synchronize` sleeps until the work launched
+    before it is done), so the host's work overlaps the device's and a mark between two launches passes first."""
 
-    def __init__(self, n_slots: int, step_s: float) -> None:
+    def __init__(self, n_slots: int, step_s: float, *, asynchronous: bool = False, prefill_s: float = 0.0) -> None:
         super().__init__(n_slots)
-        self.step_s = step_s
+        self.step_s, self.prefill_s, self.asynchronous = step_s, prefill_s, asynchronous
+        self._busy_until = 0.0  # the simulated device's clock (perf_counter): when the work launched so far ends
+
+    def prefill_sample(self, slots, prompts, params, seeds, starts=None) -> torch.Tensor:
+        self._run(self.prefill_s)
+        return super().prefill_sample(slots, prompts, params, seeds, starts)
 
     def decode_sample(self, slots, kv_len: int, full: bool, steps: int = 1) -> torch.Tensor:
-        if self.step_s > 0:
-            time.sleep(self.step_s * steps)
+        self._run(self.step_s * steps)
         return super().decode_sample(slots, kv_len, full, steps)
+
+    def _run(self, seconds: float) -> None:
+        if seconds <= 0:
+            return
+        if self.asynchronous:
+            self._busy_until = max(time.perf_counter(), self._busy_until) + seconds
+        else:
+            time.sleep(seconds)
+
+    def record_event(self) -> "_DeviceMark | None":
+        """A mark after the work launched so far (the engine's step event); None when launches wait themselves."""
+        return _DeviceMark(self._busy_until) if self.asynchronous else None
+
+
+class _DeviceMark:
+    """A point on `PacedRunner`'s simulated device: `synchronize()` sleeps (off the GIL) until the device reaches it."""
+
+    __slots__ = ("at",)
+
+    def __init__(self, at: float) -> None:
+        self.at = at
+
+    def synchronize(self) -> None:
+        wait = self.at - time.perf_counter()
+        if wait > 0:
+            time.sleep(wait)
 
 
 def probe(
@@ -64,11 +101,14 @@ def probe(
     server: str,
     messages_per_s: float,
     switch_interval_ms: float | None,
-    decode_steps: int = DECODE_STEPS_GRAPHS,
+    decode_steps: int | DecodeSteps = DecodeSteps(),
+    asynchronous: bool = False,
+    prefill_ms: float = 0.0,
 ) -> dict[str, float | None]:
     """One server (`streams` slots) and its load; the load's figures plus the server process's CPU per 1k tokens."""
     tokenizer = CharTokenizer([chr(32 + i) for i in range(65)])
-    engine = Engine(PacedRunner(streams, step_ms / 1e3), tokenizer, max_queue=4 * streams, decode_steps=decode_steps)
+    runner = PacedRunner(streams, step_ms / 1e3, asynchronous=asynchronous, prefill_s=prefill_ms / 1e3)
+    engine = Engine(runner, tokenizer, max_queue=4 * streams, decode_steps=decode_steps)
     model = ServedModel(id="0" * 12, name="grpc-probe")
     old_interval = sys.getswitchinterval()
     if switch_interval_ms is not None:
@@ -86,12 +126,20 @@ def probe(
     return {**load, "server_cpu_s_per_1k_tokens": cpu / tokens * 1e3}
 
 
-def engine_ceiling(streams: int, new_tokens: int, step_ms: float, decode_steps: int = DECODE_STEPS_GRAPHS) -> float:
+def engine_ceiling(
+    streams: int,
+    new_tokens: int,
+    step_ms: float,
+    decode_steps: int | DecodeSteps = DecodeSteps(),
+    asynchronous: bool = False,
+    prefill_ms: float = 0.0,
+) -> float:
     """Tokens/s of the same engine with no server: `streams` requests at once, timed by the engine (submit to its last
     token), the figure the server's streams could reach at best."""
     tokenizer = CharTokenizer([chr(32 + i) for i in range(65)])
     params = SamplingParams(max_new_tokens=new_tokens, temperature=0.0)
-    with Engine(PacedRunner(streams, step_ms / 1e3), tokenizer, max_queue=streams, decode_steps=decode_steps) as engine:
+    runner = PacedRunner(streams, step_ms / 1e3, asynchronous=asynchronous, prefill_s=prefill_ms / 1e3)
+    with Engine(runner, tokenizer, max_queue=streams, decode_steps=decode_steps) as engine:
         finals = []
         for _ in range(2):  # the first is a warm-up
             handles = engine.submit_many([Request(tuple(tokenizer.encode(PROMPT)), params) for _ in range(streams)])
@@ -147,15 +195,28 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--decode-steps",
         type=int,
-        default=DECODE_STEPS_GRAPHS,
-        help=f"the engine's decode steps per engine step (default {DECODE_STEPS_GRAPHS}, as on CUDA graphs)",
+        default=0,
+        help="the engine's decode steps per engine step (default 0: by batch, as on CUDA graphs: "
+        f"{DECODE_STEPS_SMALL_BATCH} up to {MULTI_STEP_GRAPH_MAX_BATCH} rows, {DECODE_STEPS_GRAPHS} above)",
     )
+    p.add_argument(
+        "--async-device",
+        action="store_true",
+        help="a simulated device that runs launched steps while the engine's thread goes on (as a CUDA stream), "
+        "waited for at the engine's step events; default: each launch sleeps through its steps",
+    )
+    p.add_argument("--prefill-ms", type=float, default=0.0, help="each prefill launch's time on the device (0: none)")
     args = p.parse_args(argv)
-    for name in ("new_tokens", "requests", "processes", "decode_steps"):
+    for name in ("new_tokens", "requests", "processes"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if not (args.step_ms >= 0 and math.isfinite(args.step_ms)):
-        p.error(f"--step-ms must be a finite number >= 0, got {args.step_ms}")
+    if not 0 <= args.decode_steps <= MAX_DECODE_STEPS:
+        p.error(f"--decode-steps must be 0..{MAX_DECODE_STEPS} (0: by batch), got {args.decode_steps}")
+    steps = DecodeSteps.fixed(args.decode_steps) if args.decode_steps else DecodeSteps()
+    for name in ("step_ms", "prefill_ms"):
+        value = getattr(args, name)
+        if not (value >= 0 and math.isfinite(value)):
+            p.error(f"--{name.replace('_', '-')} must be a finite number >= 0, got {value}")
     if not args.interval_max_ms > 0:
         p.error(f"--interval-max-ms must be > 0, got {args.interval_max_ms}")
     service.STREAM_INTERVAL_MAX_S = args.interval_max_ms / 1e3  # a diagnostic: the module's constant, this process
@@ -167,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--streams must be positive integers, got {args.streams!r}")
     print(" ".join(f"{name:>{width}}" for name, width, _ in COLUMNS), flush=True)
     for n in counts:
-        alone = engine_ceiling(n, args.new_tokens, args.step_ms, args.decode_steps)
+        alone = engine_ceiling(n, args.new_tokens, args.step_ms, steps, args.async_device, args.prefill_ms)
         for server in servers:
             row = {"streams": n, "server": server, "engine_alone": alone}
             row |= probe(
@@ -179,7 +240,9 @@ def main(argv: list[str] | None = None) -> int:
                 server=server,
                 messages_per_s=args.messages_per_s,
                 switch_interval_ms=args.switch_interval_ms,
-                decode_steps=args.decode_steps,
+                decode_steps=steps,
+                asynchronous=args.async_device,
+                prefill_ms=args.prefill_ms,
             )
             print(" ".join(_cell(row[key], width) for _, width, key in COLUMNS), flush=True)
     return 0

@@ -164,7 +164,7 @@ class InstantRunner:
     def extend(self, slots, chunks, starts, **kw) -> None:
         return None
 
-    def capture_graphs(self, steps: int = 1) -> None:
+    def capture_graphs(self, steps=1) -> None:
         return None
 
     def release(self, slot: int) -> None:
