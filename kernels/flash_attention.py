@@ -642,8 +642,9 @@ def _backward(
     """dQ, dK, dV (dK and dV summed over the query heads of each KV head).
 
     dQ by its own programs in the one launch, or by atomics (preprocess, main launch, dQ cast): as `config` says
-    (its DQ_ATOMIC), by atomics in the interpreter, and on a GPU whichever ran faster inside a CUDA graph the first
-    time this (T bucket, dtype, head dim, causal, dropout) came (its own programs under deterministic algorithms).
+    (its DQ_ATOMIC), by atomics in the interpreter, and on a GPU its own programs, or with DQ_ATOMIC_TIMING whichever
+    ran faster inside a CUDA graph the first time this (T bucket, dtype, head dim, causal, dropout) came (its own
+    programs under deterministic algorithms).
     """
     if config is not None:
         atomic = config.kwargs["DQ_ATOMIC"]
@@ -658,6 +659,12 @@ def _backward(
 
 # (T bucket, dtype, head dim, causal, dropout) -> whether dQ by atomics was the faster backward there
 _DQ_ATOMIC: dict[tuple, bool] = {}
+# Whether a GPU backward times both dQ ways on its key's first call (else: its own programs, no timing). Off: on the
+# H200 (a237bfa, kernels-nvidia-h200-flash-add-wo-matmul.*) atomics lost at every training key (T256 0.0896 vs 0.0690
+# ms, T1024 0.3719 vs 0.2981; with dropout 0.1294 vs 0.1089, 0.5707 vs 0.5296), and the timing compiles and tunes the
+# atomic kernels in the first step of a run (the compiled trainer's warm-up: part of 69 s before tinylm-kernels'
+# first step, b77aa42). The atomic way stays a config (`DQ_ATOMIC`) and this switch, for other GPUs and shapes.
+DQ_ATOMIC_TIMING = False
 DQ_STRATEGY_REP_MS = 20  # CUDA-graph timing window per strategy, on the first backward of a key
 
 
@@ -665,7 +672,7 @@ def _pick_dq_atomic(key: tuple, run) -> bool:
     """Whether `run(atomic)` (a whole backward) is faster with atomic dQ, timed once per key as the compiled trainer
     runs it, in a CUDA graph (device time, no host launch cost); never atomics under deterministic algorithms (they
     add in a varying order), and the separate dQ inside a capture that comes before the first timing."""
-    if torch.are_deterministic_algorithms_enabled():
+    if not DQ_ATOMIC_TIMING or torch.are_deterministic_algorithms_enabled():
         return False
     if key not in _DQ_ATOMIC:
         if torch.cuda.is_current_stream_capturing():

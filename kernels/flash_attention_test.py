@@ -42,7 +42,9 @@ def _one_config_each_on_gpu(request, monkeypatch):
     if GPU and "every_config" not in request.node.name:
         monkeypatch.setattr(fa, "_TUNED", {})  # and forget the picks made from the whole set, then from this one
         monkeypatch.setattr(fa, "_DQ_ATOMIC", {})
-        if "dq_strateg" not in request.node.name:
+        if "dq_strateg" in request.node.name:
+            monkeypatch.setattr(fa, "DQ_ATOMIC_TIMING", True)  # the tests of the timing turn it on
+        else:
             monkeypatch.setattr(
                 fa, "_pick_dq_atomic", lambda key, run: not torch.are_deterministic_algorithms_enabled()
             )
@@ -418,12 +420,24 @@ def test_preprocess_writes_delta_and_zeroes_the_dq_accumulator(device):
 def test_dq_strategy_is_own_programs_under_deterministic_algorithms(monkeypatch):
     """With deterministic algorithms asked for, no atomics (and no timing run); otherwise a decided key is reused."""
     runs = []
+    monkeypatch.setattr(fa, "DQ_ATOMIC_TIMING", True)
     monkeypatch.setattr(fa, "_DQ_ATOMIC", {("decided",): True})
     with _deterministic():
         assert fa._pick_dq_atomic(("decided",), runs.append) is False
         assert fa._pick_dq_atomic(("new",), runs.append) is False
     assert fa._pick_dq_atomic(("decided",), runs.append) is True
     assert runs == []
+
+
+def test_dq_strategy_is_own_programs_without_timing_by_default(monkeypatch):
+    """DQ_ATOMIC_TIMING off (the default: atomics lost at every training key on the H200): no timing run, no
+    decision recorded, its own programs, whatever an earlier timing decided."""
+    assert fa.DQ_ATOMIC_TIMING is False
+    monkeypatch.setattr(fa, "_DQ_ATOMIC", {("decided",): True})
+    runs = []
+    assert fa._pick_dq_atomic(("new",), runs.append) is False
+    assert fa._pick_dq_atomic(("decided",), runs.append) is False
+    assert runs == [] and ("new",) not in fa._DQ_ATOMIC
 
 
 def test_dq_strategy_timing_falls_back_to_plain_launches_where_a_graph_fails(monkeypatch):
