@@ -18,8 +18,6 @@ Inductor's own dropout is), so each replay draws a fresh seed, which the kernels
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
@@ -113,9 +111,7 @@ def flash_attention(
             f"the flash attention op takes head dims {fa.SUPPORTED_HEAD_DIMS} and dtypes {fa.SUPPORTED_DTYPES}; "
             f"got D={q.shape[-1]}, {q.dtype}"
         )
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    if not scale > 0.0:
-        raise ValueError(f"scale must be > 0; got {scale}")
+    scale = fa._checked_scale(q, scale)
     if dropout_p > 0.0 and seed is None:
         seed = draw_seed(q.device)
     return _flash_fwd(q, k, v, seed if dropout_p > 0.0 else None, causal, scale, float(dropout_p))[0]
@@ -158,11 +154,7 @@ def _add_norm_bwd(
         dy, dres_out, fan._rows(s), weight, bias, None if is_rms else mean, rstd, s.dtype, x_dtype
     )
     dx = _empty(ds) if dx is ds else dx.view(s.shape)
-    if db is None:
-        db = _empty(dw)
-    elif db.untyped_storage().data_ptr() == dw.untyped_storage().data_ptr():  # rows of one partial-sum tensor
-        db = db.clone()
-    return ds.view(s.shape), dx, dw, db
+    return ds.view(s.shape), dx, dw, _empty(dw) if db is None else db  # dw and db: tensors of their own
 
 
 @_add_norm_bwd.register_fake

@@ -837,6 +837,15 @@ def _check_dropout(dropout_p: float, T: int) -> None:
         raise ValueError(f"dropout needs T <= {MAX_DROPOUT_T} (unique Philox counters); got T={T}")
 
 
+def _checked_scale(q: torch.Tensor, scale: float | None) -> float:
+    """The softmax scale: 1/sqrt(D) by default; must be > 0 (the kernels take the row maximum of the scaled scores
+    as max(scores) * scale)."""
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    if not scale > 0.0:
+        raise ValueError(f"scale must be > 0; got {scale}")
+    return scale
+
+
 def flash_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -856,9 +865,7 @@ def flash_attention(
     """
     _check(q, k, v)
     _check_dropout(dropout_p, q.shape[2])
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    if not scale > 0.0:  # the kernels take the row maximum of the scaled scores as max(scores) * scale
-        raise ValueError(f"scale must be > 0; got {scale}")
+    scale = _checked_scale(q, scale)
     supported = q.shape[-1] in SUPPORTED_HEAD_DIMS and q.dtype in SUPPORTED_DTYPES
     if use_triton(impl, q, k, v, supported=supported):
         if dropout_p > 0.0 and seed is None:
