@@ -150,6 +150,20 @@ class EngineStats:
     finished: dict[str, int]  # requests ended so far, by finish reason ("length", "stop", "cancelled", "error")
     draft_proposed: int = 0  # speculative decoding: draft tokens proposed and accepted so far
     draft_accepted: int = 0
+    loop: "LoopClock | None" = None  # the device-resident loop's host time so far, by part (a copy)
+
+
+@dataclass
+class LoopClock:
+    """Where the device-resident loop's host time goes, summed over its iterations (`Engine.stats().loop`): a
+    diagnostic for the batch-1 latency (tools.serve_probe), ~4 clock reads per iteration. `wait_s` is time blocked on
+    a launched step's event: near 0 means the host is the bound (the GPU idles between launches), near the wall
+    time per launch that the GPU is."""
+
+    iterations: int = 0  # engine steps that launched work
+    launch_s: float = 0.0  # scheduling and launching (prefills, decode graphs, the ids' copies)
+    wait_s: float = 0.0  # blocked until a launched step's ids are on the host
+    stream_s: float = 0.0  # handing tokens to their streams (detokenizing, chunks, queues)
 
 
 class RequestHandle:
@@ -276,6 +290,7 @@ class Engine:
             # will launch), not on a request's time
         piece_texts(tokenizer)  # the per-id text table the detokenizers share: built now, not on a request's time
         self._in_flight: deque[_Launched] = deque()  # steps launched whose tokens are not streamed yet
+        self.loop_clock = LoopClock()
         # a step's new ids: the prefilled rows' (one each), the decode rows' (decode_steps each), the speculative rounds'
         # (count and k + 1 ids each)
         per_row = 1 + max(self.decode_steps, speculative_k + 2 if draft is not None else 0)
@@ -355,6 +370,7 @@ class Engine:
                 finished=dict(self._finished),
                 draft_proposed=self.speculative.stats.proposed if self.speculative else 0,
                 draft_accepted=self.speculative.stats.accepted if self.speculative else 0,
+                loop=replace(self.loop_clock) if self._resident else None,
             )
 
     def close(self) -> None:
@@ -442,6 +458,7 @@ class Engine:
         the device and leaves its token as the slot's next input), then stream the previous step's tokens while the
         GPU runs this one. A sequence is launched only while it still needs tokens (max_new_tokens, context
         length); one that a stop string ends may have tokens in flight, which are dropped."""
+        began = time.perf_counter()
         out = self.scheduler.schedule()
         for seq in out.aborted:
             self._finish(seq, FinishReason.CANCELLED)
@@ -470,6 +487,8 @@ class Engine:
             launched, first = first, None
         if launched is not None:
             self._in_flight.append(launched)
+            self.loop_clock.iterations += 1
+        self.loop_clock.launch_s += time.perf_counter() - began
         while len(self._in_flight) > (1 if launched is not None else 0):  # keep the step just launched running
             self._stream(self._in_flight.popleft())
         if first is not None:  # after the earlier steps' tokens (each stream's order), while the decode steps run
@@ -573,8 +592,16 @@ class Engine:
 
     def _stream(self, step: "_Launched") -> None:
         """Hand a launched step's tokens to their sequences (waits for that step on the GPU)."""
+        began = time.perf_counter()
         host = step.host()
         now = time.perf_counter()
+        self.loop_clock.wait_s += now - began
+        try:
+            self._stream_groups(step, host, now)
+        finally:
+            self.loop_clock.stream_s += time.perf_counter() - now
+
+    def _stream_groups(self, step: "_Launched", host: torch.Tensor, now: float) -> None:
         start = 0
         for seqs, steps in step.groups:
             if steps < 0:  # speculative rounds, `_launch_rounds`: each row's (count, k + 1 ids), steps = -(k + 2)

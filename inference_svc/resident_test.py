@@ -233,3 +233,20 @@ def test_a_stale_fused_qkv_is_never_used(tiny):
     assert attn._fused_qkv() is None
     model.fuse_qkv()
     assert attn._fused_qkv() is not None
+
+
+def test_the_loop_clock_counts_what_the_resident_loop_did(tiny):
+    """Engine.stats().loop: one iteration per engine step that launched work, host time split by part."""
+    runner = TorchRunner(tiny.model, n_slots=2)
+    params = SamplingParams(max_new_tokens=13, temperature=0.0)
+    with Engine(runner, tiny.tokenizer, max_queue=8, resident=True, decode_steps=4) as engine:
+        before = engine.stats().loop
+        assert before.iterations == 0 and before.launch_s == before.wait_s == before.stream_s == 0.0
+        _run(engine, tiny, [("to be", params)])
+        after = engine.stats().loop
+    # the prefill alone (token 1: the request was admitted in that step), then three 4-step launches: 13 = 1 + 3 x 4
+    assert after.iterations == 4
+    assert after.launch_s > 0 and after.stream_s > 0 and after.wait_s >= 0
+    assert engine.stats().loop is not after  # a copy: the engine's own clock is not handed out
+    with Engine(runner, tiny.tokenizer, max_queue=8, resident=False) as plain:
+        assert plain.stats().loop is None

@@ -66,7 +66,8 @@ def _capture(step):
     return graph
 
 
-def _replay_ms(graph) -> float:
+def replay_ms(graph) -> float:
+    """Milliseconds per replay of a captured graph: the median of ROUNDS rounds of REPLAYS back-to-back replays."""
     times = []
     for _ in range(ROUNDS):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -117,7 +118,7 @@ def measure(model, batch: int, position: int, small_batch_kernels: bool) -> dict
             ids_out.copy_(logits.argmax(-1))
 
     graph = _capture(step)
-    ms = _replay_ms(graph)
+    ms = replay_ms(graph)
     kernels, top = _kernels(graph)
     graph.replay()
     torch.cuda.synchronize()

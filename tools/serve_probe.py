@@ -16,10 +16,12 @@ import argparse
 import cProfile
 import io
 import pstats
+import statistics
 import time
 import torch
 
 from inference_svc.engine import Engine
+from kernels.decode_step_bench import replay_ms
 from inference_svc.params import Request
 from inference_svc.runner import SlotState, TorchRunner
 from model.presets import get_preset
@@ -50,6 +52,10 @@ def engine_probe(
     with Engine(runner, tokenizer, max_queue=batch, decode_steps=decode_steps) as engine:
         for _ in range(2):  # warm-up: every graph this batch uses, the sampler, the threads
             [h.result() for h in engine.submit_many([Request(p, params) for p in prompts])]
+        # Unprofiled first: the loop's own split of its host time (Engine.stats().loop), and the bench's ms/token
+        before = engine.stats().loop
+        plain = [h.result() for h in engine.submit_many([Request(p, params) for p in prompts])]
+        split = _loop_split(before, engine.stats().loop)
         with torch.profiler.profile(
             activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
         ) as prof:
@@ -73,6 +79,20 @@ def engine_probe(
         "launches_per_step": _graph_launches(prof) / steps,
         "top_kernels": _top(kernels, steps),
         "top_host": ", ".join(f"{name} {us:.1f}us" for name, us in top_host(prof, steps)),
+        # unprofiled: mean gap between a request's tokens (the serving bench's batch-1 figure), the loop's split
+        "itl_ms": statistics.median(f.timings.mean_inter_token_ms for f in plain),
+        **split,
+    }
+
+
+def _loop_split(before, after) -> dict:
+    """Per engine iteration that launched work: host microseconds launching, waiting on the GPU, streaming."""
+    n = max(after.iterations - before.iterations, 1)
+    return {
+        "iterations": after.iterations - before.iterations,
+        "launch_us": (after.launch_s - before.launch_s) * 1e6 / n,
+        "wait_us": (after.wait_s - before.wait_s) * 1e6 / n,
+        "stream_us": (after.stream_s - before.stream_s) * 1e6 / n,
     }
 
 
@@ -83,18 +103,7 @@ def graph_probe(runner: TorchRunner, batch: int, full: bool) -> dict | None:
     if not keys:
         return None
     graph = runner._graphs[keys[0]].graph
-    runner._rows.fill_(runner._scratch)  # every row on the scratch slot: the replays advance no real sequence
-    runner._rows_now = []
-    for _ in range(10):
-        graph.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    n = 200
-    start.record()
-    for _ in range(n):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
+    replay_ms = _replay_ms(runner, graph)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         for _ in range(10):
             graph.replay()
@@ -102,10 +111,26 @@ def graph_probe(runner: TorchRunner, batch: int, full: bool) -> dict | None:
     kernels = kernel_events(prof)
     return {
         "key": keys[0],
-        "replay_ms": start.elapsed_time(end) / n,
+        "replay_ms": replay_ms,
         "kernels": len(kernels) / 10,
         "top_kernels": _top(kernels, 10),
     }
+
+
+def _replay_ms(runner: TorchRunner, graph: torch.cuda.CUDAGraph) -> float:
+    """Milliseconds per replay of a captured decode graph with every row on the scratch slot (the replays advance no
+    real sequence)."""
+    runner._rows.fill_(runner._scratch)
+    runner._rows_now = []
+    return replay_ms(graph)
+
+
+def span_probe(runner: TorchRunner, batch: int) -> list[tuple[int, int, float]]:
+    """(attention span, steps, ms per step) of every greedy device-resident decode graph of this batch bucket: what a
+    step costs as a request's span grows (a multi-step graph attends over the span of its last step)."""
+    keys = sorted(k for k in runner._graphs if k[0] == "resident" and k[1] == batch and not k[3])
+    return [(k[2], k[4] if len(k) > 4 else 1, _replay_ms(runner, runner._graphs[k].graph) / (k[4] if len(k) > 4 else 1))
+            for k in keys]  # fmt: skip
 
 
 def prefill_probe(runner: TorchRunner, batch: int, length: int, repeats: int = 5) -> dict:
@@ -244,6 +269,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"\n[engine B={b} {'sampled' if sampled else 'greedy'}] kernels: {r['top_kernels']}")
             print(f"[engine B={b}] host: {r['top_host']}")
             rows.append(r)
+        spans = span_probe(runner, b)
+        print(f"\n[graphs B={b} greedy] ms per step by (span, steps): "
+              + ", ".join(f"({span}, {steps}) {ms:.4f}" for span, steps, ms in spans))  # fmt: skip
         for full in (False, True):
             g = graph_probe(runner, b, full)
             if g:
@@ -256,6 +284,15 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"\n{'B':>4} {'mode':>8} {'tok/s':>10} {'wall ms':>8} {'busy ms':>8} {'kern/step':>9} {'graphs/step':>11} {'steps':>6}"
     )
+    print(
+        f"\nunprofiled: {'B':>4} {'mode':>8} {'ITL ms':>8} {'iterations':>10} {'launch us':>9} {'wait us':>8} {'stream us':>9}"
+    )
+    for r in rows:
+        print(
+            f"{'':>11} {r['batch']:>4} {'sampled' if r['sampled'] else 'greedy':>8} {r['itl_ms']:>8.4f} "
+            f"{r['iterations']:>10} {r['launch_us']:>9.1f} {r['wait_us']:>8.1f} {r['stream_us']:>9.1f}"
+        )
+    print("(per iteration that launched work; wait ~0: the host bounds the loop, the GPU idles between launches)")
     for r in rows:
         print(
             f"{r['batch']:>4} {'sampled' if r['sampled'] else 'greedy':>8} {r['tokens_per_s']:>10,.0f} "

@@ -36,6 +36,8 @@ from trainer.train import _setup, _train_step, train
 VARIANTS = {  # "tinylm": the shakespeare-char preset as it trains (reduce-overhead: CUDA graphs)
     "tinylm": dict(),
     "tinylm-kernels": dict(kernels=True),  # the same with flash attention and add + norm as ops in the compiled step
+    "tinylm-flash": dict(kernel_names="flash_attention"),  # flash attention only
+    "tinylm-addnorm": dict(kernel_names="add_norm"),  # the fused residual + norm only
     "compile-default": dict(compile_mode="default"),
     "eager": dict(compile_mode="none", kernels=True),
     "eager-pytorch": dict(compile_mode="none", kernels=False),

@@ -166,6 +166,10 @@ class TrainConfig:
     # (kernels.compile_ops), Inductor's fusion for the rest; false: Inductor's fusion for everything. Off by default
     # until the benchmark's tinylm-kernels vs tinylm figure says otherwise.
     kernels: bool = False
+    # Only these kernels on (comma-separated names of model.layers.KERNELS, e.g. "flash_attention"), every other one
+    # off: kernels on vs off one at a time (the benchmark's tinylm-flash). Empty: as `kernels` says; set, it needs
+    # kernels=false.
+    kernel_names: str = ""
     # Capture the whole step (forward, backward, clipping, AdamW) as one CUDA graph (trainer.step_graph): the eager
     # model without torch.compile's start-up; needs CUDA, one process, grad_accum 1, no dropout annealing, no fp16.
     step_graph: bool = False
@@ -212,9 +216,36 @@ class TrainConfig:
             )
         if not isinstance(self.device, str) or not _valid_device(self.device):
             raise ConfigError("device", f"device must be auto, cpu, cuda, cuda:N or mps, got {self.device!r}")
+        self._check_kernel_names()
         for key in ("name", "log_dir"):
             if not isinstance(getattr(self, key), str):
                 raise ConfigError(key, f"{key} must be a string, got {getattr(self, key)!r}")
+
+    def _check_kernel_names(self) -> None:
+        if not isinstance(self.kernel_names, str):
+            raise ConfigError("kernel_names", f"kernel_names must be a string, got {self.kernel_names!r}")
+        names = self.kernel_list
+        if not names:
+            return
+        from model.layers import KERNELS  # torch: only when names are given
+
+        unknown = [n for n in names if n not in KERNELS]
+        if unknown:
+            raise ConfigError(
+                "kernel_names", f"kernel_names: unknown kernel(s) {', '.join(unknown)}; allowed: {', '.join(KERNELS)}"
+            )
+        if self.kernels:
+            raise ConfigError("kernel_names", "kernel_names turns on only the kernels it names: set kernels=false")
+
+    @property
+    def kernel_list(self) -> tuple[str, ...]:
+        """The names in `kernel_names` (empty: none given)."""
+        return tuple(n.strip() for n in self.kernel_names.split(",") if n.strip())
+
+    @property
+    def kernel_switches(self) -> tuple[bool, dict[str, bool]]:
+        """`model.layers.use_kernels` arguments for this run: every kernel on / off, and the named ones on over that."""
+        return self.kernels, {name: True for name in self.kernel_list}
 
     def _check_schedule(self) -> None:
         if self.decay != "trapezoid":

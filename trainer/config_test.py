@@ -66,6 +66,7 @@ def test_overrides_are_coerced_to_field_types():
         ("device=tpu", "device", "cuda:N"),
         ("min_lr=1", "min_lr", "lr="),
         ("grad_accum=3", "grad_accum", "divide batch_size"),
+        ("kernel_names=flash", "kernel_names", "allowed: flash_attention, decode_attention, add_norm, norm, swiglu"),
     ],
 )
 def test_bad_values_name_the_key_and_range(item, key, words):
@@ -127,3 +128,18 @@ def test_compile_mode_and_the_old_compile_flag(tmp_path):
 def test_grad_checkpointing_override():
     assert load_config("tiny", overrides=parse_overrides(["grad_checkpointing=on"])).grad_checkpointing is True
     assert TRAIN_PRESETS["tiny"].grad_checkpointing is False
+
+
+def test_kernel_names_turn_on_only_the_named_kernels():
+    from model.layers import _scope_choice, use_kernels
+
+    cfg = load_config("tiny", overrides=parse_overrides(["kernel_names=flash_attention, add_norm"]))
+    assert cfg.kernel_list == ("flash_attention", "add_norm")
+    every, named = cfg.kernel_switches
+    with use_kernels(every, **named):  # as train() enters it
+        assert _scope_choice("flash_attention") is True and _scope_choice("add_norm") is True
+        assert _scope_choice("decode_attention") is False and _scope_choice("norm") is False
+    assert load_config("tiny").kernel_switches == (False, {})
+    with pytest.raises(ConfigError, match="set kernels=false") as info:
+        load_config("tiny", overrides=parse_overrides(["kernels=true", "kernel_names=add_norm"]))
+    assert info.value.key == "kernel_names"

@@ -171,7 +171,8 @@ def train(config: TrainConfig, corpus: Path, *, started_at: float | None = None,
     end before its optimizer."""
     started_at = time.perf_counter() if started_at is None else started_at
     preload = preload_compiler() if config.compile or config.compile_optimizer else started_preload()
-    with use_kernels(config.kernels), _restores_backend_settings():
+    every_kernel, named = config.kernel_switches
+    with use_kernels(every_kernel, **named), _restores_backend_settings():
         return _train(config, corpus, started_at=started_at, preload=preload, **kwargs)
 
 

@@ -204,6 +204,8 @@ def _all_variants(args: argparse.Namespace) -> list[tuple[str, TrainConfig]]:
         ("tinylm", base),  # the preset as it trains by default (reduce-overhead: CUDA graphs)
         # the same compiled step with our flash attention and fused add + norm inside it (kernels on vs off)
         ("tinylm-kernels", base.replace(kernels=True)),
+        ("tinylm-flash", base.replace(kernel_names="flash_attention")),  # one kernel at a time: flash attention only
+        ("tinylm-addnorm", base.replace(kernel_names="add_norm")),  # the fused residual + norm only
         ("tinylm-graph", base.replace(compile_mode="none", step_graph=True)),  # the whole step as one CUDA graph
         ("tinylm-fast", fast),  # the shakespeare-char-fast preset: the same model, a schedule cut to the budget
         ("tinylm-fast-graph", fast.replace(compile_mode="none", step_graph=True)),

@@ -58,8 +58,8 @@ def test_variants_picks_and_orders_and_names_the_choices(capsys):
     assert name == "eager-pytorch" and config.kernels is False and config.compile_mode == "none"
     with pytest.raises(
         SystemExit,
-        match=r"unknown variant\(s\) \['fast'\]; choose from \['tinylm', 'tinylm-kernels', 'tinylm-graph', "
-        r"'tinylm-fast', "
+        match=r"unknown variant\(s\) \['fast'\]; choose from \['tinylm', 'tinylm-kernels', 'tinylm-flash', "
+        r"'tinylm-addnorm', 'tinylm-graph', 'tinylm-fast', "
         r"'tinylm-fast-graph', 'tinylm-muon', 'tinylm-muon-hot', 'tinylm-muon-long', 'tinylm-muon-short', "
         r"'tinylm-muon-gpt', 'tinylm-tuned', 'tinylm-opt', 'tinylm-blocks', 'tinylm-opt-blocks', 'tinylm-muon-blocks', "
         r"'compile-default', 'eager', 'eager-pytorch'\]",
