@@ -1,20 +1,21 @@
 """One decode step's attention in one launch: QK-norm and RoPE on the new q and k, the new k/v written into the KV
-cache, and attention of the new query over the row's cached keys plus the new one (single pass, no split/merge).
+cache, and attention of the new query over the row's cached keys plus the new one, all in one launch.
 
 Input is the fused q/k/v projection of one new token per row, qkv (M, (H + 2 Hkv) D): q heads, then k heads, then v
 heads (Attention.fuse_qkv's layout). One program serves one (row, KV head): it loads the group's queries and the new
 key/value, normalises (QK-norm, no learned scale) and rotates them (rotate-half RoPE, GPT-NeoX / HF Llama layout,
 cos/sin computed in the kernel from the position), stores k/v at cache[slot, layer, kvh, pos], then runs an online
 softmax whose first key is the new one, held in registers, and whose loop reads cached keys [0, pos). It never reads
-what it wrote, so no barrier is needed, and a row at position 0 reads no cache at all.
+what it wrote, so no barrier is needed, and a row at position 0 reads no cache at all. Where (row, KV head) programs
+are too few to fill the GPU (`key_splits`: B=1..16), each one's keys are cut into splits of whole blocks, a program
+each (FlashDecoding); split 0 also writes the cache and takes the new key, and the last split of a (row, KV head) to
+finish (an atomic ticket, as wo_matmul's split-K) merges the partials in split order, in the same launch.
 
     k_cache, v_cache  the KVCache buffers, (n_slots, n_layer, Hkv, max_len, D), any strides; `layer` picks one
     slots, positions  (M,) int: row m's slot and the position of its new token (its keys: 0..pos, pos + 1 in all)
     returns           (M, H D) in qkv's dtype: the heads side by side, ready for the out-projection
 
-At batch 1..16 and spans up to a few hundred keys (shakespeare-char's 256) one pass over (row, KV head) programs is
-enough: the split/merge pair of `kernels.decode_attention` (FlashDecoding) pays where few programs face long contexts
-(B=1 at ctx 8192); `MAX_SINGLE_PASS_KEYS` bounds the spans the model sends here. No autotuning: the positions are data
+`MAX_SINGLE_PASS_KEYS` bounds the spans the model sends here (beyond, `kernels.decode_attention`'s split kernels). No autotuning: the positions are data
 (a tuning run would see whatever the warm-up held), so the tile is a heuristic: BLOCK_N * BLOCK_H = 64 (the products
 (BH, BN, D) of the FMA score and value sums stay at 32 fp32 values per thread at D 64, 4 warps).
 
@@ -32,16 +33,22 @@ import triton
 import triton.language as tl
 
 from kernels.decode_attention import decode_attention_reference
-from kernels.dispatch import Impl, use_triton
+from kernels.dispatch import Impl, num_sms, split_tickets, use_triton
 
 __all__ = [
     "MAX_SINGLE_PASS_KEYS",
     "decode_attention_step",
     "decode_attention_step_reference",
     "decode_attention_step_triton",
+    "key_splits",
 ]
 
 MAX_SINGLE_PASS_KEYS = 1024  # beyond, few programs walk too many keys: the split kernels of decode_attention win
+# Split keys (FlashDecoding, merged in the same launch by the last split to finish) below this many (row, KV head)
+# programs: at B=1 shakespeare-char's 6 programs walked their keys one 64-key block after another (37 us per step in
+# the engine against 7 us at position 0, H200, tools.serve_probe at 09a3273).
+SPLIT_BELOW_PROGRAMS = 128
+MAX_SPLITS = 16
 TILE_KEYS_X_HEADS = 64  # BLOCK_N * BLOCK_H
 NUM_WARPS = 4
 _LOG2E = 1.4426950408889634
@@ -69,6 +76,8 @@ def _attention_step_kernel(
     slots_ptr,
     pos_ptr,
     out_ptr,
+    ws_ptr,  # SPLITS > 1: fp32 partials (M, H, SPLITS, BLOCK_D + 2): acc, then m and l
+    ticket_ptr,  # SPLITS > 1: int32 tickets, one per (row, KV head), 0 between launches
     qk_scale,  # 1/sqrt(D) * log2(e): scores in base-2 units
     log2_theta,
     qk_eps,
@@ -92,9 +101,12 @@ def _attention_step_kernel(
     BLOCK_N: tl.constexpr,
     ROPE: tl.constexpr,
     QK_NORM: tl.constexpr,
+    SPLITS: tl.constexpr,  # programs per (row, KV head), each over SPLIT_KEYS cached keys
+    SPLIT_KEYS: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     kvh = tl.program_id(1)
+    split = tl.program_id(2)
     slot = tl.load(slots_ptr + pid_m).to(tl.int64)
     pos = tl.load(pos_ptr + pid_m).to(tl.int32)
     dtype = qkv_ptr.dtype.element_ty
@@ -126,21 +138,28 @@ def _attention_step_kernel(
     k_new = _norm_rotate(k_new, k_p, sign, cos, sin, qk_eps, QK_NORM, ROPE, HEAD_DIM)
     v_new = tl.load(row + (N_HEAD + N_KV + kvh) * HEAD_DIM + offs_d, mask=d_mask, other=0.0)
 
-    # The cache write: the new token's key and value, at its position in the row's slot.
+    # The cache write (split 0): the new token's key and value, at its position in the row's slot.
     k_base = k_ptr + slot * stride_ks + kvh * stride_kh
     v_base = v_ptr + slot * stride_vs + kvh * stride_vh
     k_c = tl.sum(k_new, axis=0).to(k_ptr.dtype.element_ty)  # (BD,)
     v_c = v_new.to(v_ptr.dtype.element_ty)
-    tl.store(k_base + pos * stride_kn + offs_d * stride_kd, k_c, mask=d_mask)
-    tl.store(v_base + pos * stride_vn + offs_d * stride_vd, v_c, mask=d_mask)
-
-    # Online softmax, seeded with the new key (from registers, as stored: in the cache's dtype).
-    m_i = tl.sum(q * k_c.to(tl.float32)[None, :], axis=1) * qk_scale  # (BH,)
-    l_i = tl.full((BLOCK_H,), 1.0, dtype=tl.float32)
-    acc = tl.zeros((BLOCK_H, BLOCK_D), dtype=tl.float32) + v_c.to(tl.float32)[None, :]
-    for n0 in range(0, pos, BLOCK_N):
+    if split == 0:
+        tl.store(k_base + pos * stride_kn + offs_d * stride_kd, k_c, mask=d_mask)
+        tl.store(v_base + pos * stride_vn + offs_d * stride_vd, v_c, mask=d_mask)
+        # Online softmax, seeded with the new key (from registers, as stored: in the cache's dtype).
+        m_i = tl.sum(q * k_c.to(tl.float32)[None, :], axis=1) * qk_scale  # (BH,)
+        l_i = tl.full((BLOCK_H,), 1.0, dtype=tl.float32)
+        acc = tl.zeros((BLOCK_H, BLOCK_D), dtype=tl.float32) + v_c.to(tl.float32)[None, :]
+    else:  # another split's keys only: nothing seen yet
+        m_i = tl.full((BLOCK_H,), float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros((BLOCK_H,), dtype=tl.float32)
+        acc = tl.zeros((BLOCK_H, BLOCK_D), dtype=tl.float32)
+    # This split's cached keys: [split * SPLIT_KEYS, min(pos, (split + 1) * SPLIT_KEYS)) (all of 0..pos at SPLITS 1)
+    lo = split * SPLIT_KEYS
+    hi = tl.minimum(pos, lo + SPLIT_KEYS)
+    for n0 in range(lo, hi, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
-        n_mask = offs_n < pos
+        n_mask = offs_n < hi
         # Clamped, not masked (as kernels/decode_attention.py): every load stays in the row's valid keys.
         offs_c = tl.minimum(offs_n, pos - 1)
         kv_mask = d_mask[None, :]
@@ -148,14 +167,53 @@ def _attention_step_kernel(
         v = tl.load(v_base + offs_c[:, None] * stride_vn + offs_d[None, :] * stride_vd, mask=kv_mask, other=0.0)
         s = tl.sum(q[:, None, :] * k.to(tl.float32)[None, :, :], axis=2) * qk_scale  # (BH, BN)
         s = tl.where(n_mask[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        alpha = tl.exp2(m_i - m_new)
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))  # finite: the block holds a key below hi
+        alpha = tl.exp2(m_i - m_new)  # 0 from an empty start (m_i -inf)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
         acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v.to(tl.float32)[None, :, :], axis=1)
         m_i = m_new
-    out = acc / l_i[:, None]
-    tl.store(out_ptr + pid_m * stride_om + q_cols + offs_d[None, :], out.to(out_ptr.dtype.element_ty), mask=q_mask)
+    out_ptrs = out_ptr + pid_m * stride_om + q_cols + offs_d[None, :]
+    if SPLITS == 1:
+        tl.store(out_ptrs, (acc / l_i[:, None]).to(out_ptr.dtype.element_ty), mask=q_mask)
+    else:
+        # FlashDecoding's merge in the same launch: each split leaves (acc, m, l) per head; the last split of the (row,
+        # KV head) to take its ticket rescales them to the largest m, sums in split order and writes the output.
+        WS: tl.constexpr = BLOCK_D + 2
+        rec = ws_ptr + (pid_m * N_HEAD + heads) * (SPLITS * WS)  # (BH,): split 0's record of each head
+        tl.store(rec[:, None] + split * WS + offs_d[None, :], acc, mask=h_mask[:, None])
+        tl.store(rec + split * WS + BLOCK_D, m_i, mask=h_mask)
+        tl.store(rec + split * WS + BLOCK_D + 1, l_i, mask=h_mask)
+        tl.debug_barrier()  # every thread's partials are written before the ticket (which releases them) is taken
+        ticket = ticket_ptr + pid_m * N_KV + kvh
+        if tl.atomic_add(ticket, 1, sem="acq_rel", scope="gpu") == SPLITS - 1:
+            m_all = tl.full((BLOCK_H,), float("-inf"), dtype=tl.float32)
+            for j in range(SPLITS):
+                m_j = tl.load(rec + j * WS + BLOCK_D, mask=h_mask, other=0.0, cache_modifier=".cg")
+                m_all = tl.maximum(m_all, m_j)
+            total = tl.zeros((BLOCK_H, BLOCK_D), dtype=tl.float32)
+            l_all = tl.zeros((BLOCK_H,), dtype=tl.float32)
+            for j in range(SPLITS):  # in split order: the sum does not depend on who finished last
+                m_j = tl.load(rec + j * WS + BLOCK_D, mask=h_mask, other=0.0, cache_modifier=".cg")
+                w = tl.exp2(m_j - m_all)  # 0 for a split with no keys (m -inf, l 0)
+                l_all += w * tl.load(rec + j * WS + BLOCK_D + 1, mask=h_mask, other=0.0, cache_modifier=".cg")
+                a_j = tl.load(rec[:, None] + j * WS + offs_d[None, :], mask=h_mask[:, None], other=0.0,
+                              cache_modifier=".cg")  # fmt: skip
+                total += w[:, None] * a_j
+            tl.store(out_ptrs, (total / l_all[:, None]).to(out_ptr.dtype.element_ty), mask=q_mask)
+            tl.atomic_xchg(ticket, 0, sem="relaxed", scope="gpu")  # the next launch (or graph replay) starts at 0
+
+
+def key_splits(units: int, max_len: int, block_n: int, sms: int) -> tuple[int, int]:
+    """(splits, keys per split) for `units` (row, KV head) programs over caches of max_len keys: one program each
+    where they fill the GPU; below that, each unit's keys cut into splits of whole BLOCK_N blocks, up to about one
+    program per SM in all (B=1: 6 units walking 256 keys 64 at a time took 4 dependent steps per layer; in splits of
+    64, one). Splits past a row's position find no keys and leave an empty partial."""
+    if units >= SPLIT_BELOW_PROGRAMS or max_len <= block_n:
+        return 1, max_len
+    splits = min(triton.cdiv(max_len, block_n), triton.cdiv(sms, units), MAX_SPLITS)
+    split_keys = triton.cdiv(triton.cdiv(max_len, splits), block_n) * block_n
+    return triton.cdiv(max_len, split_keys), split_keys
 
 
 def _check(
@@ -246,15 +304,25 @@ def decode_attention_step_triton(
         raise ValueError(f"RoPE needs an even head_dim, got {d}")
     group = n_head // n_kv
     block_h = triton.next_power_of_2(group)
+    block_n = max(16, TILE_KEYS_X_HEADS // block_h)
+    block_d = triton.next_power_of_2(d)
     out = torch.empty((m, n_head * d), device=qkv.device, dtype=qkv.dtype)
     k_layer, v_layer = k_cache[:, layer], v_cache[:, layer]  # (n_slots, Hkv, max_len, D) views
-    _attention_step_kernel[(m, n_kv)](
+    splits, split_keys = key_splits(m * n_kv, k_cache.shape[3], block_n, num_sms(qkv.device))
+    if splits > 1:
+        ws = torch.empty((m, n_head, splits, block_d + 2), device=qkv.device, dtype=torch.float32)
+        tickets = split_tickets(qkv.device, "decode_attention_step")
+    else:
+        ws = tickets = out  # not read
+    _attention_step_kernel[(m, n_kv, splits)](
         qkv,
         k_layer,
         v_layer,
         slots,
         positions,
         out,
+        ws,
+        tickets,
         _LOG2E / math.sqrt(d),
         math.log2(rope_theta) if rope_theta is not None else 0.0,
         qk_norm_eps if qk_norm_eps is not None else 0.0,
@@ -272,10 +340,12 @@ def decode_attention_step_triton(
         HEAD_DIM=d,
         HALF=max(1, d // 2),
         BLOCK_H=block_h,
-        BLOCK_D=triton.next_power_of_2(d),
-        BLOCK_N=max(16, TILE_KEYS_X_HEADS // block_h),
+        BLOCK_D=block_d,
+        BLOCK_N=block_n,
         ROPE=rope_theta is not None,
         QK_NORM=qk_norm_eps is not None,
+        SPLITS=splits,
+        SPLIT_KEYS=split_keys,
         num_warps=NUM_WARPS,
     )
     return out

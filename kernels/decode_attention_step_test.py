@@ -6,11 +6,14 @@ import pytest
 import torch
 
 from kernels.decode_attention import decode_attention_reference
+import kernels.decode_attention_step as step_module
 from kernels.decode_attention_step import (
     decode_attention_step,
     decode_attention_step_reference,
     decode_attention_step_triton,
+    key_splits,
 )
+from kernels.dispatch import split_tickets
 
 GPU = torch.cuda.is_available()
 DEVICE = "cuda" if GPU else "cpu"
@@ -57,6 +60,34 @@ def test_triton_matches_reference_fp32(m, n_head, n_kv, d, rope_theta, qk_eps):
     torch.testing.assert_close(got, want, **FP32)
     torch.testing.assert_close(k, k_ref, **FP32)
     torch.testing.assert_close(v, v_ref, **FP32)
+
+
+def test_key_splits_cut_few_programs_long_walks():
+    assert key_splits(6, 256, 64, 132) == (4, 64)  # shakespeare-char B=1: 6 (row, head) programs, 4 blocks each
+    assert key_splits(96, 256, 64, 132) == (2, 128)  # B=16: two programs per unit fill the 132 SMs
+    assert key_splits(6 * 64, 256, 64, 132) == (1, 256)  # enough programs: one pass each, no merge
+    assert key_splits(1, 8192, 64, 132) == (16, 512)  # capped at MAX_SPLITS, whole blocks per split
+    assert key_splits(2, 64, 64, 132) == (1, 64)  # one block: nothing to split
+    for units, max_len, block in ((1, 150, 16), (3, 1000, 32), (5, 100, 64)):
+        splits, keys = key_splits(units, max_len, block, 132)
+        assert keys % block == 0 and (splits - 1) * keys < max_len <= splits * keys  # every key in one split, none idle
+
+
+@pytest.mark.parametrize("sms", [8, 64])  # few splits, and up to one per 16-key block (most past a row's position)
+@pytest.mark.parametrize("rope_theta,qk_eps", [(None, None), (500.0, 1e-6)], ids=["plain", "rope+qknorm"])
+def test_split_keys_merge_to_the_single_pass(sms, rope_theta, qk_eps, monkeypatch):
+    case = _case(3, 8, 2, 16, max_len=150, seed=sms)  # rows at positions 0, 37 (inside a split), 149
+    case[4][1] = 37
+    monkeypatch.setattr(step_module, "num_sms", lambda device: 1)  # 6 units >= 1 SM: one pass, no split
+    (single, _, _), _ = _both(*[t.clone() for t in case], 8, rope_theta=rope_theta, qk_norm_eps=qk_eps)
+    monkeypatch.setattr(step_module, "num_sms", lambda device: sms)
+    assert key_splits(6, 150, 16, sms)[0] == (2 if sms == 8 else 10)
+    (got, k, v), (want, k_ref, v_ref) = _both(*case, 8, rope_theta=rope_theta, qk_norm_eps=qk_eps)
+    torch.testing.assert_close(got, want, **FP32)
+    torch.testing.assert_close(got, single, **FP32)
+    torch.testing.assert_close(k, k_ref, **FP32)
+    torch.testing.assert_close(v, v_ref, **FP32)
+    assert not split_tickets(got.device, "test").any()  # the merging program reset every ticket it took
 
 
 def test_plain_step_is_attention_over_the_written_cache():

@@ -60,12 +60,16 @@ def _specs() -> list[tuple[str, object, dict, dict, int, int]]:
                 specs.append((label, dg._decode_gemv_kernel, sig, const, cfg.num_warps, cfg.num_stages))
     sig = {n: "*bf16" for n in ("qkv_ptr", "k_ptr", "v_ptr", "out_ptr")}
     sig.update(slots_ptr="*i64", pos_ptr="*i64", qk_scale="fp32", log2_theta="fp32", qk_eps="fp32")
+    sig.update(ws_ptr="*fp32", ticket_ptr="*i32")
     for name, heads, kv, d, rope, qk_norm in _ATTENTION:
         group = heads // kv
         block_h = 1 << (group - 1).bit_length()
         const = dict(N_HEAD=heads, N_KV=kv, GROUP=group, HEAD_DIM=d, HALF=d // 2, BLOCK_H=block_h, BLOCK_D=d)
         const.update(BLOCK_N=max(16, das.TILE_KEYS_X_HEADS // block_h), ROPE=rope, QK_NORM=qk_norm)
-        specs.append((f"attention {name}", das._attention_step_kernel, sig, const, das.NUM_WARPS, 2))
+        for splits, split_keys in ((1, 256), (4, 64)):  # one pass; split keys merged by the last split
+            const.update(SPLITS=splits, SPLIT_KEYS=split_keys)
+            label = f"attention {name} splits {splits}"
+            specs.append((label, das._attention_step_kernel, sig, dict(const), das.NUM_WARPS, 2))
     return specs
 
 

@@ -12,7 +12,7 @@ from typing import Literal
 
 import torch
 
-__all__ = ["IMPLS", "Impl", "num_sms", "use_triton"]
+__all__ = ["IMPLS", "Impl", "num_sms", "split_tickets", "use_triton"]
 
 Impl = Literal["auto", "triton", "reference"]
 IMPLS: tuple[str, ...] = ("auto", "triton", "reference")
@@ -45,3 +45,19 @@ def num_sms(device: torch.device) -> int:
     if device.type != "cuda":
         return 4  # the interpreter runs programs one after another: fewer programs, fewer partial sums
     return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+SPLIT_TICKETS = 8192  # per device: the most (output tile or row/head) tickets one split launch takes
+_TICKETS: dict[torch.device, torch.Tensor] = {}  # per device, created by the first launch (outside a graph)
+
+
+def split_tickets(device: torch.device, owner: str) -> torch.Tensor:
+    """The int32 tickets of the split kernels (wo_matmul's split-K, decode attention's split keys) on `device`, all 0
+    between launches: the last program of a split unit to take its ticket merges the partials and resets it. One
+    buffer per device, like cuBLAS's workspace: split launches on one stream run one after another."""
+    tickets = _TICKETS.get(device)
+    if tickets is None:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(f"{owner}: call it once outside CUDA graph capture first (it allocates its tickets)")
+        tickets = _TICKETS[device] = torch.zeros(SPLIT_TICKETS, dtype=torch.int32, device=device)
+    return tickets

@@ -51,7 +51,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.dispatch import Impl, use_triton
+from kernels.dispatch import SPLIT_TICKETS, Impl, split_tickets, use_triton
 from kernels.quant_format import check_group_size, unpack_int4, unpack_int8
 
 __all__ = [
@@ -86,7 +86,6 @@ AUTOTUNE_REP_MS = 3
 # fp32 partials stay small (never the lm_head, which has programs enough without).
 MAX_SPLIT_K = 8
 MAX_SPLIT_N = 8192
-SPLIT_TICKETS = 8192  # per device; a split launch has cdiv(N, 16) * cdiv(M, 16) tiles at most (512 at N 8192, M 64)
 
 
 # The fp32 bits of 1.0 that `_unit` puts a field under: INT8 also flips the byte's sign bit (bit 22 once moved).
@@ -584,18 +583,8 @@ def _word_aligned(w: torch.Tensor, k: int, bits: int) -> bool:
     return w.stride(1) == 1 and w.stride(0) % 4 == 0 and w.data_ptr() % 4 == 0 and (bits == 4 or k % 4 == 0)
 
 
-_TICKETS: dict[torch.device, torch.Tensor] = {}  # per device, created by the first launch (outside a graph)
-
-
 def _tickets(device: torch.device) -> torch.Tensor:
-    """The split configs' int32 tickets on `device`, all 0 between launches (each launch resets those it used).
-    One buffer per device, like cuBLAS's workspace: split launches on one stream run one after another."""
-    tickets = _TICKETS.get(device)
-    if tickets is None:
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            raise RuntimeError("wo_matmul: call it once outside CUDA graph capture first (it allocates its tickets)")
-        tickets = _TICKETS[device] = torch.zeros(SPLIT_TICKETS, dtype=torch.int32, device=device)
-    return tickets
+    return split_tickets(device, "wo_matmul")
 
 
 def _launch(

@@ -6,7 +6,7 @@ from triton import next_power_of_2 as triton_next_power_of_2
 
 from kernels.quant_format import INT4_GROUP_SIZES, pack_int4, pack_int8, unpack_int4
 from kernels.wo_matmul import (
-    _TICKETS,
+    _tickets,
     CANDIDATES,
     DOT_REGISTER_BUDGET,
     FMA_REGISTER_BUDGET,
@@ -138,7 +138,7 @@ def test_split_k_matches_reference_and_resets_its_tickets(m, split_k, words):
         torch.testing.assert_close(got8, int8_matmul_reference(x, q, scale), atol=1e-4, rtol=1e-4)
         got4 = int4_matmul_triton(x, packed, scales, 64, config=config, words=words)
         torch.testing.assert_close(got4, int4_matmul_reference(x, packed, scales, 64), atol=1e-4, rtol=1e-4)
-        assert not _TICKETS[x.device].any()
+        assert not _tickets(x.device).any()
 
 
 def test_split_k_needs_the_dot_path():
@@ -357,4 +357,4 @@ def test_gpu_split_k_graph_replays_stay_correct(fmt):
         x.copy_(torch.randn(x.shape, generator=torch.Generator().manual_seed(seed)).to(x))
         graph.replay()
         torch.testing.assert_close(out.float(), ref().float(), atol=3e-2, rtol=3e-2)
-    assert not _TICKETS[x.device].any()
+    assert not _tickets(x.device).any()

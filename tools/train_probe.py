@@ -168,7 +168,8 @@ def profile(args: argparse.Namespace, workdir: Path, corpus: Path) -> None:
         config = _config(variant, 10_000, 10_000)
         prepare_data(corpus, "char", workdir / "data")
         torch.backends.cuda.matmul.allow_tf32 = True
-        with use_kernels(config.kernels):
+        every_kernel, named = config.kernel_switches
+        with use_kernels(every_kernel, **named):
             run = _setup(
                 config,
                 corpus,
