@@ -103,6 +103,7 @@ def _attention_step_kernel(
     QK_NORM: tl.constexpr,
     SPLITS: tl.constexpr,  # programs per (row, KV head), each over SPLIT_KEYS cached keys
     SPLIT_KEYS: tl.constexpr,
+    SPLITS_P2: tl.constexpr,  # SPLITS rounded up to a power of two (the merge's block)
 ):
     pid_m = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -187,19 +188,18 @@ def _attention_step_kernel(
         tl.debug_barrier()  # every thread's partials are written before the ticket (which releases them) is taken
         ticket = ticket_ptr + pid_m * N_KV + kvh
         if tl.atomic_add(ticket, 1, sem="acq_rel", scope="gpu") == SPLITS - 1:
-            m_all = tl.full((BLOCK_H,), float("-inf"), dtype=tl.float32)
-            for j in range(SPLITS):
-                m_j = tl.load(rec + j * WS + BLOCK_D, mask=h_mask, other=0.0, cache_modifier=".cg")
-                m_all = tl.maximum(m_all, m_j)
-            total = tl.zeros((BLOCK_H, BLOCK_D), dtype=tl.float32)
-            l_all = tl.zeros((BLOCK_H,), dtype=tl.float32)
-            for j in range(SPLITS):  # in split order: the sum does not depend on who finished last
-                m_j = tl.load(rec + j * WS + BLOCK_D, mask=h_mask, other=0.0, cache_modifier=".cg")
-                w = tl.exp2(m_j - m_all)  # 0 for a split with no keys (m -inf, l 0)
-                l_all += w * tl.load(rec + j * WS + BLOCK_D + 1, mask=h_mask, other=0.0, cache_modifier=".cg")
-                a_j = tl.load(rec[:, None] + j * WS + offs_d[None, :], mask=h_mask[:, None], other=0.0,
-                              cache_modifier=".cg")  # fmt: skip
-                total += w[:, None] * a_j
+            # every split's record in one round of loads (a loop over splits was one L2 round trip per split)
+            offs_s = tl.arange(0, SPLITS_P2)
+            hs_mask = h_mask[:, None] & (offs_s < SPLITS)[None, :]
+            at = rec[:, None] + offs_s[None, :] * WS  # (BH, S)
+            m_s = tl.load(at + BLOCK_D, mask=hs_mask, other=float("-inf"), cache_modifier=".cg")
+            l_s = tl.load(at + BLOCK_D + 1, mask=hs_mask, other=0.0, cache_modifier=".cg")
+            a_s = tl.load(at[:, :, None] + offs_d[None, None, :], mask=hs_mask[:, :, None], other=0.0,
+                          cache_modifier=".cg")  # fmt: skip
+            m_all = tl.max(m_s, axis=1)  # finite for every real head: split 0 holds the new key
+            w = tl.exp2(m_s - m_all[:, None])  # 0 for a split with no keys (m -inf, l 0)
+            l_all = tl.sum(w * l_s, axis=1)
+            total = tl.sum(w[:, :, None] * a_s, axis=1)
             tl.store(out_ptrs, (total / l_all[:, None]).to(out_ptr.dtype.element_ty), mask=q_mask)
             tl.atomic_xchg(ticket, 0, sem="relaxed", scope="gpu")  # the next launch (or graph replay) starts at 0
 
@@ -346,6 +346,7 @@ def decode_attention_step_triton(
         QK_NORM=qk_norm_eps is not None,
         SPLITS=splits,
         SPLIT_KEYS=split_keys,
+        SPLITS_P2=triton.next_power_of_2(splits),
         num_warps=NUM_WARPS,
     )
     return out

@@ -67,7 +67,7 @@ def _specs() -> list[tuple[str, object, dict, dict, int, int]]:
         const = dict(N_HEAD=heads, N_KV=kv, GROUP=group, HEAD_DIM=d, HALF=d // 2, BLOCK_H=block_h, BLOCK_D=d)
         const.update(BLOCK_N=max(16, das.TILE_KEYS_X_HEADS // block_h), ROPE=rope, QK_NORM=qk_norm)
         for splits, split_keys in ((1, 256), (4, 64)):  # one pass; split keys merged by the last split
-            const.update(SPLITS=splits, SPLIT_KEYS=split_keys)
+            const.update(SPLITS=splits, SPLIT_KEYS=split_keys, SPLITS_P2=splits)
             label = f"attention {name} splits {splits}"
             specs.append((label, das._attention_step_kernel, sig, dict(const), das.NUM_WARPS, 2))
     return specs
