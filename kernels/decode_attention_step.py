@@ -15,9 +15,10 @@ finish (an atomic ticket, as wo_matmul's split-K) merges the partials in split o
     slots, positions  (M,) int: row m's slot and the position of its new token (its keys: 0..pos, pos + 1 in all)
     returns           (M, H D) in qkv's dtype: the heads side by side, ready for the out-projection
 
-`MAX_SINGLE_PASS_KEYS` bounds the spans the model sends here (beyond, `kernels.decode_attention`'s split kernels). No autotuning: the positions are data
-(a tuning run would see whatever the warm-up held), so the tile is a heuristic: BLOCK_N * BLOCK_H = 64 (the products
-(BH, BN, D) of the FMA score and value sums stay at 32 fp32 values per thread at D 64, 4 warps).
+`MAX_SINGLE_PASS_KEYS` bounds the spans the model sends here (beyond, `kernels.decode_attention`'s kernels). No
+autotuning: the positions are data (a tuning run would see whatever the warm-up held), so the tile is a heuristic:
+BLOCK_N * BLOCK_H = 64 (the products (BH, BN, D) of the FMA score and value sums stay at 32 fp32 values per thread at
+D 64, 4 warps).
 
     decode_attention_step            wrapper; impl="auto": Triton for CUDA inputs, the reference otherwise
     decode_attention_step_triton     the kernel

@@ -103,7 +103,7 @@ def graph_probe(runner: TorchRunner, batch: int, full: bool) -> dict | None:
     if not keys:
         return None
     graph = runner._graphs[keys[0]].graph
-    replay_ms = _replay_ms(runner, graph)
+    ms = _replay_ms(runner, graph)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         for _ in range(10):
             graph.replay()
@@ -111,7 +111,7 @@ def graph_probe(runner: TorchRunner, batch: int, full: bool) -> dict | None:
     kernels = kernel_events(prof)
     return {
         "key": keys[0],
-        "replay_ms": replay_ms,
+        "replay_ms": ms,
         "kernels": len(kernels) / 10,
         "top_kernels": _top(kernels, 10),
     }
