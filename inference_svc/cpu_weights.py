@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import logging
+from typing import Sequence
 
 import torch
 import torch.nn as nn
@@ -40,6 +41,20 @@ class CpuInt8Linear(Int8Linear):
     def from_linear(cls, linear: nn.Linear) -> "CpuInt8Linear":
         m = super().from_linear(linear)
         m.register_buffer("scale_bf16", m.scale.to(torch.bfloat16))  # the kernel wants the scales in x's dtype
+        return m
+
+    @classmethod
+    def concat(cls, parts: Sequence["CpuInt8Linear"]) -> "CpuInt8Linear":
+        """One module whose output is the parts' outputs side by side (`Attention.fuse_qkv`: q, k, v in one kernel
+        call): their int8 rows and per-channel scales stacked, so each output is exactly the part's own."""
+        first = parts[0]
+        assert all(p.in_features == first.in_features and (p.bias is None) == (first.bias is None) for p in parts)
+        n = sum(p.out_features for p in parts)
+        m = cls(first.in_features, n, first.bias is not None, device=first.q.device, dtype=first.scale.dtype)
+        m.q, m.scale = torch.cat([p.q for p in parts]), torch.cat([p.scale for p in parts])
+        m.register_buffer("scale_bf16", torch.cat([p.scale_bf16 for p in parts]))
+        if first.bias is not None:
+            m.bias = nn.Parameter(torch.cat([p.bias for p in parts]).detach(), requires_grad=False)
         return m
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -106,6 +106,21 @@ def test_int8_runs_on_a_quantized_copy_and_leaves_the_model_as_it_was():
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
+def test_int8_qkv_is_one_kernel_call_giving_each_projection_its_own_output():
+    """fuse_qkv joins the three CpuInt8Linear projections (one kernel call in the cached path); a change to a part's
+    int8 weights makes the joined copy stale (the separate projections are used again)."""
+    runner = TorchRunner(trained_like(), n_slots=2, cpu_weights="int8")
+    attn = runner.model.blocks[0].attn
+    fused = attn._fused_qkv()
+    assert type(fused) is CpuInt8Linear and fused.out_features == 3 * 64
+    x = torch.randn(3, 5, 64)
+    with torch.no_grad():
+        want = torch.cat([attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)], -1)
+        torch.testing.assert_close(fused(x), want, rtol=1e-6, atol=1e-6)
+        attn.k_proj.q[0, 0] += 1
+    assert attn._fused_qkv() is None
+
+
 @pytest.mark.parametrize("k", [INT8PACK_K_MULTIPLE * 3, 24])  # the fused kernel; K it cannot take (dequantised)
 def test_cpu_int8_linear_equals_the_dequantised_product(k):
     """x (rounded to bf16, as the kernel takes it) @ dequant(q, scale).T + bias, within the bf16 rounding of the
