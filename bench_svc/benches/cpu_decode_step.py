@@ -35,6 +35,7 @@ from model.transformer import GPT
 __all__ = ["decode_step_ms", "linear_designs_us", "main"]
 
 PRESET = "shakespeare-char"
+N_SLOTS = 16  # the KV-cache slots of each runner: the serving bench's CPU plan (inference_serving.CPU_PLAN)
 
 
 def _model() -> GPT:
@@ -54,7 +55,7 @@ def _request(runner: TorchRunner, steps: int) -> float:
 
 def decode_step_ms(model: GPT, weights: tuple[str, ...], steps: int, rounds: int) -> dict[str, float]:
     """Median ms per batch-1 decode step of a runner per weights choice, taken in turns (one request each a round)."""
-    runners = {w: TorchRunner(copy.deepcopy(model), 2, device="cpu", cpu_weights=w) for w in weights}
+    runners = {w: TorchRunner(copy.deepcopy(model), N_SLOTS, device="cpu", cpu_weights=w) for w in weights}
     for runner in runners.values():
         _request(runner, 4)  # warm-up
     times: dict[str, list[float]] = {w: [] for w in runners}
@@ -68,7 +69,7 @@ def profile_table(model: GPT, weights: str, steps: int, rows: int = 20) -> str:
     """torch.profiler's ops over three requests of `steps` decode steps (their prefills included), by self time."""
     from torch.profiler import ProfilerActivity, profile
 
-    runner = TorchRunner(copy.deepcopy(model), 2, device="cpu", cpu_weights=weights)
+    runner = TorchRunner(copy.deepcopy(model), N_SLOTS, device="cpu", cpu_weights=weights)
     _request(runner, 4)
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         for _ in range(3):
