@@ -1,6 +1,7 @@
 """`./tinylm serve`: load an artifact, start the engine and serve `InferenceService` until SIGINT/SIGTERM.
 
     ./tinylm serve [--model ID|NAME|PATH] [--backend torch|onnx] [--onnx-file fp32|fp16|int8|int4]
+                   [--device auto|cpu|cuda] [--cpu-weights fp32|bf16|int8]
                    [--grpc-server aio|threads] [--host 127.0.0.1] [--port 50053] [--tls-cert F --tls-key F]
                    [--token T] [--http-port 8000]
 
