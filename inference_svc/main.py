@@ -1,6 +1,7 @@
 """`./tinylm serve`: load an artifact, start the engine and serve `InferenceService` until SIGINT/SIGTERM.
 
     ./tinylm serve [--model ID|NAME|PATH] [--backend torch|onnx] [--onnx-file fp32|fp16|int8|int4]
+                   [--device auto|cpu|cuda] [--cpu-weights fp32|bf16|int8]
                    [--grpc-server aio|threads] [--host 127.0.0.1] [--port 50053] [--tls-cert F --tls-key F]
                    [--token T] [--http-port 8000]
 
@@ -26,6 +27,7 @@ import torch
 from inference_svc.engine import DECODE_STEPS_GRAPHS, DECODE_STEPS_SMALL_BATCH, Engine
 from inference_svc.runner import MAX_DECODE_STEPS, MULTI_STEP_GRAPH_MAX_BATCH, ModelRunner, TorchRunner
 from inference_svc.aio_server import AioRunningServer, serve_aio
+from inference_svc.cpu_weights import CPU_WEIGHTS
 from inference_svc.service import (
     SERVICE_NAME,
     STREAM_MESSAGES_PER_S,
@@ -85,6 +87,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--threads", type=int, default=0, help="CPU threads for torch and ONNX Runtime (0: their default)")
     p.add_argument(
+        "--cpu-weights",
+        choices=CPU_WEIGHTS,
+        default="fp32",
+        help="weights of --backend torch on a CPU device (default fp32; int8: weight-only INT8 Linears; bf16: the "
+        "model in bf16): fewer bytes per decoded token (inference_svc/PERF_NOTES.md section 10)",
+    )
+    p.add_argument(
         "--stream-messages-per-s",
         type=float,
         default=STREAM_MESSAGES_PER_S,
@@ -130,6 +139,8 @@ def artifact_path(ref: str, store_root: Path) -> Path:
 
 
 def _runner(args: argparse.Namespace, path: Path) -> tuple[ModelRunner, Tokenizer, dict]:
+    if args.backend == "onnx" and args.cpu_weights != "fp32":
+        raise ValueError("--cpu-weights is for --backend torch (ONNX Runtime's weights: --onnx-file)")
     if args.backend == "onnx":
         from inference_svc.ort_runner import OrtRunner  # onnxruntime only when asked for
 
@@ -140,7 +151,8 @@ def _runner(args: argparse.Namespace, path: Path) -> tuple[ModelRunner, Tokenize
         return runner, tokenizer, manifest
     device = _device(args)
     artifact = load_artifact(path, device=device)
-    return TorchRunner(artifact.model, _slots(args, device), device=device), artifact.tokenizer, artifact.manifest
+    runner = TorchRunner(artifact.model, _slots(args, device), device=device, cpu_weights=args.cpu_weights)
+    return runner, artifact.tokenizer, artifact.manifest
 
 
 def _device(args: argparse.Namespace) -> torch.device:

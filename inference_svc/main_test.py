@@ -210,3 +210,20 @@ def test_bad_weights_are_one_line_and_exit_1(tiny, tmp_path, backend):
         if backend == "torch"
         else "model.onnx is not a loadable ONNX model"
     ) in lines[0]
+
+
+def test_cpu_weights_flag_reaches_the_runner_and_a_bad_value_names_the_choices(tiny, capsys):
+    """--cpu-weights int8 gives a runner on weight-only INT8 Linears; a value outside the choices is refused by name;
+    with the ONNX backend (its weights are --onnx-file's) it is refused, exit 1."""
+    from inference_svc.cpu_weights import CpuInt8Linear
+    from inference_svc.main import _runner, build_parser, main
+
+    args = build_parser().parse_args(["--model", str(tiny.path), "--device", "cpu", "--cpu-weights", "int8"])
+    runner, _, _ = _runner(args, tiny.path)
+    assert runner.cpu_weights == "int8" and type(runner.model.lm_head) is CpuInt8Linear
+    with pytest.raises(SystemExit) as exit_:
+        main(["--model", str(tiny.path), "--port", "0", "--cpu-weights", "int4"])
+    assert exit_.value.code == 2
+    assert "--cpu-weights: invalid choice: 'int4' (choose from 'fp32', 'bf16', 'int8')" in capsys.readouterr().err
+    assert main(["--model", str(tiny.path), "--port", "0", "--backend", "onnx", "--cpu-weights", "int8"]) == 1
+    assert "--cpu-weights is for --backend torch" in capsys.readouterr().err

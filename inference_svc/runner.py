@@ -27,7 +27,8 @@ from typing import Callable, Protocol, Sequence
 
 import torch
 
-from model.field_checks import check_int
+from inference_svc.cpu_weights import CPU_WEIGHTS, cpu_int8_model
+from model.field_checks import check_choice, check_int
 from model.kv_cache import KVCache
 from kernels.dispatch import Impl
 from kernels.sampling import SlotSettings, advance_slots
@@ -233,6 +234,9 @@ class TorchRunner:
     True takes them on CUDA, "reference" runs their PyTorch references: see forward_cached).
     `multi_step_max_batch`: the largest batch bucket whose several decode steps (`decode_sample(steps=)`) replay as
     one captured graph (default MULTI_STEP_GRAPH_MAX_BATCH; larger buckets replay the single-step graph per step).
+    `cpu_weights` (CPU devices only; `inference_svc.cpu_weights`): "fp32" (default: the model in `dtype`, as given),
+    "bf16" (model, activations and cache in bf16; `dtype` must be left None or be bf16) or "int8" (a copy of the model
+    with weight-only INT8 Linears; the rest in `dtype`). A CPU decode step at batch 1 is bound by the weights' bytes.
     """
 
     def __init__(
@@ -247,13 +251,25 @@ class TorchRunner:
         attention_in_place: bool | None = None,
         small_batch_kernels: bool | str | None = None,
         multi_step_max_batch: int = MULTI_STEP_GRAPH_MAX_BATCH,
+        cpu_weights: str = "fp32",
     ) -> None:
         check_int("multi_step_max_batch", multi_step_max_batch, 0)
+        check_choice("cpu_weights", cpu_weights, CPU_WEIGHTS)
         self.multi_step_max_batch = multi_step_max_batch
         device = torch.device(device) if device is not None else next(model.parameters()).device
+        if cpu_weights != "fp32" and device.type != "cpu":
+            raise ValueError(f"cpu_weights={cpu_weights!r} needs a CPU device, got {device} (use 'fp32' there)")
+        if cpu_weights == "bf16":
+            if dtype not in (None, torch.bfloat16):
+                raise ValueError(f"cpu_weights='bf16' runs the model in bf16; dtype must be None or bf16, got {dtype}")
+            dtype = torch.bfloat16
         if dtype is None:
             dtype = torch.bfloat16 if device.type == "cuda" else next(model.parameters()).dtype
-        self.model = model.to(device=device, dtype=dtype).eval()
+        self.cpu_weights = cpu_weights
+        model = model.to(device=device, dtype=dtype)
+        if cpu_weights == "int8":  # a copy: the caller's model keeps its float Linears
+            model = cpu_int8_model(model)
+        self.model = model.eval()
         self.model.fuse_qkv()  # one q/k/v matmul per layer in the cached steps
         # The fused copies this runner's CUDA graphs will read by address: held here, so that a later fuse_qkv (the
         # weights changed in place, another runner over the same model) cannot free them under the graphs.

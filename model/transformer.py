@@ -79,19 +79,26 @@ class Attention(nn.Module):
     def fuse_qkv(self) -> bool:
         """Keep q/k/v's weights (and biases) concatenated, so the cached path projects with one matmul instead of
         three (a serving engine's decode step). A copy, not part of the state dict: call it again after the weights
-        change. False (nothing kept) when a projection is not a plain Linear (e.g. LoRA-wrapped).
+        change. False (nothing kept) when a projection is not a plain Linear (e.g. LoRA-wrapped), unless all three
+        are of one kind that joins itself (a `concat` classmethod: the CPU runner's INT8 `CpuInt8Linear`): then one
+        such module is kept, likewise outside the state dict.
         A copy still fresh is kept, not made again: a CUDA graph captured over it reads it by address, so a second
         runner over the same model (the speculative bench builds one per k) must not free it under the first."""
         if self._fused_qkv() is not None:
             return True
         projs = (self.q_proj, self.k_proj, self.v_proj)
-        if not all(type(p) is nn.Linear for p in projs):
+        concat = getattr(type(self.q_proj), "concat", None)
+        if concat is not None and all(type(p) is type(self.q_proj) for p in projs):
+            with torch.no_grad():
+                object.__setattr__(self, "qkv", concat(projs))  # not registered: a derived copy, like the tuple
+        elif not all(type(p) is nn.Linear for p in projs):
             self.qkv = None
             return False
-        with torch.no_grad():
-            weight = torch.cat([p.weight for p in projs])
-            bias = torch.cat([p.bias for p in projs]) if self.q_proj.bias is not None else None
-        self.qkv = (weight, bias)
+        else:
+            with torch.no_grad():
+                weight = torch.cat([p.weight for p in projs])
+                bias = torch.cat([p.bias for p in projs]) if self.q_proj.bias is not None else None
+            self.qkv = (weight, bias)
         self._qkv_of = self._qkv_sources()
         return True
 
@@ -100,9 +107,10 @@ class Attention(nn.Module):
         every in-place change), dtype and device (`module.to` swaps the data but keeps the version; not data_ptr,
         which torch.export cannot trace), so a copy made stale by training, a LoRA merge or a move is never used."""
         projs = (self.q_proj, self.k_proj, self.v_proj)
-        return tuple((p, (p._version, p.dtype, p.device)) for proj in projs for p in proj.parameters())
+        tensors = [t for proj in projs for t in (*proj.parameters(), *proj.buffers())]  # a quantized one's buffers too
+        return tuple((p, (p._version, p.dtype, p.device)) for p in tensors)
 
-    def _fused_qkv(self) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    def _fused_qkv(self) -> tuple[torch.Tensor, torch.Tensor | None] | nn.Module | None:
         qkv = getattr(self, "qkv", None)
         if qkv is None:
             return None
@@ -115,7 +123,8 @@ class Attention(nn.Module):
         qkv = self._fused_qkv() if step is not None else None
         if qkv is not None:  # one matmul (fuse_qkv), split into views
             kv_dim = self.n_kv_head * self.head_dim
-            q, k, v = F.linear(x, *qkv).split([C, kv_dim, kv_dim], -1)
+            qkv_out = qkv(x) if isinstance(qkv, nn.Module) else F.linear(x, *qkv)  # (B, T, C + 2 kv_dim)
+            q, k, v = qkv_out.split([C, kv_dim, kv_dim], -1)
         else:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, D)
@@ -399,7 +408,9 @@ class GPT(nn.Module):
             m for block in self.blocks for m in (block.attn.o_proj, block.mlp.up_proj, block.mlp.down_proj)
         ]
         linears += [block.mlp.gate_proj for block in self.blocks if block.mlp.gated]
-        return all(type(m) is nn.Linear for m in linears) and all(b.attn._fused_qkv() is not None for b in self.blocks)
+        return all(type(m) is nn.Linear for m in linears) and all(
+            isinstance(b.attn._fused_qkv(), tuple) for b in self.blocks
+        )
 
     def _small_batch_step(
         self, tokens: torch.Tensor, cache: KVCache, slots: torch.Tensor, positions: torch.Tensor, impl: str

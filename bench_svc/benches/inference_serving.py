@@ -2,7 +2,7 @@
 `generate` on a GPT-2-shaped model of the same size as the baseline, all measured in one run.
 
     python -m bench_svc.benches.inference_serving --device cuda  # GPU: bf16 + CUDA graphs, 256 sequences, 64 streams
-    python -m bench_svc.benches.inference_serving --device cpu   # CPU: torch fp32 and ONNX Runtime INT8, small loads
+    python -m bench_svc.benches.inference_serving --device cpu   # CPU: torch fp32/bf16/int8, ONNX Runtime INT8, small loads
 
 Rows (one per measurement, same columns everywhere):
 - `engine batch 1`: one request at a time; ms/token is the mean gap between its tokens (decode only).
@@ -12,7 +12,11 @@ Rows (one per measurement, same columns everywhere):
 - `grpc N streams`: a server process (`python -m inference_svc serve`) and N streaming clients in separate
   client processes, each sending requests back to back; TTFT and inter-token gaps are measured by the clients.
 - `hf generate`: transformers' GPT2LMHeadModel with the same width, depth, heads, vocabulary and context, same
-  dtype and device, `generate(do_sample=False)` for the same number of new tokens.
+  dtype and device, `generate(do_sample=False)` for the same number of new tokens (on CPU in float32 and bfloat16).
+On CPU the torch engine runs once per `TorchRunner(cpu_weights=)` choice (fp32, bf16, int8), and their batch-1 rows
+and HF generate's are timed in alternation (one request or `generate` call each per round, the median of
+CPU_ALTERNATING_ROUNDS): on a shared machine, load that comes and goes hits every contender alike. Issue 17's CPU
+target (`engine batch 1` rows): ms/token <= 0.6x the fastest HF generate row's.
 The model is shakespeare-char with random weights unless --model names an artifact (speed does not depend
 on the weights). Results: `<out>/inference-<cpu|gpu>.{csv,json,png}` with the device, commit and command.
 """
@@ -20,6 +24,8 @@ on the weights). Results: `<out>/inference-<cpu|gpu>.{csv,json,png}` with the de
 from __future__ import annotations
 
 import argparse
+import contextlib
+import copy
 import csv
 import datetime
 import json
@@ -33,7 +39,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Callable
 
 import torch
 
@@ -41,6 +47,7 @@ from bench_svc.benches.grpc_clients import grpc_load, percentile as _pct
 from bench_svc.provenance import LOAD_KEYS, device_name, git_commit, machine_load
 from inference_svc.engine import Engine
 from inference_svc.params import Request
+from inference_svc.cpu_weights import CPU_WEIGHTS
 from inference_svc.runner import ModelRunner, TorchRunner
 from model.artifact import load_artifact, save_artifact
 from model.presets import get_preset
@@ -48,7 +55,7 @@ from model.sampling import SamplingParams
 from model.tokenizers import CharTokenizer
 from model.transformer import GPT
 
-__all__ = ["Row", "main", "engine_latency", "engine_throughput", "grpc_load", "hf_generate"]
+__all__ = ["Row", "main", "engine_latency", "engine_throughput", "grpc_load", "hf_generate", "hf_generate_call"]
 
 MODULE = "bench_svc.benches.inference_serving"
 ROOT = Path(__file__).resolve().parents[2]
@@ -59,11 +66,13 @@ TARGET_MS_PER_TOKEN = 0.12
 TARGET_ENGINE_TOKENS_PER_S = 500_000
 TARGET_SAMPLED_SHARE = 0.85  # sampled (T 0.8, top-k 50, top-p 0.95) within 15% of greedy
 TARGET_GRPC_TOKENS_PER_S = {64: 100_000, 256: 150_000}  # by streams
+TARGET_CPU_SHARE_OF_HF = 0.6  # issue 17, CPU, 1 thread, batch 1: engine ms/token <= 0.6x HF generate's
+CPU_ALTERNATING_ROUNDS = 9  # rounds of the CPU batch-1 comparison (each contender once per round)
 
 
 @dataclass(frozen=True)
 class Row:
-    backend: str  # "torch cuda bf16 graphs", "torch cpu fp32", "onnx int8 cpu", "hf generate cuda bf16"
+    backend: str  # "torch cuda bfloat16 graphs", "torch cpu int8 weights", "onnx int8 cpu", "hf generate cpu bfloat16"
     scenario: str  # "engine batch 1", "engine 256 concurrent", "grpc 64 streams", "hf generate batch 1"
     concurrency: int
     new_tokens: int  # per request
@@ -124,12 +133,14 @@ def _greedy(new_tokens: int) -> SamplingParams:
 def engine_latency(engine: Engine, prompt: tuple[int, ...], new_tokens: int, repeats: int) -> tuple[float, float]:
     """Median over `repeats` single requests of (mean inter-token ms, TTFT ms)."""
     engine.submit(Request(prompt, _greedy(4))).result()  # warm-up
-    itl, ttft = [], []
-    for _ in range(repeats):
-        final = engine.submit(Request(prompt, _greedy(new_tokens))).result()
-        itl.append(final.timings.mean_inter_token_ms)
-        ttft.append(final.timings.ttft_ms)
+    itl, ttft = zip(*(_one_request(engine, prompt, new_tokens) for _ in range(repeats)))
     return statistics.median(itl), statistics.median(ttft)
+
+
+def _one_request(engine: Engine, prompt: tuple[int, ...], new_tokens: int) -> tuple[float, float]:
+    """(mean inter-token ms, TTFT ms) of one greedy request."""
+    final = engine.submit(Request(prompt, _greedy(new_tokens))).result()
+    return final.timings.mean_inter_token_ms, final.timings.ttft_ms
 
 
 def _sampled(new_tokens: int) -> SamplingParams:
@@ -167,16 +178,23 @@ def engine_throughput(
 
 
 def _engine_rows(
-    backend: str, runner: ModelRunner, tokenizer, plan: Plan, on_gpu: bool, equal_too: bool = False
+    backend: str,
+    runner: ModelRunner,
+    tokenizer,
+    plan: Plan,
+    on_gpu: bool,
+    equal_too: bool = False,
+    latency: tuple[float, float] | None = None,
 ) -> list[Row]:
     """Batch-1 latency and N-concurrent throughput (and, with `equal_too`, N prompts of one length: the case
     where the ORT runner can put every sequence in one call). With multi-step decode (the engine's default on CUDA
     graphs: `decode_steps` tokens per row per engine step) the same rows are also taken at one step per launch, and
-    the inter-token percentiles count the zero gaps inside a row's run of tokens (they arrive together)."""
+    the inter-token percentiles count the zero gaps inside a row's run of tokens (they arrive together).
+    `latency`: the batch-1 (ms/token, TTFT ms) measured already (the CPU comparison's alternation), not again here."""
     prompts = _prompts(plan.concurrency, runner.vocab_size)
     with Engine(runner, tokenizer, max_queue=plan.concurrency) as engine:
         steps = engine.decode_steps
-        ms, ttft = engine_latency(engine, prompts[8], plan.new_tokens, plan.latency_repeats)
+        ms, ttft = latency or engine_latency(engine, prompts[8], plan.new_tokens, plan.latency_repeats)
         batch = engine_throughput(engine, prompts, plan.new_tokens)
         sampled = engine_throughput(engine, prompts, plan.new_tokens, sampled=True) if on_gpu else None
         equal = (
@@ -344,6 +362,15 @@ def hf_generate(
     config, device: torch.device, dtype: torch.dtype, batch: int, prompt_len: int, new_tokens: int, repeats: int
 ) -> float | None:
     """Seconds per `generate` call (median) of a random GPT2LMHeadModel shaped like `config`; None without transformers."""
+    call = hf_generate_call(config, device, dtype, batch, prompt_len, new_tokens)
+    return None if call is None else statistics.median(call() for _ in range(repeats))
+
+
+def hf_generate_call(
+    config, device: torch.device, dtype: torch.dtype, batch: int, prompt_len: int, new_tokens: int
+) -> Callable[[], float] | None:
+    """A function that times one greedy `generate` call (seconds) of a random GPT2LMHeadModel shaped like `config`,
+    warmed up; None without transformers."""
     try:
         from transformers import GPT2Config, GPT2LMHeadModel
     except ImportError:
@@ -361,16 +388,18 @@ def hf_generate(
     model = GPT2LMHeadModel(hf_config).to(device=device, dtype=dtype).eval()
     ids = torch.randint(0, config.vocab_size, (batch, prompt_len), device=device)
     kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
-    times = []
+
+    @torch.inference_mode()
+    def call() -> float:
+        _sync(device)
+        t0 = time.perf_counter()
+        model.generate(ids, **kwargs)
+        _sync(device)
+        return time.perf_counter() - t0
+
     with torch.inference_mode():
         model.generate(ids, **{**kwargs, "max_new_tokens": 4, "min_new_tokens": 4})  # warm-up
-        for _ in range(repeats):
-            _sync(device)
-            t0 = time.perf_counter()
-            model.generate(ids, **kwargs)
-            _sync(device)
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return call
 
 
 def _sync(device: torch.device) -> None:
@@ -378,16 +407,78 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _hf_rows(config, device: torch.device, dtype: torch.dtype, plan: Plan) -> list[Row]:
-    backend = f"hf generate {device.type} {str(dtype).removeprefix('torch.')}"
+def _hf_rows(config, device: torch.device, dtype: torch.dtype, plan: Plan, batches: tuple[int, ...] = ()) -> list[Row]:
+    """HF generate's rows at `batches` (default: 1 and the plan's concurrency)."""
+    backend = _hf_backend(device, dtype)
     rows = []
-    for batch in (1, plan.concurrency):
+    for batch in batches or (1, plan.concurrency):
         s = hf_generate(config, device, dtype, batch, 16, plan.new_tokens, plan.latency_repeats if batch == 1 else 1)
         if s is None:
             return []
         ms = s * 1e3 / plan.new_tokens if batch == 1 else None
         rows.append(Row(backend, f"hf generate batch {batch}", batch, plan.new_tokens, ms, batch * plan.new_tokens / s))
     return rows
+
+
+def _hf_backend(device: torch.device, dtype: torch.dtype) -> str:
+    return f"hf generate {device.type} {str(dtype).removeprefix('torch.')}"
+
+
+# CPU: the engine per weights choice against HF generate -------------------------------------------------------
+
+
+def _cpu_backend(weights: str) -> str:
+    return {"fp32": "torch cpu float32", "bf16": "torch cpu bfloat16", "int8": "torch cpu int8 weights"}[weights]
+
+
+def _cpu_engine_rows(model: GPT, tokenizer, plan: Plan, with_hf: bool) -> list[Row]:
+    """The engine once per `TorchRunner(cpu_weights=)` choice (each on its own copy of `model`), and with `with_hf`
+    HF generate's batch-1 rows in float32 and bfloat16. Batch-1 latencies are taken in alternation (`_alternating`);
+    each engine batch-1 row gets issue 17's CPU target against the fastest HF generate row."""
+    cpu = torch.device("cpu")
+    runners = {w: TorchRunner(copy.deepcopy(model), plan.concurrency, device=cpu, cpu_weights=w) for w in CPU_WEIGHTS}
+    hf = {}
+    for dtype in (torch.float32, torch.bfloat16) if with_hf else ():
+        call = hf_generate_call(model.config, cpu, dtype, 1, 16, plan.new_tokens)
+        if call is not None:
+            hf[_hf_backend(cpu, dtype)] = call
+    prompt = _prompts(plan.concurrency, model.config.vocab_size)[8]
+    latency, hf_ms = _alternating(runners, tokenizer, hf, prompt, plan)
+    best = min(hf_ms.items(), key=lambda kv: kv[1], default=None)  # (backend, ms/token)
+    rows = []
+    for w, runner in runners.items():
+        for row in _engine_rows(_cpu_backend(w), runner, tokenizer, plan, on_gpu=False, latency=latency[w]):
+            if row.scenario == "engine batch 1" and best is not None:
+                share = row.ms_per_token / best[1]
+                row = replace(
+                    row,
+                    target=f"<= {TARGET_CPU_SHARE_OF_HF}x {best[0]} ({best[1]:.2f} ms; now {share:.2f}x)",
+                    meets_target=share <= TARGET_CPU_SHARE_OF_HF,
+                )
+            rows.append(row)
+    return rows + [
+        Row(backend, "hf generate batch 1", 1, plan.new_tokens, ms, 1e3 / ms) for backend, ms in hf_ms.items()
+    ]
+
+
+def _alternating(
+    runners: dict[str, TorchRunner], tokenizer, hf: dict[str, Callable[[], float]], prompt: tuple[int, ...], plan: Plan
+) -> tuple[dict[str, tuple[float, float]], dict[str, float]]:
+    """Batch-1 figures of every engine and HF generate call, taken in alternation: each round runs one request on
+    every engine and one `generate` call of each HF model; medians over CPU_ALTERNATING_ROUNDS rounds. Returns
+    ({weights: (ms/token, TTFT ms)}, {HF backend: ms/token})."""
+    with contextlib.ExitStack() as stack:
+        engines = {w: stack.enter_context(Engine(r, tokenizer, max_queue=plan.concurrency)) for w, r in runners.items()}
+        for engine in engines.values():
+            engine.submit(Request(prompt, _greedy(4))).result()  # warm-up
+        times: dict[str, list] = {name: [] for name in [*engines, *hf]}
+        for _ in range(CPU_ALTERNATING_ROUNDS):
+            for w, engine in engines.items():
+                times[w].append(_one_request(engine, prompt, plan.new_tokens))
+            for backend, call in hf.items():
+                times[backend].append(call() * 1e3 / plan.new_tokens)
+    latency = {w: tuple(statistics.median(xs) for xs in zip(*times[w])) for w in engines}
+    return latency, {backend: statistics.median(times[backend]) for backend in hf}
 
 
 # Model, artifacts, results --------------------------------------------------------------------------------
@@ -493,10 +584,12 @@ def main(argv: list[str] | None = None) -> int:
         dtype = torch.bfloat16 if on_gpu else torch.float32
         kind = f"torch {device.type} {str(dtype).removeprefix('torch.')}" + (" graphs" if on_gpu else "")
         rows: list[Row] = []
-        if "engine" not in skip:
+        if "engine" not in skip and on_gpu:
             runner = TorchRunner(artifact.model, n_slots=plan.concurrency, device=device, dtype=dtype)
             rows += _engine_rows(kind, runner, artifact.tokenizer, plan, on_gpu)
             del runner
+        elif "engine" not in skip:  # every CPU weights choice, batch 1 in alternation with HF generate's
+            rows += _cpu_engine_rows(artifact.model, artifact.tokenizer, plan, with_hf="hf" not in skip)
         if "grpc" not in skip:
             for streams in plan.grpc_streams:
                 rows.append(_grpc_row(kind, path, artifact.tokenizer, args.device, plan, on_gpu, args.threads, streams))
@@ -507,8 +600,13 @@ def main(argv: list[str] | None = None) -> int:
                 _export_int8(path, args.threads), n_slots=CPU_PLAN.concurrency, variant="int8", threads=args.threads
             )
             rows += _engine_rows("onnx int8 cpu", ort, artifact.tokenizer, CPU_PLAN, on_gpu=False, equal_too=True)
-        if "hf" not in skip:
+        if "hf" not in skip and on_gpu:
             rows += _hf_rows(artifact.config, device, dtype, plan)
+        elif "hf" not in skip:  # batch 1 already taken beside the engines (unless they were skipped)
+            batches = (plan.concurrency,) if "engine" not in skip else ()
+            rows += [
+                r for d in (torch.float32, torch.bfloat16) for r in _hf_rows(artifact.config, device, d, plan, batches)
+            ]
 
     header = {
         "device": device_name(device),

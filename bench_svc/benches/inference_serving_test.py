@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 
+import pytest
+import torch
+
 from bench_svc.benches.inference_serving import Row, engine_latency, engine_throughput, write_results
 from inference_svc.engine import Engine
 from inference_svc.runner import TorchRunner
@@ -67,3 +70,31 @@ def test_multi_step_engines_are_also_measured_at_one_step_per_launch(tiny, monke
         "engine 9 concurrent",
     ]
     assert all(r.tokens_per_s > 0 for r in rows)
+
+
+def test_cpu_rows_every_weights_choice_against_hf_generate_with_the_target(tiny, monkeypatch):
+    """On CPU: the engine's rows once per `cpu_weights` choice, HF generate's batch-1 rows in float32 and bfloat16
+    taken in the same alternation, and each engine batch-1 row's target against the fastest HF row."""
+    pytest.importorskip("transformers")  # the bench's own behaviour without it: no HF rows (hf_generate_call -> None)
+    from bench_svc.benches import inference_serving as bench
+
+    monkeypatch.setattr(bench, "CPU_ALTERNATING_ROUNDS", 2)
+    plan = bench.Plan(new_tokens=4, latency_repeats=1, concurrency=9, grpc_streams=(), grpc_requests_per_stream=1,
+                      grpc_client_processes=1)  # fmt: skip
+    rows = bench._cpu_engine_rows(tiny.model, tiny.tokenizer, plan, with_hf=True)
+    assert [(r.backend, r.scenario) for r in rows] == [
+        *[(b, s) for b in ("torch cpu float32", "torch cpu bfloat16", "torch cpu int8 weights")
+          for s in ("engine batch 1", "engine 9 concurrent")],
+        ("hf generate cpu float32", "hf generate batch 1"),
+        ("hf generate cpu bfloat16", "hf generate batch 1"),
+    ]  # fmt: skip
+    best_name, best_ms = min(((r.backend, r.ms_per_token) for r in rows[-2:]), key=lambda x: x[1])
+    for r in rows[:6]:
+        assert r.tokens_per_s > 0
+        if r.scenario == "engine batch 1":
+            share = r.ms_per_token / best_ms
+            assert r.target.startswith(f"<= 0.6x {best_name} ({best_ms:.2f} ms; now {share:.2f}x)")
+            assert r.meets_target == (share <= 0.6)
+        else:
+            assert r.target == "" and r.meets_target is None
+    assert tiny.model.lm_head.weight.dtype == torch.float32  # each engine ran on its own copy

@@ -1,0 +1,81 @@
+"""The weights a CPU `TorchRunner` decodes with: fp32, bf16, or weight-only INT8 (`TorchRunner(cpu_weights=)`).
+
+At batch 1 a CPU decode step reads every weight once (shakespeare-char: 43 MB in fp32 for 10.8M parameters), so
+its time follows the weights' bytes. The choices, measured in inference_svc/PERF_NOTES.md section 10:
+- "fp32": the model as given (the default);
+- "bf16": model, activations and KV cache in bf16 (oneDNN's bf16 matmul on avx512_bf16): half the bytes;
+- "int8": every Linear swapped for `CpuInt8Linear` (model.quantize's weight-only INT8 layout, one scale per output
+  channel; the LM head gets its own quantized copy, the embedding stays float): a quarter of the bytes. The
+  rest of the model (embeddings, norms, attention, KV cache, logits) stays in the runner's dtype.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+
+from model.quantize import Int8Linear
+from model.transformer import GPT
+
+__all__ = ["CPU_WEIGHTS", "CpuInt8Linear", "cpu_int8_model"]
+
+log = logging.getLogger(__name__)
+
+CPU_WEIGHTS = ("fp32", "bf16", "int8")
+# torch._weight_int8pack_mm's CPU kernel gives wrong sums (or crashes) unless K is a multiple of this (seen on torch
+# 2.13: K 8, 24, 40 wrong or a segfault; 16, 32, 48, 64, 96, ..., 1536 right); other layers use the dequantising path.
+INT8PACK_K_MULTIPLE = 16
+
+
+class CpuInt8Linear(Int8Linear):
+    """`Int8Linear` (q int8 (N, K), scale (N,)) multiplied by `torch._weight_int8pack_mm`, the fused CPU kernel that
+    torchao and gpt-fast use on CPU: it reads the int8 weights as they are. The kernel takes bf16 activations (in
+    fp32 it ran 13x slower here), so x is rounded to bf16 on the way in, the sum accumulated in fp32 and rounded to
+    bf16, then returned in x's dtype. K not a multiple of INT8PACK_K_MULTIPLE: `Int8Linear`'s dequantising path."""
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> "CpuInt8Linear":
+        m = super().from_linear(linear)
+        m.register_buffer("scale_bf16", m.scale.to(torch.bfloat16))  # the kernel wants the scales in x's dtype
+        return m
+
+    @classmethod
+    def concat(cls, parts: Sequence["CpuInt8Linear"]) -> "CpuInt8Linear":
+        """One module whose output is the parts' outputs side by side (`Attention.fuse_qkv`: q, k, v in one kernel
+        call): their int8 rows and per-channel scales stacked, so each output is exactly the part's own."""
+        first = parts[0]
+        assert all(p.in_features == first.in_features and (p.bias is None) == (first.bias is None) for p in parts)
+        n = sum(p.out_features for p in parts)
+        m = cls(first.in_features, n, first.bias is not None, device=first.q.device, dtype=first.scale.dtype)
+        m.q, m.scale = torch.cat([p.q for p in parts]), torch.cat([p.scale for p in parts])
+        m.register_buffer("scale_bf16", torch.cat([p.scale_bf16 for p in parts]))
+        if first.bias is not None:
+            m.bias = nn.Parameter(torch.cat([p.bias for p in parts]).detach(), requires_grad=False)
+        return m
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.in_features % INT8PACK_K_MULTIPLE != 0 or x.device.type != "cpu":
+            return super().forward(x)
+        x2 = x.reshape(-1, self.in_features).to(torch.bfloat16).contiguous()  # (M, K)
+        scale = self.scale_bf16.to(torch.bfloat16)  # a no-op unless a module.to(dtype) converted it
+        y = torch._weight_int8pack_mm(x2, self.q, scale).to(x.dtype)  # (M, N)
+        y = y.view(*x.shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
+
+def cpu_int8_model(model: GPT) -> GPT:
+    """A copy of `model` (on the CPU) with every `nn.Linear` swapped for a `CpuInt8Linear`; `model` is left as it is."""
+    model = copy.deepcopy(model)
+    targets = [(name, m) for name, m in model.named_modules() if type(m) is nn.Linear]
+    for name, linear in targets:
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, CpuInt8Linear.from_linear(linear))
+    slow = [name for name, m in targets if m.in_features % INT8PACK_K_MULTIPLE]
+    if slow:
+        log.warning("int8 CPU weights: %s have in_features not a multiple of %d: dequantised per call (slow)",
+                    slow, INT8PACK_K_MULTIPLE)  # fmt: skip
+    return model
