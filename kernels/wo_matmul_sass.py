@@ -10,15 +10,20 @@ and the two lay the INT4 word dot out differently (kernels/README.md, "18m: the 
 TRITON_INTERPRET:
 
     python -m kernels.wo_matmul_sass --m 16 --n 50304 --k 768 --format int4-g32 [--only use_dot=True] [--json]
+
+`--module FILE` builds another version of kernels/wo_matmul.py instead (`git show REV:kernels/wo_matmul.py > FILE`):
+older kernels take fewer constexprs and arguments, and their `candidate_configs` no split limit.
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import importlib.util
 import json
 import re
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -76,24 +81,50 @@ def launch_values(m: int, n: int, k: int, bits: int, group: int) -> dict[str, in
     )  # fmt: skip
 
 
-def build(config, m: int, n: int, k: int, fmt: str, words: bool = True) -> dict:
-    """Compile one config for sm_90 as the launch at (M, N, K, format) specialises it; its resources and loop counts."""
+def load_module(path: str | None):
+    """kernels.wo_matmul, or the version of it in file `path`."""
+    if path is None:
+        from kernels import wo_matmul
+
+        return wo_matmul
+    spec = importlib.util.spec_from_file_location(f"wo_matmul_at_{Path(path).stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def candidates(wo, m: int, n: int, k: int, fmt: str, words: bool = True) -> list:
+    """The module's candidate configs at (M, N, K, format)."""
+    import triton
+
+    m_bucket, (_, group) = triton.next_power_of_2(m), FORMATS[fmt]
+    if hasattr(wo, "max_split"):
+        return wo.candidate_configs(m_bucket, k, group, words, wo.max_split(m, n))
+    return wo.candidate_configs(m_bucket, k, group, words)
+
+
+def build(config, m: int, n: int, k: int, fmt: str, words: bool = True, wo=None) -> dict:
+    """Compile one config for sm_90 as the launch at (M, N, K, format) specialises it; its resources and loop counts.
+    `wo`: the module (default kernels.wo_matmul)."""
     import triton
     import triton.language as tl
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from kernels import wo_matmul as wo
-
+    wo = wo or load_module(None)
     bits, group = FORMATS[fmt]
     m_bucket = triton.next_power_of_2(m)
     kw = wo._triton_config(config, m_bucket).kwargs
     const = dict(M_BUCKET=m_bucket, BITS=bits, GROUP_SIZE=group, DOT_DTYPE=tl.bfloat16, DOT_PRECISION="tf32", **kw)
-    const.update(WORDS=words, EVEN_K=wo._even_k(dict(K=k, **kw)))
+    const.update(WORDS=words)
+    if hasattr(wo, "_even_k"):  # the heuristic's constexpr (kernels since 3969682)
+        const.update(EVEN_K=wo._even_k(dict(K=k, **kw)))
     pointers = dict(x_ptr="*bf16", w_ptr="*i8" if bits == 8 else "*u8", scale_ptr="*fp32", out_ptr="*bf16")
     pointers.update(ws_ptr="*fp32", ticket_ptr="*i32")
     values = launch_values(m, n, k, bits, group)
     fn = wo._wo_matmul_kernel
+    const = {name: v for name, v in const.items() if name in fn.arg_names}  # older kernels take fewer
     sig, attrs = {}, {}
     for i, name in enumerate(fn.arg_names):
         if name in const or values.get(name) == 1:
@@ -134,16 +165,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--bytes", action="store_true", help="the byte path's candidates (rows not word-aligned)")
     p.add_argument("--only", default="", help="keep the configs whose repr contains this text")
     p.add_argument("--json", action="store_true", help="one JSON line per build")
+    p.add_argument("--module", help="a file holding another version of kernels/wo_matmul.py")
     args = p.parse_args(argv)
-    import triton
-
-    from kernels import wo_matmul as wo
-
-    bits, group = FORMATS[args.format]
-    m_bucket = triton.next_power_of_2(args.m)
-    configs = wo.candidate_configs(m_bucket, args.k, group, not args.bytes, wo.max_split(args.m, args.n))
-    for c in (c for c in configs if args.only in repr(c)):
-        row = build(c, args.m, args.n, args.k, args.format, words=not args.bytes)
+    wo = load_module(args.module)
+    for c in (c for c in candidates(wo, args.m, args.n, args.k, args.format, not args.bytes) if args.only in repr(c)):
+        row = build(c, args.m, args.n, args.k, args.format, words=not args.bytes, wo=wo)
         if args.json:
             print(json.dumps(row), flush=True)
         else:

@@ -4,11 +4,12 @@ subprocess without TRITON_INTERPRET, kernels/sm90_compile_test.build_in_subproce
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import pytest
 
 from kernels.sm90_compile_test import _nvidia_backend_available, build_in_subprocess
-from kernels.wo_matmul_sass import launch_values, loop_body, main, parse_sass
+from kernels.wo_matmul_sass import candidates, launch_values, load_module, loop_body, main, parse_sass
 
 # cuobjdump -sass lines: a prologue, a loop from 0x0100 to its backward branch at 0x0160, an exit after it
 LISTING = """
@@ -44,6 +45,21 @@ def test_launch_values_are_the_launchers():
     assert (v["KH"], v["stride_sn"], v["stride_sg"], v["one_bits"]) == (2048, 1, 0, 0x3FC00000)
 
 
+def test_other_versions_of_the_kernel_module_load_from_a_file():
+    # --module: a file holding a version of kernels/wo_matmul.py (here today's, by its path) loads as its own module;
+    # kernels from before split-K (8c88389) have no max_split, and their candidate_configs no split limit.
+    from kernels import wo_matmul
+
+    copy = load_module(wo_matmul.__file__)
+    assert copy is not wo_matmul and copy.CANDIDATES == tuple(copy.WoConfig(**vars(c)) for c in wo_matmul.CANDIDATES)
+    assert candidates(copy, 16, 50304, 768, "int4-g32") == [
+        copy.WoConfig(**vars(c)) for c in candidates(wo_matmul, 16, 50304, 768, "int4-g32")
+    ]
+    calls = []
+    before_split_k = SimpleNamespace(candidate_configs=lambda *args: calls.append(args) or [])
+    assert candidates(before_split_k, 3, 768, 2048, "int8") == [] and calls == [(4, 2048, 1, True)]
+
+
 def test_rejects_an_unknown_format():
     with pytest.raises(SystemExit):
         main(["--format", "int3"])
@@ -55,11 +71,9 @@ BUILT = ("block_n=16, block_k=256, use_dot=False", "block_n=64, block_k=128, use
 
 
 def _configs() -> list:
-    from kernels import wo_matmul as wo
+    from kernels import wo_matmul
 
-    return [
-        c for c in wo.candidate_configs(16, 768, 32, True, wo.max_split(16, 4096)) if any(b in repr(c) for b in BUILT)
-    ]
+    return [c for c in candidates(wo_matmul, 16, 4096, 768, "int4-g32") if any(b in repr(c) for b in BUILT)]
 
 
 def _build_all() -> None:
