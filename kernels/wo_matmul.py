@@ -22,7 +22,11 @@ Inner products, chosen by the autotuner per (M bucket, N, K, format) and timed i
   the last to take the tile's atomic ticket sums them in slice order and resets the ticket: one launch, no memset,
   graph-safe. At N = 768 and BLOCK_N 16 one program per tile is 48 programs for 132 SMs, each walking a K of
   2048..3072; split, each has 1..3 steps, all in flight.
-Rows that are not 4-byte aligned take the byte path (the same FMA / dot split, bytes widened in registers).
+Rows that are not 4-byte aligned take the byte path (the same FMA / dot split, bytes widened in registers); so do the
+byte-load dot configs (`BYTE_DOT_ENTRIES`, M 2..16), offered beside the word path's for the autotuner to weigh, and
+the word path's INT4 dot configs come twice: scales loaded per word, or per group (`group_scales`). Built by the GPU's
+triton (3.6), the per-word INT4 word dot reads its words and scales from shared memory with 8- to 32-way bank
+conflicts, which the other two do not (kernels/README.md, "18m: the M=16 SASS").
 
 One launch per call, no host sync, no allocation but the output (and the split configs' partials): the kernel can be
 captured in a CUDA graph after a first, autotuning call outside the capture (which also allocates the device's
@@ -31,7 +35,8 @@ tickets). Split launches share the tickets of their device: calls on one stream 
 Per kernel:
     int8_matmul_reference / int4_matmul_reference   dequantise-then-matmul in PyTorch (the truth)
     int8_matmul_triton    / int4_matmul_triton      the fused Triton kernel (any M; meant for M <= 16); `config` fixes
-                                                    the path (WoConfig: FMA / dot, split_k), `words=False` the byte path
+                                                    the path (WoConfig: FMA / dot, split_k, byte_loads,
+                                                    group_scales), `words=False` the byte path
     int8_matmul           / int4_matmul             wrappers, x (..., K); impl="auto" (Triton for CUDA
                                                     inputs with M <= MAX_FUSED_M, the reference otherwise: CPU,
                                                     or prefill-sized M where dequantise + cuBLAS wins),
@@ -71,14 +76,14 @@ __all__ = [
 
 MAX_FUSED_M = 64  # above this the wrappers dequantise and call cuBLAS
 MAX_FMA_M = 16  # the FMA path's M tile is the whole M bucket: beyond this only the dot path is offered
-# (BM, BN) pairs of an FMA tile from M 2. 18w set 64 (BLOCK_N <= 4 at M 16), and the M=16 INT4 lm_head went from the
-# word FMA path's 0.0178 ms to 0.0577 on the dot path; 8- and 16-row tiles at M 8 and 16 build for sm_90 without
-# spills (kernels/wo_matmul_compile_test.py), so they are offered again and the autotuner times them
+# (BM, BN) pairs of an FMA tile from M 2. 18w set 64 (BLOCK_N <= 4 at M 16); 8- and 16-row tiles at M 8 and 16 build
+# for sm_90 without spills (kernels/wo_matmul_compile_test.py), so they are offered again and the autotuner times them.
+# (They did not bring back the M=16 INT4 lm_head's 0.0178 ms: that was the byte path's tl.dot, see BYTE_DOT_ENTRIES.)
 MAX_FMA_PAIRS = 256
 FMA_REGISTER_BUDGET = 48  # fp32 accumulator elements per thread of the FMA path (fma_tile_elements; 64 spilled)
 DOT_REGISTER_BUDGET = 128  # tile values per thread of the dot path (dot_tile_elements)
 # per config: do_bench_cudagraph replays a graph of about rep / (lone-call ms) calls 10 times. 3 ms (was 10) is still
-# 100+ calls per replay, and an autotuning pass (~10-25 configs per shape, M bucket and format) takes ~0.5-1 s
+# 100+ calls per replay, and an autotuning pass (~10-35 configs per shape, M bucket and format) takes ~0.5-1.5 s
 AUTOTUNE_REP_MS = 3
 # Split-K (dot configs, M 2..64): K is cut into SPLIT_K slices, one program each; the last program of an output tile
 # to finish (an atomic ticket per tile) adds the slices' fp32 partial sums, writes the output and resets the ticket,
@@ -94,8 +99,11 @@ UNIT_BITS = {4: 0x3F800000, 8: 0x3F800000 | 1 << 22}
 
 @dataclass(frozen=True)
 class WoConfig:
-    """One launch configuration: BLOCK_N output channels per program, BLOCK_K inputs per step, FMA or dot, and how
-    many programs share an output tile's K (split_k, dot only)."""
+    """One launch configuration: BLOCK_N output channels per program, BLOCK_K inputs per step, FMA or dot, how many
+    programs share an output tile's K (split_k, dot only), whether the weight is read byte by byte even where its rows
+    are word-aligned (byte_loads: the byte path, `_wo_bytes`, as `words=False` forces it), and whether INT4 on the word
+    path loads each group's scale once and repeats it to the group's words in registers (group_scales) instead of
+    loading it once per word."""
 
     block_n: int
     block_k: int
@@ -103,6 +111,8 @@ class WoConfig:
     num_warps: int = 4
     num_stages: int = 2
     split_k: int = 1
+    byte_loads: bool = False
+    group_scales: bool = False
 
     def block_m(self, m: int) -> int:
         """The M tile: the whole M bucket for FMA, 16..64 rows for dot (its minimum is 16)."""
@@ -151,15 +161,28 @@ _DOT_ENTRIES = (
     (16, 128, 4, 3, 8),
     (32, 128, 4, 3, 8),
 )
+# (BLOCK_N, BLOCK_K, num_warps, num_stages) of dot configs on the byte path for word-aligned rows (issue 18m): the dot
+# set of 8c88389, whose M=16 INT4-g32 lm_head ran 0.0178 ms on the H200 (the word path's dot since: 0.0577). Its sm_90
+# loop (triton 3.6, the GPU's) has 2 barriers per K step and conflict-free 16-byte shared loads.
+BYTE_DOT_ENTRIES = ((16, 128, 4, 3), (16, 256, 4, 3), (32, 128, 4, 3), (32, 256, 8, 3), (64, 128, 4, 3))
+MAX_BYTE_DOT_M = 16  # M buckets with byte-load dot configs (a 16-row M tile): at 64 rows most of them spilled (sm_90)
+# The word path's INT4 dot configs again with group_scales (issue 18m): with a scale loaded per word, triton 3.6 (the
+# GPU's) loads the pipelined words and scales from shared memory one 4-byte element per lane, the lanes down the rows
+# of an unswizzled (BLOCK_N, words) tile: 8- to 32-way bank conflicts on every load. One load per group leaves the
+# words in 16-byte loads along K (the INT8 word dot's layout) in the same build.
 
 
 def _triton_config(c: WoConfig, m_bucket: int) -> triton.Config:
     kw = dict(BLOCK_M=c.block_m(m_bucket), BLOCK_N=c.block_n, BLOCK_K=c.block_k, USE_DOT=c.use_dot, SPLIT_K=c.split_k)
+    kw.update(BYTE_LOADS=c.byte_loads, GROUP_SCALES=c.group_scales)
     return triton.Config(kw, num_warps=c.num_warps, num_stages=c.num_stages)
 
 
-CANDIDATES = tuple(WoConfig(bn, bk, False, w, s) for bn, bk, w, s in _FMA_ENTRIES) + tuple(
-    WoConfig(bn, bk, True, w, s, split) for bn, bk, w, s, split in _DOT_ENTRIES
+CANDIDATES = (
+    tuple(WoConfig(bn, bk, False, w, s) for bn, bk, w, s in _FMA_ENTRIES)
+    + tuple(WoConfig(bn, bk, True, w, s, split) for bn, bk, w, s, split in _DOT_ENTRIES)
+    + tuple(WoConfig(bn, bk, True, w, s, byte_loads=True) for bn, bk, w, s in BYTE_DOT_ENTRIES)
+    + tuple(WoConfig(bn, bk, True, w, s, split, group_scales=True) for bn, bk, w, s, split in _DOT_ENTRIES)
 )
 
 
@@ -186,11 +209,17 @@ def candidate_configs(m_bucket: int, k: int, group_size: int, words: bool = Fals
     """The configs worth timing for an M bucket: FMA only while its accumulator fits the register budget (and its x
     tile and per-field products: at most MAX_FMA_PAIRS (BM, BN) pairs from M 2), dot only from M 2 on (at M 1 a 16-row tile is all
     padding) and while its tiles fit DOT_REGISTER_BUDGET; INT4 tiles hold whole groups (BLOCK_K >= group_size); split
-    configs up to `split` slices, each at least BLOCK_K long. Beyond these budgets the sm_90 builds spilled
+    configs up to `split` slices, each at least BLOCK_K long; the byte-load dot configs up to MAX_BYTE_DOT_M, and they
+    and the group-scale ones (INT4) only where the rows are read as words (on the byte path they would repeat the dot
+    configs). Beyond these budgets the sm_90 builds spilled
     (kernels/wo_matmul_compile_test.py). group_size 1 means INT8."""
     keep = []
     for c in CANDIDATES:
         if c.block_k < group_size or c.block_k > max(triton.next_power_of_2(k), group_size, 64):
+            continue
+        if c.byte_loads and (not words or m_bucket > MAX_BYTE_DOT_M):
+            continue
+        if c.group_scales and (not words or group_size == 1):
             continue
         threads = 32 * c.num_warps
         if c.use_dot:
@@ -335,7 +364,7 @@ def _wo_words(
     x_ptr, one_bits, offs_m, m_mask, w_ptr, scale_ptr, offs_n, n_mask, w_lo, w_hi, stride_xm, stride_xk, stride_wn,
     stride_sn, stride_sg, BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr, USE_DOT: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    EVEN_K: tl.constexpr,
+    EVEN_K: tl.constexpr, GROUP_SCALES: tl.constexpr,
 ):  # fmt: skip
     """The weight read as 32-bit words (4 INT8 or 8 INT4 weights each), words w_lo..w_hi of each row, dequantised by
     `_unit` (no int -> float conversions: those run at a quarter of the FMA rate and bounded the old INT4 path). The
@@ -364,7 +393,20 @@ def _wo_words(
         else:
             w_mask = offs_w < w_hi
         words = tl.load(rows + offs_w[None, :], mask=n_mask[:, None] & w_mask[None, :], other=0)  # (BN, W)
-        if BITS == 4:
+        if BITS == 4 and GROUP_SCALES:  # one load per group, repeated to the group's words in registers
+            WPG: tl.constexpr = GROUP_SIZE // PER_WORD  # words per group (a step holds whole groups)
+            offs_g = kw // WPG + tl.arange(0, WORDS // WPG)
+            if EVEN_K:
+                g_mask = tl.full((WORDS // WPG,), 1, tl.int1)
+            else:
+                g_mask = offs_g < w_hi // WPG
+            s = tl.load(
+                scale_ptr + offs_n[:, None] * stride_sn + offs_g[None, :] * stride_sg,
+                mask=n_mask[:, None] & g_mask[None, :],
+                other=0.0,
+            )  # (BN, groups)
+            s = tl.reshape(tl.broadcast_to(s[:, :, None], (BLOCK_N, WORDS // WPG, WPG)), (BLOCK_N, WORDS))
+        elif BITS == 4:
             g = offs_w * PER_WORD // GROUP_SIZE  # the group of each word (groups hold whole words)
             s = tl.load(
                 scale_ptr + offs_n[:, None] * stride_sn + g[None, :] * stride_sg,
@@ -528,6 +570,8 @@ def _wo_matmul_kernel(
     USE_DOT: tl.constexpr,
     WORDS: tl.constexpr,  # 4-byte aligned weight rows: read as int32 words (_wo_words)
     SPLIT_K: tl.constexpr,  # programs along K per output tile (grid axis 2)
+    BYTE_LOADS: tl.constexpr,  # the config reads bytes even where WORDS (WoConfig.byte_loads)
+    GROUP_SCALES: tl.constexpr,  # INT4 words: one scale load per group (WoConfig.group_scales)
     EVEN_K: tl.constexpr,  # K % (BLOCK_K * SPLIT_K) == 0: every step of every slice is whole (_even_k)
 ):
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -540,12 +584,12 @@ def _wo_matmul_kernel(
         k_per = tl.cdiv(tl.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K
         k_lo = tl.program_id(2) * k_per
         k_hi = tl.minimum(K, k_lo + k_per)
-    if WORDS:
+    if WORDS and not BYTE_LOADS:
         PER_WORD: tl.constexpr = 32 // BITS
         acc = _wo_words(
             x_ptr, one_bits, offs_m, m_mask, w_ptr, scale_ptr, offs_n, n_mask, k_lo // PER_WORD, k_hi // PER_WORD,
             stride_xm, stride_xk, stride_wn, stride_sn, stride_sg, BITS, GROUP_SIZE, BLOCK_M, BLOCK_N, BLOCK_K, USE_DOT,
-            DOT_DTYPE, DOT_PRECISION, EVEN_K,
+            DOT_DTYPE, DOT_PRECISION, EVEN_K, GROUP_SCALES,
         )  # fmt: skip
     else:
         acc = _wo_bytes(

@@ -1,5 +1,7 @@
 """Tests for the weight-only INT8 / INT4 matmuls: Triton (interpreter on CPU) against dequantise-then-matmul."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 from triton import next_power_of_2 as triton_next_power_of_2
@@ -7,6 +9,7 @@ from triton import next_power_of_2 as triton_next_power_of_2
 from kernels.quant_format import INT4_GROUP_SIZES, pack_int4, pack_int8, unpack_int4
 from kernels.wo_matmul import (
     _tickets,
+    BYTE_DOT_ENTRIES,
     CANDIDATES,
     DOT_REGISTER_BUDGET,
     FMA_REGISTER_BUDGET,
@@ -94,6 +97,74 @@ def test_word_dot_path_matches_reference(m, block_n, block_k):
         got4 = int4_matmul_triton(x[:, :384], packed, scales, group_size, config=c4)
         want4 = int4_matmul_reference(x[:, :384], packed, scales, group_size)
         torch.testing.assert_close(got4, want4, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("m", [2, 16])
+def test_byte_load_dot_configs_read_bytes_on_word_aligned_rows(m):
+    # A byte-load dot config (BYTE_DOT_ENTRIES) takes the byte path on rows the word path could read: it matches the
+    # reference and, bit for bit, the byte path forced by words=False with the same tiles (the word path's dot sums
+    # in another order). K = 384: a partial step at BLOCK_K 256; N = 37: a partial N tile.
+    x, w = _inputs(m, 37, 384, seed=40 + m)
+    q, scale = pack_int8(w)
+    packed, scales = pack_int4(w, 32)
+    for block_n, block_k, warps, stages in BYTE_DOT_ENTRIES[1:3]:  # BLOCK_K 256 and 128 (the interpreter is slow)
+        config = WoConfig(block_n, block_k, True, warps, stages, byte_loads=True)
+        same_tiles = WoConfig(block_n, block_k, True, warps, stages)
+        got8 = int8_matmul_triton(x, q, scale, config=config)
+        torch.testing.assert_close(got8, int8_matmul_reference(x, q, scale), atol=1e-4, rtol=1e-4)
+        assert torch.equal(got8, int8_matmul_triton(x, q, scale, config=same_tiles, words=False))
+        got4 = int4_matmul_triton(x, packed, scales, 32, config=config)
+        torch.testing.assert_close(got4, int4_matmul_reference(x, packed, scales, 32), atol=1e-4, rtol=1e-4)
+        assert torch.equal(got4, int4_matmul_triton(x, packed, scales, 32, config=same_tiles, words=False))
+
+
+def test_byte_load_dot_candidates_only_beside_the_word_path():
+    # 8c88389's dot set (the byte path's tl.dot: 0.0178 ms at the M=16 INT4-g32 lm_head on the H200, where the word
+    # path's dot takes 0.0577) is timed beside the word path's configs at M 2..16 (a 16-row tl.dot tile; at 64 rows
+    # they spilled); on the byte path the plain dot configs already read bytes.
+    lm_head = candidate_configs(16, 768, 32, True, max_split(16, 50304))
+    got = {(c.block_n, c.block_k, c.num_warps, c.num_stages) for c in lm_head if c.byte_loads}
+    assert got == set(BYTE_DOT_ENTRIES)
+    assert all(c.use_dot and c.split_k == 1 for c in CANDIDATES if c.byte_loads)
+    for group_size in (1, *INT4_GROUP_SIZES):
+        assert not any(c.byte_loads for c in candidate_configs(1, 768, group_size, True))
+        for m_bucket in (2, 16, 64):
+            word_path = candidate_configs(m_bucket, 768, group_size, True, MAX_SPLIT_K)
+            assert any(c.byte_loads for c in word_path) == (m_bucket <= 16)
+            assert not any(c.byte_loads for c in candidate_configs(m_bucket, 768, group_size, False, MAX_SPLIT_K))
+
+
+@pytest.mark.parametrize("use_dot", [True, False], ids=["dot", "fma"])
+@pytest.mark.parametrize("m", [2, 16])
+def test_group_scale_word_path_matches_reference(m, use_dot):
+    # INT4 on words with each group's scale loaded once and repeated to its words (group_scales): every group size,
+    # one group per step up to several (BLOCK_K 128 at G 32: 4 groups of 4 words), a partial K step (K = 384 at
+    # BLOCK_K 256 and G 128: the last step's group is masked), a split K; N = 37: a partial N tile.
+    x, w = _inputs(m, 37, 384, seed=60 + m)
+    for group_size in INT4_GROUP_SIZES:
+        packed, scales = pack_int4(w, group_size)
+        want = int4_matmul_reference(x, packed, scales, group_size)
+        for block_k, split_k in ((max(128, group_size), 1), (256, 1), (128, 2 if use_dot else 1)):
+            if block_k < group_size:
+                continue
+            config = WoConfig(16, block_k, use_dot, split_k=split_k, group_scales=True)
+            got = int4_matmul_triton(x, packed, scales, group_size, config=config)
+            torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4, msg=lambda e: f"{config} G{group_size}: {e}")
+
+
+def test_group_scale_candidates_mirror_the_int4_word_dot_configs():
+    # Each word-path INT4 dot config is offered again with group_scales (INT8 has no group scales; the byte path
+    # already loads one scale per group).
+    for group_size in INT4_GROUP_SIZES:
+        for m_bucket in (2, 16, 64):
+            got = candidate_configs(m_bucket, 768, group_size, True, MAX_SPLIT_K)
+            plain = {
+                replace(c, group_scales=True) for c in got if c.use_dot and not c.byte_loads and not c.group_scales
+            }
+            assert plain and plain == {c for c in got if c.group_scales}
+            assert not any(c.group_scales for c in candidate_configs(m_bucket, 768, group_size, False, MAX_SPLIT_K))
+    assert not any(c.group_scales for c in candidate_configs(16, 768, 1, True, MAX_SPLIT_K))
+    assert all(c.use_dot and not c.byte_loads for c in CANDIDATES if c.group_scales)
 
 
 def _every_code_weight(n: int, k: int, bits: int) -> torch.Tensor:
@@ -221,7 +292,7 @@ def test_candidates_fit_each_bucket(words):
             assert dot_tile_elements(16, c) <= DOT_REGISTER_BUDGET * threads
         else:
             assert 16 * c.block_n <= MAX_FMA_PAIRS and 16 * c.block_k <= 32 * threads
-    # the 8-row word-FMA tile that ran the M=16 INT4 lm_head fastest before issue 18w is among them
+    # 8- and 16-row word-FMA tiles are timed at M 16 too (33b937a)
     assert any(not c.use_dot and c.block_n >= 8 for c in candidate_configs(16, 768, 32, True))
     assert not any(c.use_dot for c in candidate_configs(1, 768, 32))  # M = 1 never pads to 16 rows
     assert all(c.use_dot for c in candidate_configs(64, 768, 32))
