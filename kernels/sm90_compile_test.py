@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import pytest
+
+from kernels.sm90_build import compile_sm90, resources
 
 REPO_ROOT = Path(__file__).absolute().parent.parent
 SM90_SHARED_BYTES = 232448  # 227 KiB per block
@@ -26,26 +26,12 @@ SUBPROCESS_TIMEOUT_S = 600
 def _build(kernel, signature: dict[str, str], constexprs: dict, num_warps: int, num_stages: int) -> dict:
     """Compile one specialisation for sm_90; returns shared bytes, registers and spill (stack) bytes."""
     import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
 
     fn = kernel
     while not isinstance(fn, triton.runtime.jit.JITFunction):  # unwrap heuristics / autotune
         fn = fn.fn
     sig = {name: "constexpr" if name in constexprs else signature.get(name, "i32") for name in fn.arg_names}
-    compiled = triton.compile(
-        ASTSource(fn=fn, signature=sig, constexprs=constexprs),
-        target=GPUTarget("cuda", 90, 32),
-        options=dict(num_warps=num_warps, num_stages=num_stages),
-    )
-    cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(compiled.asm["cubin"])
-        f.flush()
-        usage = subprocess.run([str(cuobjdump), "--dump-resource-usage", f.name], capture_output=True, text=True)
-    match = re.search(r"REG:(\d+).*STACK:(\d+)", usage.stdout)
-    regs, stack = (int(match.group(1)), int(match.group(2))) if match else (-1, -1)
-    return {"shared": compiled.metadata.shared, "regs": regs, "stack": stack}
+    return resources(compile_sm90(fn, sig, constexprs, num_warps, num_stages))
 
 
 def _specs() -> list[tuple[str, object, dict, dict, int, int]]:

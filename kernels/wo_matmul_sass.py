@@ -22,10 +22,10 @@ import collections
 import importlib.util
 import json
 import re
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
+
+from kernels.sm90_build import compile_sm90, cuobjdump, resources
 
 SMS, ISSUE_PER_CLOCK, CLOCK_HZ = 132, 4, 1.98e9
 FORMATS = {"int8": (8, 1), "int4-g32": (4, 32), "int4-g64": (4, 64), "int4-g128": (4, 128)}
@@ -109,8 +109,6 @@ def build(config, m: int, n: int, k: int, fmt: str, words: bool = True, wo=None)
     `wo`: the module (default kernels.wo_matmul)."""
     import triton
     import triton.language as tl
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
 
     wo = wo or load_module(None)
     bits, group = FORMATS[fmt]
@@ -134,18 +132,9 @@ def build(config, m: int, n: int, k: int, fmt: str, words: bool = True, wo=None)
         sig[name] = pointers.get(name, "i32")
         if name in pointers or values[name] % 16 == 0:
             attrs[(i,)] = [["tt.divisibility", 16]]
-    compiled = triton.compile(
-        ASTSource(fn=fn, signature=sig, constexprs=const, attrs=attrs),
-        target=GPUTarget("cuda", 90, 32),
-        options=dict(num_warps=config.num_warps, num_stages=config.num_stages),
-    )
-    cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(compiled.asm["cubin"])
-        f.flush()
-        run = lambda *a: subprocess.run([str(cuobjdump), *a, f.name], capture_output=True, text=True).stdout  # noqa: E731
-        usage, sass = run("--dump-resource-usage"), run("-sass")
-    regs, stack = (int(v) for v in re.search(r"REG:(\d+).*STACK:(\d+)", usage).groups())
+    compiled = compile_sm90(fn, sig, const, config.num_warps, config.num_stages, attrs)
+    regs, stack = (resources(compiled)[key] for key in ("regs", "stack"))
+    sass = cuobjdump(compiled, "-sass")
     body = loop_body(parse_sass(sass))
     per_1k = 1000 * config.num_warps / (config.block_n * config.block_k)
     total = sum(body.values()) * per_1k

@@ -129,8 +129,11 @@ def span_probe(runner: TorchRunner, batch: int) -> list[tuple[int, int, float]]:
     """(attention span, steps, ms per step) of every greedy device-resident decode graph of this batch bucket: what a
     step costs as a request's span grows (a multi-step graph attends over the span of its last step)."""
     keys = sorted(k for k in runner._graphs if k[0] == "resident" and k[1] == batch and not k[3])
-    return [(k[2], k[4] if len(k) > 4 else 1, _replay_ms(runner, runner._graphs[k].graph) / (k[4] if len(k) > 4 else 1))
-            for k in keys]  # fmt: skip
+    out = []
+    for key in keys:
+        steps = key[4] if len(key) > 4 else 1  # a multi-step graph's key has its step count last
+        out.append((key[2], steps, _replay_ms(runner, runner._graphs[key].graph) / steps))
+    return out
 
 
 def prefill_probe(runner: TorchRunner, batch: int, length: int, repeats: int = 5) -> dict:

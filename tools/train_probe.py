@@ -25,13 +25,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from model.layers import use_kernels
 from trainer.config import load_config
 from trainer.corpus import resolve_corpus
 from trainer.data import prepare_data
 from trainer.distributed import SINGLE
 from tools.profiling import kernel_events, top_host, top_kernels
-from trainer.train import _setup, _train_step, train
+from trainer.train import _setup, _train_step, kernel_scope, train
 
 VARIANTS = {  # "tinylm": the shakespeare-char preset as it trains (reduce-overhead: CUDA graphs)
     "tinylm": dict(),
@@ -168,8 +167,7 @@ def profile(args: argparse.Namespace, workdir: Path, corpus: Path) -> None:
         config = _config(variant, 10_000, 10_000)
         prepare_data(corpus, "char", workdir / "data")
         torch.backends.cuda.matmul.allow_tf32 = True
-        every_kernel, named = config.kernel_switches
-        with use_kernels(every_kernel, **named):
+        with kernel_scope(config):
             run = _setup(
                 config,
                 corpus,

@@ -171,9 +171,14 @@ def train(config: TrainConfig, corpus: Path, *, started_at: float | None = None,
     end before its optimizer."""
     started_at = time.perf_counter() if started_at is None else started_at
     preload = preload_compiler() if config.compile or config.compile_optimizer else started_preload()
-    every_kernel, named = config.kernel_switches
-    with use_kernels(every_kernel, **named), _restores_backend_settings():
+    with kernel_scope(config), _restores_backend_settings():
         return _train(config, corpus, started_at=started_at, preload=preload, **kwargs)
+
+
+def kernel_scope(config: TrainConfig) -> contextlib.AbstractContextManager:
+    """`model.layers.use_kernels` as `config.kernels` and `config.kernel_names` say (a run, or a probe of its step)."""
+    every_kernel, named = config.kernel_switches
+    return use_kernels(every_kernel, **named)
 
 
 @contextlib.contextmanager
