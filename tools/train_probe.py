@@ -25,33 +25,20 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from trainer.config import load_config
+from bench_svc.benches.training import gpu_variants
 from trainer.corpus import resolve_corpus
 from trainer.data import prepare_data
 from trainer.distributed import SINGLE
 from tools.profiling import kernel_events, top_host, top_kernels
 from trainer.train import _setup, _train_step, kernel_scope, train
 
-VARIANTS = {  # "tinylm": the shakespeare-char preset as it trains (reduce-overhead: CUDA graphs)
-    "tinylm": dict(),
-    "tinylm-kernels": dict(kernels=True),  # the same with flash attention and add + norm as ops in the compiled step
-    "tinylm-flash": dict(kernel_names="flash_attention"),  # flash attention only
-    "tinylm-addnorm": dict(kernel_names="add_norm"),  # the fused residual + norm only
-    "compile-default": dict(compile_mode="default"),
-    "eager": dict(compile_mode="none", kernels=True),
-    "eager-pytorch": dict(compile_mode="none", kernels=False),
-}
-
 
 def _config(variant: str, steps: int, eval_interval: int):
-    return load_config("shakespeare-char").replace(
-        max_steps=steps,
-        eval_interval=eval_interval,
-        eval_iters=10,
-        log_interval=1,
-        tensorboard=False,
-        **VARIANTS[variant],
-    )
+    """The training benchmark's variant `variant` (bench_svc.benches.training), run for `steps` steps."""
+    variants = gpu_variants(eval_interval)
+    if variant not in variants:
+        raise SystemExit(f"tools.train_probe: unknown variant {variant!r}; choose from {sorted(variants)}")
+    return variants[variant].replace(max_steps=steps, eval_iters=10, log_interval=1)
 
 
 def _poison() -> None:
@@ -213,7 +200,7 @@ def profile(args: argparse.Namespace, workdir: Path, corpus: Path) -> None:
             prof.export_chrome_trace(str(Path(os.environ["OUT"]) / f"trace-{variant}.json"))
         busy_ms = sum(e.device_time for e in kernels) / 1e3 / n_prof
         top = ", ".join(f"{n} {us / 1e3:.2f}" for n, us in top_kernels(kernels, n_prof, width=60))
-        tok_s = 64 * 256 / (wall_ms / 1e3)
+        tok_s = config.batch_size * config.block_size * config.grad_accum / (wall_ms / 1e3)
         table.append((variant, warm_s, wall_ms, busy_ms, len(kernels) / n_prof, tok_s))
         print(f"\n[{variant}] top kernels (ms/step): {top}")
         del run

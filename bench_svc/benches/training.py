@@ -178,6 +178,12 @@ def _variants(args: argparse.Namespace) -> list[tuple[str, TrainConfig]]:
     return [(n, variants[n]) for n in names]
 
 
+def gpu_variants(eval_interval: int = 250, max_steps: int = 0) -> dict[str, TrainConfig]:
+    """The GPU variants by name (tools.train_probe profiles the same configs)."""
+    args = argparse.Namespace(cpu_smoke=False, eval_interval=eval_interval, max_steps=max_steps)
+    return dict(_all_variants(args))
+
+
 def _all_variants(args: argparse.Namespace) -> list[tuple[str, TrainConfig]]:
     if args.cpu_smoke:
         base = load_config("tiny").replace(
