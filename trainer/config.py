@@ -42,6 +42,7 @@ __all__ = [
     "ANNEALS",
     "OPTIMIZERS",
     "COMPILE_SCOPES",
+    "EVAL_MODES",
     "load_config",
     "parse_overrides",
     "micro_batch_plan",
@@ -61,6 +62,10 @@ CUDA_GRAPH_MODES = ("reduce-overhead", "reduce-overhead-tuned")
 ANNEALS = ("linear", "cosine")
 OPTIMIZERS = ("adamw", "muon")
 COMPILE_SCOPES = ("model", "blocks")
+# sampled: nanoGPT's estimate, eval_iters random windows of each split through the training forward; val-full: every
+# token of the val split scored once (trainer.evaluate.split_loss) by the eager model, and the train loss over
+# eval_iters windows: exact, and ~30x fewer tokens than 200 sampled batches of each split (no eval graph to compile)
+EVAL_MODES = ("sampled", "val-full")
 
 # Inclusive numeric ranges; an upper bound only stops the obvious typo (an extra zero or three).
 _INT_RANGES: dict[str, tuple[int, int]] = {
@@ -96,7 +101,7 @@ _OPEN_BELOW = ("lr", "muon_lr")  # ranges (lo, hi] rather than [lo, hi]
 _OPTIONAL = ("dropout", "dropout_start")  # None: "the preset's" / "no annealing"
 _CHOICES: dict[str, tuple[str, ...]] = {
     "tokenizer": TOKENIZERS, "dtype": DTYPES, "decay": DECAYS, "compile_mode": COMPILE_MODES, "dropout_anneal": ANNEALS,
-    "optimizer": OPTIMIZERS, "compile_scope": COMPILE_SCOPES,
+    "optimizer": OPTIMIZERS, "compile_scope": COMPILE_SCOPES, "eval_mode": EVAL_MODES,
 }  # fmt: skip
 _BOOLS = ("grad_checkpointing", "resume", "tensorboard", "kernels", "step_graph", "compile_optimizer")
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
@@ -146,6 +151,7 @@ class TrainConfig:
     dropout_anneal_levels: int = 0  # distinct p values; 0: every step's own in eager, 5 under torch.compile
     eval_interval: int = 250
     eval_iters: int = 20
+    eval_mode: str = "sampled"  # sampled | val-full (EVAL_MODES)
     log_interval: int = 10
     dtype: str = "float32"
     compile_mode: str = "none"  # none | default | reduce-overhead | reduce-overhead-tuned | max-autotune

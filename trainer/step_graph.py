@@ -8,6 +8,11 @@ workspaces, the optimizer's state), then the step is captured with static inputs
 into them, draws fresh dropout masks (the default generator is graph-safe: every replay advances its offset) and
 reads the learning rate from a device tensor (AdamW with `capturable=True`).
 
+The model may be torch.compile'd without CUDA graphs of its own (compile_mode default): the warm-up steps compile it,
+and the capture then records Inductor's fused kernels with the optimizer's, so a step is still one replay but runs
+the compiled step's kernels (GPU-busy ~6.2 ms on an H200, against eager's ~9 ms); compile_mode reduce-overhead cannot
+be captured again (its own CUDA graphs), so `check_step_graph` refuses it.
+
 What a captured step cannot change between replays, and so `check_step_graph` refuses: dropout annealing (p is baked
 into the kernels), gradient accumulation or DDP (one graph per micro-step and the all-reduce), fp16's loss scaling
 (the scaler decides on the host), gradient checkpointing (it saves and restores RNG state on the host).
@@ -16,13 +21,15 @@ into the kernels), gradient accumulation or DDP (one graph per micro-step and th
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
-__all__ = ["WARMUP_STEPS", "StepGraph", "check_step_graph"]
+__all__ = ["GRAPH_COMPILE_MODES", "WARMUP_STEPS", "StepGraph", "check_step_graph"]
 
 WARMUP_STEPS = 3  # eager steps on a side stream before capture
+GRAPH_COMPILE_MODES = ("none", "default")  # compile modes without CUDA graphs of their own (max-autotune has them)
 
 
 def check_step_graph(config: Any, device: torch.device, world_size: int, accum: int) -> None:
@@ -38,6 +45,11 @@ def check_step_graph(config: Any, device: torch.device, world_size: int, accum: 
         problems.append("dtype must be bfloat16 or float32 (float16's loss scaling runs on the host)")
     if config.grad_checkpointing:
         problems.append("grad_checkpointing must be false")
+    if config.compile_mode not in GRAPH_COMPILE_MODES:
+        problems.append(
+            f"compile_mode must be one of {', '.join(GRAPH_COMPILE_MODES)} (the step is captured whole; "
+            f"{config.compile_mode} records CUDA graphs of its own), got {config.compile_mode}"
+        )
     if problems:
         raise ValueError("step_graph=true needs: " + "; ".join(problems))
 
@@ -47,7 +59,8 @@ class StepGraph:
 
     `step(x, y, lr_factor)` runs one step on the batch x, y (B, T), each group's learning rate its `base_lr` times
     lr_factor (trainer.train.set_lr), and returns (loss, grad norm before clipping), fresh
-    device tensors the next step does not overwrite. The first WARMUP_STEPS calls run eagerly on a side stream,
+    device tensors the next step does not overwrite. `forward(x, y) -> (logits, loss)` is what the step calls: `model`
+    itself (the default) or its torch.compile'd wrapper. The first WARMUP_STEPS calls run eagerly on a side stream,
     the next one captures the graph and replays it, every later one only replays.
     """
 
@@ -57,8 +70,10 @@ class StepGraph:
         optimizer: Any,  # torch.optim.Optimizer or trainer.muon.MuonAdamW
         autocast_dtype: torch.dtype | None,
         max_norm: float,
+        forward: Callable[[torch.Tensor, torch.Tensor], tuple[Any, torch.Tensor]] | None = None,
     ) -> None:
         self.model, self.optimizer, self.max_norm = model, optimizer, max_norm
+        self.forward = model if forward is None else forward
         self.autocast_dtype = autocast_dtype
         self.calls = 0
         self.graph: torch.cuda.CUDAGraph | None = None
@@ -77,7 +92,7 @@ class StepGraph:
 
     def _body(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         with self._autocast():
-            _, loss = self.model(x, y)
+            _, loss = self.forward(x, y)
         loss.backward()
         norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.max_norm)
         self.optimizer.step()

@@ -37,6 +37,7 @@ from trainer.config import CUDA_GRAPH_MODES, ConfigError, TrainConfig, micro_bat
 from trainer.data import BatchLoader, TokenData, WindowSampler, prepare_data
 from trainer.distributed import SINGLE, DistInfo
 from trainer.dropout_schedule import dropout_at, dropout_levels
+from trainer.evaluate import split_loss
 from trainer.lr_schedule import learning_rate
 from trainer.muon import Muon, MuonAdamW, is_hidden_matrix
 from trainer.mfu import Throughput, peak_flops
@@ -54,6 +55,7 @@ log = logging.getLogger(__name__)
 ProgressCallback = Callable[[int, dict[str, float]], None]
 Optimizer = torch.optim.Optimizer | MuonAdamW
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+VAL_FULL_BATCH = 128  # windows per forward of an eval_mode=val-full evaluation (shakespeare-char's val: 436 windows)
 
 
 @dataclass
@@ -425,10 +427,11 @@ def _setup(
             check_step_graph(config, device, info.world_size, accum)
         except ValueError as err:
             raise ConfigError("step_graph", str(err)) from None
+    run.fwd = _compiled_forward(model, config)
+    if config.step_graph:  # the captured step calls the compiled model where there is one (compile_mode default)
         max_norm = config.grad_clip if config.grad_clip > 0 else math.inf
         autocast = None if config.dtype == "float32" else _DTYPES[config.dtype]
-        run.graph = StepGraph(model, optimizer, autocast, max_norm)
-    run.fwd = _compiled_forward(model, config)
+        run.graph = StepGraph(model, optimizer, autocast, max_norm, forward=run.fwd)
     if info.enabled:
         run.fwd = DDP(run.fwd, device_ids=[device.index] if device.type == "cuda" else None)
     if config.compile_optimizer:
@@ -595,16 +598,19 @@ def _forward(run: _Run, module: torch.nn.Module, x: torch.Tensor, y: torch.Tenso
 
 @torch.no_grad()
 def estimate_loss(run: _Run) -> dict[str, float]:
-    """Mean loss over `eval_iters` batches of each split, on the same windows every time (a fixed generator)."""
+    """Mean loss over `eval_iters` batches of each split, on the same windows every time (a fixed generator); with
+    eval_mode=val-full, the val loss over every token of the split instead, both by the eager model."""
     config, info = run.config, run.info
     block = run.model.config.block_size
     evaluator = run.fwd.module if isinstance(run.fwd, DDP) else run.fwd
-    run.model.eval()
+    splits = [("train", run.data.train, run.train_batches), ("val", run.data.val, run.val_batches)]
     out = {}
-    for split, tokens, batches in (
-        ("train", run.data.train, run.train_batches),
-        ("val", run.data.val, run.val_batches),
-    ):
+    if config.eval_mode == "val-full":  # every rank scores the whole split: the same number everywhere
+        evaluator, splits = run.model, splits[:1]
+        dtype = _DTYPES.get(config.dtype, torch.float32)
+        out["val_loss"] = split_loss(run.model, run.data.val, block, run.device, batch_size=VAL_FULL_BATCH, dtype=dtype)
+    run.model.eval()
+    for split, tokens, batches in splits:
         rng = np.random.Generator(np.random.PCG64([config.seed, 1]))
         high = len(tokens) - block
         losses = torch.zeros(config.eval_iters, device=run.device)
@@ -612,7 +618,7 @@ def estimate_loss(run: _Run) -> dict[str, float]:
             offsets = rng.integers(0, high, size=run.micro * info.world_size, dtype=np.int64)
             x, y = batches(offsets[info.rank * run.micro : (info.rank + 1) * run.micro])
             with run.autocast():
-                _, loss = _forward(run, evaluator, x, y)
+                _, loss = evaluator(x, y) if evaluator is run.model else _forward(run, evaluator, x, y)
             losses[k] = loss.float()
         out[f"{split}_loss"] = float(dist.all_mean(losses.mean(), info))
     run.model.train()

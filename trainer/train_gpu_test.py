@@ -102,10 +102,12 @@ def test_the_worker_trains_two_jobs_back_to_back_alike(tmp_path):
     assert abs(results[0] - results[2]) < TOLERANCE and abs(results[0] - results[1]) < TOLERANCE, results
 
 
-def test_the_captured_step_trains_like_the_eager_loop(fresh, tmp_path):
-    """step_graph=true (forward, backward, clipping, AdamW as one CUDA graph) against the eager loop's evaluations."""
+@pytest.mark.parametrize("compile_mode", ["none", "default"])
+def test_the_captured_step_trains_like_the_eager_loop(fresh, tmp_path, compile_mode):
+    """step_graph=true (forward, backward, clipping, AdamW as one CUDA graph; the model eager or torch.compile'd,
+    its Inductor kernels recorded in the same capture) against the eager loop's evaluations."""
     corpus = Path(os.environ["TINYLM_CORPUS"])
-    config = _config("eager").replace(step_graph=True)
+    config = _config("eager").replace(step_graph=True, compile_mode=compile_mode)
     got: list[float] = []
     result = train(config, corpus, store_root=tmp_path / "store", run_dir=tmp_path / "graph", data_dir=tmp_path / "data",
                    progress_callback=lambda step, m: "val_loss" in m and got.append(m["val_loss"]))  # fmt: skip

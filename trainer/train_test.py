@@ -132,3 +132,39 @@ def test_step_graph_is_refused_where_a_captured_step_cannot_run(small_corpus, di
                                           r"dropout_start must be unset") as err:  # fmt: skip
         train(fast_config(step_graph=True, dropout_start=0.2), small_corpus, **dirs)
     assert err.value.key == "step_graph"
+    # the compiled model can be captured inside the step only where torch.compile records no CUDA graphs itself
+    with pytest.raises(ConfigError, match=r"compile_mode must be one of none, default .*got reduce-overhead") as err:
+        train(fast_config(step_graph=True, compile_mode="reduce-overhead"), small_corpus, **dirs)
+    assert err.value.key == "step_graph"
+
+
+def test_val_full_evaluation_scores_the_whole_val_split(small_corpus, dirs):
+    """eval_mode=val-full: each evaluation's val loss is the model's loss on every token of the val split (what
+    trainer.evaluate.split_loss gives the saved best weights); the training path and losses are those of a sampled
+    run (the evaluation draws no random numbers the training uses)."""
+    from safetensors.torch import load_model
+
+    from trainer.data import prepare_data
+    from trainer.evaluate import split_loss
+    from trainer.train import build_model
+
+    seen: dict[int, dict] = {}
+    config = fast_config(eval_mode="val-full", dropout=0.1, max_steps=8, eval_interval=8)
+    result = train(config, small_corpus, progress_callback=seen.__setitem__, **dirs)
+    assert "val_loss" in seen[8] and "train_loss" in seen[8]
+    data = prepare_data(small_corpus, config.tokenizer, dirs["data_dir"])
+    model = build_model(config, data.vocab_size)
+    load_model(model, str(dirs["run_dir"] / "best" / "model.safetensors"))  # saved at the one evaluation
+    whole = split_loss(model, data.val, model.config.block_size, torch.device("cpu"))
+    assert seen[8]["val_loss"] == pytest.approx(whole, rel=1e-6)
+    sampled = train(config.replace(eval_mode="sampled"), small_corpus, store_root=dirs["store_root"],
+                    run_dir=dirs["run_dir"].with_name("sampled"), data_dir=dirs["data_dir"])  # fmt: skip
+    assert sampled.losses == result.losses
+
+
+def test_an_unknown_eval_mode_is_named_with_the_allowed_ones():
+    from trainer.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"eval_mode must be one of \['sampled', 'val-full'\], got 'whole'") as err:
+        fast_config(eval_mode="whole")
+    assert err.value.key == "eval_mode"

@@ -108,14 +108,16 @@ def run_variant(
     target: float,
     budget_s: float,
     warmup_steps: int = WARMUP_STEPS,
+    launched_at: float | None = None,
 ) -> VariantResult:
-    """Train `config` until the val loss reaches `target`, `budget_s` passes or max_steps; measure as it goes."""
+    """Train `config` until the val loss reaches `target`, `budget_s` passes or max_steps; measure as it goes. Times
+    count from `launched_at` (a time.time() before this call: the process's launch) or from this call."""
     out = VariantResult(
         variant=name, preset=config.preset, compile=config.compile, dtype=config.dtype, target_val_loss=target
     )
     tokens_per_s: list[float] = []
     mfus: list[float] = []
-    launch = time.perf_counter()
+    launch = time.perf_counter() - (0.0 if launched_at is None else time.time() - launched_at)
 
     def on_progress(step: int, metrics: dict[str, float]) -> None:
         now = time.perf_counter() - launch
@@ -224,6 +226,28 @@ def _all_variants(args: argparse.Namespace) -> list[tuple[str, TrainConfig]]:
         # recipe with the warmdown ending there
         ("tinylm-muon-short", muon.replace(max_steps=1300, warmdown_steps=650)),
         ("tinylm-muon-gpt", muon.replace(preset="shakespeare-char")),
+        # the whole step one CUDA graph with the model compiled inside it (compile_mode default + step_graph: Inductor's
+        # kernels, no cudagraph-tree Python per step, the optimizer in the graph); on nanoGPT's config, with our
+        # kernels, and on the Muon recipe with exact evaluations of the whole val split every 50 steps (each ~30x
+        # fewer tokens than nanoGPT's 2 x 200 sampled batches, and no eval graph to compile): the time-to-loss variant
+        ("tinylm-cgraph", base.replace(compile_mode="default", step_graph=True)),
+        ("tinylm-kernels-cgraph", base.replace(compile_mode="default", step_graph=True, kernels=True)),
+        (
+            "tinylm-muon-fast",
+            muon.replace(
+                max_steps=1300,
+                warmdown_steps=650,
+                compile_mode="default",
+                step_graph=True,
+                eval_mode="val-full",
+                eval_interval=50,
+                eval_iters=4,
+            ),
+        ),  # fmt: skip
+        (
+            "tinylm-muon-fast-ro",
+            muon.replace(max_steps=1300, warmdown_steps=650, eval_mode="val-full", eval_interval=50, eval_iters=4),
+        ),  # fmt: skip
         # issue 16's compile options, each against the preset it modifies: the clipping and optimizer step compiled
         # (CUDA graphs under reduce-overhead), each Block compiled on its own (a shorter compile, maybe a slower step)
         ("tinylm-tuned", base.replace(compile_mode="reduce-overhead-tuned")),  # + coordinate-descent kernel tuning
@@ -254,16 +278,17 @@ def _own_schedule(variant: str) -> bool:
     return "-fast" in variant or "-muon" in variant
 
 
-STARTUP_KINDS = ("cold", "warm", "worker")
+STARTUP_KINDS = ("cold", "warm", "worker", "run")
 WORKER_JOBS = 2  # jobs a VARIANT:worker start-up run trains back to back
 _STARTUP_SHORT = {"cold": ("tinylm", "cold"), "warm": ("tinylm", "warm"), "graph": ("tinylm-graph", "warm")}
 
 
 def startup_runs(spec: str, variants: list[str]) -> list[tuple[str, str, str]]:
     """`--startup` -> (result name, variant, kind) per entry, in order. An entry is VARIANT:cold (an empty compile
-    cache of the variant's own), VARIANT:warm (the cache its earlier launches left) or VARIANT:worker (two jobs in one
-    process, on the cache as it is), or a short name: cold and warm (the default preset, tinylm), graph (tinylm-graph,
-    which compiles nothing). Bad entries -> SystemExit."""
+    cache of the variant's own), VARIANT:warm (the cache its earlier launches left), VARIANT:worker (two jobs in one
+    process, on the cache as it is) or VARIANT:run (the whole benchmarked run in a new process, on the cache its earlier
+    launches left: time to the target from the launch itself), or a short name: cold and warm (the default preset,
+    tinylm), graph (tinylm-graph, which compiles nothing). Bad entries -> SystemExit."""
     runs = []
     for entry in (e.strip() for e in spec.split(",") if e.strip()):
         if entry in _STARTUP_SHORT:
@@ -280,10 +305,10 @@ def startup_runs(spec: str, variants: list[str]) -> list[tuple[str, str, str]]:
     return runs
 
 
-def _startup(args: argparse.Namespace, workdir: Path) -> list[VariantResult]:
+def _startup(args: argparse.Namespace, workdir: Path, target: float) -> list[VariantResult]:
     """Launch to first step of a variant in a new process: with an empty compile cache (cold), or with the cache an
     earlier launch of it left (warm: Inductor's FX-graph, AOTAutograd and autotuning caches, Triton's kernels); or
-    (worker) each of two jobs' start to its first step in one process."""
+    (worker) each of two jobs' start to its first step in one process; or (run) the whole run, timed from the launch."""
     if args.cpu_smoke:
         return []
     variants = dict(_all_variants(args))
@@ -299,9 +324,16 @@ def _startup(args: argparse.Namespace, workdir: Path) -> list[VariantResult]:
                "--workdir", str(workdir), "--eval-interval", str(args.eval_interval)]  # fmt: skip
         if kind == "worker":
             cmd += ["--startup-jobs", str(WORKER_JOBS)]
+        if kind == "run":
+            cmd += ["--startup-run", "--budget-s", str(args.budget_s), "--target", str(target)]
         subprocess.run(cmd, check=True, cwd=REPO_ROOT, env=env)
         doc = json.loads(out_json.read_text())
         config = variants[variant]
+        if kind == "run":
+            results.append(VariantResult(**{**doc, "variant": f"launch-{variant}"}))
+            log.info("%s: first step %s s, val <= %s at %s s from launch", name, doc["first_step_s"], target,
+                     doc["time_to_target_s"])  # fmt: skip
+            continue
         firsts = [(name, doc["first_step_s"])] if kind != "worker" else [
             (f"{name}-job{i + 1}", job["first_step_s"]) for i, job in enumerate(doc["jobs"])
         ]  # fmt: skip
@@ -325,11 +357,20 @@ def _startup_worker(args: argparse.Namespace) -> int:
     --startup-jobs N, N runs back to back as the trainer's worker runs jobs, each timed from its own start."""
     launch = float(os.environ["TINYLM_BENCH_LAUNCH"])
     started = time.time() - launch  # interpreter start and imports
-    config = startup_config(dict(_all_variants(args))[args.startup_variant])
+    full = dict(_all_variants(args))[args.startup_variant]
+    config = full if args.startup_run else startup_config(full)
     if config.compile:
         preload_compiler()  # as trainer.main and the worker do: the compiler's import overlaps the set-up
     workdir = Path(args.workdir)
     corpus = resolve_corpus(os.environ.get("TINYLM_CORPUS"), workdir / "data")
+    if args.startup_run:  # the benchmarked run itself, every time counted from the launch
+        target = TARGET_VAL_LOSS if args.target is None else args.target
+        out = run_variant(args.startup_variant, config, corpus, workdir, target=target, budget_s=args.budget_s,
+                          launched_at=launch)  # fmt: skip
+        Path(args.startup_worker).write_text(json.dumps(dataclasses.asdict(out)))
+        log.info("run of %s from launch (%.1f s to main): %s", args.startup_variant, started,
+                 {k: v for k, v in dataclasses.asdict(out).items() if k != "curve"})  # fmt: skip
+        return 0
     reuse = CompiledReuse()
     jobs = []
     for _ in range(args.startup_jobs):
@@ -508,12 +549,14 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--startup-worker", help=argparse.SUPPRESS)  # internal: one startup measurement, writes JSON here
     p.add_argument("--startup-variant", default="tinylm", help=argparse.SUPPRESS)  # internal: the worker's variant
     p.add_argument("--startup-jobs", type=int, default=1, help=argparse.SUPPRESS)  # internal: runs in the worker
+    p.add_argument("--startup-run", action="store_true", help=argparse.SUPPRESS)  # internal: the whole run, timed
     p.add_argument(
         "--startup",
         default="cold,warm,graph",
         help="start-up runs, in order: VARIANT:cold (an empty compile cache), VARIANT:warm (the cache the variant's "
         "earlier launch left), VARIANT:worker (two jobs in one process, as the trainer's worker runs them, each "
-        "timed from its start); cold, warm: the default preset (tinylm); graph: tinylm-graph (no compile)",
+        "timed from its start), VARIANT:run (the whole run in a new process on the cache earlier launches left: "
+        "time to the target from the launch); cold, warm: the default preset (tinylm); graph: tinylm-graph (no compile)",
     )
     p.add_argument("--tag", default="", help="file name tag: train-<gpu>[-part][-TAG].* (a partial run beside a whole)")
     p.add_argument("--ddp-worker", help=argparse.SUPPRESS)  # internal: one torchrun rank, writes JSON here
@@ -557,7 +600,7 @@ def main(argv: list[str] | None = None) -> int:
             write_results(results, info, args.out, args.budget_s, suffix=suffix)  # a run cut short keeps these
         _compare_with_anchor(results)
         if args.part in ("all", "startup"):
-            results += _startup(args, workdir)
+            results += _startup(args, workdir, target)
         if args.part in ("all", "ddp"):
             results += _ddp_scaling(args, workdir)
     paths = write_results(results, info, args.out, args.budget_s, suffix=suffix)

@@ -2,6 +2,7 @@
 
 import csv
 import json
+import time
 
 import pytest
 import torch
@@ -61,7 +62,8 @@ def test_variants_picks_and_orders_and_names_the_choices(capsys):
         match=r"unknown variant\(s\) \['fast'\]; choose from \['tinylm', 'tinylm-kernels', 'tinylm-flash', "
         r"'tinylm-addnorm', 'tinylm-graph', 'tinylm-fast', "
         r"'tinylm-fast-graph', 'tinylm-muon', 'tinylm-muon-hot', 'tinylm-muon-long', 'tinylm-muon-short', "
-        r"'tinylm-muon-gpt', 'tinylm-tuned', 'tinylm-opt', 'tinylm-blocks', 'tinylm-opt-blocks', 'tinylm-muon-blocks', "
+        r"'tinylm-muon-gpt', 'tinylm-cgraph', 'tinylm-kernels-cgraph', 'tinylm-muon-fast', 'tinylm-muon-fast-ro', "
+        r"'tinylm-tuned', 'tinylm-opt', 'tinylm-blocks', 'tinylm-opt-blocks', 'tinylm-muon-blocks', "
         r"'compile-default', 'eager', 'eager-pytorch'\]",
     ):
         training._variants(training._parse_args(["--variants", "fast"]))
@@ -76,12 +78,18 @@ def test_compile_option_variants_change_only_their_option():
     assert variants["tinylm-blocks"] == base.replace(compile_scope="blocks")
     assert variants["tinylm-opt-blocks"] == base.replace(compile_optimizer=True, compile_scope="blocks")
     assert variants["tinylm-muon-blocks"] == muon.replace(compile_scope="blocks")
+    captured = dict(compile_mode="default", step_graph=True)  # the compiled model inside the one-graph step
+    assert variants["tinylm-cgraph"] == base.replace(**captured)
+    assert variants["tinylm-kernels-cgraph"] == base.replace(kernels=True, **captured)
+    fast, fast_ro = variants["tinylm-muon-fast"], variants["tinylm-muon-fast-ro"]
+    assert fast == fast_ro.replace(**captured) and fast_ro.compile_mode == muon.compile_mode
+    assert fast_ro.eval_mode == "val-full" and muon.eval_mode == base.eval_mode == "sampled"
 
 
 def test_startup_entries_name_a_variant_and_a_cache_state():
     names = [name for name, _ in training._all_variants(training._parse_args([]))]
     runs = training.startup_runs(
-        "cold,warm, graph,tinylm-muon-blocks:cold,tinylm-muon-blocks:warm,tinylm:worker", names
+        "cold,warm, graph,tinylm-muon-blocks:cold,tinylm-muon-blocks:warm,tinylm:worker,tinylm-muon-fast:run", names
     )
     assert runs == [
         ("startup-cold", "tinylm", "cold"),
@@ -90,9 +98,10 @@ def test_startup_entries_name_a_variant_and_a_cache_state():
         ("startup-tinylm-muon-blocks-cold", "tinylm-muon-blocks", "cold"),
         ("startup-tinylm-muon-blocks-warm", "tinylm-muon-blocks", "warm"),
         ("startup-tinylm-worker", "tinylm", "worker"),
+        ("startup-tinylm-muon-fast-run", "tinylm-muon-fast", "run"),
     ]
     for bad in ("tinylm-blocks:hot", "nope:cold", "lukewarm"):
-        with pytest.raises(SystemExit, match=r"bad --startup entry .*KIND one of \['cold', 'warm', 'worker'\]"):
+        with pytest.raises(SystemExit, match=r"bad --startup entry .*KIND one of \['cold', 'warm', 'worker', 'run'\]"):
             training.startup_runs(bad, names)
 
 
@@ -104,3 +113,19 @@ def test_every_variant_cuts_to_a_two_step_startup_run():
         assert short.max_steps == 2 and short.log_interval == 1, name
         same = ("compile_mode", "compile_scope", "compile_optimizer", "optimizer", "preset", "dtype", "step_graph")
         assert all(getattr(short, key) == getattr(config, key) for key in same), name
+
+
+def test_a_run_in_a_new_process_counts_its_times_from_the_launch(tmp_path, monkeypatch):
+    """--startup VARIANT:run: the worker trains the variant whole and times everything from the parent's launch
+    (TINYLM_BENCH_LAUNCH), so the interpreter's start and imports count toward the time to the target."""
+    monkeypatch.setenv("TINYLM_CORPUS", str(write_small_corpus(tmp_path / "c.txt")))
+    monkeypatch.setenv("TINYLM_BENCH_LAUNCH", repr(time.time() - 5.0))  # as if launched 5 s ago
+    out = tmp_path / "run.json"
+    code = training.main(["--cpu-smoke", "--startup-worker", str(out), "--startup-variant", "eager-pytorch",
+                          "--startup-run", "--workdir", str(tmp_path / "w"), "--max-steps", "10", "--budget-s", "60",
+                          "--target", "9.0"])  # fmt: skip
+    assert code == 0
+    doc = json.loads(out.read_text())
+    assert doc["variant"] == "eager-pytorch" and doc["steps"] == 10 and doc["reached_target"]
+    assert 5.0 <= doc["first_step_s"] <= doc["time_to_target_s"] == doc["curve"][0]["t"] <= doc["wall_s"]
+    assert doc["best_val_loss_full"] > 0
