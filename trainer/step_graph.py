@@ -102,12 +102,15 @@ class StepGraph:
         for group in self.optimizer.param_groups:
             group["lr"].fill_(group["base_lr"] * lr_factor)
         self.calls += 1
-        if self.calls <= WARMUP_STEPS:
-            return self._eager(x, y)
-        if self.graph is None:
-            self._capture(x, y)
-        self.static["x"].copy_(x)
+        if not self.static:  # contiguous, as the captured step reads them: the warm-up steps see the same layout
+            self.static = {"x": torch.empty_like(x, memory_format=torch.contiguous_format),
+                           "y": torch.empty_like(y, memory_format=torch.contiguous_format)}  # fmt: skip
+        self.static["x"].copy_(x)  # a batch comes as views of one (B, T + 1) tensor: strides (T + 1, 1)
         self.static["y"].copy_(y)
+        if self.calls <= WARMUP_STEPS:
+            return self._eager(self.static["x"], self.static["y"])
+        if self.graph is None:  # the warm-up steps compiled the model (if compiled) for exactly these inputs
+            self._capture()
         self.graph.replay()
         return self.static["loss"].clone(), self.static["norm"].clone()
 
@@ -120,8 +123,7 @@ class StepGraph:
         torch.cuda.current_stream().wait_stream(side)
         return loss, norm
 
-    def _capture(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        self.static = {"x": x.clone(), "y": y.clone()}
+    def _capture(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)  # backward inside the graph then writes (not adds) the grads
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
