@@ -78,6 +78,7 @@ _INT_RANGES: dict[str, tuple[int, int]] = {
     "warmdown_steps": (0, 10_000_000),  # decay="trapezoid" only: the final linear decay's length
     "eval_interval": (1, 10_000_000),
     "eval_iters": (1, 100_000),
+    "checkpoint_interval": (0, 10_000_000),
     "log_interval": (1, 10_000_000),
     "seed": (0, 2**63 - 1),
     "early_stop_patience": (0, 1_000_000),  # evaluations without a better val loss; 0: never stop early
@@ -152,6 +153,10 @@ class TrainConfig:
     eval_interval: int = 250
     eval_iters: int = 20
     eval_mode: str = "sampled"  # sampled | val-full (EVAL_MODES)
+    # Steps between saves of the resume state (model, optimizer, RNG: ~130 MB for shakespeare-char with Muon), made at
+    # the evaluation that falls on one; 0: at every evaluation. The best weights are saved whenever they improve,
+    # and a cancelled run saves its state where it stopped, whatever this says.
+    checkpoint_interval: int = 0
     log_interval: int = 10
     dtype: str = "float32"
     compile_mode: str = "none"  # none | default | reduce-overhead | reduce-overhead-tuned | max-autotune

@@ -650,7 +650,9 @@ def _evaluate_and_checkpoint(
         run_log.write(run.step, "eval", metrics)
     if callback is not None and run.info.is_main:
         callback(run.step, {**step_metrics, **metrics})  # the step's numbers too, so one event tells it all
-    _save_resume(run, elapsed_s=step_metrics["elapsed_s"])
+    every = run.config.checkpoint_interval
+    if not every or run.step % every == 0:
+        _save_resume(run, elapsed_s=step_metrics["elapsed_s"])
     patience = run.config.early_stop_patience
     return bool(patience and run.bad_evals >= patience)
 

@@ -29,6 +29,17 @@ def test_resume_reproduces_the_uninterrupted_run_exactly(small_corpus, tmp_path,
     assert steps == list(range(1, 13))
 
 
+def test_checkpoint_interval_saves_the_resume_state_only_at_its_steps(small_corpus, tmp_path):
+    """checkpoint_interval=8 with an evaluation every 4 steps: the state on disk after 12 steps is step 8's, and a
+    resumed run picks up there and retrains steps 9-12 to the same losses, bit for bit."""
+    cfg = fast_config(dropout=0.1, resume=True, checkpoint_interval=8)
+    dirs = dict(store_root=tmp_path / "s", run_dir=tmp_path / "a", data_dir=tmp_path / "d")
+    full = train(cfg, small_corpus, **dirs)
+    assert full.steps == 12
+    again = train(cfg.replace(max_steps=12), small_corpus, **dirs)  # resumes from the last saved state
+    assert again.steps == 12 and again.losses == full.losses[8:]
+
+
 def test_cancel_stops_at_the_next_step_and_keeps_the_best_checkpoint(small_corpus, dirs):
     stop = []
     seen = []

@@ -62,7 +62,8 @@ def test_variants_picks_and_orders_and_names_the_choices(capsys):
         match=r"unknown variant\(s\) \['fast'\]; choose from \['tinylm', 'tinylm-kernels', 'tinylm-flash', "
         r"'tinylm-addnorm', 'tinylm-graph', 'tinylm-fast', "
         r"'tinylm-fast-graph', 'tinylm-muon', 'tinylm-muon-hot', 'tinylm-muon-long', 'tinylm-muon-short', "
-        r"'tinylm-muon-gpt', 'tinylm-cgraph', 'tinylm-kernels-cgraph', 'tinylm-muon-fast', 'tinylm-muon-fast-ro', "
+        r"'tinylm-muon-gpt', 'tinylm-cgraph', 'tinylm-kernels-cgraph', 'tinylm-addnorm-cgraph', "
+        r"'tinylm-muon-fast', 'tinylm-muon-fast-ro', "
         r"'tinylm-tuned', 'tinylm-opt', 'tinylm-blocks', 'tinylm-opt-blocks', 'tinylm-muon-blocks', "
         r"'compile-default', 'eager', 'eager-pytorch'\]",
     ):
@@ -81,6 +82,7 @@ def test_compile_option_variants_change_only_their_option():
     captured = dict(compile_mode="default", step_graph=True)  # the compiled model inside the one-graph step
     assert variants["tinylm-cgraph"] == base.replace(**captured)
     assert variants["tinylm-kernels-cgraph"] == base.replace(kernels=True, **captured)
+    assert variants["tinylm-addnorm-cgraph"] == base.replace(kernel_names="add_norm", **captured)
     fast, fast_ro = variants["tinylm-muon-fast"], variants["tinylm-muon-fast-ro"]
     assert fast == fast_ro.replace(**captured) and fast_ro.compile_mode == muon.compile_mode
     assert fast_ro.eval_mode == "val-full" and muon.eval_mode == base.eval_mode == "sampled"
