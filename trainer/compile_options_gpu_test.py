@@ -29,9 +29,10 @@ def _evals(tmp_path: Path, preset: str, tag: str, **changes) -> list[float]:
 
 @pytest.mark.parametrize("preset", ["shakespeare-char", "shakespeare-char-muon"])
 def test_compiled_step_and_blocks_train_like_the_whole_model_compile(tmp_path, preset):
-    expected = _evals(tmp_path, preset, "model")
+    ro = dict(compile_mode="reduce-overhead", step_graph=False, kernel_names="")  # the options modify this way
+    expected = _evals(tmp_path, preset, "model", **ro)
     torch._dynamo.utils.counters.clear()
-    got = _evals(tmp_path, preset, "opt-blocks", compile_optimizer=True, compile_scope="blocks")
+    got = _evals(tmp_path, preset, "opt-blocks", compile_optimizer=True, compile_scope="blocks", **ro)
     skips = torch._dynamo.utils.counters["inductor"]["cudagraph_skips"]
     diffs = [abs(a - b) for a, b in zip(got, expected)]
     assert len(got) == len(expected) and max(diffs) < TOLERANCE, (got, expected)

@@ -104,7 +104,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "tokenizer": TOKENIZERS, "dtype": DTYPES, "decay": DECAYS, "compile_mode": COMPILE_MODES, "dropout_anneal": ANNEALS,
     "optimizer": OPTIMIZERS, "compile_scope": COMPILE_SCOPES, "eval_mode": EVAL_MODES,
 }  # fmt: skip
-_BOOLS = ("grad_checkpointing", "resume", "tensorboard", "kernels", "step_graph", "compile_optimizer")
+_BOOLS = ("grad_checkpointing", "resume", "tensorboard", "kernels", "compile_optimizer")
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 
 
@@ -181,9 +181,11 @@ class TrainConfig:
     # off: kernels on vs off one at a time (the benchmark's tinylm-flash). Empty: as `kernels` says; set, it needs
     # kernels=false.
     kernel_names: str = ""
-    # Capture the whole step (forward, backward, clipping, AdamW) as one CUDA graph (trainer.step_graph): the eager
-    # model without torch.compile's start-up; needs CUDA, one process, grad_accum 1, no dropout annealing, no fp16.
-    step_graph: bool = False
+    # Capture the whole step (forward, backward, clipping, the optimizer) as one CUDA graph (trainer.step_graph), the
+    # model eager or compiled without CUDA graphs of its own (compile_mode none or default); needs CUDA, one process,
+    # grad_accum 1, no dropout annealing, no fp16. true: always (a run where it cannot fails, naming why); auto: where
+    # the run allows it, else the loop steps as without it (the log says which and why); false: never.
+    step_graph: bool | str = False
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     seed: int = 1337
     early_stop_patience: int = 0
@@ -205,6 +207,8 @@ class TrainConfig:
             check_choice(key, getattr(self, key), choices, error=ConfigError)
         for key in _BOOLS:
             check_bool(key, getattr(self, key), error=ConfigError)
+        if not (isinstance(self.step_graph, bool) or self.step_graph == "auto"):
+            raise ConfigError("step_graph", f"step_graph must be true, false or auto, got {self.step_graph!r}")
         betas = self.betas
         if (
             not isinstance(betas, (tuple, list))
@@ -280,7 +284,8 @@ class TrainConfig:
         if self.step_graph:
             raise ConfigError(
                 "compile_optimizer",
-                "compile_optimizer must be false with step_graph=true (the captured step holds the optimizer already)",
+                f"compile_optimizer must be false with step_graph={str(self.step_graph).lower()} (the captured step "
+                "holds the optimizer already)",
             )
         if self.dtype == "float16":
             raise ConfigError(
@@ -351,11 +356,15 @@ def _valid_device(device: str) -> bool:
 _NANOGPT_CHAR = dict(
     tokenizer="char", max_steps=5000, batch_size=64, block_size=256, lr=1e-3, min_lr=1e-4, warmup=100,
     betas=(0.9, 0.99), weight_decay=0.1, grad_clip=1.0, dropout=0.2, eval_interval=250, eval_iters=200,
-    dtype="bfloat16", compile_mode="reduce-overhead",
+    dtype="bfloat16", compile_mode="default", step_graph="auto", kernel_names="add_norm",
 )  # fmt: skip
-# compile_mode: reduce-overhead (the forward and backward replayed as CUDA graphs) measured fastest on an H200
-# (2026-11-29, tools/train_probe.py profile): 6.8 ms per step against 15.2 ms compiled without graphs and 26.6 ms
-# eager; this model's step is a few hundred small kernels, so launching them is what costs.
+# How it steps, each measured fastest on an H200 against the alternatives in the same run (2026-11-30,
+# bench_svc/results/train-nvidia-h200-cgraph2.*, trainer/PERF_NOTES.md section 13): the whole step (forward,
+# backward, clipping, AdamW) one CUDA graph around the torch.compile'd model (compile_mode default + step_graph):
+# 2.49M tokens/s against 2.23M for reduce-overhead's CUDA-graph trees, whose Python per step made the step
+# host-bound; with our fused residual + LayerNorm kernel inside it (kernel_names add_norm) 2.87M, 1.155x the same
+# step without. On a CPU (or wherever a capture cannot run) step_graph=auto steps without the capture, and the
+# kernels are GPU-only.
 
 TRAIN_PRESETS: dict[str, TrainConfig] = {
     # Seconds on a CPU: a 4-layer 128-wide Llama-style model on characters.
@@ -414,7 +423,9 @@ def _coerce(key: str, raw: Any, current: Any) -> Any:
             return tuple(float(b) for b in text.strip("()[]").split(","))
         if key in _OPTIONAL:
             return None if text.lower() in ("", "none", "null") else float(text)
-        if key in _BOOLS:
+        if key == "step_graph" and text.lower() == "auto":
+            return "auto"
+        if key in _BOOLS or key == "step_graph":
             if text.lower() in _TRUE + _FALSE:
                 return text.lower() in _TRUE
             raise ValueError(text)
@@ -436,6 +447,8 @@ def _unparsable(key: str, raw: Any) -> ConfigError:
         return ConfigError(key, number_message(key, raw, *_FLOAT_RANGES[key], lo_open=key in _OPEN_BELOW))
     if key in _BOOLS:
         return ConfigError(key, f"{key} must be true or false, got {raw!r}")
+    if key == "step_graph":
+        return ConfigError(key, f"step_graph must be true, false or auto, got {raw!r}")
     return ConfigError(key, f"{key} must be two numbers in [0, 1), like 0.9,0.99, got {raw!r}")
 
 

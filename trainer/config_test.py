@@ -16,7 +16,7 @@ def test_a_training_preset_of_its_own_trains_its_model_preset():
     assert (fast.batch_size, fast.block_size, fast.dropout, fast.eval_iters) == (64, 256, 0.2, 200)
     muon = load_config("shakespeare-char-muon")  # nanoGPT's batch, data split and evaluation; its own model preset
     assert (muon.preset, muon.optimizer, muon.decay) == ("shakespeare-char-muon", "muon", "trapezoid")
-    assert (muon.batch_size, muon.block_size, muon.eval_iters, muon.compile_mode) == (64, 256, 200, "reduce-overhead")
+    assert (muon.batch_size, muon.block_size, muon.eval_iters, muon.compile_mode) == (64, 256, 200, "default")
 
 
 def test_shakespeare_char_is_nanogpts_recipe():
@@ -105,10 +105,7 @@ def test_micro_batch_plan():
 
 
 def test_compile_mode_and_the_old_compile_flag(tmp_path):
-    assert (
-        TRAIN_PRESETS["tiny"].compile_mode == "none"
-        and TRAIN_PRESETS["shakespeare-char"].compile_mode == "reduce-overhead"
-    )
+    assert TRAIN_PRESETS["tiny"].compile_mode == "none" and TRAIN_PRESETS["shakespeare-char"].compile_mode == "default"
     for mode in ("none", "default", "reduce-overhead", "max-autotune"):
         cfg = load_config("tiny", overrides={"compile_mode": mode})
         assert cfg.compile_mode == mode and cfg.compile is (mode != "none")
@@ -143,3 +140,19 @@ def test_kernel_names_turn_on_only_the_named_kernels():
     with pytest.raises(ConfigError, match="set kernels=false") as info:
         load_config("tiny", overrides=parse_overrides(["kernels=true", "kernel_names=add_norm"]))
     assert info.value.key == "kernel_names"
+
+
+def test_step_graph_is_true_false_or_auto():
+    """The GPU presets capture the step where the run allows it (auto); a YAML or command-line value parses to one of
+    the three, anything else is named with the allowed values."""
+    assert TRAIN_PRESETS["shakespeare-char"].step_graph == "auto" and TRAIN_PRESETS["tiny"].step_graph is False
+    for raw, want in (("auto", "auto"), ("AUTO", "auto"), ("true", True), ("off", False)):
+        assert load_config("tiny", overrides={"step_graph": raw}).step_graph == want
+    for bad in ("sometimes", "2"):
+        with pytest.raises(ConfigError, match=f"step_graph must be true, false or auto, got '{bad}'") as err:
+            load_config("tiny", overrides={"step_graph": bad})
+        assert err.value.key == "step_graph"
+    with pytest.raises(ConfigError, match=r"step_graph must be true, false or auto, got 1"):
+        TRAIN_PRESETS["tiny"].replace(step_graph=1)
+    with pytest.raises(ConfigError, match=r"compile_optimizer must be false with step_graph=auto"):
+        TRAIN_PRESETS["shakespeare-char"].replace(compile_optimizer=True)

@@ -184,7 +184,9 @@ def test_config_validates_the_new_options():
     with pytest.raises(ConfigError, match="got float16") as err:
         fast_config(compile_optimizer=True, dtype="float16")
     assert err.value.key == "compile_optimizer"
-    config = load_config("shakespeare-char", overrides={"compile_scope": "blocks", "compile_optimizer": "yes"})
+    config = load_config(
+        "shakespeare-char", overrides={"compile_scope": "blocks", "compile_optimizer": "yes", "step_graph": "false"}
+    )
     assert config.compile_scope == "blocks" and config.compile_optimizer is True
     assert load_config("shakespeare-char").compile_scope == "model"
     assert not load_config("shakespeare-char").compile_optimizer

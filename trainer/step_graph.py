@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["GRAPH_COMPILE_MODES", "WARMUP_STEPS", "StepGraph", "check_step_graph"]
+__all__ = ["GRAPH_COMPILE_MODES", "WARMUP_STEPS", "StepGraph", "check_step_graph", "step_graph_problems"]
 
 WARMUP_STEPS = 3  # eager steps on a side stream before capture
 GRAPH_COMPILE_MODES = ("none", "default")  # compile modes without CUDA graphs of their own (max-autotune has them)
@@ -34,6 +34,13 @@ GRAPH_COMPILE_MODES = ("none", "default")  # compile modes without CUDA graphs o
 
 def check_step_graph(config: Any, device: torch.device, world_size: int, accum: int) -> None:
     """Raise ValueError naming the setting that rules a captured step out (config.step_graph is true)."""
+    problems = step_graph_problems(config, device, world_size, accum)
+    if problems:
+        raise ValueError("step_graph=true needs: " + "; ".join(problems))
+
+
+def step_graph_problems(config: Any, device: torch.device, world_size: int, accum: int) -> list[str]:
+    """What rules a captured step out for this run, each naming its setting (empty: it can be captured)."""
     problems = []
     if device.type != "cuda":
         problems.append(f"device must be a CUDA GPU, got {device}")
@@ -50,8 +57,7 @@ def check_step_graph(config: Any, device: torch.device, world_size: int, accum: 
             f"compile_mode must be one of {', '.join(GRAPH_COMPILE_MODES)} (the step is captured whole; "
             f"{config.compile_mode} records CUDA graphs of its own), got {config.compile_mode}"
         )
-    if problems:
-        raise ValueError("step_graph=true needs: " + "; ".join(problems))
+    return problems
 
 
 class StepGraph:

@@ -44,7 +44,7 @@ from trainer.mfu import Throughput, peak_flops
 from trainer.optimizer_step import CompiledOptimizerStep, prepare_optimizer, set_lr
 from trainer.resume_state import capture_rng, has_resume_state, load_resume_state, save_resume_state
 from trainer.run_log import RunLog, plot_curve
-from trainer.step_graph import StepGraph, check_step_graph
+from trainer.step_graph import StepGraph, check_step_graph, step_graph_problems
 from trainer.step_profiler import StepProfiler
 from trainer.warm_start import CompilerPreload, preload_compiler, started_preload
 
@@ -422,13 +422,9 @@ def _setup(
     else:
         torch.manual_seed(config.seed + info.rank)  # dropout differs between ranks, as nanoGPT's seed offset
         np.random.seed((config.seed + info.rank) % 2**32)
-    if config.step_graph:
-        try:
-            check_step_graph(config, device, info.world_size, accum)
-        except ValueError as err:
-            raise ConfigError("step_graph", str(err)) from None
+    capture = _captures_step(config, device, info, accum)
     run.fwd = _compiled_forward(model, config)
-    if config.step_graph:  # the captured step calls the compiled model where there is one (compile_mode default)
+    if capture:  # the captured step calls the compiled model where there is one (compile_mode default)
         max_norm = config.grad_clip if config.grad_clip > 0 else math.inf
         autocast = None if config.dtype == "float32" else _DTYPES[config.dtype]
         run.graph = StepGraph(model, optimizer, autocast, max_norm, forward=run.fwd)
@@ -441,6 +437,25 @@ def _setup(
         params = [p for p in model.parameters() if p.requires_grad]
         run.optimizer_step = CompiledOptimizerStep(params, optimizer, max_norm, lambda fn: torch.compile(fn, **kwargs))
     return run
+
+
+def _captures_step(config: TrainConfig, device: torch.device, info: DistInfo, accum: int) -> bool:
+    """Whether the whole step runs as one CUDA graph: step_graph=true (else ConfigError naming why it cannot), or
+    auto where nothing rules it out (the log says which)."""
+    if config.step_graph is True:
+        try:
+            check_step_graph(config, device, info.world_size, accum)
+        except ValueError as err:
+            raise ConfigError("step_graph", str(err)) from None
+        return True
+    if config.step_graph == "auto":
+        problems = step_graph_problems(config, device, info.world_size, accum)
+        if problems:
+            log.info("step_graph=auto: the step is not captured (it would need: %s)", "; ".join(problems))
+        else:
+            log.info("step_graph=auto: the whole step is captured as one CUDA graph")
+        return not problems
+    return False
 
 
 def compile_kwargs(config: TrainConfig) -> dict[str, Any]:

@@ -28,12 +28,15 @@ REPO = Path(__file__).resolve().parent.parent
 STEPS, EVAL_EVERY = 120, 40
 TOLERANCE = 0.02  # eval-loss difference allowed at every evaluation (bf16 noise is ~2e-3 here)
 MODES = {"compiled": "reduce-overhead", "eager": "none"}
+PLAIN = {"step_graph": "false", "kernel_names": ""}  # the job overrides that match _config's plain loop
 
 
 def _config(mode: str):
+    """The preset's run cut short, compiled (reduce-overhead) or eager, without the step capture or our kernels (the
+    sequences here are about state one run leaves for the next; the captured step has its own test below)."""
     return load_config("shakespeare-char").replace(
         max_steps=STEPS, eval_interval=EVAL_EVERY, eval_iters=20, log_interval=10, tensorboard=False,
-        compile_mode=MODES[mode],
+        compile_mode=MODES[mode], step_graph=False, kernel_names="",
     )  # fmt: skip
 
 
@@ -95,19 +98,20 @@ def test_the_worker_trains_two_jobs_back_to_back_alike(tmp_path):
     results = []
     for i, mode in enumerate(("compiled", "eager", "compiled")):
         spec = jobs_pb2.TrainSpec(preset="shakespeare-char", max_steps=STEPS, eval_interval=EVAL_EVERY,
-                                  overrides={"compile_mode": MODES[mode], "eval_iters": "20"})  # fmt: skip
+                                  overrides={"compile_mode": MODES[mode], "eval_iters": "20", **PLAIN})  # fmt: skip
         job = jobs_pb2.Job(id=f"job{i}", kind=jobs_pb2.JOB_KIND_TRAIN, train=spec, attempt=1)
         ctx = JobContext(job, "w", lambda message, fraction, metrics: None, threading.Event(), threading.Event())
         results.append(handle(ctx).result["metrics"]["val_loss"])
     assert abs(results[0] - results[2]) < TOLERANCE and abs(results[0] - results[1]) < TOLERANCE, results
 
 
-@pytest.mark.parametrize("compile_mode", ["none", "default"])
-def test_the_captured_step_trains_like_the_eager_loop(fresh, tmp_path, compile_mode):
+@pytest.mark.parametrize("compile_mode, kernel_names", [("none", ""), ("default", ""), ("default", "add_norm")])
+def test_the_captured_step_trains_like_the_eager_loop(fresh, tmp_path, compile_mode, kernel_names):
     """step_graph=true (forward, backward, clipping, AdamW as one CUDA graph; the model eager or torch.compile'd,
-    its Inductor kernels recorded in the same capture) against the eager loop's evaluations."""
+    its Inductor kernels recorded in the same capture, with or without our fused add + norm: the preset's way)
+    against the eager loop's evaluations."""
     corpus = Path(os.environ["TINYLM_CORPUS"])
-    config = _config("eager").replace(step_graph=True, compile_mode=compile_mode)
+    config = _config("eager").replace(step_graph=True, compile_mode=compile_mode, kernel_names=kernel_names)
     got: list[float] = []
     result = train(config, corpus, store_root=tmp_path / "store", run_dir=tmp_path / "graph", data_dir=tmp_path / "data",
                    progress_callback=lambda step, m: "val_loss" in m and got.append(m["val_loss"]))  # fmt: skip
@@ -134,7 +138,7 @@ def test_the_workers_second_compiled_job_reuses_the_first_and_trains_alike(fresh
         got: list[float] = []
         spec = jobs_pb2.TrainSpec(preset="shakespeare-char", max_steps=STEPS, eval_interval=EVAL_EVERY,
                                   overrides={"compile_mode": MODES["compiled"], "eval_iters": "20", "log_interval": "10",
-                                             "tensorboard": "false"})  # fmt: skip
+                                             "tensorboard": "false", **PLAIN})  # fmt: skip
         job = jobs_pb2.Job(id=f"job{i}", kind=jobs_pb2.JOB_KIND_TRAIN, train=spec, attempt=1)
         ctx = JobContext(job, "w", lambda message, fraction, m: "val_loss" in m and got.append(m["val_loss"]),
                          threading.Event(), threading.Event())  # fmt: skip

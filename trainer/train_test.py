@@ -179,3 +179,19 @@ def test_an_unknown_eval_mode_is_named_with_the_allowed_ones():
     with pytest.raises(ConfigError, match=r"eval_mode must be one of \['sampled', 'val-full'\], got 'whole'") as err:
         fast_config(eval_mode="whole")
     assert err.value.key == "eval_mode"
+
+
+def test_step_graph_auto_steps_without_the_capture_where_it_cannot_run(small_corpus, tmp_path, caplog):
+    """step_graph=auto on a CPU: the run steps as step_graph=false does (same losses, bit for bit) and its log names
+    what a capture would need."""
+    import logging
+
+    runs = {}
+    with caplog.at_level(logging.INFO, logger="trainer.train"):
+        for mode in (False, "auto"):
+            runs[mode] = train(fast_config(dropout=0.1, step_graph=mode), small_corpus, store_root=tmp_path / "s",
+                               run_dir=tmp_path / f"r{mode}", data_dir=tmp_path / "d")  # fmt: skip
+    assert runs["auto"].losses == runs[False].losses and len(runs["auto"].losses) == 12
+    assert (
+        "step_graph=auto: the step is not captured (it would need: device must be a CUDA GPU, got cpu)" in caplog.text
+    )

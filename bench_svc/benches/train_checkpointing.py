@@ -145,7 +145,7 @@ def _config(args: argparse.Namespace, on: bool) -> TrainConfig:
     cuda = device.type == "cuda"
     base = load_config(args.preset)
     return base.replace(
-        device=args.device, grad_checkpointing=on, grad_accum=1, compile_mode="none",
+        device=args.device, grad_checkpointing=on, grad_accum=1, compile_mode="none", step_graph=False, kernel_names="",
         batch_size=args.batch_size or (base.batch_size if cuda else CPU_BATCH),
         dtype=args.dtype or (base.dtype if cuda else "float32"),
     )  # fmt: skip

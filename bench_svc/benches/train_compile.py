@@ -104,7 +104,7 @@ def _config(args: argparse.Namespace, mode: str) -> TrainConfig:
     preset = args.preset or (GPU_PRESET if cuda else CPU_PRESET)
     base = load_config(preset)
     return base.replace(
-        device=args.device, compile_mode=mode, grad_accum=1,
+        device=args.device, compile_mode=mode, grad_accum=1, step_graph=False, kernel_names="",  # the mode alone
         batch_size=args.batch_size or (base.batch_size if cuda else CPU_BATCH),
         block_size=args.block_size or base.block_size or 0,
         dtype=args.dtype or (base.dtype if cuda else "float32"),

@@ -4,26 +4,29 @@
     python -m bench_svc.benches.training --cpu-smoke --out DIR # a seconds-long run of the same code path on a CPU
 
 Variants, all on nanoGPT's shakespeare-char data, split, model and evaluation: "tinylm" (the preset as it trains:
-torch.compile with CUDA graphs, bf16 autocast, fused AdamW, no host sync between log points), "tinylm-fast" (the
-shakespeare-char-fast preset: the same with a schedule cut to the budget), "tinylm-kernels" ("tinylm" with kernels=true:
-our flash attention and fused residual + norm as custom ops inside the compiled step), "tinylm-muon" (the
-shakespeare-char-muon preset: Muon, a trapezoid schedule, QK-norm, ReLU², untied head; "-hot", "-long", "-gpt" try other settings of it),
-"compile-default" (torch.compile without
-CUDA graphs), "eager" (no compile, our kernels), and the anchor "eager-pytorch" (no compile, plain PyTorch: nanoGPT's
-loop). For each it records the time from launch (model build, compilation and evaluations included) to the first
-evaluation at or below the target val loss, the first step's time from launch, the best val loss within the first
+the whole step one CUDA graph around the torch.compile'd model, our fused residual + LayerNorm kernel inside it, bf16
+autocast, fused AdamW, no host sync between log points), "tinylm-nokernels" (the same step without our kernels: the
+kernels' end-to-end figure), "tinylm-kernels" (every compiled-step kernel: flash attention too), "tinylm-flash",
+"tinylm-ro" (the default before: torch.compile's reduce-overhead CUDA-graph trees, no kernels), "tinylm-graph" (the
+eager model captured whole), "tinylm-fast" (the shakespeare-char-fast preset: a schedule cut to the budget),
+"tinylm-muon" (the shakespeare-char-muon preset: Muon, a trapezoid schedule, QK-norm, ReLU², untied head; "-hot",
+"-long", "-short", "-gpt" try other settings of it; "-fast" is the time-to-loss run: exact whole-split evaluations
+every 100 steps), "compile-default" (torch.compile without CUDA graphs), "eager" (no compile, our kernels), and the
+anchor "eager-pytorch" (no compile, plain PyTorch: nanoGPT's loop). For each it records the time from launch
+(model build, compilation and evaluations included) to the first evaluation at or below the target val loss, the first step's time from launch, the best val loss within the first
 60 s, the best weights' loss on the whole val split (every token scored once), the largest difference from the
 anchor's val loss at the same evaluations, tokens/s and MFU (median over log intervals after warm-up), and the
 val-loss curve. A run goes on to its time budget (or max_steps). `--part startup` measures launch to first step in a
 new process with an empty compile cache and again with the cache it left, for the default preset or any variant
 (`--startup tinylm-blocks:cold,tinylm-blocks:warm`). Issue 16's compile options have variants of their own:
 "-opt" (clipping and the optimizer step compiled too, trainer.optimizer_step), "-blocks" (each transformer Block
-compiled on its own, compile_scope=blocks), on the default and the muon preset; "tinylm-tuned" is the default with
-Inductor's coordinate-descent tuning of its kernels (compile_mode=reduce-overhead-tuned). With two or more GPUs it also
+compiled on its own, compile_scope=blocks), on reduce-overhead's way and the muon preset; "tinylm-tuned" is
+reduce-overhead with Inductor's coordinate-descent tuning of its kernels (compile_mode=reduce-overhead-tuned). With two or more GPUs it also
 measures DDP tokens/s of the `medium` preset on 2 GPUs vs 1 (torchrun, the same `trainer.main` code path).
 `--startup VARIANT:worker` runs two jobs of a variant back to back in one new process, as the trainer's
 worker does (the compiler imported in the background from its start, the second job reusing the first's compiled
-code), and reports each job's start to its first step.
+code), and reports each job's start to its first step; `--startup VARIANT:run` the whole run in a new process, every
+time counted from that process's launch (the time to the target from the launch itself).
 Results: CSV + JSON (GPU, commit, command) and a PNG.
 """
 
@@ -208,17 +211,22 @@ def _all_variants(args: argparse.Namespace) -> list[tuple[str, TrainConfig]]:
                                                         tensorboard=False)  # fmt: skip
     muon = load_config("shakespeare-char-muon").replace(log_interval=10, eval_interval=args.eval_interval,
                                                         tensorboard=False)  # fmt: skip
+    # The presets step as one CUDA graph around the compiled model with the fused add + norm kernel (step_graph auto,
+    # compile_mode default, kernel_names add_norm). `plain`: that step without our kernels; `ro`: the preset's way
+    # before (reduce-overhead: torch.compile's CUDA-graph trees, no kernels), which the compile options modify.
+    plain = base.replace(kernel_names="")
+    ro = plain.replace(compile_mode="reduce-overhead", step_graph=False)
     muon_fast = muon.replace(max_steps=1300, warmdown_steps=650, eval_mode="val-full", eval_interval=100, eval_iters=4,
                              checkpoint_interval=1300)  # fmt: skip
     return [
-        ("tinylm", base),  # the preset as it trains by default (reduce-overhead: CUDA graphs)
-        # the same compiled step with our flash attention and fused add + norm inside it (kernels on vs off)
-        ("tinylm-kernels", base.replace(kernels=True)),
-        ("tinylm-flash", base.replace(kernel_names="flash_attention")),  # one kernel at a time: flash attention only
-        ("tinylm-addnorm", base.replace(kernel_names="add_norm")),  # the fused residual + norm only
-        ("tinylm-graph", base.replace(compile_mode="none", step_graph=True)),  # the whole step as one CUDA graph
+        ("tinylm", base),  # the preset as it trains by default
+        ("tinylm-nokernels", plain),  # the same step, kernels off (the kernels' end-to-end figure: tinylm / this)
+        ("tinylm-kernels", plain.replace(kernels=True)),  # every compiled-step kernel: flash attention + add + norm
+        ("tinylm-flash", plain.replace(kernel_names="flash_attention")),  # one kernel at a time: flash attention only
+        ("tinylm-ro", ro),  # the default before 2026-11-30: reduce-overhead's CUDA-graph trees, no kernels
+        ("tinylm-graph", plain.replace(compile_mode="none", step_graph=True)),  # the eager model captured, no compile
         ("tinylm-fast", fast),  # the shakespeare-char-fast preset: the same model, a schedule cut to the budget
-        ("tinylm-fast-graph", fast.replace(compile_mode="none", step_graph=True)),
+        ("tinylm-fast-graph", fast.replace(compile_mode="none", step_graph=True, kernel_names="")),
         ("tinylm-muon", muon),  # the shakespeare-char-muon preset: Muon + trapezoid, QK-norm, ReLU², untied head
         # other settings of it, worth a run each: a hotter shorter schedule; a longer one (if steps fit in 60 s);
         # Muon on nanoGPT's own model (what the optimizer alone gives)
@@ -228,27 +236,24 @@ def _all_variants(args: argparse.Namespace) -> list[tuple[str, TrainConfig]]:
         # recipe with the warmdown ending there
         ("tinylm-muon-short", muon.replace(max_steps=1300, warmdown_steps=650)),
         ("tinylm-muon-gpt", muon.replace(preset="shakespeare-char")),
-        # the whole step one CUDA graph with the model compiled inside it (compile_mode default + step_graph: Inductor's
-        # kernels, no cudagraph-tree Python per step, the optimizer in the graph); on nanoGPT's config, with our
-        # kernels (all, or the fused add + norm alone), and on the Muon recipe with exact evaluations of the whole val
-        # split every 100 steps (each ~30x fewer tokens than nanoGPT's 2 x 200 sampled batches, no eval graph to
-        # compile) and the resume state saved at the end only: the time-to-loss variants (its first try evaluated
-        # every 50 steps and saved the resume state each time: ~0.2 s an evaluation, H200, 785a6e6)
-        ("tinylm-cgraph", base.replace(compile_mode="default", step_graph=True)),
-        ("tinylm-kernels-cgraph", base.replace(compile_mode="default", step_graph=True, kernels=True)),
-        ("tinylm-addnorm-cgraph", base.replace(compile_mode="default", step_graph=True, kernel_names="add_norm")),
-        ("tinylm-muon-fast", muon_fast.replace(compile_mode="default", step_graph=True)),
-        ("tinylm-muon-fast-ro", muon_fast),  # the same under reduce-overhead (its own CUDA graphs)
-        # issue 16's compile options, each against the preset it modifies: the clipping and optimizer step compiled
-        # (CUDA graphs under reduce-overhead), each Block compiled on its own (a shorter compile, maybe a slower step)
-        ("tinylm-tuned", base.replace(compile_mode="reduce-overhead-tuned")),  # + coordinate-descent kernel tuning
-        ("tinylm-opt", base.replace(compile_optimizer=True)),
-        ("tinylm-blocks", base.replace(compile_scope="blocks")),
-        ("tinylm-opt-blocks", base.replace(compile_optimizer=True, compile_scope="blocks")),
+        # the time-to-loss variant: muon-short with exact evaluations of the whole val split every 100 steps (each
+        # ~30x fewer tokens than nanoGPT's 2 x 200 sampled batches, no eval graph to compile) and the resume state
+        # saved at the end only (its first try evaluated every 50 steps and saved the resume state each time: ~0.2 s
+        # an evaluation, H200, 785a6e6); -ro: the same under reduce-overhead without kernels
+        ("tinylm-muon-fast", muon_fast),
+        ("tinylm-muon-fast-ro", muon_fast.replace(compile_mode="reduce-overhead", step_graph=False, kernel_names="")),
+        # issue 16's compile options, each against the way it modifies (reduce-overhead): the clipping and optimizer
+        # step compiled (CUDA graphs under reduce-overhead), each Block compiled on its own (a shorter compile, maybe a
+        # slower step)
+        ("tinylm-tuned", ro.replace(compile_mode="reduce-overhead-tuned")),  # + coordinate-descent kernel tuning
+        ("tinylm-opt", ro.replace(compile_optimizer=True)),
+        ("tinylm-blocks", ro.replace(compile_scope="blocks")),
+        ("tinylm-opt-blocks", ro.replace(compile_optimizer=True, compile_scope="blocks")),
         ("tinylm-muon-blocks", muon.replace(compile_scope="blocks")),
-        ("compile-default", base.replace(compile_mode="default")),  # torch.compile without CUDA graphs
-        ("eager", base.replace(compile_mode="none", kernels=True)),  # eager PyTorch with our kernels
-        ("eager-pytorch", base.replace(compile_mode="none", kernels=False)),  # the anchor: nanoGPT's eager loop
+        ("compile-default", ro.replace(compile_mode="default")),  # torch.compile without CUDA graphs of any kind
+        ("eager", plain.replace(compile_mode="none", step_graph=False, kernels=True)),  # eager PyTorch, our kernels
+        # the anchor: nanoGPT's eager loop in plain PyTorch
+        ("eager-pytorch", plain.replace(compile_mode="none", step_graph=False, kernels=False)),
     ]
 
 

@@ -59,33 +59,34 @@ def test_variants_picks_and_orders_and_names_the_choices(capsys):
     assert name == "eager-pytorch" and config.kernels is False and config.compile_mode == "none"
     with pytest.raises(
         SystemExit,
-        match=r"unknown variant\(s\) \['fast'\]; choose from \['tinylm', 'tinylm-kernels', 'tinylm-flash', "
-        r"'tinylm-addnorm', 'tinylm-graph', 'tinylm-fast', "
-        r"'tinylm-fast-graph', 'tinylm-muon', 'tinylm-muon-hot', 'tinylm-muon-long', 'tinylm-muon-short', "
-        r"'tinylm-muon-gpt', 'tinylm-cgraph', 'tinylm-kernels-cgraph', 'tinylm-addnorm-cgraph', "
-        r"'tinylm-muon-fast', 'tinylm-muon-fast-ro', "
-        r"'tinylm-tuned', 'tinylm-opt', 'tinylm-blocks', 'tinylm-opt-blocks', 'tinylm-muon-blocks', "
-        r"'compile-default', 'eager', 'eager-pytorch'\]",
+        match=r"unknown variant\(s\) \['fast'\]; choose from \['tinylm', 'tinylm-nokernels', 'tinylm-kernels', "
+        r"'tinylm-flash', 'tinylm-ro', 'tinylm-graph', 'tinylm-fast', 'tinylm-fast-graph', 'tinylm-muon', "
+        r"'tinylm-muon-hot', 'tinylm-muon-long', 'tinylm-muon-short', 'tinylm-muon-gpt', 'tinylm-muon-fast', "
+        r"'tinylm-muon-fast-ro', 'tinylm-tuned', 'tinylm-opt', 'tinylm-blocks', 'tinylm-opt-blocks', "
+        r"'tinylm-muon-blocks', 'compile-default', 'eager', 'eager-pytorch'\]",
     ):
         training._variants(training._parse_args(["--variants", "fast"]))
 
 
 def test_compile_option_variants_change_only_their_option():
+    """The default step (one CUDA graph around the compiled model, the fused add + norm) against the same without our
+    kernels, with all of them, and reduce-overhead's way, which the compile options modify."""
     variants = dict(training._all_variants(training._parse_args([])))
     base, muon = variants["tinylm"], variants["tinylm-muon"]
-    assert not base.compile_optimizer and base.compile_scope == "model"
-    assert variants["tinylm-kernels"] == base.replace(kernels=True) and not base.kernels
-    assert variants["tinylm-opt"] == base.replace(compile_optimizer=True)
-    assert variants["tinylm-blocks"] == base.replace(compile_scope="blocks")
-    assert variants["tinylm-opt-blocks"] == base.replace(compile_optimizer=True, compile_scope="blocks")
+    assert (base.compile_mode, base.step_graph, base.kernel_names) == ("default", "auto", "add_norm")
+    plain = variants["tinylm-nokernels"]
+    assert plain == base.replace(kernel_names="") and variants["tinylm-kernels"] == plain.replace(kernels=True)
+    ro = variants["tinylm-ro"]
+    assert ro == plain.replace(compile_mode="reduce-overhead", step_graph=False)
+    assert variants["tinylm-opt"] == ro.replace(compile_optimizer=True)
+    assert variants["tinylm-blocks"] == ro.replace(compile_scope="blocks")
+    assert variants["tinylm-opt-blocks"] == ro.replace(compile_optimizer=True, compile_scope="blocks")
     assert variants["tinylm-muon-blocks"] == muon.replace(compile_scope="blocks")
-    captured = dict(compile_mode="default", step_graph=True)  # the compiled model inside the one-graph step
-    assert variants["tinylm-cgraph"] == base.replace(**captured)
-    assert variants["tinylm-kernels-cgraph"] == base.replace(kernels=True, **captured)
-    assert variants["tinylm-addnorm-cgraph"] == base.replace(kernel_names="add_norm", **captured)
+    anchor = variants["eager-pytorch"]
+    assert (anchor.compile_mode, anchor.step_graph, anchor.kernel_names, anchor.kernels) == ("none", False, "", False)
     fast, fast_ro = variants["tinylm-muon-fast"], variants["tinylm-muon-fast-ro"]
-    assert fast == fast_ro.replace(**captured) and fast_ro.compile_mode == muon.compile_mode
-    assert fast_ro.eval_mode == "val-full" and muon.eval_mode == base.eval_mode == "sampled"
+    assert fast_ro == fast.replace(compile_mode="reduce-overhead", step_graph=False, kernel_names="")
+    assert fast.eval_mode == "val-full" and muon.eval_mode == base.eval_mode == "sampled"
 
 
 def test_startup_entries_name_a_variant_and_a_cache_state():
