@@ -153,9 +153,10 @@ class TrainConfig:
     eval_interval: int = 250
     eval_iters: int = 20
     eval_mode: str = "sampled"  # sampled | val-full (EVAL_MODES)
-    # Steps between saves of the resume state (model, optimizer, RNG: ~130 MB for shakespeare-char with Muon), made at
-    # the evaluation that falls on one; 0: at every evaluation. The best weights are saved whenever they improve,
-    # and a cancelled run saves its state where it stopped, whatever this says.
+    # Steps between writes of the resume state (model, optimizer, RNG: ~130 MB for shakespeare-char with Muon) and of
+    # the best weights, made at the evaluation that falls on one; in between, improved best weights wait in a device
+    # copy. 0: both at every evaluation. The loop's end writes any waiting best weights, and a cancelled run saves
+    # its state where it stopped, whatever this says.
     checkpoint_interval: int = 0
     log_interval: int = 10
     dtype: str = "float32"

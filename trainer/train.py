@@ -153,6 +153,9 @@ class _Run:
     best_val: float = math.inf
     best_step: int = 0
     bad_evals: int = 0
+    # the best weights not yet on disk (config.checkpoint_interval): device copies of the parameters, written at the
+    # next checkpoint or when the loop ends
+    unsaved_best: list[torch.Tensor] | None = None
     tokens_seen: int = 0
     elapsed_s: float = 0.0  # training time before this process, from the resume state
     startup: dict[str, float] = field(default_factory=dict)  # start-up timings (seconds), see `_train`
@@ -307,6 +310,7 @@ def _train(
         pending.send(run.step)  # steps since the last log point (a cancel)
         report(wait=True)
         scope.close()  # writes the profiler trace
+        _flush_best(run)  # best weights kept on the device since the last checkpoint
         run.elapsed_s += time.perf_counter() - start
         if result.stopped == "cancelled" and run.step > 0:
             _save_resume(run)  # the step boundary is consistent: resuming continues exactly here
@@ -648,14 +652,21 @@ def _evaluate_and_checkpoint(
     metrics = estimate_loss(run)
     metrics["elapsed_s"] = step_metrics["elapsed_s"]
     improved = metrics["val_loss"] < run.best_val
+    every = run.config.checkpoint_interval
+    checkpoint = not every or run.step % every == 0
     if improved:
         run.best_val, run.best_step, run.bad_evals = metrics["val_loss"], run.step, 0
-        if run.info.is_main:
-            best = run.run_dir / "best"
-            best.mkdir(exist_ok=True)
-            tmp = best / "model.safetensors.tmp"
-            save_model(run.model, str(tmp))
-            tmp.replace(best / "model.safetensors")
+        if run.info.is_main and checkpoint:
+            run.unsaved_best = None
+            _save_best(run)
+        elif (
+            run.info.is_main
+        ):  # kept on the device until the next checkpoint (a copy costs microseconds, a file ~0.1 s)
+            params = [p.detach() for p in run.model.parameters()]
+            if run.unsaved_best is None:
+                run.unsaved_best = [p.clone() for p in params]
+            else:
+                torch._foreach_copy_(run.unsaved_best, params)
     else:
         run.bad_evals += 1
     metrics["best_val_loss"] = run.best_val
@@ -665,11 +676,36 @@ def _evaluate_and_checkpoint(
         run_log.write(run.step, "eval", metrics)
     if callback is not None and run.info.is_main:
         callback(run.step, {**step_metrics, **metrics})  # the step's numbers too, so one event tells it all
-    every = run.config.checkpoint_interval
-    if not every or run.step % every == 0:
+    if checkpoint:
+        _flush_best(run)
         _save_resume(run, elapsed_s=step_metrics["elapsed_s"])
     patience = run.config.early_stop_patience
     return bool(patience and run.bad_evals >= patience)
+
+
+def _save_best(run: _Run) -> None:
+    """Write the model's weights as the run's best (atomically: a reader never sees half a file)."""
+    best = run.run_dir / "best"
+    best.mkdir(exist_ok=True)
+    tmp = best / "model.safetensors.tmp"
+    save_model(run.model, str(tmp))
+    tmp.replace(best / "model.safetensors")
+
+
+@torch.no_grad()
+def _flush_best(run: _Run) -> None:
+    """Write the best weights kept on the device (checkpoint_interval), if any: swapped into the model for the write
+    and back, in place (a captured step keeps reading the same parameter memory)."""
+    if run.unsaved_best is None:
+        return
+    params = [p.detach() for p in run.model.parameters()]
+    live = [p.clone() for p in params]
+    torch._foreach_copy_(params, run.unsaved_best)
+    try:
+        _save_best(run)
+    finally:
+        torch._foreach_copy_(params, live)
+    run.unsaved_best = None
 
 
 def _save_resume(run: _Run, elapsed_s: float | None = None) -> None:

@@ -40,6 +40,24 @@ def test_checkpoint_interval_saves_the_resume_state_only_at_its_steps(small_corp
     assert again.steps == 12 and again.losses == full.losses[8:]
 
 
+def test_checkpoint_interval_keeps_the_best_weights_on_the_device_until_the_loop_ends(small_corpus, tmp_path):
+    """With checkpoint_interval past the run, no best weights reach the disk during it; a cancel at step 7 (best at the
+    evaluation of step 6) writes step 6's weights, the file an every-evaluation run wrote at step 6."""
+    files, seen_on_disk = {}, {}
+    for every in (0, 100):
+        run_dir, calls, seen = tmp_path / f"r{every}", [], seen_on_disk.setdefault(every, [])
+        train(fast_config(dropout=0.1, eval_interval=2, checkpoint_interval=every), small_corpus,
+              store_root=tmp_path / "s", run_dir=run_dir, data_dir=tmp_path / "d",
+              should_stop=lambda: calls.append(1) or len(calls) > 7,
+              progress_callback=lambda step, m, d=run_dir, seen=seen: "val_loss" in m
+              and seen.append((d / "best" / "model.safetensors").is_file()))  # fmt: skip
+        files[every] = load_file(run_dir / "best" / "model.safetensors")
+        final = load_file(run_dir / "resume" / "model.safetensors")  # the cancelled run's state, step 7
+    assert seen_on_disk == {0: [True, True, True], 100: [False, False, False]}  # (written before the callback)
+    assert all(torch.equal(files[0][k], files[100][k]) for k in files[0])
+    assert not all(torch.equal(files[100][k], final[k]) for k in final)  # step 6's weights, not step 7's
+
+
 def test_cancel_stops_at_the_next_step_and_keeps_the_best_checkpoint(small_corpus, dirs):
     stop = []
     seen = []
