@@ -28,9 +28,13 @@ def test_muon_trains_alike_eager_compiled_and_captured(tmp_path):
     eager = _evals(tmp_path, "eager", compile_mode="none", step_graph=False, kernel_names="")  # the plain loop
     assert eager[-1] < 2.6, eager  # it learns: well below the unigram entropy (~3.3) and ln(65) = 4.17
     # reduce-overhead's CUDA-graph trees; the eager model captured whole; the preset's way (the compiled model captured
-    # whole with the fused add + norm)
+    # whole with the fused add + norm). H200, 5676320: "graph" 0.0248 from eager at step 80 (2.2168 / 1.8805 / 1.7431
+    # against 2.2394 / 1.9053 / 1.7563), over the bound; it passed at 785a6e6 with the same settings: unexplained.
+    got: dict[str, list[float]] = {}
     for tag, changes in (("compiled", dict(compile_mode="reduce-overhead", step_graph=False, kernel_names="")),
                          ("graph", dict(compile_mode="none", step_graph=True, kernel_names="")), ("preset", {})):  # fmt: skip
-        got = _evals(tmp_path, tag, **changes)
-        diffs = [abs(a - b) for a, b in zip(got, eager)]
-        assert len(got) == len(eager) and max(diffs) < TOLERANCE, (tag, got, eager)
+        got[tag] = _evals(tmp_path, tag, **changes)
+    # every way is run before any is judged, so one failure does not hide how the others did
+    worst = {tag: max(abs(a - b) for a, b in zip(evals, eager)) for tag, evals in got.items()}
+    assert all(len(evals) == len(eager) for evals in got.values()), (got, eager)
+    assert max(worst.values()) < TOLERANCE, (worst, got, eager)
