@@ -11,6 +11,10 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# The kernels' tests never read or write the machine's tuning cache (kernels/tune_cache.py): a test's stand-in picks
+# must not reach a real run, nor a real run's picks decide what a tuner test sees. tune_cache_test turns it on in a
+# folder of its own.
+os.environ["TINYLM_TUNE_CACHE"] = "0"
 
 # Tolerances for a fast kernel against the fp32 PyTorch reference, by the dtype of the inputs. fp32 on a GPU runs
 # tl.dot in TF32 (10-bit mantissa), hence its looser GPU bound; the CPU interpreter computes in true fp32.

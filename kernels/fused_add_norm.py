@@ -26,6 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels import tune_cache
 from kernels.dispatch import Impl, num_sms, use_triton
 
 __all__ = ["AddNormFunction", "add_layer_norm", "add_rms_norm", "layer_norm", "reference", "rms_norm"]
@@ -317,6 +318,26 @@ def _key(kernel, n_cols: int, args: tuple, meta: dict) -> tuple:
     return (kernel, n_cols, *meta.items(), *(getattr(a, "dtype", None) for a in args))
 
 
+def _recall(key: tuple, candidates: list[triton.Config]) -> triton.Config | None:
+    """A pick an earlier process made for this key on this GPU (kernels.tune_cache), remembered in _TUNED too."""
+    if not tune_cache.enabled():
+        return None
+    config = tune_cache.recall(_kernel_name(key), key[1:], torch.cuda.get_device_name(), candidates)
+    if config is not None:
+        _TUNED[key] = config
+    return config
+
+
+def _remember(key: tuple, config: triton.Config) -> None:
+    _TUNED[key] = config
+    if tune_cache.enabled():
+        tune_cache.remember(_kernel_name(key), key[1:], torch.cuda.get_device_name(), config)
+
+
+def _kernel_name(key: tuple) -> str:
+    return getattr(key[0], "__name__", str(key[0]))
+
+
 def _launch_forward(n_rows: int, n_cols: int, *args, **meta) -> None:
     """Autotuned on a GPU (or default_config when AUTOTUNE is off); the interpreter's fixed tile on CPU. Grid: one
     program per row tile."""
@@ -327,8 +348,10 @@ def _launch_forward(n_rows: int, n_cols: int, *args, **meta) -> None:
     key = _key(_add_norm_fwd, n_cols, args, meta)
     config = _TUNED.get(key) if AUTOTUNE else default_config(FWD_CONFIGS, meta["BLOCK_C"])
     if config is None:
+        config = _recall(key, configs_for(FWD_CONFIGS, meta["BLOCK_C"]))
+    if config is None:
         _add_norm_fwd_tuned[grid](*args, **meta)
-        _TUNED[key] = _add_norm_fwd_tuned.best_config
+        _remember(key, _add_norm_fwd_tuned.best_config)
         log.info("add_norm forward %s: %s", key[1:], _TUNED[key])
     else:
         _add_norm_fwd[grid(config.kwargs)](*args, **meta, **config.all_kwargs())
@@ -417,6 +440,8 @@ def _backward_config(key: tuple, block_c: int, run, scratch) -> triton.Config:
     scratch(), room for any candidate's partials), remembered in _TUNED. A first call inside a CUDA-graph capture
     (which cannot time anything) takes default_config without remembering it."""
     config = _TUNED.get(key) if AUTOTUNE else default_config(BWD_CONFIGS, block_c)
+    if config is None:
+        config = _recall(key, configs_for(BWD_CONFIGS, block_c))
     if config is None and torch.cuda.is_current_stream_capturing():
         return default_config(BWD_CONFIGS, block_c)
     if config is None:
@@ -424,7 +449,7 @@ def _backward_config(key: tuple, block_c: int, run, scratch) -> triton.Config:
         partial = scratch()
         timed = [(_graph_ms(lambda: run(c, partial)), i, c) for i, c in enumerate(configs_for(BWD_CONFIGS, block_c))]
         best_ms, _, config = min(timed)
-        _TUNED[key] = config
+        _remember(key, config)
         worst_ms = max(t[0] for t in timed)
         log.info(
             "add_norm backward %s: %s, %.4f ms per call in a CUDA graph (slowest of %d tried: %.4f ms)",

@@ -240,13 +240,18 @@ def _train(
     graphs' warm-up; on a GPU its kernels may still run), `compiler_import_s` (the background import's own length).
     """
     device = resolve_device(config.device, info)
+    cuda_init_s = None
     if device.type == "cuda":
-        torch.cuda.set_device(device)
+        t0 = time.perf_counter()
+        torch.cuda.set_device(device)  # initialises CUDA in a new process (a context on the device)
+        cuda_init_s = time.perf_counter() - t0
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     dist.init_process_group(info, device)
     run = _setup(config, corpus, run_dir, data_dir, info, device, preload=preload)
     run.startup["setup_s"] = time.perf_counter() - started_at
+    if cuda_init_s is not None:  # part of setup_s; run beside the compiler's background import
+        run.startup["cuda_init_s"] = cuda_init_s
     result = TrainResult(run_dir=Path(run_dir), stopped="completed", steps=run.step)
     run_log = RunLog(run.run_dir, resume_step=run.step, tensorboard=config.tensorboard) if info.is_main else None
     meter = Throughput(run.model.config, peak_flops(device, config.dtype), world_size=info.world_size)
@@ -361,8 +366,9 @@ def _record_startup(run: _Run, started_at: float, preload: CompilerPreload | Non
     s = run.startup
     imported = f"{s['compiler_import_s']:.2f} s" if "compiler_import_s" in s else "nothing"
     log.info("start-up: first step %.2f s after launch (setup %.2f s, of which %.2f s waiting for the compiler's "
-             "import; that import took %s in the background)", s["startup_s"], s["setup_s"],
-             s.get("compiler_wait_s", 0.0), imported)  # fmt: skip
+             "import and %s initialising CUDA; that import took %s in the background)", s["startup_s"], s["setup_s"],
+             s.get("compiler_wait_s", 0.0), f"{s['cuda_init_s']:.2f} s" if "cuda_init_s" in s else "no time",
+             imported)  # fmt: skip
 
 
 def _recompile_room(config: TrainConfig) -> contextlib.AbstractContextManager:

@@ -402,7 +402,7 @@ def _startup_worker(args: argparse.Namespace) -> int:
 
 # trainer.train's start-up timings (seconds from train()'s start): set-up, waiting for the compiler's background
 # import, the first step; and that import's own length
-_STARTUP_FIELDS = ("setup_s", "compiler_wait_s", "startup_s", "compiler_import_s")
+_STARTUP_FIELDS = ("setup_s", "compiler_wait_s", "startup_s", "compiler_import_s", "cuda_init_s")
 
 
 def _compile_counters() -> dict[str, Any]:
