@@ -97,6 +97,7 @@ _FLOAT_RANGES: dict[str, tuple[float, float]] = {
     "muon_lr": (0.0, 10.0),
     "muon_momentum": (0.0, 0.9999),
     "muon_weight_decay": (0.0, 10.0),
+    "ema_decay": (0.0, 0.99999),
 }
 _OPEN_BELOW = ("lr", "muon_lr")  # ranges (lo, hi] rather than [lo, hi]
 _OPTIONAL = ("dropout", "dropout_start")  # None: "the preset's" / "no annealing"
@@ -158,6 +159,10 @@ class TrainConfig:
     # copy. 0: both at every evaluation. The loop's end writes any waiting best weights, and a cancelled run saves
     # its state where it stopped, whatever this says.
     checkpoint_interval: int = 0
+    # An exponential moving average of the weights, ema = decay * ema + (1 - decay) * weights after every optimizer
+    # step (inside the captured step where there is one); evaluations, the best checkpoint and the published model
+    # use the average. 0: off. 0.99 averages over ~100 steps.
+    ema_decay: float = 0.0
     log_interval: int = 10
     dtype: str = "float32"
     compile_mode: str = "none"  # none | default | reduce-overhead | reduce-overhead-tuned | max-autotune

@@ -7,6 +7,7 @@ temporary name and swapped into place, so a crash mid-save leaves the previous r
         model.safetensors       weights (tied tensors stored once)
         optimizer.safetensors   per-parameter state, keys "<param index>.<name>" (exp_avg, exp_avg_sq, step)
         rng.safetensors         torch CPU (and CUDA) generator states, keys "<rank>.cpu", "<rank>.cuda"
+        extra.safetensors       the loop's own tensors, when it has any (the weights' moving average)
         state.json              step, best loss, sampler state, python/numpy RNG per rank, optimizer groups, ...
 """
 
@@ -24,7 +25,14 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, load_model, save_file, save_model
 
-__all__ = ["capture_rng", "restore_rng", "save_resume_state", "load_resume_state", "has_resume_state"]
+__all__ = [
+    "capture_rng",
+    "restore_rng",
+    "save_resume_state",
+    "load_resume_state",
+    "load_extra_tensors",
+    "has_resume_state",
+]
 
 _FOLDER = "resume"
 
@@ -76,8 +84,10 @@ def save_resume_state(
     scaler: torch.amp.GradScaler,
     state: dict[str, Any],
     rng_per_rank: list[dict[str, Any]],
+    extra: dict[str, torch.Tensor] | None = None,
 ) -> Path:
-    """Write the resume folder atomically; `state` is JSON-able (step, sampler state, ...). Rank 0 calls this."""
+    """Write the resume folder atomically; `state` is JSON-able (step, sampler state, ...), `extra` more tensors
+    (load_extra_tensors reads them back). Rank 0 calls this."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{_FOLDER}.", dir=run_dir))
@@ -93,6 +103,8 @@ def save_resume_state(
                 rng_tensors[f"{rank}.cuda"] = rng["cuda"].cpu().contiguous()
             rng_json.append({"python": rng["python"], "numpy": rng["numpy"]})
         save_file(rng_tensors, str(tmp / "rng.safetensors"))
+        if extra:
+            save_file({k: v.detach().cpu().contiguous() for k, v in extra.items()}, str(tmp / "extra.safetensors"))
         doc = dict(state, optimizer=opt_json, scaler=_jsonable(scaler.state_dict()), rng=rng_json)
         (tmp / "state.json").write_text(json.dumps(doc))
         _swap_in(tmp, run_dir / _FOLDER)
@@ -156,3 +168,9 @@ def load_resume_state(
         rng = dict(doc["rng"][rank], cpu=rng_tensors[f"{rank}.cpu"], cuda=rng_tensors.get(f"{rank}.cuda"))
         restore_rng(rng, device)
     return doc
+
+
+def load_extra_tensors(run_dir: Path, device: torch.device) -> dict[str, torch.Tensor] | None:
+    """The `extra` tensors of the resume state (None when it was saved without them)."""
+    file = Path(run_dir) / _FOLDER / "extra.safetensors"
+    return load_file(str(file), device=str(device)) if file.is_file() else None

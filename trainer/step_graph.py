@@ -66,7 +66,8 @@ class StepGraph:
     `step(x, y, lr_factor)` runs one step on the batch x, y (B, T), each group's learning rate its `base_lr` times
     lr_factor (trainer.train.set_lr), and returns (loss, grad norm before clipping), fresh
     device tensors the next step does not overwrite. `forward(x, y) -> (logits, loss)` is what the step calls: `model`
-    itself (the default) or its torch.compile'd wrapper. The first WARMUP_STEPS calls run eagerly on a side stream,
+    itself (the default) or its torch.compile'd wrapper; `after_step()`, device work captured after the optimizer's
+    (the weights' moving average). The first WARMUP_STEPS calls run eagerly on a side stream,
     the next one captures the graph and replays it, every later one only replays.
     """
 
@@ -77,9 +78,11 @@ class StepGraph:
         autocast_dtype: torch.dtype | None,
         max_norm: float,
         forward: Callable[[torch.Tensor, torch.Tensor], tuple[Any, torch.Tensor]] | None = None,
+        after_step: Callable[[], None] | None = None,
     ) -> None:
         self.model, self.optimizer, self.max_norm = model, optimizer, max_norm
         self.forward = model if forward is None else forward
+        self.after_step = after_step
         self.autocast_dtype = autocast_dtype
         self.calls = 0
         self.graph: torch.cuda.CUDAGraph | None = None
@@ -102,6 +105,8 @@ class StepGraph:
         loss.backward()
         norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.max_norm)
         self.optimizer.step()
+        if self.after_step is not None:
+            self.after_step()
         return loss.detach(), norm.detach()
 
     def step(self, x: torch.Tensor, y: torch.Tensor, lr_factor: float) -> tuple[torch.Tensor, torch.Tensor]:

@@ -42,7 +42,13 @@ from trainer.lr_schedule import learning_rate
 from trainer.muon import Muon, MuonAdamW, is_hidden_matrix
 from trainer.mfu import Throughput, peak_flops
 from trainer.optimizer_step import CompiledOptimizerStep, prepare_optimizer, set_lr
-from trainer.resume_state import capture_rng, has_resume_state, load_resume_state, save_resume_state
+from trainer.resume_state import (
+    capture_rng,
+    has_resume_state,
+    load_extra_tensors,
+    load_resume_state,
+    save_resume_state,
+)
 from trainer.run_log import RunLog, plot_curve
 from trainer.step_graph import StepGraph, check_step_graph, step_graph_problems
 from trainer.step_profiler import StepProfiler
@@ -156,6 +162,7 @@ class _Run:
     # the best weights not yet on disk (config.checkpoint_interval): device copies of the parameters, written at the
     # next checkpoint or when the loop ends
     unsaved_best: list[torch.Tensor] | None = None
+    ema: list[torch.Tensor] | None = None  # the weights' moving average, one tensor per parameter (config.ema_decay)
     tokens_seen: int = 0
     elapsed_s: float = 0.0  # training time before this process, from the resume state
     startup: dict[str, float] = field(default_factory=dict)  # start-up timings (seconds), see `_train`
@@ -426,6 +433,8 @@ def _setup(
     if preload is not None:
         run.startup["compiler_wait_s"] = compiler_wait_s
     run.run_dir.mkdir(parents=True, exist_ok=True)
+    if config.ema_decay:
+        run.ema = [p.detach().clone() for p in model.parameters()]
     if config.resume and has_resume_state(run.run_dir):
         _restore(run)
         log.info("resumed %s at step %d", run.run_dir, run.step)
@@ -437,7 +446,8 @@ def _setup(
     if capture:  # the captured step calls the compiled model where there is one (compile_mode default)
         max_norm = config.grad_clip if config.grad_clip > 0 else math.inf
         autocast = None if config.dtype == "float32" else _DTYPES[config.dtype]
-        run.graph = StepGraph(model, optimizer, autocast, max_norm, forward=run.fwd)
+        after = (lambda: _ema_update(run)) if run.ema is not None else None  # captured with the step
+        run.graph = StepGraph(model, optimizer, autocast, max_norm, forward=run.fwd, after_step=after)
     if info.enabled:
         run.fwd = DDP(run.fwd, device_ids=[device.index] if device.type == "cuda" else None)
     if config.compile_optimizer:
@@ -536,7 +546,33 @@ def _train_step(run: _Run) -> _StepOut:
             run.scaler.step(run.optimizer)
             run.scaler.update()
         run.optimizer.zero_grad(set_to_none=True)
+        if run.ema is not None:
+            _ema_update(run)
     return _StepOut(dist.all_mean(loss_sum, info), grad_norm.detach(), lr, dropout)
+
+
+@torch.no_grad()
+def _ema_update(run: _Run) -> None:
+    """ema = decay * ema + (1 - decay) * weights: one multi-tensor launch (a CUDA-graph-safe scalar weight)."""
+    torch._foreach_lerp_(run.ema, [p.detach() for p in run.model.parameters()], 1.0 - run.config.ema_decay)
+
+
+@contextlib.contextmanager
+def _averaged_weights(run: _Run) -> Iterator[None]:
+    """The model holds the weights' average inside (config.ema_decay; nothing changes without it); copied in place,
+    so a captured step and the compiled model keep reading the same memory, and the training weights come back."""
+    if run.ema is None:
+        yield
+        return
+    with torch.no_grad():
+        params = [p.detach() for p in run.model.parameters()]
+        live = [p.clone() for p in params]
+        torch._foreach_copy_(params, run.ema)
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            torch._foreach_copy_(params, live)
 
 
 Mark = Any  # a point in the run's time: a recorded CUDA event on a GPU, the host clock (perf_counter) on a CPU
@@ -655,26 +691,18 @@ def _evaluate_and_checkpoint(
     run: _Run, run_log: RunLog | None, callback: ProgressCallback | None, step_metrics: dict[str, float]
 ) -> bool:
     """Evaluate; keep the best weights; save the resume state. Returns True when early stopping says stop."""
-    metrics = estimate_loss(run)
-    metrics["elapsed_s"] = step_metrics["elapsed_s"]
-    improved = metrics["val_loss"] < run.best_val
-    every = run.config.checkpoint_interval
-    checkpoint = not every or run.step % every == 0
-    if improved:
-        run.best_val, run.best_step, run.bad_evals = metrics["val_loss"], run.step, 0
-        if run.info.is_main and checkpoint:
-            run.unsaved_best = None
-            _save_best(run)
-        elif (
-            run.info.is_main
-        ):  # kept on the device until the next checkpoint (a copy costs microseconds, a file ~0.1 s)
-            params = [p.detach() for p in run.model.parameters()]
-            if run.unsaved_best is None:
-                run.unsaved_best = [p.clone() for p in params]
-            else:
-                torch._foreach_copy_(run.unsaved_best, params)
-    else:
-        run.bad_evals += 1
+    with _averaged_weights(run):  # evaluations and the best weights are the weights' average where there is one
+        metrics = estimate_loss(run)
+        metrics["elapsed_s"] = step_metrics["elapsed_s"]
+        improved = metrics["val_loss"] < run.best_val
+        every = run.config.checkpoint_interval
+        checkpoint = not every or run.step % every == 0
+        if improved:
+            run.best_val, run.best_step, run.bad_evals = metrics["val_loss"], run.step, 0
+            if run.info.is_main:
+                _keep_best(run, write=checkpoint)
+        else:
+            run.bad_evals += 1
     metrics["best_val_loss"] = run.best_val
     log.info("step %d: train %.4f, val %.4f%s", run.step, metrics["train_loss"], metrics["val_loss"],
              " (best)" if improved else "")  # fmt: skip
@@ -687,6 +715,21 @@ def _evaluate_and_checkpoint(
         _save_resume(run, elapsed_s=step_metrics["elapsed_s"])
     patience = run.config.early_stop_patience
     return bool(patience and run.bad_evals >= patience)
+
+
+@torch.no_grad()
+def _keep_best(run: _Run, write: bool) -> None:
+    """The model's weights are the best so far: written now, or (checkpoint_interval, between checkpoints) kept in a
+    device copy until the next checkpoint or the loop's end (a copy costs microseconds, a file ~0.1 s)."""
+    if write:
+        run.unsaved_best = None
+        _save_best(run)
+        return
+    params = [p.detach() for p in run.model.parameters()]
+    if run.unsaved_best is None:
+        run.unsaved_best = [p.clone() for p in params]
+    else:
+        torch._foreach_copy_(run.unsaved_best, params)
 
 
 def _save_best(run: _Run) -> None:
@@ -728,7 +771,8 @@ def _save_resume(run: _Run, elapsed_s: float | None = None) -> None:
             "sampler": run.sampler.state_dict(),
             "config": run.config.to_dict(),
         }
-        save_resume_state(run.run_dir, run.model, run.optimizer, run.scaler, state, rngs)
+        extra = {f"ema.{i}": t for i, t in enumerate(run.ema)} if run.ema is not None else None
+        save_resume_state(run.run_dir, run.model, run.optimizer, run.scaler, state, rngs, extra=extra)
     dist.barrier(run.info)
 
 
@@ -740,6 +784,17 @@ def _restore(run: _Run) -> None:
     run.best_step, run.bad_evals = int(state["best_step"]), int(state["bad_evals"])
     run.tokens_seen, run.elapsed_s = int(state["tokens_seen"]), float(state["elapsed_s"])
     run.sampler.load_state_dict(state["sampler"])
+    if run.ema is not None:
+        saved = load_extra_tensors(run.run_dir, run.device) or {}
+        keys = [f"ema.{i}" for i in range(len(run.ema))]
+        if all(k in saved for k in keys):
+            with torch.no_grad():
+                torch._foreach_copy_(run.ema, [saved[k] for k in keys])
+        else:  # the run was saved without an average (ema_decay was 0 then): it starts from the restored weights
+            log.warning("the resume state in %s has no weight average: it restarts from the restored weights",
+                        run.run_dir)  # fmt: skip
+            with torch.no_grad():
+                torch._foreach_copy_(run.ema, [p.detach() for p in run.model.parameters()])
     if state["world_size"] != run.info.world_size:
         log.warning(
             "resuming a %d-rank run on %d ranks: dropout RNG restarts", state["world_size"], run.info.world_size

@@ -149,3 +149,20 @@ def test_the_workers_second_compiled_job_reuses_the_first_and_trains_alike(fresh
     for got in evals:
         diffs = [abs(a - b) for a, b in zip(got, fresh["compiled"])]
         assert len(got) == len(fresh["compiled"]) and max(diffs) < TOLERANCE, (evals, fresh["compiled"])
+
+
+def test_the_weight_average_is_captured_with_the_step(tmp_path):
+    """ema_decay inside the captured step (its update recorded after the optimizer's) evaluates like the eager loop's
+    average at every evaluation."""
+    from trainer.testing import short_run_evals
+
+    corpus = Path(os.environ["TINYLM_CORPUS"])
+    got = {
+        tag: short_run_evals(corpus, tmp_path, "shakespeare-char", tag, ema_decay=0.9, kernel_names="", **changes)
+        for tag, changes in (
+            ("eager", dict(compile_mode="none", step_graph=False)),
+            ("captured", dict(compile_mode="default", step_graph=True)),
+        )  # fmt: skip
+    }
+    diffs = [abs(a - b) for a, b in zip(got["captured"], got["eager"])]
+    assert len(got["captured"]) == len(got["eager"]) and max(diffs) < TOLERANCE, got

@@ -213,3 +213,42 @@ def test_step_graph_auto_steps_without_the_capture_where_it_cannot_run(small_cor
     assert (
         "step_graph=auto: the step is not captured (it would need: device must be a CUDA GPU, got cpu)" in caplog.text
     )
+
+
+def test_the_weight_average_is_what_the_evaluation_and_the_best_checkpoint_see(small_corpus, tmp_path):
+    """ema_decay=d, an evaluation after step 2 only: the best weights written are d^2 w0 + d(1-d) w1 + (1-d) w2, with
+    w0 the initial weights and w1, w2 those after steps 1 and 2 of the same run without the average (which does not
+    change the training: its losses are those of the run without it)."""
+    from trainer.data import prepare_data
+    from trainer.train import build_model
+
+    d = 0.7
+    base = fast_config(dropout=0.1, decay="constant", max_steps=2, eval_interval=2)
+    runs, weights = {}, {}
+    for name, config in (("w1", base.replace(max_steps=1, eval_interval=1)), ("w2", base),
+                         ("ema", base.replace(ema_decay=d))):  # fmt: skip
+        runs[name] = train(config, small_corpus, store_root=tmp_path / "s", run_dir=tmp_path / name,
+                           data_dir=tmp_path / "d")  # fmt: skip
+        weights[name] = load_file(tmp_path / name / "resume" / "model.safetensors")  # the training weights at the end
+    assert runs["ema"].losses == runs["w2"].losses and runs["w1"].losses == runs["w2"].losses[:1]
+    assert all(torch.equal(weights["ema"][k], weights["w2"][k]) for k in weights["w2"])  # trained alike
+    torch.manual_seed(base.seed)  # as the trainer builds its model
+    w0 = build_model(base, prepare_data(small_corpus, base.tokenizer, tmp_path / "d").vocab_size).state_dict()
+    best = load_file(tmp_path / "ema" / "best" / "model.safetensors")
+    for k, got in best.items():
+        want = d * d * w0[k] + d * (1 - d) * weights["w1"][k] + (1 - d) * weights["w2"][k]
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert not all(torch.equal(best[k], weights["w2"][k]) for k in best)
+
+
+def test_resume_with_a_weight_average_is_exact(small_corpus, tmp_path):
+    cfg = fast_config(dropout=0.1, resume=True, ema_decay=0.8)
+    full = train(cfg, small_corpus, store_root=tmp_path / "s", run_dir=tmp_path / "a", data_dir=tmp_path / "d")
+    calls = []
+    first = train(cfg, small_corpus, store_root=tmp_path / "s", run_dir=tmp_path / "b", data_dir=tmp_path / "d",
+                  should_stop=lambda: calls.append(1) or len(calls) > 6)  # fmt: skip
+    second = train(cfg, small_corpus, store_root=tmp_path / "s", run_dir=tmp_path / "b", data_dir=tmp_path / "d")
+    assert first.losses + second.losses == full.losses
+    a, b = load_file(tmp_path / "a/best/model.safetensors"), load_file(tmp_path / "b/best/model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)  # the average was saved and restored with the rest
+    assert second.metrics["val_loss"] == full.metrics["val_loss"]

@@ -62,7 +62,8 @@ def test_variants_picks_and_orders_and_names_the_choices(capsys):
         match=r"unknown variant\(s\) \['fast'\]; choose from \['tinylm', 'tinylm-nokernels', 'tinylm-kernels', "
         r"'tinylm-flash', 'tinylm-ro', 'tinylm-graph', 'tinylm-fast', 'tinylm-fast-graph', 'tinylm-muon', "
         r"'tinylm-muon-hot', 'tinylm-muon-long', 'tinylm-muon-short', 'tinylm-muon-gpt', 'tinylm-muon-fast', "
-        r"'tinylm-muon-fast-ro', 'tinylm-tuned', 'tinylm-opt', 'tinylm-blocks', 'tinylm-opt-blocks', "
+        r"'tinylm-muon-fast-ro', 'tinylm-muon-fast-ema', 'tinylm-muon-fast-ema995', 'tinylm-tuned', 'tinylm-opt', "
+        r"'tinylm-blocks', 'tinylm-opt-blocks', "
         r"'tinylm-muon-blocks', 'compile-default', 'eager', 'eager-pytorch'\]",
     ):
         training._variants(training._parse_args(["--variants", "fast"]))
@@ -87,6 +88,7 @@ def test_compile_option_variants_change_only_their_option():
     fast, fast_ro = variants["tinylm-muon-fast"], variants["tinylm-muon-fast-ro"]
     assert fast_ro == fast.replace(compile_mode="reduce-overhead", step_graph=False, kernel_names="")
     assert fast.eval_mode == "val-full" and muon.eval_mode == base.eval_mode == "sampled"
+    assert variants["tinylm-muon-fast-ema"] == fast.replace(ema_decay=0.99) and fast.ema_decay == 0.0
 
 
 def test_startup_entries_name_a_variant_and_a_cache_state():
