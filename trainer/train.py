@@ -434,7 +434,7 @@ def _setup(
         run.startup["compiler_wait_s"] = compiler_wait_s
     run.run_dir.mkdir(parents=True, exist_ok=True)
     if config.ema_decay:
-        run.ema = [p.detach().clone() for p in model.parameters()]
+        run.ema = [p.detach().clone() for p in model.parameters()]  # the average starts at the initial weights
     if config.resume and has_resume_state(run.run_dir):
         _restore(run)
         log.info("resumed %s at step %d", run.run_dir, run.step)
@@ -551,23 +551,28 @@ def _train_step(run: _Run) -> _StepOut:
     return _StepOut(dist.all_mean(loss_sum, info), grad_norm.detach(), lr, dropout)
 
 
+def _params(run: _Run) -> list[torch.Tensor]:
+    """The model's parameters (each once: tied weights are one parameter), detached views of their memory."""
+    return [p.detach() for p in run.model.parameters()]
+
+
 @torch.no_grad()
 def _ema_update(run: _Run) -> None:
     """ema = decay * ema + (1 - decay) * weights: one multi-tensor launch (a CUDA-graph-safe scalar weight)."""
-    torch._foreach_lerp_(run.ema, [p.detach() for p in run.model.parameters()], 1.0 - run.config.ema_decay)
+    torch._foreach_lerp_(run.ema, _params(run), 1.0 - run.config.ema_decay)
 
 
 @contextlib.contextmanager
-def _averaged_weights(run: _Run) -> Iterator[None]:
-    """The model holds the weights' average inside (config.ema_decay; nothing changes without it); copied in place,
-    so a captured step and the compiled model keep reading the same memory, and the training weights come back."""
-    if run.ema is None:
+def _holding(run: _Run, weights: list[torch.Tensor] | None) -> Iterator[None]:
+    """The model holds `weights` (one tensor per parameter; None: nothing changes) inside, copied in place, so a
+    captured step and the compiled model keep reading the same memory; the training weights come back after."""
+    if weights is None:
         yield
         return
     with torch.no_grad():
-        params = [p.detach() for p in run.model.parameters()]
+        params = _params(run)
         live = [p.clone() for p in params]
-        torch._foreach_copy_(params, run.ema)
+        torch._foreach_copy_(params, weights)
     try:
         yield
     finally:
@@ -691,7 +696,7 @@ def _evaluate_and_checkpoint(
     run: _Run, run_log: RunLog | None, callback: ProgressCallback | None, step_metrics: dict[str, float]
 ) -> bool:
     """Evaluate; keep the best weights; save the resume state. Returns True when early stopping says stop."""
-    with _averaged_weights(run):  # evaluations and the best weights are the weights' average where there is one
+    with _holding(run, run.ema):  # evaluations and the best weights are the weights' average where there is one
         metrics = estimate_loss(run)
         metrics["elapsed_s"] = step_metrics["elapsed_s"]
         improved = metrics["val_loss"] < run.best_val
@@ -725,11 +730,10 @@ def _keep_best(run: _Run, write: bool) -> None:
         run.unsaved_best = None
         _save_best(run)
         return
-    params = [p.detach() for p in run.model.parameters()]
     if run.unsaved_best is None:
-        run.unsaved_best = [p.clone() for p in params]
+        run.unsaved_best = [p.clone() for p in _params(run)]
     else:
-        torch._foreach_copy_(run.unsaved_best, params)
+        torch._foreach_copy_(run.unsaved_best, _params(run))
 
 
 def _save_best(run: _Run) -> None:
@@ -741,19 +745,12 @@ def _save_best(run: _Run) -> None:
     tmp.replace(best / "model.safetensors")
 
 
-@torch.no_grad()
 def _flush_best(run: _Run) -> None:
-    """Write the best weights kept on the device (checkpoint_interval), if any: swapped into the model for the write
-    and back, in place (a captured step keeps reading the same parameter memory)."""
+    """Write the best weights kept on the device (checkpoint_interval), if any, held by the model for the write."""
     if run.unsaved_best is None:
         return
-    params = [p.detach() for p in run.model.parameters()]
-    live = [p.clone() for p in params]
-    torch._foreach_copy_(params, run.unsaved_best)
-    try:
+    with _holding(run, run.unsaved_best):
         _save_best(run)
-    finally:
-        torch._foreach_copy_(params, live)
     run.unsaved_best = None
 
 
@@ -794,7 +791,7 @@ def _restore(run: _Run) -> None:
             log.warning("the resume state in %s has no weight average: it restarts from the restored weights",
                         run.run_dir)  # fmt: skip
             with torch.no_grad():
-                torch._foreach_copy_(run.ema, [p.detach() for p in run.model.parameters()])
+                torch._foreach_copy_(run.ema, _params(run))
     if state["world_size"] != run.info.world_size:
         log.warning(
             "resuming a %d-rank run on %d ranks: dropout RNG restarts", state["world_size"], run.info.world_size
