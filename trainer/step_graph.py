@@ -10,10 +10,13 @@ reads the learning rate from a device tensor (AdamW with `capturable=True`).
 
 The model may be torch.compile'd without CUDA graphs of its own (compile_mode default): the warm-up steps compile it,
 and the capture then records Inductor's fused kernels with the optimizer's, so a step is still one replay but runs
-the compiled step's kernels (GPU-busy ~6.2 ms on an H200, against eager's ~9 ms); compile_mode reduce-overhead cannot
-be captured again (its own CUDA graphs), so `check_step_graph` refuses it.
+the compiled step's kernels: 6.58 ms per step on an H200 (2.49M tokens/s at nanoGPT's batch; 2.88M with the fused
+add + norm), against 9.0 ms with the eager model and 6.6-7.3 ms (host-bound) for reduce-overhead's CUDA-graph trees
+(trainer/PERF_NOTES.md section 13). reduce-overhead cannot be captured again (its own CUDA graphs), so
+`step_graph_problems` names it.
 
-What a captured step cannot change between replays, and so `check_step_graph` refuses: dropout annealing (p is baked
+What a captured step cannot change between replays, and so `step_graph_problems` names (an error with
+step_graph=true, the plain loop with auto): dropout annealing (p is baked
 into the kernels), gradient accumulation or DDP (one graph per micro-step and the all-reduce), fp16's loss scaling
 (the scaler decides on the host), gradient checkpointing (it saves and restores RNG state on the host).
 """
