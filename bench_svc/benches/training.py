@@ -246,6 +246,15 @@ def _all_variants(args: argparse.Namespace) -> list[tuple[str, TrainConfig]]:
         # 60 s whole-split target (1.45) and an earlier crossing of 1.474 are what it is for
         ("tinylm-muon-fast-ema", muon_fast.replace(ema_decay=0.99)),
         ("tinylm-muon-fast-ema995", muon_fast.replace(ema_decay=0.995)),
+        # a shorter schedule (five runs crossed 1.474 between steps 1,100 and 1,300); a longer, more regularised one
+        # with the average for the 60 s whole-split target (the recipe overfits after ~1,300 steps at dropout 0.2)
+        ("tinylm-muon-fast-1100", muon_fast.replace(max_steps=1100, warmdown_steps=550, checkpoint_interval=1100)),
+        (
+            "tinylm-muon-ema-long",
+            muon_fast.replace(
+                max_steps=2400, warmdown_steps=1200, checkpoint_interval=2400, dropout=0.25, ema_decay=0.995
+            ),
+        ),  # fmt: skip
         # issue 16's compile options, each against the way it modifies (reduce-overhead): the clipping and optimizer
         # step compiled (CUDA graphs under reduce-overhead), each Block compiled on its own (a shorter compile, maybe a
         # slower step)
