@@ -111,6 +111,7 @@ def started_preload() -> CompilerPreload | None:
 RUN_ONLY_FIELDS = frozenset({
     "name", "max_steps", "lr", "min_lr", "warmup", "decay", "decay_steps", "warmdown_steps", "muon_lr",
     "eval_interval", "eval_iters", "log_interval", "seed", "early_stop_patience", "log_dir", "resume", "tensorboard",
+    "eval_mode", "checkpoint_interval", "ema_decay",  # evaluation and bookkeeping outside the compiled step
 })  # fmt: skip
 
 

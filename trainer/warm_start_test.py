@@ -88,8 +88,10 @@ def test_a_module_that_fails_to_import_is_reported_not_raised():
 def test_compile_key_ignores_the_schedule_and_keeps_the_shape():
     base = fast_config(compile_mode="default")
     assert compile_key(base) == compile_key(base.replace(max_steps=40, lr=3e-3, seed=7, eval_interval=10, name="x"))
+    bookkeeping = dict(eval_mode="val-full", checkpoint_interval=8, ema_decay=0.9)  # outside the compiled step
+    assert compile_key(base) == compile_key(base.replace(**bookkeeping))
     for change in ({"block_size": 16}, {"batch_size": 8}, {"dropout": 0.2}, {"compile_mode": "reduce-overhead"},
-                   {"dtype": "bfloat16"}, {"kernels": True}):  # fmt: skip
+                   {"dtype": "bfloat16"}, {"kernels": True}, {"step_graph": "auto"}):  # fmt: skip
         assert compile_key(base) != compile_key(base.replace(**change)), change
 
 
