@@ -112,10 +112,9 @@ def _train(argv: list[str], env: Mapping[str, str]) -> int:
     except (ConfigError, OSError) as err:
         print(f"tinylm train: {err}", file=sys.stderr)
         return EXIT_USAGE
-    if config.compile:  # import torch's compiler while the corpus, model and device are set up
-        from trainer.warm_start import preload_compiler
+    from trainer.warm_start import preload_for
 
-        preload_compiler()
+    preload_for(config)  # CUDA's driver and torch's compiler, in the background while the run sets up
     home = tinylm_home(env)
     try:
         corpus = resolve_corpus(env.get("TINYLM_CORPUS"), home / "data")

@@ -52,7 +52,7 @@ from trainer.resume_state import (
 from trainer.run_log import RunLog, plot_curve
 from trainer.step_graph import StepGraph, check_step_graph, step_graph_problems
 from trainer.step_profiler import StepProfiler
-from trainer.warm_start import CompilerPreload, preload_compiler, started_preload
+from trainer.warm_start import CompilerPreload, preload_compiler, started_preload, wait_cuda_preload
 
 __all__ = ["TrainResult", "ProgressCallback", "train", "resolve_device", "build_model", "make_optimizer", "set_lr"]
 
@@ -249,16 +249,17 @@ def _train(
     device = resolve_device(config.device, info)
     cuda_init_s = None
     if device.type == "cuda":
+        cuda_wait_s = wait_cuda_preload()  # the driver's part, begun by the entry point (GIL free while waiting)
         t0 = time.perf_counter()
-        torch.cuda.set_device(device)  # initialises CUDA in a new process (a context on the device)
+        torch.cuda.set_device(device)  # initialises torch's CUDA in a new process, with the GIL held
         cuda_init_s = time.perf_counter() - t0
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     dist.init_process_group(info, device)
     run = _setup(config, corpus, run_dir, data_dir, info, device, preload=preload)
     run.startup["setup_s"] = time.perf_counter() - started_at
-    if cuda_init_s is not None:  # part of setup_s; run beside the compiler's background import
-        run.startup["cuda_init_s"] = cuda_init_s
+    if cuda_init_s is not None:  # parts of setup_s, beside the compiler's background import
+        run.startup["cuda_init_s"], run.startup["cuda_preload_wait_s"] = cuda_init_s, cuda_wait_s
     result = TrainResult(run_dir=Path(run_dir), stopped="completed", steps=run.step)
     run_log = RunLog(run.run_dir, resume_step=run.step, tensorboard=config.tensorboard) if info.is_main else None
     meter = Throughput(run.model.config, peak_flops(device, config.dtype), world_size=info.world_size)

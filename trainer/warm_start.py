@@ -9,6 +9,13 @@ reads the corpus, builds the model and initialises the device; the run waits for
 before its first compiler use, so the two threads never import the same compiler module at once (a concurrent
 circular import can fail with a deadlock error). Importing changes no number a run computes.
 
+CUDA's own initialisation (the driver, the device's primary context) runs inside torch's first CUDA call with the
+GIL held (torch/csrc/cuda/Module.cpp, THCPModule_initExtension), so while it runs the compiler's import thread stands
+still: in a new process on the H200 that import took 8.7-9.1 s against 3.7 s where CUDA was already up
+(trainer/PERF_NOTES.md section 13). `preload_cuda()` does the driver's part first, on a thread of its own through
+ctypes (which releases the GIL during the call): cuInit and the device's primary context, the one torch's runtime
+then uses, so its initialisation finds them done. Without a driver (a CPU machine) it does nothing.
+
 A worker trains job after job in one process. Dynamo's compiled code stays in the process, keyed by the model's
 code and guarded on shapes, dtypes and flags, so a second job with the same config reuses it (no tracing, no cache
 loading: measured on the CPU, 8.4 s -> 0.6 s to the first step) and, under reduce-overhead, only records its CUDA
@@ -19,8 +26,10 @@ dynamo's recompile limit, past which a frame silently runs eager.
 
 from __future__ import annotations
 
+import ctypes
 import importlib
 import logging
+import os
 import threading
 import time
 from typing import Any
@@ -32,6 +41,9 @@ __all__ = [
     "RUN_ONLY_FIELDS",
     "compile_key",
     "preload_compiler",
+    "preload_cuda",
+    "preload_for",
+    "wait_cuda_preload",
     "started_preload",
 ]
 
@@ -104,6 +116,65 @@ def started_preload() -> CompilerPreload | None:
     first use imports torch._dynamo), else None."""
     with _lock:
         return _preload
+
+
+_cuda_thread: threading.Thread | None = None
+CUDA_DRIVER = "libcuda.so.1"
+
+
+def preload_cuda(ordinal: int | None = None) -> threading.Thread:
+    """Start the CUDA driver's initialisation and the primary context of device `ordinal` (default: LOCAL_RANK, else
+    0; CUDA_VISIBLE_DEVICES numbering) on a daemon thread (once per process); the thread, finished or not. What it
+    did goes to the debug log; any failure only leaves the work to torch."""
+    global _cuda_thread
+    with _lock:
+        if _cuda_thread is None:
+            index = int(os.environ.get("LOCAL_RANK", "0")) if ordinal is None else ordinal
+            _cuda_thread = threading.Thread(target=_retain_primary_context, args=(index,), name="cuda-preload",
+                                            daemon=True)  # fmt: skip
+            _cuda_thread.start()
+        return _cuda_thread
+
+
+def wait_cuda_preload() -> float:
+    """Block until a started CUDA preload is done (no-op without one): call it before torch's first CUDA call, so
+    that call finds the driver up rather than doing it with the GIL held. Seconds waited (the GIL is free meanwhile,
+    so the compiler's import goes on)."""
+    with _lock:
+        thread = _cuda_thread
+    t0 = time.perf_counter()
+    if thread is not None:
+        thread.join()
+    return time.perf_counter() - t0
+
+
+def preload_for(config: Any) -> None:
+    """An entry point's preloads for a run of `config`: CUDA's driver where the run may use a CUDA device, the
+    compiler where it compiles."""
+    device = str(config.device)
+    if device in ("auto", "cuda") or device.startswith("cuda:"):
+        preload_cuda(int(device[5:]) if device.startswith("cuda:") else None)
+    if config.compile or config.compile_optimizer:
+        preload_compiler()
+
+
+def _retain_primary_context(ordinal: int) -> str:
+    """cuInit(0), cuDeviceGet, cuDevicePrimaryCtxRetain through the driver library; a word on what happened."""
+    t0 = time.perf_counter()
+    try:
+        driver = ctypes.CDLL(CUDA_DRIVER)
+    except OSError:
+        outcome = "no CUDA driver"
+    else:
+        device, context = ctypes.c_int(), ctypes.c_void_p()
+        codes = [driver.cuInit(0)]
+        if codes[-1] == 0:
+            codes.append(driver.cuDeviceGet(ctypes.byref(device), ordinal))
+        if codes[-1] == 0:  # retained for the process's life, as torch's runtime retains it too
+            codes.append(driver.cuDevicePrimaryCtxRetain(ctypes.byref(context), device))
+        outcome = "primary context ready" if codes[-1] == 0 else f"driver error {codes[-1]} (step {len(codes)})"
+    log.debug("CUDA preload for device %d: %s in %.2f s", ordinal, outcome, time.perf_counter() - t0)
+    return outcome
 
 
 # TrainConfig fields that change what a run does but not the graphs it compiles (schedules, lengths, logging, seed,

@@ -145,3 +145,63 @@ def test_a_workers_second_job_reuses_the_compiled_code_and_trains_the_same(small
     third, third_events = _job(handle, 3, small_corpus, block_size="16")  # another shape: compiled afresh
     assert not third["compiled_code_reused"] and counters["frames"]["ok"] > traced
     assert len(losses(third_events)) == 6 and all(math.isfinite(x) for x in losses(third_events))
+
+
+class _FakeDriver:
+    """Stands in for libcuda: records each call with the ordinal asked for, returns the codes it is given."""
+
+    def __init__(self, codes: dict[str, int]) -> None:
+        self.codes, self.calls = codes, []
+
+    def _call(self, name: str, *args) -> int:
+        self.calls.append(name)
+        return self.codes.get(name, 0)
+
+    def cuInit(self, flags):  # noqa: N802 - the driver's names
+        return self._call("cuInit")
+
+    def cuDeviceGet(self, device, ordinal):  # noqa: N802
+        self.ordinal = ordinal
+        return self._call("cuDeviceGet")
+
+    def cuDevicePrimaryCtxRetain(self, context, device):  # noqa: N802
+        return self._call("cuDevicePrimaryCtxRetain")
+
+
+def test_cuda_preload_retains_the_primary_context_through_the_driver(monkeypatch):
+    """preload_cuda's thread: cuInit, the device of the ordinal asked for, its primary context, stopping at the first
+    error; without a driver library, nothing (torch does it all later)."""
+    from trainer import warm_start
+
+    for codes, want, calls in (
+        ({}, "primary context ready", ["cuInit", "cuDeviceGet", "cuDevicePrimaryCtxRetain"]),
+        ({"cuInit": 100}, "driver error 100 (step 1)", ["cuInit"]),  # 100: no device
+        (
+            {"cuDevicePrimaryCtxRetain": 2},
+            "driver error 2 (step 3)",
+            ["cuInit", "cuDeviceGet", "cuDevicePrimaryCtxRetain"],
+        ),
+    ):
+        driver = _FakeDriver(codes)
+        monkeypatch.setattr(warm_start.ctypes, "CDLL", lambda name, driver=driver: driver)
+        assert warm_start._retain_primary_context(3) == want and driver.calls == calls
+        assert codes.get("cuInit") or driver.ordinal == 3
+    monkeypatch.undo()  # the real ctypes.CDLL again, on a library name that does not exist
+    monkeypatch.setattr(warm_start, "CUDA_DRIVER", "libcuda-that-is-not-here.so.1")
+    assert warm_start._retain_primary_context(0) == "no CUDA driver"
+
+
+def test_preload_for_starts_what_the_config_needs_and_waiting_is_safe_without_one(monkeypatch):
+    from trainer import warm_start
+
+    started = []
+    monkeypatch.setattr(warm_start, "_cuda_thread", None)
+    monkeypatch.setattr(warm_start, "preload_cuda", lambda ordinal=None: started.append(("cuda", ordinal)))
+    monkeypatch.setattr(warm_start, "preload_compiler", lambda: started.append(("compiler", None)))
+    assert warm_start.wait_cuda_preload() < 1.0  # none started: returns at once
+    for device, compile_mode, want in (("cpu", "default", [("compiler", None)]),
+                                       ("cuda:1", "none", [("cuda", 1)]),
+                                       ("auto", "reduce-overhead", [("cuda", None), ("compiler", None)])):  # fmt: skip
+        started.clear()
+        warm_start.preload_for(fast_config(device=device, compile_mode=compile_mode))
+        assert started == want, device

@@ -29,7 +29,7 @@ from protos import jobs_pb2
 from trainer.corpus import CorpusError, resolve_corpus
 from trainer.spec import config_from_spec
 from trainer.train import train
-from trainer.warm_start import CompiledReuse, preload_compiler
+from trainer.warm_start import CompiledReuse, preload_compiler, preload_cuda
 
 __all__ = ["TrainerPaths", "make_train_handler", "make_worker", "run_workers", "progress_message"]
 
@@ -143,7 +143,8 @@ def run_workers(
     scale out with more processes (or machines) rather than more threads.
     """
     if n > 0:
-        preload_compiler()  # the first job then finds torch's compiler imported (trainer.warm_start)
+        preload_cuda()  # the first job then finds CUDA's driver up and torch's compiler imported (trainer.warm_start)
+        preload_compiler()
     threads = []
     for i in range(n):
         worker = make_worker(queue, paths, **worker_options)

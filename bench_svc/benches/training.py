@@ -59,7 +59,7 @@ from trainer.data import prepare_data
 from trainer.distributed import destroy_process_group, dist_from_env
 from trainer.evaluate import split_loss
 from trainer.train import build_model, resolve_device, train
-from trainer.warm_start import CompiledReuse, preload_compiler
+from trainer.warm_start import CompiledReuse, preload_for
 
 __all__ = ["VariantResult", "run_variant", "main"]
 
@@ -368,8 +368,7 @@ def _startup_worker(args: argparse.Namespace) -> int:
     started = time.time() - launch  # interpreter start and imports
     full = dict(_all_variants(args))[args.startup_variant]
     config = full if args.startup_run else startup_config(full)
-    if config.compile:
-        preload_compiler()  # as trainer.main and the worker do: the compiler's import overlaps the set-up
+    preload_for(config)  # as trainer.main and the worker do: CUDA's driver and the compiler overlap the set-up
     workdir = Path(args.workdir)
     corpus = resolve_corpus(os.environ.get("TINYLM_CORPUS"), workdir / "data")
     if args.startup_run:  # the benchmarked run itself, every time counted from the launch
@@ -415,7 +414,7 @@ def _startup_worker(args: argparse.Namespace) -> int:
 
 # trainer.train's start-up timings (seconds from train()'s start): set-up, waiting for the compiler's background
 # import, the first step; and that import's own length
-_STARTUP_FIELDS = ("setup_s", "compiler_wait_s", "startup_s", "compiler_import_s", "cuda_init_s")
+_STARTUP_FIELDS = ("setup_s", "compiler_wait_s", "startup_s", "compiler_import_s", "cuda_init_s", "cuda_preload_wait_s")
 
 
 def _compile_counters() -> dict[str, Any]:
