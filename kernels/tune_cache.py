@@ -6,7 +6,7 @@ from launch, 2026-11-30), about what the add + norm's forward and backward tuner
 covers `triton.autotune` only; the add + norm backward times its candidates itself (in a CUDA graph, with the
 partial sum), so both keep their picks here.
 
-One JSON file in Triton's cache folder (`TRITON_CACHE_DIR`, else ~/.triton/cache): {entry: config}, an entry naming
+One JSON file in Triton's cache folder (`triton.knobs.cache.dir`: TRITON_CACHE_DIR, else ~/.triton/cache): {entry: config}, an entry naming
 the kernel, its tuning key, the GPU and the torch and triton versions. A remembered config is used only while it is
 still one of the kernel's candidates (a changed candidate set tunes again). Writes merge with the file under a lock
 and replace it atomically: concurrent processes lose nothing, and a reader never sees half a file; an unreadable
@@ -40,8 +40,7 @@ def enabled() -> bool:
 
 def path() -> Path:
     """The cache file: in Triton's cache folder, so a run with its own TRITON_CACHE_DIR (a cold start) has its own."""
-    folder = os.environ.get("TRITON_CACHE_DIR") or str(Path.home() / ".triton" / "cache")
-    return Path(folder) / FILE_NAME
+    return Path(triton.knobs.cache.dir) / FILE_NAME
 
 
 def _entry(kernel: str, key: Sequence[Any], device: str) -> str:

@@ -30,7 +30,7 @@ def split_loss(
     n_targets = len(tokens) - 1
     assert n_targets >= 1, f"a split needs at least 2 tokens, got {len(tokens)}"
     data = torch.from_numpy(np.asarray(tokens, dtype=np.int64))
-    starts = list(range(0, n_targets, block_size))
+    starts = torch.arange(0, n_targets, block_size)
     autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
     was_training = model.training
     model.eval()
@@ -38,12 +38,11 @@ def split_loss(
     try:
         for i in range(0, len(starts), batch_size):
             group = starts[i : i + batch_size]
-            lengths = [min(block_size, n_targets - s) for s in group]
-            T = max(lengths)
-            x = torch.zeros(len(group), T, dtype=torch.long)
-            y = torch.full((len(group), T), -1, dtype=torch.long)  # -1: no target (a short last window's padding)
-            for row, (s, n) in enumerate(zip(group, lengths)):
-                x[row, :n], y[row, :n] = data[s : s + n], data[s + 1 : s + n + 1]
+            T = min(block_size, n_targets - int(group[0]))  # the group's longest window: only the split's last is short
+            pos = group[:, None] + torch.arange(T)  # (g, T) input positions
+            inside = pos < n_targets  # outside: a short last window's padding, input 0 and no target (-1)
+            x = torch.where(inside, data[pos.clamp(max=n_targets - 1)], 0)
+            y = torch.where(inside, data[(pos + 1).clamp(max=n_targets)], -1)
             with autocast:
                 logits, _ = model(x.to(device))  # (B, T, V)
             loss = F.cross_entropy(

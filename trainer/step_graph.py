@@ -29,17 +29,10 @@ from typing import Any
 
 import torch
 
-__all__ = ["GRAPH_COMPILE_MODES", "WARMUP_STEPS", "StepGraph", "check_step_graph", "step_graph_problems"]
+__all__ = ["GRAPH_COMPILE_MODES", "WARMUP_STEPS", "StepGraph", "step_graph_problems"]
 
 WARMUP_STEPS = 3  # eager steps on a side stream before capture
 GRAPH_COMPILE_MODES = ("none", "default")  # compile modes without CUDA graphs of their own (max-autotune has them)
-
-
-def check_step_graph(config: Any, device: torch.device, world_size: int, accum: int) -> None:
-    """Raise ValueError naming the setting that rules a captured step out (config.step_graph is true)."""
-    problems = step_graph_problems(config, device, world_size, accum)
-    if problems:
-        raise ValueError("step_graph=true needs: " + "; ".join(problems))
 
 
 def step_graph_problems(config: Any, device: torch.device, world_size: int, accum: int) -> list[str]:

@@ -50,7 +50,7 @@ from trainer.resume_state import (
     save_resume_state,
 )
 from trainer.run_log import RunLog, plot_curve
-from trainer.step_graph import StepGraph, check_step_graph, step_graph_problems
+from trainer.step_graph import StepGraph, step_graph_problems
 from trainer.step_profiler import StepProfiler
 from trainer.warm_start import CompilerPreload, preload_compiler, started_preload, wait_cuda_preload
 
@@ -463,20 +463,18 @@ def _setup(
 def _captures_step(config: TrainConfig, device: torch.device, info: DistInfo, accum: int) -> bool:
     """Whether the whole step runs as one CUDA graph: step_graph=true (else ConfigError naming why it cannot), or
     auto where nothing rules it out (the log says which)."""
+    if config.step_graph is False:
+        return False
+    problems = step_graph_problems(config, device, info.world_size, accum)
     if config.step_graph is True:
-        try:
-            check_step_graph(config, device, info.world_size, accum)
-        except ValueError as err:
-            raise ConfigError("step_graph", str(err)) from None
-        return True
-    if config.step_graph == "auto":
-        problems = step_graph_problems(config, device, info.world_size, accum)
         if problems:
-            log.info("step_graph=auto: the step is not captured (it would need: %s)", "; ".join(problems))
-        else:
-            log.info("step_graph=auto: the whole step is captured as one CUDA graph")
-        return not problems
-    return False
+            raise ConfigError("step_graph", "step_graph=true needs: " + "; ".join(problems))
+        return True
+    if problems:
+        log.info("step_graph=auto: the step is not captured (it would need: %s)", "; ".join(problems))
+    else:
+        log.info("step_graph=auto: the whole step is captured as one CUDA graph")
+    return not problems
 
 
 def compile_kwargs(config: TrainConfig) -> dict[str, Any]:
@@ -516,7 +514,7 @@ def _train_step(run: _Run) -> _StepOut:
     lr = learning_rate(run.step, config)
     dropout = run.model.config.dropout
     offsets = run.sampler.next_offsets(config.batch_size)  # (batch_size,) the same on every rank
-    if run.graph is not None:  # one process, one micro-step, dropout fixed (check_step_graph)
+    if run.graph is not None:  # one process, one micro-step, dropout fixed (step_graph_problems)
         x, y = run.train_batches(offsets)
         with torch.profiler.record_function("step_graph"):
             loss, grad_norm = run.graph.step(x, y, lr / config.lr)
