@@ -11,7 +11,7 @@
 #        speculative, speculative-engine (bench_svc.benches.speculative_engine), train (bench_svc.benches.training --part speed), serve (bench_svc.benches.inference_serving
 #        --device cuda), compile (bench_svc.benches.train_compile), checkpointing (bench_svc.benches.train_checkpointing),
 #        train-profile / train-carryover (tools.train_probe: step time split, state left between runs),
-#        serve-probe (tools.serve_probe: decode step wall vs GPU-busy, kernels per step; $PROBE_ARGS), serve-probe-plain
+#        startup-probe (tools.startup_probe: a new process's imports, each timed), serve-probe (tools.serve_probe: decode step wall vs GPU-busy, kernels per step; $PROBE_ARGS), serve-probe-plain
 #        (the same without the small-batch decode kernels), grpc-probe (tools.grpc_probe: the gRPC server's ceiling over
 #        an instant runner, aio and threads; CPU only; $GRPC_PROBE_ARGS), decode-step (kernels.decode_step_bench; $DECODE_BATCHES).
 set -uo pipefail
@@ -99,6 +99,7 @@ for spec in "$@"; do
     train-all) run_step train-all "$limit" "$PYTHON" -m bench_svc.benches.training --part all --budget-s "${TRAIN_BUDGET_S:-60}" \
       ${TRAIN_VARIANTS:+--variants "$TRAIN_VARIANTS"} ${TRAIN_TAG:+--tag "$TRAIN_TAG"} ${TRAIN_STARTUP:+--startup "$TRAIN_STARTUP"} ;;
     train-startup) run_step train-startup "$limit" "$PYTHON" -m bench_svc.benches.training --part startup ${TRAIN_STARTUP:+--startup "$TRAIN_STARTUP"} ${TRAIN_TAG:+--tag "$TRAIN_TAG"} ;;
+    startup-probe) run_step startup-probe "$limit" "$PYTHON" -m tools.startup_probe ;;  # import by import, fresh processes
     train-sdpa) run_step train-sdpa "$limit" "$PYTHON" -m tools.train_probe sdpa --steps "${PROBE_STEPS:-300}" --eval-interval 100 ;;
     serve) run_step serve "$limit" "$PYTHON" -m bench_svc.benches.inference_serving --device cuda ${SERVE_ARGS:-} ;;
     serve-probe) run_step serve-probe "$limit" "$PYTHON" -m tools.serve_probe ${PROBE_ARGS:-} ;;

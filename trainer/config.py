@@ -45,6 +45,7 @@ __all__ = [
     "EVAL_MODES",
     "load_config",
     "parse_overrides",
+    "apply_overrides",
     "micro_batch_plan",
 ]
 
@@ -488,10 +489,15 @@ def load_config(
     name = preset or values.get("preset") or "tiny"
     check_choice("preset", name, sorted(TRAIN_PRESETS), error=ConfigError)
     base = TRAIN_PRESETS[name]
-    changes = {key: _coerce(key, raw, getattr(base, key, None)) for key, raw in values.items()}
-    changes["preset"] = base.preset  # the model preset (a training preset such as shakespeare-char-fast names its own)
+    return apply_overrides(base, {**values, "preset": base.preset})  # the model preset a training preset names
+
+
+def apply_overrides(config: TrainConfig, values: dict[str, Any]) -> TrainConfig:
+    """`config` with `values` (strings as on the command line, or YAML values) coerced to each field's type and
+    validated; an unknown key or a bad value -> ConfigError naming it."""
+    changes = {key: _coerce(key, raw, getattr(config, key, None)) for key, raw in values.items()}
     try:
-        return base.replace(**changes)
+        return config.replace(**changes)
     except TypeError as err:  # a YAML value of the wrong shape (a mapping where a number goes)
         raise ConfigError("config", f"bad config value: {err}") from err
 

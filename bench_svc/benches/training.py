@@ -53,7 +53,7 @@ from safetensors.torch import load_model
 
 from bench_svc.benches.train_report import REPO_ROOT, fmt, new_figure, run_info, write_csv_json
 from bench_svc.provenance import RunInfo, gpu_slug
-from trainer.config import TrainConfig, load_config
+from trainer.config import ConfigError, TrainConfig, apply_overrides, load_config, parse_overrides
 from trainer.corpus import resolve_corpus
 from trainer.data import prepare_data
 from trainer.distributed import destroy_process_group, dist_from_env
@@ -140,6 +140,7 @@ def run_variant(
     def should_stop() -> bool:  # the run goes on past the target: the best loss within the window is measured too
         return time.perf_counter() - launch > budget_s
 
+    shutil.rmtree(workdir / name, ignore_errors=True)  # a launch repeats a variant's name: no weights of a run before
     result = train(
         config,
         corpus,
@@ -157,7 +158,7 @@ def run_variant(
     out.best_val_loss_60s = min(early) if early else None
     out.tokens_per_s = statistics.median(tokens_per_s) if tokens_per_s else None
     out.mfu = statistics.median(mfus) if mfus else None
-    best = workdir / name / "best" / "model.safetensors"
+    best = workdir / name / "best" / "model.safetensors"  # this run's: the folder was emptied before it
     if best.is_file():
         out.best_val_loss_full = _whole_val_loss(config, corpus, workdir, best)
     return out
@@ -174,13 +175,22 @@ def _whole_val_loss(config: TrainConfig, corpus: Path, workdir: Path, weights: P
 
 
 def _variants(args: argparse.Namespace) -> list[tuple[str, TrainConfig]]:
-    """The variants `--variants` names, in its order (all when empty); an unknown name -> SystemExit naming them."""
+    """The variants `--variants` names, in its order (all when empty); a bad name -> SystemExit naming the choices."""
     variants = dict(_all_variants(args))
     names = [v.strip() for v in args.variants.split(",") if v.strip()] or list(variants)
-    unknown = [n for n in names if n not in variants]
-    if unknown:
-        raise SystemExit(f"{MODULE}: unknown variant(s) {unknown}; choose from {list(variants)}")
-    return [(n, variants[n]) for n in names]
+    return [(n, variant_config(n, variants)) for n in names]
+
+
+def variant_config(name: str, variants: dict[str, TrainConfig]) -> TrainConfig:
+    """A named variant, or one with TrainConfig keys changed: `tinylm-muon-fast+dropout=0.3+max_steps=2000` (a sweep
+    without a new variant in the code; the whole string names its results). Bad name or key -> SystemExit."""
+    base, *overrides = name.split("+")
+    if base not in variants:
+        raise SystemExit(f"{MODULE}: unknown variant {base!r}; choose from {list(variants)} (+key=value to change one)")
+    try:
+        return apply_overrides(variants[base], parse_overrides(overrides))
+    except ConfigError as err:
+        raise SystemExit(f"{MODULE}: variant {name!r}: {err}") from None
 
 
 def gpu_variants(eval_interval: int = 250, max_steps: int = 0) -> dict[str, TrainConfig]:
@@ -292,7 +302,7 @@ WORKER_JOBS = 2  # jobs a VARIANT:worker start-up run trains back to back
 _STARTUP_SHORT = {"cold": ("tinylm", "cold"), "warm": ("tinylm", "warm"), "graph": ("tinylm-graph", "warm")}
 
 
-def startup_runs(spec: str, variants: list[str]) -> list[tuple[str, str, str]]:
+def startup_runs(spec: str, variants: dict[str, TrainConfig]) -> list[tuple[str, str, str]]:
     """`--startup` -> (result name, variant, kind) per entry, in order. An entry is VARIANT:cold (an empty compile
     cache of the variant's own), VARIANT:warm (the cache its earlier launches left), VARIANT:worker (two jobs in one
     process, on the cache as it is) or VARIANT:run (the whole benchmarked run in a new process, on the cache its earlier
@@ -305,11 +315,12 @@ def startup_runs(spec: str, variants: list[str]) -> list[tuple[str, str, str]]:
             runs.append((f"startup-{entry}", variant, kind))
             continue
         variant, _, kind = entry.rpartition(":")
-        if variant not in variants or kind not in STARTUP_KINDS:
+        if kind not in STARTUP_KINDS:
             raise SystemExit(
                 f"{MODULE}: bad --startup entry {entry!r}: give cold, warm, graph or VARIANT:KIND with KIND one of "
-                f"{list(STARTUP_KINDS)} and VARIANT one of {variants}"
+                f"{list(STARTUP_KINDS)}"
             )
+        variant_config(variant, variants)  # a bad variant name or key=value -> SystemExit naming the choices
         runs.append((f"startup-{variant}-{kind}", variant, kind))
     return runs
 
@@ -322,7 +333,7 @@ def _startup(args: argparse.Namespace, workdir: Path, target: float) -> list[Var
         return []
     variants = dict(_all_variants(args))
     results = []
-    for name, variant, kind in startup_runs(args.startup, list(variants)):
+    for name, variant, kind in startup_runs(args.startup, variants):
         cache = workdir / f"compile-cache-{variant}"
         if kind == "cold":
             shutil.rmtree(cache, ignore_errors=True)
@@ -337,7 +348,7 @@ def _startup(args: argparse.Namespace, workdir: Path, target: float) -> list[Var
             cmd += ["--startup-run", "--budget-s", str(args.budget_s), "--target", str(target)]
         subprocess.run(cmd, check=True, cwd=REPO_ROOT, env=env)
         doc = json.loads(out_json.read_text())
-        config = variants[variant]
+        config = variant_config(variant, variants)
         if kind == "run":
             results.append(VariantResult(**{**doc, "variant": f"launch-{variant}"}))
             log.info("%s: first step %s s, val <= %s at %s s from launch", name, doc["first_step_s"], target,
@@ -366,7 +377,7 @@ def _startup_worker(args: argparse.Namespace) -> int:
     --startup-jobs N, N runs back to back as the trainer's worker runs jobs, each timed from its own start."""
     launch = float(os.environ["TINYLM_BENCH_LAUNCH"])
     started = time.time() - launch  # interpreter start and imports
-    full = dict(_all_variants(args))[args.startup_variant]
+    full = variant_config(args.startup_variant, dict(_all_variants(args)))
     config = full if args.startup_run else startup_config(full)
     preload_for(config)  # as trainer.main and the worker do: CUDA's driver and the compiler overlap the set-up
     workdir = Path(args.workdir)
@@ -586,7 +597,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         return NO_GPU_EXIT_CODE
     if args.part in ("all", "startup") and not args.cpu_smoke:
-        startup_runs(args.startup, [name for name, _ in _all_variants(args)])  # a bad entry fails now, not at the end
+        startup_runs(args.startup, dict(_all_variants(args)))  # a bad entry fails now, not at the end
     target = args.target if args.target is not None else (3.0 if args.cpu_smoke else TARGET_VAL_LOSS)
     info = run_info(torch.device("cpu" if args.cpu_smoke else "cuda"), MODULE, argv)
     if args.cpu_smoke:

@@ -59,7 +59,7 @@ def test_variants_picks_and_orders_and_names_the_choices(capsys):
     assert name == "eager-pytorch" and config.kernels is False and config.compile_mode == "none"
     with pytest.raises(
         SystemExit,
-        match=r"unknown variant\(s\) \['fast'\]; choose from \['tinylm', 'tinylm-nokernels', 'tinylm-kernels', "
+        match=r"unknown variant 'fast'; choose from \['tinylm', 'tinylm-nokernels', 'tinylm-kernels', "
         r"'tinylm-flash', 'tinylm-ro', 'tinylm-graph', 'tinylm-fast', 'tinylm-fast-graph', 'tinylm-muon', "
         r"'tinylm-muon-hot', 'tinylm-muon-long', 'tinylm-muon-short', 'tinylm-muon-gpt', 'tinylm-muon-fast', "
         r"'tinylm-muon-fast-ro', 'tinylm-muon-fast-ema', 'tinylm-muon-fast-ema995', 'tinylm-muon-fast-1100', "
@@ -93,9 +93,11 @@ def test_compile_option_variants_change_only_their_option():
 
 
 def test_startup_entries_name_a_variant_and_a_cache_state():
-    names = [name for name, _ in training._all_variants(training._parse_args([]))]
+    names = dict(training._all_variants(training._parse_args([])))
     runs = training.startup_runs(
-        "cold,warm, graph,tinylm-muon-blocks:cold,tinylm-muon-blocks:warm,tinylm:worker,tinylm-muon-fast:run", names
+        "cold,warm, graph,tinylm-muon-blocks:cold,tinylm-muon-blocks:warm,tinylm:worker,tinylm-muon-fast:run,"
+        "tinylm-muon-fast+dropout=0.3:run",
+        names,
     )
     assert runs == [
         ("startup-cold", "tinylm", "cold"),
@@ -105,10 +107,29 @@ def test_startup_entries_name_a_variant_and_a_cache_state():
         ("startup-tinylm-muon-blocks-warm", "tinylm-muon-blocks", "warm"),
         ("startup-tinylm-worker", "tinylm", "worker"),
         ("startup-tinylm-muon-fast-run", "tinylm-muon-fast", "run"),
+        ("startup-tinylm-muon-fast+dropout=0.3-run", "tinylm-muon-fast+dropout=0.3", "run"),
     ]
-    for bad in ("tinylm-blocks:hot", "nope:cold", "lukewarm"):
+    for bad in ("tinylm-blocks:hot", "lukewarm"):
         with pytest.raises(SystemExit, match=r"bad --startup entry .*KIND one of \['cold', 'warm', 'worker', 'run'\]"):
             training.startup_runs(bad, names)
+    with pytest.raises(SystemExit, match=r"unknown variant 'nope'; choose from \[.*'tinylm-muon-fast'"):
+        training.startup_runs("nope:cold", names)
+    with pytest.raises(SystemExit, match=r"variant 'tinylm\+dropuot=0.3'.*unknown config key 'dropuot'.*'dropout'"):
+        training.startup_runs("tinylm+dropuot=0.3:run", names)
+
+
+def test_a_variant_name_can_change_config_keys():
+    """`VARIANT+key=value+...`: the named variant with those keys coerced and validated as on the command line."""
+    variants = dict(training._all_variants(training._parse_args([])))
+    fast = variants["tinylm-muon-fast"]
+    args = training._parse_args(["--variants", "tinylm-muon-fast+dropout=0.3+max_steps=2e3+ema_decay=0.995,eager"])
+    (name, changed), (_, eager) = training._variants(args)
+    assert name == "tinylm-muon-fast+dropout=0.3+max_steps=2e3+ema_decay=0.995"
+    assert changed == fast.replace(dropout=0.3, max_steps=2000, ema_decay=0.995) and eager == variants["eager"]
+    with pytest.raises(SystemExit, match=r"variant 'tinylm\+dropout=2'.*dropout"):
+        training._variants(training._parse_args(["--variants", "tinylm+dropout=2"]))
+    with pytest.raises(SystemExit, match=r"variant 'tinylm\+lr'.*must look like key=value"):
+        training._variants(training._parse_args(["--variants", "tinylm+lr"]))
 
 
 def test_every_variant_cuts_to_a_two_step_startup_run():
@@ -135,3 +156,9 @@ def test_a_run_in_a_new_process_counts_its_times_from_the_launch(tmp_path, monke
     assert doc["variant"] == "eager-pytorch" and doc["steps"] == 10 and doc["reached_target"]
     assert 5.0 <= doc["first_step_s"] <= doc["time_to_target_s"] == doc["curve"][0]["t"] <= doc["wall_s"]
     assert doc["best_val_loss_full"] > 0
+    # launched again under the same name and cut before its first evaluation: no figure from the weights before
+    code = training.main(["--cpu-smoke", "--startup-worker", str(out), "--startup-variant", "eager-pytorch",
+                          "--startup-run", "--workdir", str(tmp_path / "w"), "--max-steps", "10", "--budget-s", "0",
+                          "--target", "9.0"])  # fmt: skip
+    again = json.loads(out.read_text())
+    assert code == 0 and again["curve"] == [] and again["best_val_loss_full"] is None
