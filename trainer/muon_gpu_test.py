@@ -36,5 +36,6 @@ def test_muon_trains_alike_eager_compiled_and_captured(tmp_path):
         got[tag] = _evals(tmp_path, tag, **changes)
     # every way is run before any is judged, so one failure does not hide how the others did
     worst = {tag: max(abs(a - b) for a, b in zip(evals, eager)) for tag, evals in got.items()}
+    print("largest difference from the eager loop per way:", worst, "evals:", got, "eager:", eager)  # -rA shows it
     assert all(len(evals) == len(eager) for evals in got.values()), (got, eager)
     assert max(worst.values()) < TOLERANCE, (worst, got, eager)
