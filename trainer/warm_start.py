@@ -159,8 +159,11 @@ def preload_for(config: Any) -> None:
 
 
 def _retain_primary_context(ordinal: int) -> str:
-    """cuInit(0), cuDeviceGet, cuDevicePrimaryCtxRetain through the driver library; a word on what happened."""
+    """cuInit(0), cuDeviceGet, cuDevicePrimaryCtxRetain through the driver library; a word on what happened.
+    TINYLM_CUDA_PRELOAD=0 turns it off (torch then does it all at its first CUDA call)."""
     t0 = time.perf_counter()
+    if os.environ.get("TINYLM_CUDA_PRELOAD", "1") == "0":
+        return "off (TINYLM_CUDA_PRELOAD=0)"
     try:
         driver = ctypes.CDLL(CUDA_DRIVER)
     except OSError:

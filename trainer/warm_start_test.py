@@ -186,6 +186,8 @@ def test_cuda_preload_retains_the_primary_context_through_the_driver(monkeypatch
         monkeypatch.setattr(warm_start.ctypes, "CDLL", lambda name, driver=driver: driver)
         assert warm_start._retain_primary_context(3) == want and driver.calls == calls
         assert codes.get("cuInit") or driver.ordinal == 3
+    monkeypatch.setenv("TINYLM_CUDA_PRELOAD", "0")  # the switch: the driver is not touched
+    assert warm_start._retain_primary_context(3) == "off (TINYLM_CUDA_PRELOAD=0)" and driver.calls == calls
     monkeypatch.undo()  # the real ctypes.CDLL again, on a library name that does not exist
     monkeypatch.setattr(warm_start, "CUDA_DRIVER", "libcuda-that-is-not-here.so.1")
     assert warm_start._retain_primary_context(0) == "no CUDA driver"
