@@ -52,7 +52,7 @@ from trainer.resume_state import (
 from trainer.run_log import RunLog, plot_curve
 from trainer.step_graph import StepGraph, step_graph_problems
 from trainer.step_profiler import StepProfiler
-from trainer.warm_start import CompilerPreload, preload_compiler, started_preload, wait_cuda_preload
+from trainer.warm_start import CompilerPreload, before_run, preload_compiler, started_preload, wait_cuda_preload
 
 __all__ = ["TrainResult", "ProgressCallback", "train", "resolve_device", "build_model", "make_optimizer", "set_lr"]
 
@@ -77,6 +77,7 @@ class TrainResult:
     grad_norms: list[float] = field(default_factory=list)  # gradient norm before clipping, each step
     profile_trace: Path | None = None  # the torch.profiler trace, when profile_steps asked for one
     profiled_steps: int = 0  # steps the trace holds
+    compiled_code_reused: bool = False  # the process's compiled code from the run before was kept for this one
 
 
 def resolve_device(name: str, info: DistInfo = SINGLE) -> torch.device:
@@ -183,8 +184,10 @@ def train(config: TrainConfig, corpus: Path, *, started_at: float | None = None,
     end before its optimizer."""
     started_at = time.perf_counter() if started_at is None else started_at
     preload = preload_compiler() if config.compile or config.compile_optimizer else started_preload()
+    # another compiled shape before (a worker's job, a benchmark's variant): its code and CUDA-graph trees go first
+    reused = before_run(config)
     with kernel_scope(config), _restores_backend_settings():
-        return _train(config, corpus, started_at=started_at, preload=preload, **kwargs)
+        return _train(config, corpus, started_at=started_at, preload=preload, reused=reused, **kwargs)
 
 
 def kernel_scope(config: TrainConfig) -> contextlib.AbstractContextManager:
@@ -234,6 +237,7 @@ def _train(
     profile_steps: int = 0,
     started_at: float,
     preload: CompilerPreload | None = None,
+    reused: bool = False,
 ) -> TrainResult:
     """Train `config` on `corpus`; the best weights become an artifact under `store_root` (rank 0 writes files).
 
@@ -245,6 +249,7 @@ def _train(
     `setup_s` (from `started_at` to data, model and optimizer ready), `compiler_wait_s` (of which waiting for the compiler's
     background import), `startup_s` (from `started_at` to the first step's launch done: its compilation, its CUDA
     graphs' warm-up; on a GPU its kernels may still run), `compiler_import_s` (the background import's own length).
+    `reused`: train() found the previous run's compiled code kept for this one (TrainResult.compiled_code_reused).
     """
     device = resolve_device(config.device, info)
     cuda_init_s = None
@@ -260,7 +265,7 @@ def _train(
     run.startup["setup_s"] = time.perf_counter() - started_at
     if cuda_init_s is not None:  # parts of setup_s, beside the compiler's background import
         run.startup["cuda_init_s"], run.startup["cuda_preload_wait_s"] = cuda_init_s, cuda_wait_s
-    result = TrainResult(run_dir=Path(run_dir), stopped="completed", steps=run.step)
+    result = TrainResult(run_dir=Path(run_dir), stopped="completed", steps=run.step, compiled_code_reused=reused)
     run_log = RunLog(run.run_dir, resume_step=run.step, tensorboard=config.tensorboard) if info.is_main else None
     meter = Throughput(run.model.config, peak_flops(device, config.dtype), world_size=info.world_size)
     bar = _progress_bar(config.max_steps, run.step, show_progress and info.is_main)

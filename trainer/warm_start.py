@@ -21,7 +21,11 @@ code and guarded on shapes, dtypes and flags, so a second job with the same conf
 loading: measured on the CPU, 8.4 s -> 0.6 s to the first step) and, under reduce-overhead, only records its CUDA
 graphs again (its parameters live at new addresses). `CompiledReuse` drops that state when a job of another shape
 comes (`torch._dynamo.reset()`), so the process never holds more than one config's graphs and never reaches
-dynamo's recompile limit, past which a frame silently runs eager.
+dynamo's recompile limit, past which a frame silently runs eager. `train()` asks the process's one (`before_run`)
+before every run, whoever starts it: on the H200 a worker's reduce-overhead job failed at its first backward
+("CUDA driver error: invalid argument" recording a CUDA-graph tree) when the same process had trained the Muon
+recipe four ways just before through train() directly, whose compiled code and graph trees nothing had dropped;
+the same job passed alone and after the plain sequences (eighth session, call 3; PERF_NOTES 14).
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ __all__ = [
     "CompilerPreload",
     "CompiledReuse",
     "RUN_ONLY_FIELDS",
+    "before_run",
     "compile_key",
     "preload_compiler",
     "preload_cuda",
@@ -156,6 +161,20 @@ def preload_for(config: Any) -> None:
         preload_cuda(int(device[5:]) if device.startswith("cuda:") else None)
     if config.compile or config.compile_optimizer:
         preload_compiler()
+
+
+_process_reuse: CompiledReuse | None = None  # the process's, for every run train() starts (made at first use)
+
+
+def before_run(config: Any) -> bool:
+    """What `train()` calls first: the process keeps dynamo's compiled code (and torch.compile's CUDA-graph trees) only
+    from a previous run of the same compile_key, and drops it before any other run, whoever starts the runs (a worker,
+    the benchmark's variants, a test). True when the previous run's code is kept."""
+    global _process_reuse
+    with _lock:
+        if _process_reuse is None:
+            _process_reuse = CompiledReuse()
+        return _process_reuse.before_run(config)
 
 
 def _retain_primary_context(ordinal: int) -> str:

@@ -122,10 +122,32 @@ def _job(handle, i: int, corpus: Path, **overrides: str) -> tuple[dict, list[dic
     return handle(ctx).result, events
 
 
-def test_a_workers_second_job_reuses_the_compiled_code_and_trains_the_same(small_corpus, tmp_path):
+def test_every_run_asks_the_process_whether_its_compiled_code_stays(small_corpus, tmp_path, monkeypatch):
+    """train() itself calls warm_start.before_run (the process's one CompiledReuse), whoever calls train(): a run of
+    another compiled shape, or an eager one, after a compiled run drops dynamo's code and CUDA-graph trees first."""
+    from trainer import train as train_module
+    from trainer import warm_start
+
+    resets, asked = [], []
+    monkeypatch.setattr(torch._dynamo, "reset", lambda: resets.append(1))
+    monkeypatch.setattr(warm_start, "_process_reuse", None)  # as a new process
+    real = warm_start.before_run
+    monkeypatch.setattr(train_module, "before_run", lambda config: asked.append(config) or real(config))
+    warm_start.before_run(fast_config(compile_mode="default"))  # as if a compiled run came before
+    config = fast_config(max_steps=2, eval_interval=2)
+    result = train_module.train(config, small_corpus, store_root=tmp_path / "s", run_dir=tmp_path / "r",
+                                data_dir=tmp_path / "d")  # fmt: skip
+    assert asked == [config] and resets == [1] and result.compiled_code_reused is False
+    assert warm_start.before_run(fast_config(compile_mode="default")) is False and resets == [1]  # eager: none kept
+    assert warm_start.before_run(fast_config(compile_mode="default", seed=9)) is True and resets == [1]
+
+
+def test_a_workers_second_job_reuses_the_compiled_code_and_trains_the_same(small_corpus, tmp_path, monkeypatch):
+    from trainer import warm_start
     from trainer.worker import TrainerPaths, make_train_handler
 
     torch._dynamo.reset()  # nothing compiled by an earlier test in this process
+    monkeypatch.setattr(warm_start, "_process_reuse", None)  # nor remembered as compiled
     handle = make_train_handler(TrainerPaths(home=tmp_path, default_corpus=str(small_corpus)))
     first, first_events = _job(handle, 1, small_corpus)
     traced = counters["frames"]["ok"]

@@ -8,7 +8,7 @@ job with the new model filled in, through the queue's pipeline mechanism (JobRes
 
 Start-up: `run_workers` starts importing torch's compiler in the background as the worker starts, so the first
 job finds it imported; a job with the same compiled shape as the one before reuses its compiled code
-(trainer.warm_start.CompiledReuse). Each job's result and first progress event carry its start-up timings, counted
+(trainer.warm_start.before_run, which train() calls for every run in the process). Each job's result and first progress event carry its start-up timings, counted
 from the job's dequeue (`startup_s`: dequeued -> first step).
 """
 
@@ -29,7 +29,7 @@ from protos import jobs_pb2
 from trainer.corpus import CorpusError, resolve_corpus
 from trainer.spec import config_from_spec
 from trainer.train import train
-from trainer.warm_start import CompiledReuse, preload_compiler, preload_cuda
+from trainer.warm_start import preload_compiler, preload_cuda
 
 __all__ = ["TrainerPaths", "make_train_handler", "make_worker", "run_workers", "progress_message"]
 
@@ -74,7 +74,6 @@ def progress_message(step: int, max_steps: int, metrics: dict[str, float]) -> st
 
 def make_train_handler(paths: TrainerPaths) -> Handler:
     """The handler a `jobs.worker.Worker` calls for each train job."""
-    reuse = CompiledReuse()  # one handler, one thread: jobs run one after another
 
     def handle(ctx: JobContext) -> JobResult:
         dequeued = time.perf_counter()
@@ -91,7 +90,6 @@ def make_train_handler(paths: TrainerPaths) -> Handler:
             finite = {k: float(v) for k, v in metrics.items() if math.isfinite(v)}
             ctx.progress(progress_message(step, config.max_steps, finite), step / config.max_steps, **finite)
 
-        reused = reuse.before_run(config)
         result = train(
             config,
             corpus,
@@ -113,10 +111,10 @@ def make_train_handler(paths: TrainerPaths) -> Handler:
             "run_dir": str(run_dir),
             "steps": result.steps,
             "stopped": result.stopped,
-            "compiled_code_reused": reused,
+            "compiled_code_reused": result.compiled_code_reused,
         }
         log.info("job %s: first step %.2f s after dequeue (compiled code of the previous job %s)", ctx.job.id,
-                 result.metrics.get("startup_s", math.nan), "reused" if reused else "not reused")  # fmt: skip
+                 result.metrics.get("startup_s", math.nan), "reused" if result.compiled_code_reused else "not reused")  # fmt: skip
         next_jobs = []
         if spec.HasField("then_export"):
             export = jobs_pb2.ExportSpec()

@@ -59,7 +59,7 @@ from trainer.data import prepare_data
 from trainer.distributed import destroy_process_group, dist_from_env
 from trainer.evaluate import split_loss
 from trainer.train import build_model, resolve_device, train
-from trainer.warm_start import CompiledReuse, preload_for
+from trainer.warm_start import preload_for
 
 __all__ = ["VariantResult", "run_variant", "main"]
 
@@ -390,16 +390,15 @@ def _startup_worker(args: argparse.Namespace) -> int:
         log.info("run of %s from launch (%.1f s to main): %s", args.startup_variant, started,
                  {k: v for k, v in dataclasses.asdict(out).items() if k != "curve"})  # fmt: skip
         return 0
-    reuse = CompiledReuse()
     jobs = []
     for _ in range(args.startup_jobs):
         begun, firsts = time.time(), []
-        reused = reuse.before_run(config)
         result = train(config, corpus, store_root=workdir / "startup-store", data_dir=workdir / "data",
                        run_dir=workdir / f"startup-{time.time_ns()}",
                        progress_callback=lambda step, m: firsts.append(time.time()))  # fmt: skip
         startup = {k: v for k, v in result.metrics.items() if k in _STARTUP_FIELDS}
-        jobs.append({"first_step_s": firsts[0] - begun, "since_launch_s": firsts[0] - launch, "reused": reused,
+        jobs.append({"first_step_s": firsts[0] - begun, "since_launch_s": firsts[0] - launch,
+                     "reused": result.compiled_code_reused,
                      **startup})  # fmt: skip
         log.info("start-up of %s, run %d: %s", args.startup_variant, len(jobs), jobs[-1])
     aot = dict(torch._dynamo.utils.counters["aot_autograd"])  # a warm launch should show autograd_cache_hit only
