@@ -163,20 +163,6 @@ def preload_for(config: Any) -> None:
         preload_compiler()
 
 
-_process_reuse: CompiledReuse | None = None  # the process's, for every run train() starts (made at first use)
-
-
-def before_run(config: Any) -> bool:
-    """What `train()` calls first: the process keeps dynamo's compiled code (and torch.compile's CUDA-graph trees) only
-    from a previous run of the same compile_key, and drops it before any other run, whoever starts the runs (a worker,
-    the benchmark's variants, a test). True when the previous run's code is kept."""
-    global _process_reuse
-    with _lock:
-        if _process_reuse is None:
-            _process_reuse = CompiledReuse()
-        return _process_reuse.before_run(config)
-
-
 def _retain_primary_context(ordinal: int) -> str:
     """cuInit(0), cuDeviceGet, cuDevicePrimaryCtxRetain through the driver library; a word on what happened.
     TINYLM_CUDA_PRELOAD=0 turns it off (torch then does it all at its first CUDA call)."""
@@ -231,3 +217,14 @@ class CompiledReuse:
             torch._dynamo.reset()  # the last compiled run's code, guards and CUDA graphs
         self._key = key
         return keep
+
+
+_process_reuse = CompiledReuse()  # the process's, for every run train() starts
+
+
+def before_run(config: Any) -> bool:
+    """What `train()` calls first: the process keeps dynamo's compiled code (and torch.compile's CUDA-graph trees) only
+    from a previous run of the same compile_key, and drops it before any other run, whoever starts the runs (a worker,
+    the benchmark's variants, a test). True when the previous run's code is kept."""
+    with _lock:
+        return _process_reuse.before_run(config)

@@ -130,7 +130,7 @@ def test_every_run_asks_the_process_whether_its_compiled_code_stays(small_corpus
 
     resets, asked = [], []
     monkeypatch.setattr(torch._dynamo, "reset", lambda: resets.append(1))
-    monkeypatch.setattr(warm_start, "_process_reuse", None)  # as a new process
+    monkeypatch.setattr(warm_start, "_process_reuse", CompiledReuse())  # as a new process
     real = warm_start.before_run
     monkeypatch.setattr(train_module, "before_run", lambda config: asked.append(config) or real(config))
     warm_start.before_run(fast_config(compile_mode="default"))  # as if a compiled run came before
@@ -147,7 +147,7 @@ def test_a_workers_second_job_reuses_the_compiled_code_and_trains_the_same(small
     from trainer.worker import TrainerPaths, make_train_handler
 
     torch._dynamo.reset()  # nothing compiled by an earlier test in this process
-    monkeypatch.setattr(warm_start, "_process_reuse", None)  # nor remembered as compiled
+    monkeypatch.setattr(warm_start, "_process_reuse", CompiledReuse())  # nor remembered as compiled
     handle = make_train_handler(TrainerPaths(home=tmp_path, default_corpus=str(small_corpus)))
     first, first_events = _job(handle, 1, small_corpus)
     traced = counters["frames"]["ok"]
