@@ -70,6 +70,8 @@ def test_presets_shapes():
     expect = {
         "shakespeare-char": (6, 6, 384, 256),
         "shakespeare-char-muon": (6, 6, 384, 256),
+        "shakespeare-char-muon-l8": (8, 6, 336, 256),
+        "shakespeare-char-muon-l10": (10, 6, 288, 256),
         "tiny": (4, 4, 128, 128),
         "small": (6, 8, 256, 256),
         "medium": (12, 8, 512, 512),
@@ -92,6 +94,8 @@ def test_presets_shapes():
     )
     muon = get_preset("shakespeare-char-muon")  # nanoGPT's baby GPT with QK-norm, ReLU² and an untied head
     assert muon == sc.replace(mlp="relu2", qk_norm=True, tie_weights=False)
+    for name, (layers, width) in {"shakespeare-char-muon-l8": (8, 336), "shakespeare-char-muon-l10": (10, 288)}.items():
+        assert get_preset(name) == muon.replace(n_layer=layers, n_embd=width), name  # only the shape differs
     assert get_preset("gpt2-124m").vocab_size == 50304
     for name in ("tiny", "small", "medium", "large"):
         c = get_preset(name)

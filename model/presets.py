@@ -8,6 +8,8 @@ Two families:
   embedding is a large share of the parameters, and tying helps small-data training).
 - `shakespeare-char-muon`: the baby GPT's shape with modded-nanogpt's changes that cost no parameters: QK-norm, a
   ReLU² MLP, and an untied head (+25k parameters at vocab 65); trained with Muon (trainer preset of the same name).
+  `shakespeare-char-muon-l8` (8 x 336, 11.0M) and `-l10` (10 x 288, 10.1M) spend about its parameters deeper and
+  narrower (train them as `shakespeare-char-muon` with `preset=` changed).
 
 `vocab_size` is the size of the tokenizer each preset is meant for (bytes for `tiny`, a small BPE for
 `small`, GPT-2's 50257 padded to a multiple of 64 for the rest); the trainer overrides it with its
@@ -36,6 +38,27 @@ PRESETS: dict[str, ModelConfig] = {
         n_head=6,
         n_kv_head=6,
         n_embd=384,
+        block_size=256,
+        dropout=0.2,
+        **{**_NANOGPT, "mlp": "relu2", "tie_weights": False, "qk_norm": True},
+    ),
+    # the same recipe's parameter budget (~10.7M) spent deeper and narrower, for the 60 s val target (issue 16)
+    "shakespeare-char-muon-l8": ModelConfig(
+        vocab_size=65,
+        n_layer=8,
+        n_head=6,
+        n_kv_head=6,
+        n_embd=336,
+        block_size=256,
+        dropout=0.2,
+        **{**_NANOGPT, "mlp": "relu2", "tie_weights": False, "qk_norm": True},
+    ),
+    "shakespeare-char-muon-l10": ModelConfig(
+        vocab_size=65,
+        n_layer=10,
+        n_head=6,
+        n_kv_head=6,
+        n_embd=288,
         block_size=256,
         dropout=0.2,
         **{**_NANOGPT, "mlp": "relu2", "tie_weights": False, "qk_norm": True},

@@ -414,6 +414,11 @@ TRAIN_PRESETS: dict[str, TrainConfig] = {
         dtype="bfloat16", compile_mode="default",
     ),
 }  # fmt: skip
+# the Muon recipe on the same parameter budget spent deeper and narrower (model presets of the same names)
+TRAIN_PRESETS.update({
+    name: TRAIN_PRESETS["shakespeare-char-muon"].replace(preset=name)
+    for name in ("shakespeare-char-muon-l8", "shakespeare-char-muon-l10")
+})  # fmt: skip
 
 _FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}
 
