@@ -78,6 +78,7 @@ class TrainResult:
     profile_trace: Path | None = None  # the torch.profiler trace, when profile_steps asked for one
     profiled_steps: int = 0  # steps the trace holds
     compiled_code_reused: bool = False  # the process's compiled code from the run before was kept for this one
+    startup: dict[str, float] = field(default_factory=dict)  # the start-up timings (`_train`), also in `metrics`
 
 
 def resolve_device(name: str, info: DistInfo = SINGLE) -> torch.device:
@@ -333,7 +334,7 @@ def _train(
         if result.stopped == "cancelled" and run.step > 0:
             _save_resume(run)  # the step boundary is consistent: resuming continues exactly here
         result.steps = run.step
-        result.metrics = {**_final_metrics(run), **run.startup}
+        result.metrics, result.startup = {**_final_metrics(run), **run.startup}, dict(run.startup)
         if profiler is not None:
             result.profile_trace, result.profiled_steps = profiler.trace, profiler.recorded_steps
         if info.is_main and result.stopped != "cancelled" and (run.run_dir / "best").is_dir():

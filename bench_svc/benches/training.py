@@ -390,16 +390,15 @@ def _startup_worker(args: argparse.Namespace) -> int:
         log.info("run of %s from launch (%.1f s to main): %s", args.startup_variant, started,
                  {k: v for k, v in dataclasses.asdict(out).items() if k != "curve"})  # fmt: skip
         return 0
-    jobs = []
+    jobs, startups = [], []  # each job's timings; trainer.train's own start-up metrics of each
     for _ in range(args.startup_jobs):
         begun, firsts = time.time(), []
         result = train(config, corpus, store_root=workdir / "startup-store", data_dir=workdir / "data",
                        run_dir=workdir / f"startup-{time.time_ns()}",
                        progress_callback=lambda step, m: firsts.append(time.time()))  # fmt: skip
-        startup = {k: v for k, v in result.metrics.items() if k in _STARTUP_FIELDS}
+        startups.append(result.startup)
         jobs.append({"first_step_s": firsts[0] - begun, "since_launch_s": firsts[0] - launch,
-                     "reused": result.compiled_code_reused,
-                     **startup})  # fmt: skip
+                     "reused": result.compiled_code_reused, **result.startup})  # fmt: skip
         log.info("start-up of %s, run %d: %s", args.startup_variant, len(jobs), jobs[-1])
     aot = dict(torch._dynamo.utils.counters["aot_autograd"])  # a warm launch should show autograd_cache_hit only
     # which of Inductor's caches a warm launch hit (fxgraph_cache_hit, Triton bundler and autotune counters, ...)
@@ -413,18 +412,13 @@ def _startup_worker(args: argparse.Namespace) -> int:
         args.startup_variant,
         started,
         doc["first_step_s"],
-        {k: round(v, 2) for k, v in jobs[0].items() if k in _STARTUP_FIELDS},
+        {k: round(v, 2) for k, v in startups[0].items()},
         aot,
         caches,
         _compile_counters(),
         torch._dynamo.utils.compile_times(repr="str"),
     )
     return 0
-
-
-# trainer.train's start-up timings (seconds from train()'s start): set-up, waiting for the compiler's background
-# import, the first step; and that import's own length
-_STARTUP_FIELDS = ("setup_s", "compiler_wait_s", "startup_s", "compiler_import_s", "cuda_init_s", "cuda_preload_wait_s")
 
 
 def _compile_counters() -> dict[str, Any]:

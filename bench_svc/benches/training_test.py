@@ -142,6 +142,21 @@ def test_every_variant_cuts_to_a_two_step_startup_run():
         assert all(getattr(short, key) == getattr(config, key) for key in same), name
 
 
+def test_a_worker_start_up_run_times_each_job_with_the_trainers_own_metrics(tmp_path, monkeypatch):
+    """--startup VARIANT:worker: two jobs back to back in one process, each with its first step's time and the
+    trainer's start-up metrics (TrainResult.startup), and whether the process kept the first job's compiled code."""
+    monkeypatch.setenv("TINYLM_CORPUS", str(write_small_corpus(tmp_path / "c.txt")))
+    monkeypatch.setenv("TINYLM_BENCH_LAUNCH", repr(time.time() - 5.0))
+    out = tmp_path / "jobs.json"
+    code = training.main(["--cpu-smoke", "--startup-worker", str(out), "--startup-variant", "eager-pytorch",
+                          "--startup-jobs", "2", "--workdir", str(tmp_path / "w")])  # fmt: skip
+    doc = json.loads(out.read_text())
+    assert code == 0 and len(doc["jobs"]) == 2 and doc["first_step_s"] == doc["jobs"][0]["since_launch_s"] >= 5.0
+    for job in doc["jobs"]:
+        assert job["reused"] is False  # eager: nothing compiled to keep
+        assert job["startup_s"] >= job["setup_s"] > 0 and job["first_step_s"] > 0
+
+
 def test_a_run_in_a_new_process_counts_its_times_from_the_launch(tmp_path, monkeypatch):
     """--startup VARIANT:run: the worker trains the variant whole and times everything from the parent's launch
     (TINYLM_BENCH_LAUNCH), so the interpreter's start and imports count toward the time to the target."""
