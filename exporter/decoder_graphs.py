@@ -6,6 +6,9 @@ not compiling). Each exporter passes an object with those two methods, so every 
 runs the exact code the serving engine runs (no second copy of the transformer to drift):
 - `ExplicitKVDecoder` (ONNX): past K/V are inputs; `write` concatenates the new K/V onto them, and the
   concatenations are the `present_*` outputs (Optimum's past_key_values layout).
+- `FixedKVDecoder` (ONNX, fixed-size cache): the past is a host-owned buffer per layer (B, Hkv, max_len, D) with
+  each row's length; attention reads it in place (the cache's `past_buffers`) and the outputs are only the new
+  K/V, which the host writes into its buffers: no per-step copy of the whole cache.
 - `StatefulKVDecoder` (CoreML, iOS18 `ct.StateType`): the cache is two registered buffers updated in place
   with slice writes, which coremltools turns into `read_state` / `slice_update` / `write_state`.
 - `StatelessDecoder` (CoreML): no cache; the whole context is recomputed per call.
@@ -20,7 +23,7 @@ import torch.nn as nn
 
 from model.transformer import GPT
 
-__all__ = ["ExplicitKVDecoder", "StatefulKVDecoder", "StatelessDecoder"]
+__all__ = ["ExplicitKVDecoder", "FixedKVDecoder", "StatefulKVDecoder", "StatelessDecoder"]
 
 
 def _heads_first(x: torch.Tensor, batch: int) -> torch.Tensor:
@@ -78,6 +81,44 @@ class ExplicitKVDecoder(nn.Module):
         positions = torch.zeros(batch, dtype=torch.long, device=input_ids.device) + past_len  # (B,)
         logits = self.model.forward_cached(input_ids, cache, slots, positions, kv_len=past_len + seq)  # type: ignore[arg-type]
         return logits, cache.present
+
+
+class _BufferCache:
+    """Past K/V in fixed buffers read in place (`past_buffers`); `write` keeps the new K/V as the graph's outputs."""
+
+    def __init__(self, buffers: list[tuple[torch.Tensor, torch.Tensor]], past_lengths: torch.Tensor) -> None:
+        self.buffers, self.past_lengths = buffers, past_lengths
+        self.n_slots, self.max_len = past_lengths.shape[0], buffers[0][0].shape[2]
+        self.new: list[tuple[torch.Tensor, torch.Tensor]] = [None] * len(buffers)  # type: ignore[list-item]
+
+    def write(
+        self, layer: int, slot_idx: torch.Tensor, pos_idx: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    ) -> None:
+        self.new[layer] = (_heads_first(k, self.n_slots), _heads_first(v, self.n_slots))  # (B, Hkv, T, D)
+
+    def past_buffers(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return (*self.buffers[layer], self.past_lengths)
+
+
+class FixedKVDecoder(nn.Module):
+    """forward(input_ids (B, T), past_lengths (B,), cache [(k, v) per layer, each (B, Hkv, max_len, D)])
+    -> (logits (B, T, V), new [(k, v) per layer, each (B, Hkv, T, D)]).
+
+    Row b's tokens take positions past_lengths[b] + t and attend to its buffer's first past_lengths[b] entries;
+    the caller writes the new K/V into its buffers at [past_lengths[b], past_lengths[b] + T).
+    """
+
+    def __init__(self, model: GPT) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(
+        self, input_ids: torch.Tensor, past_lengths: torch.Tensor, cache: list[tuple[torch.Tensor, torch.Tensor]]
+    ) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
+        buffers = _BufferCache(cache, past_lengths)
+        slots = torch.arange(input_ids.shape[0], device=input_ids.device)  # unused by this cache
+        logits = self.model.forward_cached(input_ids, buffers, slots, past_lengths)  # type: ignore[arg-type]
+        return logits, buffers.new
 
 
 class _StateCache:

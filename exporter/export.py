@@ -4,7 +4,8 @@
 
 The source files (config, tokenizer, weights, manifest) are only read. Outputs are built in a staging folder
 inside the artifact and moved in only when every gate passed (or `no_gate`, which keeps failed variants and
-marks them failed). Outputs: `onnx/` (the files of `onnx_contract.VARIANT_FILES` asked for + `meta.json`),
+marks them failed). Outputs: `onnx/` (the files of `onnx_contract.VARIANT_FILES` asked for, each with its fixed-KV
+graph of `FIXED_KV_FILES` measured against the same gates + `meta.json`),
 `coreml/`, `hf/`, and `parity.json`. Re-exporting a subset keeps the other ONNX files and their entries.
 """
 
@@ -43,6 +44,7 @@ _WEIGHTS = {
     "int8": "int8 (per-channel, dynamic activations)",
     "int4": f"int4 (block {INT4_BLOCK_SIZE})",
 }
+_FIXED_KV = "fixed_kv."  # prefix of the fixed-KV file's gate metrics in its variant's entry
 _MAKERS = {
     "fp16": convert_fp16,
     "int8": quantize_int8,
@@ -88,16 +90,37 @@ def _export_onnx(
     for i, variant in enumerate(variants):
         check()
         progress(f"onnx {variant}", i / len(variants))
-        path = out / contract.VARIANT_FILES[variant]
+        name = f"onnx-{variant}"
+        path, fixed_path = out / contract.VARIANT_FILES[variant], out / contract.FIXED_KV_FILES[variant]
         if variant == "fp32":
             export_fp32(art.model, path)
+            export_fp32(art.model, fixed_path, fixed_kv=True)
         else:
             _MAKERS[variant](out / contract.VARIANT_FILES["fp32"], path)
+            _MAKERS[variant](out / contract.FIXED_KV_FILES["fp32"], fixed_path)
         fmt = {"fp32": "onnx", "fp16": "onnx"}.get(variant, variant)
         measured = {"weights": _WEIGHTS[variant], **measure_onnx(path, ref)}
-        rel = f"{contract.ONNX_DIR}/{path.name}"
-        entries[f"onnx-{variant}"] = _variant_entry(fmt, [rel], out.parent, measured, gates, f"onnx-{variant}")
+        rels = [f"{contract.ONNX_DIR}/{p.name}" for p in (path, fixed_path)]
+        entry = _variant_entry(fmt, rels[:1], out.parent, measured, gates, name)
+        entries[name] = _with_fixed_kv(entry, rels[1], out.parent, measure_onnx(fixed_path, ref), gates, name)
     return entries
+
+
+def _with_fixed_kv(
+    entry: dict[str, Any], rel: str, root: Path, measured: dict[str, Any], gates: Gates, name: str
+) -> dict[str, Any]:
+    """`entry` with its fixed-KV file: listed in `files`, measured under `fixed_kv`, and gated as the variant is
+    (its gate results join the variant's, metrics prefixed "fixed_kv.")."""
+    fixed_gates = [{**g, "metric": _FIXED_KV + g["metric"]} for g in apply_gates(name, measured, gates)]
+    fixed = {"file": rel, "bytes": dir_bytes(root / rel), **measured, "passed": all(g["passed"] for g in fixed_gates)}
+    all_gates = entry["gates"] + fixed_gates
+    return {
+        **entry,
+        "files": entry["files"] + [rel],
+        "fixed_kv": fixed,
+        "gates": all_gates,
+        "passed": entry["passed"] and fixed["passed"],
+    }
 
 
 def _write_onnx_meta(art: Artifact, onnx_dir: Path, old_dir: Path, entries: dict[str, dict[str, Any]]) -> None:
@@ -109,16 +132,21 @@ def _write_onnx_meta(art: Artifact, onnx_dir: Path, old_dir: Path, entries: dict
     files = {}
     for variant, name in contract.VARIANT_FILES.items():
         entry = entries.get(f"onnx-{variant}")
+        fixed_name = contract.FIXED_KV_FILES[variant]
         if entry is not None:
+            fixed = entry["fixed_kv"]
             files[variant] = {
                 "file": name,
                 "weights": entry["weights"],
                 "io_dtype": contract.IO_DTYPE,
                 "bytes": entry["bytes"],
-                "gate": "passed" if entry["passed"] else "failed",
+                "gate": _gate(all(g["passed"] for g in entry["gates"] if not g["metric"].startswith(_FIXED_KV))),
+                "fixed_kv": {"file": fixed_name, "bytes": fixed["bytes"], "gate": _gate(fixed["passed"])},
             }
         elif (old_dir / name).is_file() and variant in old_meta.get("files", {}):
-            os.link(old_dir / name, onnx_dir / name)  # hard link: no copy, and the old folder is replaced anyway
+            for kept in (name, fixed_name):
+                if (old_dir / kept).is_file():  # hard link: no copy, and the old folder is replaced anyway
+                    os.link(old_dir / kept, onnx_dir / kept)
             files[variant] = old_meta["files"][variant]
     meta = {
         "contract_version": contract.CONTRACT_VERSION,
@@ -134,8 +162,18 @@ def _write_onnx_meta(art: Artifact, onnx_dir: Path, old_dir: Path, entries: dict
         "block_size": c.block_size,
         "dynamic_axes": [contract.AXIS_BATCH, contract.AXIS_SEQ, contract.AXIS_PAST],
         "files": files,
+        "fixed_kv": {
+            "inputs": contract.fixed_kv_input_names(c.n_layer),
+            "outputs": contract.fixed_kv_output_names(c.n_layer),
+            "max_len": c.block_size,
+            "dynamic_axes": [contract.AXIS_BATCH, contract.AXIS_SEQ],
+        },
     }
     (onnx_dir / contract.META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+
+
+def _gate(passed: bool) -> str:
+    return "passed" if passed else "failed"
 
 
 def _merged_variants(artifact_dir: Path, new: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:

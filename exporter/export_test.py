@@ -25,6 +25,16 @@ def test_every_gate_passes_on_a_trained_model(exported):
     assert v["onnx-fp32"]["max_abs_logits"] <= 1e-4
     assert v["onnx-int8"]["greedy_agreement"] >= 0.95 and v["onnx-int8"]["val_loss_delta"] <= 0.02
     assert v["onnx-int4"]["val_loss_delta"] <= 0.06
+    # Each ONNX file's fixed-KV graph meets the same gates (issue 17), and is as close to torch as its twin.
+    for name in ("onnx-fp32", "onnx-fp16", "onnx-int8", "onnx-int4"):
+        fixed = v[name]["fixed_kv"]
+        metrics = [g["metric"] for g in v[name]["gates"]]
+        plain = [m for m in metrics if not m.startswith("fixed_kv.")]
+        assert fixed["passed"] and metrics == plain + ["fixed_kv." + m for m in plain]
+        assert fixed["max_abs_logits"] <= max(2 * v[name]["max_abs_logits"], 1e-4)
+    assert v["onnx-fp32"]["fixed_kv"]["max_abs_logits"] <= 1e-4
+    assert v["onnx-int8"]["fixed_kv"]["greedy_agreement"] >= 0.95
+    assert v["onnx-int8"]["fixed_kv"]["val_loss_delta"] <= 0.02
     # The gates are meaningful: quantization moves the logits measurably, and the model has learned something.
     assert v["onnx-int4"]["max_abs_logits"] > v["onnx-int8"]["max_abs_logits"] > 1e-3
     assert report["reference"]["val_loss"] < 3.0 and report["reference"]["eval_source"] == "corpus held-out tail"
@@ -58,15 +68,25 @@ def test_parity_json_and_meta_describe_the_files(exported):
         assert entry["file"] == contract.VARIANT_FILES[variant] and entry["gate"] == "passed"
         assert entry["bytes"] == path.stat().st_size and entry["io_dtype"] == "float32"
         onnx.checker.check_model(str(path))
+        fixed = entry["fixed_kv"]
+        assert fixed["file"] == contract.FIXED_KV_FILES[variant] and fixed["gate"] == "passed"
+        assert fixed["bytes"] == (exported.path / contract.ONNX_DIR / fixed["file"]).stat().st_size
+    assert meta["fixed_kv"] == {
+        "inputs": contract.fixed_kv_input_names(config.n_layer),
+        "outputs": contract.fixed_kv_output_names(config.n_layer),
+        "max_len": config.block_size,
+        "dynamic_axes": ["batch", "seq"],
+    }
 
 
 def test_quantized_graphs_use_the_quantized_ops(exported):
-    def ops(variant):
-        proto = onnx.load(str(exported.path / contract.ONNX_DIR / contract.VARIANT_FILES[variant]))
+    def ops(variant, files=contract.VARIANT_FILES):
+        proto = onnx.load(str(exported.path / contract.ONNX_DIR / files[variant]))
         return {n.op_type for n in proto.graph.node}
 
-    assert "MatMulInteger" in ops("int8")
-    assert {"MatMulNBits", "GatherBlockQuantized"} <= ops("int4")
+    for files in (contract.VARIANT_FILES, contract.FIXED_KV_FILES):
+        assert "MatMulInteger" in ops("int8", files)
+        assert {"MatMulNBits", "GatherBlockQuantized"} <= ops("int4", files)
     # The tied LM head is quantized too: no float MatMul with a constant weight is left.
     proto = onnx.load(str(exported.path / contract.ONNX_DIR / contract.VARIANT_FILES["int4"]))
     constants = {i.name for i in proto.graph.initializer}
@@ -105,8 +125,10 @@ def test_reexport_of_a_subset_keeps_the_other_files(exported, tmp_path):
     path = tmp_path / exported.path.name
     shutil.copytree(exported.path, path)
     int8_before = (path / "onnx" / "model-int8.onnx").read_bytes()
+    fixed_before = (path / "onnx" / "model-fixedkv-int8.onnx").read_bytes()
     report = export_artifact(path, ["hf"], eval_text=None)
     assert set(report["variants"]) == {"hf"} and report["reference"]["eval_source"].startswith("model samples")
     merged = json.loads((path / PARITY_FILE).read_text())
     assert set(merged["variants"]) == set(exported.report["variants"])
     assert (path / "onnx" / "model-int8.onnx").read_bytes() == int8_before
+    assert (path / "onnx" / "model-fixedkv-int8.onnx").read_bytes() == fixed_before

@@ -8,11 +8,12 @@ from exporter.errors import ExportError
 
 __all__ = ["FORMATS", "parse_formats", "onnx_variants"]
 
-# Format -> what it produces. "onnx" is fp32 + fp16; int8/int4 are quantized from the fp32 graph.
+# Format -> what it produces. "onnx" is fp32 + fp16; int8/int4 are quantized from the fp32 graph. Each ONNX file
+# comes with its fixed-KV graph, model-fixedkv[-<variant>].onnx (onnx_contract.FIXED_KV_FILES).
 FORMATS: dict[str, str] = {
-    "onnx": "onnx/model.onnx (fp32) and onnx/model-fp16.onnx",
-    "int8": "onnx/model-int8.onnx (ORT dynamic quantization, MatMulInteger)",
-    "int4": "onnx/model-int4.onnx (MatMulNBits / GatherBlockQuantized, block 32)",
+    "onnx": "onnx/model.onnx (fp32) and onnx/model-fp16.onnx, each + its fixed-KV graph (model-fixedkv*.onnx)",
+    "int8": "onnx/model-int8.onnx (ORT dynamic quantization, MatMulInteger) + model-fixedkv-int8.onnx",
+    "int4": "onnx/model-int4.onnx (MatMulNBits / GatherBlockQuantized, block 32) + model-fixedkv-int4.onnx",
     "coreml": "coreml/*.mlpackage (stateful and stateless; fp16, int8, int4)",
     "hf": "hf/ (config.json + model.safetensors, Llama or GPT-2 names)",
 }

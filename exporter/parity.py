@@ -24,7 +24,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from exporter.onnx_runner import OnnxDecoder
+from exporter.onnx_runner import FixedKVOnnxDecoder, OnnxDecoder, open_decoder
 from model.field_checks import check_int
 from model.kv_cache import KVCache
 from model.transformer import GPT
@@ -192,8 +192,9 @@ def _max_abs(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def measure_onnx(path: Path, ref: Reference, batch: int = _BATCH) -> dict[str, Any]:
-    """Compare one ONNX file with the reference: logits, teacher-forced greedy agreement, val loss."""
-    decoder = OnnxDecoder(path, threads=torch.get_num_threads())
+    """Compare one ONNX file (either KV contract) with the reference: logits, teacher-forced greedy agreement, val
+    loss."""
+    decoder = open_decoder(path, threads=torch.get_num_threads())
     random_logits = decoder.prefill(ref.random_prompts)[0]
     corpus_logits = decoder.prefill(ref.corpus_prompts)[0]
 
@@ -227,7 +228,7 @@ def measure_onnx(path: Path, ref: Reference, batch: int = _BATCH) -> dict[str, A
     }
 
 
-def _free_running(decoder: OnnxDecoder, ref: Reference) -> tuple[float, int | None]:
+def _free_running(decoder: OnnxDecoder | FixedKVOnnxDecoder, ref: Reference) -> tuple[float, int | None]:
     """The variant decodes greedily on its own from the decode prompts, as a server would, for as many tokens as
     the reference continuation holds: the fraction of positions whose token equals the reference's, and the first
     position where any row diverges (None: none did). Unlike teacher forcing, one early slip counts for every later

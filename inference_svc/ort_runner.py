@@ -8,6 +8,13 @@ past length, so this runner keeps each sequence's arrays itself and batches only
 (prompts of equal length in a prefill, sequences at the same position in a decode); the rest run in
 their own calls. Names and shapes are read at run time from `<artifact>/onnx/meta.json`, the artifact's
 `config.json` and the graph, never from the exporter's code.
+
+When the artifact has the variant's fixed-KV graph (meta.json `files.<variant>.fixed_kv`), the runner uses it
+instead: per layer one pool (n_slots, n_kv_head, max_len, head_dim) that the runner owns, slot s at row s. A call
+feeds the pool's rows from the lowest to the highest slot it touches (a view: no copy) with each row's
+`past_lengths`, so rows at any positions run together, and writes the returned new K/V into the pool in place; a
+decode step no longer copies the whole cache (inference_svc/PERF_NOTES.md 12-13). Rows of that span that are not
+in the call run on a dummy token and are dropped.
 """
 
 from __future__ import annotations
@@ -60,17 +67,35 @@ class OrtRunner:
     """An ORT CPU session plus per-slot KV arrays for up to n_slots sequences.
 
     Pass the artifact folder (config.json gives the shapes) and the variant (fp32, fp16, int8, int4);
-    `threads` 0 lets ORT choose its intra-op threads.
+    `threads` 0 lets ORT choose its intra-op threads. `fixed_kv` None uses the variant's fixed-KV graph when the
+    export made one, True requires it, False keeps the past -> present graph.
     """
 
-    def __init__(self, artifact_dir: str | Path, n_slots: int, *, variant: str = "fp32", threads: int = 0) -> None:
+    def __init__(
+        self,
+        artifact_dir: str | Path,
+        n_slots: int,
+        *,
+        variant: str = "fp32",
+        threads: int = 0,
+        fixed_kv: bool | None = None,
+    ) -> None:
         import onnxruntime as ort
 
         artifact_dir = Path(artifact_dir)
         config = ModelConfig.from_dict(json.loads((artifact_dir / "config.json").read_text()))
         meta = _read_meta(artifact_dir)
-        self.path = onnx_file(artifact_dir, variant)
-        if meta.get("files", {}).get(variant, {}).get("gate") == "failed":
+        entry = meta.get("files", {}).get(variant, {})
+        fixed_entry = entry.get("fixed_kv") if isinstance(entry, dict) else None
+        self.fixed_kv = fixed_entry is not None and fixed_kv is not False
+        if fixed_kv and not self.fixed_kv:
+            raise FileNotFoundError(
+                f"no fixed-KV graph for variant {variant!r} in {artifact_dir / ONNX_DIR} (meta.json has none); "
+                f"re-export it: ./tinylm export --model {artifact_dir.name}"
+            )
+        self.path = artifact_dir / ONNX_DIR / fixed_entry["file"] if self.fixed_kv else onnx_file(artifact_dir, variant)
+        gate = fixed_entry.get("gate") if self.fixed_kv else entry.get("gate") if isinstance(entry, dict) else None
+        if gate == "failed":
             log.warning("%s failed its parity gate at export time; serving it anyway, as asked", self.path)
         self.n_slots = n_slots
         self.n_layer, self.n_kv_head, self.head_dim = config.n_layer, config.n_kv_head, config.head_dim
@@ -87,21 +112,28 @@ class OrtRunner:
         except Exception as e:  # InvalidProtobuf, Fail, ...: a corrupt or truncated file
             reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
             raise ValueError(f"{self.path} is not a loadable ONNX model ({type(e).__name__}: {reason})") from None
-        self._inputs, self._outputs = self._io_names(meta)
+        self._inputs, self._outputs = self._io_names(meta.get("fixed_kv", {}) if self.fixed_kv else meta)
         self._kv: dict[int, list[np.ndarray]] = {}  # slot -> [k_0, v_0, k_1, v_1, ...], each (1, Hkv, past, D)
         self._past: dict[int, int] = {}  # slot -> past length
+        if self.fixed_kv:  # [k_0, v_0, k_1, ...], each (n_slots, Hkv, max_len, D): slot s's buffer is row s
+            shape = (n_slots, self.n_kv_head, self.max_len, self.head_dim)
+            self._pool = [np.zeros(shape, dtype=np.float32) for _ in range(2 * self.n_layer)]
 
     def _io_names(self, meta: dict[str, Any]) -> tuple[list[str], list[str]]:
-        """[input_ids, past_key_0, past_value_0, ...] and [logits, present_key_0, present_value_0, ...]:
-        meta.json's lists when it has them, else the contract's names; checked against the graph."""
+        """[input_ids, past_key_0, past_value_0, ...] and [logits, present_key_0, present_value_0, ...] (the fixed-KV
+        graph: [input_ids, past_lengths, cache_key_0, ...] and [logits, new_key_0, ...]): meta.json's lists when it
+        has them, else the contract's names; checked against the graph."""
         layers = range(self.n_layer)
-        inputs = meta.get("inputs") or ["input_ids"] + [f"past_{kv}_{i}" for i in layers for kv in ("key", "value")]
-        outputs = meta.get("outputs") or ["logits"] + [f"present_{kv}_{i}" for i in layers for kv in ("key", "value")]
+        cache_in, new_out, first = ("cache", "new", ["past_lengths"]) if self.fixed_kv else ("past", "present", [])
+        inputs = meta.get("inputs") or ["input_ids", *first] + [
+            f"{cache_in}_{kv}_{i}" for i in layers for kv in ("key", "value")
+        ]
+        outputs = meta.get("outputs") or ["logits"] + [f"{new_out}_{kv}_{i}" for i in layers for kv in ("key", "value")]
         inputs = [i["name"] if isinstance(i, dict) else i for i in inputs]
         outputs = [o["name"] if isinstance(o, dict) else o for o in outputs]
         graph_in = {i.name for i in self.session.get_inputs()}
         graph_out = {o.name for o in self.session.get_outputs()}
-        if set(inputs) != graph_in or set(outputs) != graph_out or len(inputs) != 1 + 2 * self.n_layer:
+        if set(inputs) != graph_in or set(outputs) != graph_out or len(inputs) != 1 + len(first) + 2 * self.n_layer:
             raise ValueError(
                 f"{self.path} does not follow the KV-cache contract for {self.n_layer} layers: "
                 f"graph inputs {sorted(graph_in)}, outputs {sorted(graph_out)}"
@@ -111,10 +143,22 @@ class OrtRunner:
     @property
     def n_live(self) -> int:
         """Sequences whose KV arrays this runner holds (0 when idle: the leak check)."""
-        return len(self._kv)
+        return len(self._past)
+
+    def _check_fits(self, slot: int, end: int) -> None:
+        if end > self.max_len:
+            raise ValueError(
+                f"slot {slot}: {end} tokens exceed max_len {self.max_len} (the model's block_size): "
+                f"prompt + generated tokens must stay <= {self.max_len}"
+            )
 
     def prefill(self, slots: Sequence[int], prompts: Sequence[Sequence[int]]) -> torch.Tensor:
-        """Prompts of equal length run together from an empty past; returns logits (B, V)."""
+        """Prompts of equal length run together from an empty past (fixed-KV graph: all in one right-padded call);
+        returns logits (B, V)."""
+        for slot, prompt in zip(slots, prompts):
+            self._check_fits(slot, len(prompt))
+        if self.fixed_kv:
+            return self._run_fixed(slots, prompts, [0] * len(slots))
         groups: dict[int, list[int]] = defaultdict(list)
         for row, prompt in enumerate(prompts):
             groups[len(prompt)].append(row)
@@ -126,13 +170,16 @@ class OrtRunner:
         return torch.from_numpy(out)
 
     def decode(self, slots: Sequence[int], tokens: Sequence[int], positions: Sequence[int]) -> torch.Tensor:
-        """Sequences at the same position run together; returns logits (B, V)."""
+        """Sequences at the same position run together (fixed-KV graph: all in one call); returns logits (B, V)."""
         groups: dict[int, list[int]] = defaultdict(list)
         for row, (slot, pos) in enumerate(zip(slots, positions)):
             assert self._past.get(slot) == pos, (
                 f"slot {slot} holds {self._past.get(slot)} tokens, asked to decode at {pos}"
             )
+            self._check_fits(slot, pos + 1)
             groups[pos].append(row)
+        if self.fixed_kv:
+            return self._run_fixed(slots, [[t] for t in tokens], positions)
         out = np.empty((len(slots), self.vocab_size), dtype=np.float32)
         for rows in groups.values():
             group_slots = [slots[r] for r in rows]
@@ -153,7 +200,30 @@ class OrtRunner:
             self._past[slot] = present[0].shape[2]
         return logits[:, -1]
 
+    def _run_fixed(self, slots: Sequence[int], chunks: Sequence[Sequence[int]], starts: Sequence[int]) -> torch.Tensor:
+        """One call of the fixed-KV graph over the pool rows min(slots)..max(slots), each row's chunk right-padded
+        to the longest, at positions starts[b]..; writes the chunks' K/V into the pool; returns logits (B, V) at each
+        row's last token."""
+        lo, hi = min(slots), max(slots) + 1
+        T = max(len(c) for c in chunks)
+        ids = np.zeros((hi - lo, T), dtype=np.int64)  # span rows not in the call: token 0 from an empty past
+        past_lengths = np.zeros(hi - lo, dtype=np.int64)
+        for slot, chunk, start in zip(slots, chunks, starts):
+            ids[slot - lo, : len(chunk)] = chunk
+            past_lengths[slot - lo] = start
+        span = [buffer[lo:hi] for buffer in self._pool]  # views: ORT reads the pool in place
+        feed = dict(zip(self._inputs, [ids, past_lengths, *span]))
+        logits, *new = self.session.run(self._outputs, feed)  # (span, T, V), 2 * n_layer x (span, Hkv, T, D)
+        for slot, chunk, start in zip(slots, chunks, starts):
+            n, row = len(chunk), slot - lo
+            for buffer, rows in zip(span, new):
+                buffer[row, :, start : start + n] = rows[row, :, :n]
+            self._past[slot] = start + n
+        rows = [slot - lo for slot in slots]
+        last = [len(c) - 1 for c in chunks]
+        return torch.from_numpy(np.ascontiguousarray(logits[rows, last]))
+
     def release(self, slot: int) -> None:
-        """Drop the slot's arrays."""
+        """Drop the slot's arrays (fixed-KV graph: its length; the next sequence overwrites its pool row)."""
         self._kv.pop(slot, None)
         self._past.pop(slot, None)

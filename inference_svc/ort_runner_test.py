@@ -37,9 +37,11 @@ def _run(engine, tiny, cases):
     return [handle.result() for handle in handles]
 
 
-def test_onnx_greedy_streams_equal_torch(tiny, exported):
-    runner = OrtRunner(exported, n_slots=3)
-    assert runner.path.name == "model.onnx" and runner.max_len == tiny.model.config.block_size
+@pytest.mark.parametrize("fixed_kv", [False, True], ids=["past-present", "fixed-kv"])
+def test_onnx_greedy_streams_equal_torch(tiny, exported, fixed_kv):
+    runner = OrtRunner(exported, n_slots=3, fixed_kv=fixed_kv)
+    assert runner.fixed_kv is fixed_kv and runner.max_len == tiny.model.config.block_size
+    assert runner.path.name == ("model-fixedkv.onnx" if fixed_kv else "model.onnx")
     # Equal prompts ("to be" twice) share prefill and decode calls; the others run at their own lengths.
     cases = [(p, SamplingParams(max_new_tokens=8 + 3 * i, temperature=0.0)) for i, p in enumerate(PROMPTS)]
     with Engine(runner, tiny.tokenizer) as engine:
@@ -53,7 +55,7 @@ def test_onnx_greedy_streams_equal_torch(tiny, exported):
 
 def test_onnx_int8_runs_and_cancellation_drops_its_arrays(tiny, exported):
     runner = OrtRunner(exported, n_slots=2, variant="int8", threads=1)
-    assert runner.path.name == "model-int8.onnx"
+    assert runner.path.name == "model-fixedkv-int8.onnx"  # the fixed-KV graph, when the export made one
     with Engine(runner, tiny.tokenizer) as engine:
         (done,) = _run(engine, tiny, [("to be", SamplingParams(max_new_tokens=10, seed=3))])
         assert len(done.token_ids) == 10 and done.finish_reason is FinishReason.LENGTH
@@ -65,6 +67,51 @@ def test_onnx_int8_runs_and_cancellation_drops_its_arrays(tiny, exported):
         assert handle.result().finish_reason is FinishReason.CANCELLED
         assert engine.stats().free_slots == 2
     assert runner.n_live == 0
+
+
+def _greedy(tiny, prompt_ids, n):
+    """Torch's greedy continuation of `prompt_ids`: n tokens."""
+    return generate_tokens(tiny.model, prompt_ids, SamplingParams(max_new_tokens=n, temperature=0.0))
+
+
+def test_fixed_kv_runs_rows_at_different_lengths_in_one_call_and_reuses_released_slots(tiny, exported):
+    """Slots 0, 3 and 1 (a gap at 2) prefill prompts of three lengths in one call, then decode together each step at
+    their own positions; slot 3 is released mid-way and reused for a new prompt. Tokens equal torch's greedy ones."""
+    runner = OrtRunner(exported, n_slots=4, fixed_kv=True, threads=1)
+    calls = []
+    run = runner.session.run
+    runner.session.run = lambda *a, **k: calls.append(1) or run(*a, **k)  # count ORT calls
+    prompts = {slot: tiny.tokenizer.encode(p) for slot, p in zip((0, 3, 1), ("to be", "or not to be: that", "t"))}
+    got = {slot: [int(t)] for slot, t in zip(prompts, runner.prefill(list(prompts), list(prompts.values())).argmax(-1))}
+    want = {slot: _greedy(tiny, ids, 12) for slot, ids in prompts.items()}
+    for step in range(11):
+        if step == 5:  # slot 3's sequence ends; a new one takes the slot
+            assert got[3] == want[3][:6]
+            runner.release(3)
+            assert runner.n_live == 2
+            prompts[3] = tiny.tokenizer.encode("whether 'tis")
+            want[3], got[3] = _greedy(tiny, prompts[3], 7), [int(runner.prefill([3], [prompts[3]]).argmax(-1))]
+        slots = list(got)
+        positions = [len(prompts[s]) + len(got[s]) - 1 for s in slots]
+        logits = runner.decode(slots, [got[s][-1] for s in slots], positions)
+        for slot, token in zip(slots, logits.argmax(-1).tolist()):
+            got[slot].append(token)
+    assert got == want and len(got[3]) == 7
+    assert len(calls) == 1 + 1 + 11  # one call per step, whatever the rows' positions
+    for slot in (0, 1, 3):
+        runner.release(slot)
+    assert runner.n_live == 0
+
+
+@pytest.mark.parametrize("fixed_kv", [False, True], ids=["past-present", "fixed-kv"])
+def test_context_past_max_len_names_the_limit(tiny, exported, fixed_kv):
+    runner = OrtRunner(exported, n_slots=1, fixed_kv=fixed_kv, threads=1)
+    limit = runner.max_len
+    with pytest.raises(ValueError, match=rf"slot 0: {limit + 1} tokens exceed max_len {limit} \(the model's block"):
+        runner.prefill([0], [[1] * (limit + 1)])
+    runner.prefill([0], [[1] * limit])
+    with pytest.raises(ValueError, match=rf"{limit + 1} tokens exceed max_len {limit}"):
+        runner.decode([0], [1], [limit])
 
 
 def test_missing_variant_says_how_to_export(tiny, exported):

@@ -36,6 +36,7 @@ __all__ = [
     "kernel_enabled",
     "attention",
     "decode_attention",
+    "split_cache_attention",
     "rms_norm",
     "layer_norm",
     "kernels_apply",
@@ -245,6 +246,33 @@ def decode_attention(
     gather and a masked softmax, where the kernel is off)."""
     impl = _kernel_impl(q, "decode_attention") or "reference"
     return decode_attention_kernel.decode_attention(q, k_cache, v_cache, slots, lengths, impl=impl)
+
+
+def split_cache_attention(
+    q: torch.Tensor,
+    k_past: torch.Tensor,
+    v_past: torch.Tensor,
+    past_lengths: torch.Tensor,
+    k_new: torch.Tensor,
+    v_new: torch.Tensor,
+) -> torch.Tensor:
+    """Attention over a fixed-size cache buffer and the new tokens beside it, without concatenating the K/V.
+
+    q (B, H, T, D); k_past / v_past (B, Hkv, S, D), row b's first past_lengths[b] positions valid; k_new / v_new
+    (B, Hkv, T, D), causal among themselves. Only the scores (B, H, T, S + T) are joined for one softmax, so an
+    exported graph reads the buffer in place (the ONNX fixed-KV decode graph). Plain PyTorch. Returns (B, H, T, D).
+    """
+    B, H, T, D = q.shape
+    n_kv, S = k_past.shape[1], k_past.shape[2]
+    assert H % n_kv == 0, f"n_head={H} is not a multiple of n_kv_head={n_kv}"
+    qg = q.reshape(B, n_kv, (H // n_kv) * T, D) * D**-0.5  # a K/V head's query heads as rows: no repeated K/V
+    scores = torch.cat((qg @ k_past.transpose(-1, -2), qg @ k_new.transpose(-1, -2)), dim=-1)  # (B, Hkv, G*T, S+T)
+    past_ok = torch.arange(S, device=q.device)[None, :] < past_lengths[:, None]  # (B, S)
+    new_ok = torch.ones(T, T, dtype=torch.bool, device=q.device).tril().repeat(H // n_kv, 1)  # (G*T, T)
+    ok = torch.cat((past_ok[:, None, None, :].expand(B, 1, new_ok.shape[0], S), new_ok.expand(B, 1, -1, T)), -1)
+    p = torch.softmax(scores.masked_fill(~ok, float("-inf")), dim=-1)
+    y = p[..., :S] @ v_past + p[..., S:] @ v_new  # (B, Hkv, G*T, D)
+    return y.reshape(B, H, T, D)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -12,6 +12,19 @@ One graph per file with an explicit KV cache, as Optimum exports decoders with p
 Token t of every row sits at position past + t (all rows share one past length); past = 0 (arrays of
 shape (batch, n_kv_head, 0, head_dim)) is the prefill. Every file keeps float32 inputs and outputs; only
 the weights differ (see `meta.json`: per file its weight dtype, size and parity gate).
+
+Beside each file, a fixed-KV graph (`FIXED_KV_FILES`; meta.json's `fixed_kv`) whose cache the host owns and
+updates in place, so a decode step does not copy the whole cache (issue 17):
+
+    inputs   input_ids          int64  (batch, seq)
+             past_lengths       int64  (batch,)                                 tokens already in each row's buffer
+             cache_key_{i}      float  (batch, n_kv_head, max_len, head_dim)    max_len = block_size
+             cache_value_{i}    float  (batch, n_kv_head, max_len, head_dim)
+    outputs  logits             float  (batch, seq, vocab)
+             new_key_{i}        float  (batch, n_kv_head, seq, head_dim)        to write at [past_lengths[b], + seq)
+             new_value_{i}      float  (batch, n_kv_head, seq, head_dim)
+
+Row b's token t sits at position past_lengths[b] + t, so rows at different lengths run in one call.
 This module has no dependencies beyond the standard library, so a runtime can import it alone.
 """
 
@@ -26,6 +39,8 @@ __all__ = [
     "ONNX_DIR",
     "META_FILE",
     "VARIANT_FILES",
+    "FIXED_KV_FILES",
+    "PAST_LENGTHS",
     "INPUT_IDS",
     "LOGITS",
     "IO_DTYPE",
@@ -38,6 +53,8 @@ __all__ = [
     "present_value_name",
     "input_names",
     "output_names",
+    "fixed_kv_input_names",
+    "fixed_kv_output_names",
     "read_meta",
 ]
 
@@ -51,7 +68,15 @@ VARIANT_FILES: dict[str, str] = {
     "int8": "model-int8.onnx",
     "int4": "model-int4.onnx",
 }
+# Variant -> its fixed-KV graph's file name inside ONNX_DIR (the files above keep their names).
+FIXED_KV_FILES: dict[str, str] = {
+    "fp32": "model-fixedkv.onnx",
+    "fp16": "model-fixedkv-fp16.onnx",
+    "int8": "model-fixedkv-int8.onnx",
+    "int4": "model-fixedkv-int4.onnx",
+}
 INPUT_IDS = "input_ids"
+PAST_LENGTHS = "past_lengths"
 LOGITS = "logits"
 IO_DTYPE = "float32"  # dtype of past_*, present_* and logits in every variant
 AXIS_BATCH, AXIS_SEQ, AXIS_PAST = "batch", "seq", "past"
@@ -81,6 +106,16 @@ def input_names(n_layer: int) -> list[str]:
 def output_names(n_layer: int) -> list[str]:
     """logits, then present_key_i, present_value_i for each layer, in graph order."""
     return [LOGITS] + [n for i in range(n_layer) for n in (present_key_name(i), present_value_name(i))]
+
+
+def fixed_kv_input_names(n_layer: int) -> list[str]:
+    """input_ids, past_lengths, then cache_key_i, cache_value_i for each layer, in graph order."""
+    return [INPUT_IDS, PAST_LENGTHS] + [f"cache_{kv}_{i}" for i in range(n_layer) for kv in ("key", "value")]
+
+
+def fixed_kv_output_names(n_layer: int) -> list[str]:
+    """logits, then new_key_i, new_value_i for each layer, in graph order."""
+    return [LOGITS] + [f"new_{kv}_{i}" for i in range(n_layer) for kv in ("key", "value")]
 
 
 def read_meta(artifact_dir: str | Path) -> dict[str, Any]:

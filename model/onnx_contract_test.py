@@ -15,6 +15,10 @@ def test_names_in_graph_order():
     assert contract.VARIANT_FILES == {
         "fp32": "model.onnx", "fp16": "model-fp16.onnx", "int8": "model-int8.onnx", "int4": "model-int4.onnx",
     }  # fmt: skip
+    assert contract.fixed_kv_input_names(1) == ["input_ids", "past_lengths", "cache_key_0", "cache_value_0"]
+    assert contract.fixed_kv_output_names(1) == ["logits", "new_key_0", "new_value_0"]
+    assert set(contract.FIXED_KV_FILES) == set(contract.VARIANT_FILES)
+    assert not set(contract.FIXED_KV_FILES.values()) & set(contract.VARIANT_FILES.values())  # the old names stay
 
 
 def test_imports_only_the_standard_library():

@@ -33,6 +33,7 @@ from model.layers import (
     gelu,
     kernels_apply,
     rope_cos_sin,
+    split_cache_attention,
     swiglu,
 )
 
@@ -143,9 +144,13 @@ class Attention(nn.Module):
             if step.write_sel is not None:
                 k_new, v_new = k_new[step.write_sel], v_new[step.write_sel]  # (N, Hkv, D)
             step.cache.write(layer, step.write_slots, step.write_pos, k_new, v_new)
+            past_buffers = getattr(step.cache, "past_buffers", None)
             if step.in_place_lengths is not None:  # one query per row: read each row's slot where it lies
                 k_layer, v_layer = step.cache.layer_view(layer, step.kv_len)  # (n_slots, Hkv, S, D) views
                 y = decode_attention(q[:, :, 0], k_layer, v_layer, step.slots, step.in_place_lengths)[:, :, None]
+            elif past_buffers is not None:  # a fixed past buffer read as it is, the new K/V beside it (ONNX fixed KV)
+                k_past, v_past, past_lengths = past_buffers(layer)  # (B, Hkv, S, D) x 2, (B,)
+                y = split_cache_attention(q, k_past.to(q.dtype), v_past.to(q.dtype), past_lengths, k, v)
             else:
                 k_all, v_all = step.cache.read(layer, step.slots, step.kv_len)  # (B, Hkv, S, D)
                 y = attention(q, k_all.to(q.dtype), v_all.to(q.dtype), mask=step.mask, dropout_p=dropout_p)
@@ -340,6 +345,10 @@ class GPT(nn.Module):
         five launches per layer (`_small_batch_step`) and returns float32 logits; otherwise this option changes
         nothing. True (or "auto") takes it on CUDA only; "triton" forces the Triton kernels (the interpreter on
         CPU), "reference" their PyTorch references (tests).
+
+        A cache with `past_buffers(layer)` -> (k, v (B, Hkv, S, D), past lengths (B,)) keeps each row's past in a
+        buffer of its own that this call only reads (row b at [b]): attention runs over it and the new tokens'
+        K/V side by side (`split_cache_attention`), which `cache.write` receives and stores wherever it likes.
 
         Argument checks cost one host sync; they are skipped under torch.compile and CUDA-graph capture.
         `lengths` selects the tokens to write with a boolean mask (data-dependent shapes, a host sync): leave it None

@@ -8,7 +8,7 @@ import torch
 from model.config import ModelConfig
 from model.kv_cache import KVCache
 from model.presets import get_preset
-from model.layers import apply_rope
+from model.layers import apply_rope, attention, split_cache_attention
 from model.transformer import GPT
 
 LLAMA = dict(norm="rmsnorm", pos="rope", mlp="swiglu", bias=False)
@@ -159,3 +159,21 @@ def test_qk_norm_and_relu2_compute_what_they_say():
         plain = _model(config.replace(qk_norm=False))
         assert not torch.allclose(plain.blocks[0].attn(x, rope), attn(x, rope), atol=1e-3)  # the norm does act
     assert config.hidden_dim == 4 * 32 and not any("mlp.gate_proj" in n for n, _ in model.named_parameters())
+
+
+@pytest.mark.parametrize("n_kv_head", [4, 2, 1], ids=["mha", "gqa", "mqa"])
+def test_split_cache_attention_equals_attention_over_the_concatenation(n_kv_head):
+    """Scores against a fixed buffer (masked to each row's length) and the new tokens (causal), one softmax: the same
+    as attention over each row's valid past concatenated with its new K/V. Sharp scores (scaled q), lengths 0, 3, 9."""
+    g = torch.Generator().manual_seed(0)
+    B, H, T, S, D = 3, 4, 3, 9, 8
+    q = 4 * torch.randn(B, H, T, D, generator=g)
+    k_past, v_past = torch.randn(2, B, n_kv_head, S, D, generator=g)
+    k_new, v_new = torch.randn(2, B, n_kv_head, T, D, generator=g)
+    lengths = torch.tensor([0, 3, 9])
+    got = split_cache_attention(q, k_past, v_past, lengths, k_new, v_new)
+    for b, n in enumerate(lengths.tolist()):
+        k = torch.cat((k_past[b : b + 1, :, :n], k_new[b : b + 1]), dim=2)  # (1, Hkv, n + T, D)
+        v = torch.cat((v_past[b : b + 1, :, :n], v_new[b : b + 1]), dim=2)
+        mask = torch.arange(n + T)[None, :] <= n + torch.arange(T)[:, None]  # (T, n + T)
+        torch.testing.assert_close(got[b : b + 1], attention(q[b : b + 1], k, v, mask=mask), rtol=0, atol=1e-5)
