@@ -166,7 +166,7 @@ def _write_onnx_meta(art: Artifact, onnx_dir: Path, old_dir: Path, entries: dict
             "inputs": contract.fixed_kv_input_names(c.n_layer),
             "outputs": contract.fixed_kv_output_names(c.n_layer),
             "max_len": c.block_size,
-            "dynamic_axes": [contract.AXIS_BATCH, contract.AXIS_SEQ],
+            "dynamic_axes": [contract.AXIS_BATCH, contract.AXIS_SEQ, contract.AXIS_CACHE],
         },
     }
     (onnx_dir / contract.META_FILE).write_text(json.dumps(meta, indent=2) + "\n")

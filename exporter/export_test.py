@@ -75,7 +75,7 @@ def test_parity_json_and_meta_describe_the_files(exported):
         "inputs": contract.fixed_kv_input_names(config.n_layer),
         "outputs": contract.fixed_kv_output_names(config.n_layer),
         "max_len": config.block_size,
-        "dynamic_axes": ["batch", "seq"],
+        "dynamic_axes": ["batch", "seq", "cache"],
     }
 
 

@@ -55,7 +55,7 @@ def test_rows_at_different_lengths_match_torch_and_the_old_graph(graphs):
     with torch.no_grad():
         expected = model(ids)[0].numpy()  # (2, 11, V)
     decoder = open_decoder(fixed, threads=1)
-    past = decoder.empty_past(2)
+    past = decoder.empty_past(2, capacity=16)
     lengths = [4, 7]
     prompt = ids[:, :7].numpy().copy()
     prompt[0, 4:] = 0  # right padding: row 0's padded tokens are dropped below

@@ -28,6 +28,7 @@ __all__ = ["OPSET", "export_fp32", "convert_fp16", "check_contract"]
 OPSET = 21
 # Example sizes for tracing: any value >= 2 works (0 and 1 would be specialised by torch.export).
 _EXAMPLE_BATCH, _EXAMPLE_SEQ, _EXAMPLE_PAST = 2, 3, 4
+_EXAMPLE_CACHE = 11  # fixed-KV buffer capacity: above the example past lengths, unlike every other example size
 
 
 def _example_inputs(model: GPT) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
@@ -51,14 +52,14 @@ def _fixed_kv_example_inputs(model: GPT) -> tuple[torch.Tensor, torch.Tensor, li
     c = model.config
     input_ids = torch.zeros((_EXAMPLE_BATCH, _EXAMPLE_SEQ), dtype=torch.long)
     past_lengths = torch.arange(_EXAMPLE_BATCH, dtype=torch.long) + _EXAMPLE_PAST  # rows at different lengths
-    shape = (_EXAMPLE_BATCH, c.n_kv_head, c.block_size, c.head_dim)
+    shape = (_EXAMPLE_BATCH, c.n_kv_head, _EXAMPLE_CACHE, c.head_dim)
     return input_ids, past_lengths, [(torch.zeros(shape), torch.zeros(shape)) for _ in range(c.n_layer)]
 
 
 def _fixed_kv_dynamic_shapes(model: GPT) -> dict:
     batch = torch.export.Dim(contract.AXIS_BATCH)
     seq = torch.export.Dim(contract.AXIS_SEQ, max=model.config.block_size)
-    cache_axes = {0: batch}  # max_len (block_size) is static
+    cache_axes = {0: batch, 2: torch.export.Dim(contract.AXIS_CACHE, max=model.config.block_size)}
     return {
         "input_ids": {0: batch, 1: seq},
         "past_lengths": {0: batch},
@@ -147,7 +148,7 @@ def check_contract(proto: onnx.ModelProto, model: GPT, *, fixed_kv: bool = False
     if fixed_kv:
         assert _dims(inputs[contract.PAST_LENGTHS]) == [contract.AXIS_BATCH]
         assert inputs[contract.PAST_LENGTHS].type.tensor_type.elem_type == onnx.TensorProto.INT64
-    cache_axis = c.block_size if fixed_kv else contract.AXIS_PAST
+    cache_axis = contract.AXIS_CACHE if fixed_kv else contract.AXIS_PAST
     for name in in_names[2 if fixed_kv else 1 :]:
         assert _dims(inputs[name]) == [contract.AXIS_BATCH, c.n_kv_head, cache_axis, c.head_dim], name
         assert inputs[name].type.tensor_type.elem_type == onnx.TensorProto.FLOAT, name

@@ -68,8 +68,8 @@ class OnnxDecoder:
 
 @dataclass
 class FixedPast:
-    """The fixed-KV graph's cache as the host holds it: buffers [key_0, value_0, ...] (B, Hkv, max_len, D) float32,
-    written in place, and the tokens each row holds (B,) int64."""
+    """The fixed-KV graph's cache as the host holds it: buffers [key_0, value_0, ...] (B, Hkv, capacity, D) float32,
+    written in place (and grown, doubling, when a step needs more room), and the tokens each row holds (B,) int64."""
 
     buffers: list[np.ndarray]
     lengths: np.ndarray
@@ -84,18 +84,24 @@ class FixedKVOnnxDecoder:
         self._inputs = [i.name for i in session.get_inputs()]
         self._outputs = [o.name for o in session.get_outputs()]
         self.n_layer = (len(self._inputs) - 2) // 2
-        _, self.n_kv_head, self.max_len, self.head_dim = inputs[self._inputs[2]].shape
+        _, self.n_kv_head, _, self.head_dim = inputs[self._inputs[2]].shape
 
-    def empty_past(self, batch: int) -> FixedPast:
-        shape = (batch, self.n_kv_head, self.max_len, self.head_dim)
+    def empty_past(self, batch: int, capacity: int = 1) -> FixedPast:
+        shape = (batch, self.n_kv_head, capacity, self.head_dim)
         return FixedPast([np.zeros(shape, np.float32) for _ in range(2 * self.n_layer)], np.zeros(batch, np.int64))
 
     def step(self, input_ids: np.ndarray, past: FixedPast) -> tuple[np.ndarray, FixedPast]:
         """input_ids (B, T) at positions past.lengths + t -> logits (B, T, V); the new K/V go into past's buffers."""
         ids = np.ascontiguousarray(input_ids, dtype=np.int64)
+        seq = ids.shape[1]
+        needed = int(past.lengths.max()) + seq
+        if needed > past.buffers[0].shape[2]:
+            grown = self.empty_past(len(past.lengths), 1 << (needed - 1).bit_length()).buffers
+            for new_buffer, old in zip(grown, past.buffers):
+                new_buffer[:, :, : old.shape[2]] = old
+            past.buffers = grown
         feed = dict(zip(self._inputs, [ids, past.lengths, *past.buffers]))
         logits, *new = self.session.run(self._outputs, feed)  # 2 * n_layer x (B, Hkv, T, D)
-        seq = ids.shape[1]
         for buffer, rows in zip(past.buffers, new):
             for b, start in enumerate(past.lengths):
                 buffer[b, :, start : start + seq] = rows[b]

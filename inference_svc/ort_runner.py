@@ -10,11 +10,13 @@ their own calls. Names and shapes are read at run time from `<artifact>/onnx/met
 `config.json` and the graph, never from the exporter's code.
 
 When the artifact has the variant's fixed-KV graph (meta.json `files.<variant>.fixed_kv`), the runner uses it
-instead: per layer one pool (n_slots, n_kv_head, max_len, head_dim) that the runner owns, slot s at row s. A call
+instead: per layer one pool (n_slots, n_kv_head, capacity, head_dim) that the runner owns, slot s at row s. A call
 feeds the pool's rows from the lowest to the highest slot it touches (a view: no copy) with each row's
 `past_lengths`, so rows at any positions run together, and writes the returned new K/V into the pool in place; a
 decode step no longer copies the whole cache (inference_svc/PERF_NOTES.md 12-13). Rows of that span that are not
-in the call run on a dummy token and are dropped.
+in the call run on a dummy token and are dropped. The graph's attention reads the whole capacity every step, so
+the capacity follows the longest live sequence (`onnx_contract.cache_capacity`: doubling up to max_len; one copy
+of the pool when it grows, or shrinks on a release).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import numpy as np
 import torch
 
 from model.config import ModelConfig
+from model.onnx_contract import cache_capacity
 
 __all__ = ["OrtRunner", "onnx_file", "ONNX_VARIANTS"]
 
@@ -115,9 +118,20 @@ class OrtRunner:
         self._inputs, self._outputs = self._io_names(meta.get("fixed_kv", {}) if self.fixed_kv else meta)
         self._kv: dict[int, list[np.ndarray]] = {}  # slot -> [k_0, v_0, k_1, v_1, ...], each (1, Hkv, past, D)
         self._past: dict[int, int] = {}  # slot -> past length
-        if self.fixed_kv:  # [k_0, v_0, k_1, ...], each (n_slots, Hkv, max_len, D): slot s's buffer is row s
-            shape = (n_slots, self.n_kv_head, self.max_len, self.head_dim)
-            self._pool = [np.zeros(shape, dtype=np.float32) for _ in range(2 * self.n_layer)]
+        self._pool: list[
+            np.ndarray
+        ] = []  # fixed-KV: [k_0, v_0, ...], each (n_slots, Hkv, capacity, D), slot s at row s
+        if self.fixed_kv:
+            self._resize_pool(cache_capacity(0, self.max_len))
+
+    def _resize_pool(self, capacity: int) -> None:
+        """The fixed-KV pool at `capacity` positions, keeping what fits (one copy of the pool)."""
+        shape = (self.n_slots, self.n_kv_head, capacity, self.head_dim)
+        pool = [np.zeros(shape, dtype=np.float32) for _ in range(2 * self.n_layer)]
+        for new, old in zip(pool, self._pool):
+            keep = min(capacity, old.shape[2])
+            new[:, :, :keep] = old[:, :, :keep]
+        self._pool = pool
 
     def _io_names(self, meta: dict[str, Any]) -> tuple[list[str], list[str]]:
         """[input_ids, past_key_0, past_value_0, ...] and [logits, present_key_0, present_value_0, ...] (the fixed-KV
@@ -206,6 +220,9 @@ class OrtRunner:
         row's last token."""
         lo, hi = min(slots), max(slots) + 1
         T = max(len(c) for c in chunks)
+        needed = max(start + len(c) for c, start in zip(chunks, starts))
+        if needed > self._pool[0].shape[2]:
+            self._resize_pool(cache_capacity(needed, self.max_len))
         ids = np.zeros((hi - lo, T), dtype=np.int64)  # span rows not in the call: token 0 from an empty past
         past_lengths = np.zeros(hi - lo, dtype=np.int64)
         for slot, chunk, start in zip(slots, chunks, starts):
@@ -224,6 +241,11 @@ class OrtRunner:
         return torch.from_numpy(np.ascontiguousarray(logits[rows, last]))
 
     def release(self, slot: int) -> None:
-        """Drop the slot's arrays (fixed-KV graph: its length; the next sequence overwrites its pool row)."""
+        """Drop the slot's arrays (fixed-KV graph: its length; the next sequence overwrites its pool row, and the pool
+        shrinks when the longest live sequence fits a smaller capacity)."""
         self._kv.pop(slot, None)
         self._past.pop(slot, None)
+        if self.fixed_kv:
+            capacity = cache_capacity(max(self._past.values(), default=0), self.max_len)
+            if capacity < self._pool[0].shape[2]:
+                self._resize_pool(capacity)

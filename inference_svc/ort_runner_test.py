@@ -97,6 +97,7 @@ def test_fixed_kv_runs_rows_at_different_lengths_in_one_call_and_reuses_released
         for slot, token in zip(slots, logits.argmax(-1).tolist()):
             got[slot].append(token)
     assert got == want and len(got[3]) == 7
+    assert runner._pool[0].shape == (4, runner.n_kv_head, 32, runner.head_dim)  # the pool's capacity: 32 positions
     assert len(calls) == 1 + 1 + 11  # one call per step, whatever the rows' positions
     for slot in (0, 1, 3):
         runner.release(slot)
@@ -110,8 +111,11 @@ def test_context_past_max_len_names_the_limit(tiny, exported, fixed_kv):
     with pytest.raises(ValueError, match=rf"slot 0: {limit + 1} tokens exceed max_len {limit} \(the model's block"):
         runner.prefill([0], [[1] * (limit + 1)])
     runner.prefill([0], [[1] * limit])
+    assert not fixed_kv or runner._pool[0].shape[2] == limit  # grown to max_len ...
     with pytest.raises(ValueError, match=rf"{limit + 1} tokens exceed max_len {limit}"):
         runner.decode([0], [1], [limit])
+    runner.release(0)
+    assert not fixed_kv or runner._pool[0].shape[2] == 32  # ... and back when the sequence is gone
 
 
 def test_missing_variant_says_how_to_export(tiny, exported):

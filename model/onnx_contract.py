@@ -17,14 +17,17 @@ Beside each file, a fixed-KV graph (`FIXED_KV_FILES`; meta.json's `fixed_kv`) wh
 updates in place, so a decode step does not copy the whole cache (issue 17):
 
     inputs   input_ids          int64  (batch, seq)
-             past_lengths       int64  (batch,)                                 tokens already in each row's buffer
-             cache_key_{i}      float  (batch, n_kv_head, max_len, head_dim)    max_len = block_size
-             cache_value_{i}    float  (batch, n_kv_head, max_len, head_dim)
+             past_lengths       int64  (batch,)                               tokens already in each row's buffer
+             cache_key_{i}      float  (batch, n_kv_head, cache, head_dim)    the buffers, read in place
+             cache_value_{i}    float  (batch, n_kv_head, cache, head_dim)
     outputs  logits             float  (batch, seq, vocab)
-             new_key_{i}        float  (batch, n_kv_head, seq, head_dim)        to write at [past_lengths[b], + seq)
+             new_key_{i}        float  (batch, n_kv_head, seq, head_dim)      to write at [past_lengths[b], + seq)
              new_value_{i}      float  (batch, n_kv_head, seq, head_dim)
 
-Row b's token t sits at position past_lengths[b] + t, so rows at different lengths run in one call.
+Row b's token t sits at position past_lengths[b] + t, so rows at different lengths run in one call. `cache` is the
+buffers' capacity, at least max(past_lengths); max_len = block_size is all a host ever needs. Attention reads the
+whole capacity every step (masked), so a host may keep max_len buffers or grow them as its sequences do
+(`cache_capacity`: the ORT backend doubles them).
 This module has no dependencies beyond the standard library, so a runtime can import it alone.
 """
 
@@ -47,6 +50,7 @@ __all__ = [
     "AXIS_BATCH",
     "AXIS_SEQ",
     "AXIS_PAST",
+    "AXIS_CACHE",
     "past_key_name",
     "past_value_name",
     "present_key_name",
@@ -55,6 +59,7 @@ __all__ = [
     "output_names",
     "fixed_kv_input_names",
     "fixed_kv_output_names",
+    "cache_capacity",
     "read_meta",
 ]
 
@@ -80,6 +85,7 @@ PAST_LENGTHS = "past_lengths"
 LOGITS = "logits"
 IO_DTYPE = "float32"  # dtype of past_*, present_* and logits in every variant
 AXIS_BATCH, AXIS_SEQ, AXIS_PAST = "batch", "seq", "past"
+AXIS_CACHE = "cache"  # the fixed-KV graph's buffer capacity
 
 
 def past_key_name(layer: int) -> str:
@@ -116,6 +122,12 @@ def fixed_kv_input_names(n_layer: int) -> list[str]:
 def fixed_kv_output_names(n_layer: int) -> list[str]:
     """logits, then new_key_i, new_value_i for each layer, in graph order."""
     return [LOGITS] + [f"new_{kv}_{i}" for i in range(n_layer) for kv in ("key", "value")]
+
+
+def cache_capacity(needed: int, max_len: int, smallest: int = 32) -> int:
+    """The fixed-KV buffer capacity for `needed` tokens: the power of two >= needed (at least `smallest`), at most
+    max_len. Doubling keeps the copies on growth rare, and a short sequence's attention reads a short buffer."""
+    return min(max_len, max(smallest, 1 << max(0, needed - 1).bit_length()))
 
 
 def read_meta(artifact_dir: str | Path) -> dict[str, Any]:

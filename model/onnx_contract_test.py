@@ -32,3 +32,17 @@ def test_read_meta(tmp_path):
     (tmp_path / "onnx").mkdir()
     (tmp_path / "onnx" / "meta.json").write_text('{"n_layer": 3}')
     assert contract.read_meta(tmp_path) == {"n_layer": 3}
+
+
+def test_cache_capacity_doubles_from_32_up_to_max_len():
+    assert [contract.cache_capacity(n, 256) for n in (0, 1, 32, 33, 64, 65, 200, 256)] == [
+        32,
+        32,
+        32,
+        64,
+        64,
+        128,
+        256,
+        256,
+    ]
+    assert contract.cache_capacity(90, 100) == 100 and contract.cache_capacity(3, 24) == 24
