@@ -15,8 +15,8 @@ feeds the pool's rows from the lowest to the highest slot it touches (a view: no
 `past_lengths`, so rows at any positions run together, and writes the returned new K/V into the pool in place; a
 decode step no longer copies the whole cache (inference_svc/PERF_NOTES.md 12-13). Rows of that span that are not
 in the call run on a dummy token and are dropped. The graph's attention reads the whole capacity every step, so
-the capacity follows the longest live sequence (`onnx_contract.cache_capacity`: doubling up to max_len; one copy
-of the pool when it grows, or shrinks on a release).
+the capacity follows the longest live sequence (`onnx_contract.cache_capacity`: doubling up to max_len; the live
+sequences' K/V are copied when it grows, or shrinks on a release).
 """
 
 from __future__ import annotations
@@ -125,12 +125,13 @@ class OrtRunner:
             self._resize_pool(cache_capacity(0, self.max_len))
 
     def _resize_pool(self, capacity: int) -> None:
-        """The fixed-KV pool at `capacity` positions, keeping what fits (one copy of the pool)."""
+        """The fixed-KV pool at `capacity` positions, keeping the live slots' K/V (only those rows are copied: the
+        fresh zeros are untouched pages until used)."""
         shape = (self.n_slots, self.n_kv_head, capacity, self.head_dim)
         pool = [np.zeros(shape, dtype=np.float32) for _ in range(2 * self.n_layer)]
         for new, old in zip(pool, self._pool):
-            keep = min(capacity, old.shape[2])
-            new[:, :, :keep] = old[:, :, :keep]
+            for slot, length in self._past.items():
+                new[slot, :, :length] = old[slot, :, :length]
         self._pool = pool
 
     def _io_names(self, meta: dict[str, Any]) -> tuple[list[str], list[str]]:
