@@ -6,7 +6,7 @@ not compiling). Each exporter passes an object with those two methods, so every 
 runs the exact code the serving engine runs (no second copy of the transformer to drift):
 - `ExplicitKVDecoder` (ONNX): past K/V are inputs; `write` concatenates the new K/V onto them, and the
   concatenations are the `present_*` outputs (Optimum's past_key_values layout).
-- `FixedKVDecoder` (ONNX, fixed-size cache): the past is a host-owned buffer per layer (B, Hkv, max_len, D) with
+- `FixedKVDecoder` (ONNX, fixed-size cache): the past is a host-owned buffer per layer (B, Hkv, capacity, D) with
   each row's length; attention reads it in place (the cache's `past_buffers`) and the outputs are only the new
   K/V, which the host writes into its buffers: no per-step copy of the whole cache.
 - `StatefulKVDecoder` (CoreML, iOS18 `ct.StateType`): the cache is two registered buffers updated in place
@@ -101,7 +101,7 @@ class _BufferCache:
 
 
 class FixedKVDecoder(nn.Module):
-    """forward(input_ids (B, T), past_lengths (B,), cache [(k, v) per layer, each (B, Hkv, max_len, D)])
+    """forward(input_ids (B, T), past_lengths (B,), cache [(k, v) per layer, each (B, Hkv, capacity, D)])
     -> (logits (B, T, V), new [(k, v) per layer, each (B, Hkv, T, D)]).
 
     Row b's tokens take positions past_lengths[b] + t and attend to its buffer's first past_lengths[b] entries;

@@ -16,7 +16,7 @@ feeds the pool's rows from the lowest to the highest slot it touches (a view: no
 decode step no longer copies the whole cache (inference_svc/PERF_NOTES.md 12-13). Rows of that span that are not
 in the call run on a dummy token and are dropped. The graph's attention reads the whole capacity every step, so
 the capacity follows the longest live sequence (`onnx_contract.cache_capacity`: doubling up to max_len; the live
-sequences' K/V are copied when it grows, or shrinks on a release).
+sequences' K/V move when it grows, or shrinks on a release, within buffers allocated once for max_len).
 """
 
 from __future__ import annotations
@@ -118,20 +118,25 @@ class OrtRunner:
         self._inputs, self._outputs = self._io_names(meta.get("fixed_kv", {}) if self.fixed_kv else meta)
         self._kv: dict[int, list[np.ndarray]] = {}  # slot -> [k_0, v_0, k_1, v_1, ...], each (1, Hkv, past, D)
         self._past: dict[int, int] = {}  # slot -> past length
-        self._pool: list[
-            np.ndarray
-        ] = []  # fixed-KV: [k_0, v_0, ...], each (n_slots, Hkv, capacity, D), slot s at row s
+        # fixed-KV: per k_0, v_0, k_1, ... one flat buffer sized for max_len, allocated once; `_pool` views its head
+        # as (n_slots, Hkv, capacity, D), slot s at row s (contiguous at any capacity, so ORT reads it in place)
+        self._flat: list[np.ndarray] = []
+        self._pool: list[np.ndarray] = []
         if self.fixed_kv:
+            size = n_slots * self.n_kv_head * self.max_len * self.head_dim
+            self._flat = [np.zeros(size, dtype=np.float32) for _ in range(2 * self.n_layer)]
             self._resize_pool(cache_capacity(0, self.max_len))
 
     def _resize_pool(self, capacity: int) -> None:
-        """The fixed-KV pool at `capacity` positions, keeping the live slots' K/V (only those rows are copied: the
-        fresh zeros are untouched pages until used)."""
+        """View the flat buffers at `capacity` positions, moving the live slots' K/V to their new place (no allocation;
+        nothing moves when no sequence is live). Positions past a row's length may hold stale finite values: the
+        graph's mask gives them probability 0."""
         shape = (self.n_slots, self.n_kv_head, capacity, self.head_dim)
-        pool = [np.zeros(shape, dtype=np.float32) for _ in range(2 * self.n_layer)]
+        pool = [flat[: int(np.prod(shape))].reshape(shape) for flat in self._flat]
         for new, old in zip(pool, self._pool):
-            for slot, length in self._past.items():
-                new[slot, :, :length] = old[slot, :, :length]
+            live = {slot: old[slot, :, :length].copy() for slot, length in self._past.items()}
+            for slot, rows in live.items():
+                new[slot, :, : rows.shape[1]] = rows
         self._pool = pool
 
     def _io_names(self, meta: dict[str, Any]) -> tuple[list[str], list[str]]:
