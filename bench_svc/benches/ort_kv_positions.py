@@ -66,7 +66,7 @@ def compare(path: Path, prompt: list[int], runs: int, threads: int) -> dict[str,
     runners = {
         name: OrtRunner(path, 1, variant="int8", threads=threads, fixed_kv=fixed) for name, fixed in GRAPHS.items()
     }
-    end = next(iter(runners.values())).max_len - 27  # 229 at block_size 256: PERF_NOTES 12's last position
+    end = next(iter(runners.values())).max_len - 26  # 230 at block_size 256: the last step at 229, as in PERF_NOTES 12
     for runner in runners.values():
         step_times(runner, prompt, end)  # warm-up
     result = {name: {"first": [], "last": []} for name in runners}
@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as store:
         path = export_int8(Path(store), get_preset("shakespeare-char"), tokenizer)
         result = compare(path, tokenizer.encode(PROMPT), args.runs, args.threads)
-    prompt_len, end = len(PROMPT), get_preset("shakespeare-char").block_size - 27
+    prompt_len, end = len(PROMPT), get_preset("shakespeare-char").block_size - 26
     print(
         f"ms per decode step, positions {prompt_len}-{prompt_len + WINDOW - 1} and {end - WINDOW}-{end - 1}: median of {args.runs} runs (best)"
     )
