@@ -191,15 +191,16 @@ class OrtRunner:
 
     def decode(self, slots: Sequence[int], tokens: Sequence[int], positions: Sequence[int]) -> torch.Tensor:
         """Sequences at the same position run together (fixed-KV graph: all in one call); returns logits (B, V)."""
-        groups: dict[int, list[int]] = defaultdict(list)
-        for row, (slot, pos) in enumerate(zip(slots, positions)):
+        for slot, pos in zip(slots, positions):
             assert self._past.get(slot) == pos, (
                 f"slot {slot} holds {self._past.get(slot)} tokens, asked to decode at {pos}"
             )
             self._check_fits(slot, pos + 1)
-            groups[pos].append(row)
         if self.fixed_kv:
             return self._run_fixed(slots, [[t] for t in tokens], positions)
+        groups: dict[int, list[int]] = defaultdict(list)
+        for row, pos in enumerate(positions):
+            groups[pos].append(row)
         out = np.empty((len(slots), self.vocab_size), dtype=np.float32)
         for rows in groups.values():
             group_slots = [slots[r] for r in rows]
