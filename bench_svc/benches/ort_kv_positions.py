@@ -63,12 +63,11 @@ def step_times(runner: OrtRunner, prompt: list[int], end: int) -> list[float]:
     return times
 
 
-def compare(path: Path, prompt: list[int], runs: int, threads: int) -> dict[str, dict[str, list[float]]]:
-    """Per graph, each run's median ms over the first and the last WINDOW decode positions."""
+def compare(path: Path, prompt: list[int], end: int, runs: int, threads: int) -> dict[str, dict[str, list[float]]]:
+    """Per graph, each run's median ms over the first and the last WINDOW decode positions (the last step at end - 1)."""
     runners = {
         name: OrtRunner(path, 1, variant="int8", threads=threads, fixed_kv=fixed) for name, fixed in GRAPHS.items()
     }
-    end = next(iter(runners.values())).max_len - 26  # 230 at block_size 256: the last step at 229, as in PERF_NOTES 12
     for runner in runners.values():
         step_times(runner, prompt, end)  # warm-up
     result = {name: {"first": [], "last": []} for name in runners}
@@ -86,11 +85,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1, help="ONNX Runtime intra-op threads (and torch's)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    tokenizer = CharTokenizer.from_corpus(SHAKESPEARE_CHARS)
+    tokenizer, config = CharTokenizer.from_corpus(SHAKESPEARE_CHARS), get_preset("shakespeare-char")
+    prompt_len, end = len(PROMPT), config.block_size - 26  # 230 at 256: the last step at 229, as in PERF_NOTES 12
     with tempfile.TemporaryDirectory() as store:
-        path = export_int8(Path(store), get_preset("shakespeare-char"), tokenizer)
-        result = compare(path, tokenizer.encode(PROMPT), args.runs, args.threads)
-    prompt_len, end = len(PROMPT), get_preset("shakespeare-char").block_size - 26
+        path = export_int8(Path(store), config, tokenizer)
+        result = compare(path, tokenizer.encode(PROMPT), end, args.runs, args.threads)
     print(
         f"ms per decode step, positions {prompt_len}-{prompt_len + WINDOW - 1} and {end - WINDOW}-{end - 1}: median of {args.runs} runs (best)"
     )
