@@ -10,7 +10,8 @@
 # Steps: tests (CUDA build + every GPU test under kernels/, model/, inference_svc/; $GPU_TESTS narrows them), kernels (python -m bench_svc.benches.kernels),
 #        speculative, speculative-engine (bench_svc.benches.speculative_engine), train (bench_svc.benches.training --part speed), serve (bench_svc.benches.inference_serving
 #        --device cuda), compile (bench_svc.benches.train_compile), checkpointing (bench_svc.benches.train_checkpointing),
-#        train-profile / train-carryover (tools.train_probe: step time split, state left between runs),
+#        train-profile / train-carryover / muon-probe (tools.train_probe: step time split, state left between runs,
+#        the eager Muon loop against the captured step one difference at a time),
 #        startup-probe (tools.startup_probe: a new process's imports, each timed), serve-probe (tools.serve_probe: decode step wall vs GPU-busy, kernels per step; $PROBE_ARGS), serve-probe-plain
 #        (the same without the small-batch decode kernels), grpc-probe (tools.grpc_probe: the gRPC server's ceiling over
 #        an instant runner, aio and threads; CPU only; $GRPC_PROBE_ARGS), decode-step (kernels.decode_step_bench; $DECODE_BATCHES).
@@ -94,6 +95,7 @@ for spec in "$@"; do
       ${TRAIN_VARIANTS:+--variants "$TRAIN_VARIANTS"} ;;
     train-profile) run_step train-profile "$limit" "$PYTHON" -m tools.train_probe profile ${PROBE_VARIANTS:+--variants "$PROBE_VARIANTS"} ;;
     train-carryover) run_step train-carryover "$limit" "$PYTHON" -m tools.train_probe carryover --steps "${PROBE_STEPS:-300}" --eval-interval 100 ;;
+    muon-probe) run_step muon-probe "$limit" "$PYTHON" -m tools.train_probe muon-eager ;;  # the eager Muon loop, one difference from the captured step at a time
     pytest) run_step pytest "$limit" "$PYTHON" -m pytest -q -rfEs --tb=short -p no:cacheprovider ${GPU_TESTS:?set GPU_TESTS} ;;
     train-tests) run_step train-tests "$limit" "$PYTHON" -m pytest -q -rfEs --tb=short -p no:cacheprovider trainer/train_gpu_test.py ;;
     train-all) run_step train-all "$limit" "$PYTHON" -m bench_svc.benches.training --part all --budget-s "${TRAIN_BUDGET_S:-60}" \

@@ -2,24 +2,32 @@
 
     python -m tools.train_probe profile [--variants tinylm,eager-pytorch] [--steps 20]
     python -m tools.train_probe carryover [--steps 150]
+    python -m tools.train_probe muon-eager
+
 
 `profile`: for each variant (shakespeare-char, nanoGPT's batch 64 x 256, bf16), warm-up steps, then wall ms per
 step with one sync per step, and a torch.profiler capture of a few steps: device-busy ms per step, kernels per
 step, the top kernels. `carryover`: kernel checks on poisoned memory (the caching allocator refilled with NaN
 first: a kernel that reads memory nothing wrote shows NaN), then a compiled run, the checks again, then an eager
 run with our kernels and one without, each compared step by step with the same variant run in a fresh process.
+`muon-eager`: trainer/muon_gpu_test.py's short Muon run (120 steps, evals at 40/80/120) in the eager loop, plainly
+and with one difference from the captured step at a time (contiguous batches, autocast's weight-cast cache off, the
+learning rate a device tensor, the Newton-Schulz iteration in float32, cuBLAS's reduced-precision bf16 reductions
+off), then the eager model captured whole: which difference moves the eager loop to where the other ways land.
 A diagnostic tool, not a benchmark: it prints tables, and the numbers go into notes, not into results/.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -250,9 +258,83 @@ def sdpa(args: argparse.Namespace, workdir: Path, corpus: Path) -> None:
         print(f"{name:<20} {loss:>20.4f}  {evals}")
 
 
+@contextlib.contextmanager
+def _patched(obj: object, name: str, value: object):
+    old = getattr(obj, name)
+    setattr(obj, name, value)
+    try:
+        yield
+    finally:
+        setattr(obj, name, old)
+
+
+def _muon_changes() -> dict[str, Callable[[], contextlib.AbstractContextManager]]:
+    """Each a context under which the eager loop differs from the plain one in one way the captured step does."""
+    import trainer.train as tt
+    from trainer.data import BatchLoader
+    from trainer.muon import Muon
+
+    loader_call = BatchLoader.__call__
+
+    def contiguous(self, offsets):
+        return tuple(t.contiguous() for t in loader_call(self, offsets))
+
+    def no_cache(self):
+        return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, cache_enabled=False)
+
+    set_lr = tt.set_lr
+
+    def tensor_lr(optimizer, factor):  # as StepGraph: capturable AdamW, every lr a 0-d device tensor
+        for group in optimizer.param_groups:
+            if not isinstance(group["lr"], torch.Tensor):
+                group["capturable"] = True
+                group["lr"] = torch.tensor(float(group["lr"]), dtype=torch.float32, device="cuda")
+        set_lr(optimizer, factor)
+
+    muon_init = Muon.__init__
+
+    def ns32(self, *a, **k):
+        muon_init(self, *a, **k)
+        self.ns_dtype = torch.float32
+
+    return {
+        "eager": contextlib.nullcontext,
+        "contiguous-batches": lambda: _patched(BatchLoader, "__call__", contiguous),
+        "autocast-no-cache": lambda: _patched(tt._Run, "autocast", no_cache),
+        "tensor-lr": lambda: _patched(tt, "set_lr", tensor_lr),
+        "ns-float32": lambda: _patched(Muon, "__init__", ns32),
+        "no-reduced-bf16": lambda: _patched(
+            torch.backends.cuda.matmul, "allow_bf16_reduced_precision_reduction", False
+        ),
+    }
+
+
+def muon_eager(args: argparse.Namespace, workdir: Path, corpus: Path) -> None:
+    from trainer.testing import short_run_evals
+
+    eager = dict(compile_mode="none", step_graph=False, kernel_names="")
+    rows = []
+    for name, change in _muon_changes().items():
+        with change():
+            rows.append((name, short_run_evals(corpus, workdir, "shakespeare-char-muon", name, **eager)))
+    for name, changes in (
+        ("graph", dict(eager, step_graph=True)),
+        ("compiled", dict(eager, compile_mode="reduce-overhead")),
+    ):
+        rows.append((name, short_run_evals(corpus, workdir, "shakespeare-char-muon", name, **changes)))
+    base = rows[0][1]
+    print("\n== the Muon short run (val loss at steps 40/80/120), eager loop variants against the plain eager loop")
+    for name, evals in rows:
+        print(
+            f"{name:<20}",
+            " ".join(f"{v:.4f}" for v in evals),
+            f"max|diff| {max(abs(a - b) for a, b in zip(evals, base)):.4f}",
+        )
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m tools.train_probe")
-    p.add_argument("what", choices=("profile", "carryover", "single", "sdpa"))
+    p.add_argument("what", choices=("profile", "carryover", "single", "sdpa", "muon-eager"))
     p.add_argument("--variants", default="tinylm,eager-pytorch,eager")
     p.add_argument("--sequence", default="tinylm,eager,eager-pytorch")
     p.add_argument("--variant", default="eager")
@@ -269,6 +351,8 @@ def main(argv: list[str] | None = None) -> int:
             profile(args, workdir, corpus)
         elif args.what == "sdpa":
             sdpa(args, workdir, corpus)
+        elif args.what == "muon-eager":
+            muon_eager(args, workdir, corpus)
         elif args.what == "carryover":
             carryover(args, workdir, corpus)
         else:
