@@ -95,7 +95,7 @@ for spec in "$@"; do
       ${TRAIN_VARIANTS:+--variants "$TRAIN_VARIANTS"} ;;
     train-profile) run_step train-profile "$limit" "$PYTHON" -m tools.train_probe profile ${PROBE_VARIANTS:+--variants "$PROBE_VARIANTS"} ;;
     train-carryover) run_step train-carryover "$limit" "$PYTHON" -m tools.train_probe carryover --steps "${PROBE_STEPS:-300}" --eval-interval 100 ;;
-    muon-probe) run_step muon-probe "$limit" "$PYTHON" -m tools.train_probe muon-eager ;;  # the eager Muon loop, one difference from the captured step at a time
+    muon-probe) run_step muon-probe "$limit" "$PYTHON" -m tools.train_probe muon-eager ${PROBE_ARGS:-} ;;  # the eager Muon loop, one difference from the captured step at a time
     pytest) run_step pytest "$limit" "$PYTHON" -m pytest -q -rfEs --tb=short -p no:cacheprovider ${GPU_TESTS:?set GPU_TESTS} ;;
     train-tests) run_step train-tests "$limit" "$PYTHON" -m pytest -q -rfEs --tb=short -p no:cacheprovider trainer/train_gpu_test.py ;;
     train-all) run_step train-all "$limit" "$PYTHON" -m bench_svc.benches.training --part all --budget-s "${TRAIN_BUDGET_S:-60}" \

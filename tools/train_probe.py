@@ -313,15 +313,19 @@ def muon_eager(args: argparse.Namespace, workdir: Path, corpus: Path) -> None:
     from trainer.testing import short_run_evals
 
     eager = dict(compile_mode="none", step_graph=False, kernel_names="")
+    ways = {name: (change, eager) for name, change in _muon_changes().items()}
+    ways["graph"] = (contextlib.nullcontext, dict(eager, step_graph=True))
+    ways["compiled"] = (contextlib.nullcontext, dict(eager, compile_mode="reduce-overhead"))
+    chosen = args.ways.split(",") if args.ways else list(ways)
+    if unknown := [w for w in chosen if w not in ways]:
+        raise SystemExit(f"tools.train_probe: unknown way(s) {unknown}; choose from {list(ways)}")
+    if args.threads:
+        torch.set_num_threads(args.threads)  # as trainer/conftest.py does for the tests
     rows = []
-    for name, change in _muon_changes().items():
+    for name in chosen:
+        change, changes = ways[name]
         with change():
-            rows.append((name, short_run_evals(corpus, workdir, "shakespeare-char-muon", name, **eager)))
-    for name, changes in (
-        ("graph", dict(eager, step_graph=True)),
-        ("compiled", dict(eager, compile_mode="reduce-overhead")),
-    ):
-        rows.append((name, short_run_evals(corpus, workdir, "shakespeare-char-muon", name, **changes)))
+            rows.append((name, short_run_evals(corpus, workdir, "shakespeare-char-muon", name, **changes)))
     base = rows[0][1]
     print("\n== the Muon short run (val loss at steps 40/80/120), eager loop variants against the plain eager loop")
     for name, evals in rows:
@@ -342,6 +346,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=15)
     p.add_argument("--eval-interval", type=int, default=50)
     p.add_argument("--json")
+    p.add_argument("--ways", default="", help="muon-eager: which ways, comma-separated (default: all)")
+    p.add_argument("--threads", type=int, default=0, help="muon-eager: torch.set_num_threads first (0: leave it)")
     p.add_argument("--backends", default="FLASH_ATTENTION,CUDNN_ATTENTION,EFFICIENT_ATTENTION")
     args = p.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
