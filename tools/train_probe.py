@@ -13,7 +13,8 @@ run with our kernels and one without, each compared step by step with the same v
 `muon-eager`: trainer/muon_gpu_test.py's short Muon run (120 steps, evals at 40/80/120) in the eager loop, plainly
 and with one difference from the captured step at a time (contiguous batches, autocast's weight-cast cache off, the
 learning rate a device tensor, the Newton-Schulz iteration in float32, cuBLAS's reduced-precision bf16 reductions
-off), then the eager model captured whole: which difference moves the eager loop to where the other ways land.
+off), then the eager model captured whole; and two deliberate bugs (every learning rate x0.8, x0.5) to show how far
+a real difference moves the losses against how far rounding alone does.
 A diagnostic tool, not a benchmark: it prints tables, and the numbers go into notes, not into results/.
 """
 
@@ -291,6 +292,9 @@ def _muon_changes() -> dict[str, Callable[[], contextlib.AbstractContextManager]
                 group["lr"] = torch.tensor(float(group["lr"]), dtype=torch.float32, device="cuda")
         set_lr(optimizer, factor)
 
+    def scaled_lr(scale: float):  # a deliberate bug of the kind the GPU test must catch: how far does it move?
+        return lambda optimizer, factor: set_lr(optimizer, factor * scale)
+
     muon_init = Muon.__init__
 
     def ns32(self, *a, **k):
@@ -303,6 +307,8 @@ def _muon_changes() -> dict[str, Callable[[], contextlib.AbstractContextManager]
         "autocast-no-cache": lambda: _patched(tt._Run, "autocast", no_cache),
         "tensor-lr": lambda: _patched(tt, "set_lr", tensor_lr),
         "ns-float32": lambda: _patched(Muon, "__init__", ns32),
+        "bug-lr-x0.8": lambda: _patched(tt, "set_lr", scaled_lr(0.8)),
+        "bug-lr-x0.5": lambda: _patched(tt, "set_lr", scaled_lr(0.5)),
         "no-reduced-bf16": lambda: _patched(
             torch.backends.cuda.matmul, "allow_bf16_reduced_precision_reduction", False
         ),
