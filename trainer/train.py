@@ -54,7 +54,9 @@ from trainer.step_graph import StepGraph, step_graph_problems
 from trainer.step_profiler import StepProfiler
 from trainer.warm_start import CompilerPreload, before_run, preload_compiler, started_preload, wait_cuda_preload
 
-__all__ = ["TrainResult", "ProgressCallback", "train", "resolve_device", "build_model", "make_optimizer", "set_lr"]
+__all__ = [
+    "TrainResult", "ProgressCallback", "train", "resolve_device", "build_model", "artifact_copy", "make_optimizer", "set_lr",
+]  # fmt: skip
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +104,21 @@ def build_model(config: TrainConfig, vocab_size: int) -> GPT:
     model = GPT(get_preset(config.preset, **overrides))
     model.gradient_checkpointing = config.grad_checkpointing
     return model
+
+
+def artifact_copy(model: GPT) -> GPT:
+    """A float32 CPU copy of `model` in eval mode, for saving; `model` itself is left as it is.
+
+    The live model must not be moved: `model.to("cpu")` swaps every parameter's storage in place, and compiled code a
+    process keeps for its next run of the same shape (trainer.warm_start.CompiledReuse), with its CUDA-graph trees,
+    still holds those Parameter objects. On the H200 the next compiled run then handed one of them, now on the CPU,
+    to an Inductor kernel while recording its backward's graph ("CUDA driver error: invalid argument"; with torch's
+    static launcher off, "Pointer argument (at 1) cannot be accessed from Triton (cpu tensor?)", the argument one of
+    the model's 100 parameters): trainer/PERF_NOTES.md section 15."""
+    with torch.random.fork_rng(devices=[]):  # its throwaway initialisation leaves the process's RNG as it was
+        copy = GPT(model.config)
+    copy.load_state_dict({name: t.detach().to("cpu", torch.float32) for name, t in model.state_dict().items()})
+    return copy.eval()
 
 
 def make_optimizer(model: torch.nn.Module, config: TrainConfig, device: torch.device) -> Optimizer:
@@ -811,12 +828,12 @@ def _final_metrics(run: _Run) -> dict[str, float]:
 
 
 def _publish(run: _Run, store_root: Path, parent_id: str | None, metrics: dict[str, float]) -> str:
-    """The best weights as an artifact (the live model's weights are swapped for them; training is over)."""
+    """The best weights as an artifact (the live model's weights are swapped for them in place; training is over),
+    saved from a CPU copy (`artifact_copy`)."""
     load_model(run.model, str(run.run_dir / "best" / "model.safetensors"), device=str(run.device))
-    model = run.model.to("cpu").float().eval()
     return save_artifact(
         Path(store_root),
-        model,
+        artifact_copy(run.model),
         run.data.tokenizer,
         name=run.config.model_name,
         preset=run.config.preset,

@@ -6,7 +6,7 @@ from safetensors.torch import load_file
 
 from trainer.testing import fast_config
 from trainer.run_log import read_log
-from trainer.train import train
+from trainer.train import artifact_copy, build_model, train
 
 
 @pytest.mark.parametrize("optimizer", ["adamw", "muon"])  # muon: its momentum buffers and AdamW's state resume too
@@ -252,3 +252,23 @@ def test_resume_with_a_weight_average_is_exact(small_corpus, tmp_path):
     a, b = load_file(tmp_path / "a/best/model.safetensors"), load_file(tmp_path / "b/best/model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)  # the average was saved and restored with the rest
     assert second.metrics["val_loss"] == full.metrics["val_loss"]
+
+
+def test_the_artifact_is_saved_from_a_copy_and_the_live_model_keeps_its_parameters():
+    """_publish saves `artifact_copy(model)`: a float32 CPU copy in eval mode. The live model's Parameter objects keep
+    their storage, dtype and mode: compiled code a process keeps for its next run still holds them (on the H200 a
+    model moved in place to the CPU crashed that next run; trainer/PERF_NOTES.md section 15)."""
+    torch.manual_seed(0)
+    model = build_model(fast_config(), 40).to(torch.bfloat16).train()  # .float() would swap every storage
+    assert model.config.tie_weights
+    live = [(p, p.data_ptr(), p.dtype) for p in model.parameters()]
+    rng = torch.get_rng_state()
+    copy = artifact_copy(model)
+    assert [(p, p.data_ptr(), p.dtype) for p in model.parameters()] == live and model.training
+    assert torch.equal(torch.get_rng_state(), rng)  # the copy's throwaway initialisation drew nothing
+    assert not copy.training and copy.lm_head.weight is copy.tok_emb.weight  # tied as the model is
+    got, want = copy.state_dict(), model.state_dict()
+    assert got.keys() == want.keys()
+    for name, t in got.items():
+        assert t.device.type == "cpu" and t.dtype == torch.float32, name
+        assert torch.equal(t, want[name].float()), name
