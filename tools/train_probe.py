@@ -2,8 +2,7 @@
 
     python -m tools.train_probe profile [--variants tinylm,eager-pytorch] [--steps 20]
     python -m tools.train_probe carryover [--steps 150]
-    python -m tools.train_probe muon-eager
-
+    python -m tools.train_probe muon-eager [--ways eager,graph] [--threads 1]
 
 `profile`: for each variant (shakespeare-char, nanoGPT's batch 64 x 256, bf16), warm-up steps, then wall ms per
 step with one sync per step, and a torch.profiler capture of a few steps: device-busy ms per step, kernels per

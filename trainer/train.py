@@ -111,10 +111,11 @@ def artifact_copy(model: GPT) -> GPT:
 
     The live model must not be moved: `model.to("cpu")` swaps every parameter's storage in place, and compiled code a
     process keeps for its next run of the same shape (trainer.warm_start.CompiledReuse), with its CUDA-graph trees,
-    still holds those Parameter objects. On the H200 the next compiled run then handed one of them, now on the CPU,
-    to an Inductor kernel while recording its backward's graph ("CUDA driver error: invalid argument"; with torch's
-    static launcher off, "Pointer argument (at 1) cannot be accessed from Triton (cpu tensor?)", the argument one of
-    the model's 100 parameters): trainer/PERF_NOTES.md section 15."""
+    still holds those Parameter objects. On the H200 a later compiled run failed recording its backward's graph with
+    one of the model's 100 parameters as the offending kernel argument, which Triton's check reported as a CPU tensor
+    ("Pointer argument (at 1) cannot be accessed from Triton (cpu tensor?)"; "CUDA driver error: invalid argument"
+    with torch's static launcher): the in-place move is what puts a parameter on the CPU (trainer/PERF_NOTES.md
+    section 15; the fix is yet to run on the GPU)."""
     with torch.random.fork_rng(devices=[]):  # its throwaway initialisation leaves the process's RNG as it was
         copy = GPT(model.config)
     copy.load_state_dict({name: t.detach().to("cpu", torch.float32) for name, t in model.state_dict().items()})
