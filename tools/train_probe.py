@@ -13,7 +13,8 @@ run with our kernels and one without, each compared step by step with the same v
 and with one difference from the captured step at a time (contiguous batches, autocast's weight-cast cache off, the
 learning rate a device tensor, the Newton-Schulz iteration in float32, cuBLAS's reduced-precision bf16 reductions
 off), then the eager model captured whole; and two deliberate bugs (every learning rate x0.8, x0.5) to show how far
-a real difference moves the losses against how far rounding alone does.
+a real difference moves the losses against how far rounding alone does; beside the evaluations, the mean training loss
+over the first 10/30/60 steps, where rounding has not yet been amplified (a candidate for a sharper test).
 A diagnostic tool, not a benchmark: it prints tables, and the numbers go into notes, not into results/.
 """
 
@@ -314,6 +315,9 @@ def _muon_changes() -> dict[str, Callable[[], contextlib.AbstractContextManager]
     }
 
 
+EARLY_STEPS = (10, 30, 60)  # muon-eager: training-loss means over these first steps, a sharper check than the evals
+
+
 def muon_eager(args: argparse.Namespace, workdir: Path, corpus: Path) -> None:
     from trainer.testing import short_run_evals
 
@@ -329,15 +333,22 @@ def muon_eager(args: argparse.Namespace, workdir: Path, corpus: Path) -> None:
     rows = []
     for name in chosen:
         change, changes = ways[name]
+        losses: list[float] = []
         with change():
-            rows.append((name, short_run_evals(corpus, workdir, "shakespeare-char-muon", name, **changes)))
-    base = rows[0][1]
-    print("\n== the Muon short run (val loss at steps 40/80/120), eager loop variants against the plain eager loop")
-    for name, evals in rows:
+            evals = short_run_evals(corpus, workdir, "shakespeare-char-muon", name, step_losses=losses, **changes)
+        early = [sum(losses[:n]) / n for n in EARLY_STEPS]  # before the learning rate's peak amplifies rounding
+        rows.append((name, evals, early))
+    _, base, base_early = rows[0]
+    print("\n== the Muon short run (val loss at steps 40/80/120; mean training loss over the first 10/30/60 steps),")
+    print("   eager loop variants against the plain eager loop")
+    for name, evals, early in rows:
         print(
             f"{name:<20}",
             " ".join(f"{v:.4f}" for v in evals),
             f"max|diff| {max(abs(a - b) for a, b in zip(evals, base)):.4f}",
+            "| early",
+            " ".join(f"{v:.5f}" for v in early),
+            f"max|diff| {max(abs(a - b) for a, b in zip(early, base_early)):.5f}",
         )
 
 

@@ -34,10 +34,12 @@ def write_small_corpus(path: Path, lines: int = 600, seed: int = 0) -> Path:
     return path
 
 
-def short_run_evals(corpus: Path, work: Path, preset: str, tag: str, **changes: Any) -> list[float]:
+def short_run_evals(
+    corpus: Path, work: Path, preset: str, tag: str, *, step_losses: list[float] | None = None, **changes: Any
+) -> list[float]:
     """The GPU tests' short run: SHORT_RUN_STEPS steps of `preset` (a trapezoid warmdown cut to fit), no dropout
     (compiled and eager runs would draw different masks); the val loss at every SHORT_RUN_EVAL_EVERY steps. Checks
-    that every step ran with a finite loss."""
+    that every step ran with a finite loss; `step_losses`, if given, receives every step's training loss."""
     from trainer.train import train
 
     base = load_config(preset)
@@ -51,4 +53,6 @@ def short_run_evals(corpus: Path, work: Path, preset: str, tag: str, **changes: 
     result = train(config, Path(corpus), store_root=work / "store", run_dir=work / tag, data_dir=work / "data",
                    progress_callback=lambda s, m: "val_loss" in m and got.append(m["val_loss"]))  # fmt: skip
     assert len(result.losses) == SHORT_RUN_STEPS and all(math.isfinite(x) for x in result.losses)
+    if step_losses is not None:
+        step_losses.extend(result.losses)
     return got
