@@ -28,7 +28,7 @@ from exporter.formats import onnx_variants, parse_formats
 from exporter.gates import Gates, apply_gates
 from exporter.hf_export import HF_DIR, export_hf, hf_architecture
 from exporter.onnx_export import OPSET, convert_fp16, export_fp32
-from exporter.onnx_quantize import INT4_BLOCK_SIZE, quantize_int4, quantize_int8
+from exporter.onnx_quantize import INT4_BLOCK_SIZE, INT8_BLOCK_SIZE, quantize_int4, quantize_int8
 from exporter.parity import ParitySettings, Reference, measure_hf, measure_onnx
 from exporter.staging import Staging, dir_bytes
 from model.artifact import Artifact, ArtifactError, load_artifact
@@ -41,7 +41,7 @@ Progress = Callable[[str, float], None]
 _WEIGHTS = {
     "fp32": "float32",
     "fp16": "float16",
-    "int8": "int8 (per-channel, dynamic activations)",
+    "int8": f"int8 (block {INT8_BLOCK_SIZE}, weight-only; int8 activations at run time)",
     "int4": f"int4 (block {INT4_BLOCK_SIZE})",
 }
 _FIXED_KV = "fixed_kv."  # prefix of the fixed-KV file's gate metrics in its variant's entry
