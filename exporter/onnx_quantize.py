@@ -1,12 +1,13 @@
 """INT8 and INT4 ONNX files from the fp32 graph, with ONNX Runtime's own quantizers.
 
-- INT8: weight-only 8-bit `MatMulNBits` (`MatMulNBitsQuantizer`, bits 8, symmetric blocks of 128 along K),
-  accuracy_level 4: the kernel quantizes each activation block to int8 itself and multiplies in int8, one node per
-  MatMul. Faster at batch 1 than the dynamic quantization it replaced (inference_svc/PERF_NOTES.md 14): that one
-  (`quantize_dynamic`: weights int8 per output channel, activations uint8 per tensor, a DynamicQuantizeLinear and a
-  `MatMulInteger` per input, as Optimum's ORTQuantizer does for CPU) stays as `dynamic=True`, for comparison and for
-  a runtime without the 8-bit `MatMulNBits` int8 kernel (without it, ORT dequantizes the weights on every call:
-  ~15 ms a step here instead of ~0.5).
+- INT8: `quantize_dynamic` (weights int8 per output channel, activations uint8 per tensor at run time,
+  `MatMulInteger`), as Optimum's ORTQuantizer does for CPU.
+- INT8 for small batches (`quantize_int8(weight_only=True)`, the fixed-KV graph's small-batch twin): weight-only
+  8-bit `MatMulNBits`, symmetric blocks of 128 along K, accuracy_level 4 (the kernel quantizes each activation block
+  to int8 itself and multiplies in int8; one node per MatMul). On this repo's CPU it runs a 1-2 row step ~25% faster
+  than the dynamic file and a 16-row step or a prefill 20-80% slower (inference_svc/PERF_NOTES.md 14), so a runtime
+  uses it for its small calls only. Without MLAS's int8 kernel for it (accuracy_level 0), ORT would dequantize the
+  weights on every call: ~15 ms a step here instead of ~0.5.
 - INT4: `MatMulNBitsQuantizer`, symmetric blocks of 32 along K (`MatMulNBits`), and the token embedding's
   Gather too (`GatherBlockQuantized`, which needs opset >= 21). accuracy_level 4 here too.
 A tied LM head reaches the graph as Transpose(embedding); the quantizers only take constant weights, so the
@@ -71,10 +72,10 @@ def _quiet_quantizer() -> Iterator[None]:
         logging.getLogger().removeFilter(advice)
 
 
-def quantize_int8(src: Path, dst: Path, *, dynamic: bool = False, block_size: int = INT8_BLOCK_SIZE) -> None:
-    """INT8 weights for every constant-weight MatMul of `src` into `dst`: weight-only 8-bit `MatMulNBits` in symmetric
-    `block_size` blocks, or with `dynamic` ORT's dynamic quantization (`MatMulInteger`, the earlier INT8 file)."""
-    if not dynamic:
+def quantize_int8(src: Path, dst: Path, *, weight_only: bool = False, block_size: int = INT8_BLOCK_SIZE) -> None:
+    """INT8 weights for every constant-weight MatMul of `src` into `dst`: ORT's dynamic quantization (`MatMulInteger`),
+    or with `weight_only` 8-bit `MatMulNBits` in symmetric `block_size` blocks (the small-batch file)."""
+    if weight_only:
         _quantize_nbits(src, dst, bits=8, block_size=block_size, op_types=("MatMul",), quant_axes=(("MatMul", 0),))
         return
     from onnxruntime.quantization import QuantType, quantize_dynamic

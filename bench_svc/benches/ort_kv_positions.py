@@ -1,21 +1,19 @@
-"""The ORT decode step by position: the past -> present graph against the fixed-KV graph, each with the INT8 file the
-exporter writes (weight-only 8-bit MatMulNBits) and with the dynamic quantization it replaced (MatMulInteger)
-(inference_svc/PERF_NOTES.md sections 12-14).
+"""The ORT decode step by position: the past -> present graph against the fixed-KV graph, and that graph with INT8's
+small-batch twin taking the one-row steps (inference_svc/PERF_NOTES.md sections 12-14).
 
     python -m bench_svc.benches.ort_kv_positions [--runs 21] [--threads 1]
 
 A random-init shakespeare-char model is exported to INT8 (both graphs, `export_artifact`, gates off) in a temp
-folder, and a copy of it gets the earlier INT8 files (`quantize_int8(dynamic=True)`). Four `OrtRunner`s (fixed_kv
-False / True, each quantization) each decode one sequence from a 6-token prompt up to position block_size - 27 (229),
-feeding the argmax back, then release it. After one warm-up each, `--runs` runs alternate
-the order of the graphs; per run, the median step over the first and the last 20 positions. Prints, per graph, the
-median over runs and the best run (this machine's speed drifts: compare only figures of one invocation).
+folder. Three `OrtRunner`s (fixed_kv False; True without and with the small-batch twin) each decode one sequence from
+a 6-token prompt up to position block_size - 27 (229), feeding the argmax back, then release it. After one warm-up
+each, `--runs` runs alternate the order of the graphs; per run, the median step over the first and the last 20
+positions. Prints, per graph, the median over runs and the best run (this machine's speed drifts: compare only
+figures of one invocation).
 """
 
 from __future__ import annotations
 
 import argparse
-import shutil
 import statistics
 import tempfile
 import time
@@ -24,29 +22,22 @@ from pathlib import Path
 import torch
 
 from exporter.export import export_artifact
-from exporter.onnx_quantize import quantize_int8
 from exporter.parity import ParitySettings
 from inference_svc.ort_runner import OrtRunner
-from model import onnx_contract as contract
 from model.artifact import save_artifact
 from model.config import ModelConfig
 from model.presets import get_preset
 from model.tokenizers import CharTokenizer
 from model.transformer import GPT
 
-__all__ = ["export_int8", "with_dynamic_int8", "step_times", "compare", "main"]
+__all__ = ["export_int8", "step_times", "compare", "main"]
 
 PROMPT = "ROMEO:"  # 6 characters, as in PERF_NOTES 12
 # Tiny Shakespeare's 65 characters: the vocabulary (and LM head) of a shakespeare-char model trained on it
 SHAKESPEARE_CHARS = "\n !$&',-.3:;?ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
 WINDOW = 20  # positions per reported window
-# name -> (fixed-KV graph, INT8 quantized dynamically as before PERF_NOTES 14)
-GRAPHS = {
-    "past-present": (False, False),
-    "fixed-kv": (True, False),
-    "past-present dynamic": (False, True),
-    "fixed-kv dynamic": (True, True),
-}
+# name -> (fixed_kv, small_batch) of its OrtRunner
+GRAPHS = {"past-present": (False, False), "fixed-kv": (True, False), "fixed-kv small-batch": (True, True)}
 _SMALL_PARITY = ParitySettings(
     n_prompts=1, prompt_len=8, decode_prompts=1, decode_prompt_len=4, decode_steps=4, eval_tokens=256
 )
@@ -59,17 +50,6 @@ def export_int8(store: Path, config: ModelConfig, tokenizer: CharTokenizer) -> P
     path = store / save_artifact(store, model, tokenizer, name="ort-kv-positions", preset="bench")
     export_artifact(path, ["int8"], no_gate=True, settings=_SMALL_PARITY)
     return path
-
-
-def with_dynamic_int8(path: Path) -> Path:
-    """A copy of the exported artifact `path` whose INT8 files (both graphs) are ORT's dynamic quantization of its fp32
-    files, the INT8 export before PERF_NOTES 14; the copy's folder."""
-    copy = path.with_name(path.name + "-dynamic")
-    shutil.copytree(path, copy)
-    folder = copy / contract.ONNX_DIR
-    for files in (contract.VARIANT_FILES, contract.FIXED_KV_FILES):
-        quantize_int8(folder / files["fp32"], folder / files["int8"], dynamic=True)
-    return copy
 
 
 def step_times(runner: OrtRunner, prompt: list[int], end: int) -> list[float]:
@@ -85,14 +65,11 @@ def step_times(runner: OrtRunner, prompt: list[int], end: int) -> list[float]:
     return times
 
 
-def compare(
-    path: Path, dynamic: Path, prompt: list[int], end: int, runs: int, threads: int
-) -> dict[str, dict[str, list[float]]]:
-    """Per graph (`GRAPHS`: the INT8 files of `path`, and those of `dynamic`), each run's median ms over the first and
-    the last WINDOW decode positions (the last step at end - 1)."""
+def compare(path: Path, prompt: list[int], end: int, runs: int, threads: int) -> dict[str, dict[str, list[float]]]:
+    """Per graph, each run's median ms over the first and the last WINDOW decode positions (the last step at end - 1)."""
     runners = {
-        name: OrtRunner(dynamic if old else path, 1, variant="int8", threads=threads, fixed_kv=fixed)
-        for name, (fixed, old) in GRAPHS.items()
+        name: OrtRunner(path, 1, variant="int8", threads=threads, fixed_kv=fixed, small_batch=small)
+        for name, (fixed, small) in GRAPHS.items()
     }
     for runner in runners.values():
         step_times(runner, prompt, end)  # warm-up
@@ -115,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     prompt_len, end = len(PROMPT), config.block_size - 26  # 230 at 256: the last step at 229, as in PERF_NOTES 12
     with tempfile.TemporaryDirectory() as store:
         path = export_int8(Path(store), config, tokenizer)
-        result = compare(path, with_dynamic_int8(path), tokenizer.encode(PROMPT), end, args.runs, args.threads)
+        result = compare(path, tokenizer.encode(PROMPT), end, args.runs, args.threads)
     print(
         f"ms per decode step, positions {prompt_len}-{prompt_len + WINDOW - 1} and {end - WINDOW}-{end - 1}: median of {args.runs} runs (best)"
     )
