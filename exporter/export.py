@@ -5,7 +5,8 @@
 The source files (config, tokenizer, weights, manifest) are only read. Outputs are built in a staging folder
 inside the artifact and moved in only when every gate passed (or `no_gate`, which keeps failed variants and
 marks them failed). Outputs: `onnx/` (the files of `onnx_contract.VARIANT_FILES` asked for, each with its fixed-KV
-graph of `FIXED_KV_FILES` measured against the same gates + `meta.json`),
+graph of `FIXED_KV_FILES` measured against the same gates, INT8's also with its small-batch twin of
+`SMALL_BATCH_FILES`, + `meta.json`),
 `coreml/`, `hf/`, and `parity.json`. Re-exporting a subset keeps the other ONNX files and their entries.
 """
 

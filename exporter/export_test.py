@@ -161,9 +161,24 @@ def test_reexport_of_a_subset_keeps_the_other_files(exported, tmp_path):
     shutil.copytree(exported.path, path)
     int8_before = (path / "onnx" / "model-int8.onnx").read_bytes()
     fixed_before = (path / "onnx" / "model-fixedkv-int8.onnx").read_bytes()
+    small_before = (path / "onnx" / contract.SMALL_BATCH_FILES["int8"]).read_bytes()
     report = export_artifact(path, ["hf"], eval_text=None)
     assert set(report["variants"]) == {"hf"} and report["reference"]["eval_source"].startswith("model samples")
     merged = json.loads((path / PARITY_FILE).read_text())
     assert set(merged["variants"]) == set(exported.report["variants"])
     assert (path / "onnx" / "model-int8.onnx").read_bytes() == int8_before
     assert (path / "onnx" / "model-fixedkv-int8.onnx").read_bytes() == fixed_before
+    assert (path / "onnx" / contract.SMALL_BATCH_FILES["int8"]).read_bytes() == small_before
+
+
+def test_reexport_of_int4_keeps_int8_and_its_small_batch_twin(exported, tmp_path):
+    """The ONNX folder is rebuilt for int4 alone: INT8's three files are carried over, byte for byte, with their
+    meta.json entry (the small-batch twin's included), so OrtRunner still finds the twin."""
+    path = tmp_path / exported.path.name
+    shutil.copytree(exported.path, path)
+    int8_names = [contract.VARIANT_FILES["int8"], contract.FIXED_KV_FILES["int8"], contract.SMALL_BATCH_FILES["int8"]]
+    before = {name: (path / "onnx" / name).read_bytes() for name in int8_names}
+    meta_before = contract.read_meta(path)["files"]["int8"]
+    export_artifact(path, ["int4"], eval_text=None)
+    assert {name: (path / "onnx" / name).read_bytes() for name in int8_names} == before
+    assert contract.read_meta(path)["files"]["int8"] == meta_before and "small_batch" in meta_before["fixed_kv"]

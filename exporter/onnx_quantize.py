@@ -4,7 +4,7 @@
   `MatMulInteger`), as Optimum's ORTQuantizer does for CPU.
 - INT8 for small batches (`quantize_int8(weight_only=True)`, the fixed-KV graph's small-batch twin): weight-only
   8-bit `MatMulNBits`, symmetric blocks of 128 along K, accuracy_level 4 (the kernel quantizes each activation block
-  to int8 itself and multiplies in int8; one node per MatMul). On this repo's CPU it runs a 1-2 row step ~25% faster
+  to int8 itself and multiplies in int8; one node per MatMul). On this repo's CPU it runs a 1-2 row step 15-35% faster
   than the dynamic file and a 16-row step or a prefill 20-80% slower (inference_svc/PERF_NOTES.md 14), so a runtime
   uses it for its small calls only. Without MLAS's int8 kernel for it (accuracy_level 0), ORT would dequantize the
   weights on every call: ~15 ms a step here instead of ~0.5.
