@@ -5,7 +5,8 @@
 The source files (config, tokenizer, weights, manifest) are only read. Outputs are built in a staging folder
 inside the artifact and moved in only when every gate passed (or `no_gate`, which keeps failed variants and
 marks them failed). Outputs: `onnx/` (the files of `onnx_contract.VARIANT_FILES` asked for, each with its fixed-KV
-graph of `FIXED_KV_FILES` measured against the same gates + `meta.json`),
+graph of `FIXED_KV_FILES` measured against the same gates, INT8's also with its small-batch twin of
+`SMALL_BATCH_FILES`, + `meta.json`),
 `coreml/`, `hf/`, and `parity.json`. Re-exporting a subset keeps the other ONNX files and their entries.
 """
 
@@ -28,7 +29,7 @@ from exporter.formats import onnx_variants, parse_formats
 from exporter.gates import Gates, apply_gates
 from exporter.hf_export import HF_DIR, export_hf, hf_architecture
 from exporter.onnx_export import OPSET, convert_fp16, export_fp32
-from exporter.onnx_quantize import INT4_BLOCK_SIZE, quantize_int4, quantize_int8
+from exporter.onnx_quantize import INT4_BLOCK_SIZE, INT8_BLOCK_SIZE, quantize_int4, quantize_int8
 from exporter.parity import ParitySettings, Reference, measure_hf, measure_onnx
 from exporter.staging import Staging, dir_bytes
 from model.artifact import Artifact, ArtifactError, load_artifact
@@ -44,7 +45,8 @@ _WEIGHTS = {
     "int8": "int8 (per-channel, dynamic activations)",
     "int4": f"int4 (block {INT4_BLOCK_SIZE})",
 }
-_FIXED_KV = "fixed_kv."  # prefix of the fixed-KV file's gate metrics in its variant's entry
+# Keys of a variant's twin files in its entry; "<key>." prefixes their gate metrics in the variant's gates.
+_FIXED_KV, _SMALL_BATCH = "fixed_kv", "small_batch"
 _MAKERS = {
     "fp16": convert_fp16,
     "int8": quantize_int8,
@@ -102,24 +104,30 @@ def _export_onnx(
         measured = {"weights": _WEIGHTS[variant], **measure_onnx(path, ref)}
         rels = [f"{contract.ONNX_DIR}/{p.name}" for p in (path, fixed_path)]
         entry = _variant_entry(fmt, rels[:1], out.parent, measured, gates, name)
-        entries[name] = _with_fixed_kv(entry, rels[1], out.parent, measure_onnx(fixed_path, ref), gates, name)
+        entry = _with_twin(entry, _FIXED_KV, rels[1], out.parent, measure_onnx(fixed_path, ref), gates, name)
+        if variant in contract.SMALL_BATCH_FILES:  # INT8: the fixed-KV graph again, quantized for 1-2 row calls
+            small = out / contract.SMALL_BATCH_FILES[variant]
+            quantize_int8(out / contract.FIXED_KV_FILES["fp32"], small, weight_only=True)
+            rel = f"{contract.ONNX_DIR}/{small.name}"
+            entry = _with_twin(entry, _SMALL_BATCH, rel, out.parent, measure_onnx(small, ref), gates, name)
+        entries[name] = entry
     return entries
 
 
-def _with_fixed_kv(
-    entry: dict[str, Any], rel: str, root: Path, measured: dict[str, Any], gates: Gates, name: str
+def _with_twin(
+    entry: dict[str, Any], key: str, rel: str, root: Path, measured: dict[str, Any], gates: Gates, name: str
 ) -> dict[str, Any]:
-    """`entry` with its fixed-KV file: listed in `files`, measured under `fixed_kv`, and gated as the variant is
-    (its gate results join the variant's, metrics prefixed "fixed_kv.")."""
-    fixed_gates = [{**g, "metric": _FIXED_KV + g["metric"]} for g in apply_gates(name, measured, gates)]
-    fixed = {"file": rel, "bytes": dir_bytes(root / rel), **measured, "passed": all(g["passed"] for g in fixed_gates)}
-    all_gates = entry["gates"] + fixed_gates
+    """`entry` with a twin file of its variant (`fixed_kv`: its fixed-KV graph; `small_batch`: that graph quantized for
+    small calls): listed in `files`, measured under `key`, and gated as the variant is (its gate results join the
+    variant's, metrics prefixed "<key>.")."""
+    twin_gates = [{**g, "metric": f"{key}.{g['metric']}"} for g in apply_gates(name, measured, gates)]
+    twin = {"file": rel, "bytes": dir_bytes(root / rel), **measured, "passed": all(g["passed"] for g in twin_gates)}
     return {
         **entry,
         "files": entry["files"] + [rel],
-        "fixed_kv": fixed,
-        "gates": all_gates,
-        "passed": entry["passed"] and fixed["passed"],
+        key: twin,
+        "gates": entry["gates"] + twin_gates,
+        "passed": entry["passed"] and twin["passed"],
     }
 
 
@@ -134,18 +142,27 @@ def _write_onnx_meta(art: Artifact, onnx_dir: Path, old_dir: Path, entries: dict
         entry = entries.get(f"onnx-{variant}")
         fixed_name = contract.FIXED_KV_FILES[variant]
         if entry is not None:
-            fixed = entry["fixed_kv"]
+            fixed = entry[_FIXED_KV]
+            own_gates = [g for g in entry["gates"] if not g["metric"].startswith((f"{_FIXED_KV}.", f"{_SMALL_BATCH}."))]
             files[variant] = {
                 "file": name,
                 "weights": entry["weights"],
                 "io_dtype": contract.IO_DTYPE,
                 "bytes": entry["bytes"],
-                "gate": _gate(all(g["passed"] for g in entry["gates"] if not g["metric"].startswith(_FIXED_KV))),
+                "gate": _gate(all(g["passed"] for g in own_gates)),
                 "fixed_kv": {"file": fixed_name, "bytes": fixed["bytes"], "gate": _gate(fixed["passed"])},
             }
+            if _SMALL_BATCH in entry:
+                small = entry[_SMALL_BATCH]
+                files[variant]["fixed_kv"][_SMALL_BATCH] = {
+                    "file": contract.SMALL_BATCH_FILES[variant],
+                    "weights": f"int8 (block {INT8_BLOCK_SIZE}, weight-only; int8 activations at run time)",
+                    "bytes": small["bytes"],
+                    "gate": _gate(small["passed"]),
+                }
         elif (old_dir / name).is_file() and variant in old_meta.get("files", {}):
-            for kept in (name, fixed_name):
-                if (old_dir / kept).is_file():  # hard link: no copy, and the old folder is replaced anyway
+            for kept in (name, fixed_name, contract.SMALL_BATCH_FILES.get(variant)):
+                if kept and (old_dir / kept).is_file():  # hard link: no copy, and the old folder is replaced anyway
                     os.link(old_dir / kept, onnx_dir / kept)
             files[variant] = old_meta["files"][variant]
     meta = {

@@ -12,7 +12,8 @@ __all__ = ["FORMATS", "parse_formats", "onnx_variants"]
 # comes with its fixed-KV graph, model-fixedkv[-<variant>].onnx (onnx_contract.FIXED_KV_FILES).
 FORMATS: dict[str, str] = {
     "onnx": "onnx/model.onnx (fp32) and onnx/model-fp16.onnx, each + its fixed-KV graph (model-fixedkv*.onnx)",
-    "int8": "onnx/model-int8.onnx (ORT dynamic quantization, MatMulInteger) + model-fixedkv-int8.onnx",
+    "int8": "onnx/model-int8.onnx (ORT dynamic quantization, MatMulInteger) + model-fixedkv-int8.onnx, and its "
+    "small-batch twin model-fixedkv-int8-small-batch.onnx (weight-only 8-bit MatMulNBits)",
     "int4": "onnx/model-int4.onnx (MatMulNBits / GatherBlockQuantized, block 32) + model-fixedkv-int4.onnx",
     "coreml": "coreml/*.mlpackage (stateful and stateless; fp16, int8, int4)",
     "hf": "hf/ (config.json + model.safetensors, Llama or GPT-2 names)",

@@ -17,6 +17,9 @@ decode step no longer copies the whole cache (inference_svc/PERF_NOTES.md 12-13)
 in the call run on a dummy token and are dropped. The graph's attention reads the whole capacity every step, so
 the capacity follows the longest live sequence (`onnx_contract.cache_capacity`: doubling up to max_len; the live
 sequences' K/V move when it grows, or shrinks on a release, within buffers allocated once for max_len).
+INT8's fixed-KV graph has a small-batch twin (meta.json `fixed_kv.small_batch`: weight-only 8-bit MatMulNBits, faster
+at one or two token rows and slower at more, PERF_NOTES 14): calls of at most SMALL_BATCH_MAX_TOKENS token rows run on
+it, the rest on the fixed-KV file. Both read and write the same pool.
 """
 
 from __future__ import annotations
@@ -33,12 +36,15 @@ import torch
 from model.config import ModelConfig
 from model.onnx_contract import cache_capacity
 
-__all__ = ["OrtRunner", "onnx_file", "ONNX_VARIANTS"]
+__all__ = ["OrtRunner", "onnx_file", "ONNX_VARIANTS", "SMALL_BATCH_MAX_TOKENS"]
 
 log = logging.getLogger(__name__)
 
 ONNX_DIR, META_FILE = "onnx", "meta.json"
 ONNX_VARIANTS = ("fp32", "fp16", "int8", "int4")
+# Calls of at most this many token rows (span rows x tokens per row) run on the small-batch twin. On this repo's 2-core
+# VM (PERF_NOTES 14) the twin takes 0.64 vs 1.02 ms at 1 row, 1.01 vs 1.44 at 2, ties at 3 and loses from 4 rows on.
+SMALL_BATCH_MAX_TOKENS = 2
 
 
 def _read_meta(artifact_dir: Path) -> dict[str, Any]:
@@ -66,12 +72,24 @@ def onnx_file(artifact_dir: str | Path, variant: str = "fp32") -> Path:
     )
 
 
+def _open_session(path: Path, options: Any) -> Any:
+    """An ORT CPU session of `path`; ValueError naming the file when it does not load."""
+    import onnxruntime as ort
+
+    try:
+        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as e:  # InvalidProtobuf, Fail, ...: a corrupt or truncated file
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ValueError(f"{path} is not a loadable ONNX model ({type(e).__name__}: {reason})") from None
+
+
 class OrtRunner:
     """An ORT CPU session plus per-slot KV arrays for up to n_slots sequences.
 
     Pass the artifact folder (config.json gives the shapes) and the variant (fp32, fp16, int8, int4);
     `threads` 0 lets ORT choose its intra-op threads. `fixed_kv` None uses the variant's fixed-KV graph when the
-    export made one, True requires it, False keeps the past -> present graph.
+    export made one, True requires it, False keeps the past -> present graph. `small_batch` likewise for the fixed-KV
+    graph's small-batch twin (INT8), used for calls of at most SMALL_BATCH_MAX_TOKENS token rows.
     """
 
     def __init__(
@@ -82,6 +100,7 @@ class OrtRunner:
         variant: str = "fp32",
         threads: int = 0,
         fixed_kv: bool | None = None,
+        small_batch: bool | None = None,
     ) -> None:
         import onnxruntime as ort
 
@@ -110,12 +129,13 @@ class OrtRunner:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
         options.log_severity_level = 3
-        try:
-            self.session = ort.InferenceSession(str(self.path), options, providers=["CPUExecutionProvider"])
-        except Exception as e:  # InvalidProtobuf, Fail, ...: a corrupt or truncated file
-            reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
-            raise ValueError(f"{self.path} is not a loadable ONNX model ({type(e).__name__}: {reason})") from None
+        self.session = _open_session(self.path, options)
         self._inputs, self._outputs = self._io_names(meta.get("fixed_kv", {}) if self.fixed_kv else meta)
+        self._check_io(self.session, self.path)
+        # the fixed-KV graph's small-batch twin, for calls of <= SMALL_BATCH_MAX_TOKENS token rows (same inputs/outputs)
+        self.small_batch_path, self.small_batch_session = self._small_batch(
+            fixed_entry if self.fixed_kv else None, small_batch, artifact_dir, variant, options
+        )
         self._kv: dict[int, list[np.ndarray]] = {}  # slot -> [k_0, v_0, k_1, v_1, ...], each (1, Hkv, past, D)
         self._past: dict[int, int] = {}  # slot -> past length
         # fixed-KV: per k_0, v_0, k_1, ... one flat buffer sized for max_len, allocated once; `_pool` views its head
@@ -126,6 +146,26 @@ class OrtRunner:
             size = n_slots * self.n_kv_head * self.max_len * self.head_dim
             self._flat = [np.zeros(size, dtype=np.float32) for _ in range(2 * self.n_layer)]
             self._resize_pool(cache_capacity(0, self.max_len))
+
+    def _small_batch(
+        self, fixed_entry: dict[str, Any] | None, wanted: bool | None, artifact_dir: Path, variant: str, options: Any
+    ) -> tuple[Path | None, Any]:
+        """(path, session) of the fixed-KV entry's small-batch twin, or (None, None) when it has none or `wanted` is
+        False; FileNotFoundError when `wanted` is True and there is none."""
+        entry = (fixed_entry or {}).get("small_batch")
+        if wanted and entry is None:
+            raise FileNotFoundError(
+                f"no small-batch fixed-KV graph for variant {variant!r} in {artifact_dir / ONNX_DIR} (meta.json has "
+                f"none; the exporter writes one for int8); re-export it: ./tinylm export --model {artifact_dir.name}"
+            )
+        if entry is None or wanted is False:
+            return None, None
+        path = artifact_dir / ONNX_DIR / entry["file"]
+        if entry.get("gate") == "failed":
+            log.warning("%s failed its parity gate at export time; serving it anyway, as asked", path)
+        session = _open_session(path, options)
+        self._check_io(session, path)
+        return path, session
 
     def _resize_pool(self, capacity: int) -> None:
         """View the flat buffers at `capacity` positions, moving the live slots' K/V to their new place (no allocation;
@@ -142,7 +182,7 @@ class OrtRunner:
     def _io_names(self, meta: dict[str, Any]) -> tuple[list[str], list[str]]:
         """[input_ids, past_key_0, past_value_0, ...] and [logits, present_key_0, present_value_0, ...] (the fixed-KV
         graph: [input_ids, past_lengths, cache_key_0, ...] and [logits, new_key_0, ...]): meta.json's lists when it
-        has them, else the contract's names; checked against the graph."""
+        has them, else the contract's names (`_check_io` holds them against each graph)."""
         layers = range(self.n_layer)
         cache_in, new_out, first = ("cache", "new", ["past_lengths"]) if self.fixed_kv else ("past", "present", [])
         inputs = meta.get("inputs") or ["input_ids", *first] + [
@@ -151,14 +191,18 @@ class OrtRunner:
         outputs = meta.get("outputs") or ["logits"] + [f"{new_out}_{kv}_{i}" for i in layers for kv in ("key", "value")]
         inputs = [i["name"] if isinstance(i, dict) else i for i in inputs]
         outputs = [o["name"] if isinstance(o, dict) else o for o in outputs]
-        graph_in = {i.name for i in self.session.get_inputs()}
-        graph_out = {o.name for o in self.session.get_outputs()}
-        if set(inputs) != graph_in or set(outputs) != graph_out or len(inputs) != 1 + len(first) + 2 * self.n_layer:
+        return inputs, outputs
+
+    def _check_io(self, session: Any, path: Path) -> None:
+        """ValueError unless `session`'s graph has exactly this runner's input and output names."""
+        graph_in = {i.name for i in session.get_inputs()}
+        graph_out = {o.name for o in session.get_outputs()}
+        n_inputs = (2 if self.fixed_kv else 1) + 2 * self.n_layer
+        if set(self._inputs) != graph_in or set(self._outputs) != graph_out or len(self._inputs) != n_inputs:
             raise ValueError(
-                f"{self.path} does not follow the KV-cache contract for {self.n_layer} layers: "
+                f"{path} does not follow the KV-cache contract for {self.n_layer} layers: "
                 f"graph inputs {sorted(graph_in)}, outputs {sorted(graph_out)}"
             )
-        return inputs, outputs
 
     @property
     def n_live(self) -> int:
@@ -237,7 +281,9 @@ class OrtRunner:
             past_lengths[slot - lo] = start
         span = [buffer[lo:hi] for buffer in self._pool]  # views: ORT reads the pool in place
         feed = dict(zip(self._inputs, [ids, past_lengths, *span]))
-        logits, *new = self.session.run(self._outputs, feed)  # (span, T, V), 2 * n_layer x (span, Hkv, T, D)
+        small = self.small_batch_session is not None and (hi - lo) * T <= SMALL_BATCH_MAX_TOKENS
+        session = self.small_batch_session if small else self.session
+        logits, *new = session.run(self._outputs, feed)  # (span, T, V), 2 * n_layer x (span, Hkv, T, D)
         for slot, chunk, start in zip(slots, chunks, starts):
             n, row = len(chunk), slot - lo
             for buffer, rows in zip(span, new):

@@ -5,12 +5,14 @@ from __future__ import annotations
 import shutil
 
 import pytest
+import torch
 
 from exporter.export import export_artifact
 from exporter.parity import ParitySettings
 from inference_svc.engine import Engine, FinishReason
-from inference_svc.ort_runner import OrtRunner, onnx_file
+from inference_svc.ort_runner import SMALL_BATCH_MAX_TOKENS, OrtRunner, onnx_file
 from inference_svc.params import make_request
+from model import onnx_contract as contract
 from model.generate import generate_tokens
 from model.sampling import SamplingParams
 
@@ -123,3 +125,44 @@ def test_missing_variant_says_how_to_export(tiny, exported):
         onnx_file(exported, "int4")
     with pytest.raises(FileNotFoundError, match="found: none"):
         onnx_file(tiny.path, "fp32")
+
+
+def test_int8_small_calls_run_on_the_small_batch_twin(tiny, exported):
+    """INT8 (PERF_NOTES 14): calls of at most SMALL_BATCH_MAX_TOKENS token rows run on the fixed-KV graph's
+    weight-only 8-bit twin, the rest on the fixed-KV INT8 file, both over one pool. Fed torch's greedy tokens, each
+    call's logits stay within INT8 error of torch's and pick torch's next token."""
+    runner = OrtRunner(exported, n_slots=3, variant="int8", threads=1)
+    assert runner.small_batch_path.name == contract.SMALL_BATCH_FILES["int8"] and SMALL_BATCH_MAX_TOKENS == 2
+    calls = []
+    for name, session in (("small", runner.small_batch_session), ("int8", runner.session)):
+        session.run = lambda *a, _run=session.run, _name=name, **k: calls.append(_name) or _run(*a, **k)
+    prompts = [tiny.tokenizer.encode(p) for p in ("t", "to be", "or not to be: that")]  # 1, 5, 18 tokens
+    want = [_greedy(tiny, ids, 8) for ids in prompts]
+    errors, agree = [], []
+
+    def check(logits, rows):
+        for row, (slot, step) in zip(logits, rows):
+            ids = torch.tensor([prompts[slot] + want[slot][:step]])
+            with torch.no_grad():
+                expected = tiny.model(ids)[0][0, -1]
+            errors.append(float((row - expected).abs().max()))
+            agree.append(int(row.argmax()) == want[slot][step])
+
+    for slot, ids in enumerate(prompts):
+        check(runner.prefill([slot], [ids]), [(slot, 0)])
+    assert calls == ["small", "int8", "int8"]  # 1 token row, then 5 and 18
+    made = [1, 1, 1]  # tokens predicted per slot (the prefill's first)
+    for slots in [[0]] * 2 + [[0, 1]] * 2 + [[0, 1, 2]] * 3:  # 1 row, a span of 2 rows, 3 rows
+        positions = [len(prompts[s]) + made[s] - 1 for s in slots]
+        logits = runner.decode(slots, [want[s][made[s] - 1] for s in slots], positions)
+        check(logits, [(s, made[s]) for s in slots])
+        for s in slots:
+            made[s] += 1
+    assert calls[3:] == ["small"] * 2 + ["small"] * 2 + ["int8"] * 3
+    assert max(errors) < 0.1 and sum(agree) / len(agree) >= 0.9, (max(errors), agree)
+    for slot in range(3):
+        runner.release(slot)
+    assert runner.n_live == 0
+    assert OrtRunner(exported, n_slots=1, variant="int8", small_batch=False).small_batch_session is None
+    with pytest.raises(FileNotFoundError, match=r"no small-batch fixed-KV graph for variant 'fp32'.*tinylm export"):
+        OrtRunner(exported, n_slots=1, variant="fp32", small_batch=True)

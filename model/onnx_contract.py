@@ -28,6 +28,12 @@ Row b's token t sits at position past_lengths[b] + t, so rows at different lengt
 buffers' capacity, at least max(past_lengths); max_len = block_size is all a host ever needs. Attention reads the
 whole capacity every step (masked), so a host may keep max_len buffers or grow them as its sequences do
 (`cache_capacity`: the ORT backend doubles them).
+
+INT8 also has a small-batch twin of its fixed-KV graph (`SMALL_BATCH_FILES`; meta.json's `fixed_kv.small_batch`
+under the variant): the same inputs and outputs, the weights quantized for calls of a row or two (weight-only 8-bit
+`MatMulNBits`), which ORT runs faster than the dynamic INT8 file at one or two token rows and slower at more
+(inference_svc/PERF_NOTES.md 14). A host may run each call on either file; the ORT backend takes the twin for calls
+of at most 2 token rows.
 This module has no dependencies beyond the standard library, so a runtime can import it alone.
 """
 
@@ -43,6 +49,7 @@ __all__ = [
     "META_FILE",
     "VARIANT_FILES",
     "FIXED_KV_FILES",
+    "SMALL_BATCH_FILES",
     "PAST_LENGTHS",
     "INPUT_IDS",
     "LOGITS",
@@ -80,6 +87,8 @@ FIXED_KV_FILES: dict[str, str] = {
     "int8": "model-fixedkv-int8.onnx",
     "int4": "model-fixedkv-int4.onnx",
 }
+# Variant -> the small-batch twin of its fixed-KV graph, inside ONNX_DIR (same I/O; weights quantized for 1-2 rows).
+SMALL_BATCH_FILES: dict[str, str] = {"int8": "model-fixedkv-int8-small-batch.onnx"}
 INPUT_IDS = "input_ids"
 PAST_LENGTHS = "past_lengths"
 LOGITS = "logits"

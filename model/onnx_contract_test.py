@@ -19,6 +19,9 @@ def test_names_in_graph_order():
     assert contract.fixed_kv_output_names(1) == ["logits", "new_key_0", "new_value_0"]
     assert set(contract.FIXED_KV_FILES) == set(contract.VARIANT_FILES)
     assert not set(contract.FIXED_KV_FILES.values()) & set(contract.VARIANT_FILES.values())  # the old names stay
+    assert contract.SMALL_BATCH_FILES == {"int8": "model-fixedkv-int8-small-batch.onnx"}  # INT8 only (PERF_NOTES 14)
+    names = [*contract.VARIANT_FILES.values(), *contract.FIXED_KV_FILES.values(), *contract.SMALL_BATCH_FILES.values()]
+    assert len(set(names)) == len(names)
 
 
 def test_imports_only_the_standard_library():

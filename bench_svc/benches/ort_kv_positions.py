@@ -1,13 +1,14 @@
-"""The ORT decode step by position: the past -> present graph against the fixed-KV graph (inference_svc/PERF_NOTES.md
-sections 12-13).
+"""The ORT decode step by position: the past -> present graph against the fixed-KV graph, and that graph with INT8's
+small-batch twin taking the one-row steps (inference_svc/PERF_NOTES.md sections 12-14).
 
     python -m bench_svc.benches.ort_kv_positions [--runs 21] [--threads 1]
 
 A random-init shakespeare-char model is exported to INT8 (both graphs, `export_artifact`, gates off) in a temp
-folder. Two `OrtRunner`s (fixed_kv False / True) each decode one sequence from a 6-token prompt up to position
-block_size - 27 (229), feeding the argmax back, then release it. After one warm-up each, `--runs` runs alternate
-which graph goes first; per run, the median step over the first and the last 20 positions. Prints, per graph, the
-median over runs and the best run (this machine's speed drifts: compare only figures of one invocation).
+folder. Three `OrtRunner`s (fixed_kv False; True without and with the small-batch twin) each decode one sequence from
+a 6-token prompt up to position block_size - 27 (229), feeding the argmax back, then release it. After one warm-up
+each, `--runs` runs alternate the order of the graphs; per run, the median step over the first and the last 20
+positions. Prints, per graph, the median over runs and the best run (this machine's speed drifts: compare only
+figures of one invocation).
 """
 
 from __future__ import annotations
@@ -35,7 +36,8 @@ PROMPT = "ROMEO:"  # 6 characters, as in PERF_NOTES 12
 # Tiny Shakespeare's 65 characters: the vocabulary (and LM head) of a shakespeare-char model trained on it
 SHAKESPEARE_CHARS = "\n !$&',-.3:;?ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
 WINDOW = 20  # positions per reported window
-GRAPHS = {"past-present": False, "fixed-kv": True}
+# name -> (fixed_kv, small_batch) of its OrtRunner
+GRAPHS = {"past-present": (False, False), "fixed-kv": (True, False), "fixed-kv small-batch": (True, True)}
 _SMALL_PARITY = ParitySettings(
     n_prompts=1, prompt_len=8, decode_prompts=1, decode_prompt_len=4, decode_steps=4, eval_tokens=256
 )
@@ -66,13 +68,14 @@ def step_times(runner: OrtRunner, prompt: list[int], end: int) -> list[float]:
 def compare(path: Path, prompt: list[int], end: int, runs: int, threads: int) -> dict[str, dict[str, list[float]]]:
     """Per graph, each run's median ms over the first and the last WINDOW decode positions (the last step at end - 1)."""
     runners = {
-        name: OrtRunner(path, 1, variant="int8", threads=threads, fixed_kv=fixed) for name, fixed in GRAPHS.items()
+        name: OrtRunner(path, 1, variant="int8", threads=threads, fixed_kv=fixed, small_batch=small)
+        for name, (fixed, small) in GRAPHS.items()
     }
     for runner in runners.values():
         step_times(runner, prompt, end)  # warm-up
     result = {name: {"first": [], "last": []} for name in runners}
     for run in range(runs):
-        for name in list(runners)[:: 1 if run % 2 == 0 else -1]:
+        for name in list(runners)[:: 1 if run % 2 == 0 else -1]:  # alternate the order
             ms = [t * 1e3 for t in step_times(runners[name], prompt, end)]
             result[name]["first"].append(statistics.median(ms[:WINDOW]))
             result[name]["last"].append(statistics.median(ms[-WINDOW:]))
@@ -95,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     for name, windows in result.items():
         cells = [f"{statistics.median(v):.3f} ({min(v):.3f})" for v in windows.values()]
-        print(f"{name:<14} {cells[0]:>16} {cells[1]:>16}")
+        print(f"{name:<22} {cells[0]:>16} {cells[1]:>16}")
     return 0
 
 

@@ -1,4 +1,4 @@
-"""The ORT step-by-position comparison at toy sizes (figures are not checked, only that both graphs ran every run)."""
+"""The ORT step-by-position comparison at toy sizes (figures are not checked, only that every graph ran every run)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from model.presets import get_preset
 from model.tokenizers import CharTokenizer
 
 
-def test_both_graphs_are_timed_over_both_windows(tmp_path, one_thread):
+def test_every_graph_is_timed_over_both_windows(tmp_path, one_thread):
     tokenizer = CharTokenizer.from_corpus("to be, or not to be: ROMEO")
     config = get_preset("shakespeare-char", n_layer=1, n_embd=32, n_head=2, n_kv_head=2, block_size=96, dropout=0.0)
     path = export_int8(tmp_path, config, tokenizer)
