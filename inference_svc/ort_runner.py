@@ -19,13 +19,17 @@ the capacity follows the longest live sequence (`onnx_contract.cache_capacity`: 
 sequences' K/V move when it grows, or shrinks on a release, within buffers allocated once for max_len).
 INT8's fixed-KV graph has a small-batch twin (meta.json `fixed_kv.small_batch`: weight-only 8-bit MatMulNBits, faster
 at one or two token rows and slower at more, PERF_NOTES 14): calls of at most SMALL_BATCH_MAX_TOKENS token rows run on
-it, the rest on the fixed-KV file. Both read and write the same pool.
+it, the rest on the fixed-KV file. Both read and write the same pool. Its speed rests on the CPU having ORT's int8
+kernel for MatMulNBits, so by default the runner times one token on each file at start and keeps the twin only if
+it is the faster there.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
+import time
 from collections import defaultdict
 from pathlib import Path
 from typing import Any, Sequence
@@ -83,13 +87,26 @@ def _open_session(path: Path, options: Any) -> Any:
         raise ValueError(f"{path} is not a loadable ONNX model ({type(e).__name__}: {reason})") from None
 
 
+def _call_ms(session: Any, outputs: list[str], feed: dict[str, np.ndarray], warm: int = 2, timed: int = 5) -> float:
+    """The fastest of `timed` calls of session.run(outputs, feed), in ms, after `warm` untimed ones."""
+    for _ in range(warm):
+        session.run(outputs, feed)
+    best = math.inf
+    for _ in range(timed):
+        t0 = time.perf_counter()
+        session.run(outputs, feed)
+        best = min(best, time.perf_counter() - t0)
+    return best * 1e3
+
+
 class OrtRunner:
     """An ORT CPU session plus per-slot KV arrays for up to n_slots sequences.
 
     Pass the artifact folder (config.json gives the shapes) and the variant (fp32, fp16, int8, int4);
     `threads` 0 lets ORT choose its intra-op threads. `fixed_kv` None uses the variant's fixed-KV graph when the
     export made one, True requires it, False keeps the past -> present graph. `small_batch` likewise for the fixed-KV
-    graph's small-batch twin (INT8), used for calls of at most SMALL_BATCH_MAX_TOKENS token rows.
+    graph's small-batch twin (INT8), used for calls of at most SMALL_BATCH_MAX_TOKENS token rows; None uses it only if
+    a one-token call measures faster on it than on the fixed-KV file here, at start (`small_batch_check`).
     """
 
     def __init__(
@@ -146,6 +163,24 @@ class OrtRunner:
             size = n_slots * self.n_kv_head * self.max_len * self.head_dim
             self._flat = [np.zeros(size, dtype=np.float32) for _ in range(2 * self.n_layer)]
             self._resize_pool(cache_capacity(0, self.max_len))
+        # (twin ms, file ms) for one token on this machine, when `small_batch` None left the choice to the runner
+        self.small_batch_check: tuple[float, float] | None = None
+        if small_batch is None and self.small_batch_session is not None:
+            self._keep_small_batch_if_faster()
+
+    def _keep_small_batch_if_faster(self) -> None:
+        """Time a one-token call (a row at position 0, nothing written to the pool) on the twin and on the fixed-KV
+        file, and drop the twin unless it is the faster here: its speed rests on MLAS's int8 MatMulNBits kernel
+        (~0.5 ms a step on this repo's x86 CPU); without one ORT dequantizes the weights every call (~15 ms)."""
+        feed = dict(
+            zip(self._inputs, [np.zeros((1, 1), np.int64), np.zeros(1, np.int64), *(b[:1] for b in self._pool)])
+        )
+        twin = _call_ms(self.small_batch_session, self._outputs, feed)
+        main = _call_ms(self.session, self._outputs, feed)
+        self.small_batch_check = (twin, main)
+        if twin >= main:
+            log.info("%s: %.3f ms a token against %.3f without it here; not used", self.small_batch_path, twin, main)
+            self.small_batch_path, self.small_batch_session = None, None
 
     def _small_batch(
         self, fixed_entry: dict[str, Any] | None, wanted: bool | None, artifact_dir: Path, variant: str, options: Any

@@ -10,6 +10,7 @@ import torch
 from exporter.export import export_artifact
 from exporter.parity import ParitySettings
 from inference_svc.engine import Engine, FinishReason
+from inference_svc import ort_runner
 from inference_svc.ort_runner import SMALL_BATCH_MAX_TOKENS, OrtRunner, onnx_file
 from inference_svc.params import make_request
 from model import onnx_contract as contract
@@ -131,7 +132,7 @@ def test_int8_small_calls_run_on_the_small_batch_twin(tiny, exported):
     """INT8 (PERF_NOTES 14): calls of at most SMALL_BATCH_MAX_TOKENS token rows run on the fixed-KV graph's
     weight-only 8-bit twin, the rest on the fixed-KV INT8 file, both over one pool. Fed torch's greedy tokens, each
     call's logits stay within INT8 error of torch's and pick torch's next token."""
-    runner = OrtRunner(exported, n_slots=3, variant="int8", threads=1)
+    runner = OrtRunner(exported, n_slots=3, variant="int8", threads=1, small_batch=True)  # True: whatever it measures
     assert runner.small_batch_path.name == contract.SMALL_BATCH_FILES["int8"] and SMALL_BATCH_MAX_TOKENS == 2
     calls = []
     for name, session in (("small", runner.small_batch_session), ("int8", runner.session)):
@@ -166,3 +167,26 @@ def test_int8_small_calls_run_on_the_small_batch_twin(tiny, exported):
     assert OrtRunner(exported, n_slots=1, variant="int8", small_batch=False).small_batch_session is None
     with pytest.raises(FileNotFoundError, match=r"no small-batch fixed-KV graph for variant 'fp32'.*tinylm export"):
         OrtRunner(exported, n_slots=1, variant="fp32", small_batch=True)
+
+
+@pytest.mark.parametrize("twin_ms, file_ms, kept", [(0.5, 0.6, True), (15.0, 0.6, False), (0.6, 0.6, False)])
+def test_by_default_the_twin_is_kept_only_where_it_is_faster(tiny, exported, monkeypatch, twin_ms, file_ms, kept):
+    """small_batch None: the runner times a one-token call on the twin and on the fixed-KV INT8 file at start and
+    drops the twin unless it is the faster (on a CPU without ORT's int8 MatMulNBits kernel it runs ~30x slower).
+    The timing here is replaced by fixed figures, one per file; the calls themselves are real."""
+    seen = []
+
+    def fake_call_ms(session, outputs, feed):
+        logits, *new = session.run(outputs, feed)  # the feed the check builds is a valid one-token call
+        assert logits.shape[:2] == (1, 1) and all(n.shape[2] == 1 for n in new)
+        seen.append(session)
+        return twin_ms if len(seen) == 1 else file_ms
+
+    monkeypatch.setattr(ort_runner, "_call_ms", fake_call_ms)
+    runner = OrtRunner(exported, n_slots=2, variant="int8", threads=1)
+    assert runner.small_batch_check == (twin_ms, file_ms) and seen[1] is runner.session
+    assert (runner.small_batch_session is not None) == kept and (runner.small_batch_path is not None) == kept
+    assert not runner._pool[0].any()  # the check wrote nothing into the cache
+    monkeypatch.undo()
+    forced = OrtRunner(exported, n_slots=1, variant="int8", threads=1, small_batch=True)
+    assert forced.small_batch_check is None and forced.small_batch_session is not None  # True: no check, kept
