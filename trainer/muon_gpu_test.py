@@ -5,12 +5,11 @@ learning rate from a device tensor), and as the preset trains (the compiled mode
 
 How far apart "alike" may be for this recipe: its peak Muon learning rate amplifies rounding. On the H200 the eager
 loop alone, the same code, gave 1.8771 to 1.9077 at step 80 across eight processes (ninth session and earlier), and
-changes that alter only the rounding (contiguous batches, autocast's cast cache off,
-cuBLAS's reduced-precision reductions off, the learning rate a device tensor) moved it by 0.003-0.016 within one
-process (`python -m tools.train_probe muon-eager`, trainer/PERF_NOTES.md section 15). So the bound is 0.035 here,
-against the AdamW recipe's 0.02. What it catches, measured the same way: every learning rate halved moved the
-evaluations by 0.10; scaled by 0.8, by 0.015, inside the noise: gross faults (a learning rate lost, a step not
-taken), not a 20% error."""
+changes that alter only the rounding (contiguous batches, autocast's cast cache off, cuBLAS's reduced-precision
+reductions off, the learning rate a device tensor) moved it by 0.003-0.016 within one process (`python -m
+tools.train_probe muon-eager`, trainer/PERF_NOTES.md section 15). So the bound is 0.035 here, against the AdamW
+recipe's 0.02. What it catches, measured the same way: every learning rate halved moved the evaluations by 0.10;
+scaled by 0.8, by 0.015, inside the noise: gross faults (a learning rate lost, a step not taken), not a 20% error."""
 
 from __future__ import annotations
 
