@@ -112,15 +112,28 @@ class CompiledDecodeStep:
     keys and the new key beside them, and the new keys and values of every layer come out of the graph and are
     written after it, one indexed write for keys and one for values (`KVCache.write_layers`). A compiled in-place
     cache write was the whole-step compile's undoing in PERF_NOTES section 10 (c''): the functionalised write copied
-    the cache back, 27-106 ms a step. Compiled on first use for `rows` rows (torch.compile specialises the shapes;
-    the runner sends other row counts the eager way) and again once kv_len first changes (then symbolic: one graph
-    for every kv_len). Numerics: the same ops fused by Inductor, attention in `split_cache_attention`'s form; the
+    the cache back, 27-106 ms a step. Compiled for `rows` rows (torch.compile specialises the shapes; the runner sends
+    other row counts the eager way) on first use, and again once kv_len first changes (then symbolic: one graph for
+    every kv_len): `warm` does both up front. Numerics: the same ops fused by Inductor, attention in `split_cache_attention`'s form; the
     tests check greedy tokens equal the eager step's."""
 
     def __init__(self, model: GPT, rows: int = 1) -> None:
         self.model, self.rows = model, rows
         self.calls = 0  # steps run (tests: the runner took this path)
         self._step = torch.compile(_decode_step, fullgraph=True)
+
+    def warm(self, cache: KVCache, slot: int) -> None:
+        """Compile now rather than in a served request's step (cold, ~10-40 s here): two steps on `slot`, a slot no
+        row reads (its positions 1 and 2 are written), at kv_len 2 and 3 (the second makes kv_len symbolic)."""
+        if cache.max_len < 3:
+            return
+        device = cache.k.device
+        idx = torch.zeros(self.rows, 1, dtype=torch.long, device=device)
+        slots = torch.full((self.rows,), slot, dtype=torch.long, device=device)
+        with torch.inference_mode():
+            for p in (1, 2):
+                self(idx, cache, slots, torch.full((self.rows,), p, dtype=torch.long, device=device), p + 1)
+        self.calls = 0
 
     def __call__(
         self, idx: torch.Tensor, cache: KVCache, slots: torch.Tensor, positions: torch.Tensor, kv_len: int

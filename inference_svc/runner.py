@@ -239,7 +239,8 @@ class TorchRunner:
     with weight-only INT8 Linears; the rest in `dtype`). A CPU decode step at batch 1 is bound by the weights' bytes.
     `cpu_compile` (CPU only; default: on with cpu_weights="int8"): the device-resident decode steps of one row run as
     `inference_svc.cpu_weights.CompiledDecodeStep` (torch.compile of the compute between attentions; the cache write,
-    gather and attention eager), compiled on the first such step (~20 s); other row counts take the eager path.
+    gather and attention eager), compiled when the runner is built (cold ~10-40 s on a 2-core VM; Inductor's on-disk
+    cache makes later starts quicker); other row counts take the eager path.
     """
 
     def __init__(
@@ -291,6 +292,8 @@ class TorchRunner:
         self.cache = KVCache(n_slots + 1, self.config, max_len, dtype=dtype, device=device)
         self.max_len = self.cache.max_len
         self._scratch = n_slots  # padded rows of a graph bucket write here, never read by a real row
+        if self._compiled_step is not None:
+            self._compiled_step.warm(self.cache, self._scratch)
         self.attention_in_place = device.type == "cuda" if attention_in_place is None else attention_in_place
         # Default: on with CUDA graphs. The captured step at B=1 went 0.195 -> 0.113 ms (58 -> 34 kernels), at B=8
         # 0.223 -> 0.197 ms (H200, python -m kernels.decode_step_bench, commit f194b53).
