@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import types
 from typing import Sequence
 
 import torch
@@ -120,7 +121,10 @@ class CompiledDecodeStep:
     def __init__(self, model: GPT, rows: int = 1) -> None:
         self.model, self.rows = model, rows
         self.calls = 0  # steps run (tests: the runner took this path)
-        self._step = torch.compile(_decode_step, fullgraph=True)
+        # A code object of its own: dynamo keeps compiled graphs per code object (at most 8, then fullgraph=True fails
+        # hard), so runners of many differently shaped models in one process (tests, benches) must not share one.
+        step = types.FunctionType(_decode_step.__code__.replace(), _decode_step.__globals__, "_decode_step")
+        self._step = torch.compile(step, fullgraph=True)
 
     def warm(self, cache: KVCache, slot: int) -> None:
         """Compile now rather than in a served request's step (cold, ~10-40 s here): two steps on `slot`, a slot no

@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from inference_svc.cpu_weights import CPU_WEIGHTS, INT8PACK_K_MULTIPLE, CpuInt8Linear
+from inference_svc.cpu_weights import CPU_WEIGHTS, INT8PACK_K_MULTIPLE, CompiledDecodeStep, CpuInt8Linear
 from inference_svc.runner import TorchRunner
 from kernels.quant_format import unpack_int8
 from model.presets import get_preset
@@ -180,6 +180,19 @@ def test_int8_compiles_batch_1_steps_by_default_and_leaves_larger_batches_eager(
         runner.prefill_sample([0, 1], [[1, 2, 3], [4, 5]], [GREEDY] * 2, [0, 0])
         runner.decode_sample([0, 1], 4, full=False)
     assert runner._compiled_step.calls == 0
+
+
+def test_a_compiled_step_that_fails_to_build_leaves_the_eager_step(monkeypatch, caplog):
+    def fail(self, cache, slot):
+        raise RuntimeError("no C++ compiler")
+
+    monkeypatch.setattr(CompiledDecodeStep, "warm", fail)
+    runner = TorchRunner(trained_like(), n_slots=2, cpu_weights="int8")
+    assert runner._compiled_step is None and runner.cpu_compile is False
+    assert "failed to build (no C++ compiler); decoding eagerly" in caplog.text
+    with single_thread():
+        runner.prefill_sample([0], [[1, 2, 3]], [GREEDY], [0])
+        assert runner.decode_sample([0], 4, full=False).shape == (1,)
 
 
 def test_a_bad_value_names_the_allowed_ones():

@@ -293,7 +293,11 @@ class TorchRunner:
         self.max_len = self.cache.max_len
         self._scratch = n_slots  # padded rows of a graph bucket write here, never read by a real row
         if self._compiled_step is not None:
-            self._compiled_step.warm(self.cache, self._scratch)
+            try:
+                self._compiled_step.warm(self.cache, self._scratch)
+            except Exception as e:  # e.g. no C++ compiler for Inductor here: the eager step, as cpu_compile=False
+                log.warning("cpu_compile: the compiled decode step failed to build (%s); decoding eagerly", e)
+                self._compiled_step, self.cpu_compile = None, False
         self.attention_in_place = device.type == "cuda" if attention_in_place is None else attention_in_place
         # Default: on with CUDA graphs. The captured step at B=1 went 0.195 -> 0.113 ms (58 -> 34 kernels), at B=8
         # 0.223 -> 0.197 ms (H200, python -m kernels.decode_step_bench, commit f194b53).
