@@ -13,15 +13,18 @@ from __future__ import annotations
 
 import copy
 import logging
+import types
 from typing import Sequence
 
 import torch
 import torch.nn as nn
 
+from model.kv_cache import KVCache
+from model.layers import split_cache_attention
 from model.quantize import Int8Linear
 from model.transformer import GPT
 
-__all__ = ["CPU_WEIGHTS", "CpuInt8Linear", "cpu_int8_model"]
+__all__ = ["CPU_WEIGHTS", "CompiledDecodeStep", "CpuInt8Linear", "cpu_int8_model"]
 
 log = logging.getLogger(__name__)
 
@@ -79,3 +82,73 @@ def cpu_int8_model(model: GPT) -> GPT:
         log.warning("int8 CPU weights: %s have in_features not a multiple of %d: dequantised per call (slow)",
                     slow, INT8PACK_K_MULTIPLE)  # fmt: skip
     return model
+
+
+# The CPU decode step of one row compiled whole, the KV cache only read inside it (TorchRunner(cpu_compile=)) --------
+
+
+def _decode_step(model: GPT, qkvs: list, idx: torch.Tensor, pos: torch.Tensor, cache_k: torch.Tensor,
+                 cache_v: torch.Tensor, slots: torch.Tensor, kv_len: int, rope):  # fmt: skip
+    """One new token per row: idx, pos (B, 1) long; cache_k / cache_v the cache's buffers (n_slots, n_layer, Hkv,
+    max_len, D), read, never written; slots (B,). Each layer attends over its row's past keys (positions < pos,
+    gathered from the cache) and its new key beside them (`split_cache_attention`), so the cache needs no write
+    before the read. Returns logits (B, V) and every layer's new keys and values, (B, n_layer, Hkv, D) each."""
+    x = model._embed(idx, pos)  # (B, 1, C)
+    ks, vs = [], []
+    for layer, block in enumerate(model.blocks):
+        q, k, v = block.attn.project(block.norm_1(x), rope, qkvs[layer])  # (B, H, 1, D), (B, Hkv, 1, D) x 2
+        k_past = cache_k[:, layer, :, :kv_len].index_select(0, slots).to(q.dtype)  # (B, Hkv, S, D)
+        v_past = cache_v[:, layer, :, :kv_len].index_select(0, slots).to(q.dtype)
+        y = split_cache_attention(q, k_past, v_past, pos[:, 0], k, v)  # (B, H, 1, D)
+        x = x + block.attn.out(y)
+        x = x + block.mlp(block.norm_2(x))
+        ks.append(k[:, :, 0])
+        vs.append(v[:, :, 0])
+    return model.lm_head(model.norm_f(x))[:, 0], torch.stack(ks, 1), torch.stack(vs, 1)
+
+
+class CompiledDecodeStep:
+    """`GPT.forward_cached`'s decode step (one new token per row, `last_only`) as one torch.compile graph (Inductor's
+    C++ backend), the KV cache an input that the graph only reads: each layer's attention runs over the row's past
+    keys and the new key beside them, and the new keys and values of every layer come out of the graph and are
+    written after it, one indexed write for keys and one for values (`KVCache.write_layers`). A compiled in-place
+    cache write was the whole-step compile's undoing in PERF_NOTES section 10 (c''): the functionalised write copied
+    the cache back, 27-106 ms a step. Compiled for `rows` rows (torch.compile specialises the shapes; the runner sends
+    other row counts the eager way) on first use, and again once kv_len first changes (then symbolic: one graph for
+    every kv_len): `warm` does both up front. Numerics: the same ops fused by Inductor, attention in `split_cache_attention`'s form; the
+    tests check greedy tokens equal the eager step's."""
+
+    def __init__(self, model: GPT, rows: int = 1) -> None:
+        self.model, self.rows = model, rows
+        self.calls = 0  # steps run (tests: the runner took this path)
+        # A code object of its own: dynamo keeps compiled graphs per code object (at most 8, then fullgraph=True fails
+        # hard), so runners of many differently shaped models in one process (tests, benches) must not share one.
+        step = types.FunctionType(_decode_step.__code__.replace(), _decode_step.__globals__, "_decode_step")
+        self._step = torch.compile(step, fullgraph=True)
+
+    def warm(self, cache: KVCache, slot: int) -> None:
+        """Compile now rather than in a served request's step (cold, ~10-40 s here): two steps on `slot`, a slot no
+        row reads (its positions 1 and 2 are written), at kv_len 2 and 3 (the second makes kv_len symbolic)."""
+        if cache.max_len < 3:
+            return
+        device = cache.k.device
+        idx = torch.zeros(self.rows, 1, dtype=torch.long, device=device)
+        slots = torch.full((self.rows,), slot, dtype=torch.long, device=device)
+        with torch.inference_mode():
+            for p in (1, 2):
+                self(idx, cache, slots, torch.full((self.rows,), p, dtype=torch.long, device=device), p + 1)
+        self.calls = 0
+
+    def __call__(
+        self, idx: torch.Tensor, cache: KVCache, slots: torch.Tensor, positions: torch.Tensor, kv_len: int
+    ) -> torch.Tensor:
+        """idx (B, 1) long, slots and positions (B,) long, every position < kv_len -> logits (B, V), as
+        `forward_cached(idx, cache, slots, positions, kv_len=kv_len, last_only=True)`, the new K/V written."""
+        model = self.model
+        self.calls += 1
+        pos = positions[:, None]  # (B, 1)
+        rope = model._rope(pos, model.tok_emb.weight.dtype)
+        qkvs = [block.attn._fused_qkv() for block in model.blocks]
+        logits, ks, vs = self._step(model, qkvs, idx, pos, cache.k, cache.v, slots, kv_len, rope)
+        cache.write_layers(slots, positions, ks, vs)
+        return logits

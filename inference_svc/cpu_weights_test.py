@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from inference_svc.cpu_weights import CPU_WEIGHTS, INT8PACK_K_MULTIPLE, CpuInt8Linear
+from inference_svc.cpu_weights import CPU_WEIGHTS, INT8PACK_K_MULTIPLE, CompiledDecodeStep, CpuInt8Linear
 from inference_svc.runner import TorchRunner
 from kernels.quant_format import unpack_int8
 from model.presets import get_preset
@@ -141,14 +141,72 @@ def test_cpu_int8_linear_equals_the_dequantised_product(k):
         torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-5)  # Int8Linear's own path: exact up to fp32
 
 
+def _greedy_one_row(runner: TorchRunner, prompt: list[int], steps: int) -> list[int]:
+    """One request alone (batch 1) through prefill_sample and `steps` decode_sample calls."""
+    got = [int(runner.prefill_sample([1], [prompt], [GREEDY], [0])[0])]
+    for j in range(steps):
+        got.append(int(runner.decode_sample([1], len(prompt) + j + 1, full=False)[0]))
+    return got
+
+
+@pytest.mark.parametrize("weights", ["int8", "fp32"])
+def test_compiled_decode_step_gives_the_eager_steps_tokens_and_cache(weights):
+    """`cpu_compile` (on by default with int8): batch-1 decode steps run as one compiled graph that reads the cache
+    and writes every layer's new K/V after it. Greedy tokens over 40 steps equal the eager step's token for token
+    (and the plain full forward's), and the cache holds the same keys and values at every written position."""
+    model = trained_like(seed=3, sharp=True)
+    g = torch.Generator().manual_seed(4)
+    prompt, steps = torch.randint(0, VOCAB, (7,), generator=g).tolist(), 40
+    with single_thread():
+        compiled = TorchRunner(copy.deepcopy(model), n_slots=3, cpu_weights=weights, cpu_compile=True)
+        eager = TorchRunner(copy.deepcopy(model), n_slots=3, cpu_weights=weights, cpu_compile=False)
+        assert compiled.cpu_compile and not eager.cpu_compile and eager._compiled_step is None
+        got, want = _greedy_one_row(compiled, prompt, steps), _greedy_one_row(eager, prompt, steps)
+    assert compiled._compiled_step.calls == steps  # every decode step took the compiled graph
+    assert got == want
+    assert got == reference_greedy(compiled.model, prompt, steps + 1)
+    n = len(prompt) + steps  # positions written: the prompt's (prefill, eager in both) and each step's
+    for buf in ("k", "v"):
+        a, b = getattr(compiled.cache, buf)[1, :, :, :n], getattr(eager.cache, buf)[1, :, :, :n]
+        assert a.abs().min(-1).values.max() > 0  # written
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert not compiled.cache.k[[0, 2]].any() and not compiled.cache.k[1, :, :, n:].any()  # nothing else written
+
+
+def test_int8_compiles_batch_1_steps_by_default_and_leaves_larger_batches_eager():
+    runner = TorchRunner(trained_like(), n_slots=2, cpu_weights="int8")
+    assert runner.cpu_compile and TorchRunner(trained_like(), n_slots=2).cpu_compile is False
+    with single_thread():
+        runner.prefill_sample([0, 1], [[1, 2, 3], [4, 5]], [GREEDY] * 2, [0, 0])
+        runner.decode_sample([0, 1], 4, full=False)
+    assert runner._compiled_step.calls == 0
+
+
+def test_a_compiled_step_that_fails_to_build_leaves_the_eager_step(monkeypatch, caplog):
+    def fail(self, cache, slot):
+        raise RuntimeError("no C++ compiler")
+
+    monkeypatch.setattr(CompiledDecodeStep, "warm", fail)
+    runner = TorchRunner(trained_like(), n_slots=2, cpu_weights="int8")
+    assert runner._compiled_step is None and runner.cpu_compile is False
+    assert "failed to build (no C++ compiler); decoding eagerly" in caplog.text
+    with single_thread():
+        runner.prefill_sample([0], [[1, 2, 3]], [GREEDY], [0])
+        assert runner.decode_sample([0], 4, full=False).shape == (1,)
+
+
 def test_a_bad_value_names_the_allowed_ones():
     with pytest.raises(ValueError, match=r"cpu_weights must be one of \['fp32', 'bf16', 'int8'\], got 'int4'"):
         TorchRunner(trained_like(), n_slots=2, cpu_weights="int4")
     with pytest.raises(ValueError, match=r"cpu_weights='bf16' runs the model in bf16; dtype must be None or bf16"):
         TorchRunner(trained_like(), n_slots=2, cpu_weights="bf16", dtype=torch.float32)
+    with pytest.raises(ValueError, match=r"cpu_compile must be None, True or False, got 'yes'"):
+        TorchRunner(trained_like(), n_slots=2, cpu_compile="yes")
 
 
 def test_cpu_weights_are_refused_on_cuda():
     """Refused before the model moves (so this runs without a GPU too)."""
     with pytest.raises(ValueError, match="cpu_weights='int8' needs a CPU device"):
         TorchRunner(trained_like(), n_slots=2, device="cuda", cpu_weights="int8")
+    with pytest.raises(ValueError, match="cpu_compile needs a CPU device"):
+        TorchRunner(trained_like(), n_slots=2, device="cuda", cpu_compile=True)

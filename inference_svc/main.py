@@ -90,8 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--cpu-weights",
         choices=CPU_WEIGHTS,
         default="fp32",
-        help="weights of --backend torch on a CPU device (default fp32; int8: weight-only INT8 Linears; bf16: the "
-        "model in bf16): fewer bytes per decoded token (inference_svc/PERF_NOTES.md section 10)",
+        help="weights of --backend torch on a CPU device (default fp32; int8: weight-only INT8 Linears, the batch-1 "
+        "decode step compiled at start, 20-60 s; bf16: the model in bf16): fewer bytes per decoded token "
+        "(inference_svc/PERF_NOTES.md sections 10, 15)",
     )
     p.add_argument(
         "--stream-messages-per-s",

@@ -27,7 +27,7 @@ from typing import Callable, Protocol, Sequence
 
 import torch
 
-from inference_svc.cpu_weights import CPU_WEIGHTS, cpu_int8_model
+from inference_svc.cpu_weights import CPU_WEIGHTS, CompiledDecodeStep, cpu_int8_model
 from model.field_checks import check_choice, check_int
 from model.kv_cache import KVCache
 from kernels.dispatch import Impl
@@ -237,6 +237,10 @@ class TorchRunner:
     `cpu_weights` (CPU devices only; `inference_svc.cpu_weights`): "fp32" (default: the model in `dtype`, as given),
     "bf16" (model, activations and cache in bf16; `dtype` must be left None or be bf16) or "int8" (a copy of the model
     with weight-only INT8 Linears; the rest in `dtype`). A CPU decode step at batch 1 is bound by the weights' bytes.
+    `cpu_compile` (CPU only; default: on with cpu_weights="int8"): the device-resident decode steps of one row run as
+    `inference_svc.cpu_weights.CompiledDecodeStep` (torch.compile of the compute between attentions; the cache write,
+    gather and attention eager), compiled when the runner is built (cold ~10-40 s on a 2-core VM; Inductor's on-disk
+    cache makes later starts quicker); other row counts take the eager path.
     """
 
     def __init__(
@@ -252,6 +256,7 @@ class TorchRunner:
         small_batch_kernels: bool | str | None = None,
         multi_step_max_batch: int = MULTI_STEP_GRAPH_MAX_BATCH,
         cpu_weights: str = "fp32",
+        cpu_compile: bool | None = None,
     ) -> None:
         check_int("multi_step_max_batch", multi_step_max_batch, 0)
         check_choice("cpu_weights", cpu_weights, CPU_WEIGHTS)
@@ -259,6 +264,10 @@ class TorchRunner:
         device = torch.device(device) if device is not None else next(model.parameters()).device
         if cpu_weights != "fp32" and device.type != "cpu":
             raise ValueError(f"cpu_weights={cpu_weights!r} needs a CPU device, got {device} (use 'fp32' there)")
+        if cpu_compile not in (None, True, False):
+            raise ValueError(f"cpu_compile must be None, True or False, got {cpu_compile!r}")
+        if cpu_compile and device.type != "cpu":
+            raise ValueError(f"cpu_compile needs a CPU device, got {device} (leave it None there)")
         if cpu_weights == "bf16":
             if dtype not in (None, torch.bfloat16):
                 raise ValueError(f"cpu_weights='bf16' runs the model in bf16; dtype must be None or bf16, got {dtype}")
@@ -271,6 +280,8 @@ class TorchRunner:
             model = cpu_int8_model(model)
         self.model = model.eval()
         self.model.fuse_qkv()  # one q/k/v matmul per layer in the cached steps
+        self.cpu_compile = cpu_weights == "int8" if cpu_compile is None else cpu_compile
+        self._compiled_step = CompiledDecodeStep(self.model, rows=1) if self.cpu_compile else None
         # The fused copies this runner's CUDA graphs will read by address: held here, so that a later fuse_qkv (the
         # weights changed in place, another runner over the same model) cannot free them under the graphs.
         self._fused = [getattr(block.attn, "qkv", None) for block in self.model.blocks]
@@ -281,6 +292,12 @@ class TorchRunner:
         self.cache = KVCache(n_slots + 1, self.config, max_len, dtype=dtype, device=device)
         self.max_len = self.cache.max_len
         self._scratch = n_slots  # padded rows of a graph bucket write here, never read by a real row
+        if self._compiled_step is not None:
+            try:
+                self._compiled_step.warm(self.cache, self._scratch)
+            except Exception as e:  # e.g. no C++ compiler for Inductor here: the eager step, as cpu_compile=False
+                log.warning("cpu_compile: the compiled decode step failed to build (%s); decoding eagerly", e)
+                self._compiled_step, self.cpu_compile = None, False
         self.attention_in_place = device.type == "cuda" if attention_in_place is None else attention_in_place
         # Default: on with CUDA graphs. The captured step at B=1 went 0.195 -> 0.113 ms (58 -> 34 kernels), at B=8
         # 0.223 -> 0.197 ms (H200, python -m kernels.decode_step_bench, commit f194b53).
@@ -420,15 +437,18 @@ class TorchRunner:
         """The captured step over rows (b,) of slots: model, sampler, state update. Returns the new ids (b,)."""
         state = self.state
         tokens, positions = state.token[rows], state.pos[rows]
-        logits = self.model.forward_cached(
-            tokens.view(-1, 1),
-            self.cache,
-            rows,
-            positions,
-            kv_len=kv_len,
-            attention_in_place=self.attention_in_place,
-            small_batch_kernels=self.small_batch_kernels,
-        )[:, 0].float()  # (b, V)
+        if self._compiled_step is not None and rows.shape[0] == self._compiled_step.rows:
+            logits = self._compiled_step(tokens.view(-1, 1), self.cache, rows, positions, kv_len).float()  # (b, V)
+        else:
+            logits = self.model.forward_cached(
+                tokens.view(-1, 1),
+                self.cache,
+                rows,
+                positions,
+                kv_len=kv_len,
+                attention_in_place=self.attention_in_place,
+                small_batch_kernels=self.small_batch_kernels,
+            )[:, 0].float()  # (b, V)
         after = positions + 1  # the new token's position: its draw's counter, then the slot's next position
         new = state.sample(logits, rows, after, full)
         # The scratch slot (padded rows) stays at position 0, so it never runs past the cache.

@@ -180,8 +180,9 @@ def test_inductor_compiled_model_with_dropout_matches_the_eager_kernels(ops_on_c
     model = model_for("gpt2", "cpu", attention_dropout=0.3, n_layer=1)
     idx, targets = batch("cpu")
     eager_kernels(monkeypatch)
-    monkeypatch.setattr(torch._inductor.config, "fallback_random", True)
-    with layers.use_kernels(True):
+    # config.patch, not monkeypatch: monkeypatch's undo deleted the entry, which hides it from every later compile and
+    # torch.export in the worker ("torch._inductor.config.fallback_random does not exist")
+    with layers.use_kernels(True), torch._inductor.config.patch(fallback_random=True):
         ref_loss, ref_grads = loss_and_grads(model, model, idx, targets)
         compiled = torch.compile(model, fullgraph=True)
         loss, grads = loss_and_grads(model, compiled, idx, targets)

@@ -63,6 +63,12 @@ class KVCache(nn.Module):
         k_layer[slot_idx, :, pos_idx] = k.to(self.k.dtype)
         v_layer[slot_idx, :, pos_idx] = v.to(self.v.dtype)
 
+    def write_layers(self, slot_idx: torch.Tensor, pos_idx: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store one new key/value per row for every layer at once. slot_idx, pos_idx (N,) long; k, v (N, n_layer,
+        n_kv_head, head_dim)."""
+        self.k[slot_idx, :, :, pos_idx] = k.to(self.k.dtype)
+        self.v[slot_idx, :, :, pos_idx] = v.to(self.v.dtype)
+
     def read(self, layer: int, slots: torch.Tensor, kv_len: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values of one layer for the given slots: two (B, n_kv_head, kv_len, head_dim) tensors.
         `index_select` on the slot dimension, not advanced indexing: the same copy, 3.6x faster on the CPU

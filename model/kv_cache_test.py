@@ -42,6 +42,23 @@ def test_write_read_at_per_row_positions():
     torch.testing.assert_close(keys[1, :, 5], k[0])
 
 
+def test_write_layers_equals_a_write_per_layer():
+    """Every layer's new key/value of each row in one call (the compiled CPU decode step's write), cast to the
+    cache's dtype, exactly as one `write` per layer stores them."""
+    one, per_layer = (
+        KVCache(3, CONFIG, max_len=8, dtype=torch.bfloat16),
+        KVCache(3, CONFIG, max_len=8, dtype=torch.bfloat16),
+    )
+    slots, pos = torch.tensor([2, 0]), torch.tensor([5, 1])
+    k, v = torch.randn(2, 3, 2, 8), torch.randn(2, 3, 2, 8)  # (N, n_layer, Hkv, D)
+    one.write_layers(slots, pos, k, v)
+    for layer in range(3):
+        per_layer.write(layer, slots, pos, k[:, layer], v[:, layer])
+    assert torch.equal(one.k, per_layer.k) and torch.equal(one.v, per_layer.v)
+    assert one.k[2, :, :, 5].abs().min() > 0 and one.k[1].abs().sum() == 0  # written there, nowhere else
+    assert one.k.abs().gt(0).sum() == 2 * 3 * 2 * 8
+
+
 def test_reset_slots():
     cache = KVCache(3, CONFIG)
     cache.k.fill_(1.0)

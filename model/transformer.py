@@ -119,9 +119,12 @@ class Attention(nn.Module):
         fresh = len(now) == len(self._qkv_of) and all(a is b and u == w for (a, u), (b, w) in zip(now, self._qkv_of))
         return qkv if fresh else None
 
-    def forward(self, x: torch.Tensor, rope: Rope, layer: int = 0, step: _CacheStep | None = None) -> torch.Tensor:
+    def project(
+        self, x: torch.Tensor, rope: Rope, qkv: tuple[torch.Tensor, torch.Tensor | None] | nn.Module | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x (B, T, C) -> q (B, H, T, D), k, v (B, Hkv, T, D): the projections (one matmul with `qkv`, the fused
+        copy `_fused_qkv` returns), QK-norm and RoPE. Pure compute, no cache: the CPU decode step compiles it."""
         B, T, C = x.shape
-        qkv = self._fused_qkv() if step is not None else None
         if qkv is not None:  # one matmul (fuse_qkv), split into views
             kv_dim = self.n_kv_head * self.head_dim
             qkv_out = qkv(x) if isinstance(qkv, nn.Module) else F.linear(x, *qkv)  # (B, T, C + 2 kv_dim)
@@ -135,6 +138,17 @@ class Attention(nn.Module):
             q, k = _unit_rms(q, self.qk_eps), _unit_rms(k, self.qk_eps)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        return q, k, v
+
+    def out(self, y: torch.Tensor) -> torch.Tensor:
+        """Attention's output y (B, H, T, D) -> the output projection (B, T, C)."""
+        B, H, T, D = y.shape
+        y = y.transpose(1, 2).contiguous().view(B, T, H * D)  # (B, T, C)
+        return self.resid_dropout(self.o_proj(y))
+
+    def forward(self, x: torch.Tensor, rope: Rope, layer: int = 0, step: _CacheStep | None = None) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = self.project(x, rope, self._fused_qkv() if step is not None else None)
         dropout_p = self.dropout if self.training else 0.0
         if step is None:
             y = attention(q, k, v, causal=True, dropout_p=dropout_p)  # (B, H, T, D)
@@ -154,8 +168,7 @@ class Attention(nn.Module):
             else:
                 k_all, v_all = step.cache.read(layer, step.slots, step.kv_len)  # (B, Hkv, S, D)
                 y = attention(q, k_all.to(q.dtype), v_all.to(q.dtype), mask=step.mask, dropout_p=dropout_p)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
-        return self.resid_dropout(self.o_proj(y))
+        return self.out(y)
 
 
 def _unit_rms(x: torch.Tensor, eps: float) -> torch.Tensor:

@@ -53,9 +53,15 @@ def _request(runner: TorchRunner, steps: int) -> float:
     return (time.perf_counter() - t0) / steps * 1e3
 
 
-def decode_step_ms(model: GPT, weights: tuple[str, ...], steps: int, rounds: int) -> dict[str, float]:
-    """Median ms per batch-1 decode step of a runner per weights choice, taken in turns (one request each a round)."""
+def decode_step_ms(
+    model: GPT, weights: tuple[str, ...], steps: int, rounds: int, int8_eager: bool = False
+) -> dict[str, float]:
+    """Median ms per batch-1 decode step of a runner per weights choice, taken in turns (one request each a round).
+    `int8_eager`: also an int8 runner with `cpu_compile=False` ("int8-eager"; "int8" is compiled by default)."""
     runners = {w: TorchRunner(copy.deepcopy(model), N_SLOTS, device="cpu", cpu_weights=w) for w in weights}
+    if int8_eager:
+        runners["int8-eager"] = TorchRunner(copy.deepcopy(model), N_SLOTS, device="cpu", cpu_weights="int8",
+                                            cpu_compile=False)  # fmt: skip
     for runner in runners.values():
         _request(runner, 4)  # warm-up
     times: dict[str, list[float]] = {w: [] for w in runners}
@@ -66,10 +72,13 @@ def decode_step_ms(model: GPT, weights: tuple[str, ...], steps: int, rounds: int
 
 
 def profile_table(model: GPT, weights: str, steps: int, rows: int = 20) -> str:
-    """torch.profiler's ops over three requests of `steps` decode steps (their prefills included), by self time."""
+    """torch.profiler's ops over three requests of `steps` decode steps (their prefills included), by self time.
+    "int8-eager": the int8 runner with `cpu_compile=False`."""
     from torch.profiler import ProfilerActivity, profile
 
-    runner = TorchRunner(copy.deepcopy(model), N_SLOTS, device="cpu", cpu_weights=weights)
+    eager = weights == "int8-eager"
+    runner = TorchRunner(copy.deepcopy(model), N_SLOTS, device="cpu", cpu_weights="int8" if eager else weights,
+                         cpu_compile=False if eager else None)  # fmt: skip
     _request(runner, 4)
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         for _ in range(3):
@@ -124,18 +133,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     p.add_argument("--profile", default="", help="also print torch.profiler's ops of this weights choice's steps")
     p.add_argument("--linears", action="store_true", help="also time the model's Linears alone per design")
+    p.add_argument("--int8-eager", action="store_true", help="also time int8 with cpu_compile=False ('int8-eager')")
     args = p.parse_args(argv)
     weights = tuple(filter(None, args.weights.split(",")))
-    for w in (*weights, *filter(None, [args.profile])):
+    for w in weights:
         if w not in CPU_WEIGHTS:
             p.error(f"weights must be of {list(CPU_WEIGHTS)}, got {w!r}")
+    if args.profile and args.profile not in (*CPU_WEIGHTS, "int8-eager"):
+        p.error(f"--profile must be of {[*CPU_WEIGHTS, 'int8-eager']}, got {args.profile!r}")
     if args.steps < 1 or args.rounds < 1 or args.threads < 1:
         p.error("--steps, --rounds and --threads must be >= 1")
     torch.set_num_threads(args.threads)
     model = _model()
     print(f"{PRESET} (random init), CPU, {torch.get_num_threads()} thread(s), torch {torch.__version__}")
-    for w, ms in decode_step_ms(model, weights, args.steps, args.rounds).items():
-        print(f"decode step, batch 1, {w:<5} {ms:7.3f} ms (median of {args.rounds})")
+    for w, ms in decode_step_ms(model, weights, args.steps, args.rounds, args.int8_eager).items():
+        print(f"decode step, batch 1, {w:<10} {ms:7.3f} ms (median of {args.rounds})")
     if args.linears:
         for name, us in linear_designs_us(model, args.rounds).items():
             print(f"Linears alone (one pass, 1 row), {name:<38} {us:8.0f} us")

@@ -24,6 +24,21 @@ def test_every_weights_choice_and_linear_design_is_timed(one_thread):
     assert "aten::_weight_int8pack_mm" in profile_table(model, "int8", steps=2)
 
 
+def test_int8_eager_is_timed_beside_the_compiled_int8_step(one_thread):
+    model = _small()
+    steps = decode_step_ms(model, ("int8",), steps=3, rounds=2, int8_eager=True)
+    assert list(steps) == ["int8", "int8-eager"] and all(ms > 0 for ms in steps.values())
+    table = profile_table(model, "int8-eager", steps=2)
+    assert "aten::_weight_int8pack_mm" in table and "CompiledFxGraph" not in table  # the eager step's ops
+
+
+def test_a_bad_profile_choice_is_refused_by_name(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["--weights", "fp32", "--profile", "int4"])
+    assert exit_.value.code == 2
+    assert "--profile must be of ['fp32', 'bf16', 'int8', 'int8-eager'], got 'int4'" in capsys.readouterr().err
+
+
 def test_a_bad_weights_choice_is_refused_by_name(capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["--weights", "fp32,int4"])

@@ -428,15 +428,21 @@ def _hf_backend(device: torch.device, dtype: torch.dtype) -> str:
 
 
 def _cpu_backend(weights: str) -> str:
-    return {"fp32": "torch cpu float32", "bf16": "torch cpu bfloat16", "int8": "torch cpu int8 weights"}[weights]
+    return {"fp32": "torch cpu float32", "bf16": "torch cpu bfloat16", "int8": "torch cpu int8 weights",
+            "int8-eager": "torch cpu int8 weights, eager"}[weights]  # fmt: skip
 
 
-def _cpu_engine_rows(model: GPT, tokenizer, plan: Plan, with_hf: bool) -> list[Row]:
+def _cpu_engine_rows(model: GPT, tokenizer, plan: Plan, with_hf: bool, int8_eager: bool = False) -> list[Row]:
     """The engine once per `TorchRunner(cpu_weights=)` choice (each on its own copy of `model`), and with `with_hf`
     HF generate's batch-1 rows in float32 and bfloat16. Batch-1 latencies are taken in alternation (`_alternating`);
-    each engine batch-1 row gets issue 17's CPU target against the fastest HF generate row."""
+    each engine batch-1 row gets issue 17's CPU target against the fastest HF generate row. `int8_eager`: also int8
+    with `cpu_compile=False` (the int8 row's batch-1 steps are compiled by default)."""
     cpu = torch.device("cpu")
     runners = {w: TorchRunner(copy.deepcopy(model), plan.concurrency, device=cpu, cpu_weights=w) for w in CPU_WEIGHTS}
+    if int8_eager:
+        runners["int8-eager"] = TorchRunner(
+            copy.deepcopy(model), plan.concurrency, device=cpu, cpu_weights="int8", cpu_compile=False
+        )
     hf = {}
     for dtype in (torch.float32, torch.bfloat16) if with_hf else ():
         call = hf_generate_call(model.config, cpu, dtype, 1, 16, plan.new_tokens)
@@ -569,6 +575,9 @@ def main(argv: list[str] | None = None) -> int:
         help="CPU threads for torch and ONNX Runtime (0: their default); "
         "1 gives steadier figures on a shared, oversubscribed machine",
     )
+    p.add_argument(
+        "--cpu-int8-eager", action="store_true", help="CPU: also the int8 engine with cpu_compile=False, in the turns"
+    )
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -589,7 +598,9 @@ def main(argv: list[str] | None = None) -> int:
             rows += _engine_rows(kind, runner, artifact.tokenizer, plan, on_gpu)
             del runner
         elif "engine" not in skip:  # every CPU weights choice, batch 1 in alternation with HF generate's
-            rows += _cpu_engine_rows(artifact.model, artifact.tokenizer, plan, with_hf="hf" not in skip)
+            rows += _cpu_engine_rows(
+                artifact.model, artifact.tokenizer, plan, with_hf="hf" not in skip, int8_eager=args.cpu_int8_eager
+            )
         if "grpc" not in skip:
             for streams in plan.grpc_streams:
                 rows.append(_grpc_row(kind, path, artifact.tokenizer, args.device, plan, on_gpu, args.threads, streams))

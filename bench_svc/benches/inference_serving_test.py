@@ -98,3 +98,18 @@ def test_cpu_rows_every_weights_choice_against_hf_generate_with_the_target(tiny,
         else:
             assert r.target == "" and r.meets_target is None
     assert tiny.model.lm_head.weight.dtype == torch.float32  # each engine ran on its own copy
+
+
+def test_cpu_rows_with_int8_eager_add_its_engine_in_the_turns(tiny, monkeypatch):
+    """--cpu-int8-eager: the int8 engine with cpu_compile=False as one more contender (its own rows, no HF here)."""
+    from bench_svc.benches import inference_serving as bench
+
+    monkeypatch.setattr(bench, "CPU_ALTERNATING_ROUNDS", 1)
+    plan = bench.Plan(new_tokens=3, latency_repeats=1, concurrency=9, grpc_streams=(), grpc_requests_per_stream=1,
+                      grpc_client_processes=1)  # fmt: skip
+    rows = bench._cpu_engine_rows(tiny.model, tiny.tokenizer, plan, with_hf=False, int8_eager=True)
+    backends = ["torch cpu float32", "torch cpu bfloat16", "torch cpu int8 weights", "torch cpu int8 weights, eager"]
+    assert [(r.backend, r.scenario) for r in rows] == [
+        (b, s) for b in backends for s in ("engine batch 1", "engine 9 concurrent")
+    ]
+    assert all(r.tokens_per_s > 0 for r in rows)
