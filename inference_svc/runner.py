@@ -281,8 +281,8 @@ class TorchRunner:
             model = cpu_int8_model(model)
         self.model = model.eval()
         self.model.fuse_qkv()  # one q/k/v matmul per layer in the cached steps
-        self.cpu_compile = cpu_weights == "int8" if cpu_compile is None else cpu_compile
-        self._compiled_step = CompiledDecodeStep(self.model, rows=1) if self.cpu_compile else None
+        compile_step = cpu_weights == "int8" if cpu_compile is None else cpu_compile
+        self._compiled_step = CompiledDecodeStep(self.model, rows=1) if compile_step else None
         # The fused copies this runner's CUDA graphs will read by address: held here, so that a later fuse_qkv (the
         # weights changed in place, another runner over the same model) cannot free them under the graphs.
         self._fused = [getattr(block.attn, "qkv", None) for block in self.model.blocks]
@@ -298,7 +298,7 @@ class TorchRunner:
                 self._compiled_step.warm(self.cache, self._scratch)
             except Exception as e:  # e.g. no C++ compiler for Inductor here: the eager step, as cpu_compile=False
                 log.warning("cpu_compile: the compiled decode step failed to build (%s); decoding eagerly", e)
-                self._compiled_step, self.cpu_compile = None, False
+                self._compiled_step = None
         self.attention_in_place = device.type == "cuda" if attention_in_place is None else attention_in_place
         # Default: on with CUDA graphs. The captured step at B=1 went 0.195 -> 0.113 ms (58 -> 34 kernels), at B=8
         # 0.223 -> 0.197 ms (H200, python -m kernels.decode_step_bench, commit f194b53).
@@ -328,6 +328,11 @@ class TorchRunner:
             self._steps_out = torch.zeros_like(self._out)  # several single-step graphs' ids, step-major (decode_sample)
             self._pool = torch.cuda.graph_pool_handle()
             self._warm_prefill()
+
+    @property
+    def cpu_compile(self) -> bool:
+        """Whether batch-1 decode steps run the compiled step (False too when it failed to build)."""
+        return self._compiled_step is not None
 
     def prefill(self, slots: Sequence[int], prompts: Sequence[Sequence[int]]) -> torch.Tensor:
         """Right-pad the prompts into one (B, T) batch and run it; returns float32 logits (B, V)."""

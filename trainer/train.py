@@ -106,8 +106,9 @@ def build_model(config: TrainConfig, vocab_size: int) -> GPT:
     return model
 
 
-def artifact_copy(model: GPT) -> GPT:
-    """A float32 CPU copy of `model` in eval mode, for saving; `model` itself is left as it is.
+def artifact_copy(model: GPT, weights: Path | None = None) -> GPT:
+    """A float32 CPU copy of `model` in eval mode, for saving; `model` itself is left as it is. `weights`: a
+    safetensors file of the model's weights (the run's best) to fill the copy from instead of `model`'s own.
 
     The live model must not be moved: `model.to("cpu")` swaps every parameter's storage in place, and compiled code a
     process keeps for its next run of the same shape (trainer.warm_start.CompiledReuse), with its CUDA-graph trees,
@@ -117,8 +118,11 @@ def artifact_copy(model: GPT) -> GPT:
     with torch's static launcher): the in-place move is what puts a parameter on the CPU (trainer/PERF_NOTES.md
     section 15; the fix is yet to run on the GPU)."""
     with torch.random.fork_rng(devices=[]):  # its throwaway initialisation leaves the process's RNG as it was
-        copy = GPT(model.config)
-    copy.load_state_dict({name: t.detach().to("cpu", torch.float32) for name, t in model.state_dict().items()})
+        copy = GPT(model.config)  # built as GPT builds itself: float32, tied weights one tensor
+    if weights is not None:
+        load_model(copy, str(weights), device="cpu")
+    else:
+        copy.load_state_dict({name: t.detach().to("cpu", torch.float32) for name, t in model.state_dict().items()})
     return copy.eval()
 
 
@@ -829,12 +833,11 @@ def _final_metrics(run: _Run) -> dict[str, float]:
 
 
 def _publish(run: _Run, store_root: Path, parent_id: str | None, metrics: dict[str, float]) -> str:
-    """The best weights as an artifact (the live model's weights are swapped for them in place; training is over),
-    saved from a CPU copy (`artifact_copy`)."""
-    load_model(run.model, str(run.run_dir / "best" / "model.safetensors"), device=str(run.device))
+    """The best weights as an artifact, read from their file straight into a CPU copy (`artifact_copy`); the live
+    model is not touched."""
     return save_artifact(
         Path(store_root),
-        artifact_copy(run.model),
+        artifact_copy(run.model, run.run_dir / "best" / "model.safetensors"),
         run.data.tokenizer,
         name=run.config.model_name,
         preset=run.config.preset,

@@ -53,15 +53,22 @@ def _request(runner: TorchRunner, steps: int) -> float:
     return (time.perf_counter() - t0) / steps * 1e3
 
 
+INT8_EAGER = "int8-eager"  # a benchmark choice beside CPU_WEIGHTS: int8 with cpu_compile=False ("int8" compiles)
+
+
+def cpu_runner(model: GPT, n_slots: int, choice: str) -> TorchRunner:
+    """A CPU TorchRunner on a copy of `model` for a CPU_WEIGHTS choice or INT8_EAGER."""
+    if choice == INT8_EAGER:
+        return TorchRunner(copy.deepcopy(model), n_slots, device="cpu", cpu_weights="int8", cpu_compile=False)
+    return TorchRunner(copy.deepcopy(model), n_slots, device="cpu", cpu_weights=choice)
+
+
 def decode_step_ms(
     model: GPT, weights: tuple[str, ...], steps: int, rounds: int, int8_eager: bool = False
 ) -> dict[str, float]:
     """Median ms per batch-1 decode step of a runner per weights choice, taken in turns (one request each a round).
-    `int8_eager`: also an int8 runner with `cpu_compile=False` ("int8-eager"; "int8" is compiled by default)."""
-    runners = {w: TorchRunner(copy.deepcopy(model), N_SLOTS, device="cpu", cpu_weights=w) for w in weights}
-    if int8_eager:
-        runners["int8-eager"] = TorchRunner(copy.deepcopy(model), N_SLOTS, device="cpu", cpu_weights="int8",
-                                            cpu_compile=False)  # fmt: skip
+    `int8_eager`: also an int8 runner with `cpu_compile=False` (INT8_EAGER; "int8" is compiled by default)."""
+    runners = {w: cpu_runner(model, N_SLOTS, w) for w in weights + ((INT8_EAGER,) if int8_eager else ())}
     for runner in runners.values():
         _request(runner, 4)  # warm-up
     times: dict[str, list[float]] = {w: [] for w in runners}
@@ -73,12 +80,10 @@ def decode_step_ms(
 
 def profile_table(model: GPT, weights: str, steps: int, rows: int = 20) -> str:
     """torch.profiler's ops over three requests of `steps` decode steps (their prefills included), by self time.
-    "int8-eager": the int8 runner with `cpu_compile=False`."""
+    INT8_EAGER: the int8 runner with `cpu_compile=False`."""
     from torch.profiler import ProfilerActivity, profile
 
-    eager = weights == "int8-eager"
-    runner = TorchRunner(copy.deepcopy(model), N_SLOTS, device="cpu", cpu_weights="int8" if eager else weights,
-                         cpu_compile=False if eager else None)  # fmt: skip
+    runner = cpu_runner(model, N_SLOTS, weights)
     _request(runner, 4)
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         for _ in range(3):
@@ -139,8 +144,8 @@ def main(argv: list[str] | None = None) -> int:
     for w in weights:
         if w not in CPU_WEIGHTS:
             p.error(f"weights must be of {list(CPU_WEIGHTS)}, got {w!r}")
-    if args.profile and args.profile not in (*CPU_WEIGHTS, "int8-eager"):
-        p.error(f"--profile must be of {[*CPU_WEIGHTS, 'int8-eager']}, got {args.profile!r}")
+    if args.profile and args.profile not in (*CPU_WEIGHTS, INT8_EAGER):
+        p.error(f"--profile must be of {[*CPU_WEIGHTS, INT8_EAGER]}, got {args.profile!r}")
     if args.steps < 1 or args.rounds < 1 or args.threads < 1:
         p.error("--steps, --rounds and --threads must be >= 1")
     torch.set_num_threads(args.threads)

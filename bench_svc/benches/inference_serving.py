@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
 import csv
 import datetime
 import json
@@ -43,6 +42,7 @@ from typing import IO, Any, Callable
 
 import torch
 
+from bench_svc.benches.cpu_decode_step import INT8_EAGER, cpu_runner
 from bench_svc.benches.grpc_clients import grpc_load, percentile as _pct
 from bench_svc.provenance import LOAD_KEYS, device_name, git_commit, machine_load
 from inference_svc.engine import Engine
@@ -429,7 +429,7 @@ def _hf_backend(device: torch.device, dtype: torch.dtype) -> str:
 
 def _cpu_backend(weights: str) -> str:
     return {"fp32": "torch cpu float32", "bf16": "torch cpu bfloat16", "int8": "torch cpu int8 weights",
-            "int8-eager": "torch cpu int8 weights, eager"}[weights]  # fmt: skip
+            INT8_EAGER: "torch cpu int8 weights, eager"}[weights]  # fmt: skip
 
 
 def _cpu_engine_rows(model: GPT, tokenizer, plan: Plan, with_hf: bool, int8_eager: bool = False) -> list[Row]:
@@ -438,11 +438,7 @@ def _cpu_engine_rows(model: GPT, tokenizer, plan: Plan, with_hf: bool, int8_eage
     each engine batch-1 row gets issue 17's CPU target against the fastest HF generate row. `int8_eager`: also int8
     with `cpu_compile=False` (the int8 row's batch-1 steps are compiled by default)."""
     cpu = torch.device("cpu")
-    runners = {w: TorchRunner(copy.deepcopy(model), plan.concurrency, device=cpu, cpu_weights=w) for w in CPU_WEIGHTS}
-    if int8_eager:
-        runners["int8-eager"] = TorchRunner(
-            copy.deepcopy(model), plan.concurrency, device=cpu, cpu_weights="int8", cpu_compile=False
-        )
+    runners = {w: cpu_runner(model, plan.concurrency, w) for w in CPU_WEIGHTS + ((INT8_EAGER,) if int8_eager else ())}
     hf = {}
     for dtype in (torch.float32, torch.bfloat16) if with_hf else ():
         call = hf_generate_call(model.config, cpu, dtype, 1, 16, plan.new_tokens)
