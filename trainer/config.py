@@ -99,6 +99,7 @@ _FLOAT_RANGES: dict[str, tuple[float, float]] = {
     "muon_momentum": (0.0, 0.9999),
     "muon_weight_decay": (0.0, 10.0),
     "ema_decay": (0.0, 0.99999),
+    "input_noise": (0.0, 0.99),
 }
 _OPEN_BELOW = ("lr", "muon_lr")  # ranges (lo, hi] rather than [lo, hi]
 _OPTIONAL = ("dropout", "dropout_start")  # None: "the preset's" / "no annealing"
@@ -152,6 +153,9 @@ class TrainConfig:
     dropout_anneal_steps: int = 0  # 0: max_steps
     dropout_anneal: str = "linear"  # linear | cosine
     dropout_anneal_levels: int = 0  # distinct p values; 0: every step's own in eager, 5 under torch.compile
+    # training inputs only: each token, with this probability, replaced by the token at a random position of the train
+    # split (a draw from its unigram distribution: data noising, Xie et al. 2017); targets and evaluations untouched
+    input_noise: float = 0.0
     eval_interval: int = 250
     eval_iters: int = 20
     eval_mode: str = "sampled"  # sampled | val-full (EVAL_MODES)

@@ -162,6 +162,7 @@ class BatchLoader:
         """`resident`: keep the split on `device` (None: on a GPU, when it fits DEVICE_RESIDENT_MAX_BYTES)."""
         self.data, self.block_size, self.device = data, block_size, device
         self.tokens: torch.Tensor | None = None  # (N,) int64 on the device, when resident
+        self._generator: torch.Generator | None = None  # `noised`'s draws on the device
         if resident is None:
             resident = device.type == "cuda" and len(data) * 8 <= DEVICE_RESIDENT_MAX_BYTES
         if resident:
@@ -177,3 +178,19 @@ class BatchLoader:
             starts = starts.pin_memory().to(self.device, non_blocking=True)  # (B,)
         rows = self.tokens[starts[:, None] + self.window]  # (B, T+1)
         return rows[:, :-1], rows[:, 1:]
+
+    def noised(self, x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
+        """`x` with each token, with probability `p`, replaced by the token at a uniformly random position of this
+        split: a draw from the split's unigram distribution (data noising, Xie et al. 2017). The draws depend on
+        `seed` alone (a resumed run draws what the uninterrupted one did); no host sync on a GPU."""
+        if self.tokens is not None:  # on the device: the draws too (a generator there, seeded without a sync)
+            if self._generator is None:
+                self._generator = torch.Generator(device=x.device)
+            gen = self._generator.manual_seed(seed)
+            replace = torch.rand(x.shape, device=x.device, generator=gen) < p
+            picks = self.tokens[torch.randint(0, len(self.tokens), x.shape, device=x.device, generator=gen)]
+            return torch.where(replace, picks, x)
+        rng = np.random.Generator(np.random.PCG64(seed))
+        replace = torch.from_numpy(rng.random(x.shape) < p)
+        picks = torch.from_numpy(np.asarray(self.data[rng.integers(0, len(self.data), x.numel())], dtype=np.int64))
+        return torch.where(replace.to(x.device), picks.view(x.shape).to(x.device), x)

@@ -67,3 +67,17 @@ def test_batch_loader_gives_get_batchs_rows_in_the_samplers_order():
         x, y = resident(sampler_a.next_offsets(8))
         x_ref, y_ref = get_batch(data, sampler_b.next_offsets(8), 32, torch.device("cpu"))
         assert x.dtype == torch.int64 and torch.equal(x, x_ref) and torch.equal(y, y_ref)
+
+
+@pytest.mark.parametrize("resident", [True, False])  # the device path's draws (torch) and the host path's (numpy)
+def test_noised_replaces_tokens_at_the_rate_asked_with_the_splits_unigram_draws(resident):
+    rng = np.random.default_rng(5)
+    data = np.where(rng.random(20000) < 0.8, 7, rng.integers(8, 40, 20000)).astype(np.uint16)  # 80% token 7
+    loader = BatchLoader(data, 32, torch.device("cpu"), resident=resident)
+    x = torch.zeros(64, 256, dtype=torch.int64)  # a token the split never holds: every change is a replacement
+    got = loader.noised(x, 0.3, seed=11)
+    changed = got != 0
+    assert abs(changed.float().mean().item() - 0.3) < 0.02  # 16,384 draws: the standard error is ~0.004
+    assert abs((got[changed] == 7).float().mean().item() - 0.8) < 0.03  # the replacements follow the split's counts
+    assert torch.equal(loader.noised(x, 0.3, seed=11), got) and not torch.equal(loader.noised(x, 0.3, seed=12), got)
+    assert torch.equal(loader.noised(x, 0.0, seed=11), x)

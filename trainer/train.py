@@ -543,7 +543,7 @@ def _train_step(run: _Run) -> _StepOut:
     dropout = run.model.config.dropout
     offsets = run.sampler.next_offsets(config.batch_size)  # (batch_size,) the same on every rank
     if run.graph is not None:  # one process, one micro-step, dropout fixed (step_graph_problems)
-        x, y = run.train_batches(offsets)
+        x, y = _train_batch(run, offsets, 0)
         with torch.profiler.record_function("step_graph"):
             loss, grad_norm = run.graph.step(x, y, lr / config.lr)
         return _StepOut(loss, grad_norm, lr, dropout)
@@ -554,7 +554,7 @@ def _train_step(run: _Run) -> _StepOut:
     loss_sum = torch.zeros((), device=run.device)
     for m in range(run.accum):
         first = (m * info.world_size + info.rank) * run.micro
-        x, y = run.train_batches(offsets[first : first + run.micro])  # (micro, T)
+        x, y = _train_batch(run, offsets[first : first + run.micro], first)  # (micro, T)
         if isinstance(run.fwd, DDP):
             run.fwd.require_backward_grad_sync = m == run.accum - 1  # all-reduce once, on the last micro-step
         with run.autocast(), torch.profiler.record_function("forward"):
@@ -576,6 +576,16 @@ def _train_step(run: _Run) -> _StepOut:
         if run.ema is not None:
             _ema_update(run)
     return _StepOut(dist.all_mean(loss_sum, info), grad_norm.detach(), lr, dropout)
+
+
+def _train_batch(run: _Run, offsets: np.ndarray, first: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The training inputs and targets for window starts `offsets`, the inputs noised when config.input_noise (the
+    draws seeded by the run's seed, the step and the rows' place in the global batch: the same after a resume)."""
+    x, y = run.train_batches(offsets)
+    if run.config.input_noise > 0:
+        seed = (run.config.seed * 1_000_003 + run.step) * 65_537 + first
+        x = run.train_batches.noised(x, run.config.input_noise, seed % 2**63)
+    return x, y
 
 
 def _params(run: _Run) -> list[torch.Tensor]:

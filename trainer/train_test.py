@@ -9,9 +9,10 @@ from trainer.run_log import read_log
 from trainer.train import artifact_copy, build_model, train
 
 
-@pytest.mark.parametrize("optimizer", ["adamw", "muon"])  # muon: its momentum buffers and AdamW's state resume too
-def test_resume_reproduces_the_uninterrupted_run_exactly(small_corpus, tmp_path, optimizer):
-    cfg = fast_config(dropout=0.1, resume=True, optimizer=optimizer)  # dropout: the torch RNG must resume too
+# muon: its momentum buffers and AdamW's state resume too; input noise: its draws are the uninterrupted run's
+@pytest.mark.parametrize("optimizer,input_noise", [("adamw", 0.0), ("muon", 0.0), ("adamw", 0.2)])
+def test_resume_reproduces_the_uninterrupted_run_exactly(small_corpus, tmp_path, optimizer, input_noise):
+    cfg = fast_config(dropout=0.1, resume=True, optimizer=optimizer, input_noise=input_noise)  # dropout: RNG resumes
     full = train(cfg, small_corpus, store_root=tmp_path / "s", run_dir=tmp_path / "a", data_dir=tmp_path / "d")
 
     calls = []
@@ -27,6 +28,26 @@ def test_resume_reproduces_the_uninterrupted_run_exactly(small_corpus, tmp_path,
     assert all(torch.equal(a[k], b[k]) for k in a)
     steps = [int(r["step"]) for r in read_log(tmp_path / "b/log.csv") if r["kind"] == "train"]
     assert steps == list(range(1, 13))
+
+
+def test_input_noise_changes_only_the_training_inputs(small_corpus, tmp_path):
+    """A noised run trains on other inputs (its training loss differs from the plain run's at the first step), the
+    same seed gives the same run, and evaluations are not noised: with a learning rate too small to move the weights,
+    the plain and noised runs' val losses agree while their training losses do not."""
+    dirs = {"store_root": tmp_path / "s", "data_dir": tmp_path / "d"}
+    vals: dict[str, list[float]] = {}
+
+    def run(tag: str, noise: float, lr: float):
+        vals[tag] = []
+        record = lambda s, m: "val_loss" in m and vals[tag].append(m["val_loss"])  # noqa: E731
+        cfg = fast_config(eval_interval=4, input_noise=noise, lr=lr, min_lr=0.0)
+        return train(cfg, small_corpus, run_dir=tmp_path / tag, progress_callback=record, **dirs)
+
+    plain, noised, again = run("plain", 0.0, 1e-3), run("noised", 0.3, 1e-3), run("again", 0.3, 1e-3)
+    assert noised.losses[0] != plain.losses[0] and noised.losses == again.losses
+    still, still_noised = run("still", 0.0, 1e-12), run("still-noised", 0.3, 1e-12)
+    assert still.losses[0] != still_noised.losses[0]
+    assert vals["still"] == pytest.approx(vals["still-noised"], abs=1e-6) and len(vals["still"]) >= 2
 
 
 def test_checkpoint_interval_saves_the_resume_state_only_at_its_steps(small_corpus, tmp_path):
