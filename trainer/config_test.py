@@ -17,6 +17,9 @@ def test_a_training_preset_of_its_own_trains_its_model_preset():
     muon = load_config("shakespeare-char-muon")  # nanoGPT's batch, data split and evaluation; its own model preset
     assert (muon.preset, muon.optimizer, muon.decay) == ("shakespeare-char-muon", "muon", "trapezoid")
     assert (muon.batch_size, muon.block_size, muon.eval_iters, muon.compile_mode) == (64, 256, 200, "default")
+    best = load_config("shakespeare-char-60s")  # the Muon recipe, noised inputs, the average evaluated exactly
+    assert (best.preset, best.optimizer, best.batch_size, best.block_size) == ("shakespeare-char-muon", "muon", 64, 256)
+    assert (best.input_noise, best.dropout, best.ema_decay, best.eval_mode) == (0.1, 0.15, 0.995, "val-full")
 
 
 def test_shakespeare_char_is_nanogpts_recipe():

@@ -63,7 +63,7 @@ def test_variants_picks_and_orders_and_names_the_choices(capsys):
         r"'tinylm-flash', 'tinylm-ro', 'tinylm-graph', 'tinylm-fast', 'tinylm-fast-graph', 'tinylm-muon', "
         r"'tinylm-muon-hot', 'tinylm-muon-long', 'tinylm-muon-short', 'tinylm-muon-gpt', 'tinylm-muon-fast', "
         r"'tinylm-muon-fast-ro', 'tinylm-muon-fast-ema', 'tinylm-muon-fast-ema995', 'tinylm-muon-fast-1100', "
-        r"'tinylm-muon-ema-long', 'tinylm-tuned', 'tinylm-opt', "
+        r"'tinylm-muon-ema-long', 'tinylm-muon-60s', 'tinylm-tuned', 'tinylm-opt', "
         r"'tinylm-blocks', 'tinylm-opt-blocks', "
         r"'tinylm-muon-blocks', 'compile-default', 'eager', 'eager-pytorch'\]",
     ):
