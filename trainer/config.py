@@ -421,8 +421,9 @@ TRAIN_PRESETS: dict[str, TrainConfig] = {
 # The best whole-split val loss within 60 s of launch on one H200 (issue 16's target, <= 1.45): the Muon recipe over
 # 2,400 steps with the weights' moving average evaluated (exactly, on the whole val split, every 100 steps), dropout
 # 0.15 and 10% of the training inputs noised with the split's unigram draws (Xie et al. 2017). Measured (H200, 2026-11-30,
-# bench_svc/results/train-nvidia-h200-speed-noise.*): 1.4442 and 1.4419 over two seeds, against 1.4520 / 1.4588 for the
-# same schedule at dropout 0.25 without the noise in the same run (1.4563-1.4647 in earlier sessions).
+# bench_svc/results/train-nvidia-h200-speed-noise.* and train-nvidia-h200.*): 1.4407-1.4451 over five in-process runs
+# and 1.4419 / 1.4460 from two new processes' launches, against 1.4520-1.4597 for the same schedule at dropout 0.25
+# without the noise in the same runs (1.4563-1.4647 in earlier sessions). `train --preset shakespeare-char-60s`.
 TRAIN_PRESETS["shakespeare-char-60s"] = TRAIN_PRESETS["shakespeare-char-muon"].replace(
     max_steps=2400, warmdown_steps=1200, eval_mode="val-full", eval_interval=100, eval_iters=4,
     checkpoint_interval=2400, ema_decay=0.995, dropout=0.15, input_noise=0.1,
