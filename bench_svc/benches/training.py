@@ -12,8 +12,8 @@ eager model captured whole), "tinylm-fast" (the shakespeare-char-fast preset: a 
 "tinylm-muon" (the shakespeare-char-muon preset: Muon, a trapezoid schedule, QK-norm, ReLU², untied head; "-hot",
 "-long", "-short", "-gpt" try other settings of it; "-fast" is the time-to-loss run: exact whole-split evaluations
 every 100 steps; "-60s" the shakespeare-char-60s preset, the best whole-split loss in 60 s: 2,400 steps, the weights'
-average evaluated, dropout 0.15 and 10% of the inputs noised), "compile-default" (torch.compile without CUDA graphs), "eager" (no compile, our kernels), and the
-anchor "eager-pytorch" (no compile, plain PyTorch: nanoGPT's loop). For each it records the time from launch
+average evaluated, dropout 0.15 and 10% of the inputs noised), "compile-default" (torch.compile without CUDA graphs),
+"eager" (no compile, our kernels), and the anchor "eager-pytorch" (no compile, plain PyTorch: nanoGPT's loop). For each it records the time from launch
 (model build, compilation and evaluations included) to the first evaluation at or below the target val loss, the first step's time from launch, the best val loss within the first
 60 s, the best weights' loss on the whole val split (every token scored once), the largest difference from the
 anchor's val loss at the same evaluations, tokens/s and MFU (median over log intervals after warm-up), and the
