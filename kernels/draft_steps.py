@@ -3,15 +3,18 @@ program per row (a small "megakernel"), picking each draft token in the kernel.
 
 Why: the `tiny` draft (4 layers x 128) is launch-bound on the GPU (~24 launches a step, ~2.5 us each): a round at k = 4
 spent ~0.3 ms in its k + 1 draft steps, more than half a target step each (inference_svc/PERF_NOTES.md 6c). One launch
-for all of them removes ~120 launches a round; the weights (~1 MB in bf16) stay in L2 across the steps.
+for all of them removes ~120 launches a round (more when sampling); `tiny`'s weights (0.80M parameters at vocab 65,
+1.6 MB in bf16) stay in L2 across the steps.
 
 Per row (program), with x = x_0, d_1 .. d_k fed at positions pos .. pos + k of the row's slot:
-    embedding -> per layer: RMSNorm, q/k/v (rotate-half RoPE), k/v stored into the cache, a barrier, attention of
-    each query head over cache positions 0..pos + j (online softmax), the out-projection summed head by head into the
+    embedding -> per layer: RMSNorm, k/v of every KV head (rotate-half RoPE, the two halves of a head computed apart:
+    no weight row read twice) stored into the cache, a barrier, then per query head q and attention over the slot's
+    cached keys 0..pos + j, the new one included (online softmax), the out-projection summed head by head into the
     residual; RMSNorm, SwiGLU MLP summed chunk by chunk into the residual -> final RMSNorm -> logits (a per-row scratch
     row, a barrier) -> d_(j+1): greedy rows the argmax, sampled rows an inverse-CDF draw with uniforms[:, j] from
     q = softmax(logits / temperature), which is written out.
-The (k + 1)-th forward (d_k) only leaves its keys and values in the cache (no logits). Every matvec is read in chunks
+The (k + 1)-th forward (d_k) only leaves its keys and values in the cache (its last layer stops after the cache
+write; no logits). Every matvec is read in chunks
 of output rows (a (rows, n_embd) tile at most `TILE_ELEMS` values) with float32 accumulation; the out-projection
 and the MLP's down projection are packed transposed, so their chunks are added into the residual with no scratch.
 
@@ -22,7 +25,8 @@ penalty (temperature only: near the target's q, hence a good acceptance rate; `b
 Only Llama-style models: RMSNorm, RoPE, SwiGLU, no biases, no QK-norm, plain nn.Linear layers (`DraftModel` refuses
 others, naming what is unsupported). Limits (one program holds a row): n_embd and head_dim powers of two, n_embd <=
 `MAX_EMBD`, head_dim <= `MAX_HEAD_DIM`, vocab <= `MAX_VOCAB` (padded to a power of two with masks), any MLP hidden width
-(masked chunks) and any attention span (the key loop runs to each row's position).
+(masked chunks) and any attention span (the key loop runs to each row's position). Past `tiny`'s size it still
+computes, but spills registers (n_embd 1024, vocab 4096: ~2.7 KB of stack in the sm_90 build).
 
     DraftModel              the packed weights (one copy per model, made once by the runner) and the model itself
     draft_steps             wrapper; impl="auto": the kernel for CUDA tensors, the reference otherwise
@@ -55,9 +59,11 @@ __all__ = [
 MAX_EMBD = 1024  # a (rows, n_embd) weight tile of TILE_ELEMS holds at least 4 rows
 MAX_HEAD_DIM = 128
 MAX_VOCAB = 8192  # the logits of a row sit in one register tile for the argmax / softmax / CDF
-TILE_ELEMS = 4096  # values per weight tile: 16 fp32 registers a thread at 8 warps
+TILE_ELEMS = 4096  # values per weight tile: 32 a thread at 4 warps (2,048 built the same registers)
 BLOCK_N = 32  # keys per attention block
-NUM_WARPS = 8  # one program per row: a whole SM's threads for its loads (`tiny`: 255 registers, 32 B stack)
+# sm_90 builds of the `tiny` draft (2026-11-30): 4 warps 245 registers, 32 B stack; 8 warps: greedy capped at 128
+# registers with 200 B spilled. Untimed: 8 (more loads in flight for one row's SM) is the first alternative to time.
+NUM_WARPS = 4
 _LOG2E = 1.4426950408889634
 
 
@@ -202,9 +208,8 @@ def _draft_steps_kernel(
     cdtype = k_ptr.dtype.element_ty
     offs_c = tl.arange(0, C)
     offs_d = tl.arange(0, D)
-    partner = tl.where(offs_d < HALF, offs_d + HALF, offs_d - HALF)  # rotate-half: d pairs with d + D/2 (mod D)
-    sign = tl.where(offs_d < HALF, -1.0, 1.0)
-    freq = tl.load(freq_ptr + offs_d)
+    offs_half = tl.arange(0, HALF)  # rotate-half RoPE: dimension d pairs with d + D/2
+    freq = tl.load(freq_ptr + offs_half)
     offs_v = tl.arange(0, VP)
     v_mask = offs_v < V
     blocked = tl.load(blocked_ptr + offs_v, mask=v_mask, other=1) != 0
@@ -219,57 +224,61 @@ def _draft_steps_kernel(
         x = tl.load(emb_ptr + tok.to(tl.int64) * C + offs_c).to(tl.float32)  # (C,) the residual stream
         for layer in range(N_LAYER):
             h = _rms_norm(x, norm1_ptr + layer * C, eps, offs_c, C)
-            o = tl.zeros((C,), dtype=tl.float32)  # attention's out-projection, summed head by head
+            # this step's keys (rotated: the two halves of a head computed apart, so no weight row is read twice) and
+            # values, every KV head, into the cache
+            wk = wk_ptr + layer * (N_KV * D * C)
+            wv = wv_ptr + layer * (N_KV * D * C)
+            at_p = slot * stride_cs + layer * stride_cl + p * stride_cn
             for g in range(N_KV):
-                wk = wk_ptr + layer * (N_KV * D * C)
-                wv = wv_ptr + layer * (N_KV * D * C)
-                k = _matvec_rows(wk, g * D + offs_d, offs_c, h, C)
-                k_p = _matvec_rows(wk, g * D + partner, offs_c, h, C)
-                k = (k * cos + sign * k_p * sin).to(cdtype)  # (D,) as stored
-                v = _matvec_rows(wv, g * D + offs_d, offs_c, h, C).to(cdtype)
-                cache = slot * stride_cs + layer * stride_cl + g * stride_ch
-                tl.store(k_ptr + cache + p * stride_cn + offs_d, k)
-                tl.store(v_ptr + cache + p * stride_cn + offs_d, v)
-                tl.debug_barrier()  # the keys just stored (and the earlier steps') are seen by every thread
-                for hh in range(GROUP):
-                    head = g * GROUP + hh
-                    wq = wq_ptr + layer * (N_HEAD * D * C)
-                    q = _matvec_rows(wq, head * D + offs_d, offs_c, h, C)
-                    q_p = _matvec_rows(wq, head * D + partner, offs_c, h, C)
-                    q = (q * cos + sign * q_p * sin) * qk_scale
-                    # online softmax over keys 0..p, seeded with the new key (in registers, as stored)
-                    m_i = tl.sum(q * k.to(tl.float32), axis=0)
-                    l_i = tl.exp2(m_i - m_i)
-                    acc = v.to(tl.float32)
-                    for n0 in range(0, p, BLOCK_N):
+                k_lo = _matvec_rows(wk, g * D + offs_half, offs_c, h, C)
+                k_hi = _matvec_rows(wk, g * D + HALF + offs_half, offs_c, h, C)
+                tl.store(k_ptr + at_p + g * stride_ch + offs_half, (k_lo * cos - k_hi * sin).to(cdtype))
+                tl.store(k_ptr + at_p + g * stride_ch + HALF + offs_half, (k_hi * cos + k_lo * sin).to(cdtype))
+                tl.store(
+                    v_ptr + at_p + g * stride_ch + offs_d, _matvec_rows(wv, g * D + offs_d, offs_c, h, C).to(cdtype)
+                )
+            tl.debug_barrier()  # the keys just stored (and the earlier steps') are seen by every thread
+            if (j < K) | (layer < N_LAYER - 1):  # the last forward needs no more than its keys and values
+                o = tl.zeros((C,), dtype=tl.float32)  # attention's out-projection, summed head by head
+                wq = wq_ptr + layer * (N_HEAD * D * C)
+                for head in range(N_HEAD):
+                    q_lo = _matvec_rows(wq, head * D + offs_half, offs_c, h, C)
+                    q_hi = _matvec_rows(wq, head * D + HALF + offs_half, offs_c, h, C)
+                    q_lo, q_hi = (q_lo * cos - q_hi * sin) * qk_scale, (q_hi * cos + q_lo * sin) * qk_scale
+                    # online softmax over the cached keys 0..p (GQA: query head `head` reads KV head head // GROUP)
+                    cache = slot * stride_cs + layer * stride_cl + (head // GROUP) * stride_ch
+                    m_i = tl.max(tl.full((BLOCK_N,), float("-inf"), tl.float32), axis=0)
+                    l_i = tl.sum(tl.zeros((BLOCK_N,), tl.float32), axis=0)
+                    acc = tl.zeros((D,), dtype=tl.float32)
+                    for n0 in range(0, p + 1, BLOCK_N):
                         offs_n = n0 + tl.arange(0, BLOCK_N)
-                        n_mask = offs_n < p
-                        at = cache + tl.minimum(offs_n, p - 1)[:, None] * stride_cn + offs_d[None, :]
-                        kt = tl.load(k_ptr + at).to(tl.float32)  # (BN, D)
-                        vt = tl.load(v_ptr + at).to(tl.float32)
-                        s = tl.where(n_mask, tl.sum(kt * q[None, :], axis=1), float("-inf"))
-                        m_new = tl.maximum(m_i, tl.max(s, axis=0))
-                        alpha = tl.exp2(m_i - m_new)
+                        at = cache + tl.minimum(offs_n, p)[:, None] * stride_cn  # clamped: loads stay in the slot
+                        s_lo = tl.sum(tl.load(k_ptr + at + offs_half[None, :]).to(tl.float32) * q_lo[None, :], 1)
+                        s_hi = tl.sum(tl.load(k_ptr + at + HALF + offs_half[None, :]).to(tl.float32) * q_hi[None, :], 1)
+                        s = tl.where(offs_n <= p, s_lo + s_hi, float("-inf"))  # (BN,) base-2 scores
+                        m_new = tl.maximum(m_i, tl.max(s, axis=0))  # finite: key n0 <= p is in the block
+                        alpha = tl.exp2(m_i - m_new)  # 0 on the first block
                         pr = tl.exp2(s - m_new)
                         l_i = l_i * alpha + tl.sum(pr, axis=0)
+                        vt = tl.load(v_ptr + at + offs_d[None, :]).to(tl.float32)  # (BN, D)
                         acc = acc * alpha + tl.sum(pr[:, None] * vt, axis=0)
                         m_i = m_new
                     y = acc / l_i  # (D,)
                     wo = wo_t_ptr + layer * (N_HEAD * D * C) + (head * D + offs_d)[:, None] * C + offs_c[None, :]
                     o += tl.sum(tl.load(wo).to(tl.float32) * y[:, None], axis=0)
-            x = x + o
-            h = _rms_norm(x, norm2_ptr + layer * C, eps, offs_c, C)
-            mlp = tl.zeros((C,), dtype=tl.float32)
-            for c0 in range(0, HIDDEN, BLOCK_HID):
-                offs_hid = c0 + tl.arange(0, BLOCK_HID)
-                hid_mask = offs_hid < HIDDEN
-                at = layer * (HIDDEN * C) + offs_hid[:, None] * C + offs_c[None, :]
-                gate = tl.sum(tl.load(wg_ptr + at, mask=hid_mask[:, None], other=0.0).to(tl.float32) * h[None, :], 1)
-                up = tl.sum(tl.load(wu_ptr + at, mask=hid_mask[:, None], other=0.0).to(tl.float32) * h[None, :], 1)
-                act = gate / (1.0 + tl.exp(-gate)) * up  # SiLU(gate) * up, 0 on masked units
-                down = tl.load(wd_t_ptr + at, mask=hid_mask[:, None], other=0.0).to(tl.float32)
-                mlp += tl.sum(down * act[:, None], axis=0)
-            x = x + mlp
+                x = x + o
+                h = _rms_norm(x, norm2_ptr + layer * C, eps, offs_c, C)
+                mlp = tl.zeros((C,), dtype=tl.float32)
+                for c0 in range(0, HIDDEN, BLOCK_HID):
+                    offs_hid = c0 + tl.arange(0, BLOCK_HID)
+                    hid_mask = offs_hid[:, None] < HIDDEN
+                    at = layer * (HIDDEN * C) + offs_hid[:, None] * C + offs_c[None, :]
+                    gate = tl.sum(tl.load(wg_ptr + at, mask=hid_mask, other=0.0).to(tl.float32) * h[None, :], 1)
+                    up = tl.sum(tl.load(wu_ptr + at, mask=hid_mask, other=0.0).to(tl.float32) * h[None, :], 1)
+                    act = gate / (1.0 + tl.exp(-gate)) * up  # SiLU(gate) * up, 0 on masked units
+                    down = tl.load(wd_t_ptr + at, mask=hid_mask, other=0.0).to(tl.float32)
+                    mlp += tl.sum(down * act[:, None], axis=0)
+                x = x + mlp
         if j < K:  # the (K+1)-th forward only writes d_K's keys and values
             h = _rms_norm(x, normf_ptr, eps, offs_c, C)
             for v0 in range(0, VP, BLOCK_V):

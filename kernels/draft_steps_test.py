@@ -14,6 +14,7 @@ from model.config import ModelConfig
 from model.kv_cache import KVCache
 from model.transformer import GPT
 
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # the kernel in the interpreter on CPU; on a GPU, compiled
 TOL = dict(atol=1e-4, rtol=1e-4)
 _LLAMA = dict(bias=False, norm="rmsnorm", pos="rope", mlp="swiglu", tie_weights=True, rope_theta=10000.0)
 TINY = dict(vocab_size=65, n_layer=4, n_head=4, n_kv_head=2, n_embd=128, block_size=128, **_LLAMA)  # `tiny` at 65
@@ -22,7 +23,7 @@ TINY = dict(vocab_size=65, n_layer=4, n_head=4, n_kv_head=2, n_embd=128, block_s
 def _model(seed: int = 0, **changes) -> GPT:
     """A random-init model, its weights scaled so that the logits are spread and attention is far from uniform."""
     torch.manual_seed(seed)
-    model = GPT(ModelConfig(**{**TINY, **changes})).eval()
+    model = GPT(ModelConfig(**{**TINY, **changes})).eval().to(DEVICE)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith(("q_proj.weight", "k_proj.weight")):
@@ -41,19 +42,19 @@ def tiny():
 def _prefilled(model: GPT, n_slots: int, fills: dict[int, int], seed: int) -> KVCache:
     """A cache whose slots hold random prompts (slot -> length), written by the model's own prefill; the rest noise."""
     g = torch.Generator().manual_seed(seed)
-    cache = KVCache(n_slots, model.config)
+    cache = KVCache(n_slots, model.config, device=DEVICE)
     with torch.no_grad():
         cache.k.copy_(torch.randn(cache.k.shape, generator=g))  # stale garbage past each row's position
         cache.v.copy_(torch.randn(cache.v.shape, generator=g))
         for slot, n in fills.items():
             if n:
-                ids = torch.randint(0, model.config.vocab_size, (1, n), generator=g)
-                model.forward_cached(ids, cache, torch.tensor([slot]), torch.tensor([0]))
+                ids = torch.randint(0, model.config.vocab_size, (1, n), generator=g).to(DEVICE)
+                model.forward_cached(ids, cache, torch.tensor([slot], device=DEVICE), torch.tensor([0], device=DEVICE))
     return cache
 
 
 def _clone(cache: KVCache, model: GPT) -> KVCache:
-    other = KVCache(cache.n_slots, model.config)
+    other = KVCache(cache.n_slots, model.config, device=DEVICE)
     other.k.copy_(cache.k)
     other.v.copy_(cache.v)
     return other
@@ -63,9 +64,9 @@ ROWS = dict(slots=[2, 0, 4], pos=[0, 7, 41])  # a row at position 0 (no cached k
 
 
 def _case(model: GPT, seed: int):
-    slots, pos = torch.tensor(ROWS["slots"]), torch.tensor(ROWS["pos"])
+    slots, pos = torch.tensor(ROWS["slots"], device=DEVICE), torch.tensor(ROWS["pos"], device=DEVICE)
     cache = _prefilled(model, 5, dict(zip(ROWS["slots"], ROWS["pos"])), seed)
-    x0 = torch.randint(0, 65, (3,), generator=torch.Generator().manual_seed(seed))
+    x0 = torch.randint(0, 65, (3,), generator=torch.Generator().manual_seed(seed)).to(DEVICE)
     return cache, slots, pos, x0
 
 
@@ -74,7 +75,7 @@ def test_greedy_drafts_and_cache_equal_forward_cached_step_by_step(tiny, k):
     model, packed = tiny
     cache, slots, pos, x0 = _case(model, seed=k)
     ref_cache = _clone(cache, model)
-    blocked = torch.arange(65) >= 60  # ids never drafted
+    blocked = torch.arange(65, device=DEVICE) >= 60  # ids never drafted
     got, q = draft_steps(packed, cache, slots, pos, x0, k, span=64, blocked=blocked, impl="triton")
     want, _ = draft_steps(packed, ref_cache, slots, pos, x0, k, span=64, blocked=blocked, impl="reference")
     assert q is None and got.shape == (3, k) and got.dtype == torch.long
@@ -83,8 +84,9 @@ def test_greedy_drafts_and_cache_equal_forward_cached_step_by_step(tiny, k):
     assert len(set(got.flatten().tolist())) > 1  # not one id over and over: the picks depend on the input
     torch.testing.assert_close(cache.k, ref_cache.k, **TOL)  # every position of every slot: k + 1 written per row
     torch.testing.assert_close(cache.v, ref_cache.v, **TOL)
-    for b, (s, p) in enumerate(zip(slots.tolist(), pos.tolist())):  # and the writes landed where they belong
-        assert not torch.equal(cache.k[s, :, :, p + k], _prefilled(model, 5, {}, seed=k).k[s, :, :, p + k])
+    noise = _prefilled(model, 5, {}, seed=k).k  # the same garbage, no prompts
+    for s, p in zip(slots.tolist(), pos.tolist()):  # and the writes landed where they belong
+        assert not torch.equal(cache.k[s, :, :, p + k], noise[s, :, :, p + k])
 
 
 def test_sampled_rows_draw_from_q_by_inverse_cdf(tiny):
@@ -92,9 +94,9 @@ def test_sampled_rows_draw_from_q_by_inverse_cdf(tiny):
     k = 3
     cache, slots, pos, x0 = _case(model, seed=11)
     ref_cache = _clone(cache, model)
-    greedy = torch.tensor([False, True, False])
-    temperature = torch.tensor([[0.7], [1.0], [1.6]])
-    u = torch.rand(3, k, generator=torch.Generator().manual_seed(5))
+    greedy = torch.tensor([False, True, False], device=DEVICE)
+    temperature = torch.tensor([[0.7], [1.0], [1.6]], device=DEVICE)
+    u = torch.rand(3, k, generator=torch.Generator().manual_seed(5)).to(DEVICE)
     args = dict(greedy=greedy, temperature=temperature, uniforms=u)
     got, q = draft_steps(packed, cache, slots, pos, x0, k, span=64, impl="triton", **args)
     want, q_ref = draft_steps(packed, ref_cache, slots, pos, x0, k, span=64, impl="reference", **args)
@@ -105,23 +107,26 @@ def test_sampled_rows_draw_from_q_by_inverse_cdf(tiny):
     torch.testing.assert_close(cache.v, ref_cache.v, **TOL)
     for j in range(k):  # the runner's own draw over the reference q, same uniforms
         assert torch.equal(got[:, j], draw(q_ref[:, j], u[:, j]))
-    assert torch.equal(q[1], torch.zeros(k, 65).scatter_(1, got[1][:, None], 1.0))  # greedy row: one-hot on its pick
+    assert torch.equal(
+        q[1], torch.zeros(k, 65, device=DEVICE).scatter_(1, got[1][:, None], 1.0)
+    )  # greedy row: one-hot on its pick
     assert (q[0].max(dim=-1).values < 0.999).all()  # sampled rows: spread, so the draws are real draws
-    assert torch.allclose(q.sum(-1), torch.ones(3, k))
+    assert torch.allclose(q.sum(-1), torch.ones(3, k, device=DEVICE))
 
 
 def test_attention_matters_cache_contents_and_position_change_the_output(tiny):
     """A wrong attention (keys ignored, the wrong slot or span) would pass a check on a model whose output does not
     depend on its context: here the same inputs over other cache contents, or at another position, give other q."""
     model, packed = tiny
-    k, greedy = 2, torch.zeros(3, dtype=torch.bool)
-    slots, x0 = torch.tensor([2, 0, 4]), torch.tensor([5, 5, 5])
-    u = torch.full((3, k), 0.5)
-    args = dict(greedy=greedy, temperature=torch.ones(3), uniforms=u)
+    k, greedy = 2, torch.zeros(3, dtype=torch.bool, device=DEVICE)
+    slots, x0 = torch.tensor([2, 0, 4], device=DEVICE), torch.tensor([5, 5, 5], device=DEVICE)
+    u = torch.full((3, k), 0.5, device=DEVICE)
+    args = dict(greedy=greedy, temperature=torch.ones(3, device=DEVICE), uniforms=u)
     runs = {}
     for name, seed, pos in (("a", 1, [20, 20, 20]), ("b", 2, [20, 20, 20]), ("later", 1, [30, 30, 30])):
         cache = _prefilled(model, 5, {s: 40 for s in slots.tolist()}, seed)
-        runs[name] = draft_steps(packed, cache, slots, torch.tensor(pos), x0, k, span=64, impl="triton", **args)[1]
+        at = torch.tensor(pos, device=DEVICE)
+        runs[name] = draft_steps(packed, cache, slots, at, x0, k, span=64, impl="triton", **args)[1]
     assert (runs["a"] - runs["b"]).abs().amax() > 0.05  # other keys and values before the position
     assert (runs["a"] - runs["later"]).abs().amax() > 0.05  # more keys, other RoPE angles
 
