@@ -156,10 +156,10 @@ def _draft_steps_kernel(
     x0_ptr,  # (B,) int: each row's first input
     slots_ptr,
     pos_ptr,
-    greedy_ptr,  # SAMPLED: (B,) int8, 1 = argmax
-    temp_ptr,  # SAMPLED: (B,) float32
-    u_ptr,  # SAMPLED: (B, K) float32
-    blocked_ptr,  # (V,) int8, 1 = never drawn
+    greedy_ptr,  # SAMPLED: (B,) bool, True = argmax
+    temp_ptr,  # SAMPLED: (B,) float32, row stride stride_t
+    u_ptr,  # SAMPLED: (B, >= K) float32, row stride stride_u
+    blocked_ptr,  # (V,) bool, True = never drawn
     emb_ptr,
     head_ptr,
     norm1_ptr,
@@ -184,6 +184,8 @@ def _draft_steps_kernel(
     stride_cl,
     stride_ch,
     stride_cn,
+    stride_t,
+    stride_u,
     K: tl.constexpr,
     N_LAYER: tl.constexpr,
     C: tl.constexpr,
@@ -212,10 +214,10 @@ def _draft_steps_kernel(
     freq = tl.load(freq_ptr + offs_half)
     offs_v = tl.arange(0, VP)
     v_mask = offs_v < V
-    blocked = tl.load(blocked_ptr + offs_v, mask=v_mask, other=1) != 0
+    blocked = tl.load(blocked_ptr + offs_v, mask=v_mask, other=1).to(tl.int1)
     if SAMPLED:
-        greedy = tl.load(greedy_ptr + row) != 0
-        temperature = tl.load(temp_ptr + row)
+        greedy = tl.load(greedy_ptr + row).to(tl.int1)
+        temperature = tl.load(temp_ptr + row * stride_t)
     for j in range(K + 1):
         p = pos0 + j  # this step's position
         angle = p.to(tl.float32) * freq
@@ -298,7 +300,7 @@ def _draft_steps_kernel(
                 # inverse CDF as inference_svc.speculative_resident.draw: the first id whose CDF passes u * total,
                 # never past the last id of positive mass
                 cdf = tl.cumsum(probs, axis=0)
-                threshold = tl.load(u_ptr + row * K + j) * tl.max(cdf, axis=0)
+                threshold = tl.load(u_ptr + row * stride_u + j) * tl.max(cdf, axis=0)
                 pick = tl.sum(((cdf <= threshold) & v_mask).to(tl.int32), axis=0)
                 last = tl.max(tl.where(probs > 0, offs_v, 0), axis=0)
                 tok = tl.minimum(pick, last).to(tl.int32)
@@ -394,18 +396,19 @@ def draft_steps_triton(model: DraftModel, cache, a: DraftCall) -> tuple[torch.Te
         return drafts, q
     scratch = torch.empty(b, vp, dtype=torch.float32, device=device)
     blocked = torch.zeros(V, dtype=torch.bool, device=device) if a.blocked is None else a.blocked
-    if sampled:
-        greedy, temperature, u = a.greedy.to(torch.int8), a.temperature.reshape(b).float(), a.uniforms.float()
+    if sampled:  # read in place (each a launch less in the round): the runner's are float32 rows
+        greedy, temperature, u = a.greedy.bool(), a.temperature.reshape(b).float(), a.uniforms.float()
+        u = u if u.stride(1) == 1 else u.contiguous()
     else:
-        greedy = temperature = u = drafts  # not read
+        greedy, temperature, u = blocked, drafts, drafts  # not read
     rows = max(1, TILE_ELEMS // C)
     _draft_steps_kernel[(b,)](
-        a.x0, a.slots, a.pos, greedy, temperature.contiguous(), u.contiguous(), blocked.to(torch.int8),
+        a.x0, a.slots, a.pos, greedy, temperature, u, blocked.bool(),
         model.emb, model.head, model.norm_1, model.norm_2, model.norm_f,
         model.wq, model.wk, model.wv, model.wo_t, model.w_gate, model.w_up, model.w_down_t, model.rope_freq,
         cache.k, cache.v, drafts, q if sampled else drafts, scratch,
         model.eps, model.head_dim**-0.5 * _LOG2E,
-        *cache.k.stride()[:4],
+        *cache.k.stride()[:4], temperature.stride(0), u.stride(0),
         K=k, N_LAYER=model.n_layer, C=C, N_HEAD=model.n_head, N_KV=model.n_kv_head, D=model.head_dim,
         HIDDEN=model.hidden, V=V, VP=vp, BLOCK_HID=min(rows, triton.next_power_of_2(model.hidden)),
         BLOCK_V=min(rows, vp), BLOCK_N=BLOCK_N, SAMPLED=sampled, num_warps=NUM_WARPS,

@@ -25,8 +25,8 @@ def _specs() -> list[tuple[str, object, dict, dict, int, int]]:
     weights = ("emb_ptr", "head_ptr", "norm1_ptr", "norm2_ptr", "normf_ptr", "wq_ptr", "wk_ptr", "wv_ptr")
     weights += ("wo_t_ptr", "wg_ptr", "wu_ptr", "wd_t_ptr", "k_ptr", "v_ptr")
     sig = {w: "*bf16" for w in weights}
-    sig.update(x0_ptr="*i64", slots_ptr="*i64", pos_ptr="*i64", greedy_ptr="*i8", temp_ptr="*fp32", u_ptr="*fp32")
-    sig.update(blocked_ptr="*i8", freq_ptr="*fp32", drafts_ptr="*i64", q_ptr="*fp32", scratch_ptr="*fp32")
+    sig.update(x0_ptr="*i64", slots_ptr="*i64", pos_ptr="*i64", greedy_ptr="*i1", temp_ptr="*fp32", u_ptr="*fp32")
+    sig.update(blocked_ptr="*i1", freq_ptr="*fp32", drafts_ptr="*i64", q_ptr="*fp32", scratch_ptr="*fp32")
     sig.update(eps="fp32", qk_scale="fp32", stride_cs="i64")
     specs = []
     for name, layers, c, heads, kv, hidden, vocab, k in _SHAPES:
