@@ -34,6 +34,13 @@ def _model(seed: int = 0, **changes) -> GPT:
     return model
 
 
+@pytest.fixture(autouse=True)
+def _true_fp32_matmuls(monkeypatch):
+    """On a GPU the reference's float32 matmuls in full precision (not TF32, which a trainer run may leave on)."""
+    if DEVICE == "cuda":
+        monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+
+
 @pytest.fixture(scope="module")
 def tiny():
     model = _model()
