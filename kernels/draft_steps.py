@@ -8,8 +8,9 @@ for all of them removes ~120 launches a round (more when sampling); `tiny`'s wei
 
 Per row (program), with x = x_0, d_1 .. d_k fed at positions pos .. pos + k of the row's slot:
     embedding -> per layer: RMSNorm, k/v of every KV head (rotate-half RoPE, the two halves of a head computed apart:
-    no weight row read twice) stored into the cache, a barrier, then per query head q and attention over the slot's
-    cached keys 0..pos + j, the new one included (online softmax), the out-projection summed head by head into the
+    no weight row read twice) stored into the cache, a barrier, then per KV head its query heads' q together (as many
+    as `_heads_at_a_time` allows; `tiny`: both) and their attention over the slot's cached keys 0..pos + j, the new
+    one included, each key block read once for the group (online softmax), the out-projection summed into the
     residual; RMSNorm, SwiGLU MLP summed chunk by chunk into the residual -> final RMSNorm -> logits (a per-row scratch
     row, a barrier) -> d_(j+1): greedy rows the argmax, sampled rows an inverse-CDF draw with uniforms[:, j] from
     q = softmax(logits / temperature), which is written out.
@@ -26,7 +27,7 @@ Only Llama-style models: RMSNorm, RoPE, SwiGLU, no biases, no QK-norm, plain nn.
 others, naming what is unsupported). Limits (one program holds a row): n_embd and head_dim powers of two, n_embd <=
 `MAX_EMBD`, head_dim <= `MAX_HEAD_DIM`, vocab <= `MAX_VOCAB` (padded to a power of two with masks), any MLP hidden width
 (masked chunks) and any attention span (the key loop runs to each row's position). Past `tiny`'s size it still
-computes, but spills registers (n_embd 1024, vocab 4096: ~2.7 KB of stack in the sm_90 build).
+computes, but spills registers (n_embd 1024, vocab 4096: ~5.4 KB of stack in the sm_90 build).
 
     DraftModel              the packed weights (one copy per model, made once by the runner) and the model itself
     draft_steps             wrapper; impl="auto": the kernel for CUDA tensors, the reference otherwise
@@ -198,6 +199,7 @@ def _draft_steps_kernel(
     BLOCK_HID: tl.constexpr,  # hidden units per MLP chunk
     BLOCK_V: tl.constexpr,  # vocabulary rows per head chunk
     BLOCK_N: tl.constexpr,
+    BLOCK_G: tl.constexpr,  # query heads at a time, a power of two dividing N_HEAD // N_KV
     SAMPLED: tl.constexpr,
 ):
     GROUP: tl.constexpr = N_HEAD // N_KV
@@ -211,6 +213,7 @@ def _draft_steps_kernel(
     offs_c = tl.arange(0, C)
     offs_d = tl.arange(0, D)
     offs_half = tl.arange(0, HALF)  # rotate-half RoPE: dimension d pairs with d + D/2
+    offs_g = tl.arange(0, BLOCK_G)  # query heads of one KV head taken together (GQA)
     freq = tl.load(freq_ptr + offs_half)
     offs_v = tl.arange(0, VP)
     v_mask = offs_v < V
@@ -241,33 +244,44 @@ def _draft_steps_kernel(
                 )
             tl.debug_barrier()  # the keys just stored (and the earlier steps') are seen by every thread
             if (j < K) | (layer < N_LAYER - 1):  # the last forward needs no more than its keys and values
-                o = tl.zeros((C,), dtype=tl.float32)  # attention's out-projection, summed head by head
+                o = tl.zeros((C,), dtype=tl.float32)  # attention's out-projection, summed group by group
                 wq = wq_ptr + layer * (N_HEAD * D * C)
-                for head in range(N_HEAD):
-                    q_lo = _matvec_rows(wq, head * D + offs_half, offs_c, h, C)
-                    q_hi = _matvec_rows(wq, head * D + HALF + offs_half, offs_c, h, C)
-                    q_lo, q_hi = (q_lo * cos - q_hi * sin) * qk_scale, (q_hi * cos + q_lo * sin) * qk_scale
-                    # online softmax over the cached keys 0..p (GQA: query head `head` reads KV head head // GROUP)
-                    cache = slot * stride_cs + layer * stride_cl + (head // GROUP) * stride_ch
-                    m_i = tl.max(tl.full((BLOCK_N,), float("-inf"), tl.float32), axis=0)
-                    l_i = tl.sum(tl.zeros((BLOCK_N,), tl.float32), axis=0)
-                    acc = tl.zeros((D,), dtype=tl.float32)
+                for gh in range(N_KV * (GROUP // BLOCK_G)):  # BLOCK_G query heads of one KV head at a time:
+                    g = gh // (GROUP // BLOCK_G)  # their KV head, whose keys and values they read once
+                    heads = gh * BLOCK_G + offs_g  # (BG,)
+                    rows = heads[:, None] * D + offs_half[None, :]  # (BG, HALF): the heads' first halves
+                    at_w = rows[:, :, None] * C + offs_c[None, None, :]  # (BG, HALF, C)
+                    q_lo = tl.sum(tl.load(wq + at_w).to(tl.float32) * h[None, None, :], 2)
+                    q_hi = tl.sum(tl.load(wq + HALF * C + at_w).to(tl.float32) * h[None, None, :], 2)
+                    q_lo, q_hi = (
+                        (q_lo * cos[None, :] - q_hi * sin[None, :]) * qk_scale,
+                        (q_hi * cos[None, :] + q_lo * sin[None, :]) * qk_scale,
+                    )  # (BG, HALF) each
+                    # online softmax over the slot's cached keys 0..p
+                    cache = slot * stride_cs + layer * stride_cl + g * stride_ch
+                    m_i = tl.full((BLOCK_G,), float("-inf"), tl.float32)
+                    l_i = tl.zeros((BLOCK_G,), tl.float32)
+                    acc = tl.zeros((BLOCK_G, D), dtype=tl.float32)
                     for n0 in range(0, p + 1, BLOCK_N):
                         offs_n = n0 + tl.arange(0, BLOCK_N)
                         at = cache + tl.minimum(offs_n, p)[:, None] * stride_cn  # clamped: loads stay in the slot
-                        s_lo = tl.sum(tl.load(k_ptr + at + offs_half[None, :]).to(tl.float32) * q_lo[None, :], 1)
-                        s_hi = tl.sum(tl.load(k_ptr + at + HALF + offs_half[None, :]).to(tl.float32) * q_hi[None, :], 1)
-                        s = tl.where(offs_n <= p, s_lo + s_hi, float("-inf"))  # (BN,) base-2 scores
-                        m_new = tl.maximum(m_i, tl.max(s, axis=0))  # finite: key n0 <= p is in the block
+                        k_lo = tl.load(k_ptr + at + offs_half[None, :]).to(tl.float32)  # (BN, HALF)
+                        k_hi = tl.load(k_ptr + at + HALF + offs_half[None, :]).to(tl.float32)
+                        s = tl.sum(q_lo[:, None, :] * k_lo[None, :, :], 2) + tl.sum(
+                            q_hi[:, None, :] * k_hi[None, :, :], 2
+                        )
+                        s = tl.where((offs_n <= p)[None, :], s, float("-inf"))  # (BG, BN) base-2 scores
+                        m_new = tl.maximum(m_i, tl.max(s, axis=1))  # finite: key n0 <= p is in the block
                         alpha = tl.exp2(m_i - m_new)  # 0 on the first block
-                        pr = tl.exp2(s - m_new)
-                        l_i = l_i * alpha + tl.sum(pr, axis=0)
+                        pr = tl.exp2(s - m_new[:, None])
+                        l_i = l_i * alpha + tl.sum(pr, axis=1)
                         vt = tl.load(v_ptr + at + offs_d[None, :]).to(tl.float32)  # (BN, D)
-                        acc = acc * alpha + tl.sum(pr[:, None] * vt, axis=0)
+                        acc = acc * alpha[:, None] + tl.sum(pr[:, :, None] * vt[None, :, :], axis=1)
                         m_i = m_new
-                    y = acc / l_i  # (D,)
-                    wo = wo_t_ptr + layer * (N_HEAD * D * C) + (head * D + offs_d)[:, None] * C + offs_c[None, :]
-                    o += tl.sum(tl.load(wo).to(tl.float32) * y[:, None], axis=0)
+                    y = acc / l_i[:, None]  # (BG, D)
+                    at_o = (heads[:, None] * D + offs_d[None, :])[:, :, None] * C + offs_c[None, None, :]  # (BG, D, C)
+                    wo = tl.load(wo_t_ptr + layer * (N_HEAD * D * C) + at_o).to(tl.float32)
+                    o += tl.sum(tl.sum(wo * y[:, :, None], axis=1), axis=0)
                 x = x + o
                 h = _rms_norm(x, norm2_ptr + layer * C, eps, offs_c, C)
                 mlp = tl.zeros((C,), dtype=tl.float32)
@@ -411,9 +425,21 @@ def draft_steps_triton(model: DraftModel, cache, a: DraftCall) -> tuple[torch.Te
         *cache.k.stride()[:4], temperature.stride(0), u.stride(0),
         K=k, N_LAYER=model.n_layer, C=C, N_HEAD=model.n_head, N_KV=model.n_kv_head, D=model.head_dim,
         HIDDEN=model.hidden, V=V, VP=vp, BLOCK_HID=min(rows, triton.next_power_of_2(model.hidden)),
-        BLOCK_V=min(rows, vp), BLOCK_N=BLOCK_N, SAMPLED=sampled, num_warps=NUM_WARPS,
+        BLOCK_V=min(rows, vp), BLOCK_N=BLOCK_N,
+        BLOCK_G=_heads_at_a_time(model), SAMPLED=sampled, num_warps=NUM_WARPS,
     )  # fmt: skip
     return drafts, q
+
+
+def _heads_at_a_time(model: DraftModel) -> int:
+    """Query heads of one KV head computed together (their keys and values read once): all of a group while its
+    out-projection tile (heads, head_dim, n_embd) stays within 2 TILE_ELEMS (`tiny`: 2), else fewer (at least one).
+    Heads are powers of two here (n_embd and head_dim are), so any power of two up to the group divides it."""
+    group = model.n_head // model.n_kv_head
+    heads = group
+    while heads > 1 and heads * model.head_dim * model.n_embd > 2 * TILE_ELEMS:
+        heads //= 2
+    return heads
 
 
 def draft_steps_reference(model: DraftModel, cache, a: DraftCall) -> tuple[torch.Tensor, torch.Tensor | None]:

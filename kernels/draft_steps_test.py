@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from inference_svc.speculative_resident import draw
+import kernels.draft_steps as ds
 from kernels.draft_steps import DraftModel, draft_steps
 from model.config import ModelConfig
 from model.kv_cache import KVCache
@@ -95,6 +96,32 @@ def test_greedy_drafts_and_cache_equal_forward_cached_step_by_step(tiny, k):
     noise = _prefilled(model, 5, {}, seed=k).k  # the same garbage, no prompts
     for s, p in zip(slots.tolist(), pos.tolist()):  # and the writes landed where they belong
         assert not torch.equal(cache.k[s, :, :, p + k], noise[s, :, :, p + k])
+
+
+@pytest.mark.parametrize(
+    "n_head, n_kv_head, tile, together",
+    [(4, 4, 4096, 1), (4, 1, 4096, 2), (8, 2, 4096, 4), (8, 2, 1024, 1)],
+    ids=["mha", "mqa-2-at-a-time", "gqa-4", "gqa-4-one-at-a-time"],
+)
+def test_every_head_grouping_matches(n_head, n_kv_head, tile, together, monkeypatch):
+    """Query heads of a KV head run together in the kernel (its keys and values read once), as many as keep the
+    out-projection tile (heads, head_dim, n_embd) within 2 tiles: MHA, MQA (2 of 4 at a time), 4 heads a group, and
+    (smaller tiles) a group taken one head at a time."""
+    monkeypatch.setattr(ds, "TILE_ELEMS", tile)
+    model = _model(seed=9, n_layer=2, n_head=n_head, n_kv_head=n_kv_head)
+    packed = DraftModel(model)
+    assert ds._heads_at_a_time(packed) == together
+    cache, slots, pos, x0 = _case(model, seed=9)
+    ref_cache = _clone(cache, model)
+    greedy = torch.tensor([True, False, False], device=DEVICE)
+    u = torch.rand(3, 2, generator=torch.Generator().manual_seed(9)).to(DEVICE)
+    args = dict(greedy=greedy, temperature=torch.ones(3, device=DEVICE), uniforms=u)
+    got, q = draft_steps(packed, cache, slots, pos, x0, 2, span=64, impl="triton", **args)
+    want, q_ref = draft_steps(packed, ref_cache, slots, pos, x0, 2, span=64, impl="reference", **args)
+    torch.testing.assert_close(q, q_ref, **TOL)
+    assert torch.equal(got, want)
+    torch.testing.assert_close(cache.k, ref_cache.k, **TOL)
+    torch.testing.assert_close(cache.v, ref_cache.v, **TOL)
 
 
 def test_sampled_rows_draw_from_q_by_inverse_cdf(tiny):
