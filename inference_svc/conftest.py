@@ -1,18 +1,25 @@
 """Shared fixtures: a tiny random-init GPT with a character tokenizer (model.testing.save_tiny_model, logits spread
-out so greedy choices never hinge on rounding), saved as an artifact in a tmp store."""
+out so greedy choices never hinge on rounding), saved as an artifact in a tmp store. Where there is no GPU, Triton
+kernels forced on (impl "triton", e.g. the speculative runner's draft_kernel) run in the interpreter: TRITON_INTERPRET
+must be set before triton is first imported, hence here, at conftest import (as model/conftest.py)."""
 
 from __future__ import annotations
 
 import copy
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import torch
 
-from model.artifact import load_artifact
-from model.testing import TINY_CORPUS, save_tiny_model
-from model.tokenizers import CharTokenizer
-from model.transformer import GPT
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from model.artifact import load_artifact  # noqa: E402  (after TRITON_INTERPRET: model imports triton)
+from model.testing import TINY_CORPUS, save_tiny_model  # noqa: E402
+from model.tokenizers import CharTokenizer  # noqa: E402
+from model.transformer import GPT  # noqa: E402
 
 
 @dataclass(frozen=True)

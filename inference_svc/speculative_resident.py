@@ -27,6 +27,8 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from kernels.dispatch import option_impl
+from kernels.draft_steps import DraftModel, draft_steps
 from inference_svc.runner import _PREFILL_BUCKETS, SlotState, TorchRunner, batch_buckets
 from inference_svc.sequence import Sequence as Seq
 from inference_svc.speculative import SpeculativeStats, check_draft
@@ -124,9 +126,16 @@ class SpeculativeRunner:
     (the rows' next input, position and sampling settings). A row is on the draft from its prefill until a plain
     step (near the end of the draft's context) takes it off."""
 
-    def __init__(self, target: TorchRunner, draft: TorchRunner, k: int, max_slots: int) -> None:
+    def __init__(
+        self, target: TorchRunner, draft: TorchRunner, k: int, max_slots: int, *, draft_kernel: bool | str = False
+    ) -> None:
         check_draft(target, draft, k, max_slots)
         self.target, self.draft, self.k = target, draft, k
+        # The draft's k + 1 steps of a round in one launch (kernels.draft_steps): True (or "auto") the kernel on CUDA,
+        # its reference (the same steps through forward_cached) elsewhere; "triton" forces the kernel (the interpreter
+        # on CPU), "reference" the reference. Its packed weights are made once, here.
+        self._draft_impl = option_impl("draft_kernel", draft_kernel)
+        self._draft_model = DraftModel(draft.model) if self._draft_impl is not None else None
         self.n_slots, self.max_len, self.vocab_size = target.n_slots, target.max_len, target.vocab_size
         self.device, self.staging = target.device, target.staging
         self.state: SlotState = target.state
@@ -282,6 +291,48 @@ class SpeculativeRunner:
         )  # (b * n, 1, V)
         return logits.view(b, n, -1).float()
 
+    def _draft_loop(
+        self,
+        x0: torch.Tensor,
+        draft_rows: torch.Tensor,
+        pos: torch.Tensor,
+        draft_span: int,
+        sampling: tuple | None,
+        u: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, list]:
+        """The draft's k + 1 steps one forward at a time (`draft_kernel` off). `sampling` (full rounds): (seen, rate,
+        settings) as `_round_step` reads them, u the round's uniforms. Returns drafts (b, k), q (b, k, V) (full rounds:
+        the sampler's distributions, penalty, top-k and top-p included; else None) and the contexts before each draft
+        and after the last (the penalty's masks; Nones without one)."""
+        state, k, draft = self.state, self.k, self.draft
+        b = x0.shape[0]
+        if sampling is not None:
+            seen, rate, settings = sampling
+        x, drafts, q, contexts = x0, [], [], []
+        for j in range(k + 1):
+            logits = draft.model.forward_cached(
+                x.view(b, 1),
+                draft.cache,
+                draft_rows,
+                pos + j,
+                kv_len=draft_span,
+                attention_in_place=draft.attention_in_place,
+                small_batch_kernels=draft.small_batch_kernels,
+            )
+            if j == k:  # d_k's keys and values only
+                break
+            logits = logits[:, 0].float().masked_fill(state.blocked, float("-inf"))  # (b, V)
+            if sampling is not None:
+                contexts.append(seen)
+                q.append(probabilities(logits, seen, rate, *settings))
+                x = draw(q[-1], u[:, j])
+                seen = seen.scatter(1, x[:, None], True) if seen is not None else None
+            else:
+                x = logits.argmax(dim=-1)
+            drafts.append(x)
+        contexts.append(seen if sampling is not None else None)
+        return torch.stack(drafts, dim=1), (torch.stack(q, dim=1) if q else None), contexts
+
     def _round_step(
         self, rows: torch.Tensor, draft_rows: torch.Tensor, kv_len: int, full: bool, penalty: bool
     ) -> torch.Tensor:
@@ -297,36 +348,33 @@ class SpeculativeRunner:
             settings = (state.greedy[rows], state.temperature[rows], state.top_k[rows], state.top_p[rows])
             rate = state.penalty[rows] if penalty else None
             seen = state.seen[rows] if penalty else None  # (b, V): the context through x_n
-        x, drafts, q, contexts = x0, [], [], []
         draft_span = min(kv_len, draft.max_len)
-        if full:
-            u = round_uniforms(seed, pos, k)  # (b, 3k + 1): drafts', accept tests', the new token's
-        for j in range(k + 1):
-            logits = draft.model.forward_cached(
-                x.view(b, 1),
+        u = round_uniforms(seed, pos, k) if full else None  # (b, 3k + 1): drafts', accept tests', the new token's
+        if self._draft_impl is not None:  # the k + 1 steps in one launch; q: temperature only (any q stays exact)
+            greedy, temperature = (settings[0], settings[1]) if full else (True, None)
+            drafts_t, q_t = draft_steps(
+                self._draft_model,
                 draft.cache,
                 draft_rows,
-                pos + j,
-                kv_len=draft_span,
-                attention_in_place=draft.attention_in_place,
-                small_batch_kernels=draft.small_batch_kernels,
-            )
-            if j == k:  # d_k's keys and values only
-                break
-            logits = logits[:, 0].float().masked_fill(state.blocked, float("-inf"))  # (b, V)
-            if full:
-                contexts.append(seen)
-                q.append(probabilities(logits, seen, rate, *settings))
-                x = draw(q[-1], u[:, j])
-                seen = seen.scatter(1, x[:, None], True) if penalty else None
-            else:
-                x = logits.argmax(dim=-1)
-            drafts.append(x)
-        drafts_t = torch.stack(drafts, dim=1)  # (b, k)
+                pos,
+                x0,
+                k,
+                span=draft_span,
+                greedy=greedy,
+                temperature=temperature,
+                uniforms=u[:, :k] if full else None,
+                blocked=state.blocked,
+                impl=self._draft_impl,
+            )  # (b, k), (b, k, V) or None
+            contexts = [seen] if full else []  # the context before each draft, then after them all (penalty masks)
+            for j in range(k if penalty else 0):
+                contexts.append(contexts[-1].scatter(1, drafts_t[:, j : j + 1], True))
+        else:
+            sampling = (seen, rate, settings) if full else None
+            drafts_t, q_t, contexts = self._draft_loop(x0, draft_rows, pos, draft_span, sampling, u)
         logits = self._verify(torch.cat([x0[:, None], drafts_t], dim=1), rows, pos, kv_len)  # (b, k + 1, V)
         logits = logits.masked_fill(state.blocked, float("-inf"))
         if full:
-            contexts.append(seen)
             seen_all = torch.stack(contexts, dim=1) if penalty else None  # (b, k + 1, V): context before each token
             p = probabilities(
                 logits.flatten(0, 1),
@@ -334,7 +382,7 @@ class SpeculativeRunner:
                 _each(rate, k + 1) if penalty else None,
                 *(_each(s, k + 1) for s in settings),
             ).view(b, k + 1, V)
-            accepted, tokens = accept_sampled(drafts_t, torch.stack(q, dim=1), p, u[:, k : 2 * k], u[:, 2 * k :])
+            accepted, tokens = accept_sampled(drafts_t, q_t, p, u[:, k : 2 * k], u[:, 2 * k :])
             new = tokens.gather(1, accepted[:, None])[:, 0]
             if penalty:  # the context gains the accepted drafts and the new token (the repetition penalty's mask)
                 kept = seen_all.gather(1, accepted[:, None, None].expand(b, 1, V))[:, 0]

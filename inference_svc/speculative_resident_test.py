@@ -25,12 +25,23 @@ from inference_svc.speculative_resident import (
 )
 from inference_svc.testing import SPECULATIVE_PROMPTS, engine_idle, target_and_draft, wait_until
 from model.generate import generate_tokens
+from model.presets import get_preset
 from model.sampling import SamplingParams
 from model.speculative import token_probabilities
 from model.testing import chi2_critical_999, chi2_statistic
+from model.transformer import GPT
 
 
 PROMPTS = SPECULATIVE_PROMPTS
+GPU = torch.cuda.is_available()
+
+
+def _kernel_runners(pair, **kw) -> list[TorchRunner]:
+    """The draft-kernel tests' target and draft runners: on CPU (the kernel in Triton's interpreter); on a GPU, float32
+    copies on the device (the kernel compiled; the loop it is compared with in plain float32 ops)."""
+    if not GPU:
+        return [TorchRunner(m, n_slots=4, **kw) for m in pair]
+    return [TorchRunner(copy.deepcopy(m), n_slots=4, device="cuda", dtype=torch.float32, **kw) for m in pair]
 
 
 @pytest.fixture(scope="module")
@@ -202,6 +213,55 @@ def test_padded_rows_of_a_captured_round_touch_only_the_scratch_slots(tiny, pair
         assert padded.state.pos[4] == 0
 
 
+@pytest.mark.parametrize("full", [False, True])
+def test_the_draft_kernels_round_equals_the_draft_loops(tiny, pair, full):
+    """Runner level, draft_kernel="triton" (the interpreter on CPU) against the draft's steps one by one: greedy rows
+    and temperature-only sampled rows (where the kernel's q is the loop's) give the same counts and tokens, round
+    after round, and a penalised row (whose q the kernel leaves at temperature only) keeps its context mask exact."""
+    k = 3
+    prompts = [tiny.tokenizer.encode(p) for p in PROMPTS[:3]]
+    slots = [2, 0, 3]
+    greedy = SamplingParams(temperature=0.0)
+    params = [greedy, SamplingParams(temperature=0.8, seed=1), SamplingParams(temperature=1.3, seed=2)]
+    params = params if full else [greedy] * 3
+    plain = dict(cuda_graphs=False, attention_in_place=False, small_batch_kernels=False) if GPU else {}
+    runners = [
+        SpeculativeRunner(*_kernel_runners(pair, **plain), k, 4, draft_kernel=option) for option in (False, "triton")
+    ]
+    got = [[[t] for t in r.prefill_sample(slots, prompts, params, [5, 6, 7]).tolist()] for r in runners]
+    for _ in range(4):
+        kv_len = max(len(p) + len(g) for p, g in zip(prompts, got[0])) + k
+        outs = [r.round(slots, kv_len, full=full).tolist() for r in runners]
+        assert outs[0] == outs[1]
+        for out, run in zip(outs, got):
+            for row, g in zip(out, run):
+                g += row[1 : 1 + row[0]]
+    caches = [r.draft.cache for r in runners]  # the draft's keys and values, written by the kernel / the loop
+    torch.testing.assert_close(caches[1].k[slots], caches[0].k[slots], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(caches[1].v[slots], caches[0].v[slots], atol=1e-4, rtol=1e-4)
+    if full:  # a penalised row: the kernel's drafts ignore the penalty, the round's output and masks stay exact
+        penalised = SamplingParams(temperature=0.9, repetition_penalty=1.5, seed=3)
+        runner = runners[1]
+        runner.prefill_sample([1], [prompts[0]], [penalised], [9])
+        mine = [runner.state.token[1].item()]
+        for _ in range(3):
+            row = runner.round([1], len(prompts[0]) + len(mine) + k, full=True).tolist()[0]
+            assert 1 <= row[0] <= k + 1
+            mine += row[1 : 1 + row[0]]
+            assert set(runner.state.seen[1].nonzero()[:, 0].tolist()) == set(prompts[0] + mine)
+            assert runner.state.token[1] == mine[-1] and runner.state.pos[1] == len(prompts[0]) + len(mine) - 1
+
+
+def test_the_draft_kernel_refuses_a_draft_it_cannot_run_and_an_engine_without_a_draft(tiny, pair):
+    gpt2 = GPT(get_preset("shakespeare-char", n_layer=1, n_head=2, n_embd=32, vocab_size=pair[0].config.vocab_size))
+    with pytest.raises(ValueError, match="Llama-style"):
+        SpeculativeRunner(TorchRunner(pair[0], n_slots=2), TorchRunner(gpt2.eval(), n_slots=2), 2, 2, draft_kernel=True)
+    with pytest.raises(ValueError, match="draft_kernel"):
+        SpeculativeRunner(*(TorchRunner(m, n_slots=2) for m in pair), 2, 2, draft_kernel="fast")
+    with pytest.raises(ValueError, match="draft_kernel needs a draft"):
+        Engine(TorchRunner(pair[0], n_slots=2), tiny.tokenizer, draft_kernel=True)
+
+
 # Through the engine ------------------------------------------------------------------------------------
 
 
@@ -249,6 +309,33 @@ def test_greedy_equals_the_target_alone_on_the_gpus_kernel_layout_with_a_shorter
     for prompt, sp, tokens in zip(PROMPTS, params, got):
         assert tokens == generate_tokens(target, tiny.tokenizer.encode(prompt), sp), prompt
     assert 0 < stats.draft_accepted < stats.draft_proposed and stats.draft_proposed % k == 0
+
+
+def test_the_engine_with_the_draft_kernel_gives_the_tokens_it_gives_without(tiny, pair):
+    """Through the engine, draft_kernel="triton" (the interpreter on CPU): greedy rows equal the target alone, and a
+    mixed batch (greedy, temperature-only seeded rows) gives the same tokens and acceptance as the draft loop. On a GPU
+    (float32, the kernel inside the captured rounds): the greedy rows' tokens equal the loop engine's."""
+    target, _ = pair
+    greedy = [SamplingParams(max_new_tokens=n, temperature=0.0) for n in (20, 9, 26)]
+    sampled = [SamplingParams(max_new_tokens=24, temperature=t, seed=s) for t, s in ((0.8, 4), (1.2, 5))]
+    results = []
+    for option in (False, "triton"):
+        t, d = _kernel_runners(pair)  # on a GPU: CUDA graphs, the kernel captured in the round graphs
+        with Engine(t, tiny.tokenizer, max_queue=256, draft=d, speculative_k=3, draft_kernel=option) as engine:
+            handles = [engine.submit(_request(tiny, p, sp)) for p, sp in zip(PROMPTS, greedy + sampled)]
+            results.append(([list(h.result().token_ids) for h in handles], engine.stats()))
+    (loop, loop_stats), (kernel, kernel_stats) = results
+    assert 0 < kernel_stats.draft_accepted < kernel_stats.draft_proposed
+    if GPU:  # the loop's draft steps round otherwise (small-batch kernels): the greedy rows' tokens are the target's
+        assert kernel[:3] == loop[:3]
+        return
+    assert kernel == loop
+    assert (kernel_stats.draft_proposed, kernel_stats.draft_accepted) == (
+        loop_stats.draft_proposed,
+        loop_stats.draft_accepted,
+    )
+    for prompt, sp, tokens in zip(PROMPTS, greedy, kernel):
+        assert tokens == generate_tokens(target, tiny.tokenizer.encode(prompt), sp), prompt
 
 
 def test_greedy_rows_in_a_sampled_round_still_equal_the_target(tiny, pair):

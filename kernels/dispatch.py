@@ -12,7 +12,7 @@ from typing import Literal
 
 import torch
 
-__all__ = ["IMPLS", "Impl", "num_sms", "split_tickets", "use_triton"]
+__all__ = ["IMPLS", "Impl", "num_sms", "option_impl", "split_tickets", "use_triton"]
 
 Impl = Literal["auto", "triton", "reference"]
 IMPLS: tuple[str, ...] = ("auto", "triton", "reference")
@@ -33,6 +33,17 @@ def use_triton(impl: Impl, *tensors: torch.Tensor, supported: bool = True) -> bo
             raise ValueError("impl='triton' but the Triton kernel does not support these inputs (see its docstring)")
         return True
     return supported and all(t.is_cuda for t in tensors)
+
+
+def option_impl(name: str, option: bool | str | None) -> str | None:
+    """A caller's on/off switch for a kernel path as an `impl`: False / None -> None (off), True -> "auto", else one
+    of IMPLS (a ValueError naming the option `name` otherwise)."""
+    if option is False or option is None:
+        return None
+    impl = "auto" if option is True else option
+    if impl not in IMPLS:
+        raise ValueError(f"{name} must be False, True or one of {IMPLS}, got {option!r}")
+    return impl
 
 
 @functools.lru_cache(maxsize=None)

@@ -20,7 +20,7 @@ from torch.utils.checkpoint import checkpoint
 from kernels import decode_gemv
 from kernels.decode_attention_step import MAX_SINGLE_PASS_KEYS, decode_attention_step
 from kernels.decode_gemv import Embedding, NormParams, linear_residual, norm_linear
-from kernels.dispatch import IMPLS
+from kernels.dispatch import option_impl
 from model.layers import decode_attention  # the kernel where KERNEL_DEFAULTS turns it on
 from model.config import ModelConfig
 from model.kv_cache import KVCache
@@ -372,7 +372,7 @@ class GPT(nn.Module):
         kv_len = cache.max_len if kv_len is None else kv_len
         if not (torch.compiler.is_compiling() or _capturing(idx)):
             _check_cached_args(idx, cache, slots, positions, lengths, kv_len)
-        impl = _small_batch_impl(small_batch_kernels)
+        impl = option_impl("small_batch_kernels", small_batch_kernels)
         if attention_in_place and impl is not None and T == 1 and lengths is None:
             if self._small_batch_fits(idx, kv_len, impl):  # before any other op: each is a launch in the graph
                 logits = self._small_batch_step(idx[:, 0], cache, slots, positions, impl)  # (B, V) float32
@@ -482,16 +482,6 @@ class GPT(nn.Module):
         for layer, (block, next_norm) in enumerate(zip(self.blocks, next_norms)):
             x, h = block(x, rope, layer, step, normed=h, next_norm=next_norm)
         return h
-
-
-def _small_batch_impl(option: bool | str) -> str | None:
-    """forward_cached's `small_batch_kernels` as a kernel `impl` (None: off)."""
-    if option is False or option is None:
-        return None
-    impl = "auto" if option is True else option
-    if impl not in IMPLS:
-        raise ValueError(f"small_batch_kernels must be False, True or one of {IMPLS}, got {option!r}")
-    return impl
 
 
 def _norm_params(norm: nn.Module) -> NormParams:

@@ -8,7 +8,7 @@
 # the whole log is $OUT/session.log.
 #
 # Steps: tests (CUDA build + every GPU test under kernels/, model/, inference_svc/; $GPU_TESTS narrows them), kernels (python -m bench_svc.benches.kernels),
-#        speculative, speculative-engine (bench_svc.benches.speculative_engine), train (bench_svc.benches.training --part speed), serve (bench_svc.benches.inference_serving
+#        speculative, speculative-engine (bench_svc.benches.speculative_engine; $SPEC_K, $SPEC_ARGS), train (bench_svc.benches.training --part speed), serve (bench_svc.benches.inference_serving
 #        --device cuda), compile (bench_svc.benches.train_compile), checkpointing (bench_svc.benches.train_checkpointing),
 #        train-profile / train-carryover / muon-probe (tools.train_probe: step time split, state left between runs,
 #        the eager Muon loop against the captured step one difference at a time),
@@ -87,10 +87,11 @@ for spec in "$@"; do
     speculative)
       run_step speculative "$limit" "$PYTHON" -m bench_svc.benches.speculative --device cuda --target-steps 1500 \
         --draft-steps 600 --batch 32 --target-train-s 60 --draft-train-s 30 --prompts 2 --max-new-tokens 96 --repeats 2 ;;
-    speculative-engine)  # the engine with a draft (speculative rounds on the device) vs without, B=1 and 16, k 1-4
+    speculative-engine)  # the engine with a draft (speculative rounds on the device) vs without, B=1 and 16, k 1-4;
+      # $SPEC_ARGS: more options (SPEC_ARGS=--draft-kernel: the draft's steps of a round in one launch)
       run_step speculative-engine "$limit" "$PYTHON" -m bench_svc.benches.speculative_engine --device cuda \
         --target-steps 1500 --draft-steps 600 --batch 32 --target-train-s 45 --draft-train-s 20 --concurrency 1,16 \
-        --k "${SPEC_K:-1,2,3,4}" --max-new-tokens 90 --repeats 5 ;;
+        --k "${SPEC_K:-1,2,3,4}" --max-new-tokens 90 --repeats 5 ${SPEC_ARGS:-} ;;
     train) run_step train "$limit" "$PYTHON" -m bench_svc.benches.training --part speed --budget-s "${TRAIN_BUDGET_S:-120}" ${TRAIN_TAG:+--tag "$TRAIN_TAG"} \
       ${TRAIN_VARIANTS:+--variants "$TRAIN_VARIANTS"} ;;
     train-profile) run_step train-profile "$limit" "$PYTHON" -m tools.train_probe profile ${PROBE_VARIANTS:+--variants "$PROBE_VARIANTS"} ;;

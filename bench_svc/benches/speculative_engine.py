@@ -2,6 +2,7 @@
 target, at batch 1 and with several requests in flight, against the same engine without a draft, in the same run.
 
     python -m bench_svc.benches.speculative_engine --corpus FILE [--device cuda] [--concurrency 1,16] [--k 1,2,3,4]
+        [--draft-kernel]
 
 Trains the two models as `bench_svc.benches.speculative` does (same options; or loads them with --target-artifact and
 --draft-artifact), then for each concurrency, sampling mode (greedy; sampled at temperature 0.8, top-k 50, top-p
@@ -9,7 +10,9 @@ Trains the two models as `bench_svc.benches.speculative` does (same options; or 
 until every one has finished. Every engine is device-resident (on the GPU: CUDA graphs, the rounds captured too), so
 the comparison is speculative rounds against plain resident steps. Repeats run interleaved and the median is
 reported; ms/token is per stream (seconds x concurrency / tokens). Greedy rows also check that the tokens equal the
-anchor's. Writes `bench_svc/results/speculative-engine-<cpu|cuda>.{csv,json,png}`; the short table is printed last.
+anchor's. `--draft-kernel`: the speculative engines run each round's draft steps in one launch (kernels.draft_steps;
+its reference on CPU). Writes `bench_svc/results/speculative-engine-<cpu|cuda>[-draft-kernel].{csv,json,png}`; the short
+table is printed last.
 """
 
 from __future__ import annotations
@@ -51,15 +54,23 @@ MODES: dict[str, dict[str, Any]] = {
 }
 
 
-def _engines(target, draft, tokenizer, concurrency: int, ks: list[int], device: torch.device) -> dict[int, Engine]:
+def _engines(
+    target, draft, tokenizer, concurrency: int, ks: list[int], device: torch.device, draft_kernel: bool = False
+) -> dict[int, Engine]:
     """One device-resident engine per k (0: no draft) with `concurrency` slots; the target and draft weights are
-    shared."""
+    shared. `draft_kernel`: the speculative engines' draft steps in one launch."""
     engines = {}
     for k in [0, *ks]:
         runner = TorchRunner(target, concurrency, device=device)
         drafter = TorchRunner(draft, concurrency, device=device) if k else None
         engines[k] = Engine(
-            runner, tokenizer, max_queue=concurrency, draft=drafter, speculative_k=max(k, 1), resident=True
+            runner,
+            tokenizer,
+            max_queue=concurrency,
+            draft=drafter,
+            speculative_k=max(k, 1),
+            draft_kernel=draft_kernel and k > 0,
+            resident=True,
         )
     return engines
 
@@ -75,6 +86,9 @@ def _round(engine: Engine, prompts: list[list[int]], params: list[SamplingParams
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser(f"python -m {MODULE}", __doc__.splitlines()[0])
     parser.add_argument("--concurrency", default="1,16", help="requests in flight at once, comma-separated")
+    parser.add_argument(
+        "--draft-kernel", action="store_true", help="the draft's steps of a round in one launch (kernels.draft_steps)"
+    )
     parser.set_defaults(k="1,2,3,4")
     args = parser.parse_args(argv)
     commit = git_commit()
@@ -99,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{MODULE}: prompts from --corpus: {err}", file=sys.stderr)
             return 2
         prompts = (prompts * concurrency)[:concurrency]
-        engines = _engines(target, draft, tokenizer, concurrency, ks, device)
+        engines = _engines(target, draft, tokenizer, concurrency, ks, device, args.draft_kernel)
         try:
             rows += _measure(engines, prompts, concurrency, args)
         finally:
@@ -117,6 +131,7 @@ def main(argv: list[str] | None = None) -> int:
         "training": training,
         "max_new_tokens": args.max_new_tokens,
         "repeats": args.repeats,
+        "draft_kernel": args.draft_kernel,
         "best_speedup": max(r["speedup_vs_target"] for r in rows if r["k"] > 0),
         "best_k": {
             series: max((r for r in rows if r["series"] == series and r["k"] > 0), key=lambda r: r["tokens_per_s"])["k"]
@@ -125,11 +140,12 @@ def main(argv: list[str] | None = None) -> int:
     }
     paths = write_results(
         args.out_dir,
-        f"speculative-engine-{device.type}",
+        f"speculative-engine-{device.type}" + ("-draft-kernel" if args.draft_kernel else ""),
         header,
         rows,
         summary,
-        f"speculative decoding in the engine, {DRAFT_PRESET} draft for {TARGET_PRESET}",
+        f"speculative decoding in the engine, {DRAFT_PRESET} draft for {TARGET_PRESET}"
+        + (", the draft's steps in one launch" if args.draft_kernel else ""),
     )
     log.info("wrote %s", ", ".join(str(p) for p in paths))
     print(format_table(rows))

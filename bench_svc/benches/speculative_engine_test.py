@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 from bench_svc.benches.speculative_engine import main
@@ -12,12 +13,16 @@ from model.presets import get_preset
 from model.transformer import GPT
 
 
-def test_writes_rows_for_every_concurrency_mode_and_k(tiny, tmp_path, capsys):
+@pytest.mark.parametrize("draft_kernel", [False, True])
+def test_writes_rows_for_every_concurrency_mode_and_k(tiny, tmp_path, capsys, draft_kernel):
+    """Also with --draft-kernel (its engines take the option; on CPU the kernel's reference runs the steps): the same
+    rows, written to a file of their own."""
     torch.manual_seed(3)
     draft = GPT(get_preset("tiny", vocab_size=tiny.tokenizer.vocab_size, n_layer=1, n_embd=64))
     draft_id = save_artifact(tmp_path / "store", draft, tiny.tokenizer, name="draft", preset="tiny")
     code = main(
-        [
+        ["--draft-kernel"] * draft_kernel
+        + [
             "--target-artifact",
             str(tiny.path),
             "--draft-artifact",
@@ -37,7 +42,9 @@ def test_writes_rows_for_every_concurrency_mode_and_k(tiny, tmp_path, capsys):
         ]
     )
     assert code == 0
-    doc = json.loads((tmp_path / "out" / "speculative-engine-cpu.json").read_text())
+    name = "speculative-engine-cpu" + ("-draft-kernel" if draft_kernel else "")
+    doc = json.loads((tmp_path / "out" / f"{name}.json").read_text())
+    assert doc["summary"]["draft_kernel"] is draft_kernel
     rows = doc["rows"]
     assert {(r["concurrency"], r["mode"], r["k"]) for r in rows} == {
         (c, m, k) for c in (1, 2) for m in ("greedy", "sample") for k in (0, 1, 3)
@@ -47,7 +54,7 @@ def test_writes_rows_for_every_concurrency_mode_and_k(tiny, tmp_path, capsys):
     assert all(r["same_tokens_as_target"] is True for r in rows if r["mode"] == "greedy" and r["k"])
     assert all(0.0 <= r["acceptance_rate"] <= 1.0 for r in rows if r["k"])
     assert "the engine without a draft" in doc["header"]["anchor"]
-    assert (tmp_path / "out" / "speculative-engine-cpu.png").stat().st_size > 0
+    assert (tmp_path / "out" / f"{name}.png").stat().st_size > 0
     assert capsys.readouterr().out.strip().splitlines()[0].startswith("series")
 
 
