@@ -282,6 +282,12 @@ class TrainConfig:
                 )
             return
         room = self.lr_decay_steps - self.warmup
+        if room < 1:  # no step left after the warmup: no warmdown length can fit
+            raise ConfigError(
+                "warmup",
+                f"warmup must be below decay_steps or max_steps ({self.lr_decay_steps}) with decay=trapezoid, so the "
+                f"warmdown has steps to run, got warmup {self.warmup}",
+            )
         if not 1 <= self.warmdown_steps <= room:
             raise ConfigError(
                 "warmdown_steps",

@@ -43,8 +43,10 @@ def test_trapezoid_is_flat_then_falls_linearly_to_min_lr():
         (dict(decay="trapezoid"), "warmdown_steps must be an integer in [1, 100]"),
         (dict(decay="trapezoid", warmdown_steps=101), "warmdown_steps must be an integer in [1, 100]"),
         (dict(decay="cosine", warmdown_steps=10), "warmdown_steps applies to decay=trapezoid only"),
+        # a warmup as long as the run leaves no room at all: the error names the warmup, not an empty range
+        (dict(decay="trapezoid", warmup=110, warmdown_steps=5), "warmup must be below decay_steps or max_steps (110)"),
     ],
 )
 def test_trapezoid_needs_a_warmdown_that_fits(changes, needle):
     with pytest.raises(ValueError, match=re.escape(needle)):
-        TrainConfig(lr=1.0, warmup=10, max_steps=110, **changes)
+        TrainConfig(lr=1.0, **{"warmup": 10, "max_steps": 110, **changes})
