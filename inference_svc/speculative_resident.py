@@ -29,6 +29,7 @@ import torch
 
 from kernels.dispatch import option_impl
 from kernels.draft_steps import DraftModel, draft_steps
+from kernels.draft_steps import inverse_cdf as draw  # one id per row by inverse CDF (the kernel's rule too)
 from inference_svc.runner import _PREFILL_BUCKETS, SlotState, TorchRunner, batch_buckets
 from inference_svc.sequence import Sequence as Seq
 from inference_svc.speculative import SpeculativeStats, check_draft
@@ -68,15 +69,6 @@ def probabilities(
     one_hot = torch.zeros_like(probs).scatter_(1, logits.argmax(dim=-1, keepdim=True), 1.0)
     degenerate = ~torch.isfinite(total[:, 0]) | (total[:, 0] <= 0)
     return torch.where((greedy | degenerate)[:, None], one_hot, probs)
-
-
-def draw(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """One id per row by inverse CDF: probs (N, V) >= 0 (need not sum to 1), u (N,) in [0, 1). Returns (N,) long,
-    always an id of positive mass (a row with none: id 0)."""
-    cdf = probs.cumsum(dim=-1)  # (N, V)
-    pick = torch.searchsorted(cdf, u[:, None] * cdf[:, -1:], right=True)  # (N, 1)
-    last = (probs > 0).long().cumsum(dim=-1).argmax(dim=-1, keepdim=True)  # the last id of positive mass
-    return torch.minimum(pick, last)[:, 0]
 
 
 def accept_greedy(drafts: torch.Tensor, target_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

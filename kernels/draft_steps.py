@@ -466,10 +466,10 @@ def draft_steps_reference(model: DraftModel, cache, a: DraftCall) -> tuple[torch
 
 
 def inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """probs (N, V) >= 0, u (N,) in [0, 1) -> (N,) long: the first id whose CDF passes u * total, capped at the last
-    id of positive mass (inference_svc.speculative_resident.draw, which kernels/ may not import)."""
-    cdf = probs.cumsum(dim=-1)
-    pick = (cdf <= u[:, None] * cdf[:, -1:]).sum(dim=-1)
-    ids = torch.arange(probs.shape[-1], device=probs.device)
-    last = torch.where(probs > 0, ids, 0).amax(dim=-1)
-    return torch.minimum(pick, last)
+    """One id per row by inverse CDF: probs (N, V) >= 0 (need not sum to 1), u (N,) in [0, 1). Returns (N,) long,
+    always an id of positive mass (a row with none: id 0). The speculative runner's draw
+    (inference_svc.speculative_resident imports it), and the rule the kernel's in-program draw follows."""
+    cdf = probs.cumsum(dim=-1)  # (N, V)
+    pick = torch.searchsorted(cdf, u[:, None] * cdf[:, -1:], right=True)  # (N, 1)
+    last = (probs > 0).long().cumsum(dim=-1).argmax(dim=-1, keepdim=True)  # the last id of positive mass
+    return torch.minimum(pick, last)[:, 0]
