@@ -2,7 +2,7 @@
 target, at batch 1 and with several requests in flight, against the same engine without a draft, in the same run.
 
     python -m bench_svc.benches.speculative_engine --corpus FILE [--device cuda] [--concurrency 1,16] [--k 1,2,3,4]
-        [--draft-kernel]
+        [--draft-kernel [on|off|both]]
 
 Trains the two models as `bench_svc.benches.speculative` does (same options; or loads them with --target-artifact and
 --draft-artifact), then for each concurrency, sampling mode (greedy; sampled at temperature 0.8, top-k 50, top-p
@@ -11,7 +11,8 @@ until every one has finished. Every engine is device-resident (on the GPU: CUDA 
 the comparison is speculative rounds against plain resident steps. Repeats run interleaved and the median is
 reported; ms/token is per stream (seconds x concurrency / tokens). Greedy rows also check that the tokens equal the
 anchor's. `--draft-kernel`: the speculative engines run each round's draft steps in one launch (kernels.draft_steps;
-its reference on CPU). Writes `bench_svc/results/speculative-engine-<cpu|cuda>[-draft-kernel].{csv,json,png}`; the short
+its reference on CPU); `--draft-kernel both`: engines of both kinds in the same run (rows "draft kernel" beside the
+loop's). Writes `bench_svc/results/speculative-engine-<cpu|cuda>[-draft-kernel[-both]].{csv,json,png}`; the short
 table is printed last.
 """
 
@@ -54,22 +55,28 @@ MODES: dict[str, dict[str, Any]] = {
 }
 
 
-def _engines(
-    target, draft, tokenizer, concurrency: int, ks: list[int], device: torch.device, draft_kernel: bool = False
-) -> dict[int, Engine]:
-    """One device-resident engine per k (0: no draft) with `concurrency` slots; the target and draft weights are
-    shared. `draft_kernel`: the speculative engines' draft steps in one launch."""
+Variant = tuple[int, bool]  # (k, the draft's steps in one launch); (0, False): the engine without a draft
+
+
+def _variants(ks: list[int], draft_kernel: str) -> list[Variant]:
+    """The engines a run builds: the anchor, then each k with the draft loop (off, both) and the kernel (on, both)."""
+    kernel = {"off": [False], "on": [True], "both": [False, True]}[draft_kernel]
+    return [(0, False), *((k, kern) for kern in kernel for k in ks if k > 0)]
+
+
+def _engines(target, draft, tokenizer, concurrency: int, variants: list[Variant], device: torch.device) -> dict:
+    """One device-resident engine per variant with `concurrency` slots; the target and draft weights are shared."""
     engines = {}
-    for k in [0, *ks]:
+    for k, kern in variants:
         runner = TorchRunner(target, concurrency, device=device)
         drafter = TorchRunner(draft, concurrency, device=device) if k else None
-        engines[k] = Engine(
+        engines[(k, kern)] = Engine(
             runner,
             tokenizer,
             max_queue=concurrency,
             draft=drafter,
             speculative_k=max(k, 1),
-            draft_kernel=draft_kernel and k > 0,
+            draft_kernel=kern,
             resident=True,
         )
     return engines
@@ -87,7 +94,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser(f"python -m {MODULE}", __doc__.splitlines()[0])
     parser.add_argument("--concurrency", default="1,16", help="requests in flight at once, comma-separated")
     parser.add_argument(
-        "--draft-kernel", action="store_true", help="the draft's steps of a round in one launch (kernels.draft_steps)"
+        "--draft-kernel",
+        nargs="?",
+        const="on",
+        default="off",
+        choices=("off", "on", "both"),
+        help="the draft's steps of a round in one launch (kernels.draft_steps); both: engines with and without it",
     )
     parser.set_defaults(k="1,2,3,4")
     args = parser.parse_args(argv)
@@ -104,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     text = Path(args.corpus).read_text(encoding="utf-8") if args.corpus else ""
     target, draft, tokenizer, training = trained_models(args, text)
     target, draft = copy.deepcopy(target).eval(), copy.deepcopy(draft).eval()  # runners may cast them (bf16 on CUDA)
-    ks = [int(k) for k in args.k.split(",")]
+    variants = _variants([int(k) for k in args.k.split(",")], args.draft_kernel)
     rows = []
     for concurrency in [int(c) for c in args.concurrency.split(",")]:
         try:
@@ -113,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{MODULE}: prompts from --corpus: {err}", file=sys.stderr)
             return 2
         prompts = (prompts * concurrency)[:concurrency]
-        engines = _engines(target, draft, tokenizer, concurrency, ks, device, args.draft_kernel)
+        engines = _engines(target, draft, tokenizer, concurrency, variants, device)
         try:
             rows += _measure(engines, prompts, concurrency, args)
         finally:
@@ -127,25 +139,28 @@ def main(argv: list[str] | None = None) -> int:
         f"the engine without a draft, greedy, concurrency {anchor['concurrency']} = {anchor['tokens_per_s']} tokens/s",
         commit,
     )
+    suffix = {"off": "", "on": "-draft-kernel", "both": "-draft-kernel-both"}[args.draft_kernel]
     summary = {
         "training": training,
         "max_new_tokens": args.max_new_tokens,
         "repeats": args.repeats,
-        "draft_kernel": args.draft_kernel,
+        "draft_kernel": args.draft_kernel,  # off / on / both
         "best_speedup": max(r["speedup_vs_target"] for r in rows if r["k"] > 0),
         "best_k": {
             series: max((r for r in rows if r["series"] == series and r["k"] > 0), key=lambda r: r["tokens_per_s"])["k"]
-            for series in dict.fromkeys(r["series"] for r in rows)
+            for series in dict.fromkeys(r["series"] for r in rows if r["k"] > 0)
         },
     }
     paths = write_results(
         args.out_dir,
-        f"speculative-engine-{device.type}" + ("-draft-kernel" if args.draft_kernel else ""),
+        f"speculative-engine-{device.type}{suffix}",
         header,
         rows,
         summary,
         f"speculative decoding in the engine, {DRAFT_PRESET} draft for {TARGET_PRESET}"
-        + (", the draft's steps in one launch" if args.draft_kernel else ""),
+        + {"off": "", "on": ", the draft's steps in one launch", "both": ", the draft loop vs one launch"}[
+            args.draft_kernel
+        ],
     )
     log.info("wrote %s", ", ".join(str(p) for p in paths))
     print(format_table(rows))
@@ -156,7 +171,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     """One line per row: throughput and per-stream ms/token against the engine without a draft; graph ms: the GPU's
     time for one plain step (k = 0) or one round."""
     head = (
-        f"{'series':<20} {'k':>2} {'tok/s':>9} {'ms/tok':>7} {'speed-up':>8} {'accept':>7} {'graph ms':>8} {'same':>5}"
+        f"{'series':<34} {'k':>2} {'tok/s':>9} {'ms/tok':>7} {'speed-up':>8} {'accept':>7} {'graph ms':>8} {'same':>5}"
     )
     lines = [head]
     for r in rows:
@@ -164,13 +179,13 @@ def format_table(rows: list[dict[str, Any]]) -> str:
         same = "-" if r["same_tokens_as_target"] is None else str(r["same_tokens_as_target"])
         graph = "-" if r["graph_ms"] is None else f"{r['graph_ms']:.3f}"
         lines.append(
-            f"{r['series']:<20} {r['k']:>2} {r['tokens_per_s']:>9.1f} {r['ms_per_token']:>7.3f} "
+            f"{r['series']:<34} {r['k']:>2} {r['tokens_per_s']:>9.1f} {r['ms_per_token']:>7.3f} "
             f"{r['speedup_vs_target']:>7.2f}x {accept:>7} {graph:>8} {same:>5}"
         )
     return "\n".join(lines)
 
 
-def _measure(engines: dict[int, Engine], prompts: list[list[int]], concurrency: int, args) -> list[dict[str, Any]]:
+def _measure(engines: dict[Variant, Engine], prompts: list[list[int]], concurrency: int, args) -> list[dict[str, Any]]:
     params = {
         mode: [
             SamplingParams(max_new_tokens=args.max_new_tokens, seed=args.seed + i, **sampling)
@@ -181,31 +196,32 @@ def _measure(engines: dict[int, Engine], prompts: list[list[int]], concurrency: 
     for engine in engines.values():  # first uses (a prefill graph of a new shape, cuBLAS plans) outside the timing
         for sampling in MODES.values():
             _round(engine, prompts, [SamplingParams(max_new_tokens=8, seed=1, **sampling)] * len(prompts))
-    seconds: dict[tuple[str, int], list[float]] = {(m, k): [] for m in MODES for k in engines}
-    tokens: dict[tuple[str, int], list[list[int]]] = {}
-    accepted: dict[tuple[str, int], tuple[int, int]] = {key: (0, 0) for key in seconds}
+    seconds: dict[tuple[str, Variant], list[float]] = {(m, v): [] for m in MODES for v in engines}
+    tokens: dict[tuple[str, Variant], list[list[int]]] = {}
+    accepted: dict[tuple[str, Variant], tuple[int, int]] = {key: (0, 0) for key in seconds}
+    anchor_of = {mode: (mode, (0, False)) for mode in MODES}
     for rep in range(args.repeats):
-        for mode, k in seconds:
-            before = engines[k].stats()
-            s, tokens[(mode, k)] = _round(engines[k], prompts, params[mode])
-            after = engines[k].stats()
-            seconds[(mode, k)].append(s)
-            prop, acc = accepted[(mode, k)]
-            accepted[(mode, k)] = (
+        for mode, v in seconds:
+            before = engines[v].stats()
+            s, tokens[(mode, v)] = _round(engines[v], prompts, params[mode])
+            after = engines[v].stats()
+            seconds[(mode, v)].append(s)
+            prop, acc = accepted[(mode, v)]
+            accepted[(mode, v)] = (
                 prop + after.draft_proposed - before.draft_proposed,
                 acc + after.draft_accepted - before.draft_accepted,
             )
         log.info("concurrency %d: timing round %d/%d done", concurrency, rep + 1, args.repeats)
     rows = []
-    for (mode, k), times in seconds.items():
-        n_tokens = sum(len(t) for t in tokens[(mode, k)])
-        median, anchor = statistics.median(times), statistics.median(seconds[(mode, 0)])
-        proposed, ok = accepted[(mode, k)]
-        same = tokens[(mode, k)] == tokens[(mode, 0)] if mode == "greedy" and k else None
+    for (mode, (k, kern)), times in seconds.items():
+        n_tokens = sum(len(t) for t in tokens[(mode, (k, kern))])
+        median, anchor = statistics.median(times), statistics.median(seconds[anchor_of[mode]])
+        proposed, ok = accepted[(mode, (k, kern))]
+        same = tokens[(mode, (k, kern))] == tokens[anchor_of[mode]] if mode == "greedy" and k else None
         row = result_row(
             mode,
             k,
-            "engine, speculative" if k else "engine, no draft",
+            ("engine, speculative, draft kernel" if kern else "engine, speculative") if k else "engine, no draft",
             n_tokens,
             median,
             anchor,
@@ -213,9 +229,10 @@ def _measure(engines: dict[int, Engine], prompts: list[list[int]], concurrency: 
             same,
         )
         ms = {"ms_per_token": round(1e3 * median * concurrency / n_tokens, 4)}
-        graph = _graph_ms(engines[k], concurrency, k, mode != "greedy")
+        graph = _graph_ms(engines[(k, kern)], concurrency, k, mode != "greedy")
         ms["graph_ms"] = None if graph is None else round(graph, 4)  # the GPU's time for one step / round
-        rows.append({"series": f"{mode}, {concurrency} in flight", "concurrency": concurrency, **row, **ms})
+        series = f"{mode}, {concurrency} in flight" + (", draft kernel" if kern else "")
+        rows.append({"series": series, "concurrency": concurrency, **row, "draft_kernel": kern, **ms})
     return rows
 
 

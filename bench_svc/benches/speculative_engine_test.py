@@ -13,15 +13,15 @@ from model.presets import get_preset
 from model.transformer import GPT
 
 
-@pytest.mark.parametrize("draft_kernel", [False, True])
+@pytest.mark.parametrize("draft_kernel", ["off", "on", "both"])
 def test_writes_rows_for_every_concurrency_mode_and_k(tiny, tmp_path, capsys, draft_kernel):
     """Also with --draft-kernel (its engines take the option; on CPU the kernel's reference runs the steps): the same
-    rows, written to a file of their own."""
+    rows, written to a file of their own; `both`: the loop's and the kernel's speculative rows in one run."""
     torch.manual_seed(3)
     draft = GPT(get_preset("tiny", vocab_size=tiny.tokenizer.vocab_size, n_layer=1, n_embd=64))
     draft_id = save_artifact(tmp_path / "store", draft, tiny.tokenizer, name="draft", preset="tiny")
     code = main(
-        ["--draft-kernel"] * draft_kernel
+        {"off": [], "on": ["--draft-kernel"], "both": ["--draft-kernel", "both"]}[draft_kernel]
         + [
             "--target-artifact",
             str(tiny.path),
@@ -42,13 +42,15 @@ def test_writes_rows_for_every_concurrency_mode_and_k(tiny, tmp_path, capsys, dr
         ]
     )
     assert code == 0
-    name = "speculative-engine-cpu" + ("-draft-kernel" if draft_kernel else "")
+    name = "speculative-engine-cpu" + {"off": "", "on": "-draft-kernel", "both": "-draft-kernel-both"}[draft_kernel]
     doc = json.loads((tmp_path / "out" / f"{name}.json").read_text())
-    assert doc["summary"]["draft_kernel"] is draft_kernel
+    assert doc["summary"]["draft_kernel"] == draft_kernel
     rows = doc["rows"]
-    assert {(r["concurrency"], r["mode"], r["k"]) for r in rows} == {
-        (c, m, k) for c in (1, 2) for m in ("greedy", "sample") for k in (0, 1, 3)
-    }
+    kernels = {"off": [False], "on": [True], "both": [False, True]}[draft_kernel]
+    assert sorted((r["concurrency"], r["mode"], r["k"], r["draft_kernel"]) for r in rows) == sorted(
+        [(c, m, 0, False) for c in (1, 2) for m in ("greedy", "sample")]
+        + [(c, m, k, kern) for c in (1, 2) for m in ("greedy", "sample") for k in (1, 3) for kern in kernels]
+    )
     assert all(r["tokens"] == 6 * r["concurrency"] for r in rows)
     assert all(r["ms_per_token"] > 0 for r in rows)
     assert all(r["same_tokens_as_target"] is True for r in rows if r["mode"] == "greedy" and r["k"])
