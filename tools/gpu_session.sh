@@ -12,6 +12,7 @@
 #        --device cuda), compile (bench_svc.benches.train_compile), checkpointing (bench_svc.benches.train_checkpointing),
 #        train-profile / train-carryover / muon-probe (tools.train_probe: step time split, state left between runs,
 #        the eager Muon loop against the captured step one difference at a time),
+#        draft-probe (tools.draft_probe; compute-sanitizer on a failure),
 #        startup-probe (tools.startup_probe: a new process's imports, each timed), serve-probe (tools.serve_probe: decode step wall vs GPU-busy, kernels per step; $PROBE_ARGS), serve-probe-plain
 #        (the same without the small-batch decode kernels), grpc-probe (tools.grpc_probe: the gRPC server's ceiling over
 #        an instant runner, aio and threads; CPU only; $GRPC_PROBE_ARGS), decode-step (kernels.decode_step_bench; $DECODE_BATCHES).
@@ -60,6 +61,7 @@ run_step() {  # run_step NAME SECONDS CMD...
   local rc=$?
   summary+=("$(printf '%-14s rc=%-4s %5d s' "$name" "$rc" $((SECONDS - t0)))")
   pack  # after every step: a call cut short still brings back what its finished steps wrote
+  return $rc
 }
 pack() {
   [ -n "$OUT" ] || return 0
@@ -74,7 +76,7 @@ for spec in "$@"; do
   case "$step" in
     tests)  # every GPU test, 8 processes (Triton compiles on the CPU); failures listed with short tracebacks
       build_ext
-      run_step gpu-tests "$limit" "$PYTHON" -m pytest -q -rfEs --tb=short -p no:cacheprovider -n 8 --timeout="${TEST_TIMEOUT:-120}" \
+      run_step gpu-tests "$limit" "$PYTHON" -m pytest ${TEST_VERBOSE:+-v} -q -rfEs --tb=short -p no:cacheprovider -n 8 --timeout="${TEST_TIMEOUT:-120}" \
         ${GPU_TESTS:-kernels model/kernel_routing_test.py model/fused_block_test.py inference_svc/runner_test.py inference_svc/resident_test.py} ;;
     kernels)  # the fused-FFN rows are taken first, alone; SECONDS bounds the whole benchmark
       build_ext
@@ -109,6 +111,10 @@ for spec in "$@"; do
     grpc-probe) run_step grpc-probe "$limit" "$PYTHON" -m tools.grpc_probe --server aio,threads ${GRPC_PROBE_ARGS:-} ;;
     serve-probe-plain) run_step serve-probe-plain "$limit" "$PYTHON" -m tools.serve_probe --no-small-batch-kernels ${PROBE_ARGS:-} ;;
     sampling) run_step sampling "$limit" "$PYTHON" -m kernels.sampling_bench ;;  # the one-launch sampler vs torch
+    draft-probe)  # tools.draft_probe: the one-launch draft kernel as the engine calls it; on a failure, again under
+      # compute-sanitizer's memcheck (the faulting kernel, thread and address)
+      run_step draft-probe "$limit" env CUDA_LAUNCH_BLOCKING=1 "$PYTHON" -m tools.draft_probe ${PROBE_ARGS:-} \
+        || run_step draft-memcheck "$limit" compute-sanitizer --tool memcheck --print-limit 4 "$PYTHON" -m tools.draft_probe --k 2 ;;
     decode-step)  # the small-batch decode kernels against the default step, each captured (kernels.decode_step_bench)
       run_step decode-step "$limit" "$PYTHON" -m kernels.decode_step_bench --batches "${DECODE_BATCHES:-1,8}" ;;
     compile) run_step compile "$limit" "$PYTHON" -m bench_svc.benches.train_compile --device cuda --timeout-s 120 ;;
