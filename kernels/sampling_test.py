@@ -84,7 +84,10 @@ def _compare(
         rank = lambda ids: (order == ids[:, None]).float().argmax(-1)  # noqa: E731
         bad = [b for b, gap in zip(bad, (rank(fast[bad]) - rank(ref[bad])).abs().tolist()) if gap > 1]
     assert not bad, f"rows {bad}: kernel {fast[bad].tolist()} vs torch {ref[bad].tolist()}"
-    assert (fast == ref).float().mean() > 0.99  # rounding decides a boundary in a rare row only
+    # Rounding decides a boundary in a rare row only; in flat rows (adjacent_ok) more often, by how the autotuner's
+    # tile sums the row: 4 of 512 flat 50k-id rows (H200, third session), 14 of 512 (eleventh, 8 test processes
+    # sharing the GPU while it tuned); a kernel off by one rank everywhere would match almost none.
+    assert (fast == ref).float().mean() > (0.9 if adjacent_ok else 0.99)
     assert ((fast >= 0) & (fast < V)).all()
 
 

@@ -138,9 +138,10 @@ def _specs() -> list[tuple[str, object, dict, dict, int, int]]:
     sample_sig = {n: "*fp32" for n in ("logits_ptr", "x_ptr", "penalty_ptr", "temperature_ptr", "top_p_ptr")}
     sample_sig.update({n: "*i64" for n in ("c_ptr", "slots_ptr", "counters_ptr", "top_k_ptr", "seed_ptr", "out_ptr")})
     sample_sig.update({n: "*u8" for n in ("blocked_ptr", "seen_ptr", "greedy_ptr")})
-    for V, block, warps in ((65, 128, 1), (50304, 1024, 8)):  # char and BPE vocabularies, their likely tiles
+    # char and BPE vocabularies, their likely tiles (both of V65's candidates: the 1-warp one spills on Triton 3.6)
+    for V, block, warps in ((65, 128, 1), (65, 128, 4), (50304, 1024, 8)):
         const = dict(IDX_BITS=(V - 1).bit_length(), BLOCK=block)
-        specs.append((f"sampling V{V} BLOCK {block}", smp._sample_kernel, sample_sig, const, warps, 3))
+        specs.append((f"sampling V{V} BLOCK {block} warps {warps}", smp._sample_kernel, sample_sig, const, warps, 3))
     advance_sig = {n: "*i64" for n in ("token_ptr", "pos_ptr", "slots_ptr", "tokens_ptr", "positions_ptr")}
     const = dict(FULL=True, BLOCK=smp.ADVANCE_BLOCK)
     specs.append(("sampling advance", smp._advance_kernel, {**advance_sig, "seen_ptr": "*u8"}, const, 4, 3))
@@ -196,5 +197,10 @@ def test_kernels_compile_for_sm90():
     # Each attention kernel keeps at least one config that does not spill registers at D=64.
     for kernel in ("attn fwd", "attn bwd", "attn atomic bwd"):
         assert any(b["name"].startswith(kernel + " ") and b["stack"] == 0 for b in builds), kernel
-    spilling = [b["name"] for b in builds if not b["name"].startswith("attn") and b["stack"] != 0]
-    assert not spilling, spilling  # the norm, swiglu and loss kernels never spill
+    # The norm, swiglu and loss kernels never spill; the sampler keeps a candidate that does not at each vocabulary
+    # (its 1-warp V65 tile spilled in Triton 3.6's sm_90 build on the H200 machine, not in 3.7's: the tuner times it
+    # as built, beside the 4-warp one).
+    assert any(b["name"].startswith("sampling V65 ") and b["stack"] == 0 for b in builds)
+    allowed = ("attn", "sampling V65 BLOCK 128 warps 1")
+    spilling = [b["name"] for b in builds if not b["name"].startswith(allowed) and b["stack"] != 0]
+    assert not spilling, spilling

@@ -114,7 +114,9 @@ for spec in "$@"; do
     draft-probe)  # tools.draft_probe: the one-launch draft kernel as the engine calls it; on a failure, again under
       # compute-sanitizer's memcheck (the faulting kernel, thread and address)
       run_step draft-probe "$limit" env CUDA_LAUNCH_BLOCKING=1 "$PYTHON" -m tools.draft_probe ${PROBE_ARGS:-} \
-        || run_step draft-memcheck "$limit" compute-sanitizer --tool memcheck --print-limit 4 "$PYTHON" -m tools.draft_probe --k 2 ;;
+        || run_step draft-memcheck "$limit" env PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck \
+          --print-limit 4 "$PYTHON" -m tools.draft_probe --k 2 ;;  # no caching allocator: every tensor its own
+          # allocation, so memcheck sees a write past a tensor (inside the allocator's blocks it cannot)
     decode-step)  # the small-batch decode kernels against the default step, each captured (kernels.decode_step_bench)
       run_step decode-step "$limit" "$PYTHON" -m kernels.decode_step_bench --batches "${DECODE_BATCHES:-1,8}" ;;
     compile) run_step compile "$limit" "$PYTHON" -m bench_svc.benches.train_compile --device cuda --timeout-s 120 ;;
