@@ -389,5 +389,7 @@ class SpeculativeRunner:
 
 
 def _each(t: torch.Tensor, n: int) -> torch.Tensor:
-    """Each row of t (B, ...) n times in a row: (B * n, ...), without a host sync (capturable)."""
-    return t[:, None].expand(t.shape[0], n, *t.shape[1:]).reshape(-1, *t.shape[1:])
+    """Each row of t (B, ...) n times in a row: (B * n, ...), without a host sync (capturable). Contiguous: for one
+    row, reshape would return a stride-0 view of t, which kernels that read row i at [i] read past (the verify's
+    decode attention read slots beyond a 1-row buffer at batch 1)."""
+    return t[:, None].expand(t.shape[0], n, *t.shape[1:]).reshape(-1, *t.shape[1:]).contiguous()

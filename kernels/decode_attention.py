@@ -292,6 +292,9 @@ def decode_attention_triton(
 ) -> torch.Tensor:
     """The Triton kernels; `num_splits` overrides the heuristic (1 = no split, no merge kernel)."""
     _check_inputs(q, k_cache, v_cache, slots, lengths)
+    # the kernel reads row b's slot and length at [b]: a strided or expanded index view (stride 0, as
+    # t[:, None].expand(...).reshape(-1) gives for one row) would read past it
+    slots, lengths = (None if slots is None else slots.contiguous()), lengths.contiguous()
     b, h, d = q.shape
     n_kv, max_len = k_cache.shape[1], k_cache.shape[2]
     group = h // n_kv

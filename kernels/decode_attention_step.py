@@ -301,6 +301,7 @@ def decode_attention_step_triton(
 ) -> torch.Tensor:
     """The kernel: one launch of (M, n_kv_head) programs."""
     m, n_kv, d = _check(qkv, k_cache, v_cache, layer, slots, positions, n_head)
+    slots, positions = slots.contiguous(), positions.contiguous()  # read at [m]: no expanded (stride-0) views
     if rope_theta is not None and d % 2 != 0:
         raise ValueError(f"RoPE needs an even head_dim, got {d}")
     group = n_head // n_kv

@@ -153,3 +153,15 @@ def test_gpu_shakespeare_shape_bf16_in_a_graph(m, assert_close):
     assert_close(got, want)
     torch.testing.assert_close(k, k_ref, atol=0, rtol=0)
     torch.testing.assert_close(v, v_ref, atol=0, rtol=0)
+
+
+def test_an_expanded_position_view_is_read_row_by_row():
+    """positions as a stride-0 view (one position expanded over the rows, as a reshape of an expanded 1-row tensor
+    gives) of a buffer whose next entries differ: every row is at that position (the kernel read [m] past it)."""
+    qkv, k, v, slots, _ = _case(3, 4, 2, 16, max_len=40, seed=3)
+    buf = torch.tensor([9, 0, 30], device=DEVICE)
+    positions = buf[:1][:, None].expand(1, 3).reshape(-1)
+    assert positions.stride() == (0,)
+    (got, k, v), (want, k_ref, v_ref) = _both(qkv, k, v, slots, positions, 4, rope_theta=10000.0)
+    torch.testing.assert_close(got, want, **FP32)
+    torch.testing.assert_close(k, k_ref, **FP32)

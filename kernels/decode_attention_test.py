@@ -180,3 +180,18 @@ def test_triton_matches_reference_at_the_speculative_verify_steps_rows(b, k):
     for num_splits in sorted({1, _pick_num_splits(q.shape[0], n_head, max_len, 132)}):
         got = decode_attention_triton(q, kc, vc, slots, lengths, num_splits=num_splits)
         torch.testing.assert_close(got, want, **FP32, msg=lambda m: f"{num_splits} splits: {m}")
+
+
+def test_an_expanded_slot_view_reads_each_row_s_slot():
+    """Slots as the speculative verify built them at batch 1: one slot expanded to k + 1 rows and reshaped, a stride-0
+    view of a longer buffer whose next entries name other slots; every row must read the one slot (the kernel read
+    [b] past it: the H200 faulted on stale values there)."""
+    q, kc, vc, _, _ = _case(4, 4, 2, 16, max_len=64, seed=7)
+    buf = torch.tensor([2, 0, 1, 3], device=DEVICE)
+    slots = buf[:1][:, None].expand(1, 4).reshape(-1)
+    assert slots.stride() == (0,)  # what the verify passed
+    lengths = torch.tensor([5, 6, 7, 8], device=DEVICE)
+    want = decode_attention_reference(q, kc, vc, torch.full((4,), 2, device=DEVICE), lengths)
+    for num_splits in (1, 2):
+        got = decode_attention_triton(q, kc, vc, slots, lengths, num_splits=num_splits)
+        torch.testing.assert_close(got, want, **FP32)

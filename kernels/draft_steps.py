@@ -416,8 +416,9 @@ def draft_steps_triton(model: DraftModel, cache, a: DraftCall) -> tuple[torch.Te
     else:
         greedy, temperature, u = blocked, drafts, drafts  # not read
     rows = max(1, TILE_ELEMS // C)
+    x0, slots, pos = a.x0.contiguous(), a.slots.contiguous(), a.pos.contiguous()  # read at [row]: no stride-0 views
     _draft_steps_kernel[(b,)](
-        a.x0, a.slots, a.pos, greedy, temperature, u, blocked.bool(),
+        x0, slots, pos, greedy, temperature, u, blocked.bool(),
         model.emb, model.head, model.norm_1, model.norm_2, model.norm_f,
         model.wq, model.wk, model.wv, model.wo_t, model.w_gate, model.w_up, model.w_down_t, model.rope_freq,
         cache.k, cache.v, drafts, q if sampled else drafts, scratch,

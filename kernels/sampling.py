@@ -354,6 +354,7 @@ def sample_slots_triton(
     """The kernel: next token (B,) int64 of each row; same arguments as `model.sampling.sample_slots_reference`. One launch, no host sync."""
     blocked, seen, penalty, greedy, temperature, top_k, top_p, seed = settings
     _check_inputs(logits, slots, counters, seen)
+    slots, counters = slots.contiguous(), counters.contiguous()  # read at [b]: no expanded (stride-0) views
     B, V = logits.shape
     out = torch.empty(B, dtype=torch.long, device=logits.device)
     if B == 0:
@@ -447,6 +448,7 @@ def advance_slots(
             seen.index_put_((slots, tokens), torch.ones((), dtype=torch.bool, device=seen.device))
         return
     grid = (triton.cdiv(B, ADVANCE_BLOCK),)
+    slots, tokens, positions = slots.contiguous(), tokens.contiguous(), positions.contiguous()  # read at [b]
     _advance_kernel[grid](
         token, pos, seen.view(torch.uint8), seen.stride(0), slots, tokens, positions, B, FULL=full, BLOCK=ADVANCE_BLOCK
     )
