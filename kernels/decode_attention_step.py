@@ -10,6 +10,9 @@ what it wrote, so no barrier is needed, and a row at position 0 reads no cache a
 are too few to fill the GPU (`key_splits`: B=1..16), each one's keys are cut into splits of whole blocks, a program
 each (FlashDecoding); split 0 also writes the cache and takes the new key, and the last split of a (row, KV head) to
 finish (an atomic ticket, as wo_matmul's split-K) merges the partials in split order, in the same launch.
+Rows that share a slot (a speculative verify: row j at pos + j attends to the rows before it) need every row's k/v
+stored before any row attends: `write_first` adds a launch that only stores them (WRITE_ONLY); the attention launch
+then reads them from the cache (and stores its own row's again: the same bytes).
 
     k_cache, v_cache  the KVCache buffers, (n_slots, n_layer, Hkv, max_len, D), any strides; `layer` picks one
     slots, positions  (M,) int: row m's slot and the position of its new token (its keys: 0..pos, pos + 1 in all)
@@ -105,6 +108,7 @@ def _attention_step_kernel(
     SPLITS: tl.constexpr,  # programs per (row, KV head), each over SPLIT_KEYS cached keys
     SPLIT_KEYS: tl.constexpr,
     SPLITS_P2: tl.constexpr,  # SPLITS rounded up to a power of two (the merge's block)
+    WRITE_ONLY: tl.constexpr = False,  # store the new k/v and stop (rows sharing a slot: all written, then attend)
 ):
     pid_m = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -145,6 +149,23 @@ def _attention_step_kernel(
     v_base = v_ptr + slot * stride_vs + kvh * stride_vh
     k_c = tl.sum(k_new, axis=0).to(k_ptr.dtype.element_ty)  # (BD,)
     v_c = v_new.to(v_ptr.dtype.element_ty)
+    if WRITE_ONLY:
+        tl.store(k_base + pos * stride_kn + offs_d * stride_kd, k_c, mask=d_mask)
+        tl.store(v_base + pos * stride_vn + offs_d * stride_vd, v_c, mask=d_mask)
+    else:
+        _attend(q, k_c, v_c, k_base, v_base, pos, split, pid_m, kvh, heads, h_mask, d_mask, q_mask, q_cols, offs_d,
+                out_ptr, ws_ptr, ticket_ptr, qk_scale, stride_kn, stride_kd, stride_vn, stride_vd, stride_om,
+                N_HEAD, N_KV, BLOCK_H, BLOCK_D, BLOCK_N, SPLITS, SPLIT_KEYS, SPLITS_P2)  # fmt: skip
+
+
+@triton.jit
+def _attend(
+    q, k_c, v_c, k_base, v_base, pos, split, pid_m, kvh, heads, h_mask, d_mask, q_mask, q_cols, offs_d,
+    out_ptr, ws_ptr, ticket_ptr, qk_scale, stride_kn, stride_kd, stride_vn, stride_vd, stride_om,
+    N_HEAD: tl.constexpr, N_KV: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+    SPLITS: tl.constexpr, SPLIT_KEYS: tl.constexpr, SPLITS_P2: tl.constexpr,
+):  # fmt: skip
+    """The cache write (split 0) and the attention of the (row, KV head)'s query heads over keys 0..pos."""
     if split == 0:
         tl.store(k_base + pos * stride_kn + offs_d * stride_kd, k_c, mask=d_mask)
         tl.store(v_base + pos * stride_vn + offs_d * stride_vd, v_c, mask=d_mask)
@@ -298,8 +319,9 @@ def decode_attention_step_triton(
     *,
     rope_theta: float | None = None,
     qk_norm_eps: float | None = None,
+    write_first: bool = False,
 ) -> torch.Tensor:
-    """The kernel: one launch of (M, n_kv_head) programs."""
+    """The kernel: one launch of (M, n_kv_head) programs (`write_first`: two, see `decode_attention_step`)."""
     m, n_kv, d = _check(qkv, k_cache, v_cache, layer, slots, positions, n_head)
     slots, positions = slots.contiguous(), positions.contiguous()  # read at [m]: no expanded (stride-0) views
     if rope_theta is not None and d % 2 != 0:
@@ -316,7 +338,7 @@ def decode_attention_step_triton(
         tickets = split_tickets(qkv.device, "decode_attention_step")
     else:
         ws = tickets = out  # not read
-    _attention_step_kernel[(m, n_kv, splits)](
+    args = (
         qkv,
         k_layer,
         v_layer,
@@ -336,6 +358,8 @@ def decode_attention_step_triton(
         v_layer.stride(2),
         v_layer.stride(3),
         out.stride(0),
+    )
+    meta = dict(
         N_HEAD=n_head,
         N_KV=n_kv,
         GROUP=group,
@@ -346,11 +370,12 @@ def decode_attention_step_triton(
         BLOCK_N=block_n,
         ROPE=rope_theta is not None,
         QK_NORM=qk_norm_eps is not None,
-        SPLITS=splits,
         SPLIT_KEYS=split_keys,
-        SPLITS_P2=triton.next_power_of_2(splits),
         num_warps=NUM_WARPS,
     )
+    if write_first:  # every row's k/v stored first, by a launch of its own; then the attention launch
+        _attention_step_kernel[(m, n_kv, 1)](*args, **meta, SPLITS=1, SPLITS_P2=1, WRITE_ONLY=True)
+    _attention_step_kernel[(m, n_kv, splits)](*args, **meta, SPLITS=splits, SPLITS_P2=triton.next_power_of_2(splits))
     return out
 
 
@@ -365,13 +390,20 @@ def decode_attention_step(
     *,
     rope_theta: float | None = None,
     qk_norm_eps: float | None = None,
+    write_first: bool = False,
     impl: Impl = "auto",
 ) -> torch.Tensor:
     """Attention of each row's new token (its q/k/v in qkv (M, (H + 2 Hkv) D)) over its slot's keys 0..pos, the new
     k/v written to the cache at (slot, layer, pos) first. rope_theta None: no RoPE; qk_norm_eps None: no QK-norm.
+    `write_first`: rows may share a slot (a speculative verify: row j of a slot at pos + j attends to the rows before
+    it): every row's k/v is stored before any row attends (on the GPU one launch more; the reference always writes
+    first). Without it each row's program writes its own k/v as it reads the others', so rows must not share a slot.
     Returns (M, H D) in qkv's dtype."""
     if use_triton(impl, qkv, k_cache, v_cache, slots, positions):
+        kw = dict(write_first=write_first)
         fn = decode_attention_step_triton
     else:
-        fn = decode_attention_step_reference
-    return fn(qkv, k_cache, v_cache, layer, slots, positions, n_head, rope_theta=rope_theta, qk_norm_eps=qk_norm_eps)
+        kw, fn = {}, decode_attention_step_reference
+    return fn(
+        qkv, k_cache, v_cache, layer, slots, positions, n_head, rope_theta=rope_theta, qk_norm_eps=qk_norm_eps, **kw
+    )

@@ -165,3 +165,31 @@ def test_an_expanded_position_view_is_read_row_by_row():
     (got, k, v), (want, k_ref, v_ref) = _both(qkv, k, v, slots, positions, 4, rope_theta=10000.0)
     torch.testing.assert_close(got, want, **FP32)
     torch.testing.assert_close(k, k_ref, **FP32)
+
+
+# Without write_first the outcome is a race: the interpreter's program order loses it every time, a GPU by timing.
+@pytest.mark.parametrize("write_first", [True] if GPU else [True, False])
+def test_rows_sharing_a_slot_see_each_other_with_write_first(write_first):
+    """A speculative verify's rows: 4 rows of one slot at positions p .. p + 3 (listed last position first, so that
+    under the interpreter, which runs the programs in order, a row would read its predecessors' keys before they
+    are written) plus a row of another slot. With write_first every row attends to the round's earlier rows as the
+    reference does (which writes all keys first); without it the later positions miss them."""
+    g = torch.Generator().manual_seed(11)
+    n_head, n_kv, d, max_len = 4, 2, 16, 48
+    shape = (4, N_LAYER, n_kv, max_len, d)
+    k = torch.randn(shape, generator=g).to(DEVICE)
+    v = torch.randn(shape, generator=g).to(DEVICE)
+    qkv = torch.randn(5, (n_head + 2 * n_kv) * d, generator=g).to(DEVICE)
+    slots = torch.tensor([2, 2, 2, 2, 0], device=DEVICE)
+    positions = torch.tensor([23, 22, 21, 20, 7], device=DEVICE)
+    k2, v2 = k.clone(), v.clone()
+    got = decode_attention_step_triton(
+        qkv, k, v, LAYER, slots, positions, n_head, rope_theta=10000.0, write_first=write_first
+    )
+    want = decode_attention_step_reference(qkv, k2, v2, LAYER, slots, positions, n_head, rope_theta=10000.0)
+    torch.testing.assert_close(k, k2, **FP32)  # the caches end alike either way
+    if write_first:
+        torch.testing.assert_close(got, want, **FP32)
+    else:  # the row at 23 (first program) attended before 20-22 were written: stale keys there
+        assert not torch.allclose(got[0], want[0], **FP32)
+        torch.testing.assert_close(got[3:], want[3:], **FP32)  # position 20 reads no round key; the other slot's row

@@ -339,6 +339,7 @@ class GPT(nn.Module):
         attention_in_place: bool = False,
         pad_slot: int | None = None,
         small_batch_kernels: bool | str = False,
+        rows_share_slots: bool = False,
     ) -> torch.Tensor:
         """Run new tokens against the KV cache and return their logits.
 
@@ -357,7 +358,9 @@ class GPT(nn.Module):
         `MAX_SINGLE_PASS_KEYS`, in eval mode, plain nn.Linear layers with `fuse_qkv` done): the step runs as about
         five launches per layer (`_small_batch_step`) and returns float32 logits; otherwise this option changes
         nothing. True (or "auto") takes it on CUDA only; "triton" forces the Triton kernels (the interpreter on
-        CPU), "reference" their PyTorch references (tests).
+        CPU), "reference" their PyTorch references (tests). `rows_share_slots` (with it): rows may share a slot at
+        consecutive positions (a speculative verify's k + 1 rows of a sequence): every row's K/V is written before any
+        row attends (one launch more per layer).
 
         A cache with `past_buffers(layer)` -> (k, v (B, Hkv, S, D), past lengths (B,)) keeps each row's past in a
         buffer of its own that this call only reads (row b at [b]): attention runs over it and the new tokens'
@@ -375,7 +378,7 @@ class GPT(nn.Module):
         impl = option_impl("small_batch_kernels", small_batch_kernels)
         if attention_in_place and impl is not None and T == 1 and lengths is None:
             if self._small_batch_fits(idx, kv_len, impl):  # before any other op: each is a launch in the graph
-                logits = self._small_batch_step(idx[:, 0], cache, slots, positions, impl)  # (B, V) float32
+                logits = self._small_batch_step(idx[:, 0], cache, slots, positions, impl, rows_share_slots)  # (B, V)
                 return logits if last_only else logits[:, None]
         offsets = torch.arange(T, device=idx.device)  # (T,)
         pos = positions[:, None] + offsets  # (B, T) absolute position of each new token
@@ -435,7 +438,13 @@ class GPT(nn.Module):
         )
 
     def _small_batch_step(
-        self, tokens: torch.Tensor, cache: KVCache, slots: torch.Tensor, positions: torch.Tensor, impl: str
+        self,
+        tokens: torch.Tensor,
+        cache: KVCache,
+        slots: torch.Tensor,
+        positions: torch.Tensor,
+        impl: str,
+        rows_share_slots: bool = False,
     ) -> torch.Tensor:
         """One decode step (tokens, slots, positions (B,)) in 5 launches per layer + 1: qkv GEMV with the norm
         prologue (layer 0's also computes the embedding), the attention step (QK-norm, RoPE, cache write, attention),
@@ -463,6 +472,7 @@ class GPT(nn.Module):
                 attn.n_head,
                 rope_theta=rope_theta,
                 qk_norm_eps=attn.qk_eps,
+                write_first=rows_share_slots,
                 impl=impl,
             )  # (B, C)
             x = linear_residual(y, attn.o_proj.weight, attn.o_proj.bias, x, impl=impl)
