@@ -255,15 +255,17 @@ class SpeculativeRunner:
         draft_span: int,
         sampling: tuple | None,
         u: torch.Tensor | None,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """The draft's k + 1 steps one forward at a time (`draft_kernel` off). `sampling` (full rounds): (seen, rate,
-        settings) as `_round_step` reads them, u the round's uniforms. Returns drafts (b, k) and q (b, k, V) (full
-        rounds: the sampler's distributions, penalty, top-k and top-p included; else None)."""
+        settings) as `_round_step` reads them, u the round's uniforms. Returns drafts (b, k), q (b, k, V) (full
+        rounds: the sampler's distributions, penalty, top-k and top-p included; else None) and the contexts before
+        each draft and after the last (b, k + 1, V) (the penalty's masks, which the acceptance need not rebuild;
+        None without one)."""
         state, k, draft = self.state, self.k, self.draft
         b = x0.shape[0]
         if sampling is not None:
             seen, rate, settings = sampling
-        x, drafts, q = x0, [], []
+        x, drafts, q, contexts = x0, [], [], []
         for j in range(k + 1):
             logits = draft.model.forward_cached(
                 x.view(b, 1),
@@ -278,13 +280,16 @@ class SpeculativeRunner:
                 break
             logits = logits[:, 0].float().masked_fill(state.blocked, float("-inf"))  # (b, V)
             if sampling is not None:
+                contexts.append(seen)
                 q.append(probabilities(logits, seen, rate, *settings))
                 x = draw(q[-1], u[:, j])
                 seen = seen.scatter(1, x[:, None], True) if seen is not None else None
             else:
                 x = logits.argmax(dim=-1)
             drafts.append(x)
-        return torch.stack(drafts, dim=1), (torch.stack(q, dim=1) if q else None)
+        contexts.append(seen if sampling is not None else None)
+        seen_all = torch.stack(contexts, dim=1) if contexts[-1] is not None else None
+        return torch.stack(drafts, dim=1), (torch.stack(q, dim=1) if q else None), seen_all
 
     def _round_step(
         self, rows: torch.Tensor, draft_rows: torch.Tensor, kv_len: int, full: bool, penalty: bool
@@ -320,7 +325,9 @@ class SpeculativeRunner:
             )  # (b, k), (b, k, V) or None
         else:
             sampling = (seen, rate, settings) if full else None
-            drafts_t, q_t = self._draft_loop(x0, draft_rows, pos, draft_span, sampling, u)
+            drafts_t, q_t, contexts = self._draft_loop(x0, draft_rows, pos, draft_span, sampling, u)
+            if contexts is not None:  # (b, k + 1, V): the contexts the loop built, which the acceptance reuses
+                seen = contexts
         logits = self._verify(torch.cat([x0[:, None], drafts_t], dim=1), rows, pos, kv_len)  # (b, k + 1, V)
         logits = logits.masked_fill(state.blocked, float("-inf"))
         if full:  # the target's distributions (penalty over each position's context), rejection, the new token

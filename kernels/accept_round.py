@@ -147,7 +147,8 @@ def accept_round(
     float32, u_accept (B, k) and u_new (B, k + 1) float32 uniforms, each row's sampler settings greedy (B,) bool,
     temperature / top_p (B, 1) float32, top_k (B, 1) long; seen (B, V) bool the context through the round's first
     input and penalty (B, 1) float32 (both None when no row penalises; the context before position j is seen plus
-    d_1 .. d_j). Returns (accepted (B,) long, tokens (B, k + 1) long: the drafts with the new token at `accepted`
+    d_1 .. d_j; a caller that has built those contexts may pass them all, seen (B, k + 1, V), which the reference
+    then reads instead of rebuilding: the kernel reads the first). Returns (accepted (B,) long, tokens (B, k + 1) long: the drafts with the new token at `accepted`
     and at k) and, with seen, the context after the round (B, V) bool: seen, the accepted drafts, the new token."""
     a = RoundInputs(logits, drafts, q, u_accept, u_new, greedy, temperature, top_k, top_p, seen, penalty)
     _check_args(a)
@@ -173,15 +174,17 @@ def _check_args(a: RoundInputs) -> None:
         temperature=((b, 1), (torch.float32,)),
         top_k=((b, 1), (torch.long,)),
         top_p=((b, 1), (torch.float32,)),
-        seen=((b, V), (torch.bool,)),
+        seen=(((b, V), (b, n, V)), (torch.bool,)),
         penalty=((b, 1), (torch.float32,)),
     )
     for name, (shape, dtypes) in want.items():
         t = getattr(a, name)
         if t is None and name in ("seen", "penalty"):
             continue
-        if t.shape != shape or t.dtype not in dtypes:
-            raise ValueError(f"{name} must be {shape} {dtypes[0]}, got {tuple(t.shape)} {t.dtype}")
+        shapes = shape if isinstance(shape[0], tuple) else (shape,)
+        if t.shape not in shapes or t.dtype not in dtypes:
+            want = " or ".join(map(str, shapes))
+            raise ValueError(f"{name} must be {want} {dtypes[0]}, got {tuple(t.shape)} {t.dtype}")
     if (a.seen is None) != (a.penalty is None):
         raise ValueError("seen and penalty go together: both tensors (some row penalises) or both None")
 
@@ -195,8 +198,8 @@ def accept_round_reference(a: RoundInputs) -> tuple[torch.Tensor, ...]:
     """`probabilities` over all b * (k + 1) positions at once, `accept_sampled`, then the context mask."""
     b, n, V = a.logits.shape
     settings = (_each(s, n) for s in (a.greedy, a.temperature, a.top_k, a.top_p))
-    seen_all = None
-    if a.seen is not None:  # the context before each position: seen, then the drafts one by one
+    seen_all = a.seen if a.seen is not None and a.seen.dim() == 3 else None  # the caller's contexts
+    if a.seen is not None and seen_all is None:  # the context before each position: seen, then the drafts one by one
         contexts = [a.seen]
         for j in range(n - 1):
             contexts.append(contexts[-1].scatter(1, a.drafts[:, j : j + 1], True))
@@ -353,7 +356,8 @@ def accept_round_triton(a: RoundInputs) -> tuple[torch.Tensor, ...]:
     drafts, u_accept, u_new = (t if t.stride(1) == 1 else t.contiguous() for t in (a.drafts, a.u_accept, a.u_new))
     scratch = torch.empty(b, vp, dtype=torch.float32, device=device)
     if penalised:
-        seen = a.seen if a.seen.stride(1) == 1 else a.seen.contiguous()
+        seen = a.seen[:, 0] if a.seen.dim() == 3 else a.seen  # the context through x_n
+        seen = seen if seen.stride(1) == 1 else seen.contiguous()
         seen_u8, penalty, out_u8 = seen.view(torch.uint8), a.penalty.reshape(b), context.view(torch.uint8)
         stride_s = seen.stride(0)
     else:  # not read

@@ -119,6 +119,20 @@ def test_equals_the_reference_on_random_rounds(seed, b, k, V, penalised):
     assert torch.equal(tokens[:, k], tokens.gather(1, accepted[:, None])[:, 0])  # the new token at `accepted` and k
 
 
+def test_contexts_built_by_the_caller_are_read_as_the_rounds():
+    """seen may come as every position's context (b, k + 1, V), as the runner's draft loop builds them: the same
+    outcome and mask as from the context through x_n; the reference reads them as given (garbage in the later
+    contexts shows), the kernel reads the first only."""
+    args, kw = _round(1, 3, 4, 300, True)
+    want = accept_round(*args, **kw, impl="reference")
+    contexts = _contexts(kw["seen"], args[1])
+    for impl in ("reference", "triton"):
+        got = accept_round(*args, **{**kw, "seen": contexts}, impl=impl)
+        assert all(torch.equal(g, w) for g, w in zip(got, want))
+    contexts[:, 1:] = True  # every id seen from position 1 on
+    assert not torch.equal(accept_round(*args, **{**kw, "seen": contexts}, impl="reference")[2], want[2])
+
+
 def test_the_cases_reach_every_outcome():
     """The random cases are not degenerate: over them, rows accept none, some and all of their drafts, and the
     penalty changes some row's distribution (its tokens or count differ with the penalty dropped)."""
