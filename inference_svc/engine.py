@@ -230,8 +230,9 @@ class Engine:
     `draft` runner (a smaller model with the same tokenizer), decode steps are speculative: the draft proposes `speculative_k` tokens per sequence and the target verifies them in one
     step (inference_svc.speculative); the output keeps the target's distribution. `draft_kernel` (resident loop only):
     a round's draft steps in one launch (`SpeculativeRunner`; off until the GPU measures it); `accept_kernel` likewise:
-    a sampled round's acceptance (the target's distributions, the rejection tests, the new token) in one launch. On the resident loop a
-    prompt longer than `prefill_chunk` tokens is prefilled a chunk per step, interleaved with the running streams' decode.
+    a sampled round's acceptance (the target's distributions, the rejection tests, the new token) in one launch. On
+    the resident loop a prompt longer than `prefill_chunk` tokens is prefilled a chunk per step, interleaved with the
+    running streams' decode.
     `decode_steps`: decode steps launched per engine step on the resident loop, a number or a `DecodeSteps` (by running
     batch); default by batch with CUDA graphs (`DecodeSteps()`), else 1. A request's first token (sampled by its
     prefill) is streamed as soon as it is on the host, while the decode steps launched behind it run.

@@ -148,8 +148,9 @@ def accept_round(
     temperature / top_p (B, 1) float32, top_k (B, 1) long; seen (B, V) bool the context through the round's first
     input and penalty (B, 1) float32 (both None when no row penalises; the context before position j is seen plus
     d_1 .. d_j; a caller that has built those contexts may pass them all, seen (B, k + 1, V), which the reference
-    then reads instead of rebuilding: the kernel reads the first). Returns (accepted (B,) long, tokens (B, k + 1) long: the drafts with the new token at `accepted`
-    and at k) and, with seen, the context after the round (B, V) bool: seen, the accepted drafts, the new token."""
+    then reads instead of rebuilding: the kernel reads the first). Returns (accepted (B,) long, tokens (B, k + 1)
+    long: the drafts with the new token at `accepted` and at k) and, with seen, the context after the round (B, V)
+    bool: seen, the accepted drafts, the new token."""
     a = RoundInputs(logits, drafts, q, u_accept, u_new, greedy, temperature, top_k, top_p, seen, penalty)
     _check_args(a)
     supported = logits.shape[-1] <= MAX_VOCAB
