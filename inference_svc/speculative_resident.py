@@ -9,10 +9,11 @@ One round over rows whose next input x_n sits at position n (both on the device:
 2. target: one step over [x_n, d_1 .. d_k] at n .. n+k: distributions p at n+1 .. n+k+1;
 3. acceptance (Leviathan et al. 2023): d_j stands while u_j * q_j(d_j) < p_j(d_j); at the first rejection a token is
    drawn from norm(max(0, p_j - q_j)), after k acceptances from p_(k+1). Greedy rows: the longest prefix where the
-   draft equals the target's argmax, then the target's argmax (one-hot p and q give the same in the full graph);
+   draft equals the target's argmax, then the target's argmax (one-hot p and q give the same in the full graph).
+   Full rounds: `kernels.accept_round` (its reference, or with `accept_kernel` one launch for the whole step);
 4. each row's tokens and count go to one output buffer (count, t_1 .. t_(k+1)); the last token and its position
    become the slot's next input (its repetition-penalty mask takes the new tokens).
-Every emitted token thus has the target's distribution (`_probabilities` is the plain sampler's: penalty, temperature,
+Every emitted token thus has the target's distribution (`probabilities` is the plain sampler's: penalty, temperature,
 top-k, top-p), and greedy output equals the target alone. Draws are `model.sampling.uniforms(seed, position + tag)`,
 one tag per use (draft, accept, resample), so a seed gives the same tokens whatever else is in the batch.
 
@@ -27,13 +28,14 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from kernels.accept_round import accept_round, accept_sampled, probabilities
 from kernels.dispatch import option_impl
 from kernels.draft_steps import DraftModel, draft_steps
 from kernels.draft_steps import inverse_cdf as draw  # one id per row by inverse CDF (the kernel's rule too)
 from inference_svc.runner import _PREFILL_BUCKETS, SlotState, TorchRunner, batch_buckets
 from inference_svc.sequence import Sequence as Seq
 from inference_svc.speculative import SpeculativeStats, check_draft
-from model.sampling import SamplingParams, penalise, uniforms
+from model.sampling import SamplingParams, uniforms
 
 __all__ = ["SpeculativeRunner", "accept_greedy", "accept_sampled", "draw", "probabilities", "round_uniforms"]
 
@@ -41,34 +43,6 @@ __all__ = ["SpeculativeRunner", "accept_greedy", "accept_sampled", "draw", "prob
 # far below 2**29, and uniforms reads the counter's low 32 bits.
 _DRAFT, _ACCEPT, _RESAMPLE = 1 << 29, 2 << 29, 3 << 29
 _GREEDY = SamplingParams(max_new_tokens=1, temperature=0.0)  # the draft's prefill: its sampled token is not used
-
-
-def probabilities(
-    logits: torch.Tensor,
-    seen: torch.Tensor | None,
-    penalty: torch.Tensor | None,
-    greedy: torch.Tensor,
-    temperature: torch.Tensor,
-    top_k: torch.Tensor,
-    top_p: torch.Tensor,
-) -> torch.Tensor:
-    """The distribution the resident sampler draws each row's token from (`model.sampling.sample_rows` after
-    `penalise`): logits (N, V) float32 (blocked ids at -inf), seen (N, V) bool, penalty / temperature / top_p (N, 1)
-    float32 (seen and penalty None: no row penalises), top_k (N, 1) long, greedy (N,) bool. Returns (N, V) float32 in
-    vocabulary order; greedy rows (and rows whose distribution is not a number, as the sampler falls back) are
-    one-hot on the argmax."""
-    if seen is not None:
-        logits = penalise(logits, seen, penalty)
-    V = logits.shape[-1]
-    ranked, order = torch.sort(logits / temperature, dim=-1, descending=True, stable=True)  # (N, V)
-    ranked = ranked.masked_fill(torch.arange(V, device=logits.device) >= top_k, float("-inf"))
-    probs = torch.softmax(ranked, dim=-1)
-    probs = probs.masked_fill(probs.cumsum(dim=-1) - probs >= top_p, 0.0)  # top-p: the first token always stays
-    total = probs.sum(dim=-1, keepdim=True)
-    probs = torch.zeros_like(probs).scatter_(1, order, probs / total)
-    one_hot = torch.zeros_like(probs).scatter_(1, logits.argmax(dim=-1, keepdim=True), 1.0)
-    degenerate = ~torch.isfinite(total[:, 0]) | (total[:, 0] <= 0)
-    return torch.where((greedy | degenerate)[:, None], one_hot, probs)
 
 
 def accept_greedy(drafts: torch.Tensor, target_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -92,26 +66,6 @@ def round_uniforms(seed: torch.Tensor, pos: torch.Tensor, k: int) -> torch.Tenso
     return uniforms(seed[:, None].expand(B, 3 * k + 1).reshape(-1), at.reshape(-1)).view(B, 3 * k + 1)
 
 
-def accept_sampled(
-    drafts: torch.Tensor, q: torch.Tensor, p: torch.Tensor, u_accept: torch.Tensor, u_new: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rejection sampling over a batch: drafts (B, k) drawn from q (B, k, V); p (B, k + 1, V) the target's
-    distributions at the drafts' positions and one past; u_accept (B, k) the accept tests' uniforms, u_new (B, k + 1)
-    the new token's, by where it lands. Returns (accepted (B,), tokens (B, k + 1)): the first `accepted` drafts, then
-    a draw from norm(max(0, p - q)) at the first rejection, or from p's last row."""
-    B, k, V = q.shape
-    d = drafts[..., None]
-    ok = u_accept * q.gather(2, d)[..., 0] < p[:, :k].gather(2, d)[..., 0]  # u < p(d) / q(d), and q(d) > 0
-    accepted = ok.long().cumprod(dim=1).sum(dim=1)  # (B,)
-    row = accepted[:, None, None].expand(B, 1, V)
-    residual = (p - torch.cat([q, torch.zeros_like(q[:, :1])], dim=1)).clamp_(min=0).gather(1, row)[:, 0]  # (B, V)
-    # A rejection leaves mass where p > q; should rounding leave none, draw from p itself.
-    residual = torch.where(residual.sum(dim=-1, keepdim=True) > 0, residual, p.gather(1, row)[:, 0])
-    token = draw(residual, u_new.gather(1, accepted[:, None])[:, 0])
-    tokens = torch.cat([drafts, token[:, None]], dim=1).scatter_(1, accepted[:, None], token[:, None])
-    return accepted, tokens
-
-
 class SpeculativeRunner:
     """The engine's runner with a draft on the resident loop: `target`'s prefill / chunk / plain-step calls, the draft
     kept in step with every prompt, and `round`. Both share the engine's slot numbers and the target's `SlotState`
@@ -119,7 +73,14 @@ class SpeculativeRunner:
     step (near the end of the draft's context) takes it off."""
 
     def __init__(
-        self, target: TorchRunner, draft: TorchRunner, k: int, max_slots: int, *, draft_kernel: bool | str = False
+        self,
+        target: TorchRunner,
+        draft: TorchRunner,
+        k: int,
+        max_slots: int,
+        *,
+        draft_kernel: bool | str = False,
+        accept_kernel: bool | str = False,
     ) -> None:
         check_draft(target, draft, k, max_slots)
         self.target, self.draft, self.k = target, draft, k
@@ -128,6 +89,9 @@ class SpeculativeRunner:
         # on CPU), "reference" the reference. Its packed weights are made once, here.
         self._draft_impl = option_impl("draft_kernel", draft_kernel)
         self._draft_model = DraftModel(draft.model) if self._draft_impl is not None else None
+        # A sampled round's acceptance (the target's distributions, the rejection tests, the new token's draw, the
+        # context mask) in one launch (kernels.accept_round): the same choices as above; off: its reference.
+        self._accept_impl = option_impl("accept_kernel", accept_kernel) or "reference"
         self.n_slots, self.max_len, self.vocab_size = target.n_slots, target.max_len, target.vocab_size
         self.device, self.staging = target.device, target.staging
         self.state: SlotState = target.state
@@ -291,11 +255,12 @@ class SpeculativeRunner:
         draft_span: int,
         sampling: tuple | None,
         u: torch.Tensor | None,
-    ) -> tuple[torch.Tensor, torch.Tensor | None, list]:
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """The draft's k + 1 steps one forward at a time (`draft_kernel` off). `sampling` (full rounds): (seen, rate,
-        settings) as `_round_step` reads them, u the round's uniforms. Returns drafts (b, k), q (b, k, V) (full rounds:
-        the sampler's distributions, penalty, top-k and top-p included; else None) and the contexts before each draft
-        and after the last (the penalty's masks; Nones without one)."""
+        settings) as `_round_step` reads them, u the round's uniforms. Returns drafts (b, k), q (b, k, V) (full
+        rounds: the sampler's distributions, penalty, top-k and top-p included; else None) and the contexts before
+        each draft and after the last (b, k + 1, V) (the penalty's masks, which the acceptance need not rebuild;
+        None without one)."""
         state, k, draft = self.state, self.k, self.draft
         b = x0.shape[0]
         if sampling is not None:
@@ -323,7 +288,8 @@ class SpeculativeRunner:
                 x = logits.argmax(dim=-1)
             drafts.append(x)
         contexts.append(seen if sampling is not None else None)
-        return torch.stack(drafts, dim=1), (torch.stack(q, dim=1) if q else None), contexts
+        seen_all = torch.stack(contexts, dim=1) if contexts[-1] is not None else None
+        return torch.stack(drafts, dim=1), (torch.stack(q, dim=1) if q else None), seen_all
 
     def _round_step(
         self, rows: torch.Tensor, draft_rows: torch.Tensor, kv_len: int, full: bool, penalty: bool
@@ -333,7 +299,6 @@ class SpeculativeRunner:
         masks are read and kept (else they are left alone: only a penalty reads them). Returns (b, k + 2): count,
         then tokens."""
         state, k, draft, target = self.state, self.k, self.draft, self.target
-        b, V = rows.shape[0], self.vocab_size
         x0, pos = state.token[rows], state.pos[rows]  # (b,): the rows' next input and its position n
         seed = state.seed[rows]
         if full:
@@ -358,27 +323,33 @@ class SpeculativeRunner:
                 blocked=state.blocked,
                 impl=self._draft_impl,
             )  # (b, k), (b, k, V) or None
-            contexts = [seen] if full else []  # the context before each draft, then after them all (penalty masks)
-            for j in range(k if penalty else 0):
-                contexts.append(contexts[-1].scatter(1, drafts_t[:, j : j + 1], True))
         else:
             sampling = (seen, rate, settings) if full else None
             drafts_t, q_t, contexts = self._draft_loop(x0, draft_rows, pos, draft_span, sampling, u)
+            if contexts is not None:  # (b, k + 1, V): the contexts the loop built, which the acceptance reuses
+                seen = contexts
         logits = self._verify(torch.cat([x0[:, None], drafts_t], dim=1), rows, pos, kv_len)  # (b, k + 1, V)
         logits = logits.masked_fill(state.blocked, float("-inf"))
-        if full:
-            seen_all = torch.stack(contexts, dim=1) if penalty else None  # (b, k + 1, V): context before each token
-            p = probabilities(
-                logits.flatten(0, 1),
-                seen_all.flatten(0, 1) if penalty else None,
-                _each(rate, k + 1) if penalty else None,
-                *(_each(s, k + 1) for s in settings),
-            ).view(b, k + 1, V)
-            accepted, tokens = accept_sampled(drafts_t, q_t, p, u[:, k : 2 * k], u[:, 2 * k :])
-            new = tokens.gather(1, accepted[:, None])[:, 0]
-            if penalty:  # the context gains the accepted drafts and the new token (the repetition penalty's mask)
-                kept = seen_all.gather(1, accepted[:, None, None].expand(b, 1, V))[:, 0]
-                state.seen[rows] = kept.scatter(1, new[:, None], True)
+        if full:  # the target's distributions (penalty over each position's context), rejection, the new token
+            greedy, temperature, top_k, top_p = settings
+            out = accept_round(
+                logits,
+                drafts_t,
+                q_t,
+                u[:, k : 2 * k],
+                u[:, 2 * k :],
+                greedy=greedy,
+                temperature=temperature,
+                top_k=top_k,
+                top_p=top_p,
+                seen=seen,
+                penalty=rate,
+                impl=self._accept_impl,
+            )
+            accepted, tokens = out[:2]
+            new = tokens[:, k]  # the new token sits at `accepted` and at k
+            if penalty:  # the context gained the accepted drafts and the new token (the repetition penalty's mask)
+                state.seen[rows] = out[2]
         else:
             accepted, tokens = accept_greedy(drafts_t, logits.argmax(dim=-1))
             new = tokens.gather(1, accepted[:, None])[:, 0]

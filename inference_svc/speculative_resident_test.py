@@ -273,6 +273,13 @@ def test_the_draft_kernel_refuses_a_draft_it_cannot_run_and_an_engine_without_a_
         Engine(TorchRunner(pair[0], n_slots=2), tiny.tokenizer, draft_kernel=True)
 
 
+def test_the_accept_kernel_refuses_a_bad_option_and_an_engine_without_a_draft(tiny, pair):
+    with pytest.raises(ValueError, match="accept_kernel"):
+        SpeculativeRunner(*(TorchRunner(m, n_slots=2) for m in pair), 2, 2, accept_kernel="fast")
+    with pytest.raises(ValueError, match="accept_kernel needs a draft"):
+        Engine(TorchRunner(pair[0], n_slots=2), tiny.tokenizer, accept_kernel=True)
+
+
 # Through the engine ------------------------------------------------------------------------------------
 
 
@@ -531,3 +538,40 @@ def test_engines_built_one_after_another_over_the_same_models_keep_their_graphs_
     finally:
         for engine in engines.values():
             engine.close()
+
+
+@pytest.mark.parametrize("penalty", [False, True])
+def test_the_engine_with_the_accept_kernel_gives_the_tokens_it_gives_without(tiny, pair, penalty):
+    """Through the engine, accept_kernel="triton" (the interpreter on CPU; on a GPU compiled, inside the captured
+    rounds, float32 models): a batch of seeded sampled rows (top-k, top-p, temperatures; with `penalty` repetition
+    penalties, so each round reads and keeps the context masks) and a greedy row gives the same tokens, and the same
+    acceptance, as the reference acceptance (accept_kernel=False), the draft kernel on and off."""
+    rate = 1.5 if penalty else 1.0
+    params = [
+        SamplingParams(max_new_tokens=22, temperature=0.9, top_k=8, seed=4, repetition_penalty=rate),
+        SamplingParams(max_new_tokens=18, temperature=1.3, top_p=0.8, seed=5),
+        SamplingParams(max_new_tokens=20, temperature=0.7, top_k=20, top_p=0.95, seed=6, repetition_penalty=rate),
+        SamplingParams(max_new_tokens=12, temperature=0.0),
+    ]
+    results = []
+    options = [(False, False), (False, "triton")] + [("triton", "triton")] * penalty  # the draft kernel's q too
+    for draft_kernel, accept_kernel in options:
+        t, d = _kernel_runners(pair)
+        with Engine(
+            t,
+            tiny.tokenizer,
+            max_queue=256,
+            draft=d,
+            speculative_k=3,
+            draft_kernel=draft_kernel,
+            accept_kernel=accept_kernel,
+        ) as engine:
+            handles = [engine.submit(_request(tiny, p, sp)) for p, sp in zip(PROMPTS, params)]
+            tokens = [list(h.result().token_ids) for h in handles]
+            stats = engine.stats()
+        results.append((tokens, (stats.draft_proposed, stats.draft_accepted)))
+    (reference, ref_counts), (kernel, counts), *with_draft_kernel = results
+    assert 0 < ref_counts[1] < ref_counts[0]  # drafts accepted sometimes, not always
+    assert kernel == reference and counts == ref_counts
+    for tokens, _ in with_draft_kernel:  # its q is another (temperature only): other tokens, as many
+        assert [len(t) for t in tokens] == [sp.max_new_tokens for sp in params]

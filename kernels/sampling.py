@@ -1,8 +1,8 @@
 """The serving engine's full sampler in one Triton launch: penalty, temperature, top-k, top-p, the seeded draw.
 
 Its PyTorch reference, and `sample_slots`, which picks the kernel on CUDA (or under the interpreter with impl="triton")
-and the reference elsewhere, live in `model.sampling` (`sample_slots_reference`: `penalise`, `uniforms`,
-`sample_rows`, which sorts every row): kernels import torch and triton only. `advance_slots` is the state update after a step (next inputs, positions, seen masks) in one launch.
+and the reference elsewhere, live in `model.sampling` (`sample_slots_reference`: `penalise` (defined here),
+`uniforms`, `sample_rows`, which sorts every row): kernels import torch and triton only. `advance_slots` is the state update after a step (next inputs, positions, seen masks) in one launch.
 Both read the decode loop's per-slot state (`inference_svc.runner.SlotState`) directly: logits row b belongs to
 slot `slots[b]`, whose sampling settings and seen-token mask are gathered in the kernel.
 
@@ -42,6 +42,7 @@ __all__ = [
     "MAX_VOCAB",
     "SlotSettings",
     "advance_slots",
+    "penalise",
     "sample_slots_triton",
 ]
 
@@ -73,6 +74,14 @@ class SlotSettings(NamedTuple):
     top_k: torch.Tensor  # (n_slots, 1) int64, V = off
     top_p: torch.Tensor  # (n_slots, 1) float32, 1 = off
     seed: torch.Tensor  # (n_slots,) int64 >= 0
+
+
+def penalise(logits: torch.Tensor, seen: torch.Tensor, penalty: torch.Tensor) -> torch.Tensor:
+    """CTRL's repetition penalty: a seen token's logit divided by the row's penalty when positive, multiplied when
+    negative. logits (B, V) float32, seen (B, V) bool, penalty (B, 1) float32 (1 = off). The kernels' rule (here, so
+    that kernels/accept_round.py's reference can use it; model.sampling re-exports it)."""
+    hit = seen & (penalty != 1.0)
+    return torch.where(hit, torch.where(logits > 0, logits / penalty, logits * penalty), logits)
 
 
 @triton.jit

@@ -17,7 +17,7 @@ import torch
 from bench_svc.benches.kernel_timing import time_graph_ms
 from kernels.sampling import SlotSettings, sample_slots_triton
 from model.sampling import sample_slots_reference as reference
-from tools.profiling import kernel_events
+from tools.profiling import graph_kernels
 
 __all__ = ["main"]
 
@@ -49,19 +49,6 @@ def _inputs(B: int, V: int, setting: str, gen: torch.Generator) -> tuple[torch.T
     return logits, slots, counters, settings
 
 
-def _kernels_per_call(fn) -> int:
-    """CUDA kernels in one replay of a graph holding one call of fn."""
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    graph.replay()
-    torch.cuda.synchronize()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        graph.replay()
-        torch.cuda.synchronize()
-    return len(kernel_events(prof))
-
-
 def _row(B: int, V: int, setting: str, gen: torch.Generator) -> dict:
     logits, slots, counters, settings = _inputs(B, V, setting, gen)
     torch_fn = lambda: reference(logits, slots, counters, settings)  # noqa: E731
@@ -70,7 +57,7 @@ def _row(B: int, V: int, setting: str, gen: torch.Generator) -> dict:
     torch.cuda.synchronize()
     row = dict(B=B, V=V, setting=setting, agree=f"{agree}/{B}")
     for name, fn in (("torch", torch_fn), ("triton", triton_fn)):
-        row[f"{name}_kernels"] = _kernels_per_call(fn)
+        row[f"{name}_kernels"] = graph_kernels(fn)
         row[f"{name}_ms"] = time_graph_ms(fn, CALLS)
     return row
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from kernels.dispatch import Impl, use_triton
-from kernels.sampling import MAX_VOCAB, SlotSettings, sample_slots_triton
+from kernels.sampling import MAX_VOCAB, SlotSettings, penalise, sample_slots_triton
 from model.field_checks import FieldError, check_int, check_number, is_int, is_number
 
 __all__ = [
@@ -143,13 +143,6 @@ def seen_mask(prev_tokens: Sequence[Sequence[int]], vocab: int, device: torch.de
         if ids:
             seen[b, torch.as_tensor(list(ids), dtype=torch.long, device=device)] = True
     return seen
-
-
-def penalise(logits: torch.Tensor, seen: torch.Tensor, penalty: torch.Tensor) -> torch.Tensor:
-    """CTRL's repetition penalty: a seen token's logit divided by the row's penalty when positive, multiplied when
-    negative. logits (B, V) float32, seen (B, V) bool, penalty (B, 1) float32 (1 = off)."""
-    hit = seen & (penalty != 1.0)
-    return torch.where(hit, torch.where(logits > 0, logits / penalty, logits * penalty), logits)
 
 
 def sample_rows(

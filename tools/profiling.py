@@ -1,5 +1,6 @@
-"""Reading a torch.profiler capture for the probes (tools/train_probe.py, tools/serve_probe.py): the kernels it saw,
-the time the GPU was busy, the largest kernels and host ops."""
+"""Reading a torch.profiler capture for the probes (tools/train_probe.py, tools/serve_probe.py) and the kernel
+benchmarks: the kernels it saw, the time the GPU was busy, the largest kernels and host ops, the kernels a captured
+call launches."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from collections import Counter
 
 import torch
 
-__all__ = ["busy_us", "kernel_events", "top_host", "top_kernels"]
+__all__ = ["busy_us", "graph_kernels", "kernel_events", "top_host", "top_kernels"]
 
 
 def kernel_events(prof, skip_prefixes: tuple[str, ...] = ()) -> list:
@@ -19,6 +20,20 @@ def kernel_events(prof, skip_prefixes: tuple[str, ...] = ()) -> list:
         and "#" not in e.name
         and not e.name.startswith(skip_prefixes)
     ]
+
+
+def graph_kernels(fn) -> int:
+    """CUDA kernels in one replay of a graph holding one call of fn (what a captured decode step launches; the kernel
+    benchmarks' count)."""
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        graph.replay()
+        torch.cuda.synchronize()
+    return len(kernel_events(prof))
 
 
 def busy_us(kernels: list) -> float:

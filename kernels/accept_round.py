@@ -1,0 +1,374 @@
+"""A speculative round's acceptance in ONE launch: the target's sampling distributions at the k + 1 verify positions
+(repetition penalty over each position's context, temperature, top-k, top-p), the rejection tests, the residual and
+the new token's inverse-CDF draw, and the context mask after the round, in one Triton program per row.
+
+Why: at batch 1 the GPU round is launch-bound (~2.5 us a kernel on an H200), and the PyTorch chain
+(`probabilities` over the b * (k + 1) rows: penalty, sort, top-k, softmax, cumsum, scatter, one-hot; then
+`accept_sampled`: gathers, cumprod, residual, the draw; then the mask update) is some 60-80 small launches.
+
+Per row (program), for j = 0 .. k while the drafts stand (a row stops at its first rejection: later positions
+change nothing it returns):
+    context_j = seen + d_1 .. d_j (penalty only) -> penalised logits -> greedy: one-hot on their argmax; else
+    x = logits / temperature, ranked by one int64 per token (`kernels.sampling`'s composite: the float's order, then
+    the lower index first = torch's stable descending sort) through `tl.sort`; top-k by rank, softmax, top-p on the
+    float64-accumulated cumsum (torch's CPU cumsum accumulates in double: the same float32 values), normalised,
+    scattered back to vocabulary order through a per-row scratch row -> p_j (one-hot where the total is not a
+    positive number, as the reference falls back) -> d_(j+1) stands while u_j * q_j(d) < p_j(d) -> at the first
+    rejection (or j = k) the new token is drawn from norm(max(0, p_j - q_j)) (p_j itself if that has no mass) by
+    `kernels.draft_steps.inverse_cdf`'s rule: the first id whose cumulative mass exceeds u * total, never past the
+    last id of positive mass.
+Tokens equal the reference's except where float rounding (exp, the softmax's sum: the kernel's and torch's differ by
+an ulp or so) moves a top-p cut, an accept test or a draw across a boundary: a uniform within ~1e-7 of one.
+
+    accept_round            wrapper; impl="auto": the kernel for CUDA tensors with V <= MAX_VOCAB, else the reference
+    accept_round_triton     the kernel
+    accept_round_reference  PyTorch: `probabilities` over every position, `accept_sampled`, the mask update
+    probabilities           the resident sampler's distribution (the speculative runner's draft loop uses it too)
+    accept_sampled          rejection sampling over a batch, given the distributions
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.dispatch import Impl, use_triton
+from kernels.draft_steps import inverse_cdf
+from kernels.sampling import _composite, _float_of, penalise
+
+__all__ = [
+    "MAX_VOCAB",
+    "RoundInputs",
+    "accept_round",
+    "accept_round_reference",
+    "accept_round_triton",
+    "accept_sampled",
+    "num_warps",
+    "probabilities",
+]
+
+MAX_VOCAB = 8192  # a row's k + 1 distributions are computed in one register tile each (padded to a power of two)
+# One program holds a row: the sort and the scans over VP values, at most VALUES_PER_THREAD a thread (4 warps at
+# least). sm_90 builds (2026-11-30, kernels/accept_round_compile_test.py): vocab 65 and 256 at 4 warps, 72-96
+# registers, no stack; 8192 at 16 warps, 128 registers (the cap at 16 warps), 232-280 B of stack (at 4 warps, 64
+# values a thread: 255 registers, 1.3 KB).
+VALUES_PER_THREAD = 16
+
+
+def num_warps(vp: int) -> int:
+    """Warps of the program over a padded vocabulary of vp ids: 4, more past 16 values a thread (at most 16)."""
+    return min(16, max(4, vp // (32 * VALUES_PER_THREAD)))
+
+
+def probabilities(
+    logits: torch.Tensor,
+    seen: torch.Tensor | None,
+    penalty: torch.Tensor | None,
+    greedy: torch.Tensor,
+    temperature: torch.Tensor,
+    top_k: torch.Tensor,
+    top_p: torch.Tensor,
+) -> torch.Tensor:
+    """The distribution the resident sampler draws each row's token from (`model.sampling.sample_rows` after
+    `penalise`): logits (N, V) float32 (blocked ids at -inf), seen (N, V) bool, penalty / temperature / top_p (N, 1)
+    float32 (seen and penalty None: no row penalises), top_k (N, 1) long, greedy (N,) bool. Returns (N, V) float32 in
+    vocabulary order; greedy rows (and rows whose distribution is not a number, as the sampler falls back) are
+    one-hot on the argmax."""
+    if seen is not None:
+        logits = penalise(logits, seen, penalty)
+    V = logits.shape[-1]
+    ranked, order = torch.sort(logits / temperature, dim=-1, descending=True, stable=True)  # (N, V)
+    ranked = ranked.masked_fill(torch.arange(V, device=logits.device) >= top_k, float("-inf"))
+    probs = torch.softmax(ranked, dim=-1)
+    probs = probs.masked_fill(probs.cumsum(dim=-1) - probs >= top_p, 0.0)  # top-p: the first token always stays
+    total = probs.sum(dim=-1, keepdim=True)
+    probs = torch.zeros_like(probs).scatter_(1, order, probs / total)
+    one_hot = torch.zeros_like(probs).scatter_(1, logits.argmax(dim=-1, keepdim=True), 1.0)
+    degenerate = ~torch.isfinite(total[:, 0]) | (total[:, 0] <= 0)
+    return torch.where((greedy | degenerate)[:, None], one_hot, probs)
+
+
+def accept_sampled(
+    drafts: torch.Tensor, q: torch.Tensor, p: torch.Tensor, u_accept: torch.Tensor, u_new: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rejection sampling over a batch: drafts (B, k) drawn from q (B, k, V); p (B, k + 1, V) the target's
+    distributions at the drafts' positions and one past; u_accept (B, k) the accept tests' uniforms, u_new (B, k + 1)
+    the new token's, by where it lands. Returns (accepted (B,), tokens (B, k + 1)): the first `accepted` drafts, then
+    a draw from norm(max(0, p - q)) at the first rejection, or from p's last row."""
+    B, k, V = q.shape
+    d = drafts[..., None]
+    ok = u_accept * q.gather(2, d)[..., 0] < p[:, :k].gather(2, d)[..., 0]  # u < p(d) / q(d), and q(d) > 0
+    accepted = ok.long().cumprod(dim=1).sum(dim=1)  # (B,)
+    row = accepted[:, None, None].expand(B, 1, V)
+    residual = (p - torch.cat([q, torch.zeros_like(q[:, :1])], dim=1)).clamp_(min=0).gather(1, row)[:, 0]  # (B, V)
+    # A rejection leaves mass where p > q; should rounding leave none, draw from p itself.
+    residual = torch.where(residual.sum(dim=-1, keepdim=True) > 0, residual, p.gather(1, row)[:, 0])
+    token = inverse_cdf(residual, u_new.gather(1, accepted[:, None])[:, 0])
+    tokens = torch.cat([drafts, token[:, None]], dim=1).scatter_(1, accepted[:, None], token[:, None])
+    return accepted, tokens
+
+
+class RoundInputs(NamedTuple):
+    """One `accept_round` call's tensors (see there), as its two implementations take them."""
+
+    logits: torch.Tensor  # (B, k + 1, V) float32, blocked ids at -inf
+    drafts: torch.Tensor  # (B, k) long
+    q: torch.Tensor  # (B, k, V) float32
+    u_accept: torch.Tensor  # (B, k) float32
+    u_new: torch.Tensor  # (B, k + 1) float32
+    greedy: torch.Tensor  # (B,) bool
+    temperature: torch.Tensor  # (B, 1) float32
+    top_k: torch.Tensor  # (B, 1) long
+    top_p: torch.Tensor  # (B, 1) float32
+    seen: torch.Tensor | None  # (B, V) bool: the context through x_n
+    penalty: torch.Tensor | None  # (B, 1) float32
+
+
+def accept_round(
+    logits: torch.Tensor,
+    drafts: torch.Tensor,
+    q: torch.Tensor,
+    u_accept: torch.Tensor,
+    u_new: torch.Tensor,
+    *,
+    greedy: torch.Tensor,
+    temperature: torch.Tensor,
+    top_k: torch.Tensor,
+    top_p: torch.Tensor,
+    seen: torch.Tensor | None = None,
+    penalty: torch.Tensor | None = None,
+    impl: Impl = "auto",
+) -> tuple[torch.Tensor, ...]:
+    """A sampled speculative round's acceptance (`inference_svc.speculative_resident`): the target's logits (B, k + 1,
+    V) float32 at the drafts' positions and one past (blocked ids at -inf), drafts (B, k) long drawn from q (B, k, V)
+    float32, u_accept (B, k) and u_new (B, k + 1) float32 uniforms, each row's sampler settings greedy (B,) bool,
+    temperature / top_p (B, 1) float32, top_k (B, 1) long; seen (B, V) bool the context through the round's first
+    input and penalty (B, 1) float32 (both None when no row penalises; the context before position j is seen plus
+    d_1 .. d_j; a caller that has built those contexts may pass them all, seen (B, k + 1, V), which the reference
+    then reads instead of rebuilding: the kernel reads the first). Returns (accepted (B,) long, tokens (B, k + 1)
+    long: the drafts with the new token at `accepted` and at k) and, with seen, the context after the round (B, V)
+    bool: seen, the accepted drafts, the new token."""
+    a = RoundInputs(logits, drafts, q, u_accept, u_new, greedy, temperature, top_k, top_p, seen, penalty)
+    _check_args(a)
+    supported = logits.shape[-1] <= MAX_VOCAB
+    if use_triton(impl, logits, drafts, q, u_accept, u_new, greedy, temperature, top_k, top_p, supported=supported):
+        return accept_round_triton(a)
+    return accept_round_reference(a)
+
+
+def _check_args(a: RoundInputs) -> None:
+    if a.logits.dim() != 3 or a.logits.dtype != torch.float32 or a.logits.shape[1] < 2:
+        raise ValueError(
+            f"logits must be (B, k + 1, V) float32 with k >= 1, got {tuple(a.logits.shape)} {a.logits.dtype}"
+        )
+    b, n, V = a.logits.shape
+    k = n - 1
+    want = dict(
+        drafts=((b, k), (torch.long,)),
+        q=((b, k, V), (torch.float32,)),
+        u_accept=((b, k), (torch.float32,)),
+        u_new=((b, n), (torch.float32,)),
+        greedy=((b,), (torch.bool,)),
+        temperature=((b, 1), (torch.float32,)),
+        top_k=((b, 1), (torch.long,)),
+        top_p=((b, 1), (torch.float32,)),
+        seen=(((b, V), (b, n, V)), (torch.bool,)),
+        penalty=((b, 1), (torch.float32,)),
+    )
+    for name, (shape, dtypes) in want.items():
+        t = getattr(a, name)
+        if t is None and name in ("seen", "penalty"):
+            continue
+        shapes = shape if isinstance(shape[0], tuple) else (shape,)
+        if t.shape not in shapes or t.dtype not in dtypes:
+            want = " or ".join(map(str, shapes))
+            raise ValueError(f"{name} must be {want} {dtypes[0]}, got {tuple(t.shape)} {t.dtype}")
+    if (a.seen is None) != (a.penalty is None):
+        raise ValueError("seen and penalty go together: both tensors (some row penalises) or both None")
+
+
+def _each(t: torch.Tensor, n: int) -> torch.Tensor:
+    """Each row of t (B, ...) n times in a row: (B * n, ...), without a host sync (capturable)."""
+    return t[:, None].expand(t.shape[0], n, *t.shape[1:]).reshape(-1, *t.shape[1:])
+
+
+def accept_round_reference(a: RoundInputs) -> tuple[torch.Tensor, ...]:
+    """`probabilities` over all b * (k + 1) positions at once, `accept_sampled`, then the context mask."""
+    b, n, V = a.logits.shape
+    settings = (_each(s, n) for s in (a.greedy, a.temperature, a.top_k, a.top_p))
+    seen_all = a.seen if a.seen is not None and a.seen.dim() == 3 else None  # the caller's contexts
+    if a.seen is not None and seen_all is None:  # the context before each position: seen, then the drafts one by one
+        contexts = [a.seen]
+        for j in range(n - 1):
+            contexts.append(contexts[-1].scatter(1, a.drafts[:, j : j + 1], True))
+        seen_all = torch.stack(contexts, dim=1)  # (b, k + 1, V)
+    p = probabilities(
+        a.logits.flatten(0, 1),
+        seen_all.flatten(0, 1) if seen_all is not None else None,
+        _each(a.penalty, n) if seen_all is not None else None,
+        *settings,
+    ).view(b, n, V)
+    accepted, tokens = accept_sampled(a.drafts, a.q, p, a.u_accept, a.u_new)
+    if seen_all is None:
+        return accepted, tokens
+    kept = seen_all.gather(1, accepted[:, None, None].expand(b, 1, V))[:, 0]  # the context through the accepted drafts
+    return accepted, tokens, kept.scatter(1, tokens[:, -1:], True)  # and the new token (tokens[:, k] is it)
+
+
+@triton.jit
+def _argmax_one_hot(logit, offs, in_v, VP: tl.constexpr):
+    """One-hot (VP,) on torch.argmax of the row: its first NaN, else its first maximum."""
+    is_nan = logit != logit
+    first_nan = tl.min(tl.where(is_nan & in_v, offs, VP), axis=0)
+    best = tl.max(tl.where(is_nan | (in_v == 0), float("-inf"), logit), axis=0)
+    arg = tl.min(tl.where(in_v & (logit == best), offs, VP), axis=0)
+    arg = tl.where(first_nan < VP, first_nan, arg)
+    return tl.where(offs == arg, 1.0, 0.0)
+
+
+@triton.jit
+def _sampled_distribution(
+    logit, offs, in_v, temperature, top_k, top_p, p_row, IDX_BITS: tl.constexpr, VP: tl.constexpr
+):
+    """`probabilities` of one sampled row in vocabulary order (VP,) float32 (0 past V), and its total before the
+    normalisation (not a positive number: the caller falls back to the one-hot). p_row: a (VP,) scratch row."""
+    x = tl.math.div_rn(logit, temperature + tl.zeros_like(logit))
+    ranked = tl.sort(_composite(x, offs, in_v, IDX_BITS), descending=True)  # (VP,): descending, ties by lower id
+    ids = (1 << IDX_BITS) - 1 - (ranked & ((1 << IDX_BITS) - 1))  # the ids in rank order (offs: the ranks)
+    real = ranked >= 0  # padded entries (-1) sort last
+    xs = tl.where(real & (offs < top_k), _float_of(ranked, IDX_BITS), float("-inf"))
+    e = tl.exp(xs - tl.max(xs, axis=0))
+    probs = tl.math.div_rn(e, tl.sum(e, axis=0) + tl.zeros_like(e))
+    mass = tl.cumsum(probs.to(tl.float64), axis=0).to(tl.float32)  # as torch's CPU cumsum: double, then rounded
+    probs = tl.where(mass - probs >= top_p, 0.0, probs)  # top-p: the first token always stays
+    total = tl.sum(probs, axis=0)
+    tl.debug_barrier()  # every thread has read the scratch row's last use before it is rewritten
+    tl.store(p_row + ids, tl.math.div_rn(probs, total + tl.zeros_like(probs)), mask=real)
+    tl.debug_barrier()  # written by the thread holding a rank, read by the thread holding the id
+    return tl.load(p_row + offs, mask=in_v, other=0.0), total
+
+
+@triton.jit
+def _accept_round_kernel(
+    logits_ptr,  # (B, K + 1, V) float32, ids contiguous
+    stride_lb,
+    stride_lj,
+    drafts_ptr,  # (B, K) int64
+    stride_d,
+    q_ptr,  # (B, K, V) float32, ids contiguous
+    stride_qb,
+    stride_qj,
+    ua_ptr,  # (B, K) float32, the accept tests' uniforms
+    stride_ua,
+    un_ptr,  # (B, K + 1) float32, the new token's, by where it lands
+    stride_un,
+    greedy_ptr,  # (B,) uint8
+    temperature_ptr,  # (B,) float32
+    top_k_ptr,  # (B,) int64
+    top_p_ptr,  # (B,) float32
+    seen_ptr,  # (B, V) uint8 (PENALTY)
+    stride_s,
+    penalty_ptr,  # (B,) float32 (PENALTY)
+    p_ptr,  # (B, VP) float32 scratch
+    accepted_ptr,  # (B,) int64 out
+    tokens_ptr,  # (B, K + 1) int64 out
+    context_ptr,  # (B, V) uint8 out (PENALTY)
+    K: tl.constexpr,
+    KP: tl.constexpr,  # next_power_of_2(K + 1)
+    V: tl.constexpr,
+    VP: tl.constexpr,
+    IDX_BITS: tl.constexpr,
+    PENALTY: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, VP)
+    in_v = offs < V
+    greedy = tl.load(greedy_ptr + row) != 0
+    temperature = tl.load(temperature_ptr + row)
+    top_k = tl.load(top_k_ptr + row)
+    top_p = tl.load(top_p_ptr + row)
+    p_row = p_ptr + row * VP
+    context = offs < 0  # (VP,) bool: the context (PENALTY)
+    penalty = 1.0
+    if PENALTY:
+        context = tl.load(seen_ptr + row * stride_s + offs, mask=in_v, other=0) != 0
+        penalty = tl.load(penalty_ptr + row)
+    accepted = tl.zeros((), tl.int32)
+    token = tl.zeros((), tl.int64)
+    going = tl.full((), 1, tl.int32)
+    for j in range(K + 1):
+        if going != 0:
+            logit = tl.load(logits_ptr + row * stride_lb + j * stride_lj + offs, mask=in_v, other=float("-inf"))
+            if PENALTY:  # model.sampling.penalise (a penalty of 1 changes nothing: x / 1 = x * 1 = x)
+                scaled = tl.where(logit > 0, tl.math.div_rn(logit, penalty + tl.zeros_like(logit)), logit * penalty)
+                logit = tl.where(context, scaled, logit)
+            p = _argmax_one_hot(logit, offs, in_v, VP)
+            if greedy == 0:
+                sampled, total = _sampled_distribution(
+                    logit, offs, in_v, temperature, top_k, top_p, p_row, IDX_BITS, VP
+                )
+                degenerate = (total != total) | (total == float("inf")) | (total <= 0.0)
+                p = tl.where(degenerate, p, sampled)
+            drafting = j < K  # position K has no draft: its token is drawn from p itself
+            d = tl.load(drafts_ptr + row * stride_d + j, mask=drafting, other=0)
+            q = tl.load(q_ptr + row * stride_qb + j * stride_qj + offs, mask=in_v & drafting, other=0.0)
+            u = tl.load(ua_ptr + row * stride_ua + j, mask=drafting, other=1.0)
+            at_d = offs == d
+            ok = drafting & (u * tl.sum(tl.where(at_d, q, 0.0), axis=0) < tl.sum(tl.where(at_d, p, 0.0), axis=0))
+            if ok:
+                accepted += 1
+                if PENALTY:
+                    context = context | at_d
+            else:  # the new token: inverse CDF over norm(max(0, p - q)) (p itself where that has no mass)
+                residual = tl.maximum(p - q, 0.0)
+                residual = tl.where(tl.max(residual, axis=0) > 0.0, residual, p)
+                cdf = tl.cumsum(residual.to(tl.float64), axis=0).to(tl.float32)
+                threshold = tl.load(un_ptr + row * stride_un + j) * tl.max(cdf, axis=0)
+                pick = tl.sum((in_v & (cdf <= threshold)).to(tl.int32), axis=0)
+                last = tl.max(tl.where(residual > 0.0, offs, 0), axis=0)
+                token = tl.minimum(pick, last).to(tl.int64)
+                going = tl.zeros((), tl.int32)
+    tl.store(accepted_ptr + row, accepted.to(tl.int64))
+    offs_k = tl.arange(0, KP)
+    drafts = tl.load(drafts_ptr + row * stride_d + offs_k, mask=offs_k < K, other=0)
+    tokens = tl.where((offs_k == accepted) | (offs_k == K), token, drafts)
+    tl.store(tokens_ptr + row * (K + 1) + offs_k, tokens, mask=offs_k <= K)
+    if PENALTY:
+        context = context | (offs == token)
+        tl.store(context_ptr + row * V + offs, context.to(tl.uint8), mask=in_v)
+
+
+def accept_round_triton(a: RoundInputs) -> tuple[torch.Tensor, ...]:
+    """The kernel: one program per row, no host sync."""
+    b, n, V = a.logits.shape
+    k, device = n - 1, a.logits.device
+    vp = triton.next_power_of_2(V)
+    accepted = torch.empty(b, dtype=torch.long, device=device)
+    tokens = torch.empty(b, n, dtype=torch.long, device=device)
+    penalised = a.seen is not None
+    context = torch.empty(b, V, dtype=torch.bool, device=device) if penalised else None
+    if b == 0:
+        return (accepted, tokens, context) if penalised else (accepted, tokens)
+    logits = a.logits if a.logits.stride(2) == 1 else a.logits.contiguous()
+    q = a.q if a.q.stride(2) == 1 else a.q.contiguous()
+    drafts, u_accept, u_new = (t if t.stride(1) == 1 else t.contiguous() for t in (a.drafts, a.u_accept, a.u_new))
+    scratch = torch.empty(b, vp, dtype=torch.float32, device=device)
+    if penalised:
+        seen = a.seen[:, 0] if a.seen.dim() == 3 else a.seen  # the context through x_n
+        seen = seen if seen.stride(1) == 1 else seen.contiguous()
+        seen_u8, penalty, out_u8 = seen.view(torch.uint8), a.penalty.reshape(b), context.view(torch.uint8)
+        stride_s = seen.stride(0)
+    else:  # not read
+        seen_u8, penalty, out_u8, stride_s = a.greedy.view(torch.uint8), a.temperature, accepted, 0
+    _accept_round_kernel[(b,)](
+        logits, logits.stride(0), logits.stride(1), drafts, drafts.stride(0),
+        q, q.stride(0), q.stride(1), u_accept, u_accept.stride(0), u_new, u_new.stride(0),
+        a.greedy.view(torch.uint8), a.temperature.reshape(b), a.top_k.reshape(b), a.top_p.reshape(b),
+        seen_u8, stride_s, penalty, scratch, accepted, tokens, out_u8,
+        K=k, KP=triton.next_power_of_2(n), V=V, VP=vp, IDX_BITS=max(1, (vp - 1).bit_length()),
+        PENALTY=penalised, num_warps=num_warps(vp),
+    )  # fmt: skip
+    return (accepted, tokens, context) if penalised else (accepted, tokens)
