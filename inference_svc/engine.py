@@ -230,7 +230,8 @@ class Engine:
     `draft` runner (a smaller model with the same tokenizer), decode steps are speculative: the draft proposes `speculative_k` tokens per sequence and the target verifies them in one
     step (inference_svc.speculative); the output keeps the target's distribution. `draft_kernel` (resident loop only):
     a round's draft steps in one launch (`SpeculativeRunner`; off until the GPU measures it); `accept_kernel` likewise:
-    a sampled round's acceptance (the target's distributions, the rejection tests, the new token) in one launch. On
+    a sampled round's acceptance (the target's distributions, the rejection tests, the new token) in one launch;
+    `verify_kernels` likewise: the target's verify on its small-batch decode kernels where the round's rows fit. On
     the resident loop a prompt longer than `prefill_chunk` tokens is prefilled a chunk per step, interleaved with the
     running streams' decode.
     `decode_steps`: decode steps launched per engine step on the resident loop, a number or a `DecodeSteps` (by running
@@ -250,6 +251,7 @@ class Engine:
         speculative_k: int = 4,
         draft_kernel: bool | str = False,
         accept_kernel: bool | str = False,
+        verify_kernels: bool = False,
         resident: bool | None = None,
         prefill_chunk: int = 512,
         decode_steps: int | DecodeSteps | None = None,
@@ -277,12 +279,22 @@ class Engine:
             raise ValueError("resident=True needs a runner with decode_sample (TorchRunner), and a draft with it too")
         self._resident = can if resident is None else resident
         self.speculative: SpeculativeDecoder | SpeculativeRunner | None = None
-        for name, option in (("draft_kernel", draft_kernel), ("accept_kernel", accept_kernel)):
+        for name, option in (
+            ("draft_kernel", draft_kernel),
+            ("accept_kernel", accept_kernel),
+            ("verify_kernels", verify_kernels),
+        ):
             if option and not (draft is not None and self._resident):
                 raise ValueError(f"{name} needs a draft on the resident loop (a TorchRunner target and draft)")
         if draft is not None and self._resident:
             self.runner = self.speculative = SpeculativeRunner(
-                runner, draft, speculative_k, max_slots, draft_kernel=draft_kernel, accept_kernel=accept_kernel
+                runner,
+                draft,
+                speculative_k,
+                max_slots,
+                draft_kernel=draft_kernel,
+                accept_kernel=accept_kernel,
+                verify_kernels=verify_kernels,
             )
         elif draft is not None:
             self.speculative = SpeculativeDecoder(

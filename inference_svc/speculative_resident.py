@@ -81,8 +81,14 @@ class SpeculativeRunner:
         *,
         draft_kernel: bool | str = False,
         accept_kernel: bool | str = False,
+        verify_kernels: bool = False,
     ) -> None:
         check_draft(target, draft, k, max_slots)
+        if not isinstance(verify_kernels, bool):
+            raise ValueError(f"verify_kernels must be True or False, got {verify_kernels!r}")
+        # The verify on the target's small-batch decode kernels (rows of one slot: every row's K/V written first)
+        # where its rows fit them (b (k + 1) <= 16 rows); else, and off, the usual step over the cache in place.
+        self._verify_kernels = verify_kernels
         self.target, self.draft, self.k = target, draft, k
         # The draft's k + 1 steps of a round in one launch (kernels.draft_steps): True (or "auto") the kernel on CUDA,
         # its reference (the same steps through forward_cached) elsewhere; "triton" forces the kernel (the interpreter
@@ -233,8 +239,9 @@ class SpeculativeRunner:
         """The target over ids (b, k + 1) at positions pos .. pos + k of each row's slot: float32 logits (b, k + 1, V).
         Run as b * (k + 1) one-token rows (row j of a slot at pos + j, attending to its slot up to there): every
         row's keys and values are written before any row attends, so the rows of one slot see each other, and
-        attention can read the cache in place (`kernels.decode_attention`) instead of gathering it for SDPA. Not the
-        small-batch kernels: their attention launch writes each row's keys and values as it reads the others'."""
+        attention can read the cache in place (`kernels.decode_attention`) instead of gathering it for SDPA. With
+        `verify_kernels`, on the target's small-batch decode kernels where the rows fit them (~6 launches a layer
+        instead of ~12), their attention step told that rows share slots (all K/V stored, then attention)."""
         b, n = ids.shape
         at = (pos[:, None] + torch.arange(n, device=pos.device)).view(-1)  # (b * n,)
         logits = self.target.model.forward_cached(
@@ -244,6 +251,8 @@ class SpeculativeRunner:
             at,
             kv_len=kv_len,
             attention_in_place=self.target.attention_in_place,
+            small_batch_kernels=self.target.small_batch_kernels if self._verify_kernels else False,
+            rows_share_slots=True,
         )  # (b * n, 1, V)
         return logits.view(b, n, -1).float()
 

@@ -263,6 +263,46 @@ def test_the_draft_kernels_round_equals_the_draft_loops(tiny, pair, full):
             assert runner.state.token[1] == mine[-1] and runner.state.pos[1] == len(prompts[0]) + len(mine) - 1
 
 
+@pytest.mark.parametrize("full", [False, True])
+def test_the_verify_on_small_batch_kernels_equals_the_plain_verify(tiny, pair, full, monkeypatch):
+    """Runner level, verify_kernels (the target's small-batch decode kernels; "triton": the interpreter on CPU) against
+    the verify over the cache in place: the same counts and tokens round after round, the target's caches alike,
+    and every verify took the small-batch step with its rows sharing slots. (The interpreter runs a launch's
+    programs in row order, so the race that write_first prevents cannot show here: kernels/decode_attention_step_test
+    lists a slot's rows in reverse for that.)"""
+    verifies = []
+    small_batch_step = GPT._small_batch_step
+
+    def spy(self, *args):
+        verifies.append(args[-1])  # rows_share_slots
+        return small_batch_step(self, *args)
+
+    monkeypatch.setattr(GPT, "_small_batch_step", spy)
+    k = 3
+    prompts = [tiny.tokenizer.encode(p) for p in PROMPTS[:3]]
+    slots = [2, 0, 3]
+    greedy = SamplingParams(temperature=0.0)
+    params = [greedy, SamplingParams(temperature=0.8, seed=1), SamplingParams(temperature=1.3, top_k=7, seed=2)]
+    params = params if full else [greedy] * 3
+    kw = dict(attention_in_place=True, small_batch_kernels=True if GPU else "triton")
+    kw.update(cuda_graphs=False) if GPU else None
+    runners = [SpeculativeRunner(*_kernel_runners(pair, **kw), k, 4, verify_kernels=on) for on in (False, True)]
+    got = [[[t] for t in r.prefill_sample(slots, prompts, params, [5, 6, 7]).tolist()] for r in runners]
+    for _ in range(4):
+        kv_len = max(len(p) + len(g) for p, g in zip(prompts, got[0])) + k
+        outs = [r.round(slots, kv_len, full=full).tolist() for r in runners]
+        assert outs[0] == outs[1]
+        for out, run in zip(outs, got):
+            for row, g in zip(out, run):
+                g += row[1 : 1 + row[0]]
+    assert verifies.count(True) == 4  # each round's verify (the prefills' and the draft's steps: no shared slots)
+    caches = [r.target.cache for r in runners]
+    torch.testing.assert_close(caches[1].k[slots], caches[0].k[slots], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(caches[1].v[slots], caches[0].v[slots], atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="verify_kernels"):
+        SpeculativeRunner(*_kernel_runners(pair), k, 4, verify_kernels="yes")
+
+
 def test_the_draft_kernel_refuses_a_draft_it_cannot_run_and_an_engine_without_a_draft(tiny, pair):
     gpt2 = GPT(get_preset("shakespeare-char", n_layer=1, n_head=2, n_embd=32, vocab_size=pair[0].config.vocab_size))
     with pytest.raises(ValueError, match="Llama-style"):

@@ -5,8 +5,8 @@
 Random-init `tiny` draft and `shakespeare-char` target (bf16 on CUDA, through `TorchRunner` as the engine builds them):
 1. `draft_steps` alone, greedy and sampled, on the draft runner's cache and scratch slot, against its reference
    (`forward_cached` step by step) on a copy of the cache: drafts equal (greedy), q within tolerance, caches equal;
-2. the speculative engine with the kernel on, beside the same engine with the draft loop: the tokens of a few greedy
-   requests equal.
+2. the speculative engine with the kernel on (and with the verify on the small-batch kernels and the one-launch
+   acceptance too), beside the same engine with the draft loop: the tokens of a greedy request equal.
 Each part synchronises, so an illegal access is reported at its part. A diagnostic tool: it prints what it found.
 """
 
@@ -74,23 +74,26 @@ def _kernel_alone(draft: GPT, k: int, device: torch.device) -> str:
 
 def _engines(target: GPT, draft: GPT, tokenizer, k: int, device: torch.device) -> str:
     out = {}
-    for kern in (False, True):
+    designs = {"loop": {}, "draft": dict(draft_kernel=True), "all": dict(draft_kernel=True, verify_kernels=True,
+                                                                          accept_kernel=True)}  # fmt: skip
+    for name, options in designs.items():
         engine = Engine(
             TorchRunner(target, 1, device=device),
             tokenizer,
             max_queue=1,
             draft=TorchRunner(draft, 1, device=device),
             speculative_k=k,
-            draft_kernel=kern,
             resident=True,
+            **options,
         )
         try:
             _sync(device)
             req = Request(prompt_ids=(1, 2, 3, 4), params=SamplingParams(max_new_tokens=24, temperature=0.0))
-            out[kern] = [t for chunk in engine.submit_many([req])[0] for t in chunk.token_ids]
+            out[name] = [t for chunk in engine.submit_many([req])[0] for t in chunk.token_ids]
         finally:
             engine.close()
-    return f"k={k} engine greedy: loop {out[False]}\n          kernel {out[True]} same={out[False] == out[True]}"
+    same = {name: tokens == out["loop"] for name, tokens in out.items()}
+    return f"k={k} engine greedy: loop {out['loop']}; the same with {same}"
 
 
 @torch.no_grad()

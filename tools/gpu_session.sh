@@ -90,7 +90,7 @@ for spec in "$@"; do
       run_step speculative "$limit" "$PYTHON" -m bench_svc.benches.speculative --device cuda --target-steps 1500 \
         --draft-steps 600 --batch 32 --target-train-s 60 --draft-train-s 30 --prompts 2 --max-new-tokens 96 --repeats 2 ;;
     speculative-engine)  # the engine with a draft (speculative rounds on the device) vs without, B=1 and 16, k 1-4;
-      # $SPEC_ARGS: more options (SPEC_ARGS=--draft-kernel: the draft's steps of a round in one launch; "--draft-kernel both": with and without it)
+      # $SPEC_ARGS: more options (SPEC_ARGS="--rounds loop,draft,draft+verify+accept": round designs side by side)
       run_step speculative-engine "$limit" "$PYTHON" -m bench_svc.benches.speculative_engine --device cuda \
         --target-steps 1500 --draft-steps 600 --batch 32 --target-train-s 45 --draft-train-s 20 --concurrency 1,16 \
         --k "${SPEC_K:-1,2,3,4}" --max-new-tokens 90 --repeats 5 ${SPEC_ARGS:-} ;;

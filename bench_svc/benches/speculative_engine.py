@@ -2,7 +2,7 @@
 target, at batch 1 and with several requests in flight, against the same engine without a draft, in the same run.
 
     python -m bench_svc.benches.speculative_engine --corpus FILE [--device cuda] [--concurrency 1,16] [--k 1,2,3,4]
-        [--draft-kernel [on|off|both]]
+        [--rounds loop,draft,draft+verify+accept]
 
 Trains the two models as `bench_svc.benches.speculative` does (same options; or loads them with --target-artifact and
 --draft-artifact), then for each concurrency, sampling mode (greedy; sampled at temperature 0.8, top-k 50, top-p
@@ -10,9 +10,12 @@ Trains the two models as `bench_svc.benches.speculative` does (same options; or 
 until every one has finished. Every engine is device-resident (on the GPU: CUDA graphs, the rounds captured too), so
 the comparison is speculative rounds against plain resident steps. Repeats run interleaved and the median is
 reported; ms/token is per stream (seconds x concurrency / tokens). Greedy rows also check that the tokens equal the
-anchor's. `--draft-kernel`: the speculative engines run each round's draft steps in one launch (kernels.draft_steps;
-its reference on CPU); `--draft-kernel both`: engines of both kinds in the same run (rows "draft kernel" beside the
-loop's). Writes `bench_svc/results/speculative-engine-<cpu|cuda>[-draft-kernel[-both]].{csv,json,png}`; the short
+anchor's. `--rounds`: the round designs to build engines for, each k, in the same run over the same models: `loop`
+(the draft's steps one forward at a time, the verify over the cache in place, the acceptance in torch ops), or a
+`+`-joined set of the kernels that replace those parts: `draft` (the draft's k + 1 steps in one launch,
+kernels.draft_steps), `verify` (the verify on the target's small-batch decode kernels), `accept` (a sampled round's
+acceptance in one launch, kernels.accept_round); on CPU their references run. Writes
+`bench_svc/results/speculative-engine-<cpu|cuda>[-<rounds>].{csv,json,png}` (no suffix for `loop` alone); the short
 table is printed last.
 """
 
@@ -55,28 +58,41 @@ MODES: dict[str, dict[str, Any]] = {
 }
 
 
-Variant = tuple[int, bool]  # (k, the draft's steps in one launch); (0, False): the engine without a draft
+PARTS = ("draft", "verify", "accept")  # the round's parts a kernel can replace (Engine's *_kernel(s) options)
+Variant = tuple[int, frozenset]  # (k, the parts on kernels); (0, frozenset()): the engine without a draft
 
 
-def _variants(ks: list[int], draft_kernel: str) -> list[Variant]:
-    """The engines a run builds: the anchor, then each k with the draft loop (off, both) and the kernel (on, both)."""
-    kernel = {"off": [False], "on": [True], "both": [False, True]}[draft_kernel]
-    return [(0, False), *((k, kern) for kern in kernel for k in ks if k > 0)]
+def parse_rounds(text: str) -> list[frozenset]:
+    """`--rounds` -> each design's set of parts on kernels (`loop`: none). Raises ValueError naming a bad part."""
+    designs = []
+    for design in text.split(","):
+        parts = frozenset() if design.strip() == "loop" else frozenset(p.strip() for p in design.split("+"))
+        bad = sorted(parts - set(PARTS))
+        if bad or not design.strip():
+            raise ValueError(f"--rounds: {design!r} is not 'loop' or a '+'-joined set of {', '.join(PARTS)}")
+        designs.append(parts)
+    return list(dict.fromkeys(designs))
+
+
+def _label(parts: frozenset) -> str:
+    return "+".join(p for p in PARTS if p in parts) or "loop"
 
 
 def _engines(target, draft, tokenizer, concurrency: int, variants: list[Variant], device: torch.device) -> dict:
     """One device-resident engine per variant with `concurrency` slots; the target and draft weights are shared."""
     engines = {}
-    for k, kern in variants:
+    for k, parts in variants:
         runner = TorchRunner(target, concurrency, device=device)
         drafter = TorchRunner(draft, concurrency, device=device) if k else None
-        engines[(k, kern)] = Engine(
+        engines[(k, parts)] = Engine(
             runner,
             tokenizer,
             max_queue=concurrency,
             draft=drafter,
             speculative_k=max(k, 1),
-            draft_kernel=kern,
+            draft_kernel="draft" in parts,
+            verify_kernels="verify" in parts,
+            accept_kernel="accept" in parts,
             resident=True,
         )
     return engines
@@ -94,15 +110,17 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser(f"python -m {MODULE}", __doc__.splitlines()[0])
     parser.add_argument("--concurrency", default="1,16", help="requests in flight at once, comma-separated")
     parser.add_argument(
-        "--draft-kernel",
-        nargs="?",
-        const="on",
-        default="off",
-        choices=("off", "on", "both"),
-        help="the draft's steps of a round in one launch (kernels.draft_steps); both: engines with and without it",
+        "--rounds",
+        default="loop",
+        help="round designs, comma-separated: loop, or a +-joined set of draft, verify, accept (the parts on kernels)",
     )
     parser.set_defaults(k="1,2,3,4")
     args = parser.parse_args(argv)
+    try:
+        designs = parse_rounds(args.rounds)
+    except ValueError as err:
+        print(f"{MODULE}: {err}", file=sys.stderr)
+        return 2
     commit = git_commit()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if not (args.target_artifact and args.draft_artifact) and (not args.corpus or not Path(args.corpus).is_file()):
@@ -116,7 +134,8 @@ def main(argv: list[str] | None = None) -> int:
     text = Path(args.corpus).read_text(encoding="utf-8") if args.corpus else ""
     target, draft, tokenizer, training = trained_models(args, text)
     target, draft = copy.deepcopy(target).eval(), copy.deepcopy(draft).eval()  # runners may cast them (bf16 on CUDA)
-    variants = _variants([int(k) for k in args.k.split(",")], args.draft_kernel)
+    ks = [int(k) for k in args.k.split(",") if int(k) > 0]
+    variants = [(0, frozenset()), *((k, parts) for parts in designs for k in ks)]
     rows = []
     for concurrency in [int(c) for c in args.concurrency.split(",")]:
         try:
@@ -139,12 +158,12 @@ def main(argv: list[str] | None = None) -> int:
         f"the engine without a draft, greedy, concurrency {anchor['concurrency']} = {anchor['tokens_per_s']} tokens/s",
         commit,
     )
-    suffix = {"off": "", "on": "-draft-kernel", "both": "-draft-kernel-both"}[args.draft_kernel]
+    suffix = "" if designs == [frozenset()] else "-" + "-".join(_label(d) for d in designs).replace("+", "_")
     summary = {
         "training": training,
         "max_new_tokens": args.max_new_tokens,
         "repeats": args.repeats,
-        "draft_kernel": args.draft_kernel,  # off / on / both
+        "rounds": [_label(d) for d in designs],
         "best_speedup": max(r["speedup_vs_target"] for r in rows if r["k"] > 0),
         "best_k": {
             series: max((r for r in rows if r["series"] == series and r["k"] > 0), key=lambda r: r["tokens_per_s"])["k"]
@@ -157,10 +176,8 @@ def main(argv: list[str] | None = None) -> int:
         header,
         rows,
         summary,
-        f"speculative decoding in the engine, {DRAFT_PRESET} draft for {TARGET_PRESET}"
-        + {"off": "", "on": ", the draft's steps in one launch", "both": ", the draft loop vs one launch"}[
-            args.draft_kernel
-        ],
+        f"speculative decoding in the engine, {DRAFT_PRESET} draft for {TARGET_PRESET}, rounds: "
+        + ", ".join(_label(d) for d in designs),
     )
     log.info("wrote %s", ", ".join(str(p) for p in paths))
     print(format_table(rows))
@@ -199,7 +216,7 @@ def _measure(engines: dict[Variant, Engine], prompts: list[list[int]], concurren
     seconds: dict[tuple[str, Variant], list[float]] = {(m, v): [] for m in MODES for v in engines}
     tokens: dict[tuple[str, Variant], list[list[int]]] = {}
     accepted: dict[tuple[str, Variant], tuple[int, int]] = {key: (0, 0) for key in seconds}
-    anchor_of = {mode: (mode, (0, False)) for mode in MODES}
+    anchor_of = {mode: (mode, (0, frozenset())) for mode in MODES}
     for rep in range(args.repeats):
         for mode, v in seconds:
             before = engines[v].stats()
@@ -213,15 +230,15 @@ def _measure(engines: dict[Variant, Engine], prompts: list[list[int]], concurren
             )
         log.info("concurrency %d: timing round %d/%d done", concurrency, rep + 1, args.repeats)
     rows = []
-    for (mode, (k, kern)), times in seconds.items():
-        n_tokens = sum(len(t) for t in tokens[(mode, (k, kern))])
+    for (mode, (k, parts)), times in seconds.items():
+        n_tokens = sum(len(t) for t in tokens[(mode, (k, parts))])
         median, anchor = statistics.median(times), statistics.median(seconds[anchor_of[mode]])
-        proposed, ok = accepted[(mode, (k, kern))]
-        same = tokens[(mode, (k, kern))] == tokens[anchor_of[mode]] if mode == "greedy" and k else None
+        proposed, ok = accepted[(mode, (k, parts))]
+        same = tokens[(mode, (k, parts))] == tokens[anchor_of[mode]] if mode == "greedy" and k else None
         row = result_row(
             mode,
             k,
-            ("engine, speculative, draft kernel" if kern else "engine, speculative") if k else "engine, no draft",
+            f"engine, speculative ({_label(parts)})" if k else "engine, no draft",
             n_tokens,
             median,
             anchor,
@@ -229,10 +246,10 @@ def _measure(engines: dict[Variant, Engine], prompts: list[list[int]], concurren
             same,
         )
         ms = {"ms_per_token": round(1e3 * median * concurrency / n_tokens, 4)}
-        graph = _graph_ms(engines[(k, kern)], concurrency, k, mode != "greedy")
+        graph = _graph_ms(engines[(k, parts)], concurrency, k, mode != "greedy")
         ms["graph_ms"] = None if graph is None else round(graph, 4)  # the GPU's time for one step / round
-        series = f"{mode}, {concurrency} in flight" + (", draft kernel" if kern else "")
-        rows.append({"series": series, "concurrency": concurrency, **row, "draft_kernel": kern, **ms})
+        series = f"{mode}, {concurrency} in flight" + (f", {_label(parts)}" if parts else "")
+        rows.append({"series": series, "concurrency": concurrency, **row, "rounds": _label(parts), **ms})
     return rows
 
 

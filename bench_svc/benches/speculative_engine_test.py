@@ -13,15 +13,15 @@ from model.presets import get_preset
 from model.transformer import GPT
 
 
-@pytest.mark.parametrize("draft_kernel", ["off", "on", "both"])
-def test_writes_rows_for_every_concurrency_mode_and_k(tiny, tmp_path, capsys, draft_kernel):
-    """Also with --draft-kernel (its engines take the option; on CPU the kernel's reference runs the steps): the same
-    rows, written to a file of their own; `both`: the loop's and the kernel's speculative rows in one run."""
+@pytest.mark.parametrize("rounds", ["loop", "draft", "loop,draft+verify+accept"])
+def test_writes_rows_for_every_concurrency_mode_and_k(tiny, tmp_path, capsys, rounds):
+    """Also with --rounds naming kernels (their engines take the options; on CPU the kernels' references run): the
+    same rows for each design, written to a file of their own; several designs: each one's rows in one run."""
     torch.manual_seed(3)
     draft = GPT(get_preset("tiny", vocab_size=tiny.tokenizer.vocab_size, n_layer=1, n_embd=64))
     draft_id = save_artifact(tmp_path / "store", draft, tiny.tokenizer, name="draft", preset="tiny")
     code = main(
-        {"off": [], "on": ["--draft-kernel"], "both": ["--draft-kernel", "both"]}[draft_kernel]
+        ["--rounds", rounds]
         + [
             "--target-artifact",
             str(tiny.path),
@@ -42,14 +42,17 @@ def test_writes_rows_for_every_concurrency_mode_and_k(tiny, tmp_path, capsys, dr
         ]
     )
     assert code == 0
-    name = "speculative-engine-cpu" + {"off": "", "on": "-draft-kernel", "both": "-draft-kernel-both"}[draft_kernel]
+    name = (
+        "speculative-engine-cpu"
+        + {"loop": "", "draft": "-draft", "loop,draft+verify+accept": "-loop-draft_verify_accept"}[rounds]
+    )
     doc = json.loads((tmp_path / "out" / f"{name}.json").read_text())
-    assert doc["summary"]["draft_kernel"] == draft_kernel
+    designs = rounds.split(",")
+    assert doc["summary"]["rounds"] == designs
     rows = doc["rows"]
-    kernels = {"off": [False], "on": [True], "both": [False, True]}[draft_kernel]
-    assert sorted((r["concurrency"], r["mode"], r["k"], r["draft_kernel"]) for r in rows) == sorted(
-        [(c, m, 0, False) for c in (1, 2) for m in ("greedy", "sample")]
-        + [(c, m, k, kern) for c in (1, 2) for m in ("greedy", "sample") for k in (1, 3) for kern in kernels]
+    assert sorted((r["concurrency"], r["mode"], r["k"], r["rounds"]) for r in rows) == sorted(
+        [(c, m, 0, "loop") for c in (1, 2) for m in ("greedy", "sample")]
+        + [(c, m, k, d) for c in (1, 2) for m in ("greedy", "sample") for k in (1, 3) for d in designs]
     )
     assert all(r["tokens"] == 6 * r["concurrency"] for r in rows)
     assert all(r["ms_per_token"] > 0 for r in rows)
@@ -77,3 +80,8 @@ def test_a_corpus_the_tokenizer_cannot_encode_is_refused(tiny, tmp_path, capsys)
     )
     assert code == 2
     assert "prompts from --corpus" in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
+def test_a_bad_round_design_is_named(tmp_path, capsys):
+    assert main(["--rounds", "draft+fast", "--corpus", "", "--target-artifact", "x", "--draft-artifact", "y"]) == 2
+    assert "'draft+fast' is not 'loop' or a '+'-joined set of draft, verify, accept" in capsys.readouterr().err
