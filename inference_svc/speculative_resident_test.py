@@ -224,6 +224,18 @@ def test_padded_rows_of_a_captured_round_touch_only_the_scratch_slots(tiny, pair
         assert padded.state.pos[4] == 0
 
 
+def _rounds_agree(runners, slots, prompts, params, k: int, full: bool, rounds: int = 4) -> None:
+    """Prefill the same prompts into each runner, then `rounds` rounds: every runner's counts and tokens equal."""
+    got = [[[t] for t in r.prefill_sample(slots, prompts, params, [5, 6, 7]).tolist()] for r in runners]
+    for _ in range(rounds):
+        kv_len = max(len(p) + len(g) for p, g in zip(prompts, got[0])) + k
+        outs = [r.round(slots, kv_len, full=full).tolist() for r in runners]
+        assert all(out == outs[0] for out in outs)
+        for out, run in zip(outs, got):
+            for row, g in zip(out, run):
+                g += row[1 : 1 + row[0]]
+
+
 @pytest.mark.parametrize("full", [False, True])
 def test_the_draft_kernels_round_equals_the_draft_loops(tiny, pair, full):
     """Runner level, draft_kernel="triton" (the interpreter on CPU) against the draft's steps one by one: greedy rows
@@ -239,14 +251,7 @@ def test_the_draft_kernels_round_equals_the_draft_loops(tiny, pair, full):
     runners = [
         SpeculativeRunner(*_kernel_runners(pair, **plain), k, 4, draft_kernel=option) for option in (False, "triton")
     ]
-    got = [[[t] for t in r.prefill_sample(slots, prompts, params, [5, 6, 7]).tolist()] for r in runners]
-    for _ in range(4):
-        kv_len = max(len(p) + len(g) for p, g in zip(prompts, got[0])) + k
-        outs = [r.round(slots, kv_len, full=full).tolist() for r in runners]
-        assert outs[0] == outs[1]
-        for out, run in zip(outs, got):
-            for row, g in zip(out, run):
-                g += row[1 : 1 + row[0]]
+    _rounds_agree(runners, slots, prompts, params, k, full)
     caches = [r.draft.cache for r in runners]  # the draft's keys and values, written by the kernel / the loop
     torch.testing.assert_close(caches[1].k[slots], caches[0].k[slots], atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(caches[1].v[slots], caches[0].v[slots], atol=1e-4, rtol=1e-4)
@@ -287,14 +292,7 @@ def test_the_verify_on_small_batch_kernels_equals_the_plain_verify(tiny, pair, f
     kw = dict(attention_in_place=True, small_batch_kernels=True if GPU else "triton")
     kw.update(cuda_graphs=False) if GPU else None
     runners = [SpeculativeRunner(*_kernel_runners(pair, **kw), k, 4, verify_kernels=on) for on in (False, True)]
-    got = [[[t] for t in r.prefill_sample(slots, prompts, params, [5, 6, 7]).tolist()] for r in runners]
-    for _ in range(4):
-        kv_len = max(len(p) + len(g) for p, g in zip(prompts, got[0])) + k
-        outs = [r.round(slots, kv_len, full=full).tolist() for r in runners]
-        assert outs[0] == outs[1]
-        for out, run in zip(outs, got):
-            for row, g in zip(out, run):
-                g += row[1 : 1 + row[0]]
+    _rounds_agree(runners, slots, prompts, params, k, full)
     assert verifies.count(True) == 4  # each round's verify (the prefills' and the draft's steps: no shared slots)
     caches = [r.target.cache for r in runners]
     torch.testing.assert_close(caches[1].k[slots], caches[0].k[slots], atol=1e-4, rtol=1e-4)
