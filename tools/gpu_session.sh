@@ -74,9 +74,11 @@ build_ext() { [ "$built" = 1 ] || run_step build 120 env PYTHON="$PYTHON" kernel
 for spec in "$@"; do
   step="${spec%%:*}"; limit="${spec#*:}"; [ "$limit" = "$spec" ] && limit=300
   case "$step" in
-    tests)  # every GPU test, 8 processes (Triton compiles on the CPU); failures listed with short tracebacks
+    tests)  # every GPU test, 8 processes (Triton compiles on the CPU); failures listed with short tracebacks; each
+      # test's outcome printed as it finishes (-v), so a step its limit cuts short still names its failures
+      # (TEST_QUIET=-q: dots only)
       build_ext
-      run_step gpu-tests "$limit" "$PYTHON" -m pytest ${TEST_VERBOSE:+-v} -q -rfEs --tb=short -p no:cacheprovider -n 8 --timeout="${TEST_TIMEOUT:-120}" \
+      run_step gpu-tests "$limit" "$PYTHON" -m pytest ${TEST_QUIET:--v} -q -rfEs --tb=short -p no:cacheprovider -n 8 --timeout="${TEST_TIMEOUT:-120}" \
         ${GPU_TESTS:-kernels model/kernel_routing_test.py model/fused_block_test.py inference_svc/runner_test.py inference_svc/resident_test.py} ;;
     kernels)  # the fused-FFN rows are taken first, alone; SECONDS bounds the whole benchmark
       build_ext
