@@ -29,7 +29,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from kernels.accept_round import accept_round, accept_sampled, probabilities
-from kernels.dispatch import option_impl
+from kernels.dispatch import option_impl, repeat_rows
 from kernels.draft_steps import DraftModel, draft_steps
 from kernels.draft_steps import inverse_cdf as draw  # one id per row by inverse CDF (the kernel's rule too)
 from inference_svc.runner import _PREFILL_BUCKETS, SlotState, TorchRunner, batch_buckets
@@ -247,7 +247,7 @@ class SpeculativeRunner:
         logits = self.target.model.forward_cached(
             ids.view(-1, 1),
             self.target.cache,
-            _each(rows, n),
+            repeat_rows(rows, n),
             at,
             kv_len=kv_len,
             attention_in_place=self.target.attention_in_place,
@@ -366,10 +366,3 @@ class SpeculativeRunner:
         after = torch.where(rows == target._scratch, 0, pos + accepted + 1)
         state.advance(rows, new, after, False)
         return torch.cat([(accepted + 1)[:, None], tokens], dim=1)
-
-
-def _each(t: torch.Tensor, n: int) -> torch.Tensor:
-    """Each row of t (B, ...) n times in a row: (B * n, ...), without a host sync (capturable). Contiguous: for one
-    row, reshape would return a stride-0 view of t, which kernels that read row i at [i] read past (the verify's
-    decode attention read slots beyond a 1-row buffer at batch 1)."""
-    return t[:, None].expand(t.shape[0], n, *t.shape[1:]).reshape(-1, *t.shape[1:]).contiguous()

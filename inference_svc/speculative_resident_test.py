@@ -22,8 +22,8 @@ from inference_svc.speculative_resident import (
     draw,
     probabilities,
     round_uniforms,
-    _each,
 )
+from kernels.dispatch import repeat_rows
 from inference_svc.testing import SPECULATIVE_PROMPTS, engine_idle, target_and_draft, wait_until
 from model.generate import generate_tokens
 from model.presets import get_preset
@@ -42,7 +42,7 @@ def test_each_row_repeated_is_a_contiguous_tensor(b):
     """The verify's slots: each row k + 1 times, contiguous at every batch (at one row a reshape gave a stride-0 view
     of the runner's row buffer, whose entries past the batch the decode-attention kernel then read)."""
     rows = torch.arange(10, 10 + b)
-    got = _each(rows, 4)
+    got = repeat_rows(rows, 4)
     assert got.is_contiguous() and got.stride() == (1,)
     assert got.tolist() == [10 + i for i in range(b) for _ in range(4)]
 

@@ -35,7 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.dispatch import Impl, use_triton
+from kernels.dispatch import Impl, repeat_rows, use_triton
 from kernels.draft_steps import inverse_cdf
 from kernels.sampling import _composite, _float_of, penalise
 
@@ -190,15 +190,10 @@ def _check_args(a: RoundInputs) -> None:
         raise ValueError("seen and penalty go together: both tensors (some row penalises) or both None")
 
 
-def _each(t: torch.Tensor, n: int) -> torch.Tensor:
-    """Each row of t (B, ...) n times in a row: (B * n, ...), without a host sync (capturable)."""
-    return t[:, None].expand(t.shape[0], n, *t.shape[1:]).reshape(-1, *t.shape[1:])
-
-
 def accept_round_reference(a: RoundInputs) -> tuple[torch.Tensor, ...]:
     """`probabilities` over all b * (k + 1) positions at once, `accept_sampled`, then the context mask."""
     b, n, V = a.logits.shape
-    settings = (_each(s, n) for s in (a.greedy, a.temperature, a.top_k, a.top_p))
+    settings = (repeat_rows(s, n) for s in (a.greedy, a.temperature, a.top_k, a.top_p))
     seen_all = a.seen if a.seen is not None and a.seen.dim() == 3 else None  # the caller's contexts
     if a.seen is not None and seen_all is None:  # the context before each position: seen, then the drafts one by one
         contexts = [a.seen]
@@ -208,7 +203,7 @@ def accept_round_reference(a: RoundInputs) -> tuple[torch.Tensor, ...]:
     p = probabilities(
         a.logits.flatten(0, 1),
         seen_all.flatten(0, 1) if seen_all is not None else None,
-        _each(a.penalty, n) if seen_all is not None else None,
+        repeat_rows(a.penalty, n) if seen_all is not None else None,
         *settings,
     ).view(b, n, V)
     accepted, tokens = accept_sampled(a.drafts, a.q, p, a.u_accept, a.u_new)
@@ -359,14 +354,15 @@ def accept_round_triton(a: RoundInputs) -> tuple[torch.Tensor, ...]:
     if penalised:
         seen = a.seen[:, 0] if a.seen.dim() == 3 else a.seen  # the context through x_n
         seen = seen if seen.stride(1) == 1 else seen.contiguous()
-        seen_u8, penalty, out_u8 = seen.view(torch.uint8), a.penalty.reshape(b), context.view(torch.uint8)
+        seen_u8, penalty = seen.view(torch.uint8), a.penalty.reshape(b).contiguous()  # read at [row]
+        out_u8 = context.view(torch.uint8)
         stride_s = seen.stride(0)
     else:  # not read
         seen_u8, penalty, out_u8, stride_s = a.greedy.view(torch.uint8), a.temperature, accepted, 0
     _accept_round_kernel[(b,)](
         logits, logits.stride(0), logits.stride(1), drafts, drafts.stride(0),
         q, q.stride(0), q.stride(1), u_accept, u_accept.stride(0), u_new, u_new.stride(0),
-        a.greedy.view(torch.uint8), a.temperature.reshape(b), a.top_k.reshape(b), a.top_p.reshape(b),
+        *(t.reshape(b).contiguous() for t in (a.greedy.view(torch.uint8), a.temperature, a.top_k, a.top_p)),
         seen_u8, stride_s, penalty, scratch, accepted, tokens, out_u8,
         K=k, KP=triton.next_power_of_2(n), V=V, VP=vp, IDX_BITS=max(1, (vp - 1).bit_length()),
         PENALTY=penalised, num_warps=num_warps(vp),

@@ -12,7 +12,7 @@ from typing import Literal
 
 import torch
 
-__all__ = ["IMPLS", "Impl", "num_sms", "option_impl", "split_tickets", "use_triton"]
+__all__ = ["IMPLS", "Impl", "num_sms", "option_impl", "repeat_rows", "split_tickets", "use_triton"]
 
 Impl = Literal["auto", "triton", "reference"]
 IMPLS: tuple[str, ...] = ("auto", "triton", "reference")
@@ -72,3 +72,10 @@ def split_tickets(device: torch.device, owner: str) -> torch.Tensor:
             raise RuntimeError(f"{owner}: call it once outside CUDA graph capture first (it allocates its tickets)")
         tickets = _TICKETS[device] = torch.zeros(SPLIT_TICKETS, dtype=torch.int32, device=device)
     return tickets
+
+
+def repeat_rows(t: torch.Tensor, n: int) -> torch.Tensor:
+    """Each row of t (B, ...) n times in a row: (B * n, ...), contiguous, without a host sync (capturable). Not a
+    view: for one row, expand + reshape gives a stride-0 view of t, which a kernel reading row i at [i] reads past (the
+    speculative verify's decode attention read slots beyond a 1-row buffer so, at batch 1)."""
+    return t[:, None].expand(t.shape[0], n, *t.shape[1:]).reshape(-1, *t.shape[1:]).contiguous()
