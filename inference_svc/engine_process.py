@@ -196,8 +196,9 @@ class EngineProcess:
         self._end()
 
     def _finish(self, chunk: Chunk) -> None:
-        with self._lock:
-            sink = self._queues.pop(chunk.request_id, None)
+        # No lock (a dict's pop is atomic): the receiver never waits for a submit, whose pipe write may wait for the
+        # child, whose engine may wait for this receiver to read.
+        sink = self._queues.pop(chunk.request_id, None)
         if sink is None:
             return
         for listener in self.finish_listeners:
