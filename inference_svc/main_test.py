@@ -113,11 +113,11 @@ def _children(pid: int) -> set[int]:
 
 
 def test_the_engine_process_serves_and_ends_with_the_server(tiny, tmp_path):
-    """--engine-process: the model runs in a child process; a stream gets its tokens; SIGTERM ends the server, exit 0,
-    and its children with it."""
+    """--engine-process: the model runs in a child process (spawned: main.py, run as __main__, is imported there as
+    __mp_main__); a stream gets its tokens; SIGTERM ends the server, exit 0, and its children with it."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "inference_svc", "serve", "--model", str(tiny.path), "--port", "0", "--max-slots", "2",
-         "--engine-process"],
+        [sys.executable, "-m", "inference_svc.main", "serve", "--model", str(tiny.path), "--port", "0", "--max-slots",
+         "2", "--engine-process"],  # main.py as __main__ (the serving bench's way): the child finds build_engine
         env=_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=ROOT,
     )  # fmt: skip
     try:
