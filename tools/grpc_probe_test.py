@@ -30,8 +30,9 @@ def test_probe_streams_every_token_and_reports_consistent_figures(server, decode
     assert 1.0 <= r["tokens_per_message"] <= 12.0
     assert 0 < r["engine_ttft_p50_ms"] <= r["ttft_p50_ms"]  # the engine's part of what a client waits for
     assert r["server_cpu_s_per_1k_tokens"] > 0
-    if engine == "process":  # the engine process's CPU, part of the server's
-        assert 0 < r["engine_process_cpu_s_per_1k_tokens"] < r["server_cpu_s_per_1k_tokens"]
+    if engine == "process":  # the engine process's CPU, part of the server's (/proc counts 10 ms ticks: this small a
+        # load may take fewer than one in the child)
+        assert 0 <= r["engine_process_cpu_s_per_1k_tokens"] < r["server_cpu_s_per_1k_tokens"]
     else:
         assert r["engine_process_cpu_s_per_1k_tokens"] is None
 
