@@ -122,7 +122,7 @@ class EngineProcess:
                 self._commands.send(("submit", requests))
             except (OSError, ValueError) as err:  # the child is gone (the receiver says so next)
                 for rid in ids:
-                    del self._queues[rid]
+                    self._queues.pop(rid, None)
                 raise RuntimeError(f"the engine process is gone ({err})") from err
         return [RequestHandle(self, rid, sink) for rid, sink in zip(ids, sinks)]
 
