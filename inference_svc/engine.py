@@ -48,6 +48,7 @@ __all__ = [
     "RequestHandle",
     "Timings",
     "Usage",
+    "prepared",
 ]
 
 log = logging.getLogger(__name__)
@@ -306,6 +307,9 @@ class Engine:
         self._finished = {reason.value: 0 for reason in FinishReason}
         # Called on the engine thread with every final chunk, before its caller sees it (metrics); keep them cheap.
         self.finish_listeners: list[Callable[[Chunk], None]] = []
+        # Called on the engine thread after every step and after the shutdown's last chunks (an engine process sends
+        # what the step put in its outbox as one message).
+        self.step_listeners: list[Callable[[], None]] = []
         if self._resident:
             self.runner.state.allow(tokenizer.vocab_size)
             self.runner.capture_graphs(steps=decode_steps)  # every decode graph now (each step count a batch bucket
@@ -335,20 +339,15 @@ class Engine:
         RuntimeError once the engine is closed."""
         return self.submit_many([request])[0]
 
-    def submit_many(self, requests: list[Request]) -> list[RequestHandle]:
+    def submit_many(self, requests: list[Request], *, sink: Any = None) -> list[RequestHandle]:
         """Queue several requests at once, all or none (the errors of `submit`; QueueFull when they do not all
         fit). They reach the loop together, so its next step admits them in one batch, where requests submitted
-        one by one from a busy thread trickle in over many steps."""
+        one by one from a busy thread trickle in over many steps. `sink`: one queue (anything with `put`) for all
+        their chunks, each carrying its request id first, instead of a queue each (an engine process's outbox,
+        inference_svc.engine_process); the handles then read that shared queue."""
         seqs, sinks = [], []
         arrived = time.perf_counter()  # one arrival for all: timings count from it
-        for request in requests:
-            if not request.request_id:
-                request = replace(request, request_id=uuid.uuid4().hex)
-            if len(request.prompt_ids) > self.runner.max_len:
-                raise ValueError(
-                    f"prompt: {len(request.prompt_ids)} tokens exceed the context length {self.runner.max_len}"
-                )
-            sink: queue.SimpleQueue[Chunk] = queue.SimpleQueue()
+        for request in prepared(requests, self.runner.max_len):
             seqs.append(
                 Sequence(
                     request=request,
@@ -357,13 +356,13 @@ class Engine:
                     generator=self.sampler.generator(request.params.seed)
                     if self.speculative and not self._resident
                     else None,
-                    sink=sink,
+                    sink=queue.SimpleQueue() if sink is None else sink,
                     seed=request_seed(request.params),
                     arrived_at=arrived,
                 )
             )
             seqs[-1].length_limit = min(request.params.max_new_tokens, self.runner.max_len - seqs[-1].prompt_len + 1)
-            sinks.append(sink)
+            sinks.append(seqs[-1].sink)
         with self._wake:
             if self._closing:
                 raise RuntimeError("the engine is closed")
@@ -421,9 +420,18 @@ class Engine:
                 self.step()
             except Exception:  # a bookkeeping bug must not silently stop the server's only loop
                 log.exception("engine step failed")
+            self._step_done()
         self._in_flight.clear()
         for seq in self.scheduler.drain():
             self._finish(seq, FinishReason.CANCELLED, error="the engine shut down")
+        self._step_done()
+
+    def _step_done(self) -> None:
+        for listener in self.step_listeners:
+            try:
+                listener()
+            except Exception:
+                log.exception("step listener failed")
 
     def step(self) -> None:
         """One iteration: free cancelled, admit, prefill the admitted, decode the rest, stream tokens."""
@@ -729,6 +737,18 @@ class Engine:
             except Exception:  # a metrics bug must not keep a caller from its final chunk
                 log.exception("finish listener failed")
         seq.sink.put(final)
+
+
+def prepared(requests: list[Request], max_len: int) -> list[Request]:
+    """`requests` ready to queue: a fresh request_id where it is empty; ValueError for a prompt beyond `max_len`."""
+    out = []
+    for request in requests:
+        if not request.request_id:
+            request = replace(request, request_id=uuid.uuid4().hex)
+        if len(request.prompt_ids) > max_len:
+            raise ValueError(f"prompt: {len(request.prompt_ids)} tokens exceed the context length {max_len}")
+        out.append(request)
+    return out
 
 
 def _timings(seq: Sequence, end: float) -> Timings:

@@ -3,17 +3,19 @@
     ./tinylm serve [--model ID|NAME|PATH] [--backend torch|onnx] [--onnx-file fp32|fp16|int8|int4]
                    [--device auto|cpu|cuda] [--cpu-weights fp32|bf16|int8]
                    [--grpc-server aio|threads] [--host 127.0.0.1] [--port 50053] [--tls-cert F --tls-key F]
-                   [--token T] [--http-port 8000]
+                   [--token T] [--http-port 8000] [--engine-process]
 
 With no --model it serves the newest artifact in the store ($TINYLM_HOME/artifacts, default
 ~/.tinylm/artifacts). With --http-port it also serves the OpenAI-compatible HTTP API (/v1/completions,
-/v1/models, /health) and Prometheus /metrics on the same engine (inference_svc/http_api.py).
+/v1/models, /health) and Prometheus /metrics on the same engine (inference_svc/http_api.py). With --engine-process
+the engine runs in a child process of its own (inference_svc/engine_process.py), off the gRPC server's GIL.
 Also `python -m inference_svc` and `bazel run //inference_svc -- ...`.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import os
 import faulthandler
@@ -28,6 +30,7 @@ from inference_svc.engine import DECODE_STEPS_GRAPHS, DECODE_STEPS_SMALL_BATCH, 
 from inference_svc.runner import MAX_DECODE_STEPS, MULTI_STEP_GRAPH_MAX_BATCH, ModelRunner, TorchRunner
 from inference_svc.aio_server import AioRunningServer, serve_aio
 from inference_svc.cpu_weights import CPU_WEIGHTS
+from inference_svc.engine_process import EngineProcess
 from inference_svc.service import (
     SERVICE_NAME,
     STREAM_MESSAGES_PER_S,
@@ -47,7 +50,7 @@ from model.tokenizers import Tokenizer, load_tokenizer
 from protos import inference_pb2_grpc
 from rpc.server import RunningServer, serve
 
-__all__ = ["main", "build_parser", "artifact_path", "start_grpc", "SERVERS"]
+__all__ = ["main", "build_parser", "artifact_path", "build_engine", "start_grpc", "SERVERS"]
 
 log = logging.getLogger("inference_svc")
 
@@ -123,6 +126,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="also serve OpenAI-compatible HTTP (/v1/completions, /v1/models, "
         "/health) and Prometheus /metrics on this port of --host (0 picks a free one); off by default",
     )
+    p.add_argument(
+        "--engine-process",
+        action="store_true",
+        help="run the engine in a child process of its own: the gRPC server's writes stop sharing its GIL, each engine "
+        "step's tokens reach the server as one message over a pipe (off by default; inference_svc/PERF_NOTES.md 18)",
+    )
     return p
 
 
@@ -179,8 +188,23 @@ def _draft_runner(args: argparse.Namespace, store_root: Path, tokenizer: Tokeniz
     return TorchRunner(draft.model, _slots(args, device), device=device)
 
 
+def build_engine(args: argparse.Namespace, path: Path, store_root: Path) -> Engine:
+    """The engine `serve` runs over the artifact at `path` (the engine process's build: picklable with its args)."""
+    return _engine_and_manifest(args, path, store_root)[0]
+
+
+def _engine_and_manifest(args: argparse.Namespace, path: Path, store_root: Path) -> tuple[Engine, dict]:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    runner, tokenizer, manifest = _runner(args, path)
+    draft = _draft_runner(args, store_root, tokenizer)
+    engine = Engine(runner, tokenizer, max_queue=args.max_queue, draft=draft, speculative_k=args.speculative_k,
+                    decode_steps=args.decode_steps or None)  # fmt: skip
+    return engine, manifest
+
+
 def start_grpc(
-    engine: Engine,
+    engine: Engine | EngineProcess,
     model: ServedModel,
     *,
     server: str = "aio",
@@ -213,8 +237,6 @@ def main(argv: list[str] | None = None) -> int:
         argv = argv[1:]
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    if args.threads:
-        torch.set_num_threads(args.threads)
     if (args.tls_cert is None) != (args.tls_key is None):
         print("tinylm serve: give both --tls-cert and --tls-key, or neither", file=sys.stderr)
         return 2
@@ -233,10 +255,11 @@ def main(argv: list[str] | None = None) -> int:
     store_root = Path(os.environ.get("TINYLM_HOME") or Path.home() / ".tinylm").expanduser() / "artifacts"
     try:
         path = artifact_path(args.model, store_root)
-        runner, tokenizer, manifest = _runner(args, path)
-        draft = _draft_runner(args, store_root, tokenizer)
-        engine = Engine(runner, tokenizer, max_queue=args.max_queue, draft=draft, speculative_k=args.speculative_k,
-                        decode_steps=args.decode_steps or None)  # fmt: skip
+        if args.engine_process:  # the child loads the model; this process reads the manifest only
+            manifest = verify_artifact(path)
+            engine = EngineProcess(functools.partial(build_engine, args, path, store_root))
+        else:
+            engine, manifest = _engine_and_manifest(args, path, store_root)
     except (ArtifactError, FileNotFoundError, ValueError) as err:
         print(f"tinylm serve: {err}", file=sys.stderr)
         if not args.model:

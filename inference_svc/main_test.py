@@ -15,6 +15,7 @@ from pathlib import Path
 import grpc
 import pytest
 
+from inference_svc.testing import wait_until
 from protos import inference_pb2, inference_pb2_grpc
 from rpc.client import channel
 
@@ -37,7 +38,9 @@ def test_no_model_in_the_store_says_how_to_make_one(tmp_path):
     assert "no artifacts in" in proc.stderr and "./tinylm train" in proc.stderr
 
 
-def test_a_draft_with_another_tokenizer_is_refused(tiny, tmp_path, capsys):
+@pytest.mark.parametrize("flags", [[], ["--engine-process"]])
+def test_a_draft_with_another_tokenizer_is_refused(tiny, tmp_path, capsys, flags):
+    """In-process, and from the engine process (its build's ValueError raised in the server's process)."""
     from inference_svc.main import main
     from model.artifact import save_artifact
     from model.presets import get_preset
@@ -52,7 +55,7 @@ def test_a_draft_with_another_tokenizer_is_refused(tiny, tmp_path, capsys):
         name="other-tokenizer",
         preset="tiny",
     )
-    code = main(["--model", str(tiny.path), "--draft-model", str(tmp_path / "store" / draft_id), "--port", "0"])
+    code = main(["--model", str(tiny.path), "--draft-model", str(tmp_path / "store" / draft_id), "--port", "0", *flags])
     assert code == 1
     assert "--draft-model must use the served model's tokenizer" in capsys.readouterr().err
 
@@ -99,6 +102,39 @@ def test_serves_the_newest_artifact_with_a_token_until_sigterm(tiny, tmp_path):
         assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def _children(pid: int) -> set[int]:
+    return {int(c) for task in Path(f"/proc/{pid}/task").iterdir() for c in (task / "children").read_text().split()}
+
+
+def test_the_engine_process_serves_and_ends_with_the_server(tiny, tmp_path):
+    """--engine-process: the model runs in a child process (spawned: main.py, run as __main__, is imported there as
+    __mp_main__); a stream gets its tokens; SIGTERM ends the server, exit 0, and its children with it."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "inference_svc.main", "serve", "--model", str(tiny.path), "--port", "0", "--max-slots",
+         "2", "--engine-process"],  # main.py as __main__ (the serving bench's way): the child finds build_engine
+        env=_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=ROOT,
+    )  # fmt: skip
+    try:
+        line = proc.stdout.readline()
+        address = re.search(r"serving \w+ \(tiny-test\) with torch on (\S+)", line).group(1)
+        children = _children(proc.pid)
+        assert children  # the engine (and multiprocessing's resource tracker)
+        request = inference_pb2.GenerateRequest(
+            prompt="to be", params=inference_pb2.SamplingParameters(max_new_tokens=5)
+        )
+        with channel(address) as ch:
+            responses = list(inference_pb2_grpc.InferenceServiceStub(ch).Generate(request, timeout=60))
+        assert sum(len(r.token_ids) for r in responses) == 5
+        assert responses[-1].finish_reason == inference_pb2.FINISH_REASON_LENGTH
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+        assert wait_until(lambda: not any(Path(f"/proc/{c}").exists() for c in children))
     finally:
         if proc.poll() is None:
             proc.kill()

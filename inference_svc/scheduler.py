@@ -12,12 +12,13 @@ from __future__ import annotations
 import threading
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Container
 
 from inference_svc.kv_pool import KVPool
 from inference_svc.sequence import Sequence, SequenceStatus
 from model.field_checks import check_int
 
-__all__ = ["DuplicateRequest", "QueueFull", "Scheduler", "SchedulerOutput"]
+__all__ = ["DuplicateRequest", "QueueFull", "Scheduler", "SchedulerOutput", "check_new_ids", "check_room"]
 
 
 class QueueFull(RuntimeError):
@@ -30,6 +31,33 @@ class DuplicateRequest(ValueError):
     def __init__(self, message: str, index: int) -> None:
         super().__init__(message)
         self.index = index
+
+    def __reduce__(self):  # pickled with its index (an engine process sends it to the caller)
+        return DuplicateRequest, (str(self), self.index)
+
+
+def check_new_ids(ids: list[str], in_flight: "Container[str]") -> None:
+    """DuplicateRequest for the first id already in flight or repeated among `ids`."""
+    seen: set[str] = set()
+    for i, rid in enumerate(ids):
+        if rid in in_flight:
+            raise DuplicateRequest(f"request_id {rid!r} is already in flight", i)
+        if rid in seen:
+            raise DuplicateRequest(f"request_id {rid!r} appears more than once in the batch", i)
+        seen.add(rid)
+
+
+def check_room(n: int, waiting: int, n_free: int, max_queue: int) -> None:
+    """QueueFull unless `n` new requests fit: a free slot each, or a place among `max_queue` waiting. Only requests
+    that will still wait count against the bound: one that can take a free slot at the next step is never refused
+    (max_queue 0 = no waiting, not no work)."""
+    if waiting + n > max_queue + n_free:
+        raise QueueFull(
+            f"the waiting queue is full ({max_queue} requests) and no slot is free; retry later"
+            if n == 1
+            else f"{n} requests do not fit: {n_free} free slots, {waiting} of {max_queue} queue places taken; "
+            "retry later or send fewer"
+        )
 
 
 @dataclass
@@ -84,23 +112,8 @@ class Scheduler:
         """Queue several sequences at once, all or none: QueueFull when they would not all fit (a free slot each,
         or a place among `max_queue` waiting), ValueError on an id in flight or repeated among them."""
         with self._lock:
-            seen: set[str] = set()
-            for i, seq in enumerate(seqs):
-                rid = seq.request_id
-                if rid in self._by_id:
-                    raise DuplicateRequest(f"request_id {rid!r} is already in flight", i)
-                if rid in seen:
-                    raise DuplicateRequest(f"request_id {rid!r} appears more than once in the batch", i)
-                seen.add(rid)
-            # Only requests that will still wait count against the bound: one that can take a free slot at the
-            # next step is never refused (max_queue 0 = no waiting, not no work).
-            if len(self._waiting) + len(seqs) > self.max_queue + self.pool.n_free:
-                raise QueueFull(
-                    f"the waiting queue is full ({self.max_queue} requests) and no slot is free; retry later"
-                    if len(seqs) == 1
-                    else f"{len(seqs)} requests do not fit: {self.pool.n_free} free slots, {len(self._waiting)} of "
-                    f"{self.max_queue} queue places taken; retry later or send fewer"
-                )
+            check_new_ids([seq.request_id for seq in seqs], self._by_id)
+            check_room(len(seqs), len(self._waiting), self.pool.n_free, self.max_queue)
             self._waiting.extend(seqs)
             for seq in seqs:
                 self._by_id[seq.request_id] = seq

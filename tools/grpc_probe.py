@@ -2,7 +2,7 @@
 
     python -m tools.grpc_probe [--streams 64,256] [--server aio,threads] [--new-tokens 200] [--requests 4]
                                [--processes 8] [--step-ms 0.25] [--messages-per-s N] [--interval-max-ms MS]
-                               [--decode-steps 0] [--async-device] [--prefill-ms MS]
+                               [--decode-steps 0] [--async-device] [--prefill-ms MS] [--engine thread,process]
 
 Starts the real service on loopback, built as `./tinylm serve` builds it (`inference_svc.main.start_grpc`), over an
 `Engine` whose runner returns at once (`tools.serve_probe.InstantRunner`; `--step-ms` adds a sleep per decode step that
@@ -12,7 +12,9 @@ prefill's time there) and a 65-character tokenizer, then runs N streaming
 clients (greedy, back to back) in `--processes` client processes, the way the serving bench's gRPC rows do
 (`bench_svc.benches.grpc_clients`). One row per (streams, server): the same engine alone (no server: the ceiling),
 tokens/s, TTFT p50/p95 as the clients see it and the engine's own TTFT p50, inter-token p50, messages/s, tokens per
-message, and the server process's CPU seconds per 1k tokens (every thread: engine, server, gRPC's own).
+message, and the server process's CPU seconds per 1k tokens (every thread: engine, server, gRPC's own; with
+`--engine process`, `./tinylm serve --engine-process`: the engine in a child process, whose CPU is added and also
+shown alone).
 A diagnostic tool, not a benchmark: on a small CPU the clients share the cores with the server.
 Where the server's time goes, every thread (py-spy: `pip install py-spy` into the venv; `--gil`: who holds the GIL):
     py-spy record --gil --threads --native --format raw -o /tmp/spy.txt -- python -m tools.grpc_probe --streams 256
@@ -21,7 +23,10 @@ Where the server's time goes, every thread (py-spy: `pip install py-spy` into th
 from __future__ import annotations
 
 import argparse
+import functools
 import math
+import os
+from pathlib import Path
 import sys
 import time
 
@@ -29,6 +34,7 @@ import torch
 
 from bench_svc.benches.grpc_clients import grpc_load
 from inference_svc.engine import DECODE_STEPS_GRAPHS, DECODE_STEPS_SMALL_BATCH, DecodeSteps, Engine
+from inference_svc.engine_process import EngineProcess
 from inference_svc.main import SERVERS, start_grpc
 from inference_svc.params import Request
 from inference_svc.runner import MAX_DECODE_STEPS, MULTI_STEP_GRAPH_MAX_BATCH
@@ -38,9 +44,10 @@ from model.sampling import SamplingParams
 from model.tokenizers import CharTokenizer
 from tools.serve_probe import InstantRunner
 
-__all__ = ["PacedRunner", "main", "probe"]
+__all__ = ["ENGINES", "PacedRunner", "main", "probe", "probe_engine"]
 
 PROMPT = "TO BE, OR NOT TO BE"  # in the probe's vocabulary (chr(32)..chr(96))
+ENGINES = ("thread", "process")  # the engine's loop in the server's process, or in a child (EngineProcess)
 
 
 class PacedRunner(InstantRunner):
@@ -91,6 +98,16 @@ class _DeviceMark:
             time.sleep(wait)
 
 
+def probe_engine(
+    streams: int, step_s: float, asynchronous: bool, prefill_s: float, max_queue: int, decode_steps: int | DecodeSteps
+) -> Engine:
+    """The probe's engine: `streams` slots over a `PacedRunner` and the 65-character tokenizer (module level: an
+    engine process builds it from these arguments)."""
+    tokenizer = CharTokenizer([chr(32 + i) for i in range(65)])
+    runner = PacedRunner(streams, step_s, asynchronous=asynchronous, prefill_s=prefill_s)
+    return Engine(runner, tokenizer, max_queue=max_queue, decode_steps=decode_steps)
+
+
 def probe(
     streams: int,
     *,
@@ -104,26 +121,46 @@ def probe(
     decode_steps: int | DecodeSteps = DecodeSteps(),
     asynchronous: bool = False,
     prefill_ms: float = 0.0,
+    engine: str = "thread",
 ) -> dict[str, float | None]:
-    """One server (`streams` slots) and its load; the load's figures plus the server process's CPU per 1k tokens."""
-    tokenizer = CharTokenizer([chr(32 + i) for i in range(65)])
-    runner = PacedRunner(streams, step_ms / 1e3, asynchronous=asynchronous, prefill_s=prefill_ms / 1e3)
-    engine = Engine(runner, tokenizer, max_queue=4 * streams, decode_steps=decode_steps)
+    """One server (`streams` slots) and its load; the load's figures plus the server's CPU per 1k tokens (with
+    `engine="process"` the engine process's CPU added, and also alone)."""
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
+    build = functools.partial(
+        probe_engine, streams, step_ms / 1e3, asynchronous, prefill_ms / 1e3, 4 * streams, decode_steps
+    )
+    served = EngineProcess(build) if engine == "process" else build()
+    child = served.pid if engine == "process" else None
     model = ServedModel(id="0" * 12, name="grpc-probe")
     old_interval = sys.getswitchinterval()
     if switch_interval_ms is not None:
         sys.setswitchinterval(switch_interval_ms / 1e3)
-    running = start_grpc(engine, model, server=server, messages_per_s=messages_per_s, host="127.0.0.1", port=0)
+    running = start_grpc(served, model, server=server, messages_per_s=messages_per_s, host="127.0.0.1", port=0)
     try:
         cpu0 = time.process_time()  # every thread of this process: the engine's, the server's, gRPC's own
+        child0 = _cpu_s(child)
         load = grpc_load(running.address, streams, requests, PROMPT, new_tokens, processes)
         cpu = time.process_time() - cpu0
+        child_cpu = _cpu_s(child) - child0 if child is not None else None
     finally:
         running.stop(0)
-        engine.close()
+        served.close()
         sys.setswitchinterval(old_interval)
     tokens = streams * requests * new_tokens
-    return {**load, "server_cpu_s_per_1k_tokens": cpu / tokens * 1e3}
+    return {
+        **load,
+        "server_cpu_s_per_1k_tokens": (cpu + (child_cpu or 0.0)) / tokens * 1e3,
+        "engine_process_cpu_s_per_1k_tokens": None if child_cpu is None else child_cpu / tokens * 1e3,
+    }
+
+
+def _cpu_s(pid: int | None) -> float:
+    """A process's CPU seconds so far (user + system, every thread; Linux /proc), 0 for None."""
+    if pid is None:
+        return 0.0
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime (fields 14, 15)
 
 
 def engine_ceiling(
@@ -136,10 +173,9 @@ def engine_ceiling(
 ) -> float:
     """Tokens/s of the same engine with no server: `streams` requests at once, timed by the engine (submit to its last
     token), the figure the server's streams could reach at best."""
-    tokenizer = CharTokenizer([chr(32 + i) for i in range(65)])
     params = SamplingParams(max_new_tokens=new_tokens, temperature=0.0)
-    runner = PacedRunner(streams, step_ms / 1e3, asynchronous=asynchronous, prefill_s=prefill_ms / 1e3)
-    with Engine(runner, tokenizer, max_queue=streams, decode_steps=decode_steps) as engine:
+    with probe_engine(streams, step_ms / 1e3, asynchronous, prefill_ms / 1e3, streams, decode_steps) as engine:
+        tokenizer = engine.tokenizer
         finals = []
         for _ in range(2):  # the first is a warm-up
             handles = engine.submit_many([Request(tuple(tokenizer.encode(PROMPT)), params) for _ in range(streams)])
@@ -152,6 +188,7 @@ def engine_ceiling(
 COLUMNS = [
     ("streams", 7, "streams"),
     ("server", 7, "server"),
+    ("engine", 7, "engine"),
     ("engine alone", 12, "engine_alone"),
     ("tok/s", 9, "tokens_per_s"),
     ("TTFT p50", 9, "ttft_p50_ms"),
@@ -161,6 +198,7 @@ COLUMNS = [
     ("msg/s", 8, "messages_per_s"),
     ("tok/msg", 7, "tokens_per_message"),
     ("server cpu s/1k tok", 19, "server_cpu_s_per_1k_tokens"),
+    ("of it engine proc", 17, "engine_process_cpu_s_per_1k_tokens"),
 ]
 
 
@@ -206,6 +244,13 @@ def main(argv: list[str] | None = None) -> int:
         "waited for at the engine's step events; default: each launch sleeps through its steps",
     )
     p.add_argument("--prefill-ms", type=float, default=0.0, help="each prefill launch's time on the device (0: none)")
+    p.add_argument(
+        "--engine",
+        default="thread",
+        help="comma-separated: thread (the engine's loop in the server's process, the default), process (in a child "
+        "process, as `./tinylm serve --engine-process`); several run side by side, alternating",
+    )
+    p.add_argument("--engine-process", action="store_true", help="the same as --engine process")
     args = p.parse_args(argv)
     for name in ("new_tokens", "requests", "processes"):
         if getattr(args, name) < 1:
@@ -223,14 +268,17 @@ def main(argv: list[str] | None = None) -> int:
     servers = args.server.split(",")
     if not set(servers) <= set(SERVERS):
         p.error(f"--server: each must be one of {', '.join(SERVERS)}, got {args.server!r}")
+    engines = ["process"] if args.engine_process else args.engine.split(",")
+    if not set(engines) <= set(ENGINES):
+        p.error(f"--engine: each must be one of {', '.join(ENGINES)}, got {args.engine!r}")
     counts = [int(x) for x in args.streams.split(",")]
     if min(counts) < 1:
         p.error(f"--streams must be positive integers, got {args.streams!r}")
     print(" ".join(f"{name:>{width}}" for name, width, _ in COLUMNS), flush=True)
     for n in counts:
         alone = engine_ceiling(n, args.new_tokens, args.step_ms, steps, args.async_device, args.prefill_ms)
-        for server in servers:
-            row = {"streams": n, "server": server, "engine_alone": alone}
+        for server, engine in [(server, engine) for server in servers for engine in engines]:
+            row = {"streams": n, "server": server, "engine": engine, "engine_alone": alone}
             row |= probe(
                 n,
                 new_tokens=args.new_tokens,
@@ -243,6 +291,7 @@ def main(argv: list[str] | None = None) -> int:
                 decode_steps=steps,
                 asynchronous=args.async_device,
                 prefill_ms=args.prefill_ms,
+                engine=engine,
             )
             print(" ".join(_cell(row[key], width) for _, width, key in COLUMNS), flush=True)
     return 0

@@ -16,17 +16,25 @@ from tools.grpc_probe import PacedRunner, engine_ceiling, probe
 
 
 @pytest.mark.parametrize(
-    "server, decode_steps, asynchronous", [(s, 4, False) for s in SERVERS] + [("aio", 1, False), ("aio", None, True)]
+    "server, decode_steps, asynchronous, engine",
+    [(s, 4, False, "thread") for s in SERVERS]
+    + [("aio", 1, False, "thread"), ("aio", None, True, "thread"), ("aio", None, True, "process")],
 )
-def test_probe_streams_every_token_and_reports_consistent_figures(server, decode_steps, asynchronous):
+def test_probe_streams_every_token_and_reports_consistent_figures(server, decode_steps, asynchronous, engine):
     steps = DecodeSteps() if decode_steps is None else decode_steps  # None: by batch, as on CUDA graphs
     r = probe(4, new_tokens=12, requests=2, processes=2, step_ms=0.2, server=server, messages_per_s=2000.0,
-              switch_interval_ms=None, decode_steps=steps, asynchronous=asynchronous, prefill_ms=0.3)  # fmt: skip
+              switch_interval_ms=None, decode_steps=steps, asynchronous=asynchronous, prefill_ms=0.3,
+              engine=engine)  # fmt: skip
     assert r["tokens_per_s"] > 0 and r["messages_per_s"] > 0
     # 12 tokens a request: never more messages than tokens, never fewer than one a request
     assert 1.0 <= r["tokens_per_message"] <= 12.0
     assert 0 < r["engine_ttft_p50_ms"] <= r["ttft_p50_ms"]  # the engine's part of what a client waits for
     assert r["server_cpu_s_per_1k_tokens"] > 0
+    if engine == "process":  # the engine process's CPU, part of the server's (/proc counts 10 ms ticks: this small a
+        # load may take fewer than one in the child)
+        assert 0 <= r["engine_process_cpu_s_per_1k_tokens"] < r["server_cpu_s_per_1k_tokens"]
+    else:
+        assert r["engine_process_cpu_s_per_1k_tokens"] is None
 
 
 def test_engine_ceiling_counts_the_engines_own_time():
