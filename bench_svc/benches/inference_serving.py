@@ -278,8 +278,11 @@ def _child_env(**extra: str) -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": path, **extra}
 
 
-def _start_server(model_path: Path, device: str, max_slots: int, threads: int) -> tuple[subprocess.Popen, str, IO[str]]:
-    """The server process, its address, and the file its stderr goes to (shown if it fails to start or stop)."""
+def _start_server(
+    model_path: Path, device: str, max_slots: int, threads: int, engine_process: bool = False
+) -> tuple[subprocess.Popen, str, IO[str]]:
+    """The server process, its address, and the file its stderr goes to (shown if it fails to start or stop);
+    `engine_process`: its engine in a process of its own (`serve --engine-process`)."""
     argv = [
         sys.executable,
         "-m",
@@ -297,6 +300,7 @@ def _start_server(model_path: Path, device: str, max_slots: int, threads: int) -
         str(4 * max_slots),
         "--threads",
         str(threads),
+        *(["--engine-process"] if engine_process else []),
     ]
     env = _child_env(TINYLM_TOKEN="")
     errors = tempfile.TemporaryFile(mode="w+")
@@ -331,10 +335,18 @@ def _stop_server(proc: subprocess.Popen, errors: IO[str]) -> None:
 
 
 def _grpc_row(
-    backend: str, model_path: Path, tokenizer, device: str, plan: Plan, on_gpu: bool, threads: int, streams: int
+    backend: str,
+    model_path: Path,
+    tokenizer,
+    device: str,
+    plan: Plan,
+    on_gpu: bool,
+    threads: int,
+    streams: int,
+    engine_process: bool = False,
 ) -> Row:
     prompt = tokenizer.decode(list(_prompts(1, tokenizer.vocab_size)[0]))
-    proc, address, errors = _start_server(model_path, device, max_slots=streams, threads=threads)
+    proc, address, errors = _start_server(model_path, device, streams, threads, engine_process)
     try:
         load = grpc_load(
             address, streams, plan.grpc_requests_per_stream, prompt, plan.new_tokens, plan.grpc_client_processes
@@ -344,7 +356,7 @@ def _grpc_row(
     load = {k: load[k] for k in ("tokens_per_s", "ttft_p50_ms", "ttft_p95_ms", "itl_p50_ms", "itl_p95_ms")}  # Row's
     target = TARGET_GRPC_TOKENS_PER_S.get(streams) if on_gpu else None
     return Row(
-        backend,
+        backend + (", engine process" if engine_process else ""),
         f"grpc {streams} streams",
         streams,
         plan.new_tokens,
@@ -574,7 +586,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--cpu-int8-eager", action="store_true", help="CPU: also the int8 engine with cpu_compile=False, in the turns"
     )
+    p.add_argument(
+        "--grpc-engine",
+        default="thread",
+        help="the gRPC rows' server: its engine on a thread of the server process (thread), in a process of its own "
+        "(process: serve --engine-process), or both side by side (thread,process)",
+    )
     args = p.parse_args(argv)
+    engines = args.grpc_engine.split(",")
+    if not engines or any(e not in ("thread", "process") for e in engines):
+        print(f"--grpc-engine must list thread and/or process, got {args.grpc_engine!r}", file=sys.stderr)
+        return 2
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -599,7 +621,20 @@ def main(argv: list[str] | None = None) -> int:
             )
         if "grpc" not in skip:
             for streams in plan.grpc_streams:
-                rows.append(_grpc_row(kind, path, artifact.tokenizer, args.device, plan, on_gpu, args.threads, streams))
+                for engine in engines:
+                    rows.append(
+                        _grpc_row(
+                            kind,
+                            path,
+                            artifact.tokenizer,
+                            args.device,
+                            plan,
+                            on_gpu,
+                            args.threads,
+                            streams,
+                            engine_process=engine == "process",
+                        )
+                    )
         if "onnx" not in skip:
             from inference_svc.ort_runner import OrtRunner
 

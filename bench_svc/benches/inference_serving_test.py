@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
 import torch
 
-from bench_svc.benches.inference_serving import Row, engine_latency, engine_throughput, write_results
+from bench_svc.benches.inference_serving import (
+    CPU_PLAN,
+    Row,
+    _grpc_row,
+    engine_latency,
+    engine_throughput,
+    main,
+    write_results,
+)
 from inference_svc.engine import Engine
 from inference_svc.runner import TorchRunner
 
@@ -113,3 +122,18 @@ def test_cpu_rows_with_int8_eager_add_its_engine_in_the_turns(tiny, monkeypatch)
         (b, s) for b in backends for s in ("engine batch 1", "engine 9 concurrent")
     ]
     assert all(r.tokens_per_s > 0 for r in rows)
+
+
+@pytest.mark.parametrize("engine_process", [False, True], ids=["thread", "process"])
+def test_a_grpc_row_over_a_real_server_with_its_engine_on_a_thread_or_in_a_process(tiny, engine_process):
+    """The gRPC row starts `python -m inference_svc serve` (with --engine-process: its engine in a child process),
+    streams from real client processes, and labels the row by where the engine ran."""
+    plan = dataclasses.replace(CPU_PLAN, new_tokens=6, grpc_requests_per_stream=1, grpc_client_processes=1)
+    row = _grpc_row("torch cpu float32", tiny.path, tiny.tokenizer, "cpu", plan, False, 1, 2, engine_process)
+    assert row.backend == "torch cpu float32" + (", engine process" if engine_process else "")
+    assert row.scenario == "grpc 2 streams" and row.tokens_per_s > 0 and row.ttft_p50_ms > 0
+
+
+def test_a_bad_grpc_engine_is_named(capsys):
+    assert main(["--grpc-engine", "thread,proc", "--skip", "engine,grpc,onnx,hf"]) == 2
+    assert "--grpc-engine must list thread and/or process, got 'thread,proc'" in capsys.readouterr().err
