@@ -289,8 +289,10 @@ def decode_attention_triton(
     scale: float | None = None,
     *,
     num_splits: int | None = None,
+    config: triton.Config | None = None,
 ) -> torch.Tensor:
-    """The Triton kernels; `num_splits` overrides the heuristic (1 = no split, no merge kernel)."""
+    """The Triton kernels; `num_splits` overrides the heuristic (1 = no split, no merge kernel); `config` (one of
+    CONFIGS) launches that tile instead of the autotuner's pick (the tests run each)."""
     _check_inputs(q, k_cache, v_cache, slots, lengths)
     # the kernel reads row b's slot and length at [b]: a strided or expanded index view (stride 0, as
     # t[:, None].expand(...).reshape(-1) gives for one row) would read past it
@@ -344,7 +346,11 @@ def decode_attention_triton(
         **dot_args(q),
     )
     grid = (b, n_kv, num_splits)
-    if q.is_cuda:
+    if config is not None:
+        _decode_attention_split_kernel[grid](
+            *args, **meta, **config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages
+        )
+    elif q.is_cuda:
         _decode_attention_split_tuned[grid](*args, **meta)
     else:
         _decode_attention_split_kernel[grid](*args, **meta, BLOCK_N=INTERPRET_BLOCK_N, num_warps=4, num_stages=2)

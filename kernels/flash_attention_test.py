@@ -42,8 +42,9 @@ def _one_config_each_on_gpu(request, monkeypatch):
     if GPU and "every_config" not in request.node.name:
         monkeypatch.setattr(fa, "_TUNED", {})  # and forget the picks made from the whole set, then from this one
         monkeypatch.setattr(fa, "_DQ_ATOMIC", {})
-        if "dq_strateg" in request.node.name and "by_default" not in request.node.name:
-            monkeypatch.setattr(fa, "DQ_ATOMIC_TIMING", True)  # the tests of the timing turn it on (not the default's)
+        if "dq_strateg" in request.node.name:  # the strategy's own tests: its real pick; timing on but in the default's
+            if "by_default" not in request.node.name:
+                monkeypatch.setattr(fa, "DQ_ATOMIC_TIMING", True)
         else:
             monkeypatch.setattr(
                 fa, "_pick_dq_atomic", lambda key, run: not torch.are_deterministic_algorithms_enabled()

@@ -82,6 +82,10 @@ MAX_FMA_M = 16  # the FMA path's M tile is the whole M bucket: beyond this only 
 MAX_FMA_PAIRS = 256
 FMA_REGISTER_BUDGET = 48  # fp32 accumulator elements per thread of the FMA path (fma_tile_elements; 64 spilled)
 DOT_REGISTER_BUDGET = 128  # tile values per thread of the dot path (dot_tile_elements)
+# INT4 with groups of 128+ read byte by byte (the byte path, or byte_loads on the word path): triton 3.6's sm_90 builds
+# spilled 24-72 B at 84-100 values per thread (BM16: 32x256 and 64x128 over 4 warps, 64x256 over 8; the H200's GPU tests,
+# twelfth session), where groups of 32 and the word loads did not
+DOT_BYTES_WIDE_GROUP_BUDGET = 80
 # per config: do_bench_cudagraph replays a graph of about rep / (lone-call ms) calls 10 times. 3 ms (was 10) is still
 # 100+ calls per replay, and an autotuning pass (~10-35 configs per shape, M bucket and format) takes ~0.5-1.5 s
 AUTOTUNE_REP_MS = 3
@@ -223,7 +227,9 @@ def candidate_configs(m_bucket: int, k: int, group_size: int, words: bool = Fals
             continue
         threads = 32 * c.num_warps
         if c.use_dot:
-            fits = dot_tile_elements(m_bucket, c) <= DOT_REGISTER_BUDGET * threads
+            wide_group_bytes = group_size >= 128 and (c.byte_loads or not words)
+            budget = DOT_BYTES_WIDE_GROUP_BUDGET if wide_group_bytes else DOT_REGISTER_BUDGET
+            fits = dot_tile_elements(m_bucket, c) <= budget * threads
             if m_bucket >= 2 and fits and c.split_k <= split and triton.cdiv(k, c.split_k) >= c.block_k:
                 keep.append(c)
         elif (

@@ -11,6 +11,7 @@ from kernels.wo_matmul import (
     _tickets,
     BYTE_DOT_ENTRIES,
     CANDIDATES,
+    DOT_BYTES_WIDE_GROUP_BUDGET,
     DOT_REGISTER_BUDGET,
     FMA_REGISTER_BUDGET,
     MAX_FMA_PAIRS,
@@ -132,6 +133,21 @@ def test_byte_load_dot_candidates_only_beside_the_word_path():
             word_path = candidate_configs(m_bucket, 768, group_size, True, MAX_SPLIT_K)
             assert any(c.byte_loads for c in word_path) == (m_bucket <= 16)
             assert not any(c.byte_loads for c in candidate_configs(m_bucket, 768, group_size, False, MAX_SPLIT_K))
+
+
+def test_wide_group_byte_loads_keep_the_tighter_dot_budget():
+    # INT4 groups of 128 read as bytes spilled on sm_90 (triton 3.6) at 84-100 tile values a thread: those configs
+    # leave the byte-loaded candidates; the word loads and groups of 32 keep the wider budget.
+    def per_thread(c, m_bucket):
+        return dot_tile_elements(m_bucket, c) / (32 * c.num_warps)
+
+    for m_bucket in (2, 16):
+        wide_bytes = candidate_configs(m_bucket, 2560, 128, False, MAX_SPLIT_K)
+        wide_bytes += [c for c in candidate_configs(m_bucket, 2560, 128, True, MAX_SPLIT_K) if c.byte_loads]
+        assert wide_bytes and all(per_thread(c, m_bucket) <= DOT_BYTES_WIDE_GROUP_BUDGET for c in wide_bytes)
+        assert WoConfig(64, 128, True, 4, 3) not in candidate_configs(m_bucket, 2560, 128, False, MAX_SPLIT_K)
+        assert WoConfig(64, 128, True, 4, 3) in candidate_configs(m_bucket, 2560, 128, True, MAX_SPLIT_K)
+        assert WoConfig(64, 128, True, 4, 3) in candidate_configs(m_bucket, 2560, 32, False, MAX_SPLIT_K)
 
 
 @pytest.mark.parametrize("use_dot", [True, False], ids=["dot", "fma"])

@@ -78,7 +78,7 @@ for spec in "$@"; do
       # test's outcome printed as it finishes (-v), so a step its limit cuts short still names its failures
       # (TEST_QUIET=-q: dots only)
       build_ext
-      run_step gpu-tests "$limit" "$PYTHON" -m pytest ${TEST_QUIET:--v} -q -rfEs --tb=short -p no:cacheprovider -n 8 --timeout="${TEST_TIMEOUT:-120}" \
+      run_step gpu-tests "$limit" "$PYTHON" -m pytest ${TEST_QUIET:--v} -rfEs --tb=short -p no:cacheprovider -n 8 --timeout="${TEST_TIMEOUT:-120}" \
         ${GPU_TESTS:-kernels model/kernel_routing_test.py model/fused_block_test.py inference_svc/runner_test.py inference_svc/resident_test.py} ;;
     kernels)  # the fused-FFN rows are taken first, alone; SECONDS bounds the whole benchmark
       build_ext
