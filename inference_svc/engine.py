@@ -230,9 +230,13 @@ class Engine:
     previous step's tokens are streamed); False keeps the logits path (runner logits, then `Sampler`). With a
     `draft` runner (a smaller model with the same tokenizer), decode steps are speculative: the draft proposes `speculative_k` tokens per sequence and the target verifies them in one
     step (inference_svc.speculative); the output keeps the target's distribution. `draft_kernel` (resident loop only):
-    a round's draft steps in one launch (`SpeculativeRunner`; off until the GPU measures it); `accept_kernel` likewise:
-    a sampled round's acceptance (the target's distributions, the rejection tests, the new token) in one launch;
-    `verify_kernels` likewise: the target's verify on its small-batch decode kernels where the round's rows fit. On
+    a round's draft steps in one launch (`SpeculativeRunner`; off: it lost on the H200); `accept_kernel` (default: on
+    with a draft, the kernel on CUDA; False: its torch reference): a sampled round's acceptance (the target's
+    distributions, the rejection tests, the new token) in one launch (H200, twelfth session: -0.09 / -0.10 ms a sampled
+    round at batch 1 / 16);
+    `verify_kernels` likewise: the target's verify on its small-batch decode kernels where the round's rows fit.
+    `carry_draft` (default): the draft loop runs k forwards a round, d_k's keys and values written by the next round's
+    first step (False: k + 1, the last for them alone). On
     the resident loop a prompt longer than `prefill_chunk` tokens is prefilled a chunk per step, interleaved with the
     running streams' decode.
     `decode_steps`: decode steps launched per engine step on the resident loop, a number or a `DecodeSteps` (by running
@@ -251,8 +255,9 @@ class Engine:
         draft: ModelRunner | None = None,
         speculative_k: int = 4,
         draft_kernel: bool | str = False,
-        accept_kernel: bool | str = False,
+        accept_kernel: bool | str | None = None,
         verify_kernels: bool = False,
+        carry_draft: bool = True,
         resident: bool | None = None,
         prefill_chunk: int = 512,
         decode_steps: int | DecodeSteps | None = None,
@@ -294,8 +299,9 @@ class Engine:
                 speculative_k,
                 max_slots,
                 draft_kernel=draft_kernel,
-                accept_kernel=accept_kernel,
+                accept_kernel=True if accept_kernel is None else accept_kernel,
                 verify_kernels=verify_kernels,
+                carry_draft=carry_draft,
             )
         elif draft is not None:
             self.speculative = SpeculativeDecoder(

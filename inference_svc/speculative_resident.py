@@ -4,8 +4,10 @@ span, greedy-only / full), with no host sync (eager on CPU: the same code).
 
 One round over rows whose next input x_n sits at position n (both on the device: `SlotState.token` / `pos`):
 1. draft: k one-token steps feeding x_n, d_1 .. d_(k-1) at n .. n+k-1, each drawing d_(j+1) from its distribution q
-   (greedy: the argmax), then one more step feeding d_k, for its keys and values only, so the draft's cache holds
-   every token a round can accept and the next round needs no catch-up of variable length;
+   (greedy: the argmax). d_k's keys and values are left to the next round, whose first step also feeds the token
+   before its input (at n' - 1: d_k where all k stood, else a token already there, rewritten), so the draft's cache
+   holds every token a round can accept with k forwards a round and no catch-up of variable length (with the
+   one-launch draft, `draft_kernel`: k + 1 steps, the last for d_k's keys and values only);
 2. target: one step over [x_n, d_1 .. d_k] at n .. n+k: distributions p at n+1 .. n+k+1;
 3. acceptance (Leviathan et al. 2023): d_j stands while u_j * q_j(d_j) < p_j(d_j); at the first rejection a token is
    drawn from norm(max(0, p_j - q_j)), after k acceptances from p_(k+1). Greedy rows: the longest prefix where the
@@ -80,12 +82,14 @@ class SpeculativeRunner:
         max_slots: int,
         *,
         draft_kernel: bool | str = False,
-        accept_kernel: bool | str = False,
+        accept_kernel: bool | str = True,
         verify_kernels: bool = False,
+        carry_draft: bool = True,
     ) -> None:
         check_draft(target, draft, k, max_slots)
-        if not isinstance(verify_kernels, bool):
-            raise ValueError(f"verify_kernels must be True or False, got {verify_kernels!r}")
+        for name, value in (("verify_kernels", verify_kernels), ("carry_draft", carry_draft)):
+            if not isinstance(value, bool):
+                raise ValueError(f"{name} must be True or False, got {value!r}")
         # The verify on the target's small-batch decode kernels (rows of one slot: every row's K/V written first)
         # where its rows fit them (b (k + 1) <= 16 rows); else, and off, the usual step over the cache in place.
         self._verify_kernels = verify_kernels
@@ -102,6 +106,11 @@ class SpeculativeRunner:
         self.device, self.staging = target.device, target.staging
         self.state: SlotState = target.state
         self.stats = SpeculativeStats()
+        # `carry_draft` (the draft loop; not with the kernel): d_k's keys and values carried to the next round, whose
+        # first step feeds the token at each row's pos - 1 too (the module's step 1), k forwards a round instead of
+        # k + 1; set from the prompt's last token at a prefill, then from each round's accepted tokens.
+        self._lagged = carry_draft and self._draft_impl is None
+        self._prev = torch.zeros_like(self.state.token)
         # A round at position n writes n .. n+k into both caches.
         self._round_end = min(target.max_len, draft.max_len) - k  # rounds run while n < this
         self._on_draft = [False] * target.n_slots  # host: the slot's draft cache follows its context
@@ -139,6 +148,10 @@ class SpeculativeRunner:
         for slot, p in zip(slots, params):
             self._penalised[slot] = p.repetition_penalty != 1.0
         rows = self._draft_rows_for(slots, [len(p) for p in prompts], starts)
+        if rows and self._lagged:  # the token before the first round's input: the prompt's last
+            host = torch.tensor([[slots[b] for b in rows], [prompts[b][-1] for b in rows]])
+            where, last = self.staging.to_device(host)
+            self._prev[where] = last
         if rows:
             self.draft.prefill_sample(
                 [slots[b] for b in rows],
@@ -259,13 +272,15 @@ class SpeculativeRunner:
     def _draft_loop(
         self,
         x0: torch.Tensor,
+        prev: torch.Tensor,
         draft_rows: torch.Tensor,
         pos: torch.Tensor,
         draft_span: int,
         sampling: tuple | None,
         u: torch.Tensor | None,
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-        """The draft's k + 1 steps one forward at a time (`draft_kernel` off). `sampling` (full rounds): (seen, rate,
+        """The draft's k steps one forward at a time (`draft_kernel` off), the first over two rows a slot: prev (b,),
+        the token at pos - 1 (its keys and values: d_k's of the last round, or a rewrite), and x0. `sampling` (full rounds): (seen, rate,
         settings) as `_round_step` reads them, u the round's uniforms. Returns drafts (b, k), q (b, k, V) (full
         rounds: the sampler's distributions, penalty, top-k and top-p included; else None) and the contexts before
         each draft and after the last (b, k + 1, V) (the penalty's masks, which the acceptance need not rebuild;
@@ -275,17 +290,23 @@ class SpeculativeRunner:
         if sampling is not None:
             seen, rate, settings = sampling
         x, drafts, q, contexts = x0, [], [], []
-        for j in range(k + 1):
+        for j in range(k if self._lagged else k + 1):
+            ids, at, on = x, pos + j, draft_rows
+            if (
+                j == 0 and self._lagged
+            ):  # the row's pos - 1 too (clamped: a padded row sits at 0), its keys and values written first
+                ids, at, on = torch.cat([prev, x0]), torch.cat([(pos - 1).clamp(min=0), pos]), draft_rows.repeat(2)
             logits = draft.model.forward_cached(
-                x.view(b, 1),
+                ids.view(-1, 1),
                 draft.cache,
-                draft_rows,
-                pos + j,
+                on,
+                at,
                 kv_len=draft_span,
                 attention_in_place=draft.attention_in_place,
                 small_batch_kernels=draft.small_batch_kernels,
-            )
-            if j == k:  # d_k's keys and values only
+                rows_share_slots=j == 0 and self._lagged,
+            )[-b:]  # (b, 1, V): x's rows
+            if j == k:  # without carry_draft: d_k's keys and values only
                 break
             logits = logits[:, 0].float().masked_fill(state.blocked, float("-inf"))  # (b, V)
             if sampling is not None:
@@ -334,7 +355,7 @@ class SpeculativeRunner:
             )  # (b, k), (b, k, V) or None
         else:
             sampling = (seen, rate, settings) if full else None
-            drafts_t, q_t, contexts = self._draft_loop(x0, draft_rows, pos, draft_span, sampling, u)
+            drafts_t, q_t, contexts = self._draft_loop(x0, self._prev[rows], draft_rows, pos, draft_span, sampling, u)
             if contexts is not None:  # (b, k + 1, V): the contexts the loop built, which the acceptance reuses
                 seen = contexts
         logits = self._verify(torch.cat([x0[:, None], drafts_t], dim=1), rows, pos, kv_len)  # (b, k + 1, V)
@@ -364,5 +385,7 @@ class SpeculativeRunner:
             new = tokens.gather(1, accepted[:, None])[:, 0]
         # The scratch slot (padded rows) stays at position 0, so it never runs past the cache.
         after = torch.where(rows == target._scratch, 0, pos + accepted + 1)
+        if self._lagged:  # the token at the next round's pos - 1: x_n or the last accepted draft
+            self._prev[rows] = torch.cat([x0[:, None], drafts_t], dim=1).gather(1, accepted[:, None])[:, 0]
         state.advance(rows, new, after, False)
         return torch.cat([(accepted + 1)[:, None], tokens], dim=1)

@@ -253,8 +253,14 @@ def test_the_draft_kernels_round_equals_the_draft_loops(tiny, pair, full):
     ]
     _rounds_agree(runners, slots, prompts, params, k, full)
     caches = [r.draft.cache for r in runners]  # the draft's keys and values, written by the kernel / the loop
-    torch.testing.assert_close(caches[1].k[slots], caches[0].k[slots], atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(caches[1].v[slots], caches[0].v[slots], atol=1e-4, rtol=1e-4)
+    for slot in slots:  # up to the token before each row's next input: the loop leaves that one to the next round
+        held = slice(0, int(runners[0].state.pos[slot]) - 1)
+        torch.testing.assert_close(
+            caches[1].k[slot, ..., held, :], caches[0].k[slot, ..., held, :], atol=1e-4, rtol=1e-4
+        )
+        torch.testing.assert_close(
+            caches[1].v[slot, ..., held, :], caches[0].v[slot, ..., held, :], atol=1e-4, rtol=1e-4
+        )
     if full:  # a penalised row: the kernel's drafts ignore the penalty, the round's output and masks stay exact
         penalised = SamplingParams(temperature=0.9, repetition_penalty=1.5, seed=3)
         runner = runners[1]
@@ -268,6 +274,39 @@ def test_the_draft_kernels_round_equals_the_draft_loops(tiny, pair, full):
             assert runner.state.token[1] == mine[-1] and runner.state.pos[1] == len(prompts[0]) + len(mine) - 1
 
 
+def _mixed_rounds(tiny, full: bool):
+    """k, slots, prompts and params of the runner-level comparisons: three rows, greedy (or, when `full`, one greedy
+    and two sampled: temperature only, and temperature with top-k)."""
+    prompts = [tiny.tokenizer.encode(p) for p in PROMPTS[:3]]
+    greedy = SamplingParams(temperature=0.0)
+    params = [greedy, SamplingParams(temperature=0.8, seed=1), SamplingParams(temperature=1.3, top_k=7, seed=2)]
+    return 3, [2, 0, 3], prompts, params if full else [greedy] * 3
+
+
+@pytest.mark.parametrize("in_place", [False, True])
+@pytest.mark.parametrize("full", [False, True])
+def test_carrying_the_last_drafts_keys_equals_a_forward_of_their_own(tiny, pair, full, in_place):
+    """Runner level, carry_draft (the default: k draft forwards a round, d_k's keys and values written by the next
+    round's first forward beside its input, at pos - 1) against k + 1 forwards: the same counts and tokens round after
+    round (greedy and sampled rows, a first round right after the prefill), and the drafts' caches alike up to each
+    row's last token (which the carrying runner writes with its next round)."""
+    k, slots, prompts, params = _mixed_rounds(tiny, full)
+    kw = dict(attention_in_place=True, small_batch_kernels="reference") if in_place else {}
+    runners = [
+        SpeculativeRunner(*(TorchRunner(m, n_slots=4, **kw) for m in pair), k, 4, carry_draft=carry)
+        for carry in (False, True)
+    ]
+    _rounds_agree(runners, slots, prompts, params, k, full, rounds=5)
+    caches = [r.draft.cache for r in runners]
+    for slot in slots:  # positions before the last token (at pos - 1, which the carrying runner writes next round)
+        held = int(runners[0].state.pos[slot]) - 1
+        for name in ("k", "v"):
+            mine, theirs = (getattr(c, name)[slot, :, :, :held] for c in (caches[1], caches[0]))
+            torch.testing.assert_close(mine, theirs, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="carry_draft"):
+        SpeculativeRunner(*(TorchRunner(m, n_slots=4) for m in pair), k, 4, carry_draft="yes")
+
+
 @pytest.mark.parametrize("full", [False, True])
 def test_the_verify_on_small_batch_kernels_equals_the_plain_verify(tiny, pair, full, monkeypatch):
     """Runner level, verify_kernels (the target's small-batch decode kernels; "triton": the interpreter on CPU) against
@@ -279,21 +318,19 @@ def test_the_verify_on_small_batch_kernels_equals_the_plain_verify(tiny, pair, f
     small_batch_step = GPT._small_batch_step
 
     def spy(self, *args):
-        verifies.append(args[-1])  # rows_share_slots
+        verifies.append((self, args[-1]))  # the model, rows_share_slots
         return small_batch_step(self, *args)
 
     monkeypatch.setattr(GPT, "_small_batch_step", spy)
-    k = 3
-    prompts = [tiny.tokenizer.encode(p) for p in PROMPTS[:3]]
-    slots = [2, 0, 3]
-    greedy = SamplingParams(temperature=0.0)
-    params = [greedy, SamplingParams(temperature=0.8, seed=1), SamplingParams(temperature=1.3, top_k=7, seed=2)]
-    params = params if full else [greedy] * 3
+    k, slots, prompts, params = _mixed_rounds(tiny, full)
     kw = dict(attention_in_place=True, small_batch_kernels=True if GPU else "triton")
     kw.update(cuda_graphs=False) if GPU else None
     runners = [SpeculativeRunner(*_kernel_runners(pair, **kw), k, 4, verify_kernels=on) for on in (False, True)]
     _rounds_agree(runners, slots, prompts, params, k, full)
-    assert verifies.count(True) == 4  # each round's verify (the prefills' and the draft's steps: no shared slots)
+    targets = [shared for model, shared in verifies if any(model is r.target.model for r in runners)]
+    assert (
+        targets.count(True) == 4
+    )  # each round's verify (the prefills': no shared slots; the draft's first steps share)
     caches = [r.target.cache for r in runners]
     torch.testing.assert_close(caches[1].k[slots], caches[0].k[slots], atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(caches[1].v[slots], caches[0].v[slots], atol=1e-4, rtol=1e-4)

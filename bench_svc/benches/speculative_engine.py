@@ -14,7 +14,9 @@ anchor's. `--rounds`: the round designs to build engines for, each k, in the sam
 (the draft's steps one forward at a time, the verify over the cache in place, the acceptance in torch ops), or a
 `+`-joined set of the kernels that replace those parts: `draft` (the draft's k + 1 steps in one launch,
 kernels.draft_steps), `verify` (the verify on the target's small-batch decode kernels), `accept` (a sampled round's
-acceptance in one launch, kernels.accept_round); on CPU their references run. Writes
+acceptance in one launch, kernels.accept_round), and `kplus1` (not a kernel: the draft loop's k + 1 forwards a round,
+d_k's keys and values by a forward of its own, where the default carries them to the next round's first); on CPU
+their references run. Writes
 `bench_svc/results/speculative-engine-<cpu|cuda>[-<rounds>].{csv,json,png}` (no suffix for `loop` alone); the short
 table is printed last.
 """
@@ -58,7 +60,9 @@ MODES: dict[str, dict[str, Any]] = {
 }
 
 
-PARTS = ("draft", "verify", "accept")  # the round's parts a kernel can replace (Engine's *_kernel(s) options)
+# the round's parts a kernel can replace (Engine's *_kernel(s) options), and kplus1: the draft loop's k + 1 forwards a
+# round as before carry_draft (Engine(carry_draft=False))
+PARTS = ("draft", "verify", "accept", "kplus1")
 Variant = tuple[int, frozenset]  # (k, the parts on kernels); (0, frozenset()): the engine without a draft
 
 
@@ -93,6 +97,7 @@ def _engines(target, draft, tokenizer, concurrency: int, variants: list[Variant]
             draft_kernel="draft" in parts,
             verify_kernels="verify" in parts,
             accept_kernel="accept" in parts,
+            carry_draft="kplus1" not in parts,
             resident=True,
         )
     return engines
@@ -112,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--rounds",
         default="loop",
-        help="round designs, comma-separated: loop, or a +-joined set of draft, verify, accept (the parts on kernels)",
+        help="round designs, comma-separated: loop, or a +-joined set of draft, verify, accept (the parts on kernels), kplus1",
     )
     parser.set_defaults(k="1,2,3,4")
     args = parser.parse_args(argv)
