@@ -191,9 +191,11 @@ def main(argv: list[str] | None = None) -> int:
 
 def format_table(rows: list[dict[str, Any]]) -> str:
     """One line per row: throughput and per-stream ms/token against the engine without a draft; graph ms: the GPU's
-    time for one plain step (k = 0) or one round."""
+    time for one plain step (k = 0) or one round; tokens per engine iteration and its host split (us: launching,
+    waiting for the GPU, streaming)."""
     head = (
         f"{'series':<34} {'k':>2} {'tok/s':>9} {'ms/tok':>7} {'speed-up':>8} {'accept':>7} {'graph ms':>8} {'same':>5}"
+        f" {'tok/it':>6} {'launch':>6} {'wait':>6} {'stream':>6}"
     )
     lines = [head]
     for r in rows:
@@ -203,6 +205,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
         lines.append(
             f"{r['series']:<34} {r['k']:>2} {r['tokens_per_s']:>9.1f} {r['ms_per_token']:>7.3f} "
             f"{r['speedup_vs_target']:>7.2f}x {accept:>7} {graph:>8} {same:>5}"
+            f" {r['tokens_per_iteration']:>6.2f} {r['launch_us']:>6.0f} {r['wait_us']:>6.0f} {r['stream_us']:>6.0f}"
         )
     return "\n".join(lines)
 
@@ -221,6 +224,9 @@ def _measure(engines: dict[Variant, Engine], prompts: list[list[int]], concurren
     seconds: dict[tuple[str, Variant], list[float]] = {(m, v): [] for m in MODES for v in engines}
     tokens: dict[tuple[str, Variant], list[list[int]]] = {}
     accepted: dict[tuple[str, Variant], tuple[int, int]] = {key: (0, 0) for key in seconds}
+    loops: dict[tuple[str, Variant], list[float]] = {
+        key: [0.0] * 4 for key in seconds
+    }  # iterations, launch/wait/stream s
     anchor_of = {mode: (mode, (0, frozenset())) for mode in MODES}
     for rep in range(args.repeats):
         for mode, v in seconds:
@@ -233,6 +239,9 @@ def _measure(engines: dict[Variant, Engine], prompts: list[list[int]], concurren
                 prop + after.draft_proposed - before.draft_proposed,
                 acc + after.draft_accepted - before.draft_accepted,
             )
+            was, now = before.loop, after.loop
+            for i, name in enumerate(("iterations", "launch_s", "wait_s", "stream_s")):
+                loops[(mode, v)][i] += getattr(now, name) - getattr(was, name)
         log.info("concurrency %d: timing round %d/%d done", concurrency, rep + 1, args.repeats)
     rows = []
     for (mode, (k, parts)), times in seconds.items():
@@ -253,9 +262,24 @@ def _measure(engines: dict[Variant, Engine], prompts: list[list[int]], concurren
         ms = {"ms_per_token": round(1e3 * median * concurrency / n_tokens, 4)}
         graph = _graph_ms(engines[(k, parts)], concurrency, k, mode != "greedy")
         ms["graph_ms"] = None if graph is None else round(graph, 4)  # the GPU's time for one step / round
+        ms.update(_loop_split(loops[(mode, (k, parts))], n_tokens * args.repeats))
         series = f"{mode}, {concurrency} in flight" + (f", {_label(parts)}" if parts else "")
         rows.append({"series": series, "concurrency": concurrency, **row, "rounds": _label(parts), **ms})
     return rows
+
+
+def _loop_split(loop: list[float], tokens: int) -> dict[str, float]:
+    """The engine loop's host split over the timed runs (`Engine.stats().loop`): tokens per iteration (an iteration
+    launches one step or round and streams the one before), and microseconds per iteration launching, waiting for
+    the GPU (the step before to finish: where the GPU, not the host, sets the pace) and streaming."""
+    iterations, launch, wait, stream = loop
+    n = max(iterations, 1)
+    return {
+        "tokens_per_iteration": round(tokens / n, 3),
+        "launch_us": round(launch * 1e6 / n, 1),
+        "wait_us": round(wait * 1e6 / n, 1),
+        "stream_us": round(stream * 1e6 / n, 1),
+    }
 
 
 def _graph_ms(engine: Engine, concurrency: int, k: int, full: bool, replays: int = 50) -> float | None:

@@ -56,6 +56,9 @@ def test_writes_rows_for_every_concurrency_mode_and_k(tiny, tmp_path, capsys, ro
     )
     assert all(r["tokens"] == 6 * r["concurrency"] for r in rows)
     assert all(r["ms_per_token"] > 0 for r in rows)
+    # the loop's split: a plain step gives each row 1 token an iteration at most; a round 1 .. k + 1
+    assert all(0 < r["tokens_per_iteration"] <= r["concurrency"] * (r["k"] + 1) for r in rows)
+    assert all(r["launch_us"] > 0 and r["wait_us"] >= 0 and r["stream_us"] > 0 for r in rows)
     assert all(r["same_tokens_as_target"] is True for r in rows if r["mode"] == "greedy" and r["k"])
     assert all(0.0 <= r["acceptance_rate"] <= 1.0 for r in rows if r["k"])
     assert "the engine without a draft" in doc["header"]["anchor"]
