@@ -236,7 +236,8 @@ class Engine:
     round at batch 1 / 16);
     `verify_kernels` likewise: the target's verify on its small-batch decode kernels where the round's rows fit.
     `carry_draft` (default): the draft loop runs k forwards a round, d_k's keys and values written by the next round's
-    first step (False: k + 1, the last for them alone). On
+    first step, while its 2b rows fit the small-batch kernels (b <= 8; False, or more rows: k + 1, the last for them
+    alone). On
     the resident loop a prompt longer than `prefill_chunk` tokens is prefilled a chunk per step, interleaved with the
     running streams' decode.
     `decode_steps`: decode steps launched per engine step on the resident loop, a number or a `DecodeSteps` (by running

@@ -31,6 +31,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from kernels.accept_round import accept_round, accept_sampled, probabilities
+from kernels.decode_gemv import MAX_ROWS
 from kernels.dispatch import option_impl, repeat_rows
 from kernels.draft_steps import DraftModel, draft_steps
 from kernels.draft_steps import inverse_cdf as draw  # one id per row by inverse CDF (the kernel's rule too)
@@ -109,6 +110,8 @@ class SpeculativeRunner:
         # `carry_draft` (the draft loop; not with the kernel): d_k's keys and values carried to the next round, whose
         # first step feeds the token at each row's pos - 1 too (the module's step 1), k forwards a round instead of
         # k + 1; set from the prompt's last token at a prefill, then from each round's accepted tokens.
+        # Only while the first step's 2b rows fit the small-batch decode kernels (MAX_ROWS): past that it would leave
+        # them, costing more than the forward it saves (H200, twelfth session: the B16 round 0.719 -> 0.792 ms).
         self._lagged = carry_draft and self._draft_impl is None
         self._prev = torch.zeros_like(self.state.token)
         # A round at position n writes n .. n+k into both caches.
@@ -290,11 +293,10 @@ class SpeculativeRunner:
         if sampling is not None:
             seen, rate, settings = sampling
         x, drafts, q, contexts = x0, [], [], []
-        for j in range(k if self._lagged else k + 1):
+        carry = self._lagged and 2 * b <= MAX_ROWS
+        for j in range(k if carry else k + 1):
             ids, at, on = x, pos + j, draft_rows
-            if (
-                j == 0 and self._lagged
-            ):  # the row's pos - 1 too (clamped: a padded row sits at 0), its keys and values written first
+            if j == 0 and carry:  # the row's pos - 1 too (clamped: a padded row sits at 0), written first
                 ids, at, on = torch.cat([prev, x0]), torch.cat([(pos - 1).clamp(min=0), pos]), draft_rows.repeat(2)
             logits = draft.model.forward_cached(
                 ids.view(-1, 1),
@@ -304,9 +306,9 @@ class SpeculativeRunner:
                 kv_len=draft_span,
                 attention_in_place=draft.attention_in_place,
                 small_batch_kernels=draft.small_batch_kernels,
-                rows_share_slots=j == 0 and self._lagged,
+                rows_share_slots=j == 0 and carry,
             )[-b:]  # (b, 1, V): x's rows
-            if j == k:  # without carry_draft: d_k's keys and values only
+            if j == k:  # not carrying: d_k's keys and values only
                 break
             logits = logits[:, 0].float().masked_fill(state.blocked, float("-inf"))  # (b, V)
             if sampling is not None:

@@ -307,6 +307,40 @@ def test_carrying_the_last_drafts_keys_equals_a_forward_of_their_own(tiny, pair,
         SpeculativeRunner(*(TorchRunner(m, n_slots=4) for m in pair), k, 4, carry_draft="yes")
 
 
+def test_rounds_past_eight_rows_take_a_forward_for_the_last_drafts_keys_and_keep_the_carry_right(
+    tiny, pair, monkeypatch
+):
+    """A carrying runner carries only while the first step's 2b rows fit the small-batch kernels (b <= 8): rounds of
+    9 rows take k + 1 forwards (no shared-slot step), then rounds of 3 of those rows carry again, from the token each
+    9-row round left at pos - 1; every round's tokens equal the non-carrying runner's."""
+    shared = []
+    forward_cached = GPT.forward_cached
+
+    def spy(self, *args, **kw):
+        if self is pair[1]:
+            shared.append(kw.get("rows_share_slots", False))
+        return forward_cached(self, *args, **kw)
+
+    k, n = 2, 9
+    runners = [
+        SpeculativeRunner(*(TorchRunner(m, n_slots=n) for m in pair), k, n, carry_draft=c) for c in (False, True)
+    ]
+    prompts = [tiny.tokenizer.encode(PROMPTS[i % len(PROMPTS)])[: 6 + i] for i in range(n)]
+    params = [SamplingParams(temperature=0.0)] * n
+    got = [[[t] for t in r.prefill_sample(list(range(n)), prompts, params, list(range(n))).tolist()] for r in runners]
+    monkeypatch.setattr(GPT, "forward_cached", spy)
+    for slots, carried in ((list(range(n)), False), ([4, 0, 7], True)):
+        for _ in range(2):
+            kv_len = max(len(prompts[s]) + len(got[0][s]) for s in slots) + k
+            shared.clear()
+            outs = [r.round(slots, kv_len, full=False).tolist() for r in runners]
+            assert outs[0] == outs[1]
+            assert shared == [False] * (k + 1) + ([True] + [False] * (k - 1) if carried else [False] * (k + 1))
+            for row, s in zip(outs[0], slots):
+                for run in got:
+                    run[s] += row[1 : 1 + row[0]]
+
+
 @pytest.mark.parametrize("full", [False, True])
 def test_the_verify_on_small_batch_kernels_equals_the_plain_verify(tiny, pair, full, monkeypatch):
     """Runner level, verify_kernels (the target's small-batch decode kernels; "triton": the interpreter on CPU) against
