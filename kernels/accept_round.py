@@ -47,12 +47,12 @@ from kernels.sampling import _composite, _float_of, _uniform, penalise, uniforms
 
 __all__ = [
     "MAX_VOCAB",
+    "DraftInputs",
     "RoundInputs",
     "accept_round",
     "accept_round_reference",
     "accept_round_triton",
     "accept_sampled",
-    "DraftInputs",
     "draft_sample",
     "draft_sample_reference",
     "draft_sample_triton",

@@ -224,3 +224,36 @@ def test_uniform_grid_refuses_bad_arguments_by_name():
     with pytest.raises(ValueError, match="impl must be"):
         uniform_grid(seed, pos, offsets, impl="fast")
     assert uniform_grid(seed, pos, offsets[:0], impl="triton").shape == (2, 0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_captured_in_a_cuda_graph_as_a_round_runs_them():
+    """uniform_grid then draft_sample on a column of its grid, captured once and replayed over new logits and
+    positions: the replays equal the eager references (no host sync, no value-dependent allocation in either)."""
+    V, k = 65, 4
+    args, kw = _inputs(7, V, torch.bfloat16, True)
+    logits = args[0]
+    b = logits.shape[0]
+    seed = torch.arange(b, device="cuda") * 1_000_003 + (1 << 40)
+    pos = torch.arange(b, device="cuda") * 11
+    offsets = _round_offsets(k).cuda()
+
+    def run():
+        u = uniform_grid(seed, pos, offsets)
+        return (u, *draft_sample(logits, args[1], u[:, 1], **kw))
+
+    run()  # compiles outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = run()
+    g = torch.Generator(device="cuda").manual_seed(8)
+    for step in range(3):
+        logits.copy_(torch.randn(b, V, generator=g, device="cuda") * 3.0)
+        pos += 1
+        graph.replay()
+        u = uniform_grid(seed, pos, offsets, impl="reference")
+        want = draft_sample(logits, args[1], u[:, 1], **kw, impl="reference")
+        assert torch.equal(out[0], u), step
+        torch.testing.assert_close(out[1], want[0], atol=1e-6, rtol=0)
+        assert torch.equal(out[2], want[1]) and torch.equal(out[3], want[2]), step
