@@ -25,6 +25,12 @@ an ulp or so) moves a top-p cut, an accept test or a draw across a boundary: a u
     accept_round_reference  PyTorch: `probabilities` over every position, `accept_sampled`, the mask update
     probabilities           the resident sampler's distribution (the speculative runner's draft loop uses it too)
     accept_sampled          rejection sampling over a batch, given the distributions
+
+The draft loop's steps and the round's uniforms, one launch each instead of ~30 and ~40 (same wrapper / kernel /
+reference pattern, the same shared jit pieces: penalty, distribution, inverse-CDF draw):
+    draft_sample            one draft step: q = `probabilities` of the masked logits, token = `inverse_cdf(q, u)`,
+                            the context with the token (draft_sample_triton / draft_sample_reference)
+    uniform_grid            `uniforms(seed[b], pos[b] + offsets[j])` over a (B, N) grid (the kernel / its reference)
 """
 
 from __future__ import annotations
@@ -37,17 +43,23 @@ import triton.language as tl
 
 from kernels.dispatch import Impl, repeat_rows, use_triton
 from kernels.draft_steps import inverse_cdf
-from kernels.sampling import _composite, _float_of, penalise
+from kernels.sampling import _composite, _float_of, _uniform, penalise, uniforms
 
 __all__ = [
     "MAX_VOCAB",
+    "DraftInputs",
     "RoundInputs",
     "accept_round",
     "accept_round_reference",
     "accept_round_triton",
     "accept_sampled",
+    "draft_sample",
+    "draft_sample_reference",
+    "draft_sample_triton",
     "num_warps",
     "probabilities",
+    "uniform_grid",
+    "uniform_grid_reference",
 ]
 
 MAX_VOCAB = 8192  # a row's k + 1 distributions are computed in one register tile each (padded to a power of two)
@@ -178,15 +190,22 @@ def _check_args(a: RoundInputs) -> None:
         seen=(((b, V), (b, n, V)), (torch.bool,)),
         penalty=((b, 1), (torch.float32,)),
     )
+    _check_fields(a._asdict(), want)
+
+
+def _check_fields(given: dict[str, torch.Tensor | None], want: dict[str, tuple]) -> None:
+    """Each named tensor against its (shape or shapes, dtypes): a ValueError naming the first that differs. seen and
+    penalty may be None, both together."""
     for name, (shape, dtypes) in want.items():
-        t = getattr(a, name)
+        t = given[name]
         if t is None and name in ("seen", "penalty"):
             continue
         shapes = shape if isinstance(shape[0], tuple) else (shape,)
-        if t.shape not in shapes or t.dtype not in dtypes:
-            want = " or ".join(map(str, shapes))
-            raise ValueError(f"{name} must be {want} {dtypes[0]}, got {tuple(t.shape)} {t.dtype}")
-    if (a.seen is None) != (a.penalty is None):
+        if not isinstance(t, torch.Tensor) or t.shape not in shapes or t.dtype not in dtypes:
+            got = f"{tuple(t.shape)} {t.dtype}" if isinstance(t, torch.Tensor) else repr(t)
+            allowed = " or ".join(map(str, dtypes))
+            raise ValueError(f"{name} must be {' or '.join(map(str, shapes))} {allowed}, got {got}")
+    if (given["seen"] is None) != (given["penalty"] is None):
         raise ValueError("seen and penalty go together: both tensors (some row penalises) or both None")
 
 
@@ -247,6 +266,44 @@ def _sampled_distribution(
 
 
 @triton.jit
+def _row_settings(greedy_ptr, temperature_ptr, top_k_ptr, top_p_ptr, row):
+    """Row `row`'s sampler settings: greedy (bool), temperature, top_k, top_p, from (B,) uint8 / f32 / i64 / f32."""
+    greedy = tl.load(greedy_ptr + row) != 0
+    return greedy, tl.load(temperature_ptr + row), tl.load(top_k_ptr + row), tl.load(top_p_ptr + row)
+
+
+@triton.jit
+def _penalised(logit, context, penalty):
+    """`penalise` on one row (VP,): a penalty of 1 changes nothing (x / 1 = x * 1 = x), so no test for it."""
+    scaled = tl.where(logit > 0, tl.math.div_rn(logit, penalty + tl.zeros_like(logit)), logit * penalty)
+    return tl.where(context, scaled, logit)
+
+
+@triton.jit
+def _row_distribution(
+    logit, offs, in_v, greedy, temperature, top_k, top_p, p_row, IDX_BITS: tl.constexpr, VP: tl.constexpr
+):
+    """`probabilities` of one row (VP,) float32 in vocabulary order: the one-hot on the argmax for a greedy row or
+    one whose sampled total is not a positive number, else the sampled distribution. p_row: a scratch row, ids < V."""
+    p = _argmax_one_hot(logit, offs, in_v, VP)
+    if greedy == 0:
+        sampled, total = _sampled_distribution(logit, offs, in_v, temperature, top_k, top_p, p_row, IDX_BITS, VP)
+        degenerate = (total != total) | (total == float("inf")) | (total <= 0.0)
+        p = tl.where(degenerate, p, sampled)
+    return p
+
+
+@triton.jit
+def _inverse_cdf(probs, u, offs, in_v):
+    """`kernels.draft_steps.inverse_cdf` on one row (VP,) >= 0: the first id whose cumulative mass (float64, as
+    torch's CPU cumsum) exceeds u * total, never past the last id of positive mass. Returns an int64 scalar."""
+    cdf = tl.cumsum(probs.to(tl.float64), axis=0).to(tl.float32)
+    pick = tl.sum((in_v & (cdf <= u * tl.max(cdf, axis=0))).to(tl.int32), axis=0)
+    last = tl.max(tl.where(probs > 0.0, offs, 0), axis=0)
+    return tl.minimum(pick, last).to(tl.int64)
+
+
+@triton.jit
 def _accept_round_kernel(
     logits_ptr,  # (B, K + 1, V) float32, ids contiguous
     stride_lb,
@@ -281,10 +338,7 @@ def _accept_round_kernel(
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, VP)
     in_v = offs < V
-    greedy = tl.load(greedy_ptr + row) != 0
-    temperature = tl.load(temperature_ptr + row)
-    top_k = tl.load(top_k_ptr + row)
-    top_p = tl.load(top_p_ptr + row)
+    greedy, temperature, top_k, top_p = _row_settings(greedy_ptr, temperature_ptr, top_k_ptr, top_p_ptr, row)
     p_row = p_ptr + row * VP
     context = offs < 0  # (VP,) bool: the context (PENALTY)
     penalty = 1.0
@@ -297,16 +351,9 @@ def _accept_round_kernel(
     for j in range(K + 1):
         if going != 0:
             logit = tl.load(logits_ptr + row * stride_lb + j * stride_lj + offs, mask=in_v, other=float("-inf"))
-            if PENALTY:  # model.sampling.penalise (a penalty of 1 changes nothing: x / 1 = x * 1 = x)
-                scaled = tl.where(logit > 0, tl.math.div_rn(logit, penalty + tl.zeros_like(logit)), logit * penalty)
-                logit = tl.where(context, scaled, logit)
-            p = _argmax_one_hot(logit, offs, in_v, VP)
-            if greedy == 0:
-                sampled, total = _sampled_distribution(
-                    logit, offs, in_v, temperature, top_k, top_p, p_row, IDX_BITS, VP
-                )
-                degenerate = (total != total) | (total == float("inf")) | (total <= 0.0)
-                p = tl.where(degenerate, p, sampled)
+            if PENALTY:
+                logit = _penalised(logit, context, penalty)
+            p = _row_distribution(logit, offs, in_v, greedy, temperature, top_k, top_p, p_row, IDX_BITS, VP)
             drafting = j < K  # position K has no draft: its token is drawn from p itself
             d = tl.load(drafts_ptr + row * stride_d + j, mask=drafting, other=0)
             q = tl.load(q_ptr + row * stride_qb + j * stride_qj + offs, mask=in_v & drafting, other=0.0)
@@ -320,11 +367,7 @@ def _accept_round_kernel(
             else:  # the new token: inverse CDF over norm(max(0, p - q)) (p itself where that has no mass)
                 residual = tl.maximum(p - q, 0.0)
                 residual = tl.where(tl.max(residual, axis=0) > 0.0, residual, p)
-                cdf = tl.cumsum(residual.to(tl.float64), axis=0).to(tl.float32)
-                threshold = tl.load(un_ptr + row * stride_un + j) * tl.max(cdf, axis=0)
-                pick = tl.sum((in_v & (cdf <= threshold)).to(tl.int32), axis=0)
-                last = tl.max(tl.where(residual > 0.0, offs, 0), axis=0)
-                token = tl.minimum(pick, last).to(tl.int64)
+                token = _inverse_cdf(residual, tl.load(un_ptr + row * stride_un + j), offs, in_v)
                 going = tl.zeros((), tl.int32)
     tl.store(accepted_ptr + row, accepted.to(tl.int64))
     offs_k = tl.arange(0, KP)
@@ -368,3 +411,199 @@ def accept_round_triton(a: RoundInputs) -> tuple[torch.Tensor, ...]:
         PENALTY=penalised, num_warps=num_warps(vp),
     )  # fmt: skip
     return (accepted, tokens, context) if penalised else (accepted, tokens)
+
+
+# --- The draft's per-step sampling in one launch: its distribution q (what the acceptance reads), its token, the
+# context after it. The PyTorch chain it replaces (`probabilities`, `inverse_cdf`, the mask's scatter) is ~30 launches
+# a draft step; the round's uniforms (`uniforms`, ~40 elementwise launches) become `uniform_grid`'s one.
+
+LOGIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+class DraftInputs(NamedTuple):
+    """One `draft_sample` call's tensors (see there), as its two implementations take them."""
+
+    logits: torch.Tensor  # (B, V) float32 / bfloat16 / float16, ids contiguous
+    blocked: torch.Tensor  # (V,) bool: ids never drawn
+    u: torch.Tensor  # (B,) float32
+    greedy: torch.Tensor  # (B,) bool
+    temperature: torch.Tensor  # (B, 1) float32
+    top_k: torch.Tensor  # (B, 1) long
+    top_p: torch.Tensor  # (B, 1) float32
+    seen: torch.Tensor | None  # (B, V) bool: the context before this step
+    penalty: torch.Tensor | None  # (B, 1) float32
+
+
+def draft_sample(
+    logits: torch.Tensor,
+    blocked: torch.Tensor,
+    u: torch.Tensor,
+    *,
+    greedy: torch.Tensor,
+    temperature: torch.Tensor,
+    top_k: torch.Tensor,
+    top_p: torch.Tensor,
+    seen: torch.Tensor | None = None,
+    penalty: torch.Tensor | None = None,
+    impl: Impl = "auto",
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """One draft step's sampling (`inference_svc.speculative_resident`'s draft loop): the draft's logits (B, V) in
+    float32, bfloat16 or float16 (any row stride: `forward_cached(...)[:, 0]`), blocked (V,) bool (ids set to -inf),
+    u (B,) float32 the rows' uniforms, the sampler settings greedy (B,) bool, temperature / top_p (B, 1) float32,
+    top_k (B, 1) long, and seen (B, V) bool with penalty (B, 1) float32 (both None: no row penalises). Returns (q
+    (B, V) float32: `probabilities` of the masked float32 logits, token (B,) long: `inverse_cdf(q, u)`, seen_after
+    (B, V) bool: seen with the token set, None without seen). impl: as `accept_round`'s (the kernel needs V <=
+    MAX_VOCAB). No host sync, allocations by shape only: capturable in a CUDA graph."""
+    a = DraftInputs(logits, blocked, u, greedy, temperature, top_k, top_p, seen, penalty)
+    _check_draft_args(a)
+    supported = logits.shape[-1] <= MAX_VOCAB
+    if use_triton(impl, logits, blocked, u, greedy, temperature, top_k, top_p, supported=supported):
+        return draft_sample_triton(a)
+    return draft_sample_reference(a)
+
+
+def _check_draft_args(a: DraftInputs) -> None:
+    if not isinstance(a.logits, torch.Tensor) or a.logits.dim() != 2 or a.logits.dtype not in LOGIT_DTYPES:
+        got = f"{tuple(a.logits.shape)} {a.logits.dtype}" if isinstance(a.logits, torch.Tensor) else repr(a.logits)
+        raise ValueError(f"logits must be (B, V) with dtype one of {LOGIT_DTYPES}, got {got}")
+    b, V = a.logits.shape
+    if V < 1:
+        raise ValueError(f"logits must have a vocabulary V >= 1, got {V}")
+    want = dict(
+        blocked=((V,), (torch.bool,)),
+        u=((b,), (torch.float32,)),
+        greedy=((b,), (torch.bool,)),
+        temperature=((b, 1), (torch.float32,)),
+        top_k=((b, 1), (torch.long,)),
+        top_p=((b, 1), (torch.float32,)),
+        seen=((b, V), (torch.bool,)),
+        penalty=((b, 1), (torch.float32,)),
+    )
+    _check_fields(a._asdict(), want)
+
+
+def draft_sample_reference(a: DraftInputs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The PyTorch chain the draft loop ran: mask, `probabilities`, `inverse_cdf`, the mask's scatter."""
+    logits = a.logits.float().masked_fill(a.blocked, float("-inf"))  # (B, V)
+    q = probabilities(logits, a.seen, a.penalty, a.greedy, a.temperature, a.top_k, a.top_p)
+    token = inverse_cdf(q, a.u)
+    seen_after = a.seen.scatter(1, token[:, None], True) if a.seen is not None else None
+    return q, token, seen_after
+
+
+@triton.jit
+def _draft_sample_kernel(
+    logits_ptr,  # (B, V) float32 / bfloat16 / float16, ids contiguous
+    stride_l,
+    blocked_ptr,  # (V,) uint8
+    u_ptr,  # (B,) float32, stride stride_u (a column of the round's uniforms)
+    stride_u,
+    greedy_ptr,  # (B,) uint8
+    temperature_ptr,  # (B,) float32
+    top_k_ptr,  # (B,) int64
+    top_p_ptr,  # (B,) float32
+    seen_ptr,  # (B, V) uint8 (PENALTY)
+    stride_s,
+    penalty_ptr,  # (B,) float32 (PENALTY)
+    q_ptr,  # (B, V) float32 out, contiguous; each row is its own scratch row first
+    token_ptr,  # (B,) int64 out
+    seen_out_ptr,  # (B, V) uint8 out, contiguous (PENALTY)
+    V: tl.constexpr,
+    VP: tl.constexpr,
+    IDX_BITS: tl.constexpr,
+    PENALTY: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, VP)
+    in_v = offs < V
+    logit = tl.load(logits_ptr + row * stride_l + offs, mask=in_v, other=float("-inf")).to(tl.float32)
+    logit = tl.where(tl.load(blocked_ptr + offs, mask=in_v, other=0) != 0, float("-inf"), logit)
+    context = offs < 0  # (VP,) bool (PENALTY)
+    if PENALTY:
+        context = tl.load(seen_ptr + row * stride_s + offs, mask=in_v, other=0) != 0
+        logit = _penalised(logit, context, tl.load(penalty_ptr + row))
+    q_row = q_ptr + row * V  # the sampled distribution's scratch row: it writes ids < V only
+    greedy, temperature, top_k, top_p = _row_settings(greedy_ptr, temperature_ptr, top_k_ptr, top_p_ptr, row)
+    q = _row_distribution(logit, offs, in_v, greedy, temperature, top_k, top_p, q_row, IDX_BITS, VP)
+    tl.store(q_row + offs, q, mask=in_v)  # each thread rewrites the ids it read back: no barrier needed
+    token = _inverse_cdf(q, tl.load(u_ptr + row * stride_u), offs, in_v)
+    tl.store(token_ptr + row, token)
+    if PENALTY:
+        tl.store(seen_out_ptr + row * V + offs, (context | (offs == token)).to(tl.uint8), mask=in_v)
+
+
+def draft_sample_triton(a: DraftInputs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The kernel: one program per row, one launch, no host sync."""
+    b, V = a.logits.shape
+    device = a.logits.device
+    vp = triton.next_power_of_2(V)
+    q = torch.empty(b, V, dtype=torch.float32, device=device)
+    token = torch.empty(b, dtype=torch.long, device=device)
+    penalised = a.seen is not None
+    seen_after = torch.empty(b, V, dtype=torch.bool, device=device) if penalised else None
+    if b == 0:
+        return q, token, seen_after
+    logits = a.logits if a.logits.stride(1) == 1 else a.logits.contiguous()
+    if penalised:
+        seen = a.seen if a.seen.stride(1) == 1 else a.seen.contiguous()
+        seen_u8, stride_s, penalty = seen.view(torch.uint8), seen.stride(0), a.penalty.reshape(b).contiguous()
+        out_u8 = seen_after.view(torch.uint8)
+    else:  # not read
+        seen_u8, stride_s, penalty, out_u8 = a.blocked.view(torch.uint8), 0, a.temperature, token
+    _draft_sample_kernel[(b,)](
+        logits, logits.stride(0), a.blocked.contiguous().view(torch.uint8), a.u, a.u.stride(0),
+        *(t.reshape(b).contiguous() for t in (a.greedy.view(torch.uint8), a.temperature, a.top_k, a.top_p)),
+        seen_u8, stride_s, penalty, q, token, out_u8,
+        V=V, VP=vp, IDX_BITS=max(1, (vp - 1).bit_length()), PENALTY=penalised, num_warps=num_warps(vp),
+    )  # fmt: skip
+    return q, token, seen_after
+
+
+UNIFORM_BLOCK = 256  # draws a program at most (a round takes 3k + 1 a row: one program a row)
+
+
+def uniform_grid(seed: torch.Tensor, pos: torch.Tensor, offsets: torch.Tensor, impl: Impl = "auto") -> torch.Tensor:
+    """Every draw of a round at once: u[b, j] = `uniforms(seed[b], pos[b] + offsets[j])`, bit for bit. seed, pos (B,)
+    int64, offsets (N,) int64, on one device -> (B, N) float32. One launch on CUDA ("auto"), torch's ~40
+    elementwise launches ("reference") elsewhere."""
+    for name, t in (("seed", seed), ("pos", pos), ("offsets", offsets)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 1 or t.dtype != torch.long:
+            got = f"{tuple(t.shape)} {t.dtype}" if isinstance(t, torch.Tensor) else repr(t)
+            raise ValueError(f"{name} must be a 1-D int64 tensor, got {got}")
+    if pos.shape != seed.shape:
+        raise ValueError(f"pos must be {tuple(seed.shape)} like seed, got {tuple(pos.shape)}")
+    if not seed.device == pos.device == offsets.device:
+        raise ValueError(
+            f"seed, pos and offsets must be on one device, got {seed.device}, {pos.device}, {offsets.device}"
+        )
+    if not use_triton(impl, seed, pos, offsets):
+        return uniform_grid_reference(seed, pos, offsets)
+    B, N = seed.shape[0], offsets.shape[0]
+    out = torch.empty(B, N, dtype=torch.float32, device=seed.device)
+    if B * N == 0:
+        return out
+    block = min(UNIFORM_BLOCK, triton.next_power_of_2(N))
+    grid = (B, triton.cdiv(N, block))
+    _uniform_grid_kernel[grid](seed.contiguous(), pos.contiguous(), offsets.contiguous(), out, N, BLOCK=block)
+    return out
+
+
+def uniform_grid_reference(seed: torch.Tensor, pos: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """`uniforms` over the (B, N) grid of counters pos[b] + offsets[j]."""
+    return uniforms(seed[:, None], pos[:, None] + offsets[None, :])  # (B, 1) with (B, N): (B, N)
+
+
+@triton.jit
+def _uniform_grid_kernel(
+    seed_ptr,  # (B,) int64
+    pos_ptr,  # (B,) int64
+    offsets_ptr,  # (N,) int64
+    out_ptr,  # (B, N) float32, contiguous
+    N,
+    BLOCK: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    j = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = j < N
+    counter = tl.load(pos_ptr + row) + tl.load(offsets_ptr + j, mask=mask, other=0)
+    tl.store(out_ptr + row * N + j, _uniform(tl.load(seed_ptr + row), counter), mask=mask)

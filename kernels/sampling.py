@@ -1,8 +1,8 @@
 """The serving engine's full sampler in one Triton launch: penalty, temperature, top-k, top-p, the seeded draw.
 
 Its PyTorch reference, and `sample_slots`, which picks the kernel on CUDA (or under the interpreter with impl="triton")
-and the reference elsewhere, live in `model.sampling` (`sample_slots_reference`: `penalise` (defined here),
-`uniforms`, `sample_rows`, which sorts every row): kernels import torch and triton only. `advance_slots` is the state update after a step (next inputs, positions, seen masks) in one launch.
+and the reference elsewhere, live in `model.sampling` (`sample_slots_reference`: `penalise` and
+`uniforms` (both defined here), `sample_rows`, which sorts every row): kernels import torch and triton only. `advance_slots` is the state update after a step (next inputs, positions, seen masks) in one launch.
 Both read the decode loop's per-slot state (`inference_svc.runner.SlotState`) directly: logits row b belongs to
 slot `slots[b]`, whose sampling settings and seen-token mask are gathered in the kernel.
 
@@ -44,6 +44,7 @@ __all__ = [
     "advance_slots",
     "penalise",
     "sample_slots_triton",
+    "uniforms",
 ]
 
 MAX_VOCAB = 1 << 17  # index bits in the composite: 17 (+ 32 key bits < 63)
@@ -84,6 +85,33 @@ def penalise(logits: torch.Tensor, seen: torch.Tensor, penalty: torch.Tensor) ->
     return torch.where(hit, torch.where(logits > 0, logits / penalty, logits * penalty), logits)
 
 
+_M32 = 0xFFFFFFFF
+
+
+def _mix32_tensor(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer hash (xorshift-multiply rounds) of int64 values in [0, 2**32). The multipliers are below
+    2**31, so every product fits in int64: the same bits on every device, in eager mode and in a CUDA graph."""
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & _M32
+    x = x ^ (x >> 15)
+    x = (x * 0x5BD1E995) & _M32
+    return x ^ (x >> 16)
+
+
+def uniforms(seeds: torch.Tensor, counters: torch.Tensor) -> torch.Tensor:
+    """One U[0, 1) draw per row from a counter-based generator: a hash of (seed, counter), where counter is the
+    position of the token being drawn. seeds, counters (B,) int64 >= 0 -> (B,) float32 on their device (any shapes
+    that broadcast: one draw per element). Here, beside its Triton twin `_uniform`, so that kernels' references can
+    use it; model.sampling re-exports it.
+
+    A row's draw depends on its own seed and position only (never on what else is in the batch, nor on how many
+    draws came before), and it is pure tensor arithmetic, so the serving engine draws inside its captured decode
+    graph exactly what the reference generator draws on the host."""
+    lo, hi = seeds & _M32, (seeds >> 32) & _M32
+    h = _mix32_tensor(lo ^ _mix32_tensor(hi ^ _mix32_tensor((counters & _M32) ^ 0x9E3779B9)))
+    return (h >> 8).to(torch.float32) * (1.0 / (1 << 24))  # 24 bits: every value exact in float32, below 1
+
+
 @triton.jit
 def _low32(x):
     """x mod 2**32 for int64 x >= 0 (no 32-bit mask literal: its type differs between Triton's backends)."""
@@ -92,7 +120,7 @@ def _low32(x):
 
 @triton.jit
 def _mix32(x):
-    """model.sampling._mix32: xorshift-multiply rounds; products stay below 2**63."""
+    """_mix32_tensor's rounds on int64 values; products stay below 2**63."""
     x = x ^ (x >> 16)
     x = _low32(x * 0x7FEB352D)
     x = x ^ (x >> 15)
@@ -102,7 +130,7 @@ def _mix32(x):
 
 @triton.jit
 def _uniform(seed, counter):
-    """model.sampling.uniforms for one (seed, counter): int64 scalars >= 0 -> float32 in [0, 1), 24 bits."""
+    """`uniforms` for one (seed, counter): int64 scalars >= 0 -> float32 in [0, 1), 24 bits."""
     golden = tl.full((), 0x9E3779B9, tl.int64)
     lo = _low32(seed)
     hi = _low32(seed >> 32)

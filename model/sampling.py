@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from kernels.dispatch import Impl, use_triton
-from kernels.sampling import MAX_VOCAB, SlotSettings, penalise, sample_slots_triton
+from kernels.sampling import MAX_VOCAB, SlotSettings, penalise, sample_slots_triton, uniforms
 from model.field_checks import FieldError, check_int, check_number, is_int, is_number
 
 __all__ = [
@@ -109,31 +109,6 @@ def random_seed() -> int:
 def request_seed(params: SamplingParams) -> int:
     """The seed a request draws with: its own, or a fresh `random_seed()` when it has none."""
     return params.seed if params.seed is not None else random_seed()
-
-
-_M32 = 0xFFFFFFFF
-
-
-def _mix32(x: torch.Tensor) -> torch.Tensor:
-    """A 32-bit integer hash (xorshift-multiply rounds) of int64 values in [0, 2**32). The multipliers are below
-    2**31, so every product fits in int64: the same bits on every device, in eager mode and in a CUDA graph."""
-    x = x ^ (x >> 16)
-    x = (x * 0x7FEB352D) & _M32
-    x = x ^ (x >> 15)
-    x = (x * 0x5BD1E995) & _M32
-    return x ^ (x >> 16)
-
-
-def uniforms(seeds: torch.Tensor, counters: torch.Tensor) -> torch.Tensor:
-    """One U[0, 1) draw per row from a counter-based generator: a hash of (seed, counter), where counter is the
-    position of the token being drawn. seeds, counters (B,) int64 >= 0 -> (B,) float32 on their device.
-
-    A row's draw depends on its own seed and position only (never on what else is in the batch, nor on how many
-    draws came before), and it is pure tensor arithmetic, so the serving engine draws inside its captured decode
-    graph exactly what the reference generator draws on the host."""
-    lo, hi = seeds & _M32, (seeds >> 32) & _M32
-    h = _mix32(lo ^ _mix32(hi ^ _mix32((counters & _M32) ^ 0x9E3779B9)))
-    return (h >> 8).to(torch.float32) * (1.0 / (1 << 24))  # 24 bits: every value exact in float32, below 1
 
 
 def seen_mask(prev_tokens: Sequence[Sequence[int]], vocab: int, device: torch.device) -> torch.Tensor:
