@@ -237,7 +237,8 @@ class Engine:
     `verify_kernels` likewise: the target's verify on its small-batch decode kernels where the round's rows fit.
     `carry_draft` (default): the draft loop runs k forwards a round, d_k's keys and values written by the next round's
     first step, while its 2b rows fit the small-batch kernels (b <= 8; False, or more rows: k + 1, the last for them
-    alone). On
+    alone). `sample_kernels` (default: on with a draft): a sampled round's uniforms and each draft step's draw in one
+    launch each (`kernels.accept_round.uniform_grid`, `draft_sample`). On
     the resident loop a prompt longer than `prefill_chunk` tokens is prefilled a chunk per step, interleaved with the
     running streams' decode.
     `decode_steps`: decode steps launched per engine step on the resident loop, a number or a `DecodeSteps` (by running
@@ -259,6 +260,7 @@ class Engine:
         accept_kernel: bool | str | None = None,
         verify_kernels: bool = False,
         carry_draft: bool = True,
+        sample_kernels: bool | str | None = None,
         resident: bool | None = None,
         prefill_chunk: int = 512,
         decode_steps: int | DecodeSteps | None = None,
@@ -290,6 +292,7 @@ class Engine:
             ("draft_kernel", draft_kernel),
             ("accept_kernel", accept_kernel),
             ("verify_kernels", verify_kernels),
+            ("sample_kernels", sample_kernels),
         ):
             if option and not (draft is not None and self._resident):
                 raise ValueError(f"{name} needs a draft on the resident loop (a TorchRunner target and draft)")
@@ -303,6 +306,7 @@ class Engine:
                 accept_kernel=True if accept_kernel is None else accept_kernel,
                 verify_kernels=verify_kernels,
                 carry_draft=carry_draft,
+                sample_kernels=True if sample_kernels is None else sample_kernels,
             )
         elif draft is not None:
             self.speculative = SpeculativeDecoder(

@@ -30,7 +30,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from kernels.accept_round import accept_round, accept_sampled, probabilities
+from kernels.accept_round import accept_round, accept_sampled, draft_sample, probabilities, uniform_grid
 from kernels.decode_gemv import MAX_ROWS
 from kernels.dispatch import option_impl, repeat_rows
 from kernels.draft_steps import DraftModel, draft_steps
@@ -45,6 +45,7 @@ __all__ = ["SpeculativeRunner", "accept_greedy", "accept_sampled", "draw", "prob
 # Counter tags of the round's draws: uniforms(seed, position + tag). The plain sampler draws at tag 0; positions stay
 # far below 2**29, and uniforms reads the counter's low 32 bits.
 _DRAFT, _ACCEPT, _RESAMPLE = 1 << 29, 2 << 29, 3 << 29
+_SETTINGS = ("greedy", "temperature", "top_k", "top_p")  # a full round's per-row settings, in `settings`' order
 _GREEDY = SamplingParams(max_new_tokens=1, temperature=0.0)  # the draft's prefill: its sampled token is not used
 
 
@@ -56,16 +57,20 @@ def accept_greedy(drafts: torch.Tensor, target_ids: torch.Tensor) -> tuple[torch
     return accepted, target_ids
 
 
-def round_uniforms(seed: torch.Tensor, pos: torch.Tensor, k: int) -> torch.Tensor:
+def round_offsets(k: int, device: torch.device) -> torch.Tensor:
+    """The counters of a round's draws past each row's position (3k + 1,) long: the drafts' at pos + 1 .. pos + k, the
+    accept tests' there, then the new token's at each place it can land, pos + 1 .. pos + k + 1 (each use its own
+    tag: independent draws). Aranges, not torch.tensor(list): a copy from host memory is refused in a capture."""
+    tags = ((_DRAFT, k), (_ACCEPT, k), (_RESAMPLE, k + 1))
+    return torch.cat([torch.arange(1 + tag, n + 1 + tag, device=device) for tag, n in tags])
+
+
+def round_uniforms(seed: torch.Tensor, pos: torch.Tensor, k: int, offsets: torch.Tensor | None = None) -> torch.Tensor:
     """Every draw a sampled round may make, in one `uniforms` call (each call is ~40 elementwise launches): seed, pos
-    (B,) long -> (B, 3k + 1) float32: the drafts' at positions pos + 1 .. pos + k, the accept tests' there, then the
-    new token's at each place it can land, pos + 1 .. pos + k + 1 (each use its own tag: independent draws)."""
-    B, device = seed.shape[0], seed.device
-    # aranges, not torch.tensor(list): a copy from host memory is refused inside a CUDA-graph capture
-    offsets = [
-        torch.arange(1 + tag, n + 1 + tag, device=device) for tag, n in ((_DRAFT, k), (_ACCEPT, k), (_RESAMPLE, k + 1))
-    ]
-    at = pos[:, None] + torch.cat(offsets)  # (B, 3k + 1)
+    (B,) long -> (B, 3k + 1) float32 at `round_offsets` (made here unless given)."""
+    B = seed.shape[0]
+    offsets = round_offsets(k, seed.device) if offsets is None else offsets
+    at = pos[:, None] + offsets  # (B, 3k + 1)
     return uniforms(seed[:, None].expand(B, 3 * k + 1).reshape(-1), at.reshape(-1)).view(B, 3 * k + 1)
 
 
@@ -86,6 +91,7 @@ class SpeculativeRunner:
         accept_kernel: bool | str = True,
         verify_kernels: bool = False,
         carry_draft: bool = True,
+        sample_kernels: bool | str = True,
     ) -> None:
         check_draft(target, draft, k, max_slots)
         for name, value in (("verify_kernels", verify_kernels), ("carry_draft", carry_draft)):
@@ -103,6 +109,11 @@ class SpeculativeRunner:
         # A sampled round's acceptance (the target's distributions, the rejection tests, the new token's draw, the
         # context mask) in one launch (kernels.accept_round): the same choices as above; off: its reference.
         self._accept_impl = option_impl("accept_kernel", accept_kernel) or "reference"
+        # A sampled round's uniforms (`kernels.accept_round.uniform_grid`) and each of the draft loop's draws
+        # (`draft_sample`: mask, distribution, draw, context) in one launch each: the same values as off (their
+        # references, ~40 and ~30 launches); True (or "auto") the kernels on CUDA, as for accept_kernel.
+        self._sample_impl = option_impl("sample_kernels", sample_kernels)
+        self._offsets = round_offsets(k, target.device)
         self.n_slots, self.max_len, self.vocab_size = target.n_slots, target.max_len, target.vocab_size
         self.device, self.staging = target.device, target.staging
         self.state: SlotState = target.state
@@ -310,6 +321,15 @@ class SpeculativeRunner:
             )[-b:]  # (b, 1, V): x's rows
             if j == k:  # not carrying: d_k's keys and values only
                 break
+            if sampling is not None and self._sample_impl is not None:  # one launch: mask, q, draw, context
+                contexts.append(seen)
+                q_j, x, seen = draft_sample(
+                    logits[:, 0], state.blocked, u[:, j], **dict(zip(_SETTINGS, settings)), seen=seen,
+                    penalty=rate, impl=self._sample_impl,
+                )  # fmt: skip
+                q.append(q_j)
+                drafts.append(x)
+                continue
             logits = logits[:, 0].float().masked_fill(state.blocked, float("-inf"))  # (b, V)
             if sampling is not None:
                 contexts.append(seen)
@@ -338,7 +358,14 @@ class SpeculativeRunner:
             rate = state.penalty[rows] if penalty else None
             seen = state.seen[rows] if penalty else None  # (b, V): the context through x_n
         draft_span = min(kv_len, draft.max_len)
-        u = round_uniforms(seed, pos, k) if full else None  # (b, 3k + 1): drafts', accept tests', the new token's
+        u = None  # (b, 3k + 1): drafts', accept tests', the new token's
+        if full:
+            grid = self._sample_impl is not None
+            u = (
+                uniform_grid(seed, pos, self._offsets, impl=self._sample_impl)
+                if grid
+                else round_uniforms(seed, pos, k, self._offsets)
+            )
         if self._draft_impl is not None:  # the k + 1 steps in one launch; q: temperature only (any q stays exact)
             greedy, temperature = (settings[0], settings[1]) if full else (True, None)
             drafts_t, q_t = draft_steps(

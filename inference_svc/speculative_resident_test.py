@@ -307,6 +307,24 @@ def test_carrying_the_last_drafts_keys_equals_a_forward_of_their_own(tiny, pair,
         SpeculativeRunner(*(TorchRunner(m, n_slots=4) for m in pair), k, 4, carry_draft="yes")
 
 
+@pytest.mark.parametrize("penalty", [False, True])
+def test_the_round_s_sampling_kernels_give_the_draws_of_their_references(tiny, pair, penalty):
+    """Runner level, sample_kernels="triton" (the round's uniforms and each draft step's draw in one launch each, the
+    interpreter on CPU) against the torch chains: the same counts, tokens and context masks round after round, over
+    greedy, temperature-only, top-k and (with `penalty`) repetition-penalised rows."""
+    k, slots, prompts, params = _mixed_rounds(tiny, True)
+    if penalty:
+        params[1] = SamplingParams(temperature=0.9, top_p=0.9, repetition_penalty=1.5, seed=4)
+    runners = [
+        SpeculativeRunner(*(TorchRunner(m, n_slots=4) for m in pair), k, 4, sample_kernels=option)
+        for option in (False, "triton")
+    ]
+    _rounds_agree(runners, slots, prompts, params, k, True, rounds=5)
+    assert torch.equal(runners[0].state.seen[slots], runners[1].state.seen[slots])
+    with pytest.raises(ValueError, match="sample_kernels"):
+        SpeculativeRunner(*(TorchRunner(m, n_slots=4) for m in pair), k, 4, sample_kernels="fast")
+
+
 def test_rounds_past_eight_rows_take_a_forward_for_the_last_drafts_keys_and_keep_the_carry_right(
     tiny, pair, monkeypatch
 ):
