@@ -300,7 +300,8 @@ def _start_server(
         str(4 * max_slots),
         "--threads",
         str(threads),
-        *(["--engine-process"] if engine_process else []),
+        "--engine-process",
+        "on" if engine_process else "off",
     ]
     env = _child_env(TINYLM_TOKEN="")
     errors = tempfile.TemporaryFile(mode="w+")
