@@ -15,6 +15,7 @@ from pathlib import Path
 import grpc
 import pytest
 
+from inference_svc.metrics import PREFIX
 from inference_svc.testing import wait_until
 from protos import inference_pb2, inference_pb2_grpc
 from rpc.client import channel
@@ -141,7 +142,8 @@ def test_the_engine_process_serves_and_ends_with_the_server(tiny, tmp_path):
             proc.wait()
 
 
-def test_serves_http_beside_grpc_with_the_same_token(tiny, tmp_path):
+@pytest.mark.parametrize("engine_process", ["off", "on"])  # on: the default on CUDA
+def test_serves_http_beside_grpc_with_the_same_token(tiny, tmp_path, engine_process):
     proc = subprocess.Popen(
         [
             sys.executable,
@@ -158,6 +160,8 @@ def test_serves_http_beside_grpc_with_the_same_token(tiny, tmp_path):
             "2",
             "--http-port",
             "0",
+            "--engine-process",
+            engine_process,
         ],
         env=_env(tmp_path),
         stdout=subprocess.PIPE,
@@ -176,6 +180,11 @@ def test_serves_http_beside_grpc_with_the_same_token(tiny, tmp_path):
         with pytest.raises(urllib.error.HTTPError) as err:  # the gRPC token guards HTTP too
             urllib.request.urlopen(post, timeout=60)
         assert err.value.code == 401
+        metrics = urllib.request.Request(f"{url}/metrics", headers={"authorization": "Bearer s3cret"})
+        with urllib.request.urlopen(metrics, timeout=60) as reply:  # the engine's counters, whichever process runs it
+            lines = reply.read().decode().splitlines()
+        generated = [float(line.split()[-1]) for line in lines if line.startswith(f"{PREFIX}_generation_tokens_total")]
+        assert generated == [3.0]  # the one request that passed the token
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == 0
     finally:
