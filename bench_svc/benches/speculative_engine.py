@@ -49,6 +49,7 @@ from inference_svc.engine import Engine
 from inference_svc.params import Request
 from inference_svc.runner import TorchRunner, batch_buckets
 from model.sampling import SamplingParams
+from tools.profiling import kernel_events, top_kernels
 
 __all__ = ["main"]
 
@@ -193,11 +194,11 @@ def main(argv: list[str] | None = None) -> int:
 
 def format_table(rows: list[dict[str, Any]]) -> str:
     """One line per row: throughput and per-stream ms/token against the engine without a draft; graph ms: the GPU's
-    time for one plain step (k = 0) or one round; tokens per engine iteration and its host split (us: launching,
+    time for one plain step (k = 0) or one round, and the kernels a replay launches; tokens per engine iteration and its host split (us: launching,
     waiting for the GPU, streaming)."""
     head = (
         f"{'series':<34} {'k':>2} {'tok/s':>9} {'ms/tok':>7} {'speed-up':>8} {'accept':>7} {'graph ms':>8} {'same':>5}"
-        f" {'tok/it':>6} {'launch':>6} {'wait':>6} {'stream':>6}"
+        f" {'tok/it':>6} {'launch':>6} {'wait':>6} {'stream':>6} {'kernels':>7}"
     )
     lines = [head]
     for r in rows:
@@ -208,6 +209,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
             f"{r['series']:<34} {r['k']:>2} {r['tokens_per_s']:>9.1f} {r['ms_per_token']:>7.3f} "
             f"{r['speedup_vs_target']:>7.2f}x {accept:>7} {graph:>8} {same:>5}"
             f" {r['tokens_per_iteration']:>6.2f} {r['launch_us']:>6.0f} {r['wait_us']:>6.0f} {r['stream_us']:>6.0f}"
+            f" {'-' if r['graph_kernels'] is None else r['graph_kernels']:>7}"
         )
     return "\n".join(lines)
 
@@ -263,7 +265,9 @@ def _measure(engines: dict[Variant, Engine], prompts: list[list[int]], concurren
         )
         ms = {"ms_per_token": round(1e3 * median * concurrency / n_tokens, 4)}
         graph = _graph_ms(engines[(k, parts)], concurrency, k, mode != "greedy")
-        ms["graph_ms"] = None if graph is None else round(graph, 4)  # the GPU's time for one step / round
+        ms["graph_ms"] = None if graph is None else round(graph[0], 4)  # the GPU's time for one step / round
+        ms["graph_kernels"] = None if graph is None else graph[1]  # and its kernels, the largest by time
+        ms["graph_top_kernels"] = None if graph is None else graph[2]
         ms.update(_loop_split(loops[(mode, (k, parts))], n_tokens * args.repeats))
         series = f"{mode}, {concurrency} in flight" + (f", {_label(parts)}" if parts else "")
         rows.append({"series": series, "concurrency": concurrency, **row, "rounds": _label(parts), **ms})
@@ -284,10 +288,10 @@ def _loop_split(loop: list[float], tokens: int) -> dict[str, float]:
     }
 
 
-def _graph_ms(engine: Engine, concurrency: int, k: int, full: bool, replays: int = 50) -> float | None:
+def _graph_ms(engine: Engine, concurrency: int, k: int, full: bool, replays: int = 50) -> tuple[float, int, str] | None:
     """Milliseconds of one replay of the engine's captured decode graph (k = 0: the plain resident step; else the
-    speculative round) at this batch's bucket and the first attention span, timed by CUDA events with every row on
-    the scratch slot (which stays at position 0: replays never run past the cache). None without CUDA graphs. Run
+    speculative round) at this batch's bucket and the first attention span, its kernels per replay and the largest
+    (us a replay, torch.profiler), timed by CUDA events with every row on the scratch slot (which stays at position 0: replays never run past the cache). None without CUDA graphs. Run
     on an idle engine: it rewrites the row -> slot map (the next step rewrites it back)."""
     runner = engine.runner
     target = runner.target if k else runner
@@ -308,7 +312,14 @@ def _graph_ms(engine: Engine, concurrency: int, k: int, full: bool, replays: int
         graph.replay()
     end.record()
     end.synchronize()
-    return start.elapsed_time(end) / replays
+    ms = start.elapsed_time(end) / replays
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:  # what a replay launches
+        for _ in range(10):
+            graph.replay()
+        torch.cuda.synchronize()
+    kernels = kernel_events(prof)
+    top = ", ".join(f"{name} {us:.1f}us" for name, us in top_kernels(kernels, 10, n=12))
+    return ms, round(len(kernels) / 10), top
 
 
 if __name__ == "__main__":
