@@ -238,7 +238,9 @@ class Engine:
     `carry_draft` (default): the draft loop runs k forwards a round, d_k's keys and values written by the next round's
     first step, while its 2b rows fit the small-batch kernels (b <= 8; False, or more rows: k + 1, the last for them
     alone). `sample_kernels` (default: on with a draft): a sampled round's uniforms and each draft step's draw in one
-    launch each (`kernels.accept_round.uniform_grid`, `draft_sample`). On
+    launch each (`kernels.accept_round.uniform_grid`, `draft_sample`). `finish_kernel` (default: off, not yet measured on
+    a GPU; True: the kernel on CUDA): a round's tail in one launch (`kernels.accept_round.finish_round`: a greedy
+    round's argmax and acceptance, then the slot state and the round's output; ~18 launches a greedy round). On
     the resident loop a prompt longer than `prefill_chunk` tokens is prefilled a chunk per step, interleaved with the
     running streams' decode.
     `decode_steps`: decode steps launched per engine step on the resident loop, a number or a `DecodeSteps` (by running
@@ -261,6 +263,7 @@ class Engine:
         verify_kernels: bool = False,
         carry_draft: bool = True,
         sample_kernels: bool | str | None = None,
+        finish_kernel: bool | str = False,
         resident: bool | None = None,
         prefill_chunk: int = 512,
         decode_steps: int | DecodeSteps | None = None,
@@ -293,6 +296,7 @@ class Engine:
             ("accept_kernel", accept_kernel),
             ("verify_kernels", verify_kernels),
             ("sample_kernels", sample_kernels),
+            ("finish_kernel", finish_kernel),
         ):
             if option and not (draft is not None and self._resident):
                 raise ValueError(f"{name} needs a draft on the resident loop (a TorchRunner target and draft)")
@@ -307,6 +311,7 @@ class Engine:
                 verify_kernels=verify_kernels,
                 carry_draft=carry_draft,
                 sample_kernels=True if sample_kernels is None else sample_kernels,
+                finish_kernel=finish_kernel,
             )
         elif draft is not None:
             self.speculative = SpeculativeDecoder(

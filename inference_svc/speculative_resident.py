@@ -14,7 +14,8 @@ One round over rows whose next input x_n sits at position n (both on the device:
    draft equals the target's argmax, then the target's argmax (one-hot p and q give the same in the full graph).
    Full rounds: `kernels.accept_round` (its reference, or with `accept_kernel` one launch for the whole step);
 4. each row's tokens and count go to one output buffer (count, t_1 .. t_(k+1)); the last token and its position
-   become the slot's next input (its repetition-penalty mask takes the new tokens).
+   become the slot's next input (its repetition-penalty mask takes the new tokens). With `finish_kernel`, this step
+   (and a greedy round's acceptance) is one launch, `kernels.accept_round.finish_round`, instead of ~18 / ~10 ops.
 Every emitted token thus has the target's distribution (`probabilities` is the plain sampler's: penalty, temperature,
 top-k, top-p), and greedy output equals the target alone. Draws are `model.sampling.uniforms(seed, position + tag)`,
 one tag per use (draft, accept, resample), so a seed gives the same tokens whatever else is in the batch.
@@ -30,7 +31,15 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from kernels.accept_round import accept_round, accept_sampled, draft_sample, probabilities, uniform_grid
+from kernels.accept_round import (
+    accept_greedy,
+    accept_round,
+    accept_sampled,
+    draft_sample,
+    finish_round,
+    probabilities,
+    uniform_grid,
+)
 from kernels.decode_gemv import MAX_ROWS
 from kernels.dispatch import option_impl, repeat_rows
 from kernels.draft_steps import DraftModel, draft_steps
@@ -47,14 +56,6 @@ __all__ = ["SpeculativeRunner", "accept_greedy", "accept_sampled", "draw", "prob
 _DRAFT, _ACCEPT, _RESAMPLE = 1 << 29, 2 << 29, 3 << 29
 _SETTINGS = ("greedy", "temperature", "top_k", "top_p")  # a full round's per-row settings, in `settings`' order
 _GREEDY = SamplingParams(max_new_tokens=1, temperature=0.0)  # the draft's prefill: its sampled token is not used
-
-
-def accept_greedy(drafts: torch.Tensor, target_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """drafts (B, k), the target's argmax at the k + 1 positions (B, k + 1) -> (accepted (B,), tokens (B, k + 1)): the
-    drafts stand while they equal the target's choice; the token after them is the target's."""
-    k = drafts.shape[1]
-    accepted = (drafts == target_ids[:, :k]).long().cumprod(dim=1).sum(dim=1)
-    return accepted, target_ids
 
 
 def round_offsets(k: int, device: torch.device) -> torch.Tensor:
@@ -92,6 +93,7 @@ class SpeculativeRunner:
         verify_kernels: bool = False,
         carry_draft: bool = True,
         sample_kernels: bool | str = True,
+        finish_kernel: bool | str = False,
     ) -> None:
         check_draft(target, draft, k, max_slots)
         for name, value in (("verify_kernels", verify_kernels), ("carry_draft", carry_draft)):
@@ -113,6 +115,10 @@ class SpeculativeRunner:
         # (`draft_sample`: mask, distribution, draw, context) in one launch each: the same values as off (their
         # references, ~40 and ~30 launches); True (or "auto") the kernels on CUDA, as for accept_kernel.
         self._sample_impl = option_impl("sample_kernels", sample_kernels)
+        # The round's tail in one launch (`kernels.accept_round.finish_round`): a greedy round's argmax and acceptance,
+        # then every round's slot state (next input, position, the draft's carried token) and output; the same
+        # choices as above; off: the torch ops (~18 launches a greedy round, ~10 a sampled one).
+        self._finish_impl = option_impl("finish_kernel", finish_kernel)
         self._offsets = round_offsets(k, target.device)
         self.n_slots, self.max_len, self.vocab_size = target.n_slots, target.max_len, target.vocab_size
         self.device, self.staging = target.device, target.staging
@@ -253,17 +259,17 @@ class SpeculativeRunner:
         self._draft_rows.fill_(self.draft._scratch)
         try:
             return self.target._graph(
-                key,
-                lambda: self._out[:b].copy_(
-                    self._round_step(self._rows[:b], self._draft_rows[:b], span, full, penalty)
-                ),
+                key, lambda: self._round_step(self._rows[:b], self._draft_rows[:b], span, full, penalty, self._out[:b])
             )
         finally:
             self._rows.copy_(saved[0])
             self._draft_rows.copy_(saved[1])
 
-    def _verify(self, ids: torch.Tensor, rows: torch.Tensor, pos: torch.Tensor, kv_len: int) -> torch.Tensor:
-        """The target over ids (b, k + 1) at positions pos .. pos + k of each row's slot: float32 logits (b, k + 1, V).
+    def _verify(
+        self, ids: torch.Tensor, rows: torch.Tensor, pos: torch.Tensor, kv_len: int, float32: bool = True
+    ) -> torch.Tensor:
+        """The target over ids (b, k + 1) at positions pos .. pos + k of each row's slot: logits (b, k + 1, V), float32
+        (else in the model's dtype: `finish_round` reads those).
         Run as b * (k + 1) one-token rows (row j of a slot at pos + j, attending to its slot up to there): every
         row's keys and values are written before any row attends, so the rows of one slot see each other, and
         attention can read the cache in place (`kernels.decode_attention`) instead of gathering it for SDPA. With
@@ -281,7 +287,8 @@ class SpeculativeRunner:
             small_batch_kernels=self.target.small_batch_kernels if self._verify_kernels else False,
             rows_share_slots=True,
         )  # (b * n, 1, V)
-        return logits.view(b, n, -1).float()
+        logits = logits.view(b, n, -1)
+        return logits.float() if float32 else logits
 
     def _draft_loop(
         self,
@@ -344,12 +351,18 @@ class SpeculativeRunner:
         return torch.stack(drafts, dim=1), (torch.stack(q, dim=1) if q else None), seen_all
 
     def _round_step(
-        self, rows: torch.Tensor, draft_rows: torch.Tensor, kv_len: int, full: bool, penalty: bool
+        self,
+        rows: torch.Tensor,
+        draft_rows: torch.Tensor,
+        kv_len: int,
+        full: bool,
+        penalty: bool,
+        out: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """What a round graph records, over rows (b,) of target slots and the same rows' draft slots (padded rows:
         each model's scratch slot); `penalty` (with `full`): some row has a repetition penalty, so the rows' context
         masks are read and kept (else they are left alone: only a penalty reads them). Returns (b, k + 2): count,
-        then tokens."""
+        then tokens; written into `out` (b, k + 2) long when given (the graph's output buffer), which it returns."""
         state, k, draft, target = self.state, self.k, self.draft, self.target
         x0, pos = state.token[rows], state.pos[rows]  # (b,): the rows' next input and its position n
         seed = state.seed[rows]
@@ -387,11 +400,17 @@ class SpeculativeRunner:
             drafts_t, q_t, contexts = self._draft_loop(x0, self._prev[rows], draft_rows, pos, draft_span, sampling, u)
             if contexts is not None:  # (b, k + 1, V): the contexts the loop built, which the acceptance reuses
                 seen = contexts
-        logits = self._verify(torch.cat([x0[:, None], drafts_t], dim=1), rows, pos, kv_len)  # (b, k + 1, V)
+        ids = torch.cat([x0[:, None], drafts_t], dim=1)  # (b, k + 1)
+        fused = self._finish_impl is not None
+        if not full and fused:  # the kernel masks and takes the argmax itself, in the logits' dtype
+            logits = self._verify(ids, rows, pos, kv_len, float32=False)  # (b, k + 1, V)
+            mode = dict(logits=logits, blocked=state.blocked)
+            return self._finish(rows, x0, pos, drafts_t, mode, out)
+        logits = self._verify(ids, rows, pos, kv_len)  # (b, k + 1, V) float32
         logits = logits.masked_fill(state.blocked, float("-inf"))
         if full:  # the target's distributions (penalty over each position's context), rejection, the new token
             greedy, temperature, top_k, top_p = settings
-            out = accept_round(
+            acceptance = accept_round(
                 logits,
                 drafts_t,
                 q_t,
@@ -405,16 +424,38 @@ class SpeculativeRunner:
                 penalty=rate,
                 impl=self._accept_impl,
             )
-            accepted, tokens = out[:2]
+            accepted, tokens = acceptance[:2]
             new = tokens[:, k]  # the new token sits at `accepted` and at k
             if penalty:  # the context gained the accepted drafts and the new token (the repetition penalty's mask)
-                state.seen[rows] = out[2]
+                state.seen[rows] = acceptance[2]
+            if fused:
+                return self._finish(rows, x0, pos, drafts_t, dict(accepted=accepted, tokens=tokens), out)
         else:
             accepted, tokens = accept_greedy(drafts_t, logits.argmax(dim=-1))
             new = tokens.gather(1, accepted[:, None])[:, 0]
         # The scratch slot (padded rows) stays at position 0, so it never runs past the cache.
         after = torch.where(rows == target._scratch, 0, pos + accepted + 1)
         if self._lagged:  # the token at the next round's pos - 1: x_n or the last accepted draft
-            self._prev[rows] = torch.cat([x0[:, None], drafts_t], dim=1).gather(1, accepted[:, None])[:, 0]
+            self._prev[rows] = ids.gather(1, accepted[:, None])[:, 0]
         state.advance(rows, new, after, False)
-        return torch.cat([(accepted + 1)[:, None], tokens], dim=1)
+        result = torch.cat([(accepted + 1)[:, None], tokens], dim=1)
+        return result if out is None else out.copy_(result)
+
+    def _finish(
+        self,
+        rows: torch.Tensor,
+        x0: torch.Tensor,
+        pos: torch.Tensor,
+        drafts: torch.Tensor,
+        mode: dict[str, torch.Tensor],
+        out: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """The round's tail in one launch (`finish_kernel`): `mode` the verify's logits and the blocked ids (greedy
+        rounds) or the acceptance's accepted and tokens; the slot state and `out` (b, k + 2) (made here if None)."""
+        if out is None:
+            out = torch.empty(rows.shape[0], self.k + 2, dtype=torch.long, device=rows.device)
+        state = self.state
+        return finish_round(
+            rows, x0, pos, drafts, **mode, scratch=self.target._scratch, token_state=state.token,
+            pos_state=state.pos, prev_state=self._prev if self._lagged else None, out=out, impl=self._finish_impl,
+        )  # fmt: skip

@@ -198,15 +198,17 @@ def test_a_round_leaves_each_row_ready_for_the_next(tiny, pair, full, in_place, 
             assert g == want
 
 
+@pytest.mark.parametrize("finish", [False, "triton"])
 @pytest.mark.parametrize("full, penalty", [(False, False), (True, False), (True, True)])
-def test_padded_rows_of_a_captured_round_touch_only_the_scratch_slots(tiny, pair, full, penalty):
+def test_padded_rows_of_a_captured_round_touch_only_the_scratch_slots(tiny, pair, full, penalty, finish):
     """What a round graph records (`_round_step`, run eagerly here: the capture itself is tested on the GPU) with the
-    bucket's padded rows on each model's scratch slot: the real rows get the tokens and state of an unpadded round,
-    and the scratch slot stays at position 0 (so replays never run past the cache)."""
+    bucket's padded rows on each model's scratch slot: the real rows get the tokens and state of an unpadded round
+    (without `finish_kernel`; the padded one with it, "triton": the interpreter), and the scratch slot stays at
+    position 0 (so replays never run past the cache). The output goes to the buffer given, as the graph's does."""
     runners = []
-    for n_draft_slots in (4, 6):  # the draft's scratch slot need not be the target's
+    for n_draft_slots, option in ((4, False), (6, finish)):  # the draft's scratch slot need not be the target's
         t, d = TorchRunner(pair[0], n_slots=4), TorchRunner(pair[1], n_slots=n_draft_slots)
-        runners.append(SpeculativeRunner(t, d, 2, 4))
+        runners.append(SpeculativeRunner(t, d, 2, 4, finish_kernel=option))
     slots, prompts = [3, 1], [tiny.tokenizer.encode(p) for p in PROMPTS[:2]]
     sampled = SamplingParams(temperature=0.9, top_k=6, seed=3, repetition_penalty=1.6 if penalty else 1.0)
     params = [SamplingParams(temperature=0.0), sampled] if full else [SamplingParams(temperature=0.0)] * 2
@@ -217,10 +219,12 @@ def test_padded_rows_of_a_captured_round_touch_only_the_scratch_slots(tiny, pair
     draft_rows = torch.tensor([*slots, 6, 6])  # and the draft's (6)
     for _ in range(3):
         want = plain.round(slots, 40, full)
-        got = padded._round_step(rows, draft_rows, 40, full, penalty)
-        assert torch.equal(got[:2], want)
+        out = torch.full((4, 4), -1)
+        got = padded._round_step(rows, draft_rows, 40, full, penalty, out)
+        assert got.data_ptr() == out.data_ptr() and torch.equal(out[:2], want)
         for name in ("token", "pos", "seen"):
             assert torch.equal(getattr(padded.state, name)[slots], getattr(plain.state, name)[slots]), name
+        assert torch.equal(padded._prev[slots], plain._prev[slots])
         assert padded.state.pos[4] == 0
 
 
@@ -324,6 +328,46 @@ def test_the_round_s_sampling_kernels_give_the_draws_of_their_references(tiny, p
     assert torch.equal(runners[0].state.seen[slots], runners[1].state.seen[slots])
     with pytest.raises(ValueError, match="sample_kernels"):
         SpeculativeRunner(*(TorchRunner(m, n_slots=4) for m in pair), k, 4, sample_kernels="fast")
+
+
+@pytest.mark.parametrize("carry", [True, False])
+@pytest.mark.parametrize("full, penalty", [(False, False), (True, False), (True, True)])
+def test_the_finish_kernel_gives_the_rounds_of_the_torch_tail(tiny, pair, full, penalty, carry):
+    """Runner level, finish_kernel (the round's tail in one launch: "triton", the interpreter on CPU; on a GPU True,
+    float32 runners there, the rounds captured) against the torch ops: the same counts and tokens, and the same slot
+    state (next input, position, context mask, the draft's carried token), round after round, over greedy rounds
+    and full ones (greedy, temperature-only, top-k rows; with `penalty` a repetition-penalised row)."""
+    k, slots, prompts, params = _mixed_rounds(tiny, full)
+    if penalty:
+        params[1] = SamplingParams(temperature=0.9, top_p=0.9, repetition_penalty=1.5, seed=4)
+    runners = [
+        SpeculativeRunner(*_kernel_runners(pair), k, 4, carry_draft=carry, finish_kernel=option)
+        for option in (False, True if GPU else "triton")
+    ]
+    got = [[[t] for t in r.prefill_sample(slots, prompts, params, [5, 6, 7]).tolist()] for r in runners]
+    for _ in range(4):
+        kv_len = max(len(p) + len(g) for p, g in zip(prompts, got[0])) + k
+        outs = [r.round(slots, kv_len, full=full).tolist() for r in runners]
+        assert outs[1] == outs[0]
+        for name in ("token", "pos", "seen"):
+            mine, theirs = (getattr(r.state, name)[slots] for r in runners)
+            assert torch.equal(mine, theirs), name
+        assert torch.equal(runners[1]._prev[slots], runners[0]._prev[slots])
+        for out, run in zip(outs, got):
+            for row, g in zip(out, run):
+                g += row[1 : 1 + row[0]]
+    if not full:  # greedy rounds: the target alone's tokens
+        target = pair[0]  # the CPU model (the runners may hold copies on the GPU)
+        for prompt, g in zip(prompts, got[1]):
+            want = generate_tokens(target, prompt, SamplingParams(max_new_tokens=len(g), temperature=0.0))
+            assert g == want
+
+
+def test_the_finish_kernel_refuses_a_bad_option_and_an_engine_without_a_draft(tiny, pair):
+    with pytest.raises(ValueError, match="finish_kernel"):
+        SpeculativeRunner(*(TorchRunner(m, n_slots=2) for m in pair), 2, 2, finish_kernel="fast")
+    with pytest.raises(ValueError, match="finish_kernel needs a draft"):
+        Engine(TorchRunner(pair[0], n_slots=2), tiny.tokenizer, finish_kernel=True)
 
 
 def test_rounds_past_eight_rows_take_a_forward_for_the_last_drafts_keys_and_keep_the_carry_right(

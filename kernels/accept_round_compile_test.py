@@ -1,7 +1,9 @@
 """The accept-round kernel compiles for sm_90 here, without a GPU (the interpreter is lenient about types and control
 flow: runtime `if`s inside the position loop, loop-carried masks, tl.sort on int64), at the `tiny` target's vocabulary
 (65) and the widest the wrapper accepts (8,192), k = 4 and 8, with and without the penalty; so do the draft step's
-kernel (`draft_sample`: float32 and bfloat16 logits, with and without the penalty) at 65 and 256, and `uniform_grid`'s;
+kernel (`draft_sample`: float32 and bfloat16 logits, with and without the penalty) at 65 and 256, `uniform_grid`'s, and
+the round's tail (`finish_round`: greedy mode on float32 and bfloat16 logits at 65 and 256, given mode; with the
+draft's carried token);
 registers and spills are reported (-s shows them). Uses kernels/sm90_compile_test.py's builder in a subprocess without
 TRITON_INTERPRET.
 """
@@ -48,6 +50,39 @@ def _specs() -> list[tuple[str, object, dict, dict, int, int]]:
                 )
     grid_sig = dict(seed_ptr="*i64", pos_ptr="*i64", offsets_ptr="*i64", out_ptr="*fp32", N="i32")
     specs.append(("uniform grid", ar._uniform_grid_kernel, grid_sig, dict(BLOCK=16), 4, 1))
+    specs += _finish_specs(ar)
+    return specs
+
+
+def _finish_specs(ar) -> list[tuple[str, object, dict, dict, int, int]]:
+    """`finish_round`'s kernel: greedy mode at each draft vocabulary (float32 and bfloat16 logits), given mode; k 4."""
+    import triton
+
+    sig = {p: "*i64" for p in ("rows_ptr", "x0_ptr", "pos_ptr", "drafts_ptr", "accepted_ptr", "tokens_ptr")}
+    sig.update({p: "*i64" for p in ("token_state_ptr", "pos_state_ptr", "prev_state_ptr", "out_ptr")})
+    sig.update(blocked_ptr="*u8", scratch="i64")
+    sig.update({s: "i64" for s in ("stride_d", "stride_lb", "stride_lj", "stride_t", "stride_ts", "stride_ps")})
+    sig.update(stride_pv="i64", stride_o="i64")
+    k = 4
+    const = dict(K=k, KP=triton.next_power_of_2(k + 1), PREV=True)
+    specs = []
+    for vocab in _DRAFT_VOCABS:
+        vp = triton.next_power_of_2(vocab)
+        for dtype in ("fp32", "bf16"):
+            label = f"finish round v{vocab} {dtype}"
+            kernel_sig = dict(sig, logits_ptr=f"*{dtype}")
+            specs.append(
+                (
+                    label,
+                    ar._finish_round_kernel,
+                    kernel_sig,
+                    dict(const, V=vocab, VP=vp, GREEDY=True),
+                    ar.num_warps(vp),
+                    1,
+                )
+            )
+    given = dict(const, V=1, VP=1, GREEDY=False)
+    specs.append(("finish round given", ar._finish_round_kernel, dict(sig, logits_ptr="*fp32"), given, 1, 1))
     return specs
 
 
@@ -61,10 +96,11 @@ def _build_all() -> None:
 @pytest.mark.skipif(not _nvidia_backend_available(), reason="this triton has no NVIDIA backend to compile with")
 def test_accept_round_compiles_for_sm90_and_small_vocabularies_do_not_spill():
     """Every shape builds; at the vocabularies speculative decoding serves here (65, 256) nothing spills to the stack
-    (the accept round, the draft step, the uniforms); the widest accept round (8,192 ids: a 64-value-a-thread sort,
+    (the accept round, the draft step, the uniforms, the round's tail); the widest accept round (8,192 ids: a 64-value-a-thread sort,
     float64 scans) is reported, not bounded."""
     builds = build_in_subprocess("kernels.accept_round_compile_test", len(_specs()))
     for b in builds:
         print(f"{b['name']}: {b['regs']} registers, {b['stack']} B stack, {b['shared']} B shared")
     small = [b for b in builds if not b["name"].startswith("accept round v8192")]
-    assert len(small) == 4 + 4 * len(_DRAFT_VOCABS) + 1 and all(b["stack"] == 0 for b in small), small
+    finish = 2 * len(_DRAFT_VOCABS) + 1
+    assert len(small) == 4 + 4 * len(_DRAFT_VOCABS) + 1 + finish and all(b["stack"] == 0 for b in small), small

@@ -15,7 +15,9 @@ anchor's. `--rounds`: the round designs to build engines for, each k, in the sam
 `+`-joined set of the kernels that replace those parts: `draft` (the draft's k + 1 steps in one launch,
 kernels.draft_steps), `verify` (the verify on the target's small-batch decode kernels), `accept` (a sampled round's
 acceptance in one launch, kernels.accept_round), `sample` (a sampled round's uniforms and each draft step's draw in
-one launch each, kernels.accept_round's uniform_grid and draft_sample), and `kplus1` (not a kernel: the draft loop's k + 1 forwards a round,
+one launch each, kernels.accept_round's uniform_grid and draft_sample), `finish` (the round's tail after the verify:
+a greedy round's argmax and acceptance, the slot state and the output, in one launch, kernels.accept_round's
+finish_round), and `kplus1` (not a kernel: the draft loop's k + 1 forwards a round,
 d_k's keys and values by a forward of its own, where the default carries them to the next round's first); on CPU
 their references run. Writes
 `bench_svc/results/speculative-engine-<cpu|cuda>[-<rounds>].{csv,json,png}` (no suffix for `loop` alone); the short
@@ -64,7 +66,7 @@ MODES: dict[str, dict[str, Any]] = {
 
 # the round's parts a kernel can replace (Engine's *_kernel(s) options), and kplus1: the draft loop's k + 1 forwards a
 # round as before carry_draft (Engine(carry_draft=False))
-PARTS = ("draft", "verify", "accept", "sample", "kplus1")
+PARTS = ("draft", "verify", "accept", "sample", "finish", "kplus1")
 Variant = tuple[int, frozenset]  # (k, the parts on kernels); (0, frozenset()): the engine without a draft
 
 
@@ -100,6 +102,7 @@ def _engines(target, draft, tokenizer, concurrency: int, variants: list[Variant]
             verify_kernels="verify" in parts,
             accept_kernel="accept" in parts,
             sample_kernels="sample" in parts,
+            finish_kernel="finish" in parts,
             carry_draft="kplus1" not in parts,
             resident=True,
         )
@@ -120,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--rounds",
         default="loop",
-        help="round designs, comma-separated: loop, or a +-joined set of draft, verify, accept, sample (the parts on kernels), kplus1",
+        help="round designs, comma-separated: loop, or a +-joined set of draft, verify, accept, sample, finish (the parts on kernels), kplus1",
     )
     parser.set_defaults(k="1,2,3,4")
     args = parser.parse_args(argv)

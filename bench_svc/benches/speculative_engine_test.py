@@ -13,7 +13,7 @@ from model.presets import get_preset
 from model.transformer import GPT
 
 
-@pytest.mark.parametrize("rounds", ["loop", "draft", "loop,draft+verify+accept,kplus1"])
+@pytest.mark.parametrize("rounds", ["loop", "draft", "loop,draft+verify+accept+finish,kplus1"])
 def test_writes_rows_for_every_concurrency_mode_and_k(tiny, tmp_path, capsys, rounds):
     """Also with --rounds naming kernels (their engines take the options; on CPU the kernels' references run): the
     same rows for each design, written to a file of their own; several designs: each one's rows in one run."""
@@ -44,7 +44,11 @@ def test_writes_rows_for_every_concurrency_mode_and_k(tiny, tmp_path, capsys, ro
     assert code == 0
     name = (
         "speculative-engine-cpu"
-        + {"loop": "", "draft": "-draft", "loop,draft+verify+accept,kplus1": "-loop-draft_verify_accept-kplus1"}[rounds]
+        + {
+            "loop": "",
+            "draft": "-draft",
+            "loop,draft+verify+accept+finish,kplus1": "-loop-draft_verify_accept_finish-kplus1",
+        }[rounds]
     )
     doc = json.loads((tmp_path / "out" / f"{name}.json").read_text())
     designs = rounds.split(",")
