@@ -293,15 +293,16 @@ class SpeculativeRunner:
     def _draft_loop(
         self,
         x0: torch.Tensor,
-        prev: torch.Tensor,
+        prev: torch.Tensor | None,
         draft_rows: torch.Tensor,
         pos: torch.Tensor,
         draft_span: int,
         sampling: tuple | None,
         u: torch.Tensor | None,
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-        """The draft's k steps one forward at a time (`draft_kernel` off), the first over two rows a slot: prev (b,),
-        the token at pos - 1 (its keys and values: d_k's of the last round, or a rewrite), and x0. `sampling` (full rounds): (seen, rate,
+        """The draft's steps one forward at a time (`draft_kernel` off). With prev (b,), the token at pos - 1 (carrying:
+        its keys and values are d_k's of the last round, or a rewrite), k steps, the first over two rows a slot (prev,
+        x0); without (None), k + 1, the last for d_k's keys and values only. `sampling` (full rounds): (seen, rate,
         settings) as `_round_step` reads them, u the round's uniforms. Returns drafts (b, k), q (b, k, V) (full
         rounds: the sampler's distributions, penalty, top-k and top-p included; else None) and the contexts before
         each draft and after the last (b, k + 1, V) (the penalty's masks, which the acceptance need not rebuild;
@@ -311,7 +312,7 @@ class SpeculativeRunner:
         if sampling is not None:
             seen, rate, settings = sampling
         x, drafts, q, contexts = x0, [], [], []
-        carry = self._lagged and 2 * b <= MAX_ROWS
+        carry = prev is not None
         for j in range(k if carry else k + 1):
             ids, at, on = x, pos + j, draft_rows
             if j == 0 and carry:  # the row's pos - 1 too (clamped: a padded row sits at 0), written first
@@ -397,7 +398,9 @@ class SpeculativeRunner:
             )  # (b, k), (b, k, V) or None
         else:
             sampling = (seen, rate, settings) if full else None
-            drafts_t, q_t, contexts = self._draft_loop(x0, self._prev[rows], draft_rows, pos, draft_span, sampling, u)
+            # carrying d_k's keys while the first step's 2b rows fit the small-batch kernels (see __init__)
+            prev = self._prev[rows] if self._lagged and 2 * rows.shape[0] <= MAX_ROWS else None
+            drafts_t, q_t, contexts = self._draft_loop(x0, prev, draft_rows, pos, draft_span, sampling, u)
             if contexts is not None:  # (b, k + 1, V): the contexts the loop built, which the acceptance reuses
                 seen = contexts
         ids = torch.cat([x0[:, None], drafts_t], dim=1)  # (b, k + 1)
