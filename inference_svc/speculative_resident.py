@@ -39,6 +39,7 @@ from kernels.accept_round import (
     finish_round,
     probabilities,
     uniform_grid,
+    uniform_grid_reference,
 )
 from kernels.decode_gemv import MAX_ROWS
 from kernels.dispatch import option_impl, repeat_rows
@@ -47,7 +48,7 @@ from kernels.draft_steps import inverse_cdf as draw  # one id per row by inverse
 from inference_svc.runner import _PREFILL_BUCKETS, SlotState, TorchRunner, batch_buckets
 from inference_svc.sequence import Sequence as Seq
 from inference_svc.speculative import SpeculativeStats, check_draft
-from model.sampling import SamplingParams, uniforms
+from model.sampling import SamplingParams
 
 __all__ = ["SpeculativeRunner", "accept_greedy", "accept_sampled", "draw", "probabilities", "round_uniforms"]
 
@@ -66,13 +67,10 @@ def round_offsets(k: int, device: torch.device) -> torch.Tensor:
     return torch.cat([torch.arange(1 + tag, n + 1 + tag, device=device) for tag, n in tags])
 
 
-def round_uniforms(seed: torch.Tensor, pos: torch.Tensor, k: int, offsets: torch.Tensor | None = None) -> torch.Tensor:
-    """Every draw a sampled round may make, in one `uniforms` call (each call is ~40 elementwise launches): seed, pos
-    (B,) long -> (B, 3k + 1) float32 at `round_offsets` (made here unless given)."""
-    B = seed.shape[0]
-    offsets = round_offsets(k, seed.device) if offsets is None else offsets
-    at = pos[:, None] + offsets  # (B, 3k + 1)
-    return uniforms(seed[:, None].expand(B, 3 * k + 1).reshape(-1), at.reshape(-1)).view(B, 3 * k + 1)
+def round_uniforms(seed: torch.Tensor, pos: torch.Tensor, k: int) -> torch.Tensor:
+    """Every draw a sampled round may make, in one `uniforms` call (~40 elementwise launches; the runner's
+    `uniform_grid` takes one with `sample_kernels`): seed, pos (B,) long -> (B, 3k + 1) float32 at `round_offsets`."""
+    return uniform_grid_reference(seed, pos, round_offsets(k, seed.device))
 
 
 class SpeculativeRunner:
@@ -114,7 +112,7 @@ class SpeculativeRunner:
         # A sampled round's uniforms (`kernels.accept_round.uniform_grid`) and each of the draft loop's draws
         # (`draft_sample`: mask, distribution, draw, context) in one launch each: the same values as off (their
         # references, ~40 and ~30 launches); True (or "auto") the kernels on CUDA, as for accept_kernel.
-        self._sample_impl = option_impl("sample_kernels", sample_kernels)
+        self._sample_impl = option_impl("sample_kernels", sample_kernels) or "reference"
         # The round's tail in one launch (`kernels.accept_round.finish_round`): a greedy round's argmax and acceptance,
         # then every round's slot state (next input, position, the draft's carried token) and output; the same
         # choices as above; off: the torch ops (~18 launches a greedy round, ~10 a sampled one).
@@ -329,23 +327,15 @@ class SpeculativeRunner:
             )[-b:]  # (b, 1, V): x's rows
             if j == k:  # not carrying: d_k's keys and values only
                 break
-            if sampling is not None and self._sample_impl is not None:  # one launch: mask, q, draw, context
+            if sampling is not None:  # mask, q, draw, context: one launch with sample_kernels, else their torch chain
                 contexts.append(seen)
                 q_j, x, seen = draft_sample(
                     logits[:, 0], state.blocked, u[:, j], **dict(zip(_SETTINGS, settings)), seen=seen,
                     penalty=rate, impl=self._sample_impl,
                 )  # fmt: skip
                 q.append(q_j)
-                drafts.append(x)
-                continue
-            logits = logits[:, 0].float().masked_fill(state.blocked, float("-inf"))  # (b, V)
-            if sampling is not None:
-                contexts.append(seen)
-                q.append(probabilities(logits, seen, rate, *settings))
-                x = draw(q[-1], u[:, j])
-                seen = seen.scatter(1, x[:, None], True) if seen is not None else None
             else:
-                x = logits.argmax(dim=-1)
+                x = logits[:, 0].float().masked_fill(state.blocked, float("-inf")).argmax(dim=-1)
             drafts.append(x)
         contexts.append(seen if sampling is not None else None)
         seen_all = torch.stack(contexts, dim=1) if contexts[-1] is not None else None
@@ -372,14 +362,8 @@ class SpeculativeRunner:
             rate = state.penalty[rows] if penalty else None
             seen = state.seen[rows] if penalty else None  # (b, V): the context through x_n
         draft_span = min(kv_len, draft.max_len)
-        u = None  # (b, 3k + 1): drafts', accept tests', the new token's
-        if full:
-            grid = self._sample_impl is not None
-            u = (
-                uniform_grid(seed, pos, self._offsets, impl=self._sample_impl)
-                if grid
-                else round_uniforms(seed, pos, k, self._offsets)
-            )
+        # (b, 3k + 1): drafts', accept tests', the new token's
+        u = uniform_grid(seed, pos, self._offsets, impl=self._sample_impl) if full else None
         if self._draft_impl is not None:  # the k + 1 steps in one launch; q: temperature only (any q stays exact)
             greedy, temperature = (settings[0], settings[1]) if full else (True, None)
             drafts_t, q_t = draft_steps(

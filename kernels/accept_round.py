@@ -411,23 +411,34 @@ def accept_round_triton(a: RoundInputs) -> tuple[torch.Tensor, ...]:
     q = a.q if a.q.stride(2) == 1 else a.q.contiguous()
     drafts, u_accept, u_new = (t if t.stride(1) == 1 else t.contiguous() for t in (a.drafts, a.u_accept, a.u_new))
     scratch = torch.empty(b, vp, dtype=torch.float32, device=device)
-    if penalised:
-        seen = a.seen[:, 0] if a.seen.dim() == 3 else a.seen  # the context through x_n
-        seen = seen if seen.stride(1) == 1 else seen.contiguous()
-        seen_u8, penalty = seen.view(torch.uint8), a.penalty.reshape(b).contiguous()  # read at [row]
-        out_u8 = context.view(torch.uint8)
-        stride_s = seen.stride(0)
-    else:  # not read
-        seen_u8, penalty, out_u8, stride_s = a.greedy.view(torch.uint8), a.temperature, accepted, 0
+    seen = a.seen[:, 0] if penalised and a.seen.dim() == 3 else a.seen  # the context through x_n
+    seen_u8, stride_s, penalty, out_u8 = _penalty_args(seen, a.penalty, context, accepted)
     _accept_round_kernel[(b,)](
         logits, logits.stride(0), logits.stride(1), drafts, drafts.stride(0),
         q, q.stride(0), q.stride(1), u_accept, u_accept.stride(0), u_new, u_new.stride(0),
-        *(t.reshape(b).contiguous() for t in (a.greedy.view(torch.uint8), a.temperature, a.top_k, a.top_p)),
+        *_settings_args(a.greedy, a.temperature, a.top_k, a.top_p),
         seen_u8, stride_s, penalty, scratch, accepted, tokens, out_u8,
         K=k, KP=triton.next_power_of_2(n), V=V, VP=vp, IDX_BITS=max(1, (vp - 1).bit_length()),
         PENALTY=penalised, num_warps=num_warps(vp),
     )  # fmt: skip
     return (accepted, tokens, context) if penalised else (accepted, tokens)
+
+
+def _settings_args(greedy: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> tuple:
+    """The rows' sampler settings as the kernels read them, at [row]: (B,) uint8 / f32 / i64 / f32, contiguous."""
+    b = greedy.shape[0]
+    return tuple(t.reshape(b).contiguous() for t in (greedy.view(torch.uint8), temperature, top_k, top_p))
+
+
+def _penalty_args(
+    seen: torch.Tensor | None, penalty: torch.Tensor | None, out: torch.Tensor | None, unused: torch.Tensor
+) -> tuple:
+    """A PENALTY kernel's (seen as uint8 with unit id stride, its row stride, penalty (B,), the output mask as uint8);
+    without a penalty (seen None) `unused` stands in for the three pointers, which the kernel then never reads."""
+    if seen is None:
+        return unused, 0, unused, unused
+    seen = seen if seen.stride(1) == 1 else seen.contiguous()
+    return seen.view(torch.uint8), seen.stride(0), penalty.reshape(seen.shape[0]).contiguous(), out.view(torch.uint8)
 
 
 # --- The draft's per-step sampling in one launch: its distribution q (what the acceptance reads), its token, the
@@ -561,15 +572,10 @@ def draft_sample_triton(a: DraftInputs) -> tuple[torch.Tensor, torch.Tensor, tor
     if b == 0:
         return q, token, seen_after
     logits = a.logits if a.logits.stride(1) == 1 else a.logits.contiguous()
-    if penalised:
-        seen = a.seen if a.seen.stride(1) == 1 else a.seen.contiguous()
-        seen_u8, stride_s, penalty = seen.view(torch.uint8), seen.stride(0), a.penalty.reshape(b).contiguous()
-        out_u8 = seen_after.view(torch.uint8)
-    else:  # not read
-        seen_u8, stride_s, penalty, out_u8 = a.blocked.view(torch.uint8), 0, a.temperature, token
+    seen_u8, stride_s, penalty, out_u8 = _penalty_args(a.seen, a.penalty, seen_after, token)
     _draft_sample_kernel[(b,)](
         logits, logits.stride(0), a.blocked.contiguous().view(torch.uint8), a.u, a.u.stride(0),
-        *(t.reshape(b).contiguous() for t in (a.greedy.view(torch.uint8), a.temperature, a.top_k, a.top_p)),
+        *_settings_args(a.greedy, a.temperature, a.top_k, a.top_p),
         seen_u8, stride_s, penalty, q, token, out_u8,
         V=V, VP=vp, IDX_BITS=max(1, (vp - 1).bit_length()), PENALTY=penalised, num_warps=num_warps(vp),
     )  # fmt: skip
