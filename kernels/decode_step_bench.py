@@ -21,6 +21,8 @@ from collections import Counter
 
 import torch
 
+from tools.profiling import replay_kernels
+
 REPLAYS = 200  # per timing round
 ROUNDS = 5  # median of rounds
 PROFILED_REPLAYS = 10
@@ -82,11 +84,7 @@ def replay_ms(graph) -> float:
 
 def _kernels(graph) -> tuple[float, list[tuple[str, float, float]]]:
     """Kernels per replay, and the largest by device time: (name, launches per replay, us per replay)."""
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        for _ in range(PROFILED_REPLAYS):
-            graph.replay()
-        torch.cuda.synchronize()
-    events = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA and "#" not in e.name]
+    events = replay_kernels(graph, PROFILED_REPLAYS)
     count, time_us = Counter(), Counter()
     for e in events:
         count[e.name[:44]] += 1

@@ -8,7 +8,7 @@ from collections import Counter
 
 import torch
 
-__all__ = ["busy_us", "graph_kernels", "kernel_events", "top_host", "top_kernels"]
+__all__ = ["busy_us", "format_top", "graph_kernels", "kernel_events", "replay_kernels", "top_host", "top_kernels"]
 
 
 def kernel_events(prof, skip_prefixes: tuple[str, ...] = ()) -> list:
@@ -22,6 +22,15 @@ def kernel_events(prof, skip_prefixes: tuple[str, ...] = ()) -> list:
     ]
 
 
+def replay_kernels(graph: torch.cuda.CUDAGraph, replays: int = 10) -> list:
+    """The kernels of `replays` replays of a captured CUDA graph, under torch.profiler (per replay: len / replays)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(replays):
+            graph.replay()
+        torch.cuda.synchronize()
+    return kernel_events(prof)
+
+
 def graph_kernels(fn) -> int:
     """CUDA kernels in one replay of a graph holding one call of fn (what a captured decode step launches; the kernel
     benchmarks' count)."""
@@ -30,10 +39,7 @@ def graph_kernels(fn) -> int:
         fn()
     graph.replay()
     torch.cuda.synchronize()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        graph.replay()
-        torch.cuda.synchronize()
-    return len(kernel_events(prof))
+    return len(replay_kernels(graph, 1))
 
 
 def busy_us(kernels: list) -> float:
@@ -52,6 +58,11 @@ def top_kernels(kernels: list, per: int, n: int = 8, width: int = 48) -> list[tu
     for e in kernels:
         by_name[e.name[:width]] += e.device_time
     return [(name, t / per) for name, t in by_name.most_common(n)]
+
+
+def format_top(pairs: list[tuple[str, float]]) -> str:
+    """`top_kernels` / `top_host` as one line: "name 12.3us, ..."."""
+    return ", ".join(f"{name} {us:.1f}us" for name, us in pairs)
 
 
 def top_host(prof, per: int, n: int = 10, width: int = 36) -> list[tuple[str, float]]:

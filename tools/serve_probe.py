@@ -28,11 +28,11 @@ from model.presets import get_preset
 from model.sampling import SamplingParams
 from model.tokenizers import CharTokenizer
 from model.transformer import GPT
-from tools.profiling import busy_us, kernel_events, top_host, top_kernels
+from tools.profiling import busy_us, format_top, kernel_events, replay_kernels, top_host, top_kernels
 
 
 def _top(kernels: list, per: int) -> str:
-    return ", ".join(f"{name} {us:.1f}us" for name, us in top_kernels(kernels, per))
+    return format_top(top_kernels(kernels, per))
 
 
 def _graph_launches(prof) -> int:
@@ -78,7 +78,7 @@ def engine_probe(
         "kernels_per_step": len(kernels) / steps,
         "launches_per_step": _graph_launches(prof) / steps,
         "top_kernels": _top(kernels, steps),
-        "top_host": ", ".join(f"{name} {us:.1f}us" for name, us in top_host(prof, steps)),
+        "top_host": format_top(top_host(prof, steps)),
         # unprofiled: mean gap between a request's tokens (the serving bench's batch-1 figure), the loop's split
         "itl_ms": statistics.median(f.timings.mean_inter_token_ms for f in plain),
         **split,
@@ -104,11 +104,7 @@ def graph_probe(runner: TorchRunner, batch: int, full: bool) -> dict | None:
         return None
     graph = runner._graphs[keys[0]].graph
     ms = _replay_ms(runner, graph)
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        for _ in range(10):
-            graph.replay()
-        torch.cuda.synchronize()
-    kernels = kernel_events(prof)
+    kernels = replay_kernels(graph, 10)
     return {
         "key": keys[0],
         "replay_ms": ms,

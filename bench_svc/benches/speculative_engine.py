@@ -51,7 +51,7 @@ from inference_svc.engine import Engine
 from inference_svc.params import Request
 from inference_svc.runner import TorchRunner, batch_buckets
 from model.sampling import SamplingParams
-from tools.profiling import kernel_events, top_kernels
+from tools.profiling import format_top, replay_kernels, top_kernels
 
 __all__ = ["main"]
 
@@ -316,13 +316,8 @@ def _graph_ms(engine: Engine, concurrency: int, k: int, full: bool, replays: int
     end.record()
     end.synchronize()
     ms = start.elapsed_time(end) / replays
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:  # what a replay launches
-        for _ in range(10):
-            graph.replay()
-        torch.cuda.synchronize()
-    kernels = kernel_events(prof)
-    top = ", ".join(f"{name} {us:.1f}us" for name, us in top_kernels(kernels, 10, n=12))
-    return ms, round(len(kernels) / 10), top
+    kernels = replay_kernels(graph, 10)  # what a replay launches
+    return ms, round(len(kernels) / 10), format_top(top_kernels(kernels, 10, n=12))
 
 
 if __name__ == "__main__":
