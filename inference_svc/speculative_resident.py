@@ -118,6 +118,17 @@ class SpeculativeRunner:
         # choices as above; off: the torch ops (~18 launches a greedy round, ~10 a sampled one).
         self._finish_impl = option_impl("finish_kernel", finish_kernel)
         self._offsets = round_offsets(k, target.device)
+        # (k + 2, 1): a round's position offsets, -1 (the carried token) .. k, added to its rows' n in one launch
+        self._steps = torch.arange(-1, k + 1, device=target.device)[:, None]
+        # A greedy draft step's settings for `draft_sample` (sample_kernels on): its argmax in one launch, not three
+        n = target.n_slots
+        self._argmax_settings = dict(
+            greedy=torch.ones(n, dtype=torch.bool, device=target.device),
+            temperature=torch.ones(n, 1, device=target.device),
+            top_k=torch.zeros(n, 1, dtype=torch.long, device=target.device),
+            top_p=torch.ones(n, 1, device=target.device),
+        )
+        self._zeros = torch.zeros(n, device=target.device)  # a one-hot's draw at any u in [0, 1): its id
         self.n_slots, self.max_len, self.vocab_size = target.n_slots, target.max_len, target.vocab_size
         self.device, self.staging = target.device, target.staging
         self.state: SlotState = target.state
@@ -264,17 +275,16 @@ class SpeculativeRunner:
             self._draft_rows.copy_(saved[1])
 
     def _verify(
-        self, ids: torch.Tensor, rows: torch.Tensor, pos: torch.Tensor, kv_len: int, float32: bool = True
+        self, ids: torch.Tensor, rows: torch.Tensor, at: torch.Tensor, kv_len: int, float32: bool = True
     ) -> torch.Tensor:
-        """The target over ids (b, k + 1) at positions pos .. pos + k of each row's slot: logits (b, k + 1, V), float32
-        (else in the model's dtype: `finish_round` reads those).
+        """The target over ids (b, k + 1) at positions at (b * (k + 1),) (row by row: pos .. pos + k) of each row's
+        slot: logits (b, k + 1, V), float32 (else in the model's dtype: `finish_round` reads those).
         Run as b * (k + 1) one-token rows (row j of a slot at pos + j, attending to its slot up to there): every
         row's keys and values are written before any row attends, so the rows of one slot see each other, and
         attention can read the cache in place (`kernels.decode_attention`) instead of gathering it for SDPA. With
         `verify_kernels`, on the target's small-batch decode kernels where the rows fit them (~6 launches a layer
         instead of ~12), their attention step told that rows share slots (all K/V stored, then attention)."""
         b, n = ids.shape
-        at = (pos[:, None] + torch.arange(n, device=pos.device)).view(-1)  # (b * n,)
         logits = self.target.model.forward_cached(
             ids.view(-1, 1),
             self.target.cache,
@@ -293,14 +303,16 @@ class SpeculativeRunner:
         x0: torch.Tensor,
         prev: torch.Tensor | None,
         draft_rows: torch.Tensor,
-        pos: torch.Tensor,
+        at: torch.Tensor,
         draft_span: int,
         sampling: tuple | None,
         u: torch.Tensor | None,
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-        """The draft's steps one forward at a time (`draft_kernel` off). With prev (b,), the token at pos - 1 (carrying:
-        its keys and values are d_k's of the last round, or a rewrite), k steps, the first over two rows a slot (prev,
-        x0); without (None), k + 1, the last for d_k's keys and values only. `sampling` (full rounds): (seen, rate,
+        """The draft's steps one forward at a time (`draft_kernel` off), at (k + 2, b) the round's positions (row j + 1
+        step j's, n + j; row 0 n - 1, clamped). With prev (b,), the token at n - 1 (carrying: its keys and values are
+        d_k's of the last round, or a rewrite), k steps, the first over two rows a slot (prev, x0); without (None),
+        k + 1, the last for d_k's keys and values only. A greedy step's draw: `draft_sample` with greedy settings (one
+        launch) with sample_kernels, else the masked argmax's torch chain (the same ids). `sampling` (full rounds): (seen, rate,
         settings) as `_round_step` reads them, u the round's uniforms. Returns drafts (b, k), q (b, k, V) (full
         rounds: the sampler's distributions, penalty, top-k and top-p included; else None) and the contexts before
         each draft and after the last (b, k + 1, V) (the penalty's masks, which the acceptance need not rebuild;
@@ -312,14 +324,14 @@ class SpeculativeRunner:
         x, drafts, q, contexts = x0, [], [], []
         carry = prev is not None
         for j in range(k if carry else k + 1):
-            ids, at, on = x, pos + j, draft_rows
-            if j == 0 and carry:  # the row's pos - 1 too (clamped: a padded row sits at 0), written first
-                ids, at, on = torch.cat([prev, x0]), torch.cat([(pos - 1).clamp(min=0), pos]), draft_rows.repeat(2)
+            ids, where, on = x, at[j + 1], draft_rows
+            if j == 0 and carry:  # the row's n - 1 too, written first (at[:2]: n - 1 then n, contiguous)
+                ids, where, on = torch.cat([prev, x0]), at[:2].reshape(-1), draft_rows.repeat(2)
             logits = draft.model.forward_cached(
                 ids.view(-1, 1),
                 draft.cache,
                 on,
-                at,
+                where,
                 kv_len=draft_span,
                 attention_in_place=draft.attention_in_place,
                 small_batch_kernels=draft.small_batch_kernels,
@@ -334,6 +346,11 @@ class SpeculativeRunner:
                     penalty=rate, impl=self._sample_impl,
                 )  # fmt: skip
                 q.append(q_j)
+            elif self._sample_impl != "reference":
+                x = draft_sample(
+                    logits[:, 0], state.blocked, self._zeros[:b], **{n: t[:b] for n, t in self._argmax_settings.items()},
+                    impl=self._sample_impl,
+                )[1]  # fmt: skip
             else:
                 x = logits[:, 0].float().masked_fill(state.blocked, float("-inf")).argmax(dim=-1)
             drafts.append(x)
@@ -356,8 +373,11 @@ class SpeculativeRunner:
         then tokens; written into `out` (b, k + 2) long when given (the graph's output buffer), which it returns."""
         state, k, draft, target = self.state, self.k, self.draft, self.target
         x0, pos = state.token[rows], state.pos[rows]  # (b,): the rows' next input and its position n
-        seed = state.seed[rows]
+        # (k + 2, b) every position the round feeds, in two launches: row j + 1 draft step j's and verify row j's
+        # (n + j), row 0 the carried token's (n - 1, clamped: a padded row sits at 0)
+        at = (pos + self._steps).clamp_(min=0)
         if full:
+            seed = state.seed[rows]
             settings = (state.greedy[rows], state.temperature[rows], state.top_k[rows], state.top_p[rows])
             rate = state.penalty[rows] if penalty else None
             seen = state.seen[rows] if penalty else None  # (b, V): the context through x_n
@@ -384,16 +404,17 @@ class SpeculativeRunner:
             sampling = (seen, rate, settings) if full else None
             # carrying d_k's keys while the first step's 2b rows fit the small-batch kernels (see __init__)
             prev = self._prev[rows] if self._lagged and 2 * rows.shape[0] <= MAX_ROWS else None
-            drafts_t, q_t, contexts = self._draft_loop(x0, prev, draft_rows, pos, draft_span, sampling, u)
+            drafts_t, q_t, contexts = self._draft_loop(x0, prev, draft_rows, at, draft_span, sampling, u)
             if contexts is not None:  # (b, k + 1, V): the contexts the loop built, which the acceptance reuses
                 seen = contexts
         ids = torch.cat([x0[:, None], drafts_t], dim=1)  # (b, k + 1)
+        at = at[1:].t().reshape(-1)  # (b * (k + 1),) the verify's positions, row by row
         fused = self._finish_impl is not None
         if not full and fused:  # the kernel masks and takes the argmax itself, in the logits' dtype
-            logits = self._verify(ids, rows, pos, kv_len, float32=False)  # (b, k + 1, V)
+            logits = self._verify(ids, rows, at, kv_len, float32=False)  # (b, k + 1, V)
             mode = dict(logits=logits, blocked=state.blocked)
             return self._finish(rows, x0, pos, drafts_t, mode, out)
-        logits = self._verify(ids, rows, pos, kv_len)  # (b, k + 1, V) float32
+        logits = self._verify(ids, rows, at, kv_len)  # (b, k + 1, V) float32
         logits = logits.masked_fill(state.blocked, float("-inf"))
         if full:  # the target's distributions (penalty over each position's context), rejection, the new token
             greedy, temperature, top_k, top_p = settings

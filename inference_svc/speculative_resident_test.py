@@ -311,12 +311,13 @@ def test_carrying_the_last_drafts_keys_equals_a_forward_of_their_own(tiny, pair,
         SpeculativeRunner(*(TorchRunner(m, n_slots=4) for m in pair), k, 4, carry_draft="yes")
 
 
-@pytest.mark.parametrize("penalty", [False, True])
-def test_the_round_s_sampling_kernels_give_the_draws_of_their_references(tiny, pair, penalty):
+@pytest.mark.parametrize("full, penalty", [(False, False), (True, False), (True, True)])
+def test_the_round_s_sampling_kernels_give_the_draws_of_their_references(tiny, pair, full, penalty):
     """Runner level, sample_kernels="triton" (the round's uniforms and each draft step's draw in one launch each, the
-    interpreter on CPU; on a GPU the compiled kernels over float32 runners there) against the torch chains: the same counts, tokens and context masks round after round, over
-    greedy, temperature-only, top-k and (with `penalty`) repetition-penalised rows."""
-    k, slots, prompts, params = _mixed_rounds(tiny, True)
+    interpreter on CPU; on a GPU the compiled kernels over float32 runners there) against the torch chains: the same
+    counts, tokens and context masks round after round, over greedy, temperature-only, top-k and (with `penalty`)
+    repetition-penalised rows; greedy-only rounds (not `full`) draw each draft by `draft_sample`'s one-hot too."""
+    k, slots, prompts, params = _mixed_rounds(tiny, full)
     if penalty:
         params[1] = SamplingParams(temperature=0.9, top_p=0.9, repetition_penalty=1.5, seed=4)
     plain = dict(cuda_graphs=False) if GPU else {}  # on a GPU: float32 runners there, the kernels compiled
@@ -324,7 +325,7 @@ def test_the_round_s_sampling_kernels_give_the_draws_of_their_references(tiny, p
         SpeculativeRunner(*_kernel_runners(pair, **plain), k, 4, sample_kernels=option)
         for option in (False, True if GPU else "triton")
     ]
-    _rounds_agree(runners, slots, prompts, params, k, True, rounds=5)
+    _rounds_agree(runners, slots, prompts, params, k, full, rounds=5)
     assert torch.equal(runners[0].state.seen[slots], runners[1].state.seen[slots])
     with pytest.raises(ValueError, match="sample_kernels"):
         SpeculativeRunner(*(TorchRunner(m, n_slots=4) for m in pair), k, 4, sample_kernels="fast")
