@@ -234,13 +234,15 @@ class Engine:
     with a draft, the kernel on CUDA; False: its torch reference): a sampled round's acceptance (the target's
     distributions, the rejection tests, the new token) in one launch (H200, twelfth session: -0.09 / -0.10 ms a sampled
     round at batch 1 / 16);
-    `verify_kernels` likewise: the target's verify on its small-batch decode kernels where the round's rows fit.
+    `verify_kernels` (default: on with a draft): the target's verify on its small-batch decode kernels where the round's
+    rows fit (H200, thirteenth session: -0.004 to -0.02 ms a round, every row faster).
     `carry_draft` (default): the draft loop runs k forwards a round, d_k's keys and values written by the next round's
     first step, while its 2b rows fit the small-batch kernels (b <= 8; False, or more rows: k + 1, the last for them
     alone). `sample_kernels` (default: on with a draft): a sampled round's uniforms and each draft step's draw in one
-    launch each (`kernels.accept_round.uniform_grid`, `draft_sample`). `finish_kernel` (default: off, not yet measured on
-    a GPU; True: the kernel on CUDA): a round's tail in one launch (`kernels.accept_round.finish_round`: a greedy
-    round's argmax and acceptance, then the slot state and the round's output; ~18 launches a greedy round). On
+    launch each (`kernels.accept_round.uniform_grid`, `draft_sample`; a greedy draft step's argmax too). `finish_kernel`
+    (default: on with a draft, the kernel on CUDA; False: its torch reference): a round's tail in one launch
+    (`kernels.accept_round.finish_round`: a greedy round's argmax and acceptance, then the slot state and the round's
+    output; H200, thirteenth session: -0.025 ms a batch-1 greedy round, 0.83x -> 0.87x). On
     the resident loop a prompt longer than `prefill_chunk` tokens is prefilled a chunk per step, interleaved with the
     running streams' decode.
     `decode_steps`: decode steps launched per engine step on the resident loop, a number or a `DecodeSteps` (by running
@@ -260,10 +262,10 @@ class Engine:
         speculative_k: int = 4,
         draft_kernel: bool | str = False,
         accept_kernel: bool | str | None = None,
-        verify_kernels: bool = False,
+        verify_kernels: bool | None = None,
         carry_draft: bool = True,
         sample_kernels: bool | str | None = None,
-        finish_kernel: bool | str = False,
+        finish_kernel: bool | str | None = None,
         resident: bool | None = None,
         prefill_chunk: int = 512,
         decode_steps: int | DecodeSteps | None = None,
@@ -308,10 +310,10 @@ class Engine:
                 max_slots,
                 draft_kernel=draft_kernel,
                 accept_kernel=True if accept_kernel is None else accept_kernel,
-                verify_kernels=verify_kernels,
+                verify_kernels=True if verify_kernels is None else verify_kernels,
                 carry_draft=carry_draft,
                 sample_kernels=True if sample_kernels is None else sample_kernels,
-                finish_kernel=finish_kernel,
+                finish_kernel=True if finish_kernel is None else finish_kernel,
             )
         elif draft is not None:
             self.speculative = SpeculativeDecoder(

@@ -88,10 +88,10 @@ class SpeculativeRunner:
         *,
         draft_kernel: bool | str = False,
         accept_kernel: bool | str = True,
-        verify_kernels: bool = False,
+        verify_kernels: bool = True,
         carry_draft: bool = True,
         sample_kernels: bool | str = True,
-        finish_kernel: bool | str = False,
+        finish_kernel: bool | str = True,
     ) -> None:
         check_draft(target, draft, k, max_slots)
         for name, value in (("verify_kernels", verify_kernels), ("carry_draft", carry_draft)):

@@ -203,23 +203,27 @@ def test_a_round_leaves_each_row_ready_for_the_next(tiny, pair, full, in_place, 
 def test_padded_rows_of_a_captured_round_touch_only_the_scratch_slots(tiny, pair, full, penalty, finish):
     """What a round graph records (`_round_step`, run eagerly here: the capture itself is tested on the GPU) with the
     bucket's padded rows on each model's scratch slot: the real rows get the tokens and state of an unpadded round
-    (without `finish_kernel`; the padded one with it, "triton": the interpreter), and the scratch slot stays at
-    position 0 (so replays never run past the cache). The output goes to the buffer given, as the graph's does."""
+    (without `finish_kernel`; the padded one with it, "triton": the interpreter on CPU; on a GPU the compiled kernel
+    over float32 runners there), and the scratch slot stays at position 0 (so replays never run past the cache). The
+    output goes to the buffer given, as the graph's does."""
     runners = []
+    on_gpu = dict(device="cuda", dtype=torch.float32, cuda_graphs=False) if GPU else {}
+    models = [copy.deepcopy(m) for m in pair] if GPU else pair
     for n_draft_slots, option in ((4, False), (6, finish)):  # the draft's scratch slot need not be the target's
-        t, d = TorchRunner(pair[0], n_slots=4), TorchRunner(pair[1], n_slots=n_draft_slots)
-        runners.append(SpeculativeRunner(t, d, 2, 4, finish_kernel=option))
+        t, d = TorchRunner(models[0], n_slots=4, **on_gpu), TorchRunner(models[1], n_slots=n_draft_slots, **on_gpu)
+        runners.append(SpeculativeRunner(t, d, 2, 4, finish_kernel=True if option and GPU else option))
     slots, prompts = [3, 1], [tiny.tokenizer.encode(p) for p in PROMPTS[:2]]
     sampled = SamplingParams(temperature=0.9, top_k=6, seed=3, repetition_penalty=1.6 if penalty else 1.0)
     params = [SamplingParams(temperature=0.0), sampled] if full else [SamplingParams(temperature=0.0)] * 2
     plain, padded = runners
     for r in runners:
         r.prefill_sample(slots, prompts, params, [1, 2])
-    rows = torch.tensor([*slots, 4, 4])  # the bucket of 4: two padded rows on the target's scratch slot (4)
-    draft_rows = torch.tensor([*slots, 6, 6])  # and the draft's (6)
+    device = plain.device
+    rows = torch.tensor([*slots, 4, 4], device=device)  # the bucket of 4: two padded rows on the target's scratch slot
+    draft_rows = torch.tensor([*slots, 6, 6], device=device)  # and the draft's (6)
     for _ in range(3):
         want = plain.round(slots, 40, full)
-        out = torch.full((4, 4), -1)
+        out = torch.full((4, 4), -1, device=device)
         got = padded._round_step(rows, draft_rows, 40, full, penalty, out)
         assert got.data_ptr() == out.data_ptr() and torch.equal(out[:2], want)
         for name in ("token", "pos", "seen"):
