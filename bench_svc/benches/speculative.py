@@ -5,7 +5,9 @@
 
 Random-init models agree on almost nothing, so unless artifacts are given both models are first trained on the
 corpus with a plain AdamW loop (`--target-steps` / `--draft-steps`, capped by `--target-train-s` / `--draft-train-s`
-of wall time; a character tokenizer built from the corpus, so both share it). Then, for greedy and for seeded
+of wall time; a character tokenizer built from the corpus, so both share it); `--draft-distill` trains the draft on
+the trained target's next-token distributions instead of the corpus's tokens (a draft is meant to agree with its
+target: the acceptance rate is what speculative decoding sells). Then, for greedy and for seeded
 temperature-1 sampling, the anchor (the target alone: `model.generate.generate_tokens`) and `speculative_generate`
 at every k run on the same held-out prompts in the same process, interleaved over `--repeats` rounds (medians).
 Writes `<out-dir>/speculative-<device type>.{csv,json,png}` with the device, git commit, exact command, corpus and
@@ -29,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from bench_svc.provenance import LOAD_KEYS, device_name, git_commit, machine_load, now_iso
 from model.artifact import load_artifact, save_artifact
@@ -78,6 +81,12 @@ def build_parser(prog: str = f"python -m {MODULE}", description: str = "") -> ar
     p.add_argument("--draft-steps", type=int, default=300)
     p.add_argument("--target-train-s", type=float, default=150.0, help="wall-time cap of the target's training")
     p.add_argument("--draft-train-s", type=float, default=60.0, help="wall-time cap of the draft's training")
+    p.add_argument(
+        "--draft-distill",
+        action="store_true",
+        help="train the draft on the trained target's next-token distributions (soft labels: KL to the target, "
+        "as DistillSpec) instead of the corpus's tokens",
+    )
     p.add_argument("--batch", type=int, default=8, help="training sequences per step")
     p.add_argument("--seq", type=int, default=128, help="training sequence length (also the models' block_size)")
     p.add_argument("--k", default="1,2,4", help="draft lengths to measure, comma-separated")
@@ -99,9 +108,17 @@ def _batches(data: torch.Tensor, batch: int, seq: int, generator: torch.Generato
 
 
 def _train(
-    model: GPT, data: torch.Tensor, steps: int, max_s: float, args: argparse.Namespace, lr: float
+    model: GPT,
+    data: torch.Tensor,
+    steps: int,
+    max_s: float,
+    args: argparse.Namespace,
+    lr: float,
+    teacher: GPT | None = None,
 ) -> dict[str, float]:
-    """AdamW with linear warm-up then cosine decay, gradient clipping at 1; stops early after max_s seconds."""
+    """AdamW with linear warm-up then cosine decay, gradient clipping at 1; stops early after max_s seconds. With a
+    `teacher` (distillation) the loss is the cross-entropy against its softmax on the same windows (KL to the
+    teacher plus its entropy), not against the corpus's next tokens; `train_loss` stays the latter (comparable)."""
     device = next(model.parameters()).device
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.99), weight_decay=0.1)
     warmup = max(1, steps // 20)
@@ -114,9 +131,15 @@ def _train(
         for group in opt.param_groups:
             group["lr"] = lr * max(scale, 0.1)
         x, y = next(batches)
-        _, loss = model(x, y)
+        logits, loss = model(x, y)
+        if teacher is not None:
+            with torch.no_grad():
+                soft = F.softmax(teacher(x)[0].float(), dim=-1)  # (B, T, V)
+            objective = -(soft * F.log_softmax(logits.float(), dim=-1)).sum(-1).mean()
+        else:
+            objective = loss
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        objective.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         losses.append(loss.item())
@@ -152,7 +175,13 @@ def trained_models(args: argparse.Namespace, text: str) -> tuple[GPT, GPT, Token
         log.info(
             "training the %s (%s, %.2fM parameters) for up to %d steps", role, preset, model.num_params() / 1e6, steps
         )
-        info[role] = {"preset": preset, "params": model.num_params(), **_train(model, data, steps, max_s, args, lr)}
+        teacher = models[0].eval() if role == "draft" and args.draft_distill else None
+        info[role] = {
+            "preset": preset,
+            "params": model.num_params(),
+            **_train(model, data, steps, max_s, args, lr, teacher),
+            **({"distilled_from": "target"} if teacher is not None else {}),
+        }
         models.append(model)
         if args.save_models:
             model_id = save_artifact(
@@ -401,7 +430,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     paths = write_results(
         args.out_dir,
-        f"speculative-{device.type}",
+        f"speculative-{device.type}" + ("-distilled" if args.draft_distill else ""),
         header,
         rows,
         summary,

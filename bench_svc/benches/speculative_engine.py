@@ -20,8 +20,9 @@ a greedy round's argmax and acceptance, the slot state and the output, in one la
 finish_round), and `kplus1` (not a kernel: the draft loop's k + 1 forwards a round,
 d_k's keys and values by a forward of its own, where the default carries them to the next round's first); on CPU
 their references run. Writes
-`bench_svc/results/speculative-engine-<cpu|cuda>[-<rounds>].{csv,json,png}` (no suffix for `loop` alone); the short
-table is printed last.
+`bench_svc/results/speculative-engine-<cpu|cuda>[-<rounds>][-distilled].{csv,json,png}` (no rounds suffix for `loop`
+alone; `-distilled` with --draft-distill, the draft trained on the target's distributions); the short table is printed
+last.
 """
 
 from __future__ import annotations
@@ -170,6 +171,7 @@ def main(argv: list[str] | None = None) -> int:
         commit,
     )
     suffix = "" if designs == [frozenset()] else "-" + "-".join(_label(d) for d in designs).replace("+", "_")
+    suffix += "-distilled" if args.draft_distill else ""
     summary = {
         "training": training,
         "max_new_tokens": args.max_new_tokens,
