@@ -229,7 +229,8 @@ class Engine:
     loop (`TorchRunner.prefill_sample` / `decode_sample`: sampling on the device, each step launched before the
     previous step's tokens are streamed); False keeps the logits path (runner logits, then `Sampler`). With a
     `draft` runner (a smaller model with the same tokenizer), decode steps are speculative: the draft proposes `speculative_k` tokens per sequence and the target verifies them in one
-    step (inference_svc.speculative); the output keeps the target's distribution. `draft_kernel` (resident loop only):
+    step (inference_svc.speculative); the output keeps the target's distribution. `speculative_k` 3 by default (H200,
+    thirteenth session: k = 3 ahead of k = 4 in 8 of 12 rows over three runs, its worst row 1.01x against k = 4's 0.80x). `draft_kernel` (resident loop only):
     a round's draft steps in one launch (`SpeculativeRunner`; off: it lost on the H200); `accept_kernel` (default: on
     with a draft, the kernel on CUDA; False: its torch reference): a sampled round's acceptance (the target's
     distributions, the rejection tests, the new token) in one launch (H200, twelfth session: -0.09 / -0.10 ms a sampled
@@ -259,7 +260,7 @@ class Engine:
         *,
         max_prefill_tokens: int = 8192,
         draft: ModelRunner | None = None,
-        speculative_k: int = 4,
+        speculative_k: int = 3,
         draft_kernel: bool | str = False,
         accept_kernel: bool | str | None = None,
         verify_kernels: bool | None = None,

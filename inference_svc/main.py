@@ -80,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="speculative decoding: a smaller artifact with the same tokenizer "
         "(id prefix, name or folder; torch backend only)",
     )
-    p.add_argument("--speculative-k", type=int, default=4, help="draft tokens proposed per step (with --draft-model)")
+    p.add_argument("--speculative-k", type=int, default=3, help="draft tokens proposed per step (with --draft-model)")
     p.add_argument(
         "--decode-steps",
         type=int,
