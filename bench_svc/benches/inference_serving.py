@@ -589,14 +589,17 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument(
         "--grpc-engine",
-        default="thread",
+        default="auto",
         help="the gRPC rows' server: its engine on a thread of the server process (thread), in a process of its own "
-        "(process: serve --engine-process), or both side by side (thread,process)",
+        "(process: serve --engine-process), both side by side (thread,process), or auto (serve's own default: process "
+        "on a CUDA device, thread elsewhere)",
     )
     args = p.parse_args(argv)
+    if args.grpc_engine == "auto":
+        args.grpc_engine = "process" if torch.device(args.device).type == "cuda" else "thread"
     engines = args.grpc_engine.split(",")
     if not engines or any(e not in ("thread", "process") for e in engines):
-        print(f"--grpc-engine must list thread and/or process, got {args.grpc_engine!r}", file=sys.stderr)
+        print(f"--grpc-engine must be auto or list thread and/or process, got {args.grpc_engine!r}", file=sys.stderr)
         return 2
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -136,4 +136,4 @@ def test_a_grpc_row_over_a_real_server_with_its_engine_on_a_thread_or_in_a_proce
 
 def test_a_bad_grpc_engine_is_named(capsys):
     assert main(["--grpc-engine", "thread,proc", "--skip", "engine,grpc,onnx,hf"]) == 2
-    assert "--grpc-engine must list thread and/or process, got 'thread,proc'" in capsys.readouterr().err
+    assert "--grpc-engine must be auto or list thread and/or process, got 'thread,proc'" in capsys.readouterr().err
