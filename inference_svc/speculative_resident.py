@@ -312,8 +312,8 @@ class SpeculativeRunner:
         step j's, n + j; row 0 n - 1, clamped). With prev (b,), the token at n - 1 (carrying: its keys and values are
         d_k's of the last round, or a rewrite), k steps, the first over two rows a slot (prev, x0); without (None),
         k + 1, the last for d_k's keys and values only. A greedy step's draw: `draft_sample` with greedy settings (one
-        launch) with sample_kernels, else the masked argmax's torch chain (the same ids). `sampling` (full rounds): (seen, rate,
-        settings) as `_round_step` reads them, u the round's uniforms. Returns drafts (b, k), q (b, k, V) (full
+        launch) with sample_kernels, else the masked argmax's torch chain (the same ids). `sampling` (full rounds):
+        (seen, rate, settings) as `_round_step` reads them, u the round's uniforms. Returns drafts (b, k), q (b, k, V) (full
         rounds: the sampler's distributions, penalty, top-k and top-p included; else None) and the contexts before
         each draft and after the last (b, k + 1, V) (the penalty's masks, which the acceptance need not rebuild;
         None without one)."""
@@ -408,13 +408,13 @@ class SpeculativeRunner:
             if contexts is not None:  # (b, k + 1, V): the contexts the loop built, which the acceptance reuses
                 seen = contexts
         ids = torch.cat([x0[:, None], drafts_t], dim=1)  # (b, k + 1)
-        at = at[1:].t().reshape(-1)  # (b * (k + 1),) the verify's positions, row by row
+        verify_at = at[1:].t().reshape(-1)  # (b * (k + 1),) the verify's positions, row by row
         fused = self._finish_impl is not None
         if not full and fused:  # the kernel masks and takes the argmax itself, in the logits' dtype
-            logits = self._verify(ids, rows, at, kv_len, float32=False)  # (b, k + 1, V)
+            logits = self._verify(ids, rows, verify_at, kv_len, float32=False)  # (b, k + 1, V)
             mode = dict(logits=logits, blocked=state.blocked)
             return self._finish(rows, x0, pos, drafts_t, mode, out)
-        logits = self._verify(ids, rows, at, kv_len)  # (b, k + 1, V) float32
+        logits = self._verify(ids, rows, verify_at, kv_len)  # (b, k + 1, V) float32
         logits = logits.masked_fill(state.blocked, float("-inf"))
         if full:  # the target's distributions (penalty over each position's context), rejection, the new token
             greedy, temperature, top_k, top_p = settings
