@@ -115,8 +115,8 @@ class SpeculativeRunner:
         self._sample_impl = option_impl("sample_kernels", sample_kernels) or "reference"
         # The round's tail in one launch (`kernels.accept_round.finish_round`): a greedy round's argmax and acceptance,
         # then every round's slot state (next input, position, the draft's carried token) and output; the same
-        # choices as above; off: the torch ops (~18 launches a greedy round, ~10 a sampled one).
-        self._finish_impl = option_impl("finish_kernel", finish_kernel)
+        # choices as above; off: its reference, the torch ops (~18 launches a greedy round, ~10 a sampled one).
+        self._finish_impl = option_impl("finish_kernel", finish_kernel) or "reference"
         self._offsets = round_offsets(k, target.device)
         # (k + 2, 1): a round's position offsets, -1 (the carried token) .. k, added to its rows' n in one launch
         self._steps = torch.arange(-1, k + 1, device=target.device)[:, None]
@@ -371,7 +371,7 @@ class SpeculativeRunner:
         each model's scratch slot); `penalty` (with `full`): some row has a repetition penalty, so the rows' context
         masks are read and kept (else they are left alone: only a penalty reads them). Returns (b, k + 2): count,
         then tokens; written into `out` (b, k + 2) long when given (the graph's output buffer), which it returns."""
-        state, k, draft, target = self.state, self.k, self.draft, self.target
+        state, k, draft = self.state, self.k, self.draft
         x0, pos = state.token[rows], state.pos[rows]  # (b,): the rows' next input and its position n
         # (k + 2, b) every position the round feeds, in two launches: row j + 1 draft step j's and verify row j's
         # (n + j), row 0 the carried token's (n - 1, clamped: a padded row sits at 0)
@@ -409,45 +409,30 @@ class SpeculativeRunner:
                 seen = contexts
         ids = torch.cat([x0[:, None], drafts_t], dim=1)  # (b, k + 1)
         verify_at = at[1:].t().reshape(-1)  # (b * (k + 1),) the verify's positions, row by row
-        fused = self._finish_impl is not None
-        if not full and fused:  # the kernel masks and takes the argmax itself, in the logits' dtype
+        if not full:  # `finish_round` masks and takes the argmax itself, in the logits' dtype
             logits = self._verify(ids, rows, verify_at, kv_len, float32=False)  # (b, k + 1, V)
-            mode = dict(logits=logits, blocked=state.blocked)
-            return self._finish(rows, x0, pos, drafts_t, mode, out)
+            return self._finish(rows, x0, pos, drafts_t, dict(logits=logits, blocked=state.blocked), out)
+        # the target's distributions (penalty over each position's context), rejection, the new token
         logits = self._verify(ids, rows, verify_at, kv_len)  # (b, k + 1, V) float32
         logits = logits.masked_fill(state.blocked, float("-inf"))
-        if full:  # the target's distributions (penalty over each position's context), rejection, the new token
-            greedy, temperature, top_k, top_p = settings
-            acceptance = accept_round(
-                logits,
-                drafts_t,
-                q_t,
-                u[:, k : 2 * k],
-                u[:, 2 * k :],
-                greedy=greedy,
-                temperature=temperature,
-                top_k=top_k,
-                top_p=top_p,
-                seen=seen,
-                penalty=rate,
-                impl=self._accept_impl,
-            )
-            accepted, tokens = acceptance[:2]
-            new = tokens[:, k]  # the new token sits at `accepted` and at k
-            if penalty:  # the context gained the accepted drafts and the new token (the repetition penalty's mask)
-                state.seen[rows] = acceptance[2]
-            if fused:
-                return self._finish(rows, x0, pos, drafts_t, dict(accepted=accepted, tokens=tokens), out)
-        else:
-            accepted, tokens = accept_greedy(drafts_t, logits.argmax(dim=-1))
-            new = tokens.gather(1, accepted[:, None])[:, 0]
-        # The scratch slot (padded rows) stays at position 0, so it never runs past the cache.
-        after = torch.where(rows == target._scratch, 0, pos + accepted + 1)
-        if self._lagged:  # the token at the next round's pos - 1: x_n or the last accepted draft
-            self._prev[rows] = ids.gather(1, accepted[:, None])[:, 0]
-        state.advance(rows, new, after, False)
-        result = torch.cat([(accepted + 1)[:, None], tokens], dim=1)
-        return result if out is None else out.copy_(result)
+        greedy, temperature, top_k, top_p = settings
+        acceptance = accept_round(
+            logits,
+            drafts_t,
+            q_t,
+            u[:, k : 2 * k],
+            u[:, 2 * k :],
+            greedy=greedy,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            seen=seen,
+            penalty=rate,
+            impl=self._accept_impl,
+        )
+        if penalty:  # the context gained the accepted drafts and the new token (the repetition penalty's mask)
+            state.seen[rows] = acceptance[2]
+        return self._finish(rows, x0, pos, drafts_t, dict(accepted=acceptance[0], tokens=acceptance[1]), out)
 
     def _finish(
         self,
@@ -458,8 +443,9 @@ class SpeculativeRunner:
         mode: dict[str, torch.Tensor],
         out: torch.Tensor | None,
     ) -> torch.Tensor:
-        """The round's tail in one launch (`finish_kernel`): `mode` the verify's logits and the blocked ids (greedy
-        rounds) or the acceptance's accepted and tokens; the slot state and `out` (b, k + 2) (made here if None)."""
+        """The round's tail (`finish_round`: one launch with `finish_kernel`, else its torch reference): `mode` the
+        verify's logits and the blocked ids (greedy rounds) or the acceptance's accepted and tokens; the slot state and
+        `out` (b, k + 2) (made here if None)."""
         if out is None:
             out = torch.empty(rows.shape[0], self.k + 2, dtype=torch.long, device=rows.device)
         state = self.state
