@@ -294,27 +294,21 @@ class Engine:
             raise ValueError("resident=True needs a runner with decode_sample (TorchRunner), and a draft with it too")
         self._resident = can if resident is None else resident
         self.speculative: SpeculativeDecoder | SpeculativeRunner | None = None
-        for name, option in (
-            ("draft_kernel", draft_kernel),
-            ("accept_kernel", accept_kernel),
-            ("verify_kernels", verify_kernels),
-            ("sample_kernels", sample_kernels),
-            ("finish_kernel", finish_kernel),
-        ):
+        # The round's options as given; those left None take SpeculativeRunner's defaults.
+        options = dict(
+            draft_kernel=draft_kernel,
+            accept_kernel=accept_kernel,
+            verify_kernels=verify_kernels,
+            sample_kernels=sample_kernels,
+            finish_kernel=finish_kernel,
+        )
+        for name, option in options.items():
             if option and not (draft is not None and self._resident):
                 raise ValueError(f"{name} needs a draft on the resident loop (a TorchRunner target and draft)")
         if draft is not None and self._resident:
+            given = {name: option for name, option in options.items() if option is not None}
             self.runner = self.speculative = SpeculativeRunner(
-                runner,
-                draft,
-                speculative_k,
-                max_slots,
-                draft_kernel=draft_kernel,
-                accept_kernel=True if accept_kernel is None else accept_kernel,
-                verify_kernels=True if verify_kernels is None else verify_kernels,
-                carry_draft=carry_draft,
-                sample_kernels=True if sample_kernels is None else sample_kernels,
-                finish_kernel=True if finish_kernel is None else finish_kernel,
+                runner, draft, speculative_k, max_slots, carry_draft=carry_draft, **given
             )
         elif draft is not None:
             self.speculative = SpeculativeDecoder(

@@ -177,10 +177,16 @@ def _device(args: argparse.Namespace) -> torch.device:
 
 
 def _engine_process(args: argparse.Namespace) -> bool:
-    """--engine-process: on, off, or auto (on for the torch backend on a CUDA device)."""
+    """--engine-process: on, off, or auto (`engine_process_by_default`)."""
     if args.engine_process != "auto":
         return args.engine_process == "on"
-    return args.backend == "torch" and _device(args).type == "cuda"
+    return engine_process_by_default(args.backend, _device(args))
+
+
+def engine_process_by_default(backend: str, device: torch.device) -> bool:
+    """`serve --engine-process auto`: the engine in its own process for the torch backend on a CUDA device (the gRPC
+    server's GIL was the ceiling there), on a thread elsewhere (the 2-core CPU machine lost with the process)."""
+    return backend == "torch" and device.type == "cuda"
 
 
 def _slots(args: argparse.Namespace, device: torch.device) -> int:

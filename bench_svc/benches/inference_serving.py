@@ -596,7 +596,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = p.parse_args(argv)
     if args.grpc_engine == "auto":
-        args.grpc_engine = "process" if torch.device(args.device).type == "cuda" else "thread"
+        from inference_svc.main import engine_process_by_default  # serve's own choice (imports the gRPC server)
+
+        args.grpc_engine = "process" if engine_process_by_default("torch", torch.device(args.device)) else "thread"
     engines = args.grpc_engine.split(",")
     if not engines or any(e not in ("thread", "process") for e in engines):
         print(f"--grpc-engine must be auto or list thread and/or process, got {args.grpc_engine!r}", file=sys.stderr)
